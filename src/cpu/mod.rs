@@ -1,0 +1,26 @@
+//! The CPU feature snapshot every patching decision is made from.
+//!
+//! [`Features`] is a small `Copy` value: a bitset of [`Feature`]s plus vendor,
+//! family and model. It is taken once from a [`CpuidSource`] (the real
+//! `cpuid` instruction by default, or a [`RecordedCpuid`] dump of another CPU
+//! in tests), then adjusted by [`Overrides`] parsed from a boot-argument-like
+//! string such as `"nomovbe,noavx2,+erms"`.
+//!
+//! ```
+//! use altpatch::cpu::{Feature, Features, Overrides};
+//!
+//! let host = Features::detect();
+//! let without_movbe = host.with_overrides(&Overrides::parse("nomovbe").unwrap());
+//! assert!(!without_movbe.has(Feature::Movbe));
+//! ```
+
+mod features;
+mod overrides;
+mod source;
+
+pub use features::{Feature, Features, Vendor};
+pub use overrides::{OverrideError, Overrides};
+pub use source::{CpuidSource, HostCpuid, RecordedCpuid, RecordedCpuidError, dump};
+
+/// The result of one `cpuid` query: `eax`, `ebx`, `ecx`, `edx`.
+pub type CpuidResult = raw_cpuid::CpuIdResult;

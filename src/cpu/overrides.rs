@@ -1,0 +1,266 @@
+//! Feature overrides from a boot-argument-like string.
+
+use alloc::string::String;
+use core::fmt;
+
+use super::features::{Feature, Features};
+
+/// Adjustments to a [`Features`] snapshot, parsed from a string such as
+/// `"nomovbe,noavx2,+erms"`.
+///
+/// Syntax: comma-separated items, surrounding whitespace ignored.
+///
+/// | item | meaning |
+/// |---|---|
+/// | `noNAME` or `-NAME` | treat feature `NAME` (and everything that depends on it) as absent |
+/// | `+NAME` or `NAME` | treat `NAME` as present (a claim about the CPU: use with care) |
+///
+/// Names are [`Feature::name`]s; `.` and `-` may stand for `_` (`nosse4.2`).
+/// The same string is accepted from a kernel command line
+/// (`altpatch=nomovbe,noavx2`, see [`Overrides::from_cmdline`]) and, with the
+/// `std` feature, from the `ALTPATCH` environment variable
+/// ([`Overrides::from_env`]).
+///
+/// Synthetic bits (`retpoline_needed`, `lfence_serializing`) are recomputed
+/// after the other overrides apply, then overridden themselves if named.
+///
+/// ```
+/// use altpatch::cpu::{Feature, Features, Overrides};
+///
+/// let cpu = Features::none().with(Feature::Movbe).with(Feature::Avx).with(Feature::Avx2);
+/// let o = Overrides::parse("nomovbe, noavx2, +erms").unwrap();
+/// let f = cpu.with_overrides(&o);
+/// assert!(!f.has(Feature::Movbe) && !f.has(Feature::Avx2));
+/// assert!(f.has(Feature::Avx) && f.has(Feature::Erms));
+///
+/// let err = Overrides::parse("nomovbee").unwrap_err();
+/// assert!(err.to_string().contains("movbee"));
+/// assert!(err.to_string().contains("valid names: sse3,"));
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Overrides {
+    set: u64,
+    clear: u64,
+}
+
+/// Why an override string was rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OverrideError {
+    /// An item named no known feature.
+    UnknownFeature {
+        /// The item as written.
+        item: String,
+        /// The name that was looked up.
+        name: String,
+    },
+    /// An item of the form `key=value` with an unknown key.
+    UnknownOption {
+        /// The key.
+        key: String,
+    },
+    /// The `ALTPATCH` environment variable is not valid UTF-8.
+    NotUnicode,
+}
+
+impl fmt::Display for OverrideError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OverrideError::UnknownFeature { item, name } => {
+                write!(
+                    f,
+                    "unknown CPU feature `{name}` in override `{item}`; valid names: "
+                )?;
+                for (i, feat) in Feature::ALL.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    f.write_str(feat.name())?;
+                }
+                f.write_str(" (prefix `no` or `-` to remove, `+` to add)")
+            }
+            OverrideError::UnknownOption { key } => {
+                write!(f, "unknown override option `{key}=`; valid options: none")
+            }
+            OverrideError::NotUnicode => f.write_str("ALTPATCH is not valid UTF-8"),
+        }
+    }
+}
+
+impl core::error::Error for OverrideError {}
+
+impl Overrides {
+    /// No adjustments.
+    pub const fn none() -> Overrides {
+        Overrides { set: 0, clear: 0 }
+    }
+
+    /// Parses an override string (syntax on the type). An empty string is
+    /// valid and changes nothing.
+    pub fn parse(s: &str) -> Result<Overrides, OverrideError> {
+        let mut o = Overrides::none();
+        for raw in s.split(',') {
+            let item = raw.trim();
+            if item.is_empty() {
+                continue;
+            }
+            if let Some((key, _value)) = item.split_once('=') {
+                return Err(OverrideError::UnknownOption { key: key.into() });
+            }
+            let (enable, name) = if let Some(n) = item.strip_prefix('+') {
+                (true, n)
+            } else if let Some(n) = item.strip_prefix('-') {
+                (false, n)
+            } else if Feature::from_name(item).is_some() {
+                (true, item)
+            } else if let Some(n) = item.strip_prefix("no") {
+                (false, n)
+            } else {
+                (true, item)
+            };
+            let feat = Feature::from_name(name).ok_or_else(|| OverrideError::UnknownFeature {
+                item: item.into(),
+                name: name.into(),
+            })?;
+            let m = 1u64 << feat as u8;
+            if enable {
+                o.set |= m;
+                o.clear &= !m;
+            } else {
+                o.clear |= m;
+                o.set &= !m;
+            }
+        }
+        Ok(o)
+    }
+
+    /// Finds every `altpatch=...` word in a kernel command line and parses
+    /// their values (later words win).
+    ///
+    /// ```
+    /// use altpatch::cpu::{Feature, Features, Overrides};
+    /// let o = Overrides::from_cmdline("console=ttyS0 altpatch=nomovbe quiet").unwrap();
+    /// assert!(!Features::none().with(Feature::Movbe).with_overrides(&o).has(Feature::Movbe));
+    /// ```
+    pub fn from_cmdline(cmdline: &str) -> Result<Overrides, OverrideError> {
+        let mut o = Overrides::none();
+        for word in cmdline.split_ascii_whitespace() {
+            if let Some(v) = word.strip_prefix("altpatch=") {
+                o = o.then(&Overrides::parse(v)?);
+            }
+        }
+        Ok(o)
+    }
+
+    /// Parses the `ALTPATCH` environment variable; unset means no overrides.
+    #[cfg(feature = "std")]
+    pub fn from_env() -> Result<Overrides, OverrideError> {
+        match std::env::var("ALTPATCH") {
+            Ok(v) => Overrides::parse(&v),
+            Err(std::env::VarError::NotPresent) => Ok(Overrides::none()),
+            Err(std::env::VarError::NotUnicode(_)) => Err(OverrideError::NotUnicode),
+        }
+    }
+
+    /// `self` followed by `later`: where both name a feature, `later` wins.
+    pub fn then(&self, later: &Overrides) -> Overrides {
+        Overrides {
+            set: (self.set & !later.clear) | later.set,
+            clear: (self.clear & !later.set) | later.clear,
+        }
+    }
+
+    /// Whether this changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.set == 0 && self.clear == 0
+    }
+}
+
+impl fmt::Display for Overrides {
+    /// The canonical string form, which parses back to the same value.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for &feat in Feature::ALL {
+            let m = 1u64 << feat as u8;
+            let prefix = if self.clear & m != 0 {
+                "no"
+            } else if self.set & m != 0 {
+                "+"
+            } else {
+                continue;
+            };
+            if !first {
+                f.write_str(",")?;
+            }
+            first = false;
+            write!(f, "{prefix}{}", feat.name())?;
+        }
+        Ok(())
+    }
+}
+
+impl Features {
+    /// This snapshot adjusted by `overrides`: removals first (with their
+    /// dependents), then additions, then the synthetic bits are recomputed,
+    /// then synthetic bits named in `overrides` are applied.
+    pub fn with_overrides(&self, overrides: &Overrides) -> Features {
+        let synthetic: u64 = Feature::ALL
+            .iter()
+            .filter(|f| f.is_synthetic())
+            .fold(0, |m, &f| m | (1u64 << f as u8));
+        let mut f = *self;
+        f.set_bits(overrides.set & !synthetic, overrides.clear & !synthetic);
+        f.refresh_synthetic();
+        f.set_bits(overrides.set & synthetic, overrides.clear & synthetic);
+        f
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+
+    #[test]
+    fn round_trips_through_display() {
+        let o = Overrides::parse("nomovbe,+erms,-avx2,sse4.2").unwrap();
+        assert_eq!(Overrides::parse(&o.to_string()).unwrap(), o);
+    }
+
+    #[test]
+    fn later_items_win() {
+        let o = Overrides::parse("nomovbe,+movbe").unwrap();
+        assert!(Features::none().with_overrides(&o).has(Feature::Movbe));
+        let o = Overrides::parse("+movbe,nomovbe").unwrap();
+        let f = Features::none().with(Feature::Movbe).with_overrides(&o);
+        assert!(!f.has(Feature::Movbe));
+    }
+
+    #[test]
+    fn rejects_unknown_names_and_options() {
+        let e = Overrides::parse("noavx3").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("`avx3`"), "{msg}");
+        for f in Feature::ALL {
+            assert!(msg.contains(f.name()), "{msg} lacks {}", f.name());
+        }
+        assert!(matches!(
+            Overrides::parse("frobnicate=1"),
+            Err(OverrideError::UnknownOption { .. })
+        ));
+        assert!(Overrides::parse("").unwrap().is_empty());
+        assert!(Overrides::parse(" , ,").unwrap().is_empty());
+    }
+
+    #[test]
+    fn synthetic_bits_follow_facts_unless_named() {
+        let cpu = Features::none().with(Feature::Eibrs);
+        let mut cpu = cpu;
+        cpu.refresh_synthetic();
+        assert!(!cpu.has(Feature::RetpolineNeeded));
+        let f = cpu.with_overrides(&Overrides::parse("noeibrs").unwrap());
+        assert!(f.has(Feature::RetpolineNeeded));
+        let f = cpu.with_overrides(&Overrides::parse("noeibrs,noretpoline_needed").unwrap());
+        assert!(!f.has(Feature::RetpolineNeeded));
+    }
+}

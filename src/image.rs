@@ -1,0 +1,184 @@
+//! Images: one loaded binary's text bounds and site tables.
+//!
+//! Every mechanism applies to an [`Image`], never to a global. The current
+//! binary's image comes from [`Image::current`]; a kernel loading a module,
+//! or a program that loaded a shared object, builds one for it with
+//! [`Image::builder`] from the module's own tables ("load time" as well as
+//! boot time).
+
+use alloc::vec::Vec;
+use core::fmt;
+use core::ops::Range;
+
+use crate::site::{self, PatchPoint};
+
+/// One loaded binary: where its text is and which site records it carries.
+///
+/// ```
+/// use altpatch::Image;
+/// let image = Image::current();
+/// // In a std build the text bounds come from the dynamic loader.
+/// let here = Image::current as fn() -> Image<'static> as usize;
+/// assert!(image.contains_text(here, 1));
+/// ```
+#[derive(Clone)]
+pub struct Image<'a> {
+    name: &'a str,
+    text: Vec<Range<usize>>,
+    points: &'a [PatchPoint],
+}
+
+impl Image<'static> {
+    /// The binary this crate is linked into: its tables from the
+    /// `__start_`/`__stop_` section bounds, and (with `std` on Linux) its
+    /// executable segments from the dynamic loader.
+    ///
+    /// Without `std` the text bounds are unknown: add them with
+    /// [`Image::with_text`] (from linker-script symbols), or plans against
+    /// the image will refuse every edit.
+    pub fn current() -> Image<'static> {
+        #[allow(unused_mut)]
+        let mut image = Image {
+            name: "current",
+            text: Vec::new(),
+            points: site::current_patch_points(),
+        };
+        #[cfg(all(feature = "std", target_os = "linux"))]
+        {
+            let here = Image::current as fn() -> Image<'static> as usize;
+            if let Some(obj) = crate::poke::linux::loaded_object_containing(here) {
+                image.text = obj.text;
+            }
+        }
+        image
+    }
+}
+
+impl<'a> Image<'a> {
+    /// Starts describing an image whose tables the caller found (a module
+    /// the kernel loaded, a shared object the program opened).
+    pub fn builder(name: &'a str) -> ImageBuilder<'a> {
+        ImageBuilder {
+            image: Image {
+                name,
+                text: Vec::new(),
+                points: &[],
+            },
+        }
+    }
+
+    /// This image with `text` as its (only) executable range.
+    ///
+    /// # Safety
+    ///
+    /// `text` must be mapped, readable memory holding this image's machine
+    /// code for as long as plans built against the image are used: plans
+    /// read it during validation and may rewrite any byte in it.
+    pub unsafe fn with_text(mut self, text: Range<usize>) -> Image<'a> {
+        self.text = alloc::vec![text];
+        self
+    }
+
+    /// A short name for reports.
+    pub fn name(&self) -> &str {
+        self.name
+    }
+
+    /// The executable ranges.
+    pub fn text(&self) -> &[Range<usize>] {
+        &self.text
+    }
+
+    /// Whether `addr..addr+len` lies inside one executable range.
+    pub fn contains_text(&self, addr: usize, len: usize) -> bool {
+        let Some(end) = addr.checked_add(len) else {
+            return false;
+        };
+        self.text.iter().any(|r| r.start <= addr && end <= r.end)
+    }
+
+    /// The patch-point table.
+    pub fn patch_points(&self) -> &'a [PatchPoint] {
+        self.points
+    }
+
+    /// The address of the first patch point named `name`.
+    pub fn patch_point(&self, name: &str) -> Option<usize> {
+        self.patch_points_named(name).next()
+    }
+
+    /// Every patch point named `name` (several if the compiler duplicated
+    /// the `asm!` that declared it).
+    pub fn patch_points_named<'s>(&'s self, name: &'s str) -> impl Iterator<Item = usize> + 's {
+        self.points
+            .iter()
+            .filter(move |p| p.name() == name)
+            .map(|p| p.address())
+    }
+}
+
+impl fmt::Debug for Image<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Image")
+            .field("name", &self.name)
+            .field(
+                "text",
+                &format_args!(
+                    "{:x?}",
+                    self.text
+                        .iter()
+                        .map(|r| (r.start, r.end))
+                        .collect::<Vec<_>>()
+                ),
+            )
+            .field("patch_points", &self.points.len())
+            .finish()
+    }
+}
+
+/// Builds an [`Image`] from tables found by the embedder.
+///
+/// ```
+/// use altpatch::Image;
+/// // An image with no tables: only its text bounds.
+/// static TEXT: [u8; 16] = [0x90; 16];
+/// let start = TEXT.as_ptr() as usize;
+/// // SAFETY: TEXT is readable for the program's lifetime; this image is only
+/// // inspected, never patched.
+/// let image = unsafe { Image::builder("blob").text(start..start + 16) }.build();
+/// assert!(image.contains_text(start + 4, 5));
+/// assert!(!image.contains_text(start + 14, 5));
+/// ```
+#[derive(Clone, Debug)]
+pub struct ImageBuilder<'a> {
+    image: Image<'a>,
+}
+
+impl<'a> ImageBuilder<'a> {
+    /// Adds an executable range.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Image::with_text`].
+    pub unsafe fn text(mut self, range: Range<usize>) -> Self {
+        self.image.text.push(range);
+        self
+    }
+
+    /// Sets the patch-point table.
+    ///
+    /// # Safety
+    ///
+    /// `points` must be the image's `altpatch_v1_point` section in place
+    /// (records hold self-relative offsets), in memory that stays mapped and
+    /// unchanged for `'a`.
+    pub unsafe fn patch_points(mut self, points: &'a [PatchPoint]) -> Self {
+        self.image.points = points;
+        self
+    }
+
+    /// Finishes the image.
+    pub fn build(self) -> Image<'a> {
+        self.image
+    }
+}

@@ -1,0 +1,109 @@
+//! # altpatch
+//!
+//! Rewrite x86-64 machine code in place, once, at boot or load time (and
+//! again later where asked), so a program runs the best code for the CPU it
+//! landed on without paying for indirection on every call.
+//!
+//! The crate is `#![no_std]` + `alloc` at its core, so a kernel or
+//! bootloader can link it; the default `std` feature adds the Linux backend
+//! that patches a running process's own text with W^X kept at every instant.
+//!
+//! Every operation follows one pipeline:
+//!
+//! ```text
+//! cpu features ──► site tables ──► plan ──► validate ──► poke + sync ──► report
+//!  (cpu)           (site, image)   (mechanisms)  (Plan)      (poke)
+//! ```
+//!
+//! 1. [`cpu::Features`]: a snapshot of CPUID (injectable, with overrides
+//!    such as `"nomovbe,noavx2"` from a command line or `ALTPATCH`).
+//! 2. [`Image`]: one binary's text bounds and site tables (records emitted
+//!    from `asm!` into `altpatch_v1_*` sections, see [`site`]).
+//! 3. [`Plan`]: a value listing [`Edit`]s — address, expected bytes, new
+//!    bytes, reason. It prints as a dry run.
+//! 4. Validation: every site holds what the edit expects (decoded with
+//!    iced-x86 where the expectation is an instruction), no overlaps,
+//!    branches in range, inside text; any failure names the site and writes
+//!    nothing.
+//! 5. [`TextPoke`]: writes the batch, page by page, and makes every CPU or
+//!    thread observe it; a failure midway is rolled back.
+//!
+//! ## Example
+//!
+//! Rewrite the immediate of a `mov` inside one of this program's functions,
+//! call it, then undo:
+//!
+//! ```
+//! use altpatch::{Edit, Image, LinuxPoke, Plan, patch_point};
+//!
+//! #[inline(never)]
+//! fn one() -> u32 {
+//!     let r: u32;
+//!     // SAFETY: only moves an immediate into `r`.
+//!     unsafe { core::arch::asm!(patch_point!("crate_doc_one"), "mov {0:e}, 1", out(reg) r) };
+//!     r
+//! }
+//!
+//! let image = Image::current();
+//! let at = image.patch_point("crate_doc_one").unwrap();
+//! let mut old = [0u8; 5];
+//! // SAFETY: `at` is in this program's readable text.
+//! unsafe { core::ptr::copy_nonoverlapping(at as *const u8, old.as_mut_ptr(), 5) };
+//! let mut new = old;
+//! new[1] = 2;
+//!
+//! let mut plan = Plan::for_image(&image);
+//! plan.push(Edit::replace(at, &old, &new).site("one").reason("return 2"));
+//! let mut poke = LinuxPoke::new().unwrap();
+//! // SAFETY: one `mov` becomes another; no other thread runs `one` now.
+//! unsafe { plan.apply(&mut poke) }.unwrap();
+//! assert_eq!(one(), 2);
+//! // SAFETY: as above.
+//! unsafe { plan.undo(&mut poke) }.unwrap();
+//! assert_eq!(one(), 1);
+//! ```
+//!
+//! ## Features
+//!
+//! * `std` (default): [`LinuxPoke`], text bounds of the current binary from
+//!   the dynamic loader, `ALTPATCH` and `ALTPATCH_DEBUG` environment
+//!   variables, disassembly in plan listings. Without it the crate needs
+//!   only `core` and `alloc`.
+
+#![no_std]
+#![cfg(target_arch = "x86_64")]
+#![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod cpu;
+mod image;
+pub mod plan;
+pub mod poke;
+pub mod site;
+pub mod x86;
+
+pub use image::{Image, ImageBuilder};
+pub use plan::{ApplyReport, Edit, Expect, Plan, PlanError, Validation};
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub use poke::LinuxPoke;
+pub use poke::{DirectPoke, FaultInjectingPoke, FaultPoint, PokeError, SyncMethod, TextPoke};
+
+/// Formats bytes as space-separated hex pairs (`b8 01 00 00 00`).
+#[derive(Clone, Copy)]
+pub struct HexBytes<'a>(pub &'a [u8]);
+
+impl core::fmt::Display for HexBytes<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,104 @@
+//! The dry-run listing of a plan.
+
+use core::fmt;
+
+use super::edit::State;
+use super::{Edit, Plan};
+
+impl fmt::Display for Plan {
+    /// One line per edit, in address order once validated:
+    ///
+    /// ```text
+    /// altpatch plan: 1 edit
+    ///   [write] 0x000055d0c0a01234 ret_one: b8 01 00 00 00 -> b8 02 00 00 00  (return 2)
+    ///           mov $0x1,%eax -> mov $0x2,%eax
+    /// ```
+    ///
+    /// The status is `check` before validation, `write` for an edit that will
+    /// be (or was just) written, `done` for one already in place. The second
+    /// line, a disassembly, is printed with the `std` feature.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "altpatch plan: {} edit{}",
+            self.edits.len(),
+            if self.edits.len() == 1 { "" } else { "s" }
+        )?;
+        for e in &self.edits {
+            fmt_edit(e, f)?;
+        }
+        Ok(())
+    }
+}
+
+fn fmt_edit(e: &Edit, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    let status = match e.state {
+        State::Unchecked => "check",
+        State::Pending => "write",
+        State::Done => "done",
+    };
+    let site = if e.site.is_empty() { "-" } else { &e.site };
+    write!(f, "  [{status:5}] {:#018x} {site}: ", e.addr)?;
+    match &e.old {
+        Some(old) => write!(f, "{old}")?,
+        None => write!(f, "{}", e.expect)?,
+    }
+    write!(f, " -> {}", crate::HexBytes(&e.new))?;
+    if !e.reason.is_empty() {
+        write!(f, "  ({})", e.reason)?;
+    }
+    writeln!(f)?;
+    #[cfg(feature = "std")]
+    {
+        let before = e.old.as_ref().map(|o| disasm(o, e.addr));
+        let after = disasm(&e.new, e.addr);
+        match before {
+            Some(b) => writeln!(f, "          {b} -> {after}")?,
+            None => writeln!(f, "          -> {after}")?,
+        }
+    }
+    Ok(())
+}
+
+/// AT&T disassembly of `bytes` at `ip`, instructions separated by `; `.
+#[cfg(feature = "std")]
+pub(crate) fn disasm(bytes: &[u8], ip: usize) -> std::string::String {
+    use iced_x86::{Decoder, DecoderOptions, Formatter, GasFormatter, Instruction};
+    use std::string::String;
+    let mut out = String::new();
+    let mut decoder = Decoder::with_ip(64, bytes, ip as u64, DecoderOptions::NONE);
+    let mut fmt = GasFormatter::new();
+    let mut insn = Instruction::default();
+    let mut nops = 0usize;
+    while decoder.can_decode() {
+        decoder.decode_out(&mut insn);
+        if insn.is_invalid() {
+            if !out.is_empty() {
+                out.push_str("; ");
+            }
+            out.push_str("(bad)");
+            break;
+        }
+        // Collapse int3 filler: "int3 x7".
+        if insn.code() == iced_x86::Code::Int3 {
+            nops += 1;
+            if decoder.can_decode() && bytes.get(decoder.position()) == Some(&0xcc) {
+                continue;
+            }
+            if !out.is_empty() {
+                out.push_str("; ");
+            }
+            out.push_str("int3");
+            if nops > 1 {
+                out.push_str(&std::format!(" x{nops}"));
+            }
+            nops = 0;
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str("; ");
+        }
+        fmt.format(&insn, &mut out);
+    }
+    out
+}

@@ -1,0 +1,485 @@
+//! Plans: a list of edits to text, validated as a whole before any byte is
+//! written, applied in page batches, rolled back on failure, undoable.
+//!
+//! ```text
+//! build (mechanism) ─► validate ─► begin/write/commit/sync (poke) ─► report
+//!                        │  every edit's current bytes are its expected (or already its new)
+//!                        │  bytes, no overlaps, rel32 targets in range, inside the image's text
+//!                        └─► any failure: an error naming the site, nothing written
+//! ```
+//!
+//! A plan is a plain value: it can be printed (a dry run), applied, applied
+//! again (a no-op), and undone.
+
+mod bytes;
+mod display;
+mod edit;
+mod error;
+
+use alloc::vec::Vec;
+use core::fmt;
+use core::ops::Range;
+
+pub use bytes::Bytes;
+pub use edit::{Edit, Expect, Label};
+pub use error::PlanError;
+
+use crate::image::Image;
+use crate::poke::{PAGE_SIZE, PokeError, TextPoke, page_span};
+use edit::State;
+
+/// A set of edits to text, applied all or nothing.
+///
+/// ```
+/// use altpatch::{DirectPoke, Edit, Plan, SyncMethod};
+///
+/// let mut text = vec![0xb8u8, 1, 0, 0, 0, 0xc3]; // mov eax, 1; ret
+/// let base = text.as_mut_ptr() as usize;
+/// // SAFETY: `text` stays readable while the plan is used.
+/// let mut plan = unsafe { Plan::with_text(base..base + text.len()) };
+/// plan.push(Edit::replace(base, &[0xb8, 1, 0, 0, 0], &[0xb8, 2, 0, 0, 0]).site("ret_one"));
+/// println!("{plan}"); // dry run
+///
+/// // SAFETY: `text` is writable data that nothing executes.
+/// let mut poke = unsafe { DirectPoke::new(SyncMethod::Cpuid) };
+/// // SAFETY: as above.
+/// let report = unsafe { plan.apply(&mut poke) }.unwrap();
+/// assert_eq!((report.written, text[1]), (1, 2));
+/// // Applying again changes nothing.
+/// // SAFETY: as above.
+/// assert_eq!(unsafe { plan.apply(&mut poke) }.unwrap().written, 0);
+/// // SAFETY: as above.
+/// unsafe { plan.undo(&mut poke) }.unwrap();
+/// assert_eq!(text[1], 1);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Plan {
+    edits: Vec<Edit>,
+    text: Option<Vec<Range<usize>>>,
+    sorted: bool,
+}
+
+/// What [`Plan::apply`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Edits in the plan.
+    pub edits: usize,
+    /// Edits written by this call.
+    pub written: usize,
+    /// Edits whose new bytes were already in place.
+    pub already: usize,
+    /// Distinct pages touched by the batch.
+    pub pages: usize,
+}
+
+impl fmt::Display for ApplyReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} edits: {} written, {} already in place, {} pages touched",
+            self.edits, self.written, self.already, self.pages
+        )
+    }
+}
+
+/// The outcome of [`Plan::validate`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Validation {
+    /// Edits whose expected bytes are in place (they will be written).
+    pub pending: usize,
+    /// Edits whose new bytes are already in place.
+    pub already: usize,
+}
+
+impl Plan {
+    /// An empty plan whose edits must lie inside `image`'s text.
+    pub fn for_image(image: &Image<'_>) -> Plan {
+        Plan {
+            edits: Vec::new(),
+            text: Some(image.text().to_vec()),
+            sorted: true,
+        }
+    }
+
+    /// An empty plan whose edits must lie inside `text`.
+    ///
+    /// # Safety
+    ///
+    /// The range must be mapped and readable for as long as the plan is
+    /// validated or applied.
+    pub unsafe fn with_text(text: Range<usize>) -> Plan {
+        // SAFETY: forwarded.
+        unsafe { Plan::with_text_ranges(core::slice::from_ref(&text)) }
+    }
+
+    /// An empty plan whose edits must each lie inside one of `text`.
+    ///
+    /// # Safety
+    ///
+    /// Every range must be mapped and readable for as long as the plan is
+    /// validated or applied.
+    pub unsafe fn with_text_ranges(text: &[Range<usize>]) -> Plan {
+        Plan {
+            edits: Vec::new(),
+            text: Some(text.to_vec()),
+            sorted: true,
+        }
+    }
+
+    /// An empty plan with no text bounds.
+    ///
+    /// # Safety
+    ///
+    /// Every edit pushed must address mapped, readable memory for as long as
+    /// the plan is validated or applied.
+    pub unsafe fn unbounded() -> Plan {
+        Plan {
+            edits: Vec::new(),
+            text: None,
+            sorted: true,
+        }
+    }
+
+    /// Adds an edit. Nothing is checked until [`validate`](Self::validate).
+    pub fn push(&mut self, edit: Edit) {
+        if let Some(last) = self.edits.last() {
+            if last.addr > edit.addr {
+                self.sorted = false;
+            }
+        }
+        self.edits.push(edit);
+    }
+
+    /// The edits, in address order once validated.
+    pub fn edits(&self) -> &[Edit] {
+        &self.edits
+    }
+
+    /// Number of edits.
+    pub fn len(&self) -> usize {
+        self.edits.len()
+    }
+
+    /// Whether the plan has no edits.
+    pub fn is_empty(&self) -> bool {
+        self.edits.is_empty()
+    }
+
+    /// Checks every edit without writing anything: each lies inside the
+    /// text, none overlap, rel32 branches reach their targets, and the bytes
+    /// now at each site are either what the edit expects (the edit is
+    /// pending; the bytes are remembered for [`undo`](Self::undo)) or already
+    /// its new bytes. The first failure is returned, naming its site.
+    pub fn validate<P: TextPoke + ?Sized>(&mut self, poke: &P) -> Result<Validation, PlanError> {
+        if !self.sorted {
+            self.edits.sort_by_key(|e| e.addr);
+            self.sorted = true;
+        }
+        // Static checks first, over the whole plan, before reading any text.
+        for (i, e) in self.edits.iter().enumerate() {
+            if let Some(err) = e.range_error {
+                return Err(PlanError::OutOfRange {
+                    site: e.who(),
+                    error: err,
+                });
+            }
+            if e.new.is_empty() {
+                return Err(PlanError::BadEdit {
+                    site: e.who(),
+                    addr: e.addr,
+                    why: "edit writes no bytes",
+                });
+            }
+            if let Expect::Bytes(b) = &e.expect {
+                if b.len() != e.new.len() {
+                    return Err(PlanError::BadEdit {
+                        site: e.who(),
+                        addr: e.addr,
+                        why: "expected and new bytes differ in length",
+                    });
+                }
+            }
+            let inside = match &self.text {
+                Some(text) => e
+                    .addr
+                    .checked_add(e.len())
+                    .is_some_and(|end| text.iter().any(|r| r.start <= e.addr && end <= r.end)),
+                None => e.addr.checked_add(e.len()).is_some(),
+            };
+            if !inside {
+                return Err(PlanError::OutsideText {
+                    site: e.who(),
+                    addr: e.addr,
+                    len: e.len(),
+                });
+            }
+            if i > 0 {
+                let prev = &self.edits[i - 1];
+                if prev.end() > e.addr {
+                    return Err(PlanError::Overlap {
+                        site: prev.who(),
+                        other: e.who(),
+                        addr: e.addr,
+                    });
+                }
+            }
+        }
+
+        let mut v = Validation::default();
+        let mut states = Vec::with_capacity(self.edits.len());
+        let mut olds = Vec::with_capacity(self.edits.len());
+        let mut small = [0u8; 32];
+        let mut big = Vec::new();
+        for e in &self.edits {
+            let found: &mut [u8] = if e.len() <= small.len() {
+                &mut small[..e.len()]
+            } else {
+                big.resize(e.len(), 0);
+                &mut big[..]
+            };
+            // SAFETY: the edit lies inside the plan's text (checked above),
+            // which the plan's constructor guarantees is readable; without
+            // bounds, `unbounded`'s contract covers every edit.
+            unsafe { poke.read(e.addr, found) }.map_err(|error| PlanError::Poke {
+                site: Some(e.who()),
+                error,
+            })?;
+            if *found == *e.new {
+                states.push(State::Done);
+                olds.push(None);
+                v.already += 1;
+            } else if e.expect.matches(e.addr, found) {
+                states.push(State::Pending);
+                olds.push(Some(Bytes::new(found)));
+                v.pending += 1;
+            } else {
+                return Err(PlanError::Unexpected {
+                    site: e.who(),
+                    addr: e.addr,
+                    expected: e.expect.clone(),
+                    found: Bytes::new(found),
+                });
+            }
+        }
+        // Commit the observations only once the whole plan passed.
+        for ((e, s), o) in self.edits.iter_mut().zip(states).zip(olds) {
+            e.state = s;
+            if o.is_some() {
+                e.old = o;
+            }
+        }
+        Ok(v)
+    }
+
+    /// Validates, then writes every pending edit through `poke` in one
+    /// batch (each page announced once), commits and syncs.
+    ///
+    /// If validation fails nothing is written. If the poke fails, what was
+    /// written is written back and the batch is abandoned, so text is
+    /// exactly as before; the error names the site. Edits already in place
+    /// are skipped, so applying a plan twice is a no-op. With the `std`
+    /// feature and `ALTPATCH_DEBUG=1`, the applied plan is printed to stderr.
+    ///
+    /// # Safety
+    ///
+    /// The new bytes must be correct code for their sites. Unless the poke
+    /// implements a protocol for concurrently executing code, no thread may
+    /// execute the edited bytes during the call; if one may, each edit must
+    /// replace exactly one instruction by one instruction.
+    pub unsafe fn apply<P: TextPoke + ?Sized>(
+        &mut self,
+        poke: &mut P,
+    ) -> Result<ApplyReport, PlanError> {
+        let v = self.validate(&*poke)?;
+        let pending: Vec<usize> = (0..self.edits.len())
+            .filter(|&i| self.edits[i].state == State::Pending)
+            .collect();
+        let runs = page_runs(pending.iter().map(|&i| &self.edits[i]));
+        let report = ApplyReport {
+            edits: self.edits.len(),
+            written: pending.len(),
+            already: v.already,
+            pages: runs.iter().map(|r| (r.end - r.start) / PAGE_SIZE).sum(),
+        };
+        if pending.is_empty() {
+            return Ok(report);
+        }
+        // SAFETY: forwarded from our caller; every edit was validated.
+        unsafe { self.write_batch(poke, &pending, &runs) }?;
+        debug_print(self, &report);
+        for &i in &pending {
+            self.edits[i].state = State::Done;
+        }
+        Ok(report)
+    }
+
+    /// Writes `pending` edits in one batch, rolling back on failure.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Plan::apply`]; every index in `pending` is a validated edit
+    /// with its old bytes recorded, and `runs` covers them.
+    unsafe fn write_batch<P: TextPoke + ?Sized>(
+        &self,
+        poke: &mut P,
+        pending: &[usize],
+        runs: &[Range<usize>],
+    ) -> Result<(), PlanError> {
+        if let Err(error) = poke.begin(runs) {
+            poke.abort();
+            return Err(PlanError::Poke { site: None, error });
+        }
+        for (k, &i) in pending.iter().enumerate() {
+            let e = &self.edits[i];
+            // SAFETY: the edit is inside `runs` and validated; our caller
+            // vouches for the code.
+            if let Err(error) = unsafe { poke.write(e.addr, &e.new) } {
+                // Put back what this batch already wrote (in-place pokes
+                // published it), then drop anything staged.
+                let mut rb = Ok(());
+                for &j in pending[..k].iter().rev() {
+                    let w = &self.edits[j];
+                    let old = w.old.as_ref().expect("pending edits record old bytes");
+                    // SAFETY: restores the validated original bytes.
+                    rb = rb.and(unsafe { poke.write(w.addr, old) });
+                }
+                poke.abort();
+                rb = rb.and(poke.sync());
+                return match rb {
+                    Ok(()) => Err(PlanError::Poke {
+                        site: Some(e.who()),
+                        error,
+                    }),
+                    Err(rollback) => Err(PlanError::RollbackFailed { error, rollback }),
+                };
+            }
+        }
+        let published = poke.commit().and_then(|()| poke.sync());
+        if let Err(error) = published {
+            // Some pages may be published: restore every edit in a new batch.
+            // SAFETY: writes back the validated original bytes.
+            let restored = unsafe { self.restore(poke, pending, runs) };
+            return match restored {
+                Ok(()) => Err(PlanError::Poke { site: None, error }),
+                Err(rollback) => Err(PlanError::RollbackFailed { error, rollback }),
+            };
+        }
+        Ok(())
+    }
+
+    /// Writes the old bytes of `pending` back in a batch of their own.
+    ///
+    /// # Safety
+    ///
+    /// As for `write_batch`.
+    unsafe fn restore<P: TextPoke + ?Sized>(
+        &self,
+        poke: &mut P,
+        pending: &[usize],
+        runs: &[Range<usize>],
+    ) -> Result<(), PokeError> {
+        poke.begin(runs)?;
+        for &i in pending {
+            let e = &self.edits[i];
+            let old = e.old.as_ref().expect("pending edits record old bytes");
+            // SAFETY: restores validated original bytes inside `runs`.
+            if let Err(err) = unsafe { poke.write(e.addr, old) } {
+                poke.abort();
+                return Err(err);
+            }
+        }
+        poke.commit()?;
+        poke.sync()
+    }
+
+    /// The plan that reverses this one: each edit expects this plan's new
+    /// bytes and writes back the bytes validation found there (or, for an
+    /// edit never seen in its old state, the canonical encoding of what it
+    /// expected).
+    pub fn inverse(&self) -> Result<Plan, PlanError> {
+        let mut inv = Plan {
+            edits: Vec::with_capacity(self.edits.len()),
+            text: self.text.clone(),
+            sorted: self.sorted,
+        };
+        for e in &self.edits {
+            let old = match &e.old {
+                Some(o) => o.clone(),
+                None => e
+                    .expect
+                    .canonical(e.addr, e.len())
+                    .ok_or_else(|| PlanError::NothingToRestore { site: e.who() })?,
+            };
+            let mut r = Edit::new(e.addr, Expect::Bytes(e.new.clone()), old);
+            r.site = e.site.clone();
+            r.reason = Label::Owned(alloc::format!("undo: {}", e.reason));
+            inv.edits.push(r);
+        }
+        Ok(inv)
+    }
+
+    /// Restores what [`apply`](Self::apply) changed: applies
+    /// [`inverse`](Self::inverse) with the same guarantees (validated first,
+    /// all or nothing, idempotent).
+    ///
+    /// # Safety
+    ///
+    /// As for [`Plan::apply`].
+    pub unsafe fn undo<P: TextPoke + ?Sized>(
+        &mut self,
+        poke: &mut P,
+    ) -> Result<ApplyReport, PlanError> {
+        let mut inv = self.inverse()?;
+        // SAFETY: forwarded; the inverse writes back bytes that were there.
+        let report = unsafe { inv.apply(poke) }?;
+        for e in &mut self.edits {
+            e.state = State::Unchecked;
+        }
+        Ok(report)
+    }
+}
+
+/// The page runs (maximal contiguous page ranges) covering `edits`, which
+/// are in address order.
+fn page_runs<'a>(edits: impl Iterator<Item = &'a Edit>) -> Vec<Range<usize>> {
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    for e in edits {
+        let span = page_span(e.addr, e.end());
+        match runs.last_mut() {
+            Some(last) if last.end >= span.start => last.end = last.end.max(span.end),
+            _ => runs.push(span),
+        }
+    }
+    runs
+}
+
+#[cfg(feature = "std")]
+fn debug_print(plan: &Plan, report: &ApplyReport) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| {
+        std::env::var_os("ALTPATCH_DEBUG").is_some_and(|v| !v.is_empty() && v != "0")
+    });
+    if on {
+        std::eprintln!("altpatch: applied plan ({report})\n{plan}");
+    }
+}
+
+#[cfg(not(feature = "std"))]
+fn debug_print(_plan: &Plan, _report: &ApplyReport) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_merge_adjacent_pages() {
+        let e = |a| Edit::replace(a, &[0], &[1]);
+        let edits = [e(0x1000), e(0x1ff0), e(0x2000), e(0x4000), e(0x4fff)];
+        let runs = page_runs(edits.iter());
+        assert_eq!(runs, [0x1000..0x3000, 0x4000..0x5000]);
+        // An edit straddling a page boundary covers both pages.
+        let s = [Edit::replace(0x1ffe, &[0; 4], &[1; 4])];
+        let runs = page_runs(s.iter());
+        assert_eq!((runs.len(), runs[0].start, runs[0].end), (1, 0x1000, 0x3000));
+    }
+}

@@ -1,0 +1,131 @@
+//! Freestanding poke: store directly into writable text, then serialize.
+
+use alloc::vec::Vec;
+use core::ops::Range;
+use core::sync::atomic::{Ordering, compiler_fence};
+
+use super::{PokeError, TextPoke};
+use crate::cpu::{Feature, Features};
+
+/// How [`DirectPoke`] serializes the calling CPU after writing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMethod {
+    /// The `serialize` instruction (where CPUID.7.0:EDX[14] says it exists).
+    Serialize,
+    /// `cpuid`, architecturally serializing everywhere (and a VM exit under
+    /// most hypervisors, so slower).
+    Cpuid,
+}
+
+/// Writes directly to text that is writable at its own address, then
+/// serializes the calling CPU.
+///
+/// For early boot (before text is write-protected), a kernel that maps its
+/// text writable, or memory that is not executed at all (tests). Only the
+/// calling CPU is serialized: on a multiprocessor system, either patch before
+/// other CPUs start, or implement [`TextPoke`] yourself with an IPI in `sync`.
+///
+/// Writes are in place, so a failed batch is undone by the plan's rollback
+/// writes, not by [`abort`](TextPoke::abort).
+///
+/// ```
+/// use altpatch::{DirectPoke, Edit, Plan, cpu::Features};
+///
+/// // "Text" that is only data here, so plain memory is fine.
+/// let mut text = vec![0xb8u8, 1, 0, 0, 0, 0xc3];
+/// let base = text.as_mut_ptr() as usize;
+/// // SAFETY: `text` is readable for the whole plan's use.
+/// let mut plan = unsafe { Plan::with_text(base..base + text.len()) };
+/// plan.push(Edit::replace(base, &[0xb8, 1, 0, 0, 0], &[0xb8, 2, 0, 0, 0]));
+/// // SAFETY: `text` is writable and nothing executes it.
+/// let mut poke = unsafe { DirectPoke::for_features(&Features::detect()) };
+/// // SAFETY: as above.
+/// unsafe { plan.apply(&mut poke) }.unwrap();
+/// assert_eq!(text[1], 2);
+/// ```
+#[derive(Debug)]
+pub struct DirectPoke {
+    sync: SyncMethod,
+    pages: Vec<Range<usize>>,
+}
+
+impl DirectPoke {
+    /// A poke using `sync` after each batch.
+    ///
+    /// # Safety
+    ///
+    /// Every text address a plan applied through this poke writes must be
+    /// writable memory at that address, and no other CPU may execute the
+    /// changed bytes until the caller has made it serialize.
+    pub unsafe fn new(sync: SyncMethod) -> DirectPoke {
+        DirectPoke {
+            sync,
+            pages: Vec::new(),
+        }
+    }
+
+    /// A poke using `serialize` where `features` has it, else `cpuid`.
+    ///
+    /// # Safety
+    ///
+    /// As for [`DirectPoke::new`].
+    pub unsafe fn for_features(features: &Features) -> DirectPoke {
+        let sync = if features.has(Feature::Serialize) {
+            SyncMethod::Serialize
+        } else {
+            SyncMethod::Cpuid
+        };
+        // SAFETY: forwarded to our caller.
+        unsafe { DirectPoke::new(sync) }
+    }
+
+    /// The serialization method in use.
+    pub fn sync_method(&self) -> SyncMethod {
+        self.sync
+    }
+}
+
+// SAFETY: writes go to the addressed bytes themselves (writable by the
+// constructor's contract); `sync` serializes this CPU, and the constructor's
+// contract puts other CPUs on the caller.
+unsafe impl TextPoke for DirectPoke {
+    fn begin(&mut self, pages: &[Range<usize>]) -> Result<(), PokeError> {
+        self.pages.clear();
+        self.pages.extend_from_slice(pages);
+        Ok(())
+    }
+
+    unsafe fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
+        let end = addr + bytes.len();
+        if !self.pages.iter().any(|p| p.start <= addr && end <= p.end) {
+            return Err(PokeError::OutsideBatch { addr });
+        }
+        // SAFETY: the caller guarantees the range is inside the batch's
+        // pages, and the constructor's contract makes them writable.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+        compiler_fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), PokeError> {
+        Ok(())
+    }
+
+    fn abort(&mut self) {}
+
+    fn sync(&mut self) -> Result<(), PokeError> {
+        compiler_fence(Ordering::SeqCst);
+        match self.sync {
+            // SAFETY: `serialize` (0f 01 e8) only serializes instruction
+            // execution; `for_features`/the caller chose it only where the CPU
+            // has it. Emitted as bytes so older assemblers accept it.
+            SyncMethod::Serialize => unsafe {
+                core::arch::asm!(".byte 0x0f, 0x01, 0xe8", options(nostack, preserves_flags))
+            },
+            SyncMethod::Cpuid => {
+                let _ = raw_cpuid::native_cpuid::cpuid_count(0, 0);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,217 @@
+//! Writing text: the [`TextPoke`] trait and its implementations.
+//!
+//! A poke has two duties: put bytes at a text address, and make every CPU or
+//! thread that may execute them observe the change. [`Plan::apply`]
+//! drives it in batches:
+//!
+//! ```text
+//! begin(pages) ─► write* ─► commit ─► sync          (success)
+//! begin(pages) ─► write* ─✗  (rollback writes) ─► abort ─► sync   (failure)
+//! ```
+//!
+//! Implementations:
+//!
+//! * [`DirectPoke`]: stores straight into text that is writable (early boot,
+//!   a kernel's own RWX identity map, or memory that is not text at all), then
+//!   serializes the calling CPU. `no_std`.
+//! * [`LinuxPoke`] (feature `std`): a Linux process patching its own text
+//!   without ever creating a writable and executable mapping; works under
+//!   `PR_SET_MDWE`.
+//! * [`FaultInjectingPoke`]: wraps another poke and fails on the k-th write,
+//!   for testing that failed batches leave text untouched.
+//!
+//! An embedder with its own way of writing text (a fixmap alias, a
+//! temporary mm) and of synchronizing CPUs (IPIs) implements the trait:
+//!
+//! ```
+//! use core::ops::Range;
+//! use altpatch::{PokeError, TextPoke};
+//!
+//! /// Writes through a fixed offset to a writable alias of text.
+//! struct AliasPoke { delta: usize }
+//!
+//! // SAFETY: writes land in the alias of exactly the addressed text bytes;
+//! // `sync` would broadcast a serializing IPI in a real kernel (one CPU here).
+//! unsafe impl TextPoke for AliasPoke {
+//!     fn begin(&mut self, _pages: &[Range<usize>]) -> Result<(), PokeError> { Ok(()) }
+//!     unsafe fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
+//!         // SAFETY: the caller guarantees `addr` is text announced to `begin`;
+//!         // the alias maps it writable at `addr + delta`.
+//!         unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), (addr + self.delta) as *mut u8, bytes.len()) };
+//!         Ok(())
+//!     }
+//!     fn commit(&mut self) -> Result<(), PokeError> { Ok(()) }
+//!     fn abort(&mut self) {}
+//!     fn sync(&mut self) -> Result<(), PokeError> { Ok(()) }
+//! }
+//! ```
+//!
+//! [`Plan::apply`]: crate::Plan::apply
+
+use core::fmt;
+use core::ops::Range;
+
+mod direct;
+mod fault;
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) mod linux;
+
+pub use direct::{DirectPoke, SyncMethod};
+pub use fault::{FaultInjectingPoke, FaultPoint};
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub use linux::LinuxPoke;
+
+/// Size of the pages batches are grouped by.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Why a poke failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PokeError {
+    /// A system call failed with `errno`.
+    Os {
+        /// The call (`"mmap"`, `"memfd_create"`, ...).
+        call: &'static str,
+        /// The error number.
+        errno: i32,
+    },
+    /// The range is not ordinary read+execute text this poke can rewrite.
+    NotText {
+        /// First address of the offending range.
+        addr: usize,
+        /// What was found there instead.
+        why: &'static str,
+    },
+    /// A write outside the pages announced to [`TextPoke::begin`].
+    OutsideBatch {
+        /// The address written.
+        addr: usize,
+    },
+    /// A failure injected by [`FaultInjectingPoke`].
+    Injected {
+        /// Which operation failed.
+        at: FaultPoint,
+    },
+    /// The operation cannot be done by this poke.
+    Unsupported(&'static str),
+}
+
+impl fmt::Display for PokeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PokeError::Os { call, errno } => {
+                #[cfg(feature = "std")]
+                {
+                    write!(
+                        f,
+                        "{call} failed: {}",
+                        std::io::Error::from_raw_os_error(*errno)
+                    )
+                }
+                #[cfg(not(feature = "std"))]
+                {
+                    write!(f, "{call} failed: errno {errno}")
+                }
+            }
+            PokeError::NotText { addr, why } => {
+                write!(f, "{addr:#x} is not patchable text: {why}")
+            }
+            PokeError::OutsideBatch { addr } => {
+                write!(f, "write at {addr:#x} outside the pages of the batch")
+            }
+            PokeError::Injected { at } => write!(f, "injected failure at {at:?}"),
+            PokeError::Unsupported(what) => write!(f, "unsupported: {what}"),
+        }
+    }
+}
+
+impl core::error::Error for PokeError {}
+
+/// Writes text and makes every executing context observe it.
+///
+/// [`Plan::apply`](crate::Plan::apply) calls the methods in this order for
+/// each batch: [`begin`](Self::begin) once with every page the batch will
+/// touch; [`write`](Self::write) for each edit; then either
+/// [`commit`](Self::commit) or (after a failure, once the plan has written
+/// the old bytes back) [`abort`](Self::abort); then [`sync`](Self::sync).
+///
+/// # Safety
+///
+/// Implementors promise that once `commit` and `sync` have returned `Ok`,
+/// every byte passed to `write` in the batch is what instruction fetch on
+/// every CPU or thread that may run the text observes at that address, and
+/// that no other byte of text was changed. A poke that stages writes and
+/// publishes them in `commit` must publish nothing on `abort`; a poke that
+/// writes in place relies on the plan's rollback writes before `abort`.
+pub unsafe trait TextPoke {
+    /// Starts a batch that will write only inside `pages`: sorted, disjoint,
+    /// page-aligned ranges, each touched by at least one write. This is the
+    /// place to make the pages writable or to stage copies of them, once per
+    /// page per batch.
+    fn begin(&mut self, pages: &[Range<usize>]) -> Result<(), PokeError>;
+
+    /// Writes `bytes` at text address `addr`.
+    ///
+    /// # Safety
+    ///
+    /// `addr..addr + bytes.len()` lies inside the pages passed to `begin`
+    /// for this batch, and `bytes` is what the caller has validated should
+    /// be there (other threads may execute it once published).
+    unsafe fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError>;
+
+    /// Publishes the batch's writes. On error, the poke has published either
+    /// nothing or a prefix of the pages; the plan then writes the old bytes
+    /// back in a new batch.
+    fn commit(&mut self) -> Result<(), PokeError>;
+
+    /// Ends a failed batch without publishing anything still staged.
+    fn abort(&mut self);
+
+    /// Makes every CPU/thread that may execute text observe the committed
+    /// bytes (a core-serializing event on each).
+    fn sync(&mut self) -> Result<(), PokeError>;
+
+    /// Reads the current text bytes at `addr` into `out`.
+    ///
+    /// # Safety
+    ///
+    /// `addr..addr + out.len()` is mapped and readable.
+    unsafe fn read(&self, addr: usize, out: &mut [u8]) -> Result<(), PokeError> {
+        // SAFETY: the caller guarantees the range is readable; text is only
+        // modified under the patcher's own serialization, so this is not a
+        // data race with another writer.
+        unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+}
+
+// SAFETY: forwards every duty to the referenced poke.
+unsafe impl<P: TextPoke + ?Sized> TextPoke for &mut P {
+    fn begin(&mut self, pages: &[Range<usize>]) -> Result<(), PokeError> {
+        (**self).begin(pages)
+    }
+    unsafe fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
+        // SAFETY: same contract, forwarded.
+        unsafe { (**self).write(addr, bytes) }
+    }
+    fn commit(&mut self) -> Result<(), PokeError> {
+        (**self).commit()
+    }
+    fn abort(&mut self) {
+        (**self).abort()
+    }
+    fn sync(&mut self) -> Result<(), PokeError> {
+        (**self).sync()
+    }
+    unsafe fn read(&self, addr: usize, out: &mut [u8]) -> Result<(), PokeError> {
+        // SAFETY: same contract, forwarded.
+        unsafe { (**self).read(addr, out) }
+    }
+}
+
+/// The page-aligned range covering `addr..end`.
+pub(crate) fn page_span(addr: usize, end: usize) -> Range<usize> {
+    let start = addr & !(PAGE_SIZE - 1);
+    let end = (end + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
+    start..end
+}

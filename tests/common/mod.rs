@@ -1,0 +1,147 @@
+//! Shared fixtures for the integration tests: blocks of real text in the
+//! test binary, made of NOP5 sites, that tests patch and then execute.
+#![allow(dead_code)]
+
+use altpatch::Image;
+
+/// Bytes per unit of a pad: a NOP5 site followed by a 3-byte NOP.
+pub const UNIT: usize = 8;
+/// Units per pad: 16 KiB of sites, four pages.
+pub const UNITS: usize = 2048;
+/// The 5-byte NOP at every site.
+pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+/// `jmp` to the next instruction: same behaviour as the NOP, other bytes.
+pub const JMP0: [u8; 5] = [0xe9, 0x00, 0x00, 0x00, 0x00];
+
+/// Declares a page-aligned text block `$sym` of `UNITS` units followed by
+/// `mov eax, 42; ret`, callable as `extern "C" fn() -> u32`.
+macro_rules! pad {
+    ($sym:literal) => {
+        core::arch::global_asm!(concat!(
+            ".pushsection .text.",
+            $sym,
+            ",\"ax\",@progbits\n",
+            ".balign 4096\n",
+            ".globl ",
+            $sym,
+            "\n",
+            ".type ",
+            $sym,
+            ",@function\n",
+            $sym,
+            ":\n",
+            ".rept 2048\n",
+            ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00, 0x0f, 0x1f, 0x00\n",
+            ".endr\n",
+            "mov eax, 42\n",
+            "ret\n",
+            ".size ",
+            $sym,
+            ", . - ",
+            $sym,
+            "\n",
+            ".popsection\n"
+        ));
+    };
+}
+
+pad!("altpatch_pad_a");
+pad!("altpatch_pad_b");
+pad!("altpatch_pad_c");
+pad!("altpatch_pad_d");
+pad!("altpatch_pad_e");
+pad!("altpatch_pad_f");
+
+unsafe extern "C" {
+    fn altpatch_pad_a() -> u32;
+    fn altpatch_pad_b() -> u32;
+    fn altpatch_pad_c() -> u32;
+    fn altpatch_pad_d() -> u32;
+    fn altpatch_pad_e() -> u32;
+    fn altpatch_pad_f() -> u32;
+}
+
+/// A pad: its entry point and size.
+#[derive(Clone, Copy)]
+pub struct Pad {
+    pub entry: unsafe extern "C" fn() -> u32,
+}
+
+impl Pad {
+    pub fn base(&self) -> usize {
+        self.entry as *const () as usize
+    }
+    /// Address of site `i`.
+    pub fn site(&self, i: usize) -> usize {
+        assert!(i < UNITS);
+        self.base() + i * UNIT
+    }
+    /// The pad's site bytes as they are now.
+    pub fn snapshot(&self) -> Vec<u8> {
+        // SAFETY: the pad is UNITS * UNIT bytes of mapped, readable text.
+        unsafe { std::slice::from_raw_parts(self.base() as *const u8, UNITS * UNIT) }.to_vec()
+    }
+    /// Runs the pad (every site executes) and returns its result, 42.
+    pub fn call(&self) -> u32 {
+        // SAFETY: the pad is a valid function with the C ABI returning eax.
+        unsafe { (std::hint::black_box(self.entry))() }
+    }
+}
+
+/// Pads reserved for individual tests, so tests in one binary running in
+/// parallel never patch the same page.
+pub const PAD_A: Pad = Pad {
+    entry: altpatch_pad_a,
+};
+pub const PAD_B: Pad = Pad {
+    entry: altpatch_pad_b,
+};
+pub const PAD_C: Pad = Pad {
+    entry: altpatch_pad_c,
+};
+pub const PAD_D: Pad = Pad {
+    entry: altpatch_pad_d,
+};
+pub const PAD_E: Pad = Pad {
+    entry: altpatch_pad_e,
+};
+pub const PAD_F: Pad = Pad {
+    entry: altpatch_pad_f,
+};
+
+/// The test binary's image; its text covers every pad.
+pub fn image() -> Image<'static> {
+    let image = Image::current();
+    assert!(image.contains_text(PAD_A.base(), UNITS * UNIT), "{image:?}");
+    image
+}
+
+/// Reads `len` bytes of text at `addr`.
+pub fn read(addr: usize, len: usize) -> Vec<u8> {
+    // SAFETY: callers pass addresses inside this binary's text.
+    unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec()
+}
+
+/// Runs the `#[ignore]`d test `name` of this test binary in a child process
+/// with `env` set, returning (success, combined output).
+pub fn run_child_test(name: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([
+        name,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
