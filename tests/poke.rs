@@ -299,10 +299,13 @@ fn non_text_is_refused_by_the_poke() {
     let data = vec![0u8; 8192];
     let page = (data.as_ptr() as usize + 4095) & !4095;
     let mut poke = LinuxPoke::new().unwrap();
-    let err = poke.begin(std::slice::from_ref(&(page..page + 4096))).unwrap_err();
+    let err = poke
+        .begin(std::slice::from_ref(&(page..page + 4096)))
+        .unwrap_err();
     assert!(matches!(err, PokeError::NotText { .. }), "{err}");
     // The lock was released: another batch can start.
     let pad = PAD_C.base() & !4095;
-    poke.begin(std::slice::from_ref(&(pad..pad + 4096))).unwrap();
+    poke.begin(std::slice::from_ref(&(pad..pad + 4096)))
+        .unwrap();
     poke.abort();
 }

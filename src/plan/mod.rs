@@ -480,6 +480,9 @@ mod tests {
         // An edit straddling a page boundary covers both pages.
         let s = [Edit::replace(0x1ffe, &[0; 4], &[1; 4])];
         let runs = page_runs(s.iter());
-        assert_eq!((runs.len(), runs[0].start, runs[0].end), (1, 0x1000, 0x3000));
+        assert_eq!(
+            (runs.len(), runs[0].start, runs[0].end),
+            (1, 0x1000, 0x3000)
+        );
     }
 }

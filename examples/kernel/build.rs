@@ -1,0 +1,14 @@
+//! Link as a static, freestanding image laid out by `link.ld`.
+fn main() {
+    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap();
+    println!("cargo:rerun-if-changed=link.ld");
+    for arg in [
+        "-nostartfiles",
+        "-nostdlib",
+        "-static",
+        "-Wl,--build-id=none",
+        &format!("-Wl,-T,{dir}/link.ld"),
+    ] {
+        println!("cargo:rustc-link-arg={arg}");
+    }
+}

@@ -1,0 +1,117 @@
+//! Multiboot header and the 32-bit entry that switches to long mode.
+//!
+//! QEMU's `-kernel` loader finds the multiboot header in the first 8 KiB of
+//! the file and, because the a.out-kludge flag (bit 16) is set, copies the
+//! image to the addresses the header gives instead of parsing the (64-bit)
+//! ELF, which it would refuse. It enters `_start32` in 32-bit protected mode
+//! with paging off, EAX = 0x2BADB002 and EBX = the multiboot info address.
+//!
+//! The entry identity-maps the first GiB with 2 MiB pages (read, write,
+//! execute: the kernel patches its own text through its own addresses), turns
+//! on PAE, long mode and paging, loads a 64-bit GDT, enables SSE (Rust code
+//! for the host target uses it), and calls `kmain(multiboot_info)`.
+
+core::arch::global_asm!(
+    r#"
+    .set MB_MAGIC, 0x1BADB002
+    .set MB_FLAGS, 0x00010000
+    .section .multiboot, "a"
+    .balign 4
+multiboot_header:
+    .long MB_MAGIC
+    .long MB_FLAGS
+    .long -(MB_MAGIC + MB_FLAGS)
+    .long multiboot_header
+    .long __load_start
+    .long __load_end
+    .long __bss_end
+    .long _start32
+
+    .section .text.boot, "ax"
+    .code32
+    .globl _start32
+_start32:
+    cli
+    movl $boot_stack_top, %esp
+    movl %ebx, multiboot_info
+
+    /* pml4[0] -> pdpt, pdpt[0] -> pd, pd[i] = i * 2 MiB, present|write|huge */
+    movl $boot_pdpt, %eax
+    orl $3, %eax
+    movl %eax, boot_pml4
+    movl $boot_pd, %eax
+    orl $3, %eax
+    movl %eax, boot_pdpt
+    xorl %ecx, %ecx
+1:
+    movl %ecx, %eax
+    shll $21, %eax
+    orl $0x83, %eax
+    movl %eax, boot_pd(,%ecx,8)
+    incl %ecx
+    cmpl $512, %ecx
+    jne 1b
+
+    movl $boot_pml4, %eax
+    movl %eax, %cr3
+    movl %cr4, %eax
+    orl $(1 << 5), %eax          /* PAE */
+    movl %eax, %cr4
+    movl $0xC0000080, %ecx       /* EFER */
+    rdmsr
+    orl $(1 << 8), %eax          /* LME */
+    wrmsr
+    movl %cr0, %eax
+    orl $0x80000001, %eax        /* PG | PE */
+    movl %eax, %cr0
+    lgdt boot_gdt_ptr
+    ljmp $0x08, $long_mode
+
+    .code64
+long_mode:
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    xorw %ax, %ax
+    movw %ax, %fs
+    movw %ax, %gs
+    /* SSE: CR0.EM = 0, CR0.MP = 1; CR4.OSFXSR | CR4.OSXMMEXCPT */
+    movq %cr0, %rax
+    andq $~(1 << 2), %rax
+    orq $(1 << 1), %rax
+    movq %rax, %cr0
+    movq %cr4, %rax
+    orq $(3 << 9), %rax
+    movq %rax, %cr4
+    movabsq $boot_stack_top, %rsp
+    movl multiboot_info(%rip), %edi
+    call kmain
+2:
+    hlt
+    jmp 2b
+
+    .section .rodata
+    .balign 8
+boot_gdt:
+    .quad 0
+    .quad 0x00AF9A000000FFFF     /* 0x08: 64-bit code */
+    .quad 0x00CF92000000FFFF     /* 0x10: data */
+boot_gdt_ptr:
+    .word boot_gdt_ptr - boot_gdt - 1
+    .long boot_gdt
+
+    .section .bss
+    .balign 4096
+boot_pml4: .skip 4096
+boot_pdpt: .skip 4096
+boot_pd: .skip 4096
+boot_stack: .skip 65536
+boot_stack_top:
+    .balign 4
+multiboot_info: .skip 4
+
+    .text
+    "#,
+    options(att_syntax)
+);

@@ -1,0 +1,199 @@
+//! A minimal multiboot x86-64 kernel that links `altpatch` without `std`,
+//! takes the CPU feature snapshot, and patches its own text at boot.
+//!
+//! Build and boot (see `tests/qemu.rs`, which does exactly this):
+//!
+//! ```text
+//! cd examples/kernel && cargo build --release
+//! qemu-system-x86_64 -accel tcg -cpu Nehalem -display none -serial stdio \
+//!     -device isa-debug-exit,iobase=0xf4,iosize=0x04 -no-reboot \
+//!     -kernel target/release/altpatch-kernel -append "altpatch=nopopcnt"
+//! ```
+//!
+//! The command line (`-append`) may hold `altpatch=<overrides>` and
+//! `dump-cpuid` (print a CPUID dump in altpatch's replay format and stop;
+//! the test fixtures were recorded this way).
+
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod boot;
+#[macro_use]
+mod support;
+
+use core::ffi::CStr;
+
+use altpatch::cpu::{self, Features, HostCpuid, Overrides};
+use altpatch::{DirectPoke, Edit, Image, Plan, patch_point};
+use support::{EXIT_FAILURE, EXIT_SUCCESS, exit};
+
+unsafe extern "C" {
+    static __text_start: u8;
+    static __text_end: u8;
+}
+
+/// The function the kernel patches: returns 1 until its `mov` is rewritten.
+#[inline(never)]
+fn answer() -> u32 {
+    let r: u32;
+    // SAFETY: only moves an immediate into `r`.
+    unsafe { core::arch::asm!(patch_point!("kernel_answer"), "mov {0:e}, 1", out(reg) r) };
+    r
+}
+
+/// The multiboot command line, if the loader passed one.
+fn cmdline(info: u32) -> &'static str {
+    if info == 0 {
+        return "";
+    }
+    let info = info as usize as *const u32;
+    // SAFETY: the loader passed the address of a multiboot info structure in
+    // identity-mapped low memory; `flags` is its first word, and bit 2 says
+    // the word at offset 16 is the physical address of a C string.
+    unsafe {
+        if info.read() & (1 << 2) == 0 {
+            return "";
+        }
+        let s = info.add(4).read() as usize as *const core::ffi::c_char;
+        CStr::from_ptr(s).to_str().unwrap_or("")
+    }
+}
+
+/// Enables the x87, SSE, AVX and (where complete) AVX-512 state in XCR0, so
+/// the feature snapshot can report AVX as usable: the OS half of the AVX
+/// check that `Features` makes.
+fn enable_xsave() {
+    let leaf1 = raw_cpuid_leaf(1, 0);
+    if leaf1.2 & (1 << 26) == 0 {
+        return; // no XSAVE
+    }
+    let leaf_d = raw_cpuid_leaf(0xd, 0);
+    let supported = ((leaf_d.3 as u64) << 32) | leaf_d.0 as u64;
+    let mut xcr0 = supported & 0x7; // x87 | SSE | AVX
+    if supported & 0xe0 == 0xe0 {
+        xcr0 |= 0xe0; // opmask | ZMM_Hi256 | Hi16_ZMM
+    }
+    // SAFETY: CPUID says XSAVE exists; setting CR4.OSXSAVE then XCR0 to a
+    // subset of the supported state (always including x87) is valid.
+    unsafe {
+        core::arch::asm!(
+            "mov {t}, cr4",
+            "or {t}, {bit}",
+            "mov cr4, {t}",
+            t = out(reg) _, bit = in(reg) 1u64 << 18,
+            options(nostack)
+        );
+        core::arch::asm!("xsetbv", in("ecx") 0u32, in("eax") xcr0 as u32, in("edx") (xcr0 >> 32) as u32,
+            options(nostack));
+    }
+}
+
+fn raw_cpuid_leaf(leaf: u32, sub: u32) -> (u32, u32, u32, u32) {
+    use altpatch::cpu::CpuidSource;
+    let r = HostCpuid::new().cpuid(leaf, sub);
+    (r.eax, r.ebx, r.ecx, r.edx)
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn kmain(multiboot_info: u32) -> ! {
+    support::serial_init();
+    enable_xsave();
+    let cmdline = cmdline(multiboot_info);
+    println!("altpatch kernel: cmdline `{cmdline}`");
+
+    if cmdline.split_ascii_whitespace().any(|w| w == "dump-cpuid") {
+        println!("{}", cpu::dump(&HostCpuid::new()));
+        println!("altpatch kernel: dump done");
+        exit(EXIT_SUCCESS);
+    }
+
+    let overrides = match Overrides::from_cmdline(cmdline) {
+        Ok(o) => o,
+        Err(e) => {
+            println!("altpatch kernel: bad command line: {e}");
+            exit(EXIT_FAILURE);
+        }
+    };
+    let features = Features::detect().with_overrides(&overrides);
+    println!("features: {features}");
+
+    // SAFETY: the linker script brackets all of the kernel's code with these
+    // symbols, and the boot page tables map it readable (and writable).
+    let image = unsafe {
+        let start = &raw const __text_start as usize;
+        let end = &raw const __text_end as usize;
+        Image::current().with_text(start..end)
+    };
+    println!(
+        "image: text {:#x}..{:#x}, {} patch points",
+        image.text()[0].start,
+        image.text()[0].end,
+        image.patch_points().len()
+    );
+
+    if let Err(e) = patch_answer(&image, &features) {
+        println!("altpatch kernel: FAILED: {e}");
+        exit(EXIT_FAILURE);
+    }
+    println!("altpatch kernel: ok");
+    exit(EXIT_SUCCESS)
+}
+
+fn patch_answer(image: &Image<'_>, features: &Features) -> Result<(), altpatch::PlanError> {
+    let at = image
+        .patch_point("kernel_answer")
+        .expect("the kernel_answer patch point is recorded");
+    let mut old = [0u8; 5];
+    // SAFETY: the point lies in the kernel's text, which is mapped.
+    unsafe { core::ptr::copy_nonoverlapping(at as *const u8, old.as_mut_ptr(), 5) };
+    let mut new = old;
+    new[1..5].copy_from_slice(&2u32.to_le_bytes());
+
+    // SAFETY: the boot page tables map text writable, and this CPU is the
+    // only one running.
+    let mut poke = unsafe { DirectPoke::for_features(features) };
+    println!("poke: direct, sync by {:?}", poke.sync_method());
+
+    // A plan that expects the wrong bytes is refused and writes nothing.
+    let mut bad = Plan::for_image(image);
+    let mut wrong = old;
+    wrong[1] = 9;
+    bad.push(Edit::replace(at, &wrong, &new).site("answer"));
+    // SAFETY: refused during validation, before any write.
+    match unsafe { bad.apply(&mut poke) } {
+        Err(e) => println!("refused: {e}"),
+        Ok(_) => panic!("a plan with wrong expected bytes was applied"),
+    }
+
+    let before = answer();
+    let mut plan = Plan::for_image(image);
+    plan.push(
+        Edit::replace(at, &old, &new)
+            .site("answer")
+            .reason("return 2 instead of 1"),
+    );
+    // SAFETY: one `mov` replaced by one `mov`; nothing else runs.
+    let report = unsafe { plan.apply(&mut poke) }?;
+    print!("{plan}");
+    println!("applied: {report}");
+    let after = answer();
+    // SAFETY: as above.
+    unsafe { plan.undo(&mut poke) }?;
+    let undone = answer();
+    println!("answer: before={before} after={after} undone={undone}");
+    if (before, after, undone) != (1, 2, 1) {
+        panic!("patching answer() did not take effect");
+    }
+    Ok(())
+}
+
+/// `print!` without a newline (plans print their own line breaks).
+#[macro_export]
+macro_rules! print {
+    ($($arg:tt)*) => {{
+        use core::fmt::Write as _;
+        let _ = write!($crate::support::Serial, $($arg)*);
+    }};
+}

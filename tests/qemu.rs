@@ -1,0 +1,212 @@
+//! Boots `examples/kernel` (altpatch without `std`) under QEMU's TCG with
+//! several CPU models and checks what it reports over the serial port.
+//!
+//! Without `qemu-system-x86_64` these tests print a skip message and pass,
+//! unless `ALTPATCH_REQUIRE_QEMU=1` (CI sets it), which makes them fail.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use altpatch::cpu::{Features, RecordedCpuid};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+/// `isa-debug-exit` turns the kernel's exit value v into status (v << 1) | 1.
+const EXIT_OK: i32 = 33;
+const EXIT_FAIL: i32 = 35;
+
+fn qemu() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("qemu-system-x86_64"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        if std::env::var("ALTPATCH_REQUIRE_QEMU").as_deref() == Ok("1") {
+            panic!("qemu-system-x86_64 not found and ALTPATCH_REQUIRE_QEMU=1");
+        }
+        // Straight to the process's stderr: libtest would capture eprintln!
+        // and show nothing for a passing test.
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: qemu-system-x86_64 not found (install the Debian package \
+             qemu-system-x86; set ALTPATCH_REQUIRE_QEMU=1 to make this a failure)"
+        );
+    }
+    found
+}
+
+/// Builds the kernel once per test process.
+fn kernel() -> &'static Path {
+    static KERNEL: OnceLock<PathBuf> = OnceLock::new();
+    KERNEL.get_or_init(|| {
+        let dir = Path::new(ROOT).join("examples/kernel");
+        let target = Path::new(ROOT).join("target/kernel");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .args(["build", "--release", "--quiet"])
+            .current_dir(&dir)
+            .env("CARGO_TARGET_DIR", &target)
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .output()
+            .expect("run cargo to build examples/kernel");
+        assert!(
+            out.status.success(),
+            "building examples/kernel failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        target.join("release/altpatch-kernel")
+    })
+}
+
+struct Boot {
+    status: i32,
+    serial: String,
+}
+
+impl Boot {
+    fn line(&self, prefix: &str) -> &str {
+        self.serial
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` line in:\n{}", self.serial))
+    }
+}
+
+/// Boots the kernel on CPU model `cpu` with command line `append`.
+fn boot(qemu: &Path, cpu: &str, append: &str) -> Boot {
+    let mut child = Command::new(qemu)
+        .args(["-accel", "tcg", "-cpu", cpu, "-m", "64", "-display", "none"])
+        .args(["-serial", "stdio", "-no-reboot", "-monitor", "none"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .arg("-kernel")
+        .arg(kernel())
+        .args(["-append", append])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start qemu");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "qemu -cpu {cpu} timed out; serial so far:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    let serial = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    Boot {
+        status: status.code().unwrap_or(-1),
+        serial,
+    }
+}
+
+/// The features line the kernel should print on `cpu`: computed here, in
+/// std, from the CPUID dump recorded on the same QEMU model.
+fn expected_features(fixture: &str) -> String {
+    let text =
+        std::fs::read_to_string(format!("{ROOT}/tests/fixtures/cpuid/{fixture}.txt")).unwrap();
+    format!(
+        "features: {}",
+        Features::from_source(&RecordedCpuid::parse(&text).unwrap())
+    )
+}
+
+fn assert_patched(b: &Boot) {
+    assert_eq!(b.status, EXIT_OK, "kernel failed:\n{}", b.serial);
+    assert_eq!(b.line("answer:"), "answer: before=1 after=2 undone=1");
+    assert!(b.line("refused:").contains("site `answer`"), "{}", b.serial);
+    assert!(b.serial.contains("altpatch kernel: ok"), "{}", b.serial);
+}
+
+fn has_word(line: &str, word: &str) -> bool {
+    line.split_whitespace().any(|w| w == word)
+}
+
+#[test]
+fn nehalem_boots_detects_and_patches() {
+    let Some(q) = qemu() else { return };
+    let b = boot(&q, "Nehalem", "");
+    assert_patched(&b);
+    let f = b.line("features:");
+    assert_eq!(f, expected_features("qemu-tcg-nehalem"));
+    assert!(f.contains("vendor=Intel family=0x6 model=0x1a"), "{f}");
+    for w in ["sse4_2", "popcnt"] {
+        assert!(has_word(f, w), "{f}");
+    }
+    for w in ["movbe", "avx", "avx2", "xsave"] {
+        assert!(!has_word(f, w), "{f}");
+    }
+    assert!(b.serial.contains("sync by Cpuid"), "{}", b.serial);
+}
+
+#[test]
+fn skylake_client_boots_detects_and_patches() {
+    let Some(q) = qemu() else { return };
+    let b = boot(&q, "Skylake-Client", "");
+    assert_patched(&b);
+    let f = b.line("features:");
+    assert_eq!(f, expected_features("qemu-tcg-skylake-client"));
+    for w in ["movbe", "avx", "avx2", "bmi2", "erms"] {
+        assert!(has_word(f, w), "{f}");
+    }
+}
+
+#[test]
+fn epyc_boots_detects_and_patches() {
+    let Some(q) = qemu() else { return };
+    let b = boot(&q, "EPYC", "");
+    assert_patched(&b);
+    let f = b.line("features:");
+    assert_eq!(f, expected_features("qemu-tcg-epyc"));
+    assert!(f.contains("vendor=AMD family=0x17"), "{f}");
+    assert!(has_word(f, "movbe") && !has_word(f, "erms"), "{f}");
+}
+
+#[test]
+fn max_boots_with_avx_state_enabled_by_the_kernel() {
+    let Some(q) = qemu() else { return };
+    let b = boot(&q, "max", "");
+    assert_patched(&b);
+    let f = b.line("features:");
+    assert_eq!(f, expected_features("qemu-tcg-max"));
+    // AVX appears only because the kernel set CR4.OSXSAVE and XCR0.
+    for w in ["movbe", "xsave", "avx", "avx2"] {
+        assert!(has_word(f, w), "{f}");
+    }
+    // Different CPU models give different snapshots from the same image.
+    assert_ne!(f, expected_features("qemu-tcg-nehalem"));
+}
+
+#[test]
+fn command_line_overrides_reach_the_snapshot() {
+    let Some(q) = qemu() else { return };
+    let b = boot(&q, "max", "quiet altpatch=nomovbe,noavx,+fsrm");
+    assert_patched(&b);
+    let f = b.line("features:");
+    for w in ["movbe", "avx", "avx2", "fma"] {
+        assert!(!has_word(f, w), "{f}");
+    }
+    assert!(has_word(f, "fsrm") && has_word(f, "bmi2"), "{f}");
+
+    let b = boot(&q, "max", "altpatch=nomovbee");
+    assert_eq!(b.status, EXIT_FAIL, "{}", b.serial);
+    assert!(
+        b.serial.contains("unknown CPU feature `movbee`"),
+        "{}",
+        b.serial
+    );
+    assert!(b.serial.contains("valid names:"), "{}", b.serial);
+}
