@@ -88,9 +88,9 @@ pub mod x86;
 
 pub use image::{Image, ImageBuilder};
 pub use plan::{ApplyReport, Edit, Expect, Plan, PlanError, Validation};
-#[cfg(all(feature = "std", target_os = "linux"))]
-pub use poke::LinuxPoke;
 pub use poke::{DirectPoke, FaultInjectingPoke, FaultPoint, PokeError, SyncMethod, TextPoke};
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub use poke::{LinuxPoke, Publish};
 
 /// Formats bytes as space-separated hex pairs (`b8 01 00 00 00`).
 #[derive(Clone, Copy)]

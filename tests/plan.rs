@@ -4,7 +4,7 @@
 mod common;
 
 use altpatch::{
-    DirectPoke, Edit, Expect, FaultInjectingPoke, FaultPoint, LinuxPoke, Plan, PlanError,
+    DirectPoke, Edit, Expect, FaultInjectingPoke, FaultPoint, LinuxPoke, Plan, PlanError, Publish,
     SyncMethod, patch_point,
 };
 use common::*;
@@ -207,15 +207,14 @@ fn spread_plan(image: &altpatch::Image<'_>, pad: Pad, n: usize) -> Plan {
     plan
 }
 
-#[test]
-fn every_failing_write_leaves_text_identical_linux() {
+fn failing_writes_leave_text_identical(pad: Pad, publish: Publish) {
     let image = image();
-    let before = PAD_D.snapshot();
+    let before = pad.snapshot();
     let n = 64;
-    let mut plan = spread_plan(&image, PAD_D, n);
+    let mut plan = spread_plan(&image, pad, n);
     for k in 0..n {
-        let poke = FaultInjectingPoke::new(LinuxPoke::new().unwrap(), FaultPoint::Write(k));
-        let mut poke = poke;
+        let inner = LinuxPoke::with_publish(publish).unwrap();
+        let mut poke = FaultInjectingPoke::new(inner, FaultPoint::Write(k));
         // SAFETY: NOP5 <-> jmp-next; nothing runs the pad during the test.
         let err = unsafe { plan.apply(&mut poke) }.unwrap_err();
         assert!(poke.fired());
@@ -225,30 +224,42 @@ fn every_failing_write_leaves_text_identical_linux() {
             "k={k}: {err}"
         );
         assert!(
-            PAD_D.snapshot() == before,
+            pad.snapshot() == before,
             "text changed after failing write {k}"
         );
     }
     for fault in [FaultPoint::Begin(0), FaultPoint::Commit(0)] {
-        let mut poke = FaultInjectingPoke::new(LinuxPoke::new().unwrap(), fault);
+        let inner = LinuxPoke::with_publish(publish).unwrap();
+        let mut poke = FaultInjectingPoke::new(inner, fault);
         // SAFETY: as above.
         let err = unsafe { plan.apply(&mut poke) }.unwrap_err();
         assert!(matches!(err, PlanError::Poke { .. }), "{fault:?}: {err}");
-        assert!(PAD_D.snapshot() == before, "text changed after {fault:?}");
+        assert!(pad.snapshot() == before, "text changed after {fault:?}");
     }
-    // And with no fault, every site is written, in one remap per run.
-    let mut poke = LinuxPoke::new().unwrap();
+    // And with no fault, every site is written; publication costs at most
+    // one mmap per page, not per edit.
+    let mut poke = LinuxPoke::with_publish(publish).unwrap();
     // SAFETY: as above.
     let report = unsafe { plan.apply(&mut poke) }.unwrap();
     assert_eq!((report.written, report.pages), (n, 4));
     assert!(poke.remaps() <= 4, "remaps {} for 4 pages", poke.remaps());
     for k in 0..n {
-        assert_eq!(read(PAD_D.site(k * (UNITS / n)), 5), JMP0);
+        assert_eq!(read(pad.site(k * (UNITS / n)), 5), JMP0);
     }
-    assert_eq!(PAD_D.call(), 42, "patched pad runs");
+    assert_eq!(pad.call(), 42, "patched pad runs");
     // SAFETY: as above.
     unsafe { plan.undo(&mut poke) }.unwrap();
-    assert!(PAD_D.snapshot() == before);
+    assert!(pad.snapshot() == before);
+}
+
+#[test]
+fn every_failing_write_leaves_text_identical_linux_in_place() {
+    failing_writes_leave_text_identical(PAD_D, Publish::InPlace);
+}
+
+#[test]
+fn every_failing_write_leaves_text_identical_linux_remap() {
+    failing_writes_leave_text_identical(PAD_F, Publish::Remap);
 }
 
 #[test]

@@ -63,10 +63,15 @@ fn never_writable_and_executable_never_non_executable() {
         })
     };
     let mut plan = flip_plan(pad, 7);
-    let mut poke = LinuxPoke::new().unwrap();
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut rounds = 0;
     while rounds < 50 || (Instant::now() < deadline && rounds < 400) {
+        // Alternate the two publication strategies.
+        let mut poke = if rounds % 2 == 0 {
+            LinuxPoke::new().unwrap()
+        } else {
+            LinuxPoke::remapping().unwrap()
+        };
         // SAFETY: NOP5 <-> jmp-next, one instruction each; nothing runs the
         // pad while the sampler runs.
         unsafe { plan.apply(&mut poke) }.unwrap();
@@ -74,6 +79,8 @@ fn never_writable_and_executable_never_non_executable() {
         unsafe { plan.undo(&mut poke) }.unwrap();
         rounds += 1;
     }
+    // Releasing the aliases leaves no writable view of the pad at all.
+    LinuxPoke::release_aliases();
     stop.store(true, Ordering::Relaxed);
     let bad = sampler.join().unwrap();
     assert!(bad.is_empty(), "{bad:#?}");
@@ -124,7 +131,8 @@ fn threads_running_through_text_see_old_or_new() {
             })
         })
         .collect();
-    let mut poke = LinuxPoke::new().unwrap();
+    // Remap publication: each page changes atomically under running threads.
+    let mut poke = LinuxPoke::remapping().unwrap();
     let deadline = Instant::now() + Duration::from_secs(1);
     let mut flips = 0;
     while flips < 200 || (Instant::now() < deadline && flips < 5000) {
@@ -200,6 +208,12 @@ fn mdwe_child() {
     // SAFETY: NOP5 <-> jmp-next.
     unsafe { flips.apply(&mut poke) }.unwrap();
     assert_eq!(PAD_B.call(), 42);
+    // Remap publication works under MDWE too.
+    let mut remap = LinuxPoke::remapping().unwrap();
+    // SAFETY: as above.
+    unsafe { flips.undo(&mut remap) }.unwrap();
+    assert_eq!(PAD_B.call(), 42);
+    assert_eq!(read(PAD_B.site(0), 5), NOP5);
     // SAFETY: as above.
     unsafe { plan.undo(&mut poke) }.unwrap();
     assert_eq!(std::hint::black_box(mdwe_value as fn() -> u32)(), 7);
@@ -254,6 +268,12 @@ fn fork_child() {
     let mut byte = [0u8; 1];
     if pid == 0 {
         // Child: patch its own copy, tell the parent, wait, check it kept it.
+        // SAFETY: closing the ends the child does not use, so the parent
+        // sees EOF if the child dies.
+        unsafe {
+            libc::close(to_child[1]);
+            libc::close(from_child[0]);
+        }
         let mut poke = LinuxPoke::new().unwrap();
         set_fork_value(&mut poke, 2, 3);
         let ok1 = f() == 3;
@@ -266,8 +286,13 @@ fn fork_child() {
         // SAFETY: leaving the child without running the parent's destructors.
         unsafe { libc::_exit(if ok1 && ok2 { 0 } else { 1 }) };
     }
-    // SAFETY: pipe I/O on our descriptors.
-    unsafe { libc::read(from_child[0], byte.as_mut_ptr().cast(), 1) };
+    // SAFETY: closing the parent's unused ends, then pipe I/O on ours.
+    let got = unsafe {
+        libc::close(to_child[0]);
+        libc::close(from_child[1]);
+        libc::read(from_child[0], byte.as_mut_ptr().cast(), 1)
+    };
+    assert_eq!(got, 1, "the child died before patching");
     assert_eq!(f(), 2, "the child's patch leaked into the parent");
     set_fork_value(&mut poke, 2, 4);
     assert_eq!(f(), 4);

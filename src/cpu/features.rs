@@ -91,7 +91,7 @@ features! {
     F16c = 11, "f16c", Src::Cpuid(1, 0, ECX, 29), [Avx];
     /// RDRAND.
     Rdrand = 12, "rdrand", Src::Cpuid(1, 0, ECX, 30), [];
-    /// Running under a hypervisor (CPUID.1:ECX[31]).
+    /// Running under a hypervisor (CPUID.1:ECX\[31\]).
     Hypervisor = 13, "hypervisor", Src::Cpuid(1, 0, ECX, 31), [];
     /// BMI1.
     Bmi1 = 14, "bmi1", Src::Cpuid(7, 0, EBX, 3), [];
@@ -127,27 +127,27 @@ features! {
     MdClear = 29, "md_clear", Src::Cpuid(7, 0, EDX, 10), [];
     /// SERIALIZE instruction.
     Serialize = 30, "serialize", Src::Cpuid(7, 0, EDX, 14), [];
-    /// IBRS (Intel SPEC_CTRL, CPUID.7.0:EDX[26]; AMD CPUID.80000008:EBX[14]).
+    /// IBRS (Intel SPEC_CTRL, CPUID.7.0:EDX\[26\]; AMD CPUID.80000008:EBX\[14\]).
     Ibrs = 31, "ibrs", Src::Cpuid(7, 0, EDX, 26), [];
-    /// IBPB (Intel CPUID.7.0:EDX[26]; AMD CPUID.80000008:EBX[12]).
+    /// IBPB (Intel CPUID.7.0:EDX\[26\]; AMD CPUID.80000008:EBX\[12\]).
     Ibpb = 32, "ibpb", Src::Derived, [];
-    /// STIBP (Intel CPUID.7.0:EDX[27]; AMD CPUID.80000008:EBX[15]).
+    /// STIBP (Intel CPUID.7.0:EDX\[27\]; AMD CPUID.80000008:EBX\[15\]).
     Stibp = 33, "stibp", Src::Cpuid(7, 0, EDX, 27), [];
-    /// `IA32_ARCH_CAPABILITIES` MSR present (CPUID.7.0:EDX[29]).
+    /// `IA32_ARCH_CAPABILITIES` MSR present (CPUID.7.0:EDX\[29\]).
     ArchCapabilities = 34, "arch_capabilities", Src::Cpuid(7, 0, EDX, 29), [];
-    /// Speculative store bypass disable (Intel CPUID.7.0:EDX[31]; AMD CPUID.80000008:EBX[24]).
+    /// Speculative store bypass disable (Intel CPUID.7.0:EDX\[31\]; AMD CPUID.80000008:EBX\[24\]).
     Ssbd = 35, "ssbd", Src::Cpuid(7, 0, EDX, 31), [];
     /// LZCNT (ABM).
     Lzcnt = 36, "lzcnt", Src::Cpuid(0x8000_0001, 0, ECX, 5), [];
     /// RDTSCP.
     Rdtscp = 37, "rdtscp", Src::Cpuid(0x8000_0001, 0, EDX, 27), [];
-    /// AMD Automatic IBRS (CPUID.80000021:EAX[8]).
+    /// AMD Automatic IBRS (CPUID.80000021:EAX\[8\]).
     AutoIbrs = 38, "auto_ibrs", Src::Cpuid(0x8000_0021, 0, EAX, 8), [];
     /// Intel enhanced IBRS (`IA32_ARCH_CAPABILITIES.IBRS_ALL`); only known when
     /// the [`CpuidSource`] can read that MSR.
     Eibrs = 39, "eibrs", Src::Derived, [];
     /// Synthetic: `lfence` is dispatch-serializing (always on Intel; on AMD
-    /// when CPUID.80000021:EAX[2] says so, or when the OS set `DE_CFG[1]`, as
+    /// when CPUID.80000021:EAX\[2\] says so, or when the OS set `DE_CFG\[1\]`, as
     /// Linux does on family 10h and later).
     LfenceSerializing = 48, "lfence_serializing", Src::Synthetic, [];
     /// Synthetic: indirect branches need a retpoline (or another Spectre v2

@@ -15,7 +15,8 @@ impl fmt::Display for Plan {
     /// ```
     ///
     /// The status is `check` before validation, `write` for an edit that will
-    /// be (or was just) written, `done` for one already in place. The second
+    /// be written, `wrote` for one the last apply wrote, `done` for one whose
+    /// new bytes were already in place. The second
     /// line, a disassembly, is printed with the `std` feature.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
@@ -35,22 +36,27 @@ fn fmt_edit(e: &Edit, f: &mut fmt::Formatter<'_>) -> fmt::Result {
     let status = match e.state {
         State::Unchecked => "check",
         State::Pending => "write",
+        State::Written => "wrote",
         State::Done => "done",
     };
-    let site = if e.site.is_empty() { "-" } else { &e.site };
+    let site = if e.site_name().is_empty() {
+        "-"
+    } else {
+        e.site_name()
+    };
     write!(f, "  [{status:5}] {:#018x} {site}: ", e.addr)?;
-    match &e.old {
-        Some(old) => write!(f, "{old}")?,
+    match e.old_bytes() {
+        Some(old) => write!(f, "{}", crate::HexBytes(old))?,
         None => write!(f, "{}", e.expect)?,
     }
     write!(f, " -> {}", crate::HexBytes(&e.new))?;
-    if !e.reason.is_empty() {
-        write!(f, "  ({})", e.reason)?;
+    if !e.reason_text().is_empty() {
+        write!(f, "  ({})", e.reason_text())?;
     }
     writeln!(f)?;
     #[cfg(feature = "std")]
     {
-        let before = e.old.as_ref().map(|o| disasm(o, e.addr));
+        let before = e.old_bytes().map(|o| disasm(o, e.addr));
         let after = disasm(&e.new, e.addr);
         match before {
             Some(b) => writeln!(f, "          {b} -> {after}")?,

@@ -1,6 +1,7 @@
 //! One edit: what must be at an address, and what to put there.
 
 use alloc::borrow::Cow;
+use alloc::boxed::Box;
 use core::fmt;
 
 use super::Bytes;
@@ -33,9 +34,10 @@ pub enum Expect {
 
 impl Expect {
     /// Whether `found`, located at `addr`, satisfies the expectation.
+    #[inline]
     pub fn matches(&self, addr: usize, found: &[u8]) -> bool {
         match self {
-            Expect::Bytes(b) => b.as_slice() == found,
+            Expect::Bytes(b) => crate::poke::short_eq(b, found),
             Expect::Nop => x86::is_single_nop(found),
             Expect::Gap => x86::is_gap(found),
             Expect::Call(t) => x86::rel_branch(found, addr as u64)
@@ -84,7 +86,9 @@ pub(crate) enum State {
     Unchecked,
     /// The expected bytes are there; the edit will write.
     Pending,
-    /// The new bytes are already there; the edit is a no-op.
+    /// Written by the batch in progress (not yet committed).
+    Written,
+    /// The new bytes are in place.
     Done,
 }
 
@@ -105,10 +109,20 @@ pub struct Edit {
     pub(crate) expect: Expect,
     pub(crate) new: Bytes,
     pub(crate) old: Option<Bytes>,
-    pub(crate) range_error: Option<OutOfRange>,
+    /// Names and rare errors, out of line: validation and writing walk every
+    /// edit of a plan, so the hot part stays small.
+    pub(crate) meta: Option<Box<Meta>>,
+    pub(crate) state: State,
+    /// Whether `meta` holds a range error (checked without a pointer chase).
+    pub(crate) out_of_range: bool,
+}
+
+/// The cold part of an [`Edit`].
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Meta {
     pub(crate) site: Label,
     pub(crate) reason: Label,
-    pub(crate) state: State,
+    pub(crate) range_error: Option<OutOfRange>,
 }
 
 impl Edit {
@@ -119,11 +133,22 @@ impl Edit {
             expect,
             new: new.into(),
             old: None,
-            range_error: None,
-            site: Label::Borrowed(""),
-            reason: Label::Borrowed(""),
+            meta: None,
             state: State::Unchecked,
+            out_of_range: false,
         }
+    }
+
+    fn meta_mut(&mut self) -> &mut Meta {
+        self.meta.get_or_insert_with(Default::default)
+    }
+
+    #[inline]
+    pub(crate) fn range_error(&self) -> Option<OutOfRange> {
+        if !self.out_of_range {
+            return None;
+        }
+        self.meta.as_ref().and_then(|m| m.range_error)
     }
 
     /// At `addr`, expect exactly `old` and write `new` (same length).
@@ -152,7 +177,8 @@ impl Edit {
             Ok(b) => Edit::new(addr, expect, b),
             Err(e) => {
                 let mut edit = Edit::new(addr, expect, [opcode, 0, 0, 0, 0]);
-                edit.range_error = Some(e);
+                edit.meta_mut().range_error = Some(e);
+                edit.out_of_range = true;
                 edit
             }
         }
@@ -160,13 +186,13 @@ impl Edit {
 
     /// Names the site (shown in reports and errors).
     pub fn site(mut self, site: impl Into<Label>) -> Edit {
-        self.site = site.into();
+        self.meta_mut().site = site.into();
         self
     }
 
     /// Says why the edit is made (shown in reports).
     pub fn reason(mut self, reason: impl Into<Label>) -> Edit {
-        self.reason = reason.into();
+        self.meta_mut().reason = reason.into();
         self
     }
 
@@ -176,6 +202,7 @@ impl Edit {
     }
 
     /// Length in bytes.
+    #[inline]
     pub fn len(&self) -> usize {
         self.new.len()
     }
@@ -195,32 +222,47 @@ impl Edit {
         &self.expect
     }
 
-    /// The bytes found at the site by the last validation that saw the
-    /// expected state (what `undo` restores).
+    /// The bytes `undo` restores: those the last validation found at the
+    /// site in its expected state, or the expected bytes themselves for an
+    /// exact-bytes expectation.
     pub fn old_bytes(&self) -> Option<&[u8]> {
-        self.old.as_deref()
+        match (&self.old, &self.expect) {
+            (Some(o), _) => Some(o),
+            (None, Expect::Bytes(b)) => Some(b),
+            (None, _) => None,
+        }
     }
 
     /// The site's name.
     pub fn site_name(&self) -> &str {
-        &self.site
+        self.meta.as_ref().map_or("", |m| &m.site)
     }
 
     /// The reason given.
     pub fn reason_text(&self) -> &str {
-        &self.reason
+        self.meta.as_ref().map_or("", |m| &m.reason)
     }
 
+    /// The bytes validation found at the site (or, for an exact-bytes
+    /// expectation, those bytes): what rollback and undo restore.
+    pub(crate) fn original(&self) -> &[u8] {
+        match (&self.old, &self.expect) {
+            (Some(o), _) => o,
+            (None, Expect::Bytes(b)) => b,
+            (None, _) => unreachable!("a pending edit has recorded its old bytes"),
+        }
+    }
+
+    #[inline]
     pub(crate) fn end(&self) -> usize {
         self.addr.wrapping_add(self.new.len())
     }
 
     /// The site name, or the address when the edit has none.
     pub(crate) fn who(&self) -> Label {
-        if self.site.is_empty() {
-            Label::Owned(alloc::format!("{:#x}", self.addr))
-        } else {
-            self.site.clone()
+        match &self.meta {
+            Some(m) if !m.site.is_empty() => m.site.clone(),
+            _ => Label::Owned(alloc::format!("{:#x}", self.addr)),
         }
     }
 }

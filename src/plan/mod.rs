@@ -25,7 +25,7 @@ pub use edit::{Edit, Expect, Label};
 pub use error::PlanError;
 
 use crate::image::Image;
-use crate::poke::{PAGE_SIZE, PokeError, TextPoke, page_span};
+use crate::poke::{PAGE_SIZE, PokeError, TextPoke, page_span, short_eq};
 use edit::State;
 
 /// A set of edits to text, applied all or nothing.
@@ -171,19 +171,36 @@ impl Plan {
     /// pending; the bytes are remembered for [`undo`](Self::undo)) or already
     /// its new bytes. The first failure is returned, naming its site.
     pub fn validate<P: TextPoke + ?Sized>(&mut self, poke: &P) -> Result<Validation, PlanError> {
+        self.validate_into(poke, None)
+    }
+
+    /// [`validate`](Self::validate), also collecting the page runs of the
+    /// pending edits into `runs` (one pass over the edits instead of two).
+    fn validate_into<P: TextPoke + ?Sized>(
+        &mut self,
+        poke: &P,
+        mut runs: Option<&mut Vec<Range<usize>>>,
+    ) -> Result<Validation, PlanError> {
         if !self.sorted {
             self.edits.sort_by_key(|e| e.addr);
             self.sorted = true;
         }
-        // Static checks first, over the whole plan, before reading any text.
-        for (i, e) in self.edits.iter().enumerate() {
-            if let Some(err) = e.range_error {
+        let text = self.text.as_deref();
+        let mut v = Validation::default();
+        let mut small = [0u8; 32];
+        let mut big = Vec::new();
+        let mut prev_end = 0usize;
+        let in_place = poke.reads_in_place();
+        for i in 0..self.edits.len() {
+            let e = &self.edits[i];
+            let len = e.len();
+            if let Some(err) = e.range_error() {
                 return Err(PlanError::OutOfRange {
                     site: e.who(),
                     error: err,
                 });
             }
-            if e.new.is_empty() {
+            if len == 0 {
                 return Err(PlanError::BadEdit {
                     site: e.who(),
                     addr: e.addr,
@@ -191,7 +208,7 @@ impl Plan {
                 });
             }
             if let Expect::Bytes(b) = &e.expect {
-                if b.len() != e.new.len() {
+                if b.len() != len {
                     return Err(PlanError::BadEdit {
                         site: e.who(),
                         addr: e.addr,
@@ -199,59 +216,62 @@ impl Plan {
                     });
                 }
             }
-            let inside = match &self.text {
-                Some(text) => e
-                    .addr
-                    .checked_add(e.len())
-                    .is_some_and(|end| text.iter().any(|r| r.start <= e.addr && end <= r.end)),
-                None => e.addr.checked_add(e.len()).is_some(),
+            let inside = match (text, e.addr.checked_add(len)) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(text), Some(end)) => text.iter().any(|r| r.start <= e.addr && end <= r.end),
             };
             if !inside {
                 return Err(PlanError::OutsideText {
                     site: e.who(),
                     addr: e.addr,
-                    len: e.len(),
+                    len,
                 });
             }
-            if i > 0 {
-                let prev = &self.edits[i - 1];
-                if prev.end() > e.addr {
-                    return Err(PlanError::Overlap {
-                        site: prev.who(),
-                        other: e.who(),
-                        addr: e.addr,
-                    });
-                }
+            if i > 0 && prev_end > e.addr {
+                return Err(PlanError::Overlap {
+                    site: self.edits[i - 1].who(),
+                    other: e.who(),
+                    addr: e.addr,
+                });
             }
-        }
+            prev_end = e.end();
 
-        let mut v = Validation::default();
-        let mut states = Vec::with_capacity(self.edits.len());
-        let mut olds = Vec::with_capacity(self.edits.len());
-        let mut small = [0u8; 32];
-        let mut big = Vec::new();
-        for e in &self.edits {
-            let found: &mut [u8] = if e.len() <= small.len() {
-                &mut small[..e.len()]
+            let found: &[u8] = if in_place {
+                // SAFETY: the edit lies inside the plan's text (checked
+                // above), which the plan's constructor guarantees is
+                // readable (without bounds, `unbounded`'s contract covers
+                // every edit); text changes only under the patcher's lock.
+                unsafe { core::slice::from_raw_parts(e.addr as *const u8, len) }
             } else {
-                big.resize(e.len(), 0);
-                &mut big[..]
+                let buf: &mut [u8] = if len <= small.len() {
+                    &mut small[..len]
+                } else {
+                    big.resize(len, 0);
+                    &mut big[..]
+                };
+                // SAFETY: as above.
+                unsafe { poke.read(e.addr, buf) }.map_err(|error| PlanError::Poke {
+                    site: Some(e.who()),
+                    error,
+                })?;
+                buf
             };
-            // SAFETY: the edit lies inside the plan's text (checked above),
-            // which the plan's constructor guarantees is readable; without
-            // bounds, `unbounded`'s contract covers every edit.
-            unsafe { poke.read(e.addr, found) }.map_err(|error| PlanError::Poke {
-                site: Some(e.who()),
-                error,
-            })?;
-            if *found == *e.new {
-                states.push(State::Done);
-                olds.push(None);
+            // Observations are recorded as they are made: they stay true
+            // even if a later edit fails validation, since nothing is written.
+            let e = &mut self.edits[i];
+            if short_eq(found, &e.new) {
+                e.state = State::Done;
                 v.already += 1;
             } else if e.expect.matches(e.addr, found) {
-                states.push(State::Pending);
-                olds.push(Some(Bytes::new(found)));
+                e.state = State::Pending;
+                if !matches!(e.expect, Expect::Bytes(_)) {
+                    e.old = Some(Bytes::new(found));
+                }
                 v.pending += 1;
+                if let Some(runs) = runs.as_deref_mut() {
+                    add_page_run(runs, e.addr, e.end());
+                }
             } else {
                 return Err(PlanError::Unexpected {
                     site: e.who(),
@@ -259,13 +279,6 @@ impl Plan {
                     expected: e.expect.clone(),
                     found: Bytes::new(found),
                 });
-            }
-        }
-        // Commit the observations only once the whole plan passed.
-        for ((e, s), o) in self.edits.iter_mut().zip(states).zip(olds) {
-            e.state = s;
-            if o.is_some() {
-                e.old = o;
             }
         }
         Ok(v)
@@ -290,75 +303,81 @@ impl Plan {
         &mut self,
         poke: &mut P,
     ) -> Result<ApplyReport, PlanError> {
-        let v = self.validate(&*poke)?;
-        let pending: Vec<usize> = (0..self.edits.len())
-            .filter(|&i| self.edits[i].state == State::Pending)
-            .collect();
-        let runs = page_runs(pending.iter().map(|&i| &self.edits[i]));
+        let mut runs = Vec::new();
+        let v = self.validate_into(&*poke, Some(&mut runs))?;
         let report = ApplyReport {
             edits: self.edits.len(),
-            written: pending.len(),
+            written: v.pending,
             already: v.already,
             pages: runs.iter().map(|r| (r.end - r.start) / PAGE_SIZE).sum(),
         };
-        if pending.is_empty() {
+        if v.pending == 0 {
             return Ok(report);
         }
         // SAFETY: forwarded from our caller; every edit was validated.
-        unsafe { self.write_batch(poke, &pending, &runs) }?;
+        unsafe { self.write_batch(poke, &runs) }?;
         debug_print(self, &report);
-        for &i in &pending {
-            self.edits[i].state = State::Done;
-        }
         Ok(report)
     }
 
-    /// Writes `pending` edits in one batch, rolling back on failure.
+    /// The edits validation found in their old state, in address order.
+    fn pending(&self) -> impl Iterator<Item = &Edit> {
+        self.edits.iter().filter(|e| e.state == State::Pending)
+    }
+
+    /// Writes the pending edits in one batch, rolling back on failure.
     ///
     /// # Safety
     ///
-    /// As for [`Plan::apply`]; every index in `pending` is a validated edit
-    /// with its old bytes recorded, and `runs` covers them.
+    /// As for [`Plan::apply`]; the plan was just validated, and `runs`
+    /// covers every pending edit.
     unsafe fn write_batch<P: TextPoke + ?Sized>(
-        &self,
+        &mut self,
         poke: &mut P,
-        pending: &[usize],
         runs: &[Range<usize>],
     ) -> Result<(), PlanError> {
         if let Err(error) = poke.begin(runs) {
             poke.abort();
             return Err(PlanError::Poke { site: None, error });
         }
-        for (k, &i) in pending.iter().enumerate() {
+        // Edits move from Pending to Written as they are written, so a
+        // rollback knows exactly what to put back.
+        for i in 0..self.edits.len() {
             let e = &self.edits[i];
+            if e.state != State::Pending {
+                continue;
+            }
             // SAFETY: the edit is inside `runs` and validated; our caller
             // vouches for the code.
             if let Err(error) = unsafe { poke.write(e.addr, &e.new) } {
+                let site = e.who();
                 // Put back what this batch already wrote (in-place pokes
                 // published it), then drop anything staged.
                 let mut rb = Ok(());
-                for &j in pending[..k].iter().rev() {
-                    let w = &self.edits[j];
-                    let old = w.old.as_ref().expect("pending edits record old bytes");
-                    // SAFETY: restores the validated original bytes.
-                    rb = rb.and(unsafe { poke.write(w.addr, old) });
+                for w in self.edits[..i].iter_mut().rev() {
+                    if w.state == State::Written {
+                        // SAFETY: restores the validated original bytes.
+                        rb = rb.and(unsafe { poke.write(w.addr, w.original()) });
+                        w.state = State::Pending;
+                    }
                 }
                 poke.abort();
                 rb = rb.and(poke.sync());
                 return match rb {
                     Ok(()) => Err(PlanError::Poke {
-                        site: Some(e.who()),
+                        site: Some(site),
                         error,
                     }),
                     Err(rollback) => Err(PlanError::RollbackFailed { error, rollback }),
                 };
             }
+            self.edits[i].state = State::Written;
         }
         let published = poke.commit().and_then(|()| poke.sync());
         if let Err(error) = published {
             // Some pages may be published: restore every edit in a new batch.
             // SAFETY: writes back the validated original bytes.
-            let restored = unsafe { self.restore(poke, pending, runs) };
+            let restored = unsafe { self.restore(poke, runs) };
             return match restored {
                 Ok(()) => Err(PlanError::Poke { site: None, error }),
                 Err(rollback) => Err(PlanError::RollbackFailed { error, rollback }),
@@ -367,23 +386,25 @@ impl Plan {
         Ok(())
     }
 
-    /// Writes the old bytes of `pending` back in a batch of their own.
+    /// Writes the old bytes of the pending edits back in a batch of their own.
     ///
     /// # Safety
     ///
     /// As for `write_batch`.
     unsafe fn restore<P: TextPoke + ?Sized>(
-        &self,
+        &mut self,
         poke: &mut P,
-        pending: &[usize],
         runs: &[Range<usize>],
     ) -> Result<(), PokeError> {
+        for e in &mut self.edits {
+            if e.state == State::Written {
+                e.state = State::Pending;
+            }
+        }
         poke.begin(runs)?;
-        for &i in pending {
-            let e = &self.edits[i];
-            let old = e.old.as_ref().expect("pending edits record old bytes");
+        for e in self.pending() {
             // SAFETY: restores validated original bytes inside `runs`.
-            if let Err(err) = unsafe { poke.write(e.addr, old) } {
+            if let Err(err) = unsafe { poke.write(e.addr, e.original()) } {
                 poke.abort();
                 return Err(err);
             }
@@ -403,16 +424,21 @@ impl Plan {
             sorted: self.sorted,
         };
         for e in &self.edits {
-            let old = match &e.old {
-                Some(o) => o.clone(),
-                None => e
+            let old = match (&e.old, &e.expect) {
+                (Some(o), _) => o.clone(),
+                (None, Expect::Bytes(b)) => b.clone(),
+                (None, _) => e
                     .expect
                     .canonical(e.addr, e.len())
                     .ok_or_else(|| PlanError::NothingToRestore { site: e.who() })?,
             };
             let mut r = Edit::new(e.addr, Expect::Bytes(e.new.clone()), old);
-            r.site = e.site.clone();
-            r.reason = Label::Owned(alloc::format!("undo: {}", e.reason));
+            if let Some(m) = &e.meta {
+                r = r.site(m.site.clone());
+                if !m.reason.is_empty() {
+                    r = r.reason(alloc::format!("undo: {}", m.reason));
+                }
+            }
             inv.edits.push(r);
         }
         Ok(inv)
@@ -439,16 +465,23 @@ impl Plan {
     }
 }
 
-/// The page runs (maximal contiguous page ranges) covering `edits`, which
-/// are in address order.
+/// Extends `runs` (maximal contiguous page ranges, in address order) with
+/// the pages of `addr..end`, which starts at or after every earlier edit.
+#[inline]
+fn add_page_run(runs: &mut Vec<Range<usize>>, addr: usize, end: usize) {
+    let span = page_span(addr, end);
+    match runs.last_mut() {
+        Some(last) if last.end >= span.start => last.end = last.end.max(span.end),
+        _ => runs.push(span),
+    }
+}
+
+/// The page runs covering `edits`, which are in address order.
+#[cfg(test)]
 fn page_runs<'a>(edits: impl Iterator<Item = &'a Edit>) -> Vec<Range<usize>> {
-    let mut runs: Vec<Range<usize>> = Vec::new();
+    let mut runs = Vec::new();
     for e in edits {
-        let span = page_span(e.addr, e.end());
-        match runs.last_mut() {
-            Some(last) if last.end >= span.start => last.end = last.end.max(span.end),
-            _ => runs.push(span),
-        }
+        add_page_run(&mut runs, e.addr, e.end());
     }
     runs
 }

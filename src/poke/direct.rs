@@ -10,7 +10,7 @@ use crate::cpu::{Feature, Features};
 /// How [`DirectPoke`] serializes the calling CPU after writing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncMethod {
-    /// The `serialize` instruction (where CPUID.7.0:EDX[14] says it exists).
+    /// The `serialize` instruction (where CPUID.7.0:EDX\[14\] says it exists).
     Serialize,
     /// `cpuid`, architecturally serializing everywhere (and a VM exit under
     /// most hypervisors, so slower).

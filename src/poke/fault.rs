@@ -126,6 +126,10 @@ unsafe impl<P: TextPoke> TextPoke for FaultInjectingPoke<P> {
         self.inner.sync()
     }
 
+    fn reads_in_place(&self) -> bool {
+        self.inner.reads_in_place()
+    }
+
     unsafe fn read(&self, addr: usize, out: &mut [u8]) -> Result<(), PokeError> {
         // SAFETY: same contract, forwarded.
         unsafe { self.inner.read(addr, out) }

@@ -54,12 +54,14 @@ use core::ops::Range;
 mod direct;
 mod fault;
 #[cfg(all(feature = "std", target_os = "linux"))]
-pub(crate) mod linux;
+pub mod linux;
+mod short;
 
 pub use direct::{DirectPoke, SyncMethod};
 pub use fault::{FaultInjectingPoke, FaultPoint};
 #[cfg(all(feature = "std", target_os = "linux"))]
-pub use linux::LinuxPoke;
+pub use linux::{LinuxPoke, Publish};
+pub(crate) use short::{copy_short, page_span, short_eq};
 
 /// Size of the pages batches are grouped by.
 pub const PAGE_SIZE: usize = 4096;
@@ -171,47 +173,26 @@ pub unsafe trait TextPoke {
     /// bytes (a core-serializing event on each).
     fn sync(&mut self) -> Result<(), PokeError>;
 
+    /// Whether the current text bytes can be read at their own addresses
+    /// (true for every poke in this crate). When true, validation compares
+    /// text in place; when false, it copies it out with
+    /// [`read`](Self::read). A poke that overrides `read` to look elsewhere
+    /// must return false here.
+    fn reads_in_place(&self) -> bool {
+        true
+    }
+
     /// Reads the current text bytes at `addr` into `out`.
     ///
     /// # Safety
     ///
     /// `addr..addr + out.len()` is mapped and readable.
+    #[inline]
     unsafe fn read(&self, addr: usize, out: &mut [u8]) -> Result<(), PokeError> {
         // SAFETY: the caller guarantees the range is readable; text is only
         // modified under the patcher's own serialization, so this is not a
         // data race with another writer.
-        unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len()) };
+        unsafe { copy_short(addr as *const u8, out.as_mut_ptr(), out.len()) };
         Ok(())
     }
-}
-
-// SAFETY: forwards every duty to the referenced poke.
-unsafe impl<P: TextPoke + ?Sized> TextPoke for &mut P {
-    fn begin(&mut self, pages: &[Range<usize>]) -> Result<(), PokeError> {
-        (**self).begin(pages)
-    }
-    unsafe fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
-        // SAFETY: same contract, forwarded.
-        unsafe { (**self).write(addr, bytes) }
-    }
-    fn commit(&mut self) -> Result<(), PokeError> {
-        (**self).commit()
-    }
-    fn abort(&mut self) {
-        (**self).abort()
-    }
-    fn sync(&mut self) -> Result<(), PokeError> {
-        (**self).sync()
-    }
-    unsafe fn read(&self, addr: usize, out: &mut [u8]) -> Result<(), PokeError> {
-        // SAFETY: same contract, forwarded.
-        unsafe { (**self).read(addr, out) }
-    }
-}
-
-/// The page-aligned range covering `addr..end`.
-pub(crate) fn page_span(addr: usize, end: usize) -> Range<usize> {
-    let start = addr & !(PAGE_SIZE - 1);
-    let end = (end + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
-    start..end
 }

@@ -9,7 +9,7 @@ use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
 
 use super::encode::{Cond, INT3};
 
-/// Decodes the single instruction that starts at `bytes[0]`, as if located at
+/// Decodes the single instruction that starts at `bytes\[0\]`, as if located at
 /// `ip`. Returns `None` for an invalid or truncated encoding.
 pub fn decode_one(bytes: &[u8], ip: u64) -> Option<Instruction> {
     let mut decoder = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);

@@ -17,7 +17,7 @@ pub const INT3: u8 = 0xcc;
 pub const RET: u8 = 0xc3;
 /// `lfence`.
 pub const LFENCE: [u8; 3] = [0x0f, 0xae, 0xe8];
-/// `serialize` (CPUID.7.0:EDX[14]).
+/// `serialize` (CPUID.7.0:EDX\[14\]).
 pub const SERIALIZE: [u8; 3] = [0x0f, 0x01, 0xe8];
 /// The recommended 5-byte NOP (`nopl 0x0(%rax,%rax,1)`), used at static-key
 /// and static-call sites.

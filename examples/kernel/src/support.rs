@@ -19,13 +19,17 @@ pub const EXIT_FAILURE: u32 = 0x11;
 
 fn outb(port: u16, value: u8) {
     // SAFETY: port I/O to the legacy serial port, which has no memory effects.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    };
 }
 
 fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: reads a serial port status register.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
+    };
     v
 }
 

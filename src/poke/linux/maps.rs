@@ -1,0 +1,125 @@
+//! What the process's address space holds: `/proc/self/maps` and the
+//! dynamic loader's list of loaded objects.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::ops::Range;
+use std::ffi::CStr;
+
+use crate::poke::PokeError;
+
+/// Checks that every range is covered by mappings that are readable and
+/// executable but not writable.
+pub(crate) fn check_text_mappings(ranges: &[Range<usize>]) -> Result<(), PokeError> {
+    let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| PokeError::Os {
+        call: "read /proc/self/maps",
+        errno: e.raw_os_error().unwrap_or(0),
+    })?;
+    let mut vmas: Vec<(usize, usize, [u8; 4])> = Vec::new();
+    for line in maps.lines() {
+        let mut it = line.split_ascii_whitespace();
+        let (Some(span), Some(perms)) = (it.next(), it.next()) else {
+            continue;
+        };
+        let Some((a, b)) = span.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
+            continue;
+        };
+        let mut p = [b'-'; 4];
+        for (d, s) in p.iter_mut().zip(perms.bytes()) {
+            *d = s;
+        }
+        vmas.push((a, b, p));
+    }
+    for r in ranges {
+        let mut at = r.start;
+        while at < r.end {
+            let Some(&(_, end, perms)) = vmas.iter().find(|v| v.0 <= at && at < v.1) else {
+                return Err(PokeError::NotText {
+                    addr: at,
+                    why: "not mapped",
+                });
+            };
+            if perms[0] != b'r' || perms[2] != b'x' {
+                return Err(PokeError::NotText {
+                    addr: at,
+                    why: "mapping is not readable and executable",
+                });
+            }
+            if perms[1] == b'w' {
+                return Err(PokeError::NotText {
+                    addr: at,
+                    why: "mapping is writable and executable (JIT memory?)",
+                });
+            }
+            at = end;
+        }
+    }
+    Ok(())
+}
+
+/// A loaded object (the executable or a shared object) and its executable
+/// segments, as the dynamic loader reports them.
+pub(crate) struct LoadedObject {
+    /// Path as the loader knows it (empty for the main program).
+    #[allow(dead_code)]
+    pub name: String,
+    /// Executable `PT_LOAD` segments, relocated.
+    pub text: Vec<Range<usize>>,
+}
+
+/// The loaded object one of whose segments contains `addr`.
+pub(crate) fn loaded_object_containing(addr: usize) -> Option<LoadedObject> {
+    struct Search {
+        addr: usize,
+        found: Option<LoadedObject>,
+    }
+    unsafe extern "C" fn callback(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: dl_iterate_phdr passes a valid info for the duration of
+        // the call and our `data` pointer unchanged.
+        let (info, search) = unsafe { (&*info, &mut *(data as *mut Search)) };
+        if info.dlpi_phdr.is_null() {
+            return 0;
+        }
+        // SAFETY: the loader guarantees dlpi_phnum headers at dlpi_phdr.
+        let phdrs =
+            unsafe { core::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
+        let base = info.dlpi_addr as usize;
+        let seg = |p: &libc::Elf64_Phdr| {
+            let s = base.wrapping_add(p.p_vaddr as usize);
+            s..s.wrapping_add(p.p_memsz as usize)
+        };
+        let hit = phdrs
+            .iter()
+            .any(|p| p.p_type == libc::PT_LOAD && seg(p).contains(&search.addr));
+        if !hit {
+            return 0;
+        }
+        let text = phdrs
+            .iter()
+            .filter(|p| p.p_type == libc::PT_LOAD && p.p_flags & libc::PF_X != 0)
+            .map(seg)
+            .collect();
+        let name = if info.dlpi_name.is_null() {
+            String::new()
+        } else {
+            // SAFETY: the loader's name is a NUL-terminated string.
+            unsafe { CStr::from_ptr(info.dlpi_name) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        search.found = Some(LoadedObject { name, text });
+        1
+    }
+    let mut search = Search { addr, found: None };
+    // SAFETY: the callback matches the expected signature and only uses
+    // `search` for the duration of the call.
+    unsafe { libc::dl_iterate_phdr(Some(callback), (&raw mut search).cast()) };
+    search.found
+}

@@ -1,0 +1,115 @@
+//! Few-byte copies and compares, and page arithmetic, for the per-edit hot
+//! paths: a site is a handful of bytes, and a `memcpy`/`bcmp` call costs
+//! more than the work. Byte loops are no answer: the compiler turns them
+//! back into those calls.
+
+use core::ops::Range;
+
+use super::PAGE_SIZE;
+
+/// Copies `n` bytes: two overlapping unaligned word moves up to 16 bytes,
+/// `memcpy` beyond.
+///
+/// # Safety
+///
+/// As for [`core::ptr::copy_nonoverlapping`].
+#[inline]
+pub(crate) unsafe fn copy_short(src: *const u8, dst: *mut u8, n: usize) {
+    // SAFETY (all arms): every access is within `src..src+n` and
+    // `dst..dst+n`, valid by the caller's contract; both reads happen before
+    // the writes.
+    unsafe {
+        match n {
+            0 => {}
+            1 => *dst = *src,
+            2..=3 => {
+                let a = src.cast::<u16>().read_unaligned();
+                let b = src.add(n - 2).cast::<u16>().read_unaligned();
+                dst.cast::<u16>().write_unaligned(a);
+                dst.add(n - 2).cast::<u16>().write_unaligned(b);
+            }
+            4..=7 => {
+                let a = src.cast::<u32>().read_unaligned();
+                let b = src.add(n - 4).cast::<u32>().read_unaligned();
+                dst.cast::<u32>().write_unaligned(a);
+                dst.add(n - 4).cast::<u32>().write_unaligned(b);
+            }
+            8..=16 => {
+                let a = src.cast::<u64>().read_unaligned();
+                let b = src.add(n - 8).cast::<u64>().read_unaligned();
+                dst.cast::<u64>().write_unaligned(a);
+                dst.add(n - 8).cast::<u64>().write_unaligned(b);
+            }
+            _ => core::ptr::copy_nonoverlapping(src, dst, n),
+        }
+    }
+}
+
+/// Whether two byte strings are equal, with word compares up to 16 bytes.
+#[inline]
+pub(crate) fn short_eq(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    // SAFETY (all arms): every read is within the two slices of length `n`.
+    unsafe {
+        match n {
+            0 => true,
+            1 => *pa == *pb,
+            2..=3 => {
+                pa.cast::<u16>().read_unaligned() == pb.cast::<u16>().read_unaligned()
+                    && pa.add(n - 2).cast::<u16>().read_unaligned()
+                        == pb.add(n - 2).cast::<u16>().read_unaligned()
+            }
+            4..=7 => {
+                pa.cast::<u32>().read_unaligned() == pb.cast::<u32>().read_unaligned()
+                    && pa.add(n - 4).cast::<u32>().read_unaligned()
+                        == pb.add(n - 4).cast::<u32>().read_unaligned()
+            }
+            8..=16 => {
+                pa.cast::<u64>().read_unaligned() == pb.cast::<u64>().read_unaligned()
+                    && pa.add(n - 8).cast::<u64>().read_unaligned()
+                        == pb.add(n - 8).cast::<u64>().read_unaligned()
+            }
+            _ => a == b,
+        }
+    }
+}
+
+/// The page-aligned range covering `addr..end`.
+#[inline]
+pub(crate) fn page_span(addr: usize, end: usize) -> Range<usize> {
+    let start = addr & !(PAGE_SIZE - 1);
+    let end = (end + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
+    start..end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_copies_and_compares() {
+        for n in 0..40usize {
+            let src: alloc::vec::Vec<u8> = (1..=n as u8).collect();
+            let mut dst = alloc::vec![0u8; n];
+            // SAFETY: both buffers are `n` bytes.
+            unsafe { copy_short(src.as_ptr(), dst.as_mut_ptr(), n) };
+            assert_eq!(src, dst);
+            assert!(short_eq(&src, &dst));
+            for i in 0..n {
+                let mut d = dst.clone();
+                d[i] ^= 0x80;
+                assert!(!short_eq(&src, &d), "n={n} i={i}");
+            }
+        }
+    }
+
+    #[test]
+    fn spans() {
+        assert_eq!(page_span(0x1000, 0x1001), 0x1000..0x2000);
+        assert_eq!(page_span(0x1fff, 0x2001), 0x1000..0x3000);
+    }
+}
