@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use altpatch::cpu::{self, Features, HostCpuid, Overrides};
-use altpatch::{Edit, Image, LinuxPoke, Plan, patch_point};
+use altpatch::{Edit, Image, LinuxPoke, Plan, alternative, alternative_call, patch_point};
 
 /// Returns 1 until the demo rewrites the immediate of its `mov`.
 #[inline(never)]
@@ -20,6 +20,65 @@ fn answer() -> u32 {
     // SAFETY: only moves an immediate into `r`.
     unsafe { core::arch::asm!(patch_point!("demo_answer"), "mov {0:e}, 1", out(reg) r) };
     r
+}
+
+/// Big-endian load: `mov` + `bswap`, or `movbe` where the CPU has it.
+#[inline(never)]
+fn load_be(p: &u32) -> u32 {
+    let v: u32;
+    // SAFETY: reads the u32 behind a valid reference.
+    unsafe {
+        alternative!(
+            name: "demo::load_be",
+            "mov {v:e}, [{p}]\nbswap {v:e}",
+            [Movbe => "movbe {v:e}, [{p}]"],
+            p = in(reg) p, v = out(reg) v,
+            options(nostack, readonly, preserves_flags)
+        )
+    };
+    v
+}
+
+/// Which vector extension the CPU offers, chosen by patching.
+#[inline(never)]
+fn vector_level() -> u32 {
+    let r: u32;
+    // SAFETY: moves an immediate only.
+    unsafe {
+        alternative!(
+            name: "demo::vector_level",
+            "xor {r:e}, {r:e}",
+            [Sse4_2 => "mov {r:e}, 42", Avx2 => "mov {r:e}, 2", Avx512f => "mov {r:e}, 512"],
+            r = out(reg) r,
+            options(nomem, nostack)
+        )
+    };
+    r
+}
+
+extern "C" fn popcount_portable(x: u64) -> u64 {
+    let (mut x, mut n) = (x, 0);
+    while x != 0 {
+        x &= x - 1;
+        n += 1;
+    }
+    n
+}
+
+extern "C" fn popcount_hw(x: u64) -> u64 {
+    let n: u64;
+    // SAFETY: only called where the CPU has popcnt (the alternative's
+    // condition).
+    unsafe {
+        core::arch::asm!("popcnt {n}, {x}", x = in(reg) x, n = out(reg) n, options(pure, nomem, nostack))
+    };
+    n
+}
+
+/// A direct call to whichever popcount the CPU supports.
+#[inline(never)]
+fn popcount(x: u64) -> u64 {
+    alternative_call!(name: "demo::popcount", fn(u64) -> u64; popcount_portable, [Popcnt => popcount_hw]; x)
 }
 
 fn main() -> ExitCode {
@@ -55,7 +114,39 @@ fn main() -> ExitCode {
         eprintln!("patching failed: {e}");
         return ExitCode::FAILURE;
     }
+
+    println!();
+    println!("== Alternatives chosen on this machine");
+    if let Err(e) = alternatives(&image, &features) {
+        eprintln!("alternatives failed: {e}");
+        return ExitCode::FAILURE;
+    }
     ExitCode::SUCCESS
+}
+
+fn alternatives(image: &Image<'_>, features: &Features) -> Result<(), Box<dyn std::error::Error>> {
+    let x = 0x1122_3344u32;
+    let before = (load_be(&x), vector_level(), popcount(0xff));
+    let (plan, _) = altpatch::alternative::plan(image, features)?;
+    println!("plan:\n{plan}");
+    let mut poke = LinuxPoke::new()?;
+    let t = Instant::now();
+    // SAFETY: no other thread runs this program's alternative sites now.
+    let report = unsafe { altpatch::alternative::apply(image, features, &mut poke) }?;
+    let took = t.elapsed();
+    print!("{report}");
+    println!("applied in {took:?}");
+    let after = (load_be(&x), vector_level(), popcount(0xff));
+    println!("load_be(0x11223344): {:#x} -> {:#x}", before.0, after.0);
+    println!(
+        "vector_level():      {} -> {} (0 none, 42 sse4.2, 2 avx2, 512 avx512f)",
+        before.1, after.1
+    );
+    println!("popcount(0xff):      {} -> {}", before.2, after.2);
+    if before.0 != after.0 || before.2 != after.2 {
+        return Err("an alternative changed a result it must preserve".into());
+    }
+    Ok(())
 }
 
 fn patch_answer(image: &Image<'_>) -> Result<(), Box<dyn std::error::Error>> {

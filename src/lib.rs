@@ -79,6 +79,7 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod alternative;
 pub mod cpu;
 mod image;
 pub mod plan;
@@ -86,6 +87,8 @@ pub mod poke;
 pub mod site;
 pub mod x86;
 
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub use image::LoadError;
 pub use image::{Image, ImageBuilder};
 pub use plan::{ApplyReport, Edit, Expect, Plan, PlanError, Validation};
 pub use poke::{DirectPoke, FaultInjectingPoke, FaultPoint, PokeError, SyncMethod, TextPoke};

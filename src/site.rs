@@ -40,7 +40,10 @@ use core::ffi::CStr;
 use core::fmt;
 
 /// Every record section this version of the crate uses.
-pub const SECTIONS: &[&str] = &[crate::__altpatch_section!(point)];
+pub const SECTIONS: &[&str] = &[
+    crate::__altpatch_section!(point),
+    crate::__altpatch_section!(alt),
+];
 
 /// A 32-bit offset from the field's own address to a target address.
 ///
@@ -73,6 +76,9 @@ impl fmt::Debug for RelPtr {
 macro_rules! __altpatch_section {
     (point) => {
         "altpatch_v1_point"
+    };
+    (alt) => {
+        "altpatch_v1_alt"
     };
 }
 
@@ -204,6 +210,14 @@ section_table!(
     __stop_altpatch_v1_point
 );
 
+section_table!(
+    /// The alternative records of the binary this crate is linked into.
+    pub(crate) fn current_alternatives() -> crate::alternative::Record,
+    alt,
+    __start_altpatch_v1_alt,
+    __stop_altpatch_v1_alt
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,5 +226,7 @@ mod tests {
     fn record_layout() {
         assert_eq!(core::mem::size_of::<PatchPoint>(), 8);
         assert_eq!(core::mem::align_of::<PatchPoint>(), 4);
+        assert_eq!(core::mem::size_of::<crate::alternative::Record>(), 20);
+        assert_eq!(core::mem::align_of::<crate::alternative::Record>(), 4);
     }
 }

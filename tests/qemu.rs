@@ -131,6 +131,26 @@ fn assert_patched(b: &Boot) {
     assert!(b.serial.contains("altpatch kernel: ok"), "{}", b.serial);
 }
 
+/// The alternatives the kernel chose: movbe marker, level, which popcount.
+fn assert_alternatives(b: &Boot, marker: u32, level: u32, ones: u32) {
+    assert_eq!(
+        b.line("alt load_be:"),
+        format!("alt load_be: value=0x44332211 marker={marker}"),
+        "{}",
+        b.serial
+    );
+    assert_eq!(b.line("alt level:"), format!("alt level: {level}"));
+    assert_eq!(b.line("alt call:"), format!("alt call: ones={ones}"));
+    assert_eq!(
+        b.line("alternatives before:"),
+        "alternatives before: load_be=(0x44332211, 1) level=0 ones=3"
+    );
+    assert_eq!(
+        b.line("alternatives again:"),
+        "alternatives again: 0 written"
+    );
+}
+
 fn has_word(line: &str, word: &str) -> bool {
     line.split_whitespace().any(|w| w == word)
 }
@@ -150,6 +170,8 @@ fn nehalem_boots_detects_and_patches() {
         assert!(!has_word(f, w), "{f}");
     }
     assert!(b.serial.contains("sync by Cpuid"), "{}", b.serial);
+    // No movbe, SSE4.2 only, no BMI2.
+    assert_alternatives(&b, 1, 1, 3);
 }
 
 #[test]
@@ -162,6 +184,8 @@ fn skylake_client_boots_detects_and_patches() {
     for w in ["movbe", "avx", "avx2", "bmi2", "erms"] {
         assert!(has_word(f, w), "{f}");
     }
+    // movbe, ERMS (last alternative that holds), BMI2.
+    assert_alternatives(&b, 2, 3, 1003);
 }
 
 #[test]
@@ -173,6 +197,8 @@ fn epyc_boots_detects_and_patches() {
     assert_eq!(f, expected_features("qemu-tcg-epyc"));
     assert!(f.contains("vendor=AMD family=0x17"), "{f}");
     assert!(has_word(f, "movbe") && !has_word(f, "erms"), "{f}");
+    // movbe, AVX2 but no ERMS, BMI2.
+    assert_alternatives(&b, 2, 2, 1003);
 }
 
 #[test]
@@ -188,6 +214,7 @@ fn max_boots_with_avx_state_enabled_by_the_kernel() {
     }
     // Different CPU models give different snapshots from the same image.
     assert_ne!(f, expected_features("qemu-tcg-nehalem"));
+    assert_alternatives(&b, 2, 3, 1003);
 }
 
 #[test]
@@ -200,6 +227,11 @@ fn command_line_overrides_reach_the_snapshot() {
         assert!(!has_word(f, w), "{f}");
     }
     assert!(has_word(f, "fsrm") && has_word(f, "bmi2"), "{f}");
+    // Overrides steer the alternatives: no movbe, and without AVX/AVX2 the
+    // ERMS alternative still wins.
+    assert_alternatives(&b, 1, 3, 1003);
+    let b = boot(&q, "max", "altpatch=noerms,nobmi2");
+    assert_alternatives(&b, 2, 2, 3);
 
     let b = boot(&q, "max", "altpatch=nomovbee");
     assert_eq!(b.status, EXIT_FAIL, "{}", b.serial);

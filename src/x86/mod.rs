@@ -19,6 +19,7 @@
 
 mod decode;
 mod encode;
+mod reloc;
 
 pub use decode::{
     BranchKind, RelBranch, decode_one, for_each_insn, is_gap, is_single_nop, rel_branch,
@@ -29,3 +30,4 @@ pub use encode::{
     call_rel32, fill_gap, fill_nops, jcc_rel8, jcc_rel32, jmp_reg, jmp_rel8, jmp_rel32, nop, rel8,
     rel32,
 };
+pub use reloc::{RelocError, relocate};

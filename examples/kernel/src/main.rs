@@ -26,7 +26,7 @@ mod support;
 use core::ffi::CStr;
 
 use altpatch::cpu::{self, Features, HostCpuid, Overrides};
-use altpatch::{DirectPoke, Edit, Image, Plan, patch_point};
+use altpatch::{DirectPoke, Edit, Image, Plan, alternative, alternative_call, patch_point};
 use support::{EXIT_FAILURE, EXIT_SUCCESS, exit};
 
 unsafe extern "C" {
@@ -41,6 +41,62 @@ fn answer() -> u32 {
     // SAFETY: only moves an immediate into `r`.
     unsafe { core::arch::asm!(patch_point!("kernel_answer"), "mov {0:e}, 1", out(reg) r) };
     r
+}
+
+/// A big-endian load and a marker saying which sequence ran: 1 for
+/// `mov`+`bswap`, 2 for `movbe`.
+#[inline(never)]
+fn load_be_marked(p: &u32) -> (u32, u32) {
+    let (v, m): (u32, u32);
+    // SAFETY: reads the u32 behind a valid reference; moves an immediate.
+    unsafe {
+        alternative!(
+            name: "kernel_load_be",
+            "mov {v:e}, [{p}]\nbswap {v:e}\nmov {m:e}, 1",
+            [Movbe => "movbe {v:e}, [{p}]\nmov {m:e}, 2"],
+            p = in(reg) p, v = out(reg) v, m = out(reg) m,
+            options(nostack, readonly, preserves_flags)
+        )
+    };
+    (v, m)
+}
+
+/// 0 by default, then 1 with SSE4.2, 2 with AVX2, 3 with ERMS: the last
+/// that holds wins, so the result tells CPU models apart.
+#[inline(never)]
+fn level() -> u32 {
+    let r: u32;
+    // SAFETY: moves an immediate only.
+    unsafe {
+        alternative!(
+            name: "kernel_level",
+            "xor {r:e}, {r:e}",
+            [Sse4_2 => "mov {r:e}, 1", Avx2 => "mov {r:e}, 2", Erms => "mov {r:e}, 3"],
+            r = out(reg) r,
+            options(nomem, nostack)
+        )
+    };
+    r
+}
+
+extern "C" fn ones_portable(x: u64) -> u64 {
+    let (mut x, mut n) = (x, 0);
+    while x != 0 {
+        x &= x - 1;
+        n += 1;
+    }
+    n
+}
+
+extern "C" fn ones_bmi2(x: u64) -> u64 {
+    // Tagged so the test can see which function the call site reached.
+    1000 + x.count_ones() as u64
+}
+
+/// A direct call patched to the function the CPU selects.
+#[inline(never)]
+fn ones(x: u64) -> u64 {
+    alternative_call!(fn(u64) -> u64; ones_portable, [Bmi2 => ones_bmi2]; x)
 }
 
 /// The multiboot command line, if the loader passed one.
@@ -137,6 +193,10 @@ extern "C" fn kmain(multiboot_info: u32) -> ! {
         println!("altpatch kernel: FAILED: {e}");
         exit(EXIT_FAILURE);
     }
+    if let Err(e) = apply_alternatives(&image, &features) {
+        println!("altpatch kernel: FAILED: {e}");
+        exit(EXIT_FAILURE);
+    }
     println!("altpatch kernel: ok");
     exit(EXIT_SUCCESS)
 }
@@ -186,6 +246,33 @@ fn patch_answer(image: &Image<'_>, features: &Features) -> Result<(), altpatch::
     if (before, after, undone) != (1, 2, 1) {
         panic!("patching answer() did not take effect");
     }
+    Ok(())
+}
+
+fn apply_alternatives(
+    image: &Image<'_>,
+    features: &Features,
+) -> Result<(), altpatch::alternative::Error> {
+    let x = 0x1122_3344u32;
+    let before = (load_be_marked(&x), level(), ones(0b1011));
+    // SAFETY: text is writable, this CPU is the only one, and no alternative
+    // site is running.
+    let mut poke = unsafe { DirectPoke::for_features(features) };
+    // SAFETY: as above; the features are this CPU's own.
+    let report = unsafe { altpatch::alternative::apply(image, features, &mut poke) }?;
+    print!("{report}");
+    let ((value, marker), lvl, n) = (load_be_marked(&x), level(), ones(0b1011));
+    println!(
+        "alternatives before: load_be=({:#x}, {}) level={} ones={}",
+        before.0.0, before.0.1, before.1, before.2
+    );
+    println!("alt load_be: value={value:#x} marker={marker}");
+    println!("alt level: {lvl}");
+    println!("alt call: ones={n}");
+    // Applying again changes nothing.
+    // SAFETY: as above.
+    let again = unsafe { altpatch::alternative::apply(image, features, &mut poke) }?;
+    println!("alternatives again: {} written", again.applied.written);
     Ok(())
 }
 

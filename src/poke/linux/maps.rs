@@ -64,8 +64,11 @@ pub(crate) fn check_text_mappings(ranges: &[Range<usize>]) -> Result<(), PokeErr
 /// segments, as the dynamic loader reports them.
 pub(crate) struct LoadedObject {
     /// Path as the loader knows it (empty for the main program).
-    #[allow(dead_code)]
     pub name: String,
+    /// The load bias: runtime address minus link-time address.
+    pub bias: usize,
+    /// Every `PT_LOAD` segment, relocated.
+    pub loads: Vec<Range<usize>>,
     /// Executable `PT_LOAD` segments, relocated.
     pub text: Vec<Range<usize>>,
 }
@@ -106,6 +109,11 @@ pub(crate) fn loaded_object_containing(addr: usize) -> Option<LoadedObject> {
             .filter(|p| p.p_type == libc::PT_LOAD && p.p_flags & libc::PF_X != 0)
             .map(seg)
             .collect();
+        let loads = phdrs
+            .iter()
+            .filter(|p| p.p_type == libc::PT_LOAD)
+            .map(seg)
+            .collect();
         let name = if info.dlpi_name.is_null() {
             String::new()
         } else {
@@ -114,7 +122,12 @@ pub(crate) fn loaded_object_containing(addr: usize) -> Option<LoadedObject> {
                 .to_string_lossy()
                 .into_owned()
         };
-        search.found = Some(LoadedObject { name, text });
+        search.found = Some(LoadedObject {
+            name,
+            bias: base,
+            loads,
+            text,
+        });
         1
     }
     let mut search = Search { addr, found: None };

@@ -6,11 +6,19 @@
 //! [`Image::builder`] from the module's own tables ("load time" as well as
 //! boot time).
 
+use alloc::borrow::Cow;
 use alloc::vec::Vec;
 use core::fmt;
 use core::ops::Range;
 
+#[cfg(all(feature = "std", target_os = "linux"))]
+mod loaded;
+
+use crate::alternative;
 use crate::site::{self, PatchPoint};
+
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub use loaded::LoadError;
 
 /// One loaded binary: where its text is and which site records it carries.
 ///
@@ -23,9 +31,10 @@ use crate::site::{self, PatchPoint};
 /// ```
 #[derive(Clone)]
 pub struct Image<'a> {
-    name: &'a str,
+    name: Cow<'a, str>,
     text: Vec<Range<usize>>,
     points: &'a [PatchPoint],
+    alternatives: &'a [alternative::Record],
 }
 
 impl Image<'static> {
@@ -39,15 +48,19 @@ impl Image<'static> {
     pub fn current() -> Image<'static> {
         #[allow(unused_mut)]
         let mut image = Image {
-            name: "current",
+            name: Cow::Borrowed("current"),
             text: Vec::new(),
             points: site::current_patch_points(),
+            alternatives: site::current_alternatives(),
         };
         #[cfg(all(feature = "std", target_os = "linux"))]
         {
             let here = Image::current as fn() -> Image<'static> as usize;
             if let Some(obj) = crate::poke::linux::loaded_object_containing(here) {
                 image.text = obj.text;
+                if !obj.name.is_empty() {
+                    image.name = Cow::Owned(obj.name);
+                }
             }
         }
         image
@@ -57,12 +70,13 @@ impl Image<'static> {
 impl<'a> Image<'a> {
     /// Starts describing an image whose tables the caller found (a module
     /// the kernel loaded, a shared object the program opened).
-    pub fn builder(name: &'a str) -> ImageBuilder<'a> {
+    pub fn builder(name: impl Into<Cow<'a, str>>) -> ImageBuilder<'a> {
         ImageBuilder {
             image: Image {
-                name,
+                name: name.into(),
                 text: Vec::new(),
                 points: &[],
+                alternatives: &[],
             },
         }
     }
@@ -81,7 +95,7 @@ impl<'a> Image<'a> {
 
     /// A short name for reports.
     pub fn name(&self) -> &str {
-        self.name
+        &self.name
     }
 
     /// The executable ranges.
@@ -100,6 +114,11 @@ impl<'a> Image<'a> {
     /// The patch-point table.
     pub fn patch_points(&self) -> &'a [PatchPoint] {
         self.points
+    }
+
+    /// The alternative records (see [`alternative`](mod@crate::alternative)).
+    pub fn alternatives(&self) -> &'a [alternative::Record] {
+        self.alternatives
     }
 
     /// The address of the first patch point named `name`.
@@ -132,6 +151,7 @@ impl fmt::Debug for Image<'_> {
                 ),
             )
             .field("patch_points", &self.points.len())
+            .field("alternatives", &self.alternatives.len())
             .finish()
     }
 }
@@ -174,6 +194,17 @@ impl<'a> ImageBuilder<'a> {
     /// unchanged for `'a`.
     pub unsafe fn patch_points(mut self, points: &'a [PatchPoint]) -> Self {
         self.image.points = points;
+        self
+    }
+
+    /// Sets the alternative-record table.
+    ///
+    /// # Safety
+    ///
+    /// `records` must be the image's `altpatch_v1_alt` section in place, in
+    /// memory that stays mapped and unchanged for `'a`.
+    pub unsafe fn alternatives(mut self, records: &'a [alternative::Record]) -> Self {
+        self.image.alternatives = records;
         self
     }
 

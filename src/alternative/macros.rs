@@ -1,0 +1,422 @@
+//! `alternative!` and `alternative_call!`.
+//!
+//! Both expand to one `asm!` whose template is, in order:
+//!
+//! ```text
+//! 8660: <default>  8661:                          the site: default instructions...
+//! .pushsection .text.altpatch_replacement          ...a copy of them (so the original
+//! 8668: <default>  8669:  .popsection                 bytes are known after patching)
+//! for each alternative i:
+//!   .skip <max(0, len(replacement i) - (. - 8660b))>, 0x90     pad the site to fit it
+//!   .pushsection .text.altpatch_replacement
+//!   8671: <replacement i>  8672:  .popsection       never executed in place
+//!   .pushsection altpatch_v1_alt  <record i>  .popsection
+//! 8662:                                            end of the padded site
+//! ```
+//!
+//! Each `.skip` grows the site only if that replacement is longer than the
+//! site so far, so the site ends up as long as the longest. (The assembler
+//! evaluates `a > b` to -1 for true, as GNU as and LLVM's both do.) Each
+//! replacement's labels are referenced forward (`8672f`) by its own padding
+//! and backward by its record, so one pair of label numbers serves every
+//! alternative. Conditions reach the record as positional `const` operands,
+//! whose indices come from a fixed list: at most eight alternatives a site.
+
+/// Chooses among instruction sequences by CPU feature, patched in place
+/// when [`alternative::apply`](crate::alternative::apply) runs.
+///
+/// ```text
+/// alternative!([name: "NAME",] DEFAULT, [COND => REPLACEMENT, ...], OPERANDS...)
+/// ```
+///
+/// * An optional leading `name: "NAME",` labels the site: it becomes a
+///   patch point of that name (so `Image::patch_point("NAME")` finds the
+///   site) and names it in reports.
+/// * `DEFAULT` and each `REPLACEMENT` are `asm!` template strings (use `\n`
+///   between instructions). Until patched, the default runs, followed by
+///   one-byte NOPs padding the site to the longest replacement.
+/// * `COND` is a [`Feature`](crate::cpu::Feature) variant (`Movbe`), its
+///   negation (`!Avx2`), `always` or `never`. An unknown feature name is a
+///   compile error. Of the alternatives whose condition holds, the **last**
+///   wins; if none holds, the default stays (and its padding becomes one
+///   NOP or a short jump).
+/// * `OPERANDS` are ordinary `asm!` operands and options, shared by every
+///   sequence: the compiler allocates registers once, so `{v:e}` names the
+///   same register in the default and in every replacement. They must
+///   describe the effects of *all* sequences (clobbered flags, memory
+///   access). Use **named** operands: the conditions occupy the positional
+///   ones. Labels inside sequences must be numeric (not 8660–8679), since
+///   the default is assembled twice.
+///
+/// Expands to an `asm!` invocation, so call it inside `unsafe`. Up to eight
+/// alternatives per site.
+///
+/// Misuse the compiler can see is a compile error, such as a feature name
+/// that does not exist:
+///
+/// ```compile_fail
+/// # use altpatch::alternative;
+/// // error: no variant named `Movbee` in `Feature`
+/// unsafe { alternative!("nop", [Movbee => "nop"]) };
+/// ```
+///
+/// or a ninth alternative:
+///
+/// ```compile_fail
+/// # use altpatch::alternative;
+/// unsafe {
+///     alternative!("nop", [Sse3 => "nop", Sse3 => "nop", Sse3 => "nop", Sse3 => "nop",
+///         Sse3 => "nop", Sse3 => "nop", Sse3 => "nop", Sse3 => "nop", Sse3 => "nop"])
+/// };
+/// ```
+///
+/// ```
+/// use altpatch::{Image, LinuxPoke, alternative, cpu::{Feature, Features}};
+///
+/// #[inline(never)]
+/// fn load_be(p: &u32) -> u32 {
+///     let v: u32;
+///     // SAFETY: reads the u32 behind a valid reference; both sequences
+///     // compute the same value and touch nothing else.
+///     unsafe {
+///         alternative!(
+///             "mov {v:e}, [{p}]\nbswap {v:e}",
+///             [Movbe => "movbe {v:e}, [{p}]"],
+///             p = in(reg) p, v = out(reg) v,
+///             options(nostack, readonly, preserves_flags)
+///         )
+///     };
+///     v
+/// }
+///
+/// let x = 0x1122_3344u32;
+/// assert_eq!(load_be(&x), 0x4433_2211);
+/// let image = Image::current();
+/// let features = Features::detect();
+/// let mut poke = LinuxPoke::new().unwrap();
+/// // SAFETY: no other thread runs this program's alternative sites now.
+/// let report = unsafe { altpatch::alternative::apply(&image, &features, &mut poke) }.unwrap();
+/// assert_eq!(load_be(&x), 0x4433_2211); // same value, maybe with movbe now
+/// println!("{report}");
+/// ```
+#[macro_export]
+macro_rules! alternative {
+    (name: $name:literal, $default:literal, [$($alts:tt)*] $(, $($rest:tt)*)?) => {
+        $crate::__alternative_asm!(
+            idx [0 1 2 3 4 5 6 7]
+            pieces [$crate::__alternative_name!($name),]
+            consts []
+            default [$default]
+            alts [$($alts)*]
+            rest [$($($rest)*)?]
+        )
+    };
+    ($default:literal, [$($alts:tt)*] $(, $($rest:tt)*)?) => {
+        $crate::__alternative_asm!(
+            idx [0 1 2 3 4 5 6 7]
+            pieces []
+            consts []
+            default [$default]
+            alts [$($alts)*]
+            rest [$($($rest)*)?]
+        )
+    };
+}
+
+/// Internal: a patch point naming the site (label 8660).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __alternative_name {
+    ($name:literal) => {
+        concat!(
+            $crate::__altpatch_push_section!(point),
+            ".long 8660b - .\n",
+            ".long 8673f - .\n",
+            ".popsection\n",
+            ".pushsection .rodata.altpatch_names,\"a\",@progbits\n",
+            "8673: .asciz \"",
+            $name,
+            "\"\n",
+            ".popsection"
+        )
+    };
+}
+
+/// Internal: builds the `asm!` for [`alternative!`] and [`alternative_call!`].
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __alternative_asm {
+    (idx [] pieces [$($p:tt)*] consts [$($c:tt)*] default [$($d:tt)*] alts [$($a:tt)+] rest [$($rest:tt)*]) => {
+        ::core::compile_error!("altpatch: at most 8 alternatives per site")
+    };
+    (idx [$i:literal $($is:literal)*] pieces [$($p:tt)*] consts [$($c:tt)*] default [$($d:tt)*]
+     alts [always => $r:expr $(, $($more:tt)*)?] rest [$($rest:tt)*]) => {
+        $crate::__alternative_asm!(
+            idx [$($is)*]
+            pieces [$($p)* $crate::__alternative_piece!($i, $r),]
+            consts [$($c)* const $crate::alternative::Condition::ALWAYS.bits(),]
+            default [$($d)*] alts [$($($more)*)?] rest [$($rest)*]
+        )
+    };
+    (idx [$i:literal $($is:literal)*] pieces [$($p:tt)*] consts [$($c:tt)*] default [$($d:tt)*]
+     alts [never => $r:expr $(, $($more:tt)*)?] rest [$($rest:tt)*]) => {
+        $crate::__alternative_asm!(
+            idx [$($is)*]
+            pieces [$($p)* $crate::__alternative_piece!($i, $r),]
+            consts [$($c)* const $crate::alternative::Condition::NEVER.bits(),]
+            default [$($d)*] alts [$($($more)*)?] rest [$($rest)*]
+        )
+    };
+    (idx [$i:literal $($is:literal)*] pieces [$($p:tt)*] consts [$($c:tt)*] default [$($d:tt)*]
+     alts [! $f:ident => $r:expr $(, $($more:tt)*)?] rest [$($rest:tt)*]) => {
+        $crate::__alternative_asm!(
+            idx [$($is)*]
+            pieces [$($p)* $crate::__alternative_piece!($i, $r),]
+            consts [$($c)* const $crate::alternative::Condition::not($crate::cpu::Feature::$f).bits(),]
+            default [$($d)*] alts [$($($more)*)?] rest [$($rest)*]
+        )
+    };
+    (idx [$i:literal $($is:literal)*] pieces [$($p:tt)*] consts [$($c:tt)*] default [$($d:tt)*]
+     alts [$f:ident => $r:expr $(, $($more:tt)*)?] rest [$($rest:tt)*]) => {
+        $crate::__alternative_asm!(
+            idx [$($is)*]
+            pieces [$($p)* $crate::__alternative_piece!($i, $r),]
+            consts [$($c)* const $crate::alternative::Condition::feature($crate::cpu::Feature::$f).bits(),]
+            default [$($d)*] alts [$($($more)*)?] rest [$($rest)*]
+        )
+    };
+    (idx [$($is:literal)*] pieces [$($p:tt)*] consts [$($c:tt)*] default [$($d:tt)*] alts [] rest [$($rest:tt)*]) => {
+        ::core::arch::asm!(
+            "8660:",
+            $($d)*,
+            "8661:",
+            ".pushsection .text.altpatch_replacement,\"ax\",@progbits",
+            "8668:",
+            $($d)*,
+            "8669:",
+            ".popsection",
+            $($p)*
+            "8662:",
+            $($c)*
+            $($rest)*
+        )
+    };
+}
+
+/// Internal: the padding, replacement and record of alternative `$i`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __alternative_piece {
+    ($i:literal, $r:expr) => {
+        concat!(
+            ".skip -((((8672f - 8671f) - (. - 8660b)) > 0) * ((8672f - 8671f) - (. - 8660b))), 0x90\n",
+            ".pushsection .text.altpatch_replacement,\"ax\",@progbits\n",
+            "8671:\n",
+            $r,
+            "\n8672:\n",
+            ".popsection\n",
+            $crate::__altpatch_push_section!(alt),
+            ".long 8660b - .\n",
+            ".long 8668b - .\n",
+            ".long 8671b - .\n",
+            ".short {",
+            $i,
+            "}\n",
+            ".byte 8662f - 8660b\n",
+            ".byte 8661b - 8660b\n",
+            ".byte 8672b - 8671b\n",
+            ".byte 8669b - 8668b\n",
+            ".short 0\n",
+            ".popsection"
+        )
+    };
+}
+
+/// Calls one of several `extern "C"` functions chosen by CPU feature, through
+/// a direct `call` that [`alternative::apply`](crate::alternative::apply)
+/// rewrites to the chosen function: no indirect branch, no check at run time.
+///
+/// ```text
+/// alternative_call!([name: "NAME",] fn(ARG_TYPES...) -> RET; DEFAULT_FN, [COND => FN, ...]; ARGS...)
+/// ```
+///
+/// Every function must have exactly the type `extern "C" fn(ARG_TYPES...) ->
+/// RET` (checked at compile time; `unsafe fn`s are refused):
+///
+/// ```compile_fail
+/// # use altpatch::alternative_call;
+/// extern "C" fn a(x: u64) -> u64 { x }
+/// extern "C" fn b(x: u32) -> u64 { x as u64 } // wrong argument type
+/// let _ = alternative_call!(fn(u64) -> u64; a, [Avx2 => b]; 1);
+/// ```
+/// Up to six
+/// integer or pointer arguments, passed in `rdi, rsi, rdx, rcx, r8, r9`; an
+/// integer or pointer result or none (`-> RET` omitted). Conditions are as
+/// for [`alternative!`](crate::alternative!); the last that holds wins.
+///
+/// ```
+/// use altpatch::{Image, LinuxPoke, alternative_call, cpu::Features};
+///
+/// extern "C" fn portable(x: u64) -> u64 { x.count_ones() as u64 }
+/// extern "C" fn with_popcnt(x: u64) -> u64 { x.count_ones() as u64 + 1000 }
+///
+/// #[inline(never)]
+/// fn count(x: u64) -> u64 {
+///     alternative_call!(fn(u64) -> u64; portable, [Popcnt => with_popcnt]; x)
+/// }
+///
+/// assert_eq!(count(0b1011), 3); // the default until patched
+/// let features = Features::detect();
+/// let mut poke = LinuxPoke::new().unwrap();
+/// // SAFETY: no other thread runs this program's alternative sites now.
+/// unsafe { altpatch::alternative::apply(&Image::current(), &features, &mut poke) }.unwrap();
+/// let expect = if features.has(altpatch::cpu::Feature::Popcnt) { 1003 } else { 3 };
+/// assert_eq!(count(0b1011), expect);
+/// ```
+#[macro_export]
+macro_rules! alternative_call {
+    (name: $name:literal, fn($($t:ty),* $(,)?) $(-> $ret:ty)?; $default:path, [$($alts:tt)*]; $($arg:expr),* $(,)?) => {{
+        let _: extern "C" fn($($t),*) $(-> $ret)? = $default;
+        $crate::__alternative_call_check!(fn($($t),*) $(-> $ret)?; $($alts)*);
+        let __altpatch_args: ($($t,)*) = ($($arg,)*);
+        $crate::__alternative_call_build!(
+            pieces [$crate::__alternative_name!($name),]
+            args_id [__altpatch_args]
+            ret [$($ret)?]
+            types [$($t),*]
+            default [$default]
+            alts [$($alts)*]
+        )
+    }};
+    (fn($($t:ty),* $(,)?) $(-> $ret:ty)?; $default:path, [$($alts:tt)*]; $($arg:expr),* $(,)?) => {{
+        let _: extern "C" fn($($t),*) $(-> $ret)? = $default;
+        $crate::__alternative_call_check!(fn($($t),*) $(-> $ret)?; $($alts)*);
+        let __altpatch_args: ($($t,)*) = ($($arg,)*);
+        $crate::__alternative_call_build!(
+            pieces []
+            args_id [__altpatch_args]
+            ret [$($ret)?]
+            types [$($t),*]
+            default [$default]
+            alts [$($alts)*]
+        )
+    }};
+}
+
+/// Internal: type-checks every alternative function of `alternative_call!`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __alternative_call_check {
+    (fn($($t:ty),*) $(-> $ret:ty)?; $(,)?) => {};
+    (fn($($t:ty),*) $(-> $ret:ty)?; $(!)? $c:ident => $f:path $(, $($more:tt)*)?) => {
+        let _: extern "C" fn($($t),*) $(-> $ret)? = $f;
+        $crate::__alternative_call_check!(fn($($t),*) $(-> $ret)?; $($($more)*)?);
+    };
+}
+
+/// Internal: declares the result (if any) and starts building operands.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __alternative_call_build {
+    (pieces [$($np:tt)*] args_id [$aid:ident] ret [] types [$($t:ty),*] default [$d:path] alts [$($a:tt)*]) => {
+        $crate::__alternative_call_alts!(
+            pieces [$($np)*]
+            idx [(0 __altpatch_f0) (1 __altpatch_f1) (2 __altpatch_f2) (3 __altpatch_f3)
+                 (4 __altpatch_f4) (5 __altpatch_f5) (6 __altpatch_f6) (7 __altpatch_f7)]
+            alts [$($a)*]
+            acc [default [$d] alts [] syms []]
+            args [$aid; $($t),*]
+            result []
+        )
+    };
+    (pieces [$($np:tt)*] args_id [$aid:ident] ret [$ret:ty] types [$($t:ty),*] default [$d:path] alts [$($a:tt)*]) => {{
+        let __altpatch_ret: $ret;
+        $crate::__alternative_call_alts!(
+            pieces [$($np)*]
+            idx [(0 __altpatch_f0) (1 __altpatch_f1) (2 __altpatch_f2) (3 __altpatch_f3)
+                 (4 __altpatch_f4) (5 __altpatch_f5) (6 __altpatch_f6) (7 __altpatch_f7)]
+            alts [$($a)*]
+            acc [default [$d] alts [] syms []]
+            args [$aid; $($t),*]
+            result [lateout("rax") __altpatch_ret,]
+        );
+        __altpatch_ret
+    }};
+}
+
+/// Internal: turns each `COND => FN` into `COND => "call {name}"` plus a
+/// named `sym` operand.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __alternative_call_alts {
+    (pieces [$($np:tt)*] idx [] alts [$($x:tt)+] $($rest:tt)*) => {
+        ::core::compile_error!("altpatch: at most 8 alternatives per site")
+    };
+    (pieces [$($np:tt)*] idx [($i:literal $n:ident) $($is:tt)*] alts [! $c:ident => $f:path $(, $($more:tt)*)?]
+     acc [default [$d:path] alts [$($a:tt)*] syms [$($s:tt)*]] $($rest:tt)*) => {
+        $crate::__alternative_call_alts!(
+            pieces [$($np)*]
+            idx [$($is)*]
+            alts [$($($more)*)?]
+            acc [default [$d] alts [$($a)* ! $c => concat!("call {__altpatch_f", $i, "}"),] syms [$($s)* $n = sym $f,]]
+            $($rest)*
+        )
+    };
+    (pieces [$($np:tt)*] idx [($i:literal $n:ident) $($is:tt)*] alts [$c:ident => $f:path $(, $($more:tt)*)?]
+     acc [default [$d:path] alts [$($a:tt)*] syms [$($s:tt)*]] $($rest:tt)*) => {
+        $crate::__alternative_call_alts!(
+            pieces [$($np)*]
+            idx [$($is)*]
+            alts [$($($more)*)?]
+            acc [default [$d] alts [$($a)* $c => concat!("call {__altpatch_f", $i, "}"),] syms [$($s)* $n = sym $f,]]
+            $($rest)*
+        )
+    };
+    (pieces [$($np:tt)*] idx [$($is:tt)*] alts [$(,)?] acc [default [$d:path] alts [$($a:tt)*] syms [$($s:tt)*]]
+     args [$aid:ident; $($t:ty),*] result [$($r:tt)*]) => {
+        $crate::__alternative_call_args!(
+            regs [("rdi" 0) ("rsi" 1) ("rdx" 2) ("rcx" 3) ("r8" 4) ("r9" 5)]
+            types [$($t),*]
+            aid [$aid]
+            regacc []
+            then [pieces [$($np)*] default [$d] alts [$($a)*] syms [$($s)*] result [$($r)*]]
+        )
+    };
+}
+
+/// Internal: one `inout` register operand per argument, then the `asm!`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __alternative_call_args {
+    (regs [] types [$t:ty $(, $ts:ty)*] $($rest:tt)*) => {
+        ::core::compile_error!("altpatch: alternative_call! passes at most six arguments")
+    };
+    (regs [($reg:tt $field:tt) $($regs:tt)*] types [$t:ty $(, $ts:ty)*] aid [$aid:ident]
+     regacc [$($acc:tt)*] then [$($then:tt)*]) => {
+        $crate::__alternative_call_args!(
+            regs [$($regs)*]
+            types [$($ts),*]
+            aid [$aid]
+            regacc [$($acc)* inout($reg) $aid.$field => _,]
+            then [$($then)*]
+        )
+    };
+    (regs [$($regs:tt)*] types [] aid [$aid:ident] regacc [$($acc:tt)*]
+     then [pieces [$($np:tt)*] default [$d:path] alts [$($a:tt)*] syms [$($s:tt)*] result [$($r:tt)*]]) => {
+        // SAFETY: every function was checked above to be a safe
+        // `extern "C" fn` of exactly the declared type; the arguments are
+        // passed in the C ABI's registers with the declared types, every
+        // caller-saved register is declared clobbered (`clobber_abi`), and
+        // without `nostack` the stack is aligned for a call.
+        unsafe {
+            $crate::__alternative_asm!(
+                idx [0 1 2 3 4 5 6 7]
+                pieces [$($np)*]
+                consts []
+                default ["call {__altpatch_fd}"]
+                alts [$($a)*]
+                rest [$($s)* __altpatch_fd = sym $d, $($acc)* $($r)* clobber_abi("C")]
+            )
+        }
+    };
+}

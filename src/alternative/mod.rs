@@ -1,0 +1,521 @@
+//! Alternatives: instruction sequences chosen by CPU feature and patched in
+//! place, Linux's `ALTERNATIVE` in Rust.
+//!
+//! A site is written with [`alternative!`](crate::alternative!) (or
+//! [`alternative_call!`](crate::alternative_call!) for a direct call to one
+//! of several functions). Until patched, the default sequence runs. At boot
+//! or load time, [`apply`] (or [`plan`], to look first) builds one
+//! [`Plan`] for every site of an [`Image`]: for each site the last
+//! alternative whose [`Condition`] holds is copied over the site, its
+//! relative operands re-based to the site address, and the rest of the site
+//! filled with as few NOP instructions as possible; where no alternative
+//! holds, the default stays and its one-byte NOP padding is merged.
+//!
+//! Each site also carries a copy of its default sequence, so the original
+//! bytes are known whatever state the site is in: the plan validates
+//! against them, `undo` restores them, and applying again with another
+//! feature snapshot moves a site from one alternative to another.
+
+mod macros;
+
+use alloc::borrow::Cow;
+use alloc::format;
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::cpu::{Feature, Features};
+use crate::image::Image;
+use crate::plan::{ApplyReport, Bytes, Edit, Expect, Plan, PlanError};
+use crate::poke::TextPoke;
+use crate::site::RelPtr;
+use crate::x86::{self, RelocError};
+
+/// When an alternative applies: a feature, its negation, always or never.
+///
+/// Encoded in a record's 16-bit condition field: the feature number in the
+/// low byte, flags above it.
+///
+/// ```
+/// use altpatch::alternative::Condition;
+/// use altpatch::cpu::{Feature, Features};
+/// let f = Features::none().with(Feature::Movbe);
+/// assert!(Condition::feature(Feature::Movbe).holds(&f));
+/// assert!(!Condition::not(Feature::Movbe).holds(&f));
+/// assert!(Condition::ALWAYS.holds(&f) && !Condition::NEVER.holds(&f));
+/// assert_eq!(Condition::not(Feature::Avx2).to_string(), "!avx2");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Condition(u16);
+
+const COND_NOT: u16 = 1 << 8;
+const COND_ALWAYS: u16 = 1 << 9;
+const COND_NEVER: u16 = 1 << 10;
+
+impl Condition {
+    /// Always holds.
+    pub const ALWAYS: Condition = Condition(COND_ALWAYS);
+    /// Never holds (keeps an alternative in the binary, disabled).
+    pub const NEVER: Condition = Condition(COND_NEVER);
+
+    /// Holds when `f` is present.
+    pub const fn feature(f: Feature) -> Condition {
+        Condition(f as u16)
+    }
+
+    /// Holds when `f` is absent.
+    pub const fn not(f: Feature) -> Condition {
+        Condition(f as u16 | COND_NOT)
+    }
+
+    /// The record encoding.
+    pub const fn bits(self) -> u16 {
+        self.0
+    }
+
+    /// Decodes a record's condition, refusing unknown feature numbers and
+    /// flags.
+    pub fn from_bits(bits: u16) -> Option<Condition> {
+        match bits {
+            COND_ALWAYS | COND_NEVER => Some(Condition(bits)),
+            _ if bits & !(COND_NOT | 0xff) != 0 => None,
+            _ => {
+                let n = (bits & 0xff) as u8;
+                Feature::ALL
+                    .iter()
+                    .any(|&f| f as u8 == n)
+                    .then_some(Condition(bits))
+            }
+        }
+    }
+
+    fn feature_of(self) -> Option<Feature> {
+        let n = (self.0 & 0xff) as u8;
+        Feature::ALL.iter().copied().find(|&f| f as u8 == n)
+    }
+
+    /// Whether the condition holds for `features`.
+    pub fn holds(&self, features: &Features) -> bool {
+        match self.0 {
+            COND_ALWAYS => true,
+            COND_NEVER => false,
+            bits => {
+                let has = self.feature_of().is_some_and(|f| features.has(f));
+                if bits & COND_NOT != 0 { !has } else { has }
+            }
+        }
+    }
+}
+
+impl fmt::Display for Condition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            COND_ALWAYS => f.write_str("always"),
+            COND_NEVER => f.write_str("never"),
+            bits => {
+                if bits & COND_NOT != 0 {
+                    f.write_str("!")?;
+                }
+                match self.feature_of() {
+                    Some(feat) => f.write_str(feat.name()),
+                    None => write!(f, "feature#{}", bits & 0xff),
+                }
+            }
+        }
+    }
+}
+
+/// One alternative of one site, as emitted by the macros into the
+/// `altpatch_v1_alt` section (20 bytes, 4-aligned).
+#[repr(C, align(4))]
+pub struct Record {
+    site: RelPtr,
+    orig: RelPtr,
+    repl: RelPtr,
+    cond: u16,
+    site_len: u8,
+    default_len: u8,
+    repl_len: u8,
+    orig_len: u8,
+    _reserved: u16,
+}
+
+impl Record {
+    /// The site's first byte.
+    pub fn site(&self) -> usize {
+        self.site.get()
+    }
+
+    /// The site's length, padding included.
+    pub fn site_len(&self) -> usize {
+        self.site_len as usize
+    }
+
+    /// The default sequence's length (the rest of the site is padding).
+    pub fn default_len(&self) -> usize {
+        self.default_len as usize
+    }
+
+    /// Where the replacement's bytes are (never executed there).
+    pub fn replacement(&self) -> usize {
+        self.repl.get()
+    }
+
+    /// The replacement's length.
+    pub fn replacement_len(&self) -> usize {
+        self.repl_len as usize
+    }
+
+    /// The condition, if the record's encoding is valid.
+    pub fn condition(&self) -> Option<Condition> {
+        Condition::from_bits(self.cond)
+    }
+
+    fn orig(&self) -> usize {
+        self.orig.get()
+    }
+}
+
+impl fmt::Debug for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Record")
+            .field("site", &format_args!("{:#x}", self.site()))
+            .field("site_len", &self.site_len)
+            .field("default_len", &self.default_len)
+            .field("replacement", &format_args!("{:#x}", self.replacement()))
+            .field("replacement_len", &self.repl_len)
+            .field("cond", &self.cond)
+            .finish()
+    }
+}
+
+/// Why alternatives could not be planned or applied. Nothing was written.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// A record is malformed or disagrees with the image.
+    BadRecord {
+        /// The site it names.
+        site: usize,
+        /// Index of the record in the image's table.
+        record: usize,
+        /// What is wrong.
+        why: Cow<'static, str>,
+    },
+    /// The chosen sequence cannot be moved to the site.
+    Relocation {
+        /// The site.
+        site: usize,
+        /// The condition of the alternative (or `None` for the default).
+        condition: Option<Condition>,
+        /// Why.
+        error: RelocError,
+    },
+    /// The plan was refused (for example, a site holds bytes that are no
+    /// sequence of its own) or the poke failed.
+    Plan(PlanError),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::BadRecord { site, record, why } => write!(
+                f,
+                "alternative site at {site:#x} (record {record}): {why}; nothing written"
+            ),
+            Error::Relocation {
+                site,
+                condition,
+                error,
+            } => {
+                let which = match condition {
+                    Some(c) => format!("alternative `{c}`"),
+                    None => "default".into(),
+                };
+                write!(
+                    f,
+                    "alternative site at {site:#x}: {which} cannot be moved there: {error}; nothing written"
+                )
+            }
+            Error::Plan(e) => fmt::Display::fmt(e, f),
+        }
+    }
+}
+
+impl core::error::Error for Error {}
+
+impl From<PlanError> for Error {
+    fn from(e: PlanError) -> Error {
+        Error::Plan(e)
+    }
+}
+
+/// What was decided for one site.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteReport {
+    /// The site's first byte.
+    pub site: usize,
+    /// The site's name, if it was given one (`alternative!(name: ...)`).
+    pub name: Option<alloc::string::String>,
+    /// Its length (padding included).
+    pub len: usize,
+    /// The conditions of its alternatives, in order.
+    pub conditions: Vec<Condition>,
+    /// The index (in `conditions`) of the alternative chosen, or `None` when
+    /// the default stays.
+    pub chosen: Option<usize>,
+}
+
+impl fmt::Display for SiteReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x} ", self.site)?;
+        if let Some(n) = &self.name {
+            write!(f, "{n} ")?;
+        }
+        write!(f, "({} bytes) [", self.len)?;
+        for (i, c) in self.conditions.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{c}")?;
+        }
+        f.write_str("] -> ")?;
+        match self.chosen {
+            Some(i) => write!(f, "`{}`", self.conditions[i]),
+            None => f.write_str("default"),
+        }
+    }
+}
+
+/// What [`plan`] decided and [`apply`] did.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// One entry per site, in address order.
+    pub sites: Vec<SiteReport>,
+    /// The outcome of applying the plan (zero for a plan not yet applied).
+    pub applied: ApplyReport,
+}
+
+impl Report {
+    /// The report for the site at `addr`.
+    pub fn site(&self, addr: usize) -> Option<&SiteReport> {
+        self.sites.iter().find(|s| s.site == addr)
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let replaced = self.sites.iter().filter(|s| s.chosen.is_some()).count();
+        writeln!(
+            f,
+            "alternatives: {} sites, {} replaced, {} default; {}",
+            self.sites.len(),
+            replaced,
+            self.sites.len() - replaced,
+            self.applied
+        )?;
+        for s in &self.sites {
+            writeln!(f, "  {s}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads `len` bytes at `addr` of `image`'s text.
+fn text_bytes<'a>(image: &Image<'a>, addr: usize, len: usize) -> Option<&'a [u8]> {
+    if !image.contains_text(addr, len) {
+        return None;
+    }
+    // SAFETY: the range lies inside the image's text, which the image's
+    // constructor guarantees is mapped and readable for 'a.
+    Some(unsafe { core::slice::from_raw_parts(addr as *const u8, len) })
+}
+
+/// Builds the plan that puts every site of `image` in the state `features`
+/// selects, without writing anything. Reads the image's text to learn which
+/// state each site is in now.
+pub fn plan(image: &Image<'_>, features: &Features) -> Result<(Plan, Report), Error> {
+    let records = image.alternatives();
+    // Group by site without touching the table: an index sorted by address,
+    // stable so each site's records keep their order (the last that holds
+    // wins).
+    let mut order: Vec<u32> = (0..records.len() as u32).collect();
+    order.sort_by_key(|&i| records[i as usize].site());
+
+    // Names come from patch points at site addresses.
+    let mut names: Vec<(usize, &str)> = image
+        .patch_points()
+        .iter()
+        .map(|p| (p.address(), p.name()))
+        .collect();
+    names.sort_unstable();
+
+    let mut plan = Plan::for_image(image);
+    let mut report = Report::default();
+    let mut i = 0;
+    while i < order.len() {
+        let site = records[order[i] as usize].site();
+        let mut j = i;
+        while j < order.len() && records[order[j] as usize].site() == site {
+            j += 1;
+        }
+        let group: Vec<usize> = order[i..j].iter().map(|&k| k as usize).collect();
+        let name = names
+            .binary_search_by_key(&site, |&(a, _)| a)
+            .ok()
+            .map(|k| names[k].1);
+        let (edit, site_report) = plan_site(image, features, records, &group, name)?;
+        plan.push(edit);
+        report.sites.push(site_report);
+        i = j;
+    }
+    Ok((plan, report))
+}
+
+/// Plans one site from its records (indices into `records`, in order).
+fn plan_site(
+    image: &Image<'_>,
+    features: &Features,
+    records: &[Record],
+    group: &[usize],
+    name: Option<&str>,
+) -> Result<(Edit, SiteReport), Error> {
+    let first = &records[group[0]];
+    let site = first.site();
+    let site_len = first.site_len();
+    let default_len = first.default_len();
+    let bad = |record: usize, why: Cow<'static, str>| Error::BadRecord { site, record, why };
+
+    let mut conditions = Vec::with_capacity(group.len());
+    for &k in group {
+        let r = &records[k];
+        let cond = r.condition().ok_or_else(|| {
+            bad(
+                k,
+                format!(
+                    "unknown condition {:#06x} (feature number or flags)",
+                    r.cond
+                )
+                .into(),
+            )
+        })?;
+        if r.site_len() != site_len || r.default_len() != default_len || r.orig() != first.orig() {
+            return Err(bad(k, "records of one site disagree on its layout".into()));
+        }
+        if r.default_len() > r.site_len() {
+            return Err(bad(k, "default longer than the site".into()));
+        }
+        if r.replacement_len() > r.site_len() {
+            return Err(bad(
+                k,
+                format!(
+                    "replacement of {} bytes is longer than the {}-byte site",
+                    r.replacement_len(),
+                    r.site_len()
+                )
+                .into(),
+            ));
+        }
+        if r.orig_len as usize != r.default_len() {
+            return Err(bad(
+                k,
+                "the copy of the default differs in length from the site's default".into(),
+            ));
+        }
+        if !image.contains_text(site, site_len) {
+            return Err(bad(k, "site is outside the image's text".into()));
+        }
+        if text_bytes(image, r.replacement(), r.replacement_len()).is_none() {
+            return Err(bad(k, "replacement is outside the image's text".into()));
+        }
+        conditions.push(cond);
+    }
+    let orig = text_bytes(image, first.orig(), default_len).ok_or_else(|| {
+        bad(
+            group[0],
+            "copy of the default is outside the image's text".into(),
+        )
+    })?;
+
+    // Every state the site can legitimately be in: original (default plus
+    // one-byte NOP padding), default with merged padding, each alternative.
+    let relocated = |code: &[u8], from: usize, condition: Option<Condition>, pad: fn(&mut [u8])| {
+        let mut out = alloc::vec![0u8; site_len];
+        x86::relocate(code, from, site, &mut out).map_err(|error| Error::Relocation {
+            site,
+            condition,
+            error,
+        })?;
+        pad(&mut out[code.len()..]);
+        Ok::<_, Error>(out)
+    };
+    let original = relocated(orig, first.orig(), None, |b| b.fill(0x90))?;
+    let default_merged = relocated(orig, first.orig(), None, x86::fill_gap)?;
+    let mut states = Vec::with_capacity(group.len());
+    for (&k, &cond) in group.iter().zip(&conditions) {
+        let r = &records[k];
+        let code = text_bytes(image, r.replacement(), r.replacement_len()).unwrap_or(&[]);
+        states.push(relocated(code, r.replacement(), Some(cond), x86::fill_gap)?);
+    }
+
+    let chosen = conditions.iter().rposition(|c| c.holds(features));
+    let new = match chosen {
+        Some(n) => &states[n],
+        None => &default_merged,
+    };
+
+    // Validate against the state the site is in now, if it is one of its own.
+    let current = text_bytes(image, site, site_len).expect("checked above");
+    let expected = if current == &original[..] || current == &new[..] {
+        &original
+    } else if current == &default_merged[..] {
+        &default_merged
+    } else {
+        states
+            .iter()
+            .find(|s| current == &s[..])
+            .unwrap_or(&original)
+    };
+
+    let reason = match chosen {
+        Some(n) => format!("alternative `{}`", conditions[n]),
+        None => "default, padding merged".into(),
+    };
+    let label = match name {
+        Some(n) => format!("alternative {n}"),
+        None => format!("alternative@{site:#x}"),
+    };
+    let edit = Edit::new(site, Expect::Bytes(Bytes::new(expected)), Bytes::new(new))
+        .site(label)
+        .reason(reason);
+    let report = SiteReport {
+        site,
+        name: name.map(Into::into),
+        len: site_len,
+        conditions,
+        chosen,
+    };
+    Ok((edit, report))
+}
+
+/// Puts every alternative site of `image` in the state `features` selects:
+/// [`plan`], then [`Plan::apply`] through `poke`. Sites already in that
+/// state are left alone, so applying twice is a no-op.
+///
+/// # Safety
+///
+/// No thread may execute any alternative site of the image during the call
+/// (a site may change from several instructions to others): patch at boot,
+/// at load time before the image's code runs, or with the other threads
+/// stopped. Every replacement must be correct for the CPU `features`
+/// describes (forcing a feature on that the CPU lacks makes the site fault).
+pub unsafe fn apply<P: TextPoke + ?Sized>(
+    image: &Image<'_>,
+    features: &Features,
+    poke: &mut P,
+) -> Result<Report, Error> {
+    let (mut plan, mut report) = plan(image, features)?;
+    // SAFETY: forwarded from our caller; the plan writes only sequences the
+    // image's own records describe, moved to their sites.
+    report.applied = unsafe { plan.apply(poke) }?;
+    Ok(report)
+}

@@ -1,0 +1,159 @@
+//! Images of objects the dynamic loader has loaded, found from their files'
+//! section headers.
+
+use alloc::borrow::Cow;
+use alloc::string::{String, ToString};
+use core::fmt;
+
+use object::{Object, ObjectSection};
+
+use super::Image;
+use crate::alternative;
+use crate::site::PatchPoint;
+
+/// Why [`Image::from_loaded`] could not describe an object.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// No loaded object contains the address.
+    NotLoaded {
+        /// The address asked about.
+        addr: usize,
+    },
+    /// The object's file could not be read.
+    Read {
+        /// Its path.
+        path: String,
+        /// The error.
+        error: std::io::Error,
+    },
+    /// The file is not an ELF object this crate can read.
+    Parse {
+        /// Its path.
+        path: String,
+        /// The parser's message.
+        why: String,
+    },
+    /// A record section is misplaced or malformed.
+    BadSection {
+        /// The section's name.
+        section: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::NotLoaded { addr } => write!(f, "no loaded object contains {addr:#x}"),
+            LoadError::Read { path, error } => write!(f, "reading {path}: {error}"),
+            LoadError::Parse { path, why } => write!(f, "parsing {path}: {why}"),
+            LoadError::BadSection { section, why } => write!(f, "section {section}: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+impl Image<'static> {
+    /// The image of the loaded object (the executable or a shared object)
+    /// that contains `addr`: its executable segments from the dynamic loader
+    /// and its record tables from the `altpatch_v1_*` sections named in its
+    /// file's section headers, at their run-time addresses.
+    ///
+    /// This is the load-time path: after `dlopen`, pass the address of any
+    /// symbol of the library, then apply its alternatives (or other
+    /// mechanisms) to its own image without touching the rest of the process.
+    ///
+    /// ```
+    /// use altpatch::Image;
+    /// // The executable itself works too.
+    /// let here = Image::current as fn() -> Image<'static> as usize;
+    /// // SAFETY: the executable stays loaded.
+    /// let image = unsafe { Image::from_loaded(here) }.unwrap();
+    /// assert_eq!(image.alternatives().len(), Image::current().alternatives().len());
+    /// ```
+    ///
+    /// # Safety
+    ///
+    /// The object must stay loaded (no `dlclose`) for as long as the image,
+    /// or any plan built from it, is used; its file must be the one that
+    /// was loaded (not replaced on disk since).
+    pub unsafe fn from_loaded(addr: usize) -> Result<Image<'static>, LoadError> {
+        let obj = crate::poke::linux::loaded_object_containing(addr)
+            .ok_or(LoadError::NotLoaded { addr })?;
+        let path = if obj.name.is_empty() {
+            String::from("/proc/self/exe")
+        } else {
+            obj.name.clone()
+        };
+        let data = std::fs::read(&path).map_err(|error| LoadError::Read {
+            path: path.clone(),
+            error,
+        })?;
+        let file = object::File::parse(&*data).map_err(|e| LoadError::Parse {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
+
+        let mut image = Image {
+            name: Cow::Owned(path),
+            text: obj.text.clone(),
+            points: &[],
+            alternatives: &[],
+        };
+        for section in file.sections() {
+            let Ok(name) = section.name() else { continue };
+            let runtime = obj.bias.wrapping_add(section.address() as usize);
+            let size = section.size() as usize;
+            let loaded = obj
+                .loads
+                .iter()
+                .any(|r| r.start <= runtime && runtime.wrapping_add(size) <= r.end);
+            let bad = |why| LoadError::BadSection {
+                section: name.into(),
+                why,
+            };
+            match name {
+                "altpatch_v1_point" => {
+                    // SAFETY: checked by `table` against the loaded segments;
+                    // the caller keeps the object loaded.
+                    image.points =
+                        unsafe { table::<PatchPoint>(runtime, size, loaded) }.map_err(bad)?;
+                }
+                "altpatch_v1_alt" => {
+                    // SAFETY: as above.
+                    image.alternatives =
+                        unsafe { table::<alternative::Record>(runtime, size, loaded) }
+                            .map_err(bad)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(image)
+    }
+}
+
+/// The records of a section loaded at `addr`, `size` bytes long.
+///
+/// # Safety
+///
+/// If `loaded`, `addr..addr + size` is inside a loaded segment of an object
+/// that stays loaded.
+unsafe fn table<T>(addr: usize, size: usize, loaded: bool) -> Result<&'static [T], &'static str> {
+    if size == 0 {
+        return Ok(&[]);
+    }
+    if !loaded {
+        return Err("not inside a loaded segment");
+    }
+    if !addr.is_multiple_of(core::mem::align_of::<T>())
+        || !size.is_multiple_of(core::mem::size_of::<T>())
+    {
+        return Err("misaligned, or not a whole number of records");
+    }
+    // SAFETY: the range is loaded (caller) and aligned; records are plain
+    // integers, valid for any bytes.
+    Ok(unsafe { core::slice::from_raw_parts(addr as *const T, size / core::mem::size_of::<T>()) })
+}
