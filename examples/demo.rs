@@ -116,6 +116,22 @@ fn main() -> ExitCode {
     }
 
     println!();
+    println!("== Compiler-generated sites (from this program's relocations)");
+    match altpatch::elf::current_sites() {
+        Ok(sites) => {
+            let t = Instant::now();
+            let again = altpatch::elf::current_sites().map(|s| s.len()).unwrap_or(0);
+            println!(
+                "{} sites (thunk calls, return thunks, static calls, ifuncs); \
+                 built without retpolines, so none is expected here; a second lookup took {:?} ({again} sites, memoized)",
+                sites.len(),
+                t.elapsed()
+            );
+        }
+        Err(e) => println!("{e}"),
+    }
+
+    println!();
     println!("== Alternatives chosen on this machine");
     if let Err(e) = alternatives(&image, &features) {
         eprintln!("alternatives failed: {e}");

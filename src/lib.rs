@@ -81,10 +81,13 @@ extern crate std;
 
 pub mod alternative;
 pub mod cpu;
+#[cfg(feature = "std")]
+pub mod elf;
 mod image;
 pub mod plan;
 pub mod poke;
 pub mod site;
+pub mod sites;
 pub mod x86;
 
 #[cfg(all(feature = "std", target_os = "linux"))]

@@ -43,6 +43,7 @@ use core::fmt;
 pub const SECTIONS: &[&str] = &[
     crate::__altpatch_section!(point),
     crate::__altpatch_section!(alt),
+    crate::__altpatch_section!(sitetab),
 ];
 
 /// A 32-bit offset from the field's own address to a target address.
@@ -79,6 +80,9 @@ macro_rules! __altpatch_section {
     };
     (alt) => {
         "altpatch_v1_alt"
+    };
+    (sitetab) => {
+        "altpatch_v1_sitetab"
     };
 }
 
@@ -216,6 +220,15 @@ section_table!(
     alt,
     __start_altpatch_v1_alt,
     __stop_altpatch_v1_alt
+);
+
+section_table!(
+    /// The site-table section of the binary this crate is linked into
+    /// (empty unless `reserve_site_table!` was used).
+    pub(crate) fn current_site_table() -> u8,
+    sitetab,
+    __start_altpatch_v1_sitetab,
+    __stop_altpatch_v1_sitetab
 );
 
 #[cfg(test)]

@@ -58,7 +58,11 @@ fn kernel() -> &'static Path {
             "building examples/kernel failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        target.join("release/altpatch-kernel")
+        let image = target.join("release/altpatch-kernel");
+        // Fill the kernel's reserved site table from its relocations: the
+        // kernel reads it at boot (no file system there).
+        altpatch::elf::embed_file(&image).expect("embed the kernel's site table");
+        image
     })
 }
 
@@ -125,6 +129,12 @@ fn expected_features(fixture: &str) -> String {
 }
 
 fn assert_patched(b: &Boot) {
+    assert_eq!(b.line("thunk call:"), "thunk call: 7");
+    let sites = b.line("sites:");
+    assert!(
+        sites.starts_with("sites: embedded ") && sites.ends_with("call_via_thunk listed: true"),
+        "{sites}"
+    );
     assert_eq!(b.status, EXIT_OK, "kernel failed:\n{}", b.serial);
     assert_eq!(b.line("answer:"), "answer: before=1 after=2 undone=1");
     assert!(b.line("refused:").contains("site `answer`"), "{}", b.serial);

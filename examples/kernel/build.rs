@@ -7,6 +7,8 @@ fn main() {
         "-nostdlib",
         "-static",
         "-Wl,--build-id=none",
+        // Keep relocations so `altpatch embed` can find the sites.
+        "-Wl,--emit-relocs",
         &format!("-Wl,-T,{dir}/link.ld"),
     ] {
         println!("cargo:rustc-link-arg={arg}");

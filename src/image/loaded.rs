@@ -98,10 +98,12 @@ impl Image<'static> {
         })?;
 
         let mut image = Image {
-            name: Cow::Owned(path),
+            name: Cow::Owned(path.clone()),
             text: obj.text.clone(),
             points: &[],
             alternatives: &[],
+            site_table: &[],
+            file: Some((Cow::Owned(path), obj.bias)),
         };
         for section in file.sections() {
             let Ok(name) = section.name() else { continue };
@@ -121,6 +123,11 @@ impl Image<'static> {
                     // the caller keeps the object loaded.
                     image.points =
                         unsafe { table::<PatchPoint>(runtime, size, loaded) }.map_err(bad)?;
+                }
+                "altpatch_v1_sitetab" => {
+                    // SAFETY: as above.
+                    image.site_table =
+                        unsafe { table::<u8>(runtime, size, loaded) }.map_err(bad)?;
                 }
                 "altpatch_v1_alt" => {
                     // SAFETY: as above.

@@ -35,6 +35,8 @@ pub struct Image<'a> {
     text: Vec<Range<usize>>,
     points: &'a [PatchPoint],
     alternatives: &'a [alternative::Record],
+    site_table: &'a [u8],
+    file: Option<(Cow<'a, str>, usize)>,
 }
 
 impl Image<'static> {
@@ -52,13 +54,17 @@ impl Image<'static> {
             text: Vec::new(),
             points: site::current_patch_points(),
             alternatives: site::current_alternatives(),
+            site_table: site::current_site_table(),
+            file: None,
         };
         #[cfg(all(feature = "std", target_os = "linux"))]
         {
             let here = Image::current as fn() -> Image<'static> as usize;
             if let Some(obj) = crate::poke::linux::loaded_object_containing(here) {
                 image.text = obj.text;
+                image.file = Some((Cow::Borrowed("/proc/self/exe"), obj.bias));
                 if !obj.name.is_empty() {
+                    image.file = Some((Cow::Owned(obj.name.clone()), obj.bias));
                     image.name = Cow::Owned(obj.name);
                 }
             }
@@ -77,6 +83,8 @@ impl<'a> Image<'a> {
                 text: Vec::new(),
                 points: &[],
                 alternatives: &[],
+                site_table: &[],
+                file: None,
             },
         }
     }
@@ -119,6 +127,20 @@ impl<'a> Image<'a> {
     /// The alternative records (see [`alternative`](mod@crate::alternative)).
     pub fn alternatives(&self) -> &'a [alternative::Record] {
         self.alternatives
+    }
+
+    /// The embedded site table (see [`crate::sites`]): `Ok(None)` when the
+    /// image reserves none or it was not filled by `altpatch embed`.
+    pub fn embedded_sites(
+        &self,
+    ) -> Result<Option<crate::sites::EmbeddedTable<'a>>, crate::sites::EmbeddedTableError> {
+        crate::sites::EmbeddedTable::parse(self.site_table)
+    }
+
+    /// The file the image was loaded from and its load bias (run-time minus
+    /// link-time addresses), where known (`std`).
+    pub fn file(&self) -> Option<(&str, usize)> {
+        self.file.as_ref().map(|(p, b)| (p.as_ref(), *b))
     }
 
     /// The address of the first patch point named `name`.
@@ -205,6 +227,24 @@ impl<'a> ImageBuilder<'a> {
     /// memory that stays mapped and unchanged for `'a`.
     pub unsafe fn alternatives(mut self, records: &'a [alternative::Record]) -> Self {
         self.image.alternatives = records;
+        self
+    }
+
+    /// Sets the site-table section (`altpatch_v1_sitetab`).
+    ///
+    /// # Safety
+    ///
+    /// `table` must be the image's site-table section in place, in memory
+    /// that stays mapped and unchanged for `'a`.
+    pub unsafe fn site_table(mut self, table: &'a [u8]) -> Self {
+        self.image.site_table = table;
+        self
+    }
+
+    /// Records the file the image was loaded from and its load bias, so
+    /// sites can be read from its relocations (`std`).
+    pub fn file(mut self, path: impl Into<Cow<'a, str>>, bias: usize) -> Self {
+        self.image.file = Some((path.into(), bias));
         self
     }
 

@@ -76,7 +76,7 @@ pub fn is_gap(bytes: &[u8]) -> bool {
 }
 
 /// What kind of direct relative branch an instruction is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BranchKind {
     /// `call rel32`.
     Call,

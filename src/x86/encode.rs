@@ -266,7 +266,7 @@ pub fn jmp_rel8(from: usize, to: usize) -> Result<Encoded, OutOfRange> {
 }
 
 /// An x86 condition code: the low nibble of `jcc` opcodes (`70+cc`, `0f 80+cc`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 #[allow(missing_docs)] // the names are the architectural mnemonics
 pub enum Cond {

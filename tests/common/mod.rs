@@ -145,3 +145,74 @@ pub fn run_child_test(name: &str, env: &[(&str, &str)]) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
+/// Builds a fixture crate under `tests/fixtures/<name>` (its own
+/// `.cargo/config.toml` applies) into `target/fixtures`, once per process,
+/// and returns the target directory's release output folder.
+pub fn build_fixture(name: &str, triple_dir: bool) -> std::path::PathBuf {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static BUILT: Mutex<Option<HashMap<String, std::path::PathBuf>>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    let map = built.get_or_insert_with(HashMap::new);
+    if let Some(p) = map.get(name) {
+        return p.clone();
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = root.join("target/fixtures");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["build", "--release", "--quiet"])
+        .current_dir(root.join("tests/fixtures").join(name))
+        .env("CARGO_TARGET_DIR", &target)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .output()
+        .expect("run cargo");
+    assert!(
+        out.status.success(),
+        "building tests/fixtures/{name} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = if triple_dir {
+        target.join("x86_64-unknown-linux-gnu/release")
+    } else {
+        target.join("release")
+    };
+    map.insert(name.to_string(), dir.clone());
+    dir
+}
+
+/// Compiles and links a small C program with GCC; `args` go before the
+/// source. Returns the output path in a per-test temporary directory.
+pub fn gcc(out_name: &str, source: &str, args: &[&str]) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("gcc");
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join(format!("{out_name}.c"));
+    std::fs::write(&src, source).unwrap();
+    let out = dir.join(out_name);
+    let r = std::process::Command::new("gcc")
+        .args(args)
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("run gcc");
+    assert!(
+        r.status.success(),
+        "gcc {out_name} failed:\n{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    out
+}
+
+/// Symbol name -> (address, size) of a linked image.
+pub fn symbols(path: &std::path::Path) -> std::collections::HashMap<String, (u64, u64)> {
+    use object::{Object, ObjectSymbol};
+    let data = std::fs::read(path).unwrap();
+    let file = object::File::parse(&*data).unwrap();
+    file.symbols()
+        .filter_map(|s| Some((s.name().ok()?.to_string(), (s.address(), s.size()))))
+        .collect()
+}

@@ -34,6 +34,39 @@ unsafe extern "C" {
     static __text_end: u8;
 }
 
+// Room for the sites `altpatch embed` finds in the linked kernel: the kernel
+// has no file system to read relocations from at boot.
+altpatch::reserve_site_table!(256);
+
+// A plain thunk for the hand-written thunk call below (weak, so a full
+// retpoline implementation elsewhere takes precedence).
+core::arch::global_asm!(
+    ".pushsection .text.kernel_thunks,\"ax\",@progbits",
+    ".weak __x86_indirect_thunk_rax",
+    ".type __x86_indirect_thunk_rax, @function",
+    "__x86_indirect_thunk_rax:",
+    "jmp rax",
+    ".size __x86_indirect_thunk_rax, . - __x86_indirect_thunk_rax",
+    ".popsection",
+);
+
+extern "C" fn seven() -> u64 {
+    7
+}
+
+/// An indirect call through the `%rax` thunk, as retpoline-built code makes.
+#[inline(never)]
+fn call_via_thunk(f: extern "C" fn() -> u64) -> u64 {
+    let r: u64;
+    // SAFETY: calls a safe extern "C" function through a thunk that jumps to
+    // it; caller-saved registers are declared clobbered, the stack is
+    // aligned (no `nostack`).
+    unsafe {
+        core::arch::asm!("call __x86_indirect_thunk_rax", inout("rax") f => r, clobber_abi("C"))
+    };
+    r
+}
+
 /// The function the kernel patches: returns 1 until its `mov` is rewritten.
 #[inline(never)]
 fn answer() -> u32 {
@@ -197,6 +230,7 @@ extern "C" fn kmain(multiboot_info: u32) -> ! {
         println!("altpatch kernel: FAILED: {e}");
         exit(EXIT_FAILURE);
     }
+    report_sites(&image);
     println!("altpatch kernel: ok");
     exit(EXIT_SUCCESS)
 }
@@ -274,6 +308,28 @@ fn apply_alternatives(
     let again = unsafe { altpatch::alternative::apply(image, features, &mut poke) }?;
     println!("alternatives again: {} written", again.applied.written);
     Ok(())
+}
+
+/// Lists the compiler-generated sites from the table embedded after linking.
+fn report_sites(image: &Image<'_>) {
+    let via_thunk = call_via_thunk(seven);
+    match image.embedded_sites() {
+        Ok(Some(table)) => {
+            let thunks = table
+                .iter()
+                .filter(|s| matches!(s.kind, altpatch::sites::SiteKind::IndirectThunk(_)))
+                .count();
+            let here = call_via_thunk as fn(extern "C" fn() -> u64) -> u64 as usize;
+            let ours = table.iter().any(|s| s.addr > here && s.addr < here + 64);
+            println!(
+                "sites: embedded {} ({thunks} thunk), call_via_thunk listed: {ours}",
+                table.len()
+            );
+        }
+        Ok(None) => println!("sites: no embedded table"),
+        Err(e) => println!("sites: bad embedded table: {e}"),
+    }
+    println!("thunk call: {via_thunk}");
 }
 
 /// `print!` without a newline (plans print their own line breaks).

@@ -1,0 +1,157 @@
+//! Site discovery on a generated image with more than 100 000 relocations
+//! in its code: 120 000 branches to thunks (calls, jumps, conditional
+//! jumps, return-thunk jumps) and 40 000 ordinary calls, assembled and
+//! linked with `--emit-relocs` by GCC.
+//!
+//! Reports the time per 100 000 relocations and the heap the reader
+//! allocates (peak), per site found.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::fmt::Write as _;
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use criterion::{Criterion, criterion_group};
+
+/// Counts live and peak heap bytes.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator; only adds counters.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+        PEAK.fetch_max(now, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Branches to thunks; every third is followed by an ordinary call, for
+/// 160 000 relocations in all.
+const SITES: usize = 120_000;
+
+/// Generates the image once.
+fn image() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("many-relocs");
+    if out.exists() {
+        return out;
+    }
+    let regs = [
+        "rax", "rcx", "rdx", "rbx", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13",
+        "r14", "r15",
+    ];
+    let mut s = String::new();
+    // Thunks in their own section, as compilers place functions: branches
+    // to them then keep their relocations (the assembler would resolve, or
+    // shorten, branches within one section).
+    s.push_str(".section .text.thunks,\"ax\",@progbits\n");
+    for r in regs {
+        let _ = writeln!(
+            s,
+            ".globl __x86_indirect_thunk_{r}\n__x86_indirect_thunk_{r}: jmp *%{r}"
+        );
+    }
+    s.push_str(".globl __x86_return_thunk\n__x86_return_thunk: ret\n");
+    s.push_str(".globl plain_fn\nplain_fn: ret\n");
+    s.push_str(".text\n");
+    s.push_str(".globl _start\n.type _start,@function\n_start:\n");
+    for i in 0..SITES {
+        let r = regs[i % regs.len()];
+        match i % 4 {
+            0 | 1 => {
+                let _ = writeln!(s, "call __x86_indirect_thunk_{r}");
+            }
+            2 => {
+                let _ = writeln!(s, "jne __x86_indirect_thunk_{r}");
+            }
+            _ => s.push_str("jmp __x86_return_thunk\n"),
+        }
+        if i % 3 == 0 {
+            s.push_str("call plain_fn\n");
+        }
+    }
+    s.push_str(".size _start, . - _start\n");
+    let src = dir.join("many-relocs.s");
+    std::fs::write(&src, s).unwrap();
+    let ok = std::process::Command::new("gcc")
+        .args(["-nostdlib", "-static", "-no-pie", "-Wl,--emit-relocs", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "gcc failed to build the benchmark image");
+    out
+}
+
+fn bench(c: &mut Criterion) {
+    let data = std::fs::read(image()).unwrap();
+    let found = altpatch::elf::read_sites(&data).unwrap();
+    assert_eq!(found.sites.len(), SITES);
+    assert!(found.relocations >= 100_000);
+    let relocs = found.relocations;
+
+    let mut g = c.benchmark_group("sites");
+    g.sample_size(20);
+    g.throughput(criterion::Throughput::Elements(relocs as u64));
+    g.bench_function("read_sites", |b| {
+        b.iter(|| altpatch::elf::read_sites(black_box(&data)).unwrap())
+    });
+    g.finish();
+
+    // Heap: what the reader allocates beyond the input it is given.
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let f = altpatch::elf::read_sites(&data).unwrap();
+    let peak = PEAK.load(Ordering::Relaxed) - base;
+    let kept = f.sites.capacity() * std::mem::size_of::<altpatch::sites::Site>();
+    drop(f);
+    println!(
+        "\nimage: {} bytes, {relocs} relocations in code, {SITES} sites",
+        data.len()
+    );
+    println!(
+        "heap: peak {peak} bytes during discovery = {:.1} bytes per site; the site list itself {kept} bytes",
+        peak as f64 / SITES as f64
+    );
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    if let Ok(text) = std::fs::read_to_string(format!(
+        "{target}/criterion/sites/read_sites/new/estimates.json"
+    )) {
+        if let Some(ns) = mean(&text) {
+            println!(
+                "time: {:.2} ms per read, {:.2} ms per 100 000 relocations",
+                ns / 1e6,
+                ns / 1e6 * 100_000.0 / relocs as f64
+            );
+        }
+    }
+}
+
+fn mean(text: &str) -> Option<f64> {
+    let rest = &text[text.find("\"mean\"")?..];
+    let p = rest.find("\"point_estimate\":")? + "\"point_estimate\":".len();
+    let end = rest[p..].find([',', '}'])?;
+    rest[p..p + end].trim().parse().ok()
+}
+
+criterion_group!(benches, bench);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

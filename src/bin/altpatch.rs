@@ -1,0 +1,221 @@
+//! `altpatch`: list, embed and audit the compiler-generated sites of a
+//! linked x86-64 ELF image.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use altpatch::elf::{self, EmbedOutcome, FoundSites};
+use altpatch::sites::{Site, SiteKind};
+use altpatch::x86::BranchKind;
+use clap::{Parser, Subcommand};
+
+/// Finds the sites altpatch patches — calls and jumps to retpoline thunks,
+/// the return thunk, static-call trampolines and ifuncs — from the
+/// relocations a linked image keeps when linked with `-Wl,--emit-relocs`.
+#[derive(Parser)]
+#[command(name = "altpatch", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the sites of IMAGE, one table per kind, and the relocations
+    /// against site symbols that are not patchable sites.
+    Sites {
+        /// A linked x86-64 ELF image, built with -Wl,--emit-relocs.
+        image: PathBuf,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fill the site table IMAGE reserves (altpatch::reserve_site_table!)
+    /// in place, so the program (or kernel) needs no relocations at run
+    /// time. Idempotent; replaces the file atomically.
+    Embed {
+        /// A linked x86-64 ELF image, built with -Wl,--emit-relocs.
+        image: PathBuf,
+    },
+    /// List every indirect call or jump that does not go through a
+    /// retpoline thunk; exit 1 if there is any.
+    Audit {
+        /// A linked x86-64 ELF image (with its symbol table).
+        image: PathBuf,
+        /// A function allowed to contain indirect branches (repeatable).
+        #[arg(long = "allow", value_name = "SYMBOL")]
+        allow: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    // Die quietly when the reader of our output goes away (`| head`), like
+    // other command-line tools, instead of panicking on a broken pipe.
+    // SAFETY: restoring the default action of SIGPIPE before any thread or
+    // output exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("altpatch: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn run(command: Command) -> Result<ExitCode, String> {
+    match command {
+        Command::Sites { image, json } => {
+            let data = read(&image)?;
+            let found = elf::read_sites(&data).map_err(|e| format!("{}: {e}", image.display()))?;
+            if json {
+                print_json(&image, &found);
+            } else {
+                print_tables(&image, &found);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Embed { image } => {
+            let outcome =
+                elf::embed_file(&image).map_err(|e| format!("{}: {e}", image.display()))?;
+            match outcome {
+                EmbedOutcome::Written { sites, capacity } => {
+                    println!(
+                        "{}: embedded {sites} sites (capacity {capacity})",
+                        image.display()
+                    )
+                }
+                EmbedOutcome::Unchanged { sites, capacity } => println!(
+                    "{}: unchanged, {sites} sites already embedded (capacity {capacity})",
+                    image.display()
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { image, allow } => {
+            let data = read(&image)?;
+            let allow: Vec<&str> = allow.iter().map(String::as_str).collect();
+            let found =
+                elf::audit(&data, &allow).map_err(|e| format!("{}: {e}", image.display()))?;
+            if found.is_empty() {
+                println!(
+                    "{}: no indirect branch bypasses the thunks",
+                    image.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{}: {} indirect branches bypass the thunks:",
+                image.display(),
+                found.len()
+            );
+            for b in &found {
+                println!("  {b}");
+            }
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn form(s: &Site) -> &'static str {
+    match s.form {
+        BranchKind::Call => "call",
+        BranchKind::Jmp => "jmp",
+        BranchKind::Jcc(_) => "jcc",
+    }
+}
+
+const KINDS: [&str; 4] = ["thunk", "return_thunk", "static_call", "ifunc"];
+
+fn print_tables(image: &Path, found: &FoundSites) {
+    println!(
+        "{}: {} sites from {} relocations, {} rejected",
+        image.display(),
+        found.sites.len(),
+        found.relocations,
+        found.rejected.len()
+    );
+    for kind in KINDS {
+        let sites: Vec<&Site> = found
+            .sites
+            .iter()
+            .filter(|s| s.kind.name() == kind)
+            .collect();
+        println!("\n{kind} ({}):", sites.len());
+        for s in sites {
+            let name = found.name_of(s.target).unwrap_or("?");
+            println!(
+                "  {:#012x}  {:4}  {} bytes  -> {name}",
+                s.addr,
+                form(s),
+                s.len
+            );
+        }
+    }
+    if !found.rejected.is_empty() {
+        println!("\nrejected ({}), never patched:", found.rejected.len());
+        for r in &found.rejected {
+            println!("  {r}");
+        }
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn print_json(image: &Path, found: &FoundSites) {
+    let sites: Vec<String> = found
+        .sites
+        .iter()
+        .map(|s| {
+            let reg = match s.kind {
+                SiteKind::IndirectThunk(r) => json_str(r.name()),
+                _ => "null".into(),
+            };
+            format!(
+                "{{\"addr\":{},\"kind\":\"{}\",\"register\":{reg},\"form\":\"{}\",\"len\":{},\"target\":{},\"symbol\":{}}}",
+                s.addr,
+                s.kind.name(),
+                form(s),
+                s.len,
+                s.target,
+                json_str(found.name_of(s.target).unwrap_or(""))
+            )
+        })
+        .collect();
+    let rejected: Vec<String> = found
+        .rejected
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"offset\":{},\"symbol\":{},\"why\":{}}}",
+                r.offset,
+                json_str(&r.symbol),
+                json_str(r.why)
+            )
+        })
+        .collect();
+    println!(
+        "{{\"image\":{},\"relocations\":{},\"sites\":[{}],\"rejected\":[{}]}}",
+        json_str(&image.display().to_string()),
+        found.relocations,
+        sites.join(","),
+        rejected.join(",")
+    );
+}

@@ -1,0 +1,181 @@
+//! Filling a reserved site table in a linked file, in place.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+use std::path::Path;
+
+use object::endian::LittleEndian as LE;
+use object::read::elf::SectionHeader;
+
+use super::{ElfError, corrupt, parse, read_sites};
+use crate::sites::EmbeddedTableError;
+use crate::sites::{EmbeddedEntry, embedded};
+
+/// What [`embed`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmbedOutcome {
+    /// The table was (re)written with this many sites.
+    Written {
+        /// Sites in the table.
+        sites: usize,
+        /// The table's capacity.
+        capacity: usize,
+    },
+    /// The table already held exactly these sites; nothing was written.
+    Unchanged {
+        /// Sites in the table.
+        sites: usize,
+        /// The table's capacity.
+        capacity: usize,
+    },
+}
+
+/// Why a table could not be embedded. The file is unchanged.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum EmbedError {
+    /// The image could not be read, or has no relocations.
+    Elf(ElfError),
+    /// The image has no `altpatch_v1_sitetab` section.
+    NoTable,
+    /// The reserved table is malformed.
+    Table(EmbeddedTableError),
+    /// More sites than the table holds.
+    TooSmall {
+        /// Sites found.
+        needed: usize,
+        /// Entries reserved.
+        capacity: usize,
+    },
+    /// A site is more than 2 GiB from the table.
+    OutOfReach {
+        /// The site's address.
+        site: usize,
+    },
+    /// Reading or replacing the file failed.
+    Io(std::io::Error),
+}
+
+impl fmt::Display for EmbedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EmbedError::Elf(e) => fmt::Display::fmt(e, f),
+            EmbedError::NoTable => f.write_str(
+                "the image reserves no site table: add `altpatch::reserve_site_table!(N);` to it",
+            ),
+            EmbedError::Table(e) => fmt::Display::fmt(e, f),
+            EmbedError::TooSmall { needed, capacity } => write!(
+                f,
+                "the image has {needed} sites but its table holds {capacity}: \
+                 reserve at least {needed} (altpatch::reserve_site_table!({needed}))"
+            ),
+            EmbedError::OutOfReach { site } => {
+                write!(f, "site {site:#x} is more than 2 GiB from the site table")
+            }
+            EmbedError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for EmbedError {}
+
+impl From<ElfError> for EmbedError {
+    fn from(e: ElfError) -> EmbedError {
+        EmbedError::Elf(e)
+    }
+}
+
+/// Fills the site table reserved in the linked image `data` (the file's
+/// bytes) with the sites its relocations describe. Deterministic: embedding
+/// an already-embedded image changes nothing.
+pub fn embed(data: &mut [u8]) -> Result<EmbedOutcome, EmbedError> {
+    let found = read_sites(data)?;
+    let (file_off, addr, size) = {
+        let p = parse(data)?;
+        let mut table = None;
+        for s in p.sections.iter() {
+            let name = p.sections.section_name(LE, s).map_err(corrupt)?;
+            if name == crate::__altpatch_section!(sitetab).as_bytes() {
+                if s.sh_type(LE) == object::elf::SHT_NOBITS {
+                    return Err(EmbedError::Table(EmbeddedTableError::Truncated));
+                }
+                table = Some((
+                    s.sh_offset(LE) as usize,
+                    s.sh_addr(LE) as usize,
+                    s.sh_size(LE) as usize,
+                ));
+            }
+        }
+        table.ok_or(EmbedError::NoTable)?
+    };
+    let end = file_off
+        .checked_add(size)
+        .filter(|&e| e <= data.len())
+        .ok_or(EmbedError::Table(EmbeddedTableError::Truncated))?;
+    let section = &mut data[file_off..end];
+    let header = embedded::Header::parse(section).map_err(EmbedError::Table)?;
+    let capacity = header.capacity;
+    if found.sites.len() > capacity {
+        return Err(EmbedError::TooSmall {
+            needed: found.sites.len(),
+            capacity,
+        });
+    }
+    let mut table = Vec::with_capacity(embedded::HEADER_LEN + capacity * embedded::ENTRY_LEN);
+    table.extend_from_slice(&section[..12]);
+    table.extend_from_slice(&(capacity as u32).to_le_bytes());
+    table.extend_from_slice(&(found.sites.len() as u32).to_le_bytes());
+    table.extend_from_slice(&1u32.to_le_bytes());
+    for (i, site) in found.sites.iter().enumerate() {
+        let at = addr + embedded::HEADER_LEN + i * embedded::ENTRY_LEN;
+        let e =
+            EmbeddedEntry::encode(site, at).ok_or(EmbedError::OutOfReach { site: site.addr })?;
+        table.extend_from_slice(&e);
+    }
+    table.resize(embedded::HEADER_LEN + capacity * embedded::ENTRY_LEN, 0);
+    let dst = &mut section[..table.len()];
+    if *dst == *table {
+        return Ok(EmbedOutcome::Unchanged {
+            sites: found.sites.len(),
+            capacity,
+        });
+    }
+    dst.copy_from_slice(&table);
+    Ok(EmbedOutcome::Written {
+        sites: found.sites.len(),
+        capacity,
+    })
+}
+
+/// [`embed`] on a file, replacing it atomically (a temporary file in the
+/// same directory, with the same permissions, renamed over it) only when
+/// the table changes.
+pub fn embed_file(path: &Path) -> Result<EmbedOutcome, EmbedError> {
+    let mut data = std::fs::read(path).map_err(EmbedError::Io)?;
+    let outcome = embed(&mut data)?;
+    if let EmbedOutcome::Written { .. } = outcome {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        let dir = dir.unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
+        let tmp = dir
+            .join(String::from(".") + &name + &alloc::format!(".altpatch-{}", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let perms = std::fs::metadata(path)?.permissions();
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&data)?;
+            f.sync_all()?;
+            std::fs::set_permissions(&tmp, perms)?;
+            std::fs::rename(&tmp, path)
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(EmbedError::Io(e));
+        }
+    }
+    Ok(outcome)
+}

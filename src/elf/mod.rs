@@ -1,0 +1,423 @@
+//! Reading linked x86-64 ELF images (`std`): compiler-generated sites from
+//! the relocations `--emit-relocs` keeps, the embedded site table, and an
+//! audit of indirect branches.
+//!
+//! ```no_run
+//! let data = std::fs::read("target/release/myprog").unwrap();
+//! let found = altpatch::elf::read_sites(&data).unwrap();
+//! for site in &found.sites {
+//!     println!("{site}");
+//! }
+//! for r in &found.rejected {
+//!     println!("not a site: {r}");
+//! }
+//! ```
+
+mod audit;
+mod embed;
+mod runtime;
+
+use alloc::collections::BTreeMap;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt;
+
+use object::elf;
+use object::endian::LittleEndian as LE;
+use object::read::elf::{
+    FileHeader, Rela as _, SectionHeader, SectionTable, Sym as _, SymbolTable,
+};
+
+pub use audit::{IndirectBranch, audit};
+pub use embed::{EmbedError, EmbedOutcome, embed, embed_file};
+pub use runtime::{SitesError, current_sites, image_sites};
+
+use crate::sites::{Site, SiteKind, names};
+use crate::x86::{self, Reg};
+
+type Header = elf::FileHeader64<LE>;
+type Sections<'d> = SectionTable<'d, Header, &'d [u8]>;
+type Symbols<'d> = SymbolTable<'d, Header, &'d [u8]>;
+
+/// Why an image could not be read. Never a panic, whatever the bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ElfError {
+    /// Not an ELF file (bad magic) or too short to be one.
+    NotElf,
+    /// A 32-bit ELF file.
+    WrongClass,
+    /// A big-endian ELF file.
+    WrongEndian,
+    /// An ELF file for another machine.
+    WrongMachine(u16),
+    /// A relocatable object (`.o`), not a linked image.
+    NotLinked,
+    /// The headers or tables are truncated or inconsistent.
+    Corrupt(String),
+    /// No `.symtab`: the image was stripped.
+    Stripped,
+    /// No relocations for executable sections: the image was linked without
+    /// `--emit-relocs`.
+    NoRelocations,
+    /// A relocation points outside the section it applies to.
+    RelocationOutsideSection {
+        /// The relocation's address.
+        offset: u64,
+        /// The section's name.
+        section: String,
+    },
+}
+
+impl fmt::Display for ElfError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ElfError::NotElf => f.write_str("not an ELF file"),
+            ElfError::WrongClass => f.write_str("a 32-bit ELF file; altpatch reads x86-64 images"),
+            ElfError::WrongEndian => f.write_str("a big-endian ELF file; altpatch reads x86-64 images"),
+            ElfError::WrongMachine(m) => {
+                write!(f, "an ELF file for machine {m}, not x86-64 (62)")
+            }
+            ElfError::NotLinked => {
+                f.write_str("a relocatable object, not a linked image: link it first")
+            }
+            ElfError::Corrupt(why) => write!(f, "corrupt ELF file: {why}"),
+            ElfError::Stripped => f.write_str(
+                "the image has no symbol table (.symtab): it was stripped; keep symbols to find sites",
+            ),
+            ElfError::NoRelocations => f.write_str(
+                "the image has no relocations for its code: link with -Wl,--emit-relocs \
+                 (in Rust: -C link-arg=-Wl,--emit-relocs), or reserve and embed a site table",
+            ),
+            ElfError::RelocationOutsideSection { offset, section } => write!(
+                f,
+                "relocation at {offset:#x} points outside section {section}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ElfError {}
+
+fn corrupt(e: object::Error) -> ElfError {
+    ElfError::Corrupt(e.to_string())
+}
+
+/// A relocation against a site symbol that is not a patchable site.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    /// Address of the relocated field.
+    pub offset: u64,
+    /// The symbol the relocation names.
+    pub symbol: String,
+    /// Why it is not a site.
+    pub why: &'static str,
+}
+
+impl fmt::Display for Rejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x} -> {}: {}", self.offset, self.symbol, self.why)
+    }
+}
+
+/// The sites of an image, at link-time addresses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FoundSites {
+    /// The sites, in address order.
+    pub sites: Vec<Site>,
+    /// Relocations against site symbols that are not exactly a
+    /// `call`/`jmp`/`jcc rel32` to the symbol: reported, never patched.
+    pub rejected: Vec<Rejected>,
+    /// The names of the sites' targets, by address.
+    pub names: BTreeMap<usize, String>,
+    /// Relocations examined (all those applying to executable sections).
+    pub relocations: usize,
+}
+
+impl FoundSites {
+    /// The sites of one kind.
+    pub fn of_kind(&self, kind: SiteKind) -> impl Iterator<Item = &Site> {
+        self.sites.iter().filter(move |s| s.kind == kind)
+    }
+
+    /// The name of the symbol at `target`, if a site reaches it.
+    pub fn name_of(&self, target: usize) -> Option<&str> {
+        self.names.get(&target).map(String::as_str)
+    }
+}
+
+/// A parsed image: headers, sections and symbols.
+pub(crate) struct Parsed<'d> {
+    pub data: &'d [u8],
+    pub sections: Sections<'d>,
+    pub symbols: Symbols<'d>,
+}
+
+pub(crate) fn parse(data: &[u8]) -> Result<Parsed<'_>, ElfError> {
+    if data.len() < 16 || data[..4] != *b"\x7fELF" {
+        return Err(ElfError::NotElf);
+    }
+    if data[4] != 2 {
+        return Err(ElfError::WrongClass);
+    }
+    if data[5] != 1 {
+        return Err(ElfError::WrongEndian);
+    }
+    let header = Header::parse(data).map_err(corrupt)?;
+    let machine = header.e_machine(LE).0;
+    if machine != elf::EM_X86_64.0 {
+        return Err(ElfError::WrongMachine(machine));
+    }
+    if header.e_type(LE) == elf::ET_REL {
+        return Err(ElfError::NotLinked);
+    }
+    let sections = header.sections(LE, data).map_err(corrupt)?;
+    let symbols = sections
+        .symbols(LE, data, elf::SHT_SYMTAB)
+        .map_err(corrupt)?;
+    if symbols.is_empty() {
+        return Err(ElfError::Stripped);
+    }
+    Ok(Parsed {
+        data,
+        sections,
+        symbols,
+    })
+}
+
+/// What a symbol name makes of a relocation against it.
+enum Class {
+    Site(SiteKind),
+    BadThunk,
+}
+
+fn classify(name: &[u8], sym_type: u8) -> Option<Class> {
+    if let Some(reg) = name.strip_prefix(names::INDIRECT_THUNK_PREFIX.as_bytes()) {
+        return Some(
+            match core::str::from_utf8(reg).ok().and_then(Reg::from_name) {
+                Some(Reg::Rsp) | None => Class::BadThunk,
+                Some(r) => Class::Site(SiteKind::IndirectThunk(r)),
+            },
+        );
+    }
+    if name == names::RETURN_THUNK.as_bytes() {
+        return Some(Class::Site(SiteKind::ReturnThunk));
+    }
+    if name.starts_with(names::STATIC_CALL_TRAMPOLINE_PREFIX.as_bytes()) {
+        return Some(Class::Site(SiteKind::StaticCall));
+    }
+    if sym_type == elf::STT_GNU_IFUNC.0 || name.starts_with(names::IFUNC_STUB_PREFIX.as_bytes()) {
+        return Some(Class::Site(SiteKind::Ifunc));
+    }
+    None
+}
+
+/// The executable section containing `addr..addr+len`, with its bytes.
+pub(crate) fn exec_bytes_at<'d>(p: &Parsed<'d>, addr: u64, len: u64) -> Option<(u64, &'d [u8])> {
+    p.sections.iter().find_map(|s| {
+        if s.sh_flags(LE).0 & elf::SHF_EXECINSTR.0 == 0 || s.sh_type(LE) == elf::SHT_NOBITS {
+            return None;
+        }
+        let a = s.sh_addr(LE);
+        // Bounds from the bytes present, not the header's claimed size.
+        let data = s.data(LE, p.data).ok()?;
+        if addr < a || addr.checked_add(len)? > a.checked_add(data.len() as u64)? {
+            return None;
+        }
+        Some((a, data))
+    })
+}
+
+/// Finds every site of the linked image `data`: each `R_X86_64_PLT32` or
+/// `R_X86_64_PC32` relocation in an executable section against a
+/// [well-known symbol](crate::sites::names) (or an `STT_GNU_IFUNC` symbol),
+/// kept only where it is the displacement of a `call`, `jmp` or `jcc` rel32
+/// (optionally prefixed) that reaches the symbol itself.
+pub fn read_sites(data: &[u8]) -> Result<FoundSites, ElfError> {
+    let p = parse(data)?;
+    let mut out = FoundSites::default();
+    let mut any_exec_relocs = false;
+    for section in p.sections.iter() {
+        if section.sh_type(LE) != elf::SHT_RELA {
+            continue;
+        }
+        let Some((relas, _link)) = section.rela(LE, p.data).map_err(corrupt)? else {
+            continue;
+        };
+        let target_index = section.sh_info(LE) as usize;
+        let Ok(target) = p.sections.section(object::SectionIndex(target_index)) else {
+            continue;
+        };
+        if target.sh_flags(LE).0 & elf::SHF_EXECINSTR.0 == 0 {
+            continue;
+        }
+        if section.sh_link(LE) as usize != p.symbols.section().0 {
+            continue;
+        }
+        any_exec_relocs = true;
+        let sec_addr = target.sh_addr(LE);
+        // The bytes present, not the size the header claims: a NOBITS or
+        // truncated section has fewer (possibly none).
+        let sec_data = target.data(LE, p.data).map_err(corrupt)?;
+        let sec_size = sec_data.len() as u64;
+        let sec_name = || {
+            p.sections
+                .section_name(LE, target)
+                .map(|n| String::from_utf8_lossy(n).into_owned())
+                .unwrap_or_default()
+        };
+        for rela in relas {
+            out.relocations += 1;
+            let r_type = rela.r_type(LE, false);
+            let is_branch_reloc = r_type == elf::R_X86_64_PLT32 || r_type == elf::R_X86_64_PC32;
+            let Some(sym_index) = rela.symbol(LE, false) else {
+                continue;
+            };
+            let Ok(sym) = p.symbols.symbol(sym_index) else {
+                return Err(ElfError::Corrupt(alloc::format!(
+                    "relocation names symbol {} of {}",
+                    sym_index.0,
+                    p.symbols.len()
+                )));
+            };
+            let name = p.symbols.symbol_name(LE, sym).map_err(corrupt)?;
+            let Some(class) = classify(name, sym.st_type().0) else {
+                continue;
+            };
+            let offset = rela.r_offset(LE);
+            let reject = |why| Rejected {
+                offset,
+                symbol: String::from_utf8_lossy(name).into_owned(),
+                why,
+            };
+            let kind = match class {
+                Class::BadThunk => {
+                    out.rejected.push(reject(
+                        "no such thunk register (%rsp is never a thunk register)",
+                    ));
+                    continue;
+                }
+                Class::Site(k) => k,
+            };
+            if !is_branch_reloc {
+                out.rejected
+                    .push(reject("not a PC-relative branch relocation"));
+                continue;
+            }
+            if offset < sec_addr || offset.saturating_add(4) > sec_addr.saturating_add(sec_size) {
+                return Err(ElfError::RelocationOutsideSection {
+                    offset,
+                    section: sec_name(),
+                });
+            }
+            if sym.is_undefined(LE) {
+                out.rejected.push(reject("symbol not defined in the image"));
+                continue;
+            }
+            let off = (offset - sec_addr) as usize;
+            let Some((start, len, form, decoded_target)) = branch_at(sec_data, sec_addr, off)
+            else {
+                out.rejected.push(reject(
+                    "not a call/jmp/jcc rel32 with the relocation at its displacement",
+                ));
+                continue;
+            };
+            let sym_value = sym.st_value(LE);
+            // An ifunc symbol's value is its resolver; calls reach a PLT stub.
+            if kind != SiteKind::Ifunc {
+                let expected = (sym_value as i64)
+                    .wrapping_add(rela.r_addend(LE))
+                    .wrapping_add(4);
+                if decoded_target as i64 != expected || expected != sym_value as i64 {
+                    out.rejected
+                        .push(reject("branch does not reach the symbol's first byte"));
+                    continue;
+                }
+            }
+            if kind == SiteKind::ReturnThunk && form == x86::BranchKind::Call {
+                out.rejected.push(reject("a call to the return thunk"));
+                continue;
+            }
+            out.sites.push(Site {
+                addr: (sec_addr as usize) + start,
+                len: len as u8,
+                form,
+                kind,
+                target: sym_value as usize,
+            });
+            out.names
+                .entry(sym_value as usize)
+                .or_insert_with(|| String::from_utf8_lossy(name).into_owned());
+        }
+    }
+    if !any_exec_relocs {
+        return Err(ElfError::NoRelocations);
+    }
+    out.sites.sort_by_key(|s| s.addr);
+    out.sites.dedup();
+    Ok(out)
+}
+
+/// The `call`/`jmp`/`jcc rel32` whose 4-byte displacement is at `off` in
+/// `code` (located at `base`), allowing up to two prefix bytes: (start
+/// offset, length, form, absolute target).
+fn branch_at(code: &[u8], base: u64, off: usize) -> Option<(usize, usize, x86::BranchKind, u64)> {
+    for opcode_len in 1..=4usize {
+        let start = off.checked_sub(opcode_len)?;
+        let end = (start + 15).min(code.len());
+        let insn = x86::decode_one(code.get(start..end)?, base + start as u64)?;
+        if insn.len() != opcode_len + 4 {
+            continue;
+        }
+        let b = x86::rel_branch_of(&insn)?;
+        if b.disp_size == 4 && b.disp_offset == opcode_len {
+            return Some((start, insn.len(), b.kind, b.target));
+        }
+    }
+    None
+}
+
+/// Every direct `call`/`jmp`/`jcc rel32` to a site symbol found by decoding
+/// each function symbol's bytes, independently of relocations: a
+/// cross-check of [`read_sites`] (which it should equal for the site kinds
+/// it covers) and the way to look at an image linked without
+/// `--emit-relocs`.
+pub fn scan_branches(data: &[u8]) -> Result<Vec<Site>, ElfError> {
+    let p = parse(data)?;
+    // Targets: the addresses of defined site symbols.
+    let mut targets: BTreeMap<u64, SiteKind> = BTreeMap::new();
+    for sym in p.symbols.iter() {
+        if sym.is_undefined(LE) {
+            continue;
+        }
+        let name = p.symbols.symbol_name(LE, sym).map_err(corrupt)?;
+        if let Some(Class::Site(kind)) = classify(name, sym.st_type().0) {
+            if kind != SiteKind::Ifunc {
+                targets.insert(sym.st_value(LE), kind);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    audit::for_each_function(&p, |_name, addr, code| {
+        audit::decode_all(code, addr, |insn| {
+            if let Some(b) = x86::rel_branch_of(insn) {
+                if let Some(&kind) = targets.get(&b.target) {
+                    if b.disp_size == 4
+                        && !(kind == SiteKind::ReturnThunk && b.kind == x86::BranchKind::Call)
+                    {
+                        found.push(Site {
+                            addr: insn.ip() as usize,
+                            len: insn.len() as u8,
+                            form: b.kind,
+                            kind,
+                            target: b.target as usize,
+                        });
+                    }
+                }
+            }
+        });
+    })?;
+    found.sort_by_key(|s| s.addr);
+    found.dedup();
+    Ok(found)
+}

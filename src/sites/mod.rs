@@ -1,0 +1,143 @@
+//! Compiler-generated sites: calls and jumps to retpoline thunks, the return
+//! thunk, static-call trampolines and ifunc symbols.
+//!
+//! The compiler emits these without any table of where they are. altpatch
+//! finds them exactly from the linked image's own relocations (link with
+//! `-Wl,--emit-relocs`): each `R_X86_64_PLT32`/`PC32` relocation against one
+//! of the [well-known names](names) in an executable section, at the
+//! displacement of a `call`/`jmp`/`jcc rel32`, is a site. Nothing is guessed
+//! from instruction patterns.
+//!
+//! Two ways to get them:
+//!
+//! * at run time (`std`): [`crate::elf::current_sites`] reads
+//!   `/proc/self/exe` once and maps link-time addresses to run-time ones;
+//! * embedded: the program reserves a table with
+//!   [`reserve_site_table!`](crate::reserve_site_table) and the `altpatch
+//!   embed IMAGE` tool (or [`crate::elf::embed_file`]) fills it in the linked
+//!   file, in place. The table is part of the image, so a kernel reads it
+//!   with no file system ([`Image::embedded_sites`](crate::Image::embedded_sites)).
+//!   When present it is preferred.
+
+pub(crate) mod embedded;
+
+use core::fmt;
+
+pub use embedded::{EmbeddedEntry, EmbeddedTable, EmbeddedTableError, TABLE_MAGIC};
+
+use crate::x86::{BranchKind, Reg};
+
+/// The symbol names that make a relocation a site.
+pub mod names {
+    /// Prefix of the retpoline thunks: `__x86_indirect_thunk_<reg>`.
+    pub const INDIRECT_THUNK_PREFIX: &str = "__x86_indirect_thunk_";
+    /// The return thunk.
+    pub const RETURN_THUNK: &str = "__x86_return_thunk";
+    /// Prefix of static-call trampolines defined by this crate:
+    /// `__altpatch_sc_tramp_<name>`.
+    pub const STATIC_CALL_TRAMPOLINE_PREFIX: &str = "__altpatch_sc_tramp_";
+    /// Prefix of the call stubs of `ifunc!` functions defined by this crate:
+    /// `__altpatch_ifunc_<name>`. (ELF symbols of type `STT_GNU_IFUNC` are
+    /// ifunc sites too, whatever their name.)
+    pub const IFUNC_STUB_PREFIX: &str = "__altpatch_ifunc_";
+}
+
+/// What a site reaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum SiteKind {
+    /// `__x86_indirect_thunk_<reg>`: an indirect branch through `reg`.
+    IndirectThunk(Reg),
+    /// `__x86_return_thunk`: a return.
+    ReturnThunk,
+    /// A static-call trampoline.
+    StaticCall,
+    /// An ifunc symbol or `ifunc!` stub.
+    Ifunc,
+}
+
+impl SiteKind {
+    /// The embedded-table encoding: (kind, register).
+    pub(crate) fn encode(self) -> (u8, u8) {
+        match self {
+            SiteKind::IndirectThunk(r) => (1, r as u8),
+            SiteKind::ReturnThunk => (2, 0),
+            SiteKind::StaticCall => (3, 0),
+            SiteKind::Ifunc => (4, 0),
+        }
+    }
+
+    pub(crate) fn decode(kind: u8, reg: u8) -> Option<SiteKind> {
+        Some(match kind {
+            1 => SiteKind::IndirectThunk(Reg::from_number(reg)?),
+            2 => SiteKind::ReturnThunk,
+            3 => SiteKind::StaticCall,
+            4 => SiteKind::Ifunc,
+            _ => return None,
+        })
+    }
+
+    /// A short name for tables: `thunk`, `return_thunk`, `static_call`,
+    /// `ifunc`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SiteKind::IndirectThunk(_) => "thunk",
+            SiteKind::ReturnThunk => "return_thunk",
+            SiteKind::StaticCall => "static_call",
+            SiteKind::Ifunc => "ifunc",
+        }
+    }
+}
+
+impl fmt::Display for SiteKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SiteKind::IndirectThunk(r) => write!(f, "thunk {r}"),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+/// One site: an instruction that branches to a well-known symbol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Site {
+    /// Address of the instruction's first byte (link-time or run-time,
+    /// depending on where the list came from).
+    pub addr: usize,
+    /// The instruction's length: 5 for `call`/`jmp rel32`, 6 for
+    /// `jcc rel32`, one more per prefix byte.
+    pub len: u8,
+    /// `call`, `jmp` or `jcc`.
+    pub form: BranchKind,
+    /// What the symbol is.
+    pub kind: SiteKind,
+    /// The symbol's address (the thunk, trampoline or ifunc), in the same
+    /// address space as `addr`.
+    pub target: usize,
+}
+
+impl Site {
+    /// The same site shifted by `bias` (link-time to run-time addresses).
+    pub fn biased(&self, bias: usize) -> Site {
+        Site {
+            addr: self.addr.wrapping_add(bias),
+            target: self.target.wrapping_add(bias),
+            ..*self
+        }
+    }
+}
+
+impl fmt::Display for Site {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let form = match self.form {
+            BranchKind::Call => "call",
+            BranchKind::Jmp => "jmp",
+            BranchKind::Jcc(_) => "jcc",
+        };
+        write!(
+            f,
+            "{:#x} {form} ({} bytes) -> {:#x} {}",
+            self.addr, self.len, self.target, self.kind
+        )
+    }
+}

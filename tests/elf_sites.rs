@@ -1,0 +1,426 @@
+//! Site discovery from relocations, on an image with known sites
+//! (tests/fixtures/sites: hand-written asm at exported labels, Rust built
+//! with `+retpoline-external-thunk`, C built by GCC with external thunks),
+//! cross-checked against an independent decode; run-time discovery; bad
+//! input.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+
+use altpatch::elf::{self, ElfError};
+use altpatch::sites::{Site, SiteKind};
+use altpatch::x86::{BranchKind, Cond, Reg};
+
+fn fixture() -> PathBuf {
+    common::build_fixture("sites", true).join("sites")
+}
+
+fn sym(syms: &HashMap<String, (u64, u64)>, name: &str) -> (usize, usize) {
+    let (a, s) = syms.get(name).unwrap_or_else(|| panic!("no symbol {name}"));
+    (*a as usize, *s as usize)
+}
+
+/// The function symbol whose (mangled) name contains `part`.
+fn func(syms: &HashMap<String, (u64, u64)>, part: &str) -> (usize, usize) {
+    let hits: Vec<_> = syms
+        .iter()
+        .filter(|(n, (_, s))| n.contains(part) && *s > 0)
+        .collect();
+    assert_eq!(hits.len(), 1, "symbols containing {part}: {hits:?}");
+    (hits[0].1.0 as usize, hits[0].1.1 as usize)
+}
+
+fn within(sites: &[Site], (start, size): (usize, usize)) -> Vec<Site> {
+    sites
+        .iter()
+        .filter(|s| s.addr >= start && s.addr < start + size)
+        .copied()
+        .collect()
+}
+
+#[test]
+fn hand_written_sites_exact() {
+    let path = fixture();
+    let data = std::fs::read(&path).unwrap();
+    let found = elf::read_sites(&data).unwrap();
+    let syms = common::symbols(&path);
+    let at = |n: &str| sym(&syms, n).0;
+    let thunk = |r: &str| sym(&syms, &format!("__x86_indirect_thunk_{r}")).0;
+    let ret = at("__x86_return_thunk");
+    let tramp = at("__altpatch_sc_tramp_fixture");
+    let ifunc = at("__altpatch_ifunc_fixture");
+    let t = |addr, len, form, kind, target| Site {
+        addr,
+        len,
+        form,
+        kind,
+        target,
+    };
+    use BranchKind::*;
+    use SiteKind::*;
+    let expected = vec![
+        t(
+            at("site_call_rax"),
+            5,
+            Call,
+            IndirectThunk(Reg::Rax),
+            thunk("rax"),
+        ),
+        t(
+            at("site_jmp_rcx"),
+            5,
+            Jmp,
+            IndirectThunk(Reg::Rcx),
+            thunk("rcx"),
+        ),
+        t(
+            at("site_jne_rdx"),
+            6,
+            Jcc(Cond::Ne),
+            IndirectThunk(Reg::Rdx),
+            thunk("rdx"),
+        ),
+        // The cs prefix is left out: instruction boundaries before the
+        // opcode are not known from the relocation, and a stray 2e byte
+        // in front of the patched instruction is harmless.
+        t(
+            at("site_cs_call_r11") + 1,
+            5,
+            Call,
+            IndirectThunk(Reg::R11),
+            thunk("r11"),
+        ),
+        t(
+            at("site_call_r9"),
+            5,
+            Call,
+            IndirectThunk(Reg::R9),
+            thunk("r9"),
+        ),
+        t(at("site_ret"), 5, Jmp, ReturnThunk, ret),
+        t(at("site_jne_ret"), 6, Jcc(Cond::Ne), ReturnThunk, ret),
+        t(at("site_static_call"), 5, Call, StaticCall, tramp),
+        t(at("site_static_tail"), 5, Jmp, StaticCall, tramp),
+        t(at("site_ifunc"), 5, Call, Ifunc, ifunc),
+    ];
+    let got = within(&found.sites, sym(&syms, "asm_sites"));
+    assert_eq!(got, expected);
+
+    let mut rejected: Vec<(u64, &str, &str)> = found
+        .rejected
+        .iter()
+        .map(|r| (r.offset, r.symbol.as_str(), r.why))
+        .collect();
+    rejected.sort();
+    let r = |label: &str, off: u64| at(label) as u64 + off;
+    assert_eq!(
+        rejected,
+        vec![
+            (
+                r("bad_lea_thunk", 3),
+                "__x86_indirect_thunk_r8",
+                "not a call/jmp/jcc rel32 with the relocation at its displacement"
+            ),
+            (
+                r("bad_call_rsp", 1),
+                "__x86_indirect_thunk_rsp",
+                "no such thunk register (%rsp is never a thunk register)"
+            ),
+            (
+                r("bad_call_ret", 1),
+                "__x86_return_thunk",
+                "a call to the return thunk"
+            ),
+            (
+                r("bad_into_thunk", 1),
+                "__x86_indirect_thunk_rax",
+                "branch does not reach the symbol's first byte"
+            ),
+        ]
+    );
+    assert_eq!(found.name_of(tramp), Some("__altpatch_sc_tramp_fixture"));
+}
+
+#[test]
+fn compiler_generated_sites() {
+    let path = fixture();
+    let data = std::fs::read(&path).unwrap();
+    let found = elf::read_sites(&data).unwrap();
+    let syms = common::symbols(&path);
+
+    // Rust (+retpoline-external-thunk): LLVM uses r11 only.
+    let calls = within(&found.sites, func(&syms, "rust_calls"));
+    assert!(calls.len() >= 2, "{calls:?}");
+    assert!(
+        calls
+            .iter()
+            .all(|s| s.kind == SiteKind::IndirectThunk(Reg::R11))
+    );
+    assert!(calls.iter().any(|s| s.form == BranchKind::Call));
+    let tail = within(&found.sites, func(&syms, "rust_tail"));
+    assert_eq!(tail.len(), 1, "{tail:?}");
+    assert_eq!(
+        (tail[0].form, tail[0].kind),
+        (BranchKind::Jmp, SiteKind::IndirectThunk(Reg::R11))
+    );
+
+    // C (GCC, thunk-extern): ten indirect calls in c_chain through several
+    // registers, r8..r15 among them; every return through the return thunk.
+    let chain = within(&found.sites, sym(&syms, "c_chain"));
+    let thunks: Vec<Reg> = chain
+        .iter()
+        .filter_map(|s| match s.kind {
+            SiteKind::IndirectThunk(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(thunks.len(), 10, "{chain:#?}");
+    let regs: BTreeSet<Reg> = thunks.iter().copied().collect();
+    assert!(regs.len() >= 3, "{regs:?}");
+    assert!(
+        regs.iter().any(|&r| r as u8 >= 8),
+        "no r8..r15 thunk: {regs:?}"
+    );
+    let add_one = within(&found.sites, sym(&syms, "c_add_one"));
+    assert_eq!(add_one.len(), 1);
+    assert_eq!(
+        (add_one[0].kind, add_one[0].form),
+        (SiteKind::ReturnThunk, BranchKind::Jmp)
+    );
+    let dispatch = within(&found.sites, sym(&syms, "c_dispatch"));
+    assert_eq!(
+        dispatch
+            .iter()
+            .filter(|s| matches!(s.kind, SiteKind::IndirectThunk(_)))
+            .count(),
+        1,
+        "{dispatch:#?}"
+    );
+    assert!(dispatch.iter().any(|s| s.kind == SiteKind::ReturnThunk));
+}
+
+#[test]
+fn independent_decode_finds_the_same_sites() {
+    let data = std::fs::read(fixture()).unwrap();
+    let found = elf::read_sites(&data).unwrap();
+    let scanned = elf::scan_branches(&data).unwrap();
+    // Compare by where each instruction ends (its displacement's end): the
+    // decoder sees prefixes the relocation cannot vouch for.
+    let key = |s: &Site| (s.addr + s.len as usize, s.form, s.kind, s.target);
+    let from_relocs: BTreeSet<_> = found
+        .sites
+        .iter()
+        .filter(|s| s.kind != SiteKind::Ifunc)
+        .map(key)
+        .collect();
+    let from_decode: BTreeSet<_> = scanned.iter().map(key).collect();
+    assert!(
+        from_relocs.len() > 100,
+        "a retpoline-built program has many sites"
+    );
+    let only_relocs: Vec<_> = from_relocs.difference(&from_decode).collect();
+    let only_decode: Vec<_> = from_decode.difference(&from_relocs).collect();
+    assert!(
+        only_relocs.is_empty() && only_decode.is_empty(),
+        "only from relocations: {only_relocs:x?}\nonly from decoding: {only_decode:x?}"
+    );
+    // The one prefixed site: the decoder includes the cs prefix.
+    let syms = common::symbols(&fixture());
+    let cs = sym(&syms, "site_cs_call_r11").0;
+    assert!(scanned.iter().any(|s| s.addr == cs && s.len == 6));
+}
+
+#[test]
+fn the_running_program_finds_its_own_sites() {
+    let path = fixture();
+    let data = std::fs::read(&path).unwrap();
+    let found = elf::read_sites(&data).unwrap();
+    let out = std::process::Command::new(&path).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("results 13 42 80 11"), "{text}");
+    assert!(text.contains("embedded none"), "{text}");
+    let bias = text
+        .lines()
+        .find_map(|l| l.strip_prefix("bias 0x"))
+        .map(|h| usize::from_str_radix(h, 16).unwrap())
+        .expect("bias line");
+    let runtime: Vec<(usize, String, usize)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("site ")?.split(' ');
+            let addr = usize::from_str_radix(w.next()?.trim_start_matches("0x"), 16).ok()?;
+            let kind = w.next()?.to_string();
+            let len = w.next()?.parse().ok()?;
+            Some((addr, kind, len))
+        })
+        .collect();
+    let expected: Vec<(usize, String, usize)> = found
+        .sites
+        .iter()
+        .map(|s| (s.addr + bias, s.kind.name().to_string(), s.len as usize))
+        .collect();
+    assert_eq!(runtime, expected);
+}
+
+#[test]
+fn without_emit_relocs_the_error_names_the_flag() {
+    let plain = common::gcc("plain", "int main(void) { return 0; }\n", &["-O2"]);
+    let e = elf::read_sites(&std::fs::read(plain).unwrap()).unwrap_err();
+    assert_eq!(e, ElfError::NoRelocations);
+    assert!(e.to_string().contains("--emit-relocs"), "{e}");
+}
+
+#[test]
+fn stripped_image() {
+    let plain = common::gcc(
+        "tostrip",
+        "int main(void) { return 0; }\n",
+        &["-O2", "-Wl,--emit-relocs"],
+    );
+    let stripped = plain.with_file_name("stripped");
+    let r = std::process::Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(&plain)
+        .status()
+        .unwrap();
+    assert!(r.success());
+    let e = elf::read_sites(&std::fs::read(stripped).unwrap()).unwrap_err();
+    assert_eq!(e, ElfError::Stripped, "{e}");
+}
+
+fn fixture_bytes() -> Vec<u8> {
+    std::fs::read(fixture()).unwrap()
+}
+
+#[test]
+fn wrong_class_endianness_machine_and_kind() {
+    let good = fixture_bytes();
+    let mut b = good.clone();
+    b[4] = 1; // ELFCLASS32
+    assert_eq!(elf::read_sites(&b).unwrap_err(), ElfError::WrongClass);
+    let mut b = good.clone();
+    b[5] = 2; // big endian
+    assert_eq!(elf::read_sites(&b).unwrap_err(), ElfError::WrongEndian);
+    let mut b = good.clone();
+    b[18..20].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64
+    assert_eq!(
+        elf::read_sites(&b).unwrap_err(),
+        ElfError::WrongMachine(183)
+    );
+    let mut b = good.clone();
+    b[16..18].copy_from_slice(&1u16.to_le_bytes()); // ET_REL
+    assert_eq!(elf::read_sites(&b).unwrap_err(), ElfError::NotLinked);
+    assert_eq!(
+        elf::read_sites(b"not an elf at all").unwrap_err(),
+        ElfError::NotElf
+    );
+    assert_eq!(elf::read_sites(&[]).unwrap_err(), ElfError::NotElf);
+}
+
+#[test]
+fn truncated_and_corrupt_images_never_panic() {
+    let good = fixture_bytes();
+    // Every prefix length on a coarse grid, and all of the first kilobyte.
+    let mut lens: Vec<usize> = (0..1024).collect();
+    lens.extend((1024..good.len()).step_by(good.len() / 257 + 1));
+    for len in lens {
+        let r = elf::read_sites(&good[..len]);
+        assert!(r.is_err() || len > good.len() / 2, "prefix {len} parsed");
+    }
+    // Section header table offset past the end.
+    let mut b = good.clone();
+    b[40..48].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(matches!(elf::read_sites(&b), Err(ElfError::Corrupt(_))));
+    // Deterministic random byte flips anywhere in the headers.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..120 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let mut b = good.clone();
+        let shoff = u64::from_le_bytes(b[40..48].try_into().unwrap()) as usize;
+        let at = if x & 1 == 0 {
+            (x as usize >> 8) % 64
+        } else {
+            shoff + (x as usize >> 8) % (b.len() - shoff)
+        };
+        b[at] ^= (x >> 32) as u8 | 1;
+        let _ = elf::read_sites(&b);
+        let _ = elf::scan_branches(&b);
+        let _ = elf::audit(&b, &[]);
+    }
+}
+
+#[test]
+fn relocation_outside_its_section_is_an_error() {
+    use object::read::elf::{FileHeader, Rela, SectionHeader};
+    let mut b = fixture_bytes();
+    // Find the file offset of the first entry of a .rela section that
+    // applies to code, and point it far beyond its section.
+    let (entry_off, target_name) = {
+        let le = object::endian::LittleEndian;
+        let h = object::elf::FileHeader64::<object::endian::LittleEndian>::parse(&*b).unwrap();
+        let sections = h.sections(le, &*b).unwrap();
+        let mut found = None;
+        for s in sections.iter() {
+            if s.sh_type(le) != object::elf::SHT_RELA {
+                continue;
+            }
+            let Ok(target) = sections.section(object::SectionIndex(s.sh_info(le) as usize)) else {
+                continue;
+            };
+            if target.sh_flags(le).0 & object::elf::SHF_EXECINSTR.0 == 0 || s.sh_size(le) == 0 {
+                continue;
+            }
+            // An entry against a site symbol, so the reader looks at it.
+            let (relas, _) = s.rela(le, &*b).unwrap().unwrap();
+            let syms = sections.symbols(le, &*b, object::elf::SHT_SYMTAB).unwrap();
+            for (i, r) in relas.iter().enumerate() {
+                let Some(si) = r.symbol(le, false) else {
+                    continue;
+                };
+                let name = syms.symbol_name(le, syms.symbol(si).unwrap()).unwrap();
+                if name.starts_with(b"__x86_indirect_thunk_r11") {
+                    found = Some((
+                        s.sh_offset(le) as usize + i * 24,
+                        sections.section_name(le, target).unwrap().to_vec(),
+                    ));
+                    break;
+                }
+            }
+            if found.is_some() {
+                break;
+            }
+        }
+        found.expect("a thunk relocation in code")
+    };
+    b[entry_off..entry_off + 8].copy_from_slice(&0x7fff_0000_0000u64.to_le_bytes());
+    let e = elf::read_sites(&b).unwrap_err();
+    assert_eq!(
+        e,
+        ElfError::RelocationOutsideSection {
+            offset: 0x7fff_0000_0000,
+            section: String::from_utf8(target_name).unwrap()
+        }
+    );
+}
+
+#[test]
+fn fuzzer_findings_stay_fixed() {
+    // Inputs that once made the reader panic (fuzz/ found them).
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let data = std::fs::read(entry.unwrap().path()).unwrap();
+        let _ = elf::read_sites(&data);
+        let _ = elf::scan_branches(&data);
+        let _ = elf::audit(&data, &[]);
+        let _ = elf::embed(&mut data.clone());
+        n += 1;
+    }
+    assert!(n > 0);
+}
