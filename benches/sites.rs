@@ -131,14 +131,13 @@ fn bench(c: &mut Criterion) {
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     if let Ok(text) = std::fs::read_to_string(format!(
         "{target}/criterion/sites/read_sites/new/estimates.json"
-    )) {
-        if let Some(ns) = mean(&text) {
-            println!(
-                "time: {:.2} ms per read, {:.2} ms per 100 000 relocations",
-                ns / 1e6,
-                ns / 1e6 * 100_000.0 / relocs as f64
-            );
-        }
+    )) && let Some(ns) = mean(&text)
+    {
+        println!(
+            "time: {:.2} ms per read, {:.2} ms per 100 000 relocations",
+            ns / 1e6,
+            ns / 1e6 * 100_000.0 / relocs as f64
+        );
     }
 }
 

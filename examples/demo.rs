@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use altpatch::cpu::{self, Features, HostCpuid, Overrides};
-use altpatch::{Edit, Image, LinuxPoke, Plan, alternative, alternative_call, patch_point};
+use altpatch::static_key::StaticFalseKey;
+use altpatch::{
+    Edit, Image, LinuxPoke, Plan, alternative, alternative_call, patch_point,
+    static_branch_unlikely, static_call,
+};
 
 /// Returns 1 until the demo rewrites the immediate of its `mov`.
 #[inline(never)]
@@ -81,6 +85,47 @@ fn popcount(x: u64) -> u64 {
     alternative_call!(name: "demo::popcount", fn(u64) -> u64; popcount_portable, [Popcnt => popcount_hw]; x)
 }
 
+extern "C" fn hash_portable(x: u64) -> u64 {
+    x.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(17)
+}
+
+extern "C" fn hash_fast(x: u64) -> u64 {
+    x.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(17)
+}
+
+static_call! {
+    /// A hash whose implementation is chosen at start-up.
+    fn demo_hash(x: u64) -> u64 = hash_portable;
+}
+
+static TRACE: StaticFalseKey = StaticFalseKey::new();
+
+/// 10 million calls through the static call; the time per call.
+#[inline(never)]
+fn time_static_call() -> (f64, u64) {
+    const N: u64 = 10_000_000;
+    let t = Instant::now();
+    let mut x = 1u64;
+    for _ in 0..N {
+        x = demo_hash(x);
+    }
+    (t.elapsed().as_nanos() as f64 / N as f64, x)
+}
+
+/// 10 million checks of the static key; the time per check.
+#[inline(never)]
+fn time_static_branch() -> (f64, u64) {
+    const N: u64 = 10_000_000;
+    let t = Instant::now();
+    let mut hits = 0u64;
+    for i in 0..N {
+        if static_branch_unlikely!(TRACE) {
+            hits = hits.wrapping_add(std::hint::black_box(i));
+        }
+    }
+    (t.elapsed().as_nanos() as f64 / N as f64, hits)
+}
+
 fn main() -> ExitCode {
     if std::env::args().any(|a| a == "--dump-cpuid") {
         print!("{}", cpu::dump(&HostCpuid::new()));
@@ -137,7 +182,43 @@ fn main() -> ExitCode {
         eprintln!("alternatives failed: {e}");
         return ExitCode::FAILURE;
     }
+
+    println!();
+    println!("== Static call and static key, updated live");
+    if let Err(e) = calls_and_keys() {
+        eprintln!("static call / key update failed: {e}");
+        return ExitCode::FAILURE;
+    }
     ExitCode::SUCCESS
+}
+
+fn calls_and_keys() -> Result<(), Box<dyn std::error::Error>> {
+    let (before, a) = time_static_call();
+    let t = Instant::now();
+    let report = demo_hash::update(hash_fast)?;
+    let took = t.elapsed();
+    let (after, b) = time_static_call();
+    println!(
+        "demo_hash: {:.2} ns/call through the trampoline, {:.2} ns/call after the update \
+         ({} call sites made direct in {:?}, which includes reading the relocations once; results equal: {})",
+        before,
+        after,
+        report.inlined,
+        took,
+        a == b
+    );
+    let (off, _) = time_static_branch();
+    let t = Instant::now();
+    let r = TRACE.enable()?;
+    let took = t.elapsed();
+    let (on, hits) = time_static_branch();
+    TRACE.disable()?;
+    println!(
+        "TRACE key: {:.2} ns/check while off (a NOP), {:.2} ns/check while on; \
+         enabling rewrote {} sites in {:?} (live, INT3 protocol); {} hits",
+        off, on, r.written, took, hits
+    );
+    Ok(())
 }
 
 fn alternatives(image: &Image<'_>, features: &Features) -> Result<(), Box<dyn std::error::Error>> {

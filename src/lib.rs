@@ -88,6 +88,8 @@ pub mod plan;
 pub mod poke;
 pub mod site;
 pub mod sites;
+pub mod static_call;
+pub mod static_key;
 pub mod x86;
 
 #[cfg(all(feature = "std", target_os = "linux"))]

@@ -44,6 +44,7 @@ pub const SECTIONS: &[&str] = &[
     crate::__altpatch_section!(point),
     crate::__altpatch_section!(alt),
     crate::__altpatch_section!(sitetab),
+    crate::__altpatch_section!(key),
 ];
 
 /// A 32-bit offset from the field's own address to a target address.
@@ -83,6 +84,9 @@ macro_rules! __altpatch_section {
     };
     (sitetab) => {
         "altpatch_v1_sitetab"
+    };
+    (key) => {
+        "altpatch_v1_key"
     };
 }
 
@@ -220,6 +224,14 @@ section_table!(
     alt,
     __start_altpatch_v1_alt,
     __stop_altpatch_v1_alt
+);
+
+section_table!(
+    /// The static-branch records of the binary this crate is linked into.
+    pub(crate) fn current_static_keys() -> crate::static_key::Record,
+    key,
+    __start_altpatch_v1_key,
+    __stop_altpatch_v1_key
 );
 
 section_table!(

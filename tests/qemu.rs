@@ -130,6 +130,16 @@ fn expected_features(fixture: &str) -> String {
 
 fn assert_patched(b: &Boot) {
     assert_eq!(b.line("thunk call:"), "thunk call: 7");
+    // A static call re-targeted (trampoline and its inline call site, from
+    // the embedded table) and a static key flipped with the INT3 protocol.
+    assert_eq!(
+        b.line("static call:"),
+        "static call: before=14 after=21 inlined=1 trampoline=true"
+    );
+    assert_eq!(
+        b.line("static key:"),
+        "static key: before=false after=true sites=1"
+    );
     let sites = b.line("sites:");
     assert!(
         sites.starts_with("sites: embedded ") && sites.ends_with("call_via_thunk listed: true"),

@@ -309,10 +309,10 @@ impl Features {
 
         let mut bits = 0u64;
         for &f in Feature::ALL {
-            if let Src::Cpuid(leaf, sub, reg, bit) = f.source() {
-                if read(leaf, sub, reg, bit) {
-                    bits |= f.mask();
-                }
+            if let Src::Cpuid(leaf, sub, reg, bit) = f.source()
+                && read(leaf, sub, reg, bit)
+            {
+                bits |= f.mask();
             }
         }
 

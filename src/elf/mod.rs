@@ -203,13 +203,19 @@ fn classify(name: &[u8], sym_type: u8) -> Option<Class> {
     if name == names::RETURN_THUNK.as_bytes() {
         return Some(Class::Site(SiteKind::ReturnThunk));
     }
-    if name.starts_with(names::STATIC_CALL_TRAMPOLINE_PREFIX.as_bytes()) {
+    if contains(name, names::STATIC_CALL_TRAMPOLINE_MARK.as_bytes()) {
         return Some(Class::Site(SiteKind::StaticCall));
     }
-    if sym_type == elf::STT_GNU_IFUNC.0 || name.starts_with(names::IFUNC_STUB_PREFIX.as_bytes()) {
+    if sym_type == elf::STT_GNU_IFUNC.0 || contains(name, names::IFUNC_STUB_MARK.as_bytes()) {
         return Some(Class::Site(SiteKind::Ifunc));
     }
     None
+}
+
+/// Whether `needle` occurs in `hay` (a cheap pre-check on the first byte
+/// keeps this fast over hundreds of thousands of relocations).
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.len() >= needle.len() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The executable section containing `addr..addr+len`, with its bytes.
@@ -391,29 +397,27 @@ pub fn scan_branches(data: &[u8]) -> Result<Vec<Site>, ElfError> {
             continue;
         }
         let name = p.symbols.symbol_name(LE, sym).map_err(corrupt)?;
-        if let Some(Class::Site(kind)) = classify(name, sym.st_type().0) {
-            if kind != SiteKind::Ifunc {
-                targets.insert(sym.st_value(LE), kind);
-            }
+        if let Some(Class::Site(kind)) = classify(name, sym.st_type().0)
+            && kind != SiteKind::Ifunc
+        {
+            targets.insert(sym.st_value(LE), kind);
         }
     }
     let mut found = Vec::new();
     audit::for_each_function(&p, |_name, addr, code| {
         audit::decode_all(code, addr, |insn| {
-            if let Some(b) = x86::rel_branch_of(insn) {
-                if let Some(&kind) = targets.get(&b.target) {
-                    if b.disp_size == 4
-                        && !(kind == SiteKind::ReturnThunk && b.kind == x86::BranchKind::Call)
-                    {
-                        found.push(Site {
-                            addr: insn.ip() as usize,
-                            len: insn.len() as u8,
-                            form: b.kind,
-                            kind,
-                            target: b.target as usize,
-                        });
-                    }
-                }
+            if let Some(b) = x86::rel_branch_of(insn)
+                && let Some(&kind) = targets.get(&b.target)
+                && b.disp_size == 4
+                && !(kind == SiteKind::ReturnThunk && b.kind == x86::BranchKind::Call)
+            {
+                found.push(Site {
+                    addr: insn.ip() as usize,
+                    len: insn.len() as u8,
+                    form: b.kind,
+                    kind,
+                    target: b.target as usize,
+                });
             }
         });
     })?;

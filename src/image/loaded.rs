@@ -102,6 +102,7 @@ impl Image<'static> {
             text: obj.text.clone(),
             points: &[],
             alternatives: &[],
+            keys: &[],
             site_table: &[],
             file: Some((Cow::Owned(path), obj.bias)),
         };
@@ -123,6 +124,12 @@ impl Image<'static> {
                     // the caller keeps the object loaded.
                     image.points =
                         unsafe { table::<PatchPoint>(runtime, size, loaded) }.map_err(bad)?;
+                }
+                "altpatch_v1_key" => {
+                    // SAFETY: as above.
+                    image.keys =
+                        unsafe { table::<crate::static_key::Record>(runtime, size, loaded) }
+                            .map_err(bad)?;
                 }
                 "altpatch_v1_sitetab" => {
                     // SAFETY: as above.

@@ -35,6 +35,7 @@ pub struct Image<'a> {
     text: Vec<Range<usize>>,
     points: &'a [PatchPoint],
     alternatives: &'a [alternative::Record],
+    keys: &'a [crate::static_key::Record],
     site_table: &'a [u8],
     file: Option<(Cow<'a, str>, usize)>,
 }
@@ -54,6 +55,7 @@ impl Image<'static> {
             text: Vec::new(),
             points: site::current_patch_points(),
             alternatives: site::current_alternatives(),
+            keys: site::current_static_keys(),
             site_table: site::current_site_table(),
             file: None,
         };
@@ -83,6 +85,7 @@ impl<'a> Image<'a> {
                 text: Vec::new(),
                 points: &[],
                 alternatives: &[],
+                keys: &[],
                 site_table: &[],
                 file: None,
             },
@@ -127,6 +130,11 @@ impl<'a> Image<'a> {
     /// The alternative records (see [`alternative`](mod@crate::alternative)).
     pub fn alternatives(&self) -> &'a [alternative::Record] {
         self.alternatives
+    }
+
+    /// The static-branch records (see [`crate::static_key`]).
+    pub fn static_key_records(&self) -> &'a [crate::static_key::Record] {
+        self.keys
     }
 
     /// The embedded site table (see [`crate::sites`]): `Ok(None)` when the
@@ -174,6 +182,7 @@ impl fmt::Debug for Image<'_> {
             )
             .field("patch_points", &self.points.len())
             .field("alternatives", &self.alternatives.len())
+            .field("static_key_sites", &self.keys.len())
             .finish()
     }
 }
@@ -227,6 +236,17 @@ impl<'a> ImageBuilder<'a> {
     /// memory that stays mapped and unchanged for `'a`.
     pub unsafe fn alternatives(mut self, records: &'a [alternative::Record]) -> Self {
         self.image.alternatives = records;
+        self
+    }
+
+    /// Sets the static-branch record table.
+    ///
+    /// # Safety
+    ///
+    /// `records` must be the image's `altpatch_v1_key` section in place, in
+    /// memory that stays mapped and unchanged for `'a`.
+    pub unsafe fn static_key_records(mut self, records: &'a [crate::static_key::Record]) -> Self {
+        self.image.keys = records;
         self
     }
 

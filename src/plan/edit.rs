@@ -38,12 +38,20 @@ impl Expect {
     pub fn matches(&self, addr: usize, found: &[u8]) -> bool {
         match self {
             Expect::Bytes(b) => crate::poke::short_eq(b, found),
-            Expect::Nop => x86::is_single_nop(found),
+            // The encodings this crate writes are checked without decoding;
+            // anything else goes to the decoder.
+            Expect::Nop => found == x86::NOP5 || x86::is_single_nop(found),
             Expect::Gap => x86::is_gap(found),
-            Expect::Call(t) => x86::rel_branch(found, addr as u64)
-                .is_some_and(|b| b.kind == BranchKind::Call && b.target == *t as u64),
-            Expect::Jmp(t) => x86::rel_branch(found, addr as u64)
-                .is_some_and(|b| b.kind == BranchKind::Jmp && b.target == *t as u64),
+            Expect::Call(t) => match rel32_form(found, 0xe8, addr) {
+                Some(to) => to == *t,
+                None => x86::rel_branch(found, addr as u64)
+                    .is_some_and(|b| b.kind == BranchKind::Call && b.target == *t as u64),
+            },
+            Expect::Jmp(t) => match rel32_form(found, 0xe9, addr) {
+                Some(to) => to == *t,
+                None => x86::rel_branch(found, addr as u64)
+                    .is_some_and(|b| b.kind == BranchKind::Jmp && b.target == *t as u64),
+            },
         }
     }
 
@@ -65,6 +73,16 @@ impl Expect {
             _ => None,
         }
     }
+}
+
+/// The target of `found` if it is exactly `opcode rel32` (5 bytes) at `addr`.
+#[inline]
+fn rel32_form(found: &[u8], opcode: u8, addr: usize) -> Option<usize> {
+    if found.len() != 5 || found[0] != opcode {
+        return None;
+    }
+    let d = i32::from_le_bytes([found[1], found[2], found[3], found[4]]);
+    Some((addr as i64 + 5 + d as i64) as usize)
 }
 
 impl fmt::Display for Expect {

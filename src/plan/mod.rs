@@ -140,12 +140,17 @@ impl Plan {
         }
     }
 
+    /// Makes room for `additional` more edits.
+    pub fn reserve(&mut self, additional: usize) {
+        self.edits.reserve(additional);
+    }
+
     /// Adds an edit. Nothing is checked until [`validate`](Self::validate).
     pub fn push(&mut self, edit: Edit) {
-        if let Some(last) = self.edits.last() {
-            if last.addr > edit.addr {
-                self.sorted = false;
-            }
+        if let Some(last) = self.edits.last()
+            && last.addr > edit.addr
+        {
+            self.sorted = false;
         }
         self.edits.push(edit);
     }
@@ -207,14 +212,14 @@ impl Plan {
                     why: "edit writes no bytes",
                 });
             }
-            if let Expect::Bytes(b) = &e.expect {
-                if b.len() != len {
-                    return Err(PlanError::BadEdit {
-                        site: e.who(),
-                        addr: e.addr,
-                        why: "expected and new bytes differ in length",
-                    });
-                }
+            if let Expect::Bytes(b) = &e.expect
+                && b.len() != len
+            {
+                return Err(PlanError::BadEdit {
+                    site: e.who(),
+                    addr: e.addr,
+                    why: "expected and new bytes differ in length",
+                });
             }
             let inside = match (text, e.addr.checked_add(len)) {
                 (_, None) => false,

@@ -55,6 +55,7 @@ mod direct;
 mod fault;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub mod linux;
+pub mod live;
 mod short;
 
 pub use direct::{DirectPoke, SyncMethod};

@@ -33,13 +33,15 @@ pub mod names {
     pub const INDIRECT_THUNK_PREFIX: &str = "__x86_indirect_thunk_";
     /// The return thunk.
     pub const RETURN_THUNK: &str = "__x86_return_thunk";
-    /// Prefix of static-call trampolines defined by this crate:
-    /// `__altpatch_sc_tramp_<name>`.
-    pub const STATIC_CALL_TRAMPOLINE_PREFIX: &str = "__altpatch_sc_tramp_";
-    /// Prefix of the call stubs of `ifunc!` functions defined by this crate:
-    /// `__altpatch_ifunc_<name>`. (ELF symbols of type `STT_GNU_IFUNC` are
-    /// ifunc sites too, whatever their name.)
-    pub const IFUNC_STUB_PREFIX: &str = "__altpatch_ifunc_";
+    /// Static-call trampolines: any symbol whose name *contains* this (the
+    /// macro's trampolines are naked functions named `__altpatch_sc_tramp`,
+    /// so their mangled names carry it; hand-written ones may use it as a
+    /// prefix).
+    pub const STATIC_CALL_TRAMPOLINE_MARK: &str = "__altpatch_sc_tramp";
+    /// Stubs of `ifunc!` functions: any symbol whose name contains this.
+    /// (ELF symbols of type `STT_GNU_IFUNC` are ifunc sites too, whatever
+    /// their name.)
+    pub const IFUNC_STUB_MARK: &str = "__altpatch_ifunc";
 }
 
 /// What a site reaches.

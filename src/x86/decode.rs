@@ -65,12 +65,11 @@ pub fn is_gap(bytes: &[u8]) -> bool {
     if bytes.is_empty() {
         return true;
     }
-    if let Some(insn) = decode_one(bytes, 0) {
-        if matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64)
-            && insn.near_branch_target() == bytes.len() as u64
-        {
-            return bytes[insn.len()..].iter().all(|&b| b == INT3);
-        }
+    if let Some(insn) = decode_one(bytes, 0)
+        && matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64)
+        && insn.near_branch_target() == bytes.len() as u64
+    {
+        return bytes[insn.len()..].iter().all(|&b| b == INT3);
     }
     for_each_insn(bytes, 0, |insn| insn.mnemonic() == Mnemonic::Nop)
 }

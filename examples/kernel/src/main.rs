@@ -26,7 +26,11 @@ mod support;
 use core::ffi::CStr;
 
 use altpatch::cpu::{self, Features, HostCpuid, Overrides};
-use altpatch::{DirectPoke, Edit, Image, Plan, alternative, alternative_call, patch_point};
+use altpatch::static_key::{KeyIndex, StaticFalseKey};
+use altpatch::{
+    DirectPoke, Edit, Image, Plan, alternative, alternative_call, patch_point,
+    static_branch_unlikely, static_call,
+};
 use support::{EXIT_FAILURE, EXIT_SUCCESS, exit};
 
 unsafe extern "C" {
@@ -132,6 +136,33 @@ fn ones(x: u64) -> u64 {
     alternative_call!(fn(u64) -> u64; ones_portable, [Bmi2 => ones_bmi2]; x)
 }
 
+extern "C" fn k_double(x: u64) -> u64 {
+    x * 2
+}
+
+extern "C" fn k_triple(x: u64) -> u64 {
+    x * 3
+}
+
+static_call! {
+    /// Scales by two, or by three once updated at boot.
+    fn kernel_scale(x: u64) -> u64 = k_double;
+}
+
+/// Off until boot enables it.
+static K_BOOT: StaticFalseKey = StaticFalseKey::new();
+
+#[inline(never)]
+fn scaled(x: u64) -> u64 {
+    // `black_box` keeps this a `call` site rather than a tail `jmp`.
+    core::hint::black_box(kernel_scale(x))
+}
+
+#[inline(never)]
+fn boot_key() -> bool {
+    static_branch_unlikely!(K_BOOT)
+}
+
 /// The multiboot command line, if the loader passed one.
 fn cmdline(info: u32) -> &'static str {
     if info == 0 {
@@ -231,6 +262,10 @@ extern "C" fn kmain(multiboot_info: u32) -> ! {
         exit(EXIT_FAILURE);
     }
     report_sites(&image);
+    if let Err(e) = update_calls_and_keys(&image, &features) {
+        println!("altpatch kernel: FAILED: {e}");
+        exit(EXIT_FAILURE);
+    }
     println!("altpatch kernel: ok");
     exit(EXIT_SUCCESS)
 }
@@ -307,6 +342,46 @@ fn apply_alternatives(
     // SAFETY: as above.
     let again = unsafe { altpatch::alternative::apply(image, features, &mut poke) }?;
     println!("alternatives again: {} written", again.applied.written);
+    Ok(())
+}
+
+/// Re-targets a static call (trampoline and call sites, from the embedded
+/// site table) and flips a static key through the INT3 protocol.
+fn update_calls_and_keys(image: &Image<'_>, features: &Features) -> Result<(), &'static str> {
+    let sites: alloc::vec::Vec<altpatch::sites::Site> = match image.embedded_sites() {
+        Ok(Some(t)) => t.iter().collect(),
+        _ => return Err("no embedded site table"),
+    };
+    // SAFETY: text is writable, this CPU is the only one, nothing runs the
+    // static call during the update.
+    let mut poke = unsafe { DirectPoke::for_features(features) };
+    let before = scaled(7);
+    // SAFETY: as above.
+    let r = unsafe { kernel_scale::update_with(k_triple, image, &sites, &mut poke) }
+        .map_err(|_| "static call update failed")?;
+    println!(
+        "static call: before={before} after={} inlined={} trampoline={}",
+        scaled(7),
+        r.inlined,
+        r.trampoline
+    );
+
+    let index = KeyIndex::new(image);
+    let key_before = boot_key();
+    // The INT3 protocol over the direct poke: on one CPU no thread can hit
+    // a site mid-update, but the same code serves an SMP kernel whose
+    // poke syncs with IPIs and whose #BP handler calls LiveSites::emulate.
+    // SAFETY: as above.
+    let inner = unsafe { DirectPoke::for_features(features) };
+    let mut live = altpatch::poke::live::Int3Poke::new(inner);
+    // SAFETY: as above; each key site is one instruction.
+    let r = unsafe { K_BOOT.set_with(true, image, &index, &mut live) }
+        .map_err(|_| "static key flip failed")?;
+    println!(
+        "static key: before={key_before} after={} sites={}",
+        boot_key(),
+        r.written
+    );
     Ok(())
 }
 

@@ -51,6 +51,9 @@
 
 mod arena;
 pub(crate) mod maps;
+mod trap;
+
+pub use trap::emulated_traps;
 
 use alloc::vec::Vec;
 use core::ops::Range;
@@ -67,6 +70,11 @@ pub enum Publish {
     /// Stages in spare pages and maps them over the text at commit: every
     /// page changes atomically.
     Remap,
+    /// Writes in place with the INT3 protocol (see [`live`](crate::poke::live)):
+    /// safe while other threads run the sites, three `membarrier`s per
+    /// batch. Every edit must replace one instruction (call, jmp, jcc, nop,
+    /// ret) by one such instruction.
+    Live,
 }
 
 /// One run of contiguous pages in the current batch.
@@ -116,6 +124,9 @@ pub struct LinuxPoke {
     runs: Vec<Run>,
     /// Per page of the batch: the alias address writes to it go to.
     targets: Vec<usize>,
+    /// Live batches: the writes (checked as live sites), run by the
+    /// protocol at commit.
+    pending: Vec<(crate::poke::live::LiveSite, crate::plan::Bytes)>,
     last_run: usize,
     remaps: u64,
     maps_checks: u64,
@@ -144,6 +155,11 @@ impl LinuxPoke {
         LinuxPoke::with_publish(Publish::Remap)
     }
 
+    /// A poke for text other threads may be running ([`Publish::Live`]).
+    pub fn live() -> Result<LinuxPoke, PokeError> {
+        LinuxPoke::with_publish(Publish::Live)
+    }
+
     /// A poke with the given publication strategy.
     pub fn with_publish(publish: Publish) -> Result<LinuxPoke, PokeError> {
         init_process();
@@ -152,6 +168,7 @@ impl LinuxPoke {
             lock: None,
             runs: Vec::new(),
             targets: Vec::new(),
+            pending: Vec::new(),
             last_run: 0,
             remaps: 0,
             maps_checks: 0,
@@ -220,6 +237,7 @@ impl LinuxPoke {
     fn end_batch(&mut self) {
         self.runs.clear();
         self.targets.clear();
+        self.pending.clear();
         self.last_run = 0;
         self.lock = None;
     }
@@ -245,14 +263,16 @@ impl LinuxPoke {
                 text: r.clone(),
                 first: self.targets.len(),
             });
-            if self.publish == Publish::InPlace {
+            if self.publish != Publish::Remap {
                 self.home(arena, r.clone())?;
             }
             let mut p = r.start;
             while p < r.end {
                 let s = arena.slots(p).expect("slots were just ensured");
                 let target = match self.publish {
-                    Publish::InPlace => s.live_alias().expect("page was just homed"),
+                    Publish::InPlace | Publish::Live => {
+                        s.live_alias().expect("page was just homed")
+                    }
                     Publish::Remap => {
                         let (_, spare) = s.spare();
                         // SAFETY: the text page is mapped readable; the
@@ -294,6 +314,79 @@ impl LinuxPoke {
                 p += PAGE_SIZE;
             }
             self.remaps += arena.publish_spares(start..p)?;
+        }
+        Ok(())
+    }
+
+    /// Stores `bytes` at `addr` through the alias of the batch's pages.
+    ///
+    /// # Safety
+    ///
+    /// As for [`TextPoke::write`].
+    #[inline]
+    unsafe fn store(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
+        let mut done = 0;
+        while done < bytes.len() {
+            let at = addr + done;
+            let (target, room) = self
+                .target(at)
+                .ok_or(PokeError::OutsideBatch { addr: at })?;
+            let n = room.min(bytes.len() - done);
+            // SAFETY: `target` is inside a slot alias page we mapped
+            // read+write, with `room` bytes left in it.
+            unsafe { copy_short(bytes[done..].as_ptr(), target as *mut u8, n) };
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Runs the INT3 protocol over the batch's writes, with the text lock
+    /// held (so neither another patcher nor `fork` comes between phases).
+    fn commit_live(&mut self) -> Result<(), PokeError> {
+        let sites: Vec<crate::poke::live::LiveSite> =
+            self.pending.iter().map(|(s, _)| *s).collect();
+        let table = crate::poke::live::LiveSites::new(sites);
+        trap::install();
+        let pending = core::mem::take(&mut self.pending);
+        let writes: Vec<(usize, &[u8])> = pending.iter().map(|(s, b)| (s.addr, &b[..])).collect();
+        let result = trap::with_active(&table, || {
+            let mut first_error = Ok(());
+            // A failed sync does not stop the protocol: finishing it leaves
+            // no int3 behind, and the plan restores the old bytes.
+            let r = crate::poke::live::run_protocol(&writes, |step| match step {
+                // SAFETY: inside the batch's pages (checked in `write`).
+                crate::poke::live::Step::Write(addr, bytes) => unsafe { self.store(addr, bytes) },
+                crate::poke::live::Step::Sync => {
+                    if let Err(e) = Self::sync_now()
+                        && first_error.is_ok()
+                    {
+                        first_error = Err(e);
+                    }
+                    Ok(())
+                }
+            });
+            r.and(first_error)
+        });
+        self.lock = None;
+        result
+    }
+
+    /// `membarrier(SYNC_CORE)`, or the TLB-shootdown fallback.
+    fn sync_now() -> Result<(), PokeError> {
+        if !arena::has_sync_core() {
+            return LinuxPoke::sync_fallback();
+        }
+        // SAFETY: membarrier only interrupts this process's running threads.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_membarrier,
+                arena::MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE,
+                0,
+                0,
+            )
+        };
+        if r != 0 {
+            return Err(os_err("membarrier"));
         }
         Ok(())
     }
@@ -361,22 +454,28 @@ unsafe impl TextPoke for LinuxPoke {
         if self.lock.is_none() {
             return Err(PokeError::Unsupported("write outside a batch"));
         }
-        let mut done = 0;
-        while done < bytes.len() {
-            let at = addr + done;
-            let (target, room) = self
-                .target(at)
-                .ok_or(PokeError::OutsideBatch { addr: at })?;
-            let n = room.min(bytes.len() - done);
-            // SAFETY: `target` is inside a slot alias page we mapped
-            // read+write, with `room` bytes left in it.
-            unsafe { copy_short(bytes[done..].as_ptr(), target as *mut u8, n) };
-            done += n;
+        if self.publish == Publish::Live {
+            // Checked now, so a plan the protocol cannot run fails before
+            // anything is written.
+            // SAFETY: the plan writes only inside its text, which is mapped.
+            let old = unsafe { core::slice::from_raw_parts(addr as *const u8, bytes.len()) };
+            let site = crate::poke::live::LiveSite::new(addr, old, bytes).map_err(|_| {
+                PokeError::Unsupported("live patching needs one emulatable instruction per site")
+            })?;
+            self.target(addr).ok_or(PokeError::OutsideBatch { addr })?;
+            self.pending.push((site, crate::plan::Bytes::new(bytes)));
+            return Ok(());
         }
-        Ok(())
+        // SAFETY: forwarded.
+        unsafe { self.store(addr, bytes) }
     }
 
     fn commit(&mut self) -> Result<(), PokeError> {
+        if self.publish == Publish::Live && self.lock.is_some() {
+            let result = self.commit_live();
+            self.end_batch();
+            return result;
+        }
         let Some(mut lock) = self.lock.take() else {
             return Err(PokeError::Unsupported("commit without a batch"));
         };
@@ -403,21 +502,10 @@ unsafe impl TextPoke for LinuxPoke {
     }
 
     fn sync(&mut self) -> Result<(), PokeError> {
-        if !arena::has_sync_core() {
-            return LinuxPoke::sync_fallback();
+        if self.publish == Publish::Live {
+            // The protocol synced after each of its phases.
+            return Ok(());
         }
-        // SAFETY: membarrier only interrupts this process's running threads.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_membarrier,
-                arena::MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE,
-                0,
-                0,
-            )
-        };
-        if r != 0 {
-            return Err(os_err("membarrier"));
-        }
-        Ok(())
+        LinuxPoke::sync_now()
     }
 }

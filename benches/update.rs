@@ -1,0 +1,234 @@
+//! Update latency: flipping a static key with 1, 100, 1000 and 10 000
+//! sites, in place (no other thread) and live (INT3 protocol, 3 syncs), and
+//! re-targeting a static call with 1000 call sites; against the
+//! `static-keys` crate's toggle of 1 and 100 sites, in one run.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use altpatch::static_key::{KeyIndex, StaticFalseKey};
+use altpatch::{Image, LinuxPoke, static_branch_unlikely, static_call};
+use criterion::{Criterion, criterion_group};
+
+macro_rules! rep10 {
+    ($($t:tt)*) => {
+        $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*;
+    };
+}
+
+static K1: StaticFalseKey = StaticFalseKey::new();
+static K100: StaticFalseKey = StaticFalseKey::new();
+static K1000: StaticFalseKey = StaticFalseKey::new();
+static K10000: StaticFalseKey = StaticFalseKey::new();
+static_keys::define_static_key_false!(SK1);
+static_keys::define_static_key_false!(SK100);
+
+#[inline(never)]
+fn sites_1(n: &mut u64) {
+    if static_branch_unlikely!(K1) {
+        *n += 1;
+    }
+}
+
+#[inline(never)]
+fn sites_100(n: &mut u64) {
+    rep10!(rep10!({
+        if static_branch_unlikely!(K100) {
+            *n += 1;
+        }
+    }));
+}
+
+#[inline(never)]
+fn sites_1000(n: &mut u64) {
+    rep10!(rep10!(rep10!({
+        if static_branch_unlikely!(K1000) {
+            *n += 1;
+        }
+    })));
+}
+
+#[inline(never)]
+fn sites_10000(n: &mut u64) {
+    rep10!(rep10!(rep10!(rep10!({
+        if static_branch_unlikely!(K10000) {
+            *n += 1;
+        }
+    }))));
+}
+
+#[inline(never)]
+fn sk_sites_1(n: &mut u64) {
+    if static_keys::static_branch_unlikely!(SK1) {
+        *n += 1;
+    }
+}
+
+#[inline(never)]
+fn sk_sites_100(n: &mut u64) {
+    rep10!(rep10!({
+        if static_keys::static_branch_unlikely!(SK100) {
+            *n += 1;
+        }
+    }));
+}
+
+extern "C" fn one(x: u64) -> u64 {
+    x + 1
+}
+
+extern "C" fn two(x: u64) -> u64 {
+    x + 2
+}
+
+static_call! {
+    fn sc_1000(x: u64) -> u64 = one;
+}
+
+#[inline(never)]
+fn calls_1000(x: u64) -> u64 {
+    let mut acc = 0u64;
+    rep10!(rep10!(rep10!({
+        acc = acc.wrapping_add(sc_1000(x));
+    })));
+    acc
+}
+
+/// Times `flip(i)` for iterations i = 0, 1, ... (alternating states).
+fn flips(iters: u64, mut flip: impl FnMut(u64)) -> Duration {
+    let start = Instant::now();
+    for i in 0..iters {
+        flip(i);
+    }
+    start.elapsed()
+}
+
+fn bench(c: &mut Criterion) {
+    static_keys::global_init();
+    let image = Image::current();
+    let index = KeyIndex::new(&image);
+    // Warm up: home every page the keys and calls touch, check counts.
+    for (k, n) in [(&K1, 1), (&K100, 100), (&K1000, 1000), (&K10000, 10_000)] {
+        assert_eq!(k.sites(), n);
+        k.enable().unwrap();
+        k.disable().unwrap();
+    }
+    assert!(sc_1000::KEY.sites() >= 1000);
+    sc_1000::update(two).unwrap();
+    sc_1000::update(one).unwrap();
+    let mut sink = 0;
+    sites_1(&mut sink);
+    sites_100(&mut sink);
+    sites_1000(&mut sink);
+    sites_10000(&mut sink);
+    sk_sites_1(&mut sink);
+    sk_sites_100(&mut sink);
+    black_box((sink, calls_1000(1)));
+
+    let mut g = c.benchmark_group("update");
+    g.sample_size(30);
+    g.warm_up_time(Duration::from_millis(300));
+    for (name, key) in [
+        ("1", &K1),
+        ("100", &K100),
+        ("1000", &K1000),
+        ("10000", &K10000),
+    ] {
+        g.bench_function(format!("key_in_place/{name}"), |b| {
+            b.iter_custom(|iters| {
+                let mut poke = LinuxPoke::new().unwrap();
+                flips(iters, |i| {
+                    // SAFETY: no other thread runs the bench's key sites.
+                    unsafe { key.set_with(i % 2 == 0, &image, &index, &mut poke) }.unwrap();
+                })
+            })
+        });
+        g.bench_function(format!("key_live/{name}"), |b| {
+            b.iter_custom(|iters| {
+                flips(iters, |_| {
+                    key.toggle().unwrap();
+                })
+            })
+        });
+        if key.is_enabled() {
+            key.disable().unwrap();
+        }
+    }
+    g.bench_function("static_call_live/1000", |b| {
+        b.iter_custom(|iters| {
+            flips(iters, |i| {
+                sc_1000::update(if i % 2 == 0 { two } else { one }).unwrap();
+            })
+        })
+    });
+    g.bench_function("static_keys_crate/1", |b| {
+        b.iter_custom(|iters| {
+            flips(iters, |i| {
+                // SAFETY: the crate's contract: no concurrent modification.
+                unsafe {
+                    if i % 2 == 0 {
+                        SK1.enable()
+                    } else {
+                        SK1.disable()
+                    }
+                }
+            })
+        })
+    });
+    g.bench_function("static_keys_crate/100", |b| {
+        b.iter_custom(|iters| {
+            flips(iters, |i| {
+                // SAFETY: as above.
+                unsafe {
+                    if i % 2 == 0 {
+                        SK100.enable()
+                    } else {
+                        SK100.disable()
+                    }
+                }
+            })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+
+fn mean_ns(id: &str) -> Option<f64> {
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    // Criterion stores "a/b" ids in folders named "a_b".
+    let dir = id.replace('/', "_");
+    let text = std::fs::read_to_string(format!(
+        "{target}/criterion/update/{dir}/new/estimates.json"
+    ))
+    .ok()?;
+    let rest = &text[text.find("\"mean\"")?..];
+    let p = rest.find("\"point_estimate\":")? + "\"point_estimate\":".len();
+    let end = rest[p..].find([',', '}'])?;
+    rest[p..p + end].trim().parse().ok()
+}
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    let us = |id: &str| mean_ns(id).map(|t| t / 1000.0);
+    println!("\n| update | sites | µs per update | vs 1 site (same mode) |\n|---|---:|---:|---:|");
+    for mode in ["key_in_place", "key_live"] {
+        let one = us(&format!("{mode}/1"));
+        for n in ["1", "100", "1000", "10000"] {
+            let t = us(&format!("{mode}/{n}"));
+            if let (Some(t), Some(o)) = (t, one) {
+                println!("| {mode} | {n} | {t:.2} | {:.2}x |", t / o);
+            }
+        }
+    }
+    for (id, n) in [
+        ("static_call_live/1000", "1000"),
+        ("static_keys_crate/1", "1"),
+        ("static_keys_crate/100", "100"),
+    ] {
+        if let Some(t) = us(id) {
+            println!("| {id} | {n} | {t:.2} | |");
+        }
+    }
+}

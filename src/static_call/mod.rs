@@ -1,0 +1,543 @@
+//! Static calls: a call through a function pointer that changes rarely,
+//! made a direct call.
+//!
+//! ```
+//! altpatch::static_call! {
+//!     /// Doubles or triples, depending on the machine.
+//!     pub fn scale(x: u64) -> u64 = double;
+//! }
+//! extern "C" fn double(x: u64) -> u64 { x * 2 }
+//! extern "C" fn triple(x: u64) -> u64 { x * 3 }
+//!
+//! fn main() {
+//!     assert_eq!(scale(7), 14);           // a direct call to the trampoline
+//!     scale::update(triple).unwrap();     // trampoline and every call site, live
+//!     assert_eq!(scale(7), 21);
+//!     assert_eq!(scale::target().map(|f| f(1)), Some(3));
+//! }
+//! ```
+//!
+//! [`static_call!`](macro@crate::static_call) declares a function and a
+//! *trampoline*: 8 bytes, `jmp rel32` to the current target followed by
+//! `0f b9 cc` (`ud1`), which marks it as a trampoline for validation and
+//! stops straight-line speculation past the `jmp`. Calling the function is
+//! an ordinary Rust call, so the compiler emits `call <trampoline>`.
+//!
+//! Targets are `extern "C"` functions: the trampoline is a naked function,
+//! and stable Rust has naked functions only for explicit ABIs (the Rust ABI
+//! is not stable enough to jump into blindly anyway). The arguments and the
+//! result must be FFI-safe types.
+//!
+//! An update rewrites, in one batch:
+//!
+//! * **out of line**: the trampoline's `jmp` (or `ret` for "none");
+//! * **inline**: every call site of the trampoline the image's relocations
+//!   (or embedded site table) list — `call target`, a tail site
+//!   `jmp target`; for none, a 5-byte NOP, or `ret` + `int3` at a tail site.
+//!   A site the target is out of rel32 range from keeps calling the
+//!   trampoline; conditional tail calls (`jcc`) always do.
+
+use alloc::string::ToString;
+use alloc::vec::Vec;
+use core::fmt;
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use crate::image::Image;
+use crate::plan::{Bytes, Edit, Expect, Plan, PlanError};
+use crate::poke::TextPoke;
+use crate::sites::{Site, SiteKind};
+use crate::x86::{self, BranchKind};
+
+#[cfg(all(feature = "std", target_os = "linux"))]
+mod process;
+
+/// The bytes that follow a trampoline's `jmp`: `ud1 %esp, %ecx`.
+pub const TRAMPOLINE_SIGNATURE: [u8; 3] = [0x0f, 0xb9, 0xcc];
+/// A trampoline's "none" form: `ret` and `int3` filler.
+const RET_FILL: [u8; 5] = [0xc3, 0xcc, 0xcc, 0xcc, 0xcc];
+
+/// `target` values: "the declared default" (not yet updated) and "none".
+const DEFAULT: usize = 0;
+const NONE: usize = 1;
+
+/// The state behind one [`static_call!`](macro@crate::static_call): the
+/// trampoline's address and the current target. The macro generates typed
+/// wrappers around it; use those.
+pub struct StaticCall {
+    name: &'static str,
+    trampoline: fn() -> usize,
+    default: fn() -> usize,
+    returns_unit: bool,
+    /// `DEFAULT`, `NONE` or the target's address.
+    target: AtomicUsize,
+    /// What the inline call sites call now: `DEFAULT` (the trampoline),
+    /// `NONE` (NOP) or the target's address.
+    inline: AtomicUsize,
+    busy: AtomicBool,
+}
+
+/// What an update did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpdateReport {
+    /// Whether the trampoline was rewritten.
+    pub trampoline: bool,
+    /// Call sites now calling (or jumping to) the target directly.
+    pub inlined: usize,
+    /// Call sites left calling the trampoline (out of rel32 range, or
+    /// conditional tail calls).
+    pub via_trampoline: usize,
+    /// Bytes-level outcome of the batch.
+    pub applied: crate::plan::ApplyReport,
+}
+
+/// Why a static call could not be updated. Nothing was written.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum StaticCallError {
+    /// The trampoline does not end with the trampoline signature.
+    BadTrampoline {
+        /// The static call's name.
+        name: &'static str,
+        /// Its address.
+        addr: usize,
+        /// The bytes found.
+        found: [u8; 8],
+    },
+    /// "None" was asked for a static call that returns a value.
+    NoneNotAllowed {
+        /// The static call's name.
+        name: &'static str,
+    },
+    /// The plan was refused (a site holds unexpected bytes) or the poke
+    /// failed.
+    Plan(PlanError),
+    /// The running program's sites or poke are unavailable.
+    Unavailable(&'static str),
+}
+
+impl fmt::Display for StaticCallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StaticCallError::BadTrampoline { name, addr, found } => write!(
+                f,
+                "static call `{name}`: trampoline at {addr:#x} holds {} (no 0f b9 cc signature); nothing written",
+                crate::HexBytes(found)
+            ),
+            StaticCallError::NoneNotAllowed { name } => write!(
+                f,
+                "static call `{name}` returns a value, so it cannot be set to none"
+            ),
+            StaticCallError::Plan(e) => fmt::Display::fmt(e, f),
+            StaticCallError::Unavailable(why) => f.write_str(why),
+        }
+    }
+}
+
+impl core::error::Error for StaticCallError {}
+
+impl From<PlanError> for StaticCallError {
+    fn from(e: PlanError) -> StaticCallError {
+        StaticCallError::Plan(e)
+    }
+}
+
+struct Busy<'a>(&'a AtomicBool);
+
+impl<'a> Busy<'a> {
+    fn take(flag: &'a AtomicBool) -> Busy<'a> {
+        while flag
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+        Busy(flag)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl StaticCall {
+    /// Used by [`static_call!`](macro@crate::static_call).
+    #[doc(hidden)]
+    pub const fn new(
+        name: &'static str,
+        trampoline: fn() -> usize,
+        default: fn() -> usize,
+        returns_unit: bool,
+    ) -> StaticCall {
+        StaticCall {
+            name,
+            trampoline,
+            default,
+            returns_unit,
+            target: AtomicUsize::new(DEFAULT),
+            inline: AtomicUsize::new(DEFAULT),
+            busy: AtomicBool::new(false),
+        }
+    }
+
+    /// The declared name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The trampoline's address.
+    pub fn trampoline(&self) -> usize {
+        (self.trampoline)()
+    }
+
+    /// The current target's address, or `None` for "none".
+    pub fn target(&self) -> Option<usize> {
+        match self.target.load(Ordering::Acquire) {
+            DEFAULT => Some((self.default)()),
+            NONE => None,
+            t => Some(t),
+        }
+    }
+
+    /// Whether the target can be set to none (the function returns `()`).
+    pub fn allows_none(&self) -> bool {
+        self.returns_unit
+    }
+
+    /// Points the static call at `target` (an address of a function of the
+    /// declared type, or `None` for no-op calls): the trampoline and every
+    /// call site in `sites` (those of the image whose target is this
+    /// trampoline are used; others are ignored), in one batch through
+    /// `poke`.
+    ///
+    /// # Safety
+    ///
+    /// `target` must be the address of a function of exactly the declared
+    /// type (the typed wrappers the macro generates guarantee it). As for
+    /// [`Plan::apply`] with `poke`: if other threads may be running the
+    /// trampoline or sites, `poke` must implement a protocol for that (each
+    /// edit is a single instruction).
+    pub unsafe fn update_with<P: TextPoke + ?Sized>(
+        &self,
+        target: Option<usize>,
+        image: &Image<'_>,
+        sites: &[Site],
+        poke: &mut P,
+    ) -> Result<UpdateReport, StaticCallError> {
+        if target.is_none() && !self.returns_unit {
+            return Err(StaticCallError::NoneNotAllowed { name: self.name });
+        }
+        let _busy = Busy::take(&self.busy);
+        let tramp = self.trampoline();
+
+        // The trampoline: validated by its signature, then by its jmp.
+        let mut found = [0u8; 8];
+        if image.contains_text(tramp, 8) {
+            // SAFETY: inside the image's text, which is readable.
+            unsafe { core::ptr::copy_nonoverlapping(tramp as *const u8, found.as_mut_ptr(), 8) };
+        }
+        if found[5..] != TRAMPOLINE_SIGNATURE {
+            return Err(StaticCallError::BadTrampoline {
+                name: self.name,
+                addr: tramp,
+                found,
+            });
+        }
+        let mut plan = Plan::for_image(image);
+        plan.reserve(1 + sites.len());
+        let expect_tramp = match self.target() {
+            Some(t) => Expect::Jmp(t),
+            None => Expect::Bytes(Bytes::new(&RET_FILL)),
+        };
+        let tramp_edit = match target {
+            Some(t) => Edit::jmp(tramp, expect_tramp, t),
+            None => Edit::new(tramp, expect_tramp, RET_FILL),
+        };
+        plan.push(tramp_edit.site(self.name).reason("static call trampoline"));
+
+        // Inline sites.
+        let mut report = UpdateReport::default();
+        let inline_now = self.inline.load(Ordering::Acquire);
+        let inline_then = match target {
+            Some(t) => t,
+            None => NONE,
+        };
+        for s in sites {
+            if s.kind != SiteKind::StaticCall || s.target != tramp {
+                continue;
+            }
+            if s.len != 5 || matches!(s.form, BranchKind::Jcc(_)) {
+                report.via_trampoline += 1;
+                continue;
+            }
+            let tail = s.form == BranchKind::Jmp;
+            let reach = |t: usize| x86::rel32(s.addr, 5, t).is_ok();
+            let expect = match inline_now {
+                DEFAULT => branch_expect(tail, tramp),
+                NONE if tail => Expect::Bytes(Bytes::new(&RET_FILL)),
+                NONE => Expect::Nop,
+                t if reach(t) => branch_expect(tail, t),
+                _ => branch_expect(tail, tramp),
+            };
+            let edit = match inline_then {
+                NONE if tail => Edit::new(s.addr, expect, RET_FILL),
+                NONE => Edit::new(s.addr, expect, x86::NOP5),
+                t => {
+                    let to = if reach(t) {
+                        report.inlined += 1;
+                        t
+                    } else {
+                        report.via_trampoline += 1;
+                        tramp
+                    };
+                    if tail {
+                        Edit::jmp(s.addr, expect, to)
+                    } else {
+                        Edit::call(s.addr, expect, to)
+                    }
+                }
+            };
+            if inline_then == NONE {
+                report.inlined += 1;
+            }
+            plan.push(edit);
+        }
+        // SAFETY: forwarded from our caller.
+        report.applied = unsafe { plan.apply(poke) }?;
+        report.trampoline = true;
+        self.target.store(inline_then, Ordering::Release);
+        self.inline.store(inline_then, Ordering::Release);
+        Ok(report)
+    }
+}
+
+fn branch_expect(tail: bool, to: usize) -> Expect {
+    if tail {
+        Expect::Jmp(to)
+    } else {
+        Expect::Call(to)
+    }
+}
+
+impl fmt::Debug for StaticCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StaticCall")
+            .field("name", &self.name)
+            .field("trampoline", &format_args!("{:#x}", self.trampoline()))
+            .field(
+                "target",
+                &self.target().map(|t| format_args!("{t:#x}").to_string()),
+            )
+            .finish()
+    }
+}
+
+/// The sites in `sites` that call the trampoline at `tramp`.
+pub fn sites_of(sites: &[Site], tramp: usize) -> Vec<Site> {
+    sites
+        .iter()
+        .filter(|s| s.kind == SiteKind::StaticCall && s.target == tramp)
+        .copied()
+        .collect()
+}
+
+/// Declares a static call: a function whose calls go through a patchable
+/// trampoline, and a module of the same name to update it.
+///
+/// ```text
+/// static_call! {
+///     [attributes] [pub] fn NAME(ARG: TYPE, ...) [-> RET] = DEFAULT;
+/// }
+/// ```
+///
+/// Generates:
+///
+/// * `fn NAME(...)`: inlined into callers as a direct `call` to the
+///   trampoline `NAME::__altpatch_sc_tramp` (an `extern "C"` naked function);
+/// * `mod NAME` with `KEY` (the [`StaticCall`]), `update(f)` (`std`: the
+///   running program, live), `update_with(f, image, sites, poke)`,
+///   `target()`, and, for functions returning `()`, `set_none()` /
+///   `set_none_with(...)`. `f` must be an `extern "C" fn(TYPE, ...) -> RET`:
+///   type-checked.
+///
+/// Inline call sites come from the program's relocations (link with
+/// `-Wl,--emit-relocs`) or its embedded site table: a relocation against a
+/// symbol whose name contains `__altpatch_sc_tramp` is a static-call site.
+/// Without either, updates still work, through the trampoline.
+///
+/// ```
+/// altpatch::static_call! {
+///     fn notify(code: u32) = quiet;
+/// }
+/// extern "C" fn quiet(_code: u32) {}
+///
+/// fn main() {
+///     notify(1);
+///     notify::set_none().unwrap(); // calls become no-ops
+///     notify(2);
+/// }
+/// ```
+#[macro_export]
+macro_rules! static_call {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $default:path;) => {
+        $crate::__static_call!($(#[$m])* $vis fn $name($($arg: $ty),*) -> $ret = $default; unit false);
+    };
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) = $default:path;) => {
+        $crate::__static_call!($(#[$m])* $vis fn $name($($arg: $ty),*) -> () = $default; unit true);
+    };
+}
+
+/// Internal: the body of [`static_call!`](macro@crate::static_call).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __static_call {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $default:path; unit $unit:tt) => {
+        $(#[$m])*
+        #[inline(always)]
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            $name::__altpatch_sc_tramp($($arg),*)
+        }
+
+        #[doc = concat!("Updates and inspects the static call [`", stringify!($name), "`].")]
+        #[allow(non_snake_case)]
+        $vis mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            /// The trampoline: `jmp` to the current target, then the
+            /// `0f b9 cc` signature. A naked Rust function, so callers in
+            /// the program reach it with a direct `call` (an `extern`
+            /// declaration would be called through the GOT).
+            #[unsafe(naked)]
+            #[unsafe(link_section = ".text.altpatch_sc_tramp")]
+            pub extern "C" fn __altpatch_sc_tramp($($arg: $ty),*) -> $ret {
+                ::core::arch::naked_asm!(
+                    ".byte 0xe9",
+                    ".long {target} - 4 - .",
+                    ".byte 0x0f, 0xb9, 0xcc",
+                    target = sym $default,
+                )
+            }
+
+            fn __trampoline_addr() -> usize {
+                __altpatch_sc_tramp as *const () as usize
+            }
+
+            fn __default_addr() -> usize {
+                let f: extern "C" fn($($ty),*) -> $ret = $default;
+                f as *const () as usize
+            }
+
+            /// The state of this static call.
+            pub static KEY: $crate::static_call::StaticCall = $crate::static_call::StaticCall::new(
+                stringify!($name),
+                __trampoline_addr,
+                __default_addr,
+                $unit,
+            );
+
+            /// The function calls go to now (`None` after `set_none`).
+            pub fn target() -> Option<extern "C" fn($($ty),*) -> $ret> {
+                // SAFETY: KEY only ever holds addresses of functions of
+                // exactly this type (the default, or what `update` took).
+                KEY.target().map(|a| unsafe { ::core::mem::transmute::<usize, extern "C" fn($($ty),*) -> $ret>(a) })
+            }
+
+            /// Points every call at `f`, through `poke`: the trampoline and
+            /// the call sites in `sites` (see
+            /// [`StaticCall::update_with`]($crate::static_call::StaticCall::update_with)).
+            ///
+            /// # Safety
+            ///
+            /// As for [`Plan::apply`]($crate::Plan::apply) with `poke`.
+            pub unsafe fn update_with<P: $crate::TextPoke + ?Sized>(
+                f: extern "C" fn($($ty),*) -> $ret,
+                image: &$crate::Image<'_>,
+                sites: &[$crate::sites::Site],
+                poke: &mut P,
+            ) -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError> {
+                // SAFETY: `f` has exactly the declared type; the rest is the
+                // caller's.
+                unsafe { KEY.update_with(Some(f as *const () as usize), image, sites, poke) }
+            }
+
+            $crate::__static_call_std!($($ty),* ; $ret);
+            $crate::__static_call_unit!($unit);
+        }
+    };
+}
+
+/// Internal: the `std` update of the running program.
+#[doc(hidden)]
+#[macro_export]
+#[cfg(all(feature = "std", target_os = "linux"))]
+macro_rules! __static_call_std {
+    ($($ty:ty),* ; $ret:ty) => {
+        /// Points every call at `f` in the running program: the trampoline
+        /// and every call site its relocations (or embedded site table)
+        /// list, in one live batch (INT3 protocol), safe while other
+        /// threads call it.
+        pub fn update(
+            f: extern "C" fn($($ty),*) -> $ret,
+        ) -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError> {
+            // SAFETY: `f` has exactly the declared type.
+            unsafe { KEY.update_raw(Some(f as *const () as usize)) }
+        }
+    };
+}
+
+/// Internal: nothing without `std`.
+#[doc(hidden)]
+#[macro_export]
+#[cfg(not(all(feature = "std", target_os = "linux")))]
+macro_rules! __static_call_std {
+    ($($ty:ty),* ; $ret:ty) => {};
+}
+
+/// Internal: `set_none` for functions returning `()`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __static_call_unit {
+    (false) => {};
+    (true) => {
+        /// Makes every call a no-op, through `poke` (see `update_with`).
+        ///
+        /// # Safety
+        ///
+        /// As for [`Plan::apply`]($crate::Plan::apply) with `poke`.
+        pub unsafe fn set_none_with<P: $crate::TextPoke + ?Sized>(
+            image: &$crate::Image<'_>,
+            sites: &[$crate::sites::Site],
+            poke: &mut P,
+        ) -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError> {
+            // SAFETY: none is allowed for `()`; the rest is the caller's.
+            unsafe { KEY.update_with(None, image, sites, poke) }
+        }
+
+        $crate::__static_call_unit_std!();
+    };
+}
+
+/// Internal.
+#[doc(hidden)]
+#[macro_export]
+#[cfg(all(feature = "std", target_os = "linux"))]
+macro_rules! __static_call_unit_std {
+    () => {
+        /// Makes every call a no-op in the running program, live.
+        pub fn set_none()
+        -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError> {
+            // SAFETY: none is allowed for `()`.
+            unsafe { KEY.update_raw(None) }
+        }
+    };
+}
+
+/// Internal.
+#[doc(hidden)]
+#[macro_export]
+#[cfg(not(all(feature = "std", target_os = "linux")))]
+macro_rules! __static_call_unit_std {
+    () => {};
+}

@@ -1,0 +1,60 @@
+//! Updating static calls in the running program (`std`).
+
+use alloc::vec::Vec;
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use super::{StaticCall, StaticCallError, UpdateReport};
+use crate::image::Image;
+use crate::poke::LinuxPoke;
+use crate::sites::{Site, SiteKind};
+
+/// The running program's image and its static-call sites by trampoline,
+/// found once. Without relocations or an embedded table the map is empty
+/// and updates go through the trampolines only.
+fn current() -> &'static (Image<'static>, BTreeMap<usize, Vec<Site>>) {
+    static CURRENT: OnceLock<(Image<'static>, BTreeMap<usize, Vec<Site>>)> = OnceLock::new();
+    CURRENT.get_or_init(|| {
+        let image = Image::current();
+        let mut by_tramp: BTreeMap<usize, Vec<Site>> = BTreeMap::new();
+        if let Ok(sites) = crate::elf::image_sites(&image) {
+            for s in sites.into_iter().filter(|s| s.kind == SiteKind::StaticCall) {
+                by_tramp.entry(s.target).or_default().push(s);
+            }
+        }
+        (image, by_tramp)
+    })
+}
+
+impl StaticCall {
+    /// Points the static call at `target` (`None`: no-op calls) in the
+    /// running program, in one live batch (INT3 protocol): safe while other
+    /// threads make the call.
+    ///
+    /// Use the typed `NAME::update(f)` the macro generates instead.
+    ///
+    /// # Safety
+    ///
+    /// `target` is the address of a function of exactly the declared type.
+    #[doc(hidden)]
+    pub unsafe fn update_raw(
+        &self,
+        target: Option<usize>,
+    ) -> Result<UpdateReport, StaticCallError> {
+        let (image, by_tramp) = current();
+        let sites = by_tramp
+            .get(&self.trampoline())
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let mut poke = LinuxPoke::live()
+            .map_err(|_| StaticCallError::Unavailable("cannot create a live text poke"))?;
+        // SAFETY: the caller passes only functions of the declared type; the
+        // live poke runs the INT3 protocol and every edit is one instruction.
+        unsafe { self.update_with(target, image, sites, &mut poke) }
+    }
+
+    /// Number of call sites of this static call in the running program.
+    pub fn sites(&self) -> usize {
+        current().1.get(&self.trampoline()).map_or(0, Vec::len)
+    }
+}

@@ -1,0 +1,404 @@
+//! Static keys (jump labels): a flag whose check costs a 5-byte NOP.
+//!
+//! ```
+//! use altpatch::static_key::StaticFalseKey;
+//! use altpatch::static_branch_unlikely;
+//!
+//! static TRACING: StaticFalseKey = StaticFalseKey::new();
+//!
+//! fn work() -> u32 {
+//!     if static_branch_unlikely!(TRACING) {
+//!         return 1; // rarely on: the check is a NOP until enabled
+//!     }
+//!     0
+//! }
+//!
+//! assert_eq!(work(), 0);
+//! TRACING.enable().unwrap();   // every site of the key becomes a jmp, live
+//! assert_eq!(work(), 1);
+//! TRACING.disable().unwrap();
+//! assert_eq!(work(), 0);
+//! ```
+//!
+//! Each [`static_branch_unlikely!`](crate::static_branch_unlikely) or
+//! [`static_branch_likely!`](crate::static_branch_likely) site is an `asm!`
+//! goto whose first instruction is a 5-byte NOP (fall through) or a 5-byte
+//! `jmp` to the other path, recorded in the `altpatch_v1_key` section with
+//! the key's address. Changing the key rewrites every site of the key in one
+//! batch. `unlikely` sites fall through to `false` (NOP while the key is
+//! off); `likely` sites fall through to `true` (NOP while it is on).
+
+mod index;
+
+use core::fmt;
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+pub use index::KeyIndex;
+
+use crate::image::Image;
+use crate::plan::{ApplyReport, Edit, Expect, Plan, PlanError};
+use crate::poke::TextPoke;
+use crate::site::RelPtr;
+use crate::x86;
+
+/// One static-branch site, as emitted into `altpatch_v1_key` (12 bytes).
+#[repr(C, align(4))]
+pub struct Record {
+    site: RelPtr,
+    target: RelPtr,
+    /// The key's address, plus 1 for a `likely` site.
+    key: RelPtr,
+}
+
+impl Record {
+    /// The 5-byte NOP/`jmp` instruction.
+    pub fn site(&self) -> usize {
+        self.site.get()
+    }
+
+    /// Where the `jmp` goes (the other path).
+    pub fn target(&self) -> usize {
+        self.target.get()
+    }
+
+    /// The key's address.
+    pub fn key(&self) -> usize {
+        self.key.get() & !1
+    }
+
+    /// Whether the site is a `static_branch_likely!` (falls through to
+    /// `true`).
+    pub fn likely(&self) -> bool {
+        self.key.get() & 1 != 0
+    }
+}
+
+impl fmt::Debug for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Record")
+            .field("site", &format_args!("{:#x}", self.site()))
+            .field("target", &format_args!("{:#x}", self.target()))
+            .field("key", &format_args!("{:#x}", self.key()))
+            .field("likely", &self.likely())
+            .finish()
+    }
+}
+
+/// A static key, initially enabled if `INITIAL`.
+///
+/// Declare it as a `static` ([`StaticFalseKey`] or [`StaticTrueKey`]) and
+/// test it with [`static_branch_unlikely!`](crate::static_branch_unlikely)
+/// or [`static_branch_likely!`](crate::static_branch_likely). With `std`,
+/// [`enable`](Self::enable) and friends rewrite the current program's sites
+/// while other threads run; [`set_with`](Self::set_with) does it for any
+/// image through any [`TextPoke`] (`no_std`).
+#[repr(C, align(8))]
+pub struct StaticKey<const INITIAL: bool> {
+    enabled: AtomicBool,
+    busy: AtomicBool,
+    count: AtomicUsize,
+}
+
+/// A key that starts disabled.
+pub type StaticFalseKey = StaticKey<false>;
+/// A key that starts enabled.
+pub type StaticTrueKey = StaticKey<true>;
+
+/// Why a key could not be changed. Nothing was written.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// A record's jump target is outside the image's text.
+    BadRecord {
+        /// The site.
+        site: usize,
+    },
+    /// The plan was refused (a site holds unexpected bytes) or the poke
+    /// failed.
+    Plan(PlanError),
+    /// The current program's sites or poke are unavailable.
+    Unavailable(&'static str),
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyError::BadRecord { site } => {
+                write!(
+                    f,
+                    "static key site {site:#x}: jump target outside the image's text; nothing written"
+                )
+            }
+            KeyError::Plan(e) => fmt::Display::fmt(e, f),
+            KeyError::Unavailable(why) => f.write_str(why),
+        }
+    }
+}
+
+impl core::error::Error for KeyError {}
+
+impl From<PlanError> for KeyError {
+    fn from(e: PlanError) -> KeyError {
+        KeyError::Plan(e)
+    }
+}
+
+/// Holds a key's `busy` flag: one change at a time per key.
+struct Busy<'a>(&'a AtomicBool);
+
+impl<'a> Busy<'a> {
+    fn take(flag: &'a AtomicBool) -> Busy<'a> {
+        while flag
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+        Busy(flag)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl<const INITIAL: bool> StaticKey<INITIAL> {
+    /// A key in its initial state.
+    pub const fn new() -> Self {
+        StaticKey {
+            enabled: AtomicBool::new(INITIAL),
+            busy: AtomicBool::new(false),
+            count: AtomicUsize::new(INITIAL as usize),
+        }
+    }
+
+    /// The state the sites were compiled in.
+    pub const fn initial_enabled(&self) -> bool {
+        INITIAL
+    }
+
+    /// Whether the key is enabled now (a load; the branch macros do not
+    /// read it).
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    /// The key's address, as recorded at its sites.
+    pub fn addr(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    /// Sets the key and rewrites its sites in `image` (found through
+    /// `index`, built once per image) in one batch through `poke`. A no-op
+    /// if the key already has that state.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Plan::apply`] with `poke`: if other threads may be running
+    /// the sites, `poke` must implement a protocol for that (such as
+    /// [`Publish::Live`](crate::poke::linux::Publish::Live) or
+    /// [`Int3Poke`](crate::poke::live::Int3Poke)); each site is a single
+    /// instruction either way.
+    pub unsafe fn set_with<P: TextPoke + ?Sized>(
+        &self,
+        enabled: bool,
+        image: &Image<'_>,
+        index: &KeyIndex,
+        poke: &mut P,
+    ) -> Result<ApplyReport, KeyError> {
+        let _busy = Busy::take(&self.busy);
+        // SAFETY: forwarded.
+        unsafe { self.set_locked(enabled, image, index, poke) }
+    }
+
+    /// # Safety
+    ///
+    /// As for `set_with`; the caller holds `busy`.
+    unsafe fn set_locked<P: TextPoke + ?Sized>(
+        &self,
+        enabled: bool,
+        image: &Image<'_>,
+        index: &KeyIndex,
+        poke: &mut P,
+    ) -> Result<ApplyReport, KeyError> {
+        if self.enabled.load(Ordering::Acquire) == enabled {
+            return Ok(ApplyReport::default());
+        }
+        let mut plan = Plan::for_image(image);
+        plan.reserve(index.count(self.addr()));
+        for rec in index.records_of(image, self.addr()) {
+            // Sites outside the text are refused by validation, by name; a
+            // jump target outside it would send the branch anywhere.
+            let (site, target) = (rec.site(), rec.target());
+            if !image.contains_text(target, 0) {
+                return Err(KeyError::BadRecord { site });
+            }
+            // A site jumps when the key differs from what it falls through to.
+            let jumps_now = enabled == rec.likely();
+            let jumps_then = enabled != rec.likely();
+            let edit = match (jumps_now, jumps_then) {
+                (false, true) => Edit::jmp(site, Expect::Nop, target),
+                (true, false) => Edit::new(site, Expect::Jmp(target), x86::NOP5),
+                // The state differs, so the site changes.
+                _ => unreachable!("a flip changes every site"),
+            };
+            plan.push(edit);
+        }
+        // SAFETY: forwarded from our caller.
+        let report = unsafe { plan.apply(poke) }?;
+        self.enabled.store(enabled, Ordering::Release);
+        Ok(report)
+    }
+
+    /// Reference-counted enable (Linux's `static_key_slow_inc`): the key is
+    /// enabled while the count is positive. Through `set_with`'s parameters.
+    ///
+    /// # Safety
+    ///
+    /// As for [`set_with`](Self::set_with).
+    pub unsafe fn inc_with<P: TextPoke + ?Sized>(
+        &self,
+        image: &Image<'_>,
+        index: &KeyIndex,
+        poke: &mut P,
+    ) -> Result<ApplyReport, KeyError> {
+        let _busy = Busy::take(&self.busy);
+        let n = self.count.load(Ordering::Relaxed);
+        // SAFETY: forwarded.
+        let r = unsafe { self.set_locked(true, image, index, poke) }?;
+        self.count.store(n + 1, Ordering::Relaxed);
+        Ok(r)
+    }
+
+    /// Reference-counted disable (`static_key_slow_dec`): disables the key
+    /// when the count drops to zero. A `dec` without a matching `inc` (or
+    /// initial enable) is refused.
+    ///
+    /// # Safety
+    ///
+    /// As for [`set_with`](Self::set_with).
+    pub unsafe fn dec_with<P: TextPoke + ?Sized>(
+        &self,
+        image: &Image<'_>,
+        index: &KeyIndex,
+        poke: &mut P,
+    ) -> Result<ApplyReport, KeyError> {
+        let _busy = Busy::take(&self.busy);
+        let n = self.count.load(Ordering::Relaxed);
+        if n == 0 {
+            return Err(KeyError::Unavailable(
+                "static key dec without a matching inc",
+            ));
+        }
+        let r = if n == 1 {
+            // SAFETY: forwarded.
+            unsafe { self.set_locked(false, image, index, poke) }?
+        } else {
+            ApplyReport::default()
+        };
+        self.count.store(n - 1, Ordering::Relaxed);
+        Ok(r)
+    }
+
+    /// The reference count.
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+impl<const INITIAL: bool> Default for StaticKey<INITIAL> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const INITIAL: bool> fmt::Debug for StaticKey<INITIAL> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StaticKey")
+            .field("enabled", &self.is_enabled())
+            .field("initial", &INITIAL)
+            .field("count", &self.count())
+            .finish()
+    }
+}
+
+#[cfg(all(feature = "std", target_os = "linux"))]
+mod process;
+
+/// Internal: the `asm!` goto of a branch site. `$likely` marks a
+/// `static_branch_likely!` site; `$fall` is the value falling through means.
+/// The site starts as a `jmp` when the key's initial state is not what
+/// falling through means.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __static_branch {
+    ($key:path, $likely:literal, $fall:literal) => {{
+        #[inline(always)]
+        fn __altpatch_static_branch() -> bool {
+            // SAFETY: the asm is a 5-byte NOP or a 5-byte jmp to the label
+            // plus a record in a data section; it touches no register,
+            // memory or flag. The label block only returns. The first form
+            // is chosen by the assembler from the key's type, so one site
+            // is emitted whatever the optimization level.
+            unsafe {
+                ::core::arch::asm!(
+                    "8720:",
+                    ".if {jump}",
+                    ".byte 0xe9",
+                    ".long {target} - 4 - .",
+                    ".else",
+                    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+                    ".endif",
+                    $crate::__altpatch_push_section!(key),
+                    ".long 8720b - .",
+                    ".long {target} - .",
+                    ".long {key} + {likely} - .",
+                    ".popsection",
+                    key = sym $key,
+                    likely = const $likely as u8,
+                    jump = const { ($key.initial_enabled() != $likely) as u8 },
+                    target = label { return !$fall; },
+                    options(nostack, preserves_flags)
+                );
+            }
+            $fall
+        }
+        __altpatch_static_branch()
+    }};
+}
+
+/// `true` when the static key `KEY` is enabled, at the cost of a 5-byte NOP
+/// while it is *disabled* (the common case this form is for).
+///
+/// `KEY` is the path of a `static` [`StaticKey`]. Expands to an inlined
+/// asm goto whose site [`StaticKey::enable`] turns into a `jmp` to the
+/// `true` path.
+///
+/// ```
+/// use altpatch::{static_branch_unlikely, static_key::StaticFalseKey};
+/// static DEBUG: StaticFalseKey = StaticFalseKey::new();
+/// assert!(!static_branch_unlikely!(DEBUG));
+/// ```
+#[macro_export]
+macro_rules! static_branch_unlikely {
+    ($key:path) => {
+        $crate::__static_branch!($key, false, false)
+    };
+}
+
+/// `true` when the static key `KEY` is enabled, at the cost of a 5-byte NOP
+/// while it is *enabled*.
+///
+/// ```
+/// use altpatch::{static_branch_likely, static_key::StaticTrueKey};
+/// static FAST_PATH: StaticTrueKey = StaticTrueKey::new();
+/// assert!(static_branch_likely!(FAST_PATH));
+/// ```
+#[macro_export]
+macro_rules! static_branch_likely {
+    ($key:path) => {
+        $crate::__static_branch!($key, true, true)
+    };
+}

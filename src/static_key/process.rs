@@ -1,0 +1,71 @@
+//! Changing keys in the running program (`std`): its sites rewritten live.
+
+use std::sync::OnceLock;
+
+use super::{KeyError, KeyIndex, StaticKey};
+use crate::image::Image;
+use crate::plan::ApplyReport;
+use crate::poke::LinuxPoke;
+
+/// The running program's image and key index, found once.
+pub(crate) fn current() -> &'static (Image<'static>, KeyIndex) {
+    static CURRENT: OnceLock<(Image<'static>, KeyIndex)> = OnceLock::new();
+    CURRENT.get_or_init(|| {
+        let image = Image::current();
+        let index = KeyIndex::new(&image);
+        (image, index)
+    })
+}
+
+fn poke() -> Result<LinuxPoke, KeyError> {
+    LinuxPoke::live().map_err(|_| KeyError::Unavailable("cannot create a live text poke"))
+}
+
+impl<const INITIAL: bool> StaticKey<INITIAL> {
+    /// Enables the key: every site in the running program changes in one
+    /// live batch (INT3 protocol), safe while other threads run them.
+    pub fn enable(&self) -> Result<ApplyReport, KeyError> {
+        self.set(true)
+    }
+
+    /// Disables the key (see [`enable`](Self::enable)).
+    pub fn disable(&self) -> Result<ApplyReport, KeyError> {
+        self.set(false)
+    }
+
+    /// Flips the key (see [`enable`](Self::enable)).
+    pub fn toggle(&self) -> Result<ApplyReport, KeyError> {
+        let _busy = super::Busy::take(&self.busy);
+        let now = self.is_enabled();
+        let (image, index) = current();
+        // SAFETY: the live poke runs the INT3 protocol, safe for threads
+        // running the sites; each site is one NOP or jmp.
+        unsafe { self.set_locked(!now, image, index, &mut poke()?) }
+    }
+
+    /// Sets the key to `enabled` (see [`enable`](Self::enable)).
+    pub fn set(&self, enabled: bool) -> Result<ApplyReport, KeyError> {
+        let (image, index) = current();
+        // SAFETY: as in `toggle`.
+        unsafe { self.set_with(enabled, image, index, &mut poke()?) }
+    }
+
+    /// Reference-counted enable in the running program.
+    pub fn inc(&self) -> Result<ApplyReport, KeyError> {
+        let (image, index) = current();
+        // SAFETY: as in `toggle`.
+        unsafe { self.inc_with(image, index, &mut poke()?) }
+    }
+
+    /// Reference-counted disable in the running program.
+    pub fn dec(&self) -> Result<ApplyReport, KeyError> {
+        let (image, index) = current();
+        // SAFETY: as in `toggle`.
+        unsafe { self.dec_with(image, index, &mut poke()?) }
+    }
+
+    /// Number of sites this key has in the running program.
+    pub fn sites(&self) -> usize {
+        current().1.count(self.addr())
+    }
+}

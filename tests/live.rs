@@ -1,0 +1,174 @@
+//! Live updates under load: threads call through 1000 distinct static-call
+//! sites and 1000 static-branch sites while another thread re-targets the
+//! call and flips the key 10 000 times each, with the INT3 protocol. No
+//! crash, every result from the old or the new target, no writable and
+//! executable mapping at any sampled instant; and all of it again in a
+//! child process under `PR_SET_MDWE`.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use altpatch::static_key::StaticFalseKey;
+use altpatch::{static_branch_unlikely, static_call};
+
+extern "C" fn plus1(x: u64) -> u64 {
+    x + 1
+}
+
+extern "C" fn plus2(x: u64) -> u64 {
+    x + 2
+}
+
+static_call! {
+    fn sc_stress(x: u64) -> u64 = plus1;
+}
+
+static K_STRESS: StaticFalseKey = StaticFalseKey::new();
+
+macro_rules! rep10 {
+    ($($t:tt)*) => {
+        $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*;
+    };
+}
+
+/// 1000 distinct call sites of the static call. Counts results from the new
+/// target (`x + 2`) and results from neither target.
+#[inline(never)]
+fn thousand_calls(x: u64, new: &mut u64, bad: &mut u64) {
+    rep10!(rep10!(rep10!({
+        let r = sc_stress(x);
+        if r == x + 2 {
+            *new += 1;
+        } else if r != x + 1 {
+            *bad += 1;
+        }
+    })));
+}
+
+/// 1000 distinct sites of the key.
+#[inline(never)]
+fn thousand_branches(hits: &mut u64) {
+    rep10!(rep10!(rep10!({
+        if static_branch_unlikely!(K_STRESS) {
+            *hits += 1;
+        }
+    })));
+}
+
+const CALLERS: usize = 4;
+const UPDATES: usize = 10_000;
+
+/// W^X sampler: returns every `/proc/self/maps` line seen writable and
+/// executable, and how many samples it took.
+fn sampler(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Vec<String>, u64)> {
+    std::thread::spawn(move || {
+        let (mut bad, mut n) = (Vec::new(), 0);
+        while !stop.load(Ordering::Relaxed) {
+            let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+            for l in maps.lines() {
+                let perms = l.split_whitespace().nth(1).unwrap_or("");
+                if perms.as_bytes().get(1) == Some(&b'w') && perms.as_bytes().get(2) == Some(&b'x')
+                {
+                    bad.push(l.to_string());
+                }
+            }
+            n += 1;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (bad, n)
+    })
+}
+
+fn stress() {
+    // The generated sites, plus the check at the end of this function.
+    let sites = sc_stress::KEY.sites();
+    assert!(sites >= 1000, "{sites} call sites");
+    assert!(
+        K_STRESS.sites() >= 1000,
+        "{} branch sites",
+        K_STRESS.sites()
+    );
+    let traps_before = altpatch::poke::linux::emulated_traps();
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|i| {
+            let (stop, calls) = (stop.clone(), calls.clone());
+            std::thread::spawn(move || {
+                let (mut new, mut bad, mut hits, mut rounds) = (0u64, 0u64, 0u64, 0u64);
+                let x = 1000 + i as u64;
+                while !stop.load(Ordering::Relaxed) {
+                    thousand_calls(x, &mut new, &mut bad);
+                    thousand_branches(&mut hits);
+                    rounds += 1;
+                }
+                calls.fetch_add(rounds * 1000, Ordering::Relaxed);
+                (new, bad, hits)
+            })
+        })
+        .collect();
+    let samples = sampler(stop.clone());
+
+    let start = Instant::now();
+    let watchdog = Duration::from_secs(600);
+    for i in 0..UPDATES {
+        let target = if i % 2 == 0 { plus2 } else { plus1 };
+        let r = sc_stress::update(target).unwrap();
+        assert_eq!(r.inlined, sites);
+        K_STRESS.toggle().unwrap();
+        assert!(
+            start.elapsed() < watchdog,
+            "stress run exceeded {watchdog:?}"
+        );
+    }
+    let took = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (mut new, mut bad, mut hits) = (0, 0, 0);
+    for c in callers {
+        let (n, b, h) = c.join().expect("a caller thread crashed");
+        new += n;
+        bad += b;
+        hits += h;
+    }
+    let (wx, nsamples) = samples.join().unwrap();
+    let traps = altpatch::poke::linux::emulated_traps() - traps_before;
+    eprintln!(
+        "{UPDATES} re-targets + {UPDATES} key flips of 1000 sites each in {took:?}; \
+         {} calls ({new} to the new target), {hits} branch hits, {traps} traps emulated, \
+         {nsamples} maps samples",
+        calls.load(Ordering::Relaxed)
+    );
+    assert_eq!(bad, 0, "results from neither target");
+    assert!(wx.is_empty(), "writable+executable mappings: {wx:#?}");
+    assert!(nsamples > 0);
+    // An even number of flips and re-targets: back where we started.
+    assert!(!K_STRESS.is_enabled());
+    assert_eq!(sc_stress(5), 6);
+}
+
+/// The whole stress run, in this process.
+#[test]
+fn stress_calls_and_keys_under_load() {
+    stress();
+}
+
+/// Runs in a child process (see `stress_under_mdwe`).
+#[test]
+#[ignore = "run in a child process by stress_under_mdwe"]
+fn mdwe_stress_child() {
+    const PR_SET_MDWE: libc::c_int = 65;
+    // SAFETY: prctl with integer arguments.
+    let r = unsafe { libc::prctl(PR_SET_MDWE, 1, 0, 0, 0) };
+    assert_eq!(r, 0, "PR_SET_MDWE: {}", std::io::Error::last_os_error());
+    stress();
+    println!("MDWE-STRESS-OK");
+}
+
+#[test]
+fn stress_under_mdwe() {
+    let (ok, out) = common::run_child_test("mdwe_stress_child", &[]);
+    assert!(ok && out.contains("MDWE-STRESS-OK"), "child failed:\n{out}");
+}
