@@ -86,6 +86,7 @@ pub mod elf;
 mod image;
 pub mod plan;
 pub mod poke;
+pub mod retpoline;
 pub mod site;
 pub mod sites;
 pub mod static_call;

@@ -14,6 +14,7 @@ use super::features::{Feature, Features};
 /// |---|---|
 /// | `noNAME` or `-NAME` | treat feature `NAME` (and everything that depends on it) as absent |
 /// | `+NAME` or `NAME` | treat `NAME` as present (a claim about the CPU: use with care) |
+/// | `retpoline=MODE` | retpoline mode: `auto`, `generic`, `lfence`, `plain` or `off` (see [`crate::retpoline`]) |
 ///
 /// Names are [`Feature::name`]s; `.` and `-` may stand for `_` (`nosse4.2`).
 /// The same string is accepted from a kernel command line
@@ -41,6 +42,7 @@ use super::features::{Feature, Features};
 pub struct Overrides {
     set: u64,
     clear: u64,
+    retpoline: Option<crate::retpoline::Setting>,
 }
 
 /// Why an override string was rejected.
@@ -58,6 +60,15 @@ pub enum OverrideError {
     UnknownOption {
         /// The key.
         key: String,
+    },
+    /// A known option with a value it does not accept.
+    BadValue {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// The accepted values.
+        valid: &'static str,
     },
     /// The `ALTPATCH` environment variable is not valid UTF-8.
     NotUnicode,
@@ -80,7 +91,13 @@ impl fmt::Display for OverrideError {
                 f.write_str(" (prefix `no` or `-` to remove, `+` to add)")
             }
             OverrideError::UnknownOption { key } => {
-                write!(f, "unknown override option `{key}=`; valid options: none")
+                write!(
+                    f,
+                    "unknown override option `{key}=`; valid options: retpoline="
+                )
+            }
+            OverrideError::BadValue { key, value, valid } => {
+                write!(f, "bad value `{value}` for `{key}=`; valid values: {valid}")
             }
             OverrideError::NotUnicode => f.write_str("ALTPATCH is not valid UTF-8"),
         }
@@ -92,7 +109,16 @@ impl core::error::Error for OverrideError {}
 impl Overrides {
     /// No adjustments.
     pub const fn none() -> Overrides {
-        Overrides { set: 0, clear: 0 }
+        Overrides {
+            set: 0,
+            clear: 0,
+            retpoline: None,
+        }
+    }
+
+    /// The `retpoline=` setting, if one was given.
+    pub fn retpoline(&self) -> Option<crate::retpoline::Setting> {
+        self.retpoline
     }
 
     /// Parses an override string (syntax on the type). An empty string is
@@ -104,8 +130,22 @@ impl Overrides {
             if item.is_empty() {
                 continue;
             }
-            if let Some((key, _value)) = item.split_once('=') {
-                return Err(OverrideError::UnknownOption { key: key.into() });
+            if let Some((key, value)) = item.split_once('=') {
+                match key.trim() {
+                    "retpoline" => {
+                        let setting =
+                            crate::retpoline::Setting::parse(value.trim()).ok_or_else(|| {
+                                OverrideError::BadValue {
+                                    key: key.into(),
+                                    value: value.into(),
+                                    valid: crate::retpoline::Setting::NAMES,
+                                }
+                            })?;
+                        o.retpoline = Some(setting);
+                        continue;
+                    }
+                    _ => return Err(OverrideError::UnknownOption { key: key.into() }),
+                }
             }
             let (enable, name) = if let Some(n) = item.strip_prefix('+') {
                 (true, n)
@@ -167,12 +207,13 @@ impl Overrides {
         Overrides {
             set: (self.set & !later.clear) | later.set,
             clear: (self.clear & !later.set) | later.clear,
+            retpoline: later.retpoline.or(self.retpoline),
         }
     }
 
     /// Whether this changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.set == 0 && self.clear == 0
+        self.set == 0 && self.clear == 0 && self.retpoline.is_none()
     }
 }
 
@@ -194,6 +235,12 @@ impl fmt::Display for Overrides {
             }
             first = false;
             write!(f, "{prefix}{}", feat.name())?;
+        }
+        if let Some(r) = self.retpoline {
+            if !first {
+                f.write_str(",")?;
+            }
+            write!(f, "retpoline={}", r.name())?;
         }
         Ok(())
     }
@@ -223,7 +270,7 @@ mod tests {
 
     #[test]
     fn round_trips_through_display() {
-        let o = Overrides::parse("nomovbe,+erms,-avx2,sse4.2").unwrap();
+        let o = Overrides::parse("nomovbe,+erms,-avx2,sse4.2,retpoline=off").unwrap();
         assert_eq!(Overrides::parse(&o.to_string()).unwrap(), o);
     }
 
@@ -248,6 +295,11 @@ mod tests {
             Overrides::parse("frobnicate=1"),
             Err(OverrideError::UnknownOption { .. })
         ));
+        let e = Overrides::parse("retpoline=fast").unwrap_err();
+        assert!(
+            e.to_string().contains("auto, generic, lfence, plain, off"),
+            "{e}"
+        );
         assert!(Overrides::parse("").unwrap().is_empty());
         assert!(Overrides::parse(" , ,").unwrap().is_empty());
     }

@@ -32,7 +32,7 @@ use core::fmt;
 use core::ops::Range;
 
 use super::{PokeError, TextPoke};
-use crate::x86::{self, BranchKind, Cond, INT3};
+use crate::x86::{self, BranchKind, Cond, INT3, Reg};
 
 /// What a site's new instruction does, precomputed so a trap handler only
 /// does arithmetic (no decoding, no allocation).
@@ -48,6 +48,15 @@ pub enum Emulation {
     Nop,
     /// `ret`.
     Ret,
+    /// `[lfence;] call *%reg`, returning to the end of the site.
+    CallReg(Reg),
+    /// `[lfence;] jmp *%reg`.
+    JmpReg(Reg),
+    /// `jcc` (the inverted condition over) `jmp *%reg`: jumps through the
+    /// register when this condition holds, else continues after the site.
+    JccReg(Cond, Reg),
+    /// The same over `ret`: returns when this condition holds.
+    JccRet(Cond),
 }
 
 /// One site being patched live.
@@ -70,7 +79,7 @@ pub enum LiveError {
         addr: usize,
     },
     /// The new instruction is not one the trap handler can emulate (call,
-    /// jmp, jcc, nop, ret).
+    /// jmp, jcc, nop, lfence, ret and their register-indirect forms).
     NotEmulatable {
         /// The site.
         addr: usize,
@@ -106,9 +115,26 @@ fn single(bytes: &[u8], addr: usize) -> Option<iced_x86::Instruction> {
     (ends_flow && bytes[insn.len()..].iter().all(|&b| b == INT3)).then_some(insn)
 }
 
-/// The emulation of the encodings this crate writes, recognised without
-/// decoding: NOP5, `call`/`jmp rel32`, `ret` + `int3` filler.
-fn quick(bytes: &[u8], addr: usize) -> Option<Emulation> {
+/// `call *%reg` / `jmp *%reg` at the start of `b`: (is_call, reg, length).
+fn reg_branch(b: &[u8]) -> Option<(bool, Reg, usize)> {
+    let (rex, op) = match b {
+        [0x41, 0xff, op, ..] => (8, *op),
+        [0xff, op, ..] => (0, *op),
+        _ => return None,
+    };
+    let len = if rex == 8 { 3 } else { 2 };
+    match op {
+        0xd0..=0xd7 => Some((true, Reg::from_number(rex + op - 0xd0)?, len)),
+        0xe0..=0xe7 => Some((false, Reg::from_number(rex + op - 0xe0)?, len)),
+        _ => None,
+    }
+}
+
+/// What `bytes` at `addr` does, for the forms this crate writes, without
+/// decoding: NOP5; `call`/`jmp rel32`; `ret` + `int3` filler; `[lfence or
+/// NOP;] call *%reg [NOP]`; `[lfence or NOP;] jmp *%reg [int3s]`; inverted
+/// `jcc rel8` to the end over `jmp *%reg` or `ret`.
+fn quick_new(bytes: &[u8], addr: usize) -> Option<Emulation> {
     if bytes == x86::NOP5 {
         return Some(Emulation::Nop);
     }
@@ -121,26 +147,74 @@ fn quick(bytes: &[u8], addr: usize) -> Option<Emulation> {
             Emulation::Jmp(t)
         });
     }
-    if bytes.first() == Some(&0xc3) && bytes[1..].iter().all(|&b| b == INT3) {
+    let filler = |rest: &[u8]| rest.iter().all(|&b| b == INT3);
+    if bytes.first() == Some(&x86::RET) && filler(&bytes[1..]) {
         return Some(Emulation::Ret);
     }
-    None
+    // An inverted jcc rel8 that skips to the end of the site.
+    if let [op @ 0x70..=0x7f, rel, rest @ ..] = bytes {
+        if *rel as usize == bytes.len() - 2 {
+            let cond = Cond::from_nibble(op & 0xf).inverted();
+            if rest.first() == Some(&x86::RET) && filler(&rest[1..]) {
+                return Some(Emulation::JccRet(cond));
+            }
+            if let Some((false, r, n)) = reg_branch(rest)
+                && filler(&rest[n..])
+            {
+                return Some(Emulation::JccReg(cond, r));
+            }
+        }
+        return None;
+    }
+    // `lfence` or one NOP before the branch (the retpoline forms).
+    let body = match bytes.strip_prefix(&x86::LFENCE[..]) {
+        Some(rest) => rest,
+        None => (1..bytes.len())
+            .find(|&k| x86::nop(k) == Some(&bytes[..k]) && reg_branch(&bytes[k..]).is_some())
+            .map_or(bytes, |k| &bytes[k..]),
+    };
+    let (is_call, r, n) = reg_branch(body)?;
+    if is_call {
+        // The rest is padding run after the call returns: one NOP.
+        // A NOP after the call (run after it returns) is skipped: the
+        // emulated call returns to the site's end.
+        let rest = &body[n..];
+        (rest.is_empty() || x86::is_single_nop(rest)).then_some(Emulation::CallReg(r))
+    } else {
+        filler(&body[n..]).then_some(Emulation::JmpReg(r))
+    }
+}
+
+/// Whether `bytes` is one instruction no thread can be inside or return
+/// into the middle of (recognised without decoding for the common forms).
+fn quick_old(bytes: &[u8]) -> bool {
+    bytes == x86::NOP5
+        || (bytes.len() == 5 && (bytes[0] == 0xe8 || bytes[0] == 0xe9))
+        || (bytes.len() == 6 && bytes[0] == 0x0f && (0x80..=0x8f).contains(&bytes[1]))
+        || (bytes.first() == Some(&x86::RET) && bytes[1..].iter().all(|&b| b == INT3))
+        || matches!(reg_branch(bytes), Some((false, _, n)) if bytes[n..].iter().all(|&b| b == INT3))
 }
 
 impl LiveSite {
-    /// Checks that `old` and `new` (at `addr`) are single instructions and
-    /// that `new` can be emulated.
+    /// Checks that `old` (at `addr`) is one instruction — so no thread is
+    /// inside it, or holds a return address into it — and that `new` can be
+    /// emulated.
     pub fn new(addr: usize, old: &[u8], new: &[u8]) -> Result<LiveSite, LiveError> {
-        if quick(old, addr).is_some()
-            && let Some(op) = quick(new, addr)
-        {
+        if !quick_old(old) {
+            // A `call` other than the whole site would leave return
+            // addresses inside it.
+            let insn = single(old, addr).ok_or(LiveError::NotOneInstruction { addr })?;
+            if insn.mnemonic() == iced_x86::Mnemonic::Call && insn.len() != old.len() {
+                return Err(LiveError::NotOneInstruction { addr });
+            }
+        }
+        if let Some(op) = quick_new(new, addr) {
             return Ok(LiveSite {
                 addr,
                 len: new.len(),
                 op,
             });
         }
-        single(old, addr).ok_or(LiveError::NotOneInstruction { addr })?;
         let insn = single(new, addr).ok_or(LiveError::NotOneInstruction { addr })?;
         let op = if let Some(b) = x86::rel_branch_of(&insn) {
             match b.kind {
@@ -149,6 +223,10 @@ impl LiveSite {
                 BranchKind::Jcc(cc) => Emulation::Jcc(cc, b.target as usize),
             }
         } else if insn.mnemonic() == iced_x86::Mnemonic::Nop {
+            Emulation::Nop
+        } else if insn.mnemonic() == iced_x86::Mnemonic::Lfence {
+            // Continuing after it is its effect: the trap and the return
+            // from it serialize more than lfence does.
             Emulation::Nop
         } else if insn.code() == iced_x86::Code::Retnq {
             Emulation::Ret
@@ -172,6 +250,9 @@ pub struct TrapFrame {
     pub rsp: u64,
     /// The flags.
     pub rflags: u64,
+    /// The general registers by encoding number (`regs[4]` is unused:
+    /// `rsp` is above), read by register-indirect emulations.
+    pub regs: [u64; 16],
 }
 
 /// What a trap handler must do after [`LiveSites::emulate`].
@@ -190,6 +271,10 @@ pub struct LiveSites {
     sites: Vec<LiveSite>,
 }
 
+// `find`, `emulate` and `cond_holds` are inlined into trap handlers: in a
+// retpoline-built program a call to them could be an indirect-thunk site,
+// possibly mid-patch (see `poke::linux::trap`).
+#[inline(always)]
 fn cond_holds(cc: Cond, f: u64) -> bool {
     let cf = f & 1 != 0;
     let pf = f & (1 << 2) != 0;
@@ -229,6 +314,7 @@ impl LiveSites {
     }
 
     /// The site starting at `addr`.
+    #[inline(always)]
     pub fn find(&self, addr: usize) -> Option<&LiveSite> {
         self.sites
             .binary_search_by_key(&addr, |s| s.addr)
@@ -245,6 +331,7 @@ impl LiveSites {
     /// For a call or ret, `frame.rsp` must be the interrupted thread's stack
     /// pointer, with the 8 bytes below it (call) or at it (ret) writable or
     /// readable as a real `call`/`ret` would need.
+    #[inline(always)]
     pub unsafe fn emulate(&self, frame: &mut TrapFrame) -> TrapAction {
         let addr = frame.rip.wrapping_sub(1) as usize;
         let Some(site) = self.find(addr) else {
@@ -274,6 +361,32 @@ impl LiveSites {
                 // `ret` being emulated would read it.
                 frame.rip = unsafe { (frame.rsp as *const u64).read() };
                 frame.rsp += 8;
+            }
+            Emulation::CallReg(r) => {
+                let sp = frame.rsp - 8;
+                // SAFETY: as for Call. The return address is the site's end,
+                // past the padding, so the return never lands on bytes the
+                // protocol has not written yet.
+                unsafe { (sp as *mut u64).write(next) };
+                frame.rsp = sp;
+                frame.rip = frame.regs[r as usize];
+            }
+            Emulation::JmpReg(r) => frame.rip = frame.regs[r as usize],
+            Emulation::JccReg(cc, r) => {
+                frame.rip = if cond_holds(cc, frame.rflags) {
+                    frame.regs[r as usize]
+                } else {
+                    next
+                }
+            }
+            Emulation::JccRet(cc) => {
+                if cond_holds(cc, frame.rflags) {
+                    // SAFETY: as for Ret.
+                    frame.rip = unsafe { (frame.rsp as *const u64).read() };
+                    frame.rsp += 8;
+                } else {
+                    frame.rip = next;
+                }
             }
         }
         TrapAction::Emulated
@@ -464,6 +577,28 @@ mod tests {
         assert_eq!(s.op, Emulation::Ret);
         assert!(LiveSite::new(a, &[0x90; 5], &x86::NOP5).is_err());
         assert!(LiveSite::new(a, &x86::NOP5, &[0xb8, 1, 0, 0, 0]).is_err());
+        // Retpoline forms: call *%r11 + NOP, lfence; call *%rax, jcc over jmp.
+        let s = LiveSite::new(a, &call, &[0x41, 0xff, 0xd3, 0x66, 0x90]).unwrap();
+        assert_eq!(s.op, Emulation::CallReg(Reg::R11));
+        let s = LiveSite::new(a, &call, &[0x0f, 0xae, 0xe8, 0xff, 0xd0]).unwrap();
+        assert_eq!(s.op, Emulation::CallReg(Reg::Rax));
+        let jne = x86::jcc_rel32(Cond::Ne, a, 0x2000).unwrap();
+        let s = LiveSite::new(a, &jne, &[0x74, 4, 0x41, 0xff, 0xe3, 0xcc]).unwrap();
+        assert_eq!(s.op, Emulation::JccReg(Cond::Ne, Reg::R11));
+        // The filler-first forms, and lfence <-> NOP3 on their own.
+        let s = LiveSite::new(a, &call, &[0x0f, 0x1f, 0x00, 0xff, 0xd0]).unwrap();
+        assert_eq!(s.op, Emulation::CallReg(Reg::Rax));
+        let s = LiveSite::new(a, &call, &[0x66, 0x90, 0x41, 0xff, 0xe3]).unwrap();
+        assert_eq!(s.op, Emulation::JmpReg(Reg::R11));
+        let s = LiveSite::new(a, &x86::LFENCE, &[0x0f, 0x1f, 0x00]).unwrap();
+        assert_eq!((s.op, s.len), (Emulation::Nop, 3));
+        let s = LiveSite::new(a, &[0x0f, 0x1f, 0x00], &x86::LFENCE).unwrap();
+        assert_eq!((s.op, s.len), (Emulation::Nop, 3));
+        let s = LiveSite::new(a, &jne, &[0x74, 4, 0xc3, 0xcc, 0xcc, 0xcc]).unwrap();
+        assert_eq!(s.op, Emulation::JccRet(Cond::Ne));
+        // Un-inlining is refused: a thread may return into the old site.
+        assert!(LiveSite::new(a, &[0x41, 0xff, 0xd3, 0x66, 0x90], &call).is_err());
+        assert!(LiveSite::new(a, &[0x0f, 0xae, 0xe8, 0xff, 0xe0], &call).is_err());
     }
 
     #[test]
@@ -484,6 +619,7 @@ mod tests {
             rip: 0x101,
             rsp: 0,
             rflags: 1 << 6,
+            regs: [0; 16],
         }; // ZF: not taken
         // SAFETY: no stack access for jcc/nop.
         assert_eq!(unsafe { t.emulate(&mut f) }, TrapAction::Emulated);
@@ -492,6 +628,7 @@ mod tests {
             rip: 0x101,
             rsp: 0,
             rflags: 0,
+            regs: [0; 16],
         };
         // SAFETY: as above.
         unsafe { t.emulate(&mut f) };
@@ -500,6 +637,7 @@ mod tests {
             rip: 0x301,
             rsp: 0,
             rflags: 0,
+            regs: [0; 16],
         };
         // SAFETY: as above.
         unsafe { t.emulate(&mut f) };
@@ -508,6 +646,7 @@ mod tests {
             rip: 0x401,
             rsp: 0,
             rflags: 0,
+            regs: [0; 16],
         };
         // SAFETY: as above.
         assert_eq!(unsafe { t.emulate(&mut f) }, TrapAction::NotOurs);
@@ -523,9 +662,77 @@ mod tests {
             rip: 0x501,
             rsp: top,
             rflags: 0,
+            regs: [0; 16],
         };
         // SAFETY: the stack array has room below `top`.
         unsafe { t.emulate(&mut f) };
         assert_eq!((f.rip, f.rsp, stack[3]), (0x900, top - 8, 0x505));
+    }
+
+    #[test]
+    fn emulates_register_branches() {
+        let t = LiveSites::new(alloc::vec![
+            LiveSite {
+                addr: 0x100,
+                len: 5,
+                op: Emulation::CallReg(Reg::R11)
+            },
+            LiveSite {
+                addr: 0x200,
+                len: 5,
+                op: Emulation::JmpReg(Reg::Rax)
+            },
+            LiveSite {
+                addr: 0x300,
+                len: 6,
+                op: Emulation::JccReg(Cond::E, Reg::R10)
+            },
+            LiveSite {
+                addr: 0x400,
+                len: 6,
+                op: Emulation::JccRet(Cond::Ne)
+            },
+        ]);
+        let mut stack = [0u64; 4];
+        let top = stack.as_mut_ptr() as u64 + 32;
+        let mut regs = [0u64; 16];
+        regs[Reg::R11 as usize] = 0xaaa;
+        regs[Reg::Rax as usize] = 0xbbb;
+        regs[Reg::R10 as usize] = 0xccc;
+        let frame = |rip, rflags| TrapFrame {
+            rip,
+            rsp: top,
+            rflags,
+            regs,
+        };
+        let mut f = frame(0x101, 0);
+        // SAFETY: the stack array has room below `top`.
+        unsafe { t.emulate(&mut f) };
+        assert_eq!((f.rip, f.rsp, stack[3]), (0xaaa, top - 8, 0x105));
+        let mut f = frame(0x201, 0);
+        // SAFETY: no stack access.
+        unsafe { t.emulate(&mut f) };
+        assert_eq!((f.rip, f.rsp), (0xbbb, top));
+        let zf = 1 << 6;
+        let mut f = frame(0x301, zf);
+        // SAFETY: no stack access.
+        unsafe { t.emulate(&mut f) };
+        assert_eq!(f.rip, 0xccc, "je taken");
+        let mut f = frame(0x301, 0);
+        // SAFETY: no stack access.
+        unsafe { t.emulate(&mut f) };
+        assert_eq!(f.rip, 0x306, "je not taken");
+        let mut f = frame(0x401, 0);
+        f.rsp = top - 8;
+        // SAFETY: [rsp] is the array's last element; ret reads it.
+        unsafe {
+            (f.rsp as *mut u64).write(0x777);
+            t.emulate(&mut f)
+        };
+        assert_eq!((f.rip, f.rsp), (0x777, top), "jne ret taken");
+        let mut f = frame(0x401, zf);
+        // SAFETY: not taken: no stack access.
+        unsafe { t.emulate(&mut f) };
+        assert_eq!((f.rip, f.rsp), (0x406, top));
     }
 }

@@ -30,6 +30,8 @@ unsafe impl Sync for OldAction {}
 // SAFETY: an all-zero sigaction is a valid (SIG_DFL) value.
 static OLD: OldAction = OldAction(core::cell::UnsafeCell::new(unsafe { core::mem::zeroed() }));
 
+// Must contain no indirect-thunk site (see `call3`): tests/retpoline.rs
+// checks the linked handler of a retpoline-built program.
 extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid ucontext for SA_SIGINFO handlers.
     let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
@@ -39,10 +41,30 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     IN_HANDLER.fetch_add(1, Ordering::SeqCst);
     let table = ACTIVE.load(Ordering::SeqCst);
     if !table.is_null() {
+        // gregs index of each register by encoding number.
+        const GREG: [libc::c_int; 16] = [
+            libc::REG_RAX,
+            libc::REG_RCX,
+            libc::REG_RDX,
+            libc::REG_RBX,
+            libc::REG_RSP,
+            libc::REG_RBP,
+            libc::REG_RSI,
+            libc::REG_RDI,
+            libc::REG_R8,
+            libc::REG_R9,
+            libc::REG_R10,
+            libc::REG_R11,
+            libc::REG_R12,
+            libc::REG_R13,
+            libc::REG_R14,
+            libc::REG_R15,
+        ];
         let mut frame = TrapFrame {
             rip,
             rsp: gregs[libc::REG_RSP as usize] as u64,
             rflags: gregs[libc::REG_EFL as usize] as u64,
+            regs: GREG.map(|g| gregs[g as usize] as u64),
         };
         // SAFETY: the table stays alive while IN_HANDLER is non-zero; the
         // frame is the interrupted thread's, whose stack a real call/ret
@@ -70,6 +92,7 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
 }
 
 /// Passes the trap to the previously installed disposition.
+#[inline(always)]
 fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: OLD was filled before this handler was installed.
     let old = unsafe { &*OLD.0.get() };
@@ -80,23 +103,58 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     if h == libc::SIG_DFL {
         // Re-deliver with the default action (terminate, core dump), as if
         // we had never been installed.
-        // SAFETY: async-signal-safe calls restoring the default action.
+        // SAFETY: async-signal-safe calls restoring the default action
+        // (`call3`: see there why not a plain call).
         unsafe {
-            libc::signal(sig, libc::SIG_DFL);
-            libc::raise(sig);
+            call3(
+                libc::signal as *const () as usize,
+                sig as usize,
+                libc::SIG_DFL,
+                0,
+            );
+            call3(libc::raise as *const () as usize, sig as usize, 0, 0);
         }
         return;
     }
     if old.sa_flags & libc::SA_SIGINFO != 0 {
         // SAFETY: the previous handler was installed for this signal with
-        // SA_SIGINFO, so it has this signature.
-        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-            unsafe { core::mem::transmute(h) };
-        f(sig, info, ctx);
+        // SA_SIGINFO, so it takes these three arguments.
+        unsafe { call3(h, sig as usize, info as usize, ctx as usize) };
     } else {
-        // SAFETY: a plain handler for this signal.
-        let f: extern "C" fn(libc::c_int) = unsafe { core::mem::transmute(h) };
-        f(sig);
+        // SAFETY: a plain handler for this signal takes the signal number.
+        unsafe { call3(h, sig as usize, 0, 0) };
+    }
+}
+
+/// Calls the C function at `f` with three integer arguments, with an
+/// indirect call written in assembly.
+///
+/// This handler runs while sites are being rewritten. In a program built
+/// with retpolines every indirect call the *compiler* emits (including calls
+/// to other crates' functions through the GOT) is a call to a thunk — a site
+/// that may hold an `int3` at this moment, and a trap inside the `SIGTRAP`
+/// handler kills the process. The handler's own path is therefore kept free
+/// of compiler-emitted indirect branches: the lookup is inlined, and calls
+/// out go through here.
+///
+/// # Safety
+///
+/// `f` must be a function taking (up to) three integer arguments in the C
+/// calling convention that is safe to call with these values.
+#[inline(always)]
+unsafe fn call3(f: usize, a: usize, b: usize, c: usize) {
+    // SAFETY: the stack is aligned for a call at an asm block (no
+    // `nostack`, so the compiler keeps the red zone out of our way); the
+    // callee follows the C ABI, whose clobbers are declared.
+    unsafe {
+        core::arch::asm!(
+            "call {f}",
+            f = in(reg) f,
+            in("rdi") a,
+            in("rsi") b,
+            in("rdx") c,
+            clobber_abi("C"),
+        );
     }
 }
 

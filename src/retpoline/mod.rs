@@ -1,0 +1,468 @@
+//! Retpolines and return thunks: the thunks compilers call, patched per CPU
+//! policy, and their call sites turned back into plain indirect branches.
+//!
+//! Code built with external thunks — GCC's `-mindirect-branch=thunk-extern
+//! -mfunction-return=thunk-extern`, rustc's `-C
+//! target-feature=+retpoline-external-thunk` — calls
+//! `__x86_indirect_thunk_<reg>` for every indirect branch and jumps to
+//! `__x86_return_thunk` to return. This crate defines them (so linking it
+//! into such a program just works) as one 64-byte-aligned array of 32-byte
+//! slots, one per register in encoding order (`%rsp`'s slot is `int3`s: it is
+//! never a thunk register), each a full retpoline by default:
+//!
+//! ```text
+//! __x86_indirect_thunk_<reg>:
+//!     cs call 1f            # 6 bytes: every patched form fits in it
+//! 2:  pause; lfence; jmp 2b # where speculation of the ret is trapped
+//! 1:  mov %<reg>, (%rsp)    # replace the return address with the target
+//!     ret                   # and "return" to it
+//! ```
+//!
+//! and `__x86_return_thunk`: a plain `ret`.
+//!
+//! # Modes and what they cost you
+//!
+//! | mode | thunk becomes | call sites | protects against Spectre v2 (BTI) |
+//! |---|---|---|---|
+//! | `generic` | the retpoline (unchanged) | keep calling the thunk | yes, on every CPU: the indirect branch is never predicted from the BTB; costs a mispredicted `ret` per call |
+//! | `lfence` | `lfence; jmp *%reg` | `lfence; call/jmp *%reg` where it fits (rax..rdi), else the thunk | narrows the speculation window only; AMD's 2022 guidance (CVE-2021-26401) says it is *not* sufficient on AMD; never sufficient on Intel |
+//! | `plain` (alias `off`) | `jmp *%reg` | `call/jmp *%reg`, `jcc` over `jmp *%reg` | only if the hardware does it: enhanced IBRS (Intel) or Automatic IBRS (AMD) must be enabled by the OS; otherwise no protection |
+//!
+//! `auto` picks `plain` when the snapshot shows enhanced IBRS or Automatic
+//! IBRS, else `generic`, and says why. Overrides: `retpoline=<mode>` in the
+//! override string (`ALTPATCH`, `altpatch=` on a kernel command line).
+//!
+//! Return-thunk sites (`jmp __x86_return_thunk`) become `ret` in every mode:
+//! this crate's return thunk is a plain return (no return mitigation such as
+//! untrained-return thunks is implemented), so inlining it changes nothing
+//! but the cost.
+//!
+//! [`apply`] patches call sites first, then the thunks, each batch validated
+//! before anything is written. Patching towards fewer mitigations (generic
+//! to `lfence` or `plain`) is safe while other threads run with a live poke:
+//! every edit replaces one instruction. Going back (un-inlining) is not
+//! live-safe — a thread may hold a return address inside an inlined site —
+//! and a live poke refuses it; do it with other threads stopped.
+
+mod policy;
+mod thunks;
+
+use alloc::vec::Vec;
+use core::fmt;
+
+pub use policy::{Mode, Policy, Setting};
+pub use thunks::{THUNK_SLOT, return_thunk, thunk, thunk_array};
+
+use crate::image::Image;
+use crate::plan::{ApplyReport, Bytes, Edit, Expect, Plan, PlanError};
+use crate::poke::TextPoke;
+use crate::sites::{Site, SiteKind};
+use crate::x86::{self, BranchKind, Reg};
+
+/// What became of one site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Rewritten into the mode's inline form.
+    Inlined,
+    /// Left (or put back) calling the thunk, which the mode patches.
+    ViaThunk,
+    /// Could not be inlined in this mode; keeps calling the (patched) thunk.
+    Refused(&'static str),
+}
+
+/// One site and its outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SiteOutcome {
+    /// The site.
+    pub site: Site,
+    /// What happened to it.
+    pub outcome: Outcome,
+}
+
+/// What [`apply`] decided and did.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The mode applied, with the policy's reasoning.
+    pub policy: Policy,
+    /// Every site considered.
+    pub sites: Vec<SiteOutcome>,
+    /// Thunk slots rewritten to the mode's form.
+    pub thunks: usize,
+    /// The site batch's outcome.
+    pub sites_applied: ApplyReport,
+    /// The thunk batch's outcome.
+    pub thunks_applied: ApplyReport,
+}
+
+impl Report {
+    /// (inlined, via thunk, refused) counts for sites whose kind matches `f`.
+    pub fn counts(&self, f: impl Fn(&SiteKind) -> bool) -> (usize, usize, usize) {
+        let mut c = (0, 0, 0);
+        for s in self.sites.iter().filter(|s| f(&s.site.kind)) {
+            match s.outcome {
+                Outcome::Inlined => c.0 += 1,
+                Outcome::ViaThunk => c.1 += 1,
+                Outcome::Refused(_) => c.2 += 1,
+            }
+        }
+        c
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "retpoline mode {}: {}",
+            self.policy.mode, self.policy.reason
+        )?;
+        let (ti, tv, tr) = self.counts(|k| matches!(k, SiteKind::IndirectThunk(_)));
+        let (ri, rv, rr) = self.counts(|k| *k == SiteKind::ReturnThunk);
+        writeln!(
+            f,
+            "  indirect-thunk sites: {ti} inlined, {tv} via thunk, {tr} refused; \
+             return-thunk sites: {ri} inlined, {rv} via thunk, {rr} refused; {} thunks rewritten",
+            self.thunks
+        )?;
+        let mut reasons: Vec<(&str, usize)> = Vec::new();
+        for s in &self.sites {
+            if let Outcome::Refused(why) = s.outcome {
+                match reasons.iter_mut().find(|(w, _)| *w == why) {
+                    Some((_, n)) => *n += 1,
+                    None => reasons.push((why, 1)),
+                }
+            }
+        }
+        for (why, n) in reasons {
+            writeln!(f, "  refused ({n}): {why}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why retpolines could not be applied. Nothing was written by the batch
+/// that failed (sites are written before thunks).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// A site names `%rsp`'s thunk, which does not exist.
+    RspSite {
+        /// The site.
+        site: usize,
+    },
+    /// A thunk slot holds bytes of none of the modes.
+    BadThunk {
+        /// The register.
+        reg: Reg,
+        /// The slot's address.
+        addr: usize,
+    },
+    /// The plan was refused (a site holds unexpected bytes) or the poke
+    /// failed.
+    Plan(PlanError),
+    /// The sites were rewritten but the thunk batch then failed to write.
+    /// Every site form works with every thunk form, so the program is
+    /// correct either way.
+    Thunks {
+        /// Why the thunk batch failed.
+        error: PlanError,
+        /// Whether the sites were put back as they were.
+        sites_restored: bool,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::RspSite { site } => write!(
+                f,
+                "site {site:#x} calls a thunk for %rsp, which is never a thunk register; nothing written"
+            ),
+            Error::BadThunk { reg, addr } => write!(
+                f,
+                "thunk for {reg} at {addr:#x} holds none of the expected forms; nothing written"
+            ),
+            Error::Plan(e) => fmt::Display::fmt(e, f),
+            Error::Thunks {
+                error,
+                sites_restored,
+            } => write!(
+                f,
+                "rewriting the thunks failed ({error}); the sites {}",
+                if *sites_restored {
+                    "were put back as they were"
+                } else {
+                    "could not be put back and stay rewritten (still correct)"
+                }
+            ),
+        }
+    }
+}
+
+impl core::error::Error for Error {}
+
+impl From<PlanError> for Error {
+    fn from(e: PlanError) -> Error {
+        Error::Plan(e)
+    }
+}
+
+/// `n` bytes of `int3`.
+fn int3s(out: &mut Vec<u8>, n: usize) {
+    out.resize(out.len() + n, x86::INT3);
+}
+
+/// The inline form of a site in `mode`, or why there is none.
+///
+/// `call` and `jmp` forms put their filler *before* the branch (`lfence`,
+/// or one NOP), so the branch ends where the original instruction ended:
+/// return addresses and fall-through are where threads already expect them,
+/// and moving between `lfence` and `plain` changes only the first
+/// instruction — one instruction for one, which is safe live.
+fn inline_form(site: &Site, mode: Mode) -> Result<Vec<u8>, &'static str> {
+    let len = site.len as usize;
+    let mut b = Vec::with_capacity(len);
+    match (site.kind, site.form) {
+        (SiteKind::ReturnThunk, BranchKind::Jmp) => {
+            b.push(x86::RET);
+            int3s(&mut b, len - 1);
+        }
+        (SiteKind::ReturnThunk, BranchKind::Jcc(cc)) => {
+            // Not taken (inverted condition): skip the ret to the site's end.
+            b.extend_from_slice(&[0x70 + cc.inverted() as u8, (len - 2) as u8]);
+            b.push(x86::RET);
+            int3s(&mut b, len - 3);
+        }
+        (SiteKind::IndirectThunk(r), form) => {
+            if mode == Mode::Generic {
+                return Err("generic mode keeps every call through the retpoline");
+            }
+            let lfence = mode == Mode::Lfence;
+            match form {
+                BranchKind::Call | BranchKind::Jmp => {
+                    let branch = if form == BranchKind::Call {
+                        x86::call_reg(r)
+                    } else {
+                        x86::jmp_reg(r)
+                    };
+                    let filler = len - branch.len();
+                    if lfence {
+                        if filler != x86::LFENCE.len() {
+                            return Err(
+                                "lfence; call/jmp *%r8..%r15 needs 6 bytes, the site has 5",
+                            );
+                        }
+                        b.extend_from_slice(&x86::LFENCE);
+                    } else {
+                        b.extend_from_slice(x86::nop(filler).ok_or("site too long")?);
+                    }
+                    b.extend_from_slice(&branch);
+                }
+                BranchKind::Jcc(cc) => {
+                    if lfence {
+                        return Err("jcc; lfence; jmp *%reg needs 7 or 8 bytes, the site has 6");
+                    }
+                    // Taken: jmp *%reg. Not taken: the inverted short jcc
+                    // skips to the site's end; the int3s are never run.
+                    b.extend_from_slice(&[0x70 + cc.inverted() as u8, (len - 2) as u8]);
+                    b.extend_from_slice(&x86::jmp_reg(r));
+                    let rest = len - b.len();
+                    int3s(&mut b, rest);
+                }
+            }
+        }
+        _ => return Err("not a thunk site"),
+    }
+    debug_assert_eq!(b.len(), len);
+    Ok(b)
+}
+
+/// Whether `b` is a filler instruction of an inline form or thunk head:
+/// `lfence` or one NOP.
+fn is_filler(b: &[u8]) -> bool {
+    b == x86::LFENCE || x86::nop(b.len()) == Some(b)
+}
+
+/// The bytes of `current` an edit to `new` must cover: only the first
+/// instruction when the two differ just in their filler (`lfence` against a
+/// NOP), so the edit stays one instruction for one; else all of them.
+fn edit_span(current: &[u8], new: &[u8]) -> usize {
+    let k = current
+        .iter()
+        .zip(new)
+        .rposition(|(a, b)| a != b)
+        .map_or(0, |i| i + 1);
+    if k < current.len() && is_filler(&current[..k]) && is_filler(&new[..k]) {
+        k
+    } else {
+        current.len()
+    }
+}
+
+/// Pushes the edit taking the bytes at `addr` from `expected` to `new`
+/// (nothing if they are equal).
+fn push_edit(plan: &mut Plan, addr: usize, expected: &[u8], new: &[u8]) {
+    if expected == new {
+        return;
+    }
+    let n = edit_span(expected, new);
+    plan.push(Edit::replace(addr, &expected[..n], &new[..n]));
+}
+
+/// The original form of a site: its branch to the thunk.
+fn original_form(site: &Site) -> Option<Bytes> {
+    let e = match site.form {
+        BranchKind::Call => x86::call_rel32(site.addr, site.target),
+        BranchKind::Jmp => x86::jmp_rel32(site.addr, site.target),
+        BranchKind::Jcc(cc) => x86::jcc_rel32(cc, site.addr, site.target),
+    }
+    .ok()?;
+    (e.len() == site.len as usize).then(|| Bytes::new(&e))
+}
+
+/// Builds the plan for the sites (batch 1) and the report entries.
+fn plan_sites(
+    image: &Image<'_>,
+    sites: &[Site],
+    mode: Mode,
+) -> Result<(Plan, Vec<SiteOutcome>), Error> {
+    let mut plan = Plan::for_image(image);
+    let mut outcomes = Vec::new();
+    for s in sites {
+        match s.kind {
+            SiteKind::IndirectThunk(Reg::Rsp) => return Err(Error::RspSite { site: s.addr }),
+            SiteKind::IndirectThunk(_) | SiteKind::ReturnThunk => {}
+            _ => continue,
+        }
+        let Some(original) = original_form(s) else {
+            outcomes.push(SiteOutcome {
+                site: *s,
+                outcome: Outcome::Refused("prefixed or unusual encoding: left as is"),
+            });
+            continue;
+        };
+        let (new, outcome) = match inline_form(s, mode) {
+            Ok(b) => (Bytes::new(&b), Outcome::Inlined),
+            // Generic mode is not a refusal: calls belong in the retpoline.
+            Err(_) if mode == Mode::Generic => (original.clone(), Outcome::ViaThunk),
+            Err(why) => (original.clone(), Outcome::Refused(why)),
+        };
+        // Whichever state the site is in now (original, or inlined by an
+        // earlier mode) is the expected one; anything else is refused by
+        // validation, naming the site.
+        let mut candidates: Vec<Bytes> = Vec::with_capacity(3);
+        candidates.push(original);
+        for m in [Mode::Plain, Mode::Lfence] {
+            if let Ok(b) = inline_form(s, m) {
+                candidates.push(Bytes::new(&b));
+            }
+        }
+        // SAFETY: the image's constructor guarantees its text is readable;
+        // sites outside it are refused by validation before any read.
+        let current = if image.contains_text(s.addr, s.len as usize) {
+            unsafe { core::slice::from_raw_parts(s.addr as *const u8, s.len as usize) }
+        } else {
+            &[]
+        };
+        match candidates.iter().find(|c| c.as_slice() == current) {
+            Some(expected) => push_edit(&mut plan, s.addr, expected.as_slice(), new.as_slice()),
+            // Bytes of no known state: validation refuses this edit, naming
+            // the site, and nothing is written.
+            None => plan.push(Edit::new(s.addr, Expect::Bytes(candidates[0].clone()), new)),
+        }
+        outcomes.push(SiteOutcome { site: *s, outcome });
+    }
+    Ok((plan, outcomes))
+}
+
+/// Builds the plan that puts every thunk slot of this crate in `mode`'s
+/// form (batch 2), if the slots lie in `image`'s text.
+fn plan_thunks(image: &Image<'_>, mode: Mode) -> Result<(Plan, usize), Error> {
+    let mut plan = Plan::for_image(image);
+    let mut n = 0;
+    if !image.contains_text(thunk_array(), THUNK_SLOT * 16) {
+        return Ok((plan, 0));
+    }
+    for r in Reg::ALL {
+        if r == Reg::Rsp {
+            continue;
+        }
+        let addr = thunk(r).expect("a thunk for every register but rsp");
+        let forms: Vec<[u8; 6]> = [Mode::Generic, Mode::Lfence, Mode::Plain]
+            .iter()
+            .map(|&m| thunks::head(r, m))
+            .collect();
+        // SAFETY: inside the image's text (checked above), readable.
+        let current = unsafe { core::slice::from_raw_parts(addr as *const u8, 6) };
+        let Some(expected) = forms.iter().find(|f| f[..] == *current) else {
+            return Err(Error::BadThunk { reg: r, addr });
+        };
+        let new = thunks::head(r, mode);
+        if *expected != new {
+            n += 1;
+        }
+        push_edit(&mut plan, addr, expected, &new);
+    }
+    Ok((plan, n))
+}
+
+/// Applies `policy` to `image`: first every thunk and return-thunk call
+/// site in `sites` (from [`crate::elf::image_sites`] or an embedded table),
+/// then this crate's thunks, if they are in the image.
+///
+/// # Safety
+///
+/// As for [`Plan::apply`] with `poke`. With a live poke, moving towards
+/// fewer mitigations is safe while other threads run; moving back is
+/// refused by the poke (see the module docs). The mode must be acceptable
+/// for the CPU: `plain` removes the protection unless the hardware provides
+/// it.
+pub unsafe fn apply<P: TextPoke + ?Sized>(
+    image: &Image<'_>,
+    sites: &[Site],
+    policy: &Policy,
+    poke: &mut P,
+) -> Result<Report, Error> {
+    let (mut site_plan, outcomes) = plan_sites(image, sites, policy.mode)?;
+    let (mut thunk_plan, thunks) = plan_thunks(image, policy.mode)?;
+    // Both batches are checked before either writes, so a refusal (an
+    // unexpected byte anywhere) leaves the text as it was.
+    site_plan.validate(poke)?;
+    thunk_plan.validate(poke)?;
+    // SAFETY: forwarded from our caller.
+    let sites_applied = unsafe { site_plan.apply(poke) }?;
+    // SAFETY: as above.
+    let thunks_applied = match unsafe { thunk_plan.apply(poke) } {
+        Ok(r) => r,
+        Err(error) => {
+            // Put the sites back too (which a live poke may refuse: see
+            // the module docs). Either way every site works with every
+            // thunk form, so the program stays correct.
+            // SAFETY: as above.
+            let sites_restored = unsafe { site_plan.undo(poke) }.is_ok();
+            return Err(Error::Thunks {
+                error,
+                sites_restored,
+            });
+        }
+    };
+    Ok(Report {
+        policy: policy.clone(),
+        sites: outcomes,
+        thunks,
+        sites_applied,
+        thunks_applied,
+    })
+}
+
+/// Applies `policy` to the running program, live (`std`): its sites from
+/// its relocations or embedded table, then the thunks.
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub fn apply_current(policy: &Policy) -> Result<Report, alloc::string::String> {
+    let image = Image::current();
+    let sites = crate::elf::image_sites(&image).map_err(|e| alloc::format!("{e}"))?;
+    let mut poke = crate::poke::LinuxPoke::live().map_err(|e| alloc::format!("{e}"))?;
+    // SAFETY: the live poke runs the INT3 protocol; it refuses edits that
+    // are not live-safe.
+    unsafe { apply(&image, &sites, policy, &mut poke) }.map_err(|e| alloc::format!("{e}"))
+}

@@ -1,0 +1,148 @@
+//! The thunk array: `__x86_indirect_thunk_<reg>` for every register but
+//! `%rsp`, and `__x86_return_thunk`.
+
+use super::Mode;
+use crate::x86::{self, Reg};
+
+/// Bytes per thunk slot.
+pub const THUNK_SLOT: usize = 32;
+
+/// The retpoline for one register, as a 32-byte slot. The first instruction
+/// is a `cs`-prefixed 6-byte `call`, so `lfence; jmp *%r8..%r15` (6 bytes)
+/// replaces exactly one instruction.
+macro_rules! slot {
+    ($reg:literal) => {
+        concat!(
+            ".globl __x86_indirect_thunk_",
+            $reg,
+            "\n",
+            ".hidden __x86_indirect_thunk_",
+            $reg,
+            "\n",
+            ".type __x86_indirect_thunk_",
+            $reg,
+            ", @function\n",
+            "__x86_indirect_thunk_",
+            $reg,
+            ":\n",
+            ".byte 0x2e\n",
+            "call 1f\n",
+            "2: pause\n",
+            "lfence\n",
+            "jmp 2b\n",
+            "1: mov %",
+            $reg,
+            ", (%rsp)\n",
+            "ret\n",
+            ".size __x86_indirect_thunk_",
+            $reg,
+            ", 32\n",
+            ".balign 32, 0xcc\n"
+        )
+    };
+}
+
+core::arch::global_asm!(
+    concat!(
+        ".pushsection .text.altpatch_thunks,\"ax\",@progbits\n",
+        ".balign 64, 0xcc\n",
+        ".globl __x86_indirect_thunk_array\n",
+        ".hidden __x86_indirect_thunk_array\n",
+        "__x86_indirect_thunk_array:\n",
+        slot!("rax"),
+        slot!("rcx"),
+        slot!("rdx"),
+        slot!("rbx"),
+        // %rsp is never a thunk register: its slot traps.
+        ".fill 32, 1, 0xcc\n",
+        slot!("rbp"),
+        slot!("rsi"),
+        slot!("rdi"),
+        slot!("r8"),
+        slot!("r9"),
+        slot!("r10"),
+        slot!("r11"),
+        slot!("r12"),
+        slot!("r13"),
+        slot!("r14"),
+        slot!("r15"),
+        ".globl __x86_return_thunk\n",
+        ".hidden __x86_return_thunk\n",
+        ".type __x86_return_thunk, @function\n",
+        "__x86_return_thunk:\n",
+        "ret\n",
+        "int3\n",
+        ".size __x86_return_thunk, 2\n",
+        ".balign 32, 0xcc\n",
+        ".popsection\n"
+    ),
+    options(att_syntax)
+);
+
+unsafe extern "C" {
+    static __x86_indirect_thunk_array: [u8; 0];
+    static __x86_return_thunk: [u8; 0];
+}
+
+/// The address of the thunk array (slot `n` is register number `n`).
+pub fn thunk_array() -> usize {
+    (&raw const __x86_indirect_thunk_array) as usize
+}
+
+/// The address of `__x86_indirect_thunk_<reg>`; `None` for `%rsp`.
+pub fn thunk(reg: Reg) -> Option<usize> {
+    (reg != Reg::Rsp).then(|| thunk_array() + reg as usize * THUNK_SLOT)
+}
+
+/// The address of `__x86_return_thunk`.
+pub fn return_thunk() -> usize {
+    (&raw const __x86_return_thunk) as usize
+}
+
+/// The first 6 bytes of `reg`'s slot in `mode`.
+pub(super) fn head(reg: Reg, mode: Mode) -> [u8; 6] {
+    let mut h = [x86::INT3; 6];
+    match mode {
+        // cs call 1f: the call skips pause (2), lfence (3), jmp (2).
+        Mode::Generic => h.copy_from_slice(&[0x2e, 0xe8, 7, 0, 0, 0]),
+        // The filler before the branch (lfence or a 3-byte NOP) is one
+        // instruction of the same length in both, so moving between them
+        // rewrites that instruction alone.
+        Mode::Lfence | Mode::Plain => {
+            let filler: &[u8] = if mode == Mode::Lfence {
+                &x86::LFENCE
+            } else {
+                x86::nop(3).expect("a 3-byte NOP")
+            };
+            h[..3].copy_from_slice(filler);
+            let j = x86::jmp_reg(reg);
+            h[3..3 + j.len()].copy_from_slice(&j);
+        }
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_laid_out_as_documented() {
+        for r in Reg::ALL {
+            let Some(a) = thunk(r) else { continue };
+            // SAFETY: the slot is 32 bytes of this crate's text.
+            let slot = unsafe { core::slice::from_raw_parts(a as *const u8, THUNK_SLOT) };
+            // The generic head, or a patched one if a test already moved it.
+            let heads = [Mode::Generic, Mode::Lfence, Mode::Plain].map(|m| head(r, m));
+            assert!(
+                heads.iter().any(|h| slot[..6] == h[..]),
+                "{r}: {:02x?}",
+                &slot[..6]
+            );
+            assert_eq!(slot[6..8], [0xf3, 0x90], "{r}: pause");
+            assert_eq!(slot[8..11], x86::LFENCE, "{r}: lfence");
+            assert_eq!(slot[11..13], [0xeb, 0xf9], "{r}: jmp 2b");
+        }
+        assert_eq!(return_thunk(), thunk_array() + 16 * THUNK_SLOT);
+    }
+}
