@@ -18,6 +18,10 @@ use altpatch::cpu::{Feature, Features};
 use altpatch::{Image, LinuxPoke, alternative};
 use criterion::{Criterion, criterion_group};
 
+#[path = "support/estimates.rs"]
+mod estimates;
+use estimates::mean_ns;
+
 const N: usize = 4096;
 
 #[inline(always)]
@@ -142,27 +146,15 @@ fn bench(c: &mut Criterion) {
 
 criterion_group!(benches, bench);
 
-fn mean_ns(id: &str) -> Option<f64> {
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let text = std::fs::read_to_string(format!(
-        "{target}/criterion/alternatives/{id}/new/estimates.json"
-    ))
-    .ok()?;
-    let rest = &text[text.find("\"mean\"")?..];
-    let p = rest.find("\"point_estimate\":")? + "\"point_estimate\":".len();
-    let end = rest[p..].find([',', '}'])?;
-    rest[p..p + end].trim().parse().ok()
-}
-
 fn main() {
     benches();
     Criterion::default().configure_from_args().final_summary();
-    let Some(base) = mean_ns("direct") else {
+    let Some(base) = mean_ns("alternatives/direct") else {
         return;
     };
     println!("\n| variant | ns per load | vs direct |\n|---|---:|---:|");
     for id in ["direct", "patched", "runtime_check", "fn_pointer"] {
-        if let Some(t) = mean_ns(id) {
+        if let Some(t) = mean_ns(&format!("alternatives/{id}")) {
             println!("| {id} | {:.3} | {:.3}x |", t / N as f64, t / base);
         }
     }

@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 use altpatch::{Edit, LinuxPoke, Plan, Publish};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 
+#[path = "support/estimates.rs"]
+mod estimates;
+use estimates::mean_ns;
+
 const SIZES: [usize; 4] = [100, 1_000, 10_000, 100_000];
 /// Sites every 16 bytes: a 1e5-edit plan spans 1.6 MB (391 pages).
 const STRIDE: usize = 16;
@@ -116,18 +120,6 @@ fn bench_apply(c: &mut Criterion) {
 
 criterion_group!(benches, bench_apply);
 
-/// Mean time per iteration in ns from criterion's saved estimates.
-fn mean_ns(group: &str, id: &str, n: usize) -> Option<f64> {
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let path = format!("{target}/criterion/{group}/{id}/{n}/new/estimates.json");
-    let text = std::fs::read_to_string(path).ok()?;
-    let at = text.find("\"mean\"")?;
-    let rest = &text[at..];
-    let p = rest.find("\"point_estimate\":")? + "\"point_estimate\":".len();
-    let end = rest[p..].find([',', '}'])?;
-    rest[p..p + end].trim().parse().ok()
-}
-
 /// Counts the `mmap` publications one apply of `n` edits makes.
 fn remaps_per_apply(n: usize, publish: Publish) -> (f64, f64) {
     let mut fx = fixture(n, publish);
@@ -157,7 +149,7 @@ fn main() {
             "in-place applies make no mmap after homing"
         );
         let pages = (n * STRIDE).div_ceil(4096);
-        let per = |id| mean_ns("apply", id, n).map(|t| t / n as f64);
+        let per = |id| mean_ns(&format!("apply/{id}/{n}")).map(|t| t / n as f64);
         match (per("in_place"), per("remap"), per("raw_copy")) {
             (Some(i), Some(m), Some(r)) => println!(
                 "| {n} | {pages} | {i:.1} | {m:.1} | {r:.2} | {:.1}x | {:.1}x | {remaps:.0} |",

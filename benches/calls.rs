@@ -12,6 +12,10 @@ use altpatch::{Image, LinuxPoke, static_branch_unlikely, static_call};
 use criterion::{Criterion, criterion_group};
 use multiversion::multiversion;
 
+#[path = "support/estimates.rs"]
+mod estimates;
+use estimates::mean_ns;
+
 const N: u64 = 1000;
 
 #[inline(never)]
@@ -175,18 +179,6 @@ fn bench(c: &mut Criterion) {
 
 criterion_group!(benches, bench);
 
-fn mean_ns(group: &str, id: &str) -> Option<f64> {
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let text = std::fs::read_to_string(format!(
-        "{target}/criterion/{group}/{id}/new/estimates.json"
-    ))
-    .ok()?;
-    let rest = &text[text.find("\"mean\"")?..];
-    let p = rest.find("\"point_estimate\":")? + "\"point_estimate\":".len();
-    let end = rest[p..].find([',', '}'])?;
-    rest[p..p + end].trim().parse().ok()
-}
-
 fn main() {
     benches();
     Criterion::default().configure_from_args().final_summary();
@@ -208,12 +200,12 @@ fn main() {
             &["static_branch", "atomic_bool", "static_keys_crate"][..],
         ),
     ] {
-        let Some(b) = mean_ns(group, base) else {
+        let Some(b) = mean_ns(&format!("{group}/{base}")) else {
             continue;
         };
         println!("\n| {group} | ns per call | vs {base} |\n|---|---:|---:|");
         for id in ids {
-            if let Some(t) = mean_ns(group, id) {
+            if let Some(t) = mean_ns(&format!("{group}/{id}")) {
                 println!("| {id} | {:.3} | {:.3}x |", t / N as f64, t / b);
             }
         }

@@ -10,6 +10,10 @@ use altpatch::static_key::{KeyIndex, StaticFalseKey};
 use altpatch::{Image, LinuxPoke, static_branch_unlikely, static_call};
 use criterion::{Criterion, criterion_group};
 
+#[path = "support/estimates.rs"]
+mod estimates;
+use estimates::mean_ns;
+
 macro_rules! rep10 {
     ($($t:tt)*) => {
         $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*;
@@ -194,24 +198,10 @@ fn bench(c: &mut Criterion) {
 
 criterion_group!(benches, bench);
 
-fn mean_ns(id: &str) -> Option<f64> {
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    // Criterion stores "a/b" ids in folders named "a_b".
-    let dir = id.replace('/', "_");
-    let text = std::fs::read_to_string(format!(
-        "{target}/criterion/update/{dir}/new/estimates.json"
-    ))
-    .ok()?;
-    let rest = &text[text.find("\"mean\"")?..];
-    let p = rest.find("\"point_estimate\":")? + "\"point_estimate\":".len();
-    let end = rest[p..].find([',', '}'])?;
-    rest[p..p + end].trim().parse().ok()
-}
-
 fn main() {
     benches();
     Criterion::default().configure_from_args().final_summary();
-    let us = |id: &str| mean_ns(id).map(|t| t / 1000.0);
+    let us = |id: &str| mean_ns(&format!("update/{}", id.replace('/', "_"))).map(|t| t / 1000.0);
     println!("\n| update | sites | µs per update | vs 1 site (same mode) |\n|---|---:|---:|---:|");
     for mode in ["key_in_place", "key_live"] {
         let one = us(&format!("{mode}/1"));

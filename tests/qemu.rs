@@ -58,7 +58,8 @@ fn kernel() -> &'static Path {
             "building examples/kernel failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let image = target.join("release/altpatch-kernel");
+        // An explicit target (see the kernel's .cargo/config.toml).
+        let image = target.join("x86_64-unknown-linux-gnu/release/altpatch-kernel");
         // Fill the kernel's reserved site table from its relocations: the
         // kernel reads it at boot (no file system there).
         altpatch::elf::embed_file(&image).expect("embed the kernel's site table");
@@ -171,6 +172,59 @@ fn assert_alternatives(b: &Boot, marker: u32, level: u32, ones: u32) {
     );
 }
 
+/// The retpoline mode the kernel applied, with the bytes of its hand-written
+/// `call __x86_indirect_thunk_rax` site and of the `%r11` thunk's head, and
+/// the calls through (GCC-style rax, rustc's r11 call and tail call) still
+/// giving the right answers.
+fn assert_retpoline(b: &Boot, mode: &str) {
+    let line = b.line("retpoline mode");
+    assert!(
+        line.starts_with(&format!("retpoline mode {mode}: ")),
+        "{}",
+        b.serial
+    );
+    let (site, thunk) = match mode {
+        "generic" => ("e8", "2e e8 07 00 00 00"),
+        "lfence" => ("0f ae e8 ff d0", "0f ae e8 41 ff e3"),
+        "plain" => ("0f 1f 00 ff d0", "0f 1f 00 41 ff e3"),
+        _ => unreachable!(),
+    };
+    let got = b.line("retpoline rax site:");
+    assert!(
+        got.starts_with(&format!("retpoline rax site: {site}")) && got.split(' ').count() == 8,
+        "{got}"
+    );
+    assert_eq!(
+        b.line("retpoline r11 thunk:"),
+        format!("retpoline r11 thunk: {thunk}")
+    );
+    let counts = b.line("  indirect-thunk sites:");
+    match mode {
+        "generic" => {
+            assert!(counts.contains(" 0 inlined,") && counts.contains("0 thunks rewritten"))
+        }
+        // rustc's r11 sites have no room for lfence inline: refused, with
+        // the reason, and they go through the lfence thunk.
+        "lfence" => {
+            assert!(counts.contains("15 thunks rewritten"), "{counts}");
+            assert!(b.serial.contains("refused ("), "{}", b.serial);
+            assert!(
+                b.serial.contains("needs 6 bytes, the site has 5"),
+                "{}",
+                b.serial
+            );
+        }
+        _ => assert!(
+            counts.contains(" 0 refused;") && counts.contains("15 thunks rewritten"),
+            "{counts}"
+        ),
+    }
+    assert_eq!(
+        b.line("retpoline calls:"),
+        "retpoline calls: before=(7, 42, 42) after=(7, 42, 42)"
+    );
+}
+
 fn has_word(line: &str, word: &str) -> bool {
     line.split_whitespace().any(|w| w == word)
 }
@@ -206,12 +260,18 @@ fn skylake_client_boots_detects_and_patches() {
     }
     // movbe, ERMS (last alternative that holds), BMI2.
     assert_alternatives(&b, 2, 3, 1003);
+    // Intel without enhanced IBRS (TCG shows no IA32_ARCH_CAPABILITIES).
+    assert_retpoline(&b, "generic");
+    assert!(
+        b.line("retpoline mode")
+            .contains("Intel CPU without enhanced IBRS")
+    );
 }
 
 #[test]
 fn epyc_boots_detects_and_patches() {
     let Some(q) = qemu() else { return };
-    let b = boot(&q, "EPYC", "");
+    let b = boot(&q, "EPYC", "altpatch=retpoline=lfence");
     assert_patched(&b);
     let f = b.line("features:");
     assert_eq!(f, expected_features("qemu-tcg-epyc"));
@@ -219,6 +279,12 @@ fn epyc_boots_detects_and_patches() {
     assert!(has_word(f, "movbe") && !has_word(f, "erms"), "{f}");
     // movbe, AVX2 but no ERMS, BMI2.
     assert_alternatives(&b, 2, 2, 1003);
+    // Forced from the command line.
+    assert_retpoline(&b, "lfence");
+    assert!(
+        b.line("retpoline mode")
+            .contains("forced by retpoline=lfence")
+    );
 }
 
 #[test]
@@ -235,12 +301,18 @@ fn max_boots_with_avx_state_enabled_by_the_kernel() {
     // Different CPU models give different snapshots from the same image.
     assert_ne!(f, expected_features("qemu-tcg-nehalem"));
     assert_alternatives(&b, 2, 3, 1003);
+    // TCG's max is AMD-like without Automatic IBRS: the full retpoline.
+    assert_retpoline(&b, "generic");
+    assert!(
+        b.line("retpoline mode")
+            .contains("AMD CPU without Automatic IBRS")
+    );
 }
 
 #[test]
 fn command_line_overrides_reach_the_snapshot() {
     let Some(q) = qemu() else { return };
-    let b = boot(&q, "max", "quiet altpatch=nomovbe,noavx,+fsrm");
+    let b = boot(&q, "max", "quiet altpatch=nomovbe,noavx,+fsrm,+eibrs");
     assert_patched(&b);
     let f = b.line("features:");
     for w in ["movbe", "avx", "avx2", "fma"] {
@@ -250,6 +322,12 @@ fn command_line_overrides_reach_the_snapshot() {
     // Overrides steer the alternatives: no movbe, and without AVX/AVX2 the
     // ERMS alternative still wins.
     assert_alternatives(&b, 1, 3, 1003);
+    // Claiming enhanced IBRS makes auto choose plain indirect branches.
+    assert_retpoline(&b, "plain");
+    assert!(
+        has_word(f, "eibrs") && !has_word(f, "retpoline_needed"),
+        "{f}"
+    );
     let b = boot(&q, "max", "altpatch=noerms,nobmi2");
     assert_alternatives(&b, 2, 2, 3);
 

@@ -22,27 +22,45 @@
 //!
 //! # Modes and what they cost you
 //!
-//! | mode | thunk becomes | call sites | protects against Spectre v2 (BTI) |
+//! | mode | thunk becomes | call sites (5-byte `call`/`jmp`, 6-byte `jcc`) | protects against Spectre v2 (BTI) |
 //! |---|---|---|---|
 //! | `generic` | the retpoline (unchanged) | keep calling the thunk | yes, on every CPU: the indirect branch is never predicted from the BTB; costs a mispredicted `ret` per call |
-//! | `lfence` | `lfence; jmp *%reg` | `lfence; call/jmp *%reg` where it fits (rax..rdi), else the thunk | narrows the speculation window only; AMD's 2022 guidance (CVE-2021-26401) says it is *not* sufficient on AMD; never sufficient on Intel |
-//! | `plain` (alias `off`) | `jmp *%reg` | `call/jmp *%reg`, `jcc` over `jmp *%reg` | only if the hardware does it: enhanced IBRS (Intel) or Automatic IBRS (AMD) must be enabled by the OS; otherwise no protection |
+//! | `lfence` | `lfence; jmp *%reg` | `lfence; call/jmp *%reg` where it fits (rax..rdi); r8..r15 and `jcc` keep calling the (patched) thunk | narrows the speculation window only; AMD's 2022 guidance (CVE-2021-26401) says it is *not* sufficient on AMD; never sufficient on Intel |
+//! | `plain` (alias `off`) | `nop; jmp *%reg` | `nop; call/jmp *%reg`; `jcc` → inverted short `jcc` over `jmp *%reg` + `int3` | only if the hardware does it: enhanced IBRS (Intel) or Automatic IBRS (AMD) must be enabled by the OS; otherwise no protection |
 //!
 //! `auto` picks `plain` when the snapshot shows enhanced IBRS or Automatic
-//! IBRS, else `generic`, and says why. Overrides: `retpoline=<mode>` in the
-//! override string (`ALTPATCH`, `altpatch=` on a kernel command line).
+//! IBRS, else `generic`, and says why (`lfence` is never chosen
+//! automatically). Overrides: `retpoline=<mode>` in the override string
+//! (`ALTPATCH`, `altpatch=` on a kernel command line).
 //!
-//! Return-thunk sites (`jmp __x86_return_thunk`) become `ret` in every mode:
-//! this crate's return thunk is a plain return (no return mitigation such as
-//! untrained-return thunks is implemented), so inlining it changes nothing
-//! but the cost.
+//! Return-thunk sites (`jmp __x86_return_thunk`, or a `jcc` to it) become
+//! `ret` in every mode: this crate's return thunk is a plain return (no
+//! return mitigation such as untrained-return thunks is implemented), so
+//! inlining it changes nothing but the cost.
 //!
-//! [`apply`] patches call sites first, then the thunks, each batch validated
-//! before anything is written. Patching towards fewer mitigations (generic
-//! to `lfence` or `plain`) is safe while other threads run with a live poke:
-//! every edit replaces one instruction. Going back (un-inlining) is not
-//! live-safe — a thread may hold a return address inside an inlined site —
-//! and a live poke refuses it; do it with other threads stopped.
+//! # Forms that stay correct under running threads
+//!
+//! Inline `call`/`jmp` forms put their filler (`lfence` or one NOP) *before*
+//! the branch, so the branch ends where the original instruction ended: a
+//! return address pushed by the original `call thunk` (a thread may be deep
+//! inside the callee) still lands on an instruction boundary, and moving
+//! between `lfence` and `plain` rewrites only the filler — one instruction
+//! for one. The thunks' heads follow the same rule.
+//!
+//! [`apply`] validates both batches — call sites, then the thunks — before
+//! writing either, then writes sites first. Moving towards fewer mitigations
+//! (from `generic`, or between `lfence` and `plain` where no site goes back
+//! through a thunk) is safe while other threads run with a live poke: every
+//! edit replaces one instruction. Going back (re-routing an inlined site
+//! through the thunk) is not: a thread may have been interrupted between
+//! the filler and the branch. A live poke refuses it, nothing written; do it
+//! in place with other threads stopped.
+//!
+//! The `SIGTRAP` handler of the live poke is itself compiled code: in a
+//! retpoline-built program its indirect calls would be sites that may hold
+//! an `int3` when it runs. It is written to contain none (its lookup is
+//! inlined, its calls out are made in assembly), and `tests/retpoline.rs`
+//! checks the linked handler.
 
 mod policy;
 mod thunks;
@@ -59,7 +77,7 @@ use crate::poke::TextPoke;
 use crate::sites::{Site, SiteKind};
 use crate::x86::{self, BranchKind, Reg};
 
-/// What became of one site.
+/// What became of one site (see [`Report::counts`] for an example).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Rewritten into the mode's inline form.
@@ -70,7 +88,7 @@ pub enum Outcome {
     Refused(&'static str),
 }
 
-/// One site and its outcome.
+/// One site and its outcome, as listed in [`Report::sites`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SiteOutcome {
     /// The site.
@@ -96,6 +114,29 @@ pub struct Report {
 
 impl Report {
     /// (inlined, via thunk, refused) counts for sites whose kind matches `f`.
+    ///
+    /// ```
+    /// use altpatch::retpoline::{Mode, Outcome, Policy, Report, SiteOutcome};
+    /// use altpatch::sites::{Site, SiteKind};
+    /// use altpatch::x86::{BranchKind, Reg};
+    ///
+    /// let site = |kind| Site { addr: 0x1000, len: 5, form: BranchKind::Call, kind, target: 0x2000 };
+    /// let report = Report {
+    ///     policy: Policy { mode: Mode::Lfence, reason: "example".into() },
+    ///     sites: vec![
+    ///         SiteOutcome { site: site(SiteKind::IndirectThunk(Reg::Rax)), outcome: Outcome::Inlined },
+    ///         SiteOutcome {
+    ///             site: site(SiteKind::IndirectThunk(Reg::R11)),
+    ///             outcome: Outcome::Refused("no room"),
+    ///         },
+    ///     ],
+    ///     thunks: 15,
+    ///     sites_applied: Default::default(),
+    ///     thunks_applied: Default::default(),
+    /// };
+    /// assert_eq!(report.counts(|k| matches!(k, SiteKind::IndirectThunk(_))), (1, 0, 1));
+    /// assert!(report.to_string().contains("refused (1): no room"));
+    /// ```
     pub fn counts(&self, f: impl Fn(&SiteKind) -> bool) -> (usize, usize, usize) {
         let mut c = (0, 0, 0);
         for s in self.sites.iter().filter(|s| f(&s.site.kind)) {
@@ -140,8 +181,15 @@ impl fmt::Display for Report {
     }
 }
 
-/// Why retpolines could not be applied. Nothing was written by the batch
-/// that failed (sites are written before thunks).
+/// Why retpolines could not be applied. Every variant but
+/// [`Error::Thunks`] means nothing was written.
+///
+/// ```
+/// use altpatch::retpoline::Error;
+///
+/// let e = Error::RspSite { site: 0x1234 };
+/// assert!(e.to_string().contains("0x1234") && e.to_string().contains("%rsp"));
+/// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum Error {
@@ -407,8 +455,26 @@ fn plan_thunks(image: &Image<'_>, mode: Mode) -> Result<(Plan, usize), Error> {
 }
 
 /// Applies `policy` to `image`: first every thunk and return-thunk call
-/// site in `sites` (from [`crate::elf::image_sites`] or an embedded table),
-/// then this crate's thunks, if they are in the image.
+/// site in `sites` (from [`crate::elf::image_sites`] or an embedded table;
+/// other kinds are ignored), then this crate's thunks, if they are in the
+/// image. Both batches are validated before either is written.
+///
+/// ```
+/// use altpatch::retpoline::{self, Mode, Policy};
+/// use altpatch::x86::Reg;
+/// use altpatch::{Image, LinuxPoke};
+///
+/// let image = Image::current();
+/// let mut poke = LinuxPoke::new()?;
+/// let plain = Policy { mode: Mode::Plain, reason: "example".into() };
+/// // No sites here: only the thunks change. In place: nothing else runs.
+/// let report = unsafe { retpoline::apply(&image, &[], &plain, &mut poke) }?;
+/// assert_eq!(report.thunks, 15);
+/// let r11 = retpoline::thunk(Reg::R11).unwrap();
+/// let head = unsafe { std::slice::from_raw_parts(r11 as *const u8, 6) };
+/// assert_eq!(head, [0x0f, 0x1f, 0x00, 0x41, 0xff, 0xe3]); // nop; jmp *%r11
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 ///
 /// # Safety
 ///
@@ -456,7 +522,19 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
 }
 
 /// Applies `policy` to the running program, live (`std`): its sites from
-/// its relocations or embedded table, then the thunks.
+/// its relocations (link with `-Wl,--emit-relocs`) or embedded table, then
+/// the thunks, with the INT3 protocol so other threads may keep running.
+/// The error says which step failed.
+///
+/// ```no_run
+/// use altpatch::cpu::{Features, Overrides};
+/// use altpatch::retpoline::{self, Policy};
+///
+/// let policy = Policy::choose(&Features::detect(), &Overrides::from_env()?);
+/// let report = retpoline::apply_current(&policy)?;
+/// print!("{report}");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub fn apply_current(policy: &Policy) -> Result<Report, alloc::string::String> {
     let image = Image::current();

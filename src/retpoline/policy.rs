@@ -5,7 +5,14 @@ use core::fmt;
 
 use crate::cpu::{Feature, Features, Vendor};
 
-/// How indirect branches through the thunks are executed.
+/// How indirect branches through the thunks are executed (see the
+/// [module docs](super) for what each protects against).
+///
+/// ```
+/// use altpatch::retpoline::Mode;
+/// assert_eq!(Mode::Lfence.name(), "lfence");
+/// assert_eq!(Mode::Plain.to_string(), "plain");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Mode {
     /// The full retpoline (the thunks as built).
@@ -34,6 +41,14 @@ impl fmt::Display for Mode {
 }
 
 /// A `retpoline=` setting: a mode, or `auto`.
+///
+/// ```
+/// use altpatch::retpoline::{Mode, Setting};
+/// assert_eq!(Setting::parse("off"), Some(Setting::Mode(Mode::Plain)));
+/// assert_eq!(Setting::parse("auto"), Some(Setting::Auto));
+/// assert_eq!(Setting::parse("fast"), None);
+/// assert_eq!(Setting::Mode(Mode::Generic).name(), "generic");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Setting {
     /// Choose from the feature snapshot ([`Policy::auto`]).
@@ -131,7 +146,7 @@ impl Policy {
         if features.has(Feature::Hypervisor) && mode == Mode::Generic {
             reason
                 .to_mut()
-                .push_str(" (under a hypervisor, which may hide enhanced IBRS from CPUID)");
+                .push_str("; running under a hypervisor, which may not pass enhanced or Automatic IBRS through");
         }
         Policy { mode, reason }
     }

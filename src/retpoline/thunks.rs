@@ -4,7 +4,7 @@
 use super::Mode;
 use crate::x86::{self, Reg};
 
-/// Bytes per thunk slot.
+/// Bytes per thunk slot (see [`thunk_array`]).
 pub const THUNK_SLOT: usize = 32;
 
 /// The retpoline for one register, as a 32-byte slot. The first instruction
@@ -85,16 +85,27 @@ unsafe extern "C" {
 }
 
 /// The address of the thunk array (slot `n` is register number `n`).
+///
+/// ```
+/// use altpatch::retpoline::{THUNK_SLOT, return_thunk, thunk, thunk_array};
+/// use altpatch::x86::Reg;
+///
+/// assert_eq!(thunk_array() % 64, 0);
+/// assert_eq!(thunk(Reg::R11), Some(thunk_array() + 11 * THUNK_SLOT));
+/// assert_eq!(thunk(Reg::Rsp), None);
+/// assert_eq!(return_thunk(), thunk_array() + 16 * THUNK_SLOT);
+/// ```
 pub fn thunk_array() -> usize {
     (&raw const __x86_indirect_thunk_array) as usize
 }
 
-/// The address of `__x86_indirect_thunk_<reg>`; `None` for `%rsp`.
+/// The address of `__x86_indirect_thunk_<reg>`; `None` for `%rsp` (see
+/// [`thunk_array`] for an example).
 pub fn thunk(reg: Reg) -> Option<usize> {
     (reg != Reg::Rsp).then(|| thunk_array() + reg as usize * THUNK_SLOT)
 }
 
-/// The address of `__x86_return_thunk`.
+/// The address of `__x86_return_thunk` (see [`thunk_array`]).
 pub fn return_thunk() -> usize {
     (&raw const __x86_return_thunk) as usize
 }

@@ -40,25 +40,14 @@ unsafe extern "C" {
 
 // Room for the sites `altpatch embed` finds in the linked kernel: the kernel
 // has no file system to read relocations from at boot.
-altpatch::reserve_site_table!(256);
-
-// A plain thunk for the hand-written thunk call below (weak, so a full
-// retpoline implementation elsewhere takes precedence).
-core::arch::global_asm!(
-    ".pushsection .text.kernel_thunks,\"ax\",@progbits",
-    ".weak __x86_indirect_thunk_rax",
-    ".type __x86_indirect_thunk_rax, @function",
-    "__x86_indirect_thunk_rax:",
-    "jmp rax",
-    ".size __x86_indirect_thunk_rax, . - __x86_indirect_thunk_rax",
-    ".popsection",
-);
+altpatch::reserve_site_table!(4096);
 
 extern "C" fn seven() -> u64 {
     7
 }
 
-/// An indirect call through the `%rax` thunk, as retpoline-built code makes.
+/// An indirect call through the `%rax` thunk (altpatch's), as GCC's
+/// retpoline-built code makes; the kernel's Rust code uses `%r11`.
 #[inline(never)]
 fn call_via_thunk(f: extern "C" fn() -> u64) -> u64 {
     let r: u64;
@@ -262,6 +251,10 @@ extern "C" fn kmain(multiboot_info: u32) -> ! {
         exit(EXIT_FAILURE);
     }
     report_sites(&image);
+    if let Err(e) = apply_retpolines(&image, &features, &overrides) {
+        println!("altpatch kernel: FAILED: {e}");
+        exit(EXIT_FAILURE);
+    }
     if let Err(e) = update_calls_and_keys(&image, &features) {
         println!("altpatch kernel: FAILED: {e}");
         exit(EXIT_FAILURE);
@@ -382,6 +375,80 @@ fn update_calls_and_keys(image: &Image<'_>, features: &Features) -> Result<(), &
         boot_key(),
         r.written
     );
+    Ok(())
+}
+
+/// An indirect call (rustc: `call __x86_indirect_thunk_r11`).
+#[inline(never)]
+fn rust_indirect(f: fn(u64) -> u64, x: u64) -> u64 {
+    core::hint::black_box(f(x)) * 2
+}
+
+/// An indirect tail call (rustc: `jmp __x86_indirect_thunk_r11`).
+#[inline(never)]
+fn rust_tail(f: fn(u64) -> u64, x: u64) -> u64 {
+    f(x)
+}
+
+fn halve(x: u64) -> u64 {
+    x / 2
+}
+
+/// Calls through every kind of site the test looks at.
+fn retpoline_calls() -> (u64, u64, u64) {
+    let f = core::hint::black_box(halve as fn(u64) -> u64);
+    (
+        call_via_thunk(core::hint::black_box(seven)),
+        rust_indirect(f, 42),
+        rust_tail(f, 84),
+    )
+}
+
+/// Chooses the retpoline mode for this CPU (or `altpatch=retpoline=MODE`)
+/// and applies it to every thunk site of the embedded table and to the
+/// thunks, the kernel's own running code included.
+fn apply_retpolines(
+    image: &Image<'_>,
+    features: &Features,
+    overrides: &Overrides,
+) -> Result<(), altpatch::retpoline::Error> {
+    use altpatch::retpoline::{self, Policy};
+    use altpatch::sites::SiteKind;
+    let sites: alloc::vec::Vec<altpatch::sites::Site> = match image.embedded_sites() {
+        Ok(Some(t)) => t.iter().collect(),
+        _ => alloc::vec::Vec::new(),
+    };
+    let before = retpoline_calls();
+    let policy = Policy::choose(features, overrides);
+    // SAFETY: text is writable, this CPU is the only one; every site
+    // rewrite keeps the instruction's end (return addresses on the stack,
+    // including this function's callers', stay valid).
+    let mut poke = unsafe { DirectPoke::for_features(features) };
+    // SAFETY: as above; the mode is the policy's for this CPU.
+    let report = unsafe { retpoline::apply(image, &sites, &policy, &mut poke) }?;
+    print!("{report}");
+    let here = call_via_thunk as fn(extern "C" fn() -> u64) -> u64 as usize;
+    let site = sites
+        .iter()
+        .find(|s| s.kind == SiteKind::IndirectThunk(altpatch::x86::Reg::Rax) && s.addr > here)
+        .filter(|s| s.addr < here + 64);
+    if let Some(s) = site {
+        print!("retpoline rax site:");
+        for i in 0..s.len as usize {
+            // SAFETY: the site lies in the kernel's text.
+            print!(" {:02x}", unsafe { *((s.addr + i) as *const u8) });
+        }
+        println!();
+    }
+    let r11 = altpatch::retpoline::thunk(altpatch::x86::Reg::R11).unwrap_or(0);
+    print!("retpoline r11 thunk:");
+    for i in 0..6 {
+        // SAFETY: the thunk lies in the kernel's text.
+        print!(" {:02x}", unsafe { *((r11 + i) as *const u8) });
+    }
+    println!();
+    let after = retpoline_calls();
+    println!("retpoline calls: before={before:?} after={after:?}");
     Ok(())
 }
 
