@@ -83,6 +83,7 @@ pub mod alternative;
 pub mod cpu;
 #[cfg(feature = "std")]
 pub mod elf;
+pub mod ifunc;
 mod image;
 pub mod plan;
 pub mod poke;

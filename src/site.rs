@@ -45,6 +45,7 @@ pub const SECTIONS: &[&str] = &[
     crate::__altpatch_section!(alt),
     crate::__altpatch_section!(sitetab),
     crate::__altpatch_section!(key),
+    crate::__altpatch_section!(ifunc),
 ];
 
 /// A 32-bit offset from the field's own address to a target address.
@@ -87,6 +88,9 @@ macro_rules! __altpatch_section {
     };
     (key) => {
         "altpatch_v1_key"
+    };
+    (ifunc) => {
+        "altpatch_v1_ifunc"
     };
 }
 
@@ -232,6 +236,14 @@ section_table!(
     key,
     __start_altpatch_v1_key,
     __stop_altpatch_v1_key
+);
+
+section_table!(
+    /// The ifunc records of the binary this crate is linked into.
+    pub(crate) fn current_ifuncs() -> crate::ifunc::Record,
+    ifunc,
+    __start_altpatch_v1_ifunc,
+    __stop_altpatch_v1_ifunc
 );
 
 section_table!(

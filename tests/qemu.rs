@@ -225,6 +225,43 @@ fn assert_retpoline(b: &Boot, mode: &str) {
     );
 }
 
+/// The kernel's ifuncs: GCC's (IRELATIVE, resolver reading the published
+/// snapshot: AVX2 picks the +2000-tagged one) and a Rust `ifunc!` (MOVBE
+/// picks the +3000-tagged one); every call site direct afterwards.
+fn assert_ifuncs(b: &Boot, avx2: bool, movbe: bool) {
+    assert_eq!(
+        b.line("ifunc: "),
+        "ifunc: 1 IRELATIVE entries resolved",
+        "{}",
+        b.serial
+    );
+    // 0b1011 has three bits; twice(x) = ones(x) + ones(x >> 1) = 3 + 2.
+    let c = if avx2 { 2000 } else { 0 };
+    let r = if movbe { 3000 } else { 0 };
+    assert_eq!(
+        b.line("ifunc calls:"),
+        format!(
+            "ifunc calls: c={} twice={} got={} rust={} (before: twice={} rust={})",
+            c + 3,
+            2 * c + 5,
+            c + 3,
+            r + 3,
+            2 * c + 5,
+            r + 3
+        )
+    );
+    // Two PLT-bound C calls, one through the GOT, one GCC-internal call,
+    // all now direct; the Rust stub's call sites too; one resolver run.
+    assert_eq!(
+        b.line("ifunc sites:"),
+        "ifunc sites: c plt+got rewritten=4 direct to c impl=4 rust direct=2 rust runs=1"
+    );
+    assert!(
+        b.line("  kernel_ones ->")
+            .contains("(2 sites direct, 0 via the stub")
+    );
+}
+
 fn has_word(line: &str, word: &str) -> bool {
     line.split_whitespace().any(|w| w == word)
 }
@@ -246,6 +283,8 @@ fn nehalem_boots_detects_and_patches() {
     assert!(b.serial.contains("sync by Cpuid"), "{}", b.serial);
     // No movbe, SSE4.2 only, no BMI2.
     assert_alternatives(&b, 1, 1, 3);
+    // Neither AVX2 nor MOVBE: both ifuncs take their portable versions.
+    assert_ifuncs(&b, false, false);
 }
 
 #[test]
@@ -262,6 +301,7 @@ fn skylake_client_boots_detects_and_patches() {
     assert_alternatives(&b, 2, 3, 1003);
     // Intel without enhanced IBRS (TCG shows no IA32_ARCH_CAPABILITIES).
     assert_retpoline(&b, "generic");
+    assert_ifuncs(&b, true, true);
     assert!(
         b.line("retpoline mode")
             .contains("Intel CPU without enhanced IBRS")
@@ -328,8 +368,11 @@ fn command_line_overrides_reach_the_snapshot() {
         has_word(f, "eibrs") && !has_word(f, "retpoline_needed"),
         "{f}"
     );
+    // The C resolver sees the published snapshot, overrides included.
+    assert_ifuncs(&b, false, false);
     let b = boot(&q, "max", "altpatch=noerms,nobmi2");
     assert_alternatives(&b, 2, 2, 3);
+    assert_ifuncs(&b, true, true);
 
     let b = boot(&q, "max", "altpatch=nomovbee");
     assert_eq!(b.status, EXIT_FAIL, "{}", b.serial);

@@ -222,7 +222,9 @@ impl fmt::Display for Vendor {
 /// Take it once ([`Features::detect`], or [`Features::from_source`] for a
 /// recorded CPU), adjust it with [`Overrides`](super::Overrides), and hand
 /// it explicitly to every mechanism. Nothing in the crate reads a global
-/// snapshot behind your back.
+/// snapshot behind your back, except where no argument can carry it —
+/// lazily resolved ifuncs and C ifunc resolvers — which read the one you
+/// [`publish`](super::publish).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Features {
     bits: u64,

@@ -16,10 +16,14 @@
 
 mod features;
 mod overrides;
+mod published;
 mod source;
 
 pub use features::{Feature, Features, Vendor};
 pub use overrides::{OverrideError, Overrides};
+pub use published::{
+    AlreadyPublished, altpatch_cpu_features, altpatch_cpu_has, publish, published, try_published,
+};
 pub use source::{CpuidSource, HostCpuid, RecordedCpuid, RecordedCpuidError, dump};
 
 /// The result of one `cpuid` query: `eax`, `ebx`, `ecx`, `edx`.

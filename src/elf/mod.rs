@@ -193,6 +193,11 @@ enum Class {
 
 fn classify(name: &[u8], sym_type: u8) -> Option<Class> {
     if let Some(reg) = name.strip_prefix(names::INDIRECT_THUNK_PREFIX.as_bytes()) {
+        // The array holding this crate's thunks is not a thunk (its address
+        // is taken, never called).
+        if reg == b"array" {
+            return None;
+        }
         return Some(
             match core::str::from_utf8(reg).ok().and_then(Reg::from_name) {
                 Some(Reg::Rsp) | None => Class::BadThunk,
@@ -238,7 +243,10 @@ pub(crate) fn exec_bytes_at<'d>(p: &Parsed<'d>, addr: u64, len: u64) -> Option<(
 /// `R_X86_64_PC32` relocation in an executable section against a
 /// [well-known symbol](crate::sites::names) (or an `STT_GNU_IFUNC` symbol),
 /// kept only where it is the displacement of a `call`, `jmp` or `jcc` rel32
-/// (optionally prefixed) that reaches the symbol itself.
+/// (optionally prefixed) that reaches the symbol itself. Ifunc symbols are
+/// also called through their GOT slot (`-fno-plt`): a `GOTPCREL`/
+/// `GOTPCRELX` relocation at the displacement of `call/jmp *slot(%rip)` is
+/// a 6-byte ifunc site.
 pub fn read_sites(data: &[u8]) -> Result<FoundSites, ElfError> {
     let p = parse(data)?;
     let mut out = FoundSites::default();
@@ -305,7 +313,11 @@ pub fn read_sites(data: &[u8]) -> Result<FoundSites, ElfError> {
                 }
                 Class::Site(k) => k,
             };
-            if !is_branch_reloc {
+            let is_got_reloc = r_type == elf::R_X86_64_GOTPCREL
+                || r_type == elf::R_X86_64_GOTPCRELX
+                || r_type == elf::R_X86_64_REX_GOTPCRELX;
+            let got_ifunc = kind == SiteKind::Ifunc && is_got_reloc;
+            if !(is_branch_reloc || got_ifunc) {
                 out.rejected
                     .push(reject("not a PC-relative branch relocation"));
                 continue;
@@ -315,6 +327,37 @@ pub fn read_sites(data: &[u8]) -> Result<FoundSites, ElfError> {
                     offset,
                     section: sec_name(),
                 });
+            }
+            if is_got_reloc {
+                // An ifunc called through its GOT slot (`-fno-plt`):
+                // `call/jmp *slot(%rip)`, `ff 15/25 disp32`.
+                let off = (offset - sec_addr) as usize;
+                let form = match off.checked_sub(2).map(|o| &sec_data[o..o + 2]) {
+                    Some([0xff, 0x15]) => x86::BranchKind::Call,
+                    Some([0xff, 0x25]) => x86::BranchKind::Jmp,
+                    _ => {
+                        out.rejected.push(reject(
+                            "a GOT reference that is not call/jmp *slot(%rip) (taking the address)",
+                        ));
+                        continue;
+                    }
+                };
+                if sym.is_undefined(LE) {
+                    out.rejected.push(reject("symbol not defined in the image"));
+                    continue;
+                }
+                let sym_value = sym.st_value(LE);
+                out.sites.push(Site {
+                    addr: (offset - 2) as usize,
+                    len: 6,
+                    form,
+                    kind,
+                    target: sym_value as usize,
+                });
+                out.names
+                    .entry(sym_value as usize)
+                    .or_insert_with(|| String::from_utf8_lossy(name).into_owned());
+                continue;
             }
             if sym.is_undefined(LE) {
                 out.rejected.push(reject("symbol not defined in the image"));

@@ -103,6 +103,7 @@ impl Image<'static> {
             points: &[],
             alternatives: &[],
             keys: &[],
+            ifuncs: &[],
             site_table: &[],
             file: Some((Cow::Owned(path), obj.bias)),
         };
@@ -130,6 +131,11 @@ impl Image<'static> {
                     image.keys =
                         unsafe { table::<crate::static_key::Record>(runtime, size, loaded) }
                             .map_err(bad)?;
+                }
+                "altpatch_v1_ifunc" => {
+                    // SAFETY: as above.
+                    image.ifuncs = unsafe { table::<crate::ifunc::Record>(runtime, size, loaded) }
+                        .map_err(bad)?;
                 }
                 "altpatch_v1_sitetab" => {
                     // SAFETY: as above.

@@ -36,6 +36,7 @@ pub struct Image<'a> {
     points: &'a [PatchPoint],
     alternatives: &'a [alternative::Record],
     keys: &'a [crate::static_key::Record],
+    ifuncs: &'a [crate::ifunc::Record],
     site_table: &'a [u8],
     file: Option<(Cow<'a, str>, usize)>,
 }
@@ -56,6 +57,7 @@ impl Image<'static> {
             points: site::current_patch_points(),
             alternatives: site::current_alternatives(),
             keys: site::current_static_keys(),
+            ifuncs: site::current_ifuncs(),
             site_table: site::current_site_table(),
             file: None,
         };
@@ -86,6 +88,7 @@ impl<'a> Image<'a> {
                 points: &[],
                 alternatives: &[],
                 keys: &[],
+                ifuncs: &[],
                 site_table: &[],
                 file: None,
             },
@@ -137,6 +140,11 @@ impl<'a> Image<'a> {
         self.keys
     }
 
+    /// The ifunc records (see [`ifunc`](mod@crate::ifunc)).
+    pub fn ifuncs(&self) -> &'a [crate::ifunc::Record] {
+        self.ifuncs
+    }
+
     /// The embedded site table (see [`crate::sites`]): `Ok(None)` when the
     /// image reserves none or it was not filled by `altpatch embed`.
     pub fn embedded_sites(
@@ -183,6 +191,7 @@ impl fmt::Debug for Image<'_> {
             .field("patch_points", &self.points.len())
             .field("alternatives", &self.alternatives.len())
             .field("static_key_sites", &self.keys.len())
+            .field("ifuncs", &self.ifuncs.len())
             .finish()
     }
 }
@@ -247,6 +256,19 @@ impl<'a> ImageBuilder<'a> {
     /// memory that stays mapped and unchanged for `'a`.
     pub unsafe fn static_key_records(mut self, records: &'a [crate::static_key::Record]) -> Self {
         self.image.keys = records;
+        self
+    }
+
+    /// Sets the ifunc record table.
+    ///
+    /// # Safety
+    ///
+    /// `records` must be the image's `altpatch_v1_ifunc` section in place,
+    /// in memory that stays mapped and unchanged for `'a`, and the image's
+    /// code must stay loaded for the rest of the program (the records point
+    /// at `'static` state).
+    pub unsafe fn ifunc_records(mut self, records: &'a [crate::ifunc::Record]) -> Self {
+        self.image.ifuncs = records;
         self
     }
 

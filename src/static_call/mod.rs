@@ -68,6 +68,8 @@ pub struct StaticCall {
     trampoline: fn() -> usize,
     default: fn() -> usize,
     returns_unit: bool,
+    /// The kind of the trampoline's call sites (ifunc stubs reuse this).
+    site_kind: SiteKind,
     /// `DEFAULT`, `NONE` or the target's address.
     target: AtomicUsize,
     /// What the inline call sites call now: `DEFAULT` (the trampoline),
@@ -141,7 +143,7 @@ impl From<PlanError> for StaticCallError {
     }
 }
 
-struct Busy<'a>(&'a AtomicBool);
+pub(crate) struct Busy<'a>(&'a AtomicBool);
 
 impl<'a> Busy<'a> {
     fn take(flag: &'a AtomicBool) -> Busy<'a> {
@@ -175,10 +177,23 @@ impl StaticCall {
             trampoline,
             default,
             returns_unit,
+            site_kind: SiteKind::StaticCall,
             target: AtomicUsize::new(DEFAULT),
             inline: AtomicUsize::new(DEFAULT),
             busy: AtomicBool::new(false),
         }
+    }
+
+    /// The same state for a trampoline whose call sites are of `kind`
+    /// (an `ifunc!` stub: [`SiteKind::Ifunc`]).
+    pub(crate) const fn with_site_kind(mut self, kind: SiteKind) -> StaticCall {
+        self.site_kind = kind;
+        self
+    }
+
+    /// Serializes updates of this static call.
+    pub(crate) fn lock(&self) -> Busy<'_> {
+        Busy::take(&self.busy)
     }
 
     /// The declared name.
@@ -225,10 +240,28 @@ impl StaticCall {
         sites: &[Site],
         poke: &mut P,
     ) -> Result<UpdateReport, StaticCallError> {
+        let _busy = self.lock();
+        let mut plan = Plan::for_image(image);
+        let mut report = self.plan_update(target, image, sites, &mut plan)?;
+        // SAFETY: forwarded from our caller.
+        report.applied = unsafe { plan.apply(poke) }?;
+        self.committed(target);
+        Ok(report)
+    }
+
+    /// Pushes onto `plan` the edits that point the trampoline and the call
+    /// sites in `sites` at `target`; the caller holds [`lock`](Self::lock),
+    /// applies the plan, then calls [`committed`](Self::committed).
+    pub(crate) fn plan_update(
+        &self,
+        target: Option<usize>,
+        image: &Image<'_>,
+        sites: &[Site],
+        plan: &mut Plan,
+    ) -> Result<UpdateReport, StaticCallError> {
         if target.is_none() && !self.returns_unit {
             return Err(StaticCallError::NoneNotAllowed { name: self.name });
         }
-        let _busy = Busy::take(&self.busy);
         let tramp = self.trampoline();
 
         // The trampoline: validated by its signature, then by its jmp.
@@ -244,7 +277,6 @@ impl StaticCall {
                 found,
             });
         }
-        let mut plan = Plan::for_image(image);
         plan.reserve(1 + sites.len());
         let expect_tramp = match self.target() {
             Some(t) => Expect::Jmp(t),
@@ -257,14 +289,17 @@ impl StaticCall {
         plan.push(tramp_edit.site(self.name).reason("static call trampoline"));
 
         // Inline sites.
-        let mut report = UpdateReport::default();
+        let mut report = UpdateReport {
+            trampoline: true,
+            ..UpdateReport::default()
+        };
         let inline_now = self.inline.load(Ordering::Acquire);
         let inline_then = match target {
             Some(t) => t,
             None => NONE,
         };
         for s in sites {
-            if s.kind != SiteKind::StaticCall || s.target != tramp {
+            if s.kind != self.site_kind || s.target != tramp {
                 continue;
             }
             if s.len != 5 || matches!(s.form, BranchKind::Jcc(_)) {
@@ -303,12 +338,15 @@ impl StaticCall {
             }
             plan.push(edit);
         }
-        // SAFETY: forwarded from our caller.
-        report.applied = unsafe { plan.apply(poke) }?;
-        report.trampoline = true;
-        self.target.store(inline_then, Ordering::Release);
-        self.inline.store(inline_then, Ordering::Release);
         Ok(report)
+    }
+
+    /// Records that a plan from [`plan_update`](Self::plan_update) for
+    /// `target` was applied.
+    pub(crate) fn committed(&self, target: Option<usize>) {
+        let t = target.unwrap_or(NONE);
+        self.target.store(t, Ordering::Release);
+        self.inline.store(t, Ordering::Release);
     }
 }
 

@@ -1,0 +1,566 @@
+//! Ifuncs resolved in place: one resolver run per function, then a direct
+//! `call` at every call site.
+//!
+//! # Rust: `ifunc!`
+//!
+//! ```
+//! use altpatch::cpu::{Feature, Features};
+//!
+//! altpatch::ifunc! {
+//!     /// Counts set bits, with `popcnt` where the CPU has it.
+//!     pub fn ones(x: u64) -> u64 = pick_ones;
+//! }
+//! extern "C" fn ones_portable(x: u64) -> u64 { x.count_ones() as u64 }
+//! extern "C" fn ones_popcnt(x: u64) -> u64 { x.count_ones() as u64 }
+//! fn pick_ones(f: &Features) -> extern "C" fn(u64) -> u64 {
+//!     if f.has(Feature::Popcnt) { ones_popcnt } else { ones_portable }
+//! }
+//!
+//! fn main() {
+//!     assert_eq!(ones(0b1011), 3);  // resolved lazily on first call
+//!     assert_eq!(ones::KEY.resolver_runs(), 1);
+//!     # #[cfg(all(feature = "std", target_os = "linux"))]
+//!     altpatch::ifunc::init().unwrap(); // stub and call sites -> `call <impl>`
+//!     assert_eq!(ones(0b1011), 3);
+//!     assert_eq!(ones::KEY.resolver_runs(), 1);
+//! }
+//! ```
+//!
+//! [`ifunc!`](macro@crate::ifunc) declares the function, a *stub* (a
+//! static-call trampoline, initially jumping to a lazy resolver) and a
+//! resolver that receives the feature snapshot as an argument. Callers
+//! emit `call <stub>`. Until the ifunc is applied, the first call resolves
+//! it — exactly once: concurrent first callers wait for the one running the
+//! resolver rather than racing — using the [published
+//! snapshot](crate::cpu::published); later calls take a short lazy path
+//! (stub, `jmp`, load, indirect jump). [`apply`] (or [`init`] with `std`)
+//! resolves every ifunc of an image with the snapshot you pass, publishes
+//! that snapshot, and in one batch rewrites the stubs to `jmp <impl>` and
+//! every call site from the image's relocations or embedded table to
+//! `call <impl>` (`jmp <impl>` at tail sites).
+//!
+//! Implementations are `extern "C"` functions of the declared type, like
+//! static-call targets. A resolver must not call its own ifunc.
+//!
+//! # C: `__attribute__((ifunc))` in static and freestanding images
+//!
+//! In an image no dynamic loader relocates (a kernel, a `-static`
+//! freestanding program), the linker leaves `R_X86_64_IRELATIVE` entries
+//! between `__rela_iplt_start` and `__rela_iplt_end` and makes every call
+//! go through a PLT stub. [`process_irelative`] calls each resolver once
+//! (C resolvers read the published snapshot with `altpatch_cpu_has`, see
+//! [`crate::cpu::published`] and `include/altpatch.h`), checks every
+//! result is in the image's text, and only then fills the GOT slots.
+//! [`apply_plt_sites`] then rewrites the call sites of those ifuncs (found
+//! through `--emit-relocs`) into direct calls: `call <plt stub>` →
+//! `call <impl>`, and the 6-byte `call *slot(%rip)` (`-fno-plt`) →
+//! `cs call <impl>` — one instruction of the same length, so the return
+//! address is unchanged. The same works for a dynamically linked program,
+//! whose slots the dynamic loader filled.
+
+mod elf_ifunc;
+#[cfg(all(feature = "std", target_os = "linux"))]
+mod process;
+
+use alloc::vec::Vec;
+use core::fmt;
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+pub use elf_ifunc::{
+    IrelativeEntry, IrelativeError, IrelativeReport, IrelativeTable, PltSitesReport,
+    apply_plt_sites, process_irelative,
+};
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub use process::{InitError, InitReport, init};
+
+use crate::cpu::{self, Features};
+use crate::image::Image;
+use crate::plan::{Plan, PlanError};
+use crate::poke::TextPoke;
+use crate::sites::{Site, SiteKind};
+use crate::static_call::{StaticCall, StaticCallError, UpdateReport};
+
+const UNRESOLVED: u8 = 0;
+const RESOLVING: u8 = 1;
+const RESOLVED: u8 = 2;
+
+/// The state behind one [`ifunc!`](macro@crate::ifunc): its stub (a
+/// static-call trampoline), resolver and resolution. The macro generates
+/// typed wrappers around it.
+pub struct Ifunc {
+    call: StaticCall,
+    resolver: fn(&Features) -> usize,
+    state: AtomicU8,
+    chosen: AtomicUsize,
+    runs: AtomicUsize,
+}
+
+/// Resets a resolution that did not finish (the resolver panicked), so
+/// waiting threads retry instead of spinning forever.
+struct Resolving<'a>(&'a Ifunc);
+
+impl Drop for Resolving<'_> {
+    fn drop(&mut self) {
+        self.0.state.store(UNRESOLVED, Ordering::Release);
+    }
+}
+
+impl Ifunc {
+    /// Used by [`ifunc!`](macro@crate::ifunc).
+    #[doc(hidden)]
+    pub const fn new(
+        name: &'static str,
+        stub: fn() -> usize,
+        lazy: fn() -> usize,
+        resolver: fn(&Features) -> usize,
+    ) -> Ifunc {
+        Ifunc {
+            call: StaticCall::new(name, stub, lazy, false).with_site_kind(SiteKind::Ifunc),
+            resolver,
+            state: AtomicU8::new(UNRESOLVED),
+            chosen: AtomicUsize::new(0),
+            runs: AtomicUsize::new(0),
+        }
+    }
+
+    /// The declared name.
+    pub fn name(&self) -> &'static str {
+        self.call.name()
+    }
+
+    /// The stub's address (what call sites call until applied).
+    pub fn stub(&self) -> usize {
+        self.call.trampoline()
+    }
+
+    /// The chosen implementation's address, once resolved.
+    pub fn resolved(&self) -> Option<usize> {
+        (self.state.load(Ordering::Acquire) == RESOLVED)
+            .then(|| self.chosen.load(Ordering::Acquire))
+    }
+
+    /// How many times the resolver ran: 1 once resolved (0 before), however
+    /// many threads called first.
+    pub fn resolver_runs(&self) -> usize {
+        self.runs.load(Ordering::Acquire)
+    }
+
+    /// Whether the stub and call sites were rewritten to the implementation.
+    pub fn is_applied(&self) -> bool {
+        self.resolved().is_some() && self.call.target() == self.resolved()
+    }
+
+    /// Resolves with `features` — the first time only: afterwards returns
+    /// the implementation chosen then, whatever `features` says. Threads
+    /// arriving while another runs the resolver wait for its result.
+    pub fn resolve(&self, features: &Features) -> usize {
+        loop {
+            match self.state.compare_exchange(
+                UNRESOLVED,
+                RESOLVING,
+                Ordering::Acquire,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    let guard = Resolving(self);
+                    let chosen = (self.resolver)(features);
+                    core::mem::forget(guard);
+                    self.runs.fetch_add(1, Ordering::AcqRel);
+                    self.chosen.store(chosen, Ordering::Release);
+                    self.state.store(RESOLVED, Ordering::Release);
+                    return chosen;
+                }
+                Err(RESOLVED) => return self.chosen.load(Ordering::Acquire),
+                Err(_) => wait(),
+            }
+        }
+    }
+
+    /// The lazy path's target: the implementation, resolved with the
+    /// published snapshot if this is the first call.
+    #[doc(hidden)]
+    #[inline]
+    pub fn lazy_target(&self) -> usize {
+        if self.state.load(Ordering::Acquire) == RESOLVED {
+            return self.chosen.load(Ordering::Acquire);
+        }
+        self.resolve(&cpu::published())
+    }
+
+    /// Resolves this one ifunc (if not yet) with `features` and rewrites its
+    /// stub and its call sites in `sites` to reach the implementation, in
+    /// one batch. [`apply`] does this for every ifunc of an image at once;
+    /// this is for an `Ifunc` outside any image's records. Publishes
+    /// nothing.
+    ///
+    /// # Safety
+    ///
+    /// As for [`apply`].
+    pub unsafe fn apply_with<P: TextPoke + ?Sized>(
+        &'static self,
+        features: &Features,
+        image: &Image<'_>,
+        sites: &[Site],
+        poke: &mut P,
+    ) -> Result<Applied, Error> {
+        let _lock = self.call.lock();
+        let was_resolved = self.resolved().is_some();
+        let mut plan = Plan::for_image(image);
+        let (chosen, mut update) = self.plan_apply(features, image, sites, &mut plan)?;
+        // SAFETY: forwarded from our caller.
+        update.applied = unsafe { plan.apply(poke) }.map_err(Error::Plan)?;
+        self.call.committed(Some(chosen));
+        Ok(Applied {
+            ifunc: self,
+            chosen,
+            was_resolved,
+            update,
+        })
+    }
+
+    /// Resolves (if not yet) with `features`, checks the implementation lies
+    /// in `image`'s text, and pushes onto `plan` the edits that make the
+    /// stub and the call sites in `sites` reach it directly.
+    fn plan_apply(
+        &self,
+        features: &Features,
+        image: &Image<'_>,
+        sites: &[Site],
+        plan: &mut Plan,
+    ) -> Result<(usize, UpdateReport), Error> {
+        let chosen = self.resolve(features);
+        if !image.contains_text(chosen, 1) {
+            return Err(Error::OutsideText {
+                name: self.name(),
+                addr: chosen,
+            });
+        }
+        let report = self
+            .call
+            .plan_update(Some(chosen), image, sites, plan)
+            .map_err(|e| Error::Stub(self.name(), e))?;
+        Ok((chosen, report))
+    }
+}
+
+/// Waits a moment for another thread's resolver.
+fn wait() {
+    #[cfg(feature = "std")]
+    std::thread::yield_now();
+    #[cfg(not(feature = "std"))]
+    core::hint::spin_loop();
+}
+
+impl fmt::Debug for Ifunc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ifunc")
+            .field("name", &self.name())
+            .field("stub", &format_args!("{:#x}", self.stub()))
+            .field(
+                "resolved",
+                &self.resolved().map(|a| alloc::format!("{a:#x}")),
+            )
+            .field("applied", &self.is_applied())
+            .finish()
+    }
+}
+
+/// One ifunc record in an image's `altpatch_v1_ifunc` section: a
+/// self-relative pointer to its [`Ifunc`].
+#[repr(C)]
+#[derive(Debug)]
+pub struct Record(crate::site::RelPtr);
+
+impl Record {
+    /// The ifunc.
+    pub fn ifunc(&self) -> &'static Ifunc {
+        // SAFETY: the macro emits a record only for an `Ifunc` static of
+        // the same image, which lives as long as the program.
+        unsafe { &*(self.0.get() as *const Ifunc) }
+    }
+}
+
+/// Why ifuncs could not be applied. Nothing was written.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// A different feature snapshot was published before.
+    Snapshot(cpu::AlreadyPublished),
+    /// A resolver chose an address outside the image's text.
+    OutsideText {
+        /// The ifunc.
+        name: &'static str,
+        /// What the resolver returned.
+        addr: usize,
+    },
+    /// The stub or a call site did not hold what was expected.
+    Stub(&'static str, StaticCallError),
+    /// The batch was refused or the poke failed.
+    Plan(PlanError),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Snapshot(e) => fmt::Display::fmt(e, f),
+            Error::OutsideText { name, addr } => write!(
+                f,
+                "ifunc `{name}`: the resolver chose {addr:#x}, outside the image's text; nothing written"
+            ),
+            Error::Stub(name, e) => write!(f, "ifunc `{name}`: {e}"),
+            Error::Plan(e) => fmt::Display::fmt(e, f),
+        }
+    }
+}
+
+impl core::error::Error for Error {}
+
+/// One ifunc as [`apply`] left it.
+#[derive(Clone, Copy, Debug)]
+pub struct Applied {
+    /// The ifunc.
+    pub ifunc: &'static Ifunc,
+    /// The implementation chosen.
+    pub chosen: usize,
+    /// Whether it had been resolved before this apply (lazily, by a call).
+    pub was_resolved: bool,
+    /// The stub and call sites.
+    pub update: UpdateReport,
+}
+
+/// What [`apply`] did.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Every ifunc of the image.
+    pub ifuncs: Vec<Applied>,
+    /// The batch.
+    pub applied: crate::plan::ApplyReport,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "ifuncs: {} resolved, {} call sites made direct",
+            self.ifuncs.len(),
+            self.ifuncs.iter().map(|a| a.update.inlined).sum::<usize>()
+        )?;
+        for a in &self.ifuncs {
+            writeln!(
+                f,
+                "  {} -> {:#x} ({} sites direct, {} via the stub{})",
+                a.ifunc.name(),
+                a.chosen,
+                a.update.inlined,
+                a.update.via_trampoline,
+                if a.was_resolved {
+                    ", resolved earlier by a call"
+                } else {
+                    ""
+                }
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Resolves every `ifunc!` of `image` with `features` (publishing it
+/// first; see [`crate::cpu::publish`]) and rewrites, in one batch, each
+/// stub to `jmp <impl>` and each call site in `sites` to `call <impl>`.
+/// Already-applied ifuncs are left as they are. Nothing is written if any
+/// resolver's choice lies outside the image's text or any site holds
+/// unexpected bytes.
+///
+/// ```
+/// use altpatch::cpu::Features;
+/// use altpatch::{Image, LinuxPoke};
+///
+/// altpatch::ifunc! {
+///     fn answer() -> u32 = pick;
+/// }
+/// extern "C" fn forty_two() -> u32 { 42 }
+/// fn pick(_: &Features) -> extern "C" fn() -> u32 { forty_two }
+///
+/// fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let image = Image::current();
+///     let mut poke = LinuxPoke::new()?;
+///     // No call-site list here: the stub alone is rewritten.
+///     let report = unsafe { altpatch::ifunc::apply(&image, &Features::detect(), &[], &mut poke) }?;
+///     assert!(report.ifuncs.iter().any(|a| a.ifunc.name() == "answer"));
+///     assert_eq!(answer(), 42);
+///     assert!(answer::KEY.is_applied());
+///     Ok(())
+/// }
+/// ```
+///
+/// # Safety
+///
+/// As for [`Plan::apply`] with `poke` (each edit is one instruction for one,
+/// so a live poke may run it while other threads call the ifuncs).
+pub unsafe fn apply<P: TextPoke + ?Sized>(
+    image: &Image<'_>,
+    features: &Features,
+    sites: &[Site],
+    poke: &mut P,
+) -> Result<Report, Error> {
+    cpu::publish(*features).map_err(Error::Snapshot)?;
+    let records = image.ifuncs();
+    let ifuncs: Vec<&'static Ifunc> = records.iter().map(Record::ifunc).collect();
+    let _locks: Vec<_> = ifuncs.iter().map(|i| i.call.lock()).collect();
+    let mut plan = Plan::for_image(image);
+    let mut out = Report::default();
+    for &ifunc in &ifuncs {
+        let was_resolved = ifunc.resolved().is_some();
+        let (chosen, update) = ifunc.plan_apply(features, image, sites, &mut plan)?;
+        out.ifuncs.push(Applied {
+            ifunc,
+            chosen,
+            was_resolved,
+            update,
+        });
+    }
+    // SAFETY: forwarded from our caller.
+    out.applied = unsafe { plan.apply(poke) }.map_err(Error::Plan)?;
+    for a in &mut out.ifuncs {
+        a.ifunc.call.committed(Some(a.chosen));
+        a.update.applied = out.applied;
+    }
+    Ok(out)
+}
+
+/// The sites in `sites` that call `ifunc`'s stub.
+pub fn sites_of(sites: &[Site], ifunc: &Ifunc) -> Vec<Site> {
+    let stub = ifunc.stub();
+    sites
+        .iter()
+        .filter(|s| s.kind == SiteKind::Ifunc && s.target == stub)
+        .copied()
+        .collect()
+}
+
+/// Declares an ifunc: a function with several implementations, one chosen
+/// once by a resolver that receives the CPU feature snapshot.
+///
+/// ```text
+/// ifunc! {
+///     [attributes] [pub] fn NAME(ARG: TYPE, ...) [-> RET] = RESOLVER;
+/// }
+/// ```
+///
+/// `RESOLVER` is a `fn(&altpatch::cpu::Features) -> extern "C" fn(TYPE, ...)
+/// -> RET` (type-checked). Generates `fn NAME(...)` (inlined into callers as
+/// a direct `call` to the stub `NAME::__altpatch_ifunc_stub`) and `mod NAME`
+/// with `KEY` (the [`Ifunc`]), `resolved()` and `resolve_with(&features)`.
+/// Call sites come from the program's relocations (link with
+/// `-Wl,--emit-relocs`) or its embedded site table: a relocation against a
+/// symbol whose name contains `__altpatch_ifunc` is an ifunc site. See the
+/// [module docs](mod@crate::ifunc) for an example.
+///
+/// ```
+/// use altpatch::cpu::{Feature, Features};
+/// altpatch::ifunc! {
+///     fn log(code: u32) = pick_log;
+/// }
+/// extern "C" fn log_quiet(_code: u32) {}
+/// fn pick_log(_: &Features) -> extern "C" fn(u32) { log_quiet }
+///
+/// fn main() {
+///     log(7); // resolves on first call
+///     assert_eq!(log::resolved().map(|f| f as usize), Some(log_quiet as usize));
+/// }
+/// ```
+///
+/// Declare ifuncs at module level: the generated module refers to the
+/// resolver through `super::`, which cannot see items local to a function.
+#[macro_export]
+macro_rules! ifunc {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $resolver:path;) => {
+        $crate::__ifunc!($(#[$m])* $vis fn $name($($arg: $ty),*) -> $ret = $resolver);
+    };
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) = $resolver:path;) => {
+        $crate::__ifunc!($(#[$m])* $vis fn $name($($arg: $ty),*) -> () = $resolver);
+    };
+}
+
+/// Internal: the body of [`ifunc!`](macro@crate::ifunc).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __ifunc {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $resolver:path) => {
+        $(#[$m])*
+        #[inline(always)]
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            $name::__altpatch_ifunc_stub($($arg),*)
+        }
+
+        #[doc = concat!("Resolution and state of the ifunc [`", stringify!($name), "`].")]
+        #[allow(non_snake_case)]
+        $vis mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            /// The stub: a static-call trampoline (`jmp rel32` + `0f b9
+            /// cc`), jumping to the lazy resolver until applied. Naked, so
+            /// callers reach it with a direct `call`.
+            #[unsafe(naked)]
+            #[unsafe(link_section = ".text.altpatch_ifunc")]
+            pub extern "C" fn __altpatch_ifunc_stub($($arg: $ty),*) -> $ret {
+                ::core::arch::naked_asm!(
+                    ".byte 0xe9",
+                    ".long {lazy} - 4 - .",
+                    ".byte 0x0f, 0xb9, 0xcc",
+                    lazy = sym __lazy,
+                )
+            }
+
+            /// Until the stub is rewritten: resolve once, then call.
+            extern "C" fn __lazy($($arg: $ty),*) -> $ret {
+                // SAFETY: the resolver's result has exactly this type (it
+                // is type-checked in `__resolve`).
+                let f: extern "C" fn($($ty),*) -> $ret =
+                    unsafe { ::core::mem::transmute::<usize, extern "C" fn($($ty),*) -> $ret>(KEY.lazy_target()) };
+                f($($arg),*)
+            }
+
+            fn __resolve(features: &$crate::cpu::Features) -> usize {
+                let f: extern "C" fn($($ty),*) -> $ret = $resolver(features);
+                f as *const () as usize
+            }
+
+            fn __stub_addr() -> usize {
+                __altpatch_ifunc_stub as *const () as usize
+            }
+
+            fn __lazy_addr() -> usize {
+                __lazy as *const () as usize
+            }
+
+            /// The state of this ifunc.
+            pub static KEY: $crate::ifunc::Ifunc =
+                $crate::ifunc::Ifunc::new(stringify!($name), __stub_addr, __lazy_addr, __resolve);
+
+            // The record that lets `ifunc::apply` find KEY.
+            ::core::arch::global_asm!(
+                $crate::__altpatch_push_section!(ifunc),
+                ".long {key} - .",
+                ".popsection",
+                key = sym KEY,
+            );
+
+            /// The implementation chosen, once resolved.
+            pub fn resolved() -> Option<extern "C" fn($($ty),*) -> $ret> {
+                // SAFETY: only resolver results of exactly this type are
+                // stored.
+                KEY.resolved().map(|a| unsafe { ::core::mem::transmute::<usize, extern "C" fn($($ty),*) -> $ret>(a) })
+            }
+
+            /// Resolves with `features` if not resolved yet (the resolver
+            /// runs once per program); returns the implementation.
+            pub fn resolve_with(features: &$crate::cpu::Features) -> extern "C" fn($($ty),*) -> $ret {
+                let a = KEY.resolve(features);
+                // SAFETY: as above.
+                unsafe { ::core::mem::transmute::<usize, extern "C" fn($($ty),*) -> $ret>(a) }
+            }
+        }
+    };
+}
