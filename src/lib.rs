@@ -28,6 +28,19 @@
 //! 5. [`TextPoke`]: writes the batch, page by page, and makes every CPU or
 //!    thread observe it; a failure midway is rolled back.
 //!
+//! ## Mechanisms
+//!
+//! * [`alternative`](mod@alternative): instruction sequences and direct
+//!   calls chosen per CPU feature;
+//! * [`static_call`](mod@static_call) and [`static_key`]: calls and branches
+//!   re-targeted at run time, live;
+//! * [`retpoline`]: the `__x86_indirect_thunk_<reg>` thunks, patched per
+//!   CPU, and their call sites inlined;
+//! * [`ifunc`](mod@ifunc): functions resolved once per CPU, every call site
+//!   made direct (Rust `ifunc!` and C `__attribute__((ifunc))`);
+//! * [`sites`] and `elf` (`std`): finding the compiler's call
+//!   sites from the linker's relocations.
+//!
 //! ## Example
 //!
 //! Rewrite the immediate of a `mov` inside one of this program's functions,
