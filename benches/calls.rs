@@ -10,23 +10,13 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use altpatch::static_key::StaticFalseKey;
 use altpatch::{Image, LinuxPoke, static_branch_unlikely, static_call};
 use criterion::{Criterion, criterion_group};
-use multiversion::multiversion;
 
 #[path = "support/estimates.rs"]
 mod estimates;
 use estimates::mean_ns;
-
-const N: u64 = 1000;
-
-#[inline(never)]
-extern "C" fn step(x: u64) -> u64 {
-    black_box(x.wrapping_mul(3).wrapping_add(1))
-}
-
-#[inline(never)]
-extern "C" fn step_other(x: u64) -> u64 {
-    black_box(x.wrapping_mul(3).wrapping_add(1))
-}
+#[path = "support/steps.rs"]
+mod steps;
+use steps::{N, loop_direct, loop_multiversion, step, step_other};
 
 static_call! {
     fn sc_inline(x: u64) -> u64 = step_other;
@@ -36,19 +26,6 @@ static_call! {
 }
 
 static PTR: AtomicPtr<()> = AtomicPtr::new(step as *mut ());
-
-#[multiversion(targets("x86_64+avx2+bmi2", "x86_64+sse4.2"))]
-fn mv_step(x: u64) -> u64 {
-    black_box(x.wrapping_mul(3).wrapping_add(1))
-}
-
-#[inline(never)]
-fn loop_direct(mut x: u64) -> u64 {
-    for _ in 0..N {
-        x = step(x);
-    }
-    x
-}
 
 #[inline(never)]
 fn loop_inline(mut x: u64) -> u64 {
@@ -73,14 +50,6 @@ fn loop_atomic_ptr(mut x: u64) -> u64 {
         let f: extern "C" fn(u64) -> u64 =
             unsafe { std::mem::transmute(PTR.load(Ordering::Acquire)) };
         x = f(x);
-    }
-    x
-}
-
-#[inline(never)]
-fn loop_multiversion(mut x: u64) -> u64 {
-    for _ in 0..N {
-        x = mv_step(x);
     }
     x
 }

@@ -11,23 +11,13 @@ use std::hint::black_box;
 use altpatch::cpu::{Feature, Features};
 use altpatch::{Image, LinuxPoke};
 use criterion::{Criterion, criterion_group};
-use multiversion::multiversion;
 
 #[path = "support/estimates.rs"]
 mod estimates;
 use estimates::mean_ns;
-
-const N: u64 = 1000;
-
-#[inline(never)]
-extern "C" fn step(x: u64) -> u64 {
-    black_box(x.wrapping_mul(3).wrapping_add(1))
-}
-
-#[inline(never)]
-extern "C" fn step_other(x: u64) -> u64 {
-    black_box(x.wrapping_mul(3).wrapping_add(1))
-}
+#[path = "support/steps.rs"]
+mod steps;
+use steps::{N, loop_direct, loop_multiversion, step, step_other};
 
 fn pick(f: &Features) -> extern "C" fn(u64) -> u64 {
     // Both candidates compute the same; the choice only has to be made.
@@ -49,19 +39,6 @@ altpatch::ifunc! {
 /// The GOT slot of a `-fno-plt`-style call.
 #[unsafe(no_mangle)]
 static mut BENCH_GOT_SLOT: usize = 0;
-
-#[multiversion(targets("x86_64+avx2+bmi2", "x86_64+sse4.2"))]
-fn mv_step(x: u64) -> u64 {
-    black_box(x.wrapping_mul(3).wrapping_add(1))
-}
-
-#[inline(never)]
-fn loop_direct(mut x: u64) -> u64 {
-    for _ in 0..N {
-        x = step(x);
-    }
-    x
-}
 
 #[inline(never)]
 fn loop_resolved(mut x: u64) -> u64 {
@@ -92,14 +69,6 @@ fn loop_got(mut x: u64) -> u64 {
                 clobber_abi("C"),
             )
         };
-    }
-    x
-}
-
-#[inline(never)]
-fn loop_multiversion(mut x: u64) -> u64 {
-    for _ in 0..N {
-        x = mv_step(x);
     }
     x
 }

@@ -22,23 +22,7 @@ fn sym(syms: &HashMap<String, (u64, u64)>, name: &str) -> (usize, usize) {
     (*a as usize, *s as usize)
 }
 
-/// The function symbol whose (mangled) name contains `part`.
-fn func(syms: &HashMap<String, (u64, u64)>, part: &str) -> (usize, usize) {
-    let hits: Vec<_> = syms
-        .iter()
-        .filter(|(n, (_, s))| n.contains(part) && *s > 0)
-        .collect();
-    assert_eq!(hits.len(), 1, "symbols containing {part}: {hits:?}");
-    (hits[0].1.0 as usize, hits[0].1.1 as usize)
-}
-
-fn within(sites: &[Site], (start, size): (usize, usize)) -> Vec<Site> {
-    sites
-        .iter()
-        .filter(|s| s.addr >= start && s.addr < start + size)
-        .copied()
-        .collect()
-}
+use common::{func, within};
 
 #[test]
 fn hand_written_sites_exact() {

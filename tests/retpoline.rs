@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::func;
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -256,15 +258,6 @@ fn within(step: &StepOut, bias: usize, (start, size): (usize, usize)) -> Vec<Sit
         .collect()
 }
 
-fn func(syms: &HashMap<String, (u64, u64)>, part: &str) -> (usize, usize) {
-    let hits: Vec<_> = syms
-        .iter()
-        .filter(|(n, (_, s))| n.contains(part) && *s > 0)
-        .collect();
-    assert_eq!(hits.len(), 1, "symbols containing {part}: {hits:?}");
-    (hits[0].1.0 as usize, hits[0].1.1 as usize)
-}
-
 #[test]
 fn every_mode_patches_rust_and_gcc_sites_live() {
     let syms = common::symbols(&fixture());
@@ -362,12 +355,7 @@ fn the_trap_handler_has_no_sites() {
     let data = std::fs::read(&path).unwrap();
     let found = elf::read_sites(&data).unwrap();
     let syms = common::symbols(&path);
-    let (start, size) = func(&syms, "on_sigtrap");
-    let inside: Vec<&Site> = found
-        .sites
-        .iter()
-        .filter(|s| s.addr >= start && s.addr < start + size)
-        .collect();
+    let inside = common::within(&found.sites, func(&syms, "on_sigtrap"));
     assert!(inside.is_empty(), "{inside:#?}");
     assert!(found.sites.len() > 1000);
 }

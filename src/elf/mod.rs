@@ -135,6 +135,28 @@ pub struct FoundSites {
 }
 
 impl FoundSites {
+    /// Records a site and the name of the symbol it reaches.
+    fn push_site(
+        &mut self,
+        addr: usize,
+        len: usize,
+        form: x86::BranchKind,
+        kind: SiteKind,
+        sym_value: u64,
+        name: &[u8],
+    ) {
+        self.sites.push(Site {
+            addr,
+            len: len as u8,
+            form,
+            kind,
+            target: sym_value as usize,
+        });
+        self.names
+            .entry(sym_value as usize)
+            .or_insert_with(|| String::from_utf8_lossy(name).into_owned());
+    }
+
     /// The sites of one kind.
     pub fn of_kind(&self, kind: SiteKind) -> impl Iterator<Item = &Site> {
         self.sites.iter().filter(move |s| s.kind == kind)
@@ -346,17 +368,7 @@ pub fn read_sites(data: &[u8]) -> Result<FoundSites, ElfError> {
                     out.rejected.push(reject("symbol not defined in the image"));
                     continue;
                 }
-                let sym_value = sym.st_value(LE);
-                out.sites.push(Site {
-                    addr: (offset - 2) as usize,
-                    len: 6,
-                    form,
-                    kind,
-                    target: sym_value as usize,
-                });
-                out.names
-                    .entry(sym_value as usize)
-                    .or_insert_with(|| String::from_utf8_lossy(name).into_owned());
+                out.push_site(offset as usize - 2, 6, form, kind, sym.st_value(LE), name);
                 continue;
             }
             if sym.is_undefined(LE) {
@@ -387,16 +399,14 @@ pub fn read_sites(data: &[u8]) -> Result<FoundSites, ElfError> {
                 out.rejected.push(reject("a call to the return thunk"));
                 continue;
             }
-            out.sites.push(Site {
-                addr: (sec_addr as usize) + start,
-                len: len as u8,
+            out.push_site(
+                (sec_addr as usize) + start,
+                len,
                 form,
                 kind,
-                target: sym_value as usize,
-            });
-            out.names
-                .entry(sym_value as usize)
-                .or_insert_with(|| String::from_utf8_lossy(name).into_owned());
+                sym_value,
+                name,
+            );
         }
     }
     if !any_exec_relocs {

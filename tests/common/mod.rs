@@ -216,3 +216,26 @@ pub fn symbols(path: &std::path::Path) -> std::collections::HashMap<String, (u64
         .filter_map(|s| Some((s.name().ok()?.to_string(), (s.address(), s.size()))))
         .collect()
 }
+
+/// The (address, size) of the one function symbol whose (mangled) name
+/// contains `part`.
+pub fn func(syms: &std::collections::HashMap<String, (u64, u64)>, part: &str) -> (usize, usize) {
+    let hits: Vec<_> = syms
+        .iter()
+        .filter(|(n, (_, s))| n.contains(part) && *s > 0)
+        .collect();
+    assert_eq!(hits.len(), 1, "symbols containing {part}: {hits:?}");
+    (hits[0].1.0 as usize, hits[0].1.1 as usize)
+}
+
+/// The sites in `sites` inside `start..start + size`.
+pub fn within(
+    sites: &[altpatch::sites::Site],
+    (start, size): (usize, usize),
+) -> Vec<altpatch::sites::Site> {
+    sites
+        .iter()
+        .filter(|s| s.addr >= start && s.addr < start + size)
+        .copied()
+        .collect()
+}
