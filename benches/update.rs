@@ -1,13 +1,16 @@
 //! Update latency: flipping a static key with 1, 100, 1000 and 10 000
-//! sites, in place (no other thread) and live (INT3 protocol, 3 syncs), and
-//! re-targeting a static call with 1000 call sites; against the
-//! `static-keys` crate's toggle of 1 and 100 sites, in one run.
+//! sites and re-targeting a static call with 1000 call sites, live (other
+//! threads may run the sites) with the default publication (page swap) and
+//! with the INT3 protocol, and in place (no other thread); against the
+//! `static-keys` crate's toggle of 1, 100 and 1000 sites, in one run.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use altpatch::static_key::{KeyIndex, StaticFalseKey};
-use altpatch::{Image, LinuxPoke, static_branch_unlikely, static_call};
+use altpatch::poke::Strategy;
+use altpatch::poke::linux::set_live_publication;
+use altpatch::{Image, LinuxPoke, Publish, static_branch_unlikely, static_call};
 use criterion::{Criterion, criterion_group};
 
 #[path = "support/estimates.rs"]
@@ -26,6 +29,7 @@ static K1000: StaticFalseKey = StaticFalseKey::new();
 static K10000: StaticFalseKey = StaticFalseKey::new();
 static_keys::define_static_key_false!(SK1);
 static_keys::define_static_key_false!(SK100);
+static_keys::define_static_key_false!(SK1000);
 
 #[inline(never)]
 fn sites_1(n: &mut u64) {
@@ -77,6 +81,15 @@ fn sk_sites_100(n: &mut u64) {
     }));
 }
 
+#[inline(never)]
+fn sk_sites_1000(n: &mut u64) {
+    rep10!(rep10!(rep10!({
+        if static_keys::static_branch_unlikely!(SK1000) {
+            *n += 1;
+        }
+    })));
+}
+
 extern "C" fn one(x: u64) -> u64 {
     x + 1
 }
@@ -107,11 +120,24 @@ fn flips(iters: u64, mut flip: impl FnMut(u64)) -> Duration {
     start.elapsed()
 }
 
+/// Runs `f` with the live publication set to `publish`, then restores
+/// the default.
+fn with_live<R>(publish: Publish, f: impl FnOnce() -> R) -> R {
+    set_live_publication(publish).unwrap();
+    let r = f();
+    set_live_publication(Publish::Remap).unwrap();
+    r
+}
+
 fn bench(c: &mut Criterion) {
     static_keys::global_init();
     let image = Image::current();
     let index = KeyIndex::new(&image);
-    // Warm up: home every page the keys and calls touch, check counts.
+    println!(
+        "text written by: {}",
+        altpatch::poke::linux::strategy().unwrap()
+    );
+    // Warm up: check counts, touch every page once.
     for (k, n) in [(&K1, 1), (&K100, 100), (&K1000, 1000), (&K10000, 10_000)] {
         assert_eq!(k.sites(), n);
         k.enable().unwrap();
@@ -127,17 +153,27 @@ fn bench(c: &mut Criterion) {
     sites_10000(&mut sink);
     sk_sites_1(&mut sink);
     sk_sites_100(&mut sink);
+    sk_sites_1000(&mut sink);
     black_box((sink, calls_1000(1)));
 
     let mut g = c.benchmark_group("update");
-    g.sample_size(30);
+    g.sample_size(20);
     g.warm_up_time(Duration::from_millis(300));
+    g.measurement_time(Duration::from_secs(2));
     for (name, key) in [
         ("1", &K1),
         ("100", &K100),
         ("1000", &K1000),
         ("10000", &K10000),
     ] {
+        g.bench_function(format!("key_swap/{name}"), |b| {
+            b.iter_custom(|iters| flips(iters, |_| drop(key.toggle().unwrap())))
+        });
+        g.bench_function(format!("key_int3/{name}"), |b| {
+            b.iter_custom(|iters| {
+                with_live(Publish::Live, || flips(iters, |_| drop(key.toggle().unwrap())))
+            })
+        });
         g.bench_function(format!("key_in_place/{name}"), |b| {
             b.iter_custom(|iters| {
                 let mut poke = LinuxPoke::new().unwrap();
@@ -147,52 +183,55 @@ fn bench(c: &mut Criterion) {
                 })
             })
         });
-        g.bench_function(format!("key_live/{name}"), |b| {
-            b.iter_custom(|iters| {
-                flips(iters, |_| {
-                    key.toggle().unwrap();
-                })
-            })
-        });
         if key.is_enabled() {
             key.disable().unwrap();
         }
     }
-    g.bench_function("static_call_live/1000", |b| {
-        b.iter_custom(|iters| {
-            flips(iters, |i| {
-                sc_1000::update(if i % 2 == 0 { two } else { one }).unwrap();
-            })
-        })
+    if let Ok(mut memfd) = LinuxPoke::with_strategy(Publish::Remap, Strategy::Memfd) {
+        for (name, key) in [("1", &K1), ("1000", &K1000)] {
+            g.bench_function(format!("key_swap_memfd/{name}"), |b| {
+                b.iter_custom(|iters| {
+                    flips(iters, |i| {
+                        // SAFETY: each site is one NOP5 or jmp for one; the
+                        // swap publishes pages atomically.
+                        unsafe { key.set_with(i % 2 == 0, &image, &index, &mut memfd) }.unwrap();
+                    })
+                })
+            });
+            if key.is_enabled() {
+                key.disable().unwrap();
+            }
+        }
+    }
+    let retarget = |i: u64| drop(sc_1000::update(if i % 2 == 0 { two } else { one }).unwrap());
+    g.bench_function("static_call_swap/1000", |b| {
+        b.iter_custom(|iters| flips(iters, retarget))
     });
-    g.bench_function("static_keys_crate/1", |b| {
-        b.iter_custom(|iters| {
-            flips(iters, |i| {
-                // SAFETY: the crate's contract: no concurrent modification.
-                unsafe {
-                    if i % 2 == 0 {
-                        SK1.enable()
-                    } else {
-                        SK1.disable()
-                    }
-                }
-            })
-        })
+    g.bench_function("static_call_int3/1000", |b| {
+        b.iter_custom(|iters| with_live(Publish::Live, || flips(iters, retarget)))
     });
-    g.bench_function("static_keys_crate/100", |b| {
-        b.iter_custom(|iters| {
-            flips(iters, |i| {
-                // SAFETY: as above.
-                unsafe {
-                    if i % 2 == 0 {
-                        SK100.enable()
-                    } else {
-                        SK100.disable()
-                    }
-                }
-            })
-        })
-    });
+    macro_rules! sk_bench {
+        ($name:literal, $key:ident) => {
+            g.bench_function(concat!("static_keys_crate/", $name), |b| {
+                b.iter_custom(|iters| {
+                    flips(iters, |i| {
+                        // SAFETY: the crate's contract: no concurrent
+                        // modification.
+                        unsafe {
+                            if i % 2 == 0 {
+                                $key.enable()
+                            } else {
+                                $key.disable()
+                            }
+                        }
+                    })
+                })
+            });
+        };
+    }
+    sk_bench!("1", SK1);
+    sk_bench!("100", SK100);
+    sk_bench!("1000", SK1000);
     g.finish();
 }
 
@@ -202,23 +241,30 @@ fn main() {
     benches();
     Criterion::default().configure_from_args().final_summary();
     let us = |id: &str| mean_ns(&format!("update/{}", id.replace('/', "_"))).map(|t| t / 1000.0);
-    println!("\n| update | sites | µs per update | vs 1 site (same mode) |\n|---|---:|---:|---:|");
-    for mode in ["key_in_place", "key_live"] {
+    println!(
+        "\n| update | sites | µs per update | vs 1 site (same mode) | vs static-keys (same sites) |\n|---|---:|---:|---:|---:|"
+    );
+    for mode in [
+        "key_swap",
+        "key_int3",
+        "key_in_place",
+        "key_swap_memfd",
+        "static_keys_crate",
+    ] {
         let one = us(&format!("{mode}/1"));
         for n in ["1", "100", "1000", "10000"] {
-            let t = us(&format!("{mode}/{n}"));
-            if let (Some(t), Some(o)) = (t, one) {
-                println!("| {mode} | {n} | {t:.2} | {:.2}x |", t / o);
-            }
+            let (Some(t), Some(o)) = (us(&format!("{mode}/{n}")), one) else {
+                continue;
+            };
+            let vs_sk = us(&format!("static_keys_crate/{n}"))
+                .map(|s| format!("{:.1}x faster", s / t))
+                .unwrap_or_default();
+            println!("| {mode} | {n} | {t:.2} | {:.2}x | {vs_sk} |", t / o);
         }
     }
-    for (id, n) in [
-        ("static_call_live/1000", "1000"),
-        ("static_keys_crate/1", "1"),
-        ("static_keys_crate/100", "100"),
-    ] {
+    for id in ["static_call_swap/1000", "static_call_int3/1000"] {
         if let Some(t) = us(id) {
-            println!("| {id} | {n} | {t:.2} | |");
+            println!("| {id} | 1000 | {t:.2} | | |");
         }
     }
 }

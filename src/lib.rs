@@ -105,13 +105,16 @@ pub mod site;
 pub mod sites;
 pub mod static_call;
 pub mod static_key;
+mod sync;
 pub mod x86;
 
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use image::LoadError;
 pub use image::{Image, ImageBuilder};
 pub use plan::{ApplyReport, Edit, Expect, Plan, PlanError, Validation};
-pub use poke::{DirectPoke, FaultInjectingPoke, FaultPoint, PokeError, SyncMethod, TextPoke};
+pub use poke::{
+    DirectPoke, FaultInjectingPoke, FaultPoint, PokeError, Refusal, Strategy, SyncMethod, TextPoke,
+};
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use poke::{LinuxPoke, Publish};
 

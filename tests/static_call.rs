@@ -173,6 +173,12 @@ fn out_of_line_self_test() {
     unsafe { sc_outline::update_with(f, &image, &[], &mut poke) }.unwrap();
     assert_eq!(call(1), 2);
     assert_trampoline(tramp, Some(addr(f)));
+    // The sites were never rewritten: an update that lists them now finds
+    // them calling the trampoline, not the target, and inlines them.
+    let r = sc_outline::update(g).unwrap();
+    assert_eq!((r.inlined, r.via_trampoline), (sites.len(), 0));
+    assert_eq!(call(1), 3);
+    assert_sites(&sites, Some(addr(g)));
 }
 
 #[test]

@@ -24,6 +24,8 @@ pub use overrides::{OverrideError, Overrides};
 pub use published::{
     AlreadyPublished, altpatch_cpu_features, altpatch_cpu_has, publish, published, try_published,
 };
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) use published::after_fork_in_child;
 pub use source::{CpuidSource, HostCpuid, RecordedCpuid, RecordedCpuidError, dump};
 
 /// The result of one `cpuid` query: `eax`, `ebx`, `ecx`, `edx`.

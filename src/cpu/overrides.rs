@@ -106,6 +106,31 @@ impl fmt::Display for OverrideError {
 
 impl core::error::Error for OverrideError {}
 
+/// Why one item was rejected, borrowing the text (no allocation).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ItemError<'a> {
+    UnknownFeature { item: &'a str, name: &'a str },
+    UnknownOption { key: &'a str },
+    BadValue { key: &'a str, value: &'a str },
+}
+
+impl ItemError<'_> {
+    fn into_owned(self) -> OverrideError {
+        match self {
+            ItemError::UnknownFeature { item, name } => OverrideError::UnknownFeature {
+                item: item.into(),
+                name: name.into(),
+            },
+            ItemError::UnknownOption { key } => OverrideError::UnknownOption { key: key.into() },
+            ItemError::BadValue { key, value } => OverrideError::BadValue {
+                key: key.into(),
+                value: value.into(),
+                valid: crate::retpoline::Setting::NAMES,
+            },
+        }
+    }
+}
+
 impl Overrides {
     /// No adjustments.
     pub const fn none() -> Overrides {
@@ -126,52 +151,63 @@ impl Overrides {
     pub fn parse(s: &str) -> Result<Overrides, OverrideError> {
         let mut o = Overrides::none();
         for raw in s.split(',') {
-            let item = raw.trim();
-            if item.is_empty() {
-                continue;
-            }
-            if let Some((key, value)) = item.split_once('=') {
-                match key.trim() {
-                    "retpoline" => {
-                        let setting =
-                            crate::retpoline::Setting::parse(value.trim()).ok_or_else(|| {
-                                OverrideError::BadValue {
-                                    key: key.into(),
-                                    value: value.into(),
-                                    valid: crate::retpoline::Setting::NAMES,
-                                }
-                            })?;
-                        o.retpoline = Some(setting);
-                        continue;
-                    }
-                    _ => return Err(OverrideError::UnknownOption { key: key.into() }),
-                }
-            }
-            let (enable, name) = if let Some(n) = item.strip_prefix('+') {
-                (true, n)
-            } else if let Some(n) = item.strip_prefix('-') {
-                (false, n)
-            } else if Feature::from_name(item).is_some() {
-                (true, item)
-            } else if let Some(n) = item.strip_prefix("no") {
-                (false, n)
-            } else {
-                (true, item)
-            };
-            let feat = Feature::from_name(name).ok_or_else(|| OverrideError::UnknownFeature {
-                item: item.into(),
-                name: name.into(),
-            })?;
-            let m = 1u64 << feat as u8;
-            if enable {
-                o.set |= m;
-                o.clear &= !m;
-            } else {
-                o.clear |= m;
-                o.set &= !m;
-            }
+            o.apply_item(raw).map_err(ItemError::into_owned)?;
         }
         Ok(o)
+    }
+
+    /// [`parse`](Self::parse) without building an error: `None` if the
+    /// string is invalid. Allocation-free, for code that runs before the
+    /// allocator may be used (C ifunc resolvers inside the dynamic loader).
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    pub(crate) fn parse_quiet(s: &str) -> Option<Overrides> {
+        let mut o = Overrides::none();
+        for raw in s.split(',') {
+            o.apply_item(raw).ok()?;
+        }
+        Some(o)
+    }
+
+    /// Applies one comma-separated item (surrounding whitespace allowed;
+    /// empty items change nothing). Parsing item by item gives exactly what
+    /// [`parse`](Self::parse) gives for the whole string.
+    pub(crate) fn apply_item<'a>(&mut self, raw: &'a str) -> Result<(), ItemError<'a>> {
+        let item = raw.trim();
+        if item.is_empty() {
+            return Ok(());
+        }
+        if let Some((key, value)) = item.split_once('=') {
+            return match key.trim() {
+                "retpoline" => {
+                    let setting = crate::retpoline::Setting::parse(value.trim())
+                        .ok_or(ItemError::BadValue { key, value })?;
+                    self.retpoline = Some(setting);
+                    Ok(())
+                }
+                _ => Err(ItemError::UnknownOption { key }),
+            };
+        }
+        let (enable, name) = if let Some(n) = item.strip_prefix('+') {
+            (true, n)
+        } else if let Some(n) = item.strip_prefix('-') {
+            (false, n)
+        } else if Feature::from_name(item).is_some() {
+            (true, item)
+        } else if let Some(n) = item.strip_prefix("no") {
+            (false, n)
+        } else {
+            (true, item)
+        };
+        let feat = Feature::from_name(name).ok_or(ItemError::UnknownFeature { item, name })?;
+        let m = 1u64 << feat as u8;
+        if enable {
+            self.set |= m;
+            self.clear &= !m;
+        } else {
+            self.clear |= m;
+            self.set &= !m;
+        }
+        Ok(())
     }
 
     /// Finds every `altpatch=...` word in a kernel command line and parses

@@ -148,10 +148,22 @@ fn detect_default() -> Features {
     Features::detect()
 }
 
+/// In a forked child: a thread of the parent that was writing the snapshot
+/// at the instant of `fork` will never finish here; start over (the value
+/// may be half written).
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) fn after_fork_in_child() {
+    let _ = SNAPSHOT
+        .state
+        .compare_exchange(WRITING, EMPTY, Ordering::AcqRel, Ordering::Acquire);
+}
+
 /// `ALTPATCH` without Rust's runtime: C ifunc resolvers of the executable
 /// run inside the dynamic loader, before libc has set `environ` (`getenv`
 /// then finds nothing), so the variable is then read from
-/// `/proc/self/environ` — into fixed buffers, no allocation.
+/// `/proc/self/environ`, item by item through a small buffer. Nothing is
+/// allocated, and a value of any length parses exactly as
+/// `Overrides::parse` parses it (items are independent).
 #[cfg(all(feature = "std", target_os = "linux"))]
 mod env {
     use crate::cpu::Overrides;
@@ -161,37 +173,70 @@ mod env {
     }
 
     pub(super) fn overrides() -> Option<Overrides> {
-        let mut buf = [0u8; 512];
-        let len = match from_environ(&mut buf) {
-            Some(n) => n,
-            None => from_proc(&mut buf)?,
-        };
-        Overrides::parse(core::str::from_utf8(&buf[..len]).ok()?).ok()
+        match from_environ() {
+            Some(o) => o,
+            None => from_proc(),
+        }
     }
 
-    /// The value's length in `buf` (0 if unset); `None` if `environ` is
-    /// not set up yet.
-    fn from_environ(buf: &mut [u8; 512]) -> Option<usize> {
+    /// The parsed value (`Some(None)` if invalid; no overrides if unset);
+    /// `None` if `environ` is not set up yet.
+    fn from_environ() -> Option<Option<Overrides>> {
         // SAFETY: reading libc's `environ` pointer; null until libc's
         // start-up code sets it.
         if unsafe { environ }.is_null() {
             return None;
         }
-        // SAFETY: environ is set: getenv with a NUL-terminated name; the
-        // result is copied right away.
+        // SAFETY: environ is set: getenv with a NUL-terminated name.
         let v = unsafe { libc::getenv(c"ALTPATCH".as_ptr()) };
         if v.is_null() {
-            return Some(0);
+            return Some(Some(Overrides::none()));
         }
-        // SAFETY: a NUL-terminated string from getenv.
-        let v = unsafe { core::ffi::CStr::from_ptr(v) }.to_bytes();
-        let n = v.len().min(buf.len());
-        buf[..n].copy_from_slice(&v[..n]);
-        Some(n)
+        // SAFETY: a NUL-terminated string from getenv, parsed in place.
+        let v = unsafe { core::ffi::CStr::from_ptr(v) }.to_str().ok();
+        Some(v.and_then(Overrides::parse_quiet))
     }
 
-    /// The value's length in `buf`, from `/proc/self/environ`.
-    fn from_proc(buf: &mut [u8; 512]) -> Option<usize> {
+    /// Items longer than this are not valid anyway (the longest valid one,
+    /// `retpoline=generic` or `+NAME`, is far shorter) — unless padded with
+    /// whitespace, whose runs are folded to one space on the way in.
+    const ITEM: usize = 96;
+
+    /// One item being collected from the stream.
+    struct Item {
+        buf: [u8; ITEM],
+        len: usize,
+        /// Longer than the buffer: invalid.
+        overflow: bool,
+    }
+
+    impl Item {
+        fn push(&mut self, b: u8) {
+            if b.is_ascii_whitespace() && self.len > 0 && self.buf[self.len - 1] == b' ' {
+                return;
+            }
+            let b = if b.is_ascii_whitespace() { b' ' } else { b };
+            if self.len == ITEM {
+                self.overflow = true;
+                return;
+            }
+            self.buf[self.len] = b;
+            self.len += 1;
+        }
+
+        /// Applies the item to `o`; false if it is invalid.
+        fn apply(&mut self, o: &mut Overrides) -> bool {
+            let ok = !self.overflow
+                && core::str::from_utf8(&self.buf[..self.len])
+                    .is_ok_and(|s| o.apply_item(s).is_ok());
+            self.len = 0;
+            self.overflow = false;
+            ok
+        }
+    }
+
+    /// The value of `ALTPATCH` from `/proc/self/environ`, parsed.
+    fn from_proc() -> Option<Overrides> {
         const NAME: &[u8] = b"ALTPATCH=";
         // SAFETY: open/read/close on a path and stack buffers we own.
         let fd = unsafe {
@@ -204,8 +249,15 @@ mod env {
             return None;
         }
         // Entries are NUL-separated: match NAME at an entry's start, then
-        // copy the value.
-        let (mut matched, mut at_start, mut len) = (0usize, true, None::<usize>);
+        // parse the value up to its NUL.
+        let (mut matched, mut at_start, mut in_value, mut valid) = (0usize, true, false, true);
+        let mut found = false;
+        let mut o = Overrides::none();
+        let mut item = Item {
+            buf: [0; ITEM],
+            len: 0,
+            overflow: false,
+        };
         let mut chunk = [0u8; 1024];
         'read: loop {
             // SAFETY: reading into our buffer, at most its length.
@@ -214,29 +266,38 @@ mod env {
                 break;
             }
             for &b in &chunk[..n as usize] {
-                if let Some(l) = len.as_mut() {
-                    if b == 0 {
-                        break 'read;
-                    }
-                    if *l < buf.len() {
-                        buf[*l] = b;
-                        *l += 1;
+                if in_value {
+                    match b {
+                        0 => {
+                            valid &= item.apply(&mut o);
+                            break 'read;
+                        }
+                        b',' => valid &= item.apply(&mut o),
+                        b => item.push(b),
                     }
                 } else if b == 0 {
                     (matched, at_start) = (0, true);
                 } else if at_start && b == NAME[matched] {
                     matched += 1;
                     if matched == NAME.len() {
-                        len = Some(0);
+                        (in_value, found) = (true, true);
                     }
                 } else {
                     at_start = false;
                 }
             }
         }
+        if in_value && item.len > 0 {
+            // The value ran to the end of the file without a NUL.
+            valid &= item.apply(&mut o);
+        }
         // SAFETY: closing the descriptor we opened.
         unsafe { libc::close(fd) };
-        len
+        match (found, valid) {
+            (false, _) => Some(Overrides::none()),
+            (true, true) => Some(o),
+            (true, false) => None,
+        }
     }
 }
 

@@ -4,7 +4,9 @@
 
 use alloc::vec::Vec;
 use core::fmt;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::sync::UpdateLock;
 
 use crate::cpu::{self, Features};
 use crate::image::Image;
@@ -188,28 +190,8 @@ pub struct IrelativeReport {
 /// Tables processed so far (their first entry's address), so resolvers run
 /// once per table however often this is called.
 static DONE: [AtomicUsize; 16] = [const { AtomicUsize::new(0) }; 16];
-/// Serializes processing.
-static BUSY: AtomicBool = AtomicBool::new(false);
-
-struct Lock;
-
-impl Lock {
-    fn take() -> Lock {
-        while BUSY
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            core::hint::spin_loop();
-        }
-        Lock
-    }
-}
-
-impl Drop for Lock {
-    fn drop(&mut self) {
-        BUSY.store(false, Ordering::Release);
-    }
-}
+/// Serializes processing (see [`crate::sync`]).
+static BUSY: UpdateLock = UpdateLock::new();
 
 /// Resolves the IRELATIVE entries of `table` once: publishes `features`
 /// (C resolvers read it with `altpatch_cpu_has`), checks every entry, calls
@@ -247,7 +229,7 @@ pub unsafe fn process_irelative(
     features: &Features,
 ) -> Result<IrelativeReport, IrelativeError> {
     cpu::publish(*features).map_err(IrelativeError::Snapshot)?;
-    let _lock = Lock::take();
+    let _lock = BUSY.lock();
     let key = table.entries.as_ptr() as usize;
     let read_all = || {
         (0..table.entries.len())

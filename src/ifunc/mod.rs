@@ -154,6 +154,27 @@ impl Ifunc {
     /// the implementation chosen then, whatever `features` says. Threads
     /// arriving while another runs the resolver wait for its result.
     pub fn resolve(&self, features: &Features) -> usize {
+        if self.state.load(Ordering::Acquire) == RESOLVED {
+            return self.chosen.load(Ordering::Acquire);
+        }
+        #[cfg(all(feature = "std", target_os = "linux"))]
+        {
+            // Under the process lock (see `crate::sync`): waiters sleep, and
+            // `fork` waits for the resolver, so a child never inherits a
+            // resolution some thread of the parent was in the middle of.
+            let _lock = self.call.lock();
+            match self.state.load(Ordering::Acquire) {
+                RESOLVED => return self.chosen.load(Ordering::Acquire),
+                RESOLVING => panic!(
+                    "the resolver of ifunc `{}` called the ifunc itself",
+                    self.name()
+                ),
+                _ => {}
+            }
+            self.state.store(RESOLVING, Ordering::Release);
+            self.run_resolver(features)
+        }
+        #[cfg(not(all(feature = "std", target_os = "linux")))]
         loop {
             match self.state.compare_exchange(
                 UNRESOLVED,
@@ -161,19 +182,22 @@ impl Ifunc {
                 Ordering::Acquire,
                 Ordering::Acquire,
             ) {
-                Ok(_) => {
-                    let guard = Resolving(self);
-                    let chosen = (self.resolver)(features);
-                    core::mem::forget(guard);
-                    self.runs.fetch_add(1, Ordering::AcqRel);
-                    self.chosen.store(chosen, Ordering::Release);
-                    self.state.store(RESOLVED, Ordering::Release);
-                    return chosen;
-                }
+                Ok(_) => return self.run_resolver(features),
                 Err(RESOLVED) => return self.chosen.load(Ordering::Acquire),
-                Err(_) => wait(),
+                Err(_) => core::hint::spin_loop(),
             }
         }
+    }
+
+    /// Runs the resolver; the state is RESOLVING and this thread owns it.
+    fn run_resolver(&self, features: &Features) -> usize {
+        let guard = Resolving(self);
+        let chosen = (self.resolver)(features);
+        core::mem::forget(guard);
+        self.runs.fetch_add(1, Ordering::AcqRel);
+        self.chosen.store(chosen, Ordering::Release);
+        self.state.store(RESOLVED, Ordering::Release);
+        chosen
     }
 
     /// The lazy path's target: the implementation, resolved with the
@@ -241,14 +265,6 @@ impl Ifunc {
             .map_err(|e| Error::Stub(self.name(), e))?;
         Ok((chosen, report))
     }
-}
-
-/// Waits a moment for another thread's resolver.
-fn wait() {
-    #[cfg(feature = "std")]
-    std::thread::yield_now();
-    #[cfg(not(feature = "std"))]
-    core::hint::spin_loop();
 }
 
 impl fmt::Debug for Ifunc {

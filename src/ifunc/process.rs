@@ -97,9 +97,9 @@ pub fn init() -> Result<InitReport, InitError> {
         Ok(s) => (s, None),
         Err(e) => (&[][..], Some(e)),
     };
-    let mut poke = LinuxPoke::live().map_err(InitError::Poke)?;
-    // SAFETY: the live poke runs the INT3 protocol; every edit is one
-    // instruction for one.
+    let mut poke = LinuxPoke::running().map_err(InitError::Poke)?;
+    // SAFETY: the running poke publishes pages atomically (or runs the INT3
+    // protocol); every edit is one instruction for one.
     let ifuncs = unsafe { apply(&image, &features, sites, &mut poke) }.map_err(InitError::Ifunc)?;
     // SAFETY: as above; the loader filled the GOT slots before main.
     let plt = unsafe { apply_plt_sites(&image, sites, None, &mut poke) }.map_err(InitError::Plt)?;

@@ -70,6 +70,19 @@ pub enum PlanError {
         /// The failure.
         error: PokeError,
     },
+    /// The batch was published, but reading the site back through its
+    /// executable address did not find the new bytes; everything the batch
+    /// wrote was rolled back.
+    NotLanded {
+        /// The site.
+        site: Label,
+        /// Its address.
+        addr: usize,
+        /// The bytes written.
+        expected: Bytes,
+        /// The bytes read back.
+        found: Bytes,
+    },
     /// The poke failed and so did the rollback: text may be partially
     /// patched. Only a poke that keeps failing can cause this.
     RollbackFailed {
@@ -120,6 +133,15 @@ impl fmt::Display for PlanError {
             PlanError::Poke { site: None, error } => {
                 write!(f, "text poke failed: {error}; the batch was rolled back")
             }
+            PlanError::NotLanded {
+                site,
+                addr,
+                expected,
+                found,
+            } => write!(
+                f,
+                "site `{site}` at {addr:#x}: wrote {expected} but read back {found}; the batch was rolled back"
+            ),
             PlanError::RollbackFailed { error, rollback } => write!(
                 f,
                 "text poke failed ({error}) and so did the rollback ({rollback}); text may be inconsistent"
@@ -128,4 +150,11 @@ impl fmt::Display for PlanError {
     }
 }
 
-impl core::error::Error for PlanError {}
+impl core::error::Error for PlanError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            PlanError::Poke { error, .. } | PlanError::RollbackFailed { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}

@@ -70,6 +70,9 @@ pub struct ApplyReport {
     pub already: usize,
     /// Distinct pages touched by the batch.
     pub pages: usize,
+    /// How the poke wrote and published ([`TextPoke::method`]; empty if it
+    /// does not say or nothing was written).
+    pub via: &'static str,
 }
 
 impl fmt::Display for ApplyReport {
@@ -78,7 +81,11 @@ impl fmt::Display for ApplyReport {
             f,
             "{} edits: {} written, {} already in place, {} pages touched",
             self.edits, self.written, self.already, self.pages
-        )
+        )?;
+        if !self.via.is_empty() {
+            write!(f, " ({})", self.via)?;
+        }
+        Ok(())
     }
 }
 
@@ -315,12 +322,19 @@ impl Plan {
             written: v.pending,
             already: v.already,
             pages: runs.iter().map(|r| (r.end - r.start) / PAGE_SIZE).sum(),
+            via: "",
         };
         if v.pending == 0 {
             return Ok(report);
         }
         // SAFETY: forwarded from our caller; every edit was validated.
         unsafe { self.write_batch(poke, &runs) }?;
+        // SAFETY: as above.
+        unsafe { self.check_landed(poke, &runs) }?;
+        let report = ApplyReport {
+            via: poke.method(),
+            ..report
+        };
         debug_print(self, &report);
         Ok(report)
     }
@@ -383,12 +397,76 @@ impl Plan {
             // Some pages may be published: restore every edit in a new batch.
             // SAFETY: writes back the validated original bytes.
             let restored = unsafe { self.restore(poke, runs) };
+            let site = match error {
+                PokeError::NotLanded { addr } => self
+                    .edits
+                    .iter()
+                    .find(|e| e.addr <= addr && addr < e.end())
+                    .map(|e| e.who()),
+                _ => None,
+            };
             return match restored {
-                Ok(()) => Err(PlanError::Poke { site: None, error }),
+                Ok(()) => Err(PlanError::Poke { site, error }),
                 Err(rollback) => Err(PlanError::RollbackFailed { error, rollback }),
             };
         }
         Ok(())
+    }
+
+    /// Reads every written edit back (in place, or through the poke) and
+    /// compares it with its new bytes: a write that did not land is an
+    /// error, never a success. On a mismatch the whole batch is restored.
+    ///
+    /// # Safety
+    ///
+    /// As for `write_batch`, after it succeeded.
+    unsafe fn check_landed<P: TextPoke + ?Sized>(
+        &mut self,
+        poke: &mut P,
+        runs: &[Range<usize>],
+    ) -> Result<(), PlanError> {
+        let in_place = poke.reads_in_place();
+        let mut buf = Vec::new();
+        let mut bad = None;
+        for (i, e) in self.edits.iter().enumerate() {
+            if e.state != State::Written {
+                continue;
+            }
+            let found: &[u8] = if in_place {
+                // SAFETY: inside the plan's text, which is readable.
+                unsafe { core::slice::from_raw_parts(e.addr as *const u8, e.len()) }
+            } else {
+                buf.resize(e.len(), 0);
+                // SAFETY: as above.
+                unsafe { poke.read(e.addr, &mut buf) }.map_err(|error| PlanError::Poke {
+                    site: Some(e.who()),
+                    error,
+                })?;
+                &buf
+            };
+            if !short_eq(found, &e.new) {
+                bad = Some((i, Bytes::new(found)));
+                break;
+            }
+        }
+        let Some((i, found)) = bad else {
+            return Ok(());
+        };
+        let e = &self.edits[i];
+        let (site, addr, expected) = (e.who(), e.addr, e.new.clone());
+        // SAFETY: writes back the validated original bytes.
+        match unsafe { self.restore(poke, runs) } {
+            Ok(()) => Err(PlanError::NotLanded {
+                site,
+                addr,
+                expected,
+                found,
+            }),
+            Err(rollback) => Err(PlanError::RollbackFailed {
+                error: PokeError::NotLanded { addr },
+                rollback,
+            }),
+        }
     }
 
     /// Writes the old bytes of the pending edits back in a batch of their own.

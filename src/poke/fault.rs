@@ -13,6 +13,10 @@ pub enum FaultPoint {
     Begin(usize),
     /// The k-th call to `commit`.
     Commit(usize),
+    /// The k-th call to `write` reports success but writes nothing: a
+    /// write that did not land, which [`Plan::apply`](crate::Plan::apply)
+    /// must catch when it reads the site back.
+    Lose(usize),
 }
 
 /// Wraps a poke and makes one chosen operation fail, once.
@@ -99,6 +103,10 @@ unsafe impl<P: TextPoke> TextPoke for FaultInjectingPoke<P> {
         let k = self.writes;
         self.writes += 1;
         self.trip(FaultPoint::Write(k))?;
+        if self.fault == Some(FaultPoint::Lose(k)) {
+            self.fault = None;
+            return Ok(());
+        }
         // SAFETY: same contract, forwarded.
         unsafe { self.inner.write(addr, bytes) }
     }
@@ -128,6 +136,10 @@ unsafe impl<P: TextPoke> TextPoke for FaultInjectingPoke<P> {
 
     fn reads_in_place(&self) -> bool {
         self.inner.reads_in_place()
+    }
+
+    fn method(&self) -> &'static str {
+        self.inner.method()
     }
 
     unsafe fn read(&self, addr: usize, out: &mut [u8]) -> Result<(), PokeError> {

@@ -195,19 +195,59 @@ fn quick_old(bytes: &[u8]) -> bool {
         || matches!(reg_branch(bytes), Some((false, _, n)) if bytes[n..].iter().all(|&b| b == INT3))
 }
 
+/// Checks that `old` (at `addr`) is one instruction, so no running thread
+/// is inside it or holds a return address into its middle.
+fn check_old(addr: usize, old: &[u8]) -> Result<(), LiveError> {
+    if !quick_old(old) {
+        // A `call` other than the whole site would leave return addresses
+        // inside it.
+        let insn = single(old, addr).ok_or(LiveError::NotOneInstruction { addr })?;
+        if insn.mnemonic() == iced_x86::Mnemonic::Call && insn.len() != old.len() {
+            return Err(LiveError::NotOneInstruction { addr });
+        }
+    }
+    Ok(())
+}
+
+/// Checks that replacing `old` by `new` at `addr` is safe for threads
+/// running the code when the change is published in one step (a page
+/// swap): `old` is one instruction (no thread is inside it), and `new`
+/// decodes to whole instructions ending exactly at the end of the site. No
+/// emulation is needed, so `new` may be any instruction.
+///
+/// ```
+/// use altpatch::poke::live::check_swap;
+/// let nop5 = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+/// let call = [0xe8, 0, 0, 0, 0];
+/// assert!(check_swap(0x1000, &nop5, &call).is_ok());
+/// assert!(check_swap(0x1000, &nop5, &[0xb8, 1, 0, 0, 0]).is_ok()); // mov eax, 1
+/// assert!(check_swap(0x1000, &[0x90; 5], &call).is_err()); // five instructions
+/// assert!(check_swap(0x1000, &nop5, &[0xe8, 0, 0]).is_err()); // truncated
+/// ```
+pub fn check_swap(addr: usize, old: &[u8], new: &[u8]) -> Result<(), LiveError> {
+    check_old(addr, old)?;
+    if quick_new(new, addr).is_some() {
+        return Ok(());
+    }
+    let mut at = 0;
+    while at < new.len() {
+        let insn = x86::decode_one(&new[at..], (addr + at) as u64)
+            .ok_or(LiveError::NotOneInstruction { addr })?;
+        at += insn.len();
+    }
+    if at == new.len() {
+        Ok(())
+    } else {
+        Err(LiveError::NotOneInstruction { addr })
+    }
+}
+
 impl LiveSite {
     /// Checks that `old` (at `addr`) is one instruction — so no thread is
     /// inside it, or holds a return address into it — and that `new` can be
     /// emulated.
     pub fn new(addr: usize, old: &[u8], new: &[u8]) -> Result<LiveSite, LiveError> {
-        if !quick_old(old) {
-            // A `call` other than the whole site would leave return
-            // addresses inside it.
-            let insn = single(old, addr).ok_or(LiveError::NotOneInstruction { addr })?;
-            if insn.mnemonic() == iced_x86::Mnemonic::Call && insn.len() != old.len() {
-                return Err(LiveError::NotOneInstruction { addr });
-            }
-        }
+        check_old(addr, old)?;
         if let Some(op) = quick_new(new, addr) {
             return Ok(LiveSite {
                 addr,
@@ -553,6 +593,10 @@ unsafe impl<P: TextPoke> TextPoke for Int3Poke<P> {
 
     fn reads_in_place(&self) -> bool {
         self.inner.reads_in_place()
+    }
+
+    fn method(&self) -> &'static str {
+        "INT3 protocol"
     }
 
     unsafe fn read(&self, addr: usize, out: &mut [u8]) -> Result<(), PokeError> {

@@ -97,24 +97,122 @@ pub enum PokeError {
     },
     /// The operation cannot be done by this poke.
     Unsupported(&'static str),
+    /// A write was published but the text does not hold its bytes: the
+    /// executable mapping at `addr` is no longer the one written (a debugger's
+    /// private copy, a re-loaded object, someone's `mmap`), even after the
+    /// page was re-homed once.
+    NotLanded {
+        /// First address whose bytes differ.
+        addr: usize,
+    },
+    /// Every way of writing text was refused (Linux: see
+    /// [`Strategy`]); one refusal per strategy tried, in order.
+    NoStrategy {
+        /// What each strategy's probe ran into.
+        refusals: [Option<Refusal>; 3],
+    },
+    /// The INT3 protocol was refused because a thread could not survive a
+    /// trap: it blocks `SIGTRAP`, or the program replaced the crate's
+    /// `SIGTRAP` handler.
+    SignalState {
+        /// What was found.
+        why: &'static str,
+        /// The thread concerned (0 if not one thread).
+        tid: i32,
+    },
+}
+
+/// A way a Linux process writes its own text without a writable and
+/// executable mapping (see [`LinuxPoke`](crate::LinuxPoke) for the order
+/// they are tried in and why).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// `pwrite` to `/proc/self/mem`: the kernel writes the read-only text
+    /// itself (breaking copy-on-write); no writable mapping ever exists.
+    ProcMem,
+    /// Text pages re-homed onto a memfd (`memfd_create(MFD_EXEC)`) mapped
+    /// read+exec, written through a read+write alias that is open only
+    /// during a batch.
+    Memfd,
+    /// The same with an unlinked file in `/dev/shm`, `/tmp` or `/var/tmp`
+    /// (where `vm.memfd_noexec` refuses executable memfds).
+    File,
+}
+
+impl Strategy {
+    /// Every strategy, in the default order.
+    pub const ALL: [Strategy; 3] = [Strategy::ProcMem, Strategy::Memfd, Strategy::File];
+
+    /// The name used in reports and in `ALTPATCH_POKE`: `procmem`, `memfd`,
+    /// `file`.
+    ///
+    /// ```
+    /// use altpatch::poke::Strategy;
+    /// assert_eq!(Strategy::from_name("memfd"), Some(Strategy::Memfd));
+    /// assert_eq!(Strategy::Memfd.name(), "memfd");
+    /// ```
+    pub const fn name(self) -> &'static str {
+        match self {
+            Strategy::ProcMem => "procmem",
+            Strategy::Memfd => "memfd",
+            Strategy::File => "file",
+        }
+    }
+
+    /// The strategy called `name` (see [`name`](Self::name)).
+    pub fn from_name(name: &str) -> Option<Strategy> {
+        Strategy::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Strategy::ProcMem => "pwrite to /proc/self/mem",
+            Strategy::Memfd => "memfd alias",
+            Strategy::File => "file alias",
+        })
+    }
+}
+
+/// Why one [`Strategy`] was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The strategy.
+    pub strategy: Strategy,
+    /// The call that failed (`"memfd_create(MFD_EXEC)"`, ...).
+    pub call: &'static str,
+    /// Its error number (0 when the call succeeded but had no effect).
+    pub errno: i32,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: ", self.strategy.name(), self.call)?;
+        write_errno(f, self.errno)
+    }
+}
+
+fn write_errno(f: &mut fmt::Formatter<'_>, errno: i32) -> fmt::Result {
+    if errno == 0 {
+        return f.write_str("no effect");
+    }
+    #[cfg(feature = "std")]
+    {
+        write!(f, "{}", std::io::Error::from_raw_os_error(errno))
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        write!(f, "errno {errno}")
+    }
 }
 
 impl fmt::Display for PokeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PokeError::Os { call, errno } => {
-                #[cfg(feature = "std")]
-                {
-                    write!(
-                        f,
-                        "{call} failed: {}",
-                        std::io::Error::from_raw_os_error(*errno)
-                    )
-                }
-                #[cfg(not(feature = "std"))]
-                {
-                    write!(f, "{call} failed: errno {errno}")
-                }
+                write!(f, "{call} failed: ")?;
+                write_errno(f, *errno)
             }
             PokeError::NotText { addr, why } => {
                 write!(f, "{addr:#x} is not patchable text: {why}")
@@ -124,6 +222,24 @@ impl fmt::Display for PokeError {
             }
             PokeError::Injected { at } => write!(f, "injected failure at {at:?}"),
             PokeError::Unsupported(what) => write!(f, "unsupported: {what}"),
+            PokeError::NotLanded { addr } => write!(
+                f,
+                "write at {addr:#x} did not land: the executable mapping there is not the one written"
+            ),
+            PokeError::NoStrategy { refusals } => {
+                f.write_str("no way to write text is allowed here")?;
+                for r in refusals.iter().flatten() {
+                    write!(f, "; {r}")?;
+                }
+                Ok(())
+            }
+            PokeError::SignalState { why, tid } => {
+                write!(f, "INT3 protocol refused: {why}")?;
+                if *tid != 0 {
+                    write!(f, " (thread {tid})")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -181,6 +297,12 @@ pub unsafe trait TextPoke {
     /// must return false here.
     fn reads_in_place(&self) -> bool {
         true
+    }
+
+    /// How this poke writes and publishes, for reports (e.g. `"pwrite to
+    /// /proc/self/mem, page swap"`); empty if it does not say.
+    fn method(&self) -> &'static str {
+        ""
     }
 
     /// Reads the current text bytes at `addr` into `out`.

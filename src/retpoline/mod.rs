@@ -539,8 +539,8 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
 pub fn apply_current(policy: &Policy) -> Result<Report, alloc::string::String> {
     let image = Image::current();
     let sites = crate::elf::image_sites(&image).map_err(|e| alloc::format!("{e}"))?;
-    let mut poke = crate::poke::LinuxPoke::live().map_err(|e| alloc::format!("{e}"))?;
-    // SAFETY: the live poke runs the INT3 protocol; it refuses edits that
-    // are not live-safe.
+    let mut poke = crate::poke::LinuxPoke::running().map_err(|e| alloc::format!("{e}"))?;
+    // SAFETY: the running poke publishes pages atomically (or runs the INT3
+    // protocol); it refuses edits that are not one instruction for one.
     unsafe { apply(&image, &sites, policy, &mut poke) }.map_err(|e| alloc::format!("{e}"))
 }

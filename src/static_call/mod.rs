@@ -40,12 +40,13 @@
 use alloc::string::ToString;
 use alloc::vec::Vec;
 use core::fmt;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::image::Image;
 use crate::plan::{Bytes, Edit, Expect, Plan, PlanError};
 use crate::poke::TextPoke;
 use crate::sites::{Site, SiteKind};
+use crate::sync::{UpdateGuard, UpdateLock};
 use crate::x86::{self, BranchKind};
 
 #[cfg(all(feature = "std", target_os = "linux"))]
@@ -75,7 +76,7 @@ pub struct StaticCall {
     /// What the inline call sites call now: `DEFAULT` (the trampoline),
     /// `NONE` (NOP) or the target's address.
     inline: AtomicUsize,
-    busy: AtomicBool,
+    busy: UpdateLock,
 }
 
 /// What an update did.
@@ -143,26 +144,6 @@ impl From<PlanError> for StaticCallError {
     }
 }
 
-pub(crate) struct Busy<'a>(&'a AtomicBool);
-
-impl<'a> Busy<'a> {
-    fn take(flag: &'a AtomicBool) -> Busy<'a> {
-        while flag
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            core::hint::spin_loop();
-        }
-        Busy(flag)
-    }
-}
-
-impl Drop for Busy<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
-}
-
 impl StaticCall {
     /// Used by [`static_call!`](macro@crate::static_call).
     #[doc(hidden)]
@@ -180,7 +161,7 @@ impl StaticCall {
             site_kind: SiteKind::StaticCall,
             target: AtomicUsize::new(DEFAULT),
             inline: AtomicUsize::new(DEFAULT),
-            busy: AtomicBool::new(false),
+            busy: UpdateLock::new(),
         }
     }
 
@@ -191,9 +172,9 @@ impl StaticCall {
         self
     }
 
-    /// Serializes updates of this static call.
-    pub(crate) fn lock(&self) -> Busy<'_> {
-        Busy::take(&self.busy)
+    /// Serializes updates of this static call (see [`crate::sync`]).
+    pub(crate) fn lock(&self) -> UpdateGuard<'_> {
+        self.busy.lock()
     }
 
     /// The declared name.
@@ -308,7 +289,17 @@ impl StaticCall {
             }
             let tail = s.form == BranchKind::Jmp;
             let reach = |t: usize| x86::rel32(s.addr, 5, t).is_ok();
+            // A site an earlier update did not list (`update_with` takes
+            // any subset) still calls the trampoline; every other site is
+            // in the state the last update left the sites in.
+            let calls_tramp = image.contains_text(s.addr, 5) && {
+                let mut now = [0u8; 5];
+                // SAFETY: inside the image's text, which is readable.
+                unsafe { core::ptr::copy_nonoverlapping(s.addr as *const u8, now.as_mut_ptr(), 5) };
+                branch_expect(tail, tramp).matches(s.addr, &now)
+            };
             let expect = match inline_now {
+                _ if calls_tramp => branch_expect(tail, tramp),
                 DEFAULT => branch_expect(tail, tramp),
                 NONE if tail => Expect::Bytes(Bytes::new(&RET_FILL)),
                 NONE => Expect::Nop,

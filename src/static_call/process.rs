@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use super::{StaticCall, StaticCallError, UpdateReport};
+use crate::plan::PlanError;
 use crate::image::Image;
 use crate::poke::LinuxPoke;
 use crate::sites::{Site, SiteKind};
@@ -46,10 +47,11 @@ impl StaticCall {
             .get(&self.trampoline())
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        let mut poke = LinuxPoke::live()
-            .map_err(|_| StaticCallError::Unavailable("cannot create a live text poke"))?;
+        let mut poke = LinuxPoke::running()
+            .map_err(|error| StaticCallError::Plan(PlanError::Poke { site: None, error }))?;
         // SAFETY: the caller passes only functions of the declared type; the
-        // live poke runs the INT3 protocol and every edit is one instruction.
+        // running poke publishes each page atomically (or runs the INT3
+        // protocol) and every edit is one instruction for one.
         unsafe { self.update_with(target, image, sites, &mut poke) }
     }
 

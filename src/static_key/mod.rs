@@ -33,6 +33,8 @@ mod index;
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use crate::sync::UpdateLock;
+
 pub use index::KeyIndex;
 
 use crate::image::Image;
@@ -95,7 +97,7 @@ impl fmt::Debug for Record {
 #[repr(C, align(8))]
 pub struct StaticKey<const INITIAL: bool> {
     enabled: AtomicBool,
-    busy: AtomicBool,
+    busy: UpdateLock,
     count: AtomicUsize,
 }
 
@@ -143,33 +145,12 @@ impl From<PlanError> for KeyError {
     }
 }
 
-/// Holds a key's `busy` flag: one change at a time per key.
-struct Busy<'a>(&'a AtomicBool);
-
-impl<'a> Busy<'a> {
-    fn take(flag: &'a AtomicBool) -> Busy<'a> {
-        while flag
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            core::hint::spin_loop();
-        }
-        Busy(flag)
-    }
-}
-
-impl Drop for Busy<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
-}
-
 impl<const INITIAL: bool> StaticKey<INITIAL> {
     /// A key in its initial state.
     pub const fn new() -> Self {
         StaticKey {
             enabled: AtomicBool::new(INITIAL),
-            busy: AtomicBool::new(false),
+            busy: UpdateLock::new(),
             count: AtomicUsize::new(INITIAL as usize),
         }
     }
@@ -208,7 +189,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         index: &KeyIndex,
         poke: &mut P,
     ) -> Result<ApplyReport, KeyError> {
-        let _busy = Busy::take(&self.busy);
+        let _busy = self.busy.lock();
         // SAFETY: forwarded.
         unsafe { self.set_locked(enabled, image, index, poke) }
     }
@@ -264,7 +245,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         index: &KeyIndex,
         poke: &mut P,
     ) -> Result<ApplyReport, KeyError> {
-        let _busy = Busy::take(&self.busy);
+        let _busy = self.busy.lock();
         let n = self.count.load(Ordering::Relaxed);
         // SAFETY: forwarded.
         let r = unsafe { self.set_locked(true, image, index, poke) }?;
@@ -285,7 +266,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         index: &KeyIndex,
         poke: &mut P,
     ) -> Result<ApplyReport, KeyError> {
-        let _busy = Busy::take(&self.busy);
+        let _busy = self.busy.lock();
         let n = self.count.load(Ordering::Relaxed);
         if n == 0 {
             return Err(KeyError::Unavailable(

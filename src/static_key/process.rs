@@ -3,6 +3,7 @@
 use std::sync::OnceLock;
 
 use super::{KeyError, KeyIndex, StaticKey};
+use crate::plan::PlanError;
 use crate::image::Image;
 use crate::plan::ApplyReport;
 use crate::poke::LinuxPoke;
@@ -17,8 +18,10 @@ pub(crate) fn current() -> &'static (Image<'static>, KeyIndex) {
     })
 }
 
+/// A poke for code other threads run (the page swap by default: see
+/// [`crate::poke::linux`]).
 fn poke() -> Result<LinuxPoke, KeyError> {
-    LinuxPoke::live().map_err(|_| KeyError::Unavailable("cannot create a live text poke"))
+    LinuxPoke::running().map_err(|error| KeyError::Plan(PlanError::Poke { site: None, error }))
 }
 
 impl<const INITIAL: bool> StaticKey<INITIAL> {
@@ -35,7 +38,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
 
     /// Flips the key (see [`enable`](Self::enable)).
     pub fn toggle(&self) -> Result<ApplyReport, KeyError> {
-        let _busy = super::Busy::take(&self.busy);
+        let _busy = self.busy.lock();
         let now = self.is_enabled();
         let (image, index) = current();
         // SAFETY: the live poke runs the INT3 protocol, safe for threads

@@ -1,142 +1,152 @@
-//! The process-wide text arena: a memfd that backs every patched text page,
-//! the lock that serializes patching, and fork handling.
+//! The text arena of the alias strategies ([`Strategy::Memfd`],
+//! [`Strategy::File`]): a memfd or unlinked tmpfs file that backs patched
+//! text pages.
 //!
-//! Each patched text page owns two page *slots* in the memfd. One is *live*:
+//! Each patched text page owns two page *slots* in the file. One is *live*:
 //! mapped read+exec at the text address (`MAP_PRIVATE|MAP_FIXED`). Both are
-//! also mapped read+write, never executable, at an *alias* address, through
-//! which the patcher writes. A page enters the arena ("homing") by copying
-//! its current bytes into a slot and mapping that slot over it, which changes
-//! nothing a running thread can observe.
+//! also mapped shared at an *alias* address, through which the patcher
+//! writes. The alias is `PROT_NONE` between batches and read+write only
+//! while a batch runs, so no writable view of code exists when a call
+//! returns. A page enters the arena ("homing") by copying its current bytes
+//! into a slot and mapping that slot over it, which changes nothing a
+//! running thread can observe.
 //!
-//! After `fork`, parent and child map the same memfd pages, so neither may
+//! After `fork`, parent and child map the same file pages, so neither may
 //! write a slot any more: both forget the arena (the child never had the
-//! aliases: they are `MADV_DONTFORK`) and home pages again into a new memfd
-//! on their next batch.
+//! aliases: they are `MADV_DONTFORK`) and home pages again into a new file
+//! on their next batch. The same happens when the loader unloads or loads an
+//! object (a remembered slot may no longer be what is mapped), and a write
+//! that did not land is repaired by homing its page again (see
+//! [`LinuxPoke`](super::LinuxPoke)).
+//!
+//! [`Strategy::Memfd`]: crate::poke::Strategy::Memfd
+//! [`Strategy::File`]: crate::poke::Strategy::File
 
 use alloc::collections::BTreeMap;
-use core::cell::UnsafeCell;
-use core::marker::PhantomData;
+use alloc::vec::Vec;
 use core::ops::Range;
-use core::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Once;
 
-use crate::poke::{PAGE_SIZE, PokeError};
+use super::os::{errno, os_err};
+use crate::poke::{PAGE_SIZE, PokeError, Refusal, Strategy};
 
 /// `MFD_EXEC` (Linux 6.3): the memfd may be mapped executable even where
 /// `vm.memfd_noexec` makes new memfds non-executable by default.
 const MFD_EXEC: libc::c_uint = 0x10;
 
-pub(super) const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 5;
-const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 6;
+/// Directories tried for [`Strategy::File`], in order: tmpfs first (no disk
+/// writes), then the usual temporary directories.
+const FILE_DIRS: [&core::ffi::CStr; 3] = [c"/dev/shm", c"/tmp", c"/var/tmp"];
 
-/// Serializes all text patching in the process and guards [`ARENA`]. A
-/// pthread mutex (not `std::sync::Mutex`) so the `pthread_atfork` handlers
-/// can hold it across `fork`, which therefore never happens mid-batch.
-struct TextLock(UnsafeCell<libc::pthread_mutex_t>);
-// SAFETY: a pthread mutex is designed to be shared between threads.
-unsafe impl Sync for TextLock {}
-static TEXT_LOCK: TextLock = TextLock(UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER));
-
-/// Bumped in parent and child by the `pthread_atfork` handlers.
-static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
-
-struct ArenaCell(UnsafeCell<Arena>);
-// SAFETY: only accessed through `Locked`, i.e. with TEXT_LOCK held.
-unsafe impl Sync for ArenaCell {}
-static ARENA: ArenaCell = ArenaCell(UnsafeCell::new(Arena::new()));
-
-/// Whether `membarrier(SYNC_CORE)` is registered for this process.
-static SYNC_CORE: AtomicU64 = AtomicU64::new(0);
-static INIT: Once = Once::new();
-
-extern "C" fn atfork_prepare() {
-    // SAFETY: locks the static mutex; both after-fork handlers unlock it.
-    unsafe { libc::pthread_mutex_lock(TEXT_LOCK.0.get()) };
-}
-
-extern "C" fn atfork_after() {
-    FORK_GENERATION.fetch_add(1, Ordering::AcqRel);
-    // SAFETY: this thread locked it in `atfork_prepare` (in the child, the
-    // forking thread is the only thread).
-    unsafe { libc::pthread_mutex_unlock(TEXT_LOCK.0.get()) };
-}
-
-/// Registers the fork handlers and `membarrier(SYNC_CORE)`, once.
-pub(super) fn init_process() {
-    INIT.call_once(|| {
-        // SAFETY: the handlers only touch a pthread mutex and an atomic.
-        unsafe {
-            libc::pthread_atfork(Some(atfork_prepare), Some(atfork_after), Some(atfork_after));
+/// Opens a new, empty backing file of `kind`.
+fn open_backing(kind: Strategy) -> Result<libc::c_int, (&'static str, i32)> {
+    match kind {
+        Strategy::Memfd => {
+            let name = c"altpatch-text";
+            // SAFETY: memfd_create with a NUL-terminated name.
+            let mut fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | MFD_EXEC) };
+            if fd < 0 && errno() == libc::EINVAL {
+                // Kernels before 6.3 do not know MFD_EXEC.
+                // SAFETY: as above.
+                fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+            }
+            if fd < 0 {
+                return Err(("memfd_create(MFD_EXEC)", errno()));
+            }
+            Ok(fd)
         }
-        // SAFETY: registration has no memory effects on this process.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_membarrier,
-                MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE,
-                0,
-                0,
-            )
-        };
-        SYNC_CORE.store((r == 0) as u64, Ordering::Release);
-    });
+        Strategy::File => {
+            let mut last = ("open(O_TMPFILE) in /dev/shm, /tmp, /var/tmp", 0);
+            for dir in FILE_DIRS {
+                // SAFETY: open with a NUL-terminated path; the file has no
+                // name, so nothing else can open it.
+                let fd = unsafe {
+                    libc::open(
+                        dir.as_ptr(),
+                        libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+                        0o600,
+                    )
+                };
+                if fd >= 0 {
+                    if exec_mappable(fd).is_ok() {
+                        return Ok(fd);
+                    }
+                    last = ("mmap(PROT_EXEC) of a file in /dev/shm, /tmp, /var/tmp", errno());
+                    // SAFETY: closing the descriptor we opened.
+                    unsafe { libc::close(fd) };
+                } else {
+                    last.1 = errno();
+                }
+            }
+            Err(last)
+        }
+        Strategy::ProcMem => Err(("not an alias strategy", libc::EINVAL)),
+    }
 }
 
-pub(super) fn has_sync_core() -> bool {
-    SYNC_CORE.load(Ordering::Acquire) != 0
+/// Whether a page of `fd` can be mapped read+exec (a `noexec` mount or
+/// `vm.memfd_noexec` refuses it). Leaves the file one page long.
+fn exec_mappable(fd: libc::c_int) -> Result<(), (&'static str, i32)> {
+    // SAFETY: ftruncate on our own descriptor.
+    if unsafe { libc::ftruncate(fd, PAGE_SIZE as libc::off_t) } != 0 {
+        return Err(("ftruncate", errno()));
+    }
+    // SAFETY: a private read+exec mapping of our file, unmapped at once.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            PAGE_SIZE,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(("mmap(PROT_EXEC)", errno()));
+    }
+    // SAFETY: the probe mapping.
+    unsafe { libc::munmap(p, PAGE_SIZE) };
+    Ok(())
 }
 
-pub(super) fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
-
-pub(super) fn os_err(call: &'static str) -> PokeError {
-    PokeError::Os {
+/// Whether this process may use the alias strategy `kind`.
+pub(super) fn probe(kind: Strategy) -> Result<(), Refusal> {
+    let refuse = |(call, errno): (&'static str, i32)| Refusal {
+        strategy: kind,
         call,
-        errno: errno(),
-    }
-}
-
-/// The text lock, held for the duration of a batch. Not `Send`: a pthread
-/// mutex is unlocked by the thread that locked it.
-pub(super) struct Locked {
-    _not_send: PhantomData<*const ()>,
-}
-
-impl Locked {
-    pub(super) fn acquire() -> Locked {
-        // SAFETY: locking the process-wide static mutex.
-        unsafe { libc::pthread_mutex_lock(TEXT_LOCK.0.get()) };
-        // SAFETY: the lock is held; nothing else references the arena.
-        unsafe { (*ARENA.0.get()).leave_if_forked() };
-        Locked {
-            _not_send: PhantomData,
-        }
-    }
-
-    pub(super) fn arena(&mut self) -> &mut Arena {
-        // SAFETY: TEXT_LOCK is held for our lifetime and `&mut self` makes
-        // this the only reference derived from the guard.
-        unsafe { &mut *ARENA.0.get() }
-    }
-}
-
-impl Drop for Locked {
-    fn drop(&mut self) {
-        // SAFETY: this thread locked it in `acquire`.
-        unsafe { libc::pthread_mutex_unlock(TEXT_LOCK.0.get()) };
-    }
+        errno,
+    };
+    let fd = open_backing(kind).map_err(refuse)?;
+    let r = exec_mappable(fd).map_err(|(call, e)| {
+        refuse((
+            if call == "mmap(PROT_EXEC)" {
+                match kind {
+                    Strategy::Memfd => "mmap(PROT_EXEC) of a memfd",
+                    _ => "mmap(PROT_EXEC) of a file",
+                }
+            } else {
+                call
+            },
+            e,
+        ))
+    });
+    // SAFETY: closing the probe's descriptor.
+    unsafe { libc::close(fd) };
+    r
 }
 
 /// A text page's two slots.
 #[derive(Clone, Copy)]
 pub(super) struct Slots {
-    /// Arena offsets of the slots.
+    /// File offsets of the slots.
     off: [u64; 2],
-    /// Read+write alias addresses of the slots.
+    /// Alias addresses of the slots.
     alias: [usize; 2],
     /// Which slot is mapped at the text page; `None` until the first
     /// publication (the page is then still its original mapping).
     live: Option<u8>,
+    /// Index of the alias mapping holding both slots.
+    region: u32,
 }
 
 impl Slots {
@@ -162,33 +172,88 @@ impl Slots {
     }
 }
 
-/// All arena state; only reachable through [`Locked`].
+/// All arena state; reached through the process lock only.
 pub(super) struct Arena {
-    /// The memfd, or -1 before the first batch (and after a fork).
+    /// What the file is (memfd or tmpfs file); `None` before first use.
+    kind: Option<Strategy>,
+    /// The file, or -1 before the first batch (and after a fork).
     fd: libc::c_int,
-    /// Bytes of the memfd handed out.
+    /// Bytes of the file handed out.
     len: u64,
     /// Fork generation and process the arena belongs to.
     generation: u64,
     pid: libc::pid_t,
-    /// Alias mappings (address, length) to unmap when leaving the arena.
-    aliases: alloc::vec::Vec<(usize, usize)>,
+    /// Alias mappings (address, length), `PROT_NONE` between batches.
+    regions: Vec<(usize, usize)>,
+    /// Regions opened read+write for the batch in progress.
+    open: Vec<u32>,
     /// Text page address -> its slots.
     pages: BTreeMap<usize, Slots>,
-    /// Ranges already checked to be read+exec text in `/proc/self/maps`.
-    pub(super) maps_checks: u64,
 }
 
 impl Arena {
-    const fn new() -> Arena {
+    pub(super) const fn new() -> Arena {
         Arena {
+            kind: None,
             fd: -1,
             len: 0,
             generation: 0,
             pid: 0,
-            aliases: alloc::vec::Vec::new(),
+            regions: Vec::new(),
+            open: Vec::new(),
             pages: BTreeMap::new(),
-            maps_checks: 0,
+        }
+    }
+
+    /// Starts a batch over `pages` with backing `kind`: drops the arena if
+    /// the process forked or the kind changed, gives every page slots, and
+    /// opens their aliases read+write.
+    pub(super) fn begin(&mut self, kind: Strategy, pages: &[Range<usize>]) -> Result<(), PokeError> {
+        self.leave_if_forked();
+        if self.kind != Some(kind) {
+            self.reset(true);
+            self.kind = Some(kind);
+        }
+        self.ensure_slots(pages)?;
+        for r in pages {
+            let mut p = r.start;
+            while p < r.end {
+                let region = self.pages[&p].region;
+                if !self.open.contains(&region) {
+                    let (a, len) = self.regions[region as usize];
+                    // SAFETY: one of our alias mappings, never executable.
+                    if unsafe {
+                        libc::mprotect(
+                            a as *mut libc::c_void,
+                            len,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                        )
+                    } != 0
+                    {
+                        let e = os_err("mprotect");
+                        self.end();
+                        return Err(e);
+                    }
+                    self.open.push(region);
+                }
+                p += PAGE_SIZE;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the batch: every alias is `PROT_NONE` again. If one cannot be
+    /// closed, the whole arena is unmapped instead.
+    pub(super) fn end(&mut self) {
+        let mut failed = false;
+        for &region in &self.open {
+            let (a, len) = self.regions[region as usize];
+            // SAFETY: one of our alias mappings.
+            failed |= unsafe { libc::mprotect(a as *mut libc::c_void, len, libc::PROT_NONE) } != 0;
+        }
+        self.open.clear();
+        if failed {
+            self.reset(true);
         }
     }
 
@@ -196,7 +261,7 @@ impl Arena {
     /// arena (unmapping our aliases only if they are ours: a child never
     /// inherited them) and start afresh.
     fn leave_if_forked(&mut self) {
-        if FORK_GENERATION.load(Ordering::Acquire) != self.generation {
+        if crate::sync::fork_generation() != self.generation {
             // SAFETY: getpid has no preconditions.
             let ours = self.pid == unsafe { libc::getpid() };
             self.reset(ours);
@@ -204,13 +269,13 @@ impl Arena {
     }
 
     /// Forgets every slot; with `unmap_aliases`, also unmaps this process's
-    /// aliases. Text stays mapped from the old memfd, which its mappings
-    /// keep alive.
+    /// aliases. Text stays mapped from the old file, which its mappings keep
+    /// alive.
     pub(super) fn reset(&mut self, unmap_aliases: bool) {
         if unmap_aliases {
-            for &(a, len) in &self.aliases {
+            for &(a, len) in &self.regions {
                 // SAFETY: unmapping an alias this process mapped; nothing
-                // else refers to it once the slots are forgotten.
+                // refers to it once the slots are forgotten.
                 unsafe { libc::munmap(a as *mut libc::c_void, len) };
             }
         }
@@ -220,9 +285,10 @@ impl Arena {
         }
         self.fd = -1;
         self.len = 0;
-        self.aliases.clear();
+        self.regions.clear();
+        self.open.clear();
         self.pages.clear();
-        self.generation = FORK_GENERATION.load(Ordering::Acquire);
+        self.generation = crate::sync::fork_generation();
         // SAFETY: getpid has no preconditions.
         self.pid = unsafe { libc::getpid() };
     }
@@ -231,23 +297,21 @@ impl Arena {
         self.pages.get(&page)
     }
 
+    /// Forgets `page`'s slots, so the next batch homes it again (its
+    /// mapping is no longer the live slot). Their file space stays unused.
+    pub(super) fn forget(&mut self, page: usize) {
+        self.pages.remove(&page);
+    }
+
     fn ensure_fd(&mut self) -> Result<libc::c_int, PokeError> {
         if self.fd >= 0 {
             return Ok(self.fd);
         }
-        let name = c"altpatch-text";
-        // SAFETY: memfd_create with a NUL-terminated name.
-        let mut fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | MFD_EXEC) };
-        if fd < 0 && errno() == libc::EINVAL {
-            // Kernels before 6.3 do not know MFD_EXEC.
-            // SAFETY: as above.
-            fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        }
-        if fd < 0 {
-            return Err(os_err("memfd_create"));
-        }
+        let kind = self.kind.unwrap_or(Strategy::Memfd);
+        let fd = open_backing(kind).map_err(|(call, errno)| PokeError::Os { call, errno })?;
+        // The probe left the file one page long; slots start at 0.
         self.fd = fd;
-        self.generation = FORK_GENERATION.load(Ordering::Acquire);
+        self.generation = crate::sync::fork_generation();
         // SAFETY: getpid has no preconditions.
         self.pid = unsafe { libc::getpid() };
         Ok(fd)
@@ -255,10 +319,9 @@ impl Arena {
 
     /// Gives every page of `pages` (page-aligned) that has none a slot pair.
     /// Consecutive new pages get consecutive slots, one alias mapping per
-    /// such sequence, so they publish with one `mmap`. Before returning,
-    /// `/proc/self/maps` has confirmed they are ordinary read+exec text.
-    pub(super) fn ensure_slots(&mut self, pages: &[Range<usize>]) -> Result<(), PokeError> {
-        let mut missing: alloc::vec::Vec<Range<usize>> = alloc::vec::Vec::new();
+    /// such sequence, so they publish with one `mmap`.
+    fn ensure_slots(&mut self, pages: &[Range<usize>]) -> Result<(), PokeError> {
+        let mut missing: Vec<Range<usize>> = Vec::new();
         for r in pages {
             let mut p = r.start;
             while p < r.end {
@@ -271,11 +334,6 @@ impl Arena {
                 p += PAGE_SIZE;
             }
         }
-        if missing.is_empty() {
-            return Ok(());
-        }
-        self.maps_checks += 1;
-        super::maps::check_text_mappings(&missing)?;
         for m in missing {
             self.allocate(m.start, (m.end - m.start) / PAGE_SIZE)?;
         }
@@ -287,18 +345,19 @@ impl Arena {
         let bytes = n * PAGE_SIZE;
         let base = self.len;
         let new_len = base + 2 * bytes as u64;
-        // SAFETY: ftruncate on our own memfd.
+        // SAFETY: ftruncate on our own file.
         if unsafe { libc::ftruncate(fd, new_len as libc::off_t) } != 0 {
             return Err(os_err("ftruncate"));
         }
         self.len = new_len;
-        // SAFETY: a new shared read+write mapping of our memfd at an address
-        // the kernel picks; it is never executable.
+        // SAFETY: a new shared mapping of our file at an address the kernel
+        // picks; it is never executable, and inaccessible until a batch
+        // opens it.
         let alias = unsafe {
             libc::mmap(
                 core::ptr::null_mut(),
                 2 * bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
+                libc::PROT_NONE,
                 libc::MAP_SHARED,
                 fd,
                 base as libc::off_t,
@@ -307,11 +366,12 @@ impl Arena {
         if alias == libc::MAP_FAILED {
             return Err(os_err("mmap"));
         }
-        // A forked child must not inherit a writable view of text it shares
-        // with us. SAFETY: advice on our own mapping.
+        // A forked child must not inherit a view of text it shares with us.
+        // SAFETY: advice on our own mapping.
         unsafe { libc::madvise(alias, 2 * bytes, libc::MADV_DONTFORK) };
         let alias = alias as usize;
-        self.aliases.push((alias, 2 * bytes));
+        let region = self.regions.len() as u32;
+        self.regions.push((alias, 2 * bytes));
         for i in 0..n {
             let p = i * PAGE_SIZE;
             self.pages.insert(
@@ -320,6 +380,7 @@ impl Arena {
                     off: [base + p as u64, base + (bytes + p) as u64],
                     alias: [alias + p, alias + bytes + p],
                     live: None,
+                    region,
                 },
             );
         }
@@ -340,10 +401,10 @@ impl Arena {
                 len += PAGE_SIZE;
             }
             // SAFETY: replaces [page, page+len), read+exec text of this
-            // process (checked when its slots were made), with a read+exec
-            // private mapping of memfd slots that hold its current bytes
-            // plus validated edits. MAP_FIXED swaps the mapping in one step;
-            // the old pages stay valid until every CPU has dropped them.
+            // process (checked before the batch), with a read+exec private
+            // mapping of file slots that hold its current bytes plus
+            // validated edits. MAP_FIXED swaps the mapping in one step; the
+            // old pages stay valid until every CPU has dropped them.
             let p = unsafe {
                 libc::mmap(
                     page as *mut libc::c_void,

@@ -8,8 +8,10 @@ use std::ffi::CStr;
 
 use crate::poke::PokeError;
 
-/// Checks that every range is covered by mappings that are readable and
-/// executable but not writable.
+/// Checks that every range is covered by mappings that are readable,
+/// executable, private and not writable: ordinary text. Writable ones are JIT
+/// memory or data; a shared one would carry writes through to its file
+/// (`/proc/self/mem` writes even read-only shared mappings it may write).
 pub(crate) fn check_text_mappings(ranges: &[Range<usize>]) -> Result<(), PokeError> {
     let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| PokeError::Os {
         call: "read /proc/self/maps",
@@ -54,10 +56,105 @@ pub(crate) fn check_text_mappings(ranges: &[Range<usize>]) -> Result<(), PokeErr
                     why: "mapping is writable and executable (JIT memory?)",
                 });
             }
+            if perms[3] != b'p' {
+                return Err(PokeError::NotText {
+                    addr: at,
+                    why: "mapping is shared, not private text",
+                });
+            }
             at = end;
         }
     }
     Ok(())
+}
+
+/// The dynamic loader's count of objects loaded and unloaded so far
+/// (`dlpi_adds`, `dlpi_subs`): while it is unchanged, no object's text was
+/// unmapped or mapped, so pages once checked to be text still are.
+pub(crate) fn loader_generation() -> (u64, u64) {
+    unsafe extern "C" fn first(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: dl_iterate_phdr passes a valid info and our pointer.
+        let (info, out) = unsafe { (&*info, &mut *(data as *mut (u64, u64))) };
+        *out = (info.dlpi_adds, info.dlpi_subs);
+        1
+    }
+    let mut out = (0u64, 0u64);
+    // SAFETY: the callback matches the expected signature and writes only
+    // `out`, for the duration of the call.
+    unsafe { libc::dl_iterate_phdr(Some(first), (&raw mut out).cast()) };
+    out
+}
+
+/// Pages confirmed to be ordinary text, valid while the loader generation
+/// is unchanged (see [`loader_generation`]). Guarded by the process lock.
+#[derive(Default)]
+pub(crate) struct TextPages {
+    generation: (u64, u64),
+    checked: alloc::collections::BTreeSet<usize>,
+    /// Times `/proc/self/maps` was read.
+    pub(crate) reads: u64,
+}
+
+impl TextPages {
+    pub(crate) const fn new() -> TextPages {
+        TextPages {
+            generation: (0, 0),
+            checked: alloc::collections::BTreeSet::new(),
+            reads: 0,
+        }
+    }
+
+    /// Whether the loader changed the address space since the last check
+    /// (then everything is checked again). Returns true if it did.
+    pub(crate) fn refresh(&mut self) -> bool {
+        let now = loader_generation();
+        if now == self.generation {
+            return false;
+        }
+        self.generation = now;
+        self.checked.clear();
+        true
+    }
+
+    /// Checks the page-aligned `pages` are text, reading `/proc/self/maps`
+    /// only for pages not confirmed before.
+    pub(crate) fn check(&mut self, pages: &[Range<usize>]) -> Result<(), PokeError> {
+        let mut missing: Vec<Range<usize>> = Vec::new();
+        for r in pages {
+            let mut p = r.start;
+            while p < r.end {
+                if !self.checked.contains(&p) {
+                    match missing.last_mut() {
+                        Some(m) if m.end == p => m.end += crate::poke::PAGE_SIZE,
+                        _ => missing.push(p..p + crate::poke::PAGE_SIZE),
+                    }
+                }
+                p += crate::poke::PAGE_SIZE;
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        self.reads += 1;
+        check_text_mappings(&missing)?;
+        for m in missing {
+            let mut p = m.start;
+            while p < m.end {
+                self.checked.insert(p);
+                p += crate::poke::PAGE_SIZE;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets `page` (its mapping changed under us).
+    pub(crate) fn forget(&mut self, page: usize) {
+        self.checked.remove(&page);
+    }
 }
 
 /// A loaded object (the executable or a shared object) and its executable

@@ -1,98 +1,215 @@
 //! Linux process text poking that never creates a writable+executable
-//! mapping and works under `prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN)`.
+//! mapping, works under `prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN)` and
+//! `vm.memfd_noexec=2`, and leaves no writable view of code behind.
 //!
-//! # Strategy
+//! # Strategies: how bytes reach read-only text
 //!
-//! The first batch that touches a text page *homes* it: the page's bytes are
-//! copied into a slot of a process-private memfd and the slot is mapped over
-//! the page, read+exec, with one `mmap(MAP_FIXED)` — a swap that running
-//! threads cannot observe, since the bytes are identical and `MAP_FIXED`
-//! replaces the mapping in one step. The memfd is also mapped read+write,
-//! never executable, at another address (the *alias*). From then on:
+//! Tried in this order (override with `ALTPATCH_POKE=memfd,file,...`); the
+//! first this process may use is taken, and if all are refused the error
+//! lists why each was ([`PokeError::NoStrategy`]):
 //!
-//! * [`Publish::InPlace`] (the default, [`LinuxPoke::new`]): writes are plain
-//!   stores through the alias into the live slot: no system call per write,
-//!   none per batch but the `membarrier` in [`sync`](TextPoke::sync). Other
-//!   threads can observe a multi-byte write half done, so this is for text
-//!   no thread runs during the batch (or for a protocol layered on top that
-//!   makes partial writes harmless, like the INT3 protocol).
-//! * [`Publish::Remap`] ([`LinuxPoke::remapping`]): each page has a second,
-//!   spare slot. A batch copies the current page into the spare, writes
-//!   there, and [`commit`](TextPoke::commit) maps the spares over the text,
-//!   one `mmap` per run of pages. Each page changes atomically for threads
-//!   running through it: they see all-old or all-new bytes, so single
-//!   instructions can be replaced under running threads with no breakpoint
-//!   dance. It costs a 4 KiB copy and an `mmap` per page per batch.
+//! 1. [`Strategy::ProcMem`] — `pwrite` to `/proc/self/mem` (see
+//!    `procmem.rs`): the kernel writes the page itself. First because it
+//!    needs *no* mapping: no writable view of code exists at any instant,
+//!    not even during a batch; nothing is shared with a forked child
+//!    (private pages are copy-on-write); a debugger's private copy of a page
+//!    or a re-loaded object is written where it is, not missed; and in-place
+//!    patches keep the file name in `/proc/self/maps` for profilers.
+//! 2. [`Strategy::Memfd`] — pages re-homed onto a memfd mapped read+exec
+//!    and written through a read+write alias (see `arena.rs`). For kernels
+//!    that refuse forced writes to `/proc/self/mem`.
+//! 3. [`Strategy::File`] — the same with an unlinked file in `/dev/shm`,
+//!    `/tmp` or `/var/tmp`, for `vm.memfd_noexec=2` (refused if those are
+//!    mounted `noexec`).
 //!
-//! Why not the obvious alternatives:
+//! The alias of 2 and 3 is `PROT_NONE` between batches: when any call
+//! returns, no writable mapping of any text page exists.
 //!
-//! * `mprotect(RW)`, write, `mprotect(RX)`: the text is non-executable while
-//!   another thread may run it (the SIGBUS frida-gum hit), and under MDWE
-//!   the second `mprotect` (gaining exec) is refused.
-//! * Copy to anonymous memory and `mremap` over the text: making the copy
-//!   executable is refused under MDWE too; a memfd mapped read+exec is not
-//!   "gaining" exec, so it is allowed.
+//! # Publication: when threads see the bytes
 //!
-//! Other properties:
+//! * [`Publish::InPlace`] ([`LinuxPoke::new`]): the bytes are stored into
+//!   the live page. For text no thread runs during the batch (start-up),
+//!   since a thread could fetch a multi-byte instruction half written.
+//! * [`Publish::Remap`] ([`LinuxPoke::remapping`]), the *page swap*: each
+//!   page's new contents are built aside and mapped over the text in one
+//!   step (`mremap` of a read+exec staging mapping, or `mmap(MAP_FIXED)` of a
+//!   spare slot). A thread running through a page executes all-old or
+//!   all-new bytes, so one instruction can be replaced by one while other
+//!   threads run it, **with no trap**: nothing depends on any thread's signal
+//!   mask, handlers, alternate stack or state.
+//! * [`Publish::Live`] ([`LinuxPoke::live`]), the INT3 protocol (see
+//!   [`live`](crate::poke::live)): in place, `int3` first, a `SIGTRAP`
+//!   handler emulating the new instruction for a thread that hits a site.
+//!   Three `membarrier`s per batch. It needs every thread to be able to take
+//!   `SIGTRAP`: a thread with it blocked is killed by the kernel, so the poke
+//!   refuses the batch when it finds one ([`PokeError::SignalState`]).
 //!
-//! * **W^X**: the text mapping is never writable; the alias is never
-//!   executable. The alias is a writable view of code at an address the
-//!   kernel chose; [`LinuxPoke::release_aliases`] unmaps it once patching is
-//!   over (later batches home pages again).
-//! * **fork**: a child maps the same memfd pages. `pthread_atfork` handlers
-//!   make both sides drop the arena; each homes pages into a new memfd on its
-//!   next batch, so neither ever writes a page the other runs. Aliases are
-//!   `MADV_DONTFORK`.
-//! * **Checked**: a page is homed only if `/proc/self/maps` shows it
-//!   readable and executable and not writable (so JIT RWX memory and data
-//!   are refused with [`PokeError::NotText`]).
-//! * **Observable**: patched pages show as `/memfd:altpatch-text (deleted)`
-//!   in `/proc/self/maps`; profilers that symbolize by file offset lose them.
+//! The high-level APIs (`static_call!` `update`, [`StaticKey::enable`],
+//! [`ifunc::init`], [`retpoline::apply_current`]) use
+//! [`LinuxPoke::running`]: the page swap, with every edit checked to replace
+//! one instruction by one. It is the default because it is the only live
+//! publication no ordinary program can break (worker pools block every
+//! signal; handlers call anything; programs install their own `SIGTRAP`
+//! handlers and debuggers single-step), and it costs about the same: one
+//! swap per run of pages and one `membarrier`, against three `membarrier`s
+//! and three stores per site (see `BENCHMARKS.md`). The INT3 protocol stays
+//! for kernels ([`Int3Poke`](crate::poke::live::Int3Poke)) and as an
+//! explicit choice ([`set_live_publication`]).
+//!
+//! # Checked
+//!
+//! * A page is written only if `/proc/self/maps` shows it readable,
+//!   executable, private and not writable ([`PokeError::NotText`] for JIT
+//!   memory, data, shared mappings); pages are checked again whenever the
+//!   loader has loaded or unloaded an object since.
+//! * After every batch the bytes are read back through the executable
+//!   address. A page whose mapping is no longer the one written (a
+//!   debugger's private copy, a re-loaded object, someone's `mmap`) is built
+//!   afresh from what is mapped now plus the batch's writes and swapped in;
+//!   if that does not land either, the batch fails with
+//!   [`PokeError::NotLanded`] naming the address.
+//! * **fork**: the process lock is held across `fork` (see [`crate::sync`]),
+//!   so a child never starts mid-batch; a child reopens `/proc/self/mem`
+//!   and homes its pages into a new arena.
+//!
+//! [`StaticKey::enable`]: crate::static_key::StaticKey::enable
+//! [`ifunc::init`]: crate::ifunc::init
+//! [`retpoline::apply_current`]: crate::retpoline::apply_current
 
 mod arena;
+mod batch;
 pub(crate) mod maps;
+mod os;
+mod procmem;
+mod state;
+mod strategy;
+mod threads;
 mod trap;
 
 pub use trap::emulated_traps;
 
 use alloc::vec::Vec;
 use core::ops::Range;
+use core::sync::atomic::{AtomicU8, Ordering};
 
-use super::{PAGE_SIZE, PokeError, TextPoke, copy_short};
-use arena::{Locked, init_process, os_err};
+use super::{PokeError, Refusal, Strategy};
 pub(crate) use maps::loaded_object_containing;
+use state::Locked;
 
 /// How a [`LinuxPoke`] publishes a batch (see the [module documentation](self)).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Publish {
-    /// Stores through the writable alias into the live pages.
+    /// Stores into the live pages.
     InPlace,
-    /// Stages in spare pages and maps them over the text at commit: every
-    /// page changes atomically.
+    /// The page swap: builds each page's new contents aside and maps them
+    /// over the text at commit, so every page changes atomically.
     Remap,
     /// Writes in place with the INT3 protocol (see [`live`](crate::poke::live)):
-    /// safe while other threads run the sites, three `membarrier`s per
-    /// batch. Every edit must replace one instruction (call, jmp, jcc, nop,
-    /// ret) by one such instruction.
+    /// three `membarrier`s per batch and a `SIGTRAP` handler. Every edit
+    /// must replace one instruction (call, jmp, jcc, nop, ret) by one such
+    /// instruction.
     Live,
 }
 
-/// One run of contiguous pages in the current batch.
-struct Run {
-    text: Range<usize>,
-    /// Index in `targets` of the run's first page.
-    first: usize,
+/// The publication [`LinuxPoke::running`] uses: `Remap` (0) or `Live` (1).
+static LIVE_PUBLICATION: AtomicU8 = AtomicU8::new(0);
+
+/// Chooses how the high-level APIs publish updates while other threads run
+/// ([`LinuxPoke::running`]): [`Publish::Remap`] (the default, no trap) or
+/// [`Publish::Live`] (the INT3 protocol). `InPlace` is refused: it is not
+/// safe for running threads.
+///
+/// ```
+/// use altpatch::poke::linux::{live_publication, set_live_publication};
+/// use altpatch::Publish;
+/// assert_eq!(live_publication(), Publish::Remap);
+/// assert!(set_live_publication(Publish::InPlace).is_err());
+/// ```
+pub fn set_live_publication(publish: Publish) -> Result<(), PokeError> {
+    let v = match publish {
+        Publish::Remap => 0,
+        Publish::Live => 1,
+        Publish::InPlace => {
+            return Err(PokeError::Unsupported(
+                "in-place publication is not safe while other threads run the text",
+            ));
+        }
+    };
+    LIVE_PUBLICATION.store(v, Ordering::Relaxed);
+    Ok(())
 }
 
-/// Patches this process's own text without a writable+executable mapping,
-/// even under `prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN)`.
+/// The publication [`LinuxPoke::running`] uses (see [`set_live_publication`]).
+pub fn live_publication() -> Publish {
+    match LIVE_PUBLICATION.load(Ordering::Relaxed) {
+        1 => Publish::Live,
+        _ => Publish::Remap,
+    }
+}
+
+/// The strategy this process writes text with (probing them in order the
+/// first time), or why none can be used.
 ///
-/// All `LinuxPoke`s in a process share one lock, held from
-/// [`begin`](TextPoke::begin) to [`commit`](TextPoke::commit) or
-/// [`abort`](TextPoke::abort): concurrent patchers serialize, and `fork`
-/// waits for a batch to end. A poke is not `Send`, because the lock must be
-/// released by the thread that took it; create one where you patch (it is
-/// cheap).
+/// ```
+/// let s = altpatch::poke::linux::strategy().unwrap();
+/// println!("text is written by {s}");
+/// ```
+pub fn strategy() -> Result<Strategy, PokeError> {
+    let mut lock = Locked::acquire()?;
+    strategy::choose(lock.shared())
+}
+
+/// Whether each strategy can be used in this process, in the default order
+/// (each probed once; for reports such as the demo's).
+///
+/// ```
+/// for (s, r) in altpatch::poke::linux::strategies() {
+///     match r {
+///         Ok(()) => println!("{s}: usable"),
+///         Err(why) => println!("{s}: refused ({why})"),
+///     }
+/// }
+/// ```
+pub fn strategies() -> Vec<(Strategy, Result<(), Refusal>)> {
+    let Ok(mut lock) = Locked::acquire() else {
+        return Vec::new();
+    };
+    Strategy::ALL
+        .iter()
+        .map(|&s| (s, strategy::usable(lock.shared(), s)))
+        .collect()
+}
+
+/// Makes `strategy` refused from now on, as if its probe had failed with
+/// `errno` at `call` (for tests of the fallback order; e.g. a kernel that
+/// refuses executable memfd mappings). Pokes already created keep theirs.
+#[doc(hidden)]
+pub fn refuse_for_tests(strategy: Strategy, call: &'static str, errno: i32) {
+    if let Ok(mut lock) = Locked::acquire() {
+        lock.shared().injected[state::slot(strategy)] = Some(Refusal {
+            strategy,
+            call,
+            errno,
+        });
+    }
+}
+
+/// Repairs state other threads of the parent left behind (fork child
+/// handler, lock held).
+pub(crate) fn after_fork_in_child() {
+    trap::after_fork_in_child();
+    state::after_fork_in_child();
+}
+
+/// Patches this process's own text without a writable+executable mapping
+/// (see the [module documentation](self) for how and why).
+///
+/// All patching in a process shares one lock, held from
+/// [`begin`](crate::TextPoke::begin) to [`commit`](crate::TextPoke::commit)
+/// or [`abort`](crate::TextPoke::abort): concurrent patchers serialize, and
+/// `fork` waits for a batch to end. A poke is not `Send`, because the lock
+/// must be released by the thread that took it; create one where you patch
+/// (it is cheap).
 ///
 /// ```
 /// use altpatch::{Edit, Image, LinuxPoke, Plan, patch_point};
@@ -115,27 +232,27 @@ struct Run {
 /// plan.push(Edit::replace(at, &old, &new).site("value"));
 /// let mut poke = LinuxPoke::new().unwrap();
 /// // SAFETY: one `mov` replaced by one `mov`; no other thread runs `value`.
-/// unsafe { plan.apply(&mut poke) }.unwrap();
+/// let report = unsafe { plan.apply(&mut poke) }.unwrap();
 /// assert_eq!(value(), 7);
+/// println!("{report}"); // ... via pwrite to /proc/self/mem, in place
 /// ```
 pub struct LinuxPoke {
     publish: Publish,
+    strategy: Strategy,
+    /// Every edit must replace one instruction by one ([`LinuxPoke::running`]).
+    one_for_one: bool,
     lock: Option<Locked>,
-    runs: Vec<Run>,
-    /// Per page of the batch: the alias address writes to it go to.
-    targets: Vec<usize>,
-    /// Live batches: the writes (checked as live sites), run by the
-    /// protocol at commit.
-    pending: Vec<(crate::poke::live::LiveSite, crate::plan::Bytes)>,
-    last_run: usize,
+    batch: batch::Batch,
     remaps: u64,
     maps_checks: u64,
+    repairs: u64,
 }
 
 impl core::fmt::Debug for LinuxPoke {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("LinuxPoke")
             .field("publish", &self.publish)
+            .field("strategy", &self.strategy)
             .field("in_batch", &self.lock.is_some())
             .field("remaps", &self.remaps)
             .finish()
@@ -143,9 +260,8 @@ impl core::fmt::Debug for LinuxPoke {
 }
 
 impl LinuxPoke {
-    /// A poke that writes in place through the alias ([`Publish::InPlace`]).
-    /// The first one in a process registers `membarrier(SYNC_CORE)` and the
-    /// fork handlers.
+    /// A poke that writes in place ([`Publish::InPlace`]), for text no other
+    /// thread runs during the batch.
     pub fn new() -> Result<LinuxPoke, PokeError> {
         LinuxPoke::with_publish(Publish::InPlace)
     }
@@ -155,266 +271,116 @@ impl LinuxPoke {
         LinuxPoke::with_publish(Publish::Remap)
     }
 
-    /// A poke for text other threads may be running ([`Publish::Live`]).
+    /// A poke running the INT3 protocol ([`Publish::Live`]).
     pub fn live() -> Result<LinuxPoke, PokeError> {
         LinuxPoke::with_publish(Publish::Live)
     }
 
-    /// A poke with the given publication strategy.
-    pub fn with_publish(publish: Publish) -> Result<LinuxPoke, PokeError> {
-        init_process();
-        Ok(LinuxPoke {
-            publish,
-            lock: None,
-            runs: Vec::new(),
-            targets: Vec::new(),
-            pending: Vec::new(),
-            last_run: 0,
-            remaps: 0,
-            maps_checks: 0,
-        })
+    /// A poke for text other threads may be running now: the process's
+    /// live publication ([`live_publication`], the page swap unless changed),
+    /// refusing any edit that does not replace one instruction by one.
+    ///
+    /// ```
+    /// let poke = altpatch::LinuxPoke::running().unwrap();
+    /// assert_eq!(poke.publish(), altpatch::Publish::Remap);
+    /// ```
+    pub fn running() -> Result<LinuxPoke, PokeError> {
+        let mut p = LinuxPoke::with_publish(live_publication())?;
+        p.one_for_one = true;
+        Ok(p)
     }
 
-    /// The publication strategy.
+    /// A poke with the given publication and the process's strategy
+    /// ([`strategy`]).
+    pub fn with_publish(publish: Publish) -> Result<LinuxPoke, PokeError> {
+        let s = strategy()?;
+        Ok(LinuxPoke::make(publish, s))
+    }
+
+    /// A poke with the given publication and strategy; an error if this
+    /// process may not use `strategy`.
+    ///
+    /// ```
+    /// use altpatch::{LinuxPoke, Publish, poke::Strategy};
+    /// match LinuxPoke::with_strategy(Publish::Remap, Strategy::Memfd) {
+    ///     Ok(p) => assert_eq!(p.strategy(), Strategy::Memfd),
+    ///     Err(e) => println!("memfd refused here: {e}"),
+    /// }
+    /// ```
+    pub fn with_strategy(publish: Publish, strategy: Strategy) -> Result<LinuxPoke, PokeError> {
+        let mut lock = Locked::acquire()?;
+        strategy::usable(lock.shared(), strategy).map_err(|r| PokeError::NoStrategy {
+            refusals: [Some(r), None, None],
+        })?;
+        Ok(LinuxPoke::make(publish, strategy))
+    }
+
+    fn make(publish: Publish, strategy: Strategy) -> LinuxPoke {
+        os::init_sync_core();
+        LinuxPoke {
+            publish,
+            strategy,
+            one_for_one: false,
+            lock: None,
+            batch: batch::Batch::new(),
+            remaps: 0,
+            maps_checks: 0,
+            repairs: 0,
+        }
+    }
+
+    /// The publication.
     pub fn publish(&self) -> Publish {
         self.publish
     }
 
-    /// Whether [`sync`](TextPoke::sync) uses
+    /// The strategy this poke writes with.
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    /// Whether [`sync`](crate::TextPoke::sync) uses
     /// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)`. Otherwise
     /// it forces a TLB shootdown, whose IPIs interrupt (and so serialize)
     /// every CPU running this process.
     pub fn has_membarrier_sync_core() -> bool {
-        init_process();
-        arena::has_sync_core()
+        os::has_sync_core()
     }
 
-    /// Number of `mmap` publications this poke has made, including homing
-    /// (for tests and benchmarks: it grows with pages, not edits).
+    /// Number of mapping publications this poke has made (page swaps and
+    /// homing; for tests and benchmarks: it grows with runs of pages, not
+    /// edits).
     pub fn remaps(&self) -> u64 {
         self.remaps
     }
 
     /// Number of times this poke read `/proc/self/maps` (once per batch that
-    /// touches text never patched before).
+    /// touches text not checked before).
     pub fn maps_checks(&self) -> u64 {
         self.maps_checks
     }
 
-    /// Unmaps every writable alias of text and forgets the arena, so no
-    /// writable view of code remains in the process. Call it when patching
-    /// is over (after boot-time patching, say). Patched pages stay as they
-    /// are; a later batch homes the pages it touches again.
-    pub fn release_aliases() {
-        init_process();
-        let mut lock = Locked::acquire();
-        lock.arena().reset(true);
+    /// Pages this poke found not holding its writes after publication and
+    /// built afresh (a debugger's copy, a re-loaded object).
+    pub fn repairs(&self) -> u64 {
+        self.repairs
     }
 
-    /// Offset-resolved alias address for `addr` (and the bytes left in its
-    /// page). Writes arrive in address order, so the previous write's run
-    /// is tried first.
-    #[inline]
-    fn target(&mut self, addr: usize) -> Option<(usize, usize)> {
-        let hit = |r: &Run| r.text.start <= addr && addr < r.text.end;
-        let i = match self.runs.get(self.last_run) {
-            Some(r) if hit(r) => self.last_run,
-            _ => {
-                let i = self.runs.partition_point(|r| r.text.end <= addr);
-                if !hit(self.runs.get(i)?) {
-                    return None;
-                }
-                self.last_run = i;
-                i
-            }
-        };
-        let r = &self.runs[i];
-        let page = (addr - r.text.start) / PAGE_SIZE;
-        let within = addr % PAGE_SIZE;
-        Some((self.targets[r.first + page] + within, PAGE_SIZE - within))
+    /// Unmaps every alias of text and forgets the arena of the alias
+    /// strategies. The aliases are `PROT_NONE` between batches anyway; this
+    /// returns their address space. Patched pages stay as they are; a later
+    /// batch homes the pages it touches again.
+    pub fn release_aliases() {
+        if let Ok(mut lock) = Locked::acquire() {
+            lock.shared().arena.reset(true);
+        }
     }
 
     fn end_batch(&mut self) {
-        self.runs.clear();
-        self.targets.clear();
-        self.pending.clear();
-        self.last_run = 0;
-        self.lock = None;
-    }
-
-    fn begin_locked(&mut self, lock: &mut Locked, pages: &[Range<usize>]) -> Result<(), PokeError> {
-        for r in pages {
-            if r.start % PAGE_SIZE != 0 || r.end % PAGE_SIZE != 0 || r.end <= r.start {
-                return Err(PokeError::NotText {
-                    addr: r.start,
-                    why: "batch range is not page-aligned",
-                });
-            }
+        if let Some(mut lock) = self.lock.take() {
+            lock.shared().arena.end();
         }
-        let arena = lock.arena();
-        let checks = arena.maps_checks;
-        arena.ensure_slots(pages)?;
-        self.maps_checks += arena.maps_checks - checks;
-
-        self.runs.clear();
-        self.targets.clear();
-        for r in pages {
-            self.runs.push(Run {
-                text: r.clone(),
-                first: self.targets.len(),
-            });
-            if self.publish != Publish::Remap {
-                self.home(arena, r.clone())?;
-            }
-            let mut p = r.start;
-            while p < r.end {
-                let s = arena.slots(p).expect("slots were just ensured");
-                let target = match self.publish {
-                    Publish::InPlace | Publish::Live => {
-                        s.live_alias().expect("page was just homed")
-                    }
-                    Publish::Remap => {
-                        let (_, spare) = s.spare();
-                        // SAFETY: the text page is mapped readable; the
-                        // spare slot is ours, mapped by no one executable.
-                        unsafe {
-                            core::ptr::copy_nonoverlapping(
-                                p as *const u8,
-                                spare as *mut u8,
-                                PAGE_SIZE,
-                            )
-                        };
-                        spare
-                    }
-                };
-                self.targets.push(target);
-                p += PAGE_SIZE;
-            }
-        }
-        Ok(())
-    }
-
-    /// Maps memfd slots holding the current bytes over every page of `r`
-    /// that is still its original mapping.
-    fn home(&mut self, arena: &mut arena::Arena, r: Range<usize>) -> Result<(), PokeError> {
-        let mut p = r.start;
-        while p < r.end {
-            if arena.slots(p).and_then(|s| s.live_alias()).is_some() {
-                p += PAGE_SIZE;
-                continue;
-            }
-            let start = p;
-            while p < r.end && arena.slots(p).and_then(|s| s.live_alias()).is_none() {
-                let (_, spare) = arena.slots(p).expect("slots were just ensured").spare();
-                // SAFETY: the text page is readable; the slot is ours and
-                // not mapped executable anywhere yet.
-                unsafe {
-                    core::ptr::copy_nonoverlapping(p as *const u8, spare as *mut u8, PAGE_SIZE)
-                };
-                p += PAGE_SIZE;
-            }
-            self.remaps += arena.publish_spares(start..p)?;
-        }
-        Ok(())
-    }
-
-    /// Stores `bytes` at `addr` through the alias of the batch's pages.
-    ///
-    /// # Safety
-    ///
-    /// As for [`TextPoke::write`].
-    #[inline]
-    unsafe fn store(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
-        let mut done = 0;
-        while done < bytes.len() {
-            let at = addr + done;
-            let (target, room) = self
-                .target(at)
-                .ok_or(PokeError::OutsideBatch { addr: at })?;
-            let n = room.min(bytes.len() - done);
-            // SAFETY: `target` is inside a slot alias page we mapped
-            // read+write, with `room` bytes left in it.
-            unsafe { copy_short(bytes[done..].as_ptr(), target as *mut u8, n) };
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// Runs the INT3 protocol over the batch's writes, with the text lock
-    /// held (so neither another patcher nor `fork` comes between phases).
-    fn commit_live(&mut self) -> Result<(), PokeError> {
-        let sites: Vec<crate::poke::live::LiveSite> =
-            self.pending.iter().map(|(s, _)| *s).collect();
-        let table = crate::poke::live::LiveSites::new(sites);
-        trap::install();
-        let pending = core::mem::take(&mut self.pending);
-        let writes: Vec<(usize, &[u8])> = pending.iter().map(|(s, b)| (s.addr, &b[..])).collect();
-        let result = trap::with_active(&table, || {
-            let mut first_error = Ok(());
-            // A failed sync does not stop the protocol: finishing it leaves
-            // no int3 behind, and the plan restores the old bytes.
-            let r = crate::poke::live::run_protocol(&writes, |step| match step {
-                // SAFETY: inside the batch's pages (checked in `write`).
-                crate::poke::live::Step::Write(addr, bytes) => unsafe { self.store(addr, bytes) },
-                crate::poke::live::Step::Sync => {
-                    if let Err(e) = Self::sync_now()
-                        && first_error.is_ok()
-                    {
-                        first_error = Err(e);
-                    }
-                    Ok(())
-                }
-            });
-            r.and(first_error)
-        });
-        self.lock = None;
-        result
-    }
-
-    /// `membarrier(SYNC_CORE)`, or the TLB-shootdown fallback.
-    fn sync_now() -> Result<(), PokeError> {
-        if !arena::has_sync_core() {
-            return LinuxPoke::sync_fallback();
-        }
-        // SAFETY: membarrier only interrupts this process's running threads.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_membarrier,
-                arena::MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE,
-                0,
-                0,
-            )
-        };
-        if r != 0 {
-            return Err(os_err("membarrier"));
-        }
-        Ok(())
-    }
-
-    fn sync_fallback() -> Result<(), PokeError> {
-        // Changing a mapping's protection shoots down its TLB entries on
-        // every CPU running this mm; the IPI serializes each of them.
-        // SAFETY: a private anonymous page we map, flip and unmap.
-        unsafe {
-            let p = libc::mmap(
-                core::ptr::null_mut(),
-                PAGE_SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            if p == libc::MAP_FAILED {
-                return Err(os_err("mmap"));
-            }
-            (p as *mut u8).write_volatile(1);
-            let r = libc::mprotect(p, PAGE_SIZE, libc::PROT_READ);
-            libc::munmap(p, PAGE_SIZE);
-            if r != 0 {
-                return Err(os_err("mprotect"));
-            }
-        }
-        Ok(())
+        self.batch.clear();
     }
 }
 
@@ -424,26 +390,36 @@ impl Drop for LinuxPoke {
     }
 }
 
-// SAFETY: `InPlace` stores through a read+write alias of the very memfd
-// page mapped at the text address; `Remap` maps, at commit, a copy of each
-// page's current bytes with exactly the batch's writes applied; homing maps
-// an identical copy. `sync` serializes every thread of the process
-// (membarrier SYNC_CORE, or a TLB shootdown). `abort` publishes nothing
-// staged (`Remap`); in-place writes are undone by the plan's rollback.
-unsafe impl TextPoke for LinuxPoke {
+// SAFETY: every strategy writes exactly the bytes passed to `write`, at
+// their text addresses, into a copy that is published at commit (ProcMem,
+// Remap) or into the live page (in place, where the plan rolls back before
+// `abort`); homing and repair publish the current bytes plus the batch's
+// writes. `commit` reads every write back through the executable address.
+// `sync` serializes every thread of the process (membarrier SYNC_CORE, or a
+// TLB shootdown); the INT3 protocol syncs after each phase.
+unsafe impl super::TextPoke for LinuxPoke {
     fn begin(&mut self, pages: &[Range<usize>]) -> Result<(), PokeError> {
         if self.lock.is_some() {
             return Err(PokeError::Unsupported("begin while a batch is in progress"));
         }
-        let mut lock = Locked::acquire();
-        match self.begin_locked(&mut lock, pages) {
+        let mut lock = Locked::acquire()?;
+        let before = lock.shared().text.reads;
+        let r = self.batch.begin(
+            lock.shared(),
+            self.strategy,
+            self.publish,
+            pages,
+            &mut self.remaps,
+        );
+        self.maps_checks += lock.shared().text.reads - before;
+        match r {
             Ok(()) => {
                 self.lock = Some(lock);
                 Ok(())
             }
             Err(e) => {
-                self.runs.clear();
-                self.targets.clear();
+                lock.shared().arena.end();
+                self.batch.clear();
                 Err(e)
             }
         }
@@ -454,45 +430,22 @@ unsafe impl TextPoke for LinuxPoke {
         if self.lock.is_none() {
             return Err(PokeError::Unsupported("write outside a batch"));
         }
-        if self.publish == Publish::Live {
-            // Checked now, so a plan the protocol cannot run fails before
-            // anything is written.
-            // SAFETY: the plan writes only inside its text, which is mapped.
-            let old = unsafe { core::slice::from_raw_parts(addr as *const u8, bytes.len()) };
-            let site = crate::poke::live::LiveSite::new(addr, old, bytes).map_err(|_| {
-                PokeError::Unsupported("live patching needs one emulatable instruction per site")
-            })?;
-            self.target(addr).ok_or(PokeError::OutsideBatch { addr })?;
-            self.pending.push((site, crate::plan::Bytes::new(bytes)));
-            return Ok(());
-        }
-        // SAFETY: forwarded.
-        unsafe { self.store(addr, bytes) }
+        // SAFETY: forwarded; the batch checks the address is inside it.
+        unsafe { self.batch.write(self.publish, self.one_for_one, addr, bytes) }
     }
 
     fn commit(&mut self) -> Result<(), PokeError> {
-        if self.publish == Publish::Live && self.lock.is_some() {
-            let result = self.commit_live();
-            self.end_batch();
-            return result;
-        }
         let Some(mut lock) = self.lock.take() else {
             return Err(PokeError::Unsupported("commit without a batch"));
         };
-        let mut result = Ok(());
-        if self.publish == Publish::Remap {
-            let arena = lock.arena();
-            for r in &self.runs {
-                match arena.publish_spares(r.text.clone()) {
-                    Ok(n) => self.remaps += n,
-                    Err(e) => {
-                        result = Err(e);
-                        break;
-                    }
-                }
-            }
-        }
-        drop(lock);
+        let result = self.batch.commit(
+            lock.shared(),
+            self.strategy,
+            self.publish,
+            &mut self.remaps,
+            &mut self.repairs,
+        );
+        self.lock = Some(lock);
         self.end_batch();
         result
     }
@@ -506,6 +459,10 @@ unsafe impl TextPoke for LinuxPoke {
             // The protocol synced after each of its phases.
             return Ok(());
         }
-        LinuxPoke::sync_now()
+        os::sync_all_threads()
+    }
+
+    fn method(&self) -> &'static str {
+        strategy::method(self.strategy, self.publish)
     }
 }

@@ -1,67 +1,110 @@
-//! The process's `SIGTRAP` handler for live patching: emulates the new
-//! instruction at a site whose `int3` a thread hit, and passes every other
-//! trap to the handler installed before it.
+//! The process's `SIGTRAP` handler for the INT3 protocol: emulates the new
+//! instruction at a site whose `int3` a thread hit, and leaves every other
+//! trap exactly as it would have been without the crate.
+//!
+//! A trap is claimed only when all of these hold:
+//!
+//! * `si_code` is `SI_KERNEL`: the kernel raised it for an `int3`
+//!   (`raise`/`kill`/`tgkill` give `SI_TKILL`/`SI_USER`, single-step and
+//!   hardware breakpoints `TRAP_TRACE`/`TRAP_HWBKPT`);
+//! * the byte before the interrupted `rip` is the first byte of a site the
+//!   crate has patched live — checked against the tables, never by reading
+//!   memory that may not be ours;
+//! * that site is in the batch in flight (emulate its new instruction), or
+//!   its `int3` is gone (a batch finished between the trap and this handler:
+//!   run the byte again). A thread may be delayed arbitrarily between its
+//!   trap and its handler, so "a site of some batch" is a table of every
+//!   site ever patched live ([`record`]), not only the current one.
+//!
+//! Everything else goes to the disposition installed before: its handler
+//! with the original `siginfo` and context (`SA_SIGINFO` or not), the
+//! default action (the process dies of `SIGTRAP`, as it would have), or
+//! ignore (except for a kernel-raised trap, which the kernel never lets a
+//! program ignore). The handler runs with every signal blocked, so a signal
+//! storm cannot interrupt it.
 
+use alloc::vec::Vec;
 use core::ptr;
-use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
-use std::sync::Once;
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 
+use crate::poke::PokeError;
 use crate::poke::live::{LiveSites, TrapAction, TrapFrame};
 use crate::x86::INT3;
 
 /// The table of the live batch being committed, or null.
 static ACTIVE: AtomicPtr<LiveSites> = AtomicPtr::new(ptr::null_mut());
-/// Handlers currently running (the table is freed only when none are).
+/// Every site ever patched live, sorted (a leaked-until-replaced `Vec`).
+static HISTORY: AtomicPtr<Vec<usize>> = AtomicPtr::new(ptr::null_mut());
+/// Handlers currently between their first and last look at the tables (a
+/// table is freed only when none are).
 static IN_HANDLER: AtomicUsize = AtomicUsize::new(0);
 /// Traps emulated so far (for tests and diagnostics).
 static EMULATED: AtomicUsize = AtomicUsize::new(0);
+/// Whether our handler was installed.
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+/// The previous handler had `SA_RESETHAND` and has run once: default now.
+static RESET: AtomicBool = AtomicBool::new(false);
 
 /// How many times a thread hit a site being patched live and had its new
 /// instruction emulated, since the process started.
 pub fn emulated_traps() -> usize {
     EMULATED.load(Ordering::Relaxed)
 }
-static INSTALL: Once = Once::new();
 
 struct OldAction(core::cell::UnsafeCell<libc::sigaction>);
-// SAFETY: written once inside `INSTALL`, before the handler can run, and
-// only read afterwards.
+// SAFETY: written only under the process lock before the handler is
+// installed (and once more right after, if the disposition changed in
+// between), read by the handler afterwards.
 unsafe impl Sync for OldAction {}
 // SAFETY: an all-zero sigaction is a valid (SIG_DFL) value.
 static OLD: OldAction = OldAction(core::cell::UnsafeCell::new(unsafe { core::mem::zeroed() }));
 
-// Must contain no indirect-thunk site (see `call3`): tests/retpoline.rs
-// checks the linked handler of a retpoline-built program.
-extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid ucontext for SA_SIGINFO handlers.
-    let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
-    let gregs = &mut uc.uc_mcontext.gregs;
-    let rip = gregs[libc::REG_RIP as usize] as u64;
+/// gregs index of each register by encoding number.
+const GREG: [libc::c_int; 16] = [
+    libc::REG_RAX,
+    libc::REG_RCX,
+    libc::REG_RDX,
+    libc::REG_RBX,
+    libc::REG_RSP,
+    libc::REG_RBP,
+    libc::REG_RSI,
+    libc::REG_RDI,
+    libc::REG_R8,
+    libc::REG_R9,
+    libc::REG_R10,
+    libc::REG_R11,
+    libc::REG_R12,
+    libc::REG_R13,
+    libc::REG_R14,
+    libc::REG_R15,
+];
 
-    IN_HANDLER.fetch_add(1, Ordering::SeqCst);
+/// Whether `addr` is in the sorted `v` (inlined: see `call3`).
+#[inline(always)]
+fn contains(v: &[usize], addr: usize) -> bool {
+    let (mut lo, mut hi) = (0, v.len());
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        // SAFETY: lo <= mid < hi <= v.len(). Unchecked: a bounds check
+        // would be a call to the panic machinery, an indirect-thunk site in
+        // a retpoline build.
+        match unsafe { v.get_unchecked(mid) }.cmp(&addr) {
+            core::cmp::Ordering::Equal => return true,
+            core::cmp::Ordering::Less => lo = mid + 1,
+            core::cmp::Ordering::Greater => hi = mid,
+        }
+    }
+    false
+}
+
+/// What the handler decided for an `int3` at `addr`.
+#[inline(always)]
+fn claim(uc: &mut libc::ucontext_t, addr: usize) -> bool {
+    let gregs = &mut uc.uc_mcontext.gregs;
     let table = ACTIVE.load(Ordering::SeqCst);
     if !table.is_null() {
-        // gregs index of each register by encoding number.
-        const GREG: [libc::c_int; 16] = [
-            libc::REG_RAX,
-            libc::REG_RCX,
-            libc::REG_RDX,
-            libc::REG_RBX,
-            libc::REG_RSP,
-            libc::REG_RBP,
-            libc::REG_RSI,
-            libc::REG_RDI,
-            libc::REG_R8,
-            libc::REG_R9,
-            libc::REG_R10,
-            libc::REG_R11,
-            libc::REG_R12,
-            libc::REG_R13,
-            libc::REG_R14,
-            libc::REG_R15,
-        ];
         let mut frame = TrapFrame {
-            rip,
+            rip: gregs[libc::REG_RIP as usize] as u64,
             rsp: gregs[libc::REG_RSP as usize] as u64,
             rflags: gregs[libc::REG_EFL as usize] as u64,
             regs: GREG.map(|g| gregs[g as usize] as u64),
@@ -73,48 +116,80 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
             gregs[libc::REG_RIP as usize] = frame.rip as i64;
             gregs[libc::REG_RSP as usize] = frame.rsp as i64;
             EMULATED.fetch_add(1, Ordering::Relaxed);
-            IN_HANDLER.fetch_sub(1, Ordering::SeqCst);
+            return true;
+        }
+    }
+    let history = HISTORY.load(Ordering::SeqCst);
+    // SAFETY: as for the table.
+    if history.is_null() || !contains(unsafe { &*history }, addr) {
+        return false;
+    }
+    // One of our sites, no longer in flight. If its int3 is gone, a batch
+    // completed since this thread trapped: run the site's bytes as they are
+    // now. An int3 still there is not ours (a debugger's, say).
+    // SAFETY: the thread just executed this byte: it is mapped, readable.
+    if unsafe { (addr as *const u8).read_volatile() } == INT3 {
+        return false;
+    }
+    gregs[libc::REG_RIP as usize] = addr as i64;
+    true
+}
+
+// Must contain no indirect-thunk site (see `call3`): tests/retpoline.rs
+// checks the linked handler of a retpoline-built program.
+extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let code = unsafe { (*info).si_code };
+    if code == libc::SI_KERNEL {
+        // SAFETY: the kernel passes a valid ucontext for SA_SIGINFO handlers.
+        let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
+        let rip = uc.uc_mcontext.gregs[libc::REG_RIP as usize] as usize;
+        IN_HANDLER.fetch_add(1, Ordering::SeqCst);
+        let ours = claim(uc, rip.wrapping_sub(1));
+        IN_HANDLER.fetch_sub(1, Ordering::SeqCst);
+        if ours {
             return;
         }
     }
-    IN_HANDLER.fetch_sub(1, Ordering::SeqCst);
-
-    // An int3 of a batch that has finished since this thread trapped: the
-    // byte is no longer int3, so run whatever is there now.
-    let at = rip.wrapping_sub(1) as *const u8;
-    // SAFETY: the thread just executed the byte before rip, so it is
-    // mapped and readable.
-    if unsafe { at.read_volatile() } != INT3 {
-        gregs[libc::REG_RIP as usize] = (rip - 1) as i64;
-        return;
-    }
-    chain(sig, info, ctx);
+    chain(sig, info, ctx, code);
 }
 
 /// Passes the trap to the previously installed disposition.
 #[inline(always)]
-fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void, code: i32) {
     // SAFETY: OLD was filled before this handler was installed.
     let old = unsafe { &*OLD.0.get() };
-    let h = old.sa_sigaction;
-    if h == libc::SIG_IGN {
+    let mut h = old.sa_sigaction;
+    if RESET.load(Ordering::Relaxed) {
+        h = libc::SIG_DFL;
+    }
+    // The kernel does not let a program ignore a trap it raised itself
+    // (force_sig: ignored means default); one sent by a program is ignored.
+    if h == libc::SIG_IGN && code <= 0 {
         return;
     }
-    if h == libc::SIG_DFL {
+    if h == libc::SIG_DFL || h == libc::SIG_IGN {
         // Re-deliver with the default action (terminate, core dump), as if
-        // we had never been installed.
-        // SAFETY: async-signal-safe calls restoring the default action
-        // (`call3`: see there why not a plain call).
+        // we had never been installed: it is blocked while we run and
+        // arrives when the handler returns.
+        // SAFETY: async-signal-safe calls restoring the default action and
+        // raising the signal at this thread (`call3`: see there why not a
+        // plain call).
         unsafe {
+            let mut dfl: libc::sigaction = core::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
             call3(
-                libc::signal as *const () as usize,
+                libc::sigaction as *const () as usize,
                 sig as usize,
-                libc::SIG_DFL,
+                &raw const dfl as usize,
                 0,
             );
             call3(libc::raise as *const () as usize, sig as usize, 0, 0);
         }
         return;
+    }
+    if old.sa_flags & libc::SA_RESETHAND != 0 {
+        RESET.store(true, Ordering::Relaxed);
     }
     if old.sa_flags & libc::SA_SIGINFO != 0 {
         // SAFETY: the previous handler was installed for this signal with
@@ -158,19 +233,92 @@ unsafe fn call3(f: usize, a: usize, b: usize, c: usize) {
     }
 }
 
-/// Installs the handler once per process.
-pub(super) fn install() {
-    INSTALL.call_once(|| {
-        // SAFETY: building a sigaction for our handler and installing it,
-        // saving the previous one into OLD before any trap can reach us.
-        unsafe {
-            let mut sa: libc::sigaction = core::mem::zeroed();
-            sa.sa_sigaction = on_sigtrap as *const () as usize;
-            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(libc::SIGTRAP, &sa, OLD.0.get());
+fn our_action() -> libc::sigaction {
+    // SAFETY: building a sigaction value.
+    unsafe {
+        let mut sa: libc::sigaction = core::mem::zeroed();
+        sa.sa_sigaction = on_sigtrap as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+        // Nothing may interrupt the handler: a signal whose handler runs a
+        // site would trap again while SIGTRAP is blocked, and die.
+        libc::sigfillset(&mut sa.sa_mask);
+        sa
+    }
+}
+
+fn current_action() -> libc::sigaction {
+    // SAFETY: reads the disposition into a local.
+    unsafe {
+        let mut cur: libc::sigaction = core::mem::zeroed();
+        libc::sigaction(libc::SIGTRAP, ptr::null(), &mut cur);
+        cur
+    }
+}
+
+/// Installs the handler (once per process), or checks it is still the
+/// installed one. The caller holds the process lock.
+pub(super) fn install() -> Result<(), PokeError> {
+    if INSTALLED.load(Ordering::Acquire) {
+        if current_action().sa_sigaction != on_sigtrap as *const () as usize {
+            return Err(PokeError::SignalState {
+                why: "the program replaced altpatch's SIGTRAP handler, so a thread \
+                      hitting a site mid-update would not be emulated",
+                tid: 0,
+            });
         }
-    });
+        return Ok(());
+    }
+    // Read the old disposition first, so it is in place before our handler
+    // can run; then install, and keep the true previous one if it changed
+    // in between.
+    let before = current_action();
+    // SAFETY: the handler is not installed yet: nothing reads OLD.
+    unsafe { *OLD.0.get() = before };
+    let sa = our_action();
+    // SAFETY: installs our handler; `prev` receives what it replaced.
+    let mut prev: libc::sigaction = unsafe { core::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::sigaction(libc::SIGTRAP, &sa, &mut prev) } != 0 {
+        return Err(super::os::os_err("sigaction"));
+    }
+    if prev.sa_sigaction != before.sa_sigaction || prev.sa_flags != before.sa_flags {
+        // SAFETY: a store of a value the handler reads only on a foreign
+        // trap that raced with its own installation.
+        unsafe { *OLD.0.get() = prev };
+    }
+    INSTALLED.store(true, Ordering::Release);
+    Ok(())
+}
+
+/// Adds `sites` to the table of every site ever patched live. The caller
+/// holds the process lock (the only writer).
+pub(super) fn record(sites: &LiveSites) {
+    let old = HISTORY.load(Ordering::SeqCst);
+    // SAFETY: only this (locked) writer replaces it; readers never free it.
+    let known: &[usize] = if old.is_null() { &[] } else { unsafe { &*old } };
+    if sites.sites().iter().all(|s| contains(known, s.addr)) {
+        return;
+    }
+    let mut merged = Vec::with_capacity(known.len() + sites.sites().len());
+    merged.extend_from_slice(known);
+    merged.extend(sites.sites().iter().map(|s| s.addr));
+    merged.sort_unstable();
+    merged.dedup();
+    let new = alloc::boxed::Box::into_raw(alloc::boxed::Box::new(merged));
+    HISTORY.store(new, Ordering::SeqCst);
+    drain();
+    if !old.is_null() {
+        // SAFETY: no handler can still hold the old pointer: every one that
+        // loaded it counted itself in IN_HANDLER first, and that is zero.
+        drop(unsafe { alloc::boxed::Box::from_raw(old) });
+    }
+}
+
+/// Waits until no handler is looking at the tables.
+fn drain() {
+    while IN_HANDLER.load(Ordering::SeqCst) != 0 {
+        std::thread::yield_now();
+    }
 }
 
 /// Makes `table` the one the handler consults, for the duration of `f`,
@@ -182,8 +330,12 @@ pub(super) fn with_active<R>(table: &LiveSites, f: impl FnOnce() -> R) -> R {
     );
     let r = f();
     ACTIVE.store(ptr::null_mut(), Ordering::SeqCst);
-    while IN_HANDLER.load(Ordering::SeqCst) != 0 {
-        std::thread::yield_now();
-    }
+    drain();
     r
+}
+
+/// In a forked child: handlers that were running on other threads of the
+/// parent will never finish here.
+pub(super) fn after_fork_in_child() {
+    IN_HANDLER.store(0, Ordering::SeqCst);
 }

@@ -1,0 +1,518 @@
+//! One batch of a [`LinuxPoke`](super::LinuxPoke): where its writes go, how
+//! they are published, and the read-back that proves they landed.
+//!
+//! The fixed order of a batch:
+//!
+//! 1. `begin`: check the pages are text (cached while the loader's object
+//!    list is unchanged); stage them — a copy of each page (ProcMem), or the
+//!    alias of its live or spare slot (arena, homing the page first);
+//! 2. `write`: check the edit (one instruction for one, or emulatable for
+//!    the INT3 protocol) and store it into the staging;
+//! 3. `commit`: publish (`pwrite` the changed spans, swap the pages, map the
+//!    spare slots, or run the INT3 protocol), then read every write back
+//!    through the executable address; a page that does not hold it is built
+//!    afresh from what is mapped now plus the batch's writes and swapped in,
+//!    once; still wrong is [`PokeError::NotLanded`].
+
+use alloc::vec::Vec;
+use core::ops::Range;
+
+use super::state::Shared;
+use super::{Publish, os, threads, trap};
+use crate::plan::Bytes;
+use crate::poke::live::{self, LiveSite, LiveSites, Step};
+use crate::poke::{PAGE_SIZE, PokeError, Strategy, copy_short};
+
+/// One run of contiguous pages in the batch.
+struct Run {
+    text: Range<usize>,
+    /// Index of the run's first page among the batch's pages.
+    first: usize,
+}
+
+/// A clean page's dirty span.
+const CLEAN: (u32, u32) = (PAGE_SIZE as u32, 0);
+
+pub(super) struct Batch {
+    runs: Vec<Run>,
+    /// Per page of the batch: where writes to it go (staging copy or alias).
+    targets: Vec<usize>,
+    /// ProcMem: the batch's pages, run after run.
+    stage: Vec<u8>,
+    /// Per page: the span written (`lo > hi` when none).
+    dirty: Vec<(u32, u32)>,
+    /// Every write (address, length), for the read-back.
+    writes: Vec<(usize, usize)>,
+    /// INT3 protocol: the writes, checked as live sites.
+    pending: Vec<(LiveSite, Bytes)>,
+    last_run: usize,
+    /// A page being rebuilt by a repair.
+    scratch: Vec<u8>,
+}
+
+impl Batch {
+    pub(super) const fn new() -> Batch {
+        Batch {
+            runs: Vec::new(),
+            targets: Vec::new(),
+            stage: Vec::new(),
+            dirty: Vec::new(),
+            writes: Vec::new(),
+            pending: Vec::new(),
+            last_run: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Forgets the batch (capacity is kept for the next one).
+    pub(super) fn clear(&mut self) {
+        self.runs.clear();
+        self.targets.clear();
+        self.dirty.clear();
+        self.writes.clear();
+        self.pending.clear();
+        self.last_run = 0;
+    }
+
+    pub(super) fn begin(
+        &mut self,
+        shared: &mut Shared,
+        strategy: Strategy,
+        publish: Publish,
+        pages: &[Range<usize>],
+        remaps: &mut u64,
+    ) -> Result<(), PokeError> {
+        self.clear();
+        for r in pages {
+            if r.start % PAGE_SIZE != 0 || r.end % PAGE_SIZE != 0 || r.end <= r.start {
+                return Err(PokeError::NotText {
+                    addr: r.start,
+                    why: "batch range is not page-aligned",
+                });
+            }
+        }
+        if shared.text.refresh() {
+            // An object was loaded or unloaded: a remembered slot may no
+            // longer be what is mapped at its page.
+            shared.arena.reset(true);
+        }
+        shared.text.check(pages)?;
+        let mut n = 0;
+        for r in pages {
+            self.runs.push(Run {
+                text: r.clone(),
+                first: n,
+            });
+            n += (r.end - r.start) / PAGE_SIZE;
+        }
+        self.dirty.resize(n, CLEAN);
+        match strategy {
+            Strategy::ProcMem => self.stage_copies(pages, n, publish),
+            Strategy::Memfd | Strategy::File => {
+                shared.arena.begin(strategy, pages)?;
+                for r in pages {
+                    if publish != Publish::Remap {
+                        home(shared, r.clone(), remaps)?;
+                    }
+                    let mut p = r.start;
+                    while p < r.end {
+                        let s = shared.arena.slots(p).expect("slots were just made");
+                        let target = if publish == Publish::Remap {
+                            let (_, spare) = s.spare();
+                            // SAFETY: the text page is mapped readable; the
+                            // spare slot is ours, mapped executable nowhere.
+                            unsafe {
+                                core::ptr::copy_nonoverlapping(
+                                    p as *const u8,
+                                    spare as *mut u8,
+                                    PAGE_SIZE,
+                                )
+                            };
+                            spare
+                        } else {
+                            s.live_alias().expect("page was just homed")
+                        };
+                        self.targets.push(target);
+                        p += PAGE_SIZE;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// ProcMem: a copy of every page to write into (none for the INT3
+    /// protocol, which writes in place).
+    fn stage_copies(&mut self, pages: &[Range<usize>], n: usize, publish: Publish) {
+        if publish == Publish::Live {
+            self.targets.resize(n, 0);
+            return;
+        }
+        self.stage.clear();
+        self.stage.resize(n * PAGE_SIZE, 0);
+        let base = self.stage.as_mut_ptr() as usize;
+        let mut i = 0;
+        for r in pages {
+            // SAFETY: the text is mapped readable; the stage has room for
+            // every page of the batch.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    r.start as *const u8,
+                    (base + i * PAGE_SIZE) as *mut u8,
+                    r.end - r.start,
+                )
+            };
+            let mut p = r.start;
+            while p < r.end {
+                self.targets.push(base + i * PAGE_SIZE);
+                i += 1;
+                p += PAGE_SIZE;
+            }
+        }
+    }
+
+    /// The batch's page index and offset of `addr`. Writes arrive in
+    /// address order, so the previous write's run is tried first.
+    #[inline]
+    fn locate(&mut self, addr: usize) -> Option<(usize, usize)> {
+        let hit = |r: &Run| r.text.start <= addr && addr < r.text.end;
+        let i = match self.runs.get(self.last_run) {
+            Some(r) if hit(r) => self.last_run,
+            _ => {
+                let i = self.runs.partition_point(|r| r.text.end <= addr);
+                if !hit(self.runs.get(i)?) {
+                    return None;
+                }
+                self.last_run = i;
+                i
+            }
+        };
+        let r = &self.runs[i];
+        Some((r.first + (addr - r.text.start) / PAGE_SIZE, addr % PAGE_SIZE))
+    }
+
+    /// # Safety
+    ///
+    /// As for [`TextPoke::write`](crate::TextPoke::write).
+    #[inline]
+    pub(super) unsafe fn write(
+        &mut self,
+        publish: Publish,
+        one_for_one: bool,
+        addr: usize,
+        bytes: &[u8],
+    ) -> Result<(), PokeError> {
+        // SAFETY: the plan writes only inside its text, which is mapped.
+        let old = unsafe { core::slice::from_raw_parts(addr as *const u8, bytes.len()) };
+        if publish == Publish::Live {
+            if old == bytes {
+                // Nothing to do (a rollback of a batch the protocol never
+                // ran): no trap, no sync.
+                return Ok(());
+            }
+            // Checked now, so a plan the protocol cannot run fails before
+            // anything is written.
+            let site = LiveSite::new(addr, old, bytes).map_err(|_| {
+                PokeError::Unsupported("live patching needs one emulatable instruction per site")
+            })?;
+            self.locate(addr).ok_or(PokeError::OutsideBatch { addr })?;
+            self.pending.push((site, Bytes::new(bytes)));
+            return Ok(());
+        }
+        if one_for_one && old != bytes {
+            live::check_swap(addr, old, bytes).map_err(|_| {
+                PokeError::Unsupported(
+                    "patching running code needs each edit to replace one instruction by whole instructions",
+                )
+            })?;
+        }
+        let mut done = 0;
+        while done < bytes.len() {
+            let at = addr + done;
+            let (page, off) = self.locate(at).ok_or(PokeError::OutsideBatch { addr: at })?;
+            let n = (PAGE_SIZE - off).min(bytes.len() - done);
+            // SAFETY: the target is a staging page or an alias page we
+            // mapped read+write for this batch, with `n` bytes left in it.
+            unsafe { copy_short(bytes[done..].as_ptr(), (self.targets[page] + off) as *mut u8, n) };
+            let d = &mut self.dirty[page];
+            d.0 = d.0.min(off as u32);
+            d.1 = d.1.max((off + n) as u32);
+            done += n;
+        }
+        self.writes.push((addr, bytes.len()));
+        Ok(())
+    }
+
+    pub(super) fn commit(
+        &mut self,
+        shared: &mut Shared,
+        strategy: Strategy,
+        publish: Publish,
+        remaps: &mut u64,
+        repairs: &mut u64,
+    ) -> Result<(), PokeError> {
+        match (strategy, publish) {
+            (_, Publish::Live) => self.commit_live(shared, strategy)?,
+            (Strategy::ProcMem, Publish::InPlace) => {
+                for r in &self.runs {
+                    let pages = (r.text.end - r.text.start) / PAGE_SIZE;
+                    for k in 0..pages {
+                        let (lo, hi) = self.dirty[r.first + k];
+                        if lo >= hi {
+                            continue;
+                        }
+                        let at = r.text.start + k * PAGE_SIZE;
+                        let from = (r.first + k) * PAGE_SIZE;
+                        let bytes = &self.stage[from + lo as usize..from + hi as usize];
+                        // SAFETY: validated text of the batch; the staged
+                        // bytes are its current bytes plus the writes.
+                        unsafe { shared.procmem.write(at + lo as usize, bytes) }?;
+                    }
+                }
+            }
+            (Strategy::ProcMem, Publish::Remap) => {
+                for r in &self.runs {
+                    let from = r.first * PAGE_SIZE;
+                    let bytes = &self.stage[from..from + (r.text.end - r.text.start)];
+                    // SAFETY: as above, whole pages.
+                    unsafe { shared.procmem.swap(r.text.clone(), bytes) }?;
+                    *remaps += 1;
+                }
+            }
+            (_, Publish::InPlace) => {} // stored through the live alias
+            (_, Publish::Remap) => {
+                for r in &self.runs {
+                    *remaps += shared.arena.publish_spares(r.text.clone())?;
+                }
+            }
+        }
+        self.verify_and_repair(shared, strategy, publish, remaps, repairs)
+    }
+
+    /// Runs the INT3 protocol over the pending writes, with the process
+    /// lock held (so neither another patcher nor `fork` comes between
+    /// phases).
+    fn commit_live(&mut self, shared: &mut Shared, strategy: Strategy) -> Result<(), PokeError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        trap::install()?;
+        threads::check_can_trap()?;
+        let table = LiveSites::new(self.pending.iter().map(|(s, _)| *s).collect());
+        trap::record(&table);
+        let pending = core::mem::take(&mut self.pending);
+        let writes: Vec<(usize, &[u8])> = pending.iter().map(|(s, b)| (s.addr, &b[..])).collect();
+        let result = trap::with_active(&table, || {
+            let mut first_error = Ok(());
+            // A failed sync does not stop the protocol: finishing it leaves
+            // no int3 behind, and the plan restores the old bytes.
+            let r = live::run_protocol(&writes, |step| match step {
+                // SAFETY: a live site of the batch (checked in `write`); the
+                // protocol keeps every intermediate state safe.
+                Step::Write(addr, bytes) => unsafe { self.in_place(shared, strategy, addr, bytes) },
+                Step::Sync => {
+                    if let Err(e) = os::sync_all_threads()
+                        && first_error.is_ok()
+                    {
+                        first_error = Err(e);
+                    }
+                    Ok(())
+                }
+            });
+            r.and(first_error)
+        });
+        drop(writes);
+        self.pending = pending;
+        result
+    }
+
+    /// Stores `bytes` at `addr` in the live text at once.
+    ///
+    /// # Safety
+    ///
+    /// `addr` is inside the batch; the bytes are a step of the protocol.
+    unsafe fn in_place(
+        &mut self,
+        shared: &mut Shared,
+        strategy: Strategy,
+        addr: usize,
+        bytes: &[u8],
+    ) -> Result<(), PokeError> {
+        if strategy == Strategy::ProcMem {
+            // SAFETY: forwarded.
+            return unsafe { shared.procmem.write(addr, bytes) };
+        }
+        let mut done = 0;
+        while done < bytes.len() {
+            let at = addr + done;
+            let (page, off) = self.locate(at).ok_or(PokeError::OutsideBatch { addr: at })?;
+            let n = (PAGE_SIZE - off).min(bytes.len() - done);
+            // SAFETY: the live slot's alias, open read+write for the batch.
+            unsafe { copy_short(bytes[done..].as_ptr(), (self.targets[page] + off) as *mut u8, n) };
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Calls `f(addr, intended)` for every write of the batch, split at page
+    /// boundaries; stops when `f` returns false.
+    fn each_piece(&self, publish: Publish, mut f: impl FnMut(usize, &[u8]) -> bool) {
+        let split = |addr: usize, want: &[u8], f: &mut dyn FnMut(usize, &[u8]) -> bool| {
+            let mut done = 0;
+            while done < want.len() {
+                let at = addr + done;
+                let n = (PAGE_SIZE - at % PAGE_SIZE).min(want.len() - done);
+                if !f(at, &want[done..done + n]) {
+                    return false;
+                }
+                done += n;
+            }
+            true
+        };
+        if publish == Publish::Live {
+            for (s, b) in &self.pending {
+                if !split(s.addr, b, &mut f) {
+                    return;
+                }
+            }
+            return;
+        }
+        for &(addr, len) in &self.writes {
+            let mut done = 0;
+            while done < len {
+                let at = addr + done;
+                let Some((page, off)) = self.locate_ro(at) else {
+                    return;
+                };
+                let n = (PAGE_SIZE - off).min(len - done);
+                // SAFETY: staging or alias memory of the batch, still mapped.
+                let want = unsafe {
+                    core::slice::from_raw_parts((self.targets[page] + off) as *const u8, n)
+                };
+                if !f(at, want) {
+                    return;
+                }
+                done += n;
+            }
+        }
+    }
+
+    fn locate_ro(&self, addr: usize) -> Option<(usize, usize)> {
+        let i = self.runs.partition_point(|r| r.text.end <= addr);
+        let r = self.runs.get(i).filter(|r| r.text.start <= addr)?;
+        Some((r.first + (addr - r.text.start) / PAGE_SIZE, addr % PAGE_SIZE))
+    }
+
+    /// Pages (address, first wrong byte) whose text does not hold the
+    /// batch's writes.
+    fn mismatches(&self, publish: Publish) -> Vec<(usize, usize)> {
+        let mut bad: Vec<(usize, usize)> = Vec::new();
+        self.each_piece(publish, |at, want| {
+            // SAFETY: inside the batch's text, which is mapped readable.
+            let have = unsafe { core::slice::from_raw_parts(at as *const u8, want.len()) };
+            if let Some(i) = have.iter().zip(want).position(|(a, b)| a != b) {
+                let page = at - at % PAGE_SIZE;
+                if bad.last().is_none_or(|&(p, _)| p != page) {
+                    bad.push((page, at + i));
+                }
+            }
+            true
+        });
+        bad
+    }
+
+    fn verify_and_repair(
+        &mut self,
+        shared: &mut Shared,
+        strategy: Strategy,
+        publish: Publish,
+        remaps: &mut u64,
+        repairs: &mut u64,
+    ) -> Result<(), PokeError> {
+        let bad = self.mismatches(publish);
+        if bad.is_empty() {
+            return Ok(());
+        }
+        for &(page, _) in &bad {
+            self.repair(shared, strategy, publish, page)?;
+            *remaps += 1;
+            *repairs += 1;
+        }
+        if publish == Publish::Live {
+            os::sync_all_threads()?;
+        }
+        match self.mismatches(publish).first() {
+            None => Ok(()),
+            Some(&(_, addr)) => Err(PokeError::NotLanded { addr }),
+        }
+    }
+
+    /// Builds `page` afresh — the bytes mapped there now with the batch's
+    /// writes on top — and swaps it in.
+    fn repair(
+        &mut self,
+        shared: &mut Shared,
+        strategy: Strategy,
+        publish: Publish,
+        page: usize,
+    ) -> Result<(), PokeError> {
+        let range = page..page + PAGE_SIZE;
+        shared.text.forget(page);
+        shared.text.check(core::slice::from_ref(&range))?;
+        let mut fresh = core::mem::take(&mut self.scratch);
+        fresh.clear();
+        // SAFETY: the page is mapped readable (just checked).
+        fresh.extend_from_slice(unsafe { core::slice::from_raw_parts(page as *const u8, PAGE_SIZE) });
+        self.each_piece(publish, |at, want| {
+            if range.contains(&at) {
+                let off = at - page;
+                fresh[off..off + want.len()].copy_from_slice(want);
+            }
+            true
+        });
+        let r = match strategy {
+            // SAFETY: validated text; its current bytes plus the writes.
+            Strategy::ProcMem => unsafe { shared.procmem.swap(range.clone(), &fresh) },
+            Strategy::Memfd | Strategy::File => {
+                shared.arena.forget(page);
+                shared
+                    .arena
+                    .begin(strategy, core::slice::from_ref(&range))
+                    .and_then(|()| {
+                        let (_, spare) = shared.arena.slots(page).expect("just made").spare();
+                        // SAFETY: the new spare slot's alias, open read+write.
+                        unsafe {
+                            core::ptr::copy_nonoverlapping(fresh.as_ptr(), spare as *mut u8, PAGE_SIZE)
+                        };
+                        shared.arena.publish_spares(range.clone()).map(|_| ())
+                    })
+            }
+        };
+        self.scratch = fresh;
+        r
+    }
+}
+
+/// Maps slots holding the current bytes over every page of `r` that is
+/// still its original mapping (the arena's in-place and INT3 publications
+/// write into the live slot).
+fn home(shared: &mut Shared, r: Range<usize>, remaps: &mut u64) -> Result<(), PokeError> {
+    let arena = &mut shared.arena;
+    let mut p = r.start;
+    while p < r.end {
+        if arena.slots(p).and_then(|s| s.live_alias()).is_some() {
+            p += PAGE_SIZE;
+            continue;
+        }
+        let start = p;
+        while p < r.end && arena.slots(p).and_then(|s| s.live_alias()).is_none() {
+            let (_, spare) = arena.slots(p).expect("slots were just made").spare();
+            // SAFETY: the text page is readable; the slot is ours, open
+            // read+write, and not mapped executable anywhere yet.
+            unsafe { core::ptr::copy_nonoverlapping(p as *const u8, spare as *mut u8, PAGE_SIZE) };
+            p += PAGE_SIZE;
+        }
+        *remaps += arena.publish_spares(start..p)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! Small system-call helpers: errors, and making every thread observe new
+//! text (`membarrier`).
+
+use std::sync::Once;
+
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use crate::poke::{PAGE_SIZE, PokeError};
+
+pub(super) const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 5;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 6;
+
+/// Whether `membarrier(SYNC_CORE)` is registered for this process.
+static SYNC_CORE: AtomicBool = AtomicBool::new(false);
+static REGISTER: Once = Once::new();
+
+pub(super) fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+pub(super) fn os_err(call: &'static str) -> PokeError {
+    PokeError::Os {
+        call,
+        errno: errno(),
+    }
+}
+
+/// Registers `membarrier(SYNC_CORE)` once per process.
+pub(super) fn init_sync_core() {
+    REGISTER.call_once(|| {
+        // SAFETY: registration has no memory effects on this process.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_membarrier,
+                MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE,
+                0,
+                0,
+            )
+        };
+        SYNC_CORE.store(r == 0, Ordering::Release);
+    });
+}
+
+pub(super) fn has_sync_core() -> bool {
+    init_sync_core();
+    SYNC_CORE.load(Ordering::Acquire)
+}
+
+/// Makes every thread of the process execute a core-serializing
+/// instruction before it runs text again: `membarrier(SYNC_CORE)`, or where
+/// that is unavailable a TLB shootdown, whose IPIs interrupt (and so
+/// serialize) every CPU running this process.
+pub(super) fn sync_all_threads() -> Result<(), PokeError> {
+    if has_sync_core() {
+        // SAFETY: membarrier only interrupts this process's running threads.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_membarrier,
+                MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE,
+                0,
+                0,
+            )
+        };
+        if r != 0 {
+            return Err(os_err("membarrier"));
+        }
+        return Ok(());
+    }
+    // SAFETY: a private anonymous page we map, touch, flip and unmap.
+    unsafe {
+        let p = libc::mmap(
+            core::ptr::null_mut(),
+            PAGE_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return Err(os_err("mmap"));
+        }
+        (p as *mut u8).write_volatile(1);
+        let r = libc::mprotect(p, PAGE_SIZE, libc::PROT_READ);
+        libc::munmap(p, PAGE_SIZE);
+        if r != 0 {
+            return Err(os_err("mprotect"));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! Writing text through `/proc/self/mem` ([`Strategy::ProcMem`]).
+//!
+//! A `pwrite` to `/proc/self/mem` at a text address makes the kernel write
+//! the page itself, as a debugger's `PTRACE_POKETEXT` does: it breaks
+//! copy-on-write (the page becomes a private copy holding the same bytes,
+//! swapped in atomically) and stores the bytes there. No mapping of the page
+//! is ever writable, so there is no alias to leak, nothing shared with a
+//! forked child (private pages are copy-on-write across `fork`), and the
+//! write lands in whatever is mapped *now* — a debugger's private copy, a
+//! re-loaded object — not in a page remembered from earlier.
+//!
+//! * **In place**: one `pwrite` per page of the batch, over the span the
+//!   batch changed. The mapping keeps its file name in `/proc/self/maps`.
+//! * **Page swap**: the new contents of a run of pages are written into a
+//!   fresh anonymous read+exec mapping (by `pwrite` too: it is never
+//!   writable), which `mremap` then moves over the text in one step. A thread
+//!   running there faults for an instant and continues in the new page, so it
+//!   runs all-old or all-new bytes. The swapped pages show as anonymous.
+//!
+//! Refused where the kernel forbids forced writes (`proc_mem.force_override=
+//! never`, some LSMs), `/proc` is not mounted, or anonymous executable
+//! mappings are denied (SELinux `execmem`): the probe checks all three.
+//!
+//! [`Strategy::ProcMem`]: crate::poke::Strategy::ProcMem
+
+use core::ops::Range;
+
+use super::os::{errno, os_err};
+use crate::poke::{PAGE_SIZE, PokeError, Refusal, Strategy};
+
+/// The open `/proc/self/mem`. Kept open; reopened in a child, whose
+/// inherited descriptor still names the parent's memory.
+pub(super) struct ProcMem {
+    fd: libc::c_int,
+    pid: libc::pid_t,
+}
+
+impl ProcMem {
+    pub(super) const fn new() -> ProcMem {
+        ProcMem { fd: -1, pid: 0 }
+    }
+
+    /// Forgets the descriptor without closing it (in a forked child: it is
+    /// the parent's memory; it is closed on the next use).
+    pub(super) fn after_fork(&mut self) {
+        self.pid = 0;
+    }
+
+    fn fd(&mut self) -> Result<libc::c_int, PokeError> {
+        // SAFETY: getpid has no preconditions. Checked every batch (not
+        // only through the fork handlers): a raw `clone` runs no handler,
+        // and a write through the parent's descriptor would patch the parent.
+        let pid = unsafe { libc::getpid() };
+        if self.fd >= 0 && self.pid == pid {
+            return Ok(self.fd);
+        }
+        if self.fd >= 0 {
+            // SAFETY: closing our own descriptor.
+            unsafe { libc::close(self.fd) };
+            self.fd = -1;
+        }
+        // SAFETY: open with a NUL-terminated path.
+        let fd = unsafe { libc::open(c"/proc/self/mem".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(os_err("open /proc/self/mem"));
+        }
+        (self.fd, self.pid) = (fd, pid);
+        Ok(fd)
+    }
+
+    /// Writes `bytes` at `addr` of this process.
+    ///
+    /// # Safety
+    ///
+    /// `addr..addr + bytes.len()` is validated text (or a mapping of ours
+    /// nothing runs yet), and `bytes` is what may be there.
+    pub(super) unsafe fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
+        let fd = self.fd()?;
+        let mut done = 0;
+        while done < bytes.len() {
+            // SAFETY: reads `bytes`; the kernel writes our own memory at an
+            // address the caller vouches for.
+            let n = unsafe {
+                libc::pwrite(
+                    fd,
+                    bytes[done..].as_ptr().cast(),
+                    bytes.len() - done,
+                    (addr + done) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                if errno() == libc::EINTR {
+                    continue;
+                }
+                return Err(os_err("pwrite /proc/self/mem"));
+            }
+            if n == 0 {
+                return Err(PokeError::NotLanded { addr: addr + done });
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Replaces the pages `text` with `bytes` (their whole new contents) in
+    /// one step, for threads running through them.
+    ///
+    /// # Safety
+    ///
+    /// `text` is page-aligned validated text; `bytes` is its current
+    /// contents with validated edits applied.
+    pub(super) unsafe fn swap(&mut self, text: Range<usize>, bytes: &[u8]) -> Result<(), PokeError> {
+        let len = text.end - text.start;
+        debug_assert!(bytes.len() == len && len % PAGE_SIZE == 0);
+        // SAFETY: a new private anonymous mapping, read+exec: allowed under
+        // MDWE (never writable, executable from the start).
+        let stage = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if stage == libc::MAP_FAILED {
+            return Err(os_err("mmap"));
+        }
+        let unmap = |e: PokeError| {
+            // SAFETY: our staging mapping, not yet moved.
+            unsafe { libc::munmap(stage, len) };
+            e
+        };
+        // SAFETY: the staging mapping is ours and nothing runs it yet.
+        unsafe { self.write(stage as usize, bytes) }.map_err(unmap)?;
+        // SAFETY: moves our staging pages over `text`, which the caller
+        // vouches for; MREMAP_FIXED replaces the old pages in one step under
+        // the address-space lock (a thread faulting there waits for it).
+        let moved = unsafe {
+            libc::mremap(
+                stage,
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                text.start as *mut libc::c_void,
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            return Err(unmap(os_err("mremap")));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ProcMem {
+    fn drop(&mut self) {
+        if self.fd >= 0 {
+            // SAFETY: closing our own descriptor.
+            unsafe { libc::close(self.fd) };
+        }
+    }
+}
+
+/// Whether this process may use the strategy: opens `/proc/self/mem`, maps
+/// an anonymous read+exec page, writes it through the file and reads it
+/// back.
+pub(super) fn probe(mem: &mut ProcMem) -> Result<(), Refusal> {
+    let refuse = |call: &'static str, errno: i32| Refusal {
+        strategy: Strategy::ProcMem,
+        call,
+        errno,
+    };
+    mem.fd().map_err(|_| refuse("open /proc/self/mem", errno()))?;
+    // SAFETY: a private anonymous read+exec page for the probe.
+    let page = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            PAGE_SIZE,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if page == libc::MAP_FAILED {
+        return Err(refuse("mmap(PROT_READ|PROT_EXEC, MAP_ANONYMOUS)", errno()));
+    }
+    let probe = [0xc3u8, 0xcc];
+    // SAFETY: our own page, which nothing runs.
+    let wrote = unsafe { mem.write(page as usize, &probe) };
+    // SAFETY: the page is mapped readable.
+    let landed = unsafe { core::slice::from_raw_parts(page as *const u8, 2) } == probe;
+    let e = errno();
+    // SAFETY: unmapping the probe page.
+    unsafe { libc::munmap(page, PAGE_SIZE) };
+    match wrote {
+        Err(PokeError::Os { call, errno }) => Err(refuse(call, errno)),
+        Err(_) => Err(refuse("pwrite /proc/self/mem", e)),
+        Ok(()) if !landed => Err(refuse("pwrite /proc/self/mem (read back)", 0)),
+        Ok(()) => Ok(()),
+    }
+}

@@ -1,0 +1,250 @@
+//! What the hostile scenarios share: running a child, the patched code the
+//! children call, and the checks they make.
+
+use std::os::unix::process::ExitStatusExt;
+
+use altpatch::poke::Strategy;
+use altpatch::static_key::StaticFalseKey;
+use altpatch::{static_branch_unlikely, static_call};
+
+/// How a child ended.
+pub struct Outcome {
+    pub status: std::process::ExitStatus,
+    pub signal: Option<i32>,
+    pub out: String,
+}
+
+impl Outcome {
+    /// Exited 0 having printed the scenario's success line.
+    pub fn ok(&self, scenario: &str) -> bool {
+        self.status.success() && self.out.contains(&format!("HOSTILE-OK {scenario}"))
+    }
+}
+
+/// The child test command for `scenario` (not yet run).
+pub fn command(scenario: &str, env: &[(&str, &str)]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["child", "--exact", "--ignored", "--nocapture", "--test-threads=1"]);
+    cmd.env("HOSTILE", scenario);
+    cmd.env_remove("ALTPATCH_POKE");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+pub fn finish(out: std::process::Output) -> Outcome {
+    Outcome {
+        status: out.status,
+        signal: out.status.signal(),
+        out: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// Runs `scenario` in a child process of this test binary.
+pub fn run(scenario: &str, env: &[(&str, &str)]) -> Outcome {
+    finish(command(scenario, env).output().unwrap())
+}
+
+/// Whether this machine lets a process use the strategy called `name`.
+pub fn usable(name: &str) -> bool {
+    let s = Strategy::from_name(name).unwrap();
+    let ok = altpatch::poke::linux::strategies()
+        .into_iter()
+        .any(|(t, r)| t == s && r.is_ok());
+    if !ok {
+        eprintln!("SKIPPED for {name}: refused on this machine");
+    }
+    ok
+}
+
+/// Whether tools the environment may lack must be present (CI sets it).
+pub fn required() -> bool {
+    std::env::var_os("ALTPATCH_REQUIRE_HOSTILE").is_some()
+}
+
+pub extern "C" fn add1(x: u64) -> u64 {
+    x + 1
+}
+
+pub extern "C" fn add2(x: u64) -> u64 {
+    x + 2
+}
+
+static_call! {
+    pub fn hcall(x: u64) -> u64 = add1;
+}
+
+pub static HKEY: StaticFalseKey = StaticFalseKey::new();
+
+macro_rules! rep10 {
+    ($($t:tt)*) => {
+        $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*;
+    };
+}
+
+/// What callers saw: results from the new target (`x + 2`), from neither
+/// target, and key hits.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Seen {
+    pub new: u64,
+    pub bad: u64,
+    pub hits: u64,
+    pub rounds: u64,
+}
+
+impl Seen {
+    pub fn add(&mut self, o: Seen) {
+        self.new += o.new;
+        self.bad += o.bad;
+        self.hits += o.hits;
+        self.rounds += o.rounds;
+    }
+}
+
+/// 100 call sites of `hcall` and 100 branch sites of `HKEY`.
+#[inline(never)]
+pub fn hundred(x: u64, seen: &mut Seen) {
+    rep10!(rep10!({
+        let r = hcall(x);
+        if r == x + 2 {
+            seen.new += 1;
+        } else if r != x + 1 {
+            seen.bad += 1;
+        }
+        if static_branch_unlikely!(HKEY) {
+            seen.hits += 1;
+        }
+    }));
+    seen.rounds += 1;
+}
+
+/// Ten call sites (for signal handlers); returns how many results were
+/// from neither target.
+#[inline(never)]
+pub fn ten_in_handler(x: u64) -> u64 {
+    let mut bad = 0;
+    rep10!({
+        let r = hcall(x);
+        if r != x + 1 && r != x + 2 {
+            bad += 1;
+        }
+    });
+    bad
+}
+
+/// Re-targets `hcall` and flips `HKEY` `n` times with the high-level APIs.
+pub fn updates(n: usize) {
+    for i in 0..n {
+        let t = if i % 2 == 0 { add2 } else { add1 };
+        let r = hcall::update(t).unwrap();
+        assert!(r.inlined >= 100, "{r:?}");
+        HKEY.toggle().unwrap();
+    }
+}
+
+/// Makes the crate install its `SIGTRAP` handler: one INT3 batch.
+pub fn install_altpatch_handler() {
+    use altpatch::Publish;
+    altpatch::poke::linux::set_live_publication(Publish::Live).unwrap();
+    HKEY.enable().unwrap();
+    HKEY.disable().unwrap();
+    altpatch::poke::linux::set_live_publication(Publish::Remap).unwrap();
+}
+
+/// One line of `/proc/self/maps`.
+pub struct Vma {
+    pub start: usize,
+    pub end: usize,
+    pub perms: String,
+    pub inode: (String, u64),
+    pub path: String,
+}
+
+pub fn vmas() -> Vec<Vma> {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_ascii_whitespace().collect();
+            let (a, b) = f.first()?.split_once('-')?;
+            Some(Vma {
+                start: usize::from_str_radix(a, 16).ok()?,
+                end: usize::from_str_radix(b, 16).ok()?,
+                perms: f.get(1)?.to_string(),
+                inode: (f.get(3)?.to_string(), f.get(4)?.parse().ok()?),
+                path: f.get(5..).map(|p| p.join(" ")).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// Every writable view of code in the process: a writable mapping that is
+/// executable, a writable shared mapping of a file that is also mapped
+/// executable (a memfd or file alias), or anything writable of ours.
+pub fn writable_views_of_code() -> Vec<String> {
+    let v = vmas();
+    let exec: std::collections::HashSet<(String, u64)> = v
+        .iter()
+        .filter(|m| m.perms.as_bytes()[2] == b'x' && m.inode.1 != 0)
+        .map(|m| m.inode.clone())
+        .collect();
+    v.iter()
+        .filter(|m| {
+            let p = m.perms.as_bytes();
+            p[1] == b'w'
+                && (p[2] == b'x'
+                    || (p[3] == b's' && exec.contains(&m.inode))
+                    || m.path.contains("altpatch-text"))
+        })
+        .map(|m| format!("{:x}-{:x} {} {}", m.start, m.end, m.perms, m.path))
+        .collect()
+}
+
+/// Panics if a writable view of code exists.
+pub fn assert_no_writable_view(after: &str) {
+    let w = writable_views_of_code();
+    assert!(w.is_empty(), "after {after}: writable views of code: {w:#?}");
+}
+
+/// Runs `f` on `n` threads until `stop`, then sums what they saw.
+pub fn callers<F: Fn(usize) + Send + Clone + 'static>(
+    n: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    setup: F,
+) -> Vec<std::thread::JoinHandle<Seen>> {
+    (0..n)
+        .map(|i| {
+            let stop = stop.clone();
+            let setup = setup.clone();
+            std::thread::spawn(move || {
+                setup(i);
+                let mut seen = Seen::default();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    hundred(1000 + i as u64, &mut seen);
+                }
+                seen
+            })
+        })
+        .collect()
+}
+
+/// Joins callers; each must have observed the new target and key.
+pub fn joined(handles: Vec<std::thread::JoinHandle<Seen>>) -> Seen {
+    let mut all = Seen::default();
+    for (i, h) in handles.into_iter().enumerate() {
+        let s = h.join().expect("a caller thread died");
+        assert_eq!(s.bad, 0, "caller {i}: results from neither target");
+        assert!(s.rounds > 0, "caller {i} never ran");
+        assert!(
+            s.new > 0 && s.hits > 0,
+            "caller {i} never observed an update: {s:?}"
+        );
+        all.add(s);
+    }
+    all
+}
