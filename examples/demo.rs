@@ -198,6 +198,10 @@ fn main() -> ExitCode {
     println!("{image:?}");
 
     println!();
+    println!("== Writing text (W^X: no mapping is ever writable and executable)");
+    writing_text();
+
+    println!();
     println!("== Patching this program's own text");
     if let Err(e) = patch_answer(&image) {
         eprintln!("patching failed: {e}");
@@ -252,6 +256,33 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Which strategies this process may write its text with, which one is
+/// used, and how live updates are published.
+fn writing_text() {
+    for (s, r) in altpatch::poke::linux::strategies() {
+        match r {
+            Ok(()) => println!("  {:<8} usable   ({s})", s.name()),
+            Err(why) => println!("  {:<8} refused  ({why})", s.name()),
+        }
+    }
+    match altpatch::poke::linux::strategy() {
+        Ok(s) => println!(
+            "in use: {s}; live updates publish by {} (no trap: threads may block \
+             any signal); membarrier(SYNC_CORE): {}",
+            match altpatch::poke::linux::live_publication() {
+                altpatch::Publish::Live => "the INT3 protocol",
+                _ => "page swap",
+            },
+            if LinuxPoke::has_membarrier_sync_core() {
+                "yes"
+            } else {
+                "no (TLB-shootdown fallback)"
+            }
+        ),
+        Err(e) => println!("no strategy: {e}"),
+    }
+}
+
 fn calls_and_keys() -> Result<(), Box<dyn std::error::Error>> {
     let (before, a) = time_static_call();
     let t = Instant::now();
@@ -260,11 +291,13 @@ fn calls_and_keys() -> Result<(), Box<dyn std::error::Error>> {
     let (after, b) = time_static_call();
     println!(
         "demo_hash: {:.2} ns/call through the trampoline, {:.2} ns/call after the update \
-         ({} call sites made direct in {:?}, which includes reading the relocations once; results equal: {})",
+         ({} call sites made direct in {:?}, which includes reading the relocations once, \
+         {}; results equal: {})",
         before,
         after,
         report.inlined,
         took,
+        report.applied.via,
         a == b
     );
     let (off, _) = time_static_branch();
@@ -275,8 +308,8 @@ fn calls_and_keys() -> Result<(), Box<dyn std::error::Error>> {
     TRACE.disable()?;
     println!(
         "TRACE key: {:.2} ns/check while off (a NOP), {:.2} ns/check while on; \
-         enabling rewrote {} sites in {:?} (live, INT3 protocol); {} hits",
-        off, on, r.written, took, hits
+         enabling rewrote {} sites in {:?} (live: {}); {} hits",
+        off, on, r.written, took, r.via, hits
     );
     Ok(())
 }
@@ -331,10 +364,10 @@ fn retpolines(
     let before = ns_per_call(rp_loop_thunk, &idx);
     let sites = altpatch::elf::current_sites()?;
     let policy = Policy::choose(features, overrides);
-    let mut poke = LinuxPoke::live()?;
+    let mut poke = LinuxPoke::running()?;
     let t = Instant::now();
-    // SAFETY: a live poke (INT3 protocol); from the original sites every
-    // mode is one instruction for one.
+    // SAFETY: a poke for running code (page swap); from the original sites
+    // every mode is one instruction for one.
     let report = unsafe { retpoline::apply(image, sites, &policy, &mut poke) }?;
     let took = t.elapsed();
     print!("{report}");
@@ -423,15 +456,7 @@ fn patch_answer(image: &Image<'_>) -> Result<(), Box<dyn std::error::Error>> {
     let undone = f();
     println!("applied: {report}");
     println!("answer(): before={before} after={after} after undo={undone}");
-    println!(
-        "first apply {first:?} (moves the page onto altpatch's memfd), undo {undo:?}; \
-         membarrier(SYNC_CORE): {}",
-        if LinuxPoke::has_membarrier_sync_core() {
-            "yes"
-        } else {
-            "no (TLB-shootdown fallback)"
-        }
-    );
+    println!("first apply {first:?} (checks the page is text), undo {undo:?}");
     if (before, after, undone) != (1, 2, 1) {
         return Err("the patch did not take effect".into());
     }

@@ -187,6 +187,13 @@ fn long_altpatch_value_agrees_everywhere() {
 }
 
 #[test]
+fn a_refused_executable_memfd_falls_back_to_the_file_alias() {
+    if support::usable("file") {
+        ok("fallback", &[("ALTPATCH_POKE", "memfd,file")]);
+    }
+}
+
+#[test]
 fn updates_land_under_gdb_with_a_breakpoint_in_the_patched_page() {
     process::under_gdb();
 }

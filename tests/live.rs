@@ -164,7 +164,10 @@ fn stress() {
     if altpatch::poke::linux::live_publication() == altpatch::Publish::Remap {
         assert_eq!(traps, 0, "the page swap takes no trap");
     } else {
-        assert!(traps > 0, "the INT3 protocol emulated nothing: no caller ran a site mid-update");
+        assert!(
+            traps > 0,
+            "the INT3 protocol emulated nothing: no caller ran a site mid-update"
+        );
     }
     assert!(wx.is_empty(), "writable+executable mappings: {wx:#?}");
     assert!(nsamples > 0);

@@ -207,13 +207,44 @@ fn spread_plan(image: &altpatch::Image<'_>, pad: Pad, n: usize) -> Plan {
     plan
 }
 
+/// Every strategy this machine allows, for `publish`.
+fn pokes(publish: Publish) -> Vec<LinuxPoke> {
+    altpatch::Strategy::ALL
+        .into_iter()
+        .filter_map(|s| LinuxPoke::with_strategy(publish, s).ok())
+        .collect()
+}
+
 fn failing_writes_leave_text_identical(pad: Pad, publish: Publish) {
+    for poke in pokes(publish) {
+        failing_writes_leave_text_identical_with(pad, publish, poke.strategy());
+    }
+}
+
+fn failing_writes_leave_text_identical_with(pad: Pad, publish: Publish, s: altpatch::Strategy) {
     let image = image();
     let before = pad.snapshot();
     let n = 64;
     let mut plan = spread_plan(&image, pad, n);
+    // A write that reports success but never lands is caught when the plan
+    // reads the sites back, names the site, and the batch is rolled back.
+    for k in [0, 17, n - 1] {
+        let inner = LinuxPoke::with_strategy(publish, s).unwrap();
+        let mut poke = FaultInjectingPoke::new(inner, FaultPoint::Lose(k));
+        // SAFETY: NOP5 <-> jmp-next; nothing runs the pad during the test.
+        let err = unsafe { plan.apply(&mut poke) }.unwrap_err();
+        let expected_site = format!("site{k}");
+        assert!(
+            matches!(&err, PlanError::NotLanded { site, .. } if *site == expected_site),
+            "{s:?} lose {k}: {err}"
+        );
+        assert!(
+            pad.snapshot() == before,
+            "text changed after losing write {k}"
+        );
+    }
     for k in 0..n {
-        let inner = LinuxPoke::with_publish(publish).unwrap();
+        let inner = LinuxPoke::with_strategy(publish, s).unwrap();
         let mut poke = FaultInjectingPoke::new(inner, FaultPoint::Write(k));
         // SAFETY: NOP5 <-> jmp-next; nothing runs the pad during the test.
         let err = unsafe { plan.apply(&mut poke) }.unwrap_err();
@@ -229,7 +260,7 @@ fn failing_writes_leave_text_identical(pad: Pad, publish: Publish) {
         );
     }
     for fault in [FaultPoint::Begin(0), FaultPoint::Commit(0)] {
-        let inner = LinuxPoke::with_publish(publish).unwrap();
+        let inner = LinuxPoke::with_strategy(publish, s).unwrap();
         let mut poke = FaultInjectingPoke::new(inner, fault);
         // SAFETY: as above.
         let err = unsafe { plan.apply(&mut poke) }.unwrap_err();
@@ -238,7 +269,7 @@ fn failing_writes_leave_text_identical(pad: Pad, publish: Publish) {
     }
     // And with no fault, every site is written; publication costs at most
     // one mmap per page, not per edit.
-    let mut poke = LinuxPoke::with_publish(publish).unwrap();
+    let mut poke = LinuxPoke::with_strategy(publish, s).unwrap();
     // SAFETY: as above.
     let report = unsafe { plan.apply(&mut poke) }.unwrap();
     assert_eq!((report.written, report.pages), (n, 4));

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use altpatch::{Edit, LinuxPoke, Plan, patch_point};
+use altpatch::{Edit, LinuxPoke, Plan, Publish, Strategy, patch_point};
 use common::*;
 
 /// A flip between all-NOP5 and all-jmp over the given pad's sites.
@@ -34,6 +34,25 @@ fn maps() -> Vec<(usize, usize, String)> {
                 perms,
             ))
         })
+        .collect()
+}
+
+/// Writable shared mappings of a file that is also mapped executable.
+fn writable_aliases() -> Vec<String> {
+    let lines = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let field = |l: &str, i: usize| l.split_ascii_whitespace().nth(i).unwrap_or("").to_string();
+    let exec: Vec<(String, String)> = lines
+        .lines()
+        .filter(|l| field(l, 1).as_bytes().get(2) == Some(&b'x') && field(l, 4) != "0")
+        .map(|l| (field(l, 3), field(l, 4)))
+        .collect();
+    lines
+        .lines()
+        .filter(|l| {
+            let p = field(l, 1);
+            p.starts_with("rw") && p.ends_with('s') && exec.contains(&(field(l, 3), field(l, 4)))
+        })
+        .map(str::to_string)
         .collect()
 }
 
@@ -65,28 +84,36 @@ fn never_writable_and_executable_never_non_executable() {
     let mut plan = flip_plan(pad, 7);
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut rounds = 0;
-    while rounds < 50 || (Instant::now() < deadline && rounds < 400) {
-        // Alternate the two publication strategies.
-        let mut poke = if rounds % 2 == 0 {
-            LinuxPoke::new().unwrap()
+    let strategies: Vec<Strategy> = Strategy::ALL
+        .into_iter()
+        .filter(|&s| LinuxPoke::with_strategy(Publish::InPlace, s).is_ok())
+        .collect();
+    while rounds < 60 || (Instant::now() < deadline && rounds < 400) {
+        // Every strategy, each with both publications.
+        let s = strategies[(rounds / 2) % strategies.len()];
+        let publish = if rounds % 2 == 0 {
+            Publish::InPlace
         } else {
-            LinuxPoke::remapping().unwrap()
+            Publish::Remap
         };
+        let mut poke = LinuxPoke::with_strategy(publish, s).unwrap();
         // SAFETY: NOP5 <-> jmp-next, one instruction each; nothing runs the
         // pad while the sampler runs.
         unsafe { plan.apply(&mut poke) }.unwrap();
+        // Between batches no writable view of the pad exists (during a batch
+        // an alias strategy opens one).
+        let w = writable_aliases();
+        assert!(w.is_empty(), "{s:?} {publish:?}: {w:#?}");
         // SAFETY: as above.
         unsafe { plan.undo(&mut poke) }.unwrap();
         rounds += 1;
     }
-    // Releasing the aliases leaves no writable view of the pad at all.
     LinuxPoke::release_aliases();
     stop.store(true, Ordering::Relaxed);
     let bad = sampler.join().unwrap();
     assert!(bad.is_empty(), "{bad:#?}");
     assert!(samples.load(Ordering::Relaxed) > 10, "sampler barely ran");
     assert_eq!(pad.call(), 42);
-    // The patched pages are now backed by the memfd.
     assert!(
         maps()
             .iter()
@@ -222,8 +249,16 @@ fn mdwe_child() {
 
 #[test]
 fn patching_works_under_mdwe() {
-    let (ok, out) = run_child_test("mdwe_child", &[]);
-    assert!(ok && out.contains("MDWE-CHILD-OK"), "child failed:\n{out}");
+    for s in Strategy::ALL {
+        if LinuxPoke::with_strategy(Publish::InPlace, s).is_err() {
+            continue;
+        }
+        let (ok, out) = run_child_test("mdwe_child", &[("ALTPATCH_POKE", s.name())]);
+        assert!(
+            ok && out.contains("MDWE-CHILD-OK"),
+            "child ({s:?}) failed:\n{out}"
+        );
+    }
 }
 
 #[inline(never)]
@@ -253,7 +288,7 @@ fn set_fork_value(poke: &mut LinuxPoke, from: u32, to: u32) {
 fn fork_child() {
     let f = std::hint::black_box(fork_value as fn() -> u32);
     let mut poke = LinuxPoke::new().unwrap();
-    set_fork_value(&mut poke, 1, 2); // page now backed by the memfd
+    set_fork_value(&mut poke, 1, 2); // page now patched (a private copy, or memfd-backed)
     assert_eq!(f(), 2);
     let (mut to_child, mut from_child) = ([0; 2], [0; 2]);
     // SAFETY: creating pipes.
@@ -312,8 +347,16 @@ fn fork_child() {
 
 #[test]
 fn fork_does_not_share_patches() {
-    let (ok, out) = run_child_test("fork_child", &[]);
-    assert!(ok && out.contains("FORK-CHILD-OK"), "child failed:\n{out}");
+    for s in Strategy::ALL {
+        if LinuxPoke::with_strategy(Publish::InPlace, s).is_err() {
+            continue;
+        }
+        let (ok, out) = run_child_test("fork_child", &[("ALTPATCH_POKE", s.name())]);
+        assert!(
+            ok && out.contains("FORK-CHILD-OK"),
+            "child ({s:?}) failed:\n{out}"
+        );
+    }
 }
 
 #[test]

@@ -235,9 +235,84 @@ mod env {
         }
     }
 
+    /// Finds `ALTPATCH=` in a stream of NUL-separated environment entries
+    /// fed in chunks of any size, and parses its value item by item.
+    pub(super) struct EnvironScan {
+        matched: usize,
+        at_start: bool,
+        in_value: bool,
+        found: bool,
+        done: bool,
+        valid: bool,
+        o: Overrides,
+        item: Item,
+    }
+
+    impl EnvironScan {
+        pub(super) const fn new() -> EnvironScan {
+            EnvironScan {
+                matched: 0,
+                at_start: true,
+                in_value: false,
+                found: false,
+                done: false,
+                valid: true,
+                o: Overrides::none(),
+                item: Item {
+                    buf: [0; ITEM],
+                    len: 0,
+                    overflow: false,
+                },
+            }
+        }
+
+        /// Consumes `chunk`; returns true once the value has ended.
+        pub(super) fn feed(&mut self, chunk: &[u8]) -> bool {
+            const NAME: &[u8] = b"ALTPATCH=";
+            for &b in chunk {
+                if self.done {
+                    break;
+                }
+                if self.in_value {
+                    match b {
+                        0 => {
+                            self.valid &= self.item.apply(&mut self.o);
+                            (self.in_value, self.done) = (false, true);
+                        }
+                        b',' => self.valid &= self.item.apply(&mut self.o),
+                        b => self.item.push(b),
+                    }
+                } else if b == 0 {
+                    (self.matched, self.at_start) = (0, true);
+                } else if self.at_start && b == NAME[self.matched] {
+                    self.matched += 1;
+                    if self.matched == NAME.len() {
+                        (self.in_value, self.found) = (true, true);
+                    }
+                } else {
+                    self.at_start = false;
+                }
+            }
+            self.done
+        }
+
+        /// No overrides if the variable is absent; `None` if its value is
+        /// invalid.
+        pub(super) fn finish(mut self) -> Option<Overrides> {
+            if self.in_value && self.item.len > 0 {
+                // The value ran to the end of the data without a NUL.
+                self.valid &= self.item.apply(&mut self.o);
+            }
+            match (self.found, self.valid) {
+                (false, _) => Some(Overrides::none()),
+                (true, true) => Some(self.o),
+                (true, false) => None,
+            }
+        }
+    }
+
     /// The value of `ALTPATCH` from `/proc/self/environ`, parsed.
     fn from_proc() -> Option<Overrides> {
-        const NAME: &[u8] = b"ALTPATCH=";
         // SAFETY: open/read/close on a path and stack buffers we own.
         let fd = unsafe {
             libc::open(
@@ -248,56 +323,18 @@ mod env {
         if fd < 0 {
             return None;
         }
-        // Entries are NUL-separated: match NAME at an entry's start, then
-        // parse the value up to its NUL.
-        let (mut matched, mut at_start, mut in_value, mut valid) = (0usize, true, false, true);
-        let mut found = false;
-        let mut o = Overrides::none();
-        let mut item = Item {
-            buf: [0; ITEM],
-            len: 0,
-            overflow: false,
-        };
+        let mut scan = EnvironScan::new();
         let mut chunk = [0u8; 1024];
-        'read: loop {
+        loop {
             // SAFETY: reading into our buffer, at most its length.
             let n = unsafe { libc::read(fd, chunk.as_mut_ptr().cast(), chunk.len()) };
-            if n <= 0 {
+            if n <= 0 || scan.feed(&chunk[..n as usize]) {
                 break;
             }
-            for &b in &chunk[..n as usize] {
-                if in_value {
-                    match b {
-                        0 => {
-                            valid &= item.apply(&mut o);
-                            break 'read;
-                        }
-                        b',' => valid &= item.apply(&mut o),
-                        b => item.push(b),
-                    }
-                } else if b == 0 {
-                    (matched, at_start) = (0, true);
-                } else if at_start && b == NAME[matched] {
-                    matched += 1;
-                    if matched == NAME.len() {
-                        (in_value, found) = (true, true);
-                    }
-                } else {
-                    at_start = false;
-                }
-            }
-        }
-        if in_value && item.len > 0 {
-            // The value ran to the end of the file without a NUL.
-            valid &= item.apply(&mut o);
         }
         // SAFETY: closing the descriptor we opened.
         unsafe { libc::close(fd) };
-        match (found, valid) {
-            (false, _) => Some(Overrides::none()),
-            (true, true) => Some(o),
-            (true, false) => None,
-        }
+        scan.finish()
     }
 }
 
@@ -331,4 +368,45 @@ pub extern "C" fn altpatch_cpu_has(feature: u32) -> core::ffi::c_int {
 #[unsafe(no_mangle)]
 pub extern "C" fn altpatch_cpu_features() -> u64 {
     published().bits()
+}
+
+#[cfg(all(test, feature = "std", target_os = "linux"))]
+mod tests {
+    use super::env::EnvironScan;
+    use crate::cpu::Overrides;
+
+    fn scan(environ: &[u8], chunk: usize) -> Option<Overrides> {
+        let mut s = EnvironScan::new();
+        for c in environ.chunks(chunk) {
+            if s.feed(c) {
+                break;
+            }
+        }
+        s.finish()
+    }
+
+    #[test]
+    fn environ_stream_parses_values_of_any_length_like_parse() {
+        let long = alloc::format!(
+            "{}nomovbe, retpoline = plain ,+erms",
+            "+sse3,   ".repeat(200)
+        );
+        assert!(long.len() > 1500);
+        let environ = alloc::format!("PATH=/bin\0XALTPATCH=nosse3\0ALTPATCH={long}\0HOME=/root\0");
+        let want = Overrides::parse(&long).unwrap();
+        for chunk in [1, 7, 64, 1024, 4096] {
+            assert_eq!(scan(environ.as_bytes(), chunk), Some(want), "chunk {chunk}");
+        }
+        // Absent: no overrides. Invalid: rejected, as `parse` rejects it.
+        assert_eq!(scan(b"A=1\0B=2\0", 3), Some(Overrides::none()));
+        assert_eq!(scan(b"ALTPATCH=nomovbee\0", 5), None);
+        assert!(Overrides::parse("nomovbee").is_err());
+        let huge_item = alloc::format!("ALTPATCH=+{}\0", "x".repeat(300));
+        assert_eq!(scan(huge_item.as_bytes(), 100), None);
+        // The last entry may end without a NUL.
+        assert_eq!(
+            scan(b"ALTPATCH=nomovbe", 4),
+            Some(Overrides::parse("nomovbe").unwrap())
+        );
+    }
 }

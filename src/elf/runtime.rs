@@ -75,9 +75,15 @@ pub fn image_sites(image: &Image<'_>) -> Result<Vec<Site>, SitesError> {
 /// linked without it (and has no embedded table).
 pub fn current_sites() -> Result<&'static [Site], SitesError> {
     static SITES: OnceLock<Result<Vec<Site>, SitesError>> = OnceLock::new();
-    SITES
-        .get_or_init(|| image_sites(&Image::current()))
-        .as_ref()
-        .map(Vec::as_slice)
-        .map_err(Clone::clone)
+    let sites = match SITES.get() {
+        Some(s) => s,
+        None => {
+            // Under the process lock, which `fork` waits for: a child never
+            // inherits a half-done initialization it would wait on forever.
+            #[cfg(target_os = "linux")]
+            let _held = crate::sync::Held::acquire();
+            SITES.get_or_init(|| image_sites(&Image::current()))
+        }
+    };
+    sites.as_ref().map(Vec::as_slice).map_err(Clone::clone)
 }

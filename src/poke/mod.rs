@@ -123,7 +123,7 @@ pub enum PokeError {
 }
 
 /// A way a Linux process writes its own text without a writable and
-/// executable mapping (see [`LinuxPoke`](crate::LinuxPoke) for the order
+/// executable mapping (see [`LinuxPoke`] for the order
 /// they are tried in and why).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Strategy {
@@ -176,14 +176,46 @@ impl fmt::Display for Strategy {
 }
 
 /// Why one [`Strategy`] was refused.
+///
+/// ```
+/// use altpatch::poke::{Refusal, Strategy};
+/// let r = Refusal::new(Strategy::Memfd, &"memfd_create(MFD_EXEC)", 13);
+/// assert_eq!((r.strategy(), r.call(), r.errno()), (Strategy::Memfd, "memfd_create(MFD_EXEC)", 13));
+/// assert!(r.to_string().starts_with("memfd: memfd_create(MFD_EXEC): "));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Refusal {
+    strategy: Strategy,
+    /// A thin pointer, so that three refusals keep [`PokeError`] small.
+    call: &'static &'static str,
+    errno: i32,
+}
+
+impl Refusal {
+    /// `strategy` refused: `call` failed with `errno` (0: it succeeded but
+    /// had no effect).
+    pub const fn new(strategy: Strategy, call: &'static &'static str, errno: i32) -> Refusal {
+        Refusal {
+            strategy,
+            call,
+            errno,
+        }
+    }
+
     /// The strategy.
-    pub strategy: Strategy,
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
     /// The call that failed (`"memfd_create(MFD_EXEC)"`, ...).
-    pub call: &'static str,
+    pub fn call(&self) -> &'static str {
+        self.call
+    }
+
     /// Its error number (0 when the call succeeded but had no effect).
-    pub errno: i32,
+    pub fn errno(&self) -> i32 {
+        self.errno
+    }
 }
 
 impl fmt::Display for Refusal {

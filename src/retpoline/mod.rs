@@ -523,7 +523,7 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
 
 /// Applies `policy` to the running program, live (`std`): its sites from
 /// its relocations (link with `-Wl,--emit-relocs`) or embedded table, then
-/// the thunks, with the INT3 protocol so other threads may keep running.
+/// the thunks, published by page swap so other threads may keep running.
 /// The error says which step failed.
 ///
 /// ```no_run

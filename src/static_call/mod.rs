@@ -505,7 +505,7 @@ macro_rules! __static_call_std {
     ($($ty:ty),* ; $ret:ty) => {
         /// Points every call at `f` in the running program: the trampoline
         /// and every call site its relocations (or embedded site table)
-        /// list, in one live batch (INT3 protocol), safe while other
+        /// list, in one batch published by page swap, safe while other
         /// threads call it.
         pub fn update(
             f: extern "C" fn($($ty),*) -> $ret,

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use super::{StaticCall, StaticCallError, UpdateReport};
-use crate::plan::PlanError;
 use crate::image::Image;
+use crate::plan::PlanError;
 use crate::poke::LinuxPoke;
 use crate::sites::{Site, SiteKind};
 
@@ -15,6 +15,13 @@ use crate::sites::{Site, SiteKind};
 /// and updates go through the trampolines only.
 fn current() -> &'static (Image<'static>, BTreeMap<usize, Vec<Site>>) {
     static CURRENT: OnceLock<(Image<'static>, BTreeMap<usize, Vec<Site>>)> = OnceLock::new();
+    if let Some(c) = CURRENT.get() {
+        return c;
+    }
+    // Initialized under the process lock, which `fork` waits for: a child
+    // never inherits an initialization another thread was in the middle of
+    // (it would wait for it forever).
+    let _held = crate::sync::Held::acquire();
     CURRENT.get_or_init(|| {
         let image = Image::current();
         let mut by_tramp: BTreeMap<usize, Vec<Site>> = BTreeMap::new();
@@ -29,7 +36,7 @@ fn current() -> &'static (Image<'static>, BTreeMap<usize, Vec<Site>>) {
 
 impl StaticCall {
     /// Points the static call at `target` (`None`: no-op calls) in the
-    /// running program, in one live batch (INT3 protocol): safe while other
+    /// running program, in one batch published by page swap: safe while other
     /// threads make the call.
     ///
     /// Use the typed `NAME::update(f)` the macro generates instead.

@@ -3,14 +3,20 @@
 use std::sync::OnceLock;
 
 use super::{KeyError, KeyIndex, StaticKey};
-use crate::plan::PlanError;
 use crate::image::Image;
 use crate::plan::ApplyReport;
+use crate::plan::PlanError;
 use crate::poke::LinuxPoke;
 
 /// The running program's image and key index, found once.
 pub(crate) fn current() -> &'static (Image<'static>, KeyIndex) {
     static CURRENT: OnceLock<(Image<'static>, KeyIndex)> = OnceLock::new();
+    if let Some(c) = CURRENT.get() {
+        return c;
+    }
+    // Under the process lock, which `fork` waits for (see the static-call
+    // equivalent).
+    let _held = crate::sync::Held::acquire();
     CURRENT.get_or_init(|| {
         let image = Image::current();
         let index = KeyIndex::new(&image);
@@ -26,7 +32,8 @@ fn poke() -> Result<LinuxPoke, KeyError> {
 
 impl<const INITIAL: bool> StaticKey<INITIAL> {
     /// Enables the key: every site in the running program changes in one
-    /// live batch (INT3 protocol), safe while other threads run them.
+    /// batch published by page swap (see [`crate::poke::linux`]), safe while
+    /// other threads run them, whatever their signal state.
     pub fn enable(&self) -> Result<ApplyReport, KeyError> {
         self.set(true)
     }
@@ -41,8 +48,9 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         let _busy = self.busy.lock();
         let now = self.is_enabled();
         let (image, index) = current();
-        // SAFETY: the live poke runs the INT3 protocol, safe for threads
-        // running the sites; each site is one NOP or jmp.
+        // SAFETY: the running poke publishes pages atomically (or runs the
+        // INT3 protocol), safe for threads running the sites; each site is
+        // one NOP or jmp.
         unsafe { self.set_locked(!now, image, index, &mut poke()?) }
     }
 

@@ -24,7 +24,13 @@ impl Outcome {
 /// The child test command for `scenario` (not yet run).
 pub fn command(scenario: &str, env: &[(&str, &str)]) -> std::process::Command {
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-    cmd.args(["child", "--exact", "--ignored", "--nocapture", "--test-threads=1"]);
+    cmd.args([
+        "child",
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
     cmd.env("HOSTILE", scenario);
     cmd.env_remove("ALTPATCH_POKE");
     for (k, v) in env {
@@ -208,7 +214,10 @@ pub fn writable_views_of_code() -> Vec<String> {
 /// Panics if a writable view of code exists.
 pub fn assert_no_writable_view(after: &str) {
     let w = writable_views_of_code();
-    assert!(w.is_empty(), "after {after}: writable views of code: {w:#?}");
+    assert!(
+        w.is_empty(),
+        "after {after}: writable views of code: {w:#?}"
+    );
 }
 
 /// Runs `f` on `n` threads until `stop`, then sums what they saw.

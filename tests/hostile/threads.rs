@@ -25,7 +25,10 @@ fn block_everything(_: usize) {
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
-        assert_eq!(libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut()), 0);
+        assert_eq!(
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut()),
+            0
+        );
     }
 }
 
@@ -151,7 +154,11 @@ fn signals(altstack: bool, publish: Publish) {
     let runs = HANDLER_RUNS.load(Ordering::Relaxed);
     let traps = altpatch::poke::linux::emulated_traps() - emulated;
     println!("{sent} signals sent, {runs} handler runs, {traps} traps emulated; {seen:?}");
-    assert_eq!(HANDLER_BAD.load(Ordering::Relaxed), 0, "handlers saw neither target");
+    assert_eq!(
+        HANDLER_BAD.load(Ordering::Relaxed),
+        0,
+        "handlers saw neither target"
+    );
     assert!(runs > 100, "the storm barely ran: {runs} handler runs");
     if publish == Publish::Remap {
         assert_eq!(traps, 0, "the page swap needs no trap");

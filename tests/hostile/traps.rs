@@ -86,14 +86,18 @@ fn tgkill_joiner() {
     let joiner = std::thread::spawn(move || {
         // SAFETY: gettid has no preconditions.
         tx.send(unsafe { libc::gettid() }).unwrap();
-        let sleeper = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_millis(300)));
+        let sleeper =
+            std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_millis(300)));
         sleeper.join().unwrap();
         7
     });
     let tid = rx.recv().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
     // SAFETY: signalling our own thread.
-    assert_eq!(unsafe { libc::tgkill(libc::getpid(), tid, libc::SIGTRAP) }, 0);
+    assert_eq!(
+        unsafe { libc::tgkill(libc::getpid(), tid, libc::SIGTRAP) },
+        0
+    );
     assert_eq!(joiner.join().unwrap(), 7, "the joiner's wait was corrupted");
 }
 
@@ -119,7 +123,10 @@ pub fn scenario(s: &str) {
         "trap_raise_default" | "trap_raise_ignored" => {
             // SAFETY: as above.
             unsafe { libc::raise(libc::SIGTRAP) };
-            assert_eq!(s, "trap_raise_ignored", "the default action should have killed us");
+            assert_eq!(
+                s, "trap_raise_ignored",
+                "the default action should have killed us"
+            );
         }
         "trap_tgkill_handler" => {
             tgkill_joiner();
@@ -133,7 +140,11 @@ pub fn scenario(s: &str) {
         "trap_step_handler" => {
             STEPS.store(3, Ordering::SeqCst);
             single_step();
-            assert_eq!(HITS.load(Ordering::SeqCst), 3, "one trap per stepped instruction");
+            assert_eq!(
+                HITS.load(Ordering::SeqCst),
+                3,
+                "one trap per stepped instruction"
+            );
             assert!(LAST_CODE.load(Ordering::SeqCst) > 0, "a kernel trap code");
         }
         "trap_step_default" => {
@@ -144,7 +155,11 @@ pub fn scenario(s: &str) {
             let after = own_int3();
             assert_eq!(HITS.load(Ordering::SeqCst), 1);
             assert_eq!(LAST_CODE.load(Ordering::SeqCst), libc::SI_KERNEL);
-            assert_eq!(LAST_RIP.load(Ordering::SeqCst), after, "the trap was rewound");
+            assert_eq!(
+                LAST_RIP.load(Ordering::SeqCst),
+                after,
+                "the trap was rewound"
+            );
         }
         "trap_int3_default" | "trap_int3_ignored" => {
             own_int3();

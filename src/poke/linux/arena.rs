@@ -38,7 +38,10 @@ const MFD_EXEC: libc::c_uint = 0x10;
 const FILE_DIRS: [&core::ffi::CStr; 3] = [c"/dev/shm", c"/tmp", c"/var/tmp"];
 
 /// Opens a new, empty backing file of `kind`.
-fn open_backing(kind: Strategy) -> Result<libc::c_int, (&'static str, i32)> {
+/// A failed call: its name (thin, see [`Refusal`]) and error number.
+type Failed = (&'static &'static str, i32);
+
+fn open_backing(kind: Strategy) -> Result<libc::c_int, Failed> {
     match kind {
         Strategy::Memfd => {
             let name = c"altpatch-text";
@@ -50,12 +53,12 @@ fn open_backing(kind: Strategy) -> Result<libc::c_int, (&'static str, i32)> {
                 fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
             }
             if fd < 0 {
-                return Err(("memfd_create(MFD_EXEC)", errno()));
+                return Err((&"memfd_create(MFD_EXEC)", errno()));
             }
             Ok(fd)
         }
         Strategy::File => {
-            let mut last = ("open(O_TMPFILE) in /dev/shm, /tmp, /var/tmp", 0);
+            let mut last: Failed = (&"open(O_TMPFILE) in /dev/shm, /tmp, /var/tmp", 0);
             for dir in FILE_DIRS {
                 // SAFETY: open with a NUL-terminated path; the file has no
                 // name, so nothing else can open it.
@@ -70,7 +73,10 @@ fn open_backing(kind: Strategy) -> Result<libc::c_int, (&'static str, i32)> {
                     if exec_mappable(fd).is_ok() {
                         return Ok(fd);
                     }
-                    last = ("mmap(PROT_EXEC) of a file in /dev/shm, /tmp, /var/tmp", errno());
+                    last = (
+                        &"mmap(PROT_EXEC) of a file in /dev/shm, /tmp, /var/tmp",
+                        errno(),
+                    );
                     // SAFETY: closing the descriptor we opened.
                     unsafe { libc::close(fd) };
                 } else {
@@ -79,16 +85,16 @@ fn open_backing(kind: Strategy) -> Result<libc::c_int, (&'static str, i32)> {
             }
             Err(last)
         }
-        Strategy::ProcMem => Err(("not an alias strategy", libc::EINVAL)),
+        Strategy::ProcMem => Err((&"not an alias strategy", libc::EINVAL)),
     }
 }
 
 /// Whether a page of `fd` can be mapped read+exec (a `noexec` mount or
 /// `vm.memfd_noexec` refuses it). Leaves the file one page long.
-fn exec_mappable(fd: libc::c_int) -> Result<(), (&'static str, i32)> {
+fn exec_mappable(fd: libc::c_int) -> Result<(), Failed> {
     // SAFETY: ftruncate on our own descriptor.
     if unsafe { libc::ftruncate(fd, PAGE_SIZE as libc::off_t) } != 0 {
-        return Err(("ftruncate", errno()));
+        return Err((&"ftruncate", errno()));
     }
     // SAFETY: a private read+exec mapping of our file, unmapped at once.
     let p = unsafe {
@@ -102,7 +108,7 @@ fn exec_mappable(fd: libc::c_int) -> Result<(), (&'static str, i32)> {
         )
     };
     if p == libc::MAP_FAILED {
-        return Err(("mmap(PROT_EXEC)", errno()));
+        return Err((&"mmap(PROT_EXEC)", errno()));
     }
     // SAFETY: the probe mapping.
     unsafe { libc::munmap(p, PAGE_SIZE) };
@@ -111,24 +117,15 @@ fn exec_mappable(fd: libc::c_int) -> Result<(), (&'static str, i32)> {
 
 /// Whether this process may use the alias strategy `kind`.
 pub(super) fn probe(kind: Strategy) -> Result<(), Refusal> {
-    let refuse = |(call, errno): (&'static str, i32)| Refusal {
-        strategy: kind,
-        call,
-        errno,
-    };
+    let refuse = |(call, errno): Failed| Refusal::new(kind, call, errno);
     let fd = open_backing(kind).map_err(refuse)?;
     let r = exec_mappable(fd).map_err(|(call, e)| {
-        refuse((
-            if call == "mmap(PROT_EXEC)" {
-                match kind {
-                    Strategy::Memfd => "mmap(PROT_EXEC) of a memfd",
-                    _ => "mmap(PROT_EXEC) of a file",
-                }
-            } else {
-                call
-            },
-            e,
-        ))
+        let call: &'static &'static str = match (*call, kind) {
+            ("mmap(PROT_EXEC)", Strategy::Memfd) => &"mmap(PROT_EXEC) of a memfd",
+            ("mmap(PROT_EXEC)", _) => &"mmap(PROT_EXEC) of a file",
+            _ => call,
+        };
+        refuse((call, e))
     });
     // SAFETY: closing the probe's descriptor.
     unsafe { libc::close(fd) };
@@ -208,7 +205,11 @@ impl Arena {
     /// Starts a batch over `pages` with backing `kind`: drops the arena if
     /// the process forked or the kind changed, gives every page slots, and
     /// opens their aliases read+write.
-    pub(super) fn begin(&mut self, kind: Strategy, pages: &[Range<usize>]) -> Result<(), PokeError> {
+    pub(super) fn begin(
+        &mut self,
+        kind: Strategy,
+        pages: &[Range<usize>],
+    ) -> Result<(), PokeError> {
         self.leave_if_forked();
         if self.kind != Some(kind) {
             self.reset(true);

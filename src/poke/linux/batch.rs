@@ -188,7 +188,10 @@ impl Batch {
             }
         };
         let r = &self.runs[i];
-        Some((r.first + (addr - r.text.start) / PAGE_SIZE, addr % PAGE_SIZE))
+        Some((
+            r.first + (addr - r.text.start) / PAGE_SIZE,
+            addr % PAGE_SIZE,
+        ))
     }
 
     /// # Safety
@@ -229,11 +232,19 @@ impl Batch {
         let mut done = 0;
         while done < bytes.len() {
             let at = addr + done;
-            let (page, off) = self.locate(at).ok_or(PokeError::OutsideBatch { addr: at })?;
+            let (page, off) = self
+                .locate(at)
+                .ok_or(PokeError::OutsideBatch { addr: at })?;
             let n = (PAGE_SIZE - off).min(bytes.len() - done);
             // SAFETY: the target is a staging page or an alias page we
             // mapped read+write for this batch, with `n` bytes left in it.
-            unsafe { copy_short(bytes[done..].as_ptr(), (self.targets[page] + off) as *mut u8, n) };
+            unsafe {
+                copy_short(
+                    bytes[done..].as_ptr(),
+                    (self.targets[page] + off) as *mut u8,
+                    n,
+                )
+            };
             let d = &mut self.dirty[page];
             d.0 = d.0.min(off as u32);
             d.1 = d.1.max((off + n) as u32);
@@ -254,20 +265,10 @@ impl Batch {
         match (strategy, publish) {
             (_, Publish::Live) => self.commit_live(shared, strategy)?,
             (Strategy::ProcMem, Publish::InPlace) => {
-                for r in &self.runs {
-                    let pages = (r.text.end - r.text.start) / PAGE_SIZE;
-                    for k in 0..pages {
-                        let (lo, hi) = self.dirty[r.first + k];
-                        if lo >= hi {
-                            continue;
-                        }
-                        let at = r.text.start + k * PAGE_SIZE;
-                        let from = (r.first + k) * PAGE_SIZE;
-                        let bytes = &self.stage[from + lo as usize..from + hi as usize];
-                        // SAFETY: validated text of the batch; the staged
-                        // bytes are its current bytes plus the writes.
-                        unsafe { shared.procmem.write(at + lo as usize, bytes) }?;
-                    }
+                for (at, from, len) in self.spans() {
+                    // SAFETY: validated text of the batch; the staged bytes
+                    // are its current bytes plus the writes.
+                    unsafe { shared.procmem.write(at, &self.stage[from..from + len]) }?;
                 }
             }
             (Strategy::ProcMem, Publish::Remap) => {
@@ -287,6 +288,35 @@ impl Batch {
             }
         }
         self.verify_and_repair(shared, strategy, publish, remaps, repairs)
+    }
+
+    /// The written spans of the batch as (text address, stage offset,
+    /// length), neighbouring pages' spans joined across page boundaries when
+    /// the unchanged bytes between them are few: one `pwrite` per stretch of
+    /// edits instead of one per page. The bytes in between are written with
+    /// the values they have (the staging is a copy of the text).
+    fn spans(&self) -> Vec<(usize, usize, usize)> {
+        /// Unchanged bytes worth rewriting to save a system call.
+        const JOIN: usize = 512;
+        let mut out: Vec<(usize, usize, usize)> = Vec::new();
+        for r in &self.runs {
+            let pages = (r.text.end - r.text.start) / PAGE_SIZE;
+            let mut last_run_end: Option<usize> = None;
+            for k in 0..pages {
+                let (lo, hi) = self.dirty[r.first + k];
+                if lo >= hi {
+                    continue;
+                }
+                let at = r.text.start + k * PAGE_SIZE + lo as usize;
+                let end = at + (hi - lo) as usize;
+                match (out.last_mut(), last_run_end) {
+                    (Some(span), Some(prev)) if at - prev <= JOIN => span.2 = end - span.0,
+                    _ => out.push((at, (r.first + k) * PAGE_SIZE + lo as usize, end - at)),
+                }
+                last_run_end = Some(end);
+            }
+        }
+        out
     }
 
     /// Runs the INT3 protocol over the pending writes, with the process
@@ -345,10 +375,18 @@ impl Batch {
         let mut done = 0;
         while done < bytes.len() {
             let at = addr + done;
-            let (page, off) = self.locate(at).ok_or(PokeError::OutsideBatch { addr: at })?;
+            let (page, off) = self
+                .locate(at)
+                .ok_or(PokeError::OutsideBatch { addr: at })?;
             let n = (PAGE_SIZE - off).min(bytes.len() - done);
             // SAFETY: the live slot's alias, open read+write for the batch.
-            unsafe { copy_short(bytes[done..].as_ptr(), (self.targets[page] + off) as *mut u8, n) };
+            unsafe {
+                copy_short(
+                    bytes[done..].as_ptr(),
+                    (self.targets[page] + off) as *mut u8,
+                    n,
+                )
+            };
             done += n;
         }
         Ok(())
@@ -400,13 +438,47 @@ impl Batch {
     fn locate_ro(&self, addr: usize) -> Option<(usize, usize)> {
         let i = self.runs.partition_point(|r| r.text.end <= addr);
         let r = self.runs.get(i).filter(|r| r.text.start <= addr)?;
-        Some((r.first + (addr - r.text.start) / PAGE_SIZE, addr % PAGE_SIZE))
+        Some((
+            r.first + (addr - r.text.start) / PAGE_SIZE,
+            addr % PAGE_SIZE,
+        ))
     }
 
     /// Pages (address, first wrong byte) whose text does not hold the
-    /// batch's writes.
+    /// batch's writes. Outside the INT3 protocol each page's written span is
+    /// compared with its staging (one compare per page, whatever the number
+    /// of edits); the protocol's writes are compared one by one.
     fn mismatches(&self, publish: Publish) -> Vec<(usize, usize)> {
         let mut bad: Vec<(usize, usize)> = Vec::new();
+        if publish != Publish::Live {
+            for r in &self.runs {
+                let pages = (r.text.end - r.text.start) / PAGE_SIZE;
+                for k in 0..pages {
+                    let (lo, hi) = self.dirty[r.first + k];
+                    if lo >= hi {
+                        continue;
+                    }
+                    let page = r.text.start + k * PAGE_SIZE;
+                    let n = (hi - lo) as usize;
+                    // SAFETY: the page is mapped readable; the target is
+                    // staging or alias memory of the batch, still mapped.
+                    let (have, want) = unsafe {
+                        (
+                            core::slice::from_raw_parts((page + lo as usize) as *const u8, n),
+                            core::slice::from_raw_parts(
+                                (self.targets[r.first + k] + lo as usize) as *const u8,
+                                n,
+                            ),
+                        )
+                    };
+                    if have != want {
+                        let i = have.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+                        bad.push((page, page + lo as usize + i));
+                    }
+                }
+            }
+            return bad;
+        }
         self.each_piece(publish, |at, want| {
             // SAFETY: inside the batch's text, which is mapped readable.
             let have = unsafe { core::slice::from_raw_parts(at as *const u8, want.len()) };
@@ -462,7 +534,9 @@ impl Batch {
         let mut fresh = core::mem::take(&mut self.scratch);
         fresh.clear();
         // SAFETY: the page is mapped readable (just checked).
-        fresh.extend_from_slice(unsafe { core::slice::from_raw_parts(page as *const u8, PAGE_SIZE) });
+        fresh.extend_from_slice(unsafe {
+            core::slice::from_raw_parts(page as *const u8, PAGE_SIZE)
+        });
         self.each_piece(publish, |at, want| {
             if range.contains(&at) {
                 let off = at - page;
@@ -482,7 +556,11 @@ impl Batch {
                         let (_, spare) = shared.arena.slots(page).expect("just made").spare();
                         // SAFETY: the new spare slot's alias, open read+write.
                         unsafe {
-                            core::ptr::copy_nonoverlapping(fresh.as_ptr(), spare as *mut u8, PAGE_SIZE)
+                            core::ptr::copy_nonoverlapping(
+                                fresh.as_ptr(),
+                                spare as *mut u8,
+                                PAGE_SIZE,
+                            )
                         };
                         shared.arena.publish_spares(range.clone()).map(|_| ())
                     })

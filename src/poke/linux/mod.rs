@@ -68,7 +68,7 @@
 //!   afresh from what is mapped now plus the batch's writes and swapped in;
 //!   if that does not land either, the batch fails with
 //!   [`PokeError::NotLanded`] naming the address.
-//! * **fork**: the process lock is held across `fork` (see [`crate::sync`]),
+//! * **fork**: the process-wide update lock is held across `fork`,
 //!   so a child never starts mid-batch; a child reopens `/proc/self/mem`
 //!   and homes its pages into a new arena.
 //!
@@ -186,11 +186,9 @@ pub fn strategies() -> Vec<(Strategy, Result<(), Refusal>)> {
 #[doc(hidden)]
 pub fn refuse_for_tests(strategy: Strategy, call: &'static str, errno: i32) {
     if let Ok(mut lock) = Locked::acquire() {
-        lock.shared().injected[state::slot(strategy)] = Some(Refusal {
-            strategy,
-            call,
-            errno,
-        });
+        // A test-only path: the name is leaked once per call.
+        let call: &'static &'static str = alloc::boxed::Box::leak(alloc::boxed::Box::new(call));
+        lock.shared().injected[state::slot(strategy)] = Some(Refusal::new(strategy, call, errno));
     }
 }
 
@@ -431,7 +429,10 @@ unsafe impl super::TextPoke for LinuxPoke {
             return Err(PokeError::Unsupported("write outside a batch"));
         }
         // SAFETY: forwarded; the batch checks the address is inside it.
-        unsafe { self.batch.write(self.publish, self.one_for_one, addr, bytes) }
+        unsafe {
+            self.batch
+                .write(self.publish, self.one_for_one, addr, bytes)
+        }
     }
 
     fn commit(&mut self) -> Result<(), PokeError> {

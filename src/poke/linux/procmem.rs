@@ -109,9 +109,13 @@ impl ProcMem {
     ///
     /// `text` is page-aligned validated text; `bytes` is its current
     /// contents with validated edits applied.
-    pub(super) unsafe fn swap(&mut self, text: Range<usize>, bytes: &[u8]) -> Result<(), PokeError> {
+    pub(super) unsafe fn swap(
+        &mut self,
+        text: Range<usize>,
+        bytes: &[u8],
+    ) -> Result<(), PokeError> {
         let len = text.end - text.start;
-        debug_assert!(bytes.len() == len && len % PAGE_SIZE == 0);
+        debug_assert!(bytes.len() == len && len.is_multiple_of(PAGE_SIZE));
         // SAFETY: a new private anonymous mapping, read+exec: allowed under
         // MDWE (never writable, executable from the start).
         let stage = unsafe {
@@ -166,12 +170,10 @@ impl Drop for ProcMem {
 /// an anonymous read+exec page, writes it through the file and reads it
 /// back.
 pub(super) fn probe(mem: &mut ProcMem) -> Result<(), Refusal> {
-    let refuse = |call: &'static str, errno: i32| Refusal {
-        strategy: Strategy::ProcMem,
-        call,
-        errno,
-    };
-    mem.fd().map_err(|_| refuse("open /proc/self/mem", errno()))?;
+    let refuse =
+        |call: &'static &'static str, errno: i32| Refusal::new(Strategy::ProcMem, call, errno);
+    mem.fd()
+        .map_err(|_| refuse(&"open /proc/self/mem", errno()))?;
     // SAFETY: a private anonymous read+exec page for the probe.
     let page = unsafe {
         libc::mmap(
@@ -184,7 +186,7 @@ pub(super) fn probe(mem: &mut ProcMem) -> Result<(), Refusal> {
         )
     };
     if page == libc::MAP_FAILED {
-        return Err(refuse("mmap(PROT_READ|PROT_EXEC, MAP_ANONYMOUS)", errno()));
+        return Err(refuse(&"mmap(PROT_READ|PROT_EXEC, MAP_ANONYMOUS)", errno()));
     }
     let probe = [0xc3u8, 0xcc];
     // SAFETY: our own page, which nothing runs.
@@ -195,9 +197,9 @@ pub(super) fn probe(mem: &mut ProcMem) -> Result<(), Refusal> {
     // SAFETY: unmapping the probe page.
     unsafe { libc::munmap(page, PAGE_SIZE) };
     match wrote {
-        Err(PokeError::Os { call, errno }) => Err(refuse(call, errno)),
-        Err(_) => Err(refuse("pwrite /proc/self/mem", e)),
-        Ok(()) if !landed => Err(refuse("pwrite /proc/self/mem (read back)", 0)),
+        Err(PokeError::Os { errno, .. }) => Err(refuse(&"pwrite /proc/self/mem", errno)),
+        Err(_) => Err(refuse(&"pwrite /proc/self/mem", e)),
+        Ok(()) if !landed => Err(refuse(&"pwrite /proc/self/mem (read back)", 0)),
         Ok(()) => Ok(()),
     }
 }

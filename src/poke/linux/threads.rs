@@ -17,7 +17,11 @@ fn blocker() -> Option<i32> {
     let me = unsafe { libc::gettid() };
     let dir = std::fs::read_dir("/proc/self/task").ok()?;
     for entry in dir.flatten() {
-        let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         if tid == me {
