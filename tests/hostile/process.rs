@@ -373,7 +373,10 @@ fn fallback() {
     // With the file alias refused too, one error lists both refusals.
     refuse_for_tests(Strategy::File, "mmap(PROT_EXEC) of a file", libc::EPERM);
     let e = hcall::update(add1).unwrap_err().to_string();
-    assert!(e.contains("memfd: mmap(PROT_EXEC) of a memfd") && e.contains("file: mmap"), "{e}");
+    assert!(
+        e.contains("memfd: mmap(PROT_EXEC) of a memfd") && e.contains("file: mmap"),
+        "{e}"
+    );
     assert_eq!(hcall(1), 3, "a refused update changed the text");
 }
 
@@ -411,13 +414,7 @@ pub fn under_gdb() {
                 .arg(&script)
                 .arg("--args")
                 .arg(&exe)
-                .args([
-                    "child",
-                    "--exact",
-                    "--ignored",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
+                .args(CHILD_ARGS)
                 .env("HOSTILE", "gdb_child")
                 .env("ALTPATCH_POKE", poke)
                 .env("GDB_PUBLISH", publish)
@@ -448,13 +445,7 @@ pub fn in_hardened_namespace() {
         let mut cmd = std::process::Command::new("unshare");
         cmd.args(["--pid", "--fork", "--mount-proc", "sh", "-c", &script, "sh"])
             .arg(&exe)
-            .args([
-                "child",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(CHILD_ARGS)
             .env("HOSTILE", "hardened")
             .env_remove("ALTPATCH_POKE");
         if mounts {

@@ -21,16 +21,19 @@ impl Outcome {
     }
 }
 
+/// The test harness arguments that run the `child` test alone.
+pub const CHILD_ARGS: [&str; 5] = [
+    "child",
+    "--exact",
+    "--ignored",
+    "--nocapture",
+    "--test-threads=1",
+];
+
 /// The child test command for `scenario` (not yet run).
 pub fn command(scenario: &str, env: &[(&str, &str)]) -> std::process::Command {
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "child",
-        "--exact",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ]);
+    cmd.args(CHILD_ARGS);
     cmd.env("HOSTILE", scenario);
     cmd.env_remove("ALTPATCH_POKE");
     for (k, v) in env {

@@ -229,6 +229,16 @@ impl Batch {
                 )
             })?;
         }
+        self.store(addr, bytes)?;
+        self.writes.push((addr, bytes.len()));
+        Ok(())
+    }
+
+    /// Copies `bytes` to the batch's target of `addr` (a staging page, or
+    /// an alias page open read+write for the batch), page by page, and
+    /// records the written span of each page.
+    #[inline]
+    fn store(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
         let mut done = 0;
         while done < bytes.len() {
             let at = addr + done;
@@ -236,8 +246,8 @@ impl Batch {
                 .locate(at)
                 .ok_or(PokeError::OutsideBatch { addr: at })?;
             let n = (PAGE_SIZE - off).min(bytes.len() - done);
-            // SAFETY: the target is a staging page or an alias page we
-            // mapped read+write for this batch, with `n` bytes left in it.
+            // SAFETY: the target page belongs to this batch and has `n`
+            // bytes left after `off`.
             unsafe {
                 copy_short(
                     bytes[done..].as_ptr(),
@@ -250,7 +260,6 @@ impl Batch {
             d.1 = d.1.max((off + n) as u32);
             done += n;
         }
-        self.writes.push((addr, bytes.len()));
         Ok(())
     }
 
@@ -372,24 +381,9 @@ impl Batch {
             // SAFETY: forwarded.
             return unsafe { shared.procmem.write(addr, bytes) };
         }
-        let mut done = 0;
-        while done < bytes.len() {
-            let at = addr + done;
-            let (page, off) = self
-                .locate(at)
-                .ok_or(PokeError::OutsideBatch { addr: at })?;
-            let n = (PAGE_SIZE - off).min(bytes.len() - done);
-            // SAFETY: the live slot's alias, open read+write for the batch.
-            unsafe {
-                copy_short(
-                    bytes[done..].as_ptr(),
-                    (self.targets[page] + off) as *mut u8,
-                    n,
-                )
-            };
-            done += n;
-        }
-        Ok(())
+        // The arena's targets are the live slots' aliases: stores there are
+        // in place.
+        self.store(addr, bytes)
     }
 
     /// Calls `f(addr, intended)` for every write of the batch, split at page
