@@ -33,11 +33,56 @@ use crate::poke::{PAGE_SIZE, PokeError, Refusal, Strategy};
 pub(super) struct ProcMem {
     fd: libc::c_int,
     pid: libc::pid_t,
+    /// Staging pages for swaps: an anonymous read+exec mapping, never
+    /// touched, from whose end each swap takes the pages it moves over the
+    /// text (one `mmap` per `POOL` pages instead of one per swap).
+    pool: usize,
+    pool_pages: usize,
 }
+
+/// Staging pages mapped at a time.
+const POOL: usize = 32;
 
 impl ProcMem {
     pub(super) const fn new() -> ProcMem {
-        ProcMem { fd: -1, pid: 0 }
+        ProcMem {
+            fd: -1,
+            pid: 0,
+            pool: 0,
+            pool_pages: 0,
+        }
+    }
+
+    /// `pages` untouched anonymous read+exec pages to stage a swap in,
+    /// taken from the pool (refilled as needed).
+    fn staging(&mut self, pages: usize) -> Result<usize, PokeError> {
+        if self.pool_pages < pages {
+            let n = pages.max(POOL);
+            // SAFETY: a new private anonymous mapping, read+exec: allowed
+            // under MDWE (never writable, executable from the start).
+            let p = unsafe {
+                libc::mmap(
+                    core::ptr::null_mut(),
+                    n * PAGE_SIZE,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(os_err("mmap"));
+            }
+            if self.pool_pages > 0 {
+                // SAFETY: the rest of the old pool, ours and untouched.
+                unsafe {
+                    libc::munmap(self.pool as *mut libc::c_void, self.pool_pages * PAGE_SIZE)
+                };
+            }
+            (self.pool, self.pool_pages) = (p as usize, n);
+        }
+        self.pool_pages -= pages;
+        Ok(self.pool + self.pool_pages * PAGE_SIZE)
     }
 
     /// Forgets the descriptor without closing it (in a forked child: it is
@@ -116,21 +161,7 @@ impl ProcMem {
     ) -> Result<(), PokeError> {
         let len = text.end - text.start;
         debug_assert!(bytes.len() == len && len.is_multiple_of(PAGE_SIZE));
-        // SAFETY: a new private anonymous mapping, read+exec: allowed under
-        // MDWE (never writable, executable from the start).
-        let stage = unsafe {
-            libc::mmap(
-                core::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_EXEC,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if stage == libc::MAP_FAILED {
-            return Err(os_err("mmap"));
-        }
+        let stage = self.staging(len / PAGE_SIZE)? as *mut libc::c_void;
         let unmap = |e: PokeError| {
             // SAFETY: our staging mapping, not yet moved.
             unsafe { libc::munmap(stage, len) };
