@@ -435,13 +435,16 @@ pub fn under_gdb() {
 pub fn in_hardened_namespace() {
     let exe = std::env::current_exe().unwrap();
     for mounts in [false, true] {
-        let mut script = String::from("echo 2 > /proc/sys/vm/memfd_noexec || exit 97\n");
+        // The test binary is opened before the mounts and run through its
+        // descriptor: it may itself live under /tmp (a CI clone).
+        let mut script =
+            String::from("echo 2 > /proc/sys/vm/memfd_noexec || exit 97\nexec 3< \"$1\"\nshift\n");
         if mounts {
             for d in ["/dev/shm", "/tmp", "/var/tmp"] {
                 script += &format!("mount -t tmpfs -o noexec tmpfs {d} || exit 98\n");
             }
         }
-        script += "exec \"$@\"\n";
+        script += "exec /proc/self/fd/3 \"$@\"\n";
         let mut cmd = std::process::Command::new("unshare");
         cmd.args(["--pid", "--fork", "--mount-proc", "sh", "-c", &script, "sh"])
             .arg(&exe)
