@@ -30,14 +30,6 @@ use core::sync::atomic::AtomicBool;
 use core::sync::atomic::Ordering;
 
 /// Serializes the updates of one object (see the [module docs](self)).
-///
-/// ```
-/// # // The type is crate-internal; this shows the behaviour users see.
-/// use altpatch::static_key::StaticFalseKey;
-/// static K: StaticFalseKey = StaticFalseKey::new();
-/// K.enable().unwrap(); // takes K's update lock for the whole change
-/// assert!(K.is_enabled());
-/// ```
 #[derive(Debug)]
 pub(crate) struct UpdateLock {
     #[cfg(not(all(feature = "std", target_os = "linux")))]
@@ -190,7 +182,8 @@ mod process {
             unsafe { *DEPTH.0.get() += 1 };
             return;
         }
-        let mut old: libc::sigset_t = unsafe_zeroed();
+        // SAFETY: an all-zero sigset_t is a valid (empty) set.
+        let mut old: libc::sigset_t = unsafe { core::mem::zeroed() };
         let block = async_signals();
         // SAFETY: changes only this thread's mask; `old` receives the
         // previous one.
@@ -244,11 +237,6 @@ mod process {
             // SAFETY: restores this thread's own mask.
             unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &mask, core::ptr::null_mut()) };
         }
-    }
-
-    fn unsafe_zeroed() -> libc::sigset_t {
-        // SAFETY: an all-zero sigset_t is a valid (empty) set.
-        unsafe { core::mem::zeroed() }
     }
 
     /// The lock held for a stretch of code that is not a guard's scope (a

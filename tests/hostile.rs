@@ -160,22 +160,18 @@ fn fork_during_updates_memfd_arena() {
 #[test]
 fn reloaded_object_is_patched_again() {
     let so = process::altso();
-    for poke in ["procmem", "memfd", "file"] {
-        if support::usable(poke) {
-            ok(
-                "dl_reload",
-                &[("ALTPATCH_POKE", poke), ("ALTSO", so.to_str().unwrap())],
-            );
-        }
+    for poke in support::usable_strategies() {
+        ok(
+            "dl_reload",
+            &[("ALTPATCH_POKE", poke), ("ALTSO", so.to_str().unwrap())],
+        );
     }
 }
 
 #[test]
 fn no_writable_view_of_code_after_any_call() {
-    for poke in ["procmem", "memfd", "file"] {
-        if support::usable(poke) {
-            ok("no_writable_view", &[("ALTPATCH_POKE", poke)]);
-        }
+    for poke in support::usable_strategies() {
+        ok("no_writable_view", &[("ALTPATCH_POKE", poke)]);
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use altpatch::{Edit, LinuxPoke, Plan, Publish, Strategy, patch_point};
+use altpatch::{Edit, LinuxPoke, Plan, Publish, patch_point};
 use common::*;
 
 /// A flip between all-NOP5 and all-jmp over the given pad's sites.
@@ -84,10 +84,7 @@ fn never_writable_and_executable_never_non_executable() {
     let mut plan = flip_plan(pad, 7);
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut rounds = 0;
-    let strategies: Vec<Strategy> = Strategy::ALL
-        .into_iter()
-        .filter(|&s| LinuxPoke::with_strategy(Publish::InPlace, s).is_ok())
-        .collect();
+    let strategies = usable_strategies();
     while rounds < 60 || (Instant::now() < deadline && rounds < 400) {
         // Every strategy, each with both publications.
         let s = strategies[(rounds / 2) % strategies.len()];
@@ -249,10 +246,7 @@ fn mdwe_child() {
 
 #[test]
 fn patching_works_under_mdwe() {
-    for s in Strategy::ALL {
-        if LinuxPoke::with_strategy(Publish::InPlace, s).is_err() {
-            continue;
-        }
+    for s in usable_strategies() {
         let (ok, out) = run_child_test("mdwe_child", &[("ALTPATCH_POKE", s.name())]);
         assert!(
             ok && out.contains("MDWE-CHILD-OK"),
@@ -347,10 +341,7 @@ fn fork_child() {
 
 #[test]
 fn fork_does_not_share_patches() {
-    for s in Strategy::ALL {
-        if LinuxPoke::with_strategy(Publish::InPlace, s).is_err() {
-            continue;
-        }
+    for s in usable_strategies() {
         let (ok, out) = run_child_test("fork_child", &[("ALTPATCH_POKE", s.name())]);
         assert!(
             ok && out.contains("FORK-CHILD-OK"),

@@ -62,7 +62,7 @@ pub use direct::{DirectPoke, SyncMethod};
 pub use fault::{FaultInjectingPoke, FaultPoint};
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use linux::{LinuxPoke, Publish};
-pub(crate) use short::{copy_short, page_span, short_eq};
+pub(crate) use short::{copy_short, page_span, short_eq, unknown_pages};
 
 /// Size of the pages batches are grouped by.
 pub const PAGE_SIZE: usize = 4096;

@@ -86,6 +86,27 @@ pub(crate) fn page_span(addr: usize, end: usize) -> Range<usize> {
     start..end
 }
 
+/// The pages of the page-aligned `pages` for which `known` is false, as
+/// runs of contiguous pages.
+pub(crate) fn unknown_pages(
+    pages: &[Range<usize>],
+    known: impl Fn(usize) -> bool,
+) -> alloc::vec::Vec<Range<usize>> {
+    let mut out: alloc::vec::Vec<Range<usize>> = alloc::vec::Vec::new();
+    for r in pages {
+        for p in r.clone().step_by(PAGE_SIZE) {
+            if known(p) {
+                continue;
+            }
+            match out.last_mut() {
+                Some(m) if m.end == p => m.end += PAGE_SIZE,
+                _ => out.push(p..p + PAGE_SIZE),
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -122,6 +122,21 @@ pub fn read(addr: usize, len: usize) -> Vec<u8> {
     unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec()
 }
 
+/// The text-writing strategies this machine lets a process use (those
+/// refused here are skipped with a note on stderr).
+pub fn usable_strategies() -> Vec<altpatch::Strategy> {
+    altpatch::Strategy::ALL
+        .into_iter()
+        .filter(|&s| {
+            let ok = altpatch::LinuxPoke::with_strategy(altpatch::Publish::InPlace, s).is_ok();
+            if !ok {
+                eprintln!("SKIPPED for {}: refused on this machine", s.name());
+            }
+            ok
+        })
+        .collect()
+}
+
 /// Runs the `#[ignore]`d test `name` of this test binary in a child process
 /// with `env` set, returning (success, combined output).
 pub fn run_child_test(name: &str, env: &[(&str, &str)]) -> (bool, String) {

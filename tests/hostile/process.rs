@@ -400,10 +400,7 @@ pub fn under_gdb() {
     )
     .unwrap();
     let exe = std::env::current_exe().unwrap();
-    for poke in ["procmem", "memfd", "file"] {
-        if !usable(poke) {
-            continue;
-        }
+    for poke in usable_strategies() {
         // Not the INT3 protocol: gdb stops on a trap that is not its own
         // breakpoint and, unless told `signal SIGTRAP` each time, discards it
         // (and `handle SIGTRAP pass` passes its breakpoints too). The page

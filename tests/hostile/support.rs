@@ -3,7 +3,6 @@
 
 use std::os::unix::process::ExitStatusExt;
 
-use altpatch::poke::Strategy;
 use altpatch::static_key::StaticFalseKey;
 use altpatch::{static_branch_unlikely, static_call};
 
@@ -59,16 +58,17 @@ pub fn run(scenario: &str, env: &[(&str, &str)]) -> Outcome {
     finish(command(scenario, env).output().unwrap())
 }
 
+/// The names of the strategies this machine lets a process use.
+pub fn usable_strategies() -> Vec<&'static str> {
+    super::common::usable_strategies()
+        .into_iter()
+        .map(|s| s.name())
+        .collect()
+}
+
 /// Whether this machine lets a process use the strategy called `name`.
 pub fn usable(name: &str) -> bool {
-    let s = Strategy::from_name(name).unwrap();
-    let ok = altpatch::poke::linux::strategies()
-        .into_iter()
-        .any(|(t, r)| t == s && r.is_ok());
-    if !ok {
-        eprintln!("SKIPPED for {name}: refused on this machine");
-    }
-    ok
+    usable_strategies().contains(&name)
 }
 
 /// Whether tools the environment may lack must be present (CI sets it).

@@ -322,19 +322,7 @@ impl Arena {
     /// Consecutive new pages get consecutive slots, one alias mapping per
     /// such sequence, so they publish with one `mmap`.
     fn ensure_slots(&mut self, pages: &[Range<usize>]) -> Result<(), PokeError> {
-        let mut missing: Vec<Range<usize>> = Vec::new();
-        for r in pages {
-            let mut p = r.start;
-            while p < r.end {
-                if !self.pages.contains_key(&p) {
-                    match missing.last_mut() {
-                        Some(m) if m.end == p => m.end += PAGE_SIZE,
-                        _ => missing.push(p..p + PAGE_SIZE),
-                    }
-                }
-                p += PAGE_SIZE;
-            }
-        }
+        let missing = crate::poke::unknown_pages(pages, |p| self.pages.contains_key(&p));
         for m in missing {
             self.allocate(m.start, (m.end - m.start) / PAGE_SIZE)?;
         }

@@ -32,10 +32,30 @@ struct Run {
     first: usize,
 }
 
+impl Run {
+    /// The batch's page index and offset of `addr` (inside the run).
+    fn page_of(&self, addr: usize) -> (usize, usize) {
+        (
+            self.first + (addr - self.text.start) / PAGE_SIZE,
+            addr % PAGE_SIZE,
+        )
+    }
+}
+
 /// A clean page's dirty span.
 const CLEAN: (u32, u32) = (PAGE_SIZE as u32, 0);
 
 pub(super) struct Batch {
+    /// How this poke writes and publishes (fixed at construction).
+    pub(super) strategy: Strategy,
+    pub(super) publish: Publish,
+    /// Every edit must replace one instruction by one
+    /// ([`LinuxPoke::running`](super::LinuxPoke::running)).
+    pub(super) one_for_one: bool,
+    /// Mapping publications made (swaps, homing, repairs), for reports.
+    pub(super) remaps: u64,
+    /// Pages found not holding their writes and rebuilt.
+    pub(super) repairs: u64,
     runs: Vec<Run>,
     /// Per page of the batch: where writes to it go (staging copy or alias).
     targets: Vec<usize>,
@@ -53,8 +73,13 @@ pub(super) struct Batch {
 }
 
 impl Batch {
-    pub(super) const fn new() -> Batch {
+    pub(super) const fn new(strategy: Strategy, publish: Publish) -> Batch {
         Batch {
+            strategy,
+            publish,
+            one_for_one: false,
+            remaps: 0,
+            repairs: 0,
             runs: Vec::new(),
             targets: Vec::new(),
             stage: Vec::new(),
@@ -79,11 +104,9 @@ impl Batch {
     pub(super) fn begin(
         &mut self,
         shared: &mut Shared,
-        strategy: Strategy,
-        publish: Publish,
         pages: &[Range<usize>],
-        remaps: &mut u64,
     ) -> Result<(), PokeError> {
+        let (strategy, publish) = (self.strategy, self.publish);
         self.clear();
         for r in pages {
             if r.start % PAGE_SIZE != 0 || r.end % PAGE_SIZE != 0 || r.end <= r.start {
@@ -109,12 +132,15 @@ impl Batch {
         }
         self.dirty.resize(n, CLEAN);
         match strategy {
-            Strategy::ProcMem => self.stage_copies(pages, n, publish),
+            Strategy::ProcMem => {
+                shared.procmem.open()?;
+                self.stage_copies(pages, n);
+            }
             Strategy::Memfd | Strategy::File => {
                 shared.arena.begin(strategy, pages)?;
                 for r in pages {
                     if publish != Publish::Remap {
-                        home(shared, r.clone(), remaps)?;
+                        self.remaps += home(shared, r.clone())?;
                     }
                     let mut p = r.start;
                     while p < r.end {
@@ -145,8 +171,8 @@ impl Batch {
 
     /// ProcMem: a copy of every page to write into (none for the INT3
     /// protocol, which writes in place).
-    fn stage_copies(&mut self, pages: &[Range<usize>], n: usize, publish: Publish) {
-        if publish == Publish::Live {
+    fn stage_copies(&mut self, pages: &[Range<usize>], n: usize) {
+        if self.publish == Publish::Live {
             self.targets.resize(n, 0);
             return;
         }
@@ -177,39 +203,34 @@ impl Batch {
     /// address order, so the previous write's run is tried first.
     #[inline]
     fn locate(&mut self, addr: usize) -> Option<(usize, usize)> {
-        let hit = |r: &Run| r.text.start <= addr && addr < r.text.end;
         let i = match self.runs.get(self.last_run) {
-            Some(r) if hit(r) => self.last_run,
+            Some(r) if r.text.contains(&addr) => self.last_run,
             _ => {
-                let i = self.runs.partition_point(|r| r.text.end <= addr);
-                if !hit(self.runs.get(i)?) {
-                    return None;
-                }
+                let i = self.run_of(addr)?;
                 self.last_run = i;
                 i
             }
         };
-        let r = &self.runs[i];
-        Some((
-            r.first + (addr - r.text.start) / PAGE_SIZE,
-            addr % PAGE_SIZE,
-        ))
+        Some(self.runs[i].page_of(addr))
+    }
+
+    /// The index of the run holding `addr`.
+    fn run_of(&self, addr: usize) -> Option<usize> {
+        let i = self.runs.partition_point(|r| r.text.end <= addr);
+        self.runs
+            .get(i)
+            .is_some_and(|r| r.text.contains(&addr))
+            .then_some(i)
     }
 
     /// # Safety
     ///
     /// As for [`TextPoke::write`](crate::TextPoke::write).
     #[inline]
-    pub(super) unsafe fn write(
-        &mut self,
-        publish: Publish,
-        one_for_one: bool,
-        addr: usize,
-        bytes: &[u8],
-    ) -> Result<(), PokeError> {
+    pub(super) unsafe fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
         // SAFETY: the plan writes only inside its text, which is mapped.
         let old = unsafe { core::slice::from_raw_parts(addr as *const u8, bytes.len()) };
-        if publish == Publish::Live {
+        if self.publish == Publish::Live {
             if old == bytes {
                 // Nothing to do (a rollback of a batch the protocol never
                 // ran): no trap, no sync.
@@ -224,7 +245,7 @@ impl Batch {
             self.pending.push((site, Bytes::new(bytes)));
             return Ok(());
         }
-        if one_for_one && old != bytes {
+        if self.one_for_one && old != bytes {
             live::check_swap(addr, old, bytes).map_err(|_| {
                 PokeError::Unsupported(
                     "patching running code needs each edit to replace one instruction by whole instructions",
@@ -265,16 +286,9 @@ impl Batch {
         Ok(())
     }
 
-    pub(super) fn commit(
-        &mut self,
-        shared: &mut Shared,
-        strategy: Strategy,
-        publish: Publish,
-        remaps: &mut u64,
-        repairs: &mut u64,
-    ) -> Result<(), PokeError> {
-        match (strategy, publish) {
-            (_, Publish::Live) => self.commit_live(shared, strategy)?,
+    pub(super) fn commit(&mut self, shared: &mut Shared) -> Result<(), PokeError> {
+        match (self.strategy, self.publish) {
+            (_, Publish::Live) => self.commit_live(shared)?,
             (Strategy::ProcMem, Publish::InPlace) => {
                 for (at, from, len) in self.spans() {
                     // SAFETY: validated text of the batch; the staged bytes
@@ -288,17 +302,17 @@ impl Batch {
                     let bytes = &self.stage[from..from + (r.text.end - r.text.start)];
                     // SAFETY: as above, whole pages.
                     unsafe { shared.procmem.swap(r.text.clone(), bytes) }?;
-                    *remaps += 1;
+                    self.remaps += 1;
                 }
             }
             (_, Publish::InPlace) => {} // stored through the live alias
             (_, Publish::Remap) => {
                 for r in &self.runs {
-                    *remaps += shared.arena.publish_spares(r.text.clone())?;
+                    self.remaps += shared.arena.publish_spares(r.text.clone())?;
                 }
             }
         }
-        self.verify_and_repair(shared, strategy, publish, remaps, repairs)
+        self.verify_and_repair(shared)
     }
 
     /// The written spans of the batch as (text address, stage offset,
@@ -333,7 +347,7 @@ impl Batch {
     /// Runs the INT3 protocol over the pending writes, with the process
     /// lock held (so neither another patcher nor `fork` comes between
     /// phases).
-    fn commit_live(&mut self, shared: &mut Shared, strategy: Strategy) -> Result<(), PokeError> {
+    fn commit_live(&mut self, shared: &mut Shared) -> Result<(), PokeError> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -350,7 +364,7 @@ impl Batch {
             let r = live::run_protocol(&writes, |step| match step {
                 // SAFETY: a live site of the batch (checked in `write`); the
                 // protocol keeps every intermediate state safe.
-                Step::Write(addr, bytes) => unsafe { self.in_place(shared, strategy, addr, bytes) },
+                Step::Write(addr, bytes) => unsafe { self.in_place(shared, addr, bytes) },
                 Step::Sync => {
                     if let Err(e) = os::sync_all_threads()
                         && first_error.is_ok()
@@ -375,11 +389,10 @@ impl Batch {
     unsafe fn in_place(
         &mut self,
         shared: &mut Shared,
-        strategy: Strategy,
         addr: usize,
         bytes: &[u8],
     ) -> Result<(), PokeError> {
-        if strategy == Strategy::ProcMem {
+        if self.strategy == Strategy::ProcMem {
             // SAFETY: forwarded.
             return unsafe { shared.procmem.write(addr, bytes) };
         }
@@ -392,8 +405,10 @@ impl Batch {
 /// Maps slots holding the current bytes over every page of `r` that is
 /// still its original mapping (the arena's in-place and INT3 publications
 /// write into the live slot).
-fn home(shared: &mut Shared, r: Range<usize>, remaps: &mut u64) -> Result<(), PokeError> {
+/// Returns the number of `mmap` calls.
+fn home(shared: &mut Shared, r: Range<usize>) -> Result<u64, PokeError> {
     let arena = &mut shared.arena;
+    let mut calls = 0;
     let mut p = r.start;
     while p < r.end {
         if arena.slots(p).and_then(|s| s.live_alias()).is_some() {
@@ -408,7 +423,7 @@ fn home(shared: &mut Shared, r: Range<usize>, remaps: &mut u64) -> Result<(), Po
             unsafe { core::ptr::copy_nonoverlapping(p as *const u8, spare as *mut u8, PAGE_SIZE) };
             p += PAGE_SIZE;
         }
-        *remaps += arena.publish_spares(start..p)?;
+        calls += arena.publish_spares(start..p)?;
     }
-    Ok(())
+    Ok(calls)
 }

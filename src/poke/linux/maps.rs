@@ -123,30 +123,14 @@ impl TextPages {
     /// Checks the page-aligned `pages` are text, reading `/proc/self/maps`
     /// only for pages not confirmed before.
     pub(crate) fn check(&mut self, pages: &[Range<usize>]) -> Result<(), PokeError> {
-        let mut missing: Vec<Range<usize>> = Vec::new();
-        for r in pages {
-            let mut p = r.start;
-            while p < r.end {
-                if !self.checked.contains(&p) {
-                    match missing.last_mut() {
-                        Some(m) if m.end == p => m.end += crate::poke::PAGE_SIZE,
-                        _ => missing.push(p..p + crate::poke::PAGE_SIZE),
-                    }
-                }
-                p += crate::poke::PAGE_SIZE;
-            }
-        }
+        let missing = crate::poke::unknown_pages(pages, |p| self.checked.contains(&p));
         if missing.is_empty() {
             return Ok(());
         }
         self.reads += 1;
         check_text_mappings(&missing)?;
         for m in missing {
-            let mut p = m.start;
-            while p < m.end {
-                self.checked.insert(p);
-                p += crate::poke::PAGE_SIZE;
-            }
+            self.checked.extend(m.step_by(crate::poke::PAGE_SIZE));
         }
         Ok(())
     }

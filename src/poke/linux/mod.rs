@@ -196,7 +196,6 @@ pub fn refuse_for_tests(strategy: Strategy, call: &'static str, errno: i32) {
 /// handler, lock held).
 pub(crate) fn after_fork_in_child() {
     trap::after_fork_in_child();
-    state::after_fork_in_child();
 }
 
 /// Patches this process's own text without a writable+executable mapping
@@ -235,24 +234,19 @@ pub(crate) fn after_fork_in_child() {
 /// println!("{report}"); // ... via pwrite to /proc/self/mem, in place
 /// ```
 pub struct LinuxPoke {
-    publish: Publish,
-    strategy: Strategy,
-    /// Every edit must replace one instruction by one ([`LinuxPoke::running`]).
-    one_for_one: bool,
     lock: Option<Locked>,
+    /// The batch in progress, and how this poke writes and publishes.
     batch: batch::Batch,
-    remaps: u64,
     maps_checks: u64,
-    repairs: u64,
 }
 
 impl core::fmt::Debug for LinuxPoke {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("LinuxPoke")
-            .field("publish", &self.publish)
-            .field("strategy", &self.strategy)
+            .field("publish", &self.batch.publish)
+            .field("strategy", &self.batch.strategy)
             .field("in_batch", &self.lock.is_some())
-            .field("remaps", &self.remaps)
+            .field("remaps", &self.batch.remaps)
             .finish()
     }
 }
@@ -284,7 +278,7 @@ impl LinuxPoke {
     /// ```
     pub fn running() -> Result<LinuxPoke, PokeError> {
         let mut p = LinuxPoke::with_publish(live_publication())?;
-        p.one_for_one = true;
+        p.batch.one_for_one = true;
         Ok(p)
     }
 
@@ -316,25 +310,20 @@ impl LinuxPoke {
     fn make(publish: Publish, strategy: Strategy) -> LinuxPoke {
         os::init_sync_core();
         LinuxPoke {
-            publish,
-            strategy,
-            one_for_one: false,
             lock: None,
-            batch: batch::Batch::new(),
-            remaps: 0,
+            batch: batch::Batch::new(strategy, publish),
             maps_checks: 0,
-            repairs: 0,
         }
     }
 
     /// The publication.
     pub fn publish(&self) -> Publish {
-        self.publish
+        self.batch.publish
     }
 
     /// The strategy this poke writes with.
     pub fn strategy(&self) -> Strategy {
-        self.strategy
+        self.batch.strategy
     }
 
     /// Whether [`sync`](crate::TextPoke::sync) uses
@@ -349,7 +338,7 @@ impl LinuxPoke {
     /// homing; for tests and benchmarks: it grows with runs of pages, not
     /// edits).
     pub fn remaps(&self) -> u64 {
-        self.remaps
+        self.batch.remaps
     }
 
     /// Number of times this poke read `/proc/self/maps` (once per batch that
@@ -361,7 +350,7 @@ impl LinuxPoke {
     /// Pages this poke found not holding its writes after publication and
     /// built afresh (a debugger's copy, a re-loaded object).
     pub fn repairs(&self) -> u64 {
-        self.repairs
+        self.batch.repairs
     }
 
     /// Unmaps every alias of text and forgets the arena of the alias
@@ -402,13 +391,7 @@ unsafe impl super::TextPoke for LinuxPoke {
         }
         let mut lock = Locked::acquire()?;
         let before = lock.shared().text.reads;
-        let r = self.batch.begin(
-            lock.shared(),
-            self.strategy,
-            self.publish,
-            pages,
-            &mut self.remaps,
-        );
+        let r = self.batch.begin(lock.shared(), pages);
         self.maps_checks += lock.shared().text.reads - before;
         match r {
             Ok(()) => {
@@ -429,23 +412,14 @@ unsafe impl super::TextPoke for LinuxPoke {
             return Err(PokeError::Unsupported("write outside a batch"));
         }
         // SAFETY: forwarded; the batch checks the address is inside it.
-        unsafe {
-            self.batch
-                .write(self.publish, self.one_for_one, addr, bytes)
-        }
+        unsafe { self.batch.write(addr, bytes) }
     }
 
     fn commit(&mut self) -> Result<(), PokeError> {
         let Some(mut lock) = self.lock.take() else {
             return Err(PokeError::Unsupported("commit without a batch"));
         };
-        let result = self.batch.commit(
-            lock.shared(),
-            self.strategy,
-            self.publish,
-            &mut self.remaps,
-            &mut self.repairs,
-        );
+        let result = self.batch.commit(lock.shared());
         self.lock = Some(lock);
         self.end_batch();
         result
@@ -456,7 +430,7 @@ unsafe impl super::TextPoke for LinuxPoke {
     }
 
     fn sync(&mut self) -> Result<(), PokeError> {
-        if self.publish == Publish::Live {
+        if self.batch.publish == Publish::Live {
             // The protocol synced after each of its phases.
             return Ok(());
         }
@@ -464,6 +438,6 @@ unsafe impl super::TextPoke for LinuxPoke {
     }
 
     fn method(&self) -> &'static str {
-        strategy::method(self.strategy, self.publish)
+        strategy::method(self.batch.strategy, self.batch.publish)
     }
 }

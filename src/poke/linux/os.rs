@@ -25,6 +25,31 @@ pub(super) fn os_err(call: &'static str) -> PokeError {
     }
 }
 
+/// A new private anonymous mapping of `len` bytes with `prot`, at an
+/// address the kernel picks. Never writable and executable at once: callers
+/// ask for read+write or read+exec (the latter is allowed under MDWE, since
+/// the mapping is executable from the start).
+pub(super) fn map_anon(len: usize, prot: libc::c_int) -> Result<*mut libc::c_void, PokeError> {
+    debug_assert!(
+        prot & (libc::PROT_WRITE | libc::PROT_EXEC) != libc::PROT_WRITE | libc::PROT_EXEC
+    );
+    // SAFETY: a fresh mapping that overlaps nothing of ours.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(os_err("mmap"));
+    }
+    Ok(p)
+}
+
 /// Registers `membarrier(SYNC_CORE)` once per process.
 pub(super) fn init_sync_core() {
     REGISTER.call_once(|| {
@@ -66,19 +91,9 @@ pub(super) fn sync_all_threads() -> Result<(), PokeError> {
         }
         return Ok(());
     }
-    // SAFETY: a private anonymous page we map, touch, flip and unmap.
+    let p = map_anon(PAGE_SIZE, libc::PROT_READ | libc::PROT_WRITE)?;
+    // SAFETY: a private anonymous page we mapped: touch, flip and unmap it.
     unsafe {
-        let p = libc::mmap(
-            core::ptr::null_mut(),
-            PAGE_SIZE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        );
-        if p == libc::MAP_FAILED {
-            return Err(os_err("mmap"));
-        }
         (p as *mut u8).write_volatile(1);
         let r = libc::mprotect(p, PAGE_SIZE, libc::PROT_READ);
         libc::munmap(p, PAGE_SIZE);

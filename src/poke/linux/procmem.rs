@@ -25,11 +25,12 @@
 
 use core::ops::Range;
 
-use super::os::{errno, os_err};
+use super::os::{errno, map_anon, os_err};
 use crate::poke::{PAGE_SIZE, PokeError, Refusal, Strategy};
 
-/// The open `/proc/self/mem`. Kept open; reopened in a child, whose
-/// inherited descriptor still names the parent's memory.
+/// The open `/proc/self/mem`. Kept open; reopened in a forked child (found
+/// by its process id), whose inherited descriptor still names the parent's
+/// memory.
 pub(super) struct ProcMem {
     fd: libc::c_int,
     pid: libc::pid_t,
@@ -58,21 +59,7 @@ impl ProcMem {
     fn staging(&mut self, pages: usize) -> Result<usize, PokeError> {
         if self.pool_pages < pages {
             let n = pages.max(POOL);
-            // SAFETY: a new private anonymous mapping, read+exec: allowed
-            // under MDWE (never writable, executable from the start).
-            let p = unsafe {
-                libc::mmap(
-                    core::ptr::null_mut(),
-                    n * PAGE_SIZE,
-                    libc::PROT_READ | libc::PROT_EXEC,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return Err(os_err("mmap"));
-            }
+            let p = map_anon(n * PAGE_SIZE, libc::PROT_READ | libc::PROT_EXEC)?;
             if self.pool_pages > 0 {
                 // SAFETY: the rest of the old pool, ours and untouched.
                 unsafe {
@@ -85,16 +72,13 @@ impl ProcMem {
         Ok(self.pool + self.pool_pages * PAGE_SIZE)
     }
 
-    /// Forgets the descriptor without closing it (in a forked child: it is
-    /// the parent's memory; it is closed on the next use).
-    pub(super) fn after_fork(&mut self) {
-        self.pid = 0;
-    }
-
-    fn fd(&mut self) -> Result<libc::c_int, PokeError> {
-        // SAFETY: getpid has no preconditions. Checked every batch (not
-        // only through the fork handlers): a raw `clone` runs no handler,
-        // and a write through the parent's descriptor would patch the parent.
+    /// Opens `/proc/self/mem`, or reopens it if this is a forked child.
+    /// Called when a batch begins (under the process lock, so no fork comes
+    /// between this and the batch's writes) rather than reset by a fork
+    /// handler: a raw `clone` runs no handler, and a write through the
+    /// parent's descriptor would patch the parent.
+    pub(super) fn open(&mut self) -> Result<libc::c_int, PokeError> {
+        // SAFETY: getpid has no preconditions.
         let pid = unsafe { libc::getpid() };
         if self.fd >= 0 && self.pid == pid {
             return Ok(self.fd);
@@ -120,7 +104,7 @@ impl ProcMem {
     /// `addr..addr + bytes.len()` is validated text (or a mapping of ours
     /// nothing runs yet), and `bytes` is what may be there.
     pub(super) unsafe fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
-        let fd = self.fd()?;
+        let fd = if self.fd >= 0 { self.fd } else { self.open()? };
         let mut done = 0;
         while done < bytes.len() {
             // SAFETY: reads `bytes`; the kernel writes our own memory at an
@@ -203,22 +187,10 @@ impl Drop for ProcMem {
 pub(super) fn probe(mem: &mut ProcMem) -> Result<(), Refusal> {
     let refuse =
         |call: &'static &'static str, errno: i32| Refusal::new(Strategy::ProcMem, call, errno);
-    mem.fd()
+    mem.open()
         .map_err(|_| refuse(&"open /proc/self/mem", errno()))?;
-    // SAFETY: a private anonymous read+exec page for the probe.
-    let page = unsafe {
-        libc::mmap(
-            core::ptr::null_mut(),
-            PAGE_SIZE,
-            libc::PROT_READ | libc::PROT_EXEC,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if page == libc::MAP_FAILED {
-        return Err(refuse(&"mmap(PROT_READ|PROT_EXEC, MAP_ANONYMOUS)", errno()));
-    }
+    let page = map_anon(PAGE_SIZE, libc::PROT_READ | libc::PROT_EXEC)
+        .map_err(|_| refuse(&"mmap(PROT_READ|PROT_EXEC, MAP_ANONYMOUS)", errno()))?;
     let probe = [0xc3u8, 0xcc];
     // SAFETY: our own page, which nothing runs.
     let wrote = unsafe { mem.write(page as usize, &probe) };

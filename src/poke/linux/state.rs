@@ -83,14 +83,3 @@ impl Drop for Locked {
 pub(super) fn slot(s: Strategy) -> usize {
     Strategy::ALL.iter().position(|&t| t == s).unwrap_or(0)
 }
-
-/// In a forked child, with the lock held by the forking thread: the state
-/// other threads were using is the parent's.
-pub(super) fn after_fork_in_child() {
-    // SAFETY: called from the fork child handler, whose thread holds the
-    // process lock and is the only thread; no `Locked` borrow is live in
-    // the code the handler interrupted (fork is never called mid-batch,
-    // since `begin` holds the lock `fork` waits for).
-    let shared = unsafe { &mut *SHARED.0.get() };
-    shared.procmem.after_fork();
-}

@@ -10,65 +10,52 @@ use crate::poke::linux::{Publish, os};
 use crate::poke::{PAGE_SIZE, PokeError, Strategy};
 
 impl Batch {
-    /// Calls `f(addr, intended)` for every write of the batch, split at page
-    /// boundaries; stops when `f` returns false.
-    fn each_piece(&self, publish: Publish, mut f: impl FnMut(usize, &[u8]) -> bool) {
-        let split = |addr: usize, want: &[u8], f: &mut dyn FnMut(usize, &[u8]) -> bool| {
-            let mut done = 0;
-            while done < want.len() {
-                let at = addr + done;
-                let n = (PAGE_SIZE - at % PAGE_SIZE).min(want.len() - done);
-                if !f(at, &want[done..done + n]) {
-                    return false;
-                }
-                done += n;
-            }
-            true
-        };
-        if publish == Publish::Live {
-            for (s, b) in &self.pending {
-                if !split(s.addr, b, &mut f) {
-                    return;
-                }
-            }
-            return;
-        }
-        for &(addr, len) in &self.writes {
+    /// Calls `f(addr, intended bytes)` for every write of the batch, split
+    /// at page boundaries. The intended bytes are the protocol's pending
+    /// writes, or else what the staging (or alias) holds there.
+    fn each_piece(&self, mut f: impl FnMut(usize, &[u8])) {
+        for (addr, len, pending) in self.write_list() {
             let mut done = 0;
             while done < len {
                 let at = addr + done;
-                let Some((page, off)) = self.locate_ro(at) else {
-                    return;
+                let n = (PAGE_SIZE - at % PAGE_SIZE).min(len - done);
+                let want = match pending {
+                    Some(b) => &b[done..done + n],
+                    None => {
+                        let Some(i) = self.run_of(at) else { break };
+                        let (page, off) = self.runs[i].page_of(at);
+                        // SAFETY: staging or alias memory of the batch,
+                        // still mapped, with `n` bytes left in the page.
+                        unsafe {
+                            core::slice::from_raw_parts((self.targets[page] + off) as *const u8, n)
+                        }
+                    }
                 };
-                let n = (PAGE_SIZE - off).min(len - done);
-                // SAFETY: staging or alias memory of the batch, still mapped.
-                let want = unsafe {
-                    core::slice::from_raw_parts((self.targets[page] + off) as *const u8, n)
-                };
-                if !f(at, want) {
-                    return;
-                }
+                f(at, want);
                 done += n;
             }
         }
     }
 
-    fn locate_ro(&self, addr: usize) -> Option<(usize, usize)> {
-        let i = self.runs.partition_point(|r| r.text.end <= addr);
-        let r = self.runs.get(i).filter(|r| r.text.start <= addr)?;
-        Some((
-            r.first + (addr - r.text.start) / PAGE_SIZE,
-            addr % PAGE_SIZE,
-        ))
+    /// Every write as (address, length, the bytes if the batch keeps them).
+    fn write_list(&self) -> Vec<(usize, usize, Option<&[u8]>)> {
+        if self.publish == Publish::Live {
+            self.pending
+                .iter()
+                .map(|(s, b)| (s.addr, b.len(), Some(&b[..])))
+                .collect()
+        } else {
+            self.writes.iter().map(|&(a, n)| (a, n, None)).collect()
+        }
     }
 
     /// Pages (address, first wrong byte) whose text does not hold the
     /// batch's writes. Outside the INT3 protocol each page's written span is
     /// compared with its staging (one compare per page, whatever the number
     /// of edits); the protocol's writes are compared one by one.
-    fn mismatches(&self, publish: Publish) -> Vec<(usize, usize)> {
+    fn mismatches(&self) -> Vec<(usize, usize)> {
         let mut bad: Vec<(usize, usize)> = Vec::new();
-        if publish != Publish::Live {
+        if self.publish != Publish::Live {
             for r in &self.runs {
                 let pages = (r.text.end - r.text.start) / PAGE_SIZE;
                 for k in 0..pages {
@@ -97,7 +84,7 @@ impl Batch {
             }
             return bad;
         }
-        self.each_piece(publish, |at, want| {
+        self.each_piece(|at, want| {
             // SAFETY: inside the batch's text, which is mapped readable.
             let have = unsafe { core::slice::from_raw_parts(at as *const u8, want.len()) };
             if let Some(i) = have.iter().zip(want).position(|(a, b)| a != b) {
@@ -106,32 +93,24 @@ impl Batch {
                     bad.push((page, at + i));
                 }
             }
-            true
         });
         bad
     }
 
-    pub(super) fn verify_and_repair(
-        &mut self,
-        shared: &mut Shared,
-        strategy: Strategy,
-        publish: Publish,
-        remaps: &mut u64,
-        repairs: &mut u64,
-    ) -> Result<(), PokeError> {
-        let bad = self.mismatches(publish);
+    pub(super) fn verify_and_repair(&mut self, shared: &mut Shared) -> Result<(), PokeError> {
+        let bad = self.mismatches();
         if bad.is_empty() {
             return Ok(());
         }
         for &(page, _) in &bad {
-            self.repair(shared, strategy, publish, page)?;
-            *remaps += 1;
-            *repairs += 1;
+            self.repair(shared, page)?;
+            self.remaps += 1;
+            self.repairs += 1;
         }
-        if publish == Publish::Live {
+        if self.publish == Publish::Live {
             os::sync_all_threads()?;
         }
-        match self.mismatches(publish).first() {
+        match self.mismatches().first() {
             None => Ok(()),
             Some(&(_, addr)) => Err(PokeError::NotLanded { addr }),
         }
@@ -139,13 +118,8 @@ impl Batch {
 
     /// Builds `page` afresh — the bytes mapped there now with the batch's
     /// writes on top — and swaps it in.
-    fn repair(
-        &mut self,
-        shared: &mut Shared,
-        strategy: Strategy,
-        publish: Publish,
-        page: usize,
-    ) -> Result<(), PokeError> {
+    fn repair(&mut self, shared: &mut Shared, page: usize) -> Result<(), PokeError> {
+        let strategy = self.strategy;
         let range = page..page + PAGE_SIZE;
         shared.text.forget(page);
         shared.text.check(core::slice::from_ref(&range))?;
@@ -155,12 +129,11 @@ impl Batch {
         fresh.extend_from_slice(unsafe {
             core::slice::from_raw_parts(page as *const u8, PAGE_SIZE)
         });
-        self.each_piece(publish, |at, want| {
+        self.each_piece(|at, want| {
             if range.contains(&at) {
                 let off = at - page;
                 fresh[off..off + want.len()].copy_from_slice(want);
             }
-            true
         });
         let r = match strategy {
             // SAFETY: validated text; its current bytes plus the writes.
