@@ -14,6 +14,7 @@
 //! assert!(!without_movbe.has(Feature::Movbe));
 //! ```
 
+mod feature;
 mod features;
 mod overrides;
 mod published;

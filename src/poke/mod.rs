@@ -62,7 +62,9 @@ pub use direct::{DirectPoke, SyncMethod};
 pub use fault::{FaultInjectingPoke, FaultPoint};
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use linux::{LinuxPoke, Publish};
-pub(crate) use short::{copy_short, page_span, short_eq, unknown_pages};
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) use short::unknown_pages;
+pub(crate) use short::{copy_short, page_span, short_eq};
 
 /// Size of the pages batches are grouped by.
 pub const PAGE_SIZE: usize = 4096;

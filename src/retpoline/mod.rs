@@ -63,197 +63,20 @@
 //! checks the linked handler.
 
 mod policy;
+mod report;
 mod thunks;
 
 use alloc::vec::Vec;
-use core::fmt;
 
 pub use policy::{Mode, Policy, Setting};
+pub use report::{Error, Outcome, Report, SiteOutcome};
 pub use thunks::{THUNK_SLOT, return_thunk, thunk, thunk_array};
 
 use crate::image::Image;
-use crate::plan::{ApplyReport, Bytes, Edit, Expect, Plan, PlanError};
+use crate::plan::{Bytes, Edit, Expect, Plan};
 use crate::poke::TextPoke;
 use crate::sites::{Site, SiteKind};
 use crate::x86::{self, BranchKind, Reg};
-
-/// What became of one site (see [`Report::counts`] for an example).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Rewritten into the mode's inline form.
-    Inlined,
-    /// Left (or put back) calling the thunk, which the mode patches.
-    ViaThunk,
-    /// Could not be inlined in this mode; keeps calling the (patched) thunk.
-    Refused(&'static str),
-}
-
-/// One site and its outcome, as listed in [`Report::sites`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SiteOutcome {
-    /// The site.
-    pub site: Site,
-    /// What happened to it.
-    pub outcome: Outcome,
-}
-
-/// What [`apply`] decided and did.
-#[derive(Clone, Debug)]
-pub struct Report {
-    /// The mode applied, with the policy's reasoning.
-    pub policy: Policy,
-    /// Every site considered.
-    pub sites: Vec<SiteOutcome>,
-    /// Thunk slots rewritten to the mode's form.
-    pub thunks: usize,
-    /// The site batch's outcome.
-    pub sites_applied: ApplyReport,
-    /// The thunk batch's outcome.
-    pub thunks_applied: ApplyReport,
-}
-
-impl Report {
-    /// (inlined, via thunk, refused) counts for sites whose kind matches `f`.
-    ///
-    /// ```
-    /// use altpatch::retpoline::{Mode, Outcome, Policy, Report, SiteOutcome};
-    /// use altpatch::sites::{Site, SiteKind};
-    /// use altpatch::x86::{BranchKind, Reg};
-    ///
-    /// let site = |kind| Site { addr: 0x1000, len: 5, form: BranchKind::Call, kind, target: 0x2000 };
-    /// let report = Report {
-    ///     policy: Policy { mode: Mode::Lfence, reason: "example".into() },
-    ///     sites: vec![
-    ///         SiteOutcome { site: site(SiteKind::IndirectThunk(Reg::Rax)), outcome: Outcome::Inlined },
-    ///         SiteOutcome {
-    ///             site: site(SiteKind::IndirectThunk(Reg::R11)),
-    ///             outcome: Outcome::Refused("no room"),
-    ///         },
-    ///     ],
-    ///     thunks: 15,
-    ///     sites_applied: Default::default(),
-    ///     thunks_applied: Default::default(),
-    /// };
-    /// assert_eq!(report.counts(|k| matches!(k, SiteKind::IndirectThunk(_))), (1, 0, 1));
-    /// assert!(report.to_string().contains("refused (1): no room"));
-    /// ```
-    pub fn counts(&self, f: impl Fn(&SiteKind) -> bool) -> (usize, usize, usize) {
-        let mut c = (0, 0, 0);
-        for s in self.sites.iter().filter(|s| f(&s.site.kind)) {
-            match s.outcome {
-                Outcome::Inlined => c.0 += 1,
-                Outcome::ViaThunk => c.1 += 1,
-                Outcome::Refused(_) => c.2 += 1,
-            }
-        }
-        c
-    }
-}
-
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "retpoline mode {}: {}",
-            self.policy.mode, self.policy.reason
-        )?;
-        let (ti, tv, tr) = self.counts(|k| matches!(k, SiteKind::IndirectThunk(_)));
-        let (ri, rv, rr) = self.counts(|k| *k == SiteKind::ReturnThunk);
-        writeln!(
-            f,
-            "  indirect-thunk sites: {ti} inlined, {tv} via thunk, {tr} refused; \
-             return-thunk sites: {ri} inlined, {rv} via thunk, {rr} refused; {} thunks rewritten",
-            self.thunks
-        )?;
-        let mut reasons: Vec<(&str, usize)> = Vec::new();
-        for s in &self.sites {
-            if let Outcome::Refused(why) = s.outcome {
-                match reasons.iter_mut().find(|(w, _)| *w == why) {
-                    Some((_, n)) => *n += 1,
-                    None => reasons.push((why, 1)),
-                }
-            }
-        }
-        for (why, n) in reasons {
-            writeln!(f, "  refused ({n}): {why}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Why retpolines could not be applied. Every variant but
-/// [`Error::Thunks`] means nothing was written.
-///
-/// ```
-/// use altpatch::retpoline::Error;
-///
-/// let e = Error::RspSite { site: 0x1234 };
-/// assert!(e.to_string().contains("0x1234") && e.to_string().contains("%rsp"));
-/// ```
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub enum Error {
-    /// A site names `%rsp`'s thunk, which does not exist.
-    RspSite {
-        /// The site.
-        site: usize,
-    },
-    /// A thunk slot holds bytes of none of the modes.
-    BadThunk {
-        /// The register.
-        reg: Reg,
-        /// The slot's address.
-        addr: usize,
-    },
-    /// The plan was refused (a site holds unexpected bytes) or the poke
-    /// failed.
-    Plan(PlanError),
-    /// The sites were rewritten but the thunk batch then failed to write.
-    /// Every site form works with every thunk form, so the program is
-    /// correct either way.
-    Thunks {
-        /// Why the thunk batch failed.
-        error: PlanError,
-        /// Whether the sites were put back as they were.
-        sites_restored: bool,
-    },
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Error::RspSite { site } => write!(
-                f,
-                "site {site:#x} calls a thunk for %rsp, which is never a thunk register; nothing written"
-            ),
-            Error::BadThunk { reg, addr } => write!(
-                f,
-                "thunk for {reg} at {addr:#x} holds none of the expected forms; nothing written"
-            ),
-            Error::Plan(e) => fmt::Display::fmt(e, f),
-            Error::Thunks {
-                error,
-                sites_restored,
-            } => write!(
-                f,
-                "rewriting the thunks failed ({error}); the sites {}",
-                if *sites_restored {
-                    "were put back as they were"
-                } else {
-                    "could not be put back and stay rewritten (still correct)"
-                }
-            ),
-        }
-    }
-}
-
-impl core::error::Error for Error {}
-
-impl From<PlanError> for Error {
-    fn from(e: PlanError) -> Error {
-        Error::Plan(e)
-    }
-}
 
 /// `n` bytes of `int3`.
 fn int3s(out: &mut Vec<u8>, n: usize) {

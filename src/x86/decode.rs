@@ -194,6 +194,7 @@ pub fn rel_branch(bytes: &[u8], ip: u64) -> Option<RelBranch> {
 #[cfg(test)]
 mod tests {
     use super::super::encode::*;
+    use super::super::reg::{Reg, call_reg};
     use super::*;
 
     #[test]

@@ -19,6 +19,7 @@
 
 mod decode;
 mod encode;
+mod reg;
 mod reloc;
 
 pub use decode::{
@@ -26,8 +27,8 @@ pub use decode::{
     rel_branch_of,
 };
 pub use encode::{
-    Cond, Encoded, INT3, LFENCE, NOP_MAX, NOP5, OutOfRange, RET, Reg, SERIALIZE, call_reg,
-    call_rel32, fill_gap, fill_nops, jcc_rel8, jcc_rel32, jmp_reg, jmp_rel8, jmp_rel32, nop, rel8,
-    rel32,
+    Cond, Encoded, INT3, LFENCE, NOP_MAX, NOP5, OutOfRange, RET, SERIALIZE, call_rel32, fill_gap,
+    fill_nops, jcc_rel8, jcc_rel32, jmp_rel8, jmp_rel32, nop, rel8, rel32,
 };
+pub use reg::{Reg, call_reg, jmp_reg};
 pub use reloc::{RelocError, relocate};

@@ -1,0 +1,181 @@
+//! The three phases of the INT3 protocol, and [`Int3Poke`], which runs them
+//! over any in-place poke.
+
+use alloc::vec::Vec;
+use core::ops::Range;
+
+use super::{LiveSite, LiveSites};
+use crate::poke::{PokeError, TextPoke};
+use crate::x86::INT3;
+
+/// One step of the protocol, for [`run_protocol`]'s callback.
+pub(crate) enum Step<'a> {
+    /// Store these bytes at this address (in place).
+    Write(usize, &'a [u8]),
+    /// Make every CPU/thread observe the stores so far.
+    Sync,
+}
+
+/// Runs the three phases over `sites` (address, new bytes), calling `step`
+/// for each store and after each phase.
+pub(crate) fn run_protocol(
+    sites: &[(usize, &[u8])],
+    mut step: impl FnMut(Step<'_>) -> Result<(), PokeError>,
+) -> Result<(), PokeError> {
+    for &(addr, _) in sites {
+        step(Step::Write(addr, &[INT3]))?;
+    }
+    step(Step::Sync)?;
+    for &(addr, new) in sites {
+        if new.len() > 1 {
+            step(Step::Write(addr + 1, &new[1..]))?;
+        }
+    }
+    step(Step::Sync)?;
+    for &(addr, new) in sites {
+        step(Step::Write(addr, &new[..1]))?;
+    }
+    step(Step::Sync)
+}
+
+/// Runs the INT3 protocol over an in-place poke (one whose writes are
+/// visible at once, like [`DirectPoke`](crate::DirectPoke) or a kernel's
+/// alias poke).
+///
+/// Writes are collected until [`commit`](TextPoke::commit), which runs the
+/// three phases as three batches of the inner poke, each followed by its
+/// `sync`. The sites being patched are available from
+/// [`active`](Int3Poke::active) while commit runs, for the embedder's `#BP`
+/// handler (set it up before committing: [`Int3Poke::set_hook`]).
+///
+/// ```
+/// use altpatch::{DirectPoke, Edit, Expect, Plan, SyncMethod, poke::live::Int3Poke};
+///
+/// let mut text = vec![0x0fu8, 0x1f, 0x44, 0x00, 0x00, 0xc3];
+/// let base = text.as_mut_ptr() as usize;
+/// // SAFETY: `text` outlives the plan.
+/// let mut plan = unsafe { Plan::with_text(base..base + 6) };
+/// plan.push(Edit::jmp(base, Expect::Nop, base + 5));
+/// // SAFETY: plain data; nothing executes it.
+/// let inner = unsafe { DirectPoke::new(SyncMethod::Cpuid) };
+/// let mut poke = Int3Poke::new(inner);
+/// // SAFETY: as above.
+/// unsafe { plan.apply(&mut poke) }.unwrap();
+/// assert_eq!(text[..5], [0xe9, 0, 0, 0, 0]);
+/// ```
+pub struct Int3Poke<P> {
+    inner: P,
+    pages: Vec<Range<usize>>,
+    pending: Vec<(usize, alloc::vec::Vec<u8>)>,
+    live: LiveSites,
+    hook: Option<fn(Option<&LiveSites>)>,
+}
+
+impl<P: TextPoke> Int3Poke<P> {
+    /// Wraps `inner`, which must write in place.
+    pub fn new(inner: P) -> Self {
+        Int3Poke {
+            inner,
+            pages: Vec::new(),
+            pending: Vec::new(),
+            live: LiveSites::default(),
+            hook: None,
+        }
+    }
+
+    /// Registers `hook`, called with the batch's sites just before phase 1
+    /// and with `None` after phase 3's sync: the place to publish the table
+    /// to a `#BP` handler.
+    pub fn set_hook(&mut self, hook: fn(Option<&LiveSites>)) {
+        self.hook = Some(hook);
+    }
+
+    /// The sites of the batch being committed.
+    pub fn active(&self) -> &LiveSites {
+        &self.live
+    }
+
+    /// The wrapped poke.
+    pub fn into_inner(self) -> P {
+        self.inner
+    }
+}
+
+// SAFETY: every byte written reaches the inner in-place poke through the
+// protocol, whose intermediate states are all safe for running threads
+// (int3 at sites, emulated by the embedder's handler), ending with exactly
+// the batch's bytes and a sync.
+unsafe impl<P: TextPoke> TextPoke for Int3Poke<P> {
+    fn begin(&mut self, pages: &[Range<usize>]) -> Result<(), PokeError> {
+        self.pages.clear();
+        self.pages.extend_from_slice(pages);
+        self.pending.clear();
+        Ok(())
+    }
+
+    unsafe fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
+        let mut old = alloc::vec![0u8; bytes.len()];
+        // SAFETY: the plan only writes inside its text, which is readable.
+        unsafe { self.inner.read(addr, &mut old) }?;
+        LiveSite::new(addr, &old, bytes).map_err(|_| {
+            PokeError::Unsupported("live patching needs one emulatable instruction per site")
+        })?;
+        self.pending.push((addr, bytes.to_vec()));
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), PokeError> {
+        let mut table = Vec::with_capacity(self.pending.len());
+        for (addr, new) in &self.pending {
+            let mut old = alloc::vec![0u8; new.len()];
+            // SAFETY: as in `write`.
+            unsafe { self.inner.read(*addr, &mut old) }?;
+            table.push(LiveSite::new(*addr, &old, new).map_err(|_| {
+                PokeError::Unsupported("live patching needs one emulatable instruction per site")
+            })?);
+        }
+        self.live = LiveSites::new(table);
+        if let Some(h) = self.hook {
+            h(Some(&self.live));
+        }
+        let sites: Vec<(usize, &[u8])> = self.pending.iter().map(|(a, b)| (*a, &b[..])).collect();
+        let pages = &self.pages;
+        let inner = &mut self.inner;
+        let result = run_protocol(&sites, |step| match step {
+            Step::Write(addr, bytes) => {
+                inner.begin(pages)?;
+                // SAFETY: inside the batch's pages; the protocol keeps every
+                // intermediate state safe for running threads.
+                unsafe { inner.write(addr, bytes) }?;
+                inner.commit()
+            }
+            Step::Sync => inner.sync(),
+        });
+        if let Some(h) = self.hook {
+            h(None);
+        }
+        self.pending.clear();
+        result
+    }
+
+    fn abort(&mut self) {
+        self.pending.clear();
+    }
+
+    fn sync(&mut self) -> Result<(), PokeError> {
+        self.inner.sync()
+    }
+
+    fn reads_in_place(&self) -> bool {
+        self.inner.reads_in_place()
+    }
+
+    fn method(&self) -> &'static str {
+        "INT3 protocol"
+    }
+
+    unsafe fn read(&self, addr: usize, out: &mut [u8]) -> Result<(), PokeError> {
+        // SAFETY: same contract, forwarded.
+        unsafe { self.inner.read(addr, out) }
+    }
+}
