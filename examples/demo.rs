@@ -22,6 +22,8 @@ use altpatch::{
 // retpoline-built code makes (shared with benches/retpoline.rs).
 #[path = "../benches/support/retpoline_loops.rs"]
 mod retpoline_loops;
+#[path = "demo/trampolines.rs"]
+mod trampolines;
 
 /// Returns 1 until the demo rewrites the immediate of its `mov`.
 #[inline(never)]
@@ -251,6 +253,13 @@ fn main() -> ExitCode {
     println!("== Retpolines");
     if let Err(e) = retpolines(&image, &features, &overrides) {
         eprintln!("retpolines failed: {e}");
+        return ExitCode::FAILURE;
+    }
+
+    println!();
+    println!("== Trampolines: Rust closures as C function pointers, no code written");
+    if let Err(e) = trampolines::run() {
+        eprintln!("trampolines failed: {e}");
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS

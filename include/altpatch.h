@@ -1,7 +1,8 @@
-/* altpatch.h: the C side of altpatch's published CPU feature snapshot,
- * for ifunc resolvers (which take no arguments) in programs and kernels
- * linking the altpatch crate. Generated from src/cpu/features.rs;
- * tests/ifunc.rs checks that the numbers match. */
+/* altpatch.h: the C side of altpatch for programs and kernels linking the
+ * crate: the published CPU feature snapshot, for ifunc resolvers (which
+ * take no arguments), and JIT-free trampolines. The feature numbers are
+ * generated from src/cpu/features.rs; tests/ifunc.rs checks that they
+ * match, tests/trampoline.rs that the trampoline functions exist. */
 #ifndef ALTPATCH_H
 #define ALTPATCH_H
 
@@ -11,6 +12,22 @@ int altpatch_cpu_has(unsigned feature);
 
 /* The published snapshot's feature bits: bit n is feature number n. */
 unsigned long long altpatch_cpu_features(void);
+
+/* JIT-free trampolines (Linux, the crate's default `std` feature): a fresh
+ * code address that jumps to TARGET with DATA in %r10 and every other
+ * register, the stack and the return address exactly as the caller left
+ * them (%r10 is the SysV static-chain register: caller-saved, never an
+ * argument). The code is a read+exec copy of a pre-assembled page mapped
+ * from altpatch's own file; nothing is written to code and no mapping is
+ * ever writable and executable, so it works under PR_SET_MDWE and
+ * vm.memfd_noexec=2. Each trampoline starts with endbr64.
+ * Returns NULL with errno set on failure. Thread-safe and lock-free. */
+void *altpatch_trampoline_alloc(void (*target)(void), void *data);
+
+/* Gives back a trampoline from altpatch_trampoline_alloc, which nobody may
+ * call any more (a stray call aborts with a message until it is reused).
+ * Returns 0, or -1 with errno = EINVAL for anything else. */
+int altpatch_trampoline_free(void *code);
 
 #define ALTPATCH_CPU_SSE3 0
 #define ALTPATCH_CPU_PCLMULQDQ 1

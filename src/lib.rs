@@ -38,6 +38,9 @@
 //!   CPU, and their call sites inlined;
 //! * [`ifunc`](mod@ifunc): functions resolved once per CPU, every call site
 //!   made direct (Rust `ifunc!` and C `__attribute__((ifunc))`);
+//! * `trampoline` (`std`, Linux): a fresh code address per Rust closure
+//!   or C callback, from pre-assembled code pages mapped again, never
+//!   written;
 //! * [`sites`] and `elf` (`std`): finding the compiler's call
 //!   sites from the linker's relocations.
 //!
@@ -106,6 +109,8 @@ pub mod sites;
 pub mod static_call;
 pub mod static_key;
 mod sync;
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub mod trampoline;
 pub mod x86;
 
 #[cfg(all(feature = "std", target_os = "linux"))]

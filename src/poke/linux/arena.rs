@@ -89,6 +89,14 @@ fn open_backing(kind: Strategy) -> Result<libc::c_int, Failed> {
     }
 }
 
+/// A new backing file of `kind` ([`Strategy::Memfd`] or [`Strategy::File`])
+/// for code that is written with `pwrite` and only ever mapped read+exec
+/// (the trampoline pages, [`crate::trampoline`]): the descriptor, or the
+/// call that failed and its error number.
+pub(crate) fn open_code_file(kind: Strategy) -> Result<libc::c_int, (&'static str, i32)> {
+    open_backing(kind).map_err(|(call, errno)| (*call, errno))
+}
+
 /// Whether a page of `fd` can be mapped read+exec (a `noexec` mount or
 /// `vm.memfd_noexec` refuses it). Leaves the file one page long.
 fn exec_mappable(fd: libc::c_int) -> Result<(), Failed> {

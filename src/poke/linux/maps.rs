@@ -150,6 +150,8 @@ pub(crate) struct LoadedObject {
     pub bias: usize,
     /// Every `PT_LOAD` segment, relocated.
     pub loads: Vec<Range<usize>>,
+    /// The file offset (`p_offset`) of each segment of `loads`.
+    pub load_offsets: Vec<u64>,
     /// Executable `PT_LOAD` segments, relocated.
     pub text: Vec<Range<usize>>,
 }
@@ -195,6 +197,11 @@ pub(crate) fn loaded_object_containing(addr: usize) -> Option<LoadedObject> {
             .filter(|p| p.p_type == libc::PT_LOAD)
             .map(seg)
             .collect();
+        let load_offsets = phdrs
+            .iter()
+            .filter(|p| p.p_type == libc::PT_LOAD)
+            .map(|p| p.p_offset)
+            .collect();
         let name = if info.dlpi_name.is_null() {
             String::new()
         } else {
@@ -207,6 +214,7 @@ pub(crate) fn loaded_object_containing(addr: usize) -> Option<LoadedObject> {
             name,
             bias: base,
             loads,
+            load_offsets,
             text,
         });
         1

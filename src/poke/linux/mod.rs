@@ -93,6 +93,7 @@ use core::ops::Range;
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use super::{PokeError, Refusal, Strategy};
+pub(crate) use arena::open_code_file;
 pub(crate) use maps::loaded_object_containing;
 use state::Locked;
 

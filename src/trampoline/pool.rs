@@ -1,0 +1,389 @@
+//! The pool: blocks (a read+exec copy of the 16-page table, then its 16
+//! read+write data pages), and a lock-free free list of trampolines.
+//!
+//! Why lock-free: a process may `fork` while another thread allocates, and
+//! the child must still be able to allocate (a mutex held at that instant
+//! would stay held in the child forever). Every change to the free list is
+//! one compare-and-swap on its head, so a child sees the list either before
+//! or after each operation, never half-done. Growth needs no lock either:
+//! a thread that finds the list empty maps a chunk of its own and pushes all
+//! of it (two threads growing at once map a little more than needed).
+//!
+//! The head is tagged against ABA: it packs a trampoline address (below
+//! 2^47, 32-byte aligned: 42 bits) with a 22-bit counter bumped by every
+//! change, so a pop that read `next` from a trampoline that was meanwhile
+//! taken and given back fails its CAS and retries.
+
+use core::ptr;
+use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+use super::backing::Backing;
+use super::table::{SPAN, STRIDE, TABLE_PAGES, called_after_free};
+use super::{Source, TrampolineError};
+
+/// The address bits of the free-list head (trampoline address >> 5).
+const ADDR_BITS: u32 = 42;
+const ADDR_MASK: u64 = (1 << ADDR_BITS) - 1;
+/// Blocks mapped at most per growth (a block is 2048 trampolines).
+const MAX_CHUNK: usize = 8;
+
+/// `MADV_POPULATE_WRITE` (Linux 5.14): faults a range in with one call.
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
+/// Word offsets in a data slot (`STRIDE` bytes, one per trampoline).
+const DATA: usize = 0;
+const TARGET: usize = 1;
+/// Free-list link (a packed address); the trampoline never reads it.
+const NEXT: usize = 2;
+
+/// One growth: `blocks` blocks from `base`.
+struct Chunk {
+    base: usize,
+    blocks: usize,
+    next: *mut Chunk,
+}
+
+impl Chunk {
+    fn len(&self) -> usize {
+        2 * SPAN * self.blocks
+    }
+}
+
+/// The state behind [`super::Pool`].
+pub(crate) struct PoolState {
+    /// The sources to try, in order.
+    order: &'static [Source],
+    /// The open source, once the first allocation opened it.
+    backing: AtomicPtr<Backing>,
+    /// Tagged head of the free list.
+    free: AtomicU64,
+    /// Every chunk, newest first (push-only until the pool is dropped).
+    chunks: AtomicPtr<Chunk>,
+    /// Blocks mapped.
+    blocks: AtomicUsize,
+    /// Where the next chunk should end: just below the previous one, the
+    /// first just below the object containing this crate (0: not yet known).
+    next_below: AtomicUsize,
+    /// Trampolines handed out and not yet freed.
+    live: AtomicUsize,
+}
+
+fn pack(tag: u64, code: usize) -> u64 {
+    (tag << ADDR_BITS) | ((code as u64 >> 5) & ADDR_MASK)
+}
+
+fn unpack(head: u64) -> usize {
+    ((head & ADDR_MASK) << 5) as usize
+}
+
+fn bump(head: u64) -> u64 {
+    (head >> ADDR_BITS).wrapping_add(1)
+}
+
+/// Word `w` of the data slot of trampoline `code`.
+///
+/// The slot is `SPAN` after the trampoline: in the data pages that follow
+/// its copy of the table, in a chunk this pool mapped and keeps mapped.
+fn slot(code: usize, w: usize) -> &'static AtomicU64 {
+    // SAFETY: `code` is a trampoline of a live chunk (callers only pass
+    // addresses from the free list or from an allocation), so the slot is
+    // mapped read+write, 8-byte aligned, and only ever accessed atomically
+    // by Rust (the trampoline's own loads are outside the memory model).
+    unsafe { AtomicU64::from_ptr((code + SPAN + 8 * w) as *mut u64) }
+}
+
+impl PoolState {
+    pub(crate) const fn new(order: &'static [Source]) -> PoolState {
+        PoolState {
+            order,
+            backing: AtomicPtr::new(ptr::null_mut()),
+            free: AtomicU64::new(0),
+            chunks: AtomicPtr::new(ptr::null_mut()),
+            blocks: AtomicUsize::new(0),
+            next_below: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
+        }
+    }
+
+    /// The source in use, opening one if none is yet.
+    pub(crate) fn backing(&self) -> Result<&Backing, TrampolineError> {
+        let b = self.backing.load(Ordering::Acquire);
+        if !b.is_null() {
+            // SAFETY: published once below and freed only by `Drop`.
+            return Ok(unsafe { &*b });
+        }
+        let order = match super::env_order() {
+            Some(o) if self.order == super::AUTO => o,
+            _ => self.order,
+        };
+        let new = alloc::boxed::Box::into_raw(alloc::boxed::Box::new(Backing::open(order)?));
+        match self.backing.compare_exchange(
+            ptr::null_mut(),
+            new,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            // SAFETY: we just published it.
+            Ok(_) => Ok(unsafe { &*new }),
+            Err(won) => {
+                // Another thread opened one first: use it, close ours.
+                // SAFETY: `new` came from Box::into_raw and was never shared.
+                drop(unsafe { alloc::boxed::Box::from_raw(new) });
+                // SAFETY: as for `b` above.
+                Ok(unsafe { &*won })
+            }
+        }
+    }
+
+    /// The source in use, if one is open.
+    pub(crate) fn source(&self) -> Option<Source> {
+        let b = self.backing.load(Ordering::Acquire);
+        // SAFETY: published once by `backing` and freed only by `Drop`.
+        (!b.is_null()).then(|| unsafe { (*b).source })
+    }
+
+    /// A free trampoline whose slot now holds `target` and `data`.
+    pub(crate) fn alloc(&self, target: usize, data: usize) -> Result<usize, TrampolineError> {
+        let code = loop {
+            if let Some(c) = self.pop() {
+                break c;
+            }
+            self.grow()?;
+        };
+        slot(code, DATA).store(data as u64, Ordering::Relaxed);
+        // Release: the slot is complete before the address is handed out
+        // (the caller publishes it to other threads however it likes).
+        slot(code, TARGET).store(target as u64, Ordering::Release);
+        self.live.fetch_add(1, Ordering::Relaxed);
+        Ok(code)
+    }
+
+    /// Points `code`'s slot at new `target` and `data`.
+    ///
+    /// # Safety
+    ///
+    /// `code` is a trampoline this pool handed out and not yet freed.
+    pub(crate) unsafe fn set(&self, code: usize, target: usize, data: usize) {
+        slot(code, DATA).store(data as u64, Ordering::Relaxed);
+        slot(code, TARGET).store(target as u64, Ordering::Release);
+    }
+
+    /// The data word of `code`'s slot.
+    ///
+    /// # Safety
+    ///
+    /// As for [`PoolState::set`].
+    pub(crate) unsafe fn data(&self, code: usize) -> usize {
+        slot(code, DATA).load(Ordering::Relaxed) as usize
+    }
+
+    /// Gives `code` back.
+    ///
+    /// # Safety
+    ///
+    /// As for [`PoolState::set`]; nobody calls it any more.
+    pub(crate) unsafe fn free(&self, code: usize) {
+        slot(code, TARGET).store(freed_target(), Ordering::Relaxed);
+        slot(code, DATA).store(0, Ordering::Relaxed);
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        self.push(code, code);
+    }
+
+    fn pop(&self) -> Option<usize> {
+        let mut head = self.free.load(Ordering::Acquire);
+        loop {
+            let code = unpack(head);
+            if code == 0 {
+                return None;
+            }
+            let next = slot(code, NEXT).load(Ordering::Relaxed);
+            match self.free.compare_exchange_weak(
+                head,
+                (bump(head) << ADDR_BITS) | next,
+                Ordering::Acquire,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(code),
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    /// Pushes the chain `first ..= last` (already linked through `NEXT`).
+    fn push(&self, first: usize, last: usize) {
+        let mut head = self.free.load(Ordering::Relaxed);
+        loop {
+            slot(last, NEXT).store(head & ADDR_MASK, Ordering::Relaxed);
+            match self.free.compare_exchange_weak(
+                head,
+                pack(bump(head), first),
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    /// Maps a chunk of blocks and frees all its trampolines.
+    fn grow(&self) -> Result<(), TrampolineError> {
+        let backing = self.backing()?;
+        // Double the pool each time, up to MAX_CHUNK blocks at once.
+        let blocks = self.blocks.load(Ordering::Relaxed).clamp(1, MAX_CHUNK);
+        let len = 2 * SPAN * blocks;
+        // Reserve the chunk as ordinary read+write memory: the data pages
+        // stay so, the code pages are replaced by read+exec file mappings.
+        // SAFETY: a fresh mapping overlapping nothing.
+        let base = unsafe {
+            libc::mmap(
+                self.hint(backing, len),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(TrampolineError::Os {
+                call: "mmap (trampoline data pages)",
+                errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+            });
+        }
+        let base = base as usize;
+        let unmap = || {
+            // SAFETY: the chunk mapped above, not yet handed out.
+            unsafe { libc::munmap(base as *mut libc::c_void, len) };
+        };
+        if (base + len) as u64 >> (ADDR_BITS + 5) != 0 {
+            unmap();
+            return Err(TrampolineError::Os {
+                call: "mmap (trampoline pages above 2^47)",
+                errno: libc::ENOMEM,
+            });
+        }
+        for b in 0..blocks {
+            let code = base + 2 * b * SPAN;
+            if let Err(e) = backing.map(Some(code as *mut u8)) {
+                unmap();
+                return Err(e);
+            }
+            // Fault the data pages in with one call rather than one fault
+            // per page below (older kernels refuse it: the faults happen).
+            // SAFETY: advice on our own read+write pages.
+            unsafe {
+                libc::madvise(
+                    (code + SPAN) as *mut libc::c_void,
+                    SPAN,
+                    MADV_POPULATE_WRITE,
+                )
+            };
+        }
+        // Link every trampoline of the chunk, in address order, with the
+        // freed target so a stray call reports instead of jumping to 0.
+        let codes = (0..blocks)
+            .flat_map(|b| (0..SPAN / STRIDE).map(move |t| base + 2 * b * SPAN + t * STRIDE));
+        let mut prev = 0usize;
+        let mut first = 0usize;
+        for code in codes {
+            slot(code, TARGET).store(freed_target(), Ordering::Relaxed);
+            if prev == 0 {
+                first = code;
+            } else {
+                slot(prev, NEXT).store(pack(0, code), Ordering::Relaxed);
+            }
+            prev = code;
+        }
+        let chunk = alloc::boxed::Box::into_raw(alloc::boxed::Box::new(Chunk {
+            base,
+            blocks,
+            next: ptr::null_mut(),
+        }));
+        let mut head = self.chunks.load(Ordering::Relaxed);
+        loop {
+            // SAFETY: `chunk` is ours until the CAS publishes it.
+            unsafe { (*chunk).next = head };
+            match self.chunks.compare_exchange_weak(
+                head,
+                chunk,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(h) => head = h,
+            }
+        }
+        self.blocks.fetch_add(blocks, Ordering::Relaxed);
+        self.next_below.fetch_min(base, Ordering::Relaxed);
+        self.push(first, prev);
+        Ok(())
+    }
+
+    /// Where to ask for a chunk of `len` bytes: near this crate's code.
+    ///
+    /// Why: the closure entries and handlers a trampoline jumps to live in
+    /// this crate's object, and on the CPUs measured here (AMD Zen under
+    /// KVM) a call and jump across the ~40 TiB between a PIE executable and
+    /// the kernel's default mmap area cost about 2 ns more than near ones
+    /// (see BENCHMARKS.md). The hint is only a hint: an address already in
+    /// use makes the kernel choose as usual.
+    fn hint(&self, backing: &Backing, len: usize) -> *mut libc::c_void {
+        let mut below = self.next_below.load(Ordering::Relaxed);
+        if below == 0 {
+            // Leave 1 MiB below the object's first segment untouched.
+            below = backing.object_start.saturating_sub(1 << 20);
+        }
+        match below.checked_sub(len) {
+            Some(h) if h >= 1 << 32 => (h & !(SPAN - 1)) as *mut libc::c_void,
+            _ => ptr::null_mut(),
+        }
+    }
+
+    /// Whether `code` is a trampoline of this pool (any state).
+    pub(crate) fn contains(&self, code: usize) -> bool {
+        let mut c = self.chunks.load(Ordering::Acquire);
+        while !c.is_null() {
+            // SAFETY: chunks are published complete and freed only by Drop.
+            let chunk = unsafe { &*c };
+            let off = code.wrapping_sub(chunk.base);
+            if off < chunk.len() {
+                return off % (2 * SPAN) < SPAN && off % STRIDE == 0;
+            }
+            c = chunk.next;
+        }
+        false
+    }
+
+    /// (code pages mapped, trampolines in use).
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        (
+            self.blocks.load(Ordering::Relaxed) * TABLE_PAGES,
+            self.live.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for PoolState {
+    fn drop(&mut self) {
+        let mut c = *self.chunks.get_mut();
+        while !c.is_null() {
+            // SAFETY: every chunk was Box-allocated by `grow`; with `&mut
+            // self` no trampoline of the pool is in use (they borrow it).
+            let chunk = unsafe { alloc::boxed::Box::from_raw(c) };
+            // SAFETY: the chunk's pages, mapped by `grow`.
+            unsafe { libc::munmap(chunk.base as *mut libc::c_void, chunk.len()) };
+            c = chunk.next;
+        }
+        let b = *self.backing.get_mut();
+        if !b.is_null() {
+            // SAFETY: published by `backing` from Box::into_raw.
+            drop(unsafe { alloc::boxed::Box::from_raw(b) });
+        }
+    }
+}
+
+/// The target of every free trampoline.
+fn freed_target() -> u64 {
+    called_after_free as *const () as usize as u64
+}

@@ -1,0 +1,114 @@
+//! The pre-assembled code: 16 pages of identical trampolines in this
+//! crate's text (64 KiB, linked only into programs that use trampolines:
+//! the section is garbage-collected otherwise).
+//!
+//! Every trampoline of the table is the same 32 bytes:
+//!
+//! ```text
+//! +0   f3 0f 1e fa            endbr64                   ; a valid IBT target
+//! +4   4c 8b 15 f5 ff 00 00   mov r10, [rip + 0xfff5]   ; slot.data   (+64 KiB)
+//! +11  ff 25 f7 ff 00 00      jmp [rip + 0xfff7]        ; slot.target (+64 KiB + 8)
+//! +17  cc x 15                int3 padding              ; stops straight-line speculation
+//! ```
+//!
+//! Both loads are RIP-relative with the same displacement from every
+//! trampoline, so trampoline `i` of a mapped copy of the table reads slot
+//! `i` of whatever 64 KiB follow that copy. That is the whole trick: the
+//! code is never written, only mapped again, and each copy gets its own
+//! data pages. The table is 16 pages rather than libffi's one so that a
+//! growing pool maps 2048 trampolines per `mmap` (and the kernel's
+//! fault-around maps them with one fault), not 128.
+
+use crate::poke::PAGE_SIZE;
+
+/// Bytes from one trampoline to the next, and from one data slot to the next.
+pub(crate) const STRIDE: usize = 32;
+
+/// Trampolines per page.
+pub(crate) const PER_PAGE: usize = PAGE_SIZE / STRIDE;
+
+/// Pages in the table.
+pub(crate) const TABLE_PAGES: usize = 16;
+
+/// Bytes of the table, and the distance from a trampoline to its slot.
+pub(crate) const SPAN: usize = TABLE_PAGES * PAGE_SIZE;
+
+/// One trampoline as assembled (checked against the table by a test, and
+/// against every mapped copy before it is used).
+pub(crate) const TRAMPOLINE: [u8; STRIDE] = [
+    0xf3, 0x0f, 0x1e, 0xfa, // endbr64
+    0x4c, 0x8b, 0x15, 0xf5, 0xff, 0x00, 0x00, // mov r10, [rip + 65525]
+    0xff, 0x25, 0xf7, 0xff, 0x00, 0x00, // jmp [rip + 65527]
+    0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc,
+];
+
+// The table is page-aligned in its own section so its pages hold nothing
+// else and can be mapped again from the file by their offset. `.rept`
+// makes each copy byte-identical; the displacements are fixed numbers (not
+// label arithmetic) because they must not depend on the copy's position.
+core::arch::global_asm!(
+    ".pushsection .text.altpatch_v1_trampolines,\"ax\",@progbits",
+    ".balign 4096",
+    ".globl altpatch_v1_trampoline_table",
+    ".hidden altpatch_v1_trampoline_table",
+    ".type altpatch_v1_trampoline_table,@object",
+    "altpatch_v1_trampoline_table:",
+    ".rept 2048",
+    "endbr64",
+    "mov r10, qword ptr [rip + 65525]",
+    "jmp qword ptr [rip + 65527]",
+    ".balign 32, 0xcc",
+    ".endr",
+    ".size altpatch_v1_trampoline_table, 65536",
+    ".popsection",
+);
+
+unsafe extern "C" {
+    static altpatch_v1_trampoline_table: [u8; SPAN];
+}
+
+/// The table as linked into this object's text.
+pub(crate) fn table() -> &'static [u8; SPAN] {
+    // SAFETY: the symbol is the 64 KiB table above, in read+exec text
+    // that stays mapped for the life of the object containing this code.
+    unsafe { &altpatch_v1_trampoline_table }
+}
+
+/// Whether `bytes` hold exactly the trampoline table.
+pub(crate) fn is_table(bytes: &[u8]) -> bool {
+    bytes.len() == SPAN && bytes.chunks_exact(STRIDE).all(|t| t == TRAMPOLINE)
+}
+
+/// Where a freed trampoline jumps: a call through a code address after its
+/// trampoline was freed (and before it is handed out again) ends the
+/// process with a message instead of running whatever the slot last held.
+pub(crate) extern "C" fn called_after_free() -> ! {
+    crate::trampoline::abort_with("a trampoline was called after it was freed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_is_2048_copies_of_the_documented_trampoline() {
+        let t = table();
+        assert_eq!(t.as_ptr() as usize % PAGE_SIZE, 0, "table not page-aligned");
+        assert!(is_table(t), "first trampoline: {:02x?}", &t[..STRIDE]);
+    }
+
+    #[test]
+    fn every_trampoline_reads_the_slot_one_page_ahead() {
+        let t = table();
+        let at = t.as_ptr() as u64;
+        let mut decoder = iced_x86::Decoder::with_ip(64, &t[..STRIDE], at, 0);
+        let endbr = decoder.decode();
+        assert_eq!(endbr.mnemonic(), iced_x86::Mnemonic::Endbr64);
+        let load = decoder.decode();
+        assert_eq!(load.memory_displacement64(), at + SPAN as u64);
+        assert_eq!(load.op0_register(), iced_x86::Register::R10);
+        let jump = decoder.decode();
+        assert_eq!(jump.mnemonic(), iced_x86::Mnemonic::Jmp);
+        assert_eq!(jump.memory_displacement64(), at + SPAN as u64 + 8);
+    }
+}
