@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use altpatch::trampoline::{Closure, Pool, Source, Trampoline, TrampolineError};
 
+mod common;
 #[path = "trampoline/support.rs"]
 mod support;
 use support::*;
@@ -72,7 +73,7 @@ fn hundred_thousand_in(pool: &Pool, n: usize) {
             );
         }
     }
-    assert_no_writable_code("100 000 closures");
+    assert_no_writable_view("100 000 closures");
 }
 
 #[test]
@@ -123,7 +124,26 @@ fn every_source_maps_read_exec_copies() {
             "data: {}",
             data.line
         );
-        assert_no_writable_code(&format!("{source:?}"));
+        // No descriptor of ours can write the file the code is mapped from
+        // (unmodified private pages follow the file): the memfd is sealed,
+        // the temporary file is open read-only, the executable too.
+        let fds = descriptors_of(&m.inode);
+        assert!(
+            !fds.is_empty(),
+            "{source:?}: the pool keeps no descriptor of {}",
+            m.line
+        );
+        for fd in fds {
+            let byte = 0xccu8;
+            // SAFETY: a one-byte write attempt through our own descriptor.
+            let r = unsafe { libc::pwrite(fd, (&raw const byte).cast(), 1, 0) };
+            let e = std::io::Error::last_os_error().raw_os_error();
+            assert!(
+                r < 0 && matches!(e, Some(libc::EPERM | libc::EBADF)),
+                "{source:?}: fd {fd} writes ({e:?})"
+            );
+        }
+        assert_no_writable_view(&format!("{source:?}"));
     }
 }
 
@@ -188,6 +208,13 @@ fn raw_trampolines_keep_every_register_and_pass_data_in_r10() {
     assert_eq!(unsafe { g(1.5, 4.0) }, 13.0);
     // SAFETY: ours, no longer called.
     assert_eq!(unsafe { altpatch_trampoline_free(code) }, 0);
+    // A second free is refused (not a cycle in the free list).
+    // SAFETY: the function checks the trampoline is in use.
+    assert_eq!(unsafe { altpatch_trampoline_free(code) }, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EINVAL)
+    );
     // Freeing twice, or something else, is refused.
     let bogus = [0u8; 64];
     // SAFETY: the function checks the address before using it.
@@ -254,7 +281,7 @@ fn eight_threads_allocate_call_and_free() {
         std::thread::spawn(move || {
             let mut samples = 0;
             while !stop.load(Ordering::Relaxed) {
-                seen.lock().unwrap().extend(writable_code());
+                seen.lock().unwrap().extend(writable_views_of_code());
                 samples += 1;
             }
             samples
@@ -340,6 +367,12 @@ fn a_call_after_free_aborts_with_a_message() {
 fn closures_work_in_a_forked_child_and_the_child_allocates() {
     let o = run("fork", &[]);
     assert!(o.ok("fork"), "{}", o.out);
+}
+
+#[test]
+fn an_address_space_limit_shrinks_the_reservation() {
+    let o = run("rlimit_as", &[]);
+    assert!(o.ok("rlimit_as"), "{}", o.out);
 }
 
 #[test]

@@ -8,10 +8,15 @@
 //!    anywhere; the kernel sees an ordinary read+exec file mapping, which
 //!    `PR_SET_MDWE`, `vm.memfd_noexec` and SELinux `execmem` all allow.
 //! 2. [`Source::Memfd`]: a memfd holding a copy of the table, written with
-//!    `pwrite` (no mapping of it is ever writable). Refused where
-//!    `vm.memfd_noexec=2`.
+//!    `pwrite` (no mapping of it is ever writable), then sealed against
+//!    writes, shrinking and growing: unmodified private pages follow the
+//!    file, so an unsealed memfd would be a writable view of the code
+//!    (through the descriptor, `/proc/<pid>/fd`, or a forked child).
+//!    Refused where `vm.memfd_noexec=2`.
 //! 3. [`Source::TmpFile`]: the same in an unlinked file in `/dev/shm`,
-//!    `/tmp` or `/var/tmp`. Refused on `noexec` mounts.
+//!    `/tmp` or `/var/tmp`, made read-only (mode 0400) and reopened
+//!    read-only, the writable descriptor closed. Refused on `noexec`
+//!    mounts.
 //!
 //! Every mapped copy is compared with the table before its trampolines are
 //! handed out, so a file replaced on disk since it was loaded is refused,
@@ -35,16 +40,26 @@ pub(crate) struct Backing {
     /// What the file is, for messages (`/proc/self/exe`, a library path,
     /// `memfd`, ...).
     pub(crate) path: String,
-    /// The lowest address of the object containing this crate (0 if
-    /// unknown): pools map their chunks just below it (see `pool.rs`).
-    pub(crate) object_start: usize,
+    /// The pool's address-space reservation (base, length): `PROT_NONE`
+    /// until chunks are mapped into it; unmapped on drop unless kept.
+    pub(crate) region: (usize, usize),
 }
+
+/// The largest reservation asked for: 16 GiB, room for 8 million
+/// trampolines (and within the head's 30 index bits, see `pool.rs`).
+const REGION_MAX: usize = 1 << 34;
 
 impl Drop for Backing {
     fn drop(&mut self) {
         // SAFETY: the descriptor is ours; mappings made from it stay valid
         // after it is closed.
         unsafe { libc::close(self.fd) };
+        let (base, len) = self.region;
+        if len != 0 {
+            // SAFETY: the reservation and every chunk in it are this pool's;
+            // the pool is being dropped with no trampoline in use.
+            unsafe { libc::munmap(base as *mut libc::c_void, len) };
+        }
     }
 }
 
@@ -59,7 +74,10 @@ impl Backing {
         let mut refusals = Vec::new();
         for &source in order {
             match Backing::open_one(source) {
-                Ok(b) => return Ok(b),
+                Ok(mut b) => {
+                    b.region = reserve()?;
+                    return Ok(b);
+                }
                 Err((call, errno)) => refusals.push(SourceRefusal {
                     source,
                     call,
@@ -73,34 +91,24 @@ impl Backing {
     fn open_one(source: Source) -> Result<Backing, (&'static str, i32)> {
         let b = match source {
             Source::OwnFile => Backing::own_file()?,
-            Source::Memfd | Source::TmpFile => {
-                let kind = if source == Source::Memfd {
-                    Strategy::Memfd
-                } else {
-                    Strategy::File
-                };
-                let fd = crate::poke::linux::open_code_file(kind)?;
-                let t = table::table();
-                // SAFETY: writes the table's bytes into our own file at
-                // offset 0 (no mapping of the file exists yet).
-                let n = unsafe { libc::pwrite(fd, t.as_ptr().cast(), SPAN, 0) };
-                if n != SPAN as isize {
-                    let e = errno();
-                    // SAFETY: closing the descriptor we opened.
-                    unsafe { libc::close(fd) };
-                    return Err(("pwrite", e));
-                }
-                let path = if source == Source::Memfd {
-                    "memfd:altpatch-text"
-                } else {
-                    "an unlinked file in /dev/shm, /tmp or /var/tmp"
-                };
+            Source::Memfd => {
+                let fd = sealed_memfd()?;
                 Backing {
                     source,
                     fd,
                     offset: 0,
-                    path: path.into(),
-                    object_start: object_start(),
+                    path: "memfd:altpatch-trampolines".into(),
+                    region: (0, 0),
+                }
+            }
+            Source::TmpFile => {
+                let fd = read_only_tmpfile()?;
+                Backing {
+                    source,
+                    fd,
+                    offset: 0,
+                    path: "an unlinked file in /dev/shm, /tmp or /var/tmp".into(),
+                    region: (0, 0),
                 }
             }
         };
@@ -142,12 +150,27 @@ impl Backing {
         if fd < 0 {
             return Err(("open the object containing the table", errno()));
         }
+        // A file replaced by a shorter one would fault (SIGBUS) when the
+        // mapped copy is compared, instead of being refused.
+        // SAFETY: fstat into a zeroed stat of our own.
+        let mut st: libc::stat = unsafe { core::mem::zeroed() };
+        // SAFETY: our descriptor and buffer.
+        let short =
+            unsafe { libc::fstat(fd, &mut st) } != 0 || (st.st_size as u64) < offset + SPAN as u64;
+        if short {
+            // SAFETY: closing the descriptor we opened.
+            unsafe { libc::close(fd) };
+            return Err((
+                "fstat (the file is shorter than the table's end)",
+                libc::ENOEXEC,
+            ));
+        }
         Ok(Backing {
             source: Source::OwnFile,
             fd,
             offset: offset as libc::off_t,
             path,
-            object_start: obj.loads.iter().map(|r| r.start).min().unwrap_or(0),
+            region: (0, 0),
         })
     }
 
@@ -190,6 +213,130 @@ impl Backing {
             });
         }
         Ok(p.cast())
+    }
+}
+
+/// Writes the table at offset 0 of `fd`; the error number on failure.
+fn write_table(fd: libc::c_int) -> Result<(), i32> {
+    let t = table::table();
+    // SAFETY: writes the table's bytes into our own file (no mapping of it
+    // exists yet).
+    let n = unsafe { libc::pwrite(fd, t.as_ptr().cast(), SPAN, 0) };
+    if n == SPAN as isize {
+        Ok(())
+    } else {
+        Err(errno())
+    }
+}
+
+/// Closes `fd` and returns the failed call.
+fn fail(fd: libc::c_int, call: &'static str, e: i32) -> (&'static str, i32) {
+    // SAFETY: closing a descriptor we opened.
+    unsafe { libc::close(fd) };
+    (call, e)
+}
+
+/// A memfd holding the table, sealed: no write, shrink or grow, and no
+/// further seals (so nobody can unseal it either).
+fn sealed_memfd() -> Result<libc::c_int, (&'static str, i32)> {
+    /// `MFD_EXEC` (Linux 6.3): executable even where `vm.memfd_noexec`
+    /// makes new memfds non-executable by default.
+    const MFD_EXEC: libc::c_uint = 0x10;
+    let name = c"altpatch-trampolines";
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    // SAFETY: memfd_create with a NUL-terminated name.
+    let mut fd = unsafe { libc::memfd_create(name.as_ptr(), flags | MFD_EXEC) };
+    if fd < 0 && errno() == libc::EINVAL {
+        // Kernels before 6.3 do not know MFD_EXEC.
+        // SAFETY: as above.
+        fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    }
+    if fd < 0 {
+        return Err(("memfd_create(MFD_EXEC)", errno()));
+    }
+    write_table(fd).map_err(|e| fail(fd, "pwrite", e))?;
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: sealing our own memfd, which has no mapping yet.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(fail(fd, "fcntl(F_ADD_SEALS)", errno()));
+    }
+    Ok(fd)
+}
+
+/// An unlinked temporary file holding the table, mode 0400, open
+/// read-only (the descriptor it was written through is closed).
+fn read_only_tmpfile() -> Result<libc::c_int, (&'static str, i32)> {
+    let rw = crate::poke::linux::open_code_file(Strategy::File)?;
+    write_table(rw).map_err(|e| fail(rw, "pwrite", e))?;
+    // SAFETY: fchmod of our own file.
+    if unsafe { libc::fchmod(rw, 0o400) } != 0 {
+        return Err(fail(rw, "fchmod", errno()));
+    }
+    let path = std::format!("/proc/self/fd/{rw}\0");
+    // SAFETY: reopening our own file read-only through its descriptor.
+    let ro = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    let e = errno();
+    // SAFETY: the writable descriptor is not needed any more.
+    unsafe { libc::close(rw) };
+    if ro < 0 {
+        return Err(("open /proc/self/fd (read-only)", e));
+    }
+    Ok(ro)
+}
+
+/// Reserves the pool's address space, `PROT_NONE`: 16 GiB, or half as much
+/// again while the kernel refuses (`RLIMIT_AS`), down to one block.
+fn reserve() -> Result<(usize, usize), TrampolineError> {
+    let below = object_start().saturating_sub(1 << 20);
+    let mut len = REGION_MAX;
+    loop {
+        // Just below the object containing this crate: trampolines then sit
+        // near the entries and handlers they jump to. On the CPU measured
+        // (AMD Zen under KVM) calls and jumps across the ~40 TiB between a
+        // PIE executable and the default mmap area cost ~2 ns more (see
+        // BENCHMARKS.md). Only a hint: the kernel picks elsewhere if taken.
+        let hint = match below.checked_sub(len) {
+            Some(h) if h >= 1 << 32 => (h & !(2 * SPAN - 1)) as *mut libc::c_void,
+            _ => core::ptr::null_mut(),
+        };
+        // SAFETY: a fresh inaccessible mapping overlapping nothing of ours.
+        let p = unsafe {
+            libc::mmap(
+                hint,
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p != libc::MAP_FAILED {
+            let base = p as usize;
+            if (base + len) as u64 >> 47 != 0 {
+                // SAFETY: the reservation just made.
+                unsafe { libc::munmap(p, len) };
+                return Err(TrampolineError::Os {
+                    call: "mmap (trampoline reservation above 2^47)",
+                    errno: libc::ENOMEM,
+                });
+            }
+            return Ok((base, len));
+        }
+        let e = errno();
+        if len <= 2 * SPAN {
+            return Err(TrampolineError::Os {
+                call: "mmap (trampoline address-space reservation)",
+                errno: e,
+            });
+        }
+        len /= 2;
+    }
+}
+
+impl Backing {
+    /// Leaves the reservation mapped when the pool is dropped.
+    pub(crate) fn keep_region(&mut self) {
+        self.region = (0, 0);
     }
 }
 

@@ -36,7 +36,8 @@ pub unsafe extern "C" fn altpatch_trampoline_alloc(
 }
 
 /// Frees a trampoline from [`altpatch_trampoline_alloc`]. Returns 0, or -1
-/// with `errno` = `EINVAL` if `code` is not a trampoline of the global pool.
+/// with `errno` = `EINVAL` if `code` is not a trampoline of the global pool
+/// or is free already (a double free is refused, not a corrupted pool).
 ///
 /// # Safety
 ///
@@ -49,9 +50,14 @@ pub unsafe extern "C" fn altpatch_trampoline_free(code: *mut c_void) -> libc::c_
         set_errno(libc::EINVAL);
         return -1;
     }
-    // SAFETY: the caller's contract: allocated, not freed, unused.
-    unsafe { pool.state.free(code as usize) };
-    0
+    // SAFETY: a trampoline of the pool (checked above) that, by the
+    // caller's contract, nobody calls any more.
+    if unsafe { pool.state.free(code as usize) } {
+        0
+    } else {
+        set_errno(libc::EINVAL);
+        -1
+    }
 }
 
 fn set_errno(e: libc::c_int) {

@@ -2,10 +2,10 @@
 //!
 //! A closure's trampoline slot holds the boxed closure (data, so `r10` on
 //! entry) and an *entry* monomorphized for the closure type and signature:
-//! a naked function that shifts the integer argument registers up by one
-//! (SysV passes them in rdi, rsi, rdx, rcx, r8, r9), moves `r10` into
-//! `rdi` and jumps, directly, to the handler: an ordinary `extern "C"`
-//! function of `(closure, arguments...)`. Floating-point arguments (xmm0-7),
+//! a naked function that moves `r10` into the integer register after the
+//! ones the arguments take (SysV passes integer arguments in rdi, rsi, rdx,
+//! rcx, r8, r9; floats take none) and jumps, directly, to the handler: an
+//! ordinary `extern "C"` function of `(arguments..., closure)`. Floating-point arguments (xmm0-7),
 //! the stack and the return address are untouched (the entry jumps, it
 //! does not call), so the handler returns straight to the original caller;
 //! a call costs the trampoline's one indirect jump and a few moves.
@@ -13,7 +13,7 @@
 //! That is why a signature has at most five arguments (six integer
 //! registers, one taken by the closure) and why every argument must travel
 //! in one register ([`Arg`]): a by-value struct or a 128-bit integer would
-//! split across registers or the stack, which the shift does not move.
+//! split across registers or the stack, which the entry does not move.
 
 use core::ffi::c_void;
 use core::marker::PhantomData;
@@ -24,6 +24,11 @@ use super::{Pool, Trampoline, TrampolineError};
 
 mod sealed {
     pub trait Sealed {}
+    /// Only the crate's blanket impls over `Fn` may be `ClosureFn`: the
+    /// entry they return must be the one for the closure's own type (an
+    /// impl elsewhere could return another type's entry, which would read
+    /// the closure as that type).
+    pub trait SealedFn<S> {}
 }
 
 /// A type a closure can take from C: passed in one integer or SSE register
@@ -107,8 +112,17 @@ pub trait Signature: Copy + sealed::Sealed {
 }
 
 /// A Rust closure that can stand behind signature `S`: implemented for
-/// every `F: Fn(A1, .., An) -> R` matching `S`.
-pub trait ClosureFn<S: Signature> {
+/// every `F: Fn(A1, .., An) -> R` matching `S`, and only by this crate
+/// (the entry it names must be the closure type's own):
+///
+/// ```compile_fail,E0277
+/// use altpatch::trampoline::ClosureFn;
+/// struct NotAClosure;
+/// impl ClosureFn<unsafe extern "C" fn()> for NotAClosure {
+///     fn entry() -> unsafe extern "C" fn() { unimplemented!() }
+/// }
+/// ```
+pub trait ClosureFn<S: Signature>: sealed::SealedFn<S> {
     #[doc(hidden)]
     /// The entry the trampoline jumps to, as a raw target.
     fn entry() -> unsafe extern "C" fn();
@@ -137,6 +151,8 @@ macro_rules! signature {
                 unsafe { core::mem::transmute::<*const c_void, Self>(code) }
             }
         }
+
+        impl<R: Ret, $($A: Arg,)* F: Fn($($A),*) -> R> sealed::SealedFn<unsafe extern "C" fn($($A),*) -> R> for F {}
 
         impl<R: Ret, $($A: Arg,)* F: Fn($($A),*) -> R> ClosureFn<unsafe extern "C" fn($($A),*) -> R> for F {
             fn entry() -> unsafe extern "C" fn() {

@@ -465,7 +465,9 @@ impl Drop for Trampoline<'_> {
     fn drop(&mut self) {
         // SAFETY: `self` holds the trampoline; once dropped nobody may call
         // it (a stray call reaches `called_after_free` until it is reused).
-        unsafe { self.pool.state.free(self.code) }
+        // A `false` here means C freed it through the C interface first
+        // (its contract forbids that); nothing more to do either way.
+        let _ = unsafe { self.pool.state.free(self.code) };
     }
 }
 

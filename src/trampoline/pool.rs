@@ -9,10 +9,17 @@
 //! a thread that finds the list empty maps a chunk of its own and pushes all
 //! of it (two threads growing at once map a little more than needed).
 //!
-//! The head is tagged against ABA: it packs a trampoline address (below
-//! 2^47, 32-byte aligned: 42 bits) with a 22-bit counter bumped by every
-//! change, so a pop that read `next` from a trampoline that was meanwhile
-//! taken and given back fails its CAS and retries.
+//! The head is tagged against ABA: it packs a trampoline's index in the
+//! pool's address-space reservation (30 bits) with a 34-bit counter bumped
+//! by every change, so a pop that read `next` from a trampoline that was
+//! meanwhile taken and given back fails its CAS and retries. (With raw
+//! addresses only 22 bits would be left for the counter, which a tight
+//! alloc/free loop wraps in tens of milliseconds, a plausible preemption;
+//! 2^34 changes take minutes.) The reservation is one `PROT_NONE` range
+//! (`MAP_NORESERVE`, up to 16 GiB, smaller where `RLIMIT_AS` refuses)
+//! taken just below the object containing this crate, so trampolines are
+//! near the entries and handlers they jump to (see `hint` in backing.rs);
+//! chunks are carved from its top down.
 
 use core::ptr;
 use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -21,9 +28,10 @@ use super::backing::Backing;
 use super::table::{SPAN, STRIDE, TABLE_PAGES, called_after_free};
 use super::{Source, TrampolineError};
 
-/// The address bits of the free-list head (trampoline address >> 5).
-const ADDR_BITS: u32 = 42;
-const ADDR_MASK: u64 = (1 << ADDR_BITS) - 1;
+/// The index bits of the free-list head (index + 1 of the trampoline in
+/// the reservation, 0 for an empty list).
+const IDX_BITS: u32 = 30;
+const IDX_MASK: u64 = (1 << IDX_BITS) - 1;
 /// Blocks mapped at most per growth (a block is 2048 trampolines).
 const MAX_CHUNK: usize = 8;
 
@@ -61,23 +69,28 @@ pub(crate) struct PoolState {
     chunks: AtomicPtr<Chunk>,
     /// Blocks mapped.
     blocks: AtomicUsize,
-    /// Where the next chunk should end: just below the previous one, the
-    /// first just below the object containing this crate (0: not yet known).
-    next_below: AtomicUsize,
+    /// Blocks of the reservation claimed by growers (mapped or failed).
+    claimed: AtomicUsize,
     /// Trampolines handed out and not yet freed.
     live: AtomicUsize,
 }
 
-fn pack(tag: u64, code: usize) -> u64 {
-    (tag << ADDR_BITS) | ((code as u64 >> 5) & ADDR_MASK)
+/// `code` as a free-list link: its index in the reservation at `base`, + 1.
+fn link(base: usize, code: usize) -> u64 {
+    ((code - base) / STRIDE) as u64 + 1
 }
 
-fn unpack(head: u64) -> usize {
-    ((head & ADDR_MASK) << 5) as usize
+/// The trampoline a link names (0 for the end of the list).
+fn unlink(base: usize, link: u64) -> usize {
+    match link & IDX_MASK {
+        0 => 0,
+        i => base + (i as usize - 1) * STRIDE,
+    }
 }
 
-fn bump(head: u64) -> u64 {
-    (head >> ADDR_BITS).wrapping_add(1)
+/// `head` with `link` in place of its link and its tag bumped.
+fn replace(head: u64, link: u64) -> u64 {
+    ((head >> IDX_BITS).wrapping_add(1) << IDX_BITS) | link
 }
 
 /// Word `w` of the data slot of trampoline `code`.
@@ -100,7 +113,7 @@ impl PoolState {
             free: AtomicU64::new(0),
             chunks: AtomicPtr::new(ptr::null_mut()),
             blocks: AtomicUsize::new(0),
-            next_below: AtomicUsize::new(0),
+            claimed: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
         }
     }
@@ -144,8 +157,9 @@ impl PoolState {
 
     /// A free trampoline whose slot now holds `target` and `data`.
     pub(crate) fn alloc(&self, target: usize, data: usize) -> Result<usize, TrampolineError> {
+        let base = self.backing()?.region.0;
         let code = loop {
-            if let Some(c) = self.pop() {
+            if let Some(c) = self.pop(base) {
                 break c;
             }
             self.grow()?;
@@ -177,29 +191,38 @@ impl PoolState {
         slot(code, DATA).load(Ordering::Relaxed) as usize
     }
 
-    /// Gives `code` back.
+    /// Gives `code` back; `false` (and nothing done) if it is free already.
     ///
     /// # Safety
     ///
-    /// As for [`PoolState::set`]; nobody calls it any more.
-    pub(crate) unsafe fn free(&self, code: usize) {
-        slot(code, TARGET).store(freed_target(), Ordering::Relaxed);
+    /// `code` is a trampoline of this pool (see [`PoolState::contains`])
+    /// that nobody calls any more.
+    pub(crate) unsafe fn free(&self, code: usize) -> bool {
+        // The swap makes a second free of the same trampoline (from C, or
+        // C freeing one a Rust owner frees again) a refusal instead of a
+        // cycle in the free list.
+        if slot(code, TARGET).swap(freed_target(), Ordering::AcqRel) == freed_target() {
+            return false;
+        }
         slot(code, DATA).store(0, Ordering::Relaxed);
         self.live.fetch_sub(1, Ordering::Relaxed);
-        self.push(code, code);
+        // A trampoline exists only once the backing does.
+        let base = self.backing().map(|b| b.region.0).unwrap_or(0);
+        self.push(base, code, code);
+        true
     }
 
-    fn pop(&self) -> Option<usize> {
+    fn pop(&self, base: usize) -> Option<usize> {
         let mut head = self.free.load(Ordering::Acquire);
         loop {
-            let code = unpack(head);
+            let code = unlink(base, head);
             if code == 0 {
                 return None;
             }
             let next = slot(code, NEXT).load(Ordering::Relaxed);
             match self.free.compare_exchange_weak(
                 head,
-                (bump(head) << ADDR_BITS) | next,
+                replace(head, next),
                 Ordering::Acquire,
                 Ordering::Acquire,
             ) {
@@ -210,13 +233,13 @@ impl PoolState {
     }
 
     /// Pushes the chain `first ..= last` (already linked through `NEXT`).
-    fn push(&self, first: usize, last: usize) {
+    fn push(&self, base: usize, first: usize, last: usize) {
         let mut head = self.free.load(Ordering::Relaxed);
         loop {
-            slot(last, NEXT).store(head & ADDR_MASK, Ordering::Relaxed);
+            slot(last, NEXT).store(head & IDX_MASK, Ordering::Relaxed);
             match self.free.compare_exchange_weak(
                 head,
-                pack(bump(head), first),
+                replace(head, link(base, first)),
                 Ordering::Release,
                 Ordering::Relaxed,
             ) {
@@ -229,38 +252,57 @@ impl PoolState {
     /// Maps a chunk of blocks and frees all its trampolines.
     fn grow(&self) -> Result<(), TrampolineError> {
         let backing = self.backing()?;
+        let (region, region_len) = backing.region;
         // Double the pool each time, up to MAX_CHUNK blocks at once.
-        let blocks = self.blocks.load(Ordering::Relaxed).clamp(1, MAX_CHUNK);
+        let want = self.blocks.load(Ordering::Relaxed).clamp(1, MAX_CHUNK);
+        // Claim blocks of the reservation, from its top down (nearest the
+        // code first). Concurrent growers claim disjoint blocks.
+        let capacity = region_len / (2 * SPAN);
+        let first_block = self.claimed.fetch_add(want, Ordering::Relaxed);
+        if first_block >= capacity {
+            return Err(TrampolineError::Os {
+                call: "mmap (the pool's reservation is full)",
+                errno: libc::ENOMEM,
+            });
+        }
+        let blocks = want.min(capacity - first_block);
         let len = 2 * SPAN * blocks;
-        // Reserve the chunk as ordinary read+write memory: the data pages
-        // stay so, the code pages are replaced by read+exec file mappings.
-        // SAFETY: a fresh mapping overlapping nothing.
-        let base = unsafe {
+        let base = region + region_len - 2 * SPAN * (first_block + blocks);
+        // The chunk becomes ordinary read+write memory: the data pages stay
+        // so, the code pages are replaced by read+exec file mappings.
+        // SAFETY: replaces part of our own PROT_NONE reservation that no
+        // other grower claimed.
+        let p = unsafe {
             libc::mmap(
-                self.hint(backing, len),
+                base as *mut libc::c_void,
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
                 -1,
                 0,
             )
         };
-        if base == libc::MAP_FAILED {
-            return Err(TrampolineError::Os {
-                call: "mmap (trampoline data pages)",
-                errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
-            });
-        }
-        let base = base as usize;
+        // Gives the chunk back to the reservation on failure (the claim is
+        // not returned: the blocks stay unused).
         let unmap = || {
-            // SAFETY: the chunk mapped above, not yet handed out.
-            unsafe { libc::munmap(base as *mut libc::c_void, len) };
+            // SAFETY: the claimed range, reserved again as PROT_NONE.
+            unsafe {
+                libc::mmap(
+                    base as *mut libc::c_void,
+                    len,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
         };
-        if (base + len) as u64 >> (ADDR_BITS + 5) != 0 {
+        if p == libc::MAP_FAILED {
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
             unmap();
             return Err(TrampolineError::Os {
-                call: "mmap (trampoline pages above 2^47)",
-                errno: libc::ENOMEM,
+                call: "mmap (trampoline data pages)",
+                errno,
             });
         }
         for b in 0..blocks {
@@ -291,7 +333,7 @@ impl PoolState {
             if prev == 0 {
                 first = code;
             } else {
-                slot(prev, NEXT).store(pack(0, code), Ordering::Relaxed);
+                slot(prev, NEXT).store(link(region, code), Ordering::Relaxed);
             }
             prev = code;
         }
@@ -315,29 +357,8 @@ impl PoolState {
             }
         }
         self.blocks.fetch_add(blocks, Ordering::Relaxed);
-        self.next_below.fetch_min(base, Ordering::Relaxed);
-        self.push(first, prev);
+        self.push(region, first, prev);
         Ok(())
-    }
-
-    /// Where to ask for a chunk of `len` bytes: near this crate's code.
-    ///
-    /// Why: the closure entries and handlers a trampoline jumps to live in
-    /// this crate's object, and on the CPUs measured here (AMD Zen under
-    /// KVM) a call and jump across the ~40 TiB between a PIE executable and
-    /// the kernel's default mmap area cost about 2 ns more than near ones
-    /// (see BENCHMARKS.md). The hint is only a hint: an address already in
-    /// use makes the kernel choose as usual.
-    fn hint(&self, backing: &Backing, len: usize) -> *mut libc::c_void {
-        let mut below = self.next_below.load(Ordering::Relaxed);
-        if below == 0 {
-            // Leave 1 MiB below the object's first segment untouched.
-            below = backing.object_start.saturating_sub(1 << 20);
-        }
-        match below.checked_sub(len) {
-            Some(h) if h >= 1 << 32 => (h & !(SPAN - 1)) as *mut libc::c_void,
-            _ => ptr::null_mut(),
-        }
     }
 
     /// Whether `code` is a trampoline of this pool (any state).
@@ -368,17 +389,23 @@ impl Drop for PoolState {
     fn drop(&mut self) {
         let mut c = *self.chunks.get_mut();
         while !c.is_null() {
-            // SAFETY: every chunk was Box-allocated by `grow`; with `&mut
-            // self` no trampoline of the pool is in use (they borrow it).
+            // SAFETY: every chunk was Box-allocated by `grow` and is
+            // reachable only from this list.
             let chunk = unsafe { alloc::boxed::Box::from_raw(c) };
-            // SAFETY: the chunk's pages, mapped by `grow`.
-            unsafe { libc::munmap(chunk.base as *mut libc::c_void, chunk.len()) };
             c = chunk.next;
         }
         let b = *self.backing.get_mut();
-        if !b.is_null() {
-            // SAFETY: published by `backing` from Box::into_raw.
-            drop(unsafe { alloc::boxed::Box::from_raw(b) });
+        if b.is_null() {
+            return;
+        }
+        // SAFETY: published by `backing` from Box::into_raw.
+        let mut backing = unsafe { alloc::boxed::Box::from_raw(b) };
+        if *self.live.get_mut() != 0 {
+            // Leaked trampolines (`Trampoline::leak`, a forgotten
+            // `Closure`, C code that never freed) may still be called: keep
+            // their pages mapped rather than let a later mapping take the
+            // addresses.
+            backing.keep_region();
         }
     }
 }

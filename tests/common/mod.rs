@@ -2,6 +2,8 @@
 //! test binary, made of NOP5 sites, that tests patch and then execute.
 #![allow(dead_code)]
 
+pub mod child;
+
 use altpatch::Image;
 
 /// Bytes per unit of a pad: a NOP5 site followed by a 3-byte NOP.

@@ -430,47 +430,5 @@ pub fn under_gdb() {
 /// The parent side of `hardened`: `unshare` a pid namespace, set
 /// `vm.memfd_noexec=2` there (the machine is untouched), run the child.
 pub fn in_hardened_namespace() {
-    let exe = std::env::current_exe().unwrap();
-    for mounts in [false, true] {
-        // The test binary is opened before the mounts and run through its
-        // descriptor: it may itself live under /tmp (a CI clone).
-        let mut script =
-            String::from("echo 2 > /proc/sys/vm/memfd_noexec || exit 97\nexec 3< \"$1\"\nshift\n");
-        if mounts {
-            for d in ["/dev/shm", "/tmp", "/var/tmp"] {
-                script += &format!("mount -t tmpfs -o noexec tmpfs {d} || exit 98\n");
-            }
-        }
-        script += "exec /proc/self/fd/3 \"$@\"\n";
-        let mut cmd = std::process::Command::new("unshare");
-        cmd.args(["--pid", "--fork", "--mount-proc", "sh", "-c", &script, "sh"])
-            .arg(&exe)
-            .args(CHILD_ARGS)
-            .env("HOSTILE", "hardened")
-            .env_remove("ALTPATCH_POKE");
-        if mounts {
-            cmd.env("HARDENED_MOUNTS", "1");
-        }
-        let o = match cmd.output() {
-            Ok(out) => finish(out),
-            Err(e) => {
-                assert!(!required(), "unshare (util-linux) is required: {e}");
-                eprintln!("SKIPPED: no unshare: {e}");
-                return;
-            }
-        };
-        // 97/98: the namespace could not be set up (not root, no
-        // CAP_SYS_ADMIN); unshare itself says "unshare failed".
-        let no_namespace =
-            matches!(o.status.code(), Some(97 | 98)) || o.out.contains("unshare failed");
-        if !o.ok("hardened") && no_namespace && !required() {
-            eprintln!("SKIPPED: cannot make a pid namespace here:\n{}", o.out);
-            return;
-        }
-        assert!(
-            o.ok("hardened"),
-            "hardened child (mounts: {mounts}):\n{}",
-            o.out
-        );
-    }
+    super::common::child::in_hardened_namespace("HOSTILE", "HOSTILE-OK");
 }

@@ -1,33 +1,10 @@
 //! What the hostile scenarios share: running a child, the patched code the
 //! children call, and the checks they make.
 
-use std::os::unix::process::ExitStatusExt;
-
 use altpatch::static_key::StaticFalseKey;
 use altpatch::{static_branch_unlikely, static_call};
 
-/// How a child ended.
-pub struct Outcome {
-    pub status: std::process::ExitStatus,
-    pub signal: Option<i32>,
-    pub out: String,
-}
-
-impl Outcome {
-    /// Exited 0 having printed the scenario's success line.
-    pub fn ok(&self, scenario: &str) -> bool {
-        self.status.success() && self.out.contains(&format!("HOSTILE-OK {scenario}"))
-    }
-}
-
-/// The test harness arguments that run the `child` test alone.
-pub const CHILD_ARGS: [&str; 5] = [
-    "child",
-    "--exact",
-    "--ignored",
-    "--nocapture",
-    "--test-threads=1",
-];
+pub use super::common::child::{CHILD_ARGS, Outcome, assert_no_writable_view, required};
 
 /// The child test command for `scenario` (not yet run).
 pub fn command(scenario: &str, env: &[(&str, &str)]) -> std::process::Command {
@@ -41,16 +18,9 @@ pub fn command(scenario: &str, env: &[(&str, &str)]) -> std::process::Command {
     cmd
 }
 
+/// How a hostile child ended (success marker `HOSTILE-OK`).
 pub fn finish(out: std::process::Output) -> Outcome {
-    Outcome {
-        status: out.status,
-        signal: out.status.signal(),
-        out: format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
+    super::common::child::finish(out, "HOSTILE-OK")
 }
 
 /// Runs `scenario` in a child process of this test binary.
@@ -69,11 +39,6 @@ pub fn usable_strategies() -> Vec<&'static str> {
 /// Whether this machine lets a process use the strategy called `name`.
 pub fn usable(name: &str) -> bool {
     usable_strategies().contains(&name)
-}
-
-/// Whether tools the environment may lack must be present (CI sets it).
-pub fn required() -> bool {
-    std::env::var_os("ALTPATCH_REQUIRE_HOSTILE").is_some()
 }
 
 pub extern "C" fn add1(x: u64) -> u64 {
@@ -163,64 +128,6 @@ pub fn install_altpatch_handler() {
     HKEY.enable().unwrap();
     HKEY.disable().unwrap();
     altpatch::poke::linux::set_live_publication(Publish::Remap).unwrap();
-}
-
-/// One line of `/proc/self/maps`.
-pub struct Vma {
-    pub start: usize,
-    pub end: usize,
-    pub perms: String,
-    pub inode: (String, u64),
-    pub path: String,
-}
-
-pub fn vmas() -> Vec<Vma> {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_ascii_whitespace().collect();
-            let (a, b) = f.first()?.split_once('-')?;
-            Some(Vma {
-                start: usize::from_str_radix(a, 16).ok()?,
-                end: usize::from_str_radix(b, 16).ok()?,
-                perms: f.get(1)?.to_string(),
-                inode: (f.get(3)?.to_string(), f.get(4)?.parse().ok()?),
-                path: f.get(5..).map(|p| p.join(" ")).unwrap_or_default(),
-            })
-        })
-        .collect()
-}
-
-/// Every writable view of code in the process: a writable mapping that is
-/// executable, a writable shared mapping of a file that is also mapped
-/// executable (a memfd or file alias), or anything writable of ours.
-pub fn writable_views_of_code() -> Vec<String> {
-    let v = vmas();
-    let exec: std::collections::HashSet<(String, u64)> = v
-        .iter()
-        .filter(|m| m.perms.as_bytes()[2] == b'x' && m.inode.1 != 0)
-        .map(|m| m.inode.clone())
-        .collect();
-    v.iter()
-        .filter(|m| {
-            let p = m.perms.as_bytes();
-            p[1] == b'w'
-                && (p[2] == b'x'
-                    || (p[3] == b's' && exec.contains(&m.inode))
-                    || m.path.contains("altpatch-text"))
-        })
-        .map(|m| format!("{:x}-{:x} {} {}", m.start, m.end, m.perms, m.path))
-        .collect()
-}
-
-/// Panics if a writable view of code exists.
-pub fn assert_no_writable_view(after: &str) {
-    let w = writable_views_of_code();
-    assert!(
-        w.is_empty(),
-        "after {after}: writable views of code: {w:#?}"
-    );
 }
 
 /// Runs `f` on `n` threads until `stop`, then sums what they saw.

@@ -1,44 +1,13 @@
 //! What the trampoline tests share: child processes, their scenarios, and
 //! reading /proc/self/maps.
 
-use std::ffi::c_void;
-use std::os::unix::process::ExitStatusExt;
-
 use altpatch::trampoline::{Closure, Pool, Source, TrampolineError};
+use std::ffi::c_void;
 
-/// How a child ended.
-pub struct Outcome {
-    pub status: std::process::ExitStatus,
-    pub signal: Option<i32>,
-    pub out: String,
-}
-
-impl Outcome {
-    /// Exited 0 having printed the scenario's success line.
-    pub fn ok(&self, scenario: &str) -> bool {
-        self.status.success() && self.out.contains(&format!("CHILD-OK {scenario}"))
-    }
-}
-
-const CHILD_ARGS: [&str; 5] = [
-    "child",
-    "--exact",
-    "--ignored",
-    "--nocapture",
-    "--test-threads=1",
-];
-
-fn finish(out: std::process::Output) -> Outcome {
-    Outcome {
-        status: out.status,
-        signal: out.status.signal(),
-        out: format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
-}
+use super::common::child::{CHILD_ARGS, finish};
+pub use super::common::child::{
+    Outcome, Vma, assert_no_writable_view, vmas, writable_views_of_code,
+};
 
 /// Runs `scenario` in a child process of this test binary.
 pub fn run(scenario: &str, env: &[(&str, &str)]) -> Outcome {
@@ -49,42 +18,7 @@ pub fn run(scenario: &str, env: &[(&str, &str)]) -> Outcome {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    finish(cmd.output().unwrap())
-}
-
-/// Whether tools the environment may lack must be present (CI sets it).
-fn required() -> bool {
-    std::env::var_os("ALTPATCH_REQUIRE_HOSTILE").is_some()
-}
-
-/// One line of /proc/self/maps.
-pub struct Vma {
-    pub start: usize,
-    pub end: usize,
-    pub perms: String,
-    /// (device, inode); inode 0 for anonymous memory.
-    pub inode: (String, u64),
-    pub path: String,
-    pub line: String,
-}
-
-pub fn vmas() -> Vec<Vma> {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_ascii_whitespace().collect();
-            let (a, b) = f.first()?.split_once('-')?;
-            Some(Vma {
-                start: usize::from_str_radix(a, 16).ok()?,
-                end: usize::from_str_radix(b, 16).ok()?,
-                perms: f.get(1)?.to_string(),
-                inode: (f.get(3)?.to_string(), f.get(4)?.parse().ok()?),
-                path: f.get(5..).map(|p| p.join(" ")).unwrap_or_default(),
-                line: l.to_string(),
-            })
-        })
-        .collect()
+    finish(cmd.output().unwrap(), "CHILD-OK")
 }
 
 /// The mapping containing `addr`.
@@ -92,33 +26,30 @@ pub fn mapping_of(addr: usize) -> Option<Vma> {
     vmas().into_iter().find(|m| m.start <= addr && addr < m.end)
 }
 
+/// This process's descriptors open on the file with `inode` (device
+/// `major:minor` as /proc/self/maps prints it, in hex).
+pub fn descriptors_of(inode: &(String, u64)) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+        let md = std::fs::metadata(e.path()).ok()?;
+        let dev = format!(
+            "{:02x}:{:02x}",
+            libc::major(md.dev()),
+            libc::minor(md.dev())
+        );
+        (md.ino() == inode.1 && dev == inode.0).then_some(fd)
+    })
+    .collect()
+}
+
 /// The (device, inode) of this test binary's text.
 pub fn exe_inode() -> (String, u64) {
     mapping_of(exe_inode as *const () as usize).unwrap().inode
-}
-
-/// Every writable view of code: a mapping both writable and executable, or
-/// a writable shared mapping of a file that is also mapped executable
-/// (private writable mappings, such as a binary's `.data`, are copies).
-pub fn writable_code() -> Vec<String> {
-    let v = vmas();
-    let exec: std::collections::HashSet<(String, u64)> = v
-        .iter()
-        .filter(|m| m.perms.as_bytes()[2] == b'x' && m.inode.1 != 0)
-        .map(|m| m.inode.clone())
-        .collect();
-    v.iter()
-        .filter(|m| {
-            let p = m.perms.as_bytes();
-            p[1] == b'w' && (p[2] == b'x' || (p[3] == b's' && exec.contains(&m.inode)))
-        })
-        .map(|m| m.line.clone())
-        .collect()
-}
-
-pub fn assert_no_writable_code(after: &str) {
-    let w = writable_code();
-    assert!(w.is_empty(), "after {after}: writable code: {w:#?}");
 }
 
 type Cmp = unsafe extern "C" fn(*const c_void, *const c_void) -> i32;
@@ -149,7 +80,7 @@ pub fn run_child(scenario: &str, exercise: fn(&Pool, usize)) {
             // MDWE refuses W+X and exec gained later, not fresh read+exec
             // file mappings: every source works.
             assert!(all.iter().all(|(_, r)| r.is_ok()), "under MDWE");
-            assert_no_writable_code("MDWE");
+            assert_no_writable_view("MDWE");
         }
         "hardened" => {
             let v = std::fs::read_to_string("/proc/sys/vm/memfd_noexec").unwrap();
@@ -173,7 +104,7 @@ pub fn run_child(scenario: &str, exercise: fn(&Pool, usize)) {
                 assert!(all[2].1.is_err(), "noexec mounts refuse the temporary file");
             }
             assert_eq!(Pool::new().prepare(), Ok(Source::OwnFile));
-            assert_no_writable_code("memfd_noexec=2");
+            assert_no_writable_view("memfd_noexec=2");
         }
         "panic" => {
             let c = Closure::<Cmp>::new(|_: *const c_void, _: *const c_void| -> i32 {
@@ -192,6 +123,17 @@ pub fn run_child(scenario: &str, exercise: fn(&Pool, usize)) {
             unsafe { f() };
         }
         "fork" => fork_scenario(),
+        "rlimit_as" => {
+            // A 2 GiB address-space limit refuses the 16 GiB reservation:
+            // the pool must take a smaller one and still work.
+            let lim = libc::rlimit {
+                rlim_cur: 2 << 30,
+                rlim_max: 2 << 30,
+            };
+            // SAFETY: setrlimit with a valid struct.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) }, 0);
+            exercise(Pool::global(), 10_000);
+        }
         "env" => match Pool::global().prepare() {
             Ok(s) => println!("source {s:?}"),
             Err(e) => {
@@ -259,49 +201,8 @@ fn fork_scenario() {
     churn.join().unwrap();
 }
 
-/// The parent side of `hardened`: `unshare` a pid namespace, set
-/// `vm.memfd_noexec=2` there (the machine is untouched), run the child;
-/// again with `/dev/shm`, `/tmp` and `/var/tmp` mounted `noexec`.
+/// The parent side of `hardened`: a pid namespace with
+/// `vm.memfd_noexec=2`, then also `noexec` temporary directories.
 pub fn in_hardened_namespace() {
-    let exe = std::env::current_exe().unwrap();
-    for mounts in [false, true] {
-        // The test binary is opened before the mounts and run through its
-        // descriptor: it may itself live under /tmp (a CI clone).
-        let mut script =
-            String::from("echo 2 > /proc/sys/vm/memfd_noexec || exit 97\nexec 3< \"$1\"\nshift\n");
-        if mounts {
-            for d in ["/dev/shm", "/tmp", "/var/tmp"] {
-                script += &format!("mount -t tmpfs -o noexec tmpfs {d} || exit 98\n");
-            }
-        }
-        script += "exec /proc/self/fd/3 \"$@\"\n";
-        let mut cmd = std::process::Command::new("unshare");
-        cmd.args(["--pid", "--fork", "--mount-proc", "sh", "-c", &script, "sh"])
-            .arg(&exe)
-            .args(CHILD_ARGS)
-            .env("TRAMPOLINE_CHILD", "hardened")
-            .env_remove("ALTPATCH_TRAMPOLINE");
-        if mounts {
-            cmd.env("HARDENED_MOUNTS", "1");
-        }
-        let o = match cmd.output() {
-            Ok(out) => finish(out),
-            Err(e) => {
-                assert!(!required(), "unshare (util-linux) is required: {e}");
-                eprintln!("SKIPPED: no unshare: {e}");
-                return;
-            }
-        };
-        let no_namespace =
-            matches!(o.status.code(), Some(97 | 98)) || o.out.contains("unshare failed");
-        if !o.ok("hardened") && no_namespace && !required() {
-            eprintln!("SKIPPED: cannot make a pid namespace here:\n{}", o.out);
-            return;
-        }
-        assert!(
-            o.ok("hardened"),
-            "hardened child (mounts: {mounts}):\n{}",
-            o.out
-        );
-    }
+    super::common::child::in_hardened_namespace("TRAMPOLINE_CHILD", "CHILD-OK");
 }
