@@ -15,8 +15,10 @@
 //!    Refused where `vm.memfd_noexec=2`.
 //! 3. [`Source::TmpFile`]: the same in an unlinked file in `/dev/shm`,
 //!    `/tmp` or `/var/tmp`, made read-only (mode 0400) and reopened
-//!    read-only, the writable descriptor closed. Refused on `noexec`
-//!    mounts.
+//!    read-only, the writable descriptor closed. Weaker than a sealed
+//!    memfd: its owner (this process, or another of the same user that may
+//!    open `/proc/<pid>/fd`) can `chmod` it back and write it. Refused on
+//!    `noexec` mounts; used only where both sources above are refused.
 //!
 //! Every mapped copy is compared with the table before its trampolines are
 //! handed out, so a file replaced on disk since it was loaded is refused,
@@ -45,9 +47,16 @@ pub(crate) struct Backing {
     pub(crate) region: (usize, usize),
 }
 
-/// The largest reservation asked for: 16 GiB, room for 8 million
-/// trampolines (and within the head's 30 index bits, see `pool.rs`).
-const REGION_MAX: usize = 1 << 34;
+/// The reservation asked for first: 4 GiB, 32 768 blocks of 2048
+/// trampolines (67 million). Each block is two mappings, so the default
+/// `vm.max_map_count` (65 530) allows about this many anyway; indexes fit
+/// the head's 30 bits (see `pool.rs`).
+const REGION_MAX: usize = 1 << 32;
+
+/// Where an address-space limit refused `REGION_MAX`: start again from
+/// 64 MiB (a million trampolines) and halve, so the pool does not take
+/// most of what the limit leaves the rest of the process.
+const REGION_LIMITED: usize = 1 << 26;
 
 impl Drop for Backing {
     fn drop(&mut self) {
@@ -252,7 +261,7 @@ fn sealed_memfd() -> Result<libc::c_int, (&'static str, i32)> {
         fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
     }
     if fd < 0 {
-        return Err(("memfd_create(MFD_EXEC)", errno()));
+        return Err(("memfd_create(MFD_ALLOW_SEALING)", errno()));
     }
     write_table(fd).map_err(|e| fail(fd, "pwrite", e))?;
     let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
@@ -284,8 +293,9 @@ fn read_only_tmpfile() -> Result<libc::c_int, (&'static str, i32)> {
     Ok(ro)
 }
 
-/// Reserves the pool's address space, `PROT_NONE`: 16 GiB, or half as much
-/// again while the kernel refuses (`RLIMIT_AS`), down to one block.
+/// Reserves the pool's address space, `PROT_NONE`: 4 GiB, or where the
+/// kernel refuses that (`RLIMIT_AS`) 64 MiB halved until it fits, down to
+/// one block.
 fn reserve() -> Result<(usize, usize), TrampolineError> {
     let below = object_start().saturating_sub(1 << 20);
     let mut len = REGION_MAX;
@@ -329,7 +339,11 @@ fn reserve() -> Result<(usize, usize), TrampolineError> {
                 errno: e,
             });
         }
-        len /= 2;
+        len = if len == REGION_MAX {
+            REGION_LIMITED
+        } else {
+            len / 2
+        };
     }
 }
 

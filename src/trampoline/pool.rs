@@ -16,13 +16,13 @@
 //! addresses only 22 bits would be left for the counter, which a tight
 //! alloc/free loop wraps in tens of milliseconds, a plausible preemption;
 //! 2^34 changes take minutes.) The reservation is one `PROT_NONE` range
-//! (`MAP_NORESERVE`, up to 16 GiB, smaller where `RLIMIT_AS` refuses)
+//! (`MAP_NORESERVE`, 4 GiB, smaller where `RLIMIT_AS` refuses)
 //! taken just below the object containing this crate, so trampolines are
 //! near the entries and handlers they jump to (see `hint` in backing.rs);
 //! chunks are carved from its top down.
 
 use core::ptr;
-use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use super::backing::Backing;
 use super::table::{SPAN, STRIDE, TABLE_PAGES, called_after_free};
@@ -73,6 +73,8 @@ pub(crate) struct PoolState {
     claimed: AtomicUsize,
     /// Trampolines handed out and not yet freed.
     live: AtomicUsize,
+    /// A failed growth could not restore its range to the reservation.
+    holed: AtomicBool,
 }
 
 /// `code` as a free-list link: its index in the reservation at `base`, + 1.
@@ -115,6 +117,7 @@ impl PoolState {
             blocks: AtomicUsize::new(0),
             claimed: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
+            holed: AtomicBool::new(false),
         }
     }
 
@@ -129,7 +132,16 @@ impl PoolState {
             Some(o) if self.order == super::AUTO => o,
             _ => self.order,
         };
-        let new = alloc::boxed::Box::into_raw(alloc::boxed::Box::new(Backing::open(order)?));
+        let opened = Backing::open(order);
+        let won = self.backing.load(Ordering::Acquire);
+        if !won.is_null() {
+            // Another thread opened one meanwhile (ours may even have failed
+            // only because its reservation held the address space).
+            drop(opened);
+            // SAFETY: as for `b` above.
+            return Ok(unsafe { &*won });
+        }
+        let new = alloc::boxed::Box::into_raw(alloc::boxed::Box::new(opened?));
         match self.backing.compare_exchange(
             ptr::null_mut(),
             new,
@@ -206,8 +218,10 @@ impl PoolState {
         }
         slot(code, DATA).store(0, Ordering::Relaxed);
         self.live.fetch_sub(1, Ordering::Relaxed);
-        // A trampoline exists only once the backing does.
-        let base = self.backing().map(|b| b.region.0).unwrap_or(0);
+        let b = self.backing.load(Ordering::Acquire);
+        // SAFETY: a trampoline exists only once the backing does, which
+        // lives as long as the pool.
+        let base = unsafe { (*b).region.0 };
         self.push(base, code, code);
         true
     }
@@ -286,7 +300,7 @@ impl PoolState {
         // not returned: the blocks stay unused).
         let unmap = || {
             // SAFETY: the claimed range, reserved again as PROT_NONE.
-            unsafe {
+            let r = unsafe {
                 libc::mmap(
                     base as *mut libc::c_void,
                     len,
@@ -296,6 +310,11 @@ impl PoolState {
                     0,
                 )
             };
+            if r == libc::MAP_FAILED {
+                // The range may now be a hole another mapping can take:
+                // never unmap the reservation wholesale.
+                self.holed.store(true, Ordering::Relaxed);
+            }
         };
         if p == libc::MAP_FAILED {
             let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
@@ -400,11 +419,11 @@ impl Drop for PoolState {
         }
         // SAFETY: published by `backing` from Box::into_raw.
         let mut backing = unsafe { alloc::boxed::Box::from_raw(b) };
-        if *self.live.get_mut() != 0 {
+        if *self.live.get_mut() != 0 || *self.holed.get_mut() {
             // Leaked trampolines (`Trampoline::leak`, a forgotten
             // `Closure`, C code that never freed) may still be called: keep
             // their pages mapped rather than let a later mapping take the
-            // addresses.
+            // addresses. (And a hole may hold someone else's mapping.)
             backing.keep_region();
         }
     }

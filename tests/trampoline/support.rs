@@ -124,7 +124,7 @@ pub fn run_child(scenario: &str, exercise: fn(&Pool, usize)) {
         }
         "fork" => fork_scenario(),
         "rlimit_as" => {
-            // A 2 GiB address-space limit refuses the 16 GiB reservation:
+            // A 2 GiB address-space limit refuses the 4 GiB reservation:
             // the pool must take a smaller one and still work.
             let lim = libc::rlimit {
                 rlim_cur: 2 << 30,
