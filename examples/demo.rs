@@ -372,7 +372,7 @@ fn retpolines(
     let plain = ns_per_call(rp_loop_plain, &idx);
     let before = ns_per_call(rp_loop_thunk, &idx);
     let sites = altpatch::elf::current_sites()?;
-    let policy = Policy::choose(features, overrides);
+    let policy = Policy::for_process(features, overrides);
     let mut poke = LinuxPoke::running()?;
     let t = Instant::now();
     // SAFETY: a poke for running code (page swap); from the original sites

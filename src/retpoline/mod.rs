@@ -25,7 +25,7 @@
 //! | mode | thunk becomes | call sites (5-byte `call`/`jmp`, 6-byte `jcc`) | protects against Spectre v2 (BTI) |
 //! |---|---|---|---|
 //! | `generic` | the retpoline (unchanged) | keep calling the thunk | yes, on every CPU: the indirect branch is never predicted from the BTB; costs a mispredicted `ret` per call |
-//! | `lfence` | `lfence; jmp *%reg` | `lfence; call/jmp *%reg` where it fits (rax..rdi); r8..r15 and `jcc` keep calling the (patched) thunk | narrows the speculation window only; AMD's 2022 guidance (CVE-2021-26401) says it is *not* sufficient on AMD; never sufficient on Intel |
+//! | `lfence` | `lfence; jmp *%reg` | `lfence; call/jmp *%reg` where it fits (rax..rdi); r8..r15 and `jcc` keep calling the (patched) thunk | vulnerable: Linux reports this mitigation as "Vulnerable: LFENCE" (AMD's 2022 guidance, CVE-2021-26401: not sufficient on AMD; never sufficient on Intel); never chosen by `auto` |
 //! | `plain` (alias `off`) | `nop; jmp *%reg` | `nop; call/jmp *%reg`; `jcc` → inverted short `jcc` over `jmp *%reg` + `int3` | only if the hardware does it: enhanced IBRS (Intel) or Automatic IBRS (AMD) must be enabled by the OS; otherwise no protection |
 //!
 //! `auto` picks `plain` when the snapshot shows enhanced IBRS or Automatic
@@ -65,12 +65,14 @@
 mod policy;
 mod report;
 mod thunks;
+mod verdict;
 
 use alloc::vec::Vec;
 
 pub use policy::{Mode, Policy, Setting};
 pub use report::{Error, Outcome, Report, SiteOutcome};
 pub use thunks::{THUNK_SLOT, return_thunk, thunk, thunk_array};
+pub use verdict::{CpuinfoFlags, KernelMitigation, KernelVerdict, KernelView};
 
 use crate::image::Image;
 use crate::plan::{Bytes, Edit, Expect, Plan};
@@ -353,7 +355,7 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
 /// use altpatch::cpu::{Features, Overrides};
 /// use altpatch::retpoline::{self, Policy};
 ///
-/// let policy = Policy::choose(&Features::detect(), &Overrides::from_env()?);
+/// let policy = Policy::for_process(&Features::detect(), &Overrides::from_env()?);
 /// let report = retpoline::apply_current(&policy)?;
 /// print!("{report}");
 /// # Ok::<(), Box<dyn std::error::Error>>(())

@@ -3,6 +3,7 @@
 use alloc::borrow::Cow;
 use core::fmt;
 
+use super::verdict::{KernelMitigation, KernelView};
 use crate::cpu::{Feature, Features, Vendor};
 
 /// How indirect branches through the thunks are executed (see the
@@ -103,9 +104,12 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// The mode `features` call for: `plain` when the CPU restricts indirect
-    /// branch prediction itself (enhanced IBRS, AMD Automatic IBRS), else
-    /// the full retpoline. `lfence` is never chosen automatically: it is
+    /// The mode `features` call for, from CPUID (and the MSR a kernel
+    /// reads) alone: `plain` when the CPU restricts indirect branch
+    /// prediction itself (enhanced IBRS, AMD Automatic IBRS), else the full
+    /// retpoline. A process should use [`Policy::for_process`], which
+    /// asks the kernel first: a process cannot read the MSR that shows
+    /// enhanced IBRS. `lfence` is never chosen automatically: it is
     /// not sufficient on AMD since 2022 and never was on Intel.
     pub fn auto(features: &Features) -> Policy {
         let (mode, reason) = if features.has(Feature::Eibrs) {
@@ -151,6 +155,157 @@ impl Policy {
         Policy { mode, reason }
     }
 
+    /// The mode for a process on Linux: what the running kernel decided
+    /// (`kernel`, see [`KernelView`]), then what the CPU says. Rules, in
+    /// order, each following Linux (`arch/x86/kernel/cpu/bugs.c`):
+    ///
+    /// 1. A Spectre v2 verdict with enhanced / Automatic IBRS on (any of
+    ///    its forms) → `plain`: the hardware restriction covers user space.
+    ///    "Not affected" → `plain`. Every other verdict → `generic`:
+    ///    "Retpolines" (no enhanced IBRS, or not enabled), "IBRS" (set on
+    ///    kernel entry only), "Vulnerable: LFENCE" (Linux labels the LFENCE
+    ///    retpoline vulnerable, so `lfence` is never chosen), "Vulnerable"
+    ///    (mitigations off: the kernel's choice, not proof of safety).
+    /// 2. No verdict, `/proc/cpuinfo` readable: `ibrs_enhanced` → `plain`;
+    ///    `autoibrs` → `plain`, except on an SEV-SNP host (`sev_snp`), where
+    ///    Linux does not use Automatic IBRS.
+    /// 3. Neither readable: [`Policy::auto`] (CPUID), said in the reason.
+    ///
+    /// When the result is `generic` on a CPU affected by Retbleed (the
+    /// kernel's `retbleed` bug, or Skylake-era Intel and AMD families
+    /// 0x15–0x17 from CPUID), the reason adds that the generic retpoline
+    /// does not stop return-based attacks.
+    ///
+    /// ```
+    /// use altpatch::cpu::{Feature, Features, Vendor};
+    /// use altpatch::retpoline::{KernelVerdict, KernelView, Mode, Policy};
+    ///
+    /// // An Intel CPU with enhanced IBRS, seen from a process: CPUID shows
+    /// // IA32_ARCH_CAPABILITIES exists but the MSR itself is unreadable.
+    /// let cpu = Features::none()
+    ///     .with_vendor(Vendor::Intel, 6, 0xcf)
+    ///     .with(Feature::ArchCapabilities);
+    /// assert_eq!(Policy::decide(&cpu, &KernelView::NONE).mode, Mode::Generic);
+    /// let kernel = KernelView {
+    ///     spectre_v2: Some(KernelVerdict::parse("Mitigation: Enhanced / Automatic IBRS; IBPB: conditional")),
+    ///     cpuinfo: None,
+    /// };
+    /// let p = Policy::decide(&cpu, &kernel);
+    /// assert_eq!(p.mode, Mode::Plain);
+    /// assert!(p.reason.contains("Mitigation: Enhanced / Automatic IBRS"));
+    /// ```
+    pub fn decide(features: &Features, kernel: &KernelView) -> Policy {
+        use KernelMitigation as K;
+        let flags = kernel.cpuinfo.unwrap_or_default();
+        let mut policy = if let Some(v) = &kernel.spectre_v2 {
+            let (mode, why) = match v.mitigation {
+                m if m.hardware_restricts() => (
+                    Mode::Plain,
+                    "enhanced / Automatic IBRS is on, which restricts indirect branch prediction \
+                     in hardware for user space too",
+                ),
+                K::NotAffected => (Mode::Plain, "this CPU is not affected by Spectre v2"),
+                K::Retpolines => (
+                    Mode::Generic,
+                    "the kernel itself relies on retpolines (no enhanced IBRS in use): full \
+                     retpoline",
+                ),
+                K::Ibrs => (
+                    Mode::Generic,
+                    "IBRS is set on kernel entry only, which does not cover user space: full \
+                     retpoline",
+                ),
+                K::Lfence => (
+                    Mode::Generic,
+                    "Linux labels the LFENCE retpoline vulnerable: full retpoline",
+                ),
+                K::Vulnerable => (
+                    Mode::Generic,
+                    "the kernel runs without Spectre v2 mitigation (mitigations=off?), which \
+                     is its choice, not proof the CPU is safe: full retpoline (retpoline=plain \
+                     follows the kernel)",
+                ),
+                _ => (
+                    Mode::Generic,
+                    "a verdict this version does not know: full retpoline",
+                ),
+            };
+            let mut reason = alloc::format!("auto: the kernel reports \"{}\": {why}", v.text);
+            if mode == Mode::Generic && (features.has(Feature::AutoIbrs) || flags.ibrs_enhanced) {
+                reason.push_str(
+                    "; the CPU supports enhanced or Automatic IBRS but the kernel does not use it",
+                );
+            }
+            Policy {
+                mode,
+                reason: Cow::Owned(reason),
+            }
+        } else if let Some(f) = kernel.cpuinfo {
+            if f.ibrs_enhanced {
+                Policy {
+                    mode: Mode::Plain,
+                    reason: Cow::Borrowed(
+                        "auto: /proc/cpuinfo lists ibrs_enhanced (spectre_v2 verdict unreadable): \
+                         indirect branch prediction is restricted in hardware",
+                    ),
+                }
+            } else if f.autoibrs && f.sev_snp {
+                Policy {
+                    mode: Mode::Generic,
+                    reason: Cow::Borrowed(
+                        "auto: Automatic IBRS is not used on an SEV-SNP host (Linux), and the \
+                         spectre_v2 verdict is unreadable: full retpoline",
+                    ),
+                }
+            } else if f.autoibrs {
+                Policy {
+                    mode: Mode::Plain,
+                    reason: Cow::Borrowed(
+                        "auto: /proc/cpuinfo lists autoibrs (spectre_v2 verdict unreadable): \
+                         AMD Automatic IBRS restricts indirect branch prediction in hardware",
+                    ),
+                }
+            } else {
+                let mut p = Policy::auto(features);
+                p.reason
+                    .to_mut()
+                    .push_str(" (spectre_v2 verdict unreadable)");
+                p
+            }
+        } else {
+            let mut p = Policy::auto(features);
+            p.reason.to_mut().push_str(
+                " (the kernel's spectre_v2 verdict and /proc/cpuinfo are unreadable: CPUID only)",
+            );
+            p
+        };
+        if policy.mode == Mode::Generic && (flags.retbleed || retbleed_cpu(features)) {
+            policy.reason.to_mut().push_str(
+                "; this CPU is affected by Retbleed: the generic retpoline does not stop \
+                 return-based attacks (return thunks are the kernel's business)",
+            );
+        }
+        policy
+    }
+
+    /// [`Policy::choose`] for a process on Linux (`std`): `retpoline=` from
+    /// `overrides`, else [`Policy::decide`] with what this machine's kernel
+    /// says ([`KernelView::read`]).
+    ///
+    /// ```
+    /// use altpatch::cpu::{Features, Overrides};
+    /// use altpatch::retpoline::Policy;
+    /// let p = Policy::for_process(&Features::detect(), &Overrides::none());
+    /// println!("{p}");
+    /// ```
+    #[cfg(feature = "std")]
+    pub fn for_process(features: &Features, overrides: &crate::cpu::Overrides) -> Policy {
+        match overrides.retpoline() {
+            Some(Setting::Mode(_)) => Policy::choose(features, overrides),
+            Some(Setting::Auto) | None => Policy::decide(features, &KernelView::read()),
+        }
+    }
+
     /// The mode `overrides` set (`retpoline=<mode>`), else [`Policy::auto`].
     pub fn choose(features: &Features, overrides: &crate::cpu::Overrides) -> Policy {
         match overrides.retpoline() {
@@ -160,6 +315,38 @@ impl Policy {
             },
             Some(Setting::Auto) | None => Policy::auto(features),
         }
+    }
+}
+
+/// CPUs affected by Retbleed by family and model, for when the kernel's
+/// `bugs` line is unreadable (Linux `cpu_vuln_blacklist`, `RETBLEED`
+/// entries: Skylake-era Intel cores; AMD families 0x15, 0x16, 0x17 and
+/// Hygon's 0x18, which reports as AMD here).
+fn retbleed_cpu(f: &Features) -> bool {
+    match f.vendor() {
+        Vendor::Intel => {
+            f.family() == 6
+                && matches!(
+                    f.model(),
+                    0x3d | 0x47
+                        | 0x3f
+                        | 0x45
+                        | 0x46
+                        | 0x4e
+                        | 0x5e
+                        | 0x55
+                        | 0x8e
+                        | 0x9e
+                        | 0x66
+                        | 0x7e
+                        | 0xa5
+                        | 0xa6
+                        | 0x8a
+                        | 0xa7
+                )
+        }
+        Vendor::Amd => matches!(f.family(), 0x15..=0x18),
+        _ => false,
     }
 }
 

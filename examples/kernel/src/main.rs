@@ -239,7 +239,8 @@ fn resolve_ifuncs(image: &Image<'_>, features: &Features) -> Result<(), &'static
                 let b = unsafe { core::slice::from_raw_parts(s.addr as *const u8, s.len as usize) };
                 let at = b.len() - 5;
                 (b[at] == 0xe8 || b[at] == 0xe9)
-                    && s.addr + b.len()
+                    && s.addr
+                        + b.len()
                         + i32::from_le_bytes([b[at + 1], b[at + 2], b[at + 3], b[at + 4]]) as isize
                             as usize
                         == f
@@ -353,7 +354,10 @@ extern "C" fn kmain(multiboot_info: u32) -> ! {
             exit(EXIT_FAILURE);
         }
     };
-    let features = Features::detect().with_overrides(&overrides);
+    // At CPL 0 the kernel can read IA32_ARCH_CAPABILITIES, which shows
+    // enhanced IBRS (a process cannot, and asks Linux instead).
+    let features =
+        Features::from_source(&HostCpuid::with_msr_reader(read_msr)).with_overrides(&overrides);
     println!("features: {features}");
 
     // SAFETY: the linker script brackets all of the kernel's code with these
@@ -613,4 +617,22 @@ macro_rules! print {
         use core::fmt::Write as _;
         let _ = write!($crate::support::Serial, $($arg)*);
     }};
+}
+
+/// `rdmsr` for the feature snapshot. Detection asks only for
+/// `IA32_ARCH_CAPABILITIES` (0x10a) and only when CPUID says the CPU has it,
+/// so the MSR exists and the read cannot fault; anything else is refused.
+fn read_msr(index: u32) -> Option<u64> {
+    const IA32_ARCH_CAPABILITIES: u32 = 0x10a;
+    if index != IA32_ARCH_CAPABILITIES {
+        return None;
+    }
+    let (lo, hi): (u32, u32);
+    // SAFETY: ring 0, and the MSR is architectural when CPUID.7.0:EDX[29]
+    // is set, which is the only case detection calls this in.
+    unsafe {
+        core::arch::asm!("rdmsr", in("ecx") index, out("eax") lo, out("edx") hi,
+            options(nomem, nostack, preserves_flags));
+    }
+    Some(((hi as u64) << 32) | lo as u64)
 }
