@@ -39,10 +39,7 @@ fn inline_site() -> Site {
 /// mode (in place: nothing else runs the loops).
 fn set_modes(thunks: Mode, site: Mode) {
     let image = Image::current();
-    let policy = |mode| Policy {
-        mode,
-        reason: "benchmark".into(),
-    };
+    let policy = |mode| Policy::new(mode, "benchmark");
     let mut poke = LinuxPoke::new().expect("poke");
     // SAFETY: single-threaded benchmark; the site and thunks are idle.
     unsafe {

@@ -392,10 +392,7 @@ fn retpolines(
     let mut poke = LinuxPoke::new()?;
     let mut line = String::from("each mode on this machine:");
     for mode in [Mode::Generic, Mode::Lfence, Mode::Plain] {
-        let p = Policy {
-            mode,
-            reason: "comparison".into(),
-        };
+        let p = Policy::new(mode, "comparison");
         // SAFETY: in place, single-threaded, the loops idle.
         unsafe { retpoline::apply(image, sites, &p, &mut poke) }?;
         line += &format!(" {mode} {:.2} ns", ns_per_call(rp_loop_thunk, &idx));

@@ -446,10 +446,7 @@ fn snapshot(sites: &[Site]) -> Vec<Vec<u8>> {
 }
 
 fn policy(mode: Mode) -> Policy {
-    Policy {
-        mode,
-        reason: "test".into(),
-    }
+    Policy::new(mode, "test")
 }
 
 #[test]

@@ -137,3 +137,149 @@ fn this_machine() {
     }
     println!("{p}");
 }
+
+core::arch::global_asm!(
+    ".pushsection .text.rt_return_sites,\"ax\",@progbits",
+    // Returns 7 through a `jmp __x86_return_thunk` site.
+    ".globl rt_ret_jmp",
+    "rt_ret_jmp:",
+    "mov eax, 7",
+    ".globl rt_ret_jmp_site",
+    "rt_ret_jmp_site:",
+    "jmp __x86_return_thunk",
+    // Returns 9 through a `jne __x86_return_thunk` site if edi != 0,
+    // else 11 by a plain ret.
+    ".globl rt_ret_jcc",
+    "rt_ret_jcc:",
+    "mov eax, 9",
+    "test edi, edi",
+    ".globl rt_ret_jcc_site",
+    "rt_ret_jcc_site:",
+    "jne __x86_return_thunk",
+    "mov eax, 11",
+    "ret",
+    // An embedder's return thunk: returns, adding 1000 so a test can tell
+    // it ran.
+    ".globl rt_embedder_return_thunk",
+    "rt_embedder_return_thunk:",
+    "add eax, 1000",
+    "ret",
+    ".popsection",
+);
+unsafe extern "C" {
+    fn rt_ret_jmp() -> u32;
+    fn rt_ret_jcc(taken: u32) -> u32;
+    static rt_ret_jmp_site: u8;
+    static rt_ret_jcc_site: u8;
+    fn rt_embedder_return_thunk();
+}
+
+fn bytes(at: usize, n: usize) -> Vec<u8> {
+    // SAFETY: `at` is in this program's readable text.
+    unsafe { std::slice::from_raw_parts(at as *const u8, n) }.to_vec()
+}
+
+/// Return sites routed to a return thunk the embedder supplies (bytes and
+/// results), back to `ret`, back to the thunk; a thunk outside the text is
+/// refused with nothing written.
+#[test]
+fn return_sites_route_to_a_supplied_thunk() {
+    use altpatch::retpoline::{self, Error, Outcome, ReturnSites};
+    use altpatch::sites::{Site, SiteKind};
+    use altpatch::x86::{BranchKind, Cond};
+
+    let jmp_at = (&raw const rt_ret_jmp_site) as usize;
+    let jcc_at = (&raw const rt_ret_jcc_site) as usize;
+    let sites = [
+        Site {
+            addr: jmp_at,
+            len: 5,
+            form: BranchKind::Jmp,
+            kind: SiteKind::ReturnThunk,
+            target: retpoline::return_thunk(),
+        },
+        Site {
+            addr: jcc_at,
+            len: 6,
+            form: BranchKind::Jcc(Cond::Ne),
+            kind: SiteKind::ReturnThunk,
+            target: retpoline::return_thunk(),
+        },
+    ];
+    let original = (bytes(jmp_at, 5), bytes(jcc_at, 6));
+    assert_eq!(original.0[0], 0xe9, "{:02x?}", original.0);
+    assert_eq!(&original.1[..2], [0x0f, 0x85], "{:02x?}", original.1);
+    let image = altpatch::Image::current();
+    let mut poke = altpatch::LinuxPoke::new().unwrap();
+    let thunk = rt_embedder_return_thunk as *const () as usize;
+    let routed = Policy::new(Mode::Plain, "test").with_return_thunk(thunk);
+    assert_eq!(routed.returns, ReturnSites::Thunk(thunk));
+
+    // SAFETY (every apply below): only this test runs these functions, and
+    // each edit replaces one instruction by one.
+    let report = unsafe { retpoline::apply(&image, &sites, &routed, &mut poke) }.unwrap();
+    assert!(
+        report.sites.iter().all(|s| s.outcome == Outcome::ViaThunk),
+        "{report}"
+    );
+    let rel = |at: usize, len: usize| (thunk as i64 - (at + len) as i64) as i32;
+    let mut want_jmp = vec![0xe9];
+    want_jmp.extend(rel(jmp_at, 5).to_le_bytes());
+    let mut want_jcc = vec![0x0f, 0x85];
+    want_jcc.extend(rel(jcc_at, 6).to_le_bytes());
+    assert_eq!(bytes(jmp_at, 5), want_jmp);
+    assert_eq!(bytes(jcc_at, 6), want_jcc);
+    // SAFETY: the functions above, whose sites now reach the thunk.
+    unsafe {
+        assert_eq!(rt_ret_jmp(), 1007);
+        assert_eq!(rt_ret_jcc(1), 1009);
+        assert_eq!(rt_ret_jcc(0), 11);
+    }
+
+    // Back to `ret` (the default), then to the thunk again.
+    let plain = Policy::new(Mode::Plain, "test");
+    unsafe { retpoline::apply(&image, &sites, &plain, &mut poke) }.unwrap();
+    assert_eq!(bytes(jmp_at, 5), [0xc3, 0xcc, 0xcc, 0xcc, 0xcc]);
+    assert_eq!(bytes(jcc_at, 6), [0x74, 4, 0xc3, 0xcc, 0xcc, 0xcc]);
+    // SAFETY: as above.
+    unsafe {
+        assert_eq!(rt_ret_jmp(), 7);
+        assert_eq!(rt_ret_jcc(1), 9);
+    }
+    unsafe { retpoline::apply(&image, &sites, &routed, &mut poke) }.unwrap();
+    assert_eq!(bytes(jmp_at, 5), want_jmp);
+    // SAFETY: as above.
+    assert_eq!(unsafe { rt_ret_jmp() }, 1007);
+
+    // A thunk outside the text: refused, nothing written.
+    let outside = Policy::new(Mode::Plain, "test").with_return_thunk(8);
+    let e = unsafe { retpoline::apply(&image, &sites, &outside, &mut poke) }.unwrap_err();
+    assert!(matches!(e, Error::BadReturnThunk { addr: 8 }), "{e}");
+    assert_eq!(bytes(jmp_at, 5), want_jmp);
+
+    // Routed, straight to another thunk (here: back to the original one)
+    // works: a site's own branch to a target in the text is a known state.
+    let back = Policy::new(Mode::Generic, "test").with_return_thunk(retpoline::return_thunk());
+    unsafe { retpoline::apply(&image, &sites, &back, &mut poke) }.unwrap();
+    assert_eq!((bytes(jmp_at, 5), bytes(jcc_at, 6)), original);
+    unsafe { retpoline::apply(&image, &sites, &routed, &mut poke) }.unwrap();
+
+    // A site holding another branch (je for the jne site) is refused,
+    // naming it, and nothing is written.
+    let now = bytes(jcc_at, 6);
+    let mut je = now.clone();
+    je[1] = 0x84;
+    let mut mangle = altpatch::Plan::for_image(&image);
+    mangle.push(altpatch::Edit::replace(jcc_at, &now, &je));
+    // SAFETY: rt_ret_jcc is not called until the edit is undone.
+    unsafe { mangle.apply(&mut poke) }.unwrap();
+    let e = unsafe { retpoline::apply(&image, &sites, &plain, &mut poke) }.unwrap_err();
+    assert!(e.to_string().contains(&format!("{jcc_at:#x}")), "{e}");
+    assert_eq!(bytes(jmp_at, 5), want_jmp, "the other site was written");
+    // SAFETY: as above.
+    unsafe { mangle.undo(&mut poke) }.unwrap();
+
+    // Leave the sites as built.
+    unsafe { retpoline::apply(&image, &sites, &back, &mut poke) }.unwrap();
+    assert_eq!((bytes(jmp_at, 5), bytes(jcc_at, 6)), original);
+}

@@ -36,7 +36,11 @@
 //! Return-thunk sites (`jmp __x86_return_thunk`, or a `jcc` to it) become
 //! `ret` in every mode: this crate's return thunk is a plain return (no
 //! return mitigation such as untrained-return thunks is implemented), so
-//! inlining it changes nothing but the cost.
+//! inlining it changes nothing but the cost. An embedder with a return
+//! thunk of its own (a kernel's Retbleed or SRSO thunk) keeps them on it
+//! instead: [`Policy::with_return_thunk`] makes every return site a direct
+//! `jmp`/`jcc` to that address (validated like every other edit: the thunk
+//! must be in the image's text, each site must hold one of its known forms).
 //!
 //! # Forms that stay correct under running threads
 //!
@@ -69,7 +73,7 @@ mod verdict;
 
 use alloc::vec::Vec;
 
-pub use policy::{Mode, Policy, Setting};
+pub use policy::{Mode, Policy, ReturnSites, Setting};
 pub use report::{Error, Outcome, Report, SiteOutcome};
 pub use thunks::{THUNK_SLOT, return_thunk, thunk, thunk_array};
 pub use verdict::{CpuinfoFlags, KernelMitigation, KernelVerdict, KernelView};
@@ -182,6 +186,38 @@ fn push_edit(plan: &mut Plan, addr: usize, expected: &[u8], new: &[u8]) {
     plan.push(Edit::replace(addr, &expected[..n], &new[..n]));
 }
 
+/// A return-thunk site routed to the return thunk at `thunk`: the site's
+/// own branch (`jmp` or `jcc`, same length) with the new target.
+fn routed_form(site: &Site, thunk: usize) -> Result<Bytes, &'static str> {
+    let e = match site.form {
+        BranchKind::Jmp => x86::jmp_rel32(site.addr, thunk),
+        BranchKind::Jcc(cc) => x86::jcc_rel32(cc, site.addr, thunk),
+        BranchKind::Call => return Err("a call to the return thunk is not a return site"),
+    }
+    .map_err(|_| "the supplied return thunk is out of rel32 reach of the site")?;
+    if e.len() != site.len as usize {
+        return Err("prefixed or unusual encoding: left as is");
+    }
+    Ok(Bytes::new(&e))
+}
+
+/// Whether `current` is `site`'s own branch (`jmp rel32`, or `jcc rel32`
+/// with the same condition) to a target in `image`'s text: a return site
+/// routed earlier by [`ReturnSites::Thunk`].
+fn routed_elsewhere(image: &Image<'_>, site: &Site, current: &[u8]) -> bool {
+    let op: &[u8] = match site.form {
+        BranchKind::Jmp => &[0xe9],
+        BranchKind::Jcc(cc) => &[0x0f, 0x80 + cc as u8],
+        BranchKind::Call => return false,
+    };
+    if current.len() != op.len() + 4 || !current.starts_with(op) {
+        return false;
+    }
+    let rel = i32::from_le_bytes(current[op.len()..].try_into().unwrap_or_default());
+    let target = (site.addr + current.len()).wrapping_add_signed(rel as isize);
+    image.contains_text(target, 1)
+}
+
 /// The original form of a site: its branch to the thunk.
 fn original_form(site: &Site) -> Option<Bytes> {
     let e = match site.form {
@@ -198,7 +234,13 @@ fn plan_sites(
     image: &Image<'_>,
     sites: &[Site],
     mode: Mode,
+    returns: ReturnSites,
 ) -> Result<(Plan, Vec<SiteOutcome>), Error> {
+    if let ReturnSites::Thunk(t) = returns
+        && !image.contains_text(t, 1)
+    {
+        return Err(Error::BadReturnThunk { addr: t });
+    }
     let mut plan = Plan::for_image(image);
     let mut outcomes = Vec::new();
     for s in sites {
@@ -214,11 +256,19 @@ fn plan_sites(
             });
             continue;
         };
-        let (new, outcome) = match inline_form(s, mode) {
-            Ok(b) => (Bytes::new(&b), Outcome::Inlined),
-            // Generic mode is not a refusal: calls belong in the retpoline.
-            Err(_) if mode == Mode::Generic => (original.clone(), Outcome::ViaThunk),
-            Err(why) => (original.clone(), Outcome::Refused(why)),
+        let routed = match (s.kind, returns) {
+            (SiteKind::ReturnThunk, ReturnSites::Thunk(t)) => Some(routed_form(s, t)),
+            _ => None,
+        };
+        let (new, outcome) = match routed.clone() {
+            Some(Ok(b)) => (b, Outcome::ViaThunk),
+            Some(Err(why)) => (original.clone(), Outcome::Refused(why)),
+            None => match inline_form(s, mode) {
+                Ok(b) => (Bytes::new(&b), Outcome::Inlined),
+                // Generic mode is not a refusal: calls belong in the retpoline.
+                Err(_) if mode == Mode::Generic => (original.clone(), Outcome::ViaThunk),
+                Err(why) => (original.clone(), Outcome::Refused(why)),
+            },
         };
         // Whichever state the site is in now (original, or inlined by an
         // earlier mode) is the expected one; anything else is refused by
@@ -230,6 +280,9 @@ fn plan_sites(
                 candidates.push(Bytes::new(&b));
             }
         }
+        if let Some(Ok(b)) = routed {
+            candidates.push(b);
+        }
         // SAFETY: the image's constructor guarantees its text is readable;
         // sites outside it are refused by validation before any read.
         let current = if image.contains_text(s.addr, s.len as usize) {
@@ -237,6 +290,11 @@ fn plan_sites(
         } else {
             &[]
         };
+        // A return site an earlier policy routed to some return thunk: the
+        // site's own branch, to a target in the text.
+        if s.kind == SiteKind::ReturnThunk && routed_elsewhere(image, s, current) {
+            candidates.push(Bytes::new(current));
+        }
         match candidates.iter().find(|c| c.as_slice() == current) {
             Some(expected) => push_edit(&mut plan, s.addr, expected.as_slice(), new.as_slice()),
             // Bytes of no known state: validation refuses this edit, naming
@@ -291,7 +349,7 @@ fn plan_thunks(image: &Image<'_>, mode: Mode) -> Result<(Plan, usize), Error> {
 ///
 /// let image = Image::current();
 /// let mut poke = LinuxPoke::new()?;
-/// let plain = Policy { mode: Mode::Plain, reason: "example".into() };
+/// let plain = Policy::new(Mode::Plain, "example");
 /// // No sites here: only the thunks change. In place: nothing else runs.
 /// let report = unsafe { retpoline::apply(&image, &[], &plain, &mut poke) }?;
 /// assert_eq!(report.thunks, 15);
@@ -314,7 +372,7 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
     policy: &Policy,
     poke: &mut P,
 ) -> Result<Report, Error> {
-    let (mut site_plan, outcomes) = plan_sites(image, sites, policy.mode)?;
+    let (mut site_plan, outcomes) = plan_sites(image, sites, policy.mode, policy.returns)?;
     let (mut thunk_plan, thunks) = plan_thunks(image, policy.mode)?;
     // Both batches are checked before either writes, so a refusal (an
     // unexpected byte anywhere) leaves the text as it was.

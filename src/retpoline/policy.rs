@@ -82,6 +82,24 @@ impl Setting {
     }
 }
 
+/// What return-thunk sites (`jmp __x86_return_thunk`, `jcc` to it) become.
+///
+/// ```
+/// use altpatch::retpoline::{Mode, Policy, ReturnSites};
+/// let p = Policy::new(Mode::Plain, "example");
+/// assert_eq!(p.returns, ReturnSites::Ret);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReturnSites {
+    /// `ret` (this crate's `__x86_return_thunk` is a plain return, so this
+    /// changes nothing but the cost). The default.
+    Ret,
+    /// A direct `jmp`/`jcc` to the return thunk at this address, which the
+    /// embedder supplies (a kernel with its own Retbleed or SRSO thunk). It
+    /// must lie in the image's text, within reach of every site.
+    Thunk(usize),
+}
+
 /// A mode and why it was chosen.
 ///
 /// ```
@@ -101,9 +119,40 @@ pub struct Policy {
     pub mode: Mode,
     /// Why, in a sentence.
     pub reason: Cow<'static, str>,
+    /// What return-thunk sites become ([`ReturnSites::Ret`] unless set with
+    /// [`Policy::with_return_thunk`]).
+    pub returns: ReturnSites,
 }
 
 impl Policy {
+    /// `mode`, for `reason`, with return sites made `ret`.
+    ///
+    /// ```
+    /// use altpatch::retpoline::{Mode, Policy};
+    /// let p = Policy::new(Mode::Generic, "forced by the test");
+    /// assert_eq!(p.to_string(), "generic (forced by the test)");
+    /// ```
+    pub fn new(mode: Mode, reason: impl Into<Cow<'static, str>>) -> Policy {
+        Policy {
+            mode,
+            reason: reason.into(),
+            returns: ReturnSites::Ret,
+        }
+    }
+
+    /// The same policy, with every return-thunk site routed to the return
+    /// thunk at `addr` (see [`ReturnSites::Thunk`]).
+    ///
+    /// ```
+    /// use altpatch::retpoline::{Mode, Policy, ReturnSites};
+    /// let p = Policy::new(Mode::Plain, "example").with_return_thunk(0x1000);
+    /// assert_eq!(p.returns, ReturnSites::Thunk(0x1000));
+    /// ```
+    pub fn with_return_thunk(mut self, addr: usize) -> Policy {
+        self.returns = ReturnSites::Thunk(addr);
+        self
+    }
+
     /// The mode `features` call for, from CPUID (and the MSR a kernel
     /// reads) alone: `plain` when the CPU restricts indirect branch
     /// prediction itself (enhanced IBRS, AMD Automatic IBRS), else the full
@@ -152,7 +201,11 @@ impl Policy {
                 .to_mut()
                 .push_str("; running under a hypervisor, which may not pass enhanced or Automatic IBRS through");
         }
-        Policy { mode, reason }
+        Policy {
+            mode,
+            reason,
+            returns: ReturnSites::Ret,
+        }
     }
 
     /// The mode for a process on Linux: what the running kernel decided
@@ -236,35 +289,32 @@ impl Policy {
                     "; the CPU supports enhanced or Automatic IBRS but the kernel does not use it",
                 );
             }
-            Policy {
-                mode,
-                reason: Cow::Owned(reason),
-            }
+            Policy::new(mode, reason)
         } else if let Some(f) = kernel.cpuinfo {
             if f.ibrs_enhanced {
-                Policy {
-                    mode: Mode::Plain,
-                    reason: Cow::Borrowed(
+                Policy::new(
+                    Mode::Plain,
+                    Cow::Borrowed(
                         "auto: /proc/cpuinfo lists ibrs_enhanced (spectre_v2 verdict unreadable): \
                          indirect branch prediction is restricted in hardware",
                     ),
-                }
+                )
             } else if f.autoibrs && f.sev_snp {
-                Policy {
-                    mode: Mode::Generic,
-                    reason: Cow::Borrowed(
+                Policy::new(
+                    Mode::Generic,
+                    Cow::Borrowed(
                         "auto: Automatic IBRS is not used on an SEV-SNP host (Linux), and the \
                          spectre_v2 verdict is unreadable: full retpoline",
                     ),
-                }
+                )
             } else if f.autoibrs {
-                Policy {
-                    mode: Mode::Plain,
-                    reason: Cow::Borrowed(
+                Policy::new(
+                    Mode::Plain,
+                    Cow::Borrowed(
                         "auto: /proc/cpuinfo lists autoibrs (spectre_v2 verdict unreadable): \
                          AMD Automatic IBRS restricts indirect branch prediction in hardware",
                     ),
-                }
+                )
             } else {
                 let mut p = Policy::auto(features);
                 p.reason
@@ -309,10 +359,9 @@ impl Policy {
     /// The mode `overrides` set (`retpoline=<mode>`), else [`Policy::auto`].
     pub fn choose(features: &Features, overrides: &crate::cpu::Overrides) -> Policy {
         match overrides.retpoline() {
-            Some(Setting::Mode(m)) => Policy {
-                mode: m,
-                reason: Cow::Owned(alloc::format!("forced by retpoline={}", m.name())),
-            },
+            Some(Setting::Mode(m)) => {
+                Policy::new(m, alloc::format!("forced by retpoline={}", m.name()))
+            }
             Some(Setting::Auto) | None => Policy::auto(features),
         }
     }

@@ -13,7 +13,9 @@ use crate::x86::Reg;
 pub enum Outcome {
     /// Rewritten into the mode's inline form.
     Inlined,
-    /// Left (or put back) calling the thunk, which the mode patches.
+    /// Left (or put back) calling the thunk, which the mode patches; or, for
+    /// a return site, routed to the embedder's return thunk
+    /// ([`ReturnSites::Thunk`](super::ReturnSites::Thunk)).
     ViaThunk,
     /// Could not be inlined in this mode; keeps calling the (patched) thunk.
     Refused(&'static str),
@@ -53,7 +55,7 @@ impl Report {
     ///
     /// let site = |kind| Site { addr: 0x1000, len: 5, form: BranchKind::Call, kind, target: 0x2000 };
     /// let report = Report {
-    ///     policy: Policy { mode: Mode::Lfence, reason: "example".into() },
+    ///     policy: Policy::new(Mode::Lfence, "example"),
     ///     sites: vec![
     ///         SiteOutcome { site: site(SiteKind::IndirectThunk(Reg::Rax)), outcome: Outcome::Inlined },
     ///         SiteOutcome {
@@ -129,6 +131,12 @@ pub enum Error {
         /// The site.
         site: usize,
     },
+    /// The return thunk a policy routes return sites to is not in the
+    /// image's text.
+    BadReturnThunk {
+        /// Its address.
+        addr: usize,
+    },
     /// A thunk slot holds bytes of none of the modes.
     BadThunk {
         /// The register.
@@ -156,6 +164,11 @@ impl fmt::Display for Error {
             Error::RspSite { site } => write!(
                 f,
                 "site {site:#x} calls a thunk for %rsp, which is never a thunk register; nothing written"
+            ),
+            Error::BadReturnThunk { addr } => write!(
+                f,
+                "the return thunk {addr:#x} the policy routes return sites to is not in the \
+                 image's text; nothing written"
             ),
             Error::BadThunk { reg, addr } => write!(
                 f,
