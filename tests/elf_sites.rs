@@ -453,3 +453,39 @@ fn jump_tables_go_through_the_thunks_too() {
         .collect();
     assert!(text.contains(&format!("switch {expect:?}")), "{text}");
 }
+
+/// `ALTPATCH_DEBUG=1` summarizes each applied plan per reason with its
+/// first edits; `ALTPATCH_DEBUG=all` lists every edit.
+#[test]
+fn debug_output_is_a_summary_unless_all() {
+    let path = common::build_fixture("sites", true).join("retpoline");
+    let run = |level: &str| {
+        let out = std::process::Command::new(&path)
+            .arg("plain@inplace")
+            .env("ALTPATCH_DEBUG", level)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let summary = run("1");
+    let all = run("all");
+    assert!(
+        summary.contains(" x thunk site -> call/jmp *%reg:"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("ALTPATCH_DEBUG=all lists every edit"),
+        "{summary}"
+    );
+    let edits = |t: &str| {
+        t.lines()
+            .filter(|l| l.trim_start().starts_with("[wrote]"))
+            .count()
+    };
+    assert!(edits(&summary) <= 3 * 6, "{summary}");
+    assert!(
+        edits(&all) > edits(&summary),
+        "all:\n{all}\nsummary:\n{summary}"
+    );
+}

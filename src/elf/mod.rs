@@ -358,9 +358,23 @@ pub fn read_sites(data: &[u8]) -> Result<FoundSites, ElfError> {
                     Some([0xff, 0x15]) => x86::BranchKind::Call,
                     Some([0xff, 0x25]) => x86::BranchKind::Jmp,
                     _ => {
-                        out.rejected.push(reject(
-                            "a GOT reference that is not call/jmp *slot(%rip) (taking the address)",
-                        ));
+                        // `mov slot(%rip), %reg` (REX.W 8b, ModRM mod 00 r/m
+                        // 101): how retpoline-built code calls through the
+                        // GOT, the call itself going through a thunk.
+                        let load =
+                            off.checked_sub(3)
+                                .map(|o| &sec_data[o..o + 3])
+                                .is_some_and(|b| {
+                                    b[0] & 0xf8 == 0x48 && b[1] == 0x8b && b[2] & 0xc7 == 0x05
+                                });
+                        out.rejected.push(reject(if load {
+                            "a load of the GOT slot into a register (mov slot(%rip), %reg: \
+                             retpoline-built code then calls it through a thunk, whose site is \
+                             patched instead)"
+                        } else {
+                            "a GOT reference that is neither call/jmp *slot(%rip) nor a load of \
+                             the slot (taking the address)"
+                        }));
                         continue;
                     }
                 };

@@ -32,6 +32,69 @@ impl fmt::Display for Plan {
     }
 }
 
+/// A plan listed by reason: how many edits each reason has and the first
+/// few of each ([`Plan::summary`]). What `ALTPATCH_DEBUG=1` prints; a plan
+/// of 13 000 retpoline sites is a dozen lines instead of 26 000.
+pub struct PlanSummary<'a> {
+    plan: &'a Plan,
+    first: usize,
+}
+
+impl Plan {
+    /// This plan grouped by reason, listing the `first` edits of each.
+    ///
+    /// ```
+    /// use altpatch::{Edit, Plan};
+    /// // SAFETY: the plan is listed, never validated or applied.
+    /// let mut plan = unsafe { Plan::with_text(0x1000..0x2000) };
+    /// for i in 0..10 {
+    ///     plan.push(Edit::replace(0x1000 + i * 8, &[0x90], &[0xc3]).reason("return early"));
+    /// }
+    /// let text = plan.summary(2).to_string();
+    /// assert!(text.contains("10 x return early"), "{text}");
+    /// assert!(text.contains("... 8 more"), "{text}");
+    /// ```
+    pub fn summary(&self, first: usize) -> PlanSummary<'_> {
+        PlanSummary { plan: self, first }
+    }
+}
+
+impl fmt::Display for PlanSummary<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let edits = &self.plan.edits;
+        writeln!(
+            f,
+            "altpatch plan: {} edit{}",
+            edits.len(),
+            if edits.len() == 1 { "" } else { "s" }
+        )?;
+        // Reasons in order of first appearance, with their edits.
+        let mut groups: alloc::vec::Vec<(&str, alloc::vec::Vec<&Edit>)> = alloc::vec::Vec::new();
+        for e in edits {
+            let r = e.reason_text();
+            match groups.iter_mut().find(|(g, _)| *g == r) {
+                Some((_, v)) => v.push(e),
+                None => groups.push((r, alloc::vec![e])),
+            }
+        }
+        for (reason, group) in &groups {
+            let reason = if reason.is_empty() {
+                "(no reason)"
+            } else {
+                reason
+            };
+            writeln!(f, "  {} x {reason}:", group.len())?;
+            for e in group.iter().take(self.first) {
+                fmt_edit(e, f)?;
+            }
+            if group.len() > self.first {
+                writeln!(f, "  ... {} more", group.len() - self.first)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 fn fmt_edit(e: &Edit, f: &mut fmt::Formatter<'_>) -> fmt::Result {
     let status = match e.state {
         State::Unchecked => "check",

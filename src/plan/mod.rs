@@ -13,6 +13,7 @@
 
 mod bytes;
 mod display;
+pub use display::PlanSummary;
 mod edit;
 mod error;
 mod write;
@@ -372,12 +373,20 @@ fn page_runs<'a>(edits: impl Iterator<Item = &'a Edit>) -> Vec<Range<usize>> {
 
 #[cfg(feature = "std")]
 fn debug_print(plan: &Plan, report: &ApplyReport) {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| {
-        std::env::var_os("ALTPATCH_DEBUG").is_some_and(|v| !v.is_empty() && v != "0")
+    /// 0: off; 1: a summary per reason; 2: every edit (`ALTPATCH_DEBUG=all`).
+    static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    let level = *LEVEL.get_or_init(|| match std::env::var("ALTPATCH_DEBUG").as_deref() {
+        Err(_) | Ok("") | Ok("0") => 0,
+        Ok("all") => 2,
+        Ok(_) => 1,
     });
-    if on {
-        std::eprintln!("altpatch: applied plan ({report})\n{plan}");
+    match level {
+        1 => std::eprintln!(
+            "altpatch: applied plan ({report}); ALTPATCH_DEBUG=all lists every edit\n{}",
+            plan.summary(3)
+        ),
+        2 => std::eprintln!("altpatch: applied plan ({report})\n{plan}"),
+        _ => {}
     }
 }
 

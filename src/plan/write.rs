@@ -16,7 +16,8 @@ impl Plan {
     /// written is written back and the batch is abandoned, so text is
     /// exactly as before; the error names the site. Edits already in place
     /// are skipped, so applying a plan twice is a no-op. With the `std`
-    /// feature and `ALTPATCH_DEBUG=1`, the applied plan is printed to stderr.
+    /// feature and `ALTPATCH_DEBUG=1`, the applied plan is printed to stderr
+    /// (summarized per reason; `ALTPATCH_DEBUG=all`: every edit).
     ///
     /// # Safety
     ///

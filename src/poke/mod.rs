@@ -99,6 +99,16 @@ pub enum PokeError {
     },
     /// The operation cannot be done by this poke.
     Unsupported(&'static str),
+    /// A poke for running code (page swap or INT3) refused an edit that
+    /// does not replace one instruction by one: a thread may be between
+    /// the old instructions, so the edit is only safe with other threads
+    /// stopped. Nothing was written.
+    NotLiveSafe {
+        /// The edit's address.
+        addr: usize,
+        /// Which rule the edit breaks.
+        rule: &'static str,
+    },
     /// A write was published but the text does not hold its bytes: the
     /// executable mapping at `addr` is no longer the one written (a debugger's
     /// private copy, a re-loaded object, someone's `mmap`), even after the
@@ -256,6 +266,13 @@ impl fmt::Display for PokeError {
             }
             PokeError::Injected { at } => write!(f, "injected failure at {at:?}"),
             PokeError::Unsupported(what) => write!(f, "unsupported: {what}"),
+            PokeError::NotLiveSafe { addr, rule } => write!(
+                f,
+                "edit at {addr:#x} is not safe while other threads run: {rule}; a thread may be \
+                 between its old instructions (moving back to more mitigation re-routes an \
+                 inlined site through its thunk, for instance). Apply it with other threads \
+                 stopped, through an in-place poke (LinuxPoke::new); nothing written"
+            ),
             PokeError::NotLanded { addr } => write!(
                 f,
                 "write at {addr:#x} did not land: the executable mapping there is not the one written"

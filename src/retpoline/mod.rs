@@ -178,12 +178,23 @@ fn edit_span(current: &[u8], new: &[u8]) -> usize {
 
 /// Pushes the edit taking the bytes at `addr` from `expected` to `new`
 /// (nothing if they are equal).
-fn push_edit(plan: &mut Plan, addr: usize, expected: &[u8], new: &[u8]) {
+fn push_edit(plan: &mut Plan, addr: usize, expected: &[u8], new: &[u8], reason: &'static str) {
     if expected == new {
         return;
     }
     let n = edit_span(expected, new);
-    plan.push(Edit::replace(addr, &expected[..n], &new[..n]));
+    plan.push(Edit::replace(addr, &expected[..n], &new[..n]).reason(reason));
+}
+
+/// What an edit of a site does, for listings (`ALTPATCH_DEBUG`).
+fn site_reason(site: &Site, outcome: Outcome, mode: Mode) -> &'static str {
+    match (site.kind, outcome, mode) {
+        (SiteKind::ReturnThunk, Outcome::Inlined, _) => "return site -> ret",
+        (SiteKind::ReturnThunk, _, _) => "return site -> the supplied return thunk",
+        (_, Outcome::Inlined, Mode::Lfence) => "thunk site -> lfence; call/jmp *%reg",
+        (_, Outcome::Inlined, _) => "thunk site -> call/jmp *%reg",
+        _ => "thunk site -> back through the thunk",
+    }
 }
 
 /// A return-thunk site routed to the return thunk at `thunk`: the site's
@@ -296,10 +307,19 @@ fn plan_sites(
             candidates.push(Bytes::new(current));
         }
         match candidates.iter().find(|c| c.as_slice() == current) {
-            Some(expected) => push_edit(&mut plan, s.addr, expected.as_slice(), new.as_slice()),
+            Some(expected) => push_edit(
+                &mut plan,
+                s.addr,
+                expected.as_slice(),
+                new.as_slice(),
+                site_reason(s, outcome, mode),
+            ),
             // Bytes of no known state: validation refuses this edit, naming
             // the site, and nothing is written.
-            None => plan.push(Edit::new(s.addr, Expect::Bytes(candidates[0].clone()), new)),
+            None => plan.push(
+                Edit::new(s.addr, Expect::Bytes(candidates[0].clone()), new)
+                    .reason(site_reason(s, outcome, mode)),
+            ),
         }
         outcomes.push(SiteOutcome { site: *s, outcome });
     }
@@ -332,7 +352,7 @@ fn plan_thunks(image: &Image<'_>, mode: Mode) -> Result<(Plan, usize), Error> {
         if *expected != new {
             n += 1;
         }
-        push_edit(&mut plan, addr, expected, &new);
+        push_edit(&mut plan, addr, expected, &new, "thunk head");
     }
     Ok((plan, n))
 }

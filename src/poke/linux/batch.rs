@@ -238,18 +238,20 @@ impl Batch {
             }
             // Checked now, so a plan the protocol cannot run fails before
             // anything is written.
-            let site = LiveSite::new(addr, old, bytes).map_err(|_| {
-                PokeError::Unsupported("live patching needs one emulatable instruction per site")
+            let site = LiveSite::new(addr, old, bytes).map_err(|_| PokeError::NotLiveSafe {
+                addr,
+                rule: "the INT3 protocol needs one emulatable instruction (call, jmp, jcc, nop, \
+                       ret) replaced by one",
             })?;
             self.locate(addr).ok_or(PokeError::OutsideBatch { addr })?;
             self.pending.push((site, Bytes::new(bytes)));
             return Ok(());
         }
         if self.one_for_one && old != bytes {
-            live::check_swap(addr, old, bytes).map_err(|_| {
-                PokeError::Unsupported(
-                    "patching running code needs each edit to replace one instruction by whole instructions",
-                )
+            live::check_swap(addr, old, bytes).map_err(|_| PokeError::NotLiveSafe {
+                addr,
+                rule: "a page swap needs each edit to replace one instruction by whole \
+                       instructions",
             })?;
         }
         self.store(addr, bytes)?;

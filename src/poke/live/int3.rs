@@ -117,8 +117,10 @@ unsafe impl<P: TextPoke> TextPoke for Int3Poke<P> {
         let mut old = alloc::vec![0u8; bytes.len()];
         // SAFETY: the plan only writes inside its text, which is readable.
         unsafe { self.inner.read(addr, &mut old) }?;
-        LiveSite::new(addr, &old, bytes).map_err(|_| {
-            PokeError::Unsupported("live patching needs one emulatable instruction per site")
+        LiveSite::new(addr, &old, bytes).map_err(|_| PokeError::NotLiveSafe {
+            addr,
+            rule: "the INT3 protocol needs one emulatable instruction (call, jmp, jcc, nop, ret) \
+                   replaced by one",
         })?;
         self.pending.push((addr, bytes.to_vec()));
         Ok(())
@@ -130,9 +132,13 @@ unsafe impl<P: TextPoke> TextPoke for Int3Poke<P> {
             let mut old = alloc::vec![0u8; new.len()];
             // SAFETY: as in `write`.
             unsafe { self.inner.read(*addr, &mut old) }?;
-            table.push(LiveSite::new(*addr, &old, new).map_err(|_| {
-                PokeError::Unsupported("live patching needs one emulatable instruction per site")
-            })?);
+            table.push(
+                LiveSite::new(*addr, &old, new).map_err(|_| PokeError::NotLiveSafe {
+                    addr: *addr,
+                    rule: "the INT3 protocol needs one emulatable instruction (call, jmp, jcc, \
+                           nop, ret) replaced by one",
+                })?,
+            );
         }
         self.live = LiveSites::new(table);
         if let Some(h) = self.hook {
