@@ -147,6 +147,17 @@ fn embed_without_a_reserved_table_or_relocations() {
 
 /// A freestanding program built with external thunks: every indirect branch
 /// goes through a thunk, except in `planted`, when present.
+/// GCC flags for the small freestanding images the audit tests link.
+const FREESTANDING: [&str; 7] = [
+    "-O2",
+    "-ffreestanding",
+    "-nostdlib",
+    "-static",
+    "-fno-pic",
+    "-no-pie",
+    "-fcf-protection=none",
+];
+
 fn audit_image(name: &str, planted: bool) -> PathBuf {
     let mut src = String::from(
         r#"
@@ -165,22 +176,13 @@ long inc(long x) { return x + 1; }
         );
     }
     src.push_str("void _start(void) { twice(inc, 1); for (;;) {} }\n");
-    common::gcc(
-        name,
-        &src,
-        &[
-            "-O2",
-            "-ffreestanding",
-            "-nostdlib",
-            "-static",
-            "-fno-pic",
-            "-no-pie",
-            "-fcf-protection=none",
-            "-mindirect-branch=thunk-extern",
-            "-mfunction-return=thunk-extern",
-            "-Wl,--emit-relocs",
-        ],
-    )
+    let mut args = FREESTANDING.to_vec();
+    args.extend([
+        "-mindirect-branch=thunk-extern",
+        "-mfunction-return=thunk-extern",
+        "-Wl,--emit-relocs",
+    ]);
+    common::gcc(name, &src, &args)
 }
 
 #[test]
@@ -225,4 +227,122 @@ fn bad_input_gives_clear_errors() {
     assert_eq!(o.status.code(), Some(2));
     let o = altpatch(&["--help"]);
     assert!(o.status.success() && text(&o).contains("audit"));
+}
+
+/// A small freestanding image whose Rust part (a dense switch) is built
+/// with `+retpoline-external-thunk`, plus `+retpoline-indirect-branches`
+/// if `tables`: without it the switch stays a jump table.
+fn switch_image(name: &str, tables: bool) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("audit");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rs = dir.join(format!("{name}.rs"));
+    std::fs::write(
+        &rs,
+        r#"#![no_std]
+#[unsafe(no_mangle)]
+pub extern "C" fn dense_switch(op: u32, x: u64) -> u64 {
+    match op {
+        0 => x.wrapping_mul(3),
+        1 => x ^ 0x55,
+        2 => x.rotate_left(7),
+        3 => x / 3 + 1,
+        4 => x.count_ones() as u64,
+        5 => x.leading_zeros() as u64,
+        6 => x.swap_bytes(),
+        7 => x.wrapping_sub(9),
+        8 => x.wrapping_add(x << 2),
+        _ => 0,
+    }
+}
+"#,
+    )
+    .unwrap();
+    let obj = dir.join(format!("{name}.o"));
+    let features = if tables {
+        "+retpoline-external-thunk,+retpoline-indirect-branches"
+    } else {
+        "+retpoline-external-thunk"
+    };
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let r = Command::new(rustc)
+        .args(["--edition", "2024", "--crate-type=lib", "--emit=obj", "-O"])
+        .args([
+            "-C",
+            "panic=abort",
+            "-C",
+            &format!("target-feature={features}"),
+        ])
+        .arg("-o")
+        .arg(&obj)
+        .arg(&rs)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let c = r#"
+__asm__(".irp reg, rax, rcx, rdx, rbx, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15\n"
+        ".weak __x86_indirect_thunk_\\reg\n__x86_indirect_thunk_\\reg: jmp *%\\reg\n"
+        ".endr\n");
+unsigned long dense_switch(unsigned, unsigned long);
+void _start(void) { dense_switch(3, 9); for (;;) {} }
+"#;
+    let mut args = FREESTANDING.to_vec();
+    args.push(obj.to_str().unwrap());
+    common::gcc(name, c, &args)
+}
+
+/// The audit gate: the recipe's flags audit clean; without
+/// `+retpoline-indirect-branches` it fails naming the jump table; patterns,
+/// origins and JSON; this crate's own intended indirect calls are never
+/// reported.
+#[test]
+fn audit_gates_on_the_recipe() {
+    let clean = switch_image("switch_tables", true);
+    let o = altpatch(&["audit", clean.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+
+    let bare = switch_image("switch_bare", false);
+    let path = bare.to_str().unwrap();
+    let o = altpatch(&["audit", path]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("<dense_switch+") && t.contains("jump-table"),
+        "{t}"
+    );
+    let o = altpatch(&["audit", "--allow", "dense_*", path]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = altpatch(&["audit", "--json", path]);
+    assert_eq!(o.status.code(), Some(1));
+    let t = text(&o);
+    assert!(
+        t.starts_with("{\"bypasses\":[{") && t.contains("\"kind\":\"jump-table\""),
+        "{t}"
+    );
+    let o = altpatch(&["audit", "--allow-origin", "nonsense", path]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("expected compiled, prebuilt, c or plt"),
+        "{}",
+        text(&o)
+    );
+
+    // A Rust program built with the recipe, linking this crate: clean once
+    // the prebuilt standard library and PLT stubs are allowed, and the
+    // crate's own trap-handler calls are counted as intended, not listed.
+    let fixture = common::build_fixture("sites", true).join("retpoline");
+    let f = fixture.to_str().unwrap();
+    let o = altpatch(&["audit", f]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(!text(&o).contains("on_sigtrap"), "{}", text(&o));
+    assert!(text(&o).contains(" prebuilt call"), "{}", text(&o));
+    let o = altpatch(&["audit", "--allow-origin", "prebuilt,plt", f]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let t = text(&o);
+    let intended: usize = t
+        .split(" intended by the code")
+        .next()
+        .and_then(|s| s.rsplit(", ").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(intended > 0, "{t}");
 }

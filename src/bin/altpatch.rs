@@ -38,13 +38,25 @@ enum Command {
         image: PathBuf,
     },
     /// List every indirect call or jump that does not go through a
-    /// retpoline thunk; exit 1 if there is any.
+    /// retpoline thunk, with where its code came from (compiled, prebuilt,
+    /// c, plt) and what it is for (call, jump-table, tail-jump); exit 1 if
+    /// any is not allowed.
     Audit {
         /// A linked x86-64 ELF image (with its symbol table).
         image: PathBuf,
-        /// A function allowed to contain indirect branches (repeatable).
-        #[arg(long = "allow", value_name = "SYMBOL")]
+        /// Functions allowed to bypass the thunks: a symbol or demangled
+        /// name, `*` matching any run of characters ('std::*',
+        /// '*::dispatch'). Repeatable.
+        #[arg(long = "allow", value_name = "PATTERN")]
         allow: Vec<String>,
+        /// Origins allowed to bypass the thunks: compiled, prebuilt (the Rust
+        /// standard library and C start-up code), c, plt. Repeatable or
+        /// comma-separated.
+        #[arg(long = "allow-origin", value_name = "ORIGIN", value_delimiter = ',')]
+        allow_origin: Vec<String>,
+        /// Print the bypasses as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -97,29 +109,93 @@ fn run(command: Command) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit { image, allow } => {
+        Command::Audit {
+            image,
+            allow,
+            allow_origin,
+            json,
+        } => {
             let data = read(&image)?;
-            let allow: Vec<&str> = allow.iter().map(String::as_str).collect();
-            let found =
-                elf::audit(&data, &allow).map_err(|e| format!("{}: {e}", image.display()))?;
-            if found.is_empty() {
-                println!(
-                    "{}: no indirect branch bypasses the thunks",
-                    image.display()
-                );
-                return Ok(ExitCode::SUCCESS);
+            let mut rules = elf::AuditAllow::default();
+            for p in &allow {
+                rules = rules.pattern(p);
             }
-            println!(
-                "{}: {} indirect branches bypass the thunks:",
-                image.display(),
-                found.len()
-            );
-            for b in &found {
-                println!("  {b}");
+            for o in &allow_origin {
+                let origin = elf::Origin::from_name(o).ok_or_else(|| {
+                    format!("--allow-origin {o}: expected compiled, prebuilt, c or plt")
+                })?;
+                rules = rules.origin(origin);
             }
-            Ok(ExitCode::from(1))
+            let audit =
+                elf::audit_with(&data, &rules).map_err(|e| format!("{}: {e}", image.display()))?;
+            if json {
+                print_audit_json(&audit);
+            } else {
+                print_audit(&image, &audit);
+            }
+            Ok(if audit.bypasses.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
     }
+}
+
+fn print_audit(image: &std::path::Path, audit: &elf::Audit) {
+    let found = &audit.bypasses;
+    let extra = format!(
+        "{} allowed, {} intended by the code",
+        audit.allowed, audit.intended
+    );
+    if found.is_empty() {
+        println!(
+            "{}: no indirect branch bypasses the thunks ({extra})",
+            image.display()
+        );
+        return;
+    }
+    println!(
+        "{}: {} indirect branches bypass the thunks ({extra}):",
+        image.display(),
+        found.len()
+    );
+    // Counts per origin and use first: where to look, and what to allow.
+    let mut groups: std::collections::BTreeMap<(elf::Origin, elf::BranchUse), usize> =
+        Default::default();
+    for b in found {
+        *groups.entry((b.origin, b.kind)).or_default() += 1;
+    }
+    for ((origin, kind), n) in &groups {
+        println!("  {n:6} {} {}", origin.name(), kind.name());
+    }
+    for b in found {
+        println!("  {b}");
+    }
+}
+
+fn print_audit_json(audit: &elf::Audit) {
+    let items: Vec<String> = audit
+        .bypasses
+        .iter()
+        .map(|b| {
+            format!(
+                "{{\"addr\":{},\"function\":{},\"offset\":{},\"text\":{},\"origin\":\"{}\",\"kind\":\"{}\"}}",
+                b.addr,
+                json_str(&b.function),
+                b.offset,
+                json_str(&b.text),
+                b.origin.name(),
+                b.kind.name()
+            )
+        })
+        .collect();
+    println!(
+        "{{\"bypasses\":[{}],\"allowed\":{},\"intended\":{}}}",
+        items.join(","),
+        audit.allowed,
+        audit.intended
+    );
 }
 
 fn form(s: &Site) -> &'static str {

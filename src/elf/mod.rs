@@ -15,6 +15,7 @@
 
 mod audit;
 mod embed;
+mod origin;
 mod runtime;
 
 use alloc::collections::BTreeMap;
@@ -28,7 +29,7 @@ use object::read::elf::{
     FileHeader, Rela as _, SectionHeader, SectionTable, Sym as _, SymbolTable,
 };
 
-pub use audit::{IndirectBranch, audit};
+pub use audit::{Audit, AuditAllow, BranchUse, IndirectBranch, Origin, audit, audit_with};
 pub use embed::{EmbedError, EmbedOutcome, embed, embed_file};
 pub use runtime::{SitesError, current_sites, image_sites};
 
