@@ -4,7 +4,13 @@
 //! linked with `--emit-relocs` by GCC.
 //!
 //! Reports the time per 100 000 relocations and the heap the reader
-//! allocates (peak), per site found.
+//! allocates (peak), per site found; then the rest of start-up: the
+//! retpoline plan for every site, its validation and its writes (plain
+//! mode, into a private read+write copy of the image's text).
+//!
+//! `SITES_COUNT=read|apply` runs one phase once and exits: a driver for
+//! `valgrind --tool=callgrind --toggle-collect=...`, which counts the
+//! instructions per site exactly (see BENCHMARKS.md).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
@@ -98,8 +104,59 @@ fn image() -> PathBuf {
     out
 }
 
+/// The image's text copied into read+write memory (never executed), with
+/// the sites moved to it: what `retpoline::apply` patches in the bench.
+struct TextCopy {
+    buf: memmap2::MmapMut,
+    original: Vec<u8>,
+    sites: Vec<altpatch::sites::Site>,
+}
+
+impl TextCopy {
+    fn new(data: &[u8], sites: &[altpatch::sites::Site]) -> TextCopy {
+        use object::{Object, ObjectSection};
+        let file = object::File::parse(data).unwrap();
+        let text = file.section_by_name(".text").unwrap();
+        let bytes = text.data().unwrap();
+        let mut buf = memmap2::MmapMut::map_anon(bytes.len()).unwrap();
+        buf.copy_from_slice(bytes);
+        let bias = (buf.as_ptr() as usize).wrapping_sub(text.address() as usize);
+        TextCopy {
+            buf,
+            original: bytes.to_vec(),
+            sites: sites.iter().map(|s| s.biased(bias)).collect(),
+        }
+    }
+
+    /// Plans, validates and writes plain mode for every site, from the
+    /// original bytes.
+    fn apply(&mut self) -> usize {
+        use altpatch::retpoline::{self, Mode, Policy};
+        self.buf.copy_from_slice(&self.original);
+        let range = self.buf.as_ptr() as usize..self.buf.as_ptr() as usize + self.buf.len();
+        // SAFETY: the copy is mapped read+write for as long as the image is
+        // used, and nothing executes it.
+        let image = unsafe { altpatch::Image::builder("bench copy").text(range) }.build();
+        // SAFETY: the memory is writable at its own address; serializing
+        // after the writes is harmless (nothing runs it).
+        let mut poke = unsafe { altpatch::DirectPoke::new(altpatch::SyncMethod::Cpuid) };
+        let policy = Policy::new(Mode::Plain, "bench");
+        // SAFETY: as above: plain memory, no thread runs it.
+        let report = unsafe { retpoline::apply(&image, &self.sites, &policy, &mut poke) }.unwrap();
+        report.sites.len()
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let data = std::fs::read(image()).unwrap();
+    if let Ok(phase) = std::env::var("SITES_COUNT") {
+        let found = count_read(&data);
+        if phase == "apply" {
+            let mut copy = TextCopy::new(&data, &found);
+            assert_eq!(count_apply(&mut copy), SITES);
+        }
+        return;
+    }
     let found = altpatch::elf::read_sites(&data).unwrap();
     assert_eq!(found.sites.len(), SITES);
     assert!(found.relocations >= 100_000);
@@ -111,6 +168,9 @@ fn bench(c: &mut Criterion) {
     g.bench_function("read_sites", |b| {
         b.iter(|| altpatch::elf::read_sites(black_box(&data)).unwrap())
     });
+    g.throughput(criterion::Throughput::Elements(SITES as u64));
+    let mut copy = TextCopy::new(&data, &found.sites);
+    g.bench_function("plan_validate_write", |b| b.iter(|| copy.apply()));
     g.finish();
 
     // Heap: what the reader allocates beyond the input it is given.
@@ -139,6 +199,28 @@ fn bench(c: &mut Criterion) {
             ns / 1e6 * 100_000.0 / relocs as f64
         );
     }
+    if let Ok(text) = std::fs::read_to_string(format!(
+        "{target}/criterion/sites/plan_validate_write/new/estimates.json"
+    )) && let Some(ns) = mean(&text)
+    {
+        println!(
+            "plan + validate + write: {:.2} ms for {SITES} sites, {:.0} ns per site",
+            ns / 1e6,
+            ns / SITES as f64
+        );
+    }
+}
+
+/// Discovery, alone (a named function for callgrind's `--toggle-collect`).
+#[inline(never)]
+fn count_read(data: &[u8]) -> Vec<altpatch::sites::Site> {
+    altpatch::elf::read_sites(black_box(data)).unwrap().sites
+}
+
+/// Plan, validation and writes, alone (for `--toggle-collect`).
+#[inline(never)]
+fn count_apply(copy: &mut TextCopy) -> usize {
+    copy.apply()
 }
 
 fn mean(text: &str) -> Option<f64> {

@@ -470,10 +470,12 @@ fn debug_output_is_a_summary_unless_all() {
     };
     let summary = run("1");
     let all = run("all");
+    // Grouped by shape: the thunk sites become `nop; call/jmp *%r11`.
     assert!(
-        summary.contains(" x thunk site -> call/jmp *%reg:"),
+        summary.contains(" x call X -> xchg %ax,%ax; call *%r11:"),
         "{summary}"
     );
+    assert!(summary.contains(" x thunk head:"), "{summary}");
     assert!(
         summary.contains("ALTPATCH_DEBUG=all lists every edit"),
         "{summary}"
@@ -483,7 +485,8 @@ fn debug_output_is_a_summary_unless_all() {
             .filter(|l| l.trim_start().starts_with("[wrote]"))
             .count()
     };
-    assert!(edits(&summary) <= 3 * 6, "{summary}");
+    assert!(summary.contains("... "), "{summary}");
+    assert!(edits(&summary) * 4 < edits(&all), "{summary}");
     assert!(
         edits(&all) > edits(&summary),
         "all:\n{all}\nsummary:\n{summary}"

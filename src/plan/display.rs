@@ -68,22 +68,19 @@ impl fmt::Display for PlanSummary<'_> {
             edits.len(),
             if edits.len() == 1 { "" } else { "s" }
         )?;
-        // Reasons in order of first appearance, with their edits.
-        let mut groups: alloc::vec::Vec<(&str, alloc::vec::Vec<&Edit>)> = alloc::vec::Vec::new();
+        // Groups in order of first appearance: by reason, or for edits
+        // without one by shape (the disassembly, addresses left out).
+        let mut groups: alloc::vec::Vec<(alloc::string::String, alloc::vec::Vec<&Edit>)> =
+            alloc::vec::Vec::new();
         for e in edits {
-            let r = e.reason_text();
-            match groups.iter_mut().find(|(g, _)| *g == r) {
+            let key = group_key(e);
+            match groups.iter_mut().find(|(g, _)| *g == key) {
                 Some((_, v)) => v.push(e),
-                None => groups.push((r, alloc::vec![e])),
+                None => groups.push((key, alloc::vec![e])),
             }
         }
-        for (reason, group) in &groups {
-            let reason = if reason.is_empty() {
-                "(no reason)"
-            } else {
-                reason
-            };
-            writeln!(f, "  {} x {reason}:", group.len())?;
+        for (key, group) in &groups {
+            writeln!(f, "  {} x {key}:", group.len())?;
             for e in group.iter().take(self.first) {
                 fmt_edit(e, f)?;
             }
@@ -93,6 +90,34 @@ impl fmt::Display for PlanSummary<'_> {
         }
         Ok(())
     }
+}
+
+/// What groups an edit in a summary: its reason, else its shape.
+fn group_key(e: &Edit) -> alloc::string::String {
+    if !e.reason_text().is_empty() {
+        return e.reason_text().into();
+    }
+    #[cfg(feature = "std")]
+    {
+        let strip = |t: std::string::String| {
+            t.split(' ')
+                .map(|w| match (w.starts_with("0x"), w.ends_with(';')) {
+                    (true, true) => "X;",
+                    (true, false) => "X",
+                    _ => w,
+                })
+                .collect::<std::vec::Vec<_>>()
+                .join(" ")
+        };
+        let before = e.old_bytes().map(|o| strip(disasm(o, e.addr)));
+        let after = strip(disasm(&e.new, e.addr));
+        return match before {
+            Some(b) => alloc::format!("{b} -> {after}"),
+            None => alloc::format!("-> {after}"),
+        };
+    }
+    #[allow(unreachable_code)]
+    "(no reason)".into()
 }
 
 fn fmt_edit(e: &Edit, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -84,9 +84,41 @@ use crate::poke::TextPoke;
 use crate::sites::{Site, SiteKind};
 use crate::x86::{self, BranchKind, Reg};
 
+/// A site's new bytes, built on the stack: start-up plans every site of a
+/// program (tens of thousands), so no allocation per form.
+struct Form {
+    b: [u8; 16],
+    n: usize,
+}
+
+impl Form {
+    fn new() -> Form {
+        Form { b: [0; 16], n: 0 }
+    }
+
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.b[self.n..self.n + bytes.len()].copy_from_slice(bytes);
+        self.n += bytes.len();
+    }
+
+    fn push(&mut self, byte: u8) {
+        self.extend_from_slice(&[byte]);
+    }
+
+    fn len(&self) -> usize {
+        self.n
+    }
+
+    fn bytes(&self) -> Bytes {
+        Bytes::new(&self.b[..self.n])
+    }
+}
+
 /// `n` bytes of `int3`.
-fn int3s(out: &mut Vec<u8>, n: usize) {
-    out.resize(out.len() + n, x86::INT3);
+fn int3s(out: &mut Form, n: usize) {
+    for _ in 0..n {
+        out.push(x86::INT3);
+    }
 }
 
 /// The inline form of a site in `mode`, or why there is none.
@@ -96,9 +128,12 @@ fn int3s(out: &mut Vec<u8>, n: usize) {
 /// return addresses and fall-through are where threads already expect them,
 /// and moving between `lfence` and `plain` changes only the first
 /// instruction — one instruction for one, which is safe live.
-fn inline_form(site: &Site, mode: Mode) -> Result<Vec<u8>, &'static str> {
+fn inline_form(site: &Site, mode: Mode) -> Result<Bytes, &'static str> {
     let len = site.len as usize;
-    let mut b = Vec::with_capacity(len);
+    if len > 16 {
+        return Err("site too long");
+    }
+    let mut b = Form::new();
     match (site.kind, site.form) {
         (SiteKind::ReturnThunk, BranchKind::Jmp) => {
             b.push(x86::RET);
@@ -151,7 +186,7 @@ fn inline_form(site: &Site, mode: Mode) -> Result<Vec<u8>, &'static str> {
         _ => return Err("not a thunk site"),
     }
     debug_assert_eq!(b.len(), len);
-    Ok(b)
+    Ok(b.bytes())
 }
 
 /// Whether `b` is a filler instruction of an inline form or thunk head:
@@ -183,18 +218,12 @@ fn push_edit(plan: &mut Plan, addr: usize, expected: &[u8], new: &[u8], reason: 
         return;
     }
     let n = edit_span(expected, new);
-    plan.push(Edit::replace(addr, &expected[..n], &new[..n]).reason(reason));
-}
-
-/// What an edit of a site does, for listings (`ALTPATCH_DEBUG`).
-fn site_reason(site: &Site, outcome: Outcome, mode: Mode) -> &'static str {
-    match (site.kind, outcome, mode) {
-        (SiteKind::ReturnThunk, Outcome::Inlined, _) => "return site -> ret",
-        (SiteKind::ReturnThunk, _, _) => "return site -> the supplied return thunk",
-        (_, Outcome::Inlined, Mode::Lfence) => "thunk site -> lfence; call/jmp *%reg",
-        (_, Outcome::Inlined, _) => "thunk site -> call/jmp *%reg",
-        _ => "thunk site -> back through the thunk",
-    }
+    let edit = Edit::replace(addr, &expected[..n], &new[..n]);
+    plan.push(if reason.is_empty() {
+        edit
+    } else {
+        edit.reason(reason)
+    });
 }
 
 /// A return-thunk site routed to the return thunk at `thunk`: the site's
@@ -253,7 +282,8 @@ fn plan_sites(
         return Err(Error::BadReturnThunk { addr: t });
     }
     let mut plan = Plan::for_image(image);
-    let mut outcomes = Vec::new();
+    plan.reserve(sites.len());
+    let mut outcomes = Vec::with_capacity(sites.len());
     for s in sites {
         match s.kind {
             SiteKind::IndirectThunk(Reg::Rsp) => return Err(Error::RspSite { site: s.addr }),
@@ -275,7 +305,7 @@ fn plan_sites(
             Some(Ok(b)) => (b, Outcome::ViaThunk),
             Some(Err(why)) => (original.clone(), Outcome::Refused(why)),
             None => match inline_form(s, mode) {
-                Ok(b) => (Bytes::new(&b), Outcome::Inlined),
+                Ok(b) => (b, Outcome::Inlined),
                 // Generic mode is not a refusal: calls belong in the retpoline.
                 Err(_) if mode == Mode::Generic => (original.clone(), Outcome::ViaThunk),
                 Err(why) => (original.clone(), Outcome::Refused(why)),
@@ -284,15 +314,18 @@ fn plan_sites(
         // Whichever state the site is in now (original, or inlined by an
         // earlier mode) is the expected one; anything else is refused by
         // validation, naming the site.
-        let mut candidates: Vec<Bytes> = Vec::with_capacity(3);
-        candidates.push(original);
+        // At most: original, plain, lfence, routed, routed elsewhere.
+        let mut candidates: [Option<Bytes>; 5] = [Some(original), None, None, None, None];
+        let mut k = 1;
         for m in [Mode::Plain, Mode::Lfence] {
             if let Ok(b) = inline_form(s, m) {
-                candidates.push(Bytes::new(&b));
+                candidates[k] = Some(b);
+                k += 1;
             }
         }
         if let Some(Ok(b)) = routed {
-            candidates.push(b);
+            candidates[k] = Some(b);
+            k += 1;
         }
         // SAFETY: the image's constructor guarantees its text is readable;
         // sites outside it are refused by validation before any read.
@@ -304,22 +337,23 @@ fn plan_sites(
         // A return site an earlier policy routed to some return thunk: the
         // site's own branch, to a target in the text.
         if s.kind == SiteKind::ReturnThunk && routed_elsewhere(image, s, current) {
-            candidates.push(Bytes::new(current));
+            candidates[k] = Some(Bytes::new(current));
         }
-        match candidates.iter().find(|c| c.as_slice() == current) {
-            Some(expected) => push_edit(
-                &mut plan,
-                s.addr,
-                expected.as_slice(),
-                new.as_slice(),
-                site_reason(s, outcome, mode),
-            ),
+        match candidates
+            .iter()
+            .flatten()
+            .find(|c| c.as_slice() == current)
+        {
+            // No reason per site: a reason is a heap block per edit, and
+            // start-up plans every site (listings group them by shape).
+            Some(expected) => push_edit(&mut plan, s.addr, expected.as_slice(), new.as_slice(), ""),
             // Bytes of no known state: validation refuses this edit, naming
             // the site, and nothing is written.
-            None => plan.push(
-                Edit::new(s.addr, Expect::Bytes(candidates[0].clone()), new)
-                    .reason(site_reason(s, outcome, mode)),
-            ),
+            None => plan.push(Edit::new(
+                s.addr,
+                Expect::Bytes(original_form(s).unwrap_or(new.clone())),
+                new,
+            )),
         }
         outcomes.push(SiteOutcome { site: *s, outcome });
     }
@@ -441,9 +475,10 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub fn apply_current(policy: &Policy) -> Result<Report, alloc::string::String> {
     let image = Image::current();
-    let sites = crate::elf::image_sites(&image).map_err(|e| alloc::format!("{e}"))?;
+    // The memoized list every mechanism shares: one parse per process.
+    let sites = crate::elf::current_sites().map_err(|e| alloc::format!("{e}"))?;
     let mut poke = crate::poke::LinuxPoke::running().map_err(|e| alloc::format!("{e}"))?;
     // SAFETY: the running poke publishes pages atomically (or runs the INT3
     // protocol); it refuses edits that are not one instruction for one.
-    unsafe { apply(&image, &sites, policy, &mut poke) }.map_err(|e| alloc::format!("{e}"))
+    unsafe { apply(&image, sites, policy, &mut poke) }.map_err(|e| alloc::format!("{e}"))
 }

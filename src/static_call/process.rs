@@ -25,9 +25,12 @@ fn current() -> &'static (Image<'static>, BTreeMap<usize, Vec<Site>>) {
     CURRENT.get_or_init(|| {
         let image = Image::current();
         let mut by_tramp: BTreeMap<usize, Vec<Site>> = BTreeMap::new();
-        if let Ok(sites) = crate::elf::image_sites(&image) {
-            for s in sites.into_iter().filter(|s| s.kind == SiteKind::StaticCall) {
-                by_tramp.entry(s.target).or_default().push(s);
+        // The memoized site list every mechanism shares (one parse of the
+        // executable per process). Held re-entrantly: the list's own
+        // initialization takes the same process lock.
+        if let Ok(sites) = crate::elf::current_sites() {
+            for s in sites.iter().filter(|s| s.kind == SiteKind::StaticCall) {
+                by_tramp.entry(s.target).or_default().push(*s);
             }
         }
         (image, by_tramp)
