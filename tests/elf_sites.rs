@@ -24,6 +24,11 @@ fn sym(syms: &HashMap<String, (u64, u64)>, name: &str) -> (usize, usize) {
 
 use common::{func, within};
 
+/// The fixture's switch, built here without retpolines: the reference.
+mod switch {
+    include!("fixtures/sites/src/switch.rs");
+}
+
 #[test]
 fn hand_written_sites_exact() {
     let path = fixture();
@@ -435,21 +440,7 @@ fn jump_tables_go_through_the_thunks_too() {
     let out = std::process::Command::new(&path).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let expect: Vec<u64> = (0..10u32)
-        .map(|op| {
-            let x = 1000u64;
-            match op {
-                0 => x.wrapping_mul(3),
-                1 => x ^ 0x55,
-                2 => x.rotate_left(7),
-                3 => x / 3 + 1,
-                4 => u64::from(x.count_ones()),
-                5 => u64::from(x.leading_zeros()),
-                6 => x.swap_bytes(),
-                7 => x.wrapping_sub(9),
-                8 => x.wrapping_add(x << 2),
-                _ => 0,
-            }
-        })
+        .map(|op| switch::dense_switch(op, 1000))
         .collect();
     assert!(text.contains(&format!("switch {expect:?}")), "{text}");
 }
