@@ -118,8 +118,13 @@ pub trait Signature: Copy + sealed::Sealed {
 /// ```compile_fail,E0277
 /// use altpatch::trampoline::ClosureFn;
 /// struct NotAClosure;
+/// extern "C" fn some_other_entry() {}
 /// impl ClosureFn<unsafe extern "C" fn()> for NotAClosure {
-///     fn entry() -> unsafe extern "C" fn() { unimplemented!() }
+///     // Would make `Closure::new(NotAClosure)` jump to an entry that reads
+///     // the box as another type: refused, the trait is sealed.
+///     fn entry() -> unsafe extern "C" fn() {
+///         some_other_entry
+///     }
 /// }
 /// ```
 pub trait ClosureFn<S: Signature>: sealed::SealedFn<S> {

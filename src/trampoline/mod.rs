@@ -355,8 +355,9 @@ impl fmt::Debug for Pool {
 /// # fn example() {
 /// let t = Trampoline::new(doc_data_plus_arg, 1000 as *mut _).unwrap();
 /// // SAFETY: the code address takes one integer and returns one (what the
-/// // target does), and `t` is alive.
+/// // target does).
 /// let f: unsafe extern "C" fn(usize) -> usize = unsafe { core::mem::transmute(t.code()) };
+/// // SAFETY: `t` is alive, and its target reads only rdi and r10.
 /// assert_eq!(unsafe { f(42) }, 1042);
 /// # }
 /// ```
@@ -428,12 +429,18 @@ impl<'p> Trampoline<'p> {
     /// use altpatch::trampoline::Trampoline;
     /// extern "C" fn one() -> i32 { 1 }
     /// extern "C" fn two() -> i32 { 2 }
-    /// // SAFETY (both transmutes): `one` and `two` take no arguments.
-    /// let mut t = Trampoline::new(unsafe { core::mem::transmute(one as extern "C" fn() -> i32) },
-    ///     core::ptr::null_mut()).unwrap();
+    /// /// `f` as a raw trampoline target.
+    /// fn raw(f: extern "C" fn() -> i32) -> unsafe extern "C" fn() {
+    ///     // SAFETY: only the type changes; the trampoline jumps to the
+    ///     // function, and its callers call it as `fn() -> i32`.
+    ///     unsafe { core::mem::transmute(f) }
+    /// }
+    /// let mut t = Trampoline::new(raw(one), core::ptr::null_mut()).unwrap();
+    /// // SAFETY: the trampoline reaches `one` or `two`, both `fn() -> i32`,
+    /// // and `t` outlives every call below.
     /// let f: extern "C" fn() -> i32 = unsafe { core::mem::transmute(t.code()) };
     /// assert_eq!(f(), 1);
-    /// t.retarget(unsafe { core::mem::transmute(two as extern "C" fn() -> i32) }, core::ptr::null_mut());
+    /// t.retarget(raw(two), core::ptr::null_mut());
     /// assert_eq!(f(), 2);
     /// ```
     pub fn retarget(&mut self, target: unsafe extern "C" fn(), data: *mut c_void) {

@@ -1,0 +1,94 @@
+//! Direct branches in linked code: the one whose displacement a relocation
+//! names ([`branch_at`], the check behind every relocation-found site), and
+//! every branch to a site symbol found by decoding ([`scan_branches`]).
+
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+
+use object::endian::LittleEndian as LE;
+use object::read::elf::Sym as _;
+
+use super::{Class, ElfError, audit, classify, corrupt, parse};
+use crate::sites::{Site, SiteKind};
+use crate::x86;
+
+/// The `call`/`jmp`/`jcc rel32` whose 4-byte displacement is at `off` in
+/// `code` (located at `base`), allowing up to two prefix bytes: (start
+/// offset, length, form, absolute target).
+pub(super) fn branch_at(
+    code: &[u8],
+    base: u64,
+    off: usize,
+) -> Option<(usize, usize, x86::BranchKind, u64)> {
+    // `call`/`jmp rel32` (e8/e9, what nearly every site is) decode the same
+    // by hand as through the decoder's first try below, without building a
+    // decoder per relocation: start-up finds tens of thousands.
+    if let (Some(start), Some(rel)) = (off.checked_sub(1), code.get(off..off + 4)) {
+        let kind = match code[start] {
+            0xe8 => Some(x86::BranchKind::Call),
+            0xe9 => Some(x86::BranchKind::Jmp),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            let rel = i32::from_le_bytes([rel[0], rel[1], rel[2], rel[3]]) as i64;
+            let target = (base + off as u64 + 4).wrapping_add_signed(rel);
+            return Some((start, 5, kind, target));
+        }
+    }
+    for opcode_len in 1..=4usize {
+        let start = off.checked_sub(opcode_len)?;
+        let end = (start + 15).min(code.len());
+        let insn = x86::decode_one(code.get(start..end)?, base + start as u64)?;
+        if insn.len() != opcode_len + 4 {
+            continue;
+        }
+        let b = x86::rel_branch_of(&insn)?;
+        if b.disp_size == 4 && b.disp_offset == opcode_len {
+            return Some((start, insn.len(), b.kind, b.target));
+        }
+    }
+    None
+}
+
+/// Every direct `call`/`jmp`/`jcc rel32` to a site symbol found by decoding
+/// each function symbol's bytes, independently of relocations: a
+/// cross-check of [`read_sites`](super::read_sites) (which it should equal for the site kinds
+/// it covers) and the way to look at an image linked without
+/// `--emit-relocs`.
+pub fn scan_branches(data: &[u8]) -> Result<Vec<Site>, ElfError> {
+    let p = parse(data)?;
+    // Targets: the addresses of defined site symbols.
+    let mut targets: BTreeMap<u64, SiteKind> = BTreeMap::new();
+    for sym in p.symbols.iter() {
+        if sym.is_undefined(LE) {
+            continue;
+        }
+        let name = p.symbols.symbol_name(LE, sym).map_err(corrupt)?;
+        if let Some(Class::Site(kind)) = classify(name, sym.st_type().0)
+            && kind != SiteKind::Ifunc
+        {
+            targets.insert(sym.st_value(LE), kind);
+        }
+    }
+    let mut found = Vec::new();
+    audit::for_each_function(&p, |_name, addr, code| {
+        audit::decode_all(code, addr, |insn| {
+            if let Some(b) = x86::rel_branch_of(insn)
+                && let Some(&kind) = targets.get(&b.target)
+                && b.disp_size == 4
+                && !(kind == SiteKind::ReturnThunk && b.kind == x86::BranchKind::Call)
+            {
+                found.push(Site {
+                    addr: insn.ip() as usize,
+                    len: insn.len() as u8,
+                    form: b.kind,
+                    kind,
+                    target: b.target as usize,
+                });
+            }
+        });
+    })?;
+    found.sort_by_key(|s| s.addr);
+    found.dedup();
+    Ok(found)
+}
