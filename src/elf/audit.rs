@@ -224,24 +224,28 @@ pub fn audit_with(data: &[u8], allow: &AuditAllow) -> Result<Audit, ElfError> {
         iced_x86::Formatter::format(&mut fmt, insn, &mut t);
         t
     };
+    // Reused for every function: its indirect branches, found in one pass.
+    let mut indirect: Vec<Instruction> = Vec::new();
     for_each_function(&p, |raw, addr, code| {
-        let raw = String::from_utf8_lossy(raw);
-        if raw.starts_with(names::INDIRECT_THUNK_PREFIX) || raw == names::RETURN_THUNK {
+        if raw.starts_with(names::INDIRECT_THUNK_PREFIX.as_bytes())
+            || raw == names::RETURN_THUNK.as_bytes()
+        {
             return;
         }
-        let (demangled, krate) = demangle(&raw);
         // LLVM's jump tables hold 32-bit offsets loaded with
         // `movslq (%base,%idx,4), %reg` before the `jmp *%reg`.
         let mut table_load = false;
         let mut calls_thunks = false;
+        indirect.clear();
         decode_all(code, addr, |insn| {
-            if matches!(insn.mnemonic(), Mnemonic::Call | Mnemonic::Jmp)
+            if is_indirect(insn) {
+                indirect.push(*insn);
+            } else if matches!(insn.mnemonic(), Mnemonic::Call | Mnemonic::Jmp)
                 && insn.op0_kind() == OpKind::NearBranch64
                 && thunks.binary_search(&insn.near_branch64()).is_ok()
             {
                 calls_thunks = true;
-            }
-            if insn.mnemonic() == Mnemonic::Movsxd
+            } else if insn.mnemonic() == Mnemonic::Movsxd
                 && insn.op1_kind() == OpKind::Memory
                 && insn.memory_index() != iced_x86::Register::None
                 && insn.memory_index_scale() == 4
@@ -249,13 +253,17 @@ pub fn audit_with(data: &[u8], allow: &AuditAllow) -> Result<Audit, ElfError> {
                 table_load = true;
             }
         });
+        if indirect.is_empty() {
+            return;
+        }
+        // Names only for functions that have something to report.
+        let raw = String::from_utf8_lossy(raw);
+        let (demangled, krate) = demangle(&raw);
         let origin = origin_of(&raw, krate.as_deref(), calls_thunks);
-        decode_all(code, addr, |insn| {
-            if !is_indirect(insn) || ok.binary_search(&insn.ip()).is_ok() {
-                if is_indirect(insn) {
-                    out.intended += 1;
-                }
-                return;
+        for insn in &indirect {
+            if ok.binary_search(&insn.ip()).is_ok() {
+                out.intended += 1;
+                continue;
             }
             let kind = if insn.mnemonic() == Mnemonic::Call {
                 BranchUse::Call
@@ -280,7 +288,7 @@ pub fn audit_with(data: &[u8], allow: &AuditAllow) -> Result<Audit, ElfError> {
             } else {
                 out.bypasses.push(b);
             }
-        });
+        }
     })?;
     // PLT stubs have no function symbols: scan their sections whole.
     for s in p.sections.iter() {

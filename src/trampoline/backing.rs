@@ -29,7 +29,8 @@ use alloc::vec::Vec;
 
 use super::table::{self, SPAN};
 use super::{Source, SourceRefusal, TrampolineError};
-use crate::poke::{PAGE_SIZE, Strategy};
+use crate::poke::PAGE_SIZE;
+use crate::poke::linux::errno;
 
 /// An open source of table pages.
 pub(crate) struct Backing {
@@ -70,10 +71,6 @@ impl Drop for Backing {
             unsafe { libc::munmap(base as *mut libc::c_void, len) };
         }
     }
-}
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
 impl Backing {
@@ -248,21 +245,8 @@ fn fail(fd: libc::c_int, call: &'static str, e: i32) -> (&'static str, i32) {
 /// A memfd holding the table, sealed: no write, shrink or grow, and no
 /// further seals (so nobody can unseal it either).
 fn sealed_memfd() -> Result<libc::c_int, (&'static str, i32)> {
-    /// `MFD_EXEC` (Linux 6.3): executable even where `vm.memfd_noexec`
-    /// makes new memfds non-executable by default.
-    const MFD_EXEC: libc::c_uint = 0x10;
-    let name = c"altpatch-trampolines";
-    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
-    // SAFETY: memfd_create with a NUL-terminated name.
-    let mut fd = unsafe { libc::memfd_create(name.as_ptr(), flags | MFD_EXEC) };
-    if fd < 0 && errno() == libc::EINVAL {
-        // Kernels before 6.3 do not know MFD_EXEC.
-        // SAFETY: as above.
-        fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
-    }
-    if fd < 0 {
-        return Err(("memfd_create(MFD_ALLOW_SEALING)", errno()));
-    }
+    let fd = crate::poke::linux::memfd_exec(c"altpatch-trampolines", libc::MFD_ALLOW_SEALING)
+        .map_err(|e| ("memfd_create(MFD_ALLOW_SEALING)", e))?;
     write_table(fd).map_err(|e| fail(fd, "pwrite", e))?;
     let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
     // SAFETY: sealing our own memfd, which has no mapping yet.
@@ -275,7 +259,7 @@ fn sealed_memfd() -> Result<libc::c_int, (&'static str, i32)> {
 /// An unlinked temporary file holding the table, mode 0400, open
 /// read-only (the descriptor it was written through is closed).
 fn read_only_tmpfile() -> Result<libc::c_int, (&'static str, i32)> {
-    let rw = crate::poke::linux::open_code_file(Strategy::File)?;
+    let rw = crate::poke::linux::open_exec_tmpfile()?;
     write_table(rw).map_err(|e| fail(rw, "pwrite", e))?;
     // SAFETY: fchmod of our own file.
     if unsafe { libc::fchmod(rw, 0o400) } != 0 {

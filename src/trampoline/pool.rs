@@ -317,7 +317,7 @@ impl PoolState {
             }
         };
         if p == libc::MAP_FAILED {
-            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            let errno = crate::poke::linux::errno();
             unmap();
             return Err(TrampolineError::Os {
                 call: "mmap (trampoline data pages)",

@@ -29,10 +29,6 @@ use core::ops::Range;
 use super::os::{errno, os_err};
 use crate::poke::{PAGE_SIZE, PokeError, Refusal, Strategy};
 
-/// `MFD_EXEC` (Linux 6.3): the memfd may be mapped executable even where
-/// `vm.memfd_noexec` makes new memfds non-executable by default.
-const MFD_EXEC: libc::c_uint = 0x10;
-
 /// Directories tried for [`Strategy::File`], in order: tmpfs first (no disk
 /// writes), then the usual temporary directories.
 const FILE_DIRS: [&core::ffi::CStr; 3] = [c"/dev/shm", c"/tmp", c"/var/tmp"];
@@ -44,18 +40,7 @@ type Failed = (&'static &'static str, i32);
 fn open_backing(kind: Strategy) -> Result<libc::c_int, Failed> {
     match kind {
         Strategy::Memfd => {
-            let name = c"altpatch-text";
-            // SAFETY: memfd_create with a NUL-terminated name.
-            let mut fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | MFD_EXEC) };
-            if fd < 0 && errno() == libc::EINVAL {
-                // Kernels before 6.3 do not know MFD_EXEC.
-                // SAFETY: as above.
-                fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-            }
-            if fd < 0 {
-                return Err((&"memfd_create(MFD_EXEC)", errno()));
-            }
-            Ok(fd)
+            super::os::memfd_exec(c"altpatch-text", 0).map_err(|e| (&"memfd_create(MFD_EXEC)", e))
         }
         Strategy::File => {
             let mut last: Failed = (&"open(O_TMPFILE) in /dev/shm, /tmp, /var/tmp", 0);
@@ -89,12 +74,12 @@ fn open_backing(kind: Strategy) -> Result<libc::c_int, Failed> {
     }
 }
 
-/// A new backing file of `kind` ([`Strategy::Memfd`] or [`Strategy::File`])
-/// for code that is written with `pwrite` and only ever mapped read+exec
-/// (the trampoline pages, [`crate::trampoline`]): the descriptor, or the
-/// call that failed and its error number.
-pub(crate) fn open_code_file(kind: Strategy) -> Result<libc::c_int, (&'static str, i32)> {
-    open_backing(kind).map_err(|(call, errno)| (*call, errno))
+/// A new, unlinked temporary file that can be mapped executable (what
+/// [`Strategy::File`] backs text with), for code written with `pwrite` and
+/// only ever mapped read+exec (the trampoline pages, [`crate::trampoline`]):
+/// the descriptor, or the call that failed and its error number.
+pub(crate) fn open_exec_tmpfile() -> Result<libc::c_int, (&'static str, i32)> {
+    open_backing(Strategy::File).map_err(|(call, errno)| (*call, errno))
 }
 
 /// Whether a page of `fd` can be mapped read+exec (a `noexec` mount or

@@ -93,8 +93,9 @@ use core::ops::Range;
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use super::{PokeError, Refusal, Strategy};
-pub(crate) use arena::open_code_file;
+pub(crate) use arena::open_exec_tmpfile;
 pub(crate) use maps::loaded_object_containing;
+pub(crate) use os::{errno, memfd_exec};
 use state::Locked;
 
 /// How a [`LinuxPoke`] publishes a batch (see the [module documentation](self)).

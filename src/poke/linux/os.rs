@@ -14,8 +14,24 @@ const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 6;
 static SYNC_CORE: AtomicBool = AtomicBool::new(false);
 static REGISTER: Once = Once::new();
 
-pub(super) fn errno() -> i32 {
+pub(crate) fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// A new memfd called `name` that may be mapped executable (`MFD_EXEC`,
+/// Linux 6.3, so `vm.memfd_noexec=1` does not make it non-executable; on
+/// older kernels, which do not know the flag, without it), close-on-exec,
+/// plus `flags`. The error number on failure.
+pub(crate) fn memfd_exec(name: &core::ffi::CStr, flags: libc::c_uint) -> Result<libc::c_int, i32> {
+    const MFD_EXEC: libc::c_uint = 0x10;
+    let flags = flags | libc::MFD_CLOEXEC;
+    // SAFETY: memfd_create with a NUL-terminated name.
+    let mut fd = unsafe { libc::memfd_create(name.as_ptr(), flags | MFD_EXEC) };
+    if fd < 0 && errno() == libc::EINVAL {
+        // SAFETY: as above.
+        fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    }
+    if fd < 0 { Err(errno()) } else { Ok(fd) }
 }
 
 pub(super) fn os_err(call: &'static str) -> PokeError {
