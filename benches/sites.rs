@@ -8,7 +8,12 @@
 //! retpoline plan for every site, its validation and its writes (plain
 //! mode, into a private read+write copy of the image's text).
 //!
-//! `SITES_COUNT=read|apply` runs one phase once and exits: a driver for
+//! The same image carries a reserved site table (`reserve_site_table!`'s
+//! layout); `altpatch::elf::embed` fills it, and the embedded path is
+//! measured too: reading the table in place (no file, no relocations)
+//! then the same plan, validation and writes.
+//!
+//! `SITES_COUNT=read|apply|embedded` runs one phase once and exits: a driver for
 //! `valgrind --tool=callgrind --toggle-collect=...`, which counts the
 //! instructions per site exactly (see BENCHMARKS.md).
 
@@ -52,7 +57,7 @@ const SITES: usize = 120_000;
 fn image() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data");
     std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join("many-relocs");
+    let out = dir.join("many-relocs-table");
     if out.exists() {
         return out;
     }
@@ -91,6 +96,12 @@ fn image() -> PathBuf {
         }
     }
     s.push_str(".size _start, . - _start\n");
+    // Room for every site in the embedded table (filled by `embed`).
+    let _ = writeln!(
+        s,
+        ".section altpatch_v1_sitetab,\"a\",@progbits\n.balign 8\n.ascii \"ALTPSITE\"\n\
+         .short 1, 12\n.long {SITES}, 0, 0\n.zero 12 * {SITES}"
+    );
     let src = dir.join("many-relocs.s");
     std::fs::write(&src, s).unwrap();
     let ok = std::process::Command::new("gcc")
@@ -108,32 +119,62 @@ fn image() -> PathBuf {
 /// the sites moved to it: what `retpoline::apply` patches in the bench.
 struct TextCopy {
     buf: memmap2::MmapMut,
+    text_len: usize,
     original: Vec<u8>,
     sites: Vec<altpatch::sites::Site>,
 }
 
+/// `.text` and the site table copied into one read+write mapping at their
+/// link-time distance from each other (the table's entries are relative to
+/// their own addresses): the mapping, `.text`'s link-time address and
+/// length, and the table's range in the mapping.
+fn load(data: &[u8]) -> (memmap2::MmapMut, usize, usize, std::ops::Range<usize>) {
+    use object::{Object, ObjectSection};
+    let file = object::File::parse(data).unwrap();
+    let text = file.section_by_name(".text").unwrap();
+    let table = file.section_by_name("altpatch_v1_sitetab").unwrap();
+    let (t0, tab0) = (text.address() as usize, table.address() as usize);
+    assert!(tab0 > t0, "the table follows the text");
+    let (tb, tabb) = (text.data().unwrap(), table.data().unwrap());
+    let mut buf = memmap2::MmapMut::map_anon(tab0 - t0 + tabb.len()).unwrap();
+    buf[..tb.len()].copy_from_slice(tb);
+    let at = tab0 - t0;
+    buf[at..at + tabb.len()].copy_from_slice(tabb);
+    (buf, t0, tb.len(), at..at + tabb.len())
+}
+
 impl TextCopy {
     fn new(data: &[u8], sites: &[altpatch::sites::Site]) -> TextCopy {
-        use object::{Object, ObjectSection};
-        let file = object::File::parse(data).unwrap();
-        let text = file.section_by_name(".text").unwrap();
-        let bytes = text.data().unwrap();
-        let mut buf = memmap2::MmapMut::map_anon(bytes.len()).unwrap();
-        buf.copy_from_slice(bytes);
-        let bias = (buf.as_ptr() as usize).wrapping_sub(text.address() as usize);
+        let (buf, text_addr, text_len, _) = load(data);
+        let bias = (buf.as_ptr() as usize).wrapping_sub(text_addr);
         TextCopy {
-            buf,
-            original: bytes.to_vec(),
+            original: buf[..text_len].to_vec(),
             sites: sites.iter().map(|s| s.biased(bias)).collect(),
+            buf,
+            text_len,
         }
+    }
+
+    /// The copy of an image with a filled table, its sites read from the
+    /// table in place (their addresses are the copy's).
+    fn from_table(embedded: &[u8]) -> TextCopy {
+        let (buf, _, text_len, table) = load(embedded);
+        let mut copy = TextCopy {
+            original: buf[..text_len].to_vec(),
+            sites: Vec::new(),
+            buf,
+            text_len,
+        };
+        copy.sites = count_embedded(&copy.buf[table]);
+        copy
     }
 
     /// Plans, validates and writes plain mode for every site, from the
     /// original bytes.
     fn apply(&mut self) -> usize {
         use altpatch::retpoline::{self, Mode, Policy};
-        self.buf.copy_from_slice(&self.original);
-        let range = self.buf.as_ptr() as usize..self.buf.as_ptr() as usize + self.buf.len();
+        self.buf[..self.text_len].copy_from_slice(&self.original);
+        let range = self.buf.as_ptr() as usize..self.buf.as_ptr() as usize + self.text_len;
         // SAFETY: the copy is mapped read+write for as long as the image is
         // used, and nothing executes it.
         let image = unsafe { altpatch::Image::builder("bench copy").text(range) }.build();
@@ -149,7 +190,14 @@ impl TextCopy {
 
 fn bench(c: &mut Criterion) {
     let data = std::fs::read(image()).unwrap();
+    let mut embedded = data.clone();
+    altpatch::elf::embed(&mut embedded).unwrap();
     if let Ok(phase) = std::env::var("SITES_COUNT") {
+        if phase == "embedded" {
+            let mut copy = TextCopy::from_table(&embedded);
+            assert_eq!(count_apply(&mut copy), SITES);
+            return;
+        }
         let found = count_read(&data);
         if phase == "apply" {
             let mut copy = TextCopy::new(&data, &found);
@@ -171,6 +219,26 @@ fn bench(c: &mut Criterion) {
     g.throughput(criterion::Throughput::Elements(SITES as u64));
     let mut copy = TextCopy::new(&data, &found.sites);
     g.bench_function("plan_validate_write", |b| b.iter(|| copy.apply()));
+    let mut from_table = TextCopy::from_table(&embedded);
+    assert_eq!(
+        from_table.sites,
+        copy.sites
+            .iter()
+            .map(|s| s.biased(
+                (from_table.buf.as_ptr() as usize).wrapping_sub(copy.buf.as_ptr() as usize)
+            ))
+            .collect::<Vec<_>>()
+    );
+    let table = load(&embedded).3;
+    g.bench_function("embedded_table_read", |b| {
+        b.iter(|| count_embedded(black_box(&from_table.buf[table.clone()])))
+    });
+    g.bench_function("embedded_total", |b| {
+        b.iter(|| {
+            from_table.sites = count_embedded(&from_table.buf[table.clone()]);
+            from_table.apply()
+        })
+    });
     g.finish();
 
     // Heap: what the reader allocates beyond the input it is given.
@@ -199,15 +267,24 @@ fn bench(c: &mut Criterion) {
             ns / 1e6 * 100_000.0 / relocs as f64
         );
     }
-    if let Ok(text) = std::fs::read_to_string(format!(
-        "{target}/criterion/sites/plan_validate_write/new/estimates.json"
-    )) && let Some(ns) = mean(&text)
-    {
-        println!(
-            "plan + validate + write: {:.2} ms for {SITES} sites, {:.0} ns per site",
-            ns / 1e6,
-            ns / SITES as f64
-        );
+    for (name, what) in [
+        ("plan_validate_write", "plan + validate + write"),
+        ("embedded_table_read", "embedded table read"),
+        (
+            "embedded_total",
+            "embedded: table read + plan + validate + write",
+        ),
+    ] {
+        if let Ok(text) = std::fs::read_to_string(format!(
+            "{target}/criterion/sites/{name}/new/estimates.json"
+        )) && let Some(ns) = mean(&text)
+        {
+            println!(
+                "{what}: {:.2} ms for {SITES} sites, {:.0} ns per site",
+                ns / 1e6,
+                ns / SITES as f64
+            );
+        }
     }
 }
 
@@ -215,6 +292,16 @@ fn bench(c: &mut Criterion) {
 #[inline(never)]
 fn count_read(data: &[u8]) -> Vec<altpatch::sites::Site> {
     altpatch::elf::read_sites(black_box(data)).unwrap().sites
+}
+
+/// Reading the embedded table in place into a site list (for
+/// `--toggle-collect`): what `elf::image_sites` does when the table is filled.
+#[inline(never)]
+fn count_embedded(table: &[u8]) -> Vec<altpatch::sites::Site> {
+    let t = altpatch::sites::EmbeddedTable::parse(black_box(table))
+        .unwrap()
+        .expect("a filled table");
+    t.sites()
 }
 
 /// Plan, validation and writes, alone (for `--toggle-collect`).

@@ -8,7 +8,7 @@ use alloc::vec::Vec;
 use object::endian::LittleEndian as LE;
 use object::read::elf::Sym as _;
 
-use super::{Class, ElfError, audit, classify, corrupt, parse};
+use super::{Class, ElfError, Marks, audit, classify, corrupt, parse};
 use crate::sites::{Site, SiteKind};
 use crate::x86;
 
@@ -20,19 +20,21 @@ pub(super) fn branch_at(
     base: u64,
     off: usize,
 ) -> Option<(usize, usize, x86::BranchKind, u64)> {
-    // `call`/`jmp rel32` (e8/e9, what nearly every site is) decode the same
-    // by hand as through the decoder's first try below, without building a
-    // decoder per relocation: start-up finds tens of thousands.
+    // `call`/`jmp rel32` (e8/e9) and `jcc rel32` (0f 80+cc), what nearly
+    // every site is, decode the same by hand as through the decoder below
+    // (which tries the shortest opcode first), without building a decoder
+    // per relocation: start-up finds tens of thousands.
     if let (Some(start), Some(rel)) = (off.checked_sub(1), code.get(off..off + 4)) {
-        let kind = match code[start] {
-            0xe8 => Some(x86::BranchKind::Call),
-            0xe9 => Some(x86::BranchKind::Jmp),
-            _ => None,
-        };
-        if let Some(kind) = kind {
-            let rel = i32::from_le_bytes([rel[0], rel[1], rel[2], rel[3]]) as i64;
-            let target = (base + off as u64 + 4).wrapping_add_signed(rel);
-            return Some((start, 5, kind, target));
+        let rel = i32::from_le_bytes([rel[0], rel[1], rel[2], rel[3]]) as i64;
+        let target = (base + off as u64 + 4).wrapping_add_signed(rel);
+        match code[start] {
+            0xe8 => return Some((start, 5, x86::BranchKind::Call, target)),
+            0xe9 => return Some((start, 5, x86::BranchKind::Jmp, target)),
+            op @ 0x80..=0x8f if start > 0 && code[start - 1] == 0x0f => {
+                let cc = x86::Cond::from_nibble(op);
+                return Some((start - 1, 6, x86::BranchKind::Jcc(cc), target));
+            }
+            _ => {}
         }
     }
     for opcode_len in 1..=4usize {
@@ -57,6 +59,7 @@ pub(super) fn branch_at(
 /// `--emit-relocs`.
 pub fn scan_branches(data: &[u8]) -> Result<Vec<Site>, ElfError> {
     let p = parse(data)?;
+    let marks = Marks::new();
     // Targets: the addresses of defined site symbols.
     let mut targets: BTreeMap<u64, SiteKind> = BTreeMap::new();
     for sym in p.symbols.iter() {
@@ -64,7 +67,7 @@ pub fn scan_branches(data: &[u8]) -> Result<Vec<Site>, ElfError> {
             continue;
         }
         let name = p.symbols.symbol_name(LE, sym).map_err(corrupt)?;
-        if let Some(Class::Site(kind)) = classify(name, sym.st_type().0)
+        if let Some(Class::Site(kind)) = classify(name, sym.st_type().0, &marks)
             && kind != SiteKind::Ifunc
         {
             targets.insert(sym.st_value(LE), kind);

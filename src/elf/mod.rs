@@ -18,6 +18,7 @@ mod branch;
 mod embed;
 mod origin;
 mod runtime;
+mod symbols;
 
 use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
@@ -35,9 +36,10 @@ use branch::branch_at;
 pub use branch::scan_branches;
 pub use embed::{EmbedError, EmbedOutcome, embed, embed_file};
 pub use runtime::{SitesError, current_sites, image_sites};
+use symbols::{Class, Marks, classify, memo};
 
-use crate::sites::{Site, SiteKind, names};
-use crate::x86::{self, Reg};
+use crate::sites::{Site, SiteKind};
+use crate::x86;
 
 type Header = elf::FileHeader64<LE>;
 type Sections<'d> = SectionTable<'d, Header, &'d [u8]>;
@@ -139,7 +141,7 @@ pub struct FoundSites {
 }
 
 impl FoundSites {
-    /// Records a site and the name of the symbol it reaches.
+    /// Records a site.
     fn push_site(
         &mut self,
         addr: usize,
@@ -147,7 +149,6 @@ impl FoundSites {
         form: x86::BranchKind,
         kind: SiteKind,
         sym_value: u64,
-        name: &[u8],
     ) {
         self.sites.push(Site {
             addr,
@@ -156,9 +157,6 @@ impl FoundSites {
             kind,
             target: sym_value as usize,
         });
-        self.names
-            .entry(sym_value as usize)
-            .or_insert_with(|| String::from_utf8_lossy(name).into_owned());
     }
 
     /// The sites of one kind.
@@ -211,44 +209,6 @@ pub(crate) fn parse(data: &[u8]) -> Result<Parsed<'_>, ElfError> {
     })
 }
 
-/// What a symbol name makes of a relocation against it.
-enum Class {
-    Site(SiteKind),
-    BadThunk,
-}
-
-fn classify(name: &[u8], sym_type: u8) -> Option<Class> {
-    if let Some(reg) = name.strip_prefix(names::INDIRECT_THUNK_PREFIX.as_bytes()) {
-        // The array holding this crate's thunks is not a thunk (its address
-        // is taken, never called).
-        if reg == b"array" {
-            return None;
-        }
-        return Some(
-            match core::str::from_utf8(reg).ok().and_then(Reg::from_name) {
-                Some(Reg::Rsp) | None => Class::BadThunk,
-                Some(r) => Class::Site(SiteKind::IndirectThunk(r)),
-            },
-        );
-    }
-    if name == names::RETURN_THUNK.as_bytes() {
-        return Some(Class::Site(SiteKind::ReturnThunk));
-    }
-    if contains(name, names::STATIC_CALL_TRAMPOLINE_MARK.as_bytes()) {
-        return Some(Class::Site(SiteKind::StaticCall));
-    }
-    if sym_type == elf::STT_GNU_IFUNC.0 || contains(name, names::IFUNC_STUB_MARK.as_bytes()) {
-        return Some(Class::Site(SiteKind::Ifunc));
-    }
-    None
-}
-
-/// Whether `needle` occurs in `hay` (a cheap pre-check on the first byte
-/// keeps this fast over hundreds of thousands of relocations).
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.len() >= needle.len() && hay.windows(needle.len()).any(|w| w == needle)
-}
-
 /// The executable section containing `addr..addr+len`, with its bytes.
 pub(crate) fn exec_bytes_at<'d>(p: &Parsed<'d>, addr: u64, len: u64) -> Option<(u64, &'d [u8])> {
     p.sections.iter().find_map(|s| {
@@ -276,6 +236,8 @@ pub(crate) fn exec_bytes_at<'d>(p: &Parsed<'d>, addr: u64, len: u64) -> Option<(
 pub fn read_sites(data: &[u8]) -> Result<FoundSites, ElfError> {
     let p = parse(data)?;
     let mut out = FoundSites::default();
+    let mut class_of = alloc::vec![memo::UNSEEN; p.symbols.len()];
+    let marks = Marks::new();
     let mut any_exec_relocs = false;
     for section in p.sections.iter() {
         if section.sh_type(LE) != elf::SHT_RELA {
@@ -313,21 +275,29 @@ pub fn read_sites(data: &[u8]) -> Result<FoundSites, ElfError> {
             let Some(sym_index) = rela.symbol(LE, false) else {
                 continue;
             };
-            let Ok(sym) = p.symbols.symbol(sym_index) else {
+            // Each symbol is classified once, however many relocations
+            // name it: most relocations in code name ordinary functions,
+            // and a name compare per relocation dominated discovery.
+            let Some(memo) = class_of.get_mut(sym_index.0) else {
                 return Err(ElfError::Corrupt(alloc::format!(
                     "relocation names symbol {} of {}",
                     sym_index.0,
                     p.symbols.len()
                 )));
             };
-            let name = p.symbols.symbol_name(LE, sym).map_err(corrupt)?;
-            let Some(class) = classify(name, sym.st_type().0) else {
+            let sym = p.symbols.symbol(sym_index).map_err(corrupt)?;
+            if *memo == memo::UNSEEN {
+                let name = p.symbols.symbol_name(LE, sym).map_err(corrupt)?;
+                *memo = memo::encode(classify(name, sym.st_type().0, &marks));
+            }
+            let Some(class) = memo::decode(*memo) else {
                 continue;
             };
+            let name = || p.symbols.symbol_name(LE, sym).unwrap_or_default();
             let offset = rela.r_offset(LE);
             let reject = |why| Rejected {
                 offset,
-                symbol: String::from_utf8_lossy(name).into_owned(),
+                symbol: String::from_utf8_lossy(name()).into_owned(),
                 why,
             };
             let kind = match class {
@@ -386,7 +356,8 @@ pub fn read_sites(data: &[u8]) -> Result<FoundSites, ElfError> {
                     out.rejected.push(reject("symbol not defined in the image"));
                     continue;
                 }
-                out.push_site(offset as usize - 2, 6, form, kind, sym.st_value(LE), name);
+                out.push_site(offset as usize - 2, 6, form, kind, sym.st_value(LE));
+                memo::name_once(memo, &mut out.names, sym.st_value(LE), name);
                 continue;
             }
             if sym.is_undefined(LE) {
@@ -417,14 +388,8 @@ pub fn read_sites(data: &[u8]) -> Result<FoundSites, ElfError> {
                 out.rejected.push(reject("a call to the return thunk"));
                 continue;
             }
-            out.push_site(
-                (sec_addr as usize) + start,
-                len,
-                form,
-                kind,
-                sym_value,
-                name,
-            );
+            out.push_site((sec_addr as usize) + start, len, form, kind, sym_value);
+            memo::name_once(memo, &mut out.names, sym_value, name);
         }
     }
     if !any_exec_relocs {

@@ -54,7 +54,7 @@ impl std::error::Error for SitesError {}
 /// in its file.
 pub fn image_sites(image: &Image<'_>) -> Result<Vec<Site>, SitesError> {
     if let Some(table) = image.embedded_sites().map_err(SitesError::Table)? {
-        return Ok(table.iter().collect());
+        return Ok(table.sites());
     }
     let (path, bias) = image.file().ok_or(SitesError::NoSource)?;
     let data = std::fs::read(path).map_err(|e| SitesError::Io {

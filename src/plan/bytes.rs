@@ -85,7 +85,9 @@ impl Bytes {
     pub fn new(bytes: &[u8]) -> Bytes {
         if bytes.len() <= INLINE {
             let mut inline = [0u8; INLINE];
-            inline[..bytes.len()].copy_from_slice(bytes);
+            // SAFETY: `bytes.len() <= INLINE`, the size of `inline`; a
+            // short copy, not a `memcpy` call (start-up builds two per site).
+            unsafe { crate::poke::copy_short(bytes.as_ptr(), inline.as_mut_ptr(), bytes.len()) };
             Bytes {
                 data: Data { inline },
                 tag: Tag::INLINE[bytes.len()],

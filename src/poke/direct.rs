@@ -102,7 +102,7 @@ unsafe impl TextPoke for DirectPoke {
         }
         // SAFETY: the caller guarantees the range is inside the batch's
         // pages, and the constructor's contract makes them writable.
-        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+        unsafe { super::copy_short(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
         compiler_fence(Ordering::SeqCst);
         Ok(())
     }

@@ -66,6 +66,7 @@
 //! inlined, its calls out are made in assembly), and `tests/retpoline.rs`
 //! checks the linked handler.
 
+mod form;
 mod policy;
 mod report;
 mod thunks;
@@ -78,143 +79,18 @@ pub use report::{Error, Outcome, Report, SiteOutcome};
 pub use thunks::{THUNK_SLOT, return_thunk, thunk, thunk_array};
 pub use verdict::{CpuinfoFlags, KernelMitigation, KernelVerdict, KernelView};
 
+use form::{FormCache, edit_span, original_form, routed_elsewhere, routed_form};
+
 use crate::image::Image;
 use crate::plan::{Bytes, Edit, Expect, Plan};
-use crate::poke::TextPoke;
+use crate::poke::{TextPoke, short_eq};
 use crate::sites::{Site, SiteKind};
-use crate::x86::{self, BranchKind, Reg};
-
-/// A site's new bytes, built on the stack: start-up plans every site of a
-/// program (tens of thousands), so no allocation per form.
-struct Form {
-    b: [u8; 16],
-    n: usize,
-}
-
-impl Form {
-    fn new() -> Form {
-        Form { b: [0; 16], n: 0 }
-    }
-
-    fn extend_from_slice(&mut self, bytes: &[u8]) {
-        self.b[self.n..self.n + bytes.len()].copy_from_slice(bytes);
-        self.n += bytes.len();
-    }
-
-    fn push(&mut self, byte: u8) {
-        self.extend_from_slice(&[byte]);
-    }
-
-    fn len(&self) -> usize {
-        self.n
-    }
-
-    fn bytes(&self) -> Bytes {
-        Bytes::new(&self.b[..self.n])
-    }
-}
-
-/// `n` bytes of `int3`.
-fn int3s(out: &mut Form, n: usize) {
-    for _ in 0..n {
-        out.push(x86::INT3);
-    }
-}
-
-/// The inline form of a site in `mode`, or why there is none.
-///
-/// `call` and `jmp` forms put their filler *before* the branch (`lfence`,
-/// or one NOP), so the branch ends where the original instruction ended:
-/// return addresses and fall-through are where threads already expect them,
-/// and moving between `lfence` and `plain` changes only the first
-/// instruction — one instruction for one, which is safe live.
-fn inline_form(site: &Site, mode: Mode) -> Result<Bytes, &'static str> {
-    let len = site.len as usize;
-    if len > 16 {
-        return Err("site too long");
-    }
-    let mut b = Form::new();
-    match (site.kind, site.form) {
-        (SiteKind::ReturnThunk, BranchKind::Jmp) => {
-            b.push(x86::RET);
-            int3s(&mut b, len - 1);
-        }
-        (SiteKind::ReturnThunk, BranchKind::Jcc(cc)) => {
-            // Not taken (inverted condition): skip the ret to the site's end.
-            b.extend_from_slice(&[0x70 + cc.inverted() as u8, (len - 2) as u8]);
-            b.push(x86::RET);
-            int3s(&mut b, len - 3);
-        }
-        (SiteKind::IndirectThunk(r), form) => {
-            if mode == Mode::Generic {
-                return Err("generic mode keeps every call through the retpoline");
-            }
-            let lfence = mode == Mode::Lfence;
-            match form {
-                BranchKind::Call | BranchKind::Jmp => {
-                    let branch = if form == BranchKind::Call {
-                        x86::call_reg(r)
-                    } else {
-                        x86::jmp_reg(r)
-                    };
-                    let filler = len - branch.len();
-                    if lfence {
-                        if filler != x86::LFENCE.len() {
-                            return Err(
-                                "lfence; call/jmp *%r8..%r15 needs 6 bytes, the site has 5",
-                            );
-                        }
-                        b.extend_from_slice(&x86::LFENCE);
-                    } else {
-                        b.extend_from_slice(x86::nop(filler).ok_or("site too long")?);
-                    }
-                    b.extend_from_slice(&branch);
-                }
-                BranchKind::Jcc(cc) => {
-                    if lfence {
-                        return Err("jcc; lfence; jmp *%reg needs 7 or 8 bytes, the site has 6");
-                    }
-                    // Taken: jmp *%reg. Not taken: the inverted short jcc
-                    // skips to the site's end; the int3s are never run.
-                    b.extend_from_slice(&[0x70 + cc.inverted() as u8, (len - 2) as u8]);
-                    b.extend_from_slice(&x86::jmp_reg(r));
-                    let rest = len - b.len();
-                    int3s(&mut b, rest);
-                }
-            }
-        }
-        _ => return Err("not a thunk site"),
-    }
-    debug_assert_eq!(b.len(), len);
-    Ok(b.bytes())
-}
-
-/// Whether `b` is a filler instruction of an inline form or thunk head:
-/// `lfence` or one NOP.
-fn is_filler(b: &[u8]) -> bool {
-    b == x86::LFENCE || x86::nop(b.len()) == Some(b)
-}
-
-/// The bytes of `current` an edit to `new` must cover: only the first
-/// instruction when the two differ just in their filler (`lfence` against a
-/// NOP), so the edit stays one instruction for one; else all of them.
-fn edit_span(current: &[u8], new: &[u8]) -> usize {
-    let k = current
-        .iter()
-        .zip(new)
-        .rposition(|(a, b)| a != b)
-        .map_or(0, |i| i + 1);
-    if k < current.len() && is_filler(&current[..k]) && is_filler(&new[..k]) {
-        k
-    } else {
-        current.len()
-    }
-}
+use crate::x86::Reg;
 
 /// Pushes the edit taking the bytes at `addr` from `expected` to `new`
 /// (nothing if they are equal).
 fn push_edit(plan: &mut Plan, addr: usize, expected: &[u8], new: &[u8], reason: &'static str) {
-    if expected == new {
+    if short_eq(expected, new) {
         return;
     }
     let n = edit_span(expected, new);
@@ -224,49 +100,6 @@ fn push_edit(plan: &mut Plan, addr: usize, expected: &[u8], new: &[u8], reason: 
     } else {
         edit.reason(reason)
     });
-}
-
-/// A return-thunk site routed to the return thunk at `thunk`: the site's
-/// own branch (`jmp` or `jcc`, same length) with the new target.
-fn routed_form(site: &Site, thunk: usize) -> Result<Bytes, &'static str> {
-    let e = match site.form {
-        BranchKind::Jmp => x86::jmp_rel32(site.addr, thunk),
-        BranchKind::Jcc(cc) => x86::jcc_rel32(cc, site.addr, thunk),
-        BranchKind::Call => return Err("a call to the return thunk is not a return site"),
-    }
-    .map_err(|_| "the supplied return thunk is out of rel32 reach of the site")?;
-    if e.len() != site.len as usize {
-        return Err("prefixed or unusual encoding: left as is");
-    }
-    Ok(Bytes::new(&e))
-}
-
-/// Whether `current` is `site`'s own branch (`jmp rel32`, or `jcc rel32`
-/// with the same condition) to a target in `image`'s text: a return site
-/// routed earlier by [`ReturnSites::Thunk`].
-fn routed_elsewhere(image: &Image<'_>, site: &Site, current: &[u8]) -> bool {
-    let op: &[u8] = match site.form {
-        BranchKind::Jmp => &[0xe9],
-        BranchKind::Jcc(cc) => &[0x0f, 0x80 + cc as u8],
-        BranchKind::Call => return false,
-    };
-    if current.len() != op.len() + 4 || !current.starts_with(op) {
-        return false;
-    }
-    let rel = i32::from_le_bytes(current[op.len()..].try_into().unwrap_or_default());
-    let target = (site.addr + current.len()).wrapping_add_signed(rel as isize);
-    image.contains_text(target, 1)
-}
-
-/// The original form of a site: its branch to the thunk.
-fn original_form(site: &Site) -> Option<Bytes> {
-    let e = match site.form {
-        BranchKind::Call => x86::call_rel32(site.addr, site.target),
-        BranchKind::Jmp => x86::jmp_rel32(site.addr, site.target),
-        BranchKind::Jcc(cc) => x86::jcc_rel32(cc, site.addr, site.target),
-    }
-    .ok()?;
-    (e.len() == site.len as usize).then(|| Bytes::new(&e))
 }
 
 /// Builds the plan for the sites (batch 1) and the report entries.
@@ -284,6 +117,7 @@ fn plan_sites(
     let mut plan = Plan::for_image(image);
     plan.reserve(sites.len());
     let mut outcomes = Vec::with_capacity(sites.len());
+    let mut forms = FormCache::new(mode);
     for s in sites {
         match s.kind {
             SiteKind::IndirectThunk(Reg::Rsp) => return Err(Error::RspSite { site: s.addr }),
@@ -304,29 +138,13 @@ fn plan_sites(
         let (new, outcome) = match routed.clone() {
             Some(Ok(b)) => (b, Outcome::ViaThunk),
             Some(Err(why)) => (original.clone(), Outcome::Refused(why)),
-            None => match inline_form(s, mode) {
+            None => match forms.inline(s) {
                 Ok(b) => (b, Outcome::Inlined),
                 // Generic mode is not a refusal: calls belong in the retpoline.
                 Err(_) if mode == Mode::Generic => (original.clone(), Outcome::ViaThunk),
                 Err(why) => (original.clone(), Outcome::Refused(why)),
             },
         };
-        // Whichever state the site is in now (original, or inlined by an
-        // earlier mode) is the expected one; anything else is refused by
-        // validation, naming the site.
-        // At most: original, plain, lfence, routed, routed elsewhere.
-        let mut candidates: [Option<Bytes>; 5] = [Some(original), None, None, None, None];
-        let mut k = 1;
-        for m in [Mode::Plain, Mode::Lfence] {
-            if let Ok(b) = inline_form(s, m) {
-                candidates[k] = Some(b);
-                k += 1;
-            }
-        }
-        if let Some(Ok(b)) = routed {
-            candidates[k] = Some(b);
-            k += 1;
-        }
         // SAFETY: the image's constructor guarantees its text is readable;
         // sites outside it are refused by validation before any read.
         let current = if image.contains_text(s.addr, s.len as usize) {
@@ -334,30 +152,45 @@ fn plan_sites(
         } else {
             &[]
         };
-        // A return site an earlier policy routed to some return thunk: the
-        // site's own branch, to a target in the text.
-        if s.kind == SiteKind::ReturnThunk && routed_elsewhere(image, s, current) {
-            candidates[k] = Some(Bytes::new(current));
-        }
-        match candidates
-            .iter()
-            .flatten()
-            .find(|c| c.as_slice() == current)
-        {
-            // No reason per site: a reason is a heap block per edit, and
-            // start-up plans every site (listings group them by shape).
-            Some(expected) => push_edit(&mut plan, s.addr, expected.as_slice(), new.as_slice(), ""),
-            // Bytes of no known state: validation refuses this edit, naming
-            // the site, and nothing is written.
-            None => plan.push(Edit::new(
-                s.addr,
-                Expect::Bytes(original_form(s).unwrap_or(new.clone())),
-                new,
-            )),
+        // Whichever state the site is in now (original, or put in another
+        // form by an earlier policy) is the expected one; anything else is
+        // refused by validation, naming the site. At start-up every site is
+        // original: checked first, without building the other forms.
+        if short_eq(current, &original) {
+            push_edit(&mut plan, s.addr, &original, &new, "");
+        } else if !short_eq(current, &new) {
+            match known_state(image, s, routed, current) {
+                Some(expected) => push_edit(&mut plan, s.addr, &expected, &new, ""),
+                // Bytes of no known state: validation refuses this edit,
+                // naming the site, and nothing is written.
+                None => plan.push(Edit::new(s.addr, Expect::Bytes(original), new)),
+            }
         }
         outcomes.push(SiteOutcome { site: *s, outcome });
     }
     Ok((plan, outcomes))
+}
+
+/// The form `site` is in, if it is one this crate writes: plain, lfence,
+/// routed to the policy's return thunk, or routed to another return thunk
+/// by an earlier policy (the site's own branch, to a target in the text).
+fn known_state(
+    image: &Image<'_>,
+    site: &Site,
+    routed: Option<Result<Bytes, &'static str>>,
+    current: &[u8],
+) -> Option<Bytes> {
+    let forms = [Mode::Plain, Mode::Lfence]
+        .into_iter()
+        .filter_map(|m| form::inline_form(site, m).ok())
+        .chain(routed.and_then(Result::ok));
+    for f in forms {
+        if short_eq(&f, current) {
+            return Some(f);
+        }
+    }
+    (site.kind == SiteKind::ReturnThunk && routed_elsewhere(image, site, current))
+        .then(|| Bytes::new(current))
 }
 
 /// Builds the plan that puts every thunk slot of this crate in `mode`'s

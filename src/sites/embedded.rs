@@ -240,6 +240,37 @@ impl<'a> EmbeddedTable<'a> {
         self.count == 0
     }
 
+    /// The sites in a list sized once (what start-up keeps).
+    ///
+    /// ```
+    /// // A filled table holding one site: `call` at the table's own
+    /// // address + 0x100, reaching the indirect thunk for %r11 at + 0x200.
+    /// use altpatch::sites::{EmbeddedEntry, EmbeddedTable, Site, SiteKind, TABLE_MAGIC};
+    /// use altpatch::x86::{BranchKind, Reg};
+    /// let mut t = Vec::new();
+    /// t.extend_from_slice(&TABLE_MAGIC);
+    /// t.extend_from_slice(&[1, 0, 12, 0]); // version 1, entry size 12
+    /// t.extend_from_slice(&[1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0]); // capacity, count, filled
+    /// t.extend_from_slice(&[0; 12]);
+    /// let base = t.as_ptr() as usize;
+    /// let site = Site {
+    ///     addr: base + 0x100,
+    ///     len: 5,
+    ///     form: BranchKind::Call,
+    ///     kind: SiteKind::IndirectThunk(Reg::R11),
+    ///     target: base + 0x200,
+    /// };
+    /// let entry = EmbeddedEntry::encode(&site, base + 24).unwrap();
+    /// t[24..].copy_from_slice(&entry);
+    /// let table = EmbeddedTable::parse(&t).unwrap().expect("filled");
+    /// assert_eq!(table.sites(), [site]);
+    /// ```
+    pub fn sites(&self) -> alloc::vec::Vec<Site> {
+        let mut v = alloc::vec::Vec::with_capacity(self.count);
+        v.extend(self.iter());
+        v
+    }
+
     /// The sites, at the addresses the table's own position implies.
     pub fn iter(&self) -> impl Iterator<Item = Site> + '_ {
         let base = self.bytes.as_ptr() as usize;

@@ -23,7 +23,7 @@ use super::state::Shared;
 use super::{Publish, os, threads, trap};
 use crate::plan::Bytes;
 use crate::poke::live::{self, LiveSite, LiveSites, Step};
-use crate::poke::{PAGE_SIZE, PokeError, Strategy, copy_short};
+use crate::poke::{PAGE_SIZE, PokeError, Strategy, copy_short, short_eq};
 
 /// One run of contiguous pages in the batch.
 struct Run {
@@ -176,20 +176,20 @@ impl Batch {
             self.targets.resize(n, 0);
             return;
         }
+        // Copied, not zeroed first: a batch covers every page holding a
+        // site (a megabyte of text in a large program).
         self.stage.clear();
-        self.stage.resize(n * PAGE_SIZE, 0);
+        self.stage.reserve(n * PAGE_SIZE);
+        for r in pages {
+            // SAFETY: the batch's pages are mapped readable text (checked by
+            // `TextPages::check` in `begin`).
+            let text =
+                unsafe { core::slice::from_raw_parts(r.start as *const u8, r.end - r.start) };
+            self.stage.extend_from_slice(text);
+        }
         let base = self.stage.as_mut_ptr() as usize;
         let mut i = 0;
         for r in pages {
-            // SAFETY: the text is mapped readable; the stage has room for
-            // every page of the batch.
-            unsafe {
-                core::ptr::copy_nonoverlapping(
-                    r.start as *const u8,
-                    (base + i * PAGE_SIZE) as *mut u8,
-                    r.end - r.start,
-                )
-            };
             let mut p = r.start;
             while p < r.end {
                 self.targets.push(base + i * PAGE_SIZE);
@@ -231,7 +231,7 @@ impl Batch {
         // SAFETY: the plan writes only inside its text, which is mapped.
         let old = unsafe { core::slice::from_raw_parts(addr as *const u8, bytes.len()) };
         if self.publish == Publish::Live {
-            if old == bytes {
+            if short_eq(old, bytes) {
                 // Nothing to do (a rollback of a batch the protocol never
                 // ran): no trap, no sync.
                 return Ok(());
@@ -247,7 +247,7 @@ impl Batch {
             self.pending.push((site, Bytes::new(bytes)));
             return Ok(());
         }
-        if self.one_for_one && old != bytes {
+        if self.one_for_one && !short_eq(old, bytes) {
             live::check_swap(addr, old, bytes).map_err(|_| PokeError::NotLiveSafe {
                 addr,
                 rule: "a page swap needs each edit to replace one instruction by whole \

@@ -37,6 +37,7 @@ pub use int3::Int3Poke;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub(crate) use int3::{Step, run_protocol};
 
+use crate::poke::short_eq;
 use crate::x86::{self, BranchKind, Cond, INT3, Reg};
 
 /// What a site's new instruction does, precomputed so a trap handler only
@@ -140,7 +141,7 @@ fn reg_branch(b: &[u8]) -> Option<(bool, Reg, usize)> {
 /// NOP;] call *%reg [NOP]`; `[lfence or NOP;] jmp *%reg [int3s]`; inverted
 /// `jcc rel8` to the end over `jmp *%reg` or `ret`.
 fn quick_new(bytes: &[u8], addr: usize) -> Option<Emulation> {
-    if bytes == x86::NOP5 {
+    if short_eq(bytes, &x86::NOP5) {
         return Some(Emulation::Nop);
     }
     if bytes.len() == 5 && (bytes[0] == 0xe8 || bytes[0] == 0xe9) {
@@ -175,7 +176,12 @@ fn quick_new(bytes: &[u8], addr: usize) -> Option<Emulation> {
     let body = match bytes.strip_prefix(&x86::LFENCE[..]) {
         Some(rest) => rest,
         None => (1..bytes.len())
-            .find(|&k| x86::nop(k) == Some(&bytes[..k]) && reg_branch(&bytes[k..]).is_some())
+            // The branch's two or three bytes first: a NOP compare per
+            // candidate offset only where a branch starts.
+            .find(|&k| {
+                reg_branch(&bytes[k..]).is_some()
+                    && x86::nop(k).is_some_and(|n| short_eq(n, &bytes[..k]))
+            })
             .map_or(bytes, |k| &bytes[k..]),
     };
     let (is_call, r, n) = reg_branch(body)?;
@@ -193,9 +199,12 @@ fn quick_new(bytes: &[u8], addr: usize) -> Option<Emulation> {
 /// Whether `bytes` is one instruction no thread can be inside or return
 /// into the middle of (recognised without decoding for the common forms).
 fn quick_old(bytes: &[u8]) -> bool {
-    bytes == x86::NOP5
+    short_eq(bytes, &x86::NOP5)
         || (bytes.len() == 5 && (bytes[0] == 0xe8 || bytes[0] == 0xe9))
         || (bytes.len() == 6 && bytes[0] == 0x0f && (0x80..=0x8f).contains(&bytes[1]))
+        // `cs call rel32`: the generic thunk head, the first edit of every
+        // start-up (recognised here, start-up builds no decoder at all).
+        || (bytes.len() == 6 && bytes[0] == 0x2e && bytes[1] == 0xe8)
         || (bytes.first() == Some(&x86::RET) && bytes[1..].iter().all(|&b| b == INT3))
         || matches!(reg_branch(bytes), Some((false, _, n)) if bytes[n..].iter().all(|&b| b == INT3))
 }
