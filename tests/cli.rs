@@ -346,3 +346,39 @@ fn audit_gates_on_the_recipe() {
         .unwrap_or(0);
     assert!(intended > 0, "{t}");
 }
+
+#[test]
+fn thunk_aliases_and_llvm_retpolines() {
+    // A project's alias: a site only when named, and the alias's own
+    // `jmp *%rax` is a bypass only when it is not known to be a thunk.
+    let exe = common::aliased_thunk_program();
+    let exe = exe.to_str().unwrap();
+    let o = altpatch(&["sites", exe]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("thunk (0)"), "{}", text(&o));
+    let o = altpatch(&["sites", "--thunk-prefix", "__x86_retpoline_", exe]);
+    assert!(text(&o).contains("-> __x86_retpoline_rax"), "{}", text(&o));
+    let o = altpatch(&["audit", "--allow-origin", "prebuilt,plt", exe]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("__x86_retpoline_rax"), "{}", text(&o));
+    let o = altpatch(&[
+        "audit",
+        "--allow-origin",
+        "prebuilt,plt",
+        "--thunk-prefix",
+        "__x86_retpoline_",
+        exe,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+
+    // LLVM's own retpolines are built in: every site found, and a program
+    // built with both LLVM retpoline features audits clean but for the
+    // prebuilt standard library.
+    let llvm = common::build_fixture("llvmret", true).join("llvmret-fixture");
+    let llvm = llvm.to_str().unwrap();
+    let o = altpatch(&["sites", llvm]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("-> __llvm_retpoline_r11"), "{}", text(&o));
+    let o = altpatch(&["audit", "--allow-origin", "prebuilt,c,plt", llvm]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use altpatch::elf::{self, EmbedOutcome, FoundSites};
-use altpatch::sites::{Site, SiteKind};
+use altpatch::sites::{Site, SiteKind, ThunkNames};
 use altpatch::x86::BranchKind;
 use clap::{Parser, Subcommand};
 
@@ -19,6 +19,32 @@ struct Cli {
     command: Command,
 }
 
+/// Thunk names beyond the built-in `__x86_indirect_thunk_<reg>`,
+/// `__llvm_retpoline_<reg>` and `__x86_return_thunk`.
+#[derive(clap::Args)]
+struct ThunkArgs {
+    /// Symbols named PREFIX<reg> are indirect thunks through <reg> (an
+    /// alias such as '__x86_retpoline_'). Repeatable.
+    #[arg(long = "thunk-prefix", value_name = "PREFIX")]
+    thunk_prefix: Vec<String>,
+    /// A symbol that is a return thunk. Repeatable.
+    #[arg(long = "return-thunk", value_name = "NAME")]
+    return_thunk: Vec<String>,
+}
+
+impl ThunkArgs {
+    fn names(&self) -> ThunkNames {
+        let mut n = ThunkNames::new();
+        for p in &self.thunk_prefix {
+            n = n.indirect_prefix(p);
+        }
+        for r in &self.return_thunk {
+            n = n.return_thunk(r);
+        }
+        n
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// List the sites of IMAGE, one table per kind, and the relocations
@@ -29,6 +55,8 @@ enum Command {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        thunks: ThunkArgs,
     },
     /// Fill the site table IMAGE reserves (altpatch::reserve_site_table!)
     /// in place, so the program (or kernel) needs no relocations at run
@@ -57,6 +85,8 @@ enum Command {
         /// Print the bypasses as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        thunks: ThunkArgs,
     },
 }
 
@@ -82,9 +112,14 @@ fn read(path: &Path) -> Result<Vec<u8>, String> {
 
 fn run(command: Command) -> Result<ExitCode, String> {
     match command {
-        Command::Sites { image, json } => {
+        Command::Sites {
+            image,
+            json,
+            thunks,
+        } => {
             let data = read(&image)?;
-            let found = elf::read_sites(&data).map_err(|e| format!("{}: {e}", image.display()))?;
+            let found = elf::read_sites_with(&data, &thunks.names())
+                .map_err(|e| format!("{}: {e}", image.display()))?;
             if json {
                 print_json(&image, &found);
             } else {
@@ -114,9 +149,10 @@ fn run(command: Command) -> Result<ExitCode, String> {
             allow,
             allow_origin,
             json,
+            thunks,
         } => {
             let data = read(&image)?;
-            let mut rules = elf::AuditAllow::default();
+            let mut rules = elf::AuditAllow::default().thunk_names(thunks.names());
             for p in &allow {
                 rules = rules.pattern(p);
             }

@@ -13,7 +13,7 @@ use object::read::elf::{SectionHeader as _, Sym as _};
 pub use super::origin::Origin;
 use super::origin::{demangle, glob, origin_of};
 use super::{ElfError, Parsed, corrupt, exec_bytes_at, parse};
-use crate::sites::names;
+use crate::sites::ThunkNames;
 
 /// What an indirect branch is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -84,6 +84,7 @@ impl fmt::Display for IndirectBranch {
 pub struct AuditAllow {
     patterns: Vec<String>,
     origins: Vec<Origin>,
+    thunks: ThunkNames,
 }
 
 impl AuditAllow {
@@ -92,6 +93,22 @@ impl AuditAllow {
     /// of characters (`std::*`, `*::dispatch`, an exact C name).
     pub fn pattern(mut self, pattern: &str) -> AuditAllow {
         self.patterns.push(pattern.into());
+        self
+    }
+
+    /// Recognises these thunk names (aliases beyond the built-in ones): the
+    /// thunks' own bodies are never reported, and branches to them are
+    /// the routed kind.
+    ///
+    /// ```
+    /// use altpatch::elf::AuditAllow;
+    /// use altpatch::sites::ThunkNames;
+    /// let rules = AuditAllow::default()
+    ///     .thunk_names(ThunkNames::new().indirect_prefix("__x86_retpoline_"));
+    /// # let _ = rules;
+    /// ```
+    pub fn thunk_names(mut self, names: ThunkNames) -> AuditAllow {
+        self.thunks = names;
         self
     }
 
@@ -167,18 +184,15 @@ fn is_indirect(insn: &Instruction) -> bool {
         && matches!(insn.op0_kind(), OpKind::Register | OpKind::Memory)
 }
 
-/// The addresses of the retpoline thunks (`__x86_indirect_thunk_*`,
-/// `__x86_return_thunk`), sorted.
-fn thunk_addresses(p: &Parsed<'_>) -> Result<Vec<u64>, ElfError> {
+/// The addresses of the retpoline thunks (by [`ThunkNames`]), sorted.
+fn thunk_addresses(p: &Parsed<'_>, thunks: &ThunkNames) -> Result<Vec<u64>, ElfError> {
     let mut out = Vec::new();
     for sym in p.symbols.iter() {
         if sym.is_undefined(LE) {
             continue;
         }
         let name = p.symbols.symbol_name(LE, sym).map_err(corrupt)?;
-        if name.starts_with(names::INDIRECT_THUNK_PREFIX.as_bytes())
-            || name == names::RETURN_THUNK.as_bytes()
-        {
+        if thunks.is_thunk(name) {
             out.push(sym.st_value(LE));
         }
     }
@@ -216,7 +230,7 @@ fn intended(p: &Parsed<'_>) -> Result<Vec<u64>, ElfError> {
 pub fn audit_with(data: &[u8], allow: &AuditAllow) -> Result<Audit, ElfError> {
     let p = parse(data)?;
     let ok = intended(&p)?;
-    let thunks = thunk_addresses(&p)?;
+    let thunks = thunk_addresses(&p, &allow.thunks)?;
     let mut out = Audit::default();
     let mut fmt = iced_x86::GasFormatter::new();
     let mut text = |insn: &Instruction| {
@@ -227,9 +241,7 @@ pub fn audit_with(data: &[u8], allow: &AuditAllow) -> Result<Audit, ElfError> {
     // Reused for every function: its indirect branches, found in one pass.
     let mut indirect: Vec<Instruction> = Vec::new();
     for_each_function(&p, |raw, addr, code| {
-        if raw.starts_with(names::INDIRECT_THUNK_PREFIX.as_bytes())
-            || raw == names::RETURN_THUNK.as_bytes()
-        {
+        if allow.thunks.is_thunk(raw) {
             return;
         }
         // LLVM's jump tables hold 32-bit offsets loaded with

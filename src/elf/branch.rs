@@ -59,7 +59,8 @@ pub(super) fn branch_at(
 /// `--emit-relocs`.
 pub fn scan_branches(data: &[u8]) -> Result<Vec<Site>, ElfError> {
     let p = parse(data)?;
-    let marks = Marks::new();
+    let names = crate::sites::ThunkNames::new();
+    let marks = Marks::new(&names);
     // Targets: the addresses of defined site symbols.
     let mut targets: BTreeMap<u64, SiteKind> = BTreeMap::new();
     for sym in p.symbols.iter() {

@@ -38,7 +38,7 @@ pub use embed::{EmbedError, EmbedOutcome, embed, embed_file};
 pub use runtime::{SitesError, current_sites, image_sites};
 use symbols::{Class, Marks, classify, memo};
 
-use crate::sites::{Site, SiteKind};
+use crate::sites::{Site, SiteKind, ThunkNames};
 use crate::x86;
 
 type Header = elf::FileHeader64<LE>;
@@ -233,11 +233,27 @@ pub(crate) fn exec_bytes_at<'d>(p: &Parsed<'d>, addr: u64, len: u64) -> Option<(
 /// also called through their GOT slot (`-fno-plt`): a `GOTPCREL`/
 /// `GOTPCRELX` relocation at the displacement of `call/jmp *slot(%rip)` is
 /// a 6-byte ifunc site.
+///
+/// Thunks are recognised by their [built-in names](ThunkNames);
+/// [`read_sites_with`] also takes a project's aliases.
 pub fn read_sites(data: &[u8]) -> Result<FoundSites, ElfError> {
+    read_sites_with(data, &ThunkNames::new())
+}
+
+/// [`read_sites`], with extra thunk names (aliases) recognised as thunks.
+///
+/// ```no_run
+/// use altpatch::sites::ThunkNames;
+/// let data = std::fs::read("target/release/myprog").unwrap();
+/// let names = ThunkNames::new().indirect_prefix("__x86_retpoline_");
+/// let found = altpatch::elf::read_sites_with(&data, &names).unwrap();
+/// println!("{} sites", found.sites.len());
+/// ```
+pub fn read_sites_with(data: &[u8], names: &ThunkNames) -> Result<FoundSites, ElfError> {
     let p = parse(data)?;
     let mut out = FoundSites::default();
     let mut class_of = alloc::vec![memo::UNSEEN; p.symbols.len()];
-    let marks = Marks::new();
+    let marks = Marks::new(names);
     let mut any_exec_relocs = false;
     for section in p.sections.iter() {
         if section.sh_type(LE) != elf::SHT_RELA {

@@ -4,8 +4,7 @@
 
 use object::elf;
 
-use crate::sites::{SiteKind, names};
-use crate::x86::Reg;
+use crate::sites::{SiteKind, ThunkName, ThunkNames, names};
 
 /// What a symbol name makes of a relocation against it.
 pub(super) enum Class {
@@ -13,22 +12,12 @@ pub(super) enum Class {
     BadThunk,
 }
 
-pub(super) fn classify(name: &[u8], sym_type: u8, marks: &Marks) -> Option<Class> {
-    if let Some(reg) = name.strip_prefix(names::INDIRECT_THUNK_PREFIX.as_bytes()) {
-        // The array holding this crate's thunks is not a thunk (its address
-        // is taken, never called).
-        if reg == b"array" {
-            return None;
-        }
-        return Some(
-            match core::str::from_utf8(reg).ok().and_then(Reg::from_name) {
-                Some(Reg::Rsp) | None => Class::BadThunk,
-                Some(r) => Class::Site(SiteKind::IndirectThunk(r)),
-            },
-        );
-    }
-    if name == names::RETURN_THUNK.as_bytes() {
-        return Some(Class::Site(SiteKind::ReturnThunk));
+pub(super) fn classify(name: &[u8], sym_type: u8, marks: &Marks<'_>) -> Option<Class> {
+    match marks.thunks.classify(name) {
+        Some(ThunkName::Indirect(r)) => return Some(Class::Site(SiteKind::IndirectThunk(r))),
+        Some(ThunkName::BadRegister) => return Some(Class::BadThunk),
+        Some(ThunkName::Return) => return Some(Class::Site(SiteKind::ReturnThunk)),
+        None => {}
     }
     if marks.static_call.find(name).is_some() {
         return Some(Class::Site(SiteKind::StaticCall));
@@ -39,18 +28,20 @@ pub(super) fn classify(name: &[u8], sym_type: u8, marks: &Marks) -> Option<Class
     None
 }
 
-/// The name marks of static-call trampolines and ifunc stubs, each looked
-/// for in every symbol name a relocation in code names (thousands of
-/// mangled names of ~80 bytes in a Rust program): SIMD searchers, built
-/// once per image read.
-pub(super) struct Marks {
+/// The names that make sites: the thunk names, and the name marks of
+/// static-call trampolines and ifunc stubs, each looked for in every symbol
+/// name a relocation in code names (thousands of mangled names of ~80
+/// bytes in a Rust program) with SIMD searchers built once per image read.
+pub(super) struct Marks<'n> {
+    thunks: &'n ThunkNames,
     static_call: memchr::memmem::Finder<'static>,
     ifunc: memchr::memmem::Finder<'static>,
 }
 
-impl Marks {
-    pub(super) fn new() -> Marks {
+impl<'n> Marks<'n> {
+    pub(super) fn new(thunks: &'n ThunkNames) -> Marks<'n> {
         Marks {
+            thunks,
             static_call: memchr::memmem::Finder::new(names::STATIC_CALL_TRAMPOLINE_MARK),
             ifunc: memchr::memmem::Finder::new(names::IFUNC_STUB_MARK),
         }

@@ -67,6 +67,7 @@
 //! checks the linked handler.
 
 mod form;
+mod local;
 mod policy;
 mod report;
 mod thunks;
@@ -75,7 +76,7 @@ mod verdict;
 use alloc::vec::Vec;
 
 pub use policy::{Mode, Policy, ReturnSites, Setting};
-pub use report::{Error, Outcome, Report, SiteOutcome};
+pub use report::{CompiledThunk, Error, Outcome, Report, SiteOutcome};
 pub use thunks::{THUNK_SLOT, return_thunk, thunk, thunk_array};
 pub use verdict::{CpuinfoFlags, KernelMitigation, KernelVerdict, KernelView};
 
@@ -193,6 +194,42 @@ fn known_state(
         .then(|| Bytes::new(current))
 }
 
+/// Puts the retpoline thunks compiled into the program that `sites`
+/// reach (LLVM's, GCC's local ones: see `local.rs`) in `mode`'s form,
+/// into `plan` (batch 2), after checking their exact bytes.
+fn plan_compiled_thunks(
+    image: &Image<'_>,
+    sites: &[Site],
+    mode: Mode,
+    plan: &mut Plan,
+) -> Vec<CompiledThunk> {
+    let own = thunk_array()..thunk_array() + THUNK_SLOT * 16;
+    let (found, unknown) = local::find(image, sites, own);
+    let mut out = Vec::with_capacity(found.len() + unknown.len());
+    for t in found {
+        // SAFETY: `local::find` checked the whole body is in the image's
+        // text, which is readable.
+        let current = unsafe { core::slice::from_raw_parts(t.addr as *const u8, 5) };
+        let expected = t.state(current).expect("found only in a known state");
+        let (new, kept) = t.head(mode);
+        push_edit(plan, t.addr, &expected, &new, "compiled-in thunk head");
+        out.push(CompiledThunk {
+            addr: t.addr,
+            reg: t.reg,
+            refused: kept,
+        });
+    }
+    out.extend(unknown.into_iter().map(|(addr, reg)| CompiledThunk {
+        addr,
+        reg,
+        refused: Some(
+            "not a retpoline body altpatch knows (GCC's or LLVM's): left as is; its sites are \
+             planned as usual",
+        ),
+    }));
+    out
+}
+
 /// Builds the plan that puts every thunk slot of this crate in `mode`'s
 /// form (batch 2), if the slots lie in `image`'s text.
 fn plan_thunks(image: &Image<'_>, mode: Mode) -> Result<(Plan, usize), Error> {
@@ -261,6 +298,7 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
 ) -> Result<Report, Error> {
     let (mut site_plan, outcomes) = plan_sites(image, sites, policy.mode, policy.returns)?;
     let (mut thunk_plan, thunks) = plan_thunks(image, policy.mode)?;
+    let compiled_thunks = plan_compiled_thunks(image, sites, policy.mode, &mut thunk_plan);
     // Both batches are checked before either writes, so a refusal (an
     // unexpected byte anywhere) leaves the text as it was.
     site_plan.validate(poke)?;
@@ -286,6 +324,7 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
         policy: policy.clone(),
         sites: outcomes,
         thunks,
+        compiled_thunks,
         sites_applied,
         thunks_applied,
     })

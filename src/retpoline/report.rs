@@ -30,6 +30,20 @@ pub struct SiteOutcome {
     pub outcome: Outcome,
 }
 
+/// A retpoline thunk compiled into the program, not this crate's: its
+/// first instruction is put in the mode's form when its bytes are a body
+/// altpatch knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompiledThunk {
+    /// Its entry.
+    pub addr: usize,
+    /// The register it branches through.
+    pub reg: Reg,
+    /// `None`: in the mode's form. Otherwise why it was left as it is (a
+    /// full retpoline, or bytes altpatch does not know).
+    pub refused: Option<&'static str>,
+}
+
 /// What [`apply`](super::apply) decided and did.
 #[derive(Clone, Debug)]
 pub struct Report {
@@ -37,8 +51,12 @@ pub struct Report {
     pub policy: Policy,
     /// Every site considered.
     pub sites: Vec<SiteOutcome>,
-    /// Thunk slots rewritten to the mode's form.
+    /// Thunk slots of this crate rewritten to the mode's form.
     pub thunks: usize,
+    /// Retpoline thunks compiled into the program (LLVM's
+    /// `__llvm_retpoline_<reg>`, GCC's local thunks, or aliases of them)
+    /// that the sites reach, and what the mode did to each.
+    pub compiled_thunks: Vec<CompiledThunk>,
     /// The site batch's outcome.
     pub sites_applied: ApplyReport,
     /// The thunk batch's outcome.
@@ -64,6 +82,7 @@ impl Report {
     ///         },
     ///     ],
     ///     thunks: 15,
+    ///     compiled_thunks: vec![],
     ///     sites_applied: Default::default(),
     ///     thunks_applied: Default::default(),
     /// };
@@ -109,6 +128,24 @@ impl fmt::Display for Report {
         }
         for (why, n) in reasons {
             writeln!(f, "  refused ({n}): {why}")?;
+        }
+        if !self.compiled_thunks.is_empty() {
+            let kept: Vec<_> = self
+                .compiled_thunks
+                .iter()
+                .filter_map(|t| t.refused)
+                .collect();
+            writeln!(
+                f,
+                "  compiled-in thunks: {} in the mode's form, {} left",
+                self.compiled_thunks.len() - kept.len(),
+                kept.len()
+            )?;
+            for t in &self.compiled_thunks {
+                if let Some(why) = t.refused {
+                    writeln!(f, "  compiled-in thunk {} at {:#x}: {why}", t.reg, t.addr)?;
+                }
+            }
         }
         Ok(())
     }

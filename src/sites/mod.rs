@@ -20,10 +20,12 @@
 //!   When present it is preferred.
 
 pub(crate) mod embedded;
+mod thunk_names;
 
 use core::fmt;
 
 pub use embedded::{EmbeddedEntry, EmbeddedTable, EmbeddedTableError, TABLE_MAGIC};
+pub use thunk_names::{ThunkName, ThunkNames};
 
 use crate::x86::{BranchKind, Reg};
 
@@ -31,6 +33,11 @@ use crate::x86::{BranchKind, Reg};
 pub mod names {
     /// Prefix of the retpoline thunks: `__x86_indirect_thunk_<reg>`.
     pub const INDIRECT_THUNK_PREFIX: &str = "__x86_indirect_thunk_";
+    /// Prefix of LLVM's own retpoline thunks, `__llvm_retpoline_<reg>`:
+    /// a local copy in each binary built with `-Zretpoline` (stable rustc:
+    /// `-C target-feature=+retpoline-indirect-calls`) or clang
+    /// `-mretpoline`.
+    pub const LLVM_RETPOLINE_PREFIX: &str = "__llvm_retpoline_";
     /// The return thunk.
     pub const RETURN_THUNK: &str = "__x86_return_thunk";
     /// Static-call trampolines: any symbol whose name *contains* this (the
@@ -48,7 +55,8 @@ pub mod names {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum SiteKind {
-    /// `__x86_indirect_thunk_<reg>`: an indirect branch through `reg`.
+    /// `__x86_indirect_thunk_<reg>`, `__llvm_retpoline_<reg>` or a
+    /// registered alias ([`ThunkNames`]): an indirect branch through `reg`.
     IndirectThunk(Reg),
     /// `__x86_return_thunk`: a return.
     ReturnThunk,

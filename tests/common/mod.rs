@@ -256,3 +256,26 @@ pub fn within(
         .copied()
         .collect()
 }
+
+/// A C program whose calls go through a thunk under a project's alias
+/// name, `__x86_retpoline_rax` (`jmp *%rax`, a function symbol in its own
+/// section), built with `--emit-relocs`. Exits 0 when the call works.
+pub fn aliased_thunk_program() -> std::path::PathBuf {
+    const SOURCE: &str = r#"
+__asm__(".pushsection .text.thunks,\"ax\",@progbits\n"
+        ".globl __x86_retpoline_rax\n"
+        ".type __x86_retpoline_rax,@function\n"
+        "__x86_retpoline_rax: jmp *%rax\n"
+        ".size __x86_retpoline_rax, . - __x86_retpoline_rax\n"
+        ".popsection\n");
+static long twice(long x) { return 2 * x; }
+long via_alias(long x) {
+    long r;
+    __asm__ volatile("call __x86_retpoline_rax" : "=a"(r) : "a"(twice), "D"(x)
+                     : "rcx", "rdx", "rsi", "r8", "r9", "r10", "r11", "memory");
+    return r;
+}
+int main(void) { return via_alias(21) == 42 ? 0 : 1; }
+"#;
+    gcc("aliased", SOURCE, &["-O1", "-Wl,--emit-relocs"])
+}
