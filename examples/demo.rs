@@ -20,6 +20,8 @@ use altpatch::{
 
 // Loops of indirect calls through `__x86_indirect_thunk_r11`, as
 // retpoline-built code makes (shared with benches/retpoline.rs).
+#[path = "demo/loaded.rs"]
+mod loaded;
 #[path = "../benches/support/retpoline_loops.rs"]
 mod retpoline_loops;
 #[path = "demo/trampolines.rs"]
@@ -253,6 +255,13 @@ fn main() -> ExitCode {
     println!("== Retpolines");
     if let Err(e) = retpolines(&image, &features, &overrides) {
         eprintln!("retpolines failed: {e}");
+        return ExitCode::FAILURE;
+    }
+
+    println!();
+    println!("== Shared objects loaded at run time, patched at load (retpoline sites per object)");
+    if let Err(e) = loaded::run(&Policy::for_process(&features, &overrides)) {
+        eprintln!("shared objects failed: {e}");
         return ExitCode::FAILURE;
     }
 

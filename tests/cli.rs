@@ -382,3 +382,39 @@ fn thunk_aliases_and_llvm_retpolines() {
     let o = altpatch(&["audit", "--allow-origin", "prebuilt,c,plt", llvm]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+#[test]
+fn sites_and_audit_of_loadable_objects() {
+    // The C library reaches the executable's thunks through its PLT: each
+    // call and return is a site, named by the thunk it reaches.
+    let c = common::retpoline_c_library();
+    let o = altpatch(&["sites", c.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    for reg in ["r12", "r13", "r14"] {
+        assert!(t.contains(&format!("-> __x86_indirect_thunk_{reg}")), "{t}");
+    }
+    assert!(
+        t.contains("-> __x86_return_thunk") && t.contains("0 rejected"),
+        "{t}"
+    );
+    let o = altpatch(&["audit", "--allow-origin", "plt", c.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // The Rust cdylib: its sites reach its own copy of the thunks; built
+    // with both features it audits clean but for the prebuilt library.
+    let r = common::build_fixture("rustlib", true).join("librustlib_fixture.so");
+    let o = altpatch(&["sites", r.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("-> __x86_indirect_thunk_r11"),
+        "{}",
+        text(&o)
+    );
+    let o = altpatch(&[
+        "audit",
+        "--allow-origin",
+        "prebuilt,c,plt",
+        r.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

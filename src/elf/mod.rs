@@ -225,6 +225,20 @@ pub(crate) fn exec_bytes_at<'d>(p: &Parsed<'d>, addr: u64, len: u64) -> Option<(
     })
 }
 
+/// The address ranges of the image's PLT sections (`.plt`, `.plt.sec`).
+fn plt_ranges(p: &Parsed<'_>) -> Vec<core::ops::Range<u64>> {
+    p.sections
+        .iter()
+        .filter(|s| {
+            matches!(
+                p.sections.section_name(LE, s),
+                Ok(b".plt") | Ok(b".plt.sec")
+            )
+        })
+        .map(|s| s.sh_addr(LE)..s.sh_addr(LE) + s.sh_size(LE))
+        .collect()
+}
+
 /// Finds every site of the linked image `data`: each `R_X86_64_PLT32` or
 /// `R_X86_64_PC32` relocation in an executable section against a
 /// [well-known symbol](crate::sites::names) (or an `STT_GNU_IFUNC` symbol),
@@ -234,8 +248,11 @@ pub(crate) fn exec_bytes_at<'d>(p: &Parsed<'d>, addr: u64, len: u64) -> Option<(
 /// `GOTPCRELX` relocation at the displacement of `call/jmp *slot(%rip)` is
 /// a 6-byte ifunc site.
 ///
-/// Thunks are recognised by their [built-in names](ThunkNames);
-/// [`read_sites_with`] also takes a project's aliases.
+/// Thunks are recognised by their [built-in names](ThunkNames); a thunk
+/// another object defines (a shared object calling the executable's) is a
+/// site where its call reaches this image's PLT stub for it (the site's
+/// target is then the stub). [`read_sites_with`] also takes a project's
+/// aliases.
 pub fn read_sites(data: &[u8]) -> Result<FoundSites, ElfError> {
     read_sites_with(data, &ThunkNames::new())
 }
@@ -254,6 +271,7 @@ pub fn read_sites_with(data: &[u8], names: &ThunkNames) -> Result<FoundSites, El
     let mut out = FoundSites::default();
     let mut class_of = alloc::vec![memo::UNSEEN; p.symbols.len()];
     let marks = Marks::new(names);
+    let mut plt = None;
     let mut any_exec_relocs = false;
     for section in p.sections.iter() {
         if section.sh_type(LE) != elf::SHT_RELA {
@@ -376,7 +394,11 @@ pub fn read_sites_with(data: &[u8], names: &ThunkNames) -> Result<FoundSites, El
                 memo::name_once(memo, &mut out.names, sym.st_value(LE), name);
                 continue;
             }
-            if sym.is_undefined(LE) {
+            // A thunk another object defines (a shared object calling the
+            // executable's thunks) is reached through this image's PLT.
+            let via_plt = sym.is_undefined(LE)
+                && matches!(kind, SiteKind::IndirectThunk(_) | SiteKind::ReturnThunk);
+            if sym.is_undefined(LE) && !via_plt {
                 out.rejected.push(reject("symbol not defined in the image"));
                 continue;
             }
@@ -388,9 +410,23 @@ pub fn read_sites_with(data: &[u8], names: &ThunkNames) -> Result<FoundSites, El
                 ));
                 continue;
             };
-            let sym_value = sym.st_value(LE);
+            let sym_value = if via_plt {
+                if !plt
+                    .get_or_insert_with(|| plt_ranges(&p))
+                    .iter()
+                    .any(|r| r.contains(&decoded_target))
+                {
+                    out.rejected.push(reject(
+                        "a thunk defined elsewhere, reached other than through this image's PLT",
+                    ));
+                    continue;
+                }
+                decoded_target
+            } else {
+                sym.st_value(LE)
+            };
             // An ifunc symbol's value is its resolver; calls reach a PLT stub.
-            if kind != SiteKind::Ifunc {
+            if kind != SiteKind::Ifunc && !via_plt {
                 let expected = (sym_value as i64)
                     .wrapping_add(rela.r_addend(LE))
                     .wrapping_add(4);

@@ -2,7 +2,8 @@
 //! `__llvm_retpoline_<reg>` (a local copy in each binary built with
 //! `-Zretpoline` / `+retpoline-indirect-calls` / clang `-mretpoline`),
 //! GCC's local `__x86_indirect_thunk_<reg>` (`-mindirect-branch=thunk`),
-//! or either body under any alias name. They are found as the targets of
+//! another copy of this crate's thunk slots (a shared object that links
+//! its own altpatch), or any of these under an alias name. They are found as the targets of
 //! sites, recognised by their exact bytes, and only their first
 //! instruction is rewritten per mode, so the edit is one instruction for
 //! one (safe while other threads run).
@@ -18,6 +19,9 @@
 //! 5+d: 48|4c 89 /r 24  1: mov %reg, (%rsp)
 //! 9+d: c3                 ret
 //! ```
+//!
+//! This crate's slot is GCC's body behind a `cs` prefix (a 6-byte head,
+//! see `thunks.rs`), whose forms per mode are the slot's own.
 //!
 //! Only the `call` at 0 is ever executed at the entry: a thread is never at
 //! 5..5+d architecturally (that loop is reached only speculatively), and
@@ -36,47 +40,67 @@ use crate::poke::short_eq;
 use crate::sites::{Site, SiteKind};
 use crate::x86::{self, Reg};
 
-/// The `call` that starts the body: 5 bytes.
-const HEAD: usize = 5;
+/// Which compiler's body a thunk is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// `call +7`: GCC's.
+    Gcc,
+    /// `call +11` and a NOP aligning the `mov`: LLVM's.
+    Llvm,
+    /// `cs call +7`: a copy of this crate's slot.
+    Slot,
+}
+
+impl Layout {
+    fn head_len(self) -> usize {
+        if self == Layout::Slot { 6 } else { 5 }
+    }
+}
 
 /// A recognised local thunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct LocalThunk {
     pub addr: usize,
     pub reg: Reg,
-    /// The displacement of the body's `call` (7 or 11).
-    disp: u8,
+    layout: Layout,
 }
 
 impl LocalThunk {
-    /// The 5-byte head in `mode`, or why that mode keeps the generic head.
-    pub(super) fn head(&self, mode: Mode) -> ([u8; HEAD], Option<&'static str>) {
-        let generic = [0xe8, self.disp, 0, 0, 0];
-        let mut h = [x86::INT3; HEAD];
-        let jmp = x86::jmp_reg(self.reg);
-        match mode {
-            Mode::Generic => (generic, None),
-            Mode::Plain => {
-                h[..jmp.len()].copy_from_slice(&jmp);
-                (h, None)
-            }
-            Mode::Lfence if x86::LFENCE.len() + jmp.len() <= HEAD => {
-                h[..3].copy_from_slice(&x86::LFENCE);
-                h[3..3 + jmp.len()].copy_from_slice(&jmp);
-                (h, None)
-            }
-            Mode::Lfence => (
-                generic,
-                Some(
-                    "lfence; jmp *%r8..%r15 does not fit the 5-byte head of a compiled-in \
-                     thunk: kept as the full retpoline",
-                ),
-            ),
+    /// The head's length (the bytes an edit may change).
+    pub(super) fn head_len(&self) -> usize {
+        self.layout.head_len()
+    }
+
+    /// The head in `mode`, or why that mode keeps the generic head.
+    pub(super) fn head(&self, mode: Mode) -> (Vec<u8>, Option<&'static str>) {
+        if self.layout == Layout::Slot {
+            return (super::thunks::head(self.reg, mode).to_vec(), None);
         }
+        let disp = if self.layout == Layout::Gcc { 7 } else { 11 };
+        let generic = alloc::vec![0xe8, disp, 0, 0, 0];
+        let jmp = x86::jmp_reg(self.reg);
+        let mut h = Vec::with_capacity(5);
+        match mode {
+            Mode::Generic => return (generic, None),
+            Mode::Plain => {}
+            Mode::Lfence if x86::LFENCE.len() + jmp.len() <= 5 => h.extend_from_slice(&x86::LFENCE),
+            Mode::Lfence => {
+                return (
+                    generic,
+                    Some(
+                        "lfence; jmp *%r8..%r15 does not fit the 5-byte head of a compiled-in \
+                         thunk: kept as the full retpoline",
+                    ),
+                );
+            }
+        }
+        h.extend_from_slice(&jmp);
+        h.resize(5, x86::INT3);
+        (h, None)
     }
 
     /// Which mode's head `current` is, if any.
-    pub(super) fn state(&self, current: &[u8]) -> Option<[u8; HEAD]> {
+    pub(super) fn state(&self, current: &[u8]) -> Option<Vec<u8>> {
         [Mode::Generic, Mode::Plain, Mode::Lfence]
             .into_iter()
             .map(|m| self.head(m).0)
@@ -84,18 +108,16 @@ impl LocalThunk {
     }
 }
 
-/// The body after the head, for a `call` displacement of `disp` and `reg`.
-fn tail(disp: u8, reg: Reg) -> Option<Vec<u8>> {
+/// The body after the head, for `layout` and `reg`.
+fn tail(layout: Layout, reg: Reg) -> Vec<u8> {
     let mut t = alloc::vec![0xf3, 0x90, 0x0f, 0xae, 0xe8, 0xeb, 0xf9];
-    match disp {
-        7 => {}
-        11 => t.extend_from_slice(&[0x0f, 0x1f, 0x40, 0x00]),
-        _ => return None,
+    if layout == Layout::Llvm {
+        t.extend_from_slice(&[0x0f, 0x1f, 0x40, 0x00]);
     }
     let n = reg as u8;
     let rex = if n < 8 { 0x48 } else { 0x4c };
     t.extend_from_slice(&[rex, 0x89, 0x04 | (n & 7) << 3, 0x24, x86::RET]);
-    Some(t)
+    t
 }
 
 /// The local thunks `sites` reach: their targets outside `own` (this
@@ -120,6 +142,11 @@ pub(super) fn find(
     let mut found = Vec::new();
     let mut unknown = Vec::new();
     for (addr, reg) in targets {
+        if plt_stub(image, addr) {
+            // Another object's thunk, reached through this image's PLT:
+            // that object patches its own.
+            continue;
+        }
         match recognise(image, addr, reg) {
             Some(t) => found.push(t),
             None => unknown.push((addr, reg)),
@@ -128,17 +155,30 @@ pub(super) fn find(
     (found, unknown)
 }
 
+/// Whether `addr` starts a PLT stub: `jmp *slot(%rip)` (`ff 25`), after
+/// `endbr64` (`f3 0f 1e fa`) and/or `bnd` (`f2`) in the IBT/MPX forms.
+fn plt_stub(image: &Image<'_>, addr: usize) -> bool {
+    if !image.contains_text(addr, 7) {
+        return false;
+    }
+    // SAFETY: inside the image's text (checked above), readable.
+    let b = unsafe { core::slice::from_raw_parts(addr as *const u8, 7) };
+    let b = b.strip_prefix(&[0xf3, 0x0f, 0x1e, 0xfa][..]).unwrap_or(b);
+    let b = b.strip_prefix(&[0xf2][..]).unwrap_or(b);
+    b.starts_with(&[0xff, 0x25])
+}
+
 fn recognise(image: &Image<'_>, addr: usize, reg: Reg) -> Option<LocalThunk> {
-    for disp in [11u8, 7] {
-        let tail = tail(disp, reg)?;
-        if !image.contains_text(addr, HEAD + tail.len()) {
+    for layout in [Layout::Llvm, Layout::Gcc, Layout::Slot] {
+        let (head, tail) = (layout.head_len(), tail(layout, reg));
+        if !image.contains_text(addr, head + tail.len()) {
             continue;
         }
         // SAFETY: inside the image's text (checked just above), which its
         // constructor guarantees is readable.
-        let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, HEAD + tail.len()) };
-        let t = LocalThunk { addr, reg, disp };
-        if bytes[HEAD..] == tail[..] && t.state(&bytes[..HEAD]).is_some() {
+        let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, head + tail.len()) };
+        let t = LocalThunk { addr, reg, layout };
+        if bytes[head..] == tail[..] && t.state(&bytes[..head]).is_some() {
             return Some(t);
         }
     }
@@ -153,7 +193,7 @@ mod tests {
     fn tails_are_the_compilers_bytes() {
         // LLVM's __llvm_retpoline_r11, as rustc 1.95 emits it.
         assert_eq!(
-            tail(11, Reg::R11).unwrap(),
+            tail(Layout::Llvm, Reg::R11),
             [
                 0xf3, 0x90, 0x0f, 0xae, 0xe8, 0xeb, 0xf9, 0x0f, 0x1f, 0x40, 0x00, 0x4c, 0x89, 0x1c,
                 0x24, 0xc3
@@ -161,7 +201,7 @@ mod tests {
         );
         // GCC's __x86_indirect_thunk_rax (-mindirect-branch=thunk).
         assert_eq!(
-            tail(7, Reg::Rax).unwrap(),
+            tail(Layout::Gcc, Reg::Rax),
             [
                 0xf3, 0x90, 0x0f, 0xae, 0xe8, 0xeb, 0xf9, 0x48, 0x89, 0x04, 0x24, 0xc3
             ]
@@ -169,24 +209,33 @@ mod tests {
     }
 
     #[test]
+    fn this_crates_slots_are_recognised_as_another_copy_would_be() {
+        let image = Image::current();
+        for r in Reg::ALL.into_iter().filter(|&r| r != Reg::Rsp) {
+            let t = recognise(&image, super::super::thunk(r).unwrap(), r).expect("a slot");
+            assert_eq!((t.layout, t.head_len()), (Layout::Slot, 6), "{r}");
+        }
+    }
+
+    #[test]
     fn heads_per_mode() {
         let t = LocalThunk {
             addr: 0,
             reg: Reg::R11,
-            disp: 11,
+            layout: Layout::Llvm,
         };
         assert_eq!(t.head(Mode::Generic).0, [0xe8, 11, 0, 0, 0]);
         assert_eq!(t.head(Mode::Plain).0, [0x41, 0xff, 0xe3, 0xcc, 0xcc]);
         let (h, why) = t.head(Mode::Lfence);
-        assert_eq!((h, why.is_some()), ([0xe8, 11, 0, 0, 0], true));
+        assert_eq!((h, why.is_some()), (alloc::vec![0xe8, 11, 0, 0, 0], true));
         let rax = LocalThunk {
             addr: 0,
             reg: Reg::Rax,
-            disp: 7,
+            layout: Layout::Gcc,
         };
         assert_eq!(
             rax.head(Mode::Lfence),
-            ([0x0f, 0xae, 0xe8, 0xff, 0xe0], None)
+            (alloc::vec![0x0f, 0xae, 0xe8, 0xff, 0xe0], None)
         );
         // Every head is recognised as a state, nothing else is.
         for m in [Mode::Generic, Mode::Plain, Mode::Lfence] {

@@ -209,7 +209,7 @@ fn plan_compiled_thunks(
     for t in found {
         // SAFETY: `local::find` checked the whole body is in the image's
         // text, which is readable.
-        let current = unsafe { core::slice::from_raw_parts(t.addr as *const u8, 5) };
+        let current = unsafe { core::slice::from_raw_parts(t.addr as *const u8, t.head_len()) };
         let expected = t.state(current).expect("found only in a known state");
         let (new, kept) = t.head(mode);
         push_edit(plan, t.addr, &expected, &new, "compiled-in thunk head");
@@ -328,6 +328,50 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
         sites_applied,
         thunks_applied,
     })
+}
+
+/// Applies `policy` to a shared object loaded at run time (`std`), live:
+/// the object containing `addr` (any of its symbols), its sites from its
+/// file's relocations (link it with `-Wl,--emit-relocs`) or embedded
+/// table, published by page swap so other threads may keep running in it.
+/// Call it right after `dlopen`, with the policy the program applied to
+/// itself, and again after every `dlopen` of it (a fresh load is the
+/// file's bytes).
+///
+/// An object built against the executable's thunks (GCC
+/// `-mindirect-branch=thunk-extern`, rustc `+retpoline-external-thunk`)
+/// reaches them through its PLT: the executable must export them — link
+/// it with `-Wl,--export-dynamic-symbol=__x86_indirect_thunk_*
+/// -Wl,--export-dynamic-symbol=__x86_return_thunk` — or `dlopen` fails
+/// with "undefined symbol: __x86_indirect_thunk_...". Such sites are
+/// inlined where the mode allows and otherwise keep calling the
+/// executable's thunks, which [`apply_current`] put in the same mode.
+///
+/// ```no_run
+/// use altpatch::retpoline::{self, Mode, Policy};
+/// let policy = Policy::new(Mode::Plain, "example");
+/// retpoline::apply_current(&policy)?;
+/// // ... after `dlopen(...)` and `dlsym(handle, "work")` gave `work`:
+/// # let work = 0usize;
+/// // SAFETY: the object stays loaded (no dlclose) during the call.
+/// let report = unsafe { retpoline::apply_loaded(work, &policy) }?;
+/// print!("{report}");
+/// # Ok::<(), String>(())
+/// ```
+///
+/// # Safety
+///
+/// The object must stay loaded, and its file be the one loaded, for the
+/// duration of the call (no concurrent `dlclose`).
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub unsafe fn apply_loaded(addr: usize, policy: &Policy) -> Result<Report, alloc::string::String> {
+    // SAFETY: forwarded from our caller.
+    let image = unsafe { Image::from_loaded(addr) }.map_err(|e| alloc::format!("{e}"))?;
+    let sites = crate::elf::image_sites(&image).map_err(|e| alloc::format!("{e}"))?;
+    let mut poke = crate::poke::LinuxPoke::running().map_err(|e| alloc::format!("{e}"))?;
+    // SAFETY: as for `apply_current`: the running poke publishes pages
+    // atomically and refuses edits that are not one instruction for one.
+    unsafe { apply(&image, &sites, policy, &mut poke) }.map_err(|e| alloc::format!("{e}"))
 }
 
 /// Applies `policy` to the running program, live (`std`): its sites from

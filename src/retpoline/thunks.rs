@@ -7,7 +7,10 @@ use crate::x86::{self, Reg};
 /// Bytes per thunk slot (see [`thunk_array`]).
 pub const THUNK_SLOT: usize = 32;
 
-/// The retpoline for one register, as a 32-byte slot. The first instruction
+/// The retpoline for one register, as a 32-byte slot. Protected, not
+/// hidden: a program may export its thunks to the shared objects it loads
+/// (`-Wl,--export-dynamic-symbol=__x86_indirect_thunk_*`), while calls
+/// inside the object that defines them always bind to its own copy. The first instruction
 /// is a `cs`-prefixed 6-byte `call`, so `lfence; jmp *%r8..%r15` (6 bytes)
 /// replaces exactly one instruction.
 macro_rules! slot {
@@ -16,7 +19,7 @@ macro_rules! slot {
             ".globl __x86_indirect_thunk_",
             $reg,
             "\n",
-            ".hidden __x86_indirect_thunk_",
+            ".protected __x86_indirect_thunk_",
             $reg,
             "\n",
             ".type __x86_indirect_thunk_",
@@ -67,7 +70,7 @@ core::arch::global_asm!(
         slot!("r14"),
         slot!("r15"),
         ".globl __x86_return_thunk\n",
-        ".hidden __x86_return_thunk\n",
+        ".protected __x86_return_thunk\n",
         ".type __x86_return_thunk, @function\n",
         "__x86_return_thunk:\n",
         "ret\n",

@@ -279,3 +279,21 @@ int main(void) { return via_alias(21) == 42 ? 0 : 1; }
 "#;
     gcc("aliased", SOURCE, &["-O1", "-Wl,--emit-relocs"])
 }
+
+/// tests/fixtures/retpoline_lib.c as a shared object built by GCC against
+/// the executable's thunks (thunk-extern calls and returns, reached
+/// through its PLT), with `--emit-relocs`.
+pub fn retpoline_c_library() -> std::path::PathBuf {
+    gcc(
+        "retpoline_lib.so",
+        include_str!("../fixtures/retpoline_lib.c"),
+        &[
+            "-O2",
+            "-fPIC",
+            "-shared",
+            "-mindirect-branch=thunk-extern",
+            "-mfunction-return=thunk-extern",
+            "-Wl,--emit-relocs",
+        ],
+    )
+}
