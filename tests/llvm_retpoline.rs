@@ -141,8 +141,8 @@ fn llvm_retpolines_are_found_inlined_and_their_thunk_rewritten() {
     assert_eq!((reg.as_str(), state.as_str()), ("%r11", "in-form"));
     assert_eq!(
         unhex(head),
-        [0x41, 0xff, 0xe3, 0xcc, 0xcc],
-        "jmp *%r11; int3 int3"
+        [0x66, 0x90, 0x41, 0xff, 0xe3],
+        "nop; jmp *%r11"
     );
     let bias = t - thunk_sym;
     // Generic leaves it as LLVM wrote it.
@@ -277,12 +277,13 @@ fn gcc_local_thunks_are_rewritten_per_mode_and_back() {
         );
         (at(site, 5), at(thunk, 5))
     };
-    // call *%rax behind a 3-byte NOP; the thunk jumps straight through %rax.
+    // call *%rax behind a 3-byte NOP; the thunk jumps through %rax behind
+    // a NOP where lfence mode puts its `lfence` (one instruction apart).
     assert_eq!(
         step(Mode::Plain),
         (
             vec![0x0f, 0x1f, 0x00, 0xff, 0xd0],
-            vec![0xff, 0xe0, 0xcc, 0xcc, 0xcc]
+            vec![0x0f, 0x1f, 0x00, 0xff, 0xe0]
         )
     );
     // lfence fits both for %rax.
@@ -294,9 +295,95 @@ fn gcc_local_thunks_are_rewritten_per_mode_and_back() {
             [&lf[..], &[0xff, 0xe0]].concat()
         )
     );
+    // Back to plain: the filler alone changes (the `jmp` stays at +3).
+    assert_eq!(
+        step(Mode::Plain),
+        (
+            vec![0x0f, 0x1f, 0x00, 0xff, 0xd0],
+            vec![0x0f, 0x1f, 0x00, 0xff, 0xe0]
+        )
+    );
     // Back to the compiler's bytes exactly.
     assert_eq!(step(Mode::Generic), original);
     // The rest of the body was never touched.
     let off = thunk - copy.as_ptr() as usize;
     assert_eq!(copy[off..off + 17], bytes[off..off + 17]);
+}
+
+/// GCC's local return thunk (`-mfunction-return=thunk`) is a return
+/// retpoline, not a bare `ret`: only plain mode may replace its sites by
+/// `ret`; generic and lfence keep them on it.
+#[test]
+fn a_compiled_in_return_retpoline_is_kept_but_in_plain_mode() {
+    use altpatch::retpoline::{self, Mode, Outcome, Policy};
+    use object::ObjectSection;
+
+    const C: &str = "long (*volatile fp)(long);\n\
+                     static long inc(long x) { return x + 1; }\n\
+                     int main(void) { fp = inc; return fp(41) == 42 ? 0 : 1; }\n";
+    let exe = common::gcc(
+        "gcc-local-return-thunk",
+        C,
+        &[
+            "-O2",
+            "-mindirect-branch=thunk",
+            "-mfunction-return=thunk",
+            "-Wl,--emit-relocs",
+        ],
+    );
+    assert!(Command::new(&exe).status().unwrap().success());
+    let data = std::fs::read(&exe).unwrap();
+    let file = object::File::parse(&*data).unwrap();
+    let text = file.section_by_name(".text").unwrap();
+    let bytes = text.data().unwrap();
+    let mut copy = memmap2::MmapMut::map_anon(bytes.len()).unwrap();
+    copy.copy_from_slice(bytes);
+    let bias = (copy.as_ptr() as usize).wrapping_sub(text.address() as usize);
+    let sites: Vec<_> = elf::read_sites(&data)
+        .unwrap()
+        .sites
+        .iter()
+        .map(|s| s.biased(bias))
+        .collect();
+    let returns: Vec<_> = sites
+        .iter()
+        .filter(|s| s.kind == SiteKind::ReturnThunk)
+        .collect();
+    assert!(!returns.is_empty(), "{sites:?}");
+    let range = copy.as_ptr() as usize..copy.as_ptr() as usize + copy.len();
+    // SAFETY: the copy is mapped read+write for the whole test and never run.
+    let image = unsafe { altpatch::Image::builder("copy").text(range) }.build();
+    let base = copy.as_ptr() as usize;
+    let at = |a: usize| copy[a - base..][..5].to_vec();
+    let before: Vec<_> = returns.iter().map(|s| at(s.addr)).collect();
+    for (mode, inlined) in [
+        (Mode::Generic, false),
+        (Mode::Lfence, false),
+        (Mode::Plain, true),
+    ] {
+        // SAFETY: writable private memory, not executed.
+        let mut poke = unsafe { altpatch::DirectPoke::new(altpatch::SyncMethod::Cpuid) };
+        // SAFETY: as above.
+        let r = unsafe { retpoline::apply(&image, &sites, &Policy::new(mode, "test"), &mut poke) }
+            .unwrap();
+        for (s, old) in returns.iter().zip(&before) {
+            let o = r
+                .sites
+                .iter()
+                .find(|o| o.site.addr == s.addr)
+                .unwrap()
+                .outcome;
+            if inlined {
+                assert_eq!(o, Outcome::Inlined);
+                assert_eq!(at(s.addr), [x86::RET, 0xcc, 0xcc, 0xcc, 0xcc]);
+            } else {
+                assert_eq!(o, Outcome::ViaThunk, "{mode}");
+                assert_eq!(
+                    &at(s.addr),
+                    old,
+                    "{mode}: the return site is left on the thunk"
+                );
+            }
+        }
+    }
 }

@@ -63,7 +63,8 @@ pub fn run(policy: &Policy) -> Result<(), Box<dyn std::error::Error>> {
         let after = unsafe { work(5) };
         println!(
             "load {load} of {} at {:#x}: {} sites ({} through thunks, {} returns) patched in \
-             mode {}: {} inlined, {} via the program's thunks, {} refused; {} written. \
+             mode {}: {} inlined, {} via the program's thunks, {} refused or left on the PLT; \
+             {} written. \
              work(5) = {before} before, {after} after",
             lib.file_name().unwrap_or_default().to_string_lossy(),
             work as usize,

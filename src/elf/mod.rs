@@ -397,7 +397,9 @@ pub fn read_sites_with(data: &[u8], names: &ThunkNames) -> Result<FoundSites, El
             // A thunk another object defines (a shared object calling the
             // executable's thunks) is reached through this image's PLT.
             let via_plt = sym.is_undefined(LE)
-                && matches!(kind, SiteKind::IndirectThunk(_) | SiteKind::ReturnThunk);
+                && matches!(kind, SiteKind::IndirectThunk(_) | SiteKind::ReturnThunk)
+                && r_type == elf::R_X86_64_PLT32
+                && rela.r_addend(LE) == -4;
             if sym.is_undefined(LE) && !via_plt {
                 out.rejected.push(reject("symbol not defined in the image"));
                 continue;

@@ -79,10 +79,16 @@ impl LocalThunk {
         let disp = if self.layout == Layout::Gcc { 7 } else { 11 };
         let generic = alloc::vec![0xe8, disp, 0, 0, 0];
         let jmp = x86::jmp_reg(self.reg);
+        // The filler goes before the `jmp`, one instruction of the same
+        // length in plain (a NOP) and lfence (`lfence`): moving between them
+        // rewrites that instruction alone, never two (a thread may be
+        // stopped right after the filler).
         let mut h = Vec::with_capacity(5);
         match mode {
             Mode::Generic => return (generic, None),
-            Mode::Plain => {}
+            Mode::Plain => {
+                h.extend_from_slice(x86::nop(5 - jmp.len()).expect("a 2- or 3-byte NOP"))
+            }
             Mode::Lfence if x86::LFENCE.len() + jmp.len() <= 5 => h.extend_from_slice(&x86::LFENCE),
             Mode::Lfence => {
                 return (
@@ -95,7 +101,6 @@ impl LocalThunk {
             }
         }
         h.extend_from_slice(&jmp);
-        h.resize(5, x86::INT3);
         (h, None)
     }
 
@@ -157,7 +162,7 @@ pub(super) fn find(
 
 /// Whether `addr` starts a PLT stub: `jmp *slot(%rip)` (`ff 25`), after
 /// `endbr64` (`f3 0f 1e fa`) and/or `bnd` (`f2`) in the IBT/MPX forms.
-fn plt_stub(image: &Image<'_>, addr: usize) -> bool {
+pub(super) fn plt_stub(image: &Image<'_>, addr: usize) -> bool {
     if !image.contains_text(addr, 7) {
         return false;
     }
@@ -166,6 +171,14 @@ fn plt_stub(image: &Image<'_>, addr: usize) -> bool {
     let b = b.strip_prefix(&[0xf3, 0x0f, 0x1e, 0xfa][..]).unwrap_or(b);
     let b = b.strip_prefix(&[0xf2][..]).unwrap_or(b);
     b.starts_with(&[0xff, 0x25])
+}
+
+/// Whether a return thunk at `addr` returns at once: a bare `ret` (this
+/// crate's), or a PLT stub (to the program's exported one, this crate's).
+pub(super) fn returns_at_once(image: &Image<'_>, addr: usize) -> bool {
+    plt_stub(image, addr)
+        // SAFETY: one byte inside the image's text (checked first), readable.
+        || (image.contains_text(addr, 1) && unsafe { *(addr as *const u8) } == x86::RET)
 }
 
 fn recognise(image: &Image<'_>, addr: usize, reg: Reg) -> Option<LocalThunk> {
@@ -225,7 +238,7 @@ mod tests {
             layout: Layout::Llvm,
         };
         assert_eq!(t.head(Mode::Generic).0, [0xe8, 11, 0, 0, 0]);
-        assert_eq!(t.head(Mode::Plain).0, [0x41, 0xff, 0xe3, 0xcc, 0xcc]);
+        assert_eq!(t.head(Mode::Plain).0, [0x66, 0x90, 0x41, 0xff, 0xe3]);
         let (h, why) = t.head(Mode::Lfence);
         assert_eq!((h, why.is_some()), (alloc::vec![0xe8, 11, 0, 0, 0], true));
         let rax = LocalThunk {

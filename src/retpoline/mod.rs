@@ -103,6 +103,12 @@ fn push_edit(plan: &mut Plan, addr: usize, expected: &[u8], new: &[u8], reason: 
     });
 }
 
+/// Why a site kept in generic mode on another object's thunk through this
+/// object's PLT is not counted as going through the retpoline.
+const PLT_KEPT: &str = "kept calling the program's thunk through this object's PLT stub, whose \
+                        `jmp *slot(%rip)` is an unprotected indirect branch (GNU ld makes no \
+                        retpoline PLT): inline it with lfence or plain where the CPU allows";
+
 /// Builds the plan for the sites (batch 1) and the report entries.
 fn plan_sites(
     image: &Image<'_>,
@@ -119,6 +125,7 @@ fn plan_sites(
     plan.reserve(sites.len());
     let mut outcomes = Vec::with_capacity(sites.len());
     let mut forms = FormCache::new(mode);
+    let own = thunk_array()..thunk_array() + THUNK_SLOT * 16;
     for s in sites {
         match s.kind {
             SiteKind::IndirectThunk(Reg::Rsp) => return Err(Error::RspSite { site: s.addr }),
@@ -136,11 +143,28 @@ fn plan_sites(
             (SiteKind::ReturnThunk, ReturnSites::Thunk(t)) => Some(routed_form(s, t)),
             _ => None,
         };
+        let foreign = !own.contains(&s.target);
         let (new, outcome) = match routed.clone() {
             Some(Ok(b)) => (b, Outcome::ViaThunk),
             Some(Err(why)) => (original.clone(), Outcome::Refused(why)),
+            // A return thunk that is itself a return retpoline (GCC's local
+            // one, `-mfunction-return=thunk`) is a mitigation only `plain`
+            // may drop; this crate's (and the program's, reached through a
+            // PLT) is a bare `ret`.
+            None if s.kind == SiteKind::ReturnThunk
+                && mode != Mode::Plain
+                && foreign
+                && !local::returns_at_once(image, s.target) =>
+            {
+                (original.clone(), Outcome::ViaThunk)
+            }
             None => match forms.inline(s) {
                 Ok(b) => (b, Outcome::Inlined),
+                // Kept on a PLT stub: its `jmp *slot(%rip)` is an indirect
+                // branch of its own, not a retpoline.
+                Err(_) if mode == Mode::Generic && foreign && local::plt_stub(image, s.target) => {
+                    (original.clone(), Outcome::Refused(PLT_KEPT))
+                }
                 // Generic mode is not a refusal: calls belong in the retpoline.
                 Err(_) if mode == Mode::Generic => (original.clone(), Outcome::ViaThunk),
                 Err(why) => (original.clone(), Outcome::Refused(why)),
@@ -344,8 +368,19 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
 /// it with `-Wl,--export-dynamic-symbol=__x86_indirect_thunk_*
 /// -Wl,--export-dynamic-symbol=__x86_return_thunk` — or `dlopen` fails
 /// with "undefined symbol: __x86_indirect_thunk_...". Such sites are
-/// inlined where the mode allows and otherwise keep calling the
-/// executable's thunks, which [`apply_current`] put in the same mode.
+/// inlined where the mode allows; the rest keep calling the executable's
+/// thunks (which [`apply_current`] put in the same mode) through the PLT,
+/// whose `jmp *slot(%rip)` is itself an unprotected indirect branch: in
+/// generic mode the report lists them as refused, saying so. Return sites
+/// reached through the PLT become `ret` (the executable's return thunk is
+/// this crate's bare `ret`).
+///
+/// Limits: a policy routing return sites to a thunk of the executable
+/// ([`Policy::with_return_thunk`]) is refused with
+/// [`Error::BadReturnThunk`] (the thunk is not in the loaded object); and
+/// only one copy of this crate may patch a given object — a cdylib that
+/// links its own altpatch must not patch itself while the program patches
+/// it (each copy has its own patching lock).
 ///
 /// ```no_run
 /// use altpatch::retpoline::{self, Mode, Policy};
