@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::{addr, unhex};
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
@@ -25,17 +27,6 @@ struct Run {
     thunks: Vec<(usize, String, String, String)>,
     sites: Vec<(usize, String, usize, Vec<u8>)>,
     result: String,
-}
-
-fn unhex(h: &str) -> Vec<u8> {
-    (0..h.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
-        .collect()
-}
-
-fn addr(h: &str) -> usize {
-    usize::from_str_radix(h.trim_start_matches("0x"), 16).unwrap()
 }
 
 /// Runs the fixture; the last step's report.
@@ -223,69 +214,53 @@ fn aliases_are_thunks_for_discovery_and_audit() {
     assert_eq!(bypasses(&a), 0);
 }
 
+/// A C program through a function pointer, built by GCC with `args`.
+fn gcc_program(name: &str, args: &[&str]) -> PathBuf {
+    const C: &str = "long (*volatile fp)(long);\n\
+                     static long inc(long x) { return x + 1; }\n\
+                     int main(void) { fp = inc; return fp(41) == 42 ? 0 : 1; }\n";
+    let exe = common::gcc(name, C, &[&["-O2", "-Wl,--emit-relocs"][..], args].concat());
+    assert!(Command::new(&exe).status().unwrap().success());
+    exe
+}
+
 /// GCC's local thunks (`-mindirect-branch=thunk`, not `thunk-extern`): the
 /// same body with a 7-byte `call` displacement. Patched in a private
 /// read+write copy of the program's text (nothing runs it), per mode and
 /// back, against encodings written out here.
 #[test]
 fn gcc_local_thunks_are_rewritten_per_mode_and_back() {
-    use altpatch::retpoline::{self, Mode, Policy};
-    use object::ObjectSection;
+    use altpatch::retpoline::Mode;
 
-    const C: &str = "long (*volatile fp)(long);\n\
-                     static long inc(long x) { return x + 1; }\n\
-                     int main(void) { fp = inc; return fp(41) == 42 ? 0 : 1; }\n";
-    let exe = common::gcc(
+    let t = common::TextCopy::of(&gcc_program(
         "gcc-local-thunk",
-        C,
-        &["-O2", "-mindirect-branch=thunk", "-Wl,--emit-relocs"],
-    );
-    assert!(Command::new(&exe).status().unwrap().success());
-    let data = std::fs::read(&exe).unwrap();
-    let file = object::File::parse(&*data).unwrap();
-    let text = file.section_by_name(".text").unwrap();
-    let bytes = text.data().unwrap();
-    let mut copy = memmap2::MmapMut::map_anon(bytes.len()).unwrap();
-    copy.copy_from_slice(bytes);
-    let bias = (copy.as_ptr() as usize).wrapping_sub(text.address() as usize);
-    let found = elf::read_sites(&data).unwrap();
-    let sites: Vec<_> = found.sites.iter().map(|s| s.biased(bias)).collect();
-    assert_eq!(sites.len(), 1, "{sites:?}");
-    let (site, thunk) = (sites[0].addr, sites[0].target);
-    let range = copy.as_ptr() as usize..copy.as_ptr() as usize + copy.len();
-    // SAFETY: the copy is mapped read+write for the whole test and never run.
-    let image = unsafe { altpatch::Image::builder("copy").text(range) }.build();
-    let at = |a: usize, n: usize| copy[a - copy.as_ptr() as usize..][..n].to_vec();
-    let original = (at(site, 5), at(thunk, 5));
+        &["-mindirect-branch=thunk"],
+    ));
+    assert_eq!(t.sites.len(), 1, "{:?}", t.sites);
+    let (site, thunk) = (t.sites[0].addr, t.sites[0].target);
+    let original = (t.at(site, 5), t.at(thunk, 5));
     assert_eq!(
         original.1,
         [0xe8, 7, 0, 0, 0],
         "GCC's thunk starts with call +7"
     );
-
     let step = |mode: Mode| {
-        // SAFETY: writable private memory, not executed.
-        let mut poke = unsafe { altpatch::DirectPoke::new(altpatch::SyncMethod::Cpuid) };
-        // SAFETY: as above.
-        let r = unsafe { retpoline::apply(&image, &sites, &Policy::new(mode, "test"), &mut poke) }
-            .unwrap();
+        let r = t.apply(mode);
         assert_eq!(r.compiled_thunks.len(), 1);
         assert_eq!(
             r.compiled_thunks[0].refused, None,
             "{:?}",
             r.compiled_thunks
         );
-        (at(site, 5), at(thunk, 5))
+        (t.at(site, 5), t.at(thunk, 5))
     };
     // call *%rax behind a 3-byte NOP; the thunk jumps through %rax behind
     // a NOP where lfence mode puts its `lfence` (one instruction apart).
-    assert_eq!(
-        step(Mode::Plain),
-        (
-            vec![0x0f, 0x1f, 0x00, 0xff, 0xd0],
-            vec![0x0f, 0x1f, 0x00, 0xff, 0xe0]
-        )
+    let plain = (
+        vec![0x0f, 0x1f, 0x00, 0xff, 0xd0],
+        vec![0x0f, 0x1f, 0x00, 0xff, 0xe0],
     );
+    assert_eq!(step(Mode::Plain), plain);
     // lfence fits both for %rax.
     let lf = [0x0f, 0xae, 0xe8];
     assert_eq!(
@@ -296,18 +271,12 @@ fn gcc_local_thunks_are_rewritten_per_mode_and_back() {
         )
     );
     // Back to plain: the filler alone changes (the `jmp` stays at +3).
-    assert_eq!(
-        step(Mode::Plain),
-        (
-            vec![0x0f, 0x1f, 0x00, 0xff, 0xd0],
-            vec![0x0f, 0x1f, 0x00, 0xff, 0xe0]
-        )
-    );
+    assert_eq!(step(Mode::Plain), plain);
     // Back to the compiler's bytes exactly.
     assert_eq!(step(Mode::Generic), original);
     // The rest of the body was never touched.
-    let off = thunk - copy.as_ptr() as usize;
-    assert_eq!(copy[off..off + 17], bytes[off..off + 17]);
+    let off = thunk - t.copy.as_ptr() as usize;
+    assert_eq!(t.copy[off..off + 17], t.original[off..off + 17]);
 }
 
 /// GCC's local return thunk (`-mfunction-return=thunk`) is a return
@@ -315,57 +284,25 @@ fn gcc_local_thunks_are_rewritten_per_mode_and_back() {
 /// `ret`; generic and lfence keep them on it.
 #[test]
 fn a_compiled_in_return_retpoline_is_kept_but_in_plain_mode() {
-    use altpatch::retpoline::{self, Mode, Outcome, Policy};
-    use object::ObjectSection;
+    use altpatch::retpoline::{Mode, Outcome};
 
-    const C: &str = "long (*volatile fp)(long);\n\
-                     static long inc(long x) { return x + 1; }\n\
-                     int main(void) { fp = inc; return fp(41) == 42 ? 0 : 1; }\n";
-    let exe = common::gcc(
+    let t = common::TextCopy::of(&gcc_program(
         "gcc-local-return-thunk",
-        C,
-        &[
-            "-O2",
-            "-mindirect-branch=thunk",
-            "-mfunction-return=thunk",
-            "-Wl,--emit-relocs",
-        ],
-    );
-    assert!(Command::new(&exe).status().unwrap().success());
-    let data = std::fs::read(&exe).unwrap();
-    let file = object::File::parse(&*data).unwrap();
-    let text = file.section_by_name(".text").unwrap();
-    let bytes = text.data().unwrap();
-    let mut copy = memmap2::MmapMut::map_anon(bytes.len()).unwrap();
-    copy.copy_from_slice(bytes);
-    let bias = (copy.as_ptr() as usize).wrapping_sub(text.address() as usize);
-    let sites: Vec<_> = elf::read_sites(&data)
-        .unwrap()
+        &["-mindirect-branch=thunk", "-mfunction-return=thunk"],
+    ));
+    let returns: Vec<_> = t
         .sites
-        .iter()
-        .map(|s| s.biased(bias))
-        .collect();
-    let returns: Vec<_> = sites
         .iter()
         .filter(|s| s.kind == SiteKind::ReturnThunk)
         .collect();
-    assert!(!returns.is_empty(), "{sites:?}");
-    let range = copy.as_ptr() as usize..copy.as_ptr() as usize + copy.len();
-    // SAFETY: the copy is mapped read+write for the whole test and never run.
-    let image = unsafe { altpatch::Image::builder("copy").text(range) }.build();
-    let base = copy.as_ptr() as usize;
-    let at = |a: usize| copy[a - base..][..5].to_vec();
-    let before: Vec<_> = returns.iter().map(|s| at(s.addr)).collect();
+    assert!(!returns.is_empty(), "{:?}", t.sites);
+    let before: Vec<_> = returns.iter().map(|s| t.at(s.addr, 5)).collect();
     for (mode, inlined) in [
         (Mode::Generic, false),
         (Mode::Lfence, false),
         (Mode::Plain, true),
     ] {
-        // SAFETY: writable private memory, not executed.
-        let mut poke = unsafe { altpatch::DirectPoke::new(altpatch::SyncMethod::Cpuid) };
-        // SAFETY: as above.
-        let r = unsafe { retpoline::apply(&image, &sites, &Policy::new(mode, "test"), &mut poke) }
-            .unwrap();
+        let r = t.apply(mode);
         for (s, old) in returns.iter().zip(&before) {
             let o = r
                 .sites
@@ -375,11 +312,11 @@ fn a_compiled_in_return_retpoline_is_kept_but_in_plain_mode() {
                 .outcome;
             if inlined {
                 assert_eq!(o, Outcome::Inlined);
-                assert_eq!(at(s.addr), [x86::RET, 0xcc, 0xcc, 0xcc, 0xcc]);
+                assert_eq!(t.at(s.addr, 5), [x86::RET, 0xcc, 0xcc, 0xcc, 0xcc]);
             } else {
                 assert_eq!(o, Outcome::ViaThunk, "{mode}");
                 assert_eq!(
-                    &at(s.addr),
+                    &t.at(s.addr, 5),
                     old,
                     "{mode}: the return site is left on the thunk"
                 );

@@ -17,6 +17,8 @@
 
 mod common;
 
+use common::unhex;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
@@ -87,13 +89,6 @@ fn run(mode: &str, lib: &std::path::Path) -> (Vec<Load>, String) {
         }
     }
     (loads, last)
-}
-
-fn unhex(h: &str) -> Vec<u8> {
-    (0..h.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
-        .collect()
 }
 
 fn field(line: &str, name: &str) -> usize {

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::{addr, unhex};
+
 use common::func;
 
 use std::collections::{BTreeSet, HashMap};
@@ -56,17 +58,6 @@ struct Run {
     bias: usize,
     steps: Vec<StepOut>,
     wrong: u64,
-}
-
-fn unhex(h: &str) -> Vec<u8> {
-    (0..h.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
-        .collect()
-}
-
-fn addr(h: &str) -> usize {
-    usize::from_str_radix(h.trim_start_matches("0x"), 16).unwrap()
 }
 
 fn run(steps: &[&str]) -> Run {

@@ -297,3 +297,83 @@ pub fn retpoline_c_library() -> std::path::PathBuf {
         ],
     )
 }
+
+/// Bytes from a hex string as fixtures print them (`e8000000`).
+pub fn unhex(h: &str) -> Vec<u8> {
+    (0..h.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// An address as fixtures print it (`0x5555...`).
+pub fn addr(h: &str) -> usize {
+    usize::from_str_radix(h.trim_start_matches("0x"), 16).unwrap()
+}
+
+/// The `.text` of a linked program copied into private read+write memory
+/// (never executed), with the program's sites moved to it and an image
+/// over it: what tests patch per mode and compare byte for byte.
+pub struct TextCopy {
+    /// The copy.
+    pub copy: memmap2::MmapMut,
+    /// The file's `.text` bytes.
+    pub original: Vec<u8>,
+    /// The program's sites, at the copy's addresses.
+    pub sites: Vec<altpatch::sites::Site>,
+}
+
+impl TextCopy {
+    /// Copies `exe`'s `.text` and reads its sites.
+    pub fn of(exe: &std::path::Path) -> TextCopy {
+        use object::{Object, ObjectSection};
+        let data = std::fs::read(exe).unwrap();
+        let file = object::File::parse(&*data).unwrap();
+        let text = file.section_by_name(".text").unwrap();
+        let bytes = text.data().unwrap();
+        let mut copy = memmap2::MmapMut::map_anon(bytes.len()).unwrap();
+        copy.copy_from_slice(bytes);
+        let bias = (copy.as_ptr() as usize).wrapping_sub(text.address() as usize);
+        let sites = altpatch::elf::read_sites(&data)
+            .unwrap()
+            .sites
+            .iter()
+            .map(|s| s.biased(bias))
+            .collect();
+        TextCopy {
+            copy,
+            original: bytes.to_vec(),
+            sites,
+        }
+    }
+
+    /// The image over the copy.
+    pub fn image(&self) -> Image<'static> {
+        let range = self.copy.as_ptr() as usize..self.copy.as_ptr() as usize + self.copy.len();
+        // SAFETY: the copy is mapped read+write while `self` lives, which
+        // callers keep for as long as they use the image; nothing runs it.
+        unsafe { Image::builder("text copy").text(range) }.build()
+    }
+
+    /// `n` bytes of the copy at run-time address `a`.
+    pub fn at(&self, a: usize, n: usize) -> Vec<u8> {
+        self.copy[a - self.copy.as_ptr() as usize..][..n].to_vec()
+    }
+
+    /// Applies `mode` to every site of the copy (in place, nothing runs it).
+    pub fn apply(&self, mode: altpatch::retpoline::Mode) -> altpatch::retpoline::Report {
+        use altpatch::retpoline::{self, Policy};
+        // SAFETY: writable private memory, never executed.
+        let mut poke = unsafe { altpatch::DirectPoke::new(altpatch::SyncMethod::Cpuid) };
+        // SAFETY: as above.
+        unsafe {
+            retpoline::apply(
+                &self.image(),
+                &self.sites,
+                &Policy::new(mode, "test"),
+                &mut poke,
+            )
+        }
+        .unwrap()
+    }
+}

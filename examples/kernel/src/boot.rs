@@ -6,7 +6,9 @@
 //! ELF, which it would refuse. It enters `_start32` in 32-bit protected mode
 //! with paging off, EAX = 0x2BADB002 and EBX = the multiboot info address.
 //!
-//! The entry identity-maps the first GiB with 2 MiB pages (read, write,
+//! The entry first checks for long mode (CPUID 0x80000001 EDX.LM); without
+//! it, it says so on the serial port and leaves QEMU with status 37.
+//! Then it identity-maps the first GiB with 2 MiB pages (read, write,
 //! execute: the kernel patches its own text through its own addresses), turns
 //! on PAE, long mode and paging, loads a 64-bit GDT, enables SSE (Rust code
 //! for the host target uses it), and calls `kmain(multiboot_info)`.
@@ -34,6 +36,16 @@ _start32:
     cli
     movl $boot_stack_top, %esp
     movl %ebx, multiboot_info
+
+    /* Long mode (CPUID 0x80000001 EDX bit 29), or say why not and leave. */
+    movl $0x80000000, %eax
+    cpuid
+    cmpl $0x80000001, %eax
+    jb no_long_mode
+    movl $0x80000001, %eax
+    cpuid
+    btl $29, %edx
+    jnc no_long_mode
 
     /* pml4[0] -> pdpt, pdpt[0] -> pd, pd[i] = i * 2 MiB, present|write|huge */
     movl $boot_pdpt, %eax
@@ -91,7 +103,31 @@ long_mode:
     hlt
     jmp 2b
 
+    .code32
+    /* The serial port works unprogrammed under QEMU: one byte at a time.
+       Exit value 0x12: QEMU exits with status 37. */
+no_long_mode:
+    movl $no_long_mode_msg, %esi
+3:
+    movb (%esi), %al
+    testb %al, %al
+    jz 4f
+    movw $0x3f8, %dx
+    outb %al, %dx
+    incl %esi
+    jmp 3b
+4:
+    movw $0xf4, %dx
+    movl $0x12, %eax
+    outl %eax, %dx
+5:
+    hlt
+    jmp 5b
+    .code64
+
     .section .rodata
+no_long_mode_msg:
+    .asciz "altpatch kernel: this CPU has no long mode (CPUID 0x80000001 EDX.LM = 0); the kernel needs x86-64\r\n"
     .balign 8
 boot_gdt:
     .quad 0

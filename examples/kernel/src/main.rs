@@ -12,9 +12,10 @@
 //!     -kernel target/x86_64-unknown-linux-gnu/release/altpatch-kernel -append "altpatch=nopopcnt"
 //! ```
 //!
-//! The command line (`-append`) may hold `altpatch=<overrides>` and
+//! The command line (`-append`) may hold `altpatch=<overrides>`,
 //! `dump-cpuid` (print a CPUID dump in altpatch's replay format and stop;
-//! the test fixtures were recorded this way).
+//! the test fixtures were recorded this way) and `fault=ud|pf|de` (fault on
+//! purpose: the exception report, see `idt.rs`).
 
 #![no_std]
 #![no_main]
@@ -24,6 +25,7 @@ extern crate alloc;
 mod boot;
 #[macro_use]
 mod support;
+mod idt;
 
 use core::ffi::CStr;
 
@@ -337,9 +339,11 @@ fn raw_cpuid_leaf(leaf: u32, sub: u32) -> (u32, u32, u32, u32) {
 #[unsafe(no_mangle)]
 extern "C" fn kmain(multiboot_info: u32) -> ! {
     support::serial_init();
+    idt::install();
     enable_xsave();
     let cmdline = cmdline(multiboot_info);
     println!("altpatch kernel: cmdline `{cmdline}`");
+    idt::deliberate(cmdline);
 
     if cmdline.split_ascii_whitespace().any(|w| w == "dump-cpuid") {
         println!("{}", cpu::dump(&HostCpuid::new()));
