@@ -155,6 +155,22 @@ fn assert_patched(b: &Boot) {
     assert_eq!(b.line("answer:"), "answer: before=1 after=2 undone=1");
     assert!(b.line("refused:").contains("site `answer`"), "{}", b.serial);
     assert!(b.serial.contains("altpatch kernel: ok"), "{}", b.serial);
+    // Boot-time cost, per mechanism and per site, from the TSC.
+    for what in [
+        "alternatives",
+        "ifunc IRELATIVE",
+        "ifunc PLT sites",
+        "ifunc! sites",
+        "retpolines",
+    ] {
+        let l = b.line(&format!("cycles: {what} "));
+        let n: Vec<u64> = l
+            .split_whitespace()
+            .filter_map(|w| w.trim_start_matches('(').parse().ok())
+            .collect();
+        // total, per site, sites
+        assert!(n.len() == 3 && n[0] > 0 && n[1] <= n[0] && n[2] > 0, "{l}");
+    }
 }
 
 /// The alternatives the kernel chose: movbe marker, level, which popcount.

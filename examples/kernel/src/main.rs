@@ -209,28 +209,38 @@ fn resolve_ifuncs(image: &Image<'_>, features: &Features) -> Result<(), &'static
     .map_err(|_| "bad IRELATIVE bounds")?;
     // SAFETY: the GOT slots are in the kernel's writable data, nothing has
     // called the ifunc yet, and the resolvers follow the glibc convention.
+    let t = support::rdtsc();
     let irel = unsafe { altpatch::ifunc::process_irelative(image, &table, features) };
     let irel = irel.map_err(|e| {
         println!("ifunc: IRELATIVE: {e}");
         "IRELATIVE processing failed"
     })?;
+    support::report_cycles("ifunc IRELATIVE", t, irel.resolved.len());
     println!("ifunc: {} IRELATIVE entries resolved", irel.resolved.len());
     // Calls through the PLT and the GOT now reach the chosen function.
     let (c_before, lazy_before) = (c_ones_twice(0b1011), kernel_ones(0b1011));
     // SAFETY: text is writable, this CPU is the only one.
     let mut poke = unsafe { DirectPoke::for_features(features) };
+    let t = support::rdtsc();
     // SAFETY: as above.
     let plt = unsafe { altpatch::ifunc::apply_plt_sites(image, &sites, Some(&table), &mut poke) };
     let plt = plt.map_err(|e| {
         println!("ifunc: PLT sites: {e}");
         "rewriting PLT sites failed"
     })?;
+    support::report_cycles(
+        "ifunc PLT sites",
+        t,
+        plt.rewritten.len() + plt.already_direct,
+    );
+    let t = support::rdtsc();
     // SAFETY: as above.
     let rust = unsafe { altpatch::ifunc::apply(image, features, &sites, &mut poke) };
     let rust = rust.map_err(|e| {
         println!("ifunc: {e}");
         "applying ifunc! failed"
     })?;
+    support::report_cycles("ifunc! sites", t, rust.applied.edits);
     print!("{rust}");
     let direct = |f: usize| {
         sites
@@ -460,8 +470,10 @@ fn apply_alternatives(
     // SAFETY: text is writable, this CPU is the only one, and no alternative
     // site is running.
     let mut poke = unsafe { DirectPoke::for_features(features) };
+    let t = support::rdtsc();
     // SAFETY: as above; the features are this CPU's own.
     let report = unsafe { altpatch::alternative::apply(image, features, &mut poke) }?;
+    support::report_cycles("alternatives", t, report.sites.len());
     print!("{report}");
     let ((value, marker), lvl, n) = (load_be_marked(&x), level(), ones(0b1011));
     println!(
@@ -564,8 +576,10 @@ fn apply_retpolines(
     // rewrite keeps the instruction's end (return addresses on the stack,
     // including this function's callers', stay valid).
     let mut poke = unsafe { DirectPoke::for_features(features) };
+    let t = support::rdtsc();
     // SAFETY: as above; the mode is the policy's for this CPU.
     let report = unsafe { retpoline::apply(image, &sites, &policy, &mut poke) }?;
+    support::report_cycles("retpolines", t, report.sites.len());
     print!("{report}");
     let here = call_via_thunk as fn(extern "C" fn() -> u64) -> u64 as usize;
     let site = sites

@@ -75,6 +75,22 @@ macro_rules! println {
     }};
 }
 
+/// The time-stamp counter (under TCG, QEMU's virtual one).
+pub fn rdtsc() -> u64 {
+    // SAFETY: `rdtsc` only reads the counter (CR4.TSD is clear).
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Prints the cycles boot-time patching took for one mechanism since
+/// `start`: `cycles: <what> <total> total, <per site> per site (<n> sites)`.
+pub fn report_cycles(what: &str, start: u64, sites: usize) {
+    let total = rdtsc().wrapping_sub(start);
+    println!(
+        "cycles: {what} {total} total, {} per site ({sites} sites)",
+        total / sites.max(1) as u64
+    );
+}
+
 /// Leaves QEMU with `value` (see [`EXIT_SUCCESS`]).
 pub fn exit(value: u32) -> ! {
     // SAFETY: writing the debug-exit port ends the VM.
