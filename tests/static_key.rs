@@ -17,6 +17,8 @@ static K_COUNTED: StaticFalseKey = StaticFalseKey::new();
 static K_MANY: StaticFalseKey = StaticFalseKey::new();
 static K_BAD: StaticFalseKey = StaticFalseKey::new();
 static K_WITH: StaticFalseKey = StaticFalseKey::new();
+static K_MIXED: StaticFalseKey = StaticFalseKey::new();
+static K_LATE: StaticFalseKey = StaticFalseKey::new();
 
 #[inline(never)]
 fn unlikely() -> bool {
@@ -55,6 +57,16 @@ fn bad() -> bool {
 #[inline(never)]
 fn with() -> bool {
     static_branch_unlikely!(K_WITH)
+}
+
+#[inline(never)]
+fn mixed() -> bool {
+    static_branch_unlikely!(K_MIXED)
+}
+
+#[inline(never)]
+fn late() -> bool {
+    static_branch_unlikely!(K_LATE)
 }
 
 /// (site, target, likely) of every site of `key`.
@@ -130,7 +142,7 @@ fn reference_counted_inc_and_dec() {
     assert!(f(), "still one user");
     K_COUNTED.dec().unwrap();
     assert!(!f() && K_COUNTED.count() == 0);
-    assert!(matches!(K_COUNTED.dec(), Err(KeyError::Unavailable(_))));
+    assert!(matches!(K_COUNTED.dec(), Err(KeyError::NotHeld)));
 }
 
 #[test]
@@ -189,5 +201,77 @@ fn set_with_any_poke_and_image() {
     assert!(f());
     // SAFETY: as above.
     unsafe { K_WITH.set_with(false, &image, &index, &mut poke) }.unwrap();
+    assert!(!f());
+}
+
+#[test]
+fn enable_disable_inc_and_dec_share_one_count() {
+    let f = std::hint::black_box(mixed as fn() -> bool);
+    // enable counts as one: a dec undoes it.
+    K_MIXED.enable().unwrap();
+    assert_eq!((f(), K_MIXED.count()), (true, 1));
+    K_MIXED.dec().unwrap();
+    assert_eq!((f(), K_MIXED.count()), (false, 0));
+    assert_sites(K_MIXED.addr(), false);
+    // inc; disable; inc; dec ends disabled with nothing held.
+    K_MIXED.inc().unwrap();
+    K_MIXED.disable().unwrap();
+    K_MIXED.inc().unwrap();
+    K_MIXED.dec().unwrap();
+    assert_eq!(
+        (f(), K_MIXED.count(), K_MIXED.is_enabled()),
+        (false, 0, false)
+    );
+    // Enabling an enabled key keeps its count; disabling one two incs hold
+    // is refused, nothing written.
+    K_MIXED.inc().unwrap();
+    K_MIXED.enable().unwrap();
+    K_MIXED.inc().unwrap();
+    assert_eq!(K_MIXED.count(), 2);
+    assert!(matches!(
+        K_MIXED.disable(),
+        Err(KeyError::Held { count: 2 })
+    ));
+    assert!(f() && K_MIXED.is_enabled());
+    assert_sites(K_MIXED.addr(), true);
+    K_MIXED.dec().unwrap();
+    K_MIXED.dec().unwrap();
+    assert_eq!((f(), K_MIXED.count()), (false, 0));
+}
+
+#[test]
+fn an_image_whose_sites_lag_the_key_is_brought_up_to_date() {
+    // A module loaded after the key was enabled has its sites as compiled:
+    // here one site of this image is put back to its compiled NOP, and
+    // `set_with` / `sync_with` for the enabled key rewrite it.
+    let f = std::hint::black_box(late as fn() -> bool);
+    let image = Image::current();
+    let index = KeyIndex::new(&image);
+    let mut poke = LinuxPoke::new().unwrap();
+    K_LATE.enable().unwrap();
+    assert!(f());
+    let (site, target, _) = sites(K_LATE.addr())[0];
+    let back = || {
+        let mut p = Plan::for_image(&image);
+        p.push(Edit::new(site, Expect::Jmp(target), x86::NOP5));
+        // SAFETY: `late` is not running; a jmp replaced by a NOP.
+        unsafe { p.apply(&mut LinuxPoke::new().unwrap()) }.unwrap();
+    };
+    back();
+    assert!(!f(), "the site lags the key");
+    // SAFETY: no other thread runs `late` now.
+    let r = unsafe { K_LATE.set_with(true, &image, &index, &mut poke) }.unwrap();
+    assert_eq!(r.written, 1);
+    assert!(f());
+    back();
+    // SAFETY: as above.
+    let r = unsafe { K_LATE.sync_with(&image, &index, &mut poke) }.unwrap();
+    assert_eq!(r.written, 1);
+    assert!(f() && K_LATE.count() == 1);
+    // In step: nothing to write.
+    // SAFETY: as above.
+    let r = unsafe { K_LATE.sync_with(&image, &index, &mut poke) }.unwrap();
+    assert_eq!((r.written, r.already), (0, 1));
+    K_LATE.disable().unwrap();
     assert!(!f());
 }

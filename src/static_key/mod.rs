@@ -120,6 +120,13 @@ pub enum KeyError {
     Plan(PlanError),
     /// The current program's sites or poke are unavailable.
     Unavailable(&'static str),
+    /// `disable` of a key more than one `inc` holds: `dec` each instead.
+    Held {
+        /// The reference count.
+        count: usize,
+    },
+    /// `dec` of a key that is not enabled.
+    NotHeld,
 }
 
 impl fmt::Display for KeyError {
@@ -133,6 +140,14 @@ impl fmt::Display for KeyError {
             }
             KeyError::Plan(e) => fmt::Display::fmt(e, f),
             KeyError::Unavailable(why) => f.write_str(why),
+            KeyError::Held { count } => write!(
+                f,
+                "static key held by {count} increments: disabling it would drop the others' \
+                 holds; dec each instead (nothing written)"
+            ),
+            KeyError::NotHeld => {
+                f.write_str("static key dec while it is disabled (no inc or enable to undo)")
+            }
         }
     }
 }
@@ -171,9 +186,15 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         self as *const Self as usize
     }
 
-    /// Sets the key and rewrites its sites in `image` (found through
-    /// `index`, built once per image) in one batch through `poke`. A no-op
-    /// if the key already has that state.
+    /// Sets the key and brings its sites in `image` (found through
+    /// `index`, built once per image) to that state in one batch through
+    /// `poke`. Linux's `static_key_enable`/`_disable` semantics: enabling
+    /// an enabled key keeps its count; disabling sets the count to zero,
+    /// and is refused ([`KeyError::Held`]) while more than one
+    /// [`inc_with`](Self::inc_with) holds it. Sites already in the state
+    /// are left alone, so calling it for an image loaded after the key
+    /// changed (a module: Linux's `jump_label_add_module`) brings that
+    /// image's sites up to date.
     ///
     /// # Safety
     ///
@@ -204,9 +225,50 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         index: &KeyIndex,
         poke: &mut P,
     ) -> Result<ApplyReport, KeyError> {
-        if self.enabled.load(Ordering::Acquire) == enabled {
-            return Ok(ApplyReport::default());
-        }
+        let n = self.count.load(Ordering::Relaxed);
+        let count = match (enabled, n) {
+            (true, 0) => 1,
+            (true, n) => n,
+            (false, 0 | 1) => 0,
+            (false, count) => return Err(KeyError::Held { count }),
+        };
+        // SAFETY: forwarded.
+        let r = unsafe { self.sync_locked(enabled, image, index, poke) }?;
+        self.count.store(count, Ordering::Relaxed);
+        Ok(r)
+    }
+
+    /// Brings this key's sites in `image` to the key's current state (for
+    /// an image loaded after the key changed; a no-op for sites already
+    /// in it).
+    ///
+    /// # Safety
+    ///
+    /// As for [`set_with`](Self::set_with).
+    pub unsafe fn sync_with<P: TextPoke + ?Sized>(
+        &self,
+        image: &Image<'_>,
+        index: &KeyIndex,
+        poke: &mut P,
+    ) -> Result<ApplyReport, KeyError> {
+        let _busy = self.busy.lock();
+        // SAFETY: forwarded.
+        unsafe { self.sync_locked(self.is_enabled(), image, index, poke) }
+    }
+
+    /// Writes `enabled`'s form at every site of the key in `image` that is
+    /// not in it yet, then publishes the state.
+    ///
+    /// # Safety
+    ///
+    /// As for `set_with`; the caller holds `busy`.
+    unsafe fn sync_locked<P: TextPoke + ?Sized>(
+        &self,
+        enabled: bool,
+        image: &Image<'_>,
+        index: &KeyIndex,
+        poke: &mut P,
+    ) -> Result<ApplyReport, KeyError> {
         let mut plan = Plan::for_image(image);
         plan.reserve(index.count(self.addr()));
         for rec in index.records_of(image, self.addr()) {
@@ -216,14 +278,13 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
             if !image.contains_text(target, 0) {
                 return Err(KeyError::BadRecord { site });
             }
-            // A site jumps when the key differs from what it falls through to.
-            let jumps_now = enabled == rec.likely();
-            let jumps_then = enabled != rec.likely();
-            let edit = match (jumps_now, jumps_then) {
-                (false, true) => Edit::jmp(site, Expect::Nop, target),
-                (true, false) => Edit::new(site, Expect::Jmp(target), x86::NOP5),
-                // The state differs, so the site changes.
-                _ => unreachable!("a flip changes every site"),
+            // A site jumps when the key differs from what it falls through
+            // to. Each edit expects the other state: validation finds a
+            // site already in this one done, and anything else refused.
+            let edit = if enabled == rec.likely() {
+                Edit::new(site, Expect::Jmp(target), x86::NOP5)
+            } else {
+                Edit::jmp(site, Expect::Nop, target)
             };
             plan.push(edit);
         }
@@ -234,7 +295,8 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     }
 
     /// Reference-counted enable (Linux's `static_key_slow_inc`): the key is
-    /// enabled while the count is positive. Through `set_with`'s parameters.
+    /// enabled while the count is positive; [`set_with`](Self::set_with)
+    /// enabling counts as one. Through `set_with`'s parameters.
     ///
     /// # Safety
     ///
@@ -247,15 +309,19 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     ) -> Result<ApplyReport, KeyError> {
         let _busy = self.busy.lock();
         let n = self.count.load(Ordering::Relaxed);
-        // SAFETY: forwarded.
-        let r = unsafe { self.set_locked(true, image, index, poke) }?;
+        let r = if n == 0 {
+            // SAFETY: forwarded.
+            unsafe { self.sync_locked(true, image, index, poke) }?
+        } else {
+            ApplyReport::default()
+        };
         self.count.store(n + 1, Ordering::Relaxed);
         Ok(r)
     }
 
     /// Reference-counted disable (`static_key_slow_dec`): disables the key
-    /// when the count drops to zero. A `dec` without a matching `inc` (or
-    /// initial enable) is refused.
+    /// when the count drops to zero. A `dec` of a disabled key is refused
+    /// ([`KeyError::NotHeld`]).
     ///
     /// # Safety
     ///
@@ -269,13 +335,11 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         let _busy = self.busy.lock();
         let n = self.count.load(Ordering::Relaxed);
         if n == 0 {
-            return Err(KeyError::Unavailable(
-                "static key dec without a matching inc",
-            ));
+            return Err(KeyError::NotHeld);
         }
         let r = if n == 1 {
             // SAFETY: forwarded.
-            unsafe { self.set_locked(false, image, index, poke) }?
+            unsafe { self.sync_locked(false, image, index, poke) }?
         } else {
             ApplyReport::default()
         };
@@ -283,7 +347,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         Ok(r)
     }
 
-    /// The reference count.
+    /// The reference count: 0 when disabled; `enable` counts as one.
     pub fn count(&self) -> usize {
         self.count.load(Ordering::Relaxed)
     }

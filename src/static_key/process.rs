@@ -54,11 +54,19 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         unsafe { self.set_locked(!now, image, index, &mut poke()?) }
     }
 
-    /// Sets the key to `enabled` (see [`enable`](Self::enable)).
+    /// Sets the key to `enabled` (see [`enable`](Self::enable) and
+    /// [`set_with`](Self::set_with) for the count). The program's own sites
+    /// always follow the key, so an unchanged state writes nothing and
+    /// makes no system call.
     pub fn set(&self, enabled: bool) -> Result<ApplyReport, KeyError> {
+        let _busy = self.busy.lock();
+        let n = self.count.load(core::sync::atomic::Ordering::Relaxed);
+        if enabled && n > 0 || !enabled && n == 0 {
+            return Ok(ApplyReport::default());
+        }
         let (image, index) = current();
         // SAFETY: as in `toggle`.
-        unsafe { self.set_with(enabled, image, index, &mut poke()?) }
+        unsafe { self.set_locked(enabled, image, index, &mut poke()?) }
     }
 
     /// Reference-counted enable in the running program.
