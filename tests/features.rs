@@ -242,29 +242,56 @@ fn bad_override_strings_list_valid_names() {
 #[test]
 fn env_overrides() {
     // Runs in a child so the variable does not leak into other tests.
-    if std::env::var_os("ALTPATCH_ENV_CHILD").is_some() {
-        let f = Features::detect_with_env().unwrap();
-        assert!(!f.has(Movbe) && f.has(Erms));
+    if let Ok(mode) = std::env::var("ALTPATCH_ENV_CHILD") {
+        let (mode, name) = mode.split_once(':').unwrap();
+        let feat = Feature::from_name(name).unwrap();
+        match (mode, Features::detect_with_env()) {
+            ("ok", Ok(f)) => assert!(!f.has(Movbe) && f.has(feat)),
+            // Safe code must not be told the CPU has what it lacks.
+            ("unverified", Err(OverrideError::Unverified { name: n })) => assert_eq!(n, name),
+            (_, other) => panic!("{mode} {name}: {other:?}"),
+        }
         return;
     }
+    let host = Features::detect();
+    let has = Feature::ALL
+        .iter()
+        .find(|f| f.is_instruction_set() && host.has(**f));
+    let lacks = Feature::ALL
+        .iter()
+        .find(|f| f.is_instruction_set() && !host.has(**f));
     let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new(&exe)
-        .args(["env_overrides", "--exact", "--test-threads=1"])
-        .env("ALTPATCH_ENV_CHILD", "1")
-        .env("ALTPATCH", "nomovbe,+erms")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let out = std::process::Command::new(&exe)
-        .args(["env_overrides", "--exact", "--test-threads=1"])
-        .env("ALTPATCH_ENV_CHILD", "1")
-        .env("ALTPATCH", "nomovbee")
-        .output()
-        .unwrap();
+    let child = |mode: &str, env: &str| {
+        std::process::Command::new(&exe)
+            .args(["env_overrides", "--exact", "--test-threads=1"])
+            .env("ALTPATCH_ENV_CHILD", mode)
+            .env("ALTPATCH", env)
+            .output()
+            .unwrap()
+    };
+    if let Some(f) = has {
+        let out = child(
+            &format!("ok:{}", f.name()),
+            &format!("nomovbe,+{}", f.name()),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    if let Some(f) = lacks {
+        let out = child(
+            &format!("unverified:{}", f.name()),
+            &format!("+{}", f.name()),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let out = child("ok:sse3", "nomovbee");
     assert!(
         !out.status.success(),
         "a bad ALTPATCH must make detect_with_env fail"

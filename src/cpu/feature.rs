@@ -180,6 +180,12 @@ impl Feature {
         matches!(self.source(), Src::Synthetic)
     }
 
+    /// Whether this bit is read from CPUID (an instruction set or hardware
+    /// capability) rather than derived or synthetic.
+    pub fn is_instruction_set(self) -> bool {
+        matches!(self.source(), Src::Cpuid(..))
+    }
+
     pub(super) const fn mask(self) -> u64 {
         1u64 << self as u8
     }

@@ -87,9 +87,21 @@ impl Features {
 
     /// [`Features::detect`], then the overrides in the `ALTPATCH` environment
     /// variable (same syntax as [`Overrides::parse`](super::Overrides::parse)).
+    ///
+    /// An environment variable must not make safe code unsound: adding an
+    /// instruction-set feature the CPU lacks (`ALTPATCH=+avx2` without AVX2)
+    /// is refused with [`OverrideError::Unverified`](super::OverrideError::Unverified),
+    /// since code choosing an implementation from the snapshot would run
+    /// instructions the CPU does not have. Removals, and additions the CPU
+    /// already has, apply; so do the derived and synthetic facts.
     #[cfg(feature = "std")]
     pub fn detect_with_env() -> Result<Features, super::OverrideError> {
-        Ok(Features::detect().with_overrides(&super::Overrides::from_env()?))
+        let detected = Features::detect();
+        let o = super::Overrides::from_env()?;
+        if let Some(f) = o.unverified(&detected) {
+            return Err(super::OverrideError::Unverified { name: f.name() });
+        }
+        Ok(detected.with_overrides(&o))
     }
 
     /// Reads the snapshot from `source`.

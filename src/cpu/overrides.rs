@@ -72,6 +72,16 @@ pub enum OverrideError {
     },
     /// The `ALTPATCH` environment variable is not valid UTF-8.
     NotUnicode,
+    /// A safe entry point was asked to add an instruction-set feature the
+    /// CPU does not have (`+avx2` on a CPU without AVX2): code trusting the
+    /// snapshot would then run instructions the CPU lacks. Only removals
+    /// (and the derived or synthetic facts, `eibrs`, `retpoline_needed`,
+    /// ...) apply there; apply an addition yourself with
+    /// [`Features::with_overrides`], as your own claim.
+    Unverified {
+        /// The feature claimed.
+        name: &'static str,
+    },
 }
 
 impl fmt::Display for OverrideError {
@@ -100,6 +110,12 @@ impl fmt::Display for OverrideError {
                 write!(f, "bad value `{value}` for `{key}=`; valid values: {valid}")
             }
             OverrideError::NotUnicode => f.write_str("ALTPATCH is not valid UTF-8"),
+            OverrideError::Unverified { name } => write!(
+                f,
+                "override `+{name}`: this CPU does not have {name}, and code trusting the \
+                 snapshot would run its instructions; only removals apply here (use \
+                 Features::with_overrides to make the claim yourself)"
+            ),
         }
     }
 }
@@ -236,6 +252,24 @@ impl Overrides {
             Err(std::env::VarError::NotPresent) => Ok(Overrides::none()),
             Err(std::env::VarError::NotUnicode(_)) => Err(OverrideError::NotUnicode),
         }
+    }
+
+    /// The first instruction-set feature this adds that `detected` does not
+    /// have (derived and synthetic facts are not instruction sets and are
+    /// never reported).
+    ///
+    /// ```
+    /// use altpatch::cpu::{Feature, Features, Overrides};
+    /// let cpu = Features::none().with(Feature::Sse3);
+    /// let o = Overrides::parse("+avx2,nosse3,+eibrs").unwrap();
+    /// assert_eq!(o.unverified(&cpu), Some(Feature::Avx2));
+    /// assert_eq!(Overrides::parse("+sse3,+eibrs").unwrap().unverified(&cpu), None);
+    /// ```
+    pub fn unverified(&self, detected: &Features) -> Option<Feature> {
+        Feature::ALL
+            .iter()
+            .copied()
+            .find(|&f| self.set & f.mask() != 0 && f.is_instruction_set() && !detected.has(f))
     }
 
     /// `self` followed by `later`: where both name a feature, `later` wins.

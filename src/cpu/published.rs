@@ -139,13 +139,20 @@ pub fn published() -> Features {
     try_published().expect("published above or by another thread")
 }
 
-/// What [`published`] publishes when nothing was.
+/// What [`published`] publishes when nothing was: the detected snapshot
+/// with `ALTPATCH` applied — unless that string is invalid, or claims an
+/// instruction set the CPU lacks (which [`Features::detect_with_env`]
+/// refuses with an error; here, with no caller to tell, it is ignored
+/// whole, as an invalid string is).
 fn detect_default() -> Features {
+    let detected = Features::detect();
     #[cfg(all(feature = "std", target_os = "linux"))]
-    if let Some(o) = env::overrides() {
-        return Features::detect().with_overrides(&o);
+    if let Some(o) = env::overrides()
+        && o.unverified(&detected).is_none()
+    {
+        return detected.with_overrides(&o);
     }
-    Features::detect()
+    detected
 }
 
 /// In a forked child: a thread of the parent that was writing the snapshot
