@@ -35,6 +35,29 @@
 ///
 /// Declare ifuncs at module level: the generated module refers to the
 /// resolver through `super::`, which cannot see items local to a function.
+///
+/// The generated stub and lazy path add no lint of their own to the
+/// user's code, whatever the argument types (the user's own `extern "C"`
+/// definitions and function-pointer types are the user's to allow):
+///
+/// ```
+/// #![deny(warnings)]
+/// use altpatch::cpu::Features;
+/// #[allow(improper_ctypes_definitions)]
+/// extern "C" fn count(s: &str) -> usize {
+///     s.len()
+/// }
+/// #[allow(improper_ctypes_definitions)]
+/// fn pick(_: &Features) -> extern "C" fn(&str) -> usize {
+///     count
+/// }
+/// altpatch::ifunc! {
+///     fn measure(s: &str) -> usize = pick;
+/// }
+/// fn main() {
+///     assert_eq!(measure("four"), 4);
+/// }
+/// ```
 #[macro_export]
 macro_rules! ifunc {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $resolver:path;) => {
@@ -65,6 +88,8 @@ macro_rules! __ifunc {
             /// The stub: a static-call trampoline (`jmp rel32` + `0f b9
             /// cc`), jumping to the lazy resolver until applied. Naked, so
             /// callers reach it with a direct `call`.
+            // The signature is the user's (see `static_call!`).
+            #[allow(improper_ctypes_definitions)]
             #[unsafe(naked)]
             #[unsafe(link_section = ".text.altpatch_ifunc")]
             pub extern "C" fn __altpatch_ifunc_stub($($arg: $ty),*) -> $ret {
@@ -77,6 +102,7 @@ macro_rules! __ifunc {
             }
 
             /// Until the stub is rewritten: resolve once, then call.
+            #[allow(improper_ctypes_definitions)]
             extern "C" fn __lazy($($arg: $ty),*) -> $ret {
                 // SAFETY: the resolver's result has exactly this type (it
                 // is type-checked in `__resolve`).

@@ -37,6 +37,23 @@
 ///     notify(2);
 /// }
 /// ```
+///
+/// The generated trampoline adds no lint of its own to the user's code,
+/// whatever the argument types (the target's definition is the user's):
+///
+/// ```
+/// #![deny(warnings)]
+/// #[allow(improper_ctypes_definitions)]
+/// extern "C" fn count(s: &str) -> usize {
+///     s.len()
+/// }
+/// altpatch::static_call! {
+///     fn measure(s: &str) -> usize = count;
+/// }
+/// fn main() {
+///     assert_eq!(measure("four"), 4);
+/// }
+/// ```
 #[macro_export]
 macro_rules! static_call {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $default:path;) => {
@@ -68,6 +85,9 @@ macro_rules! __static_call {
             /// `0f b9 cc` signature. A naked Rust function, so callers in
             /// the program reach it with a direct `call` (an `extern`
             /// declaration would be called through the GOT).
+            // The signature is the user's: whether its types suit C is the
+            // user's `extern "C"` target's concern (and lint), not ours.
+            #[allow(improper_ctypes_definitions)]
             #[unsafe(naked)]
             #[unsafe(link_section = ".text.altpatch_sc_tramp")]
             pub extern "C" fn __altpatch_sc_tramp($($arg: $ty),*) -> $ret {
