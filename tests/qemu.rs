@@ -472,31 +472,37 @@ fn exceptions_are_reported_and_end_qemu_with_the_vector() {
     let Some(q) = qemu() else { return };
     // `isa-debug-exit` status for kernel exit value 0x20 + vector.
     let status = |vector: i32| ((0x20 + vector) << 1) | 1;
-    let b = boot_within(&q, "Nehalem", "fault=ud", Duration::from_secs(60));
-    assert!(
-        b.line("altpatch kernel: EXCEPTION")
-            .starts_with("altpatch kernel: EXCEPTION 6 (#UD invalid opcode) error 0x0 rip 0x"),
-        "{}",
-        b.serial
-    );
-    assert_eq!(b.status, status(6), "{}", b.serial);
-    let b = boot_within(&q, "Nehalem", "fault=pf", Duration::from_secs(60));
-    let l = b.line("altpatch kernel: EXCEPTION");
-    // A read of an unmapped address: not-present, read, supervisor.
-    assert!(
-        l.starts_with("altpatch kernel: EXCEPTION 14 (#PF page fault) error 0x0 "),
-        "{l}"
-    );
-    assert!(l.contains(" cr2 0x4000000000 "), "{l}");
-    assert_eq!(b.status, status(14), "{}", b.serial);
-    let b = boot_within(&q, "Nehalem", "fault=de", Duration::from_secs(60));
-    assert!(
-        b.line("altpatch kernel: EXCEPTION")
-            .contains("EXCEPTION 0 (#DE divide error)"),
-        "{}",
-        b.serial
-    );
-    assert_eq!(b.status, status(0), "{}", b.serial);
+    // (fault, how the report line starts, what else it holds, vector)
+    let cases = [
+        (
+            "ud",
+            "EXCEPTION 6 (#UD invalid opcode) error 0x0 rip 0x",
+            "",
+            6,
+        ),
+        // A read of an unmapped address: not-present, read, supervisor.
+        (
+            "pf",
+            "EXCEPTION 14 (#PF page fault) error 0x0 ",
+            " cr2 0x4000000000 ",
+            14,
+        ),
+        ("de", "EXCEPTION 0 (#DE divide error) error 0x0 ", "", 0),
+    ];
+    for (fault, starts, holds, vector) in cases {
+        let b = boot_within(
+            &q,
+            "Nehalem",
+            &format!("fault={fault}"),
+            Duration::from_secs(60),
+        );
+        let l = b.line("altpatch kernel: EXCEPTION");
+        assert!(
+            l.starts_with(&format!("altpatch kernel: {starts}")) && l.contains(holds),
+            "fault={fault}: {l}"
+        );
+        assert_eq!(b.status, status(vector), "fault={fault}:\n{}", b.serial);
+    }
 }
 
 #[test]

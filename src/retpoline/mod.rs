@@ -125,7 +125,7 @@ fn plan_sites(
     plan.reserve(sites.len());
     let mut outcomes = Vec::with_capacity(sites.len());
     let mut forms = FormCache::new(mode);
-    let own = thunk_array()..thunk_array() + THUNK_SLOT * 16;
+    let own = thunks::own_thunks();
     for s in sites {
         match s.kind {
             SiteKind::IndirectThunk(Reg::Rsp) => return Err(Error::RspSite { site: s.addr }),
@@ -149,8 +149,8 @@ fn plan_sites(
             Some(Err(why)) => (original.clone(), Outcome::Refused(why)),
             // A return thunk that is itself a return retpoline (GCC's local
             // one, `-mfunction-return=thunk`) is a mitigation only `plain`
-            // may drop; this crate's (and the program's, reached through a
-            // PLT) is a bare `ret`.
+            // may drop; this crate's (in `own`: no read needed) and the
+            // program's, reached through a PLT, are a bare `ret`.
             None if s.kind == SiteKind::ReturnThunk
                 && mode != Mode::Plain
                 && foreign
@@ -227,8 +227,7 @@ fn plan_compiled_thunks(
     mode: Mode,
     plan: &mut Plan,
 ) -> Vec<CompiledThunk> {
-    let own = thunk_array()..thunk_array() + THUNK_SLOT * 16;
-    let (found, unknown) = local::find(image, sites, own);
+    let (found, unknown) = local::find(image, sites, thunks::own_thunks());
     let mut out = Vec::with_capacity(found.len() + unknown.len());
     for t in found {
         // SAFETY: `local::find` checked the whole body is in the image's

@@ -108,6 +108,12 @@ pub fn thunk(reg: Reg) -> Option<usize> {
     (reg != Reg::Rsp).then(|| thunk_array() + reg as usize * THUNK_SLOT)
 }
 
+/// This crate's thunks, the array and the return thunk after it: a site
+/// reaching into this range reaches one of ours.
+pub(super) fn own_thunks() -> core::ops::Range<usize> {
+    thunk_array()..return_thunk() + 1
+}
+
 /// The address of `__x86_return_thunk` (see [`thunk_array`]).
 pub fn return_thunk() -> usize {
     (&raw const __x86_return_thunk) as usize

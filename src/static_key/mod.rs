@@ -31,7 +31,7 @@
 mod index;
 
 use core::fmt;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::sync::UpdateLock;
 
@@ -96,9 +96,10 @@ impl fmt::Debug for Record {
 /// image through any [`TextPoke`] (`no_std`).
 #[repr(C, align(8))]
 pub struct StaticKey<const INITIAL: bool> {
-    enabled: AtomicBool,
-    busy: UpdateLock,
+    /// The reference count, the key's only state: enabled while positive.
+    /// Changed under `busy`, stored after the sites follow it.
     count: AtomicUsize,
+    busy: UpdateLock,
 }
 
 /// A key that starts disabled.
@@ -164,9 +165,8 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     /// A key in its initial state.
     pub const fn new() -> Self {
         StaticKey {
-            enabled: AtomicBool::new(INITIAL),
-            busy: UpdateLock::new(),
             count: AtomicUsize::new(INITIAL as usize),
+            busy: UpdateLock::new(),
         }
     }
 
@@ -178,7 +178,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     /// Whether the key is enabled now (a load; the branch macros do not
     /// read it).
     pub fn is_enabled(&self) -> bool {
-        self.enabled.load(Ordering::Acquire)
+        self.count.load(Ordering::Acquire) != 0
     }
 
     /// The key's address, as recorded at its sites.
@@ -225,16 +225,43 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         index: &KeyIndex,
         poke: &mut P,
     ) -> Result<ApplyReport, KeyError> {
-        let n = self.count.load(Ordering::Relaxed);
-        let count = match (enabled, n) {
-            (true, 0) => 1,
-            (true, n) => n,
-            (false, 0 | 1) => 0,
-            (false, count) => return Err(KeyError::Held { count }),
-        };
+        let count = self.count_for(enabled)?;
         // SAFETY: forwarded.
-        let r = unsafe { self.sync_locked(enabled, image, index, poke) }?;
-        self.count.store(count, Ordering::Relaxed);
+        unsafe { self.move_locked(count, true, image, index, poke) }
+    }
+
+    /// The count `enabled` moves the key to (Linux's enable/disable rules).
+    fn count_for(&self, enabled: bool) -> Result<usize, KeyError> {
+        match (enabled, self.count.load(Ordering::Relaxed)) {
+            (true, 0) => Ok(1),
+            (true, n) => Ok(n),
+            (false, 0 | 1) => Ok(0),
+            (false, count) => Err(KeyError::Held { count }),
+        }
+    }
+
+    /// Brings the sites in `image` to the state of `count` if `sync`, then
+    /// stores the count (after the sites, so a reader that sees the state
+    /// sees it written).
+    ///
+    /// # Safety
+    ///
+    /// As for `set_with`; the caller holds `busy`.
+    unsafe fn move_locked<P: TextPoke + ?Sized>(
+        &self,
+        count: usize,
+        sync: bool,
+        image: &Image<'_>,
+        index: &KeyIndex,
+        poke: &mut P,
+    ) -> Result<ApplyReport, KeyError> {
+        let r = if sync {
+            // SAFETY: forwarded.
+            unsafe { self.sync_locked(count != 0, image, index, poke) }?
+        } else {
+            ApplyReport::default()
+        };
+        self.count.store(count, Ordering::Release);
         Ok(r)
     }
 
@@ -257,7 +284,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     }
 
     /// Writes `enabled`'s form at every site of the key in `image` that is
-    /// not in it yet, then publishes the state.
+    /// not in it yet.
     ///
     /// # Safety
     ///
@@ -289,9 +316,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
             plan.push(edit);
         }
         // SAFETY: forwarded from our caller.
-        let report = unsafe { plan.apply(poke) }?;
-        self.enabled.store(enabled, Ordering::Release);
-        Ok(report)
+        Ok(unsafe { plan.apply(poke) }?)
     }
 
     /// Reference-counted enable (Linux's `static_key_slow_inc`): the key is
@@ -309,14 +334,8 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     ) -> Result<ApplyReport, KeyError> {
         let _busy = self.busy.lock();
         let n = self.count.load(Ordering::Relaxed);
-        let r = if n == 0 {
-            // SAFETY: forwarded.
-            unsafe { self.sync_locked(true, image, index, poke) }?
-        } else {
-            ApplyReport::default()
-        };
-        self.count.store(n + 1, Ordering::Relaxed);
-        Ok(r)
+        // SAFETY: forwarded.
+        unsafe { self.move_locked(n + 1, n == 0, image, index, poke) }
     }
 
     /// Reference-counted disable (`static_key_slow_dec`): disables the key
@@ -337,14 +356,8 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         if n == 0 {
             return Err(KeyError::NotHeld);
         }
-        let r = if n == 1 {
-            // SAFETY: forwarded.
-            unsafe { self.sync_locked(false, image, index, poke) }?
-        } else {
-            ApplyReport::default()
-        };
-        self.count.store(n - 1, Ordering::Relaxed);
-        Ok(r)
+        // SAFETY: forwarded.
+        unsafe { self.move_locked(n - 1, n == 1, image, index, poke) }
     }
 
     /// The reference count: 0 when disabled; `enable` counts as one.

@@ -60,13 +60,13 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     /// makes no system call.
     pub fn set(&self, enabled: bool) -> Result<ApplyReport, KeyError> {
         let _busy = self.busy.lock();
-        let n = self.count.load(core::sync::atomic::Ordering::Relaxed);
-        if enabled && n > 0 || !enabled && n == 0 {
+        let count = self.count_for(enabled)?;
+        if count == self.count() {
             return Ok(ApplyReport::default());
         }
         let (image, index) = current();
         // SAFETY: as in `toggle`.
-        unsafe { self.set_locked(enabled, image, index, &mut poke()?) }
+        unsafe { self.move_locked(count, true, image, index, &mut poke()?) }
     }
 
     /// Reference-counted enable in the running program.
