@@ -1,15 +1,19 @@
 //! A hot loop of big-endian loads, four ways, in one run:
 //!
-//! * `patched`: an `alternative!` site (mov+bswap, movbe where the CPU has
-//!   it), patched at start-up;
-//! * `direct`: the same instruction (`movbe`, or mov+bswap without it)
-//!   compiled directly;
+//! * `patched`: the whole loop is one `alternative!` site (mov+bswap,
+//!   `movbe` where the CPU has it), patched at start-up;
+//! * `direct`: the same loop with `movbe` (or mov+bswap without it)
+//!   assembled directly;
 //! * `runtime_check`: `is_x86_feature_detected!("movbe")` tested at every
-//!   load, branching to either sequence;
+//!   load, branching to either sequence (compiled Rust);
 //! * `fn_pointer`: a function chosen once at start-up, called through a
-//!   pointer.
+//!   pointer per load (compiled Rust).
 //!
-//! After the run a table of ratios against `direct` is printed.
+//! `patched` and `direct` are measured with their loop head at three
+//! placements in a 64-byte block (+0, +16, +32), and after patching they
+//! are checked to be the same instructions. Ratios are paired against
+//! `direct` at the same placement; instructions per load are counted with
+//! callgrind when valgrind is installed.
 
 use std::hint::black_box;
 use std::sync::OnceLock;
@@ -20,24 +24,69 @@ use criterion::{Criterion, criterion_group};
 
 #[path = "support/estimates.rs"]
 mod estimates;
-use estimates::mean_ns;
+#[macro_use]
+#[path = "support/aligned.rs"]
+mod aligned;
+use aligned::{N, OFFSETS, Placement, Row, Shape};
 
-const N: usize = 4096;
+/// A loop over `xs`, summing their big-endian values.
+type Sum = fn(&[u32]) -> u32;
 
-#[inline(always)]
-fn load_patched(p: &u32) -> u32 {
-    let v: u32;
-    // SAFETY: reads the u32 behind a valid reference.
-    unsafe {
-        alternative!(
-            "mov {v:e}, [{p}]\nbswap {v:e}",
-            [Movbe => "movbe {v:e}, [{p}]"],
-            p = in(reg) p, v = out(reg) v,
-            options(nostack, readonly, preserves_flags)
-        )
+/// `$patched` (the loop as an `alternative!` site) and `$direct` (the
+/// `movbe` loop), their heads `$off` bytes into a 64-byte block. The
+/// padding asm also zeroes the sum, so the compiler has nothing to put
+/// between the padding and the loop.
+macro_rules! loops_at {
+    ($patched:ident, $direct:ident, $off:literal) => {
+        #[inline(never)]
+        fn $patched(xs: &[u32]) -> u32 {
+            assert!(!xs.is_empty());
+            let s0: u32;
+            let s: u32;
+            // SAFETY: the first asm only zeroes %eax and pads with NOPs; the
+            // loop reads `xs.len()` (≥ 1) u32s from `xs` and clobbers only
+            // the declared registers and flags; both sequences compute the
+            // same sum.
+            unsafe {
+                core::arch::asm!(
+                    "xor eax, eax", ".p2align 6", concat!(".skip ", $off, ", 0x90"),
+                    out("eax") s0, options(nomem, nostack)
+                );
+                alternative!(
+                    "2: mov ecx, [rdi]\nbswap ecx\nadd eax, ecx\nadd rdi, 4\ndec rsi\njnz 2b",
+                    [Movbe => "2: movbe ecx, [rdi]\nadd eax, ecx\nadd rdi, 4\ndec rsi\njnz 2b"],
+                    inout("rdi") xs.as_ptr() => _, inout("rsi") xs.len() => _,
+                    inout("eax") s0 => s, out("ecx") _, options(nostack, readonly)
+                )
+            };
+            s
+        }
+
+        #[inline(never)]
+        fn $direct(xs: &[u32]) -> u32 {
+            assert!(!xs.is_empty());
+            let s0: u32;
+            let s: u32;
+            // SAFETY: as for the patched loop; only run where the CPU has
+            // movbe.
+            unsafe {
+                core::arch::asm!(
+                    "xor eax, eax", ".p2align 6", concat!(".skip ", $off, ", 0x90"),
+                    out("eax") s0, options(nomem, nostack)
+                );
+                core::arch::asm!(
+                    "2: movbe ecx, [rdi]\nadd eax, ecx\nadd rdi, 4\ndec rsi\njnz 2b",
+                    inout("rdi") xs.as_ptr() => _, inout("rsi") xs.len() => _,
+                    inout("eax") s0 => s, out("ecx") _, options(nostack, readonly)
+                )
+            };
+            s
+        }
     };
-    v
 }
+loops_at!(patched_0, direct_0, "0");
+loops_at!(patched_16, direct_16, "16");
+loops_at!(patched_32, direct_32, "32");
 
 #[inline(always)]
 fn load_movbe(p: &u32) -> u32 {
@@ -60,21 +109,6 @@ fn load_bswap(p: &u32) -> u32 {
             options(nostack, readonly, preserves_flags))
     };
     v
-}
-
-#[inline(never)]
-fn sum_patched(xs: &[u32]) -> u32 {
-    xs.iter().fold(0u32, |s, x| s.wrapping_add(load_patched(x)))
-}
-
-#[inline(never)]
-fn sum_direct_movbe(xs: &[u32]) -> u32 {
-    xs.iter().fold(0u32, |s, x| s.wrapping_add(load_movbe(x)))
-}
-
-#[inline(never)]
-fn sum_direct_bswap(xs: &[u32]) -> u32 {
-    xs.iter().fold(0u32, |s, x| s.wrapping_add(load_bswap(x)))
 }
 
 #[inline(never)]
@@ -107,55 +141,120 @@ fn sum_fn_pointer(xs: &[u32]) -> u32 {
     xs.iter().fold(0u32, |s, x| s.wrapping_add(f(x)))
 }
 
-fn setup() -> bool {
+fn reference(xs: &[u32]) -> u32 {
+    xs.iter().fold(0u32, |s, x| s.wrapping_add(x.swap_bytes()))
+}
+
+/// The variant `name` at placement `off`.
+fn variant(name: &str, off: usize) -> Sum {
+    match (name, off) {
+        ("direct", 0) => direct_0,
+        ("direct", 16) => direct_16,
+        ("direct", _) => direct_32,
+        ("patched", 0) => patched_0,
+        ("patched", 16) => patched_16,
+        ("patched", _) => patched_32,
+        ("runtime_check", _) => sum_runtime_check,
+        ("fn_pointer", _) => sum_fn_pointer,
+        (other, _) => panic!("unknown variant {other}"),
+    }
+}
+
+const VARIANTS: [(&str, Placement); 4] = [
+    ("direct", Placement::Aligned),
+    ("patched", Placement::Aligned),
+    ("runtime_check", Placement::Uncontrolled),
+    ("fn_pointer", Placement::Uncontrolled),
+];
+
+/// Patches every alternative of this program; `None` (nothing to compare
+/// against: the direct loop needs movbe) without movbe.
+fn setup() -> Option<()> {
     let features = Features::detect();
     let mut poke = LinuxPoke::new().unwrap();
     // SAFETY: nothing runs the bench's alternative sites during start-up.
-    let report = unsafe { altpatch::alternative::apply(&Image::current(), &features, &mut poke) }
+    unsafe { altpatch::alternative::apply(&Image::current(), &features, &mut poke) }
         .expect("apply alternatives");
-    eprintln!("{report}");
     let movbe = features.has(Feature::Movbe);
     CHOSEN.get_or_init(|| if movbe { one_movbe } else { one_bswap });
-    movbe
+    movbe.then_some(())
+}
+
+fn data() -> Vec<u32> {
+    (0..N as u32).map(|i| i.wrapping_mul(0x9e37_79b9)).collect()
+}
+
+/// Results, placement and, after patching, identity with the direct loop.
+fn check(xs: &[u32]) -> String {
+    let want = reference(xs);
+    for (name, placement) in &VARIANTS {
+        for &off in placement.offsets() {
+            assert_eq!(variant(name, off)(xs), want, "{name} at +{off}");
+        }
+    }
+    for off in OFFSETS {
+        let direct = Shape::of("direct", variant("direct", off) as usize);
+        let patched = Shape::of("patched", variant("patched", off) as usize);
+        assert_eq!(direct.head() % 64, off, "direct loop head at +{off}");
+        direct.assert_same_loop(&patched);
+    }
+    "loop shape checked: patched = direct (movbe) at +0, +16, +32 of a 64-byte block".into()
 }
 
 fn bench(c: &mut Criterion) {
-    let movbe = setup();
-    let xs: Vec<u32> = (0..N as u32).map(|i| i.wrapping_mul(0x9e37_79b9)).collect();
-    let expect = sum_direct_bswap(&xs);
-    assert_eq!(sum_patched(&xs), expect);
-    assert_eq!(sum_runtime_check(&xs), expect);
-    assert_eq!(sum_fn_pointer(&xs), expect);
-    let direct: fn(&[u32]) -> u32 = if movbe {
-        assert_eq!(sum_direct_movbe(&xs), expect);
-        sum_direct_movbe
-    } else {
-        sum_direct_bswap
-    };
-
+    let xs = data();
     let mut g = c.benchmark_group("alternatives");
-    g.throughput(criterion::Throughput::Elements(N as u64));
-    g.bench_function("direct", |b| b.iter(|| direct(black_box(&xs))));
-    g.bench_function("patched", |b| b.iter(|| sum_patched(black_box(&xs))));
-    g.bench_function("runtime_check", |b| {
-        b.iter(|| sum_runtime_check(black_box(&xs)))
-    });
-    g.bench_function("fn_pointer", |b| b.iter(|| sum_fn_pointer(black_box(&xs))));
+    g.throughput(criterion::Throughput::Elements(N));
+    g.warm_up_time(std::time::Duration::from_millis(500));
+    g.measurement_time(std::time::Duration::from_secs(2));
+    for (name, placement) in &VARIANTS {
+        for &off in placement.offsets() {
+            let f = variant(name, off);
+            g.bench_function(placement.id(name, off), |b| b.iter(|| f(black_box(&xs))));
+        }
+    }
     g.finish();
 }
 
 criterion_group!(benches, bench);
 
 fn main() {
+    if setup().is_none() {
+        println!("this CPU has no movbe: nothing to compare the patched loop with");
+        return;
+    }
+    let xs = data();
+    if let Some(v) = aligned::count_request() {
+        let f = variant(&v, 0);
+        black_box(f(&xs));
+        println!(
+            "{v}: {}",
+            aligned::counted(&|x| f(black_box(&xs)) as u64 ^ x)
+        );
+        return;
+    }
+    println!("{}", check(&xs));
     benches();
     Criterion::default().configure_from_args().final_summary();
-    let Some(base) = mean_ns("alternatives/direct") else {
-        return;
-    };
-    println!("\n| variant | ns per load | vs direct |\n|---|---:|---:|");
-    for id in ["direct", "patched", "runtime_check", "fn_pointer"] {
-        if let Some(t) = mean_ns(&format!("alternatives/{id}")) {
-            println!("| {id} | {:.3} | {:.3}x |", t / N as f64, t / base);
-        }
-    }
+    let counts = aligned::instructions_per_call(&VARIANTS.map(|(n, _)| n));
+    let rows: Vec<Row> = VARIANTS
+        .into_iter()
+        .zip(counts)
+        .map(|((name, placement), count)| Row {
+            name,
+            ratios: placement
+                .offsets()
+                .iter()
+                .map(|&off| {
+                    let (b, f) = (variant("direct", off), variant(name, off));
+                    aligned::paired_ratio(&|| b(black_box(&xs)) as u64, &|| {
+                        f(black_box(&xs)) as u64
+                    })
+                })
+                .collect(),
+            placement,
+            count,
+        })
+        .collect();
+    aligned::print_table("alternatives", "direct", &rows);
 }

@@ -2,7 +2,13 @@
 //! inline static call, a static call through its trampoline, a function
 //! pointer in an `AtomicPtr`, the `multiversion` crate's dispatch; and a
 //! static branch, an `AtomicBool` check and the `static-keys` crate's
-//! branch. Each variant is a loop of 1000 calls in its own function.
+//! branch.
+//!
+//! Every call variant is a loop of the same shape in assembly
+//! (`support/aligned.rs`: head and call at fixed places in a 64-byte block,
+//! checked before timing) ending in the same target, measured with the
+//! target at three placements; instructions per call are counted with
+//! callgrind when valgrind is installed.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
@@ -13,45 +19,102 @@ use criterion::{Criterion, criterion_group};
 
 #[path = "support/estimates.rs"]
 mod estimates;
-use estimates::mean_ns;
-#[path = "support/steps.rs"]
-mod steps;
-use steps::{N, loop_direct, loop_multiversion, step, step_other};
+#[macro_use]
+#[path = "support/aligned.rs"]
+mod aligned;
+use aligned::{Loop, N, OFFSETS, Placement, Row, Shape, direct, target};
+
+extern "C" fn unused_default(x: u64) -> u64 {
+    x ^ 0x5a
+}
 
 static_call! {
-    fn sc_inline(x: u64) -> u64 = step_other;
+    fn sc_inline(x: u64) -> u64 = unused_default;
 }
 static_call! {
-    fn sc_tramp(x: u64) -> u64 = step_other;
+    fn sc_tramp(x: u64) -> u64 = unused_default;
 }
 
-static PTR: AtomicPtr<()> = AtomicPtr::new(step as *mut ());
+/// The pointer the `fn_pointer` loop calls through (`call *PTR(%rip)`,
+/// what a load of an `AtomicPtr` and an indirect call compile to).
+static PTR: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());
 
-#[inline(never)]
-fn loop_inline(mut x: u64) -> u64 {
-    for _ in 0..N {
-        x = sc_inline(x);
-    }
-    x
+core::arch::global_asm!(
+    call_loop!("calls_static_call_inline", "call {inline}"),
+    call_loop!("calls_static_call_trampoline", "call {tramp}"),
+    call_loop!("calls_fn_pointer", "call *{ptr}(%rip)"),
+    call_loop!("calls_multiversion", "call {mv}"),
+    inline = sym sc_inline::__altpatch_sc_tramp,
+    tramp = sym sc_tramp::__altpatch_sc_tramp,
+    ptr = sym PTR,
+    mv = sym aligned::multiversion_step,
+    options(att_syntax)
+);
+
+unsafe extern "C" {
+    fn calls_static_call_inline(x: u64, n: u64) -> u64;
+    fn calls_static_call_trampoline(x: u64, n: u64) -> u64;
+    fn calls_fn_pointer(x: u64, n: u64) -> u64;
+    fn calls_multiversion(x: u64, n: u64) -> u64;
 }
 
-#[inline(never)]
-fn loop_trampoline(mut x: u64) -> u64 {
-    for _ in 0..N {
-        x = sc_tramp(x);
+/// Points the variant `name` at the target `off` bytes into its block and
+/// returns its loop.
+fn prepare(name: &str, off: usize) -> Loop {
+    let t = target(off);
+    match name {
+        "direct" => direct(off),
+        "static_call_inline" => {
+            // The trampoline and every call site now call the target.
+            let r = sc_inline::update(t).expect("inline update");
+            assert!(r.inlined >= 1, "no inline site: link with --emit-relocs");
+            calls_static_call_inline
+        }
+        "static_call_trampoline" => {
+            let image = Image::current();
+            let mut poke = LinuxPoke::new().expect("poke");
+            // SAFETY: nothing runs sc_tramp during set-up; no site is
+            // passed, so only the trampoline changes.
+            unsafe { sc_tramp::update_with(t, &image, &[], &mut poke) }.expect("trampoline");
+            calls_static_call_trampoline
+        }
+        "fn_pointer" => {
+            PTR.store(t as *mut (), Ordering::Release);
+            calls_fn_pointer
+        }
+        "multiversion" => calls_multiversion,
+        other => panic!("unknown variant {other}"),
     }
-    x
 }
 
-#[inline(never)]
-fn loop_atomic_ptr(mut x: u64) -> u64 {
-    for _ in 0..N {
-        // SAFETY: PTR always holds `step`, an extern "C" fn(u64) -> u64.
-        let f: extern "C" fn(u64) -> u64 =
-            unsafe { std::mem::transmute(PTR.load(Ordering::Acquire)) };
-        x = f(x);
+/// The call variants, and whether the target's placement is ours.
+const CALLS: [(&str, Placement); 5] = [
+    ("direct", Placement::Aligned),
+    ("static_call_inline", Placement::Aligned),
+    ("static_call_trampoline", Placement::Aligned),
+    ("fn_pointer", Placement::Aligned),
+    // The crate's own clone and dispatcher, placed by the compiler.
+    ("multiversion", Placement::Uncontrolled),
+];
+
+/// Checks results and loop shapes at every placement.
+fn check() -> String {
+    let want = aligned::expected();
+    let mut line = String::new();
+    for off in OFFSETS {
+        let base = Shape::of("direct", direct(off) as usize);
+        let mut others = Vec::new();
+        for (name, _) in &CALLS {
+            let f = prepare(name, off);
+            assert_eq!(aligned::run(f), want, "{name} at +{off}");
+            others.push(Shape::of(name, f as usize));
+        }
+        let patched = &others[1];
+        // After patching, the inline site *is* the direct loop's call.
+        base.assert_same(patched);
+        line = aligned::check_loops(&base, &others.iter().collect::<Vec<_>>());
     }
-    x
+    line
 }
 
 static KEY: StaticFalseKey = StaticFalseKey::new();
@@ -63,120 +126,158 @@ fn slow(x: u64) -> u64 {
     black_box(x ^ 0x55)
 }
 
+/// NOPs up to the next 64-byte block: what follows (the loop set-up, then
+/// the loop) starts at the same place in every branch loop.
+#[inline(always)]
+fn block_start() {
+    // SAFETY: only padding; no register, memory or flag changes.
+    unsafe { core::arch::asm!(".p2align 6", options(nomem, nostack, preserves_flags)) };
+}
+
 #[inline(never)]
 fn loop_static_branch(mut x: u64) -> u64 {
+    block_start();
     for _ in 0..N {
         if static_branch_unlikely!(KEY) {
             x = slow(x);
         }
-        x = x.wrapping_add(black_box(1));
+        x = aligned::reference(x);
     }
     x
 }
 
 #[inline(never)]
 fn loop_atomic_bool(mut x: u64) -> u64 {
+    block_start();
     for _ in 0..N {
         if FLAG.load(Ordering::Relaxed) {
             x = slow(x);
         }
-        x = x.wrapping_add(black_box(1));
+        x = aligned::reference(x);
     }
     x
 }
 
 #[inline(never)]
 fn loop_static_keys_crate(mut x: u64) -> u64 {
+    block_start();
     for _ in 0..N {
         if static_keys::static_branch_unlikely!(SK) {
             x = slow(x);
         }
-        x = x.wrapping_add(black_box(1));
+        x = aligned::reference(x);
     }
     x
 }
 
-fn setup() {
-    static_keys::global_init();
-    // Inline: the trampoline and every call site now call `step` directly.
-    let r = sc_inline::update(step).expect("inline update");
-    assert!(
-        r.inlined >= 1,
-        "no inline site: is the bench linked with --emit-relocs?"
-    );
-    // Through the trampoline only.
-    let image = Image::current();
-    let mut poke = LinuxPoke::new().unwrap();
-    // SAFETY: nothing runs sc_tramp during set-up.
-    unsafe { sc_tramp::update_with(step, &image, &[], &mut poke) }.unwrap();
-    let want = loop_direct(1);
-    assert_eq!(loop_inline(1), want);
-    assert_eq!(loop_trampoline(1), want);
-    assert_eq!(loop_atomic_ptr(1), want);
-    assert_eq!(loop_multiversion(1), want);
-}
+/// The branch variants (compiled Rust loops: their placement is the
+/// compiler's).
+/// A compiled loop of `N` checks.
+type BranchLoop = fn(u64) -> u64;
+
+const BRANCHES: [(&str, BranchLoop); 3] = [
+    ("static_branch", loop_static_branch),
+    ("atomic_bool", loop_atomic_bool),
+    ("static_keys_crate", loop_static_keys_crate),
+];
 
 fn bench(c: &mut Criterion) {
-    setup();
     let mut g = c.benchmark_group("calls");
     g.throughput(criterion::Throughput::Elements(N));
-    g.bench_function("direct", |b| b.iter(|| loop_direct(black_box(1))));
-    g.bench_function("static_call_inline", |b| {
-        b.iter(|| loop_inline(black_box(1)))
-    });
-    g.bench_function("static_call_trampoline", |b| {
-        b.iter(|| loop_trampoline(black_box(1)))
-    });
-    g.bench_function("atomic_fn_pointer", |b| {
-        b.iter(|| loop_atomic_ptr(black_box(1)))
-    });
-    g.bench_function("multiversion", |b| {
-        b.iter(|| loop_multiversion(black_box(1)))
-    });
+    g.warm_up_time(std::time::Duration::from_millis(500));
+    g.measurement_time(std::time::Duration::from_secs(2));
+    for (name, placement) in &CALLS {
+        for &off in placement.offsets() {
+            let f = prepare(name, off);
+            g.bench_function(placement.id(name, off), |b| b.iter(|| aligned::run(f)));
+        }
+    }
     g.finish();
     let mut g = c.benchmark_group("branches");
     g.throughput(criterion::Throughput::Elements(N));
-    g.bench_function("static_branch", |b| {
-        b.iter(|| loop_static_branch(black_box(1)))
-    });
-    g.bench_function("atomic_bool", |b| b.iter(|| loop_atomic_bool(black_box(1))));
-    g.bench_function("static_keys_crate", |b| {
-        b.iter(|| loop_static_keys_crate(black_box(1)))
-    });
+    g.warm_up_time(std::time::Duration::from_millis(500));
+    g.measurement_time(std::time::Duration::from_secs(2));
+    for (name, f) in BRANCHES {
+        g.bench_function(Placement::Uncontrolled.id(name, 0), |b| {
+            b.iter(|| f(black_box(1)))
+        });
+    }
     g.finish();
 }
 
 criterion_group!(benches, bench);
 
+/// The counting child: one variant, `REPS` loops, nothing else.
+fn count(variant: &str) {
+    let x = if let Some((_, f)) = BRANCHES.iter().find(|(n, _)| *n == variant) {
+        aligned::counted(&|x| f(x))
+    } else {
+        let f = prepare(variant, 0);
+        // Once, after patching (valgrind translates code when first run).
+        aligned::run(f);
+        // SAFETY: as in `aligned::run`.
+        aligned::counted(&|x| unsafe { f(x, N) })
+    };
+    println!("{variant}: {x}");
+}
+
 fn main() {
+    static_keys::global_init();
+    // A flag no code stores is a constant to the compiler: its check would
+    // be folded away (then nothing is measured).
+    FLAG.store(black_box(false), Ordering::Relaxed);
+    if let Some(v) = aligned::count_request() {
+        count(&v);
+        return;
+    }
+    println!("{}", check());
+    for (_, f) in BRANCHES {
+        assert_eq!(f(1), aligned::expected());
+    }
+    let shape = |(name, f): (&str, BranchLoop)| Shape::of(name, f as usize);
+    let [sb, ab, sk] = BRANCHES.map(shape);
+    // The two static branches compile to the same loop, at the same place
+    // in its block as the flag's.
+    sb.assert_same_loop(&sk);
+    assert_eq!(sb.head() % 64, ab.head() % 64, "branch loop heads");
+    println!(
+        "branch loops checked: heads at +{} of a 64-byte block",
+        sb.head() % 64
+    );
     benches();
     Criterion::default().configure_from_args().final_summary();
-    for (group, base, ids) in [
-        (
-            "calls",
-            "direct",
-            &[
-                "direct",
-                "static_call_inline",
-                "static_call_trampoline",
-                "atomic_fn_pointer",
-                "multiversion",
-            ][..],
-        ),
-        (
-            "branches",
-            "atomic_bool",
-            &["static_branch", "atomic_bool", "static_keys_crate"][..],
-        ),
-    ] {
-        let Some(b) = mean_ns(&format!("{group}/{base}")) else {
-            continue;
-        };
-        println!("\n| {group} | ns per call | vs {base} |\n|---|---:|---:|");
-        for id in ids {
-            if let Some(t) = mean_ns(&format!("{group}/{id}")) {
-                println!("| {id} | {:.3} | {:.3}x |", t / N as f64, t / b);
-            }
-        }
-    }
+    let counts = aligned::instructions_per_call(&CALLS.map(|(n, _)| n));
+    let rows: Vec<Row> = CALLS
+        .into_iter()
+        .zip(counts)
+        .map(|((name, placement), count)| Row {
+            name,
+            ratios: placement
+                .offsets()
+                .iter()
+                .map(|&off| {
+                    let (b, f) = (direct(off), prepare(name, off));
+                    aligned::paired_ratio(&|| aligned::run(b), &|| aligned::run(f))
+                })
+                .collect(),
+            placement,
+            count,
+        })
+        .collect();
+    aligned::print_table("calls", "direct", &rows);
+    let counts = aligned::instructions_per_call(&BRANCHES.map(|(n, _)| n));
+    let base = BRANCHES[1].1;
+    let rows: Vec<Row> = BRANCHES
+        .into_iter()
+        .zip(counts)
+        .map(|((name, f), count)| Row {
+            name,
+            placement: Placement::Uncontrolled,
+            ratios: vec![aligned::paired_ratio(&|| base(black_box(1)), &|| {
+                f(black_box(1))
+            })],
+            count,
+        })
+        .collect();
+    aligned::print_table("branches", "atomic_bool", &rows);
 }

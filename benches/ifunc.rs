@@ -3,114 +3,176 @@
 //! `call <impl>`), an `ifunc!` before resolution (the lazy path: stub,
 //! `jmp`, load, indirect jump), a GOT/PLT-style call (`call *slot(%rip)`,
 //! what a dynamically linked program's ifunc calls cost), and the
-//! `multiversion` crate's dispatch. Each variant is a loop of 1000 calls in
-//! its own function.
+//! `multiversion` crate's dispatch.
+//!
+//! Every variant is a loop of the same shape in assembly
+//! (`support/aligned.rs`, checked before timing) whose implementation is
+//! the same target, measured with the target at three placements (an ifunc
+//! per placement: an ifunc resolves once); instructions per call are
+//! counted with callgrind when valgrind is installed.
 
-use std::hint::black_box;
-
-use altpatch::cpu::{Feature, Features};
+use altpatch::cpu::Features;
 use altpatch::{Image, LinuxPoke};
 use criterion::{Criterion, criterion_group};
 
 #[path = "support/estimates.rs"]
 mod estimates;
-use estimates::mean_ns;
-#[path = "support/steps.rs"]
-mod steps;
-use steps::{N, loop_direct, loop_multiversion, step, step_other};
+#[macro_use]
+#[path = "support/aligned.rs"]
+mod aligned;
+use aligned::{Loop, N, OFFSETS, Placement, Row, Shape, Target, direct, target};
 
-fn pick(f: &Features) -> extern "C" fn(u64) -> u64 {
-    // Both candidates compute the same; the choice only has to be made.
-    if f.has(Feature::Sse4_2) {
-        step
-    } else {
-        step_other
-    }
+/// An ifunc resolved in place and one left lazy, both resolving to the
+/// target at `$off`.
+macro_rules! ifuncs_at {
+    ($pick:ident, $resolved:ident, $lazy:ident, $off:literal) => {
+        fn $pick(_: &Features) -> Target {
+            target($off)
+        }
+        altpatch::ifunc! {
+            fn $resolved(x: u64) -> u64 = $pick;
+        }
+        altpatch::ifunc! {
+            fn $lazy(x: u64) -> u64 = $pick;
+        }
+    };
 }
-
-altpatch::ifunc! {
-    fn resolved_step(x: u64) -> u64 = pick;
-}
-
-altpatch::ifunc! {
-    fn lazy_step(x: u64) -> u64 = pick;
-}
+ifuncs_at!(pick_0, resolved_0, lazy_0, 0);
+ifuncs_at!(pick_16, resolved_16, lazy_16, 16);
+ifuncs_at!(pick_32, resolved_32, lazy_32, 32);
 
 /// The GOT slot of a `-fno-plt`-style call.
-#[unsafe(no_mangle)]
-static mut BENCH_GOT_SLOT: usize = 0;
+static mut GOT_SLOT: usize = 0;
 
-#[inline(never)]
-fn loop_resolved(mut x: u64) -> u64 {
-    for _ in 0..N {
-        x = resolved_step(x);
+core::arch::global_asm!(
+    call_loop!("ifunc_resolved_0", "call {r0}"),
+    call_loop!("ifunc_resolved_16", "call {r16}"),
+    call_loop!("ifunc_resolved_32", "call {r32}"),
+    call_loop!("ifunc_lazy_0", "call {l0}"),
+    call_loop!("ifunc_lazy_16", "call {l16}"),
+    call_loop!("ifunc_lazy_32", "call {l32}"),
+    call_loop!("ifunc_got", "call *{slot}(%rip)"),
+    call_loop!("ifunc_multiversion", "call {mv}"),
+    r0 = sym resolved_0::__altpatch_ifunc_stub,
+    r16 = sym resolved_16::__altpatch_ifunc_stub,
+    r32 = sym resolved_32::__altpatch_ifunc_stub,
+    l0 = sym lazy_0::__altpatch_ifunc_stub,
+    l16 = sym lazy_16::__altpatch_ifunc_stub,
+    l32 = sym lazy_32::__altpatch_ifunc_stub,
+    slot = sym GOT_SLOT,
+    mv = sym aligned::multiversion_step,
+    options(att_syntax)
+);
+
+unsafe extern "C" {
+    fn ifunc_resolved_0(x: u64, n: u64) -> u64;
+    fn ifunc_resolved_16(x: u64, n: u64) -> u64;
+    fn ifunc_resolved_32(x: u64, n: u64) -> u64;
+    fn ifunc_lazy_0(x: u64, n: u64) -> u64;
+    fn ifunc_lazy_16(x: u64, n: u64) -> u64;
+    fn ifunc_lazy_32(x: u64, n: u64) -> u64;
+    fn ifunc_got(x: u64, n: u64) -> u64;
+    fn ifunc_multiversion(x: u64, n: u64) -> u64;
+}
+
+/// Resolves (and, for `resolved_*`, applies in place) the variant `name`
+/// at placement `off`; returns its loop.
+fn prepare(name: &str, off: usize) -> Loop {
+    let (resolved, lazy, lp, ll): (
+        &'static altpatch::ifunc::Ifunc,
+        &altpatch::ifunc::Ifunc,
+        Loop,
+        Loop,
+    ) = match off {
+        0 => (
+            &resolved_0::KEY,
+            &lazy_0::KEY,
+            ifunc_resolved_0,
+            ifunc_lazy_0,
+        ),
+        16 => (
+            &resolved_16::KEY,
+            &lazy_16::KEY,
+            ifunc_resolved_16,
+            ifunc_lazy_16,
+        ),
+        _ => (
+            &resolved_32::KEY,
+            &lazy_32::KEY,
+            ifunc_resolved_32,
+            ifunc_lazy_32,
+        ),
+    };
+    match name {
+        "direct" => direct(off),
+        "ifunc_resolved" => {
+            if !resolved.is_applied() {
+                let image = Image::current();
+                let sites = altpatch::elf::current_sites().expect("link with --emit-relocs");
+                let mine = altpatch::ifunc::sites_of(sites, resolved);
+                assert!(!mine.is_empty(), "no call site of the resolved ifunc");
+                let mut poke = LinuxPoke::new().expect("poke");
+                // SAFETY: in place; nothing runs the ifunc during set-up.
+                // Only this ifunc: the lazy ones must stay lazy.
+                let r =
+                    unsafe { resolved.apply_with(&Features::detect(), &image, sites, &mut poke) }
+                        .expect("apply");
+                assert_eq!(r.update.inlined, mine.len());
+            }
+            lp
+        }
+        "ifunc_lazy" => {
+            assert!(!lazy.is_applied());
+            ll
+        }
+        "got_plt_indirect" => {
+            // SAFETY: a plain store while no loop runs.
+            unsafe { GOT_SLOT = target(off) as usize };
+            ifunc_got
+        }
+        "multiversion" => ifunc_multiversion,
+        other => panic!("unknown variant {other}"),
     }
-    x
 }
 
-#[inline(never)]
-fn loop_lazy(mut x: u64) -> u64 {
-    for _ in 0..N {
-        x = lazy_step(x);
-    }
-    x
-}
-
-#[inline(never)]
-fn loop_got(mut x: u64) -> u64 {
-    for _ in 0..N {
-        // SAFETY: the slot holds `step` (set in `setup`); the call follows
-        // the C ABI with its clobbers declared.
-        unsafe {
-            core::arch::asm!(
-                "call qword ptr [rip + BENCH_GOT_SLOT]",
-                inout("rdi") x => _,
-                out("rax") x,
-                clobber_abi("C"),
-            )
-        };
-    }
-    x
-}
-
-fn setup() {
-    let image = Image::current();
-    let sites = altpatch::elf::current_sites().expect("benches link with --emit-relocs");
-    let mine = altpatch::ifunc::sites_of(sites, &resolved_step::KEY);
-    assert!(!mine.is_empty(), "no call site of resolved_step");
-    let mut poke = LinuxPoke::new().unwrap();
-    // SAFETY: in place; nothing runs the ifunc during set-up. Only this
-    // ifunc: `lazy_step` must stay on its lazy path.
-    let r = unsafe { resolved_step::KEY.apply_with(&Features::detect(), &image, sites, &mut poke) }
-        .unwrap();
-    assert_eq!(r.update.inlined, mine.len());
-    // SAFETY: a plain store before any reader.
-    unsafe { BENCH_GOT_SLOT = step as *const () as usize };
-    let want = loop_direct(1);
-    assert_eq!(loop_resolved(1), want);
-    assert_eq!(loop_lazy(1), want);
-    assert!(!lazy_step::KEY.is_applied() && lazy_step::KEY.resolver_runs() == 1);
-    assert_eq!(loop_got(1), want);
-    assert_eq!(loop_multiversion(1), want);
-}
-
-/// A loop of `N` calls.
-type Loop = fn(u64) -> u64;
-
-const VARIANTS: [(&str, Loop); 5] = [
-    ("direct", loop_direct),
-    ("ifunc_resolved", loop_resolved),
-    ("ifunc_lazy", loop_lazy),
-    ("got_plt_indirect", loop_got),
-    ("multiversion", loop_multiversion),
+const VARIANTS: [(&str, Placement); 5] = [
+    ("direct", Placement::Aligned),
+    ("ifunc_resolved", Placement::Aligned),
+    ("ifunc_lazy", Placement::Aligned),
+    ("got_plt_indirect", Placement::Aligned),
+    ("multiversion", Placement::Uncontrolled),
 ];
 
+/// Checks results and loop shapes at every placement.
+fn check() -> String {
+    let want = aligned::expected();
+    let mut line = String::new();
+    for off in OFFSETS {
+        let base = Shape::of("direct", direct(off) as usize);
+        let mut others = Vec::new();
+        for (name, _) in &VARIANTS {
+            let f = prepare(name, off);
+            assert_eq!(aligned::run(f), want, "{name} at +{off}");
+            others.push(Shape::of(name, f as usize));
+        }
+        // Applied, the ifunc's call site *is* the direct loop's call.
+        base.assert_same(&others[1]);
+        line = aligned::check_loops(&base, &others.iter().collect::<Vec<_>>());
+    }
+    assert_eq!(lazy_0::KEY.resolver_runs(), 1);
+    line
+}
+
 fn bench(c: &mut Criterion) {
-    setup();
     let mut g = c.benchmark_group("ifunc");
     g.throughput(criterion::Throughput::Elements(N));
-    for (name, f) in VARIANTS {
-        g.bench_function(name, |b| b.iter(|| f(black_box(1))));
+    g.warm_up_time(std::time::Duration::from_millis(500));
+    g.measurement_time(std::time::Duration::from_secs(2));
+    for (name, placement) in &VARIANTS {
+        for &off in placement.offsets() {
+            let f = prepare(name, off);
+            g.bench_function(placement.id(name, off), |b| b.iter(|| aligned::run(f)));
+        }
     }
     g.finish();
 }
@@ -118,15 +180,35 @@ fn bench(c: &mut Criterion) {
 criterion_group!(benches, bench);
 
 fn main() {
+    if let Some(v) = aligned::count_request() {
+        let f = prepare(&v, 0);
+        // Once, after patching (valgrind translates code when first run);
+        // this also resolves the lazy ifunc.
+        aligned::run(f);
+        // SAFETY: as in `aligned::run`.
+        println!("{v}: {}", aligned::counted(&|x| unsafe { f(x, N) }));
+        return;
+    }
+    println!("{}", check());
     benches();
     Criterion::default().configure_from_args().final_summary();
-    let Some(base) = mean_ns("ifunc/direct") else {
-        return;
-    };
-    println!("\n| ifunc | ns per call | vs direct |\n|---|---:|---:|");
-    for (name, _) in VARIANTS {
-        if let Some(t) = mean_ns(&format!("ifunc/{name}")) {
-            println!("| {name} | {:.3} | {:.3}x |", t / N as f64, t / base);
-        }
-    }
+    let counts = aligned::instructions_per_call(&VARIANTS.map(|(n, _)| n));
+    let rows: Vec<Row> = VARIANTS
+        .into_iter()
+        .zip(counts)
+        .map(|((name, placement), count)| Row {
+            name,
+            ratios: placement
+                .offsets()
+                .iter()
+                .map(|&off| {
+                    let (b, f) = (direct(off), prepare(name, off));
+                    aligned::paired_ratio(&|| aligned::run(b), &|| aligned::run(f))
+                })
+                .collect(),
+            placement,
+            count,
+        })
+        .collect();
+    aligned::print_table("ifunc", "direct", &rows);
 }

@@ -1,12 +1,18 @@
-//! Cost of an indirect call, side by side in one run: a direct call (the
-//! baseline), a plain `call *%r11` (code built without retpolines), the
+//! Cost of an indirect call, side by side in one run: a direct call, a
+//! plain `call *%r11` (code built without retpolines: the baseline), the
 //! generic retpoline thunk, the thunk patched to `jmp *%r11`, the thunk
 //! patched to `lfence; jmp *%r11`, and the call site inlined to
 //! `call *%r11`. Each with one target every time (predictable) and with one
 //! of four targets drawn at random (unpredictable: 64 000 random draws,
-//! 1000 per iteration). Every variant is a loop
-//! of 1000 calls in hand-written assembly (benches/support/retpoline_loops.rs),
-//! patched with `altpatch::retpoline::apply` between the groups.
+//! 1000 per iteration).
+//!
+//! Every variant is a loop of the same shape in hand-written assembly
+//! (benches/support/retpoline_loops.rs: head 64-byte aligned, call at the
+//! same offset, checked before timing), patched with
+//! `altpatch::retpoline::apply` between variants, and measured with its
+//! targets at three placements in their 64-byte blocks. Ratios are paired
+//! against the plain indirect call at the same placement; instructions
+//! per call are counted with callgrind when valgrind is installed.
 
 use std::hint::black_box;
 
@@ -17,9 +23,13 @@ use criterion::{Criterion, criterion_group};
 
 #[path = "support/estimates.rs"]
 mod estimates;
-use estimates::mean_ns;
+#[macro_use]
+#[path = "support/aligned.rs"]
+mod aligned;
+use aligned::{Placement, Row, Shape};
 #[path = "support/retpoline_loops.rs"]
 mod loops;
+use loops::OFFSETS;
 
 const N: usize = 1000;
 /// Windows of `N` indices the iterations cycle through.
@@ -48,45 +58,80 @@ fn set_modes(thunks: Mode, site: Mode) {
     }
 }
 
-/// (name, loop, thunk mode, inline-site mode) in the order they run.
-const VARIANTS: [(&str, loops::Loop, Mode, Mode); 6] = [
-    (
-        "direct",
-        loops::rp_loop_direct,
-        Mode::Generic,
-        Mode::Generic,
-    ),
+/// A variant: its loop (`None`: the direct loop of the placement), thunk
+/// mode, inline-site mode.
+type Variant = (&'static str, Option<loops::Loop>, Mode, Mode);
+
+const VARIANTS: [Variant; 6] = [
+    ("direct", None, Mode::Generic, Mode::Generic),
     (
         "plain_indirect",
-        loops::rp_loop_plain,
+        Some(loops::rp_loop_plain),
         Mode::Generic,
         Mode::Generic,
     ),
     (
         "generic_retpoline",
-        loops::rp_loop_thunk,
+        Some(loops::rp_loop_thunk),
         Mode::Generic,
         Mode::Generic,
     ),
     (
         "thunk_jmp_r11",
-        loops::rp_loop_thunk,
+        Some(loops::rp_loop_thunk),
         Mode::Plain,
         Mode::Generic,
     ),
     (
         "thunk_lfence_jmp_r11",
-        loops::rp_loop_thunk,
+        Some(loops::rp_loop_thunk),
         Mode::Lfence,
         Mode::Generic,
     ),
     (
         "inlined_call_r11",
-        loops::rp_loop_inline,
+        Some(loops::rp_loop_inline),
         Mode::Generic,
         Mode::Plain,
     ),
 ];
+
+/// Sets the modes of `v` and returns its loop at placement `off`.
+fn prepare(v: &Variant, off: usize) -> loops::Loop {
+    set_modes(v.2, v.3);
+    v.1.unwrap_or(loops::direct(off))
+}
+
+/// Results at every placement, and the loop shapes (before patching, when
+/// the inline loop's call is still the thunk call).
+fn check() -> String {
+    set_modes(Mode::Generic, Mode::Generic);
+    let shape = |name, f: loops::Loop| Shape::of(name, f as usize);
+    let base = shape("plain", loops::rp_loop_plain);
+    let others = [
+        shape("direct_0", loops::direct(0)),
+        shape("direct_16", loops::direct(16)),
+        shape("direct_32", loops::direct(32)),
+        shape("thunk", loops::rp_loop_thunk),
+        shape("inline", loops::rp_loop_inline),
+    ];
+    let line = aligned::check_loops(&base, &others.iter().collect::<Vec<_>>());
+    for predictable in [true, false] {
+        let idx = loops::indices(N, predictable);
+        for off in OFFSETS {
+            let want = idx.iter().fold(1, |x, &k| loops::reference(k, x));
+            for v in &VARIANTS {
+                if v.1.is_none() && !predictable {
+                    continue; // the direct loop always calls target 0
+                }
+                let f = prepare(v, off);
+                assert_eq!(loops::run_at(f, off, &idx, 1), want, "{} at +{off}", v.0);
+            }
+        }
+    }
+    set_modes(Mode::Generic, Mode::Generic);
+    line
+}
 
 fn bench(c: &mut Criterion) {
     for (group, predictable) in [("predictable", true), ("unpredictable", false)] {
@@ -96,16 +141,20 @@ fn bench(c: &mut Criterion) {
         let idx = loops::indices(WINDOWS * N, predictable);
         let mut g = c.benchmark_group(format!("retpoline_{group}"));
         g.throughput(criterion::Throughput::Elements(N as u64));
-        for (name, f, thunks, site) in VARIANTS {
-            set_modes(thunks, site);
-            let mut w = 0;
-            // The direct loop ignores the table but makes the same loads.
-            g.bench_function(name, |b| {
-                b.iter(|| {
-                    w = (w + 1) % WINDOWS;
-                    loops::run(f, &idx[w * N..(w + 1) * N], black_box(1))
-                })
-            });
+        g.warm_up_time(std::time::Duration::from_millis(500));
+        g.measurement_time(std::time::Duration::from_secs(2));
+        for v in &VARIANTS {
+            for off in OFFSETS {
+                let f = prepare(v, off);
+                let mut w = 0;
+                // The direct loop ignores the table but makes the same loads.
+                g.bench_function(Placement::Aligned.id(v.0, off), |b| {
+                    b.iter(|| {
+                        w = (w + 1) % WINDOWS;
+                        loops::run_at(f, off, &idx[w * N..(w + 1) * N], black_box(1))
+                    })
+                });
+            }
         }
         g.finish();
     }
@@ -115,39 +164,47 @@ fn bench(c: &mut Criterion) {
 criterion_group!(benches, bench);
 
 fn main() {
-    // Every loop computes the same thing when the target is predictable.
-    let idx = loops::indices(N, true);
-    let want = loops::run(loops::rp_loop_direct, &idx, 1);
-    for (name, f, thunks, site) in VARIANTS {
-        set_modes(thunks, site);
-        assert_eq!(loops::run(f, &idx, 1), want, "{name}");
+    if let Some(name) = aligned::count_request() {
+        let v = VARIANTS.iter().find(|v| v.0 == name).expect("variant");
+        let f = prepare(v, 0);
+        let idx = loops::indices(N, true);
+        black_box(loops::run(f, &idx, 1));
+        println!("{name}: {}", aligned::counted(&|x| loops::run(f, &idx, x)));
+        return;
     }
-    let idx = loops::indices(N, false);
-    let want = loops::run(loops::rp_loop_plain, &idx, 1);
-    for (name, f, thunks, site) in &VARIANTS[1..] {
-        set_modes(*thunks, *site);
-        assert_eq!(loops::run(*f, &idx, 1), want, "{name}");
-    }
+    println!("{}", check());
     benches();
     Criterion::default().configure_from_args().final_summary();
-    for group in ["predictable", "unpredictable"] {
-        let id = |name: &str| format!("retpoline_{group}/{name}");
-        let (Some(direct), Some(plain)) = (mean_ns(&id("direct")), mean_ns(&id("plain_indirect")))
-        else {
-            continue;
-        };
-        println!(
-            "\n| {group} target | ns per call | vs direct | vs plain indirect |\n|---|---:|---:|---:|"
-        );
-        for (name, ..) in VARIANTS {
-            if let Some(t) = mean_ns(&id(name)) {
-                println!(
-                    "| {name} | {:.3} | {:.3}x | {:.3}x |",
-                    t / N as f64,
-                    t / direct,
-                    t / plain
-                );
+    let counts = aligned::instructions_per_call(&VARIANTS.map(|v| v.0));
+    for (group, predictable) in [("predictable", true), ("unpredictable", false)] {
+        let all = loops::indices(WINDOWS * N, predictable);
+        let idx = &all;
+        let timed = |f: loops::Loop, off: usize| {
+            let mut w = 0;
+            move || {
+                w = (w + 1) % WINDOWS;
+                loops::run_at(f, off, &idx[w * N..(w + 1) * N], black_box(1))
             }
-        }
+        };
+        let rows: Vec<Row> = VARIANTS
+            .iter()
+            .zip(&counts)
+            .map(|(v, count)| Row {
+                name: v.0,
+                placement: Placement::Aligned,
+                ratios: OFFSETS
+                    .iter()
+                    .map(|&off| {
+                        let f = prepare(v, off);
+                        let base = std::cell::RefCell::new(timed(loops::rp_loop_plain, off));
+                        let this = std::cell::RefCell::new(timed(f, off));
+                        aligned::paired_ratio(&|| base.borrow_mut()(), &|| this.borrow_mut()())
+                    })
+                    .collect(),
+                count: *count,
+            })
+            .collect();
+        aligned::print_table(&format!("retpoline_{group}"), "plain_indirect", &rows);
     }
+    set_modes(Mode::Generic, Mode::Generic);
 }

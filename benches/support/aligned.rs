@@ -1,0 +1,596 @@
+//! Per-call benchmarks whose ratios measure the mechanism, not the code
+//! layout (included by the per-call benches with `#[macro_use] #[path]`).
+//!
+//! * **One target, placed on purpose.** Every call variant ends in the
+//!   same body, `lea 1(%rdi,%rdi,2), %rax; ret`, of which there are three
+//!   byte-identical copies: at the start of a 64-byte block
+//!   ([`target`]`(0)`), 16 bytes in and 32 bytes in. A variant is measured
+//!   at each of the three and its ratio is taken against the baseline at
+//!   the same placement.
+//! * **One loop shape.** [`call_loop!`] writes a loop in assembly whose head
+//!   starts a 64-byte block and whose call starts 3 bytes into it; variants
+//!   differ only in that call instruction. [`Shape`] decodes the loops at
+//!   run time and proves it before anything is timed.
+//! * **A count beside each time.** [`instructions_per_call`] runs this
+//!   bench again under `valgrind --tool=callgrind` once per variant (when
+//!   valgrind is installed) and counts the instructions of `REPS` loops
+//!   exactly: a patched site that *is* the direct call counts the same.
+#![allow(dead_code)]
+
+use std::fmt::Write as _;
+use std::hint::black_box;
+
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
+
+/// Calls per loop.
+pub const N: u64 = 1000;
+/// Where in its 64-byte block the target starts.
+pub const OFFSETS: [usize; 3] = [0, 16, 32];
+/// Loops run per counted measurement.
+pub const REPS: u64 = 1000;
+/// Set (to a variant's name) in the counting child.
+pub const COUNT_ENV: &str = "ALTPATCH_BENCH_COUNT";
+
+/// A call target.
+pub type Target = extern "C" fn(u64) -> u64;
+/// A loop of `n` calls (`n` ≥ 1) starting from `x`.
+pub type Loop = unsafe extern "C" fn(x: u64, n: u64) -> u64;
+
+/// The body every variant ends in (what `x.wrapping_mul(3) + 1` compiles
+/// to).
+pub fn reference(x: u64) -> u64 {
+    x.wrapping_mul(3).wrapping_add(1)
+}
+
+/// A loop named `$name` around one `$call` (AT&T syntax; may use operands
+/// of the enclosing `global_asm!`): `%rdi` = x, `%rsi` = n ≥ 1; each
+/// iteration moves x to `%rdi`, runs `$call`, takes `%rax` as the new x.
+/// The function and the loop head start 64-byte blocks; the call starts 3
+/// bytes into the head's block.
+#[macro_export]
+macro_rules! call_loop {
+    ($name:literal, $call:literal) => {
+        concat!(
+            ".pushsection .text.bench_loops,\"ax\",@progbits\n",
+            ".balign 64\n",
+            ".globl ",
+            $name,
+            "\n",
+            ".hidden ",
+            $name,
+            "\n",
+            ".type ",
+            $name,
+            ", @function\n",
+            $name,
+            ":\n",
+            // One push re-aligns the stack for the call.
+            "push %rbx\n",
+            "mov %rsi, %rbx\n",
+            "mov %rdi, %rax\n",
+            // Multi-byte NOPs, run once per loop: the head starts a block.
+            ".balign 64\n",
+            "1:\n",
+            "mov %rax, %rdi\n",
+            $call,
+            "\n",
+            "dec %rbx\n",
+            "jnz 1b\n",
+            "pop %rbx\n",
+            "ret\n",
+            ".size ",
+            $name,
+            ", . - ",
+            $name,
+            "\n",
+            ".popsection\n"
+        )
+    };
+}
+
+macro_rules! bench_target {
+    ($name:literal, $skip:literal) => {
+        concat!(
+            ".balign 64\n",
+            ".skip ",
+            $skip,
+            ", 0xcc\n",
+            ".globl ",
+            $name,
+            "\n",
+            ".hidden ",
+            $name,
+            "\n",
+            ".type ",
+            $name,
+            ", @function\n",
+            $name,
+            ":\n",
+            "lea 1(%rdi,%rdi,2), %rax\n",
+            "ret\n",
+            ".size ",
+            $name,
+            ", . - ",
+            $name,
+            "\n",
+        )
+    };
+}
+
+core::arch::global_asm!(
+    ".pushsection .text.bench_targets,\"ax\",@progbits",
+    bench_target!("bench_target_0", "0"),
+    bench_target!("bench_target_16", "16"),
+    bench_target!("bench_target_32", "32"),
+    ".popsection",
+    options(att_syntax)
+);
+
+unsafe extern "C" {
+    fn bench_target_0(x: u64) -> u64;
+    fn bench_target_16(x: u64) -> u64;
+    fn bench_target_32(x: u64) -> u64;
+}
+
+/// The copy of the target `off` bytes into its 64-byte block (`off` one of
+/// [`OFFSETS`]).
+pub fn target(off: usize) -> Target {
+    let f: unsafe extern "C" fn(u64) -> u64 = match off {
+        0 => bench_target_0,
+        16 => bench_target_16,
+        32 => bench_target_32,
+        _ => panic!("no target at +{off}"),
+    };
+    // SAFETY: the copies are `lea; ret` under the C ABI: nothing about
+    // calling them is unsafe, only their declaration as foreign functions.
+    unsafe { std::mem::transmute::<unsafe extern "C" fn(u64) -> u64, Target>(f) }
+}
+
+core::arch::global_asm!(
+    call_loop!("bench_direct_0", "call bench_target_0"),
+    call_loop!("bench_direct_16", "call bench_target_16"),
+    call_loop!("bench_direct_32", "call bench_target_32"),
+    options(att_syntax)
+);
+
+unsafe extern "C" {
+    fn bench_direct_0(x: u64, n: u64) -> u64;
+    fn bench_direct_16(x: u64, n: u64) -> u64;
+    fn bench_direct_32(x: u64, n: u64) -> u64;
+}
+
+/// The baseline: the loop of direct calls of [`target`]`(off)`.
+pub fn direct(off: usize) -> Loop {
+    match off {
+        0 => bench_direct_0,
+        16 => bench_direct_16,
+        32 => bench_direct_32,
+        _ => panic!("no target at +{off}"),
+    }
+}
+
+/// Runs `f` from `x = 1` for `N` calls.
+pub fn run(f: Loop) -> u64 {
+    // SAFETY: `call_loop!` loops take any x and n ≥ 1; their calls reach
+    // targets that follow the C ABI.
+    unsafe { f(black_box(1), N) }
+}
+
+/// The expected result of `N` calls from 1.
+pub fn expected() -> u64 {
+    (0..N).fold(1, |x, _| reference(x))
+}
+
+/// One decoded instruction, position-independent: branch targets inside
+/// the function as offsets from its start, outside it (and RIP-relative
+/// addresses) as absolute addresses, everything else as its bytes.
+#[derive(Clone, Debug)]
+struct Insn {
+    offset: usize,
+    text: String,
+    is_call: bool,
+}
+
+/// A loop function as decoded from memory (up to its first `ret`).
+#[derive(Debug)]
+pub struct Shape {
+    name: String,
+    start: usize,
+    insns: Vec<Insn>,
+    /// Offset of the loop head (the target of the last backward jump).
+    head: usize,
+}
+
+impl Shape {
+    /// Decodes the function at `addr` until its first `ret` (at most 512
+    /// bytes).
+    pub fn of(name: &str, addr: usize) -> Shape {
+        // SAFETY: `addr` is a function of this program: its text is
+        // mapped readable, and 512 bytes from a function's start stay in
+        // the text segment of these benches (their loops are followed by
+        // more code).
+        let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, 512) };
+        let mut d = Decoder::with_ip(64, bytes, addr as u64, DecoderOptions::NONE);
+        let mut raw = Vec::new();
+        let mut ins = Instruction::default();
+        while d.can_decode() {
+            d.decode_out(&mut ins);
+            raw.push(ins);
+            if ins.mnemonic() == Mnemonic::Ret {
+                break;
+            }
+        }
+        let end = raw.last().map_or(addr as u64, |i| i.next_ip());
+        let start = addr as u64;
+        let mut head = 0;
+        let insns = raw
+            .iter()
+            .map(|i| {
+                let offset = (i.ip() - start) as usize;
+                let branch = matches!(i.op0_kind(), OpKind::NearBranch64);
+                let text = if branch {
+                    let t = i.near_branch_target();
+                    if (start..end).contains(&t) {
+                        if t <= i.ip() && !matches!(i.mnemonic(), Mnemonic::Jmp | Mnemonic::Call) {
+                            head = (t - start) as usize;
+                        }
+                        // By instruction, not byte: a longer call moves
+                        // the instructions after it.
+                        let k = raw.iter().position(|j| j.ip() == t);
+                        format!("{:?} to instruction {k:?}", i.mnemonic())
+                    } else {
+                        format!("{:?} {t:#x}", i.mnemonic())
+                    }
+                } else if i.is_ip_rel_memory_operand() {
+                    let regs: Vec<_> = (0..i.op_count()).map(|k| i.op_register(k)).collect();
+                    format!("{:?} [{:#x}] {regs:?}", i.code(), i.ip_rel_memory_address())
+                } else {
+                    let at = offset;
+                    hex(&bytes[at..at + i.len()])
+                };
+                let is_call = i.mnemonic() == Mnemonic::Call;
+                Insn {
+                    offset,
+                    text,
+                    is_call,
+                }
+            })
+            .collect();
+        Shape {
+            name: name.into(),
+            start: addr,
+            insns,
+            head,
+        }
+    }
+
+    /// The loop head's address.
+    pub fn head(&self) -> usize {
+        self.start + self.head
+    }
+
+    /// The address of the (first) call in the loop.
+    pub fn call(&self) -> usize {
+        let i = self
+            .insns
+            .iter()
+            .find(|i| i.is_call && i.offset >= self.head)
+            .unwrap_or_else(|| panic!("{}: no call in its loop", self.name));
+        self.start + i.offset
+    }
+
+    /// Panics unless `self` and `other` are the same instructions in the
+    /// same order except for the loop's call, which must start at the same
+    /// offset (a longer call moves what follows it).
+    pub fn assert_differs_only_in_call(&self, other: &Shape) {
+        self.assert_like(other, true);
+    }
+
+    /// Panics unless `self` and `other` are the same instructions in the
+    /// same order, calls included (a patched site that became the
+    /// baseline's call).
+    pub fn assert_same(&self, other: &Shape) {
+        self.assert_like(other, false);
+    }
+
+    /// As [`Shape::assert_same`], from the loop heads on (compiled
+    /// functions differ before it, in where their panics are).
+    pub fn assert_same_loop(&self, other: &Shape) {
+        let from = |s: &Shape| Shape {
+            name: s.name.clone(),
+            start: s.start + s.head,
+            insns: s
+                .insns
+                .iter()
+                .filter(|i| i.offset >= s.head)
+                .cloned()
+                .collect(),
+            head: 0,
+        };
+        let (a, b) = (from(self), from(other));
+        assert_eq!(
+            self.head, other.head,
+            "{} and {}: loop heads",
+            self.name, other.name
+        );
+        a.assert_like(&b, false);
+    }
+
+    fn assert_like(&self, other: &Shape, except_call: bool) {
+        let listing = |s: &Shape| {
+            s.insns.iter().fold(String::new(), |mut out, i| {
+                let _ = writeln!(out, "  +{:<3} {}", i.offset, i.text);
+                out
+            })
+        };
+        let same_len = self.insns.len() == other.insns.len();
+        let differ: Vec<_> = self
+            .insns
+            .iter()
+            .zip(&other.insns)
+            .filter(|(a, b)| a.text != b.text || a.is_call != b.is_call)
+            .collect();
+        let ok = same_len
+            && self.head == other.head
+            && match differ.as_slice() {
+                [] => true,
+                [(a, b)] => except_call && a.is_call && b.is_call && a.offset == b.offset,
+                _ => false,
+            };
+        assert!(
+            ok,
+            "{} and {} differ in more than {}:\n{}:\n{}{}:\n{}",
+            self.name,
+            other.name,
+            if except_call { "their call" } else { "nothing" },
+            self.name,
+            listing(self),
+            other.name,
+            listing(other)
+        );
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().fold(String::new(), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
+}
+
+/// Checks the layout the loops promise: every head starts a 64-byte
+/// block, every call is as far into it as `base`'s (3 bytes for
+/// [`call_loop!`]), and `others` differ from `base` only in that call.
+/// Returns a line for the bench's output.
+pub fn check_loops(base: &Shape, others: &[&Shape]) -> String {
+    let at = base.call() - base.head();
+    for s in std::iter::once(base).chain(others.iter().copied()) {
+        assert_eq!(
+            s.head() % 64,
+            0,
+            "{}: loop head not 64-byte aligned",
+            s.name
+        );
+        assert_eq!(
+            s.call() - s.head(),
+            at,
+            "{}: call not {at} bytes into the block",
+            s.name
+        );
+        if !std::ptr::eq(s, base) {
+            base.assert_differs_only_in_call(s);
+        }
+    }
+    format!(
+        "loop shape checked: {} loops, head 64-byte aligned, call at +{at}, only the call differs",
+        1 + others.len()
+    )
+}
+
+/// In the counting child: the variant to count, from [`COUNT_ENV`].
+pub fn count_request() -> Option<String> {
+    std::env::var(COUNT_ENV).ok()
+}
+
+/// Runs `f` [`REPS`] times: the function callgrind counts (its name is
+/// what `--toggle-collect` matches).
+#[inline(never)]
+pub fn counted(f: &dyn Fn(u64) -> u64) -> u64 {
+    let mut x = 1;
+    for _ in 0..REPS {
+        x = f(black_box(x));
+    }
+    x
+}
+
+/// Instructions per call of each variant (a loop of `N` calls per
+/// `REPS`), counted by running this executable under callgrind once per
+/// variant with [`COUNT_ENV`] set; `None` everywhere when valgrind is not
+/// installed or `ALTPATCH_BENCH_NO_COUNT` is set.
+pub fn instructions_per_call(variants: &[&str]) -> Vec<Option<f64>> {
+    let none = vec![None; variants.len()];
+    if std::env::var_os("ALTPATCH_BENCH_NO_COUNT").is_some() {
+        return none;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return none;
+    };
+    let dir = std::env::temp_dir();
+    variants
+        .iter()
+        .map(|v| {
+            let out = dir.join(format!(
+                "altpatch-bench-{}-{v}.callgrind",
+                std::process::id()
+            ));
+            let status = std::process::Command::new("valgrind")
+                .arg("--tool=callgrind")
+                .arg(format!("--callgrind-out-file={}", out.display()))
+                .arg("--toggle-collect=*aligned::counted*")
+                .arg(&exe)
+                .env(COUNT_ENV, v)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .ok()?;
+            let text = std::fs::read_to_string(&out).ok();
+            let _ = std::fs::remove_file(&out);
+            if !status.success() {
+                eprintln!("callgrind of {v} failed: {status}");
+                return None;
+            }
+            let total: f64 = text?
+                .lines()
+                .find_map(|l| l.strip_prefix("summary:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            Some(total / (REPS * N) as f64)
+        })
+        .collect()
+}
+
+/// How a row of [`print_table`] was measured.
+pub enum Placement {
+    /// At each of [`OFFSETS`] (bench ids `group/name/<off>`).
+    Aligned,
+    /// Once, where the compiler put it (bench id `group/name/any`).
+    Uncontrolled,
+}
+
+impl Placement {
+    /// The placements measured.
+    pub fn offsets(&self) -> &'static [usize] {
+        match self {
+            Placement::Aligned => &OFFSETS,
+            Placement::Uncontrolled => &[0],
+        }
+    }
+
+    /// The criterion id of `name` at `off`.
+    pub fn id(&self, name: &str, off: usize) -> criterion::BenchmarkId {
+        match self {
+            Placement::Aligned => criterion::BenchmarkId::new(name, off),
+            Placement::Uncontrolled => criterion::BenchmarkId::new(name, "any"),
+        }
+    }
+
+    fn key(&self, off: usize) -> String {
+        match self {
+            Placement::Aligned => off.to_string(),
+            Placement::Uncontrolled => "any".into(),
+        }
+    }
+}
+
+/// Rounds of a paired measurement.
+const ROUNDS: usize = 201;
+/// Loops per timed stretch of a round (~0.2–2 ms).
+const STRETCH: u64 = 200;
+
+/// The median of `time(variant) / time(base)` over [`ROUNDS`] rounds that
+/// each time both, alternating which goes first. On a shared machine the
+/// speed drifts over seconds (neighbours, frequency); criterion times
+/// variants one after another, so a ratio of its means carries that drift.
+/// Interleaving at the millisecond scale cancels it.
+pub fn paired_ratio(base: &dyn Fn() -> u64, variant: &dyn Fn() -> u64) -> f64 {
+    let time = |f: &dyn Fn() -> u64| {
+        let t = std::time::Instant::now();
+        for _ in 0..STRETCH {
+            black_box(f());
+        }
+        t.elapsed().as_secs_f64()
+    };
+    for _ in 0..10 {
+        black_box((base(), variant()));
+    }
+    let mut r: Vec<f64> = (0..ROUNDS)
+        .map(|k| {
+            if k % 2 == 0 {
+                let b = time(base);
+                time(variant) / b
+            } else {
+                let v = time(variant);
+                v / time(base)
+            }
+        })
+        .collect();
+    r.sort_by(f64::total_cmp);
+    r[ROUNDS / 2]
+}
+
+/// One row of [`print_table`].
+pub struct Row {
+    /// The variant (its criterion function name).
+    pub name: &'static str,
+    /// Where its target was.
+    pub placement: Placement,
+    /// [`paired_ratio`] against the baseline at each placement.
+    pub ratios: Vec<f64>,
+    /// [`instructions_per_call`].
+    pub count: Option<f64>,
+}
+
+/// Prints the markdown table of a group: per variant the mean time per
+/// call (criterion) over the placements with its spread, the paired ratio
+/// against the baseline at matched placements (mean and range), and the
+/// instructions per call.
+pub fn print_table(group: &str, base: &str, rows: &[Row]) {
+    println!(
+        "\n| {group} | ns per call | spread over placements | vs {base}, paired (range) | instructions per call |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for row in rows {
+        let times: Vec<f64> = row
+            .placement
+            .offsets()
+            .iter()
+            .filter_map(|o| {
+                crate::estimates::mean_ns(&format!(
+                    "{group}/{}/{}",
+                    row.name,
+                    row.placement.key(*o)
+                ))
+            })
+            .map(|t| t / N as f64)
+            .collect();
+        let Some(t) = mean(&times) else { continue };
+        let spread = match row.placement {
+            Placement::Aligned => format!("{:.3}–{:.3}", min(&times), max(&times)),
+            Placement::Uncontrolled => "not controlled".into(),
+        };
+        let ratio = match mean(&row.ratios) {
+            Some(r) if row.ratios.len() > 1 => {
+                format!("{r:.3}x ({:.3}–{:.3})", min(&row.ratios), max(&row.ratios))
+            }
+            Some(r) => format!("{r:.3}x"),
+            None => "–".into(),
+        };
+        let count = row.count.map_or("–".into(), |c| format!("{c:.3}"));
+        println!("| {} | {t:.3} | {spread} | {ratio} | {count} |", row.name);
+    }
+}
+
+fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
+#[multiversion::multiversion(targets("x86_64+avx2+bmi2", "x86_64+sse4.2"))]
+fn mv_step(x: u64) -> u64 {
+    x.wrapping_mul(3).wrapping_add(1)
+}
+
+/// The `multiversion` crate's dispatch of the reference body, callable
+/// from a [`call_loop!`] (the crate's functions have the Rust ABI; its
+/// dispatcher is inlined here, so this is the dispatch itself).
+pub extern "C" fn multiversion_step(x: u64) -> u64 {
+    mv_step(x)
+}
