@@ -27,7 +27,10 @@ mod estimates;
 #[macro_use]
 #[path = "support/aligned.rs"]
 mod aligned;
-use aligned::{N, OFFSETS, Placement, Row, Shape};
+#[path = "support/shape.rs"]
+mod shape;
+use aligned::{N, OFFSETS, Placement, Row};
+use shape::Shape;
 
 /// A loop over `xs`, summing their big-endian values.
 type Sum = fn(&[u32]) -> u32;

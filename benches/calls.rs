@@ -22,7 +22,10 @@ mod estimates;
 #[macro_use]
 #[path = "support/aligned.rs"]
 mod aligned;
-use aligned::{Loop, N, OFFSETS, Placement, Row, Shape, direct, target};
+#[path = "support/shape.rs"]
+mod shape;
+use aligned::{Loop, N, OFFSETS, Placement, Row, direct, target};
+use shape::Shape;
 
 extern "C" fn unused_default(x: u64) -> u64 {
     x ^ 0x5a
@@ -112,7 +115,7 @@ fn check() -> String {
         let patched = &others[1];
         // After patching, the inline site *is* the direct loop's call.
         base.assert_same(patched);
-        line = aligned::check_loops(&base, &others.iter().collect::<Vec<_>>());
+        line = shape::check_loops(&base, &others.iter().collect::<Vec<_>>());
     }
     line
 }

@@ -20,7 +20,10 @@ mod estimates;
 #[macro_use]
 #[path = "support/aligned.rs"]
 mod aligned;
-use aligned::{Loop, N, OFFSETS, Placement, Row, Shape, Target, direct, target};
+#[path = "support/shape.rs"]
+mod shape;
+use aligned::{Loop, N, OFFSETS, Placement, Row, Target, direct, target};
+use shape::Shape;
 
 /// An ifunc resolved in place and one left lazy, both resolving to the
 /// target at `$off`.
@@ -157,7 +160,7 @@ fn check() -> String {
         }
         // Applied, the ifunc's call site *is* the direct loop's call.
         base.assert_same(&others[1]);
-        line = aligned::check_loops(&base, &others.iter().collect::<Vec<_>>());
+        line = shape::check_loops(&base, &others.iter().collect::<Vec<_>>());
     }
     assert_eq!(lazy_0::KEY.resolver_runs(), 1);
     line

@@ -26,7 +26,10 @@ mod estimates;
 #[macro_use]
 #[path = "support/aligned.rs"]
 mod aligned;
-use aligned::{Placement, Row, Shape};
+#[path = "support/shape.rs"]
+mod shape;
+use aligned::{Placement, Row};
+use shape::Shape;
 #[path = "support/retpoline_loops.rs"]
 mod loops;
 use loops::OFFSETS;
@@ -115,7 +118,7 @@ fn check() -> String {
         shape("thunk", loops::rp_loop_thunk),
         shape("inline", loops::rp_loop_inline),
     ];
-    let line = aligned::check_loops(&base, &others.iter().collect::<Vec<_>>());
+    let line = shape::check_loops(&base, &others.iter().collect::<Vec<_>>());
     for predictable in [true, false] {
         let idx = loops::indices(N, predictable);
         for off in OFFSETS {

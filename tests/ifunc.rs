@@ -498,3 +498,9 @@ fn the_c_header_matches_the_feature_numbers() {
         );
     }
 }
+
+/// Ifunc stubs are static-call trampolines: 8-byte aligned, like them.
+#[test]
+fn stubs_are_8_byte_aligned() {
+    assert_eq!(sum::KEY.stub() % 8, 0, "{:#x}", sum::KEY.stub());
+}

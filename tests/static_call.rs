@@ -276,3 +276,22 @@ fn unexpected_bytes_at_a_site_are_refused() {
     assert_eq!(call_badsite(1), 3);
     assert!(sites.iter().all(|s| s.kind == SiteKind::StaticCall));
 }
+
+/// Every trampoline is 8-byte aligned, so its 8 bytes (`jmp rel32` and
+/// the signature) sit in one 64-byte fetch block and one aligned 8-byte
+/// word: one that straddled two blocks cost calls through it ~25 %
+/// (benches/calls.rs).
+#[test]
+fn trampolines_are_8_byte_aligned() {
+    for key in [
+        &sc_inline::KEY,
+        &sc_outline::KEY,
+        &sc_void::KEY,
+        &sc_badsig::KEY,
+        &sc_badsite::KEY,
+    ] {
+        // (Other tests rewrite these trampolines concurrently: only their
+        // place is checked here.)
+        assert_eq!(key.trampoline() % 8, 0, "{:#x}", key.trampoline());
+    }
+}
