@@ -359,11 +359,11 @@ impl Batch {
         trap::record(&table);
         let pending = core::mem::take(&mut self.pending);
         let writes: Vec<(usize, &[u8])> = pending.iter().map(|(s, b)| (s.addr, &b[..])).collect();
-        let result = trap::with_active(&table, || {
-            let mut first_error = Ok(());
-            // A failed sync does not stop the protocol: finishing it leaves
-            // no int3 behind, and the plan restores the old bytes.
-            let r = live::run_protocol(&writes, |step| match step {
+        let mut first_error = Ok(());
+        // A failed sync does not stop the protocol: finishing it leaves no
+        // int3 behind, and the plan restores the old bytes.
+        let result = live::run_published(trap::slot(), &table, &writes, |step| {
+            match step {
                 // SAFETY: a live site of the batch (checked in `write`); the
                 // protocol keeps every intermediate state safe.
                 Step::Write(addr, bytes) => unsafe { self.in_place(shared, addr, bytes) },
@@ -375,9 +375,9 @@ impl Batch {
                     }
                     Ok(())
                 }
-            });
-            r.and(first_error)
-        });
+            }
+        })
+        .and(first_error);
         drop(writes);
         self.pending = pending;
         result

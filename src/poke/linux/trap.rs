@@ -28,16 +28,16 @@ use core::ptr;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 
 use crate::poke::PokeError;
-use crate::poke::live::{LiveSites, TrapAction, TrapFrame};
+use crate::poke::live::{LiveSites, SlotGuard, TrapAction, TrapFrame, TrapSlot};
 use crate::x86::INT3;
 
-/// The table of the live batch being committed, or null.
-static ACTIVE: AtomicPtr<LiveSites> = AtomicPtr::new(ptr::null_mut());
+/// The table of the live batch being committed (published and retired by
+/// `live::run_published`, the driver kernels use too), and the count of
+/// handlers inside, which also guards `HISTORY`: a handler holds its
+/// `SlotGuard` for its whole look at both tables.
+static ACTIVE: TrapSlot = TrapSlot::new();
 /// Every site ever patched live, sorted (a leaked-until-replaced `Vec`).
 static HISTORY: AtomicPtr<Vec<usize>> = AtomicPtr::new(ptr::null_mut());
-/// Handlers currently between their first and last look at the tables (a
-/// table is freed only when none are).
-static IN_HANDLER: AtomicUsize = AtomicUsize::new(0);
 /// Traps emulated so far (for tests and diagnostics).
 static EMULATED: AtomicUsize = AtomicUsize::new(0);
 /// Whether our handler was installed.
@@ -86,22 +86,21 @@ fn contains(v: &[usize], addr: usize) -> bool {
     v.binary_search(&addr).is_ok()
 }
 
-/// What the handler decided for an `int3` at `addr`.
+/// What the handler decided for an `int3` at `addr`, while `inside`
+/// keeps the tables alive.
 #[inline(always)]
-fn claim(uc: &mut libc::ucontext_t, addr: usize) -> bool {
+fn claim(uc: &mut libc::ucontext_t, addr: usize, inside: &SlotGuard<'_>) -> bool {
     let gregs = &mut uc.uc_mcontext.gregs;
-    let table = ACTIVE.load(Ordering::SeqCst);
-    if !table.is_null() {
+    if let Some(table) = inside.sites() {
         let mut frame = TrapFrame {
             rip: gregs[libc::REG_RIP as usize] as u64,
             rsp: gregs[libc::REG_RSP as usize] as u64,
             rflags: gregs[libc::REG_EFL as usize] as u64,
             regs: GREG.map(|g| gregs[g as usize] as u64),
         };
-        // SAFETY: the table stays alive while IN_HANDLER is non-zero; the
-        // frame is the interrupted thread's, whose stack a real call/ret
-        // would use the same way.
-        if unsafe { (*table).emulate(&mut frame) } == TrapAction::Emulated {
+        // SAFETY: the frame is the interrupted thread's, whose stack a real
+        // call/ret would use the same way.
+        if unsafe { table.emulate(&mut frame) } == TrapAction::Emulated {
             gregs[libc::REG_RIP as usize] = frame.rip as i64;
             gregs[libc::REG_RSP as usize] = frame.rsp as i64;
             EMULATED.fetch_add(1, Ordering::Relaxed);
@@ -109,7 +108,8 @@ fn claim(uc: &mut libc::ucontext_t, addr: usize) -> bool {
         }
     }
     let history = HISTORY.load(Ordering::SeqCst);
-    // SAFETY: as for the table.
+    // SAFETY: `record` frees a replaced history only after waiting for
+    // every handler inside ACTIVE, as this one is.
     if history.is_null() || !contains(unsafe { &*history }, addr) {
         return false;
     }
@@ -133,9 +133,9 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
         // SAFETY: the kernel passes a valid ucontext for SA_SIGINFO handlers.
         let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
         let rip = uc.uc_mcontext.gregs[libc::REG_RIP as usize] as usize;
-        IN_HANDLER.fetch_add(1, Ordering::SeqCst);
-        let ours = claim(uc, rip.wrapping_sub(1));
-        IN_HANDLER.fetch_sub(1, Ordering::SeqCst);
+        let inside = ACTIVE.enter();
+        let ours = claim(uc, rip.wrapping_sub(1), &inside);
+        drop(inside);
         if ours {
             return;
         }
@@ -302,36 +302,21 @@ pub(super) fn record(sites: &LiveSites) {
     merged.dedup();
     let new = alloc::boxed::Box::into_raw(alloc::boxed::Box::new(merged));
     HISTORY.store(new, Ordering::SeqCst);
-    drain();
+    ACTIVE.wait_idle();
     if !old.is_null() {
         // SAFETY: no handler can still hold the old pointer: every one that
-        // loaded it counted itself in IN_HANDLER first, and that is zero.
+        // loaded it counted itself inside ACTIVE first, and none is now.
         drop(unsafe { alloc::boxed::Box::from_raw(old) });
     }
 }
 
-/// Waits until no handler is looking at the tables.
-fn drain() {
-    while IN_HANDLER.load(Ordering::SeqCst) != 0 {
-        std::thread::yield_now();
-    }
-}
-
-/// Makes `table` the one the handler consults, for the duration of `f`,
-/// then waits until no handler still uses it.
-pub(super) fn with_active<R>(table: &LiveSites, f: impl FnOnce() -> R) -> R {
-    ACTIVE.store(
-        table as *const LiveSites as *mut LiveSites,
-        Ordering::SeqCst,
-    );
-    let r = f();
-    ACTIVE.store(ptr::null_mut(), Ordering::SeqCst);
-    drain();
-    r
+/// The slot the handler reads the batch in flight from.
+pub(super) fn slot() -> &'static TrapSlot {
+    &ACTIVE
 }
 
 /// In a forked child: handlers that were running on other threads of the
 /// parent will never finish here.
 pub(super) fn after_fork_in_child() {
-    IN_HANDLER.store(0, Ordering::SeqCst);
+    ACTIVE.reset_after_fork();
 }

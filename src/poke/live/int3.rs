@@ -4,6 +4,7 @@
 use alloc::vec::Vec;
 use core::ops::Range;
 
+use super::table::{TrapSlot, TrapTable, run_published};
 use super::{LiveSite, LiveSites};
 use crate::poke::{PokeError, TextPoke};
 use crate::x86::INT3;
@@ -44,9 +45,11 @@ pub(crate) fn run_protocol(
 ///
 /// Writes are collected until [`commit`](TextPoke::commit), which runs the
 /// three phases as three batches of the inner poke, each followed by its
-/// `sync`. The sites being patched are available from
-/// [`active`](Int3Poke::active) while commit runs, for the embedder's `#BP`
-/// handler (set it up before committing: [`Int3Poke::set_hook`]).
+/// `sync`: three syncs per batch, however many sites (the plan's own
+/// `sync` after the commit adds none). The batch's sites are published to
+/// the embedder's `#BP` handler through the [`TrapTable`] given to
+/// [`set_table`](Int3Poke::set_table) (a [`TrapSlot`] the handler reads)
+/// before the first `int3` and retired after the last sync.
 ///
 /// ```
 /// use altpatch::{DirectPoke, Edit, Expect, Plan, SyncMethod, poke::live::Int3Poke};
@@ -68,8 +71,14 @@ pub struct Int3Poke<P> {
     pages: Vec<Range<usize>>,
     pending: Vec<(usize, alloc::vec::Vec<u8>)>,
     live: LiveSites,
-    hook: Option<fn(Option<&LiveSites>)>,
+    table: Option<&'static dyn TrapTable>,
+    /// Nothing written since the protocol's last sync.
+    synced: bool,
 }
+
+/// Where an `Int3Poke` without a table publishes: no handler reads it (a
+/// single CPU, or the embedder's own mechanism).
+static UNREAD: TrapSlot = TrapSlot::new();
 
 impl<P: TextPoke> Int3Poke<P> {
     /// Wraps `inner`, which must write in place.
@@ -79,15 +88,17 @@ impl<P: TextPoke> Int3Poke<P> {
             pages: Vec::new(),
             pending: Vec::new(),
             live: LiveSites::default(),
-            hook: None,
+            table: None,
+            synced: true,
         }
     }
 
-    /// Registers `hook`, called with the batch's sites just before phase 1
-    /// and with `None` after phase 3's sync: the place to publish the table
-    /// to a `#BP` handler.
-    pub fn set_hook(&mut self, hook: fn(Option<&LiveSites>)) {
-        self.hook = Some(hook);
+    /// Publishes every batch's sites through `table`, which the embedder's
+    /// `#BP` handler reads (typically a `static` [`TrapSlot`] whose
+    /// [`emulate`](TrapSlot::emulate) the handler calls). Without a table,
+    /// no handler learns of the sites: only for a single CPU.
+    pub fn set_table(&mut self, table: &'static dyn TrapTable) {
+        self.table = Some(table);
     }
 
     /// The sites of the batch being committed.
@@ -110,6 +121,7 @@ unsafe impl<P: TextPoke> TextPoke for Int3Poke<P> {
         self.pages.clear();
         self.pages.extend_from_slice(pages);
         self.pending.clear();
+        self.synced = false;
         Ok(())
     }
 
@@ -141,26 +153,26 @@ unsafe impl<P: TextPoke> TextPoke for Int3Poke<P> {
             );
         }
         self.live = LiveSites::new(table);
-        if let Some(h) = self.hook {
-            h(Some(&self.live));
+        if self.pending.is_empty() {
+            return Ok(());
         }
         let sites: Vec<(usize, &[u8])> = self.pending.iter().map(|(a, b)| (*a, &b[..])).collect();
         let pages = &self.pages;
         let inner = &mut self.inner;
-        let result = run_protocol(&sites, |step| match step {
-            Step::Write(addr, bytes) => {
-                inner.begin(pages)?;
-                // SAFETY: inside the batch's pages; the protocol keeps every
-                // intermediate state safe for running threads.
-                unsafe { inner.write(addr, bytes) }?;
-                inner.commit()
+        let result = run_published(self.table.unwrap_or(&UNREAD), &self.live, &sites, |step| {
+            match step {
+                Step::Write(addr, bytes) => {
+                    inner.begin(pages)?;
+                    // SAFETY: inside the batch's pages; the protocol keeps
+                    // every intermediate state safe for running threads.
+                    unsafe { inner.write(addr, bytes) }?;
+                    inner.commit()
+                }
+                Step::Sync => inner.sync(),
             }
-            Step::Sync => inner.sync(),
         });
-        if let Some(h) = self.hook {
-            h(None);
-        }
         self.pending.clear();
+        self.synced = result.is_ok();
         result
     }
 
@@ -169,6 +181,11 @@ unsafe impl<P: TextPoke> TextPoke for Int3Poke<P> {
     }
 
     fn sync(&mut self) -> Result<(), PokeError> {
+        // The protocol ended with a sync and nothing was written since:
+        // another round of IPIs would make no CPU see anything new.
+        if self.synced {
+            return Ok(());
+        }
         self.inner.sync()
     }
 

@@ -21,7 +21,9 @@
 //!
 //! * [`Int3Poke`] runs the protocol over any in-place [`TextPoke`](crate::TextPoke); a kernel
 //!   supplies the sync (IPIs) and, in its `#BP` handler, calls
-//!   [`LiveSites::emulate`] with the trapping context.
+//!   [`TrapSlot::emulate`] with the trapping context: the batch's
+//!   [`LiveSites`] are published there ([`TrapTable`]) for exactly as long
+//!   as a handler may read them.
 //! * In a Linux process, [`LinuxPoke`](super::LinuxPoke) with
 //!   [`Publish::Live`](super::Publish::Live) runs it with
 //!   `membarrier(SYNC_CORE)` and a `SIGTRAP` handler that emulates sites
@@ -29,13 +31,17 @@
 
 mod emulate;
 mod int3;
+mod table;
 
 use core::fmt;
 
 pub use emulate::{LiveSites, TrapAction, TrapFrame};
 pub use int3::Int3Poke;
 #[cfg(all(feature = "std", target_os = "linux"))]
-pub(crate) use int3::{Step, run_protocol};
+pub(crate) use int3::Step;
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) use table::run_published;
+pub use table::{SlotGuard, TrapSlot, TrapTable};
 
 use crate::poke::short_eq;
 use crate::x86::{self, BranchKind, Cond, INT3, Reg};
