@@ -128,15 +128,29 @@ fn three_syncs_per_batch_and_the_table_lives_exactly_as_long_as_the_batch() {
             }
         }
     }
-    // Retired: a trap now is not ours; the text is the new bytes.
-    let mut frame = TrapFrame {
-        rip: (base + 1) as u64,
+    // Retired. A CPU that trapped during the batch but reaches its handler
+    // only now runs the site again (its int3 is gone); a trap anywhere
+    // else is not ours; an int3 a debugger put at one of our sites, with no
+    // batch in flight, is not ours either.
+    let frame_at = |addr: usize| TrapFrame {
+        rip: (addr + 1) as u64,
         rsp: 0,
         rflags: 0,
         regs: [0; 16],
     };
-    // SAFETY: a jmp touches no stack.
+    let mut frame = frame_at(base);
+    // SAFETY: a jmp touches no stack; the text is readable.
+    assert_eq!(unsafe { SLOT.emulate(&mut frame) }, TrapAction::Restarted);
+    assert_eq!(frame.rip as usize, base);
+    let mut frame = frame_at(base + 0x400);
+    // SAFETY: as above.
     assert_eq!(unsafe { SLOT.emulate(&mut frame) }, TrapAction::NotOurs);
+    assert_eq!(frame.rip as usize, base + 0x401);
+    text[16] = 0xcc;
+    let mut frame = frame_at(base + 16);
+    // SAFETY: as above.
+    assert_eq!(unsafe { SLOT.emulate(&mut frame) }, TrapAction::NotOurs);
+    text[16] = 0xe9;
     for i in 0..N {
         assert_eq!(text[i * 16], 0xe9);
         let rel = i32::from_le_bytes(text[i * 16 + 1..i * 16 + 5].try_into().unwrap());

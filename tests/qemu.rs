@@ -88,8 +88,14 @@ fn boot(qemu: &Path, cpu: &str, append: &str) -> Boot {
 
 /// [`boot`] with its own deadline (a boot takes under a second here).
 fn boot_within(qemu: &Path, cpu: &str, append: &str, limit: Duration) -> Boot {
+    boot_with(qemu, cpu, append, &["-accel", "tcg"], limit)
+}
+
+/// [`boot_within`] with other QEMU arguments (the accelerator, `-smp`).
+fn boot_with(qemu: &Path, cpu: &str, append: &str, extra: &[&str], limit: Duration) -> Boot {
     let mut child = Command::new(qemu)
-        .args(["-accel", "tcg", "-cpu", cpu, "-m", "64", "-display", "none"])
+        .args(extra)
+        .args(["-cpu", cpu, "-m", "64", "-display", "none"])
         .args(["-serial", "stdio", "-no-reboot", "-monitor", "none"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
         .arg("-kernel")
@@ -155,6 +161,8 @@ fn assert_patched(b: &Boot) {
     assert_eq!(b.line("answer:"), "answer: before=1 after=2 undone=1");
     assert!(b.line("refused:").contains("site `answer`"), "{}", b.serial);
     assert!(b.serial.contains("altpatch kernel: ok"), "{}", b.serial);
+    // The MADT read on one CPU.
+    assert_eq!(b.line("smp:"), "smp: 1 CPU in the MADT, no APs to start");
     // Boot-time cost, per mechanism and per site, from the TSC.
     for what in [
         "alternatives",
@@ -272,14 +280,15 @@ fn assert_ifuncs(b: &Boot, avx2: bool, movbe: bool) {
         )
     );
     // Two PLT-bound C calls, one through the GOT, one GCC-internal call,
-    // all now direct; the Rust stub's call sites too; one resolver run.
+    // all now direct; the Rust stub's four call sites too (two in main.rs,
+    // two in smp.rs); one resolver run.
     assert_eq!(
         b.line("ifunc sites:"),
-        "ifunc sites: c plt+got rewritten=4 direct to c impl=4 rust direct=2 rust runs=1"
+        "ifunc sites: c plt+got rewritten=4 direct to c impl=4 rust direct=4 rust runs=1"
     );
     assert!(
         b.line("  kernel_ones ->")
-            .contains("(2 sites direct, 0 via the stub")
+            .contains("(4 sites direct, 0 via the stub")
     );
 }
 
@@ -488,6 +497,14 @@ fn exceptions_are_reported_and_end_qemu_with_the_vector() {
             14,
         ),
         ("de", "EXCEPTION 0 (#DE divide error) error 0x0 ", "", 0),
+        // An int3 at no site being patched: the #BP handler claims only
+        // traps at the INT3 protocol's sites.
+        (
+            "bp",
+            "EXCEPTION 3 (#BP breakpoint) not at a site being patched: rip 0x",
+            " cpu 0",
+            3,
+        ),
     ];
     for (fault, starts, holds, vector) in cases {
         let b = boot_within(
@@ -519,5 +536,63 @@ fn a_cpu_without_long_mode_is_told_so() {
         );
         // Exit value 0x12.
         assert_eq!(b.status, 37, "-cpu {model}");
+    }
+}
+
+/// The number after `key=` in `line`.
+fn field(line: &str, key: &str) -> u64 {
+    let at = line
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        + key.len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {key} in {line}"))
+}
+
+/// Live patching across CPUs: four CPUs (one Intel model, one AMD), the
+/// BSP re-targeting a static call and flipping a key 10 000 times through
+/// the INT3 protocol with IPI syncs while three APs run the sites.
+#[test]
+fn four_cpus_run_the_sites_while_the_bsp_patches_them() {
+    let Some(q) = qemu() else { return };
+    for model in ["Nehalem", "EPYC"] {
+        let b = boot_with(
+            &q,
+            model,
+            "",
+            &["-accel", "tcg,thread=multi", "-smp", "4"],
+            Duration::from_secs(240),
+        );
+        assert_eq!(b.status, EXIT_OK, "-cpu {model}:\n{}", b.serial);
+        assert_eq!(
+            b.line("smp:"),
+            "smp: 4 CPUs in the MADT (apic ids 0 1 2 3), 4 online",
+            "-cpu {model}"
+        );
+        let live = b.line("smp live:");
+        assert!(
+            live.starts_with("smp live: 10000 batches (5000 static call re-targets over 1 sites"),
+            "{live}"
+        );
+        // Three IPI rounds per batch, whatever it changes.
+        assert!(
+            live.contains("sync rounds per batch min 3 max 3"),
+            "-cpu {model}: {live}"
+        );
+        assert!(field(live, "traps emulated ") > 0, "{live}");
+        for cpu in 1..4 {
+            let l = b.line(&format!("smp cpu {cpu}:"));
+            assert_eq!(field(l, "wrong="), 0, "-cpu {model}: {l}");
+            assert_eq!(field(l, "stale="), 0, "-cpu {model}: {l}");
+            // Both targets, both key states, and traps emulated on this CPU.
+            for k in ["double=", "triple=", "off=", " on=", "traps="] {
+                assert!(field(l, k) > 0, "-cpu {model}: {k} in {l}");
+            }
+        }
+        assert!(b.serial.contains("smp: ok\n"), "{}", b.serial);
+        assert!(b.serial.contains("altpatch kernel: ok"), "{}", b.serial);
     }
 }

@@ -139,6 +139,9 @@ boot_gdt_ptr:
 
     .section .bss
     .balign 4096
+    /* Global: the APs start on these tables (cpus.rs), and apic.rs maps
+       the local APIC into them. */
+    .globl boot_pml4, boot_pdpt
 boot_pml4: .skip 4096
 boot_pdpt: .skip 4096
 boot_pd: .skip 4096

@@ -151,44 +151,68 @@ struct Idt([u64; 512]);
 
 static mut IDT: Idt = Idt([0; 512]);
 
-/// Fills and loads the IDT. Call once, early, with interrupts disabled.
-pub fn install() {
-    // SAFETY: boot is single-threaded with interrupts disabled, so nothing
-    // else touches IDT; the stubs are in this image's text.
+/// Points `vector` at `handler` through an interrupt gate (interrupts off
+/// in the handler) on interrupt stack `ist` (0: the interrupted stack).
+/// BSP only, before other CPUs load the table.
+pub fn set_gate(vector: u8, handler: usize, ist: u8) {
+    let s = handler as u64;
+    let v = vector as usize;
+    // SAFETY: single-threaded boot (no other CPU runs yet), and a gate is
+    // written whole before any interrupt can use it (interrupts are off).
     unsafe {
         let idt = &raw mut IDT;
-        for (v, &stub) in exception_stubs.iter().enumerate() {
-            let s = stub as u64;
-            // Interrupt gate (type 0xE, present, DPL 0), code selector 0x08.
-            (*idt).0[2 * v] =
-                (s & 0xffff) | (0x08 << 16) | (0x8e << 40) | ((s >> 16) & 0xffff) << 48;
-            (*idt).0[2 * v + 1] = s >> 32;
-        }
-        #[repr(C, packed)]
-        struct Pointer {
-            limit: u16,
-            base: u64,
-        }
-        let p = Pointer {
-            limit: (core::mem::size_of::<Idt>() - 1) as u16,
-            base: (&raw const IDT) as u64,
-        };
-        core::arch::asm!("lidt [{}]", in(reg) &p, options(readonly, nostack, preserves_flags));
+        // Interrupt gate (type 0xE, present, DPL 0), code selector 0x08.
+        (*idt).0[2 * v] = (s & 0xffff)
+            | (0x08 << 16)
+            | ((ist as u64 & 7) << 32)
+            | (0x8e << 40)
+            | ((s >> 16) & 0xffff) << 48;
+        (*idt).0[2 * v + 1] = s >> 32;
     }
 }
 
-/// The deliberate faults `fault=ud|pf|de` on the command line asks for,
+/// Fills the exception gates and loads the IDT. Call once, early, with
+/// interrupts disabled.
+pub fn install() {
+    // SAFETY: the stubs table is initialized data in this image.
+    let stubs: &[usize; 32] = unsafe { &exception_stubs };
+    for (v, &stub) in stubs.iter().enumerate() {
+        set_gate(v as u8, stub, 0);
+    }
+    load();
+}
+
+/// Loads the (shared) IDT on this CPU.
+pub fn load() {
+    #[repr(C, packed)]
+    struct Pointer {
+        limit: u16,
+        base: u64,
+    }
+    let p = Pointer {
+        limit: (core::mem::size_of::<Idt>() - 1) as u16,
+        base: (&raw const IDT) as u64,
+    };
+    // SAFETY: the IDT is static and its gates point at handlers in this
+    // image.
+    unsafe {
+        core::arch::asm!("lidt [{}]", in(reg) &p, options(readonly, nostack, preserves_flags))
+    };
+}
+
+/// The deliberate faults `fault=ud|pf|de|bp` on the command line asks for,
 /// so tests see the report.
 pub fn deliberate(cmdline: &str) {
     for w in cmdline.split_ascii_whitespace() {
         match w.strip_prefix("fault=") {
-            // SAFETY (all three): each faults on purpose; the handler
+            // SAFETY (all four): each faults on purpose; the handler
             // reports and exits, never returning here.
             Some("ud") => unsafe { core::arch::asm!("ud2", options(nomem, nostack)) },
             Some("pf") => unsafe {
                 // Past the 1 GiB the boot page tables map.
                 core::ptr::read_volatile(0x40_0000_0000usize as *const u64);
             },
+            Some("bp") => unsafe { core::arch::asm!("int3", options(nomem, nostack)) },
             Some("de") => unsafe {
                 core::arch::asm!("xor edx, edx", "xor eax, eax", "div eax", out("eax") _, out("edx") _, options(nomem, nostack))
             },

@@ -14,8 +14,14 @@
 //!
 //! The command line (`-append`) may hold `altpatch=<overrides>`,
 //! `dump-cpuid` (print a CPUID dump in altpatch's replay format and stop;
-//! the test fixtures were recorded this way) and `fault=ud|pf|de` (fault on
+//! the test fixtures were recorded this way) and `fault=ud|pf|de|bp` (fault on
 //! purpose: the exception report, see `idt.rs`).
+//!
+//! Booted with more CPUs (`-smp 4 -accel tcg,thread=multi`), it starts
+//! them from the ACPI MADT (`acpi.rs`, `cpus.rs`) and, while they run
+//! through a static call, a static key, an ifunc and an alternative,
+//! re-targets the call and flips the key 10 000 times with the INT3
+//! protocol over IPI syncs (`smp.rs`).
 
 #![no_std]
 #![no_main]
@@ -25,7 +31,11 @@ extern crate alloc;
 mod boot;
 #[macro_use]
 mod support;
+mod acpi;
+mod apic;
+mod cpus;
 mod idt;
+mod smp;
 
 use core::ffi::CStr;
 
@@ -76,7 +86,7 @@ fn answer() -> u32 {
 /// A big-endian load and a marker saying which sequence ran: 1 for
 /// `mov`+`bswap`, 2 for `movbe`.
 #[inline(never)]
-fn load_be_marked(p: &u32) -> (u32, u32) {
+pub(crate) fn load_be_marked(p: &u32) -> (u32, u32) {
     let (v, m): (u32, u32);
     // SAFETY: reads the u32 behind a valid reference; moves an immediate.
     unsafe {
@@ -314,7 +324,7 @@ fn cmdline(info: u32) -> &'static str {
 /// Enables the x87, SSE, AVX and (where complete) AVX-512 state in XCR0, so
 /// the feature snapshot can report AVX as usable: the OS half of the AVX
 /// check that `Features` makes.
-fn enable_xsave() {
+pub(crate) fn enable_xsave() {
     let leaf1 = raw_cpuid_leaf(1, 0);
     if leaf1.2 & (1 << 26) == 0 {
         return; // no XSAVE
@@ -349,7 +359,11 @@ fn raw_cpuid_leaf(leaf: u32, sub: u32) -> (u32, u32, u32, u32) {
 #[unsafe(no_mangle)]
 extern "C" fn kmain(multiboot_info: u32) -> ! {
     support::serial_init();
+    // Per-CPU tables first: the #BP and IPI gates run on IST stacks.
+    cpus::prepare();
+    cpus::load(0);
     idt::install();
+    smp::install_gates();
     enable_xsave();
     let cmdline = cmdline(multiboot_info);
     println!("altpatch kernel: cmdline `{cmdline}`");
@@ -406,6 +420,14 @@ extern "C" fn kmain(multiboot_info: u32) -> ! {
         exit(EXIT_FAILURE);
     }
     if let Err(e) = update_calls_and_keys(&image, &features) {
+        println!("altpatch kernel: FAILED: {e}");
+        exit(EXIT_FAILURE);
+    }
+    let sites: alloc::vec::Vec<altpatch::sites::Site> = match image.embedded_sites() {
+        Ok(Some(t)) => t.iter().collect(),
+        _ => alloc::vec::Vec::new(),
+    };
+    if let Err(e) = smp::run(&image, &features, &sites) {
         println!("altpatch kernel: FAILED: {e}");
         exit(EXIT_FAILURE);
     }

@@ -6,7 +6,7 @@ use core::alloc::{GlobalAlloc, Layout};
 use core::arch::asm;
 use core::cell::UnsafeCell;
 use core::fmt;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 const COM1: u16 = 0x3f8;
 /// QEMU `-device isa-debug-exit,iobase=0xf4`: the process exits with
@@ -107,46 +107,114 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     exit(EXIT_FAILURE)
 }
 
-/// A bump allocator over a static arena; freeing is a no-op (the kernel
-/// allocates a few plans at boot and stops).
-struct Bump {
-    arena: UnsafeCell<[u8; 8 << 20]>,
-    next: AtomicUsize,
+/// The heap: power-of-two size classes from 16 bytes to 1 MiB over a static
+/// arena, each with a free list, behind a spin lock (the SMP test updates
+/// static calls and keys ten thousand times, each update allocating and
+/// freeing its plan). Larger blocks are carved once and never reused.
+/// No interrupt handler allocates, so the lock cannot be re-entered.
+struct Heap {
+    lock: AtomicBool,
+    arena: UnsafeCell<[u8; ARENA]>,
+    /// Bytes of the arena handed out so far.
+    next: UnsafeCell<usize>,
+    /// Head of each class's free list (0: empty); a free block holds the
+    /// next block's address.
+    free: UnsafeCell<[usize; CLASSES]>,
 }
 
-// SAFETY: allocation hands out disjoint ranges via an atomic cursor.
-unsafe impl Sync for Bump {}
+const ARENA: usize = 16 << 20;
+const MIN_CLASS: u32 = 4;
+const CLASSES: usize = 17; // 16 B ..= 1 MiB
 
-// SAFETY: every returned block is inside the arena, aligned as asked, and
-// never handed out twice.
-unsafe impl GlobalAlloc for Bump {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let base = self.arena.get() as usize;
-        let size = 8 << 20;
-        let mut cur = self.next.load(Ordering::Relaxed);
-        loop {
-            let start = (base + cur + layout.align() - 1) & !(layout.align() - 1);
-            let end = start - base + layout.size();
-            if end > size {
-                return core::ptr::null_mut();
-            }
-            match self
-                .next
-                .compare_exchange(cur, end, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return start as *mut u8,
-                Err(now) => cur = now,
-            }
-        }
+// SAFETY: every field behind the UnsafeCells is touched only with `lock`
+// held.
+unsafe impl Sync for Heap {}
+
+impl Heap {
+    fn class(layout: Layout) -> Option<usize> {
+        let size = layout.size().max(layout.align()).max(1 << MIN_CLASS);
+        let c = size.next_power_of_two().trailing_zeros() - MIN_CLASS;
+        ((c as usize) < CLASSES).then_some(c as usize)
     }
 
-    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: Layout) {}
+    fn locked<R>(&self, f: impl FnOnce() -> R) -> R {
+        while self
+            .lock
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+        let r = f();
+        self.lock.store(false, Ordering::Release);
+        r
+    }
+
+    /// Carves `size` bytes aligned to `align` from the arena (lock held).
+    ///
+    /// # Safety
+    ///
+    /// The caller holds the lock.
+    unsafe fn carve(&self, size: usize, align: usize) -> *mut u8 {
+        let base = self.arena.get() as usize;
+        // SAFETY: the lock is held.
+        let next = unsafe { &mut *self.next.get() };
+        let start = (base + *next + align - 1) & !(align - 1);
+        if start + size > base + ARENA {
+            return core::ptr::null_mut();
+        }
+        *next = start + size - base;
+        start as *mut u8
+    }
+}
+
+// SAFETY: blocks come from disjoint parts of the arena (carved once) or
+// from a free list of blocks of exactly that class, which `dealloc` fills
+// only with blocks no longer in use; a class block is aligned to its size,
+// which is at least the layout's alignment.
+unsafe impl GlobalAlloc for Heap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.locked(|| match Heap::class(layout) {
+            Some(c) => {
+                // SAFETY: the lock is held.
+                let free = unsafe { &mut *self.free.get() };
+                if free[c] != 0 {
+                    let block = free[c];
+                    // SAFETY: a free block's first word is the next one.
+                    free[c] = unsafe { (block as *const usize).read() };
+                    return block as *mut u8;
+                }
+                let size = 1usize << (c as u32 + MIN_CLASS);
+                // SAFETY: the lock is held.
+                unsafe { self.carve(size, size) }
+            }
+            // SAFETY: the lock is held.
+            None => unsafe { self.carve(layout.size(), layout.align()) },
+        })
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if let Some(c) = Heap::class(layout) {
+            self.locked(|| {
+                // SAFETY: the lock is held; `ptr` is a block of class `c`
+                // (same layout as allocated) that its owner gave up, at
+                // least 16 bytes long.
+                unsafe {
+                    let free = &mut *self.free.get();
+                    (ptr as *mut usize).write(free[c]);
+                    free[c] = ptr as usize;
+                }
+            })
+        }
+    }
 }
 
 #[global_allocator]
-static ALLOC: Bump = Bump {
-    arena: UnsafeCell::new([0; 8 << 20]),
-    next: AtomicUsize::new(0),
+static ALLOC: Heap = Heap {
+    lock: AtomicBool::new(false),
+    arena: UnsafeCell::new([0; ARENA]),
+    next: UnsafeCell::new(0),
+    free: UnsafeCell::new([0; CLASSES]),
 };
 
 // The compiler lowers copies and comparisons to these; with no libc they

@@ -356,7 +356,6 @@ impl Batch {
         trap::install()?;
         threads::check_can_trap()?;
         let table = LiveSites::new(self.pending.iter().map(|(s, _)| *s).collect());
-        trap::record(&table);
         let pending = core::mem::take(&mut self.pending);
         let writes: Vec<(usize, &[u8])> = pending.iter().map(|(s, b)| (s.addr, &b[..])).collect();
         let mut first_error = Ok(());

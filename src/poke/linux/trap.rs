@@ -12,9 +12,11 @@
 //!   memory that may not be ours;
 //! * that site is in the batch in flight (emulate its new instruction), or
 //!   its `int3` is gone (a batch finished between the trap and this handler:
-//!   run the byte again). A thread may be delayed arbitrarily between its
-//!   trap and its handler, so "a site of some batch" is a table of every
-//!   site ever patched live ([`record`]), not only the current one.
+//!   run the byte again), or an `int3` is there that a batch published
+//!   after the handler first looked put (emulate that batch's). A thread
+//!   may be delayed arbitrarily between its trap and its handler, so "a
+//!   site of some batch" is every site ever patched live, not only the
+//!   current batch's: the [`TrapSlot`] kernels use keeps both.
 //!
 //! Everything else goes to the disposition installed before: its handler
 //! with the original `siginfo` and context (`SA_SIGINFO` or not), the
@@ -23,21 +25,18 @@
 //! program ignore). The handler runs with every signal blocked, so a signal
 //! storm cannot interrupt it.
 
-use alloc::vec::Vec;
 use core::ptr;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::poke::PokeError;
-use crate::poke::live::{LiveSites, SlotGuard, TrapAction, TrapFrame, TrapSlot};
-use crate::x86::INT3;
+use crate::poke::live::{TrapAction, TrapFrame, TrapSlot};
 
-/// The table of the live batch being committed (published and retired by
-/// `live::run_published`, the driver kernels use too), and the count of
-/// handlers inside, which also guards `HISTORY`: a handler holds its
-/// `SlotGuard` for its whole look at both tables.
+/// The table of the live batch being committed and every site ever
+/// patched live (published and retired by `live::run_published`, the
+/// driver kernels use too): a thread may be delayed arbitrarily between its
+/// trap and this handler, so a trap at a site whose batch has ended is
+/// claimed too (and the site run again).
 static ACTIVE: TrapSlot = TrapSlot::new();
-/// Every site ever patched live, sorted (a leaked-until-replaced `Vec`).
-static HISTORY: AtomicPtr<Vec<usize>> = AtomicPtr::new(ptr::null_mut());
 /// Traps emulated so far (for tests and diagnostics).
 static EMULATED: AtomicUsize = AtomicUsize::new(0);
 /// Whether our handler was installed.
@@ -79,49 +78,33 @@ const GREG: [libc::c_int; 16] = [
     libc::REG_R15,
 ];
 
-/// Whether `addr` is in the sorted `v`. (`binary_search` has no panic
-/// path, so no call out of the handler: see `call3`.)
+/// Whether the handler claims the `int3` that trapped (and, if so, the
+/// context now resumes at the emulated or restarted instruction).
 #[inline(always)]
-fn contains(v: &[usize], addr: usize) -> bool {
-    v.binary_search(&addr).is_ok()
-}
-
-/// What the handler decided for an `int3` at `addr`, while `inside`
-/// keeps the tables alive.
-#[inline(always)]
-fn claim(uc: &mut libc::ucontext_t, addr: usize, inside: &SlotGuard<'_>) -> bool {
+fn claim(uc: &mut libc::ucontext_t) -> bool {
     let gregs = &mut uc.uc_mcontext.gregs;
-    if let Some(table) = inside.sites() {
-        let mut frame = TrapFrame {
-            rip: gregs[libc::REG_RIP as usize] as u64,
-            rsp: gregs[libc::REG_RSP as usize] as u64,
-            rflags: gregs[libc::REG_EFL as usize] as u64,
-            regs: GREG.map(|g| gregs[g as usize] as u64),
-        };
-        // SAFETY: the frame is the interrupted thread's, whose stack a real
-        // call/ret would use the same way.
-        if unsafe { table.emulate(&mut frame) } == TrapAction::Emulated {
+    let mut frame = TrapFrame {
+        rip: gregs[libc::REG_RIP as usize] as u64,
+        rsp: gregs[libc::REG_RSP as usize] as u64,
+        rflags: gregs[libc::REG_EFL as usize] as u64,
+        regs: GREG.map(|g| gregs[g as usize] as u64),
+    };
+    // SAFETY: the frame is the interrupted thread's, whose stack a real
+    // call/ret would use the same way; the kernel raised the trap for an
+    // int3 the thread just executed, so its byte is readable.
+    match unsafe { ACTIVE.emulate(&mut frame) } {
+        TrapAction::Emulated => {
             gregs[libc::REG_RIP as usize] = frame.rip as i64;
             gregs[libc::REG_RSP as usize] = frame.rsp as i64;
             EMULATED.fetch_add(1, Ordering::Relaxed);
-            return true;
+            true
         }
+        TrapAction::Restarted => {
+            gregs[libc::REG_RIP as usize] = frame.rip as i64;
+            true
+        }
+        TrapAction::NotOurs => false,
     }
-    let history = HISTORY.load(Ordering::SeqCst);
-    // SAFETY: `record` frees a replaced history only after waiting for
-    // every handler inside ACTIVE, as this one is.
-    if history.is_null() || !contains(unsafe { &*history }, addr) {
-        return false;
-    }
-    // One of our sites, no longer in flight. If its int3 is gone, a batch
-    // completed since this thread trapped: run the site's bytes as they are
-    // now. An int3 still there is not ours (a debugger's, say).
-    // SAFETY: the thread just executed this byte: it is mapped, readable.
-    if unsafe { (addr as *const u8).read_volatile() } == INT3 {
-        return false;
-    }
-    gregs[libc::REG_RIP as usize] = addr as i64;
-    true
 }
 
 // Must contain no indirect-thunk site (see `call3`): tests/retpoline.rs
@@ -132,11 +115,7 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     if code == libc::SI_KERNEL {
         // SAFETY: the kernel passes a valid ucontext for SA_SIGINFO handlers.
         let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
-        let rip = uc.uc_mcontext.gregs[libc::REG_RIP as usize] as usize;
-        let inside = ACTIVE.enter();
-        let ours = claim(uc, rip.wrapping_sub(1), &inside);
-        drop(inside);
-        if ours {
+        if claim(uc) {
             return;
         }
     }
@@ -284,30 +263,6 @@ pub(super) fn install() -> Result<(), PokeError> {
     }
     INSTALLED.store(true, Ordering::Release);
     Ok(())
-}
-
-/// Adds `sites` to the table of every site ever patched live. The caller
-/// holds the process lock (the only writer).
-pub(super) fn record(sites: &LiveSites) {
-    let old = HISTORY.load(Ordering::SeqCst);
-    // SAFETY: only this (locked) writer replaces it; readers never free it.
-    let known: &[usize] = if old.is_null() { &[] } else { unsafe { &*old } };
-    if sites.sites().iter().all(|s| contains(known, s.addr)) {
-        return;
-    }
-    let mut merged = Vec::with_capacity(known.len() + sites.sites().len());
-    merged.extend_from_slice(known);
-    merged.extend(sites.sites().iter().map(|s| s.addr));
-    merged.sort_unstable();
-    merged.dedup();
-    let new = alloc::boxed::Box::into_raw(alloc::boxed::Box::new(merged));
-    HISTORY.store(new, Ordering::SeqCst);
-    ACTIVE.wait_idle();
-    if !old.is_null() {
-        // SAFETY: no handler can still hold the old pointer: every one that
-        // loaded it counted itself inside ACTIVE first, and none is now.
-        drop(unsafe { alloc::boxed::Box::from_raw(old) });
-    }
 }
 
 /// The slot the handler reads the batch in flight from.

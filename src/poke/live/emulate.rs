@@ -31,6 +31,12 @@ pub enum TrapAction {
     Emulated,
     /// The trap is not at a site of this batch.
     NotOurs,
+    /// The trap was at a site patched live earlier whose `int3` is gone
+    /// now (its batch ended between the trap and the handler, or the CPU
+    /// ran bytes it had fetched before the batch's last sync): `rip` now
+    /// points at the site, to run it again as it is
+    /// ([`TrapSlot::emulate`](super::TrapSlot::emulate) only).
+    Restarted,
 }
 
 /// The sites of a live batch, sorted by address, for trap handlers.

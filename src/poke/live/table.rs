@@ -11,16 +11,29 @@
 //! the count to reach zero — both sequentially consistent, so either the
 //! handler sees null or the patcher sees the handler).
 //!
+//! A trap can also reach its handler after its batch ended: the CPU was
+//! delayed between the trap and the handler, or (QEMU's TCG does this
+//! often) it ran an `int3` it had fetched before the batch's last sync.
+//! So the slot also remembers every site it ever published; a trap at one
+//! of them whose `int3` is gone is *restarted* (run the site again as it
+//! is now), and an `int3` found at one of them that the loaded table does
+//! not have sends the handler back for the newest table (a batch published
+//! after it looked). Only an `int3` at no site of ours, or at one where no
+//! batch in flight put it, is not ours.
+//!
 //! The same driver ([`run_published`]) runs the protocol for
 //! [`Int3Poke`](super::Int3Poke) (kernels) and for the Linux process path,
 //! whose `SIGTRAP` handler reads a `TrapSlot` too.
 
+use alloc::boxed::Box;
+use alloc::vec::Vec;
 use core::ptr;
 use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 use super::int3::{Step, run_protocol};
 use super::{LiveSites, TrapAction, TrapFrame};
 use crate::poke::PokeError;
+use crate::x86::INT3;
 
 /// Where the sites of a live batch are published to the trap handler.
 ///
@@ -42,35 +55,46 @@ pub unsafe trait TrapTable {
     fn retire(&self);
 }
 
-/// A [`TrapTable`] for a `static`: the published table and a count of
-/// handlers inside. The embedder's `#BP` handler calls
-/// [`emulate`](TrapSlot::emulate) (or [`enter`](TrapSlot::enter)).
+/// A [`TrapTable`] for a `static`: the published table, every site ever
+/// published, and a count of handlers inside. The embedder's `#BP`
+/// handler calls [`emulate`](TrapSlot::emulate).
 ///
 /// ```
 /// use altpatch::poke::live::{LiveSite, LiveSites, TrapAction, TrapFrame, TrapSlot, TrapTable};
 ///
 /// static SLOT: TrapSlot = TrapSlot::new();
 ///
-/// // The patcher publishes a batch: a NOP5 at 0x1000 becoming `jmp 0x2000`.
-/// let jmp = [0xe9, 0xfb, 0x0f, 0, 0];
-/// let site = LiveSite::new(0x1000, &[0x0f, 0x1f, 0x44, 0, 0], &jmp).unwrap();
+/// // Text with a NOP5 that is to become `jmp +0x100`, mid-batch: its first
+/// // byte is already the protocol's int3.
+/// let mut text = vec![0xcc_u8, 0x1f, 0x44, 0, 0];
+/// let at = text.as_ptr() as usize;
+/// let jmp = [0xe9, 0xfb, 0, 0, 0];
+/// let site = LiveSite::new(at, &[0x0f, 0x1f, 0x44, 0, 0], &jmp).unwrap();
 /// let table = LiveSites::new(vec![site]);
 /// SLOT.publish(&table);
 ///
-/// // A CPU trapped on the int3 at 0x1000: the handler emulates the jmp.
-/// let mut frame = TrapFrame { rip: 0x1001, rsp: 0, rflags: 0, regs: [0; 16] };
-/// // SAFETY: a jmp reads and writes no stack.
+/// // A CPU trapped on that int3: the handler emulates the jmp.
+/// let trap = || TrapFrame { rip: at as u64 + 1, rsp: 0, rflags: 0, regs: [0; 16] };
+/// let mut frame = trap();
+/// // SAFETY: a jmp reads and writes no stack; the site is readable.
 /// assert_eq!(unsafe { SLOT.emulate(&mut frame) }, TrapAction::Emulated);
-/// assert_eq!(frame.rip, 0x2000);
+/// assert_eq!(frame.rip, at as u64 + 0x100);
 ///
-/// SLOT.retire(); // no handler inside: returns at once
-/// let mut frame = TrapFrame { rip: 0x1001, rsp: 0, rflags: 0, regs: [0; 16] };
+/// // The batch ends (last byte written, table retired). A CPU that trapped
+/// // before but is handled only now runs the site again.
+/// text[0] = 0xe9;
+/// SLOT.retire();
+/// let mut frame = trap();
 /// // SAFETY: as above.
-/// assert_eq!(unsafe { SLOT.emulate(&mut frame) }, TrapAction::NotOurs);
+/// assert_eq!(unsafe { SLOT.emulate(&mut frame) }, TrapAction::Restarted);
+/// assert_eq!(frame.rip, at as u64);
 /// assert_eq!(SLOT.emulated(), 1);
 /// ```
 pub struct TrapSlot {
     table: AtomicPtr<LiveSites>,
+    /// Every site address ever published, sorted (a leaked-until-replaced
+    /// `Vec`, freed once no handler is inside).
+    history: AtomicPtr<Vec<usize>>,
     inside: AtomicUsize,
     emulated: AtomicUsize,
 }
@@ -96,6 +120,25 @@ impl SlotGuard<'_> {
         // inside the slot (see `TrapSlot::retire`).
         unsafe { self.table.as_ref() }
     }
+
+    /// Whether `addr` is a site this slot ever published.
+    #[inline(always)]
+    pub fn was_published(&self, addr: usize) -> bool {
+        let h = self.slot.history.load(Ordering::SeqCst);
+        // SAFETY: a history is freed only once no handler is inside, and
+        // this guard is (see `TrapSlot::publish`).
+        !h.is_null() && unsafe { &*h }.binary_search(&addr).is_ok()
+    }
+
+    /// The table published now (it may be newer than [`sites`]).
+    ///
+    /// [`sites`]: SlotGuard::sites
+    #[inline(always)]
+    fn reload(&mut self) -> Option<&LiveSites> {
+        self.table = self.slot.table.load(Ordering::SeqCst);
+        // SAFETY: as for `sites`: loaded while counted inside.
+        unsafe { self.table.as_ref() }
+    }
 }
 
 impl Drop for SlotGuard<'_> {
@@ -110,6 +153,7 @@ impl TrapSlot {
     pub const fn new() -> TrapSlot {
         TrapSlot {
             table: AtomicPtr::new(ptr::null_mut()),
+            history: AtomicPtr::new(ptr::null_mut()),
             inside: AtomicUsize::new(0),
             emulated: AtomicUsize::new(0),
         }
@@ -128,25 +172,53 @@ impl TrapSlot {
         }
     }
 
-    /// For a trap handler: emulates the new instruction of the site whose
-    /// `int3` trapped at `frame.rip - 1`, if a batch in flight has it.
+    /// For a trap handler: what to do with the `int3` that trapped at
+    /// `frame.rip - 1`. [`Emulated`]: the site is in the batch in flight,
+    /// and `frame` now holds the effect of its new instruction.
+    /// [`Restarted`]: a site published earlier whose `int3` is gone;
+    /// `frame.rip` points at it again. [`NotOurs`]: no batch put an `int3`
+    /// there; `frame` is unchanged. Lock-free and allocation-free.
+    ///
+    /// [`Emulated`]: TrapAction::Emulated
+    /// [`Restarted`]: TrapAction::Restarted
+    /// [`NotOurs`]: TrapAction::NotOurs
     ///
     /// # Safety
     ///
     /// As for [`LiveSites::emulate`]: `frame` is the interrupted context,
-    /// whose stack a real `call`/`ret` would use the same way.
+    /// whose stack a real `call`/`ret` would use the same way; and the CPU
+    /// just executed an `int3` at `frame.rip - 1`, so that byte is mapped
+    /// and readable.
     #[inline(always)]
     pub unsafe fn emulate(&self, frame: &mut TrapFrame) -> TrapAction {
-        let guard = self.enter();
-        let Some(sites) = guard.sites() else {
-            return TrapAction::NotOurs;
-        };
-        // SAFETY: forwarded.
-        let action = unsafe { sites.emulate(frame) };
-        if action == TrapAction::Emulated {
-            self.emulated.fetch_add(1, Ordering::Relaxed);
+        let addr = frame.rip.wrapping_sub(1) as usize;
+        let mut guard = self.enter();
+        if let Some(sites) = guard.sites() {
+            // SAFETY: forwarded.
+            if unsafe { sites.emulate(frame) } == TrapAction::Emulated {
+                self.emulated.fetch_add(1, Ordering::Relaxed);
+                return TrapAction::Emulated;
+            }
         }
-        action
+        if !guard.was_published(addr) {
+            return TrapAction::NotOurs;
+        }
+        // SAFETY: the CPU just executed this byte (the caller's contract).
+        if unsafe { (addr as *const u8).read_volatile() } != INT3 {
+            frame.rip = addr as u64;
+            return TrapAction::Restarted;
+        }
+        // An int3 at one of our sites that the table loaded above lacks: a
+        // batch published since (its table is stored before its first
+        // int3, so a load after reading that int3 sees it).
+        if let Some(sites) = guard.reload() {
+            // SAFETY: forwarded.
+            if unsafe { sites.emulate(frame) } == TrapAction::Emulated {
+                self.emulated.fetch_add(1, Ordering::Relaxed);
+                return TrapAction::Emulated;
+            }
+        }
+        TrapAction::NotOurs
     }
 
     /// How many traps [`emulate`](TrapSlot::emulate) emulated.
@@ -170,6 +242,34 @@ impl TrapSlot {
     pub(crate) fn reset_after_fork(&self) {
         self.inside.store(0, Ordering::SeqCst);
     }
+
+    /// Adds `sites` to the history (only the patcher calls this, through
+    /// `publish`, one batch at a time).
+    fn remember(&self, sites: &LiveSites) {
+        let old = self.history.load(Ordering::SeqCst);
+        // SAFETY: only the (single) patcher replaces the history.
+        let known: &[usize] = if old.is_null() { &[] } else { unsafe { &*old } };
+        if sites
+            .sites()
+            .iter()
+            .all(|s| known.binary_search(&s.addr).is_ok())
+        {
+            return;
+        }
+        let mut merged = Vec::with_capacity(known.len() + sites.sites().len());
+        merged.extend_from_slice(known);
+        merged.extend(sites.sites().iter().map(|s| s.addr));
+        merged.sort_unstable();
+        merged.dedup();
+        self.history
+            .store(Box::into_raw(Box::new(merged)), Ordering::SeqCst);
+        self.wait_idle();
+        if !old.is_null() {
+            // SAFETY: every handler that could have loaded `old` counted
+            // itself inside first, and none is inside now.
+            drop(unsafe { Box::from_raw(old) });
+        }
+    }
 }
 
 // SAFETY: `publish` stores the pointer (SeqCst) before returning; `retire`
@@ -177,7 +277,11 @@ impl TrapSlot {
 // handler counts itself in before loading the pointer (both SeqCst), so a
 // handler not seen by `retire`'s wait loaded null.
 unsafe impl TrapTable for TrapSlot {
+    /// Publishes `sites`; a batch with sites never published before also
+    /// replaces the history (allocating: the patcher's side, never a
+    /// handler's).
     fn publish(&self, sites: &LiveSites) {
+        self.remember(sites);
         self.table.store(
             sites as *const LiveSites as *mut LiveSites,
             Ordering::SeqCst,
