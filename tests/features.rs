@@ -336,3 +336,58 @@ fn malformed_dumps_are_rejected_with_the_line() {
     assert!(RecordedCpuid::parse("cpuid 0 0 1 2 3 4 5\n").is_err());
     assert!(RecordedCpuid::parse("bogus\n").is_err());
 }
+
+/// A kernel's MSR reader, faked: CPUID from the Skylake-Client recording
+/// (with or without the `IA32_ARCH_CAPABILITIES` bit), `rdmsr` answering
+/// one value and remembering what it was asked.
+struct FakeMsr {
+    cpuid: RecordedCpuid,
+    arch_capabilities: bool,
+    value: u64,
+    asked: std::cell::RefCell<Vec<u32>>,
+}
+
+impl CpuidSource for FakeMsr {
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> altpatch::cpu::CpuidResult {
+        let mut r = self.cpuid.cpuid(leaf, subleaf);
+        if (leaf, subleaf) == (7, 0) {
+            r.edx = (r.edx & !(1 << 29)) | (self.arch_capabilities as u32) << 29;
+        }
+        r
+    }
+
+    fn xcr0(&self) -> Option<u64> {
+        self.cpuid.xcr0()
+    }
+
+    fn msr(&self, index: u32) -> Option<u64> {
+        self.asked.borrow_mut().push(index);
+        Some(self.value)
+    }
+}
+
+#[test]
+fn enhanced_ibrs_comes_from_the_msr_only_when_cpuid_says_it_exists() {
+    let fake = |arch_capabilities, value| FakeMsr {
+        cpuid: RecordedCpuid::parse(&fixture("qemu-tcg-skylake-client")).unwrap(),
+        arch_capabilities,
+        value,
+        asked: Default::default(),
+    };
+    // IBRS_ALL (bit 1) set: enhanced IBRS, read from IA32_ARCH_CAPABILITIES.
+    let src = fake(true, 1 << 1);
+    let f = Features::from_source(&src);
+    check(&f, &[ArchCapabilities, Eibrs], &[]);
+    assert_eq!(*src.asked.borrow(), [0x10a]);
+    // The MSR without IBRS_ALL: none.
+    let src = fake(true, 1 << 0);
+    check(&Features::from_source(&src), &[ArchCapabilities], &[Eibrs]);
+    // CPUID says there is no such MSR: it is never read (rdmsr would #GP).
+    let src = fake(false, u64::MAX);
+    check(
+        &Features::from_source(&src),
+        &[],
+        &[ArchCapabilities, Eibrs],
+    );
+    assert!(src.asked.borrow().is_empty(), "{:?}", src.asked.borrow());
+}

@@ -505,6 +505,13 @@ fn exceptions_are_reported_and_end_qemu_with_the_vector() {
             " cpu 0",
             3,
         ),
+        // A fault on an unmapped stack: reported from #DF's own stack.
+        (
+            "df",
+            "EXCEPTION 8 (#DF double fault) error 0x0 ",
+            " rsp 0x4000000000 ",
+            8,
+        ),
     ];
     for (fault, starts, holds, vector) in cases {
         let b = boot_within(

@@ -21,6 +21,9 @@ pub const MAX_CPUS: usize = 8;
 pub const IST_BP: u8 = 1;
 /// IST slot of the sync IPI and spurious interrupts.
 pub const IST_IPI: u8 = 2;
+/// IST slot of `#DF`: a fault while pushing a frame on a broken stack is
+/// then reported, not a triple fault.
+pub const IST_DF: u8 = 3;
 
 const IST_SIZE: usize = 16 * 1024;
 const AP_STACK_SIZE: usize = 64 * 1024;
@@ -57,6 +60,7 @@ static mut TSS: [Tss; MAX_CPUS] = [EMPTY_TSS; MAX_CPUS];
 struct Stacks<const N: usize>([[u8; N]; MAX_CPUS]);
 static mut BP_STACKS: Stacks<IST_SIZE> = Stacks([[0; IST_SIZE]; MAX_CPUS]);
 static mut IPI_STACKS: Stacks<IST_SIZE> = Stacks([[0; IST_SIZE]; MAX_CPUS]);
+static mut DF_STACKS: Stacks<IST_SIZE> = Stacks([[0; IST_SIZE]; MAX_CPUS]);
 static mut AP_STACKS: Stacks<AP_STACK_SIZE> = Stacks([[0; AP_STACK_SIZE]; MAX_CPUS]);
 
 /// Null, 64-bit code (0x08), data (0x10), 32-bit code (0x18, for the
@@ -99,6 +103,7 @@ pub fn prepare() {
         for i in 0..MAX_CPUS {
             (*tss)[i].ist[IST_BP as usize - 1] = top(&raw mut BP_STACKS, i);
             (*tss)[i].ist[IST_IPI as usize - 1] = top(&raw mut IPI_STACKS, i);
+            (*tss)[i].ist[IST_DF as usize - 1] = top(&raw mut DF_STACKS, i);
             let base = (&raw const (*tss)[i]) as u64;
             let limit = core::mem::size_of::<Tss>() as u64 - 1;
             // Available 64-bit TSS (type 9), present.

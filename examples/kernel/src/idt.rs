@@ -5,8 +5,9 @@
 //!
 //! Each stub pushes a zero where the CPU pushes no error code, then the
 //! vector, so the report sees one frame layout. The handler runs on the
-//! faulting stack (no IST): a fault caused by a broken stack still ends in
-//! a triple fault, which `-no-reboot` turns into QEMU exiting.
+//! faulting stack, except `#DF`, which has a stack of its own (IST): a
+//! fault while pushing onto a broken stack becomes a double fault that is
+//! reported, not a triple fault.
 
 use core::arch::global_asm;
 
@@ -177,7 +178,8 @@ pub fn install() {
     // SAFETY: the stubs table is initialized data in this image.
     let stubs: &[usize; 32] = unsafe { &exception_stubs };
     for (v, &stub) in stubs.iter().enumerate() {
-        set_gate(v as u8, stub, 0);
+        let ist = if v == 8 { crate::cpus::IST_DF } else { 0 };
+        set_gate(v as u8, stub, ist);
     }
     load();
 }
@@ -200,12 +202,12 @@ pub fn load() {
     };
 }
 
-/// The deliberate faults `fault=ud|pf|de|bp` on the command line asks for,
+/// The deliberate faults `fault=ud|pf|de|bp|df` on the command line asks for,
 /// so tests see the report.
 pub fn deliberate(cmdline: &str) {
     for w in cmdline.split_ascii_whitespace() {
         match w.strip_prefix("fault=") {
-            // SAFETY (all four): each faults on purpose; the handler
+            // SAFETY (all five): each faults on purpose; the handler
             // reports and exits, never returning here.
             Some("ud") => unsafe { core::arch::asm!("ud2", options(nomem, nostack)) },
             Some("pf") => unsafe {
@@ -213,6 +215,11 @@ pub fn deliberate(cmdline: &str) {
                 core::ptr::read_volatile(0x40_0000_0000usize as *const u64);
             },
             Some("bp") => unsafe { core::arch::asm!("int3", options(nomem, nostack)) },
+            // A fault with the stack pointer in unmapped memory: the #UD
+            // frame cannot be pushed (#PF), nor the #PF frame: #DF.
+            Some("df") => unsafe {
+                core::arch::asm!("mov rsp, {}", "ud2", in(reg) 0x40_0000_0000u64, options(nomem, nostack))
+            },
             Some("de") => unsafe {
                 core::arch::asm!("xor edx, edx", "xor eax, eax", "div eax", out("eax") _, out("edx") _, options(nomem, nostack))
             },

@@ -14,7 +14,7 @@
 //!
 //! The command line (`-append`) may hold `altpatch=<overrides>`,
 //! `dump-cpuid` (print a CPUID dump in altpatch's replay format and stop;
-//! the test fixtures were recorded this way) and `fault=ud|pf|de|bp` (fault on
+//! the test fixtures were recorded this way) and `fault=ud|pf|de|bp|df` (fault on
 //! purpose: the exception report, see `idt.rs`).
 //!
 //! Booted with more CPUs (`-smp 4 -accel tcg,thread=multi`), it starts
