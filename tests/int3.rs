@@ -87,7 +87,8 @@ fn three_syncs_per_batch_and_the_table_lives_exactly_as_long_as_the_batch() {
         events: Vec::new(),
     };
     let mut poke = Int3Poke::new(inner);
-    poke.set_table(&SLOT);
+    // SAFETY: SERIAL makes this the only patcher publishing to SLOT.
+    unsafe { poke.set_table(&SLOT) };
     // SAFETY: as above.
     unsafe { plan.apply(&mut poke) }.unwrap();
     let events = poke.into_inner().events;
@@ -214,7 +215,8 @@ fn a_trap_mid_batch_is_emulated_through_the_slot() {
         checked: 0,
     };
     let mut poke = Int3Poke::new(inner);
-    poke.set_table(&SLOT);
+    // SAFETY: SERIAL makes this the only patcher publishing to SLOT.
+    unsafe { poke.set_table(&SLOT) };
     // SAFETY: as above.
     unsafe { plan.apply(&mut poke) }.unwrap();
     assert_eq!(poke.into_inner().checked, 3);

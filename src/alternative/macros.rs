@@ -51,16 +51,17 @@
 /// Expands to an `asm!` invocation, so call it inside `unsafe`. Up to eight
 /// alternatives per site.
 ///
-/// Misuse the compiler can see is a compile error, such as a feature name
+/// Misuse the compiler can see is a compile error (each case, with its
+/// exact message, is a UI test in `tests/ui/`), such as a feature name
 /// that does not exist:
 ///
-/// ```compile_fail
+/// ```compile_fail,E0599
 /// # use altpatch::alternative;
 /// // error: no variant named `Movbee` in `Feature`
 /// unsafe { alternative!("nop", [Movbee => "nop"]) };
 /// ```
 ///
-/// or a ninth alternative:
+/// or a ninth alternative ("altpatch: at most 8 alternatives per site"):
 ///
 /// ```compile_fail
 /// # use altpatch::alternative;
@@ -243,7 +244,7 @@ macro_rules! __alternative_piece {
 /// Every function must have exactly the type `extern "C" fn(ARG_TYPES...) ->
 /// RET` (checked at compile time; `unsafe fn`s are refused):
 ///
-/// ```compile_fail
+/// ```compile_fail,E0308
 /// # use altpatch::alternative_call;
 /// extern "C" fn a(x: u64) -> u64 { x }
 /// extern "C" fn b(x: u32) -> u64 { x as u64 } // wrong argument type

@@ -280,8 +280,10 @@ pub fn start_aps(ids: &[u8]) -> usize {
             waited += 1;
         }
         if !ONLINE[n].load(Ordering::Acquire) {
-            println!("smp: cpu {n} (apic id {id}) did not come online");
-            continue;
+            // Start no more: a late AP would take the next one's stack and
+            // number.
+            println!("smp: cpu {n} (apic id {id}) did not come online; starting no more");
+            break;
         }
         n += 1;
         CPUS.store(n, Ordering::Release);

@@ -361,9 +361,19 @@ pub fn ap_run(cpu: usize) -> ! {
             // Sleep until the next IPI (the BSP's next sync): four busy
             // vCPUs on a two-core host would make every sync wait for a
             // descheduled vCPU thread. Woken, this CPU runs the sites
-            // again while the BSP goes on with the next phase.
-            // SAFETY: interrupts are enabled; the sync IPI wakes it.
-            unsafe { core::arch::asm!("hlt", options(nomem, nostack)) };
+            // again while the BSP goes on with the next phase. STOP is
+            // checked with interrupts off and `sti; hlt` sleeps at once
+            // (an interrupt is taken only after the instruction following
+            // `sti`), so the BSP's last wake-up IPI cannot come between the
+            // check and the halt and be lost.
+            // SAFETY: only masks interrupts on this CPU for the check.
+            unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
+            if STOP.load(Ordering::Acquire) {
+                break;
+            }
+            // SAFETY: interrupts are routed (the IDT has the IPI gate); the
+            // next sync IPI wakes this CPU.
+            unsafe { core::arch::asm!("sti", "hlt", options(nomem, nostack)) };
         }
     }
     for (a, v) in [
@@ -421,7 +431,8 @@ pub fn run(image: &Image<'_>, features: &Features, sites: &[Site]) -> Result<(),
         direct,
         others: online as u64 - 1,
     });
-    poke.set_table(&SLOT);
+    // SAFETY: the BSP is the only patcher, one batch at a time.
+    unsafe { poke.set_table(&SLOT) };
     GO.store(true, Ordering::Release);
     let (mut triple, mut key) = (false, false);
     let (mut fewest, mut most) = (u64::MAX, 0);

@@ -361,22 +361,23 @@ impl Batch {
         let mut first_error = Ok(());
         // A failed sync does not stop the protocol: finishing it leaves no
         // int3 behind, and the plan restores the old bytes.
-        let result = live::run_published(trap::slot(), &table, &writes, |step| {
-            match step {
-                // SAFETY: a live site of the batch (checked in `write`); the
-                // protocol keeps every intermediate state safe.
-                Step::Write(addr, bytes) => unsafe { self.in_place(shared, addr, bytes) },
-                Step::Sync => {
-                    if let Err(e) = os::sync_all_threads()
-                        && first_error.is_ok()
-                    {
-                        first_error = Err(e);
-                    }
-                    Ok(())
+        let step = |step: Step<'_>| match step {
+            // SAFETY: a live site of the batch (checked in `write`); the
+            // protocol keeps every intermediate state safe.
+            Step::Write(addr, bytes) => unsafe { self.in_place(shared, addr, bytes) },
+            Step::Sync => {
+                if let Err(e) = os::sync_all_threads()
+                    && first_error.is_ok()
+                {
+                    first_error = Err(e);
                 }
+                Ok(())
             }
-        })
-        .and(first_error);
+        };
+        // SAFETY: `table` lives until after the call; the process lock is
+        // held, so this is the only patcher publishing to the slot.
+        let result = unsafe { live::run_published(trap::slot(), &table, &writes, step) };
+        let result = result.and(first_error);
         drop(writes);
         self.pending = pending;
         result

@@ -4,7 +4,7 @@
 use alloc::vec::Vec;
 use core::ops::Range;
 
-use super::table::{TrapSlot, TrapTable, run_published};
+use super::table::{TrapTable, run_published};
 use super::{LiveSite, LiveSites};
 use crate::poke::{PokeError, TextPoke};
 use crate::x86::INT3;
@@ -76,10 +76,6 @@ pub struct Int3Poke<P> {
     synced: bool,
 }
 
-/// Where an `Int3Poke` without a table publishes: no handler reads it (a
-/// single CPU, or the embedder's own mechanism).
-static UNREAD: TrapSlot = TrapSlot::new();
-
 impl<P: TextPoke> Int3Poke<P> {
     /// Wraps `inner`, which must write in place.
     pub fn new(inner: P) -> Self {
@@ -94,10 +90,16 @@ impl<P: TextPoke> Int3Poke<P> {
     }
 
     /// Publishes every batch's sites through `table`, which the embedder's
-    /// `#BP` handler reads (typically a `static` [`TrapSlot`] whose
-    /// [`emulate`](TrapSlot::emulate) the handler calls). Without a table,
-    /// no handler learns of the sites: only for a single CPU.
-    pub fn set_table(&mut self, table: &'static dyn TrapTable) {
+    /// `#BP` handler reads (typically a `static`
+    /// [`TrapSlot`](super::TrapSlot) whose
+    /// [`emulate`](super::TrapSlot::emulate) the handler calls). Without a
+    /// table, no handler learns of the sites: only for a single CPU.
+    ///
+    /// # Safety
+    ///
+    /// While this poke commits, no other patcher publishes to `table` (one
+    /// batch at a time per table).
+    pub unsafe fn set_table(&mut self, table: &'static dyn TrapTable) {
         self.table = Some(table);
     }
 
@@ -159,18 +161,23 @@ unsafe impl<P: TextPoke> TextPoke for Int3Poke<P> {
         let sites: Vec<(usize, &[u8])> = self.pending.iter().map(|(a, b)| (*a, &b[..])).collect();
         let pages = &self.pages;
         let inner = &mut self.inner;
-        let result = run_published(self.table.unwrap_or(&UNREAD), &self.live, &sites, |step| {
-            match step {
-                Step::Write(addr, bytes) => {
-                    inner.begin(pages)?;
-                    // SAFETY: inside the batch's pages; the protocol keeps
-                    // every intermediate state safe for running threads.
-                    unsafe { inner.write(addr, bytes) }?;
-                    inner.commit()
-                }
-                Step::Sync => inner.sync(),
+        let step = |step: Step<'_>| match step {
+            Step::Write(addr, bytes) => {
+                inner.begin(pages)?;
+                // SAFETY: inside the batch's pages; the protocol keeps every
+                // intermediate state safe for running threads.
+                unsafe { inner.write(addr, bytes) }?;
+                inner.commit()
             }
-        });
+            Step::Sync => inner.sync(),
+        };
+        let result = match self.table {
+            // SAFETY: `self.live` is not touched until the call returns; the
+            // caller of `set_table` promised no other patcher publishes to
+            // `table` meanwhile.
+            Some(table) => unsafe { run_published(table, &self.live, &sites, step) },
+            None => run_protocol(&sites, step),
+        };
         self.pending.clear();
         self.synced = result.is_ok();
         result

@@ -28,7 +28,7 @@
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ptr;
-use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 
 use super::int3::{Step, run_protocol};
 use super::{LiveSites, TrapAction, TrapFrame};
@@ -47,12 +47,23 @@ use crate::x86::INT3;
 /// [`publish`]: TrapTable::publish
 /// [`retire`]: TrapTable::retire
 pub unsafe trait TrapTable {
-    /// Makes `sites` the table trap handlers consult. `sites` stays valid
-    /// (unmoved, unchanged) until [`retire`](TrapTable::retire) returns.
-    fn publish(&self, sites: &LiveSites);
+    /// Makes `sites` the table trap handlers consult.
+    ///
+    /// # Safety
+    ///
+    /// `sites` stays valid (unmoved, unchanged) until [`retire`] returns,
+    /// and no other patcher publishes to this table until then (one batch
+    /// at a time per table).
+    ///
+    /// [`retire`]: TrapTable::retire
+    unsafe fn publish(&self, sites: &LiveSites);
 
     /// Withdraws the table and waits until no handler still uses it.
-    fn retire(&self);
+    ///
+    /// # Safety
+    ///
+    /// Called by the patcher that published, once per `publish`.
+    unsafe fn retire(&self);
 }
 
 /// A [`TrapTable`] for a `static`: the published table, every site ever
@@ -71,7 +82,8 @@ pub unsafe trait TrapTable {
 /// let jmp = [0xe9, 0xfb, 0, 0, 0];
 /// let site = LiveSite::new(at, &[0x0f, 0x1f, 0x44, 0, 0], &jmp).unwrap();
 /// let table = LiveSites::new(vec![site]);
-/// SLOT.publish(&table);
+/// // SAFETY: `table` outlives the batch; this is the only patcher.
+/// unsafe { SLOT.publish(&table) };
 ///
 /// // A CPU trapped on that int3: the handler emulates the jmp.
 /// let trap = || TrapFrame { rip: at as u64 + 1, rsp: 0, rflags: 0, regs: [0; 16] };
@@ -83,7 +95,8 @@ pub unsafe trait TrapTable {
 /// // The batch ends (last byte written, table retired). A CPU that trapped
 /// // before but is handled only now runs the site again.
 /// text[0] = 0xe9;
-/// SLOT.retire();
+/// // SAFETY: published above.
+/// unsafe { SLOT.retire() };
 /// let mut frame = trap();
 /// // SAFETY: as above.
 /// assert_eq!(unsafe { SLOT.emulate(&mut frame) }, TrapAction::Restarted);
@@ -95,6 +108,9 @@ pub struct TrapSlot {
     /// Every site address ever published, sorted (a leaked-until-replaced
     /// `Vec`, freed once no handler is inside).
     history: AtomicPtr<Vec<usize>>,
+    /// Tables published so far: a handler that saw an `int3` its table
+    /// lacks looks again if a batch was published meanwhile.
+    generation: AtomicUsize,
     inside: AtomicUsize,
     emulated: AtomicUsize,
 }
@@ -154,6 +170,7 @@ impl TrapSlot {
         TrapSlot {
             table: AtomicPtr::new(ptr::null_mut()),
             history: AtomicPtr::new(ptr::null_mut()),
+            generation: AtomicUsize::new(0),
             inside: AtomicUsize::new(0),
             emulated: AtomicUsize::new(0),
         }
@@ -193,32 +210,36 @@ impl TrapSlot {
     pub unsafe fn emulate(&self, frame: &mut TrapFrame) -> TrapAction {
         let addr = frame.rip.wrapping_sub(1) as usize;
         let mut guard = self.enter();
-        if let Some(sites) = guard.sites() {
-            // SAFETY: forwarded.
-            if unsafe { sites.emulate(frame) } == TrapAction::Emulated {
-                self.emulated.fetch_add(1, Ordering::Relaxed);
-                return TrapAction::Emulated;
+        loop {
+            let generation = self.generation.load(Ordering::SeqCst);
+            if let Some(sites) = guard.reload() {
+                // SAFETY: forwarded.
+                if unsafe { sites.emulate(frame) } == TrapAction::Emulated {
+                    self.emulated.fetch_add(1, Ordering::Relaxed);
+                    return TrapAction::Emulated;
+                }
+            }
+            if !guard.was_published(addr) {
+                return TrapAction::NotOurs;
+            }
+            // SAFETY: the CPU just executed this byte (the caller's
+            // contract); text other CPUs may be writing is read atomically.
+            let byte = unsafe { &*(addr as *const AtomicU8) }.load(Ordering::SeqCst);
+            if byte != INT3 {
+                frame.rip = addr as u64;
+                return TrapAction::Restarted;
+            }
+            // An int3 at one of our sites that the table loaded above
+            // lacks. If no batch was published since that load, no batch in
+            // flight put it there: not ours. Otherwise a newer batch did
+            // (its generation and table are stored before its first int3,
+            // so a load after reading that int3 sees them): look again —
+            // however many batches come and go meanwhile, each table loaded
+            // stays valid while this handler is counted inside.
+            if self.generation.load(Ordering::SeqCst) == generation {
+                return TrapAction::NotOurs;
             }
         }
-        if !guard.was_published(addr) {
-            return TrapAction::NotOurs;
-        }
-        // SAFETY: the CPU just executed this byte (the caller's contract).
-        if unsafe { (addr as *const u8).read_volatile() } != INT3 {
-            frame.rip = addr as u64;
-            return TrapAction::Restarted;
-        }
-        // An int3 at one of our sites that the table loaded above lacks: a
-        // batch published since (its table is stored before its first
-        // int3, so a load after reading that int3 sees it).
-        if let Some(sites) = guard.reload() {
-            // SAFETY: forwarded.
-            if unsafe { sites.emulate(frame) } == TrapAction::Emulated {
-                self.emulated.fetch_add(1, Ordering::Relaxed);
-                return TrapAction::Emulated;
-            }
-        }
-        TrapAction::NotOurs
     }
 
     /// How many traps [`emulate`](TrapSlot::emulate) emulated.
@@ -280,33 +301,46 @@ unsafe impl TrapTable for TrapSlot {
     /// Publishes `sites`; a batch with sites never published before also
     /// replaces the history (allocating: the patcher's side, never a
     /// handler's).
-    fn publish(&self, sites: &LiveSites) {
+    unsafe fn publish(&self, sites: &LiveSites) {
         self.remember(sites);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.table.store(
             sites as *const LiveSites as *mut LiveSites,
             Ordering::SeqCst,
         );
     }
 
-    fn retire(&self) {
+    unsafe fn retire(&self) {
         self.table.store(ptr::null_mut(), Ordering::SeqCst);
         self.wait_idle();
     }
 }
 
 /// The driver every INT3-protocol batch goes through: publishes `table`,
-/// runs the three phases over `writes` with `step`, and retires the table
-/// (also when a step failed: the protocol's writes are finished or the
-/// caller restores the old bytes, and no handler may keep the table).
-pub(crate) fn run_published(
+/// runs the three phases over `writes` with `step`, and retires the table.
+///
+/// A step that fails ends the protocol where it is, and the table is
+/// retired all the same: if phase 1 had begun, `int3`s may remain in the
+/// text with no table to emulate them (the plan's rollback then refuses to
+/// write over them and reports `RollbackFailed`). The pokes this crate
+/// drives do not fail mid-protocol in practice (in-place stores, and a
+/// failed Linux sync does not stop the protocol).
+///
+/// # Safety
+///
+/// As for [`TrapTable::publish`]: `table` outlives the call, and this is
+/// the only patcher publishing to `slot`.
+pub(crate) unsafe fn run_published(
     slot: &dyn TrapTable,
     table: &LiveSites,
     writes: &[(usize, &[u8])],
     step: impl FnMut(Step<'_>) -> Result<(), PokeError>,
 ) -> Result<(), PokeError> {
-    slot.publish(table);
+    // SAFETY: the caller's contract.
+    unsafe { slot.publish(table) };
     let result = run_protocol(writes, step);
-    slot.retire();
+    // SAFETY: published just above, by this patcher.
+    unsafe { slot.retire() };
     result
 }
 
@@ -323,11 +357,13 @@ mod tests {
         let table = LiveSites::new(alloc::vec![
             LiveSite::new(0x1000, &crate::x86::NOP5, &[0xe9, 0xfb, 0x0f, 0, 0]).unwrap(),
         ]);
-        SLOT.publish(&table);
+        // SAFETY: `table` outlives the test's use of the slot.
+        unsafe { SLOT.publish(&table) };
         let guard = SLOT.enter();
         assert_eq!(guard.sites().map(|s| s.sites().len()), Some(1));
         let waiter = std::thread::spawn(|| {
-            SLOT.retire();
+            // SAFETY: published above, by this test alone.
+            unsafe { SLOT.retire() };
             // Retire returned: the handler must have left first.
             assert!(
                 LEFT.load(Ordering::SeqCst),

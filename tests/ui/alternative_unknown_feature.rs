@@ -1,0 +1,6 @@
+// A feature name that does not exist.
+use altpatch::alternative;
+
+fn main() {
+    unsafe { alternative!("nop", [Movbee => "nop"]) };
+}
