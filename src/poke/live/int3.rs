@@ -48,7 +48,7 @@ pub(crate) fn run_protocol(
 /// `sync`: three syncs per batch, however many sites (the plan's own
 /// `sync` after the commit adds none). The batch's sites are published to
 /// the embedder's `#BP` handler through the [`TrapTable`] given to
-/// [`set_table`](Int3Poke::set_table) (a [`TrapSlot`] the handler reads)
+/// [`set_table`](Int3Poke::set_table) (a [`TrapSlot`](super::TrapSlot) the handler reads)
 /// before the first `int3` and retired after the last sync.
 ///
 /// ```
