@@ -35,7 +35,10 @@ mod acpi;
 mod apic;
 mod cpus;
 mod idt;
+mod ifuncs;
+mod retpolines;
 mod smp;
+mod traps;
 
 use core::ffi::CStr;
 
@@ -174,121 +177,6 @@ altpatch::ifunc! {
     fn kernel_ones(x: u64) -> u64 = pick_k_ones;
 }
 
-unsafe extern "C" {
-    /// GCC's ifunc (src/kifunc.c), and a C function calling it twice.
-    fn c_ones(x: u64) -> u64;
-    safe fn c_ones_twice(x: u64) -> u64;
-    static __rela_iplt_start: u8;
-    static __rela_iplt_end: u8;
-}
-
-/// A call through the ifunc's GOT slot, as `-fno-plt` code makes it.
-#[inline(never)]
-fn c_ones_via_got(x: u64) -> u64 {
-    let r: u64;
-    // SAFETY: calls the C ifunc (resolved before this runs) with the C ABI;
-    // caller-saved registers are declared clobbered.
-    unsafe {
-        core::arch::asm!(
-            "call qword ptr [rip + c_ones@GOTPCREL]",
-            inout("rdi") x => _,
-            out("rax") r,
-            clobber_abi("C"),
-        )
-    };
-    r
-}
-
-/// Resolves the kernel's ifuncs: the C one's IRELATIVE entry (its resolver
-/// reads the published snapshot), then every call site direct — the Rust
-/// `ifunc!` stub and sites, and the C ifunc's PLT-bound and GOT sites.
-fn resolve_ifuncs(image: &Image<'_>, features: &Features) -> Result<(), &'static str> {
-    let sites: alloc::vec::Vec<altpatch::sites::Site> = match image.embedded_sites() {
-        Ok(Some(t)) => t.iter().collect(),
-        _ => return Err("no embedded site table"),
-    };
-    // SAFETY: the linker script brackets the IRELATIVE entries with these
-    // symbols; the table is in the loaded image.
-    let table = unsafe {
-        altpatch::ifunc::IrelativeTable::from_bounds(
-            &raw const __rela_iplt_start,
-            &raw const __rela_iplt_end,
-            0,
-        )
-    }
-    .map_err(|_| "bad IRELATIVE bounds")?;
-    // SAFETY: the GOT slots are in the kernel's writable data, nothing has
-    // called the ifunc yet, and the resolvers follow the glibc convention.
-    let t = support::rdtsc();
-    let irel = unsafe { altpatch::ifunc::process_irelative(image, &table, features) };
-    let irel = irel.map_err(|e| {
-        println!("ifunc: IRELATIVE: {e}");
-        "IRELATIVE processing failed"
-    })?;
-    support::report_cycles("ifunc IRELATIVE", t, irel.resolved.len());
-    println!("ifunc: {} IRELATIVE entries resolved", irel.resolved.len());
-    // Calls through the PLT and the GOT now reach the chosen function.
-    let (c_before, lazy_before) = (c_ones_twice(0b1011), kernel_ones(0b1011));
-    // SAFETY: text is writable, this CPU is the only one.
-    let mut poke = unsafe { DirectPoke::for_features(features) };
-    let t = support::rdtsc();
-    // SAFETY: as above.
-    let plt = unsafe { altpatch::ifunc::apply_plt_sites(image, &sites, Some(&table), &mut poke) };
-    let plt = plt.map_err(|e| {
-        println!("ifunc: PLT sites: {e}");
-        "rewriting PLT sites failed"
-    })?;
-    support::report_cycles(
-        "ifunc PLT sites",
-        t,
-        plt.rewritten.len() + plt.already_direct,
-    );
-    let t = support::rdtsc();
-    // SAFETY: as above.
-    let rust = unsafe { altpatch::ifunc::apply(image, features, &sites, &mut poke) };
-    let rust = rust.map_err(|e| {
-        println!("ifunc: {e}");
-        "applying ifunc! failed"
-    })?;
-    support::report_cycles("ifunc! sites", t, rust.applied.edits);
-    print!("{rust}");
-    let direct = |f: usize| {
-        sites
-            .iter()
-            .filter(|s| s.kind == altpatch::sites::SiteKind::Ifunc)
-            .filter(|s| {
-                // SAFETY: sites lie in the kernel's text.
-                let b = unsafe { core::slice::from_raw_parts(s.addr as *const u8, s.len as usize) };
-                let at = b.len() - 5;
-                (b[at] == 0xe8 || b[at] == 0xe9)
-                    && s.addr
-                        + b.len()
-                        + i32::from_le_bytes([b[at + 1], b[at + 2], b[at + 3], b[at + 4]]) as isize
-                            as usize
-                        == f
-            })
-            .count()
-    };
-    let c_impl = irel.resolved.first().map_or(0, |r| r.2);
-    let k_impl = kernel_ones::KEY.resolved().unwrap_or(0);
-    println!(
-        "ifunc sites: c plt+got rewritten={} direct to c impl={} rust direct={} rust runs={}",
-        plt.rewritten.len(),
-        direct(c_impl),
-        direct(k_impl),
-        kernel_ones::KEY.resolver_runs()
-    );
-    println!(
-        "ifunc calls: c={} twice={} got={} rust={} (before: twice={c_before} rust={lazy_before})",
-        // SAFETY: the C ifunc is resolved.
-        unsafe { c_ones(0b1011) },
-        c_ones_twice(0b1011),
-        c_ones_via_got(0b1011),
-        kernel_ones(0b1011),
-    );
-    Ok(())
-}
-
 /// Off until boot enables it.
 static K_BOOT: StaticFalseKey = StaticFalseKey::new();
 
@@ -363,7 +251,7 @@ extern "C" fn kmain(multiboot_info: u32) -> ! {
     cpus::prepare();
     cpus::load(0);
     idt::install();
-    smp::install_gates();
+    traps::install_gates();
     enable_xsave();
     let cmdline = cmdline(multiboot_info);
     println!("altpatch kernel: cmdline `{cmdline}`");
@@ -411,11 +299,11 @@ extern "C" fn kmain(multiboot_info: u32) -> ! {
         exit(EXIT_FAILURE);
     }
     report_sites(&image);
-    if let Err(e) = resolve_ifuncs(&image, &features) {
+    if let Err(e) = ifuncs::resolve(&image, &features) {
         println!("altpatch kernel: FAILED: {e}");
         exit(EXIT_FAILURE);
     }
-    if let Err(e) = apply_retpolines(&image, &features, &overrides) {
+    if let Err(e) = retpolines::apply(&image, &features, &overrides) {
         println!("altpatch kernel: FAILED: {e}");
         exit(EXIT_FAILURE);
     }
@@ -549,82 +437,6 @@ fn update_calls_and_keys(image: &Image<'_>, features: &Features) -> Result<(), &
         boot_key(),
         r.written
     );
-    Ok(())
-}
-
-/// An indirect call (rustc: `call __x86_indirect_thunk_r11`).
-#[inline(never)]
-fn rust_indirect(f: fn(u64) -> u64, x: u64) -> u64 {
-    core::hint::black_box(f(x)) * 2
-}
-
-/// An indirect tail call (rustc: `jmp __x86_indirect_thunk_r11`).
-#[inline(never)]
-fn rust_tail(f: fn(u64) -> u64, x: u64) -> u64 {
-    f(x)
-}
-
-fn halve(x: u64) -> u64 {
-    x / 2
-}
-
-/// Calls through every kind of site the test looks at.
-fn retpoline_calls() -> (u64, u64, u64) {
-    let f = core::hint::black_box(halve as fn(u64) -> u64);
-    (
-        call_via_thunk(core::hint::black_box(seven)),
-        rust_indirect(f, 42),
-        rust_tail(f, 84),
-    )
-}
-
-/// Chooses the retpoline mode for this CPU (or `altpatch=retpoline=MODE`)
-/// and applies it to every thunk site of the embedded table and to the
-/// thunks, the kernel's own running code included.
-fn apply_retpolines(
-    image: &Image<'_>,
-    features: &Features,
-    overrides: &Overrides,
-) -> Result<(), altpatch::retpoline::Error> {
-    use altpatch::retpoline::{self, Policy};
-    use altpatch::sites::SiteKind;
-    let sites: alloc::vec::Vec<altpatch::sites::Site> = match image.embedded_sites() {
-        Ok(Some(t)) => t.iter().collect(),
-        _ => alloc::vec::Vec::new(),
-    };
-    let before = retpoline_calls();
-    let policy = Policy::choose(features, overrides);
-    // SAFETY: text is writable, this CPU is the only one; every site
-    // rewrite keeps the instruction's end (return addresses on the stack,
-    // including this function's callers', stay valid).
-    let mut poke = unsafe { DirectPoke::for_features(features) };
-    let t = support::rdtsc();
-    // SAFETY: as above; the mode is the policy's for this CPU.
-    let report = unsafe { retpoline::apply(image, &sites, &policy, &mut poke) }?;
-    support::report_cycles("retpolines", t, report.sites.len());
-    print!("{report}");
-    let here = call_via_thunk as fn(extern "C" fn() -> u64) -> u64 as usize;
-    let site = sites
-        .iter()
-        .find(|s| s.kind == SiteKind::IndirectThunk(altpatch::x86::Reg::Rax) && s.addr > here)
-        .filter(|s| s.addr < here + 64);
-    if let Some(s) = site {
-        print!("retpoline rax site:");
-        for i in 0..s.len as usize {
-            // SAFETY: the site lies in the kernel's text.
-            print!(" {:02x}", unsafe { *((s.addr + i) as *const u8) });
-        }
-        println!();
-    }
-    let r11 = altpatch::retpoline::thunk(altpatch::x86::Reg::R11).unwrap_or(0);
-    print!("retpoline r11 thunk:");
-    for i in 0..6 {
-        // SAFETY: the thunk lies in the kernel's text.
-        print!(" {:02x}", unsafe { *((r11 + i) as *const u8) });
-    }
-    println!();
-    let after = retpoline_calls();
-    println!("retpoline calls: before={before:?} after={after:?}");
     Ok(())
 }
 

@@ -16,25 +16,25 @@
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use altpatch::cpu::Features;
-use altpatch::poke::live::{Int3Poke, TrapAction, TrapFrame, TrapSlot};
+use altpatch::poke::live::{Int3Poke, TrapSlot};
 use altpatch::sites::Site;
 use altpatch::static_key::{KeyIndex, StaticFalseKey};
 use altpatch::{DirectPoke, Image, PokeError, TextPoke, static_branch_unlikely, static_call};
 
-use crate::cpus::{self, IST_BP, IST_IPI, MAX_CPUS};
-use crate::{apic, idt, print};
+use crate::cpus::{self, MAX_CPUS};
+use crate::{apic, print};
 
 /// Batches the BSP runs: half re-target the static call, half flip the key.
 const BATCHES: usize = 10_000;
 /// Iterations an AP runs after waking before it halts for the next IPI.
 const RUN_BEFORE_HALT: u64 = 8;
 /// The vector of the sync IPI.
-const SYNC_VECTOR: u8 = 0xF0;
+pub(crate) const SYNC_VECTOR: u8 = 0xF0;
 
 /// The batch in flight, for the `#BP` handler.
-static SLOT: TrapSlot = TrapSlot::new();
+pub(crate) static SLOT: TrapSlot = TrapSlot::new();
 /// Sync IPIs acknowledged, by every CPU together.
-static SYNC_ACKS: AtomicU64 = AtomicU64::new(0);
+pub(crate) static SYNC_ACKS: AtomicU64 = AtomicU64::new(0);
 /// Sync rounds (IPI to all, wait for all) so far.
 static SYNCS: AtomicU64 = AtomicU64::new(0);
 static GO: AtomicBool = AtomicBool::new(false);
@@ -42,17 +42,17 @@ static STOP: AtomicBool = AtomicBool::new(false);
 
 /// `version << 3 | STABLE | KEY_ON | TRIPLE`: what the sites do now, when
 /// STABLE (no batch in flight since `version` was stored).
-static STATE: AtomicU64 = AtomicU64::new(STABLE);
+pub(crate) static STATE: AtomicU64 = AtomicU64::new(STABLE);
 const TRIPLE: u64 = 1;
 const KEY_ON: u64 = 2;
-const STABLE: u64 = 4;
+pub(crate) const STABLE: u64 = 4;
 
 /// The ifunc's and alternative's results at boot, which the APs expect.
 static WANT_ONES: AtomicU64 = AtomicU64::new(0);
 static WANT_BE: AtomicU64 = AtomicU64::new(0);
 
 /// What each CPU counted.
-struct Counts {
+pub(crate) struct Counts {
     iterations: AtomicU64,
     wrong: AtomicU64,
     stale: AtomicU64,
@@ -60,15 +60,15 @@ struct Counts {
     triple: AtomicU64,
     key_off: AtomicU64,
     key_on: AtomicU64,
-    traps: AtomicU64,
+    pub(crate) traps: AtomicU64,
     /// Traps at a site whose batch had ended (run again), and of those the
     /// ones taken when no batch was in flight at all.
-    restarts: AtomicU64,
-    restarts_stable: AtomicU64,
+    pub(crate) restarts: AtomicU64,
+    pub(crate) restarts_stable: AtomicU64,
     done: AtomicBool,
 }
 
-static COUNTS: [Counts; MAX_CPUS] = [const {
+pub(crate) static COUNTS: [Counts; MAX_CPUS] = [const {
     Counts {
         iterations: AtomicU64::new(0),
         wrong: AtomicU64::new(0),
@@ -109,163 +109,6 @@ fn ap_scaled(x: u64) -> u64 {
 #[inline(never)]
 fn ap_key_on() -> bool {
     static_branch_unlikely!(AP_KEY)
-}
-
-/// The registers the `#BP` stub saved, then the CPU's interrupt frame.
-#[repr(C)]
-struct BpFrame {
-    r15: u64,
-    r14: u64,
-    r13: u64,
-    r12: u64,
-    r11: u64,
-    r10: u64,
-    r9: u64,
-    r8: u64,
-    rdi: u64,
-    rsi: u64,
-    rbp: u64,
-    rbx: u64,
-    rdx: u64,
-    rcx: u64,
-    rax: u64,
-    rip: u64,
-    cs: u64,
-    rflags: u64,
-    rsp: u64,
-    ss: u64,
-}
-
-core::arch::global_asm!(
-    r#"
-    .section .text.smp_entries, "ax"
-    /* #BP, on its own stack (IST): every general register, then the x87/SSE
-       state (the handler is compiled Rust), for the handler to rewrite the
-       interrupted context. */
-    .globl smp_bp_entry
-smp_bp_entry:
-    pushq %rax
-    pushq %rcx
-    pushq %rdx
-    pushq %rbx
-    pushq %rbp
-    pushq %rsi
-    pushq %rdi
-    pushq %r8
-    pushq %r9
-    pushq %r10
-    pushq %r11
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
-    subq $512, %rsp
-    fxsave64 (%rsp)
-    leaq 512(%rsp), %rdi
-    cld
-    call {trap}
-    fxrstor64 (%rsp)
-    addq $512, %rsp
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %r11
-    popq %r10
-    popq %r9
-    popq %r8
-    popq %rdi
-    popq %rsi
-    popq %rbp
-    popq %rbx
-    popq %rdx
-    popq %rcx
-    popq %rax
-    iretq
-
-    /* The sync IPI: acknowledge, end the interrupt, return. `iretq` is
-       serializing: after it this CPU fetches the bytes written before the
-       IPI was sent. */
-    .globl smp_ipi_entry
-smp_ipi_entry:
-    pushq %rax
-    lock incq {acks}(%rip)
-    movabsq ${eoi}, %rax
-    movl $0, (%rax)
-    popq %rax
-    iretq
-
-    .globl smp_spurious_entry
-smp_spurious_entry:
-    iretq
-    .text
-    "#,
-    trap = sym bp_trap,
-    acks = sym SYNC_ACKS,
-    eoi = const apic::EOI_ADDR,
-    options(att_syntax)
-);
-
-unsafe extern "C" {
-    static smp_bp_entry: u8;
-    static smp_ipi_entry: u8;
-    static smp_spurious_entry: u8;
-}
-
-/// Routes `#BP` to the emulating handler, and the sync and spurious
-/// vectors to theirs, each on its own interrupt stack.
-pub fn install_gates() {
-    idt::set_gate(3, &raw const smp_bp_entry as usize, IST_BP);
-    idt::set_gate(SYNC_VECTOR, &raw const smp_ipi_entry as usize, IST_IPI);
-    idt::set_gate(
-        apic::SPURIOUS_VECTOR,
-        &raw const smp_spurious_entry as usize,
-        IST_IPI,
-    );
-}
-
-/// `#BP`: a CPU hit an `int3` the INT3 protocol wrote. Anything else is
-/// reported like any other exception.
-extern "C" fn bp_trap(f: &mut BpFrame) {
-    let mut t = TrapFrame {
-        rip: f.rip,
-        rsp: f.rsp,
-        rflags: f.rflags,
-        regs: [
-            f.rax, f.rcx, f.rdx, f.rbx, f.rsp, f.rbp, f.rsi, f.rdi, f.r8, f.r9, f.r10, f.r11,
-            f.r12, f.r13, f.r14, f.r15,
-        ],
-    };
-    // SAFETY: `t` is the interrupted context; the handler runs on its own
-    // stack (IST), so the 8 bytes below the interrupted `rsp` are free for
-    // an emulated call's return address, as a real call would use them.
-    match unsafe { SLOT.emulate(&mut t) } {
-        TrapAction::Emulated => {
-            f.rip = t.rip;
-            f.rsp = t.rsp;
-            COUNTS[cpus::current()]
-                .traps
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        TrapAction::Restarted => {
-            f.rip = t.rip;
-            let c = &COUNTS[cpus::current()];
-            c.restarts.fetch_add(1, Ordering::Relaxed);
-            if STATE.load(Ordering::SeqCst) & STABLE != 0 {
-                c.restarts_stable.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        TrapAction::NotOurs => {
-            println!(
-                "altpatch kernel: EXCEPTION 3 (#BP breakpoint) not at a site being patched: \
-                 rip {:#x} rsp {:#x} cpu {}",
-                f.rip,
-                f.rsp,
-                cpus::current()
-            );
-            crate::support::exit(idt::EXCEPTION_EXIT + 3)
-        }
-    }
 }
 
 /// The kernel's poke for running code: stores in place (text is mapped
