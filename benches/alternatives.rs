@@ -29,7 +29,7 @@ mod estimates;
 mod aligned;
 #[path = "support/shape.rs"]
 mod shape;
-use aligned::{N, OFFSETS, Placement, Row};
+use aligned::{N, OFFSETS, Placement};
 use shape::Shape;
 
 /// A loop over `xs`, summing their big-endian values.
@@ -239,25 +239,9 @@ fn main() {
     println!("{}", check(&xs));
     benches();
     Criterion::default().configure_from_args().final_summary();
-    let counts = aligned::instructions_per_call(&VARIANTS.map(|(n, _)| n));
-    let rows: Vec<Row> = VARIANTS
-        .into_iter()
-        .zip(counts)
-        .map(|((name, placement), count)| Row {
-            name,
-            ratios: placement
-                .offsets()
-                .iter()
-                .map(|&off| {
-                    let (b, f) = (variant("direct", off), variant(name, off));
-                    aligned::paired_ratio(&|| b(black_box(&xs)) as u64, &|| {
-                        f(black_box(&xs)) as u64
-                    })
-                })
-                .collect(),
-            placement,
-            count,
-        })
-        .collect();
+    let rows = aligned::rows(&VARIANTS, |name, off| {
+        let (b, f) = (variant("direct", off), variant(name, off));
+        aligned::paired_ratio(&|| b(black_box(&xs)) as u64, &|| f(black_box(&xs)) as u64)
+    });
     aligned::print_table("alternatives", "direct", &rows);
 }

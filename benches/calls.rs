@@ -24,7 +24,7 @@ mod estimates;
 mod aligned;
 #[path = "support/shape.rs"]
 mod shape;
-use aligned::{Loop, N, OFFSETS, Placement, Row, direct, target};
+use aligned::{Loop, N, Placement, direct, target};
 use shape::Shape;
 
 extern "C" fn unused_default(x: u64) -> u64 {
@@ -100,24 +100,10 @@ const CALLS: [(&str, Placement); 5] = [
     ("multiversion", Placement::Uncontrolled),
 ];
 
-/// Checks results and loop shapes at every placement.
+/// Checks results and loop shapes at every placement: after patching,
+/// the inline site *is* the direct loop's call.
 fn check() -> String {
-    let want = aligned::expected();
-    let mut line = String::new();
-    for off in OFFSETS {
-        let base = Shape::of("direct", direct(off) as usize);
-        let mut others = Vec::new();
-        for (name, _) in &CALLS {
-            let f = prepare(name, off);
-            assert_eq!(aligned::run(f), want, "{name} at +{off}");
-            others.push(Shape::of(name, f as usize));
-        }
-        let patched = &others[1];
-        // After patching, the inline site *is* the direct loop's call.
-        base.assert_same(patched);
-        line = shape::check_loops(&base, &others.iter().collect::<Vec<_>>());
-    }
-    line
+    shape::check_call_variants(&CALLS.map(|(n, _)| n), 1, prepare)
 }
 
 static KEY: StaticFalseKey = StaticFalseKey::new();
@@ -249,38 +235,16 @@ fn main() {
     );
     benches();
     Criterion::default().configure_from_args().final_summary();
-    let counts = aligned::instructions_per_call(&CALLS.map(|(n, _)| n));
-    let rows: Vec<Row> = CALLS
-        .into_iter()
-        .zip(counts)
-        .map(|((name, placement), count)| Row {
-            name,
-            ratios: placement
-                .offsets()
-                .iter()
-                .map(|&off| {
-                    let (b, f) = (direct(off), prepare(name, off));
-                    aligned::paired_ratio(&|| aligned::run(b), &|| aligned::run(f))
-                })
-                .collect(),
-            placement,
-            count,
-        })
-        .collect();
+    let rows = aligned::rows(&CALLS, |name, off| {
+        let (b, f) = (direct(off), prepare(name, off));
+        aligned::paired_ratio(&|| aligned::run(b), &|| aligned::run(f))
+    });
     aligned::print_table("calls", "direct", &rows);
-    let counts = aligned::instructions_per_call(&BRANCHES.map(|(n, _)| n));
     let base = BRANCHES[1].1;
-    let rows: Vec<Row> = BRANCHES
-        .into_iter()
-        .zip(counts)
-        .map(|((name, f), count)| Row {
-            name,
-            placement: Placement::Uncontrolled,
-            ratios: vec![aligned::paired_ratio(&|| base(black_box(1)), &|| {
-                f(black_box(1))
-            })],
-            count,
-        })
-        .collect();
+    let branches = BRANCHES.map(|(n, _)| (n, Placement::Uncontrolled));
+    let rows = aligned::rows(&branches, |name, _| {
+        let f = BRANCHES.iter().find(|(n, _)| *n == name).unwrap().1;
+        aligned::paired_ratio(&|| base(black_box(1)), &|| f(black_box(1)))
+    });
     aligned::print_table("branches", "atomic_bool", &rows);
 }

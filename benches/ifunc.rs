@@ -22,8 +22,7 @@ mod estimates;
 mod aligned;
 #[path = "support/shape.rs"]
 mod shape;
-use aligned::{Loop, N, OFFSETS, Placement, Row, Target, direct, target};
-use shape::Shape;
+use aligned::{Loop, N, Placement, Target, direct, target};
 
 /// An ifunc resolved in place and one left lazy, both resolving to the
 /// target at `$off`.
@@ -146,22 +145,10 @@ const VARIANTS: [(&str, Placement); 5] = [
     ("multiversion", Placement::Uncontrolled),
 ];
 
-/// Checks results and loop shapes at every placement.
+/// Checks results and loop shapes at every placement: applied, the
+/// ifunc's call site *is* the direct loop's call.
 fn check() -> String {
-    let want = aligned::expected();
-    let mut line = String::new();
-    for off in OFFSETS {
-        let base = Shape::of("direct", direct(off) as usize);
-        let mut others = Vec::new();
-        for (name, _) in &VARIANTS {
-            let f = prepare(name, off);
-            assert_eq!(aligned::run(f), want, "{name} at +{off}");
-            others.push(Shape::of(name, f as usize));
-        }
-        // Applied, the ifunc's call site *is* the direct loop's call.
-        base.assert_same(&others[1]);
-        line = shape::check_loops(&base, &others.iter().collect::<Vec<_>>());
-    }
+    let line = shape::check_call_variants(&VARIANTS.map(|(n, _)| n), 1, prepare);
     assert_eq!(lazy_0::KEY.resolver_runs(), 1);
     line
 }
@@ -195,23 +182,9 @@ fn main() {
     println!("{}", check());
     benches();
     Criterion::default().configure_from_args().final_summary();
-    let counts = aligned::instructions_per_call(&VARIANTS.map(|(n, _)| n));
-    let rows: Vec<Row> = VARIANTS
-        .into_iter()
-        .zip(counts)
-        .map(|((name, placement), count)| Row {
-            name,
-            ratios: placement
-                .offsets()
-                .iter()
-                .map(|&off| {
-                    let (b, f) = (direct(off), prepare(name, off));
-                    aligned::paired_ratio(&|| aligned::run(b), &|| aligned::run(f))
-                })
-                .collect(),
-            placement,
-            count,
-        })
-        .collect();
+    let rows = aligned::rows(&VARIANTS, |name, off| {
+        let (b, f) = (direct(off), prepare(name, off));
+        aligned::paired_ratio(&|| aligned::run(b), &|| aligned::run(f))
+    });
     aligned::print_table("ifunc", "direct", &rows);
 }

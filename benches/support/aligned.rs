@@ -322,6 +322,34 @@ pub struct Row {
     pub count: Option<f64>,
 }
 
+/// The rows of a table: for each variant, the instructions per call
+/// (callgrind) and, at each of its placements, the paired ratio
+/// `ratio(name, off)` measures.
+pub fn rows(
+    variants: &[(&'static str, Placement)],
+    mut ratio: impl FnMut(&'static str, usize) -> f64,
+) -> Vec<Row> {
+    let names: Vec<&str> = variants.iter().map(|(n, _)| *n).collect();
+    let counts = instructions_per_call(&names);
+    variants
+        .iter()
+        .zip(counts)
+        .map(|((name, placement), count)| Row {
+            name,
+            ratios: placement
+                .offsets()
+                .iter()
+                .map(|&off| ratio(name, off))
+                .collect(),
+            placement: match placement {
+                Placement::Aligned => Placement::Aligned,
+                Placement::Uncontrolled => Placement::Uncontrolled,
+            },
+            count,
+        })
+        .collect()
+}
+
 /// Prints the markdown table of a group: per variant the mean time per
 /// call (criterion) over the placements with its spread, the paired ratio
 /// against the baseline at matched placements (mean and range), and the

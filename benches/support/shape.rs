@@ -212,3 +212,28 @@ pub fn check_loops(base: &Shape, others: &[&Shape]) -> String {
         1 + others.len()
     )
 }
+
+/// For call benches built on `aligned.rs`: at every placement, each
+/// variant's loop (from `prepare(name, off)`) gives the expected result,
+/// differs from the direct loop only in its call, and the variant at
+/// `patched` (a site rewritten to the direct call) is the direct loop.
+pub fn check_call_variants(
+    names: &[&str],
+    patched: usize,
+    mut prepare: impl FnMut(&str, usize) -> crate::aligned::Loop,
+) -> String {
+    use crate::aligned::{OFFSETS, direct, expected, run};
+    let mut line = String::new();
+    for off in OFFSETS {
+        let base = Shape::of("direct", direct(off) as usize);
+        let mut others = Vec::new();
+        for name in names {
+            let f = prepare(name, off);
+            assert_eq!(run(f), expected(), "{name} at +{off}");
+            others.push(Shape::of(name, f as usize));
+        }
+        base.assert_same(&others[patched]);
+        line = check_loops(&base, &others.iter().collect::<Vec<_>>());
+    }
+    line
+}
