@@ -218,6 +218,38 @@ impl Ifunc {
     /// this is for an `Ifunc` outside any image's records. Publishes
     /// nothing.
     ///
+    /// ```
+    /// use altpatch::cpu::{Feature, Features};
+    ///
+    /// extern "C" fn ones_hw(x: u64) -> u64 {
+    ///     x.count_ones() as u64
+    /// }
+    /// extern "C" fn ones_sw(mut x: u64) -> u64 {
+    ///     let mut n = 0;
+    ///     while x != 0 {
+    ///         x &= x - 1;
+    ///         n += 1;
+    ///     }
+    ///     n
+    /// }
+    /// fn pick(f: &Features) -> extern "C" fn(u64) -> u64 {
+    ///     if f.has(Feature::Popcnt) { ones_hw } else { ones_sw }
+    /// }
+    /// altpatch::ifunc! {
+    ///     fn ones(x: u64) -> u64 = pick;
+    /// }
+    ///
+    /// fn main() {
+    ///     let image = altpatch::Image::current();
+    ///     let mut poke = altpatch::LinuxPoke::new().unwrap();
+    ///     // The stub only (a kernel also passes its embedded site table).
+    ///     // SAFETY: in place; no other thread calls `ones` meanwhile.
+    ///     unsafe { ones::KEY.apply_with(&Features::detect(), &image, &[], &mut poke) }.unwrap();
+    ///     assert!(ones::KEY.is_applied());
+    ///     assert_eq!(ones(0b1011), 3);
+    /// }
+    /// ```
+    ///
     /// # Safety
     ///
     /// As for [`apply`].

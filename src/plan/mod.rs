@@ -333,6 +333,23 @@ impl Plan {
     /// [`inverse`](Self::inverse) with the same guarantees (validated first,
     /// all or nothing, idempotent).
     ///
+    /// ```
+    /// use altpatch::{DirectPoke, Edit, Expect, Plan, SyncMethod};
+    ///
+    /// let mut text = vec![0x0f_u8, 0x1f, 0x44, 0x00, 0x00, 0xc3];
+    /// let base = text.as_mut_ptr() as usize;
+    /// // SAFETY: `text` outlives the plan; nothing executes it.
+    /// let mut plan = unsafe { Plan::with_text(base..base + text.len()) };
+    /// plan.push(Edit::jmp(base, Expect::Nop, base + 5));
+    /// // SAFETY: the buffer is writable at its own addresses.
+    /// let mut poke = unsafe { DirectPoke::new(SyncMethod::Cpuid) };
+    /// // SAFETY: as above.
+    /// unsafe { plan.apply(&mut poke) }.unwrap();
+    /// // SAFETY: as above.
+    /// unsafe { plan.undo(&mut poke) }.unwrap();
+    /// assert_eq!(text[..5], [0x0f, 0x1f, 0x44, 0x00, 0x00]);
+    /// ```
+    ///
     /// # Safety
     ///
     /// As for [`Plan::apply`].

@@ -19,6 +19,28 @@ impl Plan {
     /// feature and `ALTPATCH_DEBUG=1`, the applied plan is printed to stderr
     /// (summarized per reason; `ALTPATCH_DEBUG=all`: every edit).
     ///
+    /// A kernel-style use: a direct poke over text it may write (here a
+    /// buffer standing for it):
+    ///
+    /// ```
+    /// use altpatch::{DirectPoke, Edit, Expect, Plan, SyncMethod};
+    ///
+    /// let mut text = vec![0x0f_u8, 0x1f, 0x44, 0x00, 0x00, 0xc3]; // nop5; ret
+    /// let base = text.as_mut_ptr() as usize;
+    /// // SAFETY: `text` outlives the plan; nothing executes it.
+    /// let mut plan = unsafe { Plan::with_text(base..base + text.len()) };
+    /// plan.push(Edit::jmp(base, Expect::Nop, base + 5).site("skip"));
+    /// // SAFETY: the buffer is writable at its own addresses.
+    /// let mut poke = unsafe { DirectPoke::new(SyncMethod::Cpuid) };
+    /// // SAFETY: as above; no thread runs these bytes.
+    /// let report = unsafe { plan.apply(&mut poke) }.unwrap();
+    /// assert_eq!((report.written, report.pages), (1, 1));
+    /// assert_eq!(text[..5], [0xe9, 0, 0, 0, 0]);
+    /// // Applying again finds the edit in place and writes nothing.
+    /// // SAFETY: as above.
+    /// assert_eq!(unsafe { plan.apply(&mut poke) }.unwrap().already, 1);
+    /// ```
+    ///
     /// # Safety
     ///
     /// The new bytes must be correct code for their sites. Unless the poke

@@ -52,6 +52,17 @@ pub struct DirectPoke {
 impl DirectPoke {
     /// A poke using `sync` after each batch.
     ///
+    /// ```
+    /// use altpatch::{DirectPoke, SyncMethod, TextPoke};
+    ///
+    /// // A kernel whose text is mapped writable, before other CPUs run
+    /// // (with them running, wrap it in `poke::live::Int3Poke`).
+    /// // SAFETY: every plan applied through it writes writable memory.
+    /// let poke = unsafe { DirectPoke::new(SyncMethod::Cpuid) };
+    /// assert_eq!(poke.sync_method(), SyncMethod::Cpuid);
+    /// assert!(poke.reads_in_place());
+    /// ```
+    ///
     /// # Safety
     ///
     /// Every text address a plan applied through this poke writes must be

@@ -208,6 +208,30 @@ impl StaticCall {
     /// trampoline are used; others are ignored), in one batch through
     /// `poke`.
     ///
+    /// Through the typed wrapper `static_call!` generates:
+    ///
+    /// ```
+    /// extern "C" fn double(x: u64) -> u64 {
+    ///     x * 2
+    /// }
+    /// extern "C" fn triple(x: u64) -> u64 {
+    ///     x * 3
+    /// }
+    /// altpatch::static_call! {
+    ///     fn scale(x: u64) -> u64 = double;
+    /// }
+    ///
+    /// fn main() {
+    ///     let image = altpatch::Image::current();
+    ///     let mut poke = altpatch::LinuxPoke::new().unwrap();
+    ///     // The trampoline only (no call sites passed: a kernel passes its
+    ///     // embedded site table). SAFETY: in place; no other thread calls it.
+    ///     let r = unsafe { scale::update_with(triple, &image, &[], &mut poke) }.unwrap();
+    ///     assert!(r.trampoline);
+    ///     assert_eq!(scale(5), 15);
+    /// }
+    /// ```
+    ///
     /// # Safety
     ///
     /// `target` must be the address of a function of exactly the declared

@@ -196,6 +196,26 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     /// changed (a module: Linux's `jump_label_add_module`) brings that
     /// image's sites up to date.
     ///
+    /// ```
+    /// use altpatch::static_key::{KeyIndex, StaticFalseKey};
+    /// use altpatch::{Image, LinuxPoke, static_branch_unlikely};
+    ///
+    /// static VERBOSE: StaticFalseKey = StaticFalseKey::new();
+    ///
+    /// #[inline(never)]
+    /// fn verbose() -> bool {
+    ///     static_branch_unlikely!(VERBOSE)
+    /// }
+    ///
+    /// let image = Image::current();
+    /// let index = KeyIndex::new(&image); // once per image
+    /// let mut poke = LinuxPoke::new().unwrap();
+    /// assert!(!verbose());
+    /// // SAFETY: in place, and no other thread runs the key's sites.
+    /// unsafe { VERBOSE.set_with(true, &image, &index, &mut poke) }.unwrap();
+    /// assert!(verbose() && VERBOSE.is_enabled());
+    /// ```
+    ///
     /// # Safety
     ///
     /// As for [`Plan::apply`] with `poke`: if other threads may be running

@@ -100,6 +100,23 @@ impl LiveSites {
     /// updating `frame`. Allocation-free and lock-free: callable from a
     /// signal or exception handler.
     ///
+    /// ```
+    /// use altpatch::poke::live::{LiveSite, LiveSites, TrapAction, TrapFrame};
+    ///
+    /// // A NOP5 at 0x1000 becoming `call 0x2000`, mid-update.
+    /// let call = [0xe8, 0xfb, 0x0f, 0x00, 0x00];
+    /// let site = LiveSite::new(0x1000, &[0x0f, 0x1f, 0x44, 0, 0], &call).unwrap();
+    /// let sites = LiveSites::new(vec![site]);
+    /// // A CPU trapped on the int3 at 0x1000, its stack in `stack`.
+    /// let mut stack = [0u64; 4];
+    /// let top = stack.as_mut_ptr() as u64 + 32;
+    /// let mut frame = TrapFrame { rip: 0x1001, rsp: top, rflags: 0, regs: [0; 16] };
+    /// // SAFETY: the 8 bytes below `rsp` are `stack`'s, writable.
+    /// assert_eq!(unsafe { sites.emulate(&mut frame) }, TrapAction::Emulated);
+    /// assert_eq!((frame.rip, frame.rsp), (0x2000, top - 8));
+    /// assert_eq!(stack[3], 0x1005); // the return address
+    /// ```
+    ///
     /// # Safety
     ///
     /// For a call or ret, `frame.rsp` must be the interrupted thread's stack
