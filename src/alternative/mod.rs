@@ -410,6 +410,35 @@ fn plan_site(
 /// [`plan`], then [`Plan::apply`] through `poke`. Sites already in that
 /// state are left alone, so applying twice is a no-op.
 ///
+/// ```
+/// use altpatch::cpu::Features;
+/// use altpatch::{Image, LinuxPoke, alternative};
+///
+/// #[inline(never)]
+/// fn load_be(p: &u32) -> u32 {
+///     let v: u32;
+///     // SAFETY: reads the u32 behind a valid reference; both sequences
+///     // compute the same value.
+///     unsafe {
+///         alternative!(
+///             "mov {v:e}, [{p}]\nbswap {v:e}",
+///             [Movbe => "movbe {v:e}, [{p}]"],
+///             p = in(reg) p, v = out(reg) v,
+///             options(nostack, readonly, preserves_flags)
+///         )
+///     };
+///     v
+/// }
+///
+/// let mut poke = LinuxPoke::new().unwrap();
+/// // SAFETY: at start-up; no other thread runs the program's alternatives.
+/// let report =
+///     unsafe { altpatch::alternative::apply(&Image::current(), &Features::detect(), &mut poke) }
+///         .unwrap();
+/// assert!(!report.sites.is_empty());
+/// assert_eq!(load_be(&0x1122_3344), 0x4433_2211);
+/// ```
+///
 /// # Safety
 ///
 /// No thread may execute any alternative site of the image during the call

@@ -227,6 +227,9 @@ impl<'a> ImageBuilder<'a> {
 
     /// Sets the patch-point table.
     ///
+    /// Example: [`alternatives`](Self::alternatives) (every table is set
+    /// the same way).
+    ///
     /// # Safety
     ///
     /// `points` must be the image's `altpatch_v1_point` section in place
@@ -239,6 +242,30 @@ impl<'a> ImageBuilder<'a> {
 
     /// Sets the alternative-record table.
     ///
+    /// A kernel passes the sections its linker script brackets
+    /// (`__start_altpatch_v1_alt` .. `__stop_altpatch_v1_alt` and so on);
+    /// here the running program's own tables stand for them:
+    ///
+    /// ```
+    /// use altpatch::Image;
+    ///
+    /// let this = Image::current();
+    /// // SAFETY: each table is this program's section in place, mapped and
+    /// // unchanged for the program's lifetime; the text range is its own.
+    /// let image = unsafe {
+    ///     Image::builder("kernel")
+    ///         .text(this.text()[0].clone())
+    ///         .patch_points(this.patch_points())
+    ///         .alternatives(this.alternatives())
+    ///         .static_key_records(this.static_key_records())
+    ///         .ifunc_records(this.ifuncs())
+    /// }
+    /// .build();
+    /// assert_eq!(image.alternatives().len(), this.alternatives().len());
+    /// assert_eq!(image.static_key_records().len(), this.static_key_records().len());
+    /// assert_eq!(image.name(), "kernel");
+    /// ```
+    ///
     /// # Safety
     ///
     /// `records` must be the image's `altpatch_v1_alt` section in place, in
@@ -250,6 +277,9 @@ impl<'a> ImageBuilder<'a> {
 
     /// Sets the static-branch record table.
     ///
+    /// Example: [`alternatives`](Self::alternatives) (every table is set
+    /// the same way).
+    ///
     /// # Safety
     ///
     /// `records` must be the image's `altpatch_v1_key` section in place, in
@@ -260,6 +290,9 @@ impl<'a> ImageBuilder<'a> {
     }
 
     /// Sets the ifunc record table.
+    ///
+    /// Example: [`alternatives`](Self::alternatives) (every table is set
+    /// the same way).
     ///
     /// # Safety
     ///
@@ -273,6 +306,9 @@ impl<'a> ImageBuilder<'a> {
     }
 
     /// Sets the site-table section (`altpatch_v1_sitetab`).
+    ///
+    /// Example: [`alternatives`](Self::alternatives) (every table is set
+    /// the same way).
     ///
     /// # Safety
     ///
