@@ -35,26 +35,35 @@ use shape::Shape;
 /// A loop over `xs`, summing their big-endian values.
 type Sum = fn(&[u32]) -> u32;
 
+/// NOPs to `OFF` bytes into the next 64-byte block, and a zeroed `%eax`
+/// (the sum): the loop that follows starts there, as the compiler has
+/// nothing left to put between the padding and the loop.
+#[inline(always)]
+fn zero_at_block<const OFF: usize>() -> u32 {
+    let s: u32;
+    // SAFETY: only zeroes %eax and pads with NOPs.
+    unsafe {
+        core::arch::asm!(
+            "xor eax, eax", ".p2align 6", ".skip {off}, 0x90",
+            off = const OFF, out("eax") s, options(nomem, nostack)
+        )
+    };
+    s
+}
+
 /// `$patched` (the loop as an `alternative!` site) and `$direct` (the
-/// `movbe` loop), their heads `$off` bytes into a 64-byte block. The
-/// padding asm also zeroes the sum, so the compiler has nothing to put
-/// between the padding and the loop.
+/// `movbe` loop), their heads `$off` bytes into a 64-byte block.
 macro_rules! loops_at {
     ($patched:ident, $direct:ident, $off:literal) => {
         #[inline(never)]
         fn $patched(xs: &[u32]) -> u32 {
             assert!(!xs.is_empty());
-            let s0: u32;
+            let s0 = zero_at_block::<$off>();
             let s: u32;
-            // SAFETY: the first asm only zeroes %eax and pads with NOPs; the
-            // loop reads `xs.len()` (≥ 1) u32s from `xs` and clobbers only
+            // SAFETY: the loop reads `xs.len()` (≥ 1) u32s from `xs` and clobbers only
             // the declared registers and flags; both sequences compute the
             // same sum.
             unsafe {
-                core::arch::asm!(
-                    "xor eax, eax", ".p2align 6", concat!(".skip ", $off, ", 0x90"),
-                    out("eax") s0, options(nomem, nostack)
-                );
                 alternative!(
                     "2: mov ecx, [rdi]\nbswap ecx\nadd eax, ecx\nadd rdi, 4\ndec rsi\njnz 2b",
                     [Movbe => "2: movbe ecx, [rdi]\nadd eax, ecx\nadd rdi, 4\ndec rsi\njnz 2b"],
@@ -68,15 +77,11 @@ macro_rules! loops_at {
         #[inline(never)]
         fn $direct(xs: &[u32]) -> u32 {
             assert!(!xs.is_empty());
-            let s0: u32;
+            let s0 = zero_at_block::<$off>();
             let s: u32;
             // SAFETY: as for the patched loop; only run where the CPU has
             // movbe.
             unsafe {
-                core::arch::asm!(
-                    "xor eax, eax", ".p2align 6", concat!(".skip ", $off, ", 0x90"),
-                    out("eax") s0, options(nomem, nostack)
-                );
                 core::arch::asm!(
                     "2: movbe ecx, [rdi]\nadd eax, ecx\nadd rdi, 4\ndec rsi\njnz 2b",
                     inout("rdi") xs.as_ptr() => _, inout("rsi") xs.len() => _,
@@ -87,9 +92,9 @@ macro_rules! loops_at {
         }
     };
 }
-loops_at!(patched_0, direct_0, "0");
-loops_at!(patched_16, direct_16, "16");
-loops_at!(patched_32, direct_32, "32");
+loops_at!(patched_0, direct_0, 0);
+loops_at!(patched_16, direct_16, 16);
+loops_at!(patched_32, direct_32, 32);
 
 #[inline(always)]
 fn load_movbe(p: &u32) -> u32 {

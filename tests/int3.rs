@@ -24,10 +24,23 @@ enum Event {
     Sync,
 }
 
-/// An in-place poke over a plain buffer that records every store and sync.
+/// An in-place poke over a plain buffer that records every store and sync,
+/// and runs `on_write` (a CPU "trapping" mid-batch) before each store.
 struct Recording {
     direct: DirectPoke,
     events: Vec<Event>,
+    on_write: Box<dyn FnMut()>,
+}
+
+impl Recording {
+    fn new(on_write: impl FnMut() + 'static) -> Recording {
+        Recording {
+            // SAFETY: every plan of these tests writes its own buffer.
+            direct: unsafe { DirectPoke::new(SyncMethod::Cpuid) },
+            events: Vec::new(),
+            on_write: Box::new(on_write),
+        }
+    }
 }
 
 // SAFETY: forwards every write to a DirectPoke over the test's own buffer.
@@ -37,6 +50,7 @@ unsafe impl TextPoke for Recording {
     }
 
     unsafe fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
+        (self.on_write)();
         let published = SLOT.enter().sites().is_some();
         self.events.push(Event::Write {
             addr,
@@ -81,11 +95,7 @@ fn three_syncs_per_batch_and_the_table_lives_exactly_as_long_as_the_batch() {
     for i in 0..N {
         plan.push(Edit::jmp(base + i * 16, Expect::Nop, target));
     }
-    let inner = Recording {
-        // SAFETY: plain data.
-        direct: unsafe { DirectPoke::new(SyncMethod::Cpuid) },
-        events: Vec::new(),
-    };
+    let inner = Recording::new(|| {});
     let mut poke = Int3Poke::new(inner);
     // SAFETY: SERIAL makes this the only patcher publishing to SLOT.
     unsafe { poke.set_table(&SLOT) };
@@ -165,41 +175,6 @@ fn three_syncs_per_batch_and_the_table_lives_exactly_as_long_as_the_batch() {
 #[test]
 fn a_trap_mid_batch_is_emulated_through_the_slot() {
     let _one = SERIAL.lock().unwrap();
-    struct Trapping {
-        direct: DirectPoke,
-        site: usize,
-        target: usize,
-        checked: usize,
-    }
-    // SAFETY: forwards to a DirectPoke over the test's buffer.
-    unsafe impl TextPoke for Trapping {
-        fn begin(&mut self, pages: &[Range<usize>]) -> Result<(), PokeError> {
-            self.direct.begin(pages)
-        }
-        unsafe fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
-            let mut frame = TrapFrame {
-                rip: (self.site + 1) as u64,
-                rsp: 0,
-                rflags: 0,
-                regs: [0; 16],
-            };
-            // SAFETY: a jmp touches no stack.
-            assert_eq!(unsafe { SLOT.emulate(&mut frame) }, TrapAction::Emulated);
-            assert_eq!(frame.rip as usize, self.target);
-            self.checked += 1;
-            // SAFETY: forwarded.
-            unsafe { self.direct.write(addr, bytes) }
-        }
-        fn commit(&mut self) -> Result<(), PokeError> {
-            self.direct.commit()
-        }
-        fn abort(&mut self) {
-            self.direct.abort()
-        }
-        fn sync(&mut self) -> Result<(), PokeError> {
-            self.direct.sync()
-        }
-    }
     let mut text = vec![0xccu8; 4096];
     let base = text.as_mut_ptr() as usize;
     text[..5].copy_from_slice(&[0x0f, 0x1f, 0x44, 0x00, 0x00]);
@@ -207,18 +182,28 @@ fn a_trap_mid_batch_is_emulated_through_the_slot() {
     let mut plan = unsafe { Plan::with_text(base..base + 4096) };
     plan.push(Edit::jmp(base, Expect::Nop, base + 0x100));
     let before = SLOT.emulated();
-    let inner = Trapping {
-        // SAFETY: plain data.
-        direct: unsafe { DirectPoke::new(SyncMethod::Cpuid) },
-        site: base,
-        target: base + 0x100,
-        checked: 0,
-    };
+    let inner = Recording::new(move || {
+        let mut frame = TrapFrame {
+            rip: (base + 1) as u64,
+            rsp: 0,
+            rflags: 0,
+            regs: [0; 16],
+        };
+        // SAFETY: a jmp touches no stack; the site is readable.
+        assert_eq!(unsafe { SLOT.emulate(&mut frame) }, TrapAction::Emulated);
+        assert_eq!(frame.rip as usize, base + 0x100);
+    });
     let mut poke = Int3Poke::new(inner);
     // SAFETY: SERIAL makes this the only patcher publishing to SLOT.
     unsafe { poke.set_table(&SLOT) };
     // SAFETY: as above.
     unsafe { plan.apply(&mut poke) }.unwrap();
-    assert_eq!(poke.into_inner().checked, 3);
+    let writes = poke
+        .into_inner()
+        .events
+        .iter()
+        .filter(|e| **e != Event::Sync)
+        .count();
+    assert_eq!(writes, 3);
     assert_eq!(SLOT.emulated() - before, 3);
 }

@@ -39,17 +39,12 @@ pub fn reference(x: u64) -> u64 {
     x.wrapping_mul(3).wrapping_add(1)
 }
 
-/// A loop named `$name` around one `$call` (AT&T syntax; may use operands
-/// of the enclosing `global_asm!`): `%rdi` = x, `%rsi` = n ≥ 1; each
-/// iteration moves x to `%rdi`, runs `$call`, takes `%rax` as the new x.
-/// The function and the loop head start 64-byte blocks; the call starts 3
-/// bytes into the head's block.
+/// The label of an assembly function `$name` the rest of the bench links
+/// to (global, hidden).
 #[macro_export]
-macro_rules! call_loop {
-    ($name:literal, $call:literal) => {
+macro_rules! asm_fn_label {
+    ($name:literal) => {
         concat!(
-            ".pushsection .text.bench_loops,\"ax\",@progbits\n",
-            ".balign 64\n",
             ".globl ",
             $name,
             "\n",
@@ -61,6 +56,22 @@ macro_rules! call_loop {
             ", @function\n",
             $name,
             ":\n",
+        )
+    };
+}
+
+/// A loop named `$name` around one `$call` (AT&T syntax; may use operands
+/// of the enclosing `global_asm!`): `%rdi` = x, `%rsi` = n ≥ 1; each
+/// iteration moves x to `%rdi`, runs `$call`, takes `%rax` as the new x.
+/// The function and the loop head start 64-byte blocks; the call starts 3
+/// bytes into the head's block.
+#[macro_export]
+macro_rules! call_loop {
+    ($name:literal, $call:literal) => {
+        concat!(
+            ".pushsection .text.bench_loops,\"ax\",@progbits\n",
+            ".balign 64\n",
+            asm_fn_label!($name),
             // One push re-aligns the stack for the call.
             "push %rbx\n",
             "mov %rsi, %rbx\n",
@@ -92,17 +103,7 @@ macro_rules! bench_target {
             ".skip ",
             $skip,
             ", 0xcc\n",
-            ".globl ",
-            $name,
-            "\n",
-            ".hidden ",
-            $name,
-            "\n",
-            ".type ",
-            $name,
-            ", @function\n",
-            $name,
-            ":\n",
+            asm_fn_label!($name),
             "lea 1(%rdi,%rdi,2), %rax\n",
             "ret\n",
             ".size ",
@@ -242,6 +243,7 @@ pub fn instructions_per_call(variants: &[&str]) -> Vec<Option<f64>> {
 }
 
 /// How a row of [`print_table`] was measured.
+#[derive(Clone, Copy)]
 pub enum Placement {
     /// At each of [`OFFSETS`] (bench ids `group/name/<off>`).
     Aligned,
@@ -341,10 +343,7 @@ pub fn rows(
                 .iter()
                 .map(|&off| ratio(name, off))
                 .collect(),
-            placement: match placement {
-                Placement::Aligned => Placement::Aligned,
-                Placement::Uncontrolled => Placement::Uncontrolled,
-            },
+            placement: *placement,
             count,
         })
         .collect()

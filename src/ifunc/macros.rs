@@ -94,16 +94,8 @@ macro_rules! __ifunc {
             #[unsafe(link_section = ".text.altpatch_ifunc")]
             pub extern "C" fn __altpatch_ifunc_stub($($arg: $ty),*) -> $ret {
                 ::core::arch::naked_asm!(
-                    ".byte 0xe9",
-                    ".long {lazy} - 4 - .",
-                    ".byte 0x0f, 0xb9, 0xcc",
-                    // Every trampoline of the section starts 8-byte aligned
-                    // (the section's alignment becomes 8), so its 8 bytes
-                    // never straddle a 64-byte fetch block: where the
-                    // linker packs them at 4 bytes, a `jmp` split across
-                    // two blocks cost a call through it ~25% more (benches/calls.rs).
-                    ".balign 8, 0xcc",
-                    lazy = sym __lazy,
+                    $crate::__altpatch_trampoline_body!(),
+                    target = sym __lazy,
                 )
             }
 

@@ -64,6 +64,27 @@ macro_rules! static_call {
     };
 }
 
+/// Internal: the code of a static-call trampoline, and of an ifunc's stub
+/// (which is one): `jmp {target}`, the `0f b9 cc` signature
+/// ([`TRAMPOLINE_SIGNATURE`](crate::static_call::TRAMPOLINE_SIGNATURE)),
+/// then `int3` padding to 8 bytes. The padding makes the section's
+/// alignment 8, so every trampoline starts 8-byte aligned and its 8 bytes
+/// never straddle a 64-byte fetch block: packed at 4 bytes by the linker, a
+/// `jmp` split across two blocks cost a call through it ~25 % more
+/// (benches/calls.rs).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __altpatch_trampoline_body {
+    () => {
+        concat!(
+            ".byte 0xe9\n",
+            ".long {target} - 4 - .\n",
+            ".byte 0x0f, 0xb9, 0xcc\n",
+            ".balign 8, 0xcc",
+        )
+    };
+}
+
 /// Internal: the body of [`static_call!`](macro@crate::static_call).
 #[doc(hidden)]
 #[macro_export]
@@ -92,15 +113,7 @@ macro_rules! __static_call {
             #[unsafe(link_section = ".text.altpatch_sc_tramp")]
             pub extern "C" fn __altpatch_sc_tramp($($arg: $ty),*) -> $ret {
                 ::core::arch::naked_asm!(
-                    ".byte 0xe9",
-                    ".long {target} - 4 - .",
-                    ".byte 0x0f, 0xb9, 0xcc",
-                    // Every trampoline of the section starts 8-byte aligned
-                    // (the section's alignment becomes 8), so its 8 bytes
-                    // never straddle a 64-byte fetch block: where the
-                    // linker packs them at 4 bytes, a `jmp` split across
-                    // two blocks cost a call through it ~25% more (benches/calls.rs).
-                    ".balign 8, 0xcc",
+                    $crate::__altpatch_trampoline_body!(),
                     target = sym $default,
                 )
             }

@@ -81,6 +81,20 @@ _start32:
 
     .code64
 long_mode:
+    movabsq $boot_stack_top, %rsp
+    call cpu_long_mode_setup
+    movl multiboot_info(%rip), %edi
+    call kmain
+2:
+    hlt
+    jmp 2b
+
+    /* What every CPU does first in long mode, with a stack (the APs call it
+       too, cpus.rs): flat data segments, and SSE on (CR0.EM = 0, CR0.MP = 1;
+       CR4.OSFXSR | CR4.OSXMMEXCPT), which Rust code for the host target
+       uses. */
+    .globl cpu_long_mode_setup
+cpu_long_mode_setup:
     movw $0x10, %ax
     movw %ax, %ds
     movw %ax, %es
@@ -88,7 +102,6 @@ long_mode:
     xorw %ax, %ax
     movw %ax, %fs
     movw %ax, %gs
-    /* SSE: CR0.EM = 0, CR0.MP = 1; CR4.OSFXSR | CR4.OSXMMEXCPT */
     movq %cr0, %rax
     andq $~(1 << 2), %rax
     orq $(1 << 1), %rax
@@ -96,12 +109,7 @@ long_mode:
     movq %cr4, %rax
     orq $(3 << 9), %rax
     movq %rax, %cr4
-    movabsq $boot_stack_top, %rsp
-    movl multiboot_info(%rip), %edi
-    call kmain
-2:
-    hlt
-    jmp 2b
+    ret
 
     .code32
     /* The serial port works unprogrammed under QEMU: one byte at a time.

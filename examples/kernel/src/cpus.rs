@@ -189,22 +189,8 @@ ap_tramp_end:
     .text
     .globl ap_long_mode
 ap_long_mode:
-    movw $0x10, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    xorw %ax, %ax
-    movw %ax, %fs
-    movw %ax, %gs
     movq {stack}(%rip), %rsp
-    /* SSE, as on the BSP: CR0.EM = 0, CR0.MP = 1; CR4.OSFXSR | OSXMMEXCPT */
-    movq %cr0, %rax
-    andq $~(1 << 2), %rax
-    orq $(1 << 1), %rax
-    movq %rax, %cr0
-    movq %cr4, %rax
-    orq $(3 << 9), %rax
-    movq %rax, %cr4
+    call cpu_long_mode_setup
     movq {cpu}(%rip), %rdi
     call {main}
 1:

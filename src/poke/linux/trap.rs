@@ -26,7 +26,7 @@
 //! storm cannot interrupt it.
 
 use core::ptr;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::poke::PokeError;
 use crate::poke::live::{TrapAction, TrapFrame, TrapSlot};
@@ -37,8 +37,6 @@ use crate::poke::live::{TrapAction, TrapFrame, TrapSlot};
 /// trap and this handler, so a trap at a site whose batch has ended is
 /// claimed too (and the site run again).
 static ACTIVE: TrapSlot = TrapSlot::new();
-/// Traps emulated so far (for tests and diagnostics).
-static EMULATED: AtomicUsize = AtomicUsize::new(0);
 /// Whether our handler was installed.
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 /// The previous handler had `SA_RESETHAND` and has run once: default now.
@@ -47,7 +45,7 @@ static RESET: AtomicBool = AtomicBool::new(false);
 /// How many times a thread hit a site being patched live and had its new
 /// instruction emulated, since the process started.
 pub fn emulated_traps() -> usize {
-    EMULATED.load(Ordering::Relaxed)
+    ACTIVE.emulated()
 }
 
 struct OldAction(core::cell::UnsafeCell<libc::sigaction>);
@@ -96,7 +94,6 @@ fn claim(uc: &mut libc::ucontext_t) -> bool {
         TrapAction::Emulated => {
             gregs[libc::REG_RIP as usize] = frame.rip as i64;
             gregs[libc::REG_RSP as usize] = frame.rsp as i64;
-            EMULATED.fetch_add(1, Ordering::Relaxed);
             true
         }
         TrapAction::Restarted => {
