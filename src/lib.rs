@@ -116,7 +116,7 @@ pub mod x86;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use image::LoadError;
 pub use image::{Image, ImageBuilder};
-pub use plan::{ApplyReport, Edit, Expect, Plan, PlanError, Validation};
+pub use plan::{ApplyReport, CompactPlan, Edit, Expect, Plan, PlanError, Validation};
 pub use poke::{
     DirectPoke, FaultInjectingPoke, FaultPoint, PokeError, Refusal, Strategy, SyncMethod, TextPoke,
 };

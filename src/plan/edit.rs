@@ -271,11 +271,6 @@ impl Edit {
         }
     }
 
-    #[inline]
-    pub(crate) fn end(&self) -> usize {
-        self.addr.wrapping_add(self.new.len())
-    }
-
     /// The site name, or the address when the edit has none.
     pub(crate) fn who(&self) -> Label {
         match &self.meta {

@@ -11,7 +11,9 @@
 //! A plan is a plain value: it can be printed (a dry run), applied, applied
 //! again (a no-op), and undone.
 
+mod batch;
 mod bytes;
+mod compact;
 mod display;
 pub use display::PlanSummary;
 mod edit;
@@ -23,6 +25,7 @@ use core::fmt;
 use core::ops::Range;
 
 pub use bytes::Bytes;
+pub use compact::{COMPACT_MAX, CompactPlan};
 pub use edit::{Edit, Expect, Label};
 pub use error::PlanError;
 
@@ -185,117 +188,7 @@ impl Plan {
     /// pending; the bytes are remembered for [`undo`](Self::undo)) or already
     /// its new bytes. The first failure is returned, naming its site.
     pub fn validate<P: TextPoke + ?Sized>(&mut self, poke: &P) -> Result<Validation, PlanError> {
-        self.validate_into(poke, None)
-    }
-
-    /// [`validate`](Self::validate), also collecting the page runs of the
-    /// pending edits into `runs` (one pass over the edits instead of two).
-    fn validate_into<P: TextPoke + ?Sized>(
-        &mut self,
-        poke: &P,
-        mut runs: Option<&mut Vec<Range<usize>>>,
-    ) -> Result<Validation, PlanError> {
-        if !self.sorted {
-            self.edits.sort_by_key(|e| e.addr);
-            self.sorted = true;
-        }
-        let text = self.text.as_deref();
-        let mut v = Validation::default();
-        let mut small = [0u8; 32];
-        let mut big = Vec::new();
-        let mut prev_end = 0usize;
-        let in_place = poke.reads_in_place();
-        for i in 0..self.edits.len() {
-            let e = &self.edits[i];
-            let len = e.len();
-            if let Some(err) = e.range_error() {
-                return Err(PlanError::OutOfRange {
-                    site: e.who(),
-                    error: err,
-                });
-            }
-            if len == 0 {
-                return Err(PlanError::BadEdit {
-                    site: e.who(),
-                    addr: e.addr,
-                    why: "edit writes no bytes",
-                });
-            }
-            if let Expect::Bytes(b) = &e.expect
-                && b.len() != len
-            {
-                return Err(PlanError::BadEdit {
-                    site: e.who(),
-                    addr: e.addr,
-                    why: "expected and new bytes differ in length",
-                });
-            }
-            let inside = match (text, e.addr.checked_add(len)) {
-                (_, None) => false,
-                (None, Some(_)) => true,
-                (Some(text), Some(end)) => text.iter().any(|r| r.start <= e.addr && end <= r.end),
-            };
-            if !inside {
-                return Err(PlanError::OutsideText {
-                    site: e.who(),
-                    addr: e.addr,
-                    len,
-                });
-            }
-            if i > 0 && prev_end > e.addr {
-                return Err(PlanError::Overlap {
-                    site: self.edits[i - 1].who(),
-                    other: e.who(),
-                    addr: e.addr,
-                });
-            }
-            prev_end = e.end();
-
-            let found: &[u8] = if in_place {
-                // SAFETY: the edit lies inside the plan's text (checked
-                // above), which the plan's constructor guarantees is
-                // readable (without bounds, `unbounded`'s contract covers
-                // every edit); text changes only under the patcher's lock.
-                unsafe { core::slice::from_raw_parts(e.addr as *const u8, len) }
-            } else {
-                let buf: &mut [u8] = if len <= small.len() {
-                    &mut small[..len]
-                } else {
-                    big.resize(len, 0);
-                    &mut big[..]
-                };
-                // SAFETY: as above.
-                unsafe { poke.read(e.addr, buf) }.map_err(|error| PlanError::Poke {
-                    site: Some(e.who()),
-                    error,
-                })?;
-                buf
-            };
-            // Observations are recorded as they are made: they stay true
-            // even if a later edit fails validation, since nothing is written.
-            let e = &mut self.edits[i];
-            if short_eq(found, &e.new) {
-                e.state = State::Done;
-                v.already += 1;
-            } else if e.expect.matches(e.addr, found) {
-                e.state = State::Pending;
-                if !matches!(e.expect, Expect::Bytes(_)) {
-                    e.old = Some(Bytes::new(found));
-                }
-                v.pending += 1;
-                if let Some(runs) = runs.as_deref_mut() {
-                    add_page_run(runs, e.addr, e.end());
-                }
-            } else {
-                return Err(PlanError::Unexpected {
-                    site: e.who(),
-                    addr: e.addr,
-                    expected: e.expect.clone(),
-                    found: Bytes::new(found),
-                });
-            }
-        }
-        Ok(v)
+        batch::validate(self, poke, None)
     }
 
     /// The plan that reverses this one: each edit expects this plan's new
@@ -367,6 +260,99 @@ impl Plan {
     }
 }
 
+impl batch::EditList for Plan {
+    fn count(&self) -> usize {
+        self.edits.len()
+    }
+
+    fn sort(&mut self) {
+        if !self.sorted {
+            self.edits.sort_by_key(|e| e.addr);
+            self.sorted = true;
+        }
+    }
+
+    fn text(&self) -> Option<&[Range<usize>]> {
+        self.text.as_deref()
+    }
+
+    #[inline]
+    fn addr(&self, i: usize) -> usize {
+        self.edits[i].addr
+    }
+
+    #[inline]
+    fn len(&self, i: usize) -> usize {
+        self.edits[i].len()
+    }
+
+    #[inline]
+    fn new_bytes(&self, i: usize) -> &[u8] {
+        &self.edits[i].new
+    }
+
+    fn original(&self, i: usize) -> &[u8] {
+        self.edits[i].original()
+    }
+
+    #[inline]
+    fn state(&self, i: usize) -> State {
+        self.edits[i].state
+    }
+
+    #[inline]
+    fn set_state(&mut self, i: usize, state: State) {
+        self.edits[i].state = state;
+    }
+
+    fn who(&self, i: usize) -> Label {
+        self.edits[i].who()
+    }
+
+    fn check_shape(&self, i: usize) -> Result<(), PlanError> {
+        let e = &self.edits[i];
+        if let Some(err) = e.range_error() {
+            return Err(PlanError::OutOfRange {
+                site: e.who(),
+                error: err,
+            });
+        }
+        let why = match &e.expect {
+            _ if e.is_empty() => "edit writes no bytes",
+            Expect::Bytes(b) if b.len() != e.len() => "expected and new bytes differ in length",
+            _ => return Ok(()),
+        };
+        Err(PlanError::BadEdit {
+            site: e.who(),
+            addr: e.addr,
+            why,
+        })
+    }
+
+    fn observe(&mut self, i: usize, found: &[u8]) -> Result<bool, PlanError> {
+        let e = &mut self.edits[i];
+        if short_eq(found, &e.new) {
+            Ok(false)
+        } else if e.expect.matches(e.addr, found) {
+            if !matches!(e.expect, Expect::Bytes(_)) {
+                e.old = Some(Bytes::new(found));
+            }
+            Ok(true)
+        } else {
+            Err(PlanError::Unexpected {
+                site: e.who(),
+                addr: e.addr,
+                expected: e.expect.clone(),
+                found: Bytes::new(found),
+            })
+        }
+    }
+
+    fn applied(&self, report: &ApplyReport) {
+        debug_print(self, report);
+    }
+}
+
 /// Extends `runs` (maximal contiguous page ranges, in address order) with
 /// the pages of `addr..end`, which starts at or after every earlier edit.
 #[inline]
@@ -383,21 +369,30 @@ fn add_page_run(runs: &mut Vec<Range<usize>>, addr: usize, end: usize) {
 fn page_runs<'a>(edits: impl Iterator<Item = &'a Edit>) -> Vec<Range<usize>> {
     let mut runs = Vec::new();
     for e in edits {
-        add_page_run(&mut runs, e.addr, e.end());
+        add_page_run(&mut runs, e.addr, e.addr + e.len());
     }
     runs
 }
 
+/// `ALTPATCH_DEBUG`: 0 off; 1 a summary per reason; 2 every edit (`all`).
 #[cfg(feature = "std")]
-fn debug_print(plan: &Plan, report: &ApplyReport) {
-    /// 0: off; 1: a summary per reason; 2: every edit (`ALTPATCH_DEBUG=all`).
+fn debug_level() -> u8 {
     static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
-    let level = *LEVEL.get_or_init(|| match std::env::var("ALTPATCH_DEBUG").as_deref() {
+    *LEVEL.get_or_init(|| match std::env::var("ALTPATCH_DEBUG").as_deref() {
         Err(_) | Ok("") | Ok("0") => 0,
         Ok("all") => 2,
         Ok(_) => 1,
-    });
-    match level {
+    })
+}
+
+#[cfg(not(feature = "std"))]
+fn debug_level() -> u8 {
+    0
+}
+
+#[cfg(feature = "std")]
+fn debug_print(plan: &Plan, report: &ApplyReport) {
+    match debug_level() {
         1 => std::eprintln!(
             "altpatch: applied plan ({report}); ALTPATCH_DEBUG=all lists every edit\n{}",
             plan.summary(3)

@@ -7,9 +7,8 @@ use alloc::vec::Vec;
 
 use super::Mode;
 use crate::image::Image;
-use crate::plan::Bytes;
 use crate::sites::{Site, SiteKind};
-use crate::x86::{self, BranchKind};
+use crate::x86::{self, BranchKind, Encoded};
 
 /// A site's new bytes, built on the stack: start-up plans every site of a
 /// program (tens of thousands), so no allocation per form.
@@ -39,8 +38,8 @@ impl Form {
         self.n
     }
 
-    fn bytes(&self) -> Bytes {
-        Bytes::new(&self.b[..self.n])
+    fn bytes(&self) -> Encoded {
+        Encoded::from_slice(&self.b[..self.n])
     }
 }
 
@@ -58,9 +57,9 @@ fn int3s(out: &mut Form, n: usize) {
 /// return addresses and fall-through are where threads already expect them,
 /// and moving between `lfence` and `plain` changes only the first
 /// instruction — one instruction for one, which is safe live.
-pub(super) fn inline_form(site: &Site, mode: Mode) -> Result<Bytes, &'static str> {
+pub(super) fn inline_form(site: &Site, mode: Mode) -> Result<Encoded, &'static str> {
     let len = site.len as usize;
-    if len > 16 {
+    if len > 15 {
         return Err("site too long");
     }
     let mut b = Form::new();
@@ -128,6 +127,7 @@ fn is_filler(b: &[u8]) -> bool {
 /// The bytes of `current` an edit to `new` must cover: only the first
 /// instruction when the two differ just in their filler (`lfence` against a
 /// NOP), so the edit stays one instruction for one; else all of them.
+#[inline]
 pub(super) fn edit_span(current: &[u8], new: &[u8]) -> usize {
     // Most edits replace a branch whose last byte differs: no scan.
     if current.last() != new.last() {
@@ -147,7 +147,7 @@ pub(super) fn edit_span(current: &[u8], new: &[u8]) -> usize {
 
 /// A return-thunk site routed to the return thunk at `thunk`: the site's
 /// own branch (`jmp` or `jcc`, same length) with the new target.
-pub(super) fn routed_form(site: &Site, thunk: usize) -> Result<Bytes, &'static str> {
+pub(super) fn routed_form(site: &Site, thunk: usize) -> Result<Encoded, &'static str> {
     let e = match site.form {
         BranchKind::Jmp => x86::jmp_rel32(site.addr, thunk),
         BranchKind::Jcc(cc) => x86::jcc_rel32(cc, site.addr, thunk),
@@ -157,7 +157,7 @@ pub(super) fn routed_form(site: &Site, thunk: usize) -> Result<Bytes, &'static s
     if e.len() != site.len as usize {
         return Err("prefixed or unusual encoding: left as is");
     }
-    Ok(Bytes::new(&e))
+    Ok(e)
 }
 
 /// Whether `current` is `site`'s own branch (`jmp rel32`, or `jcc rel32`
@@ -178,14 +178,14 @@ pub(super) fn routed_elsewhere(image: &Image<'_>, site: &Site, current: &[u8]) -
 }
 
 /// The original form of a site: its branch to the thunk.
-pub(super) fn original_form(site: &Site) -> Option<Bytes> {
+pub(super) fn original_form(site: &Site) -> Option<Encoded> {
     let e = match site.form {
         BranchKind::Call => x86::call_rel32(site.addr, site.target),
         BranchKind::Jmp => x86::jmp_rel32(site.addr, site.target),
         BranchKind::Jcc(cc) => x86::jcc_rel32(cc, site.addr, site.target),
     }
     .ok()?;
-    (e.len() == site.len as usize).then(|| Bytes::new(&e))
+    (e.len() == site.len as usize).then_some(e)
 }
 
 /// Inline forms by site shape: a form depends on the site's kind and
@@ -196,7 +196,7 @@ pub(super) fn original_form(site: &Site) -> Option<Bytes> {
 /// recomputes).
 pub(super) struct FormCache {
     mode: Mode,
-    slots: Vec<Option<(u8, Result<Bytes, &'static str>)>>,
+    slots: Vec<Option<(u8, Result<Encoded, &'static str>)>>,
 }
 
 /// 16 thunk registers and the return thunk.
@@ -212,7 +212,7 @@ impl FormCache {
     }
 
     /// [`inline_form`] of `site` in this cache's mode.
-    pub(super) fn inline(&mut self, site: &Site) -> Result<Bytes, &'static str> {
+    pub(super) fn inline(&mut self, site: &Site) -> Result<Encoded, &'static str> {
         let target = match site.kind {
             SiteKind::IndirectThunk(r) => r as usize,
             SiteKind::ReturnThunk => 16,
@@ -225,10 +225,10 @@ impl FormCache {
         };
         let slot = &mut self.slots[target * FORMS + form];
         match slot {
-            Some((len, f)) if *len == site.len => f.clone(),
+            Some((len, f)) if *len == site.len => *f,
             _ => {
                 let f = inline_form(site, self.mode);
-                *slot = Some((site.len, f.clone()));
+                *slot = Some((site.len, f));
                 f
             }
         }

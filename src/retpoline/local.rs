@@ -135,15 +135,7 @@ pub(super) fn find(
     sites: &[Site],
     own: core::ops::Range<usize>,
 ) -> (Vec<LocalThunk>, Vec<(usize, Reg)>) {
-    let mut targets: Vec<(usize, Reg)> = sites
-        .iter()
-        .filter_map(|s| match s.kind {
-            SiteKind::IndirectThunk(r) if !own.contains(&s.target) => Some((s.target, r)),
-            _ => None,
-        })
-        .collect();
-    targets.sort_unstable();
-    targets.dedup();
+    let targets = distinct_targets(sites, own);
     let mut found = Vec::new();
     let mut unknown = Vec::new();
     for (addr, reg) in targets {
@@ -158,6 +150,43 @@ pub(super) fn find(
         }
     }
     (found, unknown)
+}
+
+/// The distinct (thunk, register) pairs `sites` branch to, outside `own`,
+/// in address order.
+///
+/// A program has a few dozen thunks (one per register and name) and tens of
+/// thousands of sites: each register remembers the last thunk a site used
+/// with it, so a site costs one compare; only a new pair searches the short
+/// list seen so far. Sorting a pair per site cost ~100 instructions per
+/// site at start-up. Past `MAX_LINEAR` distinct pairs (not a real program)
+/// the rest is collected and sorted instead.
+fn distinct_targets(sites: &[Site], own: core::ops::Range<usize>) -> Vec<(usize, Reg)> {
+    const MAX_LINEAR: usize = 64;
+    let mut seen: Vec<(usize, Reg)> = Vec::new();
+    let mut last = [usize::MAX; 16];
+    for (i, s) in sites.iter().enumerate() {
+        let SiteKind::IndirectThunk(r) = s.kind else {
+            continue;
+        };
+        if last[r as usize & 15] == s.target || own.contains(&s.target) {
+            continue;
+        }
+        last[r as usize & 15] = s.target;
+        if !seen.contains(&(s.target, r)) {
+            seen.push((s.target, r));
+            if seen.len() > MAX_LINEAR {
+                seen.extend(sites[i + 1..].iter().filter_map(|s| match s.kind {
+                    SiteKind::IndirectThunk(r) if !own.contains(&s.target) => Some((s.target, r)),
+                    _ => None,
+                }));
+                break;
+            }
+        }
+    }
+    seen.sort_unstable();
+    seen.dedup();
+    seen
 }
 
 /// Whether `addr` starts a PLT stub: `jmp *slot(%rip)` (`ff 25`), after

@@ -51,8 +51,10 @@
 //! between `lfence` and `plain` rewrites only the filler — one instruction
 //! for one. The thunks' heads follow the same rule.
 //!
-//! [`apply`] validates both batches — call sites, then the thunks — before
-//! writing either, then writes sites first. Moving towards fewer mitigations
+//! [`apply`] validates both batches before writing either — the thunks
+//! first, then the call sites as part of writing them (one pass over the
+//! sites: a refusal there still comes before any write) — and writes sites
+//! first. Moving towards fewer mitigations
 //! (from `generic`, or between `lfence` and `plain` where no site goes back
 //! through a thunk) is safe while other threads run with a live poke: every
 //! edit replaces one instruction. Going back (re-routing an inlined site
@@ -83,10 +85,10 @@ pub use verdict::{CpuinfoFlags, KernelMitigation, KernelVerdict, KernelView};
 use form::{FormCache, edit_span, original_form, routed_elsewhere, routed_form};
 
 use crate::image::Image;
-use crate::plan::{Bytes, Edit, Expect, Plan};
+use crate::plan::{CompactPlan, Edit, Plan};
 use crate::poke::{TextPoke, short_eq};
 use crate::sites::{Site, SiteKind};
-use crate::x86::Reg;
+use crate::x86::{Encoded, Reg};
 
 /// Pushes the edit taking the bytes at `addr` from `expected` to `new`
 /// (nothing if they are equal).
@@ -95,12 +97,22 @@ fn push_edit(plan: &mut Plan, addr: usize, expected: &[u8], new: &[u8], reason: 
         return;
     }
     let n = edit_span(expected, new);
-    let edit = Edit::replace(addr, &expected[..n], &new[..n]);
-    plan.push(if reason.is_empty() {
-        edit
-    } else {
-        edit.reason(reason)
-    });
+    plan.push(Edit::replace(addr, &expected[..n], &new[..n]).reason(reason));
+}
+
+/// [`push_edit`] for a site: a compact edit (sites are a few bytes, and a
+/// program has tens of thousands).
+#[inline]
+fn push_site_edit(plan: &mut CompactPlan, addr: usize, expected: &Encoded, new: &Encoded) {
+    // Encodings of one length compare as their first 8 bytes (sites are
+    // at most 6; zero past the end).
+    if expected.len() == new.len()
+        && (expected.len() > 8 || expected.head8() == new.head8())
+        && expected == new
+    {
+        return;
+    }
+    plan.push_encoded(addr, expected, new, edit_span(expected, new));
 }
 
 /// Why a site kept in generic mode on another object's thunk through this
@@ -115,13 +127,14 @@ fn plan_sites(
     sites: &[Site],
     mode: Mode,
     returns: ReturnSites,
-) -> Result<(Plan, Vec<SiteOutcome>), Error> {
+) -> Result<(CompactPlan, Vec<SiteOutcome>), Error> {
     if let ReturnSites::Thunk(t) = returns
         && !image.contains_text(t, 1)
     {
         return Err(Error::BadReturnThunk { addr: t });
     }
-    let mut plan = Plan::for_image(image);
+    // No reason: listings group the sites by shape (`call X -> ...`).
+    let mut plan = CompactPlan::for_image(image, "");
     plan.reserve(sites.len());
     let mut outcomes = Vec::with_capacity(sites.len());
     let mut forms = FormCache::new(mode);
@@ -144,9 +157,9 @@ fn plan_sites(
             _ => None,
         };
         let foreign = !own.contains(&s.target);
-        let (new, outcome) = match routed.clone() {
+        let (new, outcome) = match routed {
             Some(Ok(b)) => (b, Outcome::ViaThunk),
-            Some(Err(why)) => (original.clone(), Outcome::Refused(why)),
+            Some(Err(why)) => (original, Outcome::Refused(why)),
             // A return thunk that is itself a return retpoline (GCC's local
             // one, `-mfunction-return=thunk`) is a mitigation only `plain`
             // may drop; this crate's (in `own`: no read needed) and the
@@ -156,18 +169,18 @@ fn plan_sites(
                 && foreign
                 && !local::returns_at_once(image, s.target) =>
             {
-                (original.clone(), Outcome::ViaThunk)
+                (original, Outcome::ViaThunk)
             }
             None => match forms.inline(s) {
                 Ok(b) => (b, Outcome::Inlined),
                 // Kept on a PLT stub: its `jmp *slot(%rip)` is an indirect
                 // branch of its own, not a retpoline.
                 Err(_) if mode == Mode::Generic && foreign && local::plt_stub(image, s.target) => {
-                    (original.clone(), Outcome::Refused(PLT_KEPT))
+                    (original, Outcome::Refused(PLT_KEPT))
                 }
                 // Generic mode is not a refusal: calls belong in the retpoline.
-                Err(_) if mode == Mode::Generic => (original.clone(), Outcome::ViaThunk),
-                Err(why) => (original.clone(), Outcome::Refused(why)),
+                Err(_) if mode == Mode::Generic => (original, Outcome::ViaThunk),
+                Err(why) => (original, Outcome::Refused(why)),
             },
         };
         // SAFETY: the image's constructor guarantees its text is readable;
@@ -182,13 +195,13 @@ fn plan_sites(
         // refused by validation, naming the site. At start-up every site is
         // original: checked first, without building the other forms.
         if short_eq(current, &original) {
-            push_edit(&mut plan, s.addr, &original, &new, "");
+            push_site_edit(&mut plan, s.addr, &original, &new);
         } else if !short_eq(current, &new) {
             match known_state(image, s, routed, current) {
-                Some(expected) => push_edit(&mut plan, s.addr, &expected, &new, ""),
+                Some(expected) => push_site_edit(&mut plan, s.addr, &expected, &new),
                 // Bytes of no known state: validation refuses this edit,
                 // naming the site, and nothing is written.
-                None => plan.push(Edit::new(s.addr, Expect::Bytes(original), new)),
+                None => plan.push(s.addr, &original, &new),
             }
         }
         outcomes.push(SiteOutcome { site: *s, outcome });
@@ -202,9 +215,9 @@ fn plan_sites(
 fn known_state(
     image: &Image<'_>,
     site: &Site,
-    routed: Option<Result<Bytes, &'static str>>,
+    routed: Option<Result<Encoded, &'static str>>,
     current: &[u8],
-) -> Option<Bytes> {
+) -> Option<Encoded> {
     let forms = [Mode::Plain, Mode::Lfence]
         .into_iter()
         .filter_map(|m| form::inline_form(site, m).ok())
@@ -215,7 +228,7 @@ fn known_state(
         }
     }
     (site.kind == SiteKind::ReturnThunk && routed_elsewhere(image, site, current))
-        .then(|| Bytes::new(current))
+        .then(|| Encoded::from_slice(current))
 }
 
 /// Puts the retpoline thunks compiled into the program that `sites`
@@ -323,8 +336,9 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
     let (mut thunk_plan, thunks) = plan_thunks(image, policy.mode)?;
     let compiled_thunks = plan_compiled_thunks(image, sites, policy.mode, &mut thunk_plan);
     // Both batches are checked before either writes, so a refusal (an
-    // unexpected byte anywhere) leaves the text as it was.
-    site_plan.validate(poke)?;
+    // unexpected byte anywhere) leaves the text as it was: the thunks here,
+    // the sites by `apply` itself before its first write (validating the
+    // site batch separately too would read every site twice).
     thunk_plan.validate(poke)?;
     // SAFETY: forwarded from our caller.
     let sites_applied = unsafe { site_plan.apply(poke) }?;

@@ -154,6 +154,15 @@ impl Encoded {
         &self.buf[..self.len as usize]
     }
 
+    /// The first 8 bytes of the buffer (zero past the end of the
+    /// instruction): one load, for few-byte plans.
+    #[inline]
+    pub(crate) fn head8(&self) -> [u8; 8] {
+        let mut h = [0u8; 8];
+        h.copy_from_slice(&self.buf[..8]);
+        h
+    }
+
     /// Appends NOP padding (one [`fill_gap`] run) up to `len` bytes.
     ///
     /// # Panics

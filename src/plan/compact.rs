@@ -1,0 +1,394 @@
+//! A plan of few-byte exact edits, stored flat: what start-up makes by the
+//! ten thousand (one per retpoline site), at a fraction of a general
+//! [`Edit`](super::Edit)'s cost to build, check, write and drop.
+
+use alloc::vec::Vec;
+use core::fmt;
+use core::ops::Range;
+
+use super::batch::{self, EditList};
+use super::edit::State;
+use super::{ApplyReport, Bytes, Edit, Expect, Label, Plan, PlanError, Validation};
+use crate::image::Image;
+use crate::poke::{TextPoke, copy_short, short_eq};
+use crate::x86::Encoded;
+
+/// The longest edit a [`CompactPlan`] holds: every `call`/`jmp`/`jcc rel32`
+/// and each inline form that replaces one.
+pub const COMPACT_MAX: usize = 8;
+
+/// One exact edit of at most [`COMPACT_MAX`] bytes, in 32 bytes.
+#[derive(Clone, Copy)]
+struct CompactEdit {
+    addr: usize,
+    old: [u8; COMPACT_MAX],
+    new: [u8; COMPACT_MAX],
+    /// 0 marks an edit that was pushed malformed (validation refuses it).
+    len: u8,
+    state: State,
+}
+
+/// A set of exact few-byte edits (expect exactly `old`, write `new`),
+/// applied all or nothing with the same guarantees and the same driver as
+/// a [`Plan`]: validated as a whole before any byte is written, written in
+/// one batch, read back, rolled back on failure, undoable.
+///
+/// A [`Plan`] edit carries an [`Expect`], heap-capable bytes, a name and a
+/// reason; a compact edit is an address and two short byte arrays, with one
+/// reason for the whole plan. Mechanisms that plan thousands of sites at
+/// start-up (retpolines) use it.
+///
+/// ```
+/// use altpatch::{CompactPlan, DirectPoke, SyncMethod};
+///
+/// let mut text = vec![0xb8u8, 1, 0, 0, 0, 0xc3]; // mov eax, 1; ret
+/// let base = text.as_mut_ptr() as usize;
+/// // SAFETY: `text` stays readable while the plan is used.
+/// let mut plan = unsafe { CompactPlan::with_text(base..base + text.len(), "return 2") };
+/// plan.push(base, &[0xb8, 1, 0, 0, 0], &[0xb8, 2, 0, 0, 0]);
+/// // SAFETY: `text` is writable data that nothing executes.
+/// let mut poke = unsafe { DirectPoke::new(SyncMethod::Cpuid) };
+/// // SAFETY: as above.
+/// let report = unsafe { plan.apply(&mut poke) }.unwrap();
+/// assert_eq!((report.written, text[1]), (1, 2));
+/// // SAFETY: as above.
+/// unsafe { plan.undo(&mut poke) }.unwrap();
+/// assert_eq!(text[1], 1);
+/// ```
+#[derive(Clone)]
+pub struct CompactPlan {
+    edits: Vec<CompactEdit>,
+    text: Vec<Range<usize>>,
+    sorted: bool,
+    reason: &'static str,
+}
+
+impl CompactPlan {
+    /// An empty plan whose edits must lie inside `image`'s text; `reason`
+    /// says why every edit is made (shown in listings).
+    pub fn for_image(image: &Image<'_>, reason: &'static str) -> CompactPlan {
+        CompactPlan {
+            edits: Vec::new(),
+            text: image.text().to_vec(),
+            sorted: true,
+            reason,
+        }
+    }
+
+    /// An empty plan whose edits must lie inside `text`.
+    ///
+    /// # Safety
+    ///
+    /// The range must be mapped and readable for as long as the plan is
+    /// validated or applied.
+    pub unsafe fn with_text(text: Range<usize>, reason: &'static str) -> CompactPlan {
+        CompactPlan {
+            edits: Vec::new(),
+            text: alloc::vec![text],
+            sorted: true,
+            reason,
+        }
+    }
+
+    /// Makes room for `additional` more edits.
+    pub fn reserve(&mut self, additional: usize) {
+        self.edits.reserve(additional);
+    }
+
+    /// Adds the edit that expects exactly `old` at `addr` and writes `new`.
+    /// Nothing is checked until validation; an edit that is empty, longer
+    /// than [`COMPACT_MAX`] or whose two sides differ in length is refused
+    /// there, naming its address, and nothing is written.
+    #[inline]
+    pub fn push(&mut self, addr: usize, old: &[u8], new: &[u8]) {
+        let mut e = CompactEdit {
+            addr,
+            old: [0; COMPACT_MAX],
+            new: [0; COMPACT_MAX],
+            len: 0,
+            state: State::Unchecked,
+        };
+        if old.len() == new.len() && new.len() <= COMPACT_MAX {
+            // SAFETY: both slices are `new.len() <= COMPACT_MAX` bytes long,
+            // the size of the arrays.
+            unsafe {
+                copy_short(old.as_ptr(), e.old.as_mut_ptr(), old.len());
+                copy_short(new.as_ptr(), e.new.as_mut_ptr(), new.len());
+            }
+            e.len = new.len() as u8;
+        }
+        if let Some(last) = self.edits.last()
+            && last.addr > addr
+        {
+            self.sorted = false;
+        }
+        self.edits.push(e);
+    }
+
+    /// [`push`](Self::push) of the first `n` bytes of two encodings: the
+    /// start-up path, with no length dispatch per copy.
+    #[inline]
+    pub(crate) fn push_encoded(&mut self, addr: usize, old: &Encoded, new: &Encoded, n: usize) {
+        let ok = n <= COMPACT_MAX && n <= old.len() && n <= new.len();
+        if self.edits.last().is_some_and(|last| last.addr > addr) {
+            self.sorted = false;
+        }
+        self.edits.push(CompactEdit {
+            addr,
+            old: old.head8(),
+            new: new.head8(),
+            len: if ok { n as u8 } else { 0 },
+            state: State::Unchecked,
+        });
+    }
+
+    /// Number of edits.
+    pub fn len(&self) -> usize {
+        self.edits.len()
+    }
+
+    /// Whether the plan has no edits.
+    pub fn is_empty(&self) -> bool {
+        self.edits.is_empty()
+    }
+
+    /// Checks every edit without writing anything, as [`Plan::validate`].
+    pub fn validate<P: TextPoke + ?Sized>(&mut self, poke: &P) -> Result<Validation, PlanError> {
+        batch::validate(self, poke, None)
+    }
+
+    /// Validates, then writes every pending edit in one batch, as
+    /// [`Plan::apply`] (same guarantees: nothing written on a refusal,
+    /// rollback on a failed write, every write read back).
+    ///
+    /// # Safety
+    ///
+    /// As for [`Plan::apply`].
+    pub unsafe fn apply<P: TextPoke + ?Sized>(
+        &mut self,
+        poke: &mut P,
+    ) -> Result<ApplyReport, PlanError> {
+        // SAFETY: forwarded from our caller.
+        unsafe { batch::apply(self, poke) }
+    }
+
+    /// Restores what [`apply`](Self::apply) changed: every edit expects its
+    /// new bytes and writes its old ones back, validated first, all or
+    /// nothing.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Plan::apply`].
+    pub unsafe fn undo<P: TextPoke + ?Sized>(
+        &mut self,
+        poke: &mut P,
+    ) -> Result<ApplyReport, PlanError> {
+        let mut inv = self.clone();
+        for e in &mut inv.edits {
+            core::mem::swap(&mut e.old, &mut e.new);
+            e.state = State::Unchecked;
+        }
+        // SAFETY: forwarded; the inverse writes back bytes that were there.
+        let report = unsafe { inv.apply(poke) }?;
+        for e in &mut self.edits {
+            e.state = State::Unchecked;
+        }
+        Ok(report)
+    }
+
+    /// The same edits as a general [`Plan`] (for listings and dry runs).
+    pub fn to_plan(&self) -> Plan {
+        // SAFETY: the ranges are this plan's own, under the same contract.
+        let mut plan = unsafe { Plan::with_text_ranges(&self.text) };
+        plan.reserve(self.edits.len());
+        for e in &self.edits {
+            let n = e.len as usize;
+            let edit = Edit::replace(e.addr, &e.old[..n], &e.new[..n]);
+            plan.push(if self.reason.is_empty() {
+                edit
+            } else {
+                edit.reason(self.reason)
+            });
+        }
+        plan
+    }
+}
+
+impl EditList for CompactPlan {
+    #[inline]
+    fn count(&self) -> usize {
+        self.edits.len()
+    }
+
+    fn sort(&mut self) {
+        if !self.sorted {
+            self.edits.sort_unstable_by_key(|e| e.addr);
+            self.sorted = true;
+        }
+    }
+
+    #[inline]
+    fn text(&self) -> Option<&[Range<usize>]> {
+        Some(&self.text)
+    }
+
+    #[inline]
+    fn addr(&self, i: usize) -> usize {
+        self.edits[i].addr
+    }
+
+    #[inline]
+    fn len(&self, i: usize) -> usize {
+        self.edits[i].len as usize
+    }
+
+    #[inline]
+    fn new_bytes(&self, i: usize) -> &[u8] {
+        let e = &self.edits[i];
+        &e.new[..e.len as usize]
+    }
+
+    #[inline]
+    fn original(&self, i: usize) -> &[u8] {
+        let e = &self.edits[i];
+        &e.old[..e.len as usize]
+    }
+
+    #[inline]
+    fn state(&self, i: usize) -> State {
+        self.edits[i].state
+    }
+
+    #[inline]
+    fn set_state(&mut self, i: usize, state: State) {
+        self.edits[i].state = state;
+    }
+
+    fn who(&self, i: usize) -> Label {
+        Label::Owned(alloc::format!("{:#x}", self.edits[i].addr))
+    }
+
+    #[inline]
+    fn check_shape(&self, i: usize) -> Result<(), PlanError> {
+        if self.edits[i].len != 0 {
+            return Ok(());
+        }
+        Err(PlanError::BadEdit {
+            site: self.who(i),
+            addr: self.edits[i].addr,
+            why: "a compact edit is 1 to 8 bytes, the same length on both sides",
+        })
+    }
+
+    #[inline]
+    fn observe(&mut self, i: usize, found: &[u8]) -> Result<bool, PlanError> {
+        if short_eq(found, self.new_bytes(i)) {
+            Ok(false)
+        } else if short_eq(found, self.original(i)) {
+            Ok(true)
+        } else {
+            Err(PlanError::Unexpected {
+                site: self.who(i),
+                addr: self.edits[i].addr,
+                expected: Expect::Bytes(Bytes::new(self.original(i))),
+                found: Bytes::new(found),
+            })
+        }
+    }
+
+    fn applied(&self, report: &ApplyReport) {
+        // The listing is built only when asked for.
+        if super::debug_level() > 0 {
+            super::debug_print(&self.to_plan(), report);
+        }
+    }
+}
+
+impl fmt::Debug for CompactPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CompactPlan")
+            .field("edits", &self.edits.len())
+            .field("reason", &self.reason)
+            .finish()
+    }
+}
+
+impl fmt::Display for CompactPlan {
+    /// The listing of [`to_plan`](Self::to_plan).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.to_plan(), f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DirectPoke, SyncMethod};
+
+    fn poke() -> DirectPoke {
+        // SAFETY: the tests write only their own data buffers.
+        unsafe { DirectPoke::new(SyncMethod::Cpuid) }
+    }
+
+    #[test]
+    fn edit_is_32_bytes() {
+        assert_eq!(core::mem::size_of::<CompactEdit>(), 32);
+    }
+
+    #[test]
+    fn refuses_unexpected_bytes_and_writes_nothing() {
+        let mut text = alloc::vec![0x90u8; 32];
+        let base = text.as_mut_ptr() as usize;
+        // SAFETY: `text` outlives the plan.
+        let mut plan = unsafe { CompactPlan::with_text(base..base + 32, "") };
+        plan.push(base, &[0x90; 5], &[0xcc; 5]);
+        plan.push(base + 16, &[0x0f, 0x0b], &[0xcc; 2]); // not what is there
+        // SAFETY: plain data.
+        let err = unsafe { plan.apply(&mut poke()) }.unwrap_err();
+        assert!(matches!(err, PlanError::Unexpected { addr, .. } if addr == base + 16));
+        assert_eq!(text, [0x90; 32]);
+    }
+
+    #[test]
+    fn refuses_malformed_overlapping_and_outside_edits() {
+        let mut text = alloc::vec![0x90u8; 32];
+        let base = text.as_mut_ptr() as usize;
+        let cases: [&dyn Fn(&mut CompactPlan); 3] = [
+            &|p| p.push(base, &[0x90; 9], &[0xcc; 9]),
+            &|p| {
+                p.push(base, &[0x90; 5], &[0xcc; 5]);
+                p.push(base + 4, &[0x90; 2], &[0xcc; 2]);
+            },
+            &|p| p.push(base + 30, &[0x90; 5], &[0xcc; 5]),
+        ];
+        for case in cases {
+            // SAFETY: `text` outlives the plan.
+            let mut plan = unsafe { CompactPlan::with_text(base..base + 32, "") };
+            case(&mut plan);
+            // SAFETY: plain data.
+            assert!(unsafe { plan.apply(&mut poke()) }.is_err());
+            assert_eq!(text, [0x90; 32]);
+        }
+    }
+
+    #[test]
+    fn sorts_applies_once_and_undoes() {
+        let mut text = alloc::vec![0x90u8; 32];
+        let base = text.as_mut_ptr() as usize;
+        // SAFETY: `text` outlives the plan.
+        let mut plan = unsafe { CompactPlan::with_text(base..base + 32, "test") };
+        plan.push(base + 20, &[0x90; 3], &[1, 2, 3]);
+        plan.push(base, &[0x90; 2], &[4, 5]);
+        let mut p = poke();
+        // SAFETY: plain data.
+        let r = unsafe { plan.apply(&mut p) }.unwrap();
+        assert_eq!((r.written, r.already), (2, 0));
+        assert_eq!((&text[..2], &text[20..23]), (&[4, 5][..], &[1, 2, 3][..]));
+        // SAFETY: plain data.
+        assert_eq!(unsafe { plan.apply(&mut p) }.unwrap().already, 2);
+        assert!(alloc::format!("{}", plan.to_plan()).contains("test"));
+        // SAFETY: plain data.
+        unsafe { plan.undo(&mut p) }.unwrap();
+        assert_eq!(text, [0x90; 32]);
+    }
+}
