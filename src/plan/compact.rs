@@ -10,7 +10,7 @@ use super::batch::{self, EditList};
 use super::edit::State;
 use super::{ApplyReport, Bytes, Edit, Expect, Label, Plan, PlanError, Validation};
 use crate::image::Image;
-use crate::poke::{TextPoke, copy_short, short_eq};
+use crate::poke::{TextPoke, copy_short};
 use crate::x86::Encoded;
 
 /// The longest edit a [`CompactPlan`] holds: every `call`/`jmp`/`jcc rel32`
@@ -127,16 +127,23 @@ impl CompactPlan {
 
     /// [`push`](Self::push) of the first `n` bytes of two encodings: the
     /// start-up path, with no length dispatch per copy.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn push_encoded(&mut self, addr: usize, old: &Encoded, new: &Encoded, n: usize) {
         let ok = n <= COMPACT_MAX && n <= old.len() && n <= new.len();
         if self.edits.last().is_some_and(|last| last.addr > addr) {
             self.sorted = false;
         }
+        // Only the first `n` bytes: the arrays stay zero past the edit's
+        // length (`observe` compares whole arrays), also when the edit
+        // covers just a prefix of the encodings (`lfence` against a NOP).
+        let keep = |h: [u8; COMPACT_MAX]| {
+            let mask = u64::MAX.checked_shr(64 - 8 * n as u32).unwrap_or(0);
+            (u64::from_le_bytes(h) & if n >= COMPACT_MAX { u64::MAX } else { mask }).to_le_bytes()
+        };
         self.edits.push(CompactEdit {
             addr,
-            old: old.head8(),
-            new: new.head8(),
+            old: keep(old.head8()),
+            new: keep(new.head8()),
             len: if ok { n as u8 } else { 0 },
             state: State::Unchecked,
         });
@@ -282,9 +289,16 @@ impl EditList for CompactPlan {
 
     #[inline]
     fn observe(&mut self, i: usize, found: &[u8]) -> Result<bool, PlanError> {
-        if short_eq(found, self.new_bytes(i)) {
+        let e = &self.edits[i];
+        // Both arrays are zero past the edit's length (`push`,
+        // `push_encoded`): one copy of what was found, two 8-byte compares.
+        let mut f = [0u8; COMPACT_MAX];
+        let n = found.len().min(COMPACT_MAX);
+        // SAFETY: `n` bytes fit both `found` and `f`.
+        unsafe { copy_short(found.as_ptr(), f.as_mut_ptr(), n) };
+        if found.len() == e.len as usize && f == e.new {
             Ok(false)
-        } else if short_eq(found, self.original(i)) {
+        } else if found.len() == e.len as usize && f == e.old {
             Ok(true)
         } else {
             Err(PlanError::Unexpected {
@@ -369,6 +383,22 @@ mod tests {
             assert!(unsafe { plan.apply(&mut poke()) }.is_err());
             assert_eq!(text, [0x90; 32]);
         }
+    }
+
+    #[test]
+    fn a_prefix_edit_of_two_encodings_checks_only_the_prefix() {
+        // lfence; call *%r11 -> nopl (%rax); call *%r11: only the filler.
+        let mut text = alloc::vec![0x0f, 0xae, 0xe8, 0x41, 0xff, 0xd3, 0xc3];
+        let base = text.as_mut_ptr() as usize;
+        let lfence = Encoded::from_slice(&text[..6]);
+        let nop = Encoded::from_slice(&[0x0f, 0x1f, 0x00, 0x41, 0xff, 0xd3]);
+        // SAFETY: `text` outlives the plan.
+        let mut plan = unsafe { CompactPlan::with_text(base..base + 7, "") };
+        plan.push_encoded(base, &lfence, &nop, 3);
+        // SAFETY: plain data.
+        let r = unsafe { plan.apply(&mut poke()) }.unwrap();
+        assert_eq!(r.written, 1);
+        assert_eq!(text, [0x0f, 0x1f, 0x00, 0x41, 0xff, 0xd3, 0xc3]);
     }
 
     #[test]

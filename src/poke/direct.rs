@@ -106,6 +106,7 @@ unsafe impl TextPoke for DirectPoke {
         Ok(())
     }
 
+    #[inline]
     unsafe fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
         let end = addr + bytes.len();
         if !self.pages.iter().any(|p| p.start <= addr && end <= p.end) {

@@ -133,6 +133,12 @@ pub(super) fn edit_span(current: &[u8], new: &[u8]) -> usize {
     if current.last() != new.last() {
         return current.len();
     }
+    edit_span_scan(current, new)
+}
+
+/// [`edit_span`] when the last bytes agree (out of line: rare).
+#[inline(never)]
+fn edit_span_scan(current: &[u8], new: &[u8]) -> usize {
     let k = current
         .iter()
         .zip(new)
@@ -212,6 +218,7 @@ impl FormCache {
     }
 
     /// [`inline_form`] of `site` in this cache's mode.
+    #[inline]
     pub(super) fn inline(&mut self, site: &Site) -> Result<Encoded, &'static str> {
         let target = match site.kind {
             SiteKind::IndirectThunk(r) => r as usize,

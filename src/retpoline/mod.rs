@@ -102,7 +102,7 @@ fn push_edit(plan: &mut Plan, addr: usize, expected: &[u8], new: &[u8], reason: 
 
 /// [`push_edit`] for a site: a compact edit (sites are a few bytes, and a
 /// program has tens of thousands).
-#[inline]
+#[inline(always)]
 fn push_site_edit(plan: &mut CompactPlan, addr: usize, expected: &Encoded, new: &Encoded) {
     // Encodings of one length compare as their first 8 bytes (sites are
     // at most 6; zero past the end).

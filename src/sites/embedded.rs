@@ -178,7 +178,21 @@ impl EmbeddedEntry {
         Some(out)
     }
 
+    /// The site this entry, stored at `at`, describes.
+    #[inline]
+    fn site_at(&self, at: usize) -> Site {
+        Site {
+            addr: at.wrapping_add(self.site_rel as isize as usize),
+            len: self.len,
+            form: self.form,
+            kind: self.kind,
+            target: (at + 4).wrapping_add(self.target_rel as isize as usize),
+        }
+    }
+
+    #[inline]
     fn decode(b: &[u8]) -> Option<EmbeddedEntry> {
+        let b: &[u8; ENTRY_LEN] = b.try_into().ok()?;
         let form = match b[10] & 0xf {
             0 => BranchKind::Call,
             1 => BranchKind::Jmp,
@@ -266,25 +280,23 @@ impl<'a> EmbeddedTable<'a> {
     /// assert_eq!(table.sites(), [site]);
     /// ```
     pub fn sites(&self) -> alloc::vec::Vec<Site> {
+        // A plain loop over exact 12-byte chunks: no bounds check or
+        // capacity check per entry (start-up reads every site of a program).
         let mut v = alloc::vec::Vec::with_capacity(self.count);
-        v.extend(self.iter());
+        let base = self.bytes.as_ptr() as usize + HEADER_LEN;
+        let entries = &self.bytes[HEADER_LEN..HEADER_LEN + self.count * ENTRY_LEN];
+        for (i, b) in entries.chunks_exact(ENTRY_LEN).enumerate() {
+            if let Some(e) = EmbeddedEntry::decode(b) {
+                v.push(e.site_at(base + i * ENTRY_LEN));
+            }
+        }
         v
     }
 
     /// The sites, at the addresses the table's own position implies.
     pub fn iter(&self) -> impl Iterator<Item = Site> + '_ {
-        let base = self.bytes.as_ptr() as usize;
-        (0..self.count).filter_map(move |i| {
-            let e = self.entry(i)?;
-            let at = base + HEADER_LEN + i * ENTRY_LEN;
-            Some(Site {
-                addr: at.wrapping_add(e.site_rel as isize as usize),
-                len: e.len,
-                form: e.form,
-                kind: e.kind,
-                target: (at + 4).wrapping_add(e.target_rel as isize as usize),
-            })
-        })
+        let base = self.bytes.as_ptr() as usize + HEADER_LEN;
+        (0..self.count).filter_map(move |i| Some(self.entry(i)?.site_at(base + i * ENTRY_LEN)))
     }
 }
 
