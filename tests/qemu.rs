@@ -404,6 +404,27 @@ fn command_line_overrides_reach_the_snapshot() {
     assert_alternatives(&b, 2, 2, 3);
     assert_ifuncs(&b, true, true);
 
+    // The no_std debug sink: each applied plan listed over serial, a
+    // summary per reason, or every edit with `=all`; patching unchanged.
+    let b = boot(&q, "max", "altpatch.debug");
+    assert_patched(&b);
+    assert!(
+        b.serial.contains("altpatch: applied plan (")
+            && b.serial.contains("DebugLevel::All lists every edit")
+            && b.serial.contains(" x alternative `movbe`:"),
+        "{}",
+        b.serial
+    );
+    let all = boot(&q, "max", "altpatch.debug=all");
+    assert_patched(&all);
+    assert!(
+        all.serial.contains("altpatch: applied plan (")
+            && !all.serial.contains("lists every edit")
+            && all.serial.contains("[wrote]"),
+        "{}",
+        all.serial
+    );
+
     let b = boot(&q, "max", "altpatch=nomovbee");
     assert_eq!(b.status, EXIT_FAIL, "{}", b.serial);
     assert!(

@@ -203,14 +203,17 @@ impl CompactPlan {
         Ok(report)
     }
 
-    /// The same edits as a general [`Plan`] (for listings and dry runs).
+    /// The same edits, in the state they stand, as a general [`Plan`] (for
+    /// listings and dry runs).
     pub fn to_plan(&self) -> Plan {
         // SAFETY: the ranges are this plan's own, under the same contract.
         let mut plan = unsafe { Plan::with_text_ranges(&self.text) };
         plan.reserve(self.edits.len());
         for e in &self.edits {
             let n = e.len as usize;
-            let edit = Edit::replace(e.addr, &e.old[..n], &e.new[..n]);
+            let mut edit = Edit::replace(e.addr, &e.old[..n], &e.new[..n]);
+            // Listed as it stands (`[wrote]`, `[done]`, ...).
+            edit.state = e.state;
             plan.push(if self.reason.is_empty() {
                 edit
             } else {

@@ -14,7 +14,10 @@
 mod batch;
 mod bytes;
 mod compact;
+mod debug;
 mod display;
+pub use debug::{DebugLevel, DebugSink, set_debug_sink};
+use debug::{debug_level, debug_print};
 pub use display::PlanSummary;
 mod edit;
 mod error;
@@ -373,37 +376,6 @@ fn page_runs<'a>(edits: impl Iterator<Item = &'a Edit>) -> Vec<Range<usize>> {
     }
     runs
 }
-
-/// `ALTPATCH_DEBUG`: 0 off; 1 a summary per reason; 2 every edit (`all`).
-#[cfg(feature = "std")]
-fn debug_level() -> u8 {
-    static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(|| match std::env::var("ALTPATCH_DEBUG").as_deref() {
-        Err(_) | Ok("") | Ok("0") => 0,
-        Ok("all") => 2,
-        Ok(_) => 1,
-    })
-}
-
-#[cfg(not(feature = "std"))]
-fn debug_level() -> u8 {
-    0
-}
-
-#[cfg(feature = "std")]
-fn debug_print(plan: &Plan, report: &ApplyReport) {
-    match debug_level() {
-        1 => std::eprintln!(
-            "altpatch: applied plan ({report}); ALTPATCH_DEBUG=all lists every edit\n{}",
-            plan.summary(3)
-        ),
-        2 => std::eprintln!("altpatch: applied plan ({report})\n{plan}"),
-        _ => {}
-    }
-}
-
-#[cfg(not(feature = "std"))]
-fn debug_print(_plan: &Plan, _report: &ApplyReport) {}
 
 #[cfg(test)]
 mod tests {

@@ -14,8 +14,9 @@
 //!
 //! The command line (`-append`) may hold `altpatch=<overrides>`,
 //! `dump-cpuid` (print a CPUID dump in altpatch's replay format and stop;
-//! the test fixtures were recorded this way) and `fault=ud|pf|de|bp|df` (fault on
-//! purpose: the exception report, see `idt.rs`).
+//! the test fixtures were recorded this way), `fault=ud|pf|de|bp|df` (fault on
+//! purpose: the exception report, see `idt.rs`) and `altpatch.debug[=all]`
+//! (list every applied plan over serial).
 //!
 //! Booted with more CPUs (`-smp 4 -accel tcg,thread=multi`), it starts
 //! them from the ACPI MADT (`acpi.rs`, `cpus.rs`) and, while they run
@@ -256,6 +257,7 @@ extern "C" fn kmain(multiboot_info: u32) -> ! {
     let cmdline = cmdline(multiboot_info);
     println!("altpatch kernel: cmdline `{cmdline}`");
     idt::deliberate(cmdline);
+    support::debug_listing(cmdline);
 
     if cmdline.split_ascii_whitespace().any(|w| w == "dump-cpuid") {
         println!("{}", cpu::dump(&HostCpuid::new()));

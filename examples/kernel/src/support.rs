@@ -310,3 +310,20 @@ pub extern "C" fn rust_eh_personality() {}
 pub extern "C" fn _Unwind_Resume() -> ! {
     exit(EXIT_FAILURE)
 }
+
+/// `altpatch.debug` (a summary per plan) or `altpatch.debug=all` (every
+/// edit) on the command line lists each applied plan over serial: the
+/// kernel's `ALTPATCH_DEBUG`.
+pub fn debug_listing(cmdline: &str) {
+    use altpatch::plan::{DebugLevel, set_debug_sink};
+    fn serial(listing: &dyn core::fmt::Display) {
+        println!("{listing}");
+    }
+    for w in cmdline.split_ascii_whitespace() {
+        match w {
+            "altpatch.debug" => set_debug_sink(serial, DebugLevel::Summary),
+            "altpatch.debug=all" => set_debug_sink(serial, DebugLevel::All),
+            _ => {}
+        }
+    }
+}
