@@ -255,10 +255,19 @@ unsafe fn check_landed<E: EditList + ?Sized, P: TextPoke + ?Sized>(
         } else {
             buf.resize(len, 0);
             // SAFETY: as above.
-            unsafe { poke.read(addr, &mut buf) }.map_err(|error| PlanError::Poke {
-                site: Some(list.who(i)),
-                error,
-            })?;
+            if let Err(error) = unsafe { poke.read(addr, &mut buf) } {
+                // Unproven writes are not left behind: the whole batch is
+                // restored, as for a mismatch.
+                let site = list.who(i);
+                // SAFETY: writes back the validated original bytes.
+                return match unsafe { restore(list, poke, runs) } {
+                    Ok(()) => Err(PlanError::Poke {
+                        site: Some(site),
+                        error,
+                    }),
+                    Err(rollback) => Err(PlanError::RollbackFailed { error, rollback }),
+                };
+            }
             &buf
         };
         if !short_eq(found, list.new_bytes(i)) {

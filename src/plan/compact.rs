@@ -136,10 +136,12 @@ impl CompactPlan {
         // Only the first `n` bytes: the arrays stay zero past the edit's
         // length (`observe` compares whole arrays), also when the edit
         // covers just a prefix of the encodings (`lfence` against a NOP).
-        let keep = |h: [u8; COMPACT_MAX]| {
-            let mask = u64::MAX.checked_shr(64 - 8 * n as u32).unwrap_or(0);
-            (u64::from_le_bytes(h) & if n >= COMPACT_MAX { u64::MAX } else { mask }).to_le_bytes()
+        let mask = if n >= COMPACT_MAX {
+            u64::MAX
+        } else {
+            (1u64 << (8 * n)) - 1
         };
+        let keep = |h: [u8; COMPACT_MAX]| (u64::from_le_bytes(h) & mask).to_le_bytes();
         self.edits.push(CompactEdit {
             addr,
             old: keep(old.head8()),

@@ -22,7 +22,15 @@ pub enum DebugLevel {
 /// A function that prints one listing (one or more lines, no trailing
 /// newline), e.g. to a serial port. Called with the patcher's state
 /// consistent and nothing half-written: after the plan's writes were read
-/// back. It must not apply plans itself (the patcher may hold its lock).
+/// back, but possibly while a mechanism still holds its update lock (a
+/// static key between its writes and recording its count) and between
+/// two batches of one mechanism (retpoline sites, then thunks).
+///
+/// So a sink must only print: not panic (unwinding would skip the rest of
+/// the update), not apply plans or update keys, calls or ifuncs (the update
+/// lock is recursive with `std`, a spin flag without: a nested update
+/// would see half-recorded state, or spin forever), and not take a lock a
+/// patching thread may hold.
 pub type DebugSink = fn(&dyn fmt::Display);
 
 /// The installed sink (a `DebugSink` cast to a pointer; null: none).
