@@ -352,3 +352,48 @@ fn undo_of_an_unapplied_plan_is_a_no_op() {
     assert_eq!((r.written, r.already), (0, 8));
     assert!(PAD_E.snapshot() == before);
 }
+
+/// A read-back that fails (the poke cannot read a site after writing it)
+/// is not a success and leaves no unproven write behind: the batch is
+/// restored and the error names the site. Both plan representations.
+#[test]
+fn a_failed_read_back_restores_the_batch() {
+    use altpatch::{CompactPlan, SyncMethod};
+    let mut text = vec![0x90u8; 64];
+    let base = text.as_mut_ptr() as usize;
+    let poke = || {
+        // SAFETY: `text` is writable data that nothing executes.
+        let inner = unsafe { DirectPoke::new(SyncMethod::Cpuid) };
+        // Reads 0..4 validate the four edits; read 5 reads the second back.
+        FaultInjectingPoke::new(inner, FaultPoint::Read(5))
+    };
+    // SAFETY: `text` outlives both plans.
+    let mut plan = unsafe { Plan::with_text(base..base + 64) };
+    for i in 0..4 {
+        plan.push(Edit::replace(base + 8 * i, &[0x90; 2], &[0xcc; 2]).site(format!("e{i}")));
+    }
+    let mut p = poke();
+    // SAFETY: plain data.
+    let err = unsafe { plan.apply(&mut p) }.unwrap_err();
+    assert!(p.fired());
+    assert!(
+        matches!(&err, PlanError::Poke { site: Some(s), .. } if s == "e1"),
+        "{err}"
+    );
+    assert!(text.iter().all(|&b| b == 0x90), "{text:x?}");
+
+    // SAFETY: as above.
+    let mut compact = unsafe { CompactPlan::with_text(base..base + 64, "") };
+    for i in 0..4 {
+        compact.push(base + 8 * i, &[0x90; 2], &[0xcc; 2]);
+    }
+    let mut p = poke();
+    // SAFETY: plain data.
+    let err = unsafe { compact.apply(&mut p) }.unwrap_err();
+    assert!(p.fired());
+    assert!(
+        matches!(&err, PlanError::Poke { site: Some(_), .. }),
+        "{err}"
+    );
+    assert!(text.iter().all(|&b| b == 0x90), "{text:x?}");
+}

@@ -1,5 +1,6 @@
 //! A poke that fails on purpose, for testing rollback.
 
+use core::cell::Cell;
 use core::ops::Range;
 
 use super::{PokeError, TextPoke};
@@ -17,6 +18,11 @@ pub enum FaultPoint {
     /// write that did not land, which [`Plan::apply`](crate::Plan::apply)
     /// must catch when it reads the site back.
     Lose(usize),
+    /// The k-th call to `read`. While this fault is armed the poke does not
+    /// read in place, so validation and the read-back go through `read`:
+    /// a read-back that fails must restore the batch, not leave unproven
+    /// writes behind.
+    Read(usize),
 }
 
 /// Wraps a poke and makes one chosen operation fail, once.
@@ -47,7 +53,9 @@ pub enum FaultPoint {
 #[derive(Debug)]
 pub struct FaultInjectingPoke<P> {
     inner: P,
-    fault: Option<FaultPoint>,
+    /// A `Cell`: `read` takes `&self`.
+    fault: Cell<Option<FaultPoint>>,
+    reads: Cell<usize>,
     writes: usize,
     begins: usize,
     commits: usize,
@@ -58,7 +66,8 @@ impl<P: TextPoke> FaultInjectingPoke<P> {
     pub fn new(inner: P, fault: FaultPoint) -> Self {
         FaultInjectingPoke {
             inner,
-            fault: Some(fault),
+            fault: Cell::new(Some(fault)),
+            reads: Cell::new(0),
             writes: 0,
             begins: 0,
             commits: 0,
@@ -67,7 +76,7 @@ impl<P: TextPoke> FaultInjectingPoke<P> {
 
     /// Whether the fault has fired.
     pub fn fired(&self) -> bool {
-        self.fault.is_none()
+        self.fault.get().is_none()
     }
 
     /// Number of `write` calls seen so far (including the failing one).
@@ -80,9 +89,9 @@ impl<P: TextPoke> FaultInjectingPoke<P> {
         self.inner
     }
 
-    fn trip(&mut self, now: FaultPoint) -> Result<(), PokeError> {
-        if self.fault == Some(now) {
-            self.fault = None;
+    fn trip(&self, now: FaultPoint) -> Result<(), PokeError> {
+        if self.fault.get() == Some(now) {
+            self.fault.set(None);
             return Err(PokeError::Injected { at: now });
         }
         Ok(())
@@ -103,8 +112,8 @@ unsafe impl<P: TextPoke> TextPoke for FaultInjectingPoke<P> {
         let k = self.writes;
         self.writes += 1;
         self.trip(FaultPoint::Write(k))?;
-        if self.fault == Some(FaultPoint::Lose(k)) {
-            self.fault = None;
+        if self.fault.get() == Some(FaultPoint::Lose(k)) {
+            self.fault.set(None);
             return Ok(());
         }
         // SAFETY: same contract, forwarded.
@@ -114,10 +123,10 @@ unsafe impl<P: TextPoke> TextPoke for FaultInjectingPoke<P> {
     fn commit(&mut self) -> Result<(), PokeError> {
         let k = self.commits;
         self.commits += 1;
-        if self.fault == Some(FaultPoint::Commit(k)) {
+        if self.fault.get() == Some(FaultPoint::Commit(k)) {
             // Publish nothing: behave like a commit that failed before its
             // first page.
-            self.fault = None;
+            self.fault.set(None);
             self.inner.abort();
             return Err(PokeError::Injected {
                 at: FaultPoint::Commit(k),
@@ -135,7 +144,7 @@ unsafe impl<P: TextPoke> TextPoke for FaultInjectingPoke<P> {
     }
 
     fn reads_in_place(&self) -> bool {
-        self.inner.reads_in_place()
+        !matches!(self.fault.get(), Some(FaultPoint::Read(_))) && self.inner.reads_in_place()
     }
 
     fn method(&self) -> &'static str {
@@ -143,6 +152,9 @@ unsafe impl<P: TextPoke> TextPoke for FaultInjectingPoke<P> {
     }
 
     unsafe fn read(&self, addr: usize, out: &mut [u8]) -> Result<(), PokeError> {
+        let k = self.reads.get();
+        self.reads.set(k + 1);
+        self.trip(FaultPoint::Read(k))?;
         // SAFETY: same contract, forwarded.
         unsafe { self.inner.read(addr, out) }
     }
