@@ -212,19 +212,15 @@ unsafe fn write_batch<E: EditList + ?Sized, P: TextPoke + ?Sized>(
     }
     let published = poke.commit().and_then(|()| poke.sync());
     if let Err(error) = published {
-        // Some pages may be published: restore every edit in a new batch.
-        // SAFETY: writes back the validated original bytes.
-        let restored = unsafe { restore(list, poke, runs) };
         let site = match error {
             PokeError::NotLanded { addr } => (0..list.count())
                 .find(|&i| list.addr(i) <= addr && addr < list.addr(i) + list.len(i))
                 .map(|i| list.who(i)),
             _ => None,
         };
-        return match restored {
-            Ok(()) => Err(PlanError::Poke { site, error }),
-            Err(rollback) => Err(PlanError::RollbackFailed { error, rollback }),
-        };
+        // Some pages may be published: restore every edit in a new batch.
+        // SAFETY: writes back the validated original bytes.
+        return Err(unsafe { restoring(list, poke, runs, PlanError::Poke { site, error }, error) });
     }
     Ok(())
 }
@@ -243,7 +239,6 @@ unsafe fn check_landed<E: EditList + ?Sized, P: TextPoke + ?Sized>(
 ) -> Result<(), PlanError> {
     let in_place = poke.reads_in_place();
     let mut buf = Vec::new();
-    let mut bad = None;
     for i in 0..list.count() {
         if list.state(i) != State::Written {
             continue;
@@ -255,46 +250,78 @@ unsafe fn check_landed<E: EditList + ?Sized, P: TextPoke + ?Sized>(
         } else {
             buf.resize(len, 0);
             // SAFETY: as above.
-            if let Err(error) = unsafe { poke.read(addr, &mut buf) } {
-                // Unproven writes are not left behind: the whole batch is
-                // restored, as for a mismatch.
-                let site = list.who(i);
-                // SAFETY: writes back the validated original bytes.
-                return match unsafe { restore(list, poke, runs) } {
-                    Ok(()) => Err(PlanError::Poke {
-                        site: Some(site),
+            match unsafe { poke.read(addr, &mut buf) } {
+                Ok(()) => &buf,
+                // Unproven writes are not left behind: restored, as for a
+                // mismatch.
+                Err(error) => {
+                    let failed = PlanError::Poke {
+                        site: Some(list.who(i)),
                         error,
-                    }),
-                    Err(rollback) => Err(PlanError::RollbackFailed { error, rollback }),
-                };
+                    };
+                    // SAFETY: writes back the validated original bytes.
+                    return Err(unsafe { restoring(list, poke, runs, failed, error) });
+                }
             }
-            &buf
         };
         if !short_eq(found, list.new_bytes(i)) {
-            bad = Some((i, super::Bytes::new(found)));
-            break;
+            let found = super::Bytes::new(found);
+            // SAFETY: writes back the validated original bytes.
+            return Err(unsafe { not_landed(list, poke, runs, i, found) });
         }
     }
-    let Some((i, found)) = bad else {
-        return Ok(());
+    Ok(())
+}
+
+/// [`restoring`] after edit `i` was read back as `found`.
+///
+/// # Safety
+///
+/// As for `write_batch`.
+#[cold]
+#[inline(never)]
+unsafe fn not_landed<E: EditList + ?Sized, P: TextPoke + ?Sized>(
+    list: &mut E,
+    poke: &mut P,
+    runs: &[Range<usize>],
+    i: usize,
+    found: super::Bytes,
+) -> PlanError {
+    let addr = list.addr(i);
+    let failed = PlanError::NotLanded {
+        site: list.who(i),
+        addr,
+        expected: super::Bytes::new(list.new_bytes(i)),
+        found,
     };
-    let (site, addr, expected) = (
-        list.who(i),
-        list.addr(i),
-        super::Bytes::new(list.new_bytes(i)),
-    );
-    // SAFETY: writes back the validated original bytes.
+    // SAFETY: forwarded.
+    unsafe { restoring(list, poke, runs, failed, PokeError::NotLanded { addr }) }
+}
+
+/// Restores the batch after a failure after its writes and returns the
+/// error to report: `failed` if the text is back as it was, else
+/// [`PlanError::RollbackFailed`] with `cause` (the poke-level failure) and
+/// the rollback's own.
+///
+/// # Safety
+///
+/// As for `write_batch`.
+#[cold]
+#[inline(never)]
+unsafe fn restoring<E: EditList + ?Sized, P: TextPoke + ?Sized>(
+    list: &mut E,
+    poke: &mut P,
+    runs: &[Range<usize>],
+    failed: PlanError,
+    cause: PokeError,
+) -> PlanError {
+    // SAFETY: forwarded: writes back the validated original bytes.
     match unsafe { restore(list, poke, runs) } {
-        Ok(()) => Err(PlanError::NotLanded {
-            site,
-            addr,
-            expected,
-            found,
-        }),
-        Err(rollback) => Err(PlanError::RollbackFailed {
-            error: PokeError::NotLanded { addr },
+        Ok(()) => failed,
+        Err(rollback) => PlanError::RollbackFailed {
+            error: cause,
             rollback,
-        }),
+        },
     }
 }
 

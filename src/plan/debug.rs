@@ -84,13 +84,20 @@ fn sink() -> Option<(DebugSink, u8)> {
     Some((f, SINK_LEVEL.load(Ordering::Relaxed)))
 }
 
-/// The level in force: the sink's if one is installed, else (std)
-/// `ALTPATCH_DEBUG` (unset/`0`: off, `all`: every edit, else a summary).
-pub(super) fn debug_level() -> u8 {
-    if let Some((_, level)) = sink() {
-        return level;
+/// Where listings go and at which level: the sink's if one is installed,
+/// else (std) stderr at `ALTPATCH_DEBUG`'s (unset/`0`: off, `all`: every
+/// edit, else a summary).
+fn in_force() -> (Option<DebugSink>, u8) {
+    match sink() {
+        Some((f, level)) => (Some(f), level),
+        None => (None, env_level()),
     }
-    env_level()
+}
+
+/// The level in force (0: off), for callers that build a listing only
+/// when one is wanted.
+pub(super) fn debug_level() -> u8 {
+    in_force().1
 }
 
 #[cfg(feature = "std")]
@@ -135,10 +142,7 @@ impl fmt::Display for Listing<'_> {
 
 /// Lists an applied plan where the level in force says.
 pub(super) fn debug_print(plan: &Plan, report: &ApplyReport) {
-    let (sink, level) = match sink() {
-        Some((f, level)) => (Some(f), level),
-        None => (None, env_level()),
-    };
+    let (sink, level) = in_force();
     if level == 0 {
         return;
     }

@@ -104,8 +104,9 @@ fn push_edit(plan: &mut Plan, addr: usize, expected: &[u8], new: &[u8], reason: 
 /// program has tens of thousands).
 #[inline(always)]
 fn push_site_edit(plan: &mut CompactPlan, addr: usize, expected: &Encoded, new: &Encoded) {
-    // Encodings of one length compare as their first 8 bytes (sites are
-    // at most 6; zero past the end).
+    // Same-length encodings of at most 8 bytes (every site) compare as
+    // their zero-padded first 8 bytes: one compare, not the 16-byte
+    // derived `==`.
     if expected.len() == new.len()
         && (expected.len() > 8 || expected.head8() == new.head8())
         && expected == new
