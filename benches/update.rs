@@ -7,8 +7,8 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use altpatch::os::linux::set_live_publication;
 use altpatch::poke::Strategy;
-use altpatch::poke::linux::set_live_publication;
 use altpatch::static_key::{KeyIndex, StaticFalseKey};
 use altpatch::{Image, LinuxPoke, Publish, static_branch_unlikely, static_call};
 use criterion::{Criterion, criterion_group};
@@ -135,7 +135,7 @@ fn bench(c: &mut Criterion) {
     let index = KeyIndex::new(&image);
     println!(
         "text written by: {}",
-        altpatch::poke::linux::strategy().unwrap()
+        altpatch::os::linux::strategy().unwrap()
     );
     // Warm up: check counts, touch every page once.
     for (k, n) in [(&K1, 1), (&K100, 100), (&K1000, 1000), (&K10000, 10_000)] {

@@ -277,17 +277,17 @@ fn main() -> ExitCode {
 /// Which strategies this process may write its text with, which one is
 /// used, and how live updates are published.
 fn writing_text() {
-    for (s, r) in altpatch::poke::linux::strategies() {
+    for (s, r) in altpatch::os::linux::strategies() {
         match r {
             Ok(()) => println!("  {:<8} usable   ({s})", s.name()),
             Err(why) => println!("  {:<8} refused  ({why})", s.name()),
         }
     }
-    match altpatch::poke::linux::strategy() {
+    match altpatch::os::linux::strategy() {
         Ok(s) => println!(
             "in use: {s}; live updates publish by {} (no trap: threads may block \
              any signal); membarrier(SYNC_CORE): {}",
-            match altpatch::poke::linux::live_publication() {
+            match altpatch::os::linux::live_publication() {
                 altpatch::Publish::Live => "the INT3 protocol",
                 _ => "page swap",
             },

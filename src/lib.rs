@@ -12,13 +12,13 @@
 //!
 //! ```text
 //! cpu features ──► site tables ──► plan ──► validate ──► poke + sync ──► report
-//!  (cpu)           (site, image)   (mechanisms)  (Plan)      (poke)
+//!  (cpu)           (records, image)(mechanisms)  (Plan)      (poke)
 //! ```
 //!
 //! 1. [`cpu::Features`]: a snapshot of CPUID (injectable, with overrides
 //!    such as `"nomovbe,noavx2"` from a command line or `ALTPATCH`).
 //! 2. [`Image`]: one binary's text bounds and site tables (records emitted
-//!    from `asm!` into `altpatch_v1_*` sections, see [`site`]).
+//!    from `asm!` into `altpatch_v1_*` sections, see [`records`]).
 //! 3. [`Plan`]: a value listing [`Edit`]s — address, expected bytes, new
 //!    bytes, reason. It prints as a dry run.
 //! 4. Validation: every site holds what the edit expects (decoded with
@@ -101,10 +101,12 @@ pub mod cpu;
 pub mod elf;
 pub mod ifunc;
 mod image;
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub mod os;
 pub mod plan;
 pub mod poke;
+pub mod records;
 pub mod retpoline;
-pub mod site;
 pub mod sites;
 pub mod static_call;
 pub mod static_key;
@@ -113,15 +115,13 @@ mod sync;
 pub mod trampoline;
 pub mod x86;
 
-#[cfg(all(feature = "std", target_os = "linux"))]
-pub use image::LoadError;
 pub use image::{Image, ImageBuilder};
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub use os::linux::{LinuxPoke, LoadError, Publish};
 pub use plan::{ApplyReport, CompactPlan, Edit, Expect, Plan, PlanError, Validation};
 pub use poke::{
     DirectPoke, FaultInjectingPoke, FaultPoint, PokeError, Refusal, Strategy, SyncMethod, TextPoke,
 };
-#[cfg(all(feature = "std", target_os = "linux"))]
-pub use poke::{LinuxPoke, Publish};
 
 /// Formats bytes as space-separated hex pairs (`b8 01 00 00 00`).
 #[derive(Clone, Copy)]

@@ -12,7 +12,8 @@
 //!   is a futex lock, so waiters sleep, and it is *recursive* for the
 //!   thread holding it (an ifunc resolver may flip a static key). One lock
 //!   rather than one per object, because:
-//!   - **fork**: `pthread_atfork` handlers take it before `fork` and release
+//!   - **fork**: `pthread_atfork` handlers (registered by `os::linux::fork`)
+//!     take it before `fork` and release
 //!     it on both sides after, so a child is never born holding a lock whose
 //!     owner stayed in the parent, and never sees an update half done (text
 //!     rewritten but the object's state not yet recorded). Per-object locks
@@ -97,7 +98,7 @@ pub(crate) fn fork_generation() -> u64 {
 }
 
 #[cfg(all(feature = "std", target_os = "linux"))]
-pub(crate) use process::Held;
+pub(crate) use process::{Held, fork_child_enter, fork_child_leave, fork_parent, fork_prepare};
 
 #[cfg(all(feature = "std", target_os = "linux"))]
 mod process {
@@ -260,38 +261,34 @@ mod process {
         }
     }
 
-    extern "C" fn prepare() {
+    // The fork protocol's three steps. `os::linux::fork` registers them
+    // with `pthread_atfork` and runs the other layers' child repairs
+    // between `fork_child_enter` and `fork_child_leave`: this module is
+    // below those layers and calls none of them.
+
+    /// Before `fork`: take the lock, so no update is half done in the child.
+    pub(crate) fn fork_prepare() {
         acquire();
     }
 
-    extern "C" fn parent() {
+    /// After `fork`, in the parent.
+    pub(crate) fn fork_parent() {
         FORK_GENERATION.fetch_add(1, Ordering::AcqRel);
         release();
     }
 
-    extern "C" fn child() {
+    /// After `fork`, in the child, before any repair. The child's only
+    /// thread is the one that forked; it holds the lock (from
+    /// `fork_prepare`), so state other threads of the parent were in the
+    /// middle of can be repaired before anyone here can look at it.
+    pub(crate) fn fork_child_enter() {
         FORK_GENERATION.fetch_add(1, Ordering::AcqRel);
-        // The child's only thread is the one that forked; it holds the lock
-        // (from `prepare`). State other threads of the parent were in the
-        // middle of is repaired before anyone here can look at it.
-        crate::cpu::after_fork_in_child();
-        #[cfg(target_arch = "x86_64")]
-        crate::poke::linux::after_fork_in_child();
+    }
+
+    /// After `fork`, in the child, once every repair is done.
+    pub(crate) fn fork_child_leave() {
         release();
         // The thread has a new id in the child.
         TID.with(|t| t.set(0));
     }
-
-    /// Registers the fork handlers at load time (`.init_array`), before any
-    /// thread of the program can fork, and without a lazy `Once` that a
-    /// signal handler could be the first to reach.
-    extern "C" fn register() {
-        // SAFETY: the handlers are plain functions of this object; glibc
-        // unregisters them if the object is unloaded.
-        unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
-    }
-
-    #[used]
-    #[unsafe(link_section = ".init_array")]
-    static REGISTER: extern "C" fn() = register;
 }

@@ -478,7 +478,7 @@ static SLOT: RecordSlot = RecordSlot(std::cell::UnsafeCell::new([0; 5]));
 fn corrupt(name: &str, damage: impl Fn(&mut [u8; 20], usize)) -> Result<(), AltError> {
     let (image, site) = image_for(name);
     let rec = &image.alternatives()[0];
-    let src = rec as *const alternative::Record as usize;
+    let src = rec as *const altpatch::records::AlternativeRecord as usize;
     // SAFETY: a record is 20 readable bytes.
     let raw: [u8; 20] = unsafe { *(src as *const [u8; 20]) };
     let dst = SLOT.0.get() as usize;
@@ -494,7 +494,9 @@ fn corrupt(name: &str, damage: impl Fn(&mut [u8; 20], usize)) -> Result<(), AltE
     // nothing else references now.
     unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst as *mut u8, 20) };
     // SAFETY: the slot holds one record, laid out as the section would.
-    let recs = unsafe { std::slice::from_raw_parts(dst as *const alternative::Record, 1) };
+    let recs = unsafe {
+        std::slice::from_raw_parts(dst as *const altpatch::records::AlternativeRecord, 1)
+    };
     let mut b = Image::builder("corrupt");
     for r in Image::current().text() {
         // SAFETY: the current binary's text stays mapped.

@@ -99,7 +99,7 @@ fn stress() {
         "{} branch sites",
         K_STRESS.sites()
     );
-    let traps_before = altpatch::poke::linux::emulated_traps();
+    let traps_before = altpatch::os::linux::emulated_traps();
     let stop = Arc::new(AtomicBool::new(false));
     let calls = Arc::new(AtomicU64::new(0));
     let callers: Vec<_> = (0..CALLERS)
@@ -152,16 +152,16 @@ fn stress() {
         hits += h;
     }
     let (wx, nsamples) = samples.join().unwrap();
-    let traps = altpatch::poke::linux::emulated_traps() - traps_before;
+    let traps = altpatch::os::linux::emulated_traps() - traps_before;
     eprintln!(
         "{done} re-targets + {done} key flips of 1000 sites each in {took:?} ({:?}); \
          {} calls ({new} to the new target), {hits} branch hits, {traps} traps emulated, \
          {nsamples} maps samples",
-        altpatch::poke::linux::live_publication(),
+        altpatch::os::linux::live_publication(),
         calls.load(Ordering::Relaxed)
     );
     assert_eq!(bad, 0, "results from neither target");
-    if altpatch::poke::linux::live_publication() == altpatch::Publish::Remap {
+    if altpatch::os::linux::live_publication() == altpatch::Publish::Remap {
         assert_eq!(traps, 0, "the page swap takes no trap");
     } else {
         assert!(
@@ -191,7 +191,7 @@ fn stress_calls_and_keys_under_load() {
 #[test]
 #[ignore = "run in a child process by stress_with_the_int3_protocol"]
 fn int3_stress_child() {
-    altpatch::poke::linux::set_live_publication(altpatch::Publish::Live).unwrap();
+    altpatch::os::linux::set_live_publication(altpatch::Publish::Live).unwrap();
     stress();
     println!("INT3-STRESS-OK");
 }

@@ -15,9 +15,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use altpatch::Image;
+use altpatch::LinuxPoke;
 use altpatch::elf;
 use altpatch::plan::{Edit, Plan};
-use altpatch::poke::LinuxPoke;
 use altpatch::retpoline::{self, Error, Mode, Policy};
 use altpatch::sites::{Site, SiteKind};
 use altpatch::x86::Reg;

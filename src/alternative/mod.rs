@@ -30,70 +30,15 @@ use crate::cpu::Features;
 use crate::image::Image;
 use crate::plan::{ApplyReport, Bytes, Edit, Expect, Plan, PlanError};
 use crate::poke::TextPoke;
-use crate::site::RelPtr;
+use crate::records::AlternativeRecord;
 use crate::x86::{self, RelocError};
 
-/// One alternative of one site, as emitted by the macros into the
-/// `altpatch_v1_alt` section (20 bytes, 4-aligned).
-#[repr(C, align(4))]
-pub struct Record {
-    site: RelPtr,
-    orig: RelPtr,
-    repl: RelPtr,
-    cond: u16,
-    site_len: u8,
-    default_len: u8,
-    repl_len: u8,
-    orig_len: u8,
-    _reserved: u16,
-}
-
-impl Record {
-    /// The site's first byte.
-    pub fn site(&self) -> usize {
-        self.site.get()
-    }
-
-    /// The site's length, padding included.
-    pub fn site_len(&self) -> usize {
-        self.site_len as usize
-    }
-
-    /// The default sequence's length (the rest of the site is padding).
-    pub fn default_len(&self) -> usize {
-        self.default_len as usize
-    }
-
-    /// Where the replacement's bytes are (never executed there).
-    pub fn replacement(&self) -> usize {
-        self.repl.get()
-    }
-
-    /// The replacement's length.
-    pub fn replacement_len(&self) -> usize {
-        self.repl_len as usize
-    }
-
+// The record's layout is in `records` (a binary format belongs to no
+// mechanism); what its condition means is this module's.
+impl AlternativeRecord {
     /// The condition, if the record's encoding is valid.
     pub fn condition(&self) -> Option<Condition> {
-        Condition::from_bits(self.cond)
-    }
-
-    fn orig(&self) -> usize {
-        self.orig.get()
-    }
-}
-
-impl fmt::Debug for Record {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Record")
-            .field("site", &format_args!("{:#x}", self.site()))
-            .field("site_len", &self.site_len)
-            .field("default_len", &self.default_len)
-            .field("replacement", &format_args!("{:#x}", self.replacement()))
-            .field("replacement_len", &self.repl_len)
-            .field("cond", &self.cond)
-            .finish()
+        Condition::from_bits(self.condition_bits())
     }
 }
 
@@ -284,7 +229,7 @@ pub fn plan(image: &Image<'_>, features: &Features) -> Result<(Plan, Report), Er
 fn plan_site(
     image: &Image<'_>,
     features: &Features,
-    records: &[Record],
+    records: &[AlternativeRecord],
     group: &[usize],
     name: Option<&str>,
 ) -> Result<(Edit, SiteReport), Error> {
@@ -302,12 +247,15 @@ fn plan_site(
                 k,
                 format!(
                     "unknown condition {:#06x} (feature number or flags)",
-                    r.cond
+                    r.condition_bits()
                 )
                 .into(),
             )
         })?;
-        if r.site_len() != site_len || r.default_len() != default_len || r.orig() != first.orig() {
+        if r.site_len() != site_len
+            || r.default_len() != default_len
+            || r.original() != first.original()
+        {
             return Err(bad(k, "records of one site disagree on its layout".into()));
         }
         if r.default_len() > r.site_len() {
@@ -324,7 +272,7 @@ fn plan_site(
                 .into(),
             ));
         }
-        if r.orig_len as usize != r.default_len() {
+        if r.original_len() != r.default_len() {
             return Err(bad(
                 k,
                 "the copy of the default differs in length from the site's default".into(),
@@ -338,7 +286,7 @@ fn plan_site(
         }
         conditions.push(cond);
     }
-    let orig = text_bytes(image, first.orig(), default_len).ok_or_else(|| {
+    let orig = text_bytes(image, first.original(), default_len).ok_or_else(|| {
         bad(
             group[0],
             "copy of the default is outside the image's text".into(),
@@ -357,8 +305,8 @@ fn plan_site(
         pad(&mut out[code.len()..]);
         Ok::<_, Error>(out)
     };
-    let original = relocated(orig, first.orig(), None, |b| b.fill(0x90))?;
-    let default_merged = relocated(orig, first.orig(), None, x86::fill_gap)?;
+    let original = relocated(orig, first.original(), None, |b| b.fill(0x90))?;
+    let default_merged = relocated(orig, first.original(), None, x86::fill_gap)?;
     let mut states = Vec::with_capacity(group.len());
     for (&k, &cond) in group.iter().zip(&conditions) {
         let r = &records[k];

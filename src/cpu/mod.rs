@@ -16,6 +16,7 @@
 
 mod feature;
 mod features;
+pub(crate) mod mitigation;
 mod overrides;
 mod published;
 mod source;

@@ -42,7 +42,7 @@ use super::features::{Feature, Features};
 pub struct Overrides {
     set: u64,
     clear: u64,
-    retpoline: Option<crate::retpoline::Setting>,
+    retpoline: Option<crate::cpu::mitigation::Setting>,
 }
 
 /// Why an override string was rejected.
@@ -141,7 +141,7 @@ impl ItemError<'_> {
             ItemError::BadValue { key, value } => OverrideError::BadValue {
                 key: key.into(),
                 value: value.into(),
-                valid: crate::retpoline::Setting::NAMES,
+                valid: crate::cpu::mitigation::Setting::NAMES,
             },
         }
     }
@@ -158,7 +158,7 @@ impl Overrides {
     }
 
     /// The `retpoline=` setting, if one was given.
-    pub fn retpoline(&self) -> Option<crate::retpoline::Setting> {
+    pub fn retpoline(&self) -> Option<crate::cpu::mitigation::Setting> {
         self.retpoline
     }
 
@@ -195,7 +195,7 @@ impl Overrides {
         if let Some((key, value)) = item.split_once('=') {
             return match key.trim() {
                 "retpoline" => {
-                    let setting = crate::retpoline::Setting::parse(value.trim())
+                    let setting = crate::cpu::mitigation::Setting::parse(value.trim())
                         .ok_or(ItemError::BadValue { key, value })?;
                     self.retpoline = Some(setting);
                     Ok(())

@@ -78,6 +78,7 @@ use crate::cpu::{self, Features};
 use crate::image::Image;
 use crate::plan::{Plan, PlanError};
 use crate::poke::TextPoke;
+use crate::records::IfuncRecord;
 use crate::sites::{Site, SiteKind};
 use crate::static_call::{StaticCall, StaticCallError, UpdateReport};
 
@@ -314,18 +315,14 @@ impl fmt::Debug for Ifunc {
     }
 }
 
-/// One ifunc record in an image's `altpatch_v1_ifunc` section: a
-/// self-relative pointer to its [`Ifunc`].
-#[repr(C)]
-#[derive(Debug)]
-pub struct Record(crate::site::RelPtr);
-
-impl Record {
+// The record's layout is in `records`; that it points at an `Ifunc` is
+// this module's knowledge.
+impl IfuncRecord {
     /// The ifunc.
     pub fn ifunc(&self) -> &'static Ifunc {
         // SAFETY: the macro emits a record only for an `Ifunc` static of
         // the same image, which lives as long as the program.
-        unsafe { &*(self.0.get() as *const Ifunc) }
+        unsafe { &*(self.ifunc_address() as *const Ifunc) }
     }
 }
 
@@ -454,7 +451,7 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
 ) -> Result<Report, Error> {
     cpu::publish(*features).map_err(Error::Snapshot)?;
     let records = image.ifuncs();
-    let ifuncs: Vec<&'static Ifunc> = records.iter().map(Record::ifunc).collect();
+    let ifuncs: Vec<&'static Ifunc> = records.iter().map(IfuncRecord::ifunc).collect();
     let _locks: Vec<_> = ifuncs.iter().map(|i| i.call.lock()).collect();
     let mut plan = Plan::for_image(image);
     let mut out = Report::default();

@@ -3,9 +3,10 @@
 use core::fmt;
 
 use super::{IrelativeError, PltSitesReport, Report, apply, apply_plt_sites};
+use crate::LinuxPoke;
 use crate::cpu::{Features, OverrideError};
 use crate::image::Image;
-use crate::poke::{LinuxPoke, PokeError};
+use crate::poke::PokeError;
 
 /// What [`init`] did.
 #[derive(Clone, Debug)]

@@ -11,14 +11,9 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::ops::Range;
 
-#[cfg(all(feature = "std", target_os = "linux"))]
-mod loaded;
+mod plans;
 
-use crate::alternative;
-use crate::site::{self, PatchPoint};
-
-#[cfg(all(feature = "std", target_os = "linux"))]
-pub use loaded::LoadError;
+use crate::records::{self, AlternativeRecord, IfuncRecord, PatchPoint, StaticKeyRecord};
 
 /// One loaded binary: where its text is and which site records it carries.
 ///
@@ -31,49 +26,54 @@ pub use loaded::LoadError;
 /// ```
 #[derive(Clone)]
 pub struct Image<'a> {
-    name: Cow<'a, str>,
-    text: Vec<Range<usize>>,
-    points: &'a [PatchPoint],
-    alternatives: &'a [alternative::Record],
-    keys: &'a [crate::static_key::Record],
-    ifuncs: &'a [crate::ifunc::Record],
-    site_table: &'a [u8],
-    file: Option<(Cow<'a, str>, usize)>,
+    // Crate-visible so the OS layer can describe loaded objects
+    // (`os::linux::loaded`) without this module knowing any loader; the
+    // invariants are the builder's (every range and table as its unsafe
+    // setter promises).
+    pub(crate) name: Cow<'a, str>,
+    pub(crate) text: Vec<Range<usize>>,
+    pub(crate) points: &'a [PatchPoint],
+    pub(crate) alternatives: &'a [AlternativeRecord],
+    pub(crate) keys: &'a [StaticKeyRecord],
+    pub(crate) ifuncs: &'a [IfuncRecord],
+    pub(crate) site_table: &'a [u8],
+    pub(crate) file: Option<(Cow<'a, str>, usize)>,
 }
 
 impl Image<'static> {
-    /// The binary this crate is linked into: its tables from the
-    /// `__start_`/`__stop_` section bounds, and (with `std` on Linux) its
-    /// executable segments from the dynamic loader.
-    ///
-    /// Without `std` the text bounds are unknown: add them with
-    /// [`Image::with_text`] (from linker-script symbols), or plans against
-    /// the image will refuse every edit.
-    pub fn current() -> Image<'static> {
-        #[allow(unused_mut)]
-        let mut image = Image {
+    /// The binary this crate is linked into, as the linker left it: its
+    /// record tables from the `__start_`/`__stop_` section bounds, with no
+    /// text bounds and no file (the OS layer adds those in
+    /// `Image::current` with `std` on Linux).
+    pub(crate) fn linked() -> Image<'static> {
+        Image {
             name: Cow::Borrowed("current"),
             text: Vec::new(),
-            points: site::current_patch_points(),
-            alternatives: site::current_alternatives(),
-            keys: site::current_static_keys(),
-            ifuncs: site::current_ifuncs(),
-            site_table: site::current_site_table(),
+            points: records::current_patch_points(),
+            alternatives: records::current_alternatives(),
+            keys: records::current_static_keys(),
+            ifuncs: records::current_ifuncs(),
+            site_table: records::current_site_table(),
             file: None,
-        };
-        #[cfg(all(feature = "std", target_os = "linux"))]
-        {
-            let here = Image::current as fn() -> Image<'static> as usize;
-            if let Some(obj) = crate::poke::linux::loaded_object_containing(here) {
-                image.text = obj.text;
-                image.file = Some((Cow::Borrowed("/proc/self/exe"), obj.bias));
-                if !obj.name.is_empty() {
-                    image.file = Some((Cow::Owned(obj.name.clone()), obj.bias));
-                    image.name = Cow::Owned(obj.name);
-                }
-            }
         }
-        image
+    }
+
+    /// The binary this crate is linked into: its tables from the
+    /// `__start_`/`__stop_` section bounds. Without `std` the text bounds
+    /// are unknown: add them with [`Image::with_text`] (from linker-script
+    /// symbols), or plans against the image will refuse every edit. (With
+    /// `std` on Linux, this function comes from the OS layer and also
+    /// finds the text from the dynamic loader.)
+    ///
+    /// ```
+    /// use altpatch::Image;
+    /// let image = Image::current();
+    /// // The tables are this binary's, whatever the world.
+    /// assert_eq!(image.alternatives().len(), Image::current().alternatives().len());
+    /// ```
+    #[cfg(not(all(feature = "std", target_os = "linux")))]
+    pub fn current() -> Image<'static> {
+        Image::linked()
     }
 }
 
@@ -131,26 +131,24 @@ impl<'a> Image<'a> {
     }
 
     /// The alternative records (see [`alternative`](mod@crate::alternative)).
-    pub fn alternatives(&self) -> &'a [alternative::Record] {
+    pub fn alternatives(&self) -> &'a [AlternativeRecord] {
         self.alternatives
     }
 
     /// The static-branch records (see [`crate::static_key`]).
-    pub fn static_key_records(&self) -> &'a [crate::static_key::Record] {
+    pub fn static_key_records(&self) -> &'a [StaticKeyRecord] {
         self.keys
     }
 
     /// The ifunc records (see [`ifunc`](mod@crate::ifunc)).
-    pub fn ifuncs(&self) -> &'a [crate::ifunc::Record] {
+    pub fn ifuncs(&self) -> &'a [IfuncRecord] {
         self.ifuncs
     }
 
-    /// The embedded site table (see [`crate::sites`]): `Ok(None)` when the
-    /// image reserves none or it was not filled by `altpatch embed`.
-    pub fn embedded_sites(
-        &self,
-    ) -> Result<Option<crate::sites::EmbeddedTable<'a>>, crate::sites::EmbeddedTableError> {
-        crate::sites::EmbeddedTable::parse(self.site_table)
+    /// The raw site-table section (see [`Image::embedded_sites`], which
+    /// parses it).
+    pub fn site_table(&self) -> &'a [u8] {
+        self.site_table
     }
 
     /// The file the image was loaded from and its load bias (run-time minus
@@ -270,7 +268,7 @@ impl<'a> ImageBuilder<'a> {
     ///
     /// `records` must be the image's `altpatch_v1_alt` section in place, in
     /// memory that stays mapped and unchanged for `'a`.
-    pub unsafe fn alternatives(mut self, records: &'a [alternative::Record]) -> Self {
+    pub unsafe fn alternatives(mut self, records: &'a [AlternativeRecord]) -> Self {
         self.image.alternatives = records;
         self
     }
@@ -284,7 +282,7 @@ impl<'a> ImageBuilder<'a> {
     ///
     /// `records` must be the image's `altpatch_v1_key` section in place, in
     /// memory that stays mapped and unchanged for `'a`.
-    pub unsafe fn static_key_records(mut self, records: &'a [crate::static_key::Record]) -> Self {
+    pub unsafe fn static_key_records(mut self, records: &'a [StaticKeyRecord]) -> Self {
         self.image.keys = records;
         self
     }
@@ -300,7 +298,7 @@ impl<'a> ImageBuilder<'a> {
     /// in memory that stays mapped and unchanged for `'a`, and the image's
     /// code must stay loaded for the rest of the program (the records point
     /// at `'static` state).
-    pub unsafe fn ifunc_records(mut self, records: &'a [crate::ifunc::Record]) -> Self {
+    pub unsafe fn ifunc_records(mut self, records: &'a [IfuncRecord]) -> Self {
         self.image.ifuncs = records;
         self
     }

@@ -9,7 +9,6 @@ use core::ops::Range;
 use super::batch::{self, EditList};
 use super::edit::State;
 use super::{ApplyReport, Bytes, Edit, Expect, Label, Plan, PlanError, Validation};
-use crate::image::Image;
 use crate::poke::{TextPoke, copy_short};
 use crate::x86::Encoded;
 
@@ -64,12 +63,16 @@ pub struct CompactPlan {
 }
 
 impl CompactPlan {
-    /// An empty plan whose edits must lie inside `image`'s text; `reason`
-    /// says why every edit is made (shown in listings).
-    pub fn for_image(image: &Image<'_>, reason: &'static str) -> CompactPlan {
+    /// An empty plan whose edits must each lie inside one of `text`.
+    ///
+    /// # Safety
+    ///
+    /// Every range must be mapped and readable for as long as the plan is
+    /// validated or applied.
+    pub unsafe fn with_text_ranges(text: &[Range<usize>], reason: &'static str) -> CompactPlan {
         CompactPlan {
             edits: Vec::new(),
-            text: image.text().to_vec(),
+            text: text.to_vec(),
             sorted: true,
             reason,
         }

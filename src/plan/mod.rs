@@ -32,7 +32,6 @@ pub use compact::{COMPACT_MAX, CompactPlan};
 pub use edit::{Edit, Expect, Label};
 pub use error::PlanError;
 
-use crate::image::Image;
 use crate::poke::{TextPoke, page_span, short_eq};
 use edit::State;
 
@@ -107,15 +106,6 @@ pub struct Validation {
 }
 
 impl Plan {
-    /// An empty plan whose edits must lie inside `image`'s text.
-    pub fn for_image(image: &Image<'_>) -> Plan {
-        Plan {
-            edits: Vec::new(),
-            text: Some(image.text().to_vec()),
-            sorted: true,
-        }
-    }
-
     /// An empty plan whose edits must lie inside `text`.
     ///
     /// # Safety

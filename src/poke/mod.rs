@@ -14,7 +14,7 @@
 //! * [`DirectPoke`]: stores straight into text that is writable (early boot,
 //!   a kernel's own RWX identity map, or memory that is not text at all), then
 //!   serializes the calling CPU. `no_std`.
-//! * [`LinuxPoke`] (feature `std`): a Linux process patching its own text
+//! * [`LinuxPoke`](crate::LinuxPoke) (feature `std`): a Linux process patching its own text
 //!   without ever creating a writable and executable mapping; works under
 //!   `PR_SET_MDWE`.
 //! * [`FaultInjectingPoke`]: wraps another poke and fails on the k-th write,
@@ -53,15 +53,11 @@ use core::ops::Range;
 
 mod direct;
 mod fault;
-#[cfg(all(feature = "std", target_os = "linux"))]
-pub mod linux;
 pub mod live;
 mod short;
 
 pub use direct::{DirectPoke, SyncMethod};
 pub use fault::{FaultInjectingPoke, FaultPoint};
-#[cfg(all(feature = "std", target_os = "linux"))]
-pub use linux::{LinuxPoke, Publish};
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub(crate) use short::unknown_pages;
 pub(crate) use short::{copy_short, page_span, short_eq};
@@ -135,7 +131,7 @@ pub enum PokeError {
 }
 
 /// A way a Linux process writes its own text without a writable and
-/// executable mapping (see [`LinuxPoke`] for the order
+/// executable mapping (see [`LinuxPoke`](crate::LinuxPoke) for the order
 /// they are tried in and why).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Strategy {

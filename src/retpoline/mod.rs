@@ -77,7 +77,8 @@ mod verdict;
 
 use alloc::vec::Vec;
 
-pub use policy::{Mode, Policy, ReturnSites, Setting};
+pub use crate::cpu::mitigation::{Mode, Setting};
+pub use policy::{Policy, ReturnSites};
 pub use report::{CompiledThunk, Error, Outcome, Report, SiteOutcome};
 pub use thunks::{THUNK_SLOT, return_thunk, thunk, thunk_array};
 pub use verdict::{CpuinfoFlags, KernelMitigation, KernelVerdict, KernelView};
@@ -417,7 +418,7 @@ pub unsafe fn apply_loaded(addr: usize, policy: &Policy) -> Result<Report, alloc
     // SAFETY: forwarded from our caller.
     let image = unsafe { Image::from_loaded(addr) }.map_err(|e| alloc::format!("{e}"))?;
     let sites = crate::elf::image_sites(&image).map_err(|e| alloc::format!("{e}"))?;
-    let mut poke = crate::poke::LinuxPoke::running().map_err(|e| alloc::format!("{e}"))?;
+    let mut poke = crate::LinuxPoke::running().map_err(|e| alloc::format!("{e}"))?;
     // SAFETY: as for `apply_current`: the running poke publishes pages
     // atomically and refuses edits that are not one instruction for one.
     unsafe { apply(&image, &sites, policy, &mut poke) }.map_err(|e| alloc::format!("{e}"))
@@ -442,7 +443,7 @@ pub fn apply_current(policy: &Policy) -> Result<Report, alloc::string::String> {
     let image = Image::current();
     // The memoized list every mechanism shares: one parse per process.
     let sites = crate::elf::current_sites().map_err(|e| alloc::format!("{e}"))?;
-    let mut poke = crate::poke::LinuxPoke::running().map_err(|e| alloc::format!("{e}"))?;
+    let mut poke = crate::LinuxPoke::running().map_err(|e| alloc::format!("{e}"))?;
     // SAFETY: the running poke publishes pages atomically (or runs the INT3
     // protocol); it refuses edits that are not one instruction for one.
     unsafe { apply(&image, sites, policy, &mut poke) }.map_err(|e| alloc::format!("{e}"))

@@ -16,6 +16,7 @@
 use core::fmt;
 
 use super::{Site, SiteKind};
+use crate::image::Image;
 use crate::x86::{BranchKind, Cond};
 
 /// The table's magic bytes.
@@ -215,6 +216,23 @@ impl EmbeddedEntry {
 pub struct EmbeddedTable<'a> {
     bytes: &'a [u8],
     count: usize,
+}
+
+// Site discovery is above the image layer: the image keeps the raw
+// section, this module knows its format.
+impl<'a> Image<'a> {
+    /// The embedded site table (see [`crate::sites`]): `Ok(None)` when the
+    /// image reserves none or it was not filled by `altpatch embed`.
+    ///
+    /// ```
+    /// use altpatch::Image;
+    /// // A program that did not `reserve_site_table!` has none.
+    /// let image = unsafe { Image::builder("empty").site_table(&[]) }.build();
+    /// assert!(image.embedded_sites().unwrap().is_none());
+    /// ```
+    pub fn embedded_sites(&self) -> Result<Option<EmbeddedTable<'a>>, EmbeddedTableError> {
+        EmbeddedTable::parse(self.site_table())
+    }
 }
 
 impl<'a> EmbeddedTable<'a> {

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use super::{StaticCall, StaticCallError, UpdateReport};
+use crate::LinuxPoke;
 use crate::image::Image;
 use crate::plan::PlanError;
-use crate::poke::LinuxPoke;
 use crate::sites::{Site, SiteKind};
 
 /// The running program's image and its static-call sites by trampoline,

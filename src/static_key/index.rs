@@ -2,8 +2,8 @@
 
 use alloc::vec::Vec;
 
-use super::Record;
 use crate::image::Image;
+use crate::records::StaticKeyRecord;
 
 /// The static-branch records of one image, indexed by key, built once (in
 /// separate memory: the table itself is never sorted).
@@ -53,7 +53,7 @@ impl KeyIndex {
         &'a self,
         image: &Image<'a>,
         key: usize,
-    ) -> impl Iterator<Item = &'a Record> + 'a {
+    ) -> impl Iterator<Item = &'a StaticKeyRecord> + 'a {
         let recs = image.static_key_records();
         assert_eq!(
             recs.len(),

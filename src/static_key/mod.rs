@@ -40,51 +40,7 @@ pub use index::KeyIndex;
 use crate::image::Image;
 use crate::plan::{ApplyReport, Edit, Expect, Plan, PlanError};
 use crate::poke::TextPoke;
-use crate::site::RelPtr;
 use crate::x86;
-
-/// One static-branch site, as emitted into `altpatch_v1_key` (12 bytes).
-#[repr(C, align(4))]
-pub struct Record {
-    site: RelPtr,
-    target: RelPtr,
-    /// The key's address, plus 1 for a `likely` site.
-    key: RelPtr,
-}
-
-impl Record {
-    /// The 5-byte NOP/`jmp` instruction.
-    pub fn site(&self) -> usize {
-        self.site.get()
-    }
-
-    /// Where the `jmp` goes (the other path).
-    pub fn target(&self) -> usize {
-        self.target.get()
-    }
-
-    /// The key's address.
-    pub fn key(&self) -> usize {
-        self.key.get() & !1
-    }
-
-    /// Whether the site is a `static_branch_likely!` (falls through to
-    /// `true`).
-    pub fn likely(&self) -> bool {
-        self.key.get() & 1 != 0
-    }
-}
-
-impl fmt::Debug for Record {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Record")
-            .field("site", &format_args!("{:#x}", self.site()))
-            .field("target", &format_args!("{:#x}", self.target()))
-            .field("key", &format_args!("{:#x}", self.key()))
-            .field("likely", &self.likely())
-            .finish()
-    }
-}
 
 /// A static key, initially enabled if `INITIAL`.
 ///
@@ -220,7 +176,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     ///
     /// As for [`Plan::apply`] with `poke`: if other threads may be running
     /// the sites, `poke` must implement a protocol for that (such as
-    /// [`Publish::Live`](crate::poke::linux::Publish::Live) or
+    /// [`Publish::Live`](crate::os::linux::Publish::Live) or
     /// [`Int3Poke`](crate::poke::live::Int3Poke)); each site is a single
     /// instruction either way.
     pub unsafe fn set_with<P: TextPoke + ?Sized>(

@@ -3,10 +3,10 @@
 use std::sync::OnceLock;
 
 use super::{KeyError, KeyIndex, StaticKey};
+use crate::LinuxPoke;
 use crate::image::Image;
 use crate::plan::ApplyReport;
 use crate::plan::PlanError;
-use crate::poke::LinuxPoke;
 
 /// The running program's image and key index, found once.
 pub(crate) fn current() -> &'static (Image<'static>, KeyIndex) {
@@ -25,14 +25,14 @@ pub(crate) fn current() -> &'static (Image<'static>, KeyIndex) {
 }
 
 /// A poke for code other threads run (the page swap by default: see
-/// [`crate::poke::linux`]).
+/// [`crate::os::linux`]).
 fn poke() -> Result<LinuxPoke, KeyError> {
     LinuxPoke::running().map_err(|error| KeyError::Plan(PlanError::Poke { site: None, error }))
 }
 
 impl<const INITIAL: bool> StaticKey<INITIAL> {
     /// Enables the key: every site in the running program changes in one
-    /// batch published by page swap (see [`crate::poke::linux`]), safe while
+    /// batch published by page swap (see [`crate::os::linux`]), safe while
     /// other threads run them, whatever their signal state.
     pub fn enable(&self) -> Result<ApplyReport, KeyError> {
         self.set(true)

@@ -29,8 +29,8 @@ use alloc::vec::Vec;
 
 use super::table::{self, SPAN};
 use super::{Source, SourceRefusal, TrampolineError};
+use crate::os::linux::errno;
 use crate::poke::PAGE_SIZE;
-use crate::poke::linux::errno;
 
 /// An open source of table pages.
 pub(crate) struct Backing {
@@ -132,7 +132,7 @@ impl Backing {
     /// The object containing this crate, at the table's file offset.
     fn own_file() -> Result<Backing, (&'static str, i32)> {
         let at = table::table().as_ptr() as usize;
-        let obj = crate::poke::linux::loaded_object_containing(at)
+        let obj = crate::os::linux::loaded_object_containing(at)
             .ok_or(("dl_iterate_phdr (no object contains the table)", 0))?;
         let (seg, off) = obj
             .loads
@@ -245,7 +245,7 @@ fn fail(fd: libc::c_int, call: &'static str, e: i32) -> (&'static str, i32) {
 /// A memfd holding the table, sealed: no write, shrink or grow, and no
 /// further seals (so nobody can unseal it either).
 fn sealed_memfd() -> Result<libc::c_int, (&'static str, i32)> {
-    let fd = crate::poke::linux::memfd_exec(c"altpatch-trampolines", libc::MFD_ALLOW_SEALING)
+    let fd = crate::os::linux::memfd_exec(c"altpatch-trampolines", libc::MFD_ALLOW_SEALING)
         .map_err(|e| ("memfd_create(MFD_ALLOW_SEALING)", e))?;
     write_table(fd).map_err(|e| fail(fd, "pwrite", e))?;
     let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
@@ -259,7 +259,7 @@ fn sealed_memfd() -> Result<libc::c_int, (&'static str, i32)> {
 /// An unlinked temporary file holding the table, mode 0400, open
 /// read-only (the descriptor it was written through is closed).
 fn read_only_tmpfile() -> Result<libc::c_int, (&'static str, i32)> {
-    let rw = crate::poke::linux::open_exec_tmpfile()?;
+    let rw = crate::os::linux::open_exec_tmpfile()?;
     write_table(rw).map_err(|e| fail(rw, "pwrite", e))?;
     // SAFETY: fchmod of our own file.
     if unsafe { libc::fchmod(rw, 0o400) } != 0 {
@@ -340,7 +340,7 @@ impl Backing {
 
 /// The lowest address of the object containing this crate, or 0.
 fn object_start() -> usize {
-    crate::poke::linux::loaded_object_containing(table::table().as_ptr() as usize)
+    crate::os::linux::loaded_object_containing(table::table().as_ptr() as usize)
         .and_then(|o| o.loads.iter().map(|r| r.start).min())
         .unwrap_or(0)
 }

@@ -317,7 +317,7 @@ impl PoolState {
             }
         };
         if p == libc::MAP_FAILED {
-            let errno = crate::poke::linux::errno();
+            let errno = crate::os::linux::errno();
             unmap();
             return Err(TrampolineError::Os {
                 call: "mmap (trampoline data pages)",

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use altpatch::cpu::{Feature, Features};
+use altpatch::os::linux::{refuse_for_tests, set_live_publication, strategies, strategy};
 use altpatch::poke::Strategy;
-use altpatch::poke::linux::{refuse_for_tests, set_live_publication, strategies, strategy};
 use altpatch::{Image, LinuxPoke, PokeError, Publish, alternative};
 
 use super::support::*;

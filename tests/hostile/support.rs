@@ -124,10 +124,10 @@ pub fn updates(n: usize) {
 /// Makes the crate install its `SIGTRAP` handler: one INT3 batch.
 pub fn install_altpatch_handler() {
     use altpatch::Publish;
-    altpatch::poke::linux::set_live_publication(Publish::Live).unwrap();
+    altpatch::os::linux::set_live_publication(Publish::Live).unwrap();
     HKEY.enable().unwrap();
     HKEY.disable().unwrap();
-    altpatch::poke::linux::set_live_publication(Publish::Remap).unwrap();
+    altpatch::os::linux::set_live_publication(Publish::Remap).unwrap();
 }
 
 /// Runs `f` on `n` threads until `stop`, then sums what they saw.

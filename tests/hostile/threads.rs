@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use altpatch::Publish;
-use altpatch::poke::linux::set_live_publication;
+use altpatch::os::linux::set_live_publication;
 
 use super::support::*;
 
@@ -145,14 +145,14 @@ fn signals(altstack: bool, publish: Publish) {
     let (handles, tids) = spawn_callers(4, &stop, setup);
     let stop_storm = Arc::new(AtomicBool::new(false));
     let storm = storm(tids, stop_storm.clone());
-    let emulated = altpatch::poke::linux::emulated_traps();
+    let emulated = altpatch::os::linux::emulated_traps();
     updates(if publish == Publish::Live { 100 } else { 200 });
     stop_storm.store(true, Ordering::Relaxed);
     let sent = storm.join().unwrap();
     stop.store(true, Ordering::Relaxed);
     let seen = joined(handles);
     let runs = HANDLER_RUNS.load(Ordering::Relaxed);
-    let traps = altpatch::poke::linux::emulated_traps() - emulated;
+    let traps = altpatch::os::linux::emulated_traps() - emulated;
     println!("{sent} signals sent, {runs} handler runs, {traps} traps emulated; {seen:?}");
     assert_eq!(
         HANDLER_BAD.load(Ordering::Relaxed),

@@ -112,7 +112,7 @@ pub fn scenario(s: &str) {
     // The handler is installed after the program's disposition, as a
     // program would meet it: then every trap below goes through it.
     install_altpatch_handler();
-    let emulated = altpatch::poke::linux::emulated_traps();
+    let emulated = altpatch::os::linux::emulated_traps();
     match s {
         "trap_raise_handler" => {
             // SAFETY: raising a signal at ourselves.
@@ -169,7 +169,7 @@ pub fn scenario(s: &str) {
         _ => panic!("unknown scenario {s}"),
     }
     assert_eq!(
-        altpatch::poke::linux::emulated_traps(),
+        altpatch::os::linux::emulated_traps(),
         emulated,
         "a foreign trap was claimed"
     );
@@ -179,12 +179,12 @@ pub fn scenario(s: &str) {
 /// INT3 batch is refused with an error; the page swap goes on working.
 fn replaced() {
     install_programs_handler();
-    altpatch::poke::linux::set_live_publication(altpatch::Publish::Live).unwrap();
+    altpatch::os::linux::set_live_publication(altpatch::Publish::Live).unwrap();
     let before = hcall(1);
     let err = hcall::update(add2).unwrap_err();
     assert!(err.to_string().contains("replaced"), "{err}");
     assert_eq!(hcall(1), before, "a refused batch changed the text");
-    altpatch::poke::linux::set_live_publication(altpatch::Publish::Remap).unwrap();
+    altpatch::os::linux::set_live_publication(altpatch::Publish::Remap).unwrap();
     hcall::update(add2).unwrap();
     assert_eq!(hcall(1), 3);
     let after = own_int3();

@@ -47,7 +47,7 @@ pub struct LiveSites {
 
 // `find`, `emulate` and `cond_holds` are inlined into trap handlers: in a
 // retpoline-built program a call to them could be an indirect-thunk site,
-// possibly mid-patch (see `poke::linux::trap`).
+// possibly mid-patch (see `os::linux::trap`).
 #[inline(always)]
 fn cond_holds(cc: Cond, f: u64) -> bool {
     let cf = f & 1 != 0;

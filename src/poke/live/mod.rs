@@ -24,8 +24,8 @@
 //!   [`TrapSlot::emulate`] with the trapping context: the batch's
 //!   [`LiveSites`] are published there ([`TrapTable`]) for exactly as long
 //!   as a handler may read them.
-//! * In a Linux process, [`LinuxPoke`](super::LinuxPoke) with
-//!   [`Publish::Live`](super::Publish::Live) runs it with
+//! * In a Linux process, [`LinuxPoke`](crate::LinuxPoke) with
+//!   [`Publish::Live`](crate::Publish::Live) runs it with
 //!   `membarrier(SYNC_CORE)` and a `SIGTRAP` handler that emulates sites
 //!   and passes any other trap to the previously installed handler.
 

@@ -78,25 +78,28 @@
 
 mod arena;
 mod batch;
+mod fork;
+mod loaded;
 pub(crate) mod maps;
-mod os;
 mod procmem;
 mod state;
 mod strategy;
+mod sys;
 mod threads;
 mod trap;
 
+pub use loaded::LoadError;
 pub use trap::emulated_traps;
 
 use alloc::vec::Vec;
 use core::ops::Range;
 use core::sync::atomic::{AtomicU8, Ordering};
 
-use super::{PokeError, Refusal, Strategy};
+use crate::poke::{PokeError, Refusal, Strategy};
 pub(crate) use arena::open_exec_tmpfile;
 pub(crate) use maps::loaded_object_containing;
-pub(crate) use os::{errno, memfd_exec};
 use state::Locked;
+pub(crate) use sys::{errno, memfd_exec};
 
 /// How a [`LinuxPoke`] publishes a batch (see the [module documentation](self)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -122,7 +125,7 @@ static LIVE_PUBLICATION: AtomicU8 = AtomicU8::new(0);
 /// safe for running threads.
 ///
 /// ```
-/// use altpatch::poke::linux::{live_publication, set_live_publication};
+/// use altpatch::os::linux::{live_publication, set_live_publication};
 /// use altpatch::Publish;
 /// assert_eq!(live_publication(), Publish::Remap);
 /// assert!(set_live_publication(Publish::InPlace).is_err());
@@ -153,7 +156,7 @@ pub fn live_publication() -> Publish {
 /// first time), or why none can be used.
 ///
 /// ```
-/// let s = altpatch::poke::linux::strategy().unwrap();
+/// let s = altpatch::os::linux::strategy().unwrap();
 /// println!("text is written by {s}");
 /// ```
 pub fn strategy() -> Result<Strategy, PokeError> {
@@ -165,7 +168,7 @@ pub fn strategy() -> Result<Strategy, PokeError> {
 /// (each probed once; for reports such as the demo's).
 ///
 /// ```
-/// for (s, r) in altpatch::poke::linux::strategies() {
+/// for (s, r) in altpatch::os::linux::strategies() {
 ///     match r {
 ///         Ok(()) => println!("{s}: usable"),
 ///         Err(why) => println!("{s}: refused ({why})"),
@@ -192,12 +195,6 @@ pub fn refuse_for_tests(strategy: Strategy, call: &'static str, errno: i32) {
         let call: &'static &'static str = alloc::boxed::Box::leak(alloc::boxed::Box::new(call));
         lock.shared().injected[state::slot(strategy)] = Some(Refusal::new(strategy, call, errno));
     }
-}
-
-/// Repairs state other threads of the parent left behind (fork child
-/// handler, lock held).
-pub(crate) fn after_fork_in_child() {
-    trap::after_fork_in_child();
 }
 
 /// Patches this process's own text without a writable+executable mapping
@@ -310,7 +307,7 @@ impl LinuxPoke {
     }
 
     fn make(publish: Publish, strategy: Strategy) -> LinuxPoke {
-        os::init_sync_core();
+        sys::init_sync_core();
         LinuxPoke {
             lock: None,
             batch: batch::Batch::new(strategy, publish),
@@ -333,7 +330,7 @@ impl LinuxPoke {
     /// it forces a TLB shootdown, whose IPIs interrupt (and so serialize)
     /// every CPU running this process.
     pub fn has_membarrier_sync_core() -> bool {
-        os::has_sync_core()
+        sys::has_sync_core()
     }
 
     /// Number of mapping publications this poke has made (page swaps and
@@ -386,7 +383,7 @@ impl Drop for LinuxPoke {
 // writes. `commit` reads every write back through the executable address.
 // `sync` serializes every thread of the process (membarrier SYNC_CORE, or a
 // TLB shootdown); the INT3 protocol syncs after each phase.
-unsafe impl super::TextPoke for LinuxPoke {
+unsafe impl crate::poke::TextPoke for LinuxPoke {
     fn begin(&mut self, pages: &[Range<usize>]) -> Result<(), PokeError> {
         if self.lock.is_some() {
             return Err(PokeError::Unsupported("begin while a batch is in progress"));
@@ -436,7 +433,7 @@ unsafe impl super::TextPoke for LinuxPoke {
             // The protocol synced after each of its phases.
             return Ok(());
         }
-        os::sync_all_threads()
+        sys::sync_all_threads()
     }
 
     fn method(&self) -> &'static str {

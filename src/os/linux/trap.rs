@@ -251,7 +251,7 @@ pub(super) fn install() -> Result<(), PokeError> {
     let mut prev: libc::sigaction = unsafe { core::mem::zeroed() };
     // SAFETY: as above.
     if unsafe { libc::sigaction(libc::SIGTRAP, &sa, &mut prev) } != 0 {
-        return Err(super::os::os_err("sigaction"));
+        return Err(super::sys::os_err("sigaction"));
     }
     if prev.sa_sigaction != before.sa_sigaction || prev.sa_flags != before.sa_flags {
         // SAFETY: a store of a value the handler reads only on a foreign

@@ -5,8 +5,8 @@
 use alloc::vec::Vec;
 
 use super::Batch;
-use crate::poke::linux::state::Shared;
-use crate::poke::linux::{Publish, os};
+use crate::os::linux::state::Shared;
+use crate::os::linux::{Publish, sys};
 use crate::poke::{PAGE_SIZE, PokeError, Strategy};
 
 impl Batch {
@@ -108,7 +108,7 @@ impl Batch {
             self.repairs += 1;
         }
         if self.publish == Publish::Live {
-            os::sync_all_threads()?;
+            sys::sync_all_threads()?;
         }
         match self.mismatches().first() {
             None => Ok(()),

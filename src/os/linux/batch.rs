@@ -20,7 +20,7 @@ use core::ops::Range;
 mod verify;
 
 use super::state::Shared;
-use super::{Publish, os, threads, trap};
+use super::{Publish, sys, threads, trap};
 use crate::plan::Bytes;
 use crate::poke::live::{self, LiveSite, LiveSites, Step};
 use crate::poke::{PAGE_SIZE, PokeError, Strategy, copy_short, short_eq};
@@ -366,7 +366,7 @@ impl Batch {
             // protocol keeps every intermediate state safe.
             Step::Write(addr, bytes) => unsafe { self.in_place(shared, addr, bytes) },
             Step::Sync => {
-                if let Err(e) = os::sync_all_threads()
+                if let Err(e) = sys::sync_all_threads()
                     && first_error.is_ok()
                 {
                     first_error = Err(e);

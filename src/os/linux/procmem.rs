@@ -25,7 +25,7 @@
 
 use core::ops::Range;
 
-use super::os::{errno, map_anon, os_err};
+use super::sys::{errno, map_anon, os_err};
 use crate::poke::{PAGE_SIZE, PokeError, Refusal, Strategy};
 
 /// The open `/proc/self/mem`. Kept open; reopened in a forked child (found

@@ -1,4 +1,10 @@
-//! Site records: tables, emitted from `asm!`, that name places in text.
+//! Record layouts: every `altpatch_v1_*` table, emitted from `asm!`, that
+//! names places in text, and the section names they live in.
+//!
+//! A binary format belongs to no mechanism: the alternatives, static-key
+//! and ifunc modules interpret these records, the image module finds their
+//! tables, and this module, at the bottom of the layer map
+//! (`ARCHITECTURE.md`), imports nothing of the crate.
 //!
 //! # Layout rules
 //!
@@ -183,6 +189,137 @@ impl fmt::Debug for PatchPoint {
     }
 }
 
+/// One alternative of one site, as emitted by the alternative macros into
+/// the `altpatch_v1_alt` section (20 bytes, 4-aligned). Interpreted by
+/// [`alternative`](mod@crate::alternative).
+#[repr(C, align(4))]
+pub struct AlternativeRecord {
+    site: RelPtr,
+    orig: RelPtr,
+    repl: RelPtr,
+    cond: u16,
+    site_len: u8,
+    default_len: u8,
+    repl_len: u8,
+    orig_len: u8,
+    _reserved: u16,
+}
+
+impl AlternativeRecord {
+    /// The site's first byte.
+    pub fn site(&self) -> usize {
+        self.site.get()
+    }
+
+    /// The site's length, padding included.
+    pub fn site_len(&self) -> usize {
+        self.site_len as usize
+    }
+
+    /// The default sequence's length (the rest of the site is padding).
+    pub fn default_len(&self) -> usize {
+        self.default_len as usize
+    }
+
+    /// Where the replacement's bytes are (never executed there).
+    pub fn replacement(&self) -> usize {
+        self.repl.get()
+    }
+
+    /// The replacement's length.
+    pub fn replacement_len(&self) -> usize {
+        self.repl_len as usize
+    }
+
+    /// The condition's encoding (decoded by
+    /// [`AlternativeRecord::condition`]).
+    pub fn condition_bits(&self) -> u16 {
+        self.cond
+    }
+
+    /// Where the macro kept a copy of the default sequence (to tell the
+    /// compiled state from a patched one).
+    pub(crate) fn original(&self) -> usize {
+        self.orig.get()
+    }
+
+    /// The length of that copy (the default's length, in a valid record).
+    pub(crate) fn original_len(&self) -> usize {
+        self.orig_len as usize
+    }
+}
+
+impl fmt::Debug for AlternativeRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AlternativeRecord")
+            .field("site", &format_args!("{:#x}", self.site()))
+            .field("site_len", &self.site_len)
+            .field("default_len", &self.default_len)
+            .field("replacement", &format_args!("{:#x}", self.replacement()))
+            .field("replacement_len", &self.repl_len)
+            .field("cond", &self.cond)
+            .finish()
+    }
+}
+
+/// One static-branch site, as emitted into `altpatch_v1_key` (12 bytes).
+/// Interpreted by [`static_key`](mod@crate::static_key).
+#[repr(C, align(4))]
+pub struct StaticKeyRecord {
+    site: RelPtr,
+    target: RelPtr,
+    /// The key's address, plus 1 for a `likely` site.
+    key: RelPtr,
+}
+
+impl StaticKeyRecord {
+    /// The 5-byte NOP/`jmp` instruction.
+    pub fn site(&self) -> usize {
+        self.site.get()
+    }
+
+    /// Where the `jmp` goes (the other path).
+    pub fn target(&self) -> usize {
+        self.target.get()
+    }
+
+    /// The key's address.
+    pub fn key(&self) -> usize {
+        self.key.get() & !1
+    }
+
+    /// Whether the site is a `static_branch_likely!` (falls through to
+    /// `true`).
+    pub fn likely(&self) -> bool {
+        self.key.get() & 1 != 0
+    }
+}
+
+impl fmt::Debug for StaticKeyRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StaticKeyRecord")
+            .field("site", &format_args!("{:#x}", self.site()))
+            .field("target", &format_args!("{:#x}", self.target()))
+            .field("key", &format_args!("{:#x}", self.key()))
+            .field("likely", &self.likely())
+            .finish()
+    }
+}
+
+/// One ifunc record in an image's `altpatch_v1_ifunc` section: a
+/// self-relative pointer to its `Ifunc` static (4 bytes). Interpreted by
+/// [`ifunc`](mod@crate::ifunc), whose [`IfuncRecord::ifunc`] gives the static.
+#[repr(C)]
+#[derive(Debug)]
+pub struct IfuncRecord(RelPtr);
+
+impl IfuncRecord {
+    /// The address of the `Ifunc` static the record names.
+    pub fn ifunc_address(&self) -> usize {
+        self.0.get()
+    }
+}
+
 /// Declares an accessor for the current binary's table of one record kind.
 macro_rules! section_table {
     ($(#[$doc:meta])* $vis:vis fn $fn:ident() -> $ty:ty, $kind:ident, $start:ident, $stop:ident) => {
@@ -224,7 +361,7 @@ section_table!(
 
 section_table!(
     /// The alternative records of the binary this crate is linked into.
-    pub(crate) fn current_alternatives() -> crate::alternative::Record,
+    pub(crate) fn current_alternatives() -> AlternativeRecord,
     alt,
     __start_altpatch_v1_alt,
     __stop_altpatch_v1_alt
@@ -232,7 +369,7 @@ section_table!(
 
 section_table!(
     /// The static-branch records of the binary this crate is linked into.
-    pub(crate) fn current_static_keys() -> crate::static_key::Record,
+    pub(crate) fn current_static_keys() -> StaticKeyRecord,
     key,
     __start_altpatch_v1_key,
     __stop_altpatch_v1_key
@@ -240,7 +377,7 @@ section_table!(
 
 section_table!(
     /// The ifunc records of the binary this crate is linked into.
-    pub(crate) fn current_ifuncs() -> crate::ifunc::Record,
+    pub(crate) fn current_ifuncs() -> IfuncRecord,
     ifunc,
     __start_altpatch_v1_ifunc,
     __stop_altpatch_v1_ifunc
@@ -263,7 +400,10 @@ mod tests {
     fn record_layout() {
         assert_eq!(core::mem::size_of::<PatchPoint>(), 8);
         assert_eq!(core::mem::align_of::<PatchPoint>(), 4);
-        assert_eq!(core::mem::size_of::<crate::alternative::Record>(), 20);
-        assert_eq!(core::mem::align_of::<crate::alternative::Record>(), 4);
+        assert_eq!(core::mem::size_of::<AlternativeRecord>(), 20);
+        assert_eq!(core::mem::align_of::<AlternativeRecord>(), 4);
+        assert_eq!(core::mem::size_of::<StaticKeyRecord>(), 12);
+        assert_eq!(core::mem::align_of::<StaticKeyRecord>(), 4);
+        assert_eq!(core::mem::size_of::<IfuncRecord>(), 4);
     }
 }

@@ -1,5 +1,10 @@
-//! Images of objects the dynamic loader has loaded, found from their files'
-//! section headers.
+//! Images of objects the dynamic loader has loaded: the current binary's
+//! text from the loader, and any loaded object's tables found from its
+//! file's section headers.
+//!
+//! This is the OS half of [`Image`]: the image module describes a binary
+//! and knows no loader; this one asks the loader (`dl_iterate_phdr`, the
+//! files it mapped).
 
 use alloc::borrow::Cow;
 use alloc::string::{String, ToString};
@@ -7,9 +12,36 @@ use core::fmt;
 
 use object::{Object, ObjectSection};
 
-use super::Image;
-use crate::alternative;
-use crate::site::PatchPoint;
+use crate::image::Image;
+use crate::records::{AlternativeRecord, IfuncRecord, PatchPoint, StaticKeyRecord};
+
+impl Image<'static> {
+    /// The binary this crate is linked into: its tables from the
+    /// `__start_`/`__stop_` section bounds, and its executable segments,
+    /// file and load bias from the dynamic loader. (Without `std`, the
+    /// text bounds are unknown: add them with [`Image::with_text`].)
+    ///
+    /// ```
+    /// use altpatch::Image;
+    /// let image = Image::current();
+    /// // In a std build the text bounds come from the dynamic loader.
+    /// let here = Image::current as fn() -> Image<'static> as usize;
+    /// assert!(image.contains_text(here, 1));
+    /// ```
+    pub fn current() -> Image<'static> {
+        let mut image = Image::linked();
+        let here = Image::current as fn() -> Image<'static> as usize;
+        if let Some(obj) = super::loaded_object_containing(here) {
+            image.text = obj.text;
+            image.file = Some((Cow::Borrowed("/proc/self/exe"), obj.bias));
+            if !obj.name.is_empty() {
+                image.file = Some((Cow::Owned(obj.name.clone()), obj.bias));
+                image.name = Cow::Owned(obj.name);
+            }
+        }
+        image
+    }
+}
 
 /// Why [`Image::from_loaded`] could not describe an object.
 #[derive(Debug)]
@@ -81,8 +113,7 @@ impl Image<'static> {
     /// or any plan built from it, is used; its file must be the one that
     /// was loaded (not replaced on disk since).
     pub unsafe fn from_loaded(addr: usize) -> Result<Image<'static>, LoadError> {
-        let obj = crate::poke::linux::loaded_object_containing(addr)
-            .ok_or(LoadError::NotLoaded { addr })?;
+        let obj = super::loaded_object_containing(addr).ok_or(LoadError::NotLoaded { addr })?;
         let path = if obj.name.is_empty() {
             String::from("/proc/self/exe")
         } else {
@@ -129,13 +160,12 @@ impl Image<'static> {
                 "altpatch_v1_key" => {
                     // SAFETY: as above.
                     image.keys =
-                        unsafe { table::<crate::static_key::Record>(runtime, size, loaded) }
-                            .map_err(bad)?;
+                        unsafe { table::<StaticKeyRecord>(runtime, size, loaded) }.map_err(bad)?;
                 }
                 "altpatch_v1_ifunc" => {
                     // SAFETY: as above.
-                    image.ifuncs = unsafe { table::<crate::ifunc::Record>(runtime, size, loaded) }
-                        .map_err(bad)?;
+                    image.ifuncs =
+                        unsafe { table::<IfuncRecord>(runtime, size, loaded) }.map_err(bad)?;
                 }
                 "altpatch_v1_sitetab" => {
                     // SAFETY: as above.
@@ -145,7 +175,7 @@ impl Image<'static> {
                 "altpatch_v1_alt" => {
                     // SAFETY: as above.
                     image.alternatives =
-                        unsafe { table::<alternative::Record>(runtime, size, loaded) }
+                        unsafe { table::<AlternativeRecord>(runtime, size, loaded) }
                             .map_err(bad)?;
                 }
                 _ => {}

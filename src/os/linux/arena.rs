@@ -26,7 +26,7 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::ops::Range;
 
-use super::os::{errno, os_err};
+use super::sys::{errno, os_err};
 use crate::poke::{PAGE_SIZE, PokeError, Refusal, Strategy};
 
 /// Directories tried for [`Strategy::File`], in order: tmpfs first (no disk
@@ -40,7 +40,7 @@ type Failed = (&'static &'static str, i32);
 fn open_backing(kind: Strategy) -> Result<libc::c_int, Failed> {
     match kind {
         Strategy::Memfd => {
-            super::os::memfd_exec(c"altpatch-text", 0).map_err(|e| (&"memfd_create(MFD_EXEC)", e))
+            super::sys::memfd_exec(c"altpatch-text", 0).map_err(|e| (&"memfd_create(MFD_EXEC)", e))
         }
         Strategy::File => {
             let mut last: Failed = (&"open(O_TMPFILE) in /dev/shm, /tmp, /var/tmp", 0);

@@ -1,0 +1,42 @@
+//! `fork`: the handlers that keep the update lock and every layer's
+//! process state consistent across it.
+//!
+//! They live here, at the top of the layers that hold such state, because
+//! the child handler must repair each of them (the published feature
+//! snapshot, the trap table) while the update lock is still held: the lock
+//! module itself is below them all and calls none of them.
+
+use crate::sync;
+
+extern "C" fn prepare() {
+    sync::fork_prepare();
+}
+
+extern "C" fn parent() {
+    sync::fork_parent();
+}
+
+extern "C" fn child() {
+    sync::fork_child_enter();
+    // The child's only thread is the one that forked, and it holds the
+    // lock (from `prepare`): what other threads of the parent were in the
+    // middle of is repaired before anyone here can look at it. The order
+    // among the repairs does not matter (they share no state); releasing
+    // the lock must come after all of them.
+    crate::cpu::after_fork_in_child();
+    super::trap::after_fork_in_child();
+    sync::fork_child_leave();
+}
+
+/// Registers the fork handlers at load time (`.init_array`), before any
+/// thread of the program can fork, and without a lazy `Once` that a signal
+/// handler could be the first to reach.
+extern "C" fn register() {
+    // SAFETY: the handlers are plain functions of this object; glibc
+    // unregisters them if the object is unloaded.
+    unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static REGISTER: extern "C" fn() = register;
