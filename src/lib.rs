@@ -99,6 +99,7 @@ pub mod alternative;
 pub mod cpu;
 #[cfg(feature = "std")]
 pub mod elf;
+mod error;
 pub mod ifunc;
 mod image;
 #[cfg(all(feature = "std", target_os = "linux"))]
@@ -115,6 +116,7 @@ mod sync;
 pub mod trampoline;
 pub mod x86;
 
+pub use error::Error;
 pub use image::{Image, ImageBuilder};
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use os::linux::{LinuxPoke, LoadError, Publish};

@@ -37,6 +37,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "trampoline",
         ],
     ),
+    ("one error type over every layer's", &["error"]),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

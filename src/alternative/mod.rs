@@ -95,7 +95,26 @@ impl fmt::Display for Error {
     }
 }
 
-impl core::error::Error for Error {}
+impl Error {
+    /// The address of the site the error is about, where it names one
+    /// (see [`crate::Error::site`]).
+    pub fn site(&self) -> Option<usize> {
+        match self {
+            Error::BadRecord { site, .. } | Error::Relocation { site, .. } => Some(*site),
+            Error::Plan(e) => e.site(),
+        }
+    }
+}
+
+impl core::error::Error for Error {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Error::Relocation { error, .. } => Some(error),
+            Error::Plan(e) => Some(e),
+            Error::BadRecord { .. } => None,
+        }
+    }
+}
 
 impl From<PlanError> for Error {
     fn from(e: PlanError) -> Error {

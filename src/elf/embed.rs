@@ -78,7 +78,27 @@ impl fmt::Display for EmbedError {
     }
 }
 
-impl std::error::Error for EmbedError {}
+impl EmbedError {
+    /// The address of the site the error is about, where it names one
+    /// (see [`crate::Error::site`]).
+    pub fn site(&self) -> Option<usize> {
+        match self {
+            EmbedError::OutOfReach { site, .. } => Some(*site),
+            _ => None,
+        }
+    }
+}
+
+impl std::error::Error for EmbedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            EmbedError::Elf(e) => Some(e),
+            EmbedError::Table(e) => Some(e),
+            EmbedError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<ElfError> for EmbedError {
     fn from(e: ElfError) -> EmbedError {

@@ -47,7 +47,15 @@ impl fmt::Display for SitesError {
     }
 }
 
-impl std::error::Error for SitesError {}
+impl std::error::Error for SitesError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SitesError::Elf { error, .. } => Some(error),
+            SitesError::Table(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 /// The compiler-generated sites of `image`, at run-time addresses: from its
 /// embedded table when filled (no file access), else from the relocations

@@ -174,7 +174,27 @@ impl fmt::Display for IrelativeError {
     }
 }
 
-impl core::error::Error for IrelativeError {}
+impl IrelativeError {
+    /// The address of the site the error is about, where it names one
+    /// (see [`crate::Error::site`]).
+    pub fn site(&self) -> Option<usize> {
+        match self {
+            IrelativeError::BadSite { addr, .. } => Some(*addr),
+            IrelativeError::Plan(e) => e.site(),
+            _ => None,
+        }
+    }
+}
+
+impl core::error::Error for IrelativeError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            IrelativeError::Snapshot(e) => Some(e),
+            IrelativeError::Plan(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 /// What [`process_irelative`] did.
 #[derive(Clone, Debug, Default)]

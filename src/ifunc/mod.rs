@@ -359,7 +359,28 @@ impl fmt::Display for Error {
     }
 }
 
-impl core::error::Error for Error {}
+impl Error {
+    /// The address of the site the error is about, where it names one
+    /// (see [`crate::Error::site`]).
+    pub fn site(&self) -> Option<usize> {
+        match self {
+            Error::Stub(_, e) => e.site(),
+            Error::Plan(e) => e.site(),
+            _ => None,
+        }
+    }
+}
+
+impl core::error::Error for Error {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Error::Snapshot(e) => Some(e),
+            Error::Stub(_, e) => Some(e),
+            Error::Plan(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 /// One ifunc as [`apply`] left it.
 #[derive(Clone, Copy, Debug)]

@@ -65,7 +65,29 @@ impl fmt::Display for InitError {
     }
 }
 
-impl std::error::Error for InitError {}
+impl InitError {
+    /// The address of the site the error is about, where it names one
+    /// (see [`crate::Error::site`]).
+    pub fn site(&self) -> Option<usize> {
+        match self {
+            InitError::Overrides(_) => None,
+            InitError::Poke(e) => e.site(),
+            InitError::Ifunc(e) => e.site(),
+            InitError::Plt(e) => e.site(),
+        }
+    }
+}
+
+impl std::error::Error for InitError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(match self {
+            InitError::Overrides(e) => e,
+            InitError::Poke(e) => e,
+            InitError::Ifunc(e) => e,
+            InitError::Plt(e) => e,
+        })
+    }
+}
 
 /// Resolves every ifunc of the running program with
 /// [`Features::detect_with_env`] and makes every call direct, live (other

@@ -150,6 +150,23 @@ impl fmt::Display for PlanError {
     }
 }
 
+impl PlanError {
+    /// The address of the site the error is about, where it names one
+    /// (see [`crate::Error::site`]).
+    pub fn site(&self) -> Option<usize> {
+        match self {
+            PlanError::Unexpected { addr, .. }
+            | PlanError::Overlap { addr, .. }
+            | PlanError::OutsideText { addr, .. }
+            | PlanError::BadEdit { addr, .. }
+            | PlanError::NotLanded { addr, .. } => Some(*addr),
+            PlanError::OutOfRange { error, .. } => Some(error.from),
+            PlanError::Poke { error, .. } | PlanError::RollbackFailed { error, .. } => error.site(),
+            PlanError::NothingToRestore { .. } => None,
+        }
+    }
+}
+
 impl core::error::Error for PlanError {
     fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
         match self {

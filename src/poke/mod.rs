@@ -291,6 +291,20 @@ impl fmt::Display for PokeError {
     }
 }
 
+impl PokeError {
+    /// The address of the site the error is about, where it names one
+    /// (see [`crate::Error::site`]).
+    pub fn site(&self) -> Option<usize> {
+        match self {
+            PokeError::NotText { addr, .. }
+            | PokeError::OutsideBatch { addr }
+            | PokeError::NotLiveSafe { addr, .. }
+            | PokeError::NotLanded { addr, .. } => Some(*addr),
+            _ => None,
+        }
+    }
+}
+
 impl core::error::Error for PokeError {}
 
 /// Writes text and makes every executing context observe it.

@@ -406,7 +406,7 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
 /// // SAFETY: the object stays loaded (no dlclose) during the call.
 /// let report = unsafe { retpoline::apply_loaded(work, &policy) }?;
 /// print!("{report}");
-/// # Ok::<(), String>(())
+/// # Ok::<(), altpatch::Error>(())
 /// ```
 ///
 /// # Safety
@@ -414,14 +414,14 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
 /// The object must stay loaded, and its file be the one loaded, for the
 /// duration of the call (no concurrent `dlclose`).
 #[cfg(all(feature = "std", target_os = "linux"))]
-pub unsafe fn apply_loaded(addr: usize, policy: &Policy) -> Result<Report, alloc::string::String> {
+pub unsafe fn apply_loaded(addr: usize, policy: &Policy) -> Result<Report, Error> {
     // SAFETY: forwarded from our caller.
-    let image = unsafe { Image::from_loaded(addr) }.map_err(|e| alloc::format!("{e}"))?;
-    let sites = crate::elf::image_sites(&image).map_err(|e| alloc::format!("{e}"))?;
-    let mut poke = crate::LinuxPoke::running().map_err(|e| alloc::format!("{e}"))?;
+    let image = unsafe { Image::from_loaded(addr) }.map_err(Error::Load)?;
+    let sites = crate::elf::image_sites(&image).map_err(Error::Sites)?;
+    let mut poke = crate::LinuxPoke::running().map_err(Error::Poke)?;
     // SAFETY: as for `apply_current`: the running poke publishes pages
     // atomically and refuses edits that are not one instruction for one.
-    unsafe { apply(&image, &sites, policy, &mut poke) }.map_err(|e| alloc::format!("{e}"))
+    unsafe { apply(&image, &sites, policy, &mut poke) }
 }
 
 /// Applies `policy` to the running program, live (`std`): its sites from
@@ -439,12 +439,12 @@ pub unsafe fn apply_loaded(addr: usize, policy: &Policy) -> Result<Report, alloc
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[cfg(all(feature = "std", target_os = "linux"))]
-pub fn apply_current(policy: &Policy) -> Result<Report, alloc::string::String> {
+pub fn apply_current(policy: &Policy) -> Result<Report, Error> {
     let image = Image::current();
     // The memoized list every mechanism shares: one parse per process.
-    let sites = crate::elf::current_sites().map_err(|e| alloc::format!("{e}"))?;
-    let mut poke = crate::LinuxPoke::running().map_err(|e| alloc::format!("{e}"))?;
+    let sites = crate::elf::current_sites().map_err(Error::Sites)?;
+    let mut poke = crate::LinuxPoke::running().map_err(Error::Poke)?;
     // SAFETY: the running poke publishes pages atomically (or runs the INT3
     // protocol); it refuses edits that are not one instruction for one.
-    unsafe { apply(&image, sites, policy, &mut poke) }.map_err(|e| alloc::format!("{e}"))
+    unsafe { apply(&image, sites, policy, &mut poke) }
 }

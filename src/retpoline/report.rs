@@ -160,7 +160,7 @@ impl fmt::Display for Report {
 /// let e = Error::RspSite { site: 0x1234 };
 /// assert!(e.to_string().contains("0x1234") && e.to_string().contains("%rsp"));
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
     /// A site names `%rsp`'s thunk, which does not exist.
@@ -193,6 +193,17 @@ pub enum Error {
         /// Whether the sites were put back as they were.
         sites_restored: bool,
     },
+    /// The running program's sites could not be found
+    /// ([`apply_current`](super::apply_current), `std`): not linked with
+    /// `--emit-relocs` and no embedded table, or its file unreadable.
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    Sites(crate::elf::SitesError),
+    /// The loaded object could not be described
+    /// ([`apply_loaded`](super::apply_loaded), `std`).
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    Load(crate::LoadError),
+    /// No live poke could be set up (`std`).
+    Poke(crate::poke::PokeError),
 }
 
 impl fmt::Display for Error {
@@ -212,6 +223,11 @@ impl fmt::Display for Error {
                 "thunk for {reg} at {addr:#x} holds none of the expected forms; nothing written"
             ),
             Error::Plan(e) => fmt::Display::fmt(e, f),
+            #[cfg(all(feature = "std", target_os = "linux"))]
+            Error::Sites(e) => write!(f, "finding the program's sites: {e}"),
+            #[cfg(all(feature = "std", target_os = "linux"))]
+            Error::Load(e) => write!(f, "describing the loaded object: {e}"),
+            Error::Poke(e) => write!(f, "setting up the live poke: {e}"),
             Error::Thunks {
                 error,
                 sites_restored,
@@ -228,7 +244,33 @@ impl fmt::Display for Error {
     }
 }
 
-impl core::error::Error for Error {}
+impl Error {
+    /// The address of the site the error is about, where it names one
+    /// (see [`crate::Error::site`]).
+    pub fn site(&self) -> Option<usize> {
+        match self {
+            Error::RspSite { site } => Some(*site),
+            Error::BadThunk { addr, .. } => Some(*addr),
+            Error::Plan(e) | Error::Thunks { error: e, .. } => e.site(),
+            Error::Poke(e) => e.site(),
+            _ => None,
+        }
+    }
+}
+
+impl core::error::Error for Error {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Error::Plan(e) | Error::Thunks { error: e, .. } => Some(e),
+            #[cfg(all(feature = "std", target_os = "linux"))]
+            Error::Sites(e) => Some(e),
+            #[cfg(all(feature = "std", target_os = "linux"))]
+            Error::Load(e) => Some(e),
+            Error::Poke(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<PlanError> for Error {
     fn from(e: PlanError) -> Error {

@@ -137,7 +137,26 @@ impl fmt::Display for StaticCallError {
     }
 }
 
-impl core::error::Error for StaticCallError {}
+impl StaticCallError {
+    /// The address of the site the error is about, where it names one
+    /// (see [`crate::Error::site`]).
+    pub fn site(&self) -> Option<usize> {
+        match self {
+            StaticCallError::BadTrampoline { addr, .. } => Some(*addr),
+            StaticCallError::Plan(e) => e.site(),
+            _ => None,
+        }
+    }
+}
+
+impl core::error::Error for StaticCallError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            StaticCallError::Plan(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<PlanError> for StaticCallError {
     fn from(e: PlanError) -> StaticCallError {

@@ -109,7 +109,26 @@ impl fmt::Display for KeyError {
     }
 }
 
-impl core::error::Error for KeyError {}
+impl KeyError {
+    /// The address of the site the error is about, where it names one
+    /// (see [`crate::Error::site`]).
+    pub fn site(&self) -> Option<usize> {
+        match self {
+            KeyError::BadRecord { site } => Some(*site),
+            KeyError::Plan(e) => e.site(),
+            _ => None,
+        }
+    }
+}
+
+impl core::error::Error for KeyError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            KeyError::Plan(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<PlanError> for KeyError {
     fn from(e: PlanError) -> KeyError {

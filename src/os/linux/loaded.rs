@@ -86,7 +86,14 @@ impl fmt::Display for LoadError {
     }
 }
 
-impl std::error::Error for LoadError {}
+impl std::error::Error for LoadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LoadError::Read { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
 
 impl Image<'static> {
     /// The image of the loaded object (the executable or a shared object)

@@ -113,6 +113,20 @@ impl fmt::Display for LiveError {
     }
 }
 
+impl LiveError {
+    /// The address of the site the error is about, where it names one
+    /// (see [`crate::Error::site`]).
+    pub fn site(&self) -> Option<usize> {
+        match self {
+            LiveError::NotOneInstruction { addr } | LiveError::NotEmulatable { addr } => {
+                Some(*addr)
+            }
+        }
+    }
+}
+
+impl core::error::Error for LiveError {}
+
 /// Whether `bytes` is one instruction, or an unconditional `ret`/`jmp`
 /// followed only by `int3` filler; returns the first instruction.
 fn single(bytes: &[u8], addr: usize) -> Option<iced_x86::Instruction> {

@@ -1,0 +1,225 @@
+//! One error type for code that uses several mechanisms.
+//!
+//! See [`Error`].
+
+use core::fmt;
+
+use crate::cpu::{AlreadyPublished, OverrideError, RecordedCpuidError};
+use crate::plan::PlanError;
+use crate::poke::PokeError;
+use crate::poke::live::LiveError;
+use crate::sites::EmbeddedTableError;
+use crate::static_call::StaticCallError;
+use crate::static_key::KeyError;
+use crate::x86::{OutOfRange, RelocError};
+use crate::{alternative, ifunc, retpoline};
+
+/// Any error of this crate, as one type.
+///
+/// Every layer keeps its own precise error (a [`PlanError`] says which
+/// edit was refused, an [`alternative::Error`] which record was bad), since
+/// a lower layer cannot name a higher one's failures without importing it
+/// (the layer map in `ARCHITECTURE.md`). [`Error`] sits above them all: each
+/// of them converts into it with `?`, and it answers the questions a caller
+/// of any mechanism asks:
+///
+/// - [`Error::site`]: which site it is about, where one is named;
+/// - [`core::error::Error::source`]: the cause below (a plan's poke failure,
+///   the OS call that failed), down to the last layer that knows one;
+/// - its `Display`: the whole story in one line, as each layer tells it.
+///
+/// The conversion is transparent: an `Error` displays exactly as the error
+/// it holds and has the same `source`, so wrapping never repeats a message
+/// in a report that walks the chain.
+///
+/// ```
+/// use altpatch::{DirectPoke, Edit, Error, Plan, SyncMethod};
+///
+/// // Different mechanisms' errors meet in one `Result` with `?`.
+/// fn refuse(text: &[u8]) -> Result<(), Error> {
+///     let at = text.as_ptr() as usize;
+///     // SAFETY: `text` is readable while the plan is validated.
+///     let mut plan = unsafe { Plan::with_text(at..at + text.len()) };
+///     plan.push(Edit::replace(at, &[0x90], &[0xc3]).site("example"));
+///     // SAFETY: validation only reads.
+///     let poke = unsafe { DirectPoke::new(SyncMethod::Cpuid) };
+///     plan.validate(&poke)?;
+///     Ok(())
+/// }
+/// let text = [0xccu8; 4]; // not the NOP the edit expects
+/// let e = refuse(&text).unwrap_err();
+/// assert!(matches!(e, Error::Plan(_)));
+/// assert_eq!(e.site(), Some(text.as_ptr() as usize), "{e}");
+/// ```
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// A plan was refused or failed ([`plan`](crate::plan)).
+    Plan(PlanError),
+    /// Text could not be written ([`poke`](crate::poke)).
+    Poke(PokeError),
+    /// An edit cannot be applied live ([`poke::live`](crate::poke::live)).
+    Live(LiveError),
+    /// An override string was refused ([`cpu::Overrides`](crate::cpu::Overrides)).
+    Overrides(OverrideError),
+    /// A recorded CPUID dump was refused.
+    RecordedCpuid(RecordedCpuidError),
+    /// A different feature snapshot was published before.
+    AlreadyPublished(AlreadyPublished),
+    /// A branch cannot reach its target.
+    OutOfRange(OutOfRange),
+    /// Code could not be relocated.
+    Relocation(RelocError),
+    /// An embedded site table is malformed.
+    EmbeddedTable(EmbeddedTableError),
+    /// Alternatives ([`alternative`](mod@crate::alternative)).
+    Alternative(alternative::Error),
+    /// Retpolines ([`retpoline`]).
+    Retpoline(retpoline::Error),
+    /// A static call ([`static_call`](mod@crate::static_call)).
+    StaticCall(StaticCallError),
+    /// A static key ([`static_key`](mod@crate::static_key)).
+    StaticKey(KeyError),
+    /// Ifuncs ([`ifunc`](mod@crate::ifunc)).
+    Ifunc(ifunc::Error),
+    /// ELF ifunc call sites and IRELATIVE slots.
+    Irelative(ifunc::IrelativeError),
+    /// `ifunc::init` (`std`).
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    IfuncInit(ifunc::InitError),
+    /// A loaded object could not be described (`std`).
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    Load(crate::LoadError),
+    /// A linked file could not be read (`std`).
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    Elf(crate::elf::ElfError),
+    /// The running program's sites could not be found (`std`).
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    Sites(crate::elf::SitesError),
+    /// `altpatch embed` could not fill a table (`std`).
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    Embed(crate::elf::EmbedError),
+    /// A trampoline could not be made (`std`).
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    Trampoline(crate::trampoline::TrampolineError),
+}
+
+impl Error {
+    /// The error this one holds, as a trait object.
+    fn inner(&self) -> &(dyn core::error::Error + 'static) {
+        match self {
+            Error::Plan(e) => e,
+            Error::Poke(e) => e,
+            Error::Live(e) => e,
+            Error::Overrides(e) => e,
+            Error::RecordedCpuid(e) => e,
+            Error::AlreadyPublished(e) => e,
+            Error::OutOfRange(e) => e,
+            Error::Relocation(e) => e,
+            Error::EmbeddedTable(e) => e,
+            Error::Alternative(e) => e,
+            Error::Retpoline(e) => e,
+            Error::StaticCall(e) => e,
+            Error::StaticKey(e) => e,
+            Error::Ifunc(e) => e,
+            Error::Irelative(e) => e,
+            #[cfg(all(feature = "std", target_os = "linux"))]
+            Error::IfuncInit(e) => e,
+            #[cfg(all(feature = "std", target_os = "linux"))]
+            Error::Load(e) => e,
+            #[cfg(all(feature = "std", target_os = "linux"))]
+            Error::Elf(e) => e,
+            #[cfg(all(feature = "std", target_os = "linux"))]
+            Error::Sites(e) => e,
+            #[cfg(all(feature = "std", target_os = "linux"))]
+            Error::Embed(e) => e,
+            #[cfg(all(feature = "std", target_os = "linux"))]
+            Error::Trampoline(e) => e,
+        }
+    }
+
+    /// The address of the site the error is about, where it names one: a
+    /// refused or unlanded edit, a bad record's site, a branch that cannot
+    /// reach, a thunk slot. `None` for errors about no one site (an
+    /// override string, a missing poke strategy).
+    ///
+    /// ```
+    /// use altpatch::{Error, retpoline};
+    /// let e = Error::from(retpoline::Error::RspSite { site: 0x1234 });
+    /// assert_eq!(e.site(), Some(0x1234));
+    /// ```
+    pub fn site(&self) -> Option<usize> {
+        match self {
+            Error::Plan(e) => e.site(),
+            Error::Poke(e) => e.site(),
+            Error::Live(e) => e.site(),
+            Error::OutOfRange(e) => Some(e.from),
+            Error::Alternative(e) => e.site(),
+            Error::Retpoline(e) => e.site(),
+            Error::StaticCall(e) => e.site(),
+            Error::StaticKey(e) => e.site(),
+            Error::Ifunc(e) => e.site(),
+            Error::Irelative(e) => e.site(),
+            #[cfg(all(feature = "std", target_os = "linux"))]
+            Error::IfuncInit(e) => e.site(),
+            #[cfg(all(feature = "std", target_os = "linux"))]
+            Error::Embed(e) => e.site(),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self.inner(), f)
+    }
+}
+
+impl core::error::Error for Error {
+    // Transparent: the held error's own cause, not the held error itself
+    // (whose message is already this one's).
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        self.inner().source()
+    }
+}
+
+macro_rules! from {
+    ($($(#[$cfg:meta])* $variant:ident($ty:ty),)*) => {$(
+        $(#[$cfg])*
+        impl From<$ty> for Error {
+            fn from(e: $ty) -> Error {
+                Error::$variant(e)
+            }
+        }
+    )*};
+}
+
+from! {
+    Plan(PlanError),
+    Poke(PokeError),
+    Live(LiveError),
+    Overrides(OverrideError),
+    RecordedCpuid(RecordedCpuidError),
+    AlreadyPublished(AlreadyPublished),
+    OutOfRange(OutOfRange),
+    Relocation(RelocError),
+    EmbeddedTable(EmbeddedTableError),
+    Alternative(alternative::Error),
+    Retpoline(retpoline::Error),
+    StaticCall(StaticCallError),
+    StaticKey(KeyError),
+    Ifunc(ifunc::Error),
+    Irelative(ifunc::IrelativeError),
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    IfuncInit(ifunc::InitError),
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    Load(crate::LoadError),
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    Elf(crate::elf::ElfError),
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    Sites(crate::elf::SitesError),
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    Embed(crate::elf::EmbedError),
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    Trampoline(crate::trampoline::TrampolineError),
+}
