@@ -87,20 +87,20 @@ fn prepare(name: &str, off: usize) -> Loop {
         Loop,
     ) = match off {
         0 => (
-            &resolved_0::KEY,
-            &lazy_0::KEY,
+            resolved_0::ifunc(),
+            lazy_0::ifunc(),
             ifunc_resolved_0,
             ifunc_lazy_0,
         ),
         16 => (
-            &resolved_16::KEY,
-            &lazy_16::KEY,
+            resolved_16::ifunc(),
+            lazy_16::ifunc(),
             ifunc_resolved_16,
             ifunc_lazy_16,
         ),
         _ => (
-            &resolved_32::KEY,
-            &lazy_32::KEY,
+            resolved_32::ifunc(),
+            lazy_32::ifunc(),
             ifunc_resolved_32,
             ifunc_lazy_32,
         ),
@@ -149,7 +149,7 @@ const VARIANTS: [(&str, Placement); 5] = [
 /// ifunc's call site *is* the direct loop's call.
 fn check() -> String {
     let line = shape::check_call_variants(&VARIANTS.map(|(n, _)| n), 1, prepare);
-    assert_eq!(lazy_0::KEY.resolver_runs(), 1);
+    assert_eq!(lazy_0::ifunc().resolver_runs(), 1);
     line
 }
 

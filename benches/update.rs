@@ -143,7 +143,7 @@ fn bench(c: &mut Criterion) {
         k.enable().unwrap();
         k.disable().unwrap();
     }
-    assert!(sc_1000::KEY.sites() >= 1000);
+    assert!(sc_1000::static_call().sites() >= 1000);
     sc_1000::update(two).unwrap();
     sc_1000::update(one).unwrap();
     let mut sink = 0;

@@ -349,7 +349,7 @@ fn ifuncs() -> Result<(), Box<dyn std::error::Error>> {
          {after:.2} ns/call after; a direct call costs {direct:.2} ns, a call through a \
          function pointer {through_pointer:.2} ns; resolved once ({} resolver run), \
          rewritten in {took:?}; results equal: {}",
-        demo_mix::KEY.resolver_runs(),
+        demo_mix::ifunc().resolver_runs(),
         a == b
     );
     Ok(())

@@ -71,7 +71,7 @@ fn call_sum_b(x: u64) -> u64 {
 #[ignore = "run by forced_snapshots_choose_each_implementation in a child"]
 fn child_resolve_concurrently_then_init() {
     let want: u64 = std::env::var("WANT").unwrap().parse().unwrap();
-    assert_eq!(sum::KEY.resolver_runs(), 0);
+    assert_eq!(sum::ifunc().resolver_runs(), 0);
     assert!(sum::resolved().is_none());
 
     let threads = 8;
@@ -108,13 +108,13 @@ fn child_resolve_concurrently_then_init() {
     };
     wait_for(1000);
     // Resolved once, from the published snapshot (detected + ALTPATCH).
-    assert_eq!(sum::KEY.resolver_runs(), 1);
+    assert_eq!(sum::ifunc().resolver_runs(), 1);
     let seen = SEEN.lock().unwrap().clone();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0], cpu::published());
     assert_eq!(seen[0], Features::detect_with_env().unwrap());
-    let chosen = sum::KEY.resolved().unwrap();
-    assert!(!sum::KEY.is_applied());
+    let chosen = sum::ifunc().resolved().unwrap();
+    assert!(!sum::ifunc().is_applied());
 
     // In place, live, while the threads call.
     let report = ifunc::init().unwrap();
@@ -128,8 +128,12 @@ fn child_resolve_concurrently_then_init() {
         0,
         "a caller saw a wrong result"
     );
-    assert!(sum::KEY.is_applied());
-    assert_eq!(sum::KEY.resolver_runs(), 1, "init does not resolve again");
+    assert!(sum::ifunc().is_applied());
+    assert_eq!(
+        sum::ifunc().resolver_runs(),
+        1,
+        "init does not resolve again"
+    );
     let mine = report
         .ifuncs
         .ifuncs
@@ -140,11 +144,11 @@ fn child_resolve_concurrently_then_init() {
     assert_eq!(mine.chosen, chosen);
 
     // The stub jumps to the implementation; every call site calls it.
-    let stub = common::read(sum::KEY.stub(), 8);
+    let stub = common::read(sum::ifunc().stub(), 8);
     assert_eq!(stub[0], 0xe9);
-    assert_eq!(rel_target(sum::KEY.stub(), &stub[..5]), chosen);
+    assert_eq!(rel_target(sum::ifunc().stub(), &stub[..5]), chosen);
     assert_eq!(stub[5..], [0x0f, 0xb9, 0xcc]);
-    let sites = ifunc::sites_of(altpatch::elf::current_sites().unwrap(), &sum::KEY);
+    let sites = ifunc::sites_of(altpatch::elf::current_sites().unwrap(), sum::ifunc());
     assert!(sites.len() >= 2, "{sites:?}");
     for s in &sites {
         let b = common::read(s.addr, 5);
@@ -502,5 +506,5 @@ fn the_c_header_matches_the_feature_numbers() {
 /// Ifunc stubs are static-call trampolines: 8-byte aligned, like them.
 #[test]
 fn stubs_are_8_byte_aligned() {
-    assert_eq!(sum::KEY.stub() % 8, 0, "{:#x}", sum::KEY.stub());
+    assert_eq!(sum::ifunc().stub() % 8, 0, "{:#x}", sum::ifunc().stub());
 }

@@ -92,7 +92,7 @@ fn sampler(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Vec<String>, u64)>
 
 fn stress() {
     // The generated sites, plus the check at the end of this function.
-    let sites = sc_stress::KEY.sites();
+    let sites = sc_stress::static_call().sites();
     assert!(sites >= 1000, "{sites} call sites");
     assert!(
         K_STRESS.sites() >= 1000,

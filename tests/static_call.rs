@@ -120,21 +120,25 @@ fn addr(f: extern "C" fn(u64) -> u64) -> usize {
 
 #[test]
 fn inline_self_test() {
-    let tramp = sc_inline::KEY.trampoline();
+    let tramp = sc_inline::static_call().trampoline();
     let sites = sites_of(tramp);
     assert!(
         sites.iter().any(|s| s.form == BranchKind::Call),
         "{sites:?}"
     );
     assert!(sites.iter().any(|s| s.form == BranchKind::Jmp), "{sites:?}");
-    assert_eq!(sites.len(), sc_inline::KEY.sites());
+    assert_eq!(sites.len(), sc_inline::static_call().sites());
     let call = std::hint::black_box(call_inline as fn(u64) -> u64);
     // SAFETY: jumps through the trampoline to a fn(u64) -> u64.
     let tail = |x| unsafe { tail_inline(x) };
 
     // Initially: the default through the trampoline; sites call it.
     assert_eq!((call(1), tail(1)), (2, 2));
-    assert_trampoline(tramp, Some(addr(f)));
+    // The declared default is reached through its C-ABI shim (the default
+    // may be a Rust function); the shim is what the state reports.
+    let default = sc_inline::static_call().target_addr().unwrap();
+    assert_ne!(default, tramp);
+    assert_trampoline(tramp, Some(default));
     assert_sites(&sites, Some(tramp));
 
     let r = sc_inline::update(g).unwrap();
@@ -154,8 +158,44 @@ fn inline_self_test() {
 }
 
 #[test]
+fn rust_functions_and_closures_are_targets_in_a_function_body() {
+    struct Pair(u64, u64);
+    fn first(p: &Pair) -> u64 {
+        p.0
+    }
+    fn second(p: &Pair) -> u64 {
+        p.1
+    }
+    static_call! {
+        fn pick(p: &Pair) -> u64 = first;
+    }
+    #[inline(never)]
+    fn call_pick(p: &Pair) -> u64 {
+        pick(p)
+    }
+    let tramp = pick::static_call().trampoline();
+    let sites = sites_of(tramp);
+    assert!(!sites.is_empty(), "the call in call_pick is a site");
+    let call = std::hint::black_box(call_pick as fn(&Pair) -> u64);
+    assert_eq!(call(&Pair(1, 2)), 1);
+
+    let r = pick::update_fn(second).unwrap();
+    assert_eq!((r.inlined, r.via_trampoline), (sites.len(), 0));
+    assert_eq!(call(&Pair(1, 2)), 2);
+    // Sites and trampoline go straight to `second`'s C-ABI shim.
+    let shim = pick::c_fn(second) as usize;
+    assert_eq!(pick::static_call().target_addr(), Some(shim));
+    assert_trampoline(tramp, Some(shim));
+    assert_sites(&sites, Some(shim));
+
+    pick::update_fn(|p: &Pair| p.0 * 10 + p.1).unwrap();
+    assert_eq!(call(&Pair(1, 2)), 12);
+    assert_eq!(pick::target().map(|f| f(&Pair(3, 4))), Some(34));
+}
+
+#[test]
 fn out_of_line_self_test() {
-    let tramp = sc_outline::KEY.trampoline();
+    let tramp = sc_outline::static_call().trampoline();
     let sites = sites_of(tramp);
     assert!(!sites.is_empty());
     let image = Image::current();
@@ -183,7 +223,7 @@ fn out_of_line_self_test() {
 
 #[test]
 fn none_makes_calls_no_ops() {
-    let tramp = sc_void::KEY.trampoline();
+    let tramp = sc_void::static_call().trampoline();
     let sites = sites_of(tramp);
     assert!(sites.iter().any(|s| s.form == BranchKind::Jmp));
     let counter = AtomicU64::new(0);
@@ -210,7 +250,7 @@ fn none_makes_calls_no_ops() {
 
 #[test]
 fn wrong_trampoline_signature_is_refused() {
-    let tramp = sc_badsig::KEY.trampoline();
+    let tramp = sc_badsig::static_call().trampoline();
     let image = Image::current();
     let before = read(tramp, 8);
     let mut damaged = before.clone();
@@ -247,7 +287,7 @@ fn wrong_trampoline_signature_is_refused() {
 
 #[test]
 fn unexpected_bytes_at_a_site_are_refused() {
-    let tramp = sc_badsite::KEY.trampoline();
+    let tramp = sc_badsite::static_call().trampoline();
     let sites = sites_of(tramp);
     let site = sites
         .iter()
@@ -283,15 +323,15 @@ fn unexpected_bytes_at_a_site_are_refused() {
 /// (benches/calls.rs).
 #[test]
 fn trampolines_are_8_byte_aligned() {
-    for key in [
-        &sc_inline::KEY,
-        &sc_outline::KEY,
-        &sc_void::KEY,
-        &sc_badsig::KEY,
-        &sc_badsite::KEY,
+    for tramp in [
+        sc_inline::static_call().trampoline(),
+        sc_outline::static_call().trampoline(),
+        sc_void::static_call().trampoline(),
+        sc_badsig::static_call().trampoline(),
+        sc_badsite::static_call().trampoline(),
     ] {
         // (Other tests rewrite these trampolines concurrently: only their
         // place is checked here.)
-        assert_eq!(key.trampoline() % 8, 0, "{:#x}", key.trampoline());
+        assert_eq!(tramp % 8, 0, "{tramp:#x}");
     }
 }

@@ -11,9 +11,12 @@
 /// ```
 ///
 /// `RESOLVER` is a `fn(&altpatch::cpu::Features) -> extern "C" fn(TYPE, ...)
-/// -> RET` (type-checked). Generates `fn NAME(...)` (inlined into callers as
-/// a direct `call` to the stub `NAME::__altpatch_ifunc_stub`) and `mod NAME`
-/// with `KEY` (the [`Ifunc`](crate::ifunc::Ifunc)), `resolved()` and `resolve_with(&features)`.
+/// -> RET` (type-checked); it returns Rust implementations through
+/// `NAME::c_fn(f)`, a C-ABI shim rustc compiles `f` into. Generates
+/// `fn NAME(...)` (inlined into callers as a direct `call` to the stub)
+/// and a type `NAME` (type namespace only) with `NAME::ifunc()` (the
+/// [`Ifunc`](crate::ifunc::Ifunc)), `resolved()`, `resolve_with(&features)`
+/// and `c_fn(f)`. Works at module level and in a function body.
 /// Call sites come from the program's relocations (link with
 /// `-Wl,--emit-relocs`) or its embedded site table: a relocation against a
 /// symbol whose name contains `__altpatch_ifunc` is an ifunc site. See the
@@ -33,8 +36,25 @@
 /// }
 /// ```
 ///
-/// Declare ifuncs at module level: the generated module refers to the
-/// resolver through `super::`, which cannot see items local to a function.
+/// Rust implementations, declared in a function body (a doctest's code is
+/// one):
+///
+/// ```
+/// use altpatch::cpu::{Feature, Features};
+/// fn sum_portable(v: &[u64]) -> u64 {
+///     v.iter().sum()
+/// }
+/// fn pick(f: &Features) -> extern "C" fn(&[u64]) -> u64 {
+///     // Both arms may be Rust functions: each gets its C-ABI shim.
+///     let _ = f.has(Feature::Avx2);
+///     sum::c_fn(sum_portable)
+/// }
+/// altpatch::ifunc! {
+///     fn sum(v: &[u64]) -> u64 = pick;
+/// }
+/// assert_eq!(sum(&[1, 2, 3]), 6);
+/// assert!(sum::ifunc().is_applied() || sum::resolved().is_some());
+/// ```
 ///
 /// The generated stub and lazy path add no lint of their own to the
 /// user's code, whatever the argument types (the user's own `extern "C"`
@@ -76,78 +96,110 @@ macro_rules! __ifunc {
         $(#[$m])*
         #[inline(always)]
         $vis fn $name($($arg: $ty),*) -> $ret {
-            $name::__altpatch_ifunc_stub($($arg),*)
+            <$name>::__altpatch_ifunc_stub($($arg),*)
         }
 
-        #[doc = concat!("Resolution and state of the ifunc [`", stringify!($name), "`].")]
-        #[allow(non_snake_case)]
-        $vis mod $name {
-            #[allow(unused_imports)]
-            use super::*;
+        #[doc = concat!("Resolution and state of the ifunc [`", stringify!($name), "()`].")]
+        // Type namespace only, beside the function (see `static_call!`).
+        #[allow(non_camel_case_types)]
+        $vis struct $name {
+            _private: (),
+        }
 
-            /// The stub: a static-call trampoline (`jmp rel32` + `0f b9
-            /// cc`), jumping to the lazy resolver until applied. Naked, so
-            /// callers reach it with a direct `call`.
+        // In an anonymous const, as for `static_call!`: works in a
+        // function body, nameable only through `$name`.
+        const _: () = {
             // The signature is the user's (see `static_call!`).
             #[allow(improper_ctypes_definitions)]
-            #[unsafe(naked)]
-            #[unsafe(link_section = ".text.altpatch_ifunc")]
-            pub extern "C" fn __altpatch_ifunc_stub($($arg: $ty),*) -> $ret {
-                ::core::arch::naked_asm!(
-                    $crate::__altpatch_trampoline_body!(),
-                    target = sym __lazy,
-                )
-            }
-
-            /// Until the stub is rewritten: resolve once, then call.
-            #[allow(improper_ctypes_definitions)]
-            extern "C" fn __lazy($($arg: $ty),*) -> $ret {
-                // SAFETY: the resolver's result has exactly this type (it
-                // is type-checked in `__resolve`).
-                let f: extern "C" fn($($ty),*) -> $ret =
-                    unsafe { ::core::mem::transmute::<usize, extern "C" fn($($ty),*) -> $ret>(KEY.lazy_target()) };
+            extern "C" fn __altpatch_lazy($($arg: $ty),*) -> $ret {
+                // SAFETY: the lazy target is a resolver result, of exactly
+                // this type (type-checked in `__altpatch_resolve`).
+                let f = unsafe {
+                    $crate::static_call::__fn_at::<extern "C" fn($($ty),*) -> $ret>(STATE.lazy_target())
+                };
                 f($($arg),*)
             }
 
-            fn __resolve(features: &$crate::cpu::Features) -> usize {
+            fn __altpatch_resolve(features: &$crate::cpu::Features) -> usize {
                 let f: extern "C" fn($($ty),*) -> $ret = $resolver(features);
                 f as *const () as usize
             }
 
-            fn __stub_addr() -> usize {
-                __altpatch_ifunc_stub as *const () as usize
+            fn __altpatch_stub_addr() -> usize {
+                <$name>::__altpatch_ifunc_stub as *const () as usize
             }
 
-            fn __lazy_addr() -> usize {
-                __lazy as *const () as usize
+            fn __altpatch_lazy_addr() -> usize {
+                __altpatch_lazy as *const () as usize
             }
 
-            /// The state of this ifunc.
-            pub static KEY: $crate::ifunc::Ifunc =
-                $crate::ifunc::Ifunc::new(stringify!($name), __stub_addr, __lazy_addr, __resolve);
-
-            // The record that lets `ifunc::apply` find KEY.
-            ::core::arch::global_asm!(
-                $crate::__altpatch_push_section!(ifunc),
-                ".long {key} - .",
-                ".popsection",
-                key = sym KEY,
+            static STATE: $crate::ifunc::Ifunc = $crate::ifunc::Ifunc::new(
+                stringify!($name),
+                __altpatch_stub_addr,
+                __altpatch_lazy_addr,
+                __altpatch_resolve,
             );
 
-            /// The implementation chosen, once resolved.
-            pub fn resolved() -> Option<extern "C" fn($($ty),*) -> $ret> {
-                // SAFETY: only resolver results of exactly this type are
-                // stored.
-                KEY.resolved().map(|a| unsafe { ::core::mem::transmute::<usize, extern "C" fn($($ty),*) -> $ret>(a) })
-            }
+            #[allow(dead_code)]
+            impl $name {
+                /// The stub: a static-call trampoline to the lazy path,
+                /// then to the resolved implementation. It also emits the
+                /// record that lets `ifunc::apply` find the ifunc (`global_asm!`
+                /// is not allowed in a function body; a naked function is).
+                #[doc(hidden)]
+                #[allow(improper_ctypes_definitions)]
+                #[unsafe(naked)]
+                #[unsafe(link_section = ".text.altpatch_ifunc")]
+                pub extern "C" fn __altpatch_ifunc_stub($($arg: $ty),*) -> $ret {
+                    ::core::arch::naked_asm!(
+                        $crate::__altpatch_trampoline_body!(),
+                        $crate::__altpatch_push_section!(ifunc),
+                        ".long {state} - .",
+                        ".popsection",
+                        target = sym __altpatch_lazy,
+                        state = sym STATE,
+                    )
+                }
 
-            /// Resolves with `features` if not resolved yet (the resolver
-            /// runs once per program); returns the implementation.
-            pub fn resolve_with(features: &$crate::cpu::Features) -> extern "C" fn($($ty),*) -> $ret {
-                let a = KEY.resolve(features);
-                // SAFETY: as above.
-                unsafe { ::core::mem::transmute::<usize, extern "C" fn($($ty),*) -> $ret>(a) }
+                /// The ifunc's state.
+                pub fn ifunc() -> &'static $crate::ifunc::Ifunc {
+                    &STATE
+                }
+
+                /// The implementation chosen, once resolved.
+                pub fn resolved() -> Option<extern "C" fn($($ty),*) -> $ret> {
+                    // SAFETY: only resolver results, of exactly this type,
+                    // are stored.
+                    STATE.resolved().map(|a| unsafe {
+                        $crate::static_call::__fn_at::<extern "C" fn($($ty),*) -> $ret>(a)
+                    })
+                }
+
+                /// Resolves with `features` (once; later calls return the
+                /// first choice).
+                pub fn resolve_with(features: &$crate::cpu::Features) -> extern "C" fn($($ty),*) -> $ret {
+                    let a = STATE.resolve(features);
+                    // SAFETY: as above.
+                    unsafe { $crate::static_call::__fn_at::<extern "C" fn($($ty),*) -> $ret>(a) }
+                }
+
+                /// A C-ABI function that calls `f` (a Rust function item or
+                /// a closure capturing nothing, of the declared signature),
+                /// for a resolver to return. rustc compiles `f` into it.
+                pub fn c_fn<G>(f: G) -> extern "C" fn($($ty),*) -> $ret
+                where
+                    G: Fn($($ty),*) -> $ret + Copy + 'static,
+                {
+                    #[allow(improper_ctypes_definitions)]
+                    extern "C" fn shim<G: Fn($($ty),*) -> $ret + Copy>($($arg: $ty),*) -> $ret {
+                        // SAFETY: `c_fn` was given a `G`, and `G: Copy`.
+                        let f: G = unsafe { $crate::static_call::__conjure_fn::<G>() };
+                        f($($arg),*)
+                    }
+                    let _ = f;
+                    shim::<G>
+                }
             }
-        }
+        };
     };
 }

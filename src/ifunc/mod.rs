@@ -18,11 +18,11 @@
 //!
 //! fn main() {
 //!     assert_eq!(ones(0b1011), 3);  // resolved lazily on first call
-//!     assert_eq!(ones::KEY.resolver_runs(), 1);
+//!     assert_eq!(ones::ifunc().resolver_runs(), 1);
 //!     # #[cfg(all(feature = "std", target_os = "linux"))]
 //!     altpatch::ifunc::init().unwrap(); // stub and call sites -> `call <impl>`
 //!     assert_eq!(ones(0b1011), 3);
-//!     assert_eq!(ones::KEY.resolver_runs(), 1);
+//!     assert_eq!(ones::ifunc().resolver_runs(), 1);
 //! }
 //! ```
 //!
@@ -80,7 +80,7 @@ use crate::plan::{Plan, PlanError};
 use crate::poke::TextPoke;
 use crate::records::IfuncRecord;
 use crate::sites::{Site, SiteKind};
-use crate::static_call::{StaticCall, StaticCallError, UpdateReport};
+use crate::static_call::{RawStaticCall, StaticCallError, UpdateReport};
 
 const UNRESOLVED: u8 = 0;
 const RESOLVING: u8 = 1;
@@ -90,7 +90,7 @@ const RESOLVED: u8 = 2;
 /// static-call trampoline), resolver and resolution. The macro generates
 /// typed wrappers around it.
 pub struct Ifunc {
-    call: StaticCall,
+    call: RawStaticCall,
     resolver: fn(&Features) -> usize,
     state: AtomicU8,
     chosen: AtomicUsize,
@@ -117,7 +117,7 @@ impl Ifunc {
         resolver: fn(&Features) -> usize,
     ) -> Ifunc {
         Ifunc {
-            call: StaticCall::new(name, stub, lazy, false).with_site_kind(SiteKind::Ifunc),
+            call: RawStaticCall::new(name, stub, lazy, false).with_site_kind(SiteKind::Ifunc),
             resolver,
             state: AtomicU8::new(UNRESOLVED),
             chosen: AtomicUsize::new(0),
@@ -245,8 +245,8 @@ impl Ifunc {
     ///     let mut poke = altpatch::LinuxPoke::new().unwrap();
     ///     // The stub only (a kernel also passes its embedded site table).
     ///     // SAFETY: in place; no other thread calls `ones` meanwhile.
-    ///     unsafe { ones::KEY.apply_with(&Features::detect(), &image, &[], &mut poke) }.unwrap();
-    ///     assert!(ones::KEY.is_applied());
+    ///     unsafe { ones::ifunc().apply_with(&Features::detect(), &image, &[], &mut poke) }.unwrap();
+    ///     assert!(ones::ifunc().is_applied());
     ///     assert_eq!(ones(0b1011), 3);
     /// }
     /// ```
@@ -455,7 +455,7 @@ impl fmt::Display for Report {
 ///     let report = unsafe { altpatch::ifunc::apply(&image, &Features::detect(), &[], &mut poke) }?;
 ///     assert!(report.ifuncs.iter().any(|a| a.ifunc.name() == "answer"));
 ///     assert_eq!(answer(), 42);
-///     assert!(answer::KEY.is_applied());
+///     assert!(answer::ifunc().is_applied());
 ///     Ok(())
 /// }
 /// ```

@@ -107,7 +107,7 @@ impl std::error::Error for InitError {
 ///
 /// fn main() -> Result<(), Box<dyn std::error::Error>> {
 ///     let report = altpatch::ifunc::init()?;
-///     assert!(two::KEY.is_applied());
+///     assert!(two::ifunc().is_applied());
 ///     assert_eq!(two(), 2);
 ///     print!("{report}");
 ///     Ok(())

@@ -10,15 +10,26 @@
 /// }
 /// ```
 ///
+/// `DEFAULT` is any function of the declared signature: an `extern "C"`
+/// function or a Rust one. The macro works at module level and inside a
+/// function body (local types and functions in the signature are fine).
 /// Generates:
 ///
 /// * `fn NAME(...)`: inlined into callers as a direct `call` to the
-///   trampoline `NAME::__altpatch_sc_tramp` (an `extern "C"` naked function);
-/// * `mod NAME` with `KEY` (the [`StaticCall`](crate::static_call::StaticCall)), `update(f)` (`std`: the
-///   running program, live), `update_with(f, image, sites, poke)`,
-///   `target()`, and, for functions returning `()`, `set_none()` /
-///   `set_none_with(...)`. `f` must be an `extern "C" fn(TYPE, ...) -> RET`:
-///   type-checked.
+///   trampoline (a naked `extern "C"` function);
+/// * a type `NAME` (in the type namespace only, beside the function) whose
+///   associated functions update and inspect it:
+///   - `NAME::update(f)` (`std`: the running program, live) and
+///     `NAME::update_with(f, image, sites, poke)`, for
+///     `f: extern "C" fn(TYPE, ...) -> RET` (type-checked; calls then go
+///     straight to `f`);
+///   - `NAME::update_fn(f)` (`std`) for a Rust function item or a
+///     closure capturing nothing, and `NAME::c_fn(f)`, the C-ABI shim it
+///     uses (rustc compiles `f` into it);
+///   - `NAME::target()`, and `NAME::static_call()`: the typed
+///     [`StaticCall`](crate::static_call::StaticCall) behind it all;
+///   - for functions returning `()`, `NAME::set_none()` /
+///     `NAME::set_none_with(...)`.
 ///
 /// Inline call sites come from the program's relocations (link with
 /// `-Wl,--emit-relocs`) or its embedded site table: a relocation against a
@@ -36,6 +47,26 @@
 ///     notify::set_none().unwrap(); // calls become no-ops
 ///     notify(2);
 /// }
+/// ```
+///
+/// Rust functions, in a function body (a doctest's code is one):
+///
+/// ```
+/// struct Point(u32, u32);
+/// fn x(p: &Point) -> u32 {
+///     p.0
+/// }
+/// fn y(p: &Point) -> u32 {
+///     p.1
+/// }
+/// altpatch::static_call! {
+///     fn coord(p: &Point) -> u32 = x;
+/// }
+/// assert_eq!(coord(&Point(3, 4)), 3);
+/// coord::update_fn(y).unwrap();
+/// assert_eq!(coord(&Point(3, 4)), 4);
+/// coord::update_fn(|p: &Point| p.0 + p.1).unwrap();
+/// assert_eq!(coord(&Point(3, 4)), 7);
 /// ```
 ///
 /// The generated trampoline adds no lint of its own to the user's code,
@@ -86,6 +117,11 @@ macro_rules! __altpatch_trampoline_body {
 }
 
 /// Internal: the body of [`static_call!`](macro@crate::static_call).
+///
+/// Everything but the function and its companion type lives in an
+/// anonymous `const` block: nameable only through the type's associated
+/// functions, and valid in a function body as well as a module (a `mod`
+/// would be, but its `use super::*` misses a body's local items).
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __static_call {
@@ -93,76 +129,115 @@ macro_rules! __static_call {
         $(#[$m])*
         #[inline(always)]
         $vis fn $name($($arg: $ty),*) -> $ret {
-            $name::__altpatch_sc_tramp($($arg),*)
+            <$name>::__altpatch_sc_tramp($($arg),*)
         }
 
-        #[doc = concat!("Updates and inspects the static call [`", stringify!($name), "`].")]
-        #[allow(non_snake_case)]
-        $vis mod $name {
-            #[allow(unused_imports)]
-            use super::*;
+        #[doc = concat!("Updates and inspects the static call [`", stringify!($name), "()`].")]
+        // A braced struct lives in the type namespace only, beside the
+        // function of the same name in the value namespace.
+        #[allow(non_camel_case_types)]
+        $vis struct $name {
+            _private: (),
+        }
 
-            /// The trampoline: `jmp` to the current target, then the
-            /// `0f b9 cc` signature. A naked Rust function, so callers in
-            /// the program reach it with a direct `call` (an `extern`
-            /// declaration would be called through the GOT).
-            // The signature is the user's: whether its types suit C is the
-            // user's `extern "C"` target's concern (and lint), not ours.
+        const _: () = {
+            // The default behind a C-ABI shim, so it may be any function of
+            // the declared signature, Rust ABI or C. The signature is the
+            // user's: whether its types suit C is not this shim's concern.
             #[allow(improper_ctypes_definitions)]
-            #[unsafe(naked)]
-            #[unsafe(link_section = ".text.altpatch_sc_tramp")]
-            pub extern "C" fn __altpatch_sc_tramp($($arg: $ty),*) -> $ret {
-                ::core::arch::naked_asm!(
-                    $crate::__altpatch_trampoline_body!(),
-                    target = sym $default,
-                )
+            extern "C" fn __altpatch_default($($arg: $ty),*) -> $ret {
+                $default($($arg),*)
             }
 
-            fn __trampoline_addr() -> usize {
-                __altpatch_sc_tramp as *const () as usize
+            fn __altpatch_tramp_addr() -> usize {
+                <$name>::__altpatch_sc_tramp as *const () as usize
             }
 
-            fn __default_addr() -> usize {
-                let f: extern "C" fn($($ty),*) -> $ret = $default;
-                f as *const () as usize
+            fn __altpatch_default_addr() -> usize {
+                __altpatch_default as *const () as usize
             }
 
-            /// The state of this static call.
-            pub static KEY: $crate::static_call::StaticCall = $crate::static_call::StaticCall::new(
-                stringify!($name),
-                __trampoline_addr,
-                __default_addr,
-                $unit,
-            );
+            static STATE: $crate::static_call::StaticCall<extern "C" fn($($ty),*) -> $ret> =
+                // SAFETY: the type is the trampoline's signature as a C-ABI
+                // function pointer; the two functions give the trampoline's
+                // address and the default shim's, of exactly that type.
+                unsafe {
+                    $crate::static_call::StaticCall::new(
+                        stringify!($name),
+                        __altpatch_tramp_addr,
+                        __altpatch_default_addr,
+                        $unit,
+                    )
+                };
 
-            /// The function calls go to now (`None` after `set_none`).
-            pub fn target() -> Option<extern "C" fn($($ty),*) -> $ret> {
-                // SAFETY: KEY only ever holds addresses of functions of
-                // exactly this type (the default, or what `update` took).
-                KEY.target().map(|a| unsafe { ::core::mem::transmute::<usize, extern "C" fn($($ty),*) -> $ret>(a) })
+            #[allow(dead_code)]
+            impl $name {
+                /// The trampoline: `jmp` to the current target, then the
+                /// `0f b9 cc` signature. A naked function, so callers in the
+                /// program reach it with a direct `call` (an `extern`
+                /// declaration would be called through the GOT).
+                #[doc(hidden)]
+                #[allow(improper_ctypes_definitions)]
+                #[unsafe(naked)]
+                #[unsafe(link_section = ".text.altpatch_sc_tramp")]
+                pub extern "C" fn __altpatch_sc_tramp($($arg: $ty),*) -> $ret {
+                    ::core::arch::naked_asm!(
+                        $crate::__altpatch_trampoline_body!(),
+                        target = sym __altpatch_default,
+                    )
+                }
+
+                /// The state of this static call.
+                pub fn static_call()
+                -> &'static $crate::static_call::StaticCall<extern "C" fn($($ty),*) -> $ret> {
+                    &STATE
+                }
+
+                /// The function calls go to now (`None` after `set_none`).
+                pub fn target() -> Option<extern "C" fn($($ty),*) -> $ret> {
+                    STATE.target()
+                }
+
+                /// A C-ABI function that calls `f`: a Rust function item or
+                /// a closure capturing nothing, of the declared signature
+                /// (an `extern "C"` function is one already: pass it to
+                /// `update` as it is). rustc compiles `f` into it, so a
+                /// call through it costs what a call to `f` does.
+                pub fn c_fn<G>(f: G) -> extern "C" fn($($ty),*) -> $ret
+                where
+                    G: Fn($($ty),*) -> $ret + Copy + 'static,
+                {
+                    #[allow(improper_ctypes_definitions)]
+                    extern "C" fn shim<G: Fn($($ty),*) -> $ret + Copy>($($arg: $ty),*) -> $ret {
+                        // SAFETY: `c_fn` was given a `G`, and `G: Copy`.
+                        let f: G = unsafe { $crate::static_call::__conjure_fn::<G>() };
+                        f($($arg),*)
+                    }
+                    let _ = f;
+                    shim::<G>
+                }
+
+                /// Points every call at `f`, through `poke`: the trampoline
+                /// and the call sites in `sites` (see
+                /// [`StaticCall::update_with`]($crate::static_call::StaticCall::update_with)).
+                ///
+                /// # Safety
+                ///
+                /// As for [`Plan::apply`]($crate::Plan::apply) with `poke`.
+                pub unsafe fn update_with<P: $crate::TextPoke + ?Sized>(
+                    f: extern "C" fn($($ty),*) -> $ret,
+                    image: &$crate::Image<'_>,
+                    sites: &[$crate::sites::Site],
+                    poke: &mut P,
+                ) -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError> {
+                    // SAFETY: the caller's.
+                    unsafe { STATE.update_with(f, image, sites, poke) }
+                }
+
+                $crate::__static_call_std!($($ty),* ; $ret);
+                $crate::__static_call_unit!($unit);
             }
-
-            /// Points every call at `f`, through `poke`: the trampoline and
-            /// the call sites in `sites` (see
-            /// [`StaticCall::update_with`]($crate::static_call::StaticCall::update_with)).
-            ///
-            /// # Safety
-            ///
-            /// As for [`Plan::apply`]($crate::Plan::apply) with `poke`.
-            pub unsafe fn update_with<P: $crate::TextPoke + ?Sized>(
-                f: extern "C" fn($($ty),*) -> $ret,
-                image: &$crate::Image<'_>,
-                sites: &[$crate::sites::Site],
-                poke: &mut P,
-            ) -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError> {
-                // SAFETY: `f` has exactly the declared type; the rest is the
-                // caller's.
-                unsafe { KEY.update_with(Some(f as *const () as usize), image, sites, poke) }
-            }
-
-            $crate::__static_call_std!($($ty),* ; $ret);
-            $crate::__static_call_unit!($unit);
-        }
+        };
     };
 }
 
@@ -175,12 +250,22 @@ macro_rules! __static_call_std {
         /// Points every call at `f` in the running program: the trampoline
         /// and every call site its relocations (or embedded site table)
         /// list, in one batch published by page swap, safe while other
-        /// threads call it.
+        /// threads call it. Calls then go straight to `f`.
         pub fn update(
             f: extern "C" fn($($ty),*) -> $ret,
         ) -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError> {
-            // SAFETY: `f` has exactly the declared type.
-            unsafe { KEY.update_raw(Some(f as *const () as usize)) }
+            STATE.update(f)
+        }
+
+        /// As [`update`](Self::update), for a Rust function item or a
+        /// closure capturing nothing (through [`c_fn`](Self::c_fn)).
+        pub fn update_fn<G>(
+            f: G,
+        ) -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError>
+        where
+            G: Fn($($ty),*) -> $ret + Copy + 'static,
+        {
+            STATE.update(Self::c_fn(f))
         }
     };
 }
@@ -209,8 +294,8 @@ macro_rules! __static_call_unit {
             sites: &[$crate::sites::Site],
             poke: &mut P,
         ) -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError> {
-            // SAFETY: none is allowed for `()`; the rest is the caller's.
-            unsafe { KEY.update_with(None, image, sites, poke) }
+            // SAFETY: the caller's.
+            unsafe { STATE.set_none_with(image, sites, poke) }
         }
 
         $crate::__static_call_unit_std!();
@@ -226,8 +311,7 @@ macro_rules! __static_call_unit_std {
         /// Makes every call a no-op in the running program, live.
         pub fn set_none()
         -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError> {
-            // SAFETY: none is allowed for `()`.
-            unsafe { KEY.update_raw(None) }
+            STATE.set_none()
         }
     };
 }

@@ -23,10 +23,14 @@
 //! stops straight-line speculation past the `jmp`. Calling the function is
 //! an ordinary Rust call, so the compiler emits `call <trampoline>`.
 //!
-//! Targets are `extern "C"` functions: the trampoline is a naked function,
-//! and stable Rust has naked functions only for explicit ABIs (the Rust ABI
-//! is not stable enough to jump into blindly anyway). The arguments and the
-//! result must be FFI-safe types.
+//! The trampoline is a naked `extern "C"` function (stable Rust has naked
+//! functions only for explicit ABIs, and the Rust ABI is not stable enough
+//! to jump into blindly), so what it jumps to is a C-ABI function of the
+//! declared signature: an `extern "C"` target directly, or a Rust function
+//! (or closure capturing nothing) through a C-ABI shim the macro generates
+//! and rustc compiles the function into (`NAME::update_fn`, `NAME::c_fn`;
+//! the declared default may be either). Targets come in and out typed
+//! ([`StaticCall<F>`]), never as addresses.
 //!
 //! An update rewrites, in one batch:
 //!
@@ -50,6 +54,11 @@ use crate::sync::{UpdateGuard, UpdateLock};
 use crate::x86::{self, BranchKind};
 
 mod macros;
+mod typed;
+
+pub use typed::StaticCall;
+#[doc(hidden)]
+pub use typed::{conjure_fn as __conjure_fn, fn_at as __fn_at};
 #[cfg(all(feature = "std", target_os = "linux"))]
 mod process;
 
@@ -62,10 +71,10 @@ const RET_FILL: [u8; 5] = [0xc3, 0xcc, 0xcc, 0xcc, 0xcc];
 const DEFAULT: usize = 0;
 const NONE: usize = 1;
 
-/// The state behind one [`static_call!`](macro@crate::static_call): the
-/// trampoline's address and the current target. The macro generates typed
-/// wrappers around it; use those.
-pub struct StaticCall {
+/// The untyped state behind one static call or ifunc stub: the
+/// trampoline's address and the current target as an address.
+/// [`StaticCall`] is its typed face.
+pub(crate) struct RawStaticCall {
     name: &'static str,
     trampoline: fn() -> usize,
     default: fn() -> usize,
@@ -164,16 +173,15 @@ impl From<PlanError> for StaticCallError {
     }
 }
 
-impl StaticCall {
-    /// Used by [`static_call!`](macro@crate::static_call).
-    #[doc(hidden)]
-    pub const fn new(
+impl RawStaticCall {
+    /// A static call in its compiled state.
+    pub(crate) const fn new(
         name: &'static str,
         trampoline: fn() -> usize,
         default: fn() -> usize,
         returns_unit: bool,
-    ) -> StaticCall {
-        StaticCall {
+    ) -> RawStaticCall {
+        RawStaticCall {
             name,
             trampoline,
             default,
@@ -187,7 +195,7 @@ impl StaticCall {
 
     /// The same state for a trampoline whose call sites are of `kind`
     /// (an `ifunc!` stub: [`SiteKind::Ifunc`]).
-    pub(crate) const fn with_site_kind(mut self, kind: SiteKind) -> StaticCall {
+    pub(crate) const fn with_site_kind(mut self, kind: SiteKind) -> RawStaticCall {
         self.site_kind = kind;
         self
     }
@@ -198,17 +206,17 @@ impl StaticCall {
     }
 
     /// The declared name.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         self.name
     }
 
     /// The trampoline's address.
-    pub fn trampoline(&self) -> usize {
+    pub(crate) fn trampoline(&self) -> usize {
         (self.trampoline)()
     }
 
     /// The current target's address, or `None` for "none".
-    pub fn target(&self) -> Option<usize> {
+    pub(crate) fn target(&self) -> Option<usize> {
         match self.target.load(Ordering::Acquire) {
             DEFAULT => Some((self.default)()),
             NONE => None,
@@ -217,7 +225,7 @@ impl StaticCall {
     }
 
     /// Whether the target can be set to none (the function returns `()`).
-    pub fn allows_none(&self) -> bool {
+    pub(crate) fn allows_none(&self) -> bool {
         self.returns_unit
     }
 
@@ -227,30 +235,6 @@ impl StaticCall {
     /// trampoline are used; others are ignored), in one batch through
     /// `poke`.
     ///
-    /// Through the typed wrapper `static_call!` generates:
-    ///
-    /// ```
-    /// extern "C" fn double(x: u64) -> u64 {
-    ///     x * 2
-    /// }
-    /// extern "C" fn triple(x: u64) -> u64 {
-    ///     x * 3
-    /// }
-    /// altpatch::static_call! {
-    ///     fn scale(x: u64) -> u64 = double;
-    /// }
-    ///
-    /// fn main() {
-    ///     let image = altpatch::Image::current();
-    ///     let mut poke = altpatch::LinuxPoke::new().unwrap();
-    ///     // The trampoline only (no call sites passed: a kernel passes its
-    ///     // embedded site table). SAFETY: in place; no other thread calls it.
-    ///     let r = unsafe { scale::update_with(triple, &image, &[], &mut poke) }.unwrap();
-    ///     assert!(r.trampoline);
-    ///     assert_eq!(scale(5), 15);
-    /// }
-    /// ```
-    ///
     /// # Safety
     ///
     /// `target` must be the address of a function of exactly the declared
@@ -258,7 +242,7 @@ impl StaticCall {
     /// [`Plan::apply`] with `poke`: if other threads may be running the
     /// trampoline or sites, `poke` must implement a protocol for that (each
     /// edit is a single instruction).
-    pub unsafe fn update_with<P: TextPoke + ?Sized>(
+    pub(crate) unsafe fn update_with<P: TextPoke + ?Sized>(
         &self,
         target: Option<usize>,
         image: &Image<'_>,
@@ -393,7 +377,7 @@ fn branch_expect(tail: bool, to: usize) -> Expect {
     }
 }
 
-impl fmt::Debug for StaticCall {
+impl fmt::Debug for RawStaticCall {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StaticCall")
             .field("name", &self.name)

@@ -4,7 +4,7 @@ use alloc::vec::Vec;
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use super::{StaticCall, StaticCallError, UpdateReport};
+use super::{RawStaticCall, StaticCallError, UpdateReport};
 use crate::LinuxPoke;
 use crate::image::Image;
 use crate::plan::PlanError;
@@ -37,18 +37,15 @@ fn current() -> &'static (Image<'static>, BTreeMap<usize, Vec<Site>>) {
     })
 }
 
-impl StaticCall {
+impl RawStaticCall {
     /// Points the static call at `target` (`None`: no-op calls) in the
     /// running program, in one batch published by page swap: safe while other
     /// threads make the call.
     ///
-    /// Use the typed `NAME::update(f)` the macro generates instead.
-    ///
     /// # Safety
     ///
     /// `target` is the address of a function of exactly the declared type.
-    #[doc(hidden)]
-    pub unsafe fn update_raw(
+    pub(crate) unsafe fn update_current(
         &self,
         target: Option<usize>,
     ) -> Result<UpdateReport, StaticCallError> {
@@ -66,7 +63,7 @@ impl StaticCall {
     }
 
     /// Number of call sites of this static call in the running program.
-    pub fn sites(&self) -> usize {
+    pub(crate) fn sites(&self) -> usize {
         current().1.get(&self.trampoline()).map_or(0, Vec::len)
     }
 }

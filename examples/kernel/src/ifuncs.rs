@@ -102,13 +102,13 @@ pub fn resolve(image: &Image<'_>, features: &Features) -> Result<(), &'static st
             .count()
     };
     let c_impl = irel.resolved.first().map_or(0, |r| r.2);
-    let k_impl = crate::kernel_ones::KEY.resolved().unwrap_or(0);
+    let k_impl = crate::kernel_ones::ifunc().resolved().unwrap_or(0);
     println!(
         "ifunc sites: c plt+got rewritten={} direct to c impl={} rust direct={} rust runs={}",
         plt.rewritten.len(),
         direct(c_impl),
         direct(k_impl),
-        crate::kernel_ones::KEY.resolver_runs()
+        crate::kernel_ones::ifunc().resolver_runs()
     );
     println!(
         "ifunc calls: c={} twice={} got={} rust={} (before: twice={c_before} rust={lazy_before})",

@@ -312,7 +312,8 @@ pub fn run(image: &Image<'_>, features: &Features, sites: &[Site]) -> Result<(),
             core::hint::spin_loop();
         }
     }
-    let call_sites = altpatch::static_call::sites_of(sites, ap_scale::KEY.trampoline()).len();
+    let call_sites =
+        altpatch::static_call::sites_of(sites, ap_scale::static_call().trampoline()).len();
     println!(
         "smp live: {BATCHES} batches ({} static call re-targets over {call_sites} sites + \
          trampoline, {} key flips over {} sites) in {cycles} cycles, {} per batch; sync \
