@@ -102,12 +102,22 @@ pub enum Error {
     /// A trampoline could not be made (`std`).
     #[cfg(all(feature = "std", target_os = "linux"))]
     Trampoline(crate::trampoline::TrampolineError),
+    /// The same mechanism or object was given to one
+    /// [`Patcher`](crate::Patcher) twice; nothing was planned for the
+    /// second.
+    AddedTwice(&'static str),
+    /// A [`Patcher`](crate::Patcher)'s shared batch failed (nothing of it
+    /// is left written) after its retpoline batches were written, and those
+    /// could not be put back. Every retpoline site form works with every
+    /// thunk form, so the program is still correct.
+    RetpolinesNotRestored(PlanError),
 }
 
 impl Error {
-    /// The error this one holds, as a trait object.
-    fn inner(&self) -> &(dyn core::error::Error + 'static) {
-        match self {
+    /// The error this one holds, as a trait object (`None` for the
+    /// patcher's own errors).
+    fn inner(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        Some(match self {
             Error::Plan(e) => e,
             Error::Poke(e) => e,
             Error::Live(e) => e,
@@ -135,7 +145,8 @@ impl Error {
             Error::Embed(e) => e,
             #[cfg(all(feature = "std", target_os = "linux"))]
             Error::Trampoline(e) => e,
-        }
+            Error::AddedTwice(_) | Error::RetpolinesNotRestored(_) => return None,
+        })
     }
 
     /// The address of the site the error is about, where it names one: a
@@ -154,6 +165,7 @@ impl Error {
             Error::Poke(e) => e.site(),
             Error::Live(e) => e.site(),
             Error::OutOfRange(e) => Some(e.from),
+            Error::RetpolinesNotRestored(e) => e.site(),
             Error::Alternative(e) => e.site(),
             Error::Retpoline(e) => e.site(),
             Error::StaticCall(e) => e.site(),
@@ -171,7 +183,18 @@ impl Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self.inner(), f)
+        match self {
+            Error::AddedTwice(what) => write!(f, "{what} added to one patcher twice"),
+            Error::RetpolinesNotRestored(e) => write!(
+                f,
+                "{e}; the retpoline batches written before it could not be put back \
+                 (every site form works with every thunk form: still correct)"
+            ),
+            _ => match self.inner() {
+                Some(e) => fmt::Display::fmt(e, f),
+                None => Ok(()),
+            },
+        }
     }
 }
 
@@ -179,7 +202,10 @@ impl core::error::Error for Error {
     // Transparent: the held error's own cause, not the held error itself
     // (whose message is already this one's).
     fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
-        self.inner().source()
+        match self {
+            Error::RetpolinesNotRestored(e) => Some(e),
+            _ => self.inner().and_then(|e| e.source()),
+        }
     }
 }
 

@@ -104,6 +104,7 @@ pub mod ifunc;
 mod image;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub mod os;
+mod patcher;
 pub mod plan;
 pub mod poke;
 pub mod records;
@@ -120,6 +121,7 @@ pub use error::Error;
 pub use image::{Image, ImageBuilder};
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use os::linux::{LinuxPoke, LoadError, Publish};
+pub use patcher::{PatchReport, Patcher};
 pub use plan::{ApplyReport, CompactPlan, Edit, Expect, Plan, PlanError, Validation};
 pub use poke::{
     DirectPoke, FaultInjectingPoke, FaultPoint, PokeError, Refusal, Strategy, SyncMethod, TextPoke,

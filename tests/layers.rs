@@ -38,6 +38,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     ("one error type over every layer's", &["error"]),
+    ("one patcher for every mechanism", &["patcher"]),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

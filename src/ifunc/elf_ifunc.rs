@@ -375,6 +375,21 @@ fn plt_slot(image: &Image<'_>, stub: usize) -> Option<usize> {
 /// direct are counted, not rewritten. A site whose bytes are none of these
 /// forms is an error naming it, with nothing written.
 ///
+/// ```
+/// use altpatch::{Image, LinuxPoke};
+///
+/// // The running program: its sites from its relocations (this doctest
+/// // has none of ELF ifunc kind, so nothing is rewritten).
+/// let image = Image::current();
+/// let sites = altpatch::elf::current_sites().map(|s| s.to_vec()).unwrap_or_default();
+/// let mut poke = LinuxPoke::new()?;
+/// // SAFETY: the loader filled every GOT slot before `main`; in place,
+/// // no other thread runs the sites.
+/// let report = unsafe { altpatch::ifunc::apply_plt_sites(&image, &sites, None, &mut poke) }?;
+/// print!("{report:?}");
+/// # Ok::<(), altpatch::Error>(())
+/// ```
+///
 /// # Safety
 ///
 /// The slots must be readable and already filled. As for [`Plan::apply`]

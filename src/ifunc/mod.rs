@@ -81,6 +81,7 @@ use crate::poke::TextPoke;
 use crate::records::IfuncRecord;
 use crate::sites::{Site, SiteKind};
 use crate::static_call::{RawStaticCall, StaticCallError, UpdateReport};
+use crate::sync::UpdateGuard;
 
 const UNRESOLVED: u8 = 0;
 const RESOLVING: u8 = 1;
@@ -470,15 +471,32 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
     sites: &[Site],
     poke: &mut P,
 ) -> Result<Report, Error> {
+    let mut plan = Plan::for_image(image);
+    let (mut out, _locks) = plan_all(image, features, sites, &mut plan)?;
+    // SAFETY: forwarded from our caller.
+    out.applied = unsafe { plan.apply(poke) }.map_err(Error::Plan)?;
+    committed(&mut out);
+    Ok(out)
+}
+
+/// Publishes `features`, resolves every ifunc of `image` and pushes onto
+/// `plan` the edits that make their stubs and the call sites in `sites`
+/// direct. The returned guards hold every ifunc's update lock until the
+/// plan is applied and [`committed`] (or dropped).
+pub(crate) fn plan_all(
+    image: &Image<'_>,
+    features: &Features,
+    sites: &[Site],
+    plan: &mut Plan,
+) -> Result<(Report, Vec<UpdateGuard<'static>>), Error> {
     cpu::publish(*features).map_err(Error::Snapshot)?;
     let records = image.ifuncs();
     let ifuncs: Vec<&'static Ifunc> = records.iter().map(IfuncRecord::ifunc).collect();
-    let _locks: Vec<_> = ifuncs.iter().map(|i| i.call.lock()).collect();
-    let mut plan = Plan::for_image(image);
+    let locks: Vec<_> = ifuncs.iter().map(|i| i.call.lock()).collect();
     let mut out = Report::default();
     for &ifunc in &ifuncs {
         let was_resolved = ifunc.resolved().is_some();
-        let (chosen, update) = ifunc.plan_apply(features, image, sites, &mut plan)?;
+        let (chosen, update) = ifunc.plan_apply(features, image, sites, plan)?;
         out.ifuncs.push(Applied {
             ifunc,
             chosen,
@@ -486,13 +504,15 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
             update,
         });
     }
-    // SAFETY: forwarded from our caller.
-    out.applied = unsafe { plan.apply(poke) }.map_err(Error::Plan)?;
+    Ok((out, locks))
+}
+
+/// Records that the plan from [`plan_all`] was applied.
+pub(crate) fn committed(out: &mut Report) {
     for a in &mut out.ifuncs {
         a.ifunc.call.committed(Some(a.chosen));
         a.update.applied = out.applied;
     }
-    Ok(out)
 }
 
 /// The sites in `sites` that call `ifunc`'s stub.

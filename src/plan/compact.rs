@@ -93,6 +93,15 @@ impl CompactPlan {
         }
     }
 
+    /// The byte ranges the edits change (for a caller checking that no
+    /// other batch changes the same bytes).
+    pub(crate) fn spans(&self) -> Vec<Range<usize>> {
+        self.edits
+            .iter()
+            .map(|e| e.addr..e.addr + e.len as usize)
+            .collect()
+    }
+
     /// Makes room for `additional` more edits.
     pub fn reserve(&mut self, additional: usize) {
         self.edits.reserve(additional);

@@ -160,6 +160,27 @@ impl Plan {
         self.edits.push(edit);
     }
 
+    /// Moves every edit of `other` (a plan over the same text) into this
+    /// plan, so they are validated and written as one batch: an edit of
+    /// `other` on bytes an edit of this plan also changes is then refused
+    /// as an overlap.
+    ///
+    /// ```
+    /// use altpatch::{Edit, Plan};
+    /// let text = [0x90u8; 8];
+    /// let at = text.as_ptr() as usize;
+    /// // SAFETY: `text` outlives both plans.
+    /// let (mut a, mut b) = unsafe { (Plan::with_text(at..at + 8), Plan::with_text(at..at + 8)) };
+    /// a.push(Edit::replace(at, &[0x90], &[0xc3]));
+    /// b.push(Edit::replace(at + 4, &[0x90], &[0xc3]));
+    /// a.append(b);
+    /// assert_eq!(a.len(), 2);
+    /// ```
+    pub fn append(&mut self, other: Plan) {
+        self.edits.extend(other.edits);
+        self.sorted = false;
+    }
+
     /// The edits, in address order once validated.
     pub fn edits(&self) -> &[Edit] {
         &self.edits

@@ -165,6 +165,18 @@ impl<F: Copy + 'static> StaticCall<F> {
     }
 }
 
+impl<F: Copy + 'static> StaticCall<F> {
+    /// The untyped state (the patcher plans through it).
+    pub(crate) fn raw(&self) -> &RawStaticCall {
+        &self.raw
+    }
+
+    /// `f`'s address.
+    pub(crate) fn addr_of(&self, f: F) -> usize {
+        addr_of(f)
+    }
+}
+
 impl<F> fmt::Debug for StaticCall<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&self.raw, f)

@@ -292,6 +292,21 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         poke: &mut P,
     ) -> Result<ApplyReport, KeyError> {
         let mut plan = Plan::for_image(image);
+        self.plan_sync(enabled, image, index, &mut plan)?;
+        // SAFETY: forwarded from our caller.
+        Ok(unsafe { plan.apply(poke) }?)
+    }
+
+    /// Pushes onto `plan` the edits that bring this key's sites in `image`
+    /// to `enabled`'s form (each expects the other form: validation finds a
+    /// site already in this one done). The caller holds the key's lock.
+    pub(crate) fn plan_sync(
+        &self,
+        enabled: bool,
+        image: &Image<'_>,
+        index: &KeyIndex,
+        plan: &mut Plan,
+    ) -> Result<(), KeyError> {
         plan.reserve(index.count(self.addr()));
         for rec in index.records_of(image, self.addr()) {
             // Sites outside the text are refused by validation, by name; a
@@ -301,8 +316,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
                 return Err(KeyError::BadRecord { site });
             }
             // A site jumps when the key differs from what it falls through
-            // to. Each edit expects the other state: validation finds a
-            // site already in this one done, and anything else refused.
+            // to.
             let edit = if enabled == rec.likely() {
                 Edit::new(site, Expect::Jmp(target), x86::NOP5)
             } else {
@@ -310,8 +324,12 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
             };
             plan.push(edit);
         }
-        // SAFETY: forwarded from our caller.
-        Ok(unsafe { plan.apply(poke) }?)
+        Ok(())
+    }
+
+    /// Serializes changes of this key (see [`crate::sync`]).
+    pub(crate) fn lock(&self) -> crate::sync::UpdateGuard<'_> {
+        self.busy.lock()
     }
 
     /// Reference-counted enable (Linux's `static_key_slow_inc`): the key is

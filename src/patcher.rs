@@ -1,0 +1,357 @@
+//! One patcher for any mix of mechanisms over one image and one poke.
+//!
+//! Each mechanism still has its own entry point (`alternative::apply`,
+//! `retpoline::apply`, `StaticKey::set_with`, ...); a [`Patcher`] is what a
+//! kernel's boot path or a loader wants instead: every mechanism planned
+//! against the same image, every batch validated before the first byte is
+//! written, written in one fixed order, and undone as a whole if any batch
+//! fails.
+
+use alloc::string::ToString;
+use alloc::vec::Vec;
+use core::fmt;
+use core::ops::Range;
+
+use crate::cpu::Features;
+use crate::error::Error;
+use crate::image::Image;
+use crate::plan::{ApplyReport, Plan, PlanError};
+use crate::poke::TextPoke;
+use crate::sites::Site;
+use crate::static_call::{RawStaticCall, StaticCall};
+use crate::static_key::{KeyIndex, StaticKey};
+use crate::sync::UpdateGuard;
+use crate::{alternative, ifunc, retpoline};
+
+/// Plans several mechanisms over one image and applies them as one
+/// validated batch.
+///
+/// The order of application is fixed, whatever order the mechanisms were
+/// added in:
+///
+/// 1. **retpolines** (sites, then this crate's thunks): first, as in
+///    Linux's `alternative_instructions()`, so every other mechanism sees
+///    call sites in their final form; their sites are validated against the
+///    compiled bytes, so an edit of another mechanism on the same bytes is
+///    refused before anything is written;
+/// 2. **everything else in one plan**: alternatives, static keys, static
+///    calls and ifuncs (the feature snapshot published, each resolver run,
+///    before planning). One plan, so two mechanisms claiming the same
+///    bytes are refused as an overlap, by site.
+///
+/// Every batch is validated before the first write; if a later batch
+/// fails, the earlier ones are undone, so text is as it was. Each object's
+/// update lock is held from planning until the patch is applied or the
+/// patcher dropped. Printing a patcher (`{}`) is the dry run.
+///
+/// In a process, every update lock is the one process-wide lock (see the
+/// lock's rules in `ARCHITECTURE.md`): a patcher holding it keeps other
+/// threads' updates waiting and asynchronous signals blocked on its own
+/// thread until it is applied or dropped, so plan and apply without
+/// waiting for anything in between. The patcher is not `Send`.
+///
+/// ```
+/// use altpatch::cpu::Features;
+/// use altpatch::retpoline::{Mode, Policy};
+/// use altpatch::{Image, LinuxPoke, Patcher};
+///
+/// extern "C" fn one() -> u32 {
+///     1
+/// }
+/// extern "C" fn two() -> u32 {
+///     2
+/// }
+/// altpatch::static_call! {
+///     fn pick() -> u32 = one;
+/// }
+///
+/// let image = Image::current();
+/// let features = Features::detect();
+/// let mut patcher = Patcher::new(&image, &features, &[]);
+/// patcher.retpolines(&Policy::new(Mode::Plain, "example"))?;
+/// patcher.alternatives()?;
+/// patcher.static_call(pick::static_call(), two)?;
+/// print!("{patcher}"); // the dry run
+/// let mut poke = LinuxPoke::new()?;
+/// // SAFETY: in place; no other thread runs the patched code.
+/// let report = unsafe { patcher.apply(&mut poke) }?;
+/// assert_eq!(pick(), 2);
+/// print!("{report}");
+/// # Ok::<(), altpatch::Error>(())
+/// ```
+pub struct Patcher<'a> {
+    image: &'a Image<'a>,
+    features: Features,
+    sites: &'a [Site],
+    retpoline: Option<retpoline::Planned>,
+    plan: Plan,
+    alternatives: Option<alternative::Report>,
+    ifuncs: Option<ifunc::Report>,
+    calls: Vec<(&'static RawStaticCall, usize)>,
+    keys: usize,
+    /// The objects added (their addresses), to refuse one added twice: in
+    /// a kernel its lock is a spin flag, which the second lock would wait
+    /// on forever.
+    objects: Vec<usize>,
+    locks: Vec<UpdateGuard<'static>>,
+}
+
+impl<'a> Patcher<'a> {
+    /// A patcher of `image`, deciding with `features`, with `sites` the
+    /// image's compiler-generated sites (retpoline and static-call or ifunc
+    /// call sites: from [`crate::elf::image_sites`] or the embedded table;
+    /// empty for trampolines and stubs only).
+    pub fn new(image: &'a Image<'a>, features: &Features, sites: &'a [Site]) -> Patcher<'a> {
+        Patcher {
+            image,
+            features: *features,
+            sites,
+            retpoline: None,
+            plan: Plan::for_image(image),
+            alternatives: None,
+            ifuncs: None,
+            calls: Vec::new(),
+            keys: 0,
+            objects: Vec::new(),
+            locks: Vec::new(),
+        }
+    }
+
+    fn claim(&mut self, addr: usize, what: &'static str) -> Result<(), Error> {
+        if self.objects.contains(&addr) {
+            return Err(Error::AddedTwice(what));
+        }
+        self.objects.push(addr);
+        Ok(())
+    }
+
+    /// Plans `policy` for the retpoline and return sites and the thunks.
+    pub fn retpolines(&mut self, policy: &retpoline::Policy) -> Result<&mut Self, Error> {
+        if self.retpoline.is_some() {
+            return Err(Error::AddedTwice("retpolines"));
+        }
+        self.retpoline = Some(retpoline::Planned::new(self.image, self.sites, policy)?);
+        Ok(self)
+    }
+
+    /// Plans every alternative of the image for the feature snapshot.
+    pub fn alternatives(&mut self) -> Result<&mut Self, Error> {
+        if self.alternatives.is_some() {
+            return Err(Error::AddedTwice("alternatives"));
+        }
+        let (plan, report) = alternative::plan(self.image, &self.features)?;
+        self.plan.append(plan);
+        self.alternatives = Some(report);
+        Ok(self)
+    }
+
+    /// Publishes the feature snapshot, resolves every ifunc of the image
+    /// and plans their stubs and call sites.
+    pub fn ifuncs(&mut self) -> Result<&mut Self, Error> {
+        if self.ifuncs.is_some() {
+            return Err(Error::AddedTwice("ifuncs"));
+        }
+        let (report, locks) =
+            ifunc::plan_all(self.image, &self.features, self.sites, &mut self.plan)?;
+        self.locks.extend(locks);
+        self.ifuncs = Some(report);
+        Ok(self)
+    }
+
+    /// Plans bringing `key`'s sites in the image to the key's state (a
+    /// kernel's boot, or an image loaded after the key changed).
+    pub fn static_key<const INITIAL: bool>(
+        &mut self,
+        key: &'static StaticKey<INITIAL>,
+        index: &KeyIndex,
+    ) -> Result<&mut Self, Error> {
+        self.claim(key as *const _ as usize, "a static key")?;
+        self.locks.push(key.lock());
+        key.plan_sync(key.is_enabled(), self.image, index, &mut self.plan)?;
+        self.keys += 1;
+        Ok(self)
+    }
+
+    /// Plans pointing `call` (its trampoline and its sites among the
+    /// patcher's) at `f`.
+    pub fn static_call<F: Copy + 'static>(
+        &mut self,
+        call: &'static StaticCall<F>,
+        f: F,
+    ) -> Result<&mut Self, Error> {
+        let raw = call.raw();
+        self.claim(raw as *const _ as usize, "a static call")?;
+        self.locks.push(raw.lock());
+        let target = call.addr_of(f);
+        raw.plan_update(Some(target), self.image, self.sites, &mut self.plan)?;
+        self.calls.push((raw, target));
+        Ok(self)
+    }
+
+    /// Validates every batch, then writes them in the order of the type's
+    /// docs; on any failure, undoes what was written and returns the error
+    /// (text is as it was, unless the undo itself failed: the error says).
+    ///
+    /// # Safety
+    ///
+    /// As for [`Plan::apply`] with `poke`: if other threads may run the
+    /// patched code, `poke` must implement a protocol for that.
+    pub unsafe fn apply<P: TextPoke + ?Sized>(
+        mut self,
+        poke: &mut P,
+    ) -> Result<PatchReport, Error> {
+        // Validate everything before the first write.
+        if let Some(r) = &mut self.retpoline {
+            r.thunk_plan
+                .validate(poke)
+                .map_err(retpoline::Error::from)?;
+            r.site_plan.validate(poke).map_err(retpoline::Error::from)?;
+            refuse_shared_bytes(&r.site_plan.spans(), &self.plan)?;
+        }
+        self.plan.validate(poke)?;
+
+        let retpolines = match &mut self.retpoline {
+            // SAFETY: forwarded from our caller.
+            Some(r) => Some(unsafe { r.write(poke) }?),
+            None => None,
+        };
+        // SAFETY: as above.
+        let applied = match unsafe { self.plan.apply(poke) } {
+            Ok(a) => a,
+            Err(e) => {
+                if let Some(r) = &mut self.retpoline {
+                    // SAFETY: as above.
+                    if !unsafe { r.undo(poke) } {
+                        return Err(Error::RetpolinesNotRestored(e));
+                    }
+                }
+                return Err(Error::Plan(e));
+            }
+        };
+        // Record each object's new state (its lock still held).
+        for (raw, target) in &self.calls {
+            raw.committed(Some(*target));
+        }
+        let mut ifuncs = self.ifuncs.take();
+        if let Some(r) = &mut ifuncs {
+            r.applied = applied;
+            ifunc::committed(r);
+        }
+        let mut alternatives = self.alternatives.take();
+        if let Some(r) = &mut alternatives {
+            r.applied = applied;
+        }
+        Ok(PatchReport {
+            retpolines,
+            alternatives,
+            ifuncs,
+            static_calls: self.calls.len(),
+            static_keys: self.keys,
+            applied,
+        })
+    }
+}
+
+/// Refuses a retpoline site edit on bytes another mechanism also edits.
+fn refuse_shared_bytes(spans: &[Range<usize>], plan: &Plan) -> Result<(), Error> {
+    let mut others: Vec<(usize, usize, usize)> = plan
+        .edits()
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.addr(), e.addr() + e.len(), i))
+        .collect();
+    others.sort_unstable();
+    for s in spans {
+        // The first edit ending after the span starts: the only candidate
+        // that can overlap it, since the plan's edits do not overlap each
+        // other (validated) and are sorted by start.
+        let i = others.partition_point(|&(_, end, _)| end <= s.start);
+        if let Some(&(start, _, which)) = others.get(i)
+            && start < s.end
+        {
+            let other = &plan.edits()[which];
+            return Err(Error::Plan(PlanError::Overlap {
+                site: other.site_name().to_string().into(),
+                other: "a retpoline site".into(),
+                addr: s.start,
+            }));
+        }
+    }
+    Ok(())
+}
+
+impl fmt::Display for Patcher<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "patch of {} (dry run):", self.image.name())?;
+        if let Some(r) = &self.retpoline {
+            writeln!(
+                f,
+                "1. retpolines: {} site edits, {} thunk edits",
+                r.site_plan.len(),
+                r.thunk_plan.len()
+            )?;
+        }
+        writeln!(
+            f,
+            "2. one plan of {} edits ({} static calls, {} static keys{}{}):",
+            self.plan.len(),
+            self.calls.len(),
+            self.keys,
+            if self.alternatives.is_some() {
+                ", alternatives"
+            } else {
+                ""
+            },
+            if self.ifuncs.is_some() {
+                ", ifuncs"
+            } else {
+                ""
+            },
+        )?;
+        fmt::Display::fmt(&self.plan, f)
+    }
+}
+
+/// What [`Patcher::apply`] did.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct PatchReport {
+    /// The retpoline step, if planned.
+    pub retpolines: Option<retpoline::Report>,
+    /// The alternatives, if planned (their `applied` is the shared batch's).
+    pub alternatives: Option<alternative::Report>,
+    /// The ifuncs, if planned.
+    pub ifuncs: Option<ifunc::Report>,
+    /// Static calls re-targeted.
+    pub static_calls: usize,
+    /// Static keys whose sites were brought to their state.
+    pub static_keys: usize,
+    /// The shared batch (everything but retpolines).
+    pub applied: ApplyReport,
+}
+
+impl fmt::Display for PatchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(r) = &self.retpolines {
+            write!(f, "{r}")?;
+        }
+        writeln!(
+            f,
+            "one batch: {} written, {} already in place ({} static calls, {} static keys{}{})",
+            self.applied.written,
+            self.applied.already,
+            self.static_calls,
+            self.static_keys,
+            if self.alternatives.is_some() {
+                ", alternatives"
+            } else {
+                ""
+            },
+            if self.ifuncs.is_some() {
+                ", ifuncs"
+            } else {
+                ""
+            },
+        )
+    }
+}
