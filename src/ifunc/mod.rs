@@ -59,6 +59,7 @@
 //! whose slots the dynamic loader filled.
 
 mod elf_ifunc;
+mod error;
 mod macros;
 #[cfg(all(feature = "std", target_os = "linux"))]
 mod process;
@@ -71,16 +72,17 @@ pub use elf_ifunc::{
     IrelativeEntry, IrelativeError, IrelativeReport, IrelativeTable, PltSitesReport,
     apply_plt_sites, process_irelative,
 };
+pub use error::Error;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use process::{InitError, InitReport, init};
 
 use crate::cpu::{self, Features};
 use crate::image::Image;
-use crate::plan::{Plan, PlanError};
+use crate::plan::Plan;
 use crate::poke::TextPoke;
 use crate::records::IfuncRecord;
 use crate::sites::{Site, SiteKind};
-use crate::static_call::{RawStaticCall, StaticCallError, UpdateReport};
+use crate::static_call::{RawStaticCall, UpdateReport};
 use crate::sync::UpdateGuard;
 
 const UNRESOLVED: u8 = 0;
@@ -324,62 +326,6 @@ impl IfuncRecord {
         // SAFETY: the macro emits a record only for an `Ifunc` static of
         // the same image, which lives as long as the program.
         unsafe { &*(self.ifunc_address() as *const Ifunc) }
-    }
-}
-
-/// Why ifuncs could not be applied. Nothing was written.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub enum Error {
-    /// A different feature snapshot was published before.
-    Snapshot(cpu::AlreadyPublished),
-    /// A resolver chose an address outside the image's text.
-    OutsideText {
-        /// The ifunc.
-        name: &'static str,
-        /// What the resolver returned.
-        addr: usize,
-    },
-    /// The stub or a call site did not hold what was expected.
-    Stub(&'static str, StaticCallError),
-    /// The batch was refused or the poke failed.
-    Plan(PlanError),
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Error::Snapshot(e) => fmt::Display::fmt(e, f),
-            Error::OutsideText { name, addr } => write!(
-                f,
-                "ifunc `{name}`: the resolver chose {addr:#x}, outside the image's text; nothing written"
-            ),
-            Error::Stub(name, e) => write!(f, "ifunc `{name}`: {e}"),
-            Error::Plan(e) => fmt::Display::fmt(e, f),
-        }
-    }
-}
-
-impl Error {
-    /// The address of the site the error is about, where it names one
-    /// (see [`crate::Error::site`]).
-    pub fn site(&self) -> Option<usize> {
-        match self {
-            Error::Stub(_, e) => e.site(),
-            Error::Plan(e) => e.site(),
-            _ => None,
-        }
-    }
-}
-
-impl core::error::Error for Error {
-    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
-        match self {
-            Error::Snapshot(e) => Some(e),
-            Error::Stub(_, e) => Some(e),
-            Error::Plan(e) => Some(e),
-            _ => None,
-        }
     }
 }
 

@@ -70,6 +70,7 @@
 
 mod form;
 mod local;
+mod planned;
 mod policy;
 mod report;
 mod thunks;
@@ -78,6 +79,7 @@ mod verdict;
 use alloc::vec::Vec;
 
 pub use crate::cpu::mitigation::{Mode, Setting};
+pub(crate) use planned::Planned;
 pub use policy::{Policy, ReturnSites};
 pub use report::{CompiledThunk, Error, Outcome, Report, SiteOutcome};
 pub use thunks::{THUNK_SLOT, return_thunk, thunk, thunk_array};
@@ -342,90 +344,6 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
     planned.thunk_plan.validate(poke)?;
     // SAFETY: forwarded from our caller.
     unsafe { planned.write(poke) }
-}
-
-/// A policy planned against an image and not yet written: the site batch
-/// and the thunk batch. `apply` and the one patcher
-/// ([`Patcher`](crate::Patcher)) both go through it.
-pub(crate) struct Planned {
-    policy: Policy,
-    pub(crate) site_plan: CompactPlan,
-    outcomes: Vec<SiteOutcome>,
-    pub(crate) thunk_plan: Plan,
-    thunks: usize,
-    compiled_thunks: Vec<CompiledThunk>,
-}
-
-impl Planned {
-    /// Plans `policy` for `sites` and the thunks in `image`.
-    pub(crate) fn new(
-        image: &Image<'_>,
-        sites: &[Site],
-        policy: &Policy,
-    ) -> Result<Planned, Error> {
-        let (site_plan, outcomes) = plan_sites(image, sites, policy.mode, policy.returns)?;
-        let (mut thunk_plan, thunks) = plan_thunks(image, policy.mode)?;
-        let compiled_thunks = plan_compiled_thunks(image, sites, policy.mode, &mut thunk_plan);
-        Ok(Planned {
-            policy: policy.clone(),
-            site_plan,
-            outcomes,
-            thunk_plan,
-            thunks,
-            compiled_thunks,
-        })
-    }
-
-    /// Writes the site batch, then the thunk batch (putting the sites back
-    /// if the thunks fail). The thunk batch was validated by the caller.
-    ///
-    /// # Safety
-    ///
-    /// As for [`apply`].
-    pub(crate) unsafe fn write<P: TextPoke + ?Sized>(
-        &mut self,
-        poke: &mut P,
-    ) -> Result<Report, Error> {
-        // SAFETY: forwarded from our caller.
-        let sites_applied = unsafe { self.site_plan.apply(poke) }?;
-        // SAFETY: as above.
-        let thunks_applied = match unsafe { self.thunk_plan.apply(poke) } {
-            Ok(r) => r,
-            Err(error) => {
-                // Put the sites back too (which a live poke may refuse: see
-                // the module docs). Either way every site works with every
-                // thunk form, so the program stays correct.
-                // SAFETY: as above.
-                let sites_restored = unsafe { self.site_plan.undo(poke) }.is_ok();
-                return Err(Error::Thunks {
-                    error,
-                    sites_restored,
-                });
-            }
-        };
-        Ok(Report {
-            policy: self.policy.clone(),
-            sites: core::mem::take(&mut self.outcomes),
-            thunks: self.thunks,
-            compiled_thunks: core::mem::take(&mut self.compiled_thunks),
-            sites_applied,
-            thunks_applied,
-        })
-    }
-
-    /// Puts back what [`write`](Self::write) wrote (a later batch of the
-    /// patcher failed).
-    ///
-    /// # Safety
-    ///
-    /// As for [`apply`].
-    pub(crate) unsafe fn undo<P: TextPoke + ?Sized>(&mut self, poke: &mut P) -> bool {
-        // SAFETY: forwarded from our caller.
-        let thunks = unsafe { self.thunk_plan.undo(poke) }.is_ok();
-        // SAFETY: as above.
-        let sites = unsafe { self.site_plan.undo(poke) }.is_ok();
-        thunks && sites
-    }
 }
 
 /// Applies `policy` to a shared object loaded at run time (`std`), live:
