@@ -29,8 +29,10 @@ use crate::{alternative, ifunc, retpoline};
 /// - its `Display`: the whole story in one line, as each layer tells it.
 ///
 /// The conversion is transparent: an `Error` displays exactly as the error
-/// it holds and has the same `source`, so wrapping never repeats a message
-/// in a report that walks the chain.
+/// it holds and has the same `source`, so wrapping adds no line to a report
+/// that walks the chain. Below it, a variant that only passes an error on
+/// (displays as it) is transparent the same way; one that adds context
+/// ("ifunc `sum`: ...") returns the error it holds as its source.
 ///
 /// ```
 /// use altpatch::{DirectPoke, Edit, Error, Plan, SyncMethod};
@@ -111,6 +113,11 @@ pub enum Error {
     /// could not be put back. Every retpoline site form works with every
     /// thunk form, so the program is still correct.
     RetpolinesNotRestored(PlanError),
+    /// An object's state changed between planning it in a
+    /// [`Patcher`](crate::Patcher) and applying (on the patching thread
+    /// itself: other threads wait for the lock the patcher holds); nothing
+    /// was written. Plan again.
+    ChangedSincePlanned(&'static str),
 }
 
 impl Error {
@@ -145,7 +152,9 @@ impl Error {
             Error::Embed(e) => e,
             #[cfg(all(feature = "std", target_os = "linux"))]
             Error::Trampoline(e) => e,
-            Error::AddedTwice(_) | Error::RetpolinesNotRestored(_) => return None,
+            Error::AddedTwice(_)
+            | Error::RetpolinesNotRestored(_)
+            | Error::ChangedSincePlanned(_) => return None,
         })
     }
 
@@ -185,6 +194,10 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::AddedTwice(what) => write!(f, "{what} added to one patcher twice"),
+            Error::ChangedSincePlanned(what) => write!(
+                f,
+                "{what} changed between planning and applying the patch; nothing written"
+            ),
             Error::RetpolinesNotRestored(e) => write!(
                 f,
                 "{e}; the retpoline batches written before it could not be put back \

@@ -11,6 +11,7 @@ use alloc::string::ToString;
 use alloc::vec::Vec;
 use core::fmt;
 use core::ops::Range;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::cpu::Features;
 use crate::error::Error;
@@ -88,7 +89,8 @@ pub struct Patcher<'a> {
     alternatives: Option<alternative::Report>,
     ifuncs: Option<ifunc::Report>,
     calls: Vec<(&'static RawStaticCall, usize)>,
-    keys: usize,
+    /// Each key's count and the state its sites were planned for.
+    keys: Vec<(&'static AtomicUsize, bool)>,
     /// The objects added (their addresses), to refuse one added twice: in
     /// a kernel its lock is a spin flag, which the second lock would wait
     /// on forever.
@@ -111,7 +113,7 @@ impl<'a> Patcher<'a> {
             alternatives: None,
             ifuncs: None,
             calls: Vec::new(),
-            keys: 0,
+            keys: Vec::new(),
             objects: Vec::new(),
             locks: Vec::new(),
         }
@@ -151,8 +153,11 @@ impl<'a> Patcher<'a> {
         if self.ifuncs.is_some() {
             return Err(Error::AddedTwice("ifuncs"));
         }
-        let (report, locks) =
-            ifunc::plan_all(self.image, &self.features, self.sites, &mut self.plan)?;
+        // Into a scratch plan, kept only on success: a failed add leaves
+        // the patcher as it was.
+        let mut plan = Plan::for_image(self.image);
+        let (report, locks) = ifunc::plan_all(self.image, &self.features, self.sites, &mut plan)?;
+        self.plan.append(plan);
         self.locks.extend(locks);
         self.ifuncs = Some(report);
         Ok(self)
@@ -165,10 +170,20 @@ impl<'a> Patcher<'a> {
         key: &'static StaticKey<INITIAL>,
         index: &KeyIndex,
     ) -> Result<&mut Self, Error> {
+        if self.objects.contains(&(key as *const _ as usize)) {
+            return Err(Error::AddedTwice("a static key"));
+        }
+        let lock = key.lock();
+        let enabled = key.is_enabled();
+        // Into a scratch plan, kept only on success.
+        let mut plan = Plan::for_image(self.image);
+        key.plan_sync(enabled, self.image, index, &mut plan)?;
         self.claim(key as *const _ as usize, "a static key")?;
-        self.locks.push(key.lock());
-        key.plan_sync(key.is_enabled(), self.image, index, &mut self.plan)?;
-        self.keys += 1;
+        self.plan.append(plan);
+        self.locks.push(lock);
+        // The std lock is recursive: this thread may still change the key
+        // before `apply`, which then refuses rather than write stale forms.
+        self.keys.push((key.count_cell(), enabled));
         Ok(self)
     }
 
@@ -180,10 +195,17 @@ impl<'a> Patcher<'a> {
         f: F,
     ) -> Result<&mut Self, Error> {
         let raw = call.raw();
-        self.claim(raw as *const _ as usize, "a static call")?;
-        self.locks.push(raw.lock());
+        if self.objects.contains(&(raw as *const _ as usize)) {
+            return Err(Error::AddedTwice("a static call"));
+        }
+        let lock = raw.lock();
         let target = call.addr_of(f);
-        raw.plan_update(Some(target), self.image, self.sites, &mut self.plan)?;
+        // Into a scratch plan, kept only on success.
+        let mut plan = Plan::for_image(self.image);
+        raw.plan_update(Some(target), self.image, self.sites, &mut plan)?;
+        self.claim(raw as *const _ as usize, "a static call")?;
+        self.plan.append(plan);
+        self.locks.push(lock);
         self.calls.push((raw, target));
         Ok(self)
     }
@@ -200,15 +222,27 @@ impl<'a> Patcher<'a> {
         mut self,
         poke: &mut P,
     ) -> Result<PatchReport, Error> {
-        // Validate everything before the first write.
+        let changed = |(count, planned): &(&AtomicUsize, bool)| {
+            (count.load(Ordering::Acquire) != 0) != *planned
+        };
+        if self.keys.iter().any(changed) {
+            return Err(Error::ChangedSincePlanned("a static key"));
+        }
+        // Validate everything before the first write: the shared plan
+        // first (its edits are then sorted and disjoint, which the overlap
+        // check relies on), then the retpoline batches, and their bytes
+        // against the shared plan's.
+        self.plan.validate(poke)?;
         if let Some(r) = &mut self.retpoline {
             r.thunk_plan
                 .validate(poke)
                 .map_err(retpoline::Error::from)?;
             r.site_plan.validate(poke).map_err(retpoline::Error::from)?;
-            refuse_shared_bytes(&r.site_plan.spans(), &self.plan)?;
+            let mut spans = r.site_plan.spans();
+            let thunk_edits = r.thunk_plan.edits().iter();
+            spans.extend(thunk_edits.map(|e| e.addr()..e.addr() + e.len()));
+            refuse_shared_bytes(&spans, &self.plan)?;
         }
-        self.plan.validate(poke)?;
 
         let retpolines = match &mut self.retpoline {
             // SAFETY: forwarded from our caller.
@@ -246,13 +280,14 @@ impl<'a> Patcher<'a> {
             alternatives,
             ifuncs,
             static_calls: self.calls.len(),
-            static_keys: self.keys,
+            static_keys: self.keys.len(),
             applied,
         })
     }
 }
 
-/// Refuses a retpoline site edit on bytes another mechanism also edits.
+/// Refuses a retpoline edit on bytes another mechanism also edits. `plan`
+/// was validated: its edits lie in text (no overflow) and are disjoint.
 fn refuse_shared_bytes(spans: &[Range<usize>], plan: &Plan) -> Result<(), Error> {
     let mut others: Vec<(usize, usize, usize)> = plan
         .edits()
@@ -296,7 +331,7 @@ impl fmt::Display for Patcher<'_> {
             "2. one plan of {} edits ({} static calls, {} static keys{}{}):",
             self.plan.len(),
             self.calls.len(),
-            self.keys,
+            self.keys.len(),
             if self.alternatives.is_some() {
                 ", alternatives"
             } else {

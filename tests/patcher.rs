@@ -48,6 +48,26 @@ ifunc! {
 
 static PC_KEY: StaticFalseKey = StaticFalseKey::new();
 
+// Declared, never called: its record is still in the image.
+fn pick_unused(_: &Features) -> extern "C" fn() -> u64 {
+    imp_portable
+}
+ifunc! {
+    fn never_called() -> u64 = pick_unused;
+}
+
+// User types named like the macros' own generic parameters.
+#[allow(dead_code)]
+struct G(u32);
+#[allow(dead_code)]
+struct P(u32);
+fn g_value(g: &G, p: &P) -> u32 {
+    g.0 + p.0
+}
+static_call! {
+    fn with_g(g: &G, p: &P) -> u32 = g_value;
+}
+
 #[inline(never)]
 fn keyed() -> bool {
     static_branch_unlikely!(PC_KEY)
@@ -185,6 +205,46 @@ fn every_mechanism_in_one_validated_batch() {
     // SAFETY: as above.
     let r = unsafe { again.apply(&mut poke) }.unwrap();
     assert_eq!(r.applied.written, 0, "{r}");
+
+    // A later patch that fails undoes only what it wrote: the retpolines
+    // already in place (from the patch above) stay.
+    let after = snapshot();
+    let mut p = Patcher::new(&image, &features, &[]);
+    p.retpolines(&Policy::new(Mode::Plain, "again")).unwrap();
+    p.static_call(pc_call::static_call(), one).unwrap();
+    let mut poke = FaultInjectingPoke::new(LinuxPoke::new().unwrap(), FaultPoint::Write(0));
+    // SAFETY: as above.
+    let e = unsafe { p.apply(&mut poke) }.unwrap_err();
+    assert!(poke.fired() && matches!(e, Error::Plan(_)), "{e:?}");
+    assert_eq!(
+        snapshot(),
+        after,
+        "nothing this patch did not write was undone"
+    );
+    assert_eq!(call_pc(), 2);
+
+    // A key changed on the patching thread after planning: refused.
+    let mut p = Patcher::new(&image, &features, &[]);
+    p.static_key(&PC_KEY, &index).unwrap();
+    PC_KEY.enable().unwrap();
+    assert!(keyed());
+    // SAFETY: as above.
+    let e = unsafe { p.apply(&mut LinuxPoke::new().unwrap()) }.unwrap_err();
+    assert!(matches!(e, Error::ChangedSincePlanned(_)), "{e:?}");
+    assert!(keyed(), "the refused patch wrote nothing");
+    PC_KEY.disable().unwrap();
+    assert!(!keyed());
+}
+
+#[test]
+fn unused_ifuncs_keep_their_record_and_user_type_names_do_not_clash() {
+    let names: Vec<&str> = Image::current()
+        .ifuncs()
+        .iter()
+        .map(|r| r.ifunc().name())
+        .collect();
+    assert!(names.contains(&"never_called"), "{names:?}");
+    assert_eq!(with_g(&G(1), &P(2)), 3);
 }
 
 #[test]

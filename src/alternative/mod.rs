@@ -110,7 +110,8 @@ impl core::error::Error for Error {
     fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
         match self {
             Error::Relocation { error, .. } => Some(error),
-            Error::Plan(e) => Some(e),
+            // Transparent (its message is the plan error's): the cause below.
+            Error::Plan(e) => core::error::Error::source(e),
             Error::BadRecord { .. } => None,
         }
     }

@@ -92,9 +92,10 @@ impl EmbedError {
 impl std::error::Error for EmbedError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            EmbedError::Elf(e) => Some(e),
-            EmbedError::Table(e) => Some(e),
-            EmbedError::Io(e) => Some(e),
+            // Transparent: each displays as the error it holds.
+            EmbedError::Elf(e) => std::error::Error::source(e),
+            EmbedError::Table(e) => std::error::Error::source(e),
+            EmbedError::Io(e) => std::error::Error::source(e),
             _ => None,
         }
     }

@@ -51,7 +51,7 @@ impl std::error::Error for SitesError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             SitesError::Elf { error, .. } => Some(error),
-            SitesError::Table(e) => Some(e),
+            SitesError::Table(e) => std::error::Error::source(e),
             _ => None,
         }
     }

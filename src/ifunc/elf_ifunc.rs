@@ -189,8 +189,9 @@ impl IrelativeError {
 impl core::error::Error for IrelativeError {
     fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
         match self {
-            IrelativeError::Snapshot(e) => Some(e),
-            IrelativeError::Plan(e) => Some(e),
+            // Transparent: these display as the error they hold.
+            IrelativeError::Snapshot(e) => core::error::Error::source(e),
+            IrelativeError::Plan(e) => core::error::Error::source(e),
             _ => None,
         }
     }

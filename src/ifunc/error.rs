@@ -54,9 +54,10 @@ impl Error {
 impl core::error::Error for Error {
     fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
         match self {
-            Error::Snapshot(e) => Some(e),
+            // Transparent: these display as the error they hold.
+            Error::Snapshot(e) => core::error::Error::source(e),
             Error::Stub(_, e) => Some(e),
-            Error::Plan(e) => Some(e),
+            Error::Plan(e) => core::error::Error::source(e),
             _ => None,
         }
     }

@@ -102,6 +102,7 @@ macro_rules! __ifunc {
         #[doc = concat!("Resolution and state of the ifunc [`", stringify!($name), "()`].")]
         // Type namespace only, beside the function (see `static_call!`).
         #[allow(non_camel_case_types)]
+        #[derive(Debug)]
         $vis struct $name {
             _private: (),
         }
@@ -115,7 +116,7 @@ macro_rules! __ifunc {
                 // SAFETY: the lazy target is a resolver result, of exactly
                 // this type (type-checked in `__altpatch_resolve`).
                 let f = unsafe {
-                    $crate::static_call::__fn_at::<extern "C" fn($($ty),*) -> $ret>(STATE.lazy_target())
+                    $crate::static_call::__fn_at::<extern "C" fn($($ty),*) -> $ret>(__ALTPATCH_STATE.lazy_target())
                 };
                 f($($arg),*)
             }
@@ -133,7 +134,14 @@ macro_rules! __ifunc {
                 __altpatch_lazy as *const () as usize
             }
 
-            static STATE: $crate::ifunc::Ifunc = $crate::ifunc::Ifunc::new(
+            // The stub emits the ifunc's record; keep it (and so the
+            // record) even when nothing calls the ifunc, as the record of
+            // an unused ifunc was kept before (its resolver still runs at
+            // `init`).
+            #[used]
+            static __ALTPATCH_KEEP: extern "C" fn($($ty),*) -> $ret = <$name>::__altpatch_ifunc_stub;
+
+            static __ALTPATCH_STATE: $crate::ifunc::Ifunc = $crate::ifunc::Ifunc::new(
                 stringify!($name),
                 __altpatch_stub_addr,
                 __altpatch_lazy_addr,
@@ -157,20 +165,20 @@ macro_rules! __ifunc {
                         ".long {state} - .",
                         ".popsection",
                         target = sym __altpatch_lazy,
-                        state = sym STATE,
+                        state = sym __ALTPATCH_STATE,
                     )
                 }
 
                 /// The ifunc's state.
                 pub fn ifunc() -> &'static $crate::ifunc::Ifunc {
-                    &STATE
+                    &__ALTPATCH_STATE
                 }
 
                 /// The implementation chosen, once resolved.
                 pub fn resolved() -> Option<extern "C" fn($($ty),*) -> $ret> {
                     // SAFETY: only resolver results, of exactly this type,
                     // are stored.
-                    STATE.resolved().map(|a| unsafe {
+                    __ALTPATCH_STATE.resolved().map(|a| unsafe {
                         $crate::static_call::__fn_at::<extern "C" fn($($ty),*) -> $ret>(a)
                     })
                 }
@@ -178,26 +186,30 @@ macro_rules! __ifunc {
                 /// Resolves with `features` (once; later calls return the
                 /// first choice).
                 pub fn resolve_with(features: &$crate::cpu::Features) -> extern "C" fn($($ty),*) -> $ret {
-                    let a = STATE.resolve(features);
+                    let a = __ALTPATCH_STATE.resolve(features);
                     // SAFETY: as above.
                     unsafe { $crate::static_call::__fn_at::<extern "C" fn($($ty),*) -> $ret>(a) }
                 }
 
                 /// A C-ABI function that calls `f` (a Rust function item or
                 /// a closure capturing nothing, of the declared signature),
-                /// for a resolver to return. rustc compiles `f` into it.
-                pub fn c_fn<G>(f: G) -> extern "C" fn($($ty),*) -> $ret
+                /// for a resolver to return. rustc compiles `f` into it. A
+                /// panic in `f` aborts: it cannot unwind through the C ABI.
+                pub fn c_fn<__AltpatchG>(f: __AltpatchG) -> extern "C" fn($($ty),*) -> $ret
                 where
-                    G: Fn($($ty),*) -> $ret + Copy + 'static,
+                    __AltpatchG: Fn($($ty),*) -> $ret + Copy + 'static,
                 {
                     #[allow(improper_ctypes_definitions)]
-                    extern "C" fn shim<G: Fn($($ty),*) -> $ret + Copy>($($arg: $ty),*) -> $ret {
-                        // SAFETY: `c_fn` was given a `G`, and `G: Copy`.
-                        let f: G = unsafe { $crate::static_call::__conjure_fn::<G>() };
+                    extern "C" fn shim<__AltpatchG: Fn($($ty),*) -> $ret + Copy>(
+                        $($arg: $ty),*
+                    ) -> $ret {
+                        // SAFETY: `c_fn` was given one, and it is `Copy`.
+                        let f: __AltpatchG =
+                            unsafe { $crate::static_call::__conjure_fn::<__AltpatchG>() };
                         f($($arg),*)
                     }
                     let _ = f;
-                    shim::<G>
+                    shim::<__AltpatchG>
                 }
             }
         };

@@ -80,12 +80,13 @@ impl InitError {
 
 impl std::error::Error for InitError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(match self {
-            InitError::Overrides(e) => e,
-            InitError::Poke(e) => e,
-            InitError::Ifunc(e) => e,
-            InitError::Plt(e) => e,
-        })
+        match self {
+            InitError::Overrides(e) => Some(e),
+            // Transparent: these display as the error they hold.
+            InitError::Poke(e) => std::error::Error::source(e),
+            InitError::Ifunc(e) => std::error::Error::source(e),
+            InitError::Plt(e) => std::error::Error::source(e),
+        }
     }
 }
 

@@ -217,6 +217,30 @@ impl CompactPlan {
         Ok(report)
     }
 
+    /// Puts back the edits the last apply wrote, leaving those it found
+    /// already in place (see `Plan::undo_written`).
+    ///
+    /// # Safety
+    ///
+    /// As for [`CompactPlan::apply`].
+    pub(crate) unsafe fn undo_written<P: TextPoke + ?Sized>(
+        &mut self,
+        poke: &mut P,
+    ) -> Result<ApplyReport, PlanError> {
+        let mut inv = self.clone();
+        inv.edits.retain(|e| e.state == State::Written);
+        for e in &mut inv.edits {
+            core::mem::swap(&mut e.old, &mut e.new);
+            e.state = State::Unchecked;
+        }
+        // SAFETY: forwarded; the inverse writes back bytes that were there.
+        let report = unsafe { inv.apply(poke) }?;
+        for e in &mut self.edits {
+            e.state = State::Unchecked;
+        }
+        Ok(report)
+    }
+
     /// The same edits, in the state they stand, as a general [`Plan`] (for
     /// listings and dry runs).
     pub fn to_plan(&self) -> Plan {

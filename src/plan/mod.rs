@@ -274,6 +274,30 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// Puts back the edits the last apply wrote (state `Written`), leaving
+    /// those it found already in place: a caller undoing a batch after a
+    /// later one failed must not undo what was there before it.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Plan::apply`].
+    pub(crate) unsafe fn undo_written<P: TextPoke + ?Sized>(
+        &mut self,
+        poke: &mut P,
+    ) -> Result<ApplyReport, PlanError> {
+        let mut inv = self.inverse()?;
+        let mut states = self.edits.iter().map(|e| e.state);
+        inv.edits.retain(|_| states.next() == Some(State::Written));
+        // SAFETY: forwarded; the inverse writes back bytes that were there.
+        let report = unsafe { inv.apply(poke) }?;
+        for e in &mut self.edits {
+            e.state = State::Unchecked;
+        }
+        Ok(report)
+    }
+}
+
 impl batch::EditList for Plan {
     fn count(&self) -> usize {
         self.edits.len()

@@ -64,7 +64,7 @@ impl Planned {
                 // the module docs). Either way every site works with every
                 // thunk form, so the program stays correct.
                 // SAFETY: as above.
-                let sites_restored = unsafe { self.site_plan.undo(poke) }.is_ok();
+                let sites_restored = unsafe { self.site_plan.undo_written(poke) }.is_ok();
                 return Err(Error::Thunks {
                     error,
                     sites_restored,
@@ -82,16 +82,17 @@ impl Planned {
     }
 
     /// Puts back what [`write`](Self::write) wrote (a later batch of the
-    /// patcher failed).
+    /// patcher failed), and only that: edits it found already in place
+    /// (an earlier `apply`) stay.
     ///
     /// # Safety
     ///
     /// As for [`apply`](super::apply).
     pub(crate) unsafe fn undo<P: TextPoke + ?Sized>(&mut self, poke: &mut P) -> bool {
         // SAFETY: forwarded from our caller.
-        let thunks = unsafe { self.thunk_plan.undo(poke) }.is_ok();
+        let thunks = unsafe { self.thunk_plan.undo_written(poke) }.is_ok();
         // SAFETY: as above.
-        let sites = unsafe { self.site_plan.undo(poke) }.is_ok();
+        let sites = unsafe { self.site_plan.undo_written(poke) }.is_ok();
         thunks && sites
     }
 }

@@ -261,7 +261,9 @@ impl Error {
 impl core::error::Error for Error {
     fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
         match self {
-            Error::Plan(e) | Error::Thunks { error: e, .. } => Some(e),
+            // Transparent: it displays as the plan error.
+            Error::Plan(e) => core::error::Error::source(e),
+            Error::Thunks { error, .. } => Some(error),
             #[cfg(all(feature = "std", target_os = "linux"))]
             Error::Sites(e) => Some(e),
             #[cfg(all(feature = "std", target_os = "linux"))]

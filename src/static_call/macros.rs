@@ -26,7 +26,9 @@
 ///   - `NAME::update_fn(f)` (`std`) for a Rust function item or a
 ///     closure capturing nothing, and `NAME::c_fn(f)`, the C-ABI shim it
 ///     uses (rustc compiles `f` into it);
-///   - `NAME::target()`, and `NAME::static_call()`: the typed
+///   - `NAME::target()` (until the first update, the C-ABI shim of the
+///     default, not the default's own address), and
+///     `NAME::static_call()`: the typed
 ///     [`StaticCall`](crate::static_call::StaticCall) behind it all;
 ///   - for functions returning `()`, `NAME::set_none()` /
 ///     `NAME::set_none_with(...)`.
@@ -136,6 +138,7 @@ macro_rules! __static_call {
         // A braced struct lives in the type namespace only, beside the
         // function of the same name in the value namespace.
         #[allow(non_camel_case_types)]
+        #[derive(Debug)]
         $vis struct $name {
             _private: (),
         }
@@ -157,7 +160,7 @@ macro_rules! __static_call {
                 __altpatch_default as *const () as usize
             }
 
-            static STATE: $crate::static_call::StaticCall<extern "C" fn($($ty),*) -> $ret> =
+            static __ALTPATCH_STATE: $crate::static_call::StaticCall<extern "C" fn($($ty),*) -> $ret> =
                 // SAFETY: the type is the trampoline's signature as a C-ABI
                 // function pointer; the two functions give the trampoline's
                 // address and the default shim's, of exactly that type.
@@ -190,31 +193,35 @@ macro_rules! __static_call {
                 /// The state of this static call.
                 pub fn static_call()
                 -> &'static $crate::static_call::StaticCall<extern "C" fn($($ty),*) -> $ret> {
-                    &STATE
+                    &__ALTPATCH_STATE
                 }
 
                 /// The function calls go to now (`None` after `set_none`).
                 pub fn target() -> Option<extern "C" fn($($ty),*) -> $ret> {
-                    STATE.target()
+                    __ALTPATCH_STATE.target()
                 }
 
                 /// A C-ABI function that calls `f`: a Rust function item or
                 /// a closure capturing nothing, of the declared signature
                 /// (an `extern "C"` function is one already: pass it to
                 /// `update` as it is). rustc compiles `f` into it, so a
-                /// call through it costs what a call to `f` does.
-                pub fn c_fn<G>(f: G) -> extern "C" fn($($ty),*) -> $ret
+                /// call through it costs what a call to `f` does. A panic
+                /// in `f` aborts: it cannot unwind through the C ABI.
+                pub fn c_fn<__AltpatchG>(f: __AltpatchG) -> extern "C" fn($($ty),*) -> $ret
                 where
-                    G: Fn($($ty),*) -> $ret + Copy + 'static,
+                    __AltpatchG: Fn($($ty),*) -> $ret + Copy + 'static,
                 {
                     #[allow(improper_ctypes_definitions)]
-                    extern "C" fn shim<G: Fn($($ty),*) -> $ret + Copy>($($arg: $ty),*) -> $ret {
-                        // SAFETY: `c_fn` was given a `G`, and `G: Copy`.
-                        let f: G = unsafe { $crate::static_call::__conjure_fn::<G>() };
+                    extern "C" fn shim<__AltpatchG: Fn($($ty),*) -> $ret + Copy>(
+                        $($arg: $ty),*
+                    ) -> $ret {
+                        // SAFETY: `c_fn` was given one, and it is `Copy`.
+                        let f: __AltpatchG =
+                            unsafe { $crate::static_call::__conjure_fn::<__AltpatchG>() };
                         f($($arg),*)
                     }
                     let _ = f;
-                    shim::<G>
+                    shim::<__AltpatchG>
                 }
 
                 /// Points every call at `f`, through `poke`: the trampoline
@@ -224,14 +231,14 @@ macro_rules! __static_call {
                 /// # Safety
                 ///
                 /// As for [`Plan::apply`]($crate::Plan::apply) with `poke`.
-                pub unsafe fn update_with<P: $crate::TextPoke + ?Sized>(
+                pub unsafe fn update_with<__AltpatchP: $crate::TextPoke + ?Sized>(
                     f: extern "C" fn($($ty),*) -> $ret,
                     image: &$crate::Image<'_>,
                     sites: &[$crate::sites::Site],
-                    poke: &mut P,
+                    poke: &mut __AltpatchP,
                 ) -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError> {
                     // SAFETY: the caller's.
-                    unsafe { STATE.update_with(f, image, sites, poke) }
+                    unsafe { __ALTPATCH_STATE.update_with(f, image, sites, poke) }
                 }
 
                 $crate::__static_call_std!($($ty),* ; $ret);
@@ -254,18 +261,18 @@ macro_rules! __static_call_std {
         pub fn update(
             f: extern "C" fn($($ty),*) -> $ret,
         ) -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError> {
-            STATE.update(f)
+            __ALTPATCH_STATE.update(f)
         }
 
         /// As [`update`](Self::update), for a Rust function item or a
         /// closure capturing nothing (through [`c_fn`](Self::c_fn)).
-        pub fn update_fn<G>(
-            f: G,
+        pub fn update_fn<__AltpatchG>(
+            f: __AltpatchG,
         ) -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError>
         where
-            G: Fn($($ty),*) -> $ret + Copy + 'static,
+            __AltpatchG: Fn($($ty),*) -> $ret + Copy + 'static,
         {
-            STATE.update(Self::c_fn(f))
+            __ALTPATCH_STATE.update(Self::c_fn(f))
         }
     };
 }
@@ -289,13 +296,13 @@ macro_rules! __static_call_unit {
         /// # Safety
         ///
         /// As for [`Plan::apply`]($crate::Plan::apply) with `poke`.
-        pub unsafe fn set_none_with<P: $crate::TextPoke + ?Sized>(
+        pub unsafe fn set_none_with<__AltpatchP: $crate::TextPoke + ?Sized>(
             image: &$crate::Image<'_>,
             sites: &[$crate::sites::Site],
-            poke: &mut P,
+            poke: &mut __AltpatchP,
         ) -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError> {
             // SAFETY: the caller's.
-            unsafe { STATE.set_none_with(image, sites, poke) }
+            unsafe { __ALTPATCH_STATE.set_none_with(image, sites, poke) }
         }
 
         $crate::__static_call_unit_std!();
@@ -311,7 +318,7 @@ macro_rules! __static_call_unit_std {
         /// Makes every call a no-op in the running program, live.
         pub fn set_none()
         -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError> {
-            STATE.set_none()
+            __ALTPATCH_STATE.set_none()
         }
     };
 }

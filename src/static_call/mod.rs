@@ -161,7 +161,8 @@ impl StaticCallError {
 impl core::error::Error for StaticCallError {
     fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
         match self {
-            StaticCallError::Plan(e) => Some(e),
+            // Transparent (its message is the plan error's): the cause below.
+            StaticCallError::Plan(e) => e.source(),
             _ => None,
         }
     }

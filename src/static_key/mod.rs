@@ -124,7 +124,8 @@ impl KeyError {
 impl core::error::Error for KeyError {
     fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
         match self {
-            KeyError::Plan(e) => Some(e),
+            // Transparent (its message is the plan error's): the cause below.
+            KeyError::Plan(e) => e.source(),
             _ => None,
         }
     }
@@ -325,6 +326,11 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
             plan.push(edit);
         }
         Ok(())
+    }
+
+    /// The count (the patcher checks it did not change since planning).
+    pub(crate) fn count_cell(&self) -> &AtomicUsize {
+        &self.count
     }
 
     /// Serializes changes of this key (see [`crate::sync`]).

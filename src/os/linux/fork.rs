@@ -40,3 +40,11 @@ extern "C" fn register() {
 #[used]
 #[unsafe(link_section = ".init_array")]
 static REGISTER: extern "C" fn() = register;
+
+/// Names `REGISTER` from the code every update runs (`LinuxPoke`'s
+/// constructor), so the object file holding it is in every link that
+/// patches: a static library's object nothing references can be left out,
+/// and with it the `.init_array` entry (rust-lang/rust#99721).
+pub(super) fn keep_linked() {
+    core::hint::black_box(&REGISTER);
+}

@@ -307,6 +307,7 @@ impl LinuxPoke {
     }
 
     fn make(publish: Publish, strategy: Strategy) -> LinuxPoke {
+        fork::keep_linked();
         sys::init_sync_core();
         LinuxPoke {
             lock: None,
