@@ -328,20 +328,11 @@ impl fmt::Display for Patcher<'_> {
         }
         writeln!(
             f,
-            "2. one plan of {} edits ({} static calls, {} static keys{}{}):",
+            "2. one plan of {} edits ({} static calls, {} static keys{}):",
             self.plan.len(),
             self.calls.len(),
             self.keys.len(),
-            if self.alternatives.is_some() {
-                ", alternatives"
-            } else {
-                ""
-            },
-            if self.ifuncs.is_some() {
-                ", ifuncs"
-            } else {
-                ""
-            },
+            also(self.alternatives.is_some(), self.ifuncs.is_some()),
         )?;
         fmt::Display::fmt(&self.plan, f)
     }
@@ -372,21 +363,22 @@ impl fmt::Display for PatchReport {
         }
         writeln!(
             f,
-            "one batch: {} written, {} already in place ({} static calls, {} static keys{}{})",
+            "one batch: {} written, {} already in place ({} static calls, {} static keys{})",
             self.applied.written,
             self.applied.already,
             self.static_calls,
             self.static_keys,
-            if self.alternatives.is_some() {
-                ", alternatives"
-            } else {
-                ""
-            },
-            if self.ifuncs.is_some() {
-                ", ifuncs"
-            } else {
-                ""
-            },
+            also(self.alternatives.is_some(), self.ifuncs.is_some()),
         )
+    }
+}
+
+/// ", alternatives" and ", ifuncs" in a listing, for what was planned.
+fn also(alternatives: bool, ifuncs: bool) -> &'static str {
+    match (alternatives, ifuncs) {
+        (true, true) => ", alternatives, ifuncs",
+        (true, false) => ", alternatives",
+        (false, true) => ", ifuncs",
+        (false, false) => "",
     }
 }

@@ -191,26 +191,7 @@ macro_rules! __ifunc {
                     unsafe { $crate::static_call::__fn_at::<extern "C" fn($($ty),*) -> $ret>(a) }
                 }
 
-                /// A C-ABI function that calls `f` (a Rust function item or
-                /// a closure capturing nothing, of the declared signature),
-                /// for a resolver to return. rustc compiles `f` into it. A
-                /// panic in `f` aborts: it cannot unwind through the C ABI.
-                pub fn c_fn<__AltpatchG>(f: __AltpatchG) -> extern "C" fn($($ty),*) -> $ret
-                where
-                    __AltpatchG: Fn($($ty),*) -> $ret + Copy + 'static,
-                {
-                    #[allow(improper_ctypes_definitions)]
-                    extern "C" fn shim<__AltpatchG: Fn($($ty),*) -> $ret + Copy>(
-                        $($arg: $ty),*
-                    ) -> $ret {
-                        // SAFETY: `c_fn` was given one, and it is `Copy`.
-                        let f: __AltpatchG =
-                            unsafe { $crate::static_call::__conjure_fn::<__AltpatchG>() };
-                        f($($arg),*)
-                    }
-                    let _ = f;
-                    shim::<__AltpatchG>
-                }
+                $crate::__altpatch_c_fn!($($arg: $ty),* ; $ret);
             }
         };
     };

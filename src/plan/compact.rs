@@ -204,7 +204,23 @@ impl CompactPlan {
         &mut self,
         poke: &mut P,
     ) -> Result<ApplyReport, PlanError> {
+        // SAFETY: forwarded.
+        unsafe { self.undo_where(poke, |_| true) }
+    }
+
+    /// Writes back the old bytes of the edits whose state `keep` accepts,
+    /// as one validated batch (the inverse plan).
+    ///
+    /// # Safety
+    ///
+    /// As for [`CompactPlan::apply`].
+    unsafe fn undo_where<P: TextPoke + ?Sized>(
+        &mut self,
+        poke: &mut P,
+        keep: impl Fn(State) -> bool,
+    ) -> Result<ApplyReport, PlanError> {
         let mut inv = self.clone();
+        inv.edits.retain(|e| keep(e.state));
         for e in &mut inv.edits {
             core::mem::swap(&mut e.old, &mut e.new);
             e.state = State::Unchecked;
@@ -227,18 +243,8 @@ impl CompactPlan {
         &mut self,
         poke: &mut P,
     ) -> Result<ApplyReport, PlanError> {
-        let mut inv = self.clone();
-        inv.edits.retain(|e| e.state == State::Written);
-        for e in &mut inv.edits {
-            core::mem::swap(&mut e.old, &mut e.new);
-            e.state = State::Unchecked;
-        }
-        // SAFETY: forwarded; the inverse writes back bytes that were there.
-        let report = unsafe { inv.apply(poke) }?;
-        for e in &mut self.edits {
-            e.state = State::Unchecked;
-        }
-        Ok(report)
+        // SAFETY: forwarded.
+        unsafe { self.undo_where(poke, |s| s == State::Written) }
     }
 
     /// The same edits, in the state they stand, as a general [`Plan`] (for

@@ -201,28 +201,7 @@ macro_rules! __static_call {
                     __ALTPATCH_STATE.target()
                 }
 
-                /// A C-ABI function that calls `f`: a Rust function item or
-                /// a closure capturing nothing, of the declared signature
-                /// (an `extern "C"` function is one already: pass it to
-                /// `update` as it is). rustc compiles `f` into it, so a
-                /// call through it costs what a call to `f` does. A panic
-                /// in `f` aborts: it cannot unwind through the C ABI.
-                pub fn c_fn<__AltpatchG>(f: __AltpatchG) -> extern "C" fn($($ty),*) -> $ret
-                where
-                    __AltpatchG: Fn($($ty),*) -> $ret + Copy + 'static,
-                {
-                    #[allow(improper_ctypes_definitions)]
-                    extern "C" fn shim<__AltpatchG: Fn($($ty),*) -> $ret + Copy>(
-                        $($arg: $ty),*
-                    ) -> $ret {
-                        // SAFETY: `c_fn` was given one, and it is `Copy`.
-                        let f: __AltpatchG =
-                            unsafe { $crate::static_call::__conjure_fn::<__AltpatchG>() };
-                        f($($arg),*)
-                    }
-                    let _ = f;
-                    shim::<__AltpatchG>
-                }
+                $crate::__altpatch_c_fn!($($arg: $ty),* ; $ret);
 
                 /// Points every call at `f`, through `poke`: the trampoline
                 /// and the call sites in `sites` (see
@@ -329,4 +308,34 @@ macro_rules! __static_call_unit_std {
 #[cfg(not(all(feature = "std", target_os = "linux")))]
 macro_rules! __static_call_unit_std {
     () => {};
+}
+
+/// Internal: `NAME::c_fn`, shared by `static_call!` and `ifunc!`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __altpatch_c_fn {
+    ($($arg:ident: $ty:ty),* ; $ret:ty) => {
+        /// A C-ABI function that calls `f`: a Rust function item or a
+        /// closure capturing nothing, of the declared signature (an
+        /// `extern "C"` function is one already: use it as it is). For
+        /// `update_fn` and for ifunc resolvers to return. rustc compiles
+        /// `f` into it, so a call through it costs what a call to `f`
+        /// does. A panic in `f` aborts: it cannot unwind through the C ABI.
+        pub fn c_fn<__AltpatchG>(f: __AltpatchG) -> extern "C" fn($($ty),*) -> $ret
+        where
+            __AltpatchG: Fn($($ty),*) -> $ret + Copy + 'static,
+        {
+            #[allow(improper_ctypes_definitions)]
+            extern "C" fn shim<__AltpatchG: Fn($($ty),*) -> $ret + Copy>(
+                $($arg: $ty),*
+            ) -> $ret {
+                // SAFETY: `c_fn` was given one, and it is `Copy`.
+                let f: __AltpatchG =
+                    unsafe { $crate::static_call::__conjure_fn::<__AltpatchG>() };
+                f($($arg),*)
+            }
+            let _ = f;
+            shim::<__AltpatchG>
+        }
+    };
 }
