@@ -14,48 +14,86 @@ use crate::static_key::KeyError;
 use crate::x86::{OutOfRange, RelocError};
 use crate::{alternative, ifunc, retpoline};
 
-/// Any error of this crate, as one type.
-///
-/// Every layer keeps its own precise error (a [`PlanError`] says which
-/// edit was refused, an [`alternative::Error`] which record was bad), since
-/// a lower layer cannot name a higher one's failures without importing it
-/// (the layer map in `ARCHITECTURE.md`). [`Error`] sits above them all: each
-/// of them converts into it with `?`, and it answers the questions a caller
-/// of any mechanism asks:
-///
-/// - [`Error::site`]: which site it is about, where one is named;
-/// - [`core::error::Error::source`]: the cause below (a plan's poke failure,
-///   the OS call that failed), down to the last layer that knows one;
-/// - its `Display`: the whole story in one line, as each layer tells it.
-///
-/// The conversion is transparent: an `Error` displays exactly as the error
-/// it holds and has the same `source`, so wrapping adds no line to a report
-/// that walks the chain. Below it, a variant that only passes an error on
-/// (displays as it) is transparent the same way; one that adds context
-/// ("ifunc `sum`: ...") returns the error it holds as its source.
-///
-/// ```
-/// use altpatch::{DirectPoke, Edit, Error, Plan, SyncMethod};
-///
-/// // Different mechanisms' errors meet in one `Result` with `?`.
-/// fn refuse(text: &[u8]) -> Result<(), Error> {
-///     let at = text.as_ptr() as usize;
-///     // SAFETY: `text` is readable while the plan is validated.
-///     let mut plan = unsafe { Plan::with_text(at..at + text.len()) };
-///     plan.push(Edit::replace(at, &[0x90], &[0xc3]).site("example"));
-///     // SAFETY: validation only reads.
-///     let poke = unsafe { DirectPoke::new(SyncMethod::Cpuid) };
-///     plan.validate(&poke)?;
-///     Ok(())
-/// }
-/// let text = [0xccu8; 4]; // not the NOP the edit expects
-/// let e = refuse(&text).unwrap_err();
-/// assert!(matches!(e, Error::Plan(_)));
-/// assert_eq!(e.site(), Some(text.as_ptr() as usize), "{e}");
-/// ```
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum Error {
+// Each layer's error, once: the variant, its conversion with `?` and its
+// place in `inner` all come from this one list.
+macro_rules! wrapping_errors {
+    (
+        $(#[$meta:meta])*
+        wrapping { $( $(#[doc = $doc:literal])* $(#[cfg($cfg:meta)])? $variant:ident($ty:ty), )* }
+        own { $($own:tt)* }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug)]
+        #[non_exhaustive]
+        pub enum Error {
+            $( $(#[doc = $doc])* $(#[cfg($cfg)])? $variant($ty), )*
+            $($own)*
+        }
+
+        impl Error {
+            /// The error this one holds, as a trait object (`None` for the
+            /// patcher's own errors).
+            fn inner(&self) -> Option<&(dyn core::error::Error + 'static)> {
+                match self {
+                    $( $(#[cfg($cfg)])? Error::$variant(e) => Some(e), )*
+                    _ => None,
+                }
+            }
+        }
+
+        $(
+            $(#[cfg($cfg)])?
+            impl From<$ty> for Error {
+                fn from(e: $ty) -> Error {
+                    Error::$variant(e)
+                }
+            }
+        )*
+    };
+}
+
+wrapping_errors! {
+    /// Any error of this crate, as one type.
+    ///
+    /// Every layer keeps its own precise error (a [`PlanError`] says which
+    /// edit was refused, an [`alternative::Error`] which record was bad), since
+    /// a lower layer cannot name a higher one's failures without importing it
+    /// (the layer map in `ARCHITECTURE.md`). [`Error`] sits above them all: each
+    /// of them converts into it with `?`, and it answers the questions a caller
+    /// of any mechanism asks:
+    ///
+    /// - [`Error::site`]: which site it is about, where one is named;
+    /// - [`core::error::Error::source`]: the cause below (a plan's poke failure,
+    ///   the OS call that failed), down to the last layer that knows one;
+    /// - its `Display`: the whole story in one line, as each layer tells it.
+    ///
+    /// The conversion is transparent: an `Error` displays exactly as the error
+    /// it holds and has the same `source`, so wrapping adds no line to a report
+    /// that walks the chain. Below it, a variant that only passes an error on
+    /// (displays as it) is transparent the same way; one that adds context
+    /// ("ifunc `sum`: ...") returns the error it holds as its source.
+    ///
+    /// ```
+    /// use altpatch::{DirectPoke, Edit, Error, Plan, SyncMethod};
+    ///
+    /// // Different mechanisms' errors meet in one `Result` with `?`.
+    /// fn refuse(text: &[u8]) -> Result<(), Error> {
+    ///     let at = text.as_ptr() as usize;
+    ///     // SAFETY: `text` is readable while the plan is validated.
+    ///     let mut plan = unsafe { Plan::with_text(at..at + text.len()) };
+    ///     plan.push(Edit::replace(at, &[0x90], &[0xc3]).site("example"));
+    ///     // SAFETY: validation only reads.
+    ///     let poke = unsafe { DirectPoke::new(SyncMethod::Cpuid) };
+    ///     plan.validate(&poke)?;
+    ///     Ok(())
+    /// }
+    /// let text = [0xccu8; 4]; // not the NOP the edit expects
+    /// let e = refuse(&text).unwrap_err();
+    /// assert!(matches!(e, Error::Plan(_)));
+    /// assert_eq!(e.site(), Some(text.as_ptr() as usize), "{e}");
+    /// ```
+    wrapping {
+
     /// A plan was refused or failed ([`plan`](crate::plan)).
     Plan(PlanError),
     /// Text could not be written ([`poke`](crate::poke)).
@@ -104,6 +142,8 @@ pub enum Error {
     /// A trampoline could not be made (`std`).
     #[cfg(all(feature = "std", target_os = "linux"))]
     Trampoline(crate::trampoline::TrampolineError),
+    }
+    own {
     /// The same mechanism or object was given to one
     /// [`Patcher`](crate::Patcher) twice; nothing was planned for the
     /// second.
@@ -118,46 +158,10 @@ pub enum Error {
     /// itself: other threads wait for the lock the patcher holds); nothing
     /// was written. Plan again.
     ChangedSincePlanned(&'static str),
+    }
 }
 
 impl Error {
-    /// The error this one holds, as a trait object (`None` for the
-    /// patcher's own errors).
-    fn inner(&self) -> Option<&(dyn core::error::Error + 'static)> {
-        Some(match self {
-            Error::Plan(e) => e,
-            Error::Poke(e) => e,
-            Error::Live(e) => e,
-            Error::Overrides(e) => e,
-            Error::RecordedCpuid(e) => e,
-            Error::AlreadyPublished(e) => e,
-            Error::OutOfRange(e) => e,
-            Error::Relocation(e) => e,
-            Error::EmbeddedTable(e) => e,
-            Error::Alternative(e) => e,
-            Error::Retpoline(e) => e,
-            Error::StaticCall(e) => e,
-            Error::StaticKey(e) => e,
-            Error::Ifunc(e) => e,
-            Error::Irelative(e) => e,
-            #[cfg(all(feature = "std", target_os = "linux"))]
-            Error::IfuncInit(e) => e,
-            #[cfg(all(feature = "std", target_os = "linux"))]
-            Error::Load(e) => e,
-            #[cfg(all(feature = "std", target_os = "linux"))]
-            Error::Elf(e) => e,
-            #[cfg(all(feature = "std", target_os = "linux"))]
-            Error::Sites(e) => e,
-            #[cfg(all(feature = "std", target_os = "linux"))]
-            Error::Embed(e) => e,
-            #[cfg(all(feature = "std", target_os = "linux"))]
-            Error::Trampoline(e) => e,
-            Error::AddedTwice(_)
-            | Error::RetpolinesNotRestored(_)
-            | Error::ChangedSincePlanned(_) => return None,
-        })
-    }
-
     /// The address of the site the error is about, where it names one: a
     /// refused or unlanded edit, a bad record's site, a branch that cannot
     /// reach, a thunk slot. `None` for errors about no one site (an
@@ -220,45 +224,4 @@ impl core::error::Error for Error {
             _ => self.inner().and_then(|e| e.source()),
         }
     }
-}
-
-macro_rules! from {
-    ($($(#[$cfg:meta])* $variant:ident($ty:ty),)*) => {$(
-        $(#[$cfg])*
-        impl From<$ty> for Error {
-            fn from(e: $ty) -> Error {
-                Error::$variant(e)
-            }
-        }
-    )*};
-}
-
-from! {
-    Plan(PlanError),
-    Poke(PokeError),
-    Live(LiveError),
-    Overrides(OverrideError),
-    RecordedCpuid(RecordedCpuidError),
-    AlreadyPublished(AlreadyPublished),
-    OutOfRange(OutOfRange),
-    Relocation(RelocError),
-    EmbeddedTable(EmbeddedTableError),
-    Alternative(alternative::Error),
-    Retpoline(retpoline::Error),
-    StaticCall(StaticCallError),
-    StaticKey(KeyError),
-    Ifunc(ifunc::Error),
-    Irelative(ifunc::IrelativeError),
-    #[cfg(all(feature = "std", target_os = "linux"))]
-    IfuncInit(ifunc::InitError),
-    #[cfg(all(feature = "std", target_os = "linux"))]
-    Load(crate::LoadError),
-    #[cfg(all(feature = "std", target_os = "linux"))]
-    Elf(crate::elf::ElfError),
-    #[cfg(all(feature = "std", target_os = "linux"))]
-    Sites(crate::elf::SitesError),
-    #[cfg(all(feature = "std", target_os = "linux"))]
-    Embed(crate::elf::EmbedError),
-    #[cfg(all(feature = "std", target_os = "linux"))]
-    Trampoline(crate::trampoline::TrampolineError),
 }

@@ -91,10 +91,6 @@ pub struct Patcher<'a> {
     calls: Vec<(&'static RawStaticCall, usize)>,
     /// Each key's count and the state its sites were planned for.
     keys: Vec<(&'static AtomicUsize, bool)>,
-    /// The objects added (their addresses), to refuse one added twice: in
-    /// a kernel its lock is a spin flag, which the second lock would wait
-    /// on forever.
-    objects: Vec<usize>,
     locks: Vec<UpdateGuard<'static>>,
 }
 
@@ -114,17 +110,8 @@ impl<'a> Patcher<'a> {
             ifuncs: None,
             calls: Vec::new(),
             keys: Vec::new(),
-            objects: Vec::new(),
             locks: Vec::new(),
         }
-    }
-
-    fn claim(&mut self, addr: usize, what: &'static str) -> Result<(), Error> {
-        if self.objects.contains(&addr) {
-            return Err(Error::AddedTwice(what));
-        }
-        self.objects.push(addr);
-        Ok(())
     }
 
     /// Plans `policy` for the retpoline and return sites and the thunks.
@@ -170,7 +157,13 @@ impl<'a> Patcher<'a> {
         key: &'static StaticKey<INITIAL>,
         index: &KeyIndex,
     ) -> Result<&mut Self, Error> {
-        if self.objects.contains(&(key as *const _ as usize)) {
+        // Refused before locking: in a kernel the lock is a spin flag, which
+        // a second lock would wait on forever.
+        if self
+            .keys
+            .iter()
+            .any(|(c, _)| core::ptr::eq(*c, key.count_cell()))
+        {
             return Err(Error::AddedTwice("a static key"));
         }
         let lock = key.lock();
@@ -178,7 +171,6 @@ impl<'a> Patcher<'a> {
         // Into a scratch plan, kept only on success.
         let mut plan = Plan::for_image(self.image);
         key.plan_sync(enabled, self.image, index, &mut plan)?;
-        self.claim(key as *const _ as usize, "a static key")?;
         self.plan.append(plan);
         self.locks.push(lock);
         // The std lock is recursive: this thread may still change the key
@@ -195,15 +187,15 @@ impl<'a> Patcher<'a> {
         f: F,
     ) -> Result<&mut Self, Error> {
         let raw = call.raw();
-        if self.objects.contains(&(raw as *const _ as usize)) {
+        // Refused before locking, as for keys.
+        if self.calls.iter().any(|(c, _)| core::ptr::eq(*c, raw)) {
             return Err(Error::AddedTwice("a static call"));
         }
         let lock = raw.lock();
-        let target = call.addr_of(f);
+        let target = crate::static_call::addr_of(f);
         // Into a scratch plan, kept only on success.
         let mut plan = Plan::for_image(self.image);
         raw.plan_update(Some(target), self.image, self.sites, &mut plan)?;
-        self.claim(raw as *const _ as usize, "a static call")?;
         self.plan.append(plan);
         self.locks.push(lock);
         self.calls.push((raw, target));
@@ -228,16 +220,17 @@ impl<'a> Patcher<'a> {
         if self.keys.iter().any(changed) {
             return Err(Error::ChangedSincePlanned("a static key"));
         }
-        // Validate everything before the first write: the shared plan
-        // first (its edits are then sorted and disjoint, which the overlap
-        // check relies on), then the retpoline batches, and their bytes
-        // against the shared plan's.
+        // Nothing is written before every batch is known good: the shared
+        // plan is validated here (its edits are then sorted and disjoint,
+        // which the overlap check relies on), the thunk batch too (it is
+        // written after the sites). The site batch is validated by its own
+        // apply before its first write, which is the first write of all: a
+        // second pass here would read every site twice.
         self.plan.validate(poke)?;
         if let Some(r) = &mut self.retpoline {
             r.thunk_plan
                 .validate(poke)
                 .map_err(retpoline::Error::from)?;
-            r.site_plan.validate(poke).map_err(retpoline::Error::from)?;
             let mut spans = r.site_plan.spans();
             let thunk_edits = r.thunk_plan.edits().iter();
             spans.extend(thunk_edits.map(|e| e.addr()..e.addr() + e.len()));
@@ -289,22 +282,15 @@ impl<'a> Patcher<'a> {
 /// Refuses a retpoline edit on bytes another mechanism also edits. `plan`
 /// was validated: its edits lie in text (no overflow) and are disjoint.
 fn refuse_shared_bytes(spans: &[Range<usize>], plan: &Plan) -> Result<(), Error> {
-    let mut others: Vec<(usize, usize, usize)> = plan
-        .edits()
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (e.addr(), e.addr() + e.len(), i))
-        .collect();
-    others.sort_unstable();
+    let edits = plan.edits();
     for s in spans {
         // The first edit ending after the span starts: the only candidate
-        // that can overlap it, since the plan's edits do not overlap each
-        // other (validated) and are sorted by start.
-        let i = others.partition_point(|&(_, end, _)| end <= s.start);
-        if let Some(&(start, _, which)) = others.get(i)
-            && start < s.end
+        // that can overlap it, since validation sorted the plan's edits and
+        // found them disjoint.
+        let i = edits.partition_point(|e| e.addr() + e.len() <= s.start);
+        if let Some(other) = edits.get(i)
+            && other.addr() < s.end
         {
-            let other = &plan.edits()[which];
             return Err(Error::Plan(PlanError::Overlap {
                 site: other.site_name().to_string().into(),
                 other: "a retpoline site".into(),

@@ -98,7 +98,7 @@ impl CompactPlan {
     pub(crate) fn spans(&self) -> Vec<Range<usize>> {
         self.edits
             .iter()
-            .map(|e| e.addr..e.addr + e.len as usize)
+            .map(|e| e.addr..e.addr.saturating_add(e.len as usize))
             .collect()
     }
 

@@ -210,12 +210,17 @@ impl Plan {
     /// edit never seen in its old state, the canonical encoding of what it
     /// expected).
     pub fn inverse(&self) -> Result<Plan, PlanError> {
+        self.inverse_where(|_| true)
+    }
+
+    /// The inverse of the edits whose state `keep` accepts.
+    fn inverse_where(&self, keep: impl Fn(State) -> bool) -> Result<Plan, PlanError> {
         let mut inv = Plan {
             edits: Vec::with_capacity(self.edits.len()),
             text: self.text.clone(),
             sorted: self.sorted,
         };
-        for e in &self.edits {
+        for e in self.edits.iter().filter(|e| keep(e.state)) {
             let old = match (&e.old, &e.expect) {
                 (Some(o), _) => o.clone(),
                 (None, Expect::Bytes(b)) => b.clone(),
@@ -264,17 +269,10 @@ impl Plan {
         &mut self,
         poke: &mut P,
     ) -> Result<ApplyReport, PlanError> {
-        let mut inv = self.inverse()?;
-        // SAFETY: forwarded; the inverse writes back bytes that were there.
-        let report = unsafe { inv.apply(poke) }?;
-        for e in &mut self.edits {
-            e.state = State::Unchecked;
-        }
-        Ok(report)
+        // SAFETY: forwarded.
+        unsafe { self.undo_where(poke, |_| true) }
     }
-}
 
-impl Plan {
     /// Puts back the edits the last apply wrote (state `Written`), leaving
     /// those it found already in place: a caller undoing a batch after a
     /// later one failed must not undo what was there before it.
@@ -286,9 +284,22 @@ impl Plan {
         &mut self,
         poke: &mut P,
     ) -> Result<ApplyReport, PlanError> {
-        let mut inv = self.inverse()?;
-        let mut states = self.edits.iter().map(|e| e.state);
-        inv.edits.retain(|_| states.next() == Some(State::Written));
+        // SAFETY: forwarded.
+        unsafe { self.undo_where(poke, |s| s == State::Written) }
+    }
+
+    /// Applies the inverse of the edits `keep` accepts, then forgets every
+    /// edit's state.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Plan::apply`].
+    unsafe fn undo_where<P: TextPoke + ?Sized>(
+        &mut self,
+        poke: &mut P,
+        keep: impl Fn(State) -> bool,
+    ) -> Result<ApplyReport, PlanError> {
+        let mut inv = self.inverse_where(keep)?;
         // SAFETY: forwarded; the inverse writes back bytes that were there.
         let report = unsafe { inv.apply(poke) }?;
         for e in &mut self.edits {

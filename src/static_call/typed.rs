@@ -170,11 +170,6 @@ impl<F: Copy + 'static> StaticCall<F> {
     pub(crate) fn raw(&self) -> &RawStaticCall {
         &self.raw
     }
-
-    /// `f`'s address.
-    pub(crate) fn addr_of(&self, f: F) -> usize {
-        addr_of(f)
-    }
 }
 
 impl<F> fmt::Debug for StaticCall<F> {
@@ -183,8 +178,8 @@ impl<F> fmt::Debug for StaticCall<F> {
     }
 }
 
-/// The address of a function pointer.
-fn addr_of<F: Copy>(f: F) -> usize {
+/// The address of a function pointer of a [`StaticCall`]'s type.
+pub(crate) fn addr_of<F: Copy>(f: F) -> usize {
     const { assert!(size_of::<F>() == size_of::<usize>()) };
     // SAFETY: `F` is a function pointer (`StaticCall::new`'s contract), the
     // size of an address: its bits are the address.
