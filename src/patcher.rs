@@ -42,8 +42,9 @@ use crate::{alternative, ifunc, retpoline};
 ///
 /// Every batch is validated before the first write; if a later batch
 /// fails, the earlier ones are undone, so text is as it was. Each object's
-/// update lock is held from planning until the patch is applied or the
-/// patcher dropped. Printing a patcher (`{}`) is the dry run.
+/// update lock (and, once retpolines are planned, the retpoline sites'
+/// lock: the site plan trusts what planning read) is held from planning
+/// until the patch is applied or the patcher dropped. Printing a patcher (`{}`) is the dry run.
 ///
 /// In a process, every update lock is the one process-wide lock (see the
 /// lock's rules in `ARCHITECTURE.md`): a patcher holding it keeps other
@@ -84,7 +85,7 @@ pub struct Patcher<'a> {
     image: &'a Image<'a>,
     features: Features,
     sites: &'a [Site],
-    retpoline: Option<retpoline::Planned>,
+    retpoline: Option<retpoline::Planned<'a>>,
     plan: Plan,
     alternatives: Option<alternative::Report>,
     ifuncs: Option<ifunc::Report>,
@@ -213,7 +214,7 @@ impl<'a> Patcher<'a> {
     pub unsafe fn apply<P: TextPoke + ?Sized>(
         mut self,
         poke: &mut P,
-    ) -> Result<PatchReport, Error> {
+    ) -> Result<PatchReport<'a>, Error> {
         let changed = |(count, planned): &(&AtomicUsize, bool)| {
             (count.load(Ordering::Acquire) != 0) != *planned
         };
@@ -327,9 +328,9 @@ impl fmt::Display for Patcher<'_> {
 /// What [`Patcher::apply`] did.
 #[derive(Debug)]
 #[non_exhaustive]
-pub struct PatchReport {
-    /// The retpoline step, if planned.
-    pub retpolines: Option<retpoline::Report>,
+pub struct PatchReport<'s> {
+    /// The retpoline step, if planned (for the patcher's site list `'s`).
+    pub retpolines: Option<retpoline::Report<'s>>,
     /// The alternatives, if planned (their `applied` is the shared batch's).
     pub alternatives: Option<alternative::Report>,
     /// The ifuncs, if planned.
@@ -342,7 +343,7 @@ pub struct PatchReport {
     pub applied: ApplyReport,
 }
 
-impl fmt::Display for PatchReport {
+impl fmt::Display for PatchReport<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(r) = &self.retpolines {
             write!(f, "{r}")?;

@@ -61,8 +61,10 @@ impl std::error::Error for SitesError {
 /// embedded table when filled (no file access), else from the relocations
 /// in its file.
 pub fn image_sites(image: &Image<'_>) -> Result<Vec<Site>, SitesError> {
-    if let Some(table) = image.embedded_sites().map_err(SitesError::Table)? {
-        return Ok(table.sites());
+    // One pass over the table: each entry checked as it is decoded.
+    let table = crate::sites::EmbeddedTable::read_sites(image.site_table());
+    if let Some(sites) = table.map_err(SitesError::Table)? {
+        return Ok(sites);
     }
     let (path, bias) = image.file().ok_or(SitesError::NoSource)?;
     let data = std::fs::read(path).map_err(|e| SitesError::Io {

@@ -35,7 +35,8 @@ pub(crate) trait EditList {
     fn new_bytes(&self, i: usize) -> &[u8];
     /// The bytes rollback and undo restore for a pending edit `i`.
     fn original(&self, i: usize) -> &[u8];
-    /// Where edit `i` stands.
+    /// Where edit `i` stands. An edit in [`State::Observed`] holds its
+    /// exact old bytes (it is validated without a read).
     fn state(&self, i: usize) -> State;
     /// Moves edit `i` to `state`.
     fn set_state(&mut self, i: usize, state: State);
@@ -52,6 +53,66 @@ pub(crate) trait EditList {
     /// Called after a successful apply that wrote something (the
     /// `ALTPATCH_DEBUG` listing).
     fn applied(&self, _report: &ApplyReport) {}
+
+    /// Writes every pending edit through `poke` in index order, moving
+    /// each to [`State::Written`]; on a failed write, that edit's index and
+    /// the error (the edits before it stay written, for the rollback).
+    /// A list may override it with a loop over its own storage that does
+    /// exactly this (start-up writes tens of thousands of edits).
+    ///
+    /// # Safety
+    ///
+    /// As for [`apply`], inside a batch `poke` began over every pending
+    /// edit, after validation.
+    unsafe fn write_pending<P: TextPoke + ?Sized>(
+        &mut self,
+        poke: &mut P,
+    ) -> Result<(), (usize, PokeError)> {
+        for i in 0..self.count() {
+            if self.state(i) != State::Pending {
+                continue;
+            }
+            // SAFETY: forwarded from our caller.
+            unsafe { poke.write(self.addr(i), self.new_bytes(i)) }.map_err(|e| (i, e))?;
+            self.set_state(i, State::Written);
+        }
+        Ok(())
+    }
+
+    /// Takes the run of [`State::Observed`] edits starting at `from` as
+    /// validation does: each must start at or after `*prev_end` (no
+    /// overlap), moves to [`State::Pending`], extends `*prev_end` and, with
+    /// `runs`, the page runs. Returns the index after the run (`from` if
+    /// edit `from` is not observed), or the index of an overlapping edit.
+    /// The default takes none (the validation loop handles observed edits
+    /// one by one); a list may override it with a loop over its own
+    /// storage that does exactly this.
+    fn take_observed(
+        &mut self,
+        from: usize,
+        _prev_end: &mut usize,
+        _runs: Option<&mut Vec<Range<usize>>>,
+    ) -> Result<usize, usize> {
+        Ok(from)
+    }
+
+    /// The first written edit whose bytes, read in place, are not its new
+    /// bytes (a write that did not land). Overridable as
+    /// [`write_pending`](EditList::write_pending) is.
+    ///
+    /// # Safety
+    ///
+    /// Every edit lies in the list's text, which is readable in place.
+    unsafe fn first_not_landed_in_place(&self) -> Option<usize> {
+        (0..self.count()).find(|&i| {
+            self.state(i) == State::Written && {
+                let (addr, len) = (self.addr(i), self.len(i));
+                // SAFETY: inside the list's text, readable (our contract).
+                let found = unsafe { core::slice::from_raw_parts(addr as *const u8, len) };
+                !short_eq(found, self.new_bytes(i))
+            }
+        })
+    }
 }
 
 /// Checks every edit without writing anything; with `runs`, also collects
@@ -67,9 +128,44 @@ pub(crate) fn validate<E: EditList + ?Sized, P: TextPoke + ?Sized>(
     let mut big = Vec::new();
     let mut prev_end = 0usize;
     let in_place = poke.reads_in_place();
-    for i in 0..list.count() {
+    let mut i = 0;
+    while i < list.count() {
+        match list.take_observed(i, &mut prev_end, runs.as_deref_mut()) {
+            Ok(next) if next > i => {
+                v.pending += next - i;
+                i = next;
+                continue;
+            }
+            Ok(_) => {}
+            Err(at) => {
+                return Err(PlanError::Overlap {
+                    site: list.who(at - 1),
+                    other: list.who(at),
+                    addr: list.addr(at),
+                });
+            }
+        }
         list.check_shape(i)?;
         let (addr, len) = (list.addr(i), list.len(i));
+        // Read already, inside the text, by a planner holding the update
+        // lock since (see `State::Observed`): its old bytes are there.
+        if list.state(i) == State::Observed {
+            if prev_end > addr {
+                return Err(PlanError::Overlap {
+                    site: list.who(i - 1),
+                    other: list.who(i),
+                    addr,
+                });
+            }
+            prev_end = addr + len;
+            list.set_state(i, State::Pending);
+            v.pending += 1;
+            if let Some(runs) = runs.as_deref_mut() {
+                add_page_run(runs, addr, addr + len);
+            }
+            i += 1;
+            continue;
+        }
         let inside = match (list.text(), addr.checked_add(len)) {
             (_, None) => false,
             (None, Some(_)) => true,
@@ -123,6 +219,7 @@ pub(crate) fn validate<E: EditList + ?Sized, P: TextPoke + ?Sized>(
             list.set_state(i, State::Done);
             v.already += 1;
         }
+        i += 1;
     }
     Ok(v)
 }
@@ -180,35 +277,29 @@ unsafe fn write_batch<E: EditList + ?Sized, P: TextPoke + ?Sized>(
     }
     // Edits move from Pending to Written as they are written, so a rollback
     // knows exactly what to put back.
-    for i in 0..list.count() {
-        if list.state(i) != State::Pending {
-            continue;
-        }
-        // SAFETY: the edit is inside `runs` and validated; our caller
-        // vouches for the code.
-        if let Err(error) = unsafe { poke.write(list.addr(i), list.new_bytes(i)) } {
-            let site = list.who(i);
-            // Put back what this batch already wrote (in-place pokes
-            // published it), then drop anything staged.
-            let mut rb = Ok(());
-            for w in (0..i).rev() {
-                if list.state(w) == State::Written {
-                    // SAFETY: restores the validated original bytes.
-                    rb = rb.and(unsafe { poke.write(list.addr(w), list.original(w)) });
-                    list.set_state(w, State::Pending);
-                }
+    // SAFETY: every pending edit is inside `runs` and validated; our
+    // caller vouches for the code.
+    if let Err((i, error)) = unsafe { list.write_pending(poke) } {
+        let site = list.who(i);
+        // Put back what this batch already wrote (in-place pokes
+        // published it), then drop anything staged.
+        let mut rb = Ok(());
+        for w in (0..i).rev() {
+            if list.state(w) == State::Written {
+                // SAFETY: restores the validated original bytes.
+                rb = rb.and(unsafe { poke.write(list.addr(w), list.original(w)) });
+                list.set_state(w, State::Pending);
             }
-            poke.abort();
-            rb = rb.and(poke.sync());
-            return match rb {
-                Ok(()) => Err(PlanError::Poke {
-                    site: Some(site),
-                    error,
-                }),
-                Err(rollback) => Err(PlanError::RollbackFailed { error, rollback }),
-            };
         }
-        list.set_state(i, State::Written);
+        poke.abort();
+        rb = rb.and(poke.sync());
+        return match rb {
+            Ok(()) => Err(PlanError::Poke {
+                site: Some(site),
+                error,
+            }),
+            Err(rollback) => Err(PlanError::RollbackFailed { error, rollback }),
+        };
     }
     let published = poke.commit().and_then(|()| poke.sync());
     if let Err(error) = published {
@@ -237,31 +328,41 @@ unsafe fn check_landed<E: EditList + ?Sized, P: TextPoke + ?Sized>(
     poke: &mut P,
     runs: &[Range<usize>],
 ) -> Result<(), PlanError> {
-    let in_place = poke.reads_in_place();
+    if poke.reads_in_place() {
+        // SAFETY: every edit lies inside the list's text, readable in
+        // place (the poke says so: it publishes there).
+        return match unsafe { list.first_not_landed_in_place() } {
+            None => Ok(()),
+            Some(i) => {
+                let (addr, len) = (list.addr(i), list.len(i));
+                // SAFETY: as above.
+                let found = unsafe { core::slice::from_raw_parts(addr as *const u8, len) };
+                let found = super::Bytes::new(found);
+                // SAFETY: writes back the validated original bytes.
+                Err(unsafe { not_landed(list, poke, runs, i, found) })
+            }
+        };
+    }
     let mut buf = Vec::new();
     for i in 0..list.count() {
         if list.state(i) != State::Written {
             continue;
         }
         let (addr, len) = (list.addr(i), list.len(i));
-        let found: &[u8] = if in_place {
-            // SAFETY: inside the list's text, which is readable.
-            unsafe { core::slice::from_raw_parts(addr as *const u8, len) }
-        } else {
-            buf.resize(len, 0);
-            // SAFETY: as above.
-            match unsafe { poke.read(addr, &mut buf) } {
-                Ok(()) => &buf,
-                // Unproven writes are not left behind: restored, as for a
-                // mismatch.
-                Err(error) => {
-                    let failed = PlanError::Poke {
-                        site: Some(list.who(i)),
-                        error,
-                    };
-                    // SAFETY: writes back the validated original bytes.
-                    return Err(unsafe { restoring(list, poke, runs, failed, error) });
-                }
+        buf.resize(len, 0);
+        // SAFETY: inside the list's text, which is readable through the
+        // poke.
+        let found: &[u8] = match unsafe { poke.read(addr, &mut buf) } {
+            Ok(()) => &buf,
+            // Unproven writes are not left behind: restored, as for a
+            // mismatch.
+            Err(error) => {
+                let failed = PlanError::Poke {
+                    site: Some(list.who(i)),
+                    error,
+                };
+                // SAFETY: writes back the validated original bytes.
+                return Err(unsafe { restoring(list, poke, runs, failed, error) });
             }
         };
         if !short_eq(found, list.new_bytes(i)) {

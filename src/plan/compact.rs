@@ -9,7 +9,7 @@ use core::ops::Range;
 use super::batch::{self, EditList};
 use super::edit::State;
 use super::{ApplyReport, Bytes, Edit, Expect, Label, Plan, PlanError, Validation};
-use crate::poke::{TextPoke, copy_short};
+use crate::poke::{PokeError, TextPoke, copy_short, load_short};
 use crate::x86::Encoded;
 
 /// The longest edit a [`CompactPlan`] holds: every `call`/`jmp`/`jcc rel32`
@@ -58,7 +58,6 @@ struct CompactEdit {
 pub struct CompactPlan {
     edits: Vec<CompactEdit>,
     text: Vec<Range<usize>>,
-    sorted: bool,
     reason: &'static str,
 }
 
@@ -73,7 +72,6 @@ impl CompactPlan {
         CompactPlan {
             edits: Vec::new(),
             text: text.to_vec(),
-            sorted: true,
             reason,
         }
     }
@@ -88,7 +86,6 @@ impl CompactPlan {
         CompactPlan {
             edits: Vec::new(),
             text: alloc::vec![text],
-            sorted: true,
             reason,
         }
     }
@@ -129,11 +126,6 @@ impl CompactPlan {
             }
             e.len = new.len() as u8;
         }
-        if let Some(last) = self.edits.last()
-            && last.addr > addr
-        {
-            self.sorted = false;
-        }
         self.edits.push(e);
     }
 
@@ -142,9 +134,6 @@ impl CompactPlan {
     #[inline(always)]
     pub(crate) fn push_encoded(&mut self, addr: usize, old: &Encoded, new: &Encoded, n: usize) {
         let ok = n <= COMPACT_MAX && n <= old.len() && n <= new.len();
-        if self.edits.last().is_some_and(|last| last.addr > addr) {
-            self.sorted = false;
-        }
         // Only the first `n` bytes: the arrays stay zero past the edit's
         // length (`observe` compares whole arrays), also when the edit
         // covers just a prefix of the encodings (`lfence` against a NOP).
@@ -160,6 +149,33 @@ impl CompactPlan {
             new: keep(new.head8()),
             len: if ok { n as u8 } else { 0 },
             state: State::Unchecked,
+        });
+    }
+
+    /// [`push`](Self::push) of an edit given as little-endian integers,
+    /// zero above its `n` bytes (at most [`COMPACT_MAX`]), whose old bytes
+    /// the caller has just read: the start-up path, which reads and builds
+    /// site bytes as integers, and is not made to read them twice.
+    #[inline(always)]
+    ///
+    /// # Safety
+    ///
+    /// The edit is pushed as observed (see `State::Observed`): `old` must
+    /// be the bytes at `addr..addr+n` now, read inside the plan's text, and
+    /// the caller must hold the update lock (the one every text change
+    /// takes) from that read until the plan is applied, so they stay there.
+    pub(crate) unsafe fn push_observed(&mut self, addr: usize, old: u64, new: u64, n: usize) {
+        debug_assert!(n == COMPACT_MAX || (old | new) >> (8 * n) == 0);
+        self.edits.push(CompactEdit {
+            addr,
+            old: old.to_le_bytes(),
+            new: new.to_le_bytes(),
+            len: if (1..=COMPACT_MAX).contains(&n) {
+                n as u8
+            } else {
+                0
+            },
+            state: State::Observed,
         });
     }
 
@@ -275,9 +291,10 @@ impl EditList for CompactPlan {
     }
 
     fn sort(&mut self) {
-        if !self.sorted {
+        // One scan, rather than a flag kept by every push (start-up pushes
+        // tens of thousands of edits, in order).
+        if !self.edits.is_sorted_by_key(|e| e.addr) {
             self.edits.sort_unstable_by_key(|e| e.addr);
-            self.sorted = true;
         }
     }
 
@@ -355,6 +372,63 @@ impl EditList for CompactPlan {
                 found: Bytes::new(found),
             })
         }
+    }
+
+    /// The driver's loop over the flat edits (no index checks per edit).
+    fn take_observed(
+        &mut self,
+        from: usize,
+        prev_end: &mut usize,
+        mut runs: Option<&mut Vec<Range<usize>>>,
+    ) -> Result<usize, usize> {
+        let mut end = *prev_end;
+        let mut next = from;
+        for e in self.edits.get_mut(from..).unwrap_or_default() {
+            // A malformed edit (length 0) is left to the per-edit checks,
+            // which refuse it by name.
+            if e.state != State::Observed || e.len == 0 {
+                break;
+            }
+            if end > e.addr {
+                *prev_end = end;
+                return Err(next);
+            }
+            end = e.addr + usize::from(e.len);
+            e.state = State::Pending;
+            if let Some(runs) = runs.as_deref_mut() {
+                super::add_page_run(runs, e.addr, end);
+            }
+            next += 1;
+        }
+        *prev_end = end;
+        Ok(next)
+    }
+
+    unsafe fn write_pending<P: TextPoke + ?Sized>(
+        &mut self,
+        poke: &mut P,
+    ) -> Result<(), (usize, PokeError)> {
+        for (i, e) in self.edits.iter_mut().enumerate() {
+            if e.state != State::Pending {
+                continue;
+            }
+            // SAFETY: forwarded from our caller (the trait's contract).
+            unsafe { poke.write(e.addr, &e.new[..usize::from(e.len)]) }.map_err(|err| (i, err))?;
+            e.state = State::Written;
+        }
+        Ok(())
+    }
+
+    /// The driver's read-back over the flat edits: both sides compared as
+    /// their zero-padded 8 bytes.
+    unsafe fn first_not_landed_in_place(&self) -> Option<usize> {
+        self.edits.iter().position(|e| {
+            // SAFETY: the edit lies in the plan's text, readable in place
+            // (the trait's contract); `len` is at most 8 (`push`).
+            e.state == State::Written
+                && unsafe { load_short(e.addr as *const u8, usize::from(e.len)) }
+                    != u64::from_le_bytes(e.new)
+        })
     }
 
     fn applied(&self, report: &ApplyReport) {

@@ -122,7 +122,7 @@ fn group_key(e: &Edit) -> alloc::string::String {
 
 fn fmt_edit(e: &Edit, f: &mut fmt::Formatter<'_>) -> fmt::Result {
     let status = match e.state {
-        State::Unchecked => "check",
+        State::Unchecked | State::Observed => "check",
         State::Pending => "write",
         State::Written => "wrote",
         State::Done => "done",

@@ -102,6 +102,12 @@ impl fmt::Display for Expect {
 pub(crate) enum State {
     /// Not validated yet.
     Unchecked,
+    /// Not validated yet, but its old bytes were read at its address by
+    /// the planner that pushed it, which holds the update lock until the
+    /// plan is applied: validation takes the observation instead of
+    /// reading the text again. Only compact edits, whose old bytes are
+    /// exact, are pushed in this state (`CompactPlan::push_observed`).
+    Observed,
     /// The expected bytes are there; the edit will write.
     Pending,
     /// Written by the batch in progress (not yet committed).

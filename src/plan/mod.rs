@@ -406,6 +406,14 @@ impl batch::EditList for Plan {
 /// the pages of `addr..end`, which starts at or after every earlier edit.
 #[inline]
 fn add_page_run(runs: &mut Vec<Range<usize>>, addr: usize, end: usize) {
+    // Most edits lie in the run of the one before (edits come in address
+    // order, so `addr` is past that run's start).
+    if let Some(last) = runs.last()
+        && last.start <= addr
+        && end <= last.end
+    {
+        return;
+    }
     let span = page_span(addr, end);
     match runs.last_mut() {
         Some(last) if last.end >= span.start => last.end = last.end.max(span.end),

@@ -47,6 +47,8 @@ pub enum SyncMethod {
 pub struct DirectPoke {
     sync: SyncMethod,
     pages: Vec<Range<usize>>,
+    /// The page run the last write fell in.
+    hit: usize,
 }
 
 impl DirectPoke {
@@ -72,6 +74,7 @@ impl DirectPoke {
         DirectPoke {
             sync,
             pages: Vec::new(),
+            hit: 0,
         }
     }
 
@@ -101,6 +104,7 @@ impl DirectPoke {
 // contract puts other CPUs on the caller.
 unsafe impl TextPoke for DirectPoke {
     fn begin(&mut self, pages: &[Range<usize>]) -> Result<(), PokeError> {
+        self.hit = 0;
         self.pages.clear();
         self.pages.extend_from_slice(pages);
         Ok(())
@@ -109,8 +113,14 @@ unsafe impl TextPoke for DirectPoke {
     #[inline]
     unsafe fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
         let end = addr + bytes.len();
-        if !self.pages.iter().any(|p| p.start <= addr && end <= p.end) {
-            return Err(PokeError::OutsideBatch { addr });
+        // A batch's writes come in address order: most fall in the run of
+        // the one before.
+        let inside = |p: &Range<usize>| p.start <= addr && end <= p.end;
+        if !self.pages.get(self.hit).is_some_and(inside) {
+            match self.pages.iter().position(inside) {
+                Some(i) => self.hit = i,
+                None => return Err(PokeError::OutsideBatch { addr }),
+            }
         }
         // SAFETY: the caller guarantees the range is inside the batch's
         // pages, and the constructor's contract makes them writable.

@@ -19,6 +19,14 @@ pub(crate) unsafe fn copy_short(src: *const u8, dst: *mut u8, n: usize) {
     // `dst..dst+n`, valid by the caller's contract; both reads happen before
     // the writes.
     unsafe {
+        // Sites (5 and 6 bytes) first: tested before the other lengths.
+        if n.wrapping_sub(4) < 4 {
+            let a = src.cast::<u32>().read_unaligned();
+            let b = src.add(n - 4).cast::<u32>().read_unaligned();
+            dst.cast::<u32>().write_unaligned(a);
+            dst.add(n - 4).cast::<u32>().write_unaligned(b);
+            return;
+        }
         match n {
             0 => {}
             1 => *dst = *src,
@@ -28,12 +36,6 @@ pub(crate) unsafe fn copy_short(src: *const u8, dst: *mut u8, n: usize) {
                 dst.cast::<u16>().write_unaligned(a);
                 dst.add(n - 2).cast::<u16>().write_unaligned(b);
             }
-            4..=7 => {
-                let a = src.cast::<u32>().read_unaligned();
-                let b = src.add(n - 4).cast::<u32>().read_unaligned();
-                dst.cast::<u32>().write_unaligned(a);
-                dst.add(n - 4).cast::<u32>().write_unaligned(b);
-            }
             8..=16 => {
                 let a = src.cast::<u64>().read_unaligned();
                 let b = src.add(n - 8).cast::<u64>().read_unaligned();
@@ -41,6 +43,39 @@ pub(crate) unsafe fn copy_short(src: *const u8, dst: *mut u8, n: usize) {
                 dst.add(n - 8).cast::<u64>().write_unaligned(b);
             }
             _ => core::ptr::copy_nonoverlapping(src, dst, n),
+        }
+    }
+}
+
+/// The `n` bytes at `p` (at most 8) as a little-endian integer, zero above
+/// them: at most two overlapping loads, no call (the few-byte compares of
+/// start-up planning and validation).
+///
+/// # Safety
+///
+/// `p..p+n` must be readable; `n` must be at most 8.
+#[inline]
+pub(crate) unsafe fn load_short(p: *const u8, n: usize) -> u64 {
+    debug_assert!(n <= 8);
+    // SAFETY (all arms): every read is within `p..p+n`, readable by the
+    // caller's contract. Overlapping halves hold the same bytes at the
+    // same positions, so or-ing them is exact.
+    unsafe {
+        if n.wrapping_sub(4) < 4 {
+            let lo = u32::from_le(p.cast::<u32>().read_unaligned());
+            let hi = u32::from_le(p.add(n - 4).cast::<u32>().read_unaligned());
+            return u64::from(lo) | u64::from(hi) << (8 * (n - 4));
+        }
+        match n {
+            0 => 0,
+            1 => u64::from(*p),
+            2..=3 => {
+                let lo = u16::from_le(p.cast::<u16>().read_unaligned());
+                let hi = u16::from_le(p.add(n - 2).cast::<u16>().read_unaligned());
+                u64::from(lo) | u64::from(hi) << (8 * (n - 2))
+            }
+            // 8 (4 to 7 are above).
+            _ => u64::from_le(p.cast::<u64>().read_unaligned()),
         }
     }
 }
@@ -55,6 +90,12 @@ pub(crate) fn short_eq(a: &[u8], b: &[u8]) -> bool {
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
     // SAFETY (all arms): every read is within the two slices of length `n`.
     unsafe {
+        // Sites (5 and 6 bytes) first, as in `copy_short`.
+        if n.wrapping_sub(4) < 4 {
+            return pa.cast::<u32>().read_unaligned() == pb.cast::<u32>().read_unaligned()
+                && pa.add(n - 4).cast::<u32>().read_unaligned()
+                    == pb.add(n - 4).cast::<u32>().read_unaligned();
+        }
         match n {
             0 => true,
             1 => *pa == *pb,
@@ -62,11 +103,6 @@ pub(crate) fn short_eq(a: &[u8], b: &[u8]) -> bool {
                 pa.cast::<u16>().read_unaligned() == pb.cast::<u16>().read_unaligned()
                     && pa.add(n - 2).cast::<u16>().read_unaligned()
                         == pb.add(n - 2).cast::<u16>().read_unaligned()
-            }
-            4..=7 => {
-                pa.cast::<u32>().read_unaligned() == pb.cast::<u32>().read_unaligned()
-                    && pa.add(n - 4).cast::<u32>().read_unaligned()
-                        == pb.add(n - 4).cast::<u32>().read_unaligned()
             }
             8..=16 => {
                 pa.cast::<u64>().read_unaligned() == pb.cast::<u64>().read_unaligned()
@@ -121,6 +157,13 @@ mod tests {
             unsafe { copy_short(src.as_ptr(), dst.as_mut_ptr(), n) };
             assert_eq!(src, dst);
             assert!(short_eq(&src, &dst));
+            if n <= 8 {
+                let mut padded = [0u8; 8];
+                padded[..n].copy_from_slice(&src);
+                // SAFETY: `src` is `n` bytes.
+                let v = unsafe { load_short(src.as_ptr(), n) };
+                assert_eq!(v, u64::from_le_bytes(padded), "n={n}");
+            }
             for i in 0..n {
                 let mut d = dst.clone();
                 d[i] ^= 0x80;

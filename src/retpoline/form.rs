@@ -3,8 +3,6 @@
 //! thunk. Built on the stack and memoized per shape: start-up plans every
 //! site of a program (tens of thousands).
 
-use alloc::vec::Vec;
-
 use super::Mode;
 use crate::image::Image;
 use crate::sites::{Site, SiteKind};
@@ -192,52 +190,4 @@ pub(super) fn original_form(site: &Site) -> Option<Encoded> {
     }
     .ok()?;
     (e.len() == site.len as usize).then_some(e)
-}
-
-/// Inline forms by site shape: a form depends on the site's kind and
-/// register, its branch form and condition, and its length — never on its
-/// address — and a program has a few dozen shapes. One slot per (kind and
-/// register, form and condition); the length is checked (sites reaching
-/// here have their branch's canonical length, so a miss is rare and only
-/// recomputes).
-pub(super) struct FormCache {
-    mode: Mode,
-    slots: Vec<Option<(u8, Result<Encoded, &'static str>)>>,
-}
-
-/// 16 thunk registers and the return thunk.
-const TARGETS: usize = 17;
-/// `call`, `jmp`, and `jcc` per condition.
-const FORMS: usize = 18;
-
-impl FormCache {
-    pub(super) fn new(mode: Mode) -> FormCache {
-        let mut slots = Vec::new();
-        slots.resize_with(TARGETS * FORMS, || None);
-        FormCache { mode, slots }
-    }
-
-    /// [`inline_form`] of `site` in this cache's mode.
-    #[inline]
-    pub(super) fn inline(&mut self, site: &Site) -> Result<Encoded, &'static str> {
-        let target = match site.kind {
-            SiteKind::IndirectThunk(r) => r as usize,
-            SiteKind::ReturnThunk => 16,
-            _ => return inline_form(site, self.mode),
-        };
-        let form = match site.form {
-            BranchKind::Call => 0,
-            BranchKind::Jmp => 1,
-            BranchKind::Jcc(cc) => 2 + cc as usize,
-        };
-        let slot = &mut self.slots[target * FORMS + form];
-        match slot {
-            Some((len, f)) if *len == site.len => *f,
-            _ => {
-                let f = inline_form(site, self.mode);
-                *slot = Some((site.len, f));
-                f
-            }
-        }
-    }
 }

@@ -70,28 +70,32 @@
 
 mod form;
 mod local;
+mod outcomes;
 mod planned;
 mod policy;
 mod report;
+mod site_plan;
 mod thunks;
 mod verdict;
 
 use alloc::vec::Vec;
 
 pub use crate::cpu::mitigation::{Mode, Setting};
+pub use outcomes::{SiteOutcomeIter, SiteOutcomes};
 pub(crate) use planned::Planned;
 pub use policy::{Policy, ReturnSites};
 pub use report::{CompiledThunk, Error, Outcome, Report, SiteOutcome};
 pub use thunks::{THUNK_SLOT, return_thunk, thunk, thunk_array};
 pub use verdict::{CpuinfoFlags, KernelMitigation, KernelVerdict, KernelView};
 
-use form::{FormCache, edit_span, original_form, routed_elsewhere, routed_form};
+use form::edit_span;
+use site_plan::plan_sites;
 
 use crate::image::Image;
-use crate::plan::{CompactPlan, Edit, Plan};
+use crate::plan::{Edit, Plan};
 use crate::poke::{TextPoke, short_eq};
-use crate::sites::{Site, SiteKind};
-use crate::x86::{Encoded, Reg};
+use crate::sites::Site;
+use crate::x86::Reg;
 
 /// Pushes the edit taking the bytes at `addr` from `expected` to `new`
 /// (nothing if they are equal).
@@ -101,138 +105,6 @@ fn push_edit(plan: &mut Plan, addr: usize, expected: &[u8], new: &[u8], reason: 
     }
     let n = edit_span(expected, new);
     plan.push(Edit::replace(addr, &expected[..n], &new[..n]).reason(reason));
-}
-
-/// [`push_edit`] for a site: a compact edit (sites are a few bytes, and a
-/// program has tens of thousands).
-#[inline(always)]
-fn push_site_edit(plan: &mut CompactPlan, addr: usize, expected: &Encoded, new: &Encoded) {
-    // Same-length encodings of at most 8 bytes (every site) compare as
-    // their zero-padded first 8 bytes: one compare, not the 16-byte
-    // derived `==`.
-    if expected.len() == new.len()
-        && (expected.len() > 8 || expected.head8() == new.head8())
-        && expected == new
-    {
-        return;
-    }
-    plan.push_encoded(addr, expected, new, edit_span(expected, new));
-}
-
-/// Why a site kept in generic mode on another object's thunk through this
-/// object's PLT is not counted as going through the retpoline.
-const PLT_KEPT: &str = "kept calling the program's thunk through this object's PLT stub, whose \
-                        `jmp *slot(%rip)` is an unprotected indirect branch (GNU ld makes no \
-                        retpoline PLT): inline it with lfence or plain where the CPU allows";
-
-/// Builds the plan for the sites (batch 1) and the report entries.
-fn plan_sites(
-    image: &Image<'_>,
-    sites: &[Site],
-    mode: Mode,
-    returns: ReturnSites,
-) -> Result<(CompactPlan, Vec<SiteOutcome>), Error> {
-    if let ReturnSites::Thunk(t) = returns
-        && !image.contains_text(t, 1)
-    {
-        return Err(Error::BadReturnThunk { addr: t });
-    }
-    // No reason: listings group the sites by shape (`call X -> ...`).
-    let mut plan = CompactPlan::for_image(image, "");
-    plan.reserve(sites.len());
-    let mut outcomes = Vec::with_capacity(sites.len());
-    let mut forms = FormCache::new(mode);
-    let own = thunks::own_thunks();
-    for s in sites {
-        match s.kind {
-            SiteKind::IndirectThunk(Reg::Rsp) => return Err(Error::RspSite { site: s.addr }),
-            SiteKind::IndirectThunk(_) | SiteKind::ReturnThunk => {}
-            _ => continue,
-        }
-        let Some(original) = original_form(s) else {
-            outcomes.push(SiteOutcome {
-                site: *s,
-                outcome: Outcome::Refused("prefixed or unusual encoding: left as is"),
-            });
-            continue;
-        };
-        let routed = match (s.kind, returns) {
-            (SiteKind::ReturnThunk, ReturnSites::Thunk(t)) => Some(routed_form(s, t)),
-            _ => None,
-        };
-        let foreign = !own.contains(&s.target);
-        let (new, outcome) = match routed {
-            Some(Ok(b)) => (b, Outcome::ViaThunk),
-            Some(Err(why)) => (original, Outcome::Refused(why)),
-            // A return thunk that is itself a return retpoline (GCC's local
-            // one, `-mfunction-return=thunk`) is a mitigation only `plain`
-            // may drop; this crate's (in `own`: no read needed) and the
-            // program's, reached through a PLT, are a bare `ret`.
-            None if s.kind == SiteKind::ReturnThunk
-                && mode != Mode::Plain
-                && foreign
-                && !local::returns_at_once(image, s.target) =>
-            {
-                (original, Outcome::ViaThunk)
-            }
-            None => match forms.inline(s) {
-                Ok(b) => (b, Outcome::Inlined),
-                // Kept on a PLT stub: its `jmp *slot(%rip)` is an indirect
-                // branch of its own, not a retpoline.
-                Err(_) if mode == Mode::Generic && foreign && local::plt_stub(image, s.target) => {
-                    (original, Outcome::Refused(PLT_KEPT))
-                }
-                // Generic mode is not a refusal: calls belong in the retpoline.
-                Err(_) if mode == Mode::Generic => (original, Outcome::ViaThunk),
-                Err(why) => (original, Outcome::Refused(why)),
-            },
-        };
-        // SAFETY: the image's constructor guarantees its text is readable;
-        // sites outside it are refused by validation before any read.
-        let current = if image.contains_text(s.addr, s.len as usize) {
-            unsafe { core::slice::from_raw_parts(s.addr as *const u8, s.len as usize) }
-        } else {
-            &[]
-        };
-        // Whichever state the site is in now (original, or put in another
-        // form by an earlier policy) is the expected one; anything else is
-        // refused by validation, naming the site. At start-up every site is
-        // original: checked first, without building the other forms.
-        if short_eq(current, &original) {
-            push_site_edit(&mut plan, s.addr, &original, &new);
-        } else if !short_eq(current, &new) {
-            match known_state(image, s, routed, current) {
-                Some(expected) => push_site_edit(&mut plan, s.addr, &expected, &new),
-                // Bytes of no known state: validation refuses this edit,
-                // naming the site, and nothing is written.
-                None => plan.push(s.addr, &original, &new),
-            }
-        }
-        outcomes.push(SiteOutcome { site: *s, outcome });
-    }
-    Ok((plan, outcomes))
-}
-
-/// The form `site` is in, if it is one this crate writes: plain, lfence,
-/// routed to the policy's return thunk, or routed to another return thunk
-/// by an earlier policy (the site's own branch, to a target in the text).
-fn known_state(
-    image: &Image<'_>,
-    site: &Site,
-    routed: Option<Result<Encoded, &'static str>>,
-    current: &[u8],
-) -> Option<Encoded> {
-    let forms = [Mode::Plain, Mode::Lfence]
-        .into_iter()
-        .filter_map(|m| form::inline_form(site, m).ok())
-        .chain(routed.and_then(Result::ok));
-    for f in forms {
-        if short_eq(&f, current) {
-            return Some(f);
-        }
-    }
-    (site.kind == SiteKind::ReturnThunk && routed_elsewhere(image, site, current))
-        .then(|| Encoded::from_slice(current))
 }
 
 /// Puts the retpoline thunks compiled into the program that `sites`
@@ -306,6 +178,14 @@ fn plan_thunks(image: &Image<'_>, mode: Mode) -> Result<(Plan, usize), Error> {
 /// other kinds are ignored), then this crate's thunks, if they are in the
 /// image. Both batches are validated before either is written.
 ///
+/// Planning reads every site once, under the update lock (in a process,
+/// the one process-wide lock every text change takes; without `std`, a
+/// lock of the retpoline sites' own), which is held until the last write:
+/// the site batch's validation then takes planning's reading of a site in
+/// its original form instead of reading it again. Without `std`, do not
+/// call it while a [`Patcher`](crate::Patcher) with retpolines planned is
+/// alive on the same CPU (the lock is a spin flag, not recursive).
+///
 /// ```
 /// use altpatch::retpoline::{self, Mode, Policy};
 /// use altpatch::x86::Reg;
@@ -330,12 +210,12 @@ fn plan_thunks(image: &Image<'_>, mode: Mode) -> Result<(Plan, usize), Error> {
 /// refused by the poke (see the module docs). The mode must be acceptable
 /// for the CPU: `plain` removes the protection unless the hardware provides
 /// it.
-pub unsafe fn apply<P: TextPoke + ?Sized>(
+pub unsafe fn apply<'s, P: TextPoke + ?Sized>(
     image: &Image<'_>,
-    sites: &[Site],
+    sites: &'s [Site],
     policy: &Policy,
     poke: &mut P,
-) -> Result<Report, Error> {
+) -> Result<Report<'s>, Error> {
     let mut planned = Planned::new(image, sites, policy)?;
     // Both batches are checked before either writes, so a refusal (an
     // unexpected byte anywhere) leaves the text as it was: the thunks here,
@@ -391,14 +271,14 @@ pub unsafe fn apply<P: TextPoke + ?Sized>(
 /// The object must stay loaded, and its file be the one loaded, for the
 /// duration of the call (no concurrent `dlclose`).
 #[cfg(all(feature = "std", target_os = "linux"))]
-pub unsafe fn apply_loaded(addr: usize, policy: &Policy) -> Result<Report, Error> {
+pub unsafe fn apply_loaded(addr: usize, policy: &Policy) -> Result<Report<'static>, Error> {
     // SAFETY: forwarded from our caller.
     let image = unsafe { Image::from_loaded(addr) }.map_err(Error::Load)?;
     let sites = crate::elf::image_sites(&image).map_err(Error::Sites)?;
     let mut poke = crate::LinuxPoke::running().map_err(Error::Poke)?;
     // SAFETY: as for `apply_current`: the running poke publishes pages
     // atomically and refuses edits that are not one instruction for one.
-    unsafe { apply(&image, &sites, policy, &mut poke) }
+    unsafe { apply(&image, &sites, policy, &mut poke) }.map(Report::into_owned)
 }
 
 /// Applies `policy` to the running program, live (`std`): its sites from
@@ -416,7 +296,7 @@ pub unsafe fn apply_loaded(addr: usize, policy: &Policy) -> Result<Report, Error
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[cfg(all(feature = "std", target_os = "linux"))]
-pub fn apply_current(policy: &Policy) -> Result<Report, Error> {
+pub fn apply_current(policy: &Policy) -> Result<Report<'static>, Error> {
     let image = Image::current();
     // The memoized list every mechanism shares: one parse per process.
     let sites = crate::elf::current_sites().map_err(Error::Sites)?;

@@ -4,34 +4,44 @@
 use alloc::vec::Vec;
 
 use super::{
-    CompiledThunk, Error, Policy, Report, SiteOutcome, plan_compiled_thunks, plan_sites,
+    CompiledThunk, Error, Policy, Report, SiteOutcomes, plan_compiled_thunks, plan_sites,
     plan_thunks,
 };
 use crate::image::Image;
 use crate::plan::{CompactPlan, Plan};
 use crate::poke::TextPoke;
 use crate::sites::Site;
+use crate::sync::{UpdateGuard, UpdateLock};
+
+/// Taken from planning until the writes (in a process, the one process
+/// lock every text change takes): the site plan's observations of the
+/// text stay true until they are acted on.
+static SITES_LOCK: UpdateLock = UpdateLock::new();
 
 /// A policy planned against an image and not yet written: the site batch
 /// and the thunk batch. `apply` and the one patcher
 /// ([`Patcher`](crate::Patcher)) both go through it.
-pub(crate) struct Planned {
+pub(crate) struct Planned<'s> {
     policy: Policy,
     pub(crate) site_plan: CompactPlan,
-    outcomes: Vec<SiteOutcome>,
+    outcomes: SiteOutcomes<'s>,
     pub(crate) thunk_plan: Plan,
     thunks: usize,
     compiled_thunks: Vec<CompiledThunk>,
+    /// Held for as long as the plans are (see `SITES_LOCK`).
+    _lock: UpdateGuard<'static>,
 }
 
-impl Planned {
-    /// Plans `policy` for `sites` and the thunks in `image`.
+impl<'s> Planned<'s> {
+    /// Plans `policy` for `sites` and the thunks in `image`, holding the
+    /// update lock until the result is dropped.
     pub(crate) fn new(
         image: &Image<'_>,
-        sites: &[Site],
+        sites: &'s [Site],
         policy: &Policy,
-    ) -> Result<Planned, Error> {
-        let (site_plan, outcomes) = plan_sites(image, sites, policy.mode, policy.returns)?;
+    ) -> Result<Planned<'s>, Error> {
+        let lock = SITES_LOCK.lock();
+        let (site_plan, outcomes) = plan_sites(image, sites, policy.mode, policy.returns, &lock)?;
         let (mut thunk_plan, thunks) = plan_thunks(image, policy.mode)?;
         let compiled_thunks = plan_compiled_thunks(image, sites, policy.mode, &mut thunk_plan);
         Ok(Planned {
@@ -41,6 +51,7 @@ impl Planned {
             thunk_plan,
             thunks,
             compiled_thunks,
+            _lock: lock,
         })
     }
 
@@ -53,7 +64,7 @@ impl Planned {
     pub(crate) unsafe fn write<P: TextPoke + ?Sized>(
         &mut self,
         poke: &mut P,
-    ) -> Result<Report, Error> {
+    ) -> Result<Report<'s>, Error> {
         // SAFETY: forwarded from our caller.
         let sites_applied = unsafe { self.site_plan.apply(poke) }?;
         // SAFETY: as above.

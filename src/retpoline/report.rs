@@ -3,7 +3,7 @@
 use alloc::vec::Vec;
 use core::fmt;
 
-use super::Policy;
+use super::{Policy, SiteOutcomes};
 use crate::plan::{ApplyReport, PlanError};
 use crate::sites::{Site, SiteKind};
 use crate::x86::Reg;
@@ -44,13 +44,14 @@ pub struct CompiledThunk {
     pub refused: Option<&'static str>,
 }
 
-/// What [`apply`](super::apply) decided and did.
+/// What [`apply`](super::apply) decided and did, for the site list `'s`
+/// it was given (borrowed: one byte per site is recorded).
 #[derive(Clone, Debug)]
-pub struct Report {
+pub struct Report<'s> {
     /// The mode applied, with the policy's reasoning.
     pub policy: Policy,
-    /// Every site considered.
-    pub sites: Vec<SiteOutcome>,
+    /// Every site considered, and what became of it.
+    pub sites: SiteOutcomes<'s>,
     /// Thunk slots of this crate rewritten to the mode's form.
     pub thunks: usize,
     /// Retpoline thunks compiled into the program (LLVM's
@@ -63,24 +64,24 @@ pub struct Report {
     pub thunks_applied: ApplyReport,
 }
 
-impl Report {
+impl Report<'_> {
     /// (inlined, via thunk, refused) counts for sites whose kind matches `f`.
     ///
     /// ```
-    /// use altpatch::retpoline::{Mode, Outcome, Policy, Report, SiteOutcome};
+    /// use altpatch::retpoline::{Mode, Outcome, Policy, Report, SiteOutcome, SiteOutcomes};
     /// use altpatch::sites::{Site, SiteKind};
     /// use altpatch::x86::{BranchKind, Reg};
     ///
     /// let site = |kind| Site { addr: 0x1000, len: 5, form: BranchKind::Call, kind, target: 0x2000 };
     /// let report = Report {
     ///     policy: Policy::new(Mode::Lfence, "example"),
-    ///     sites: vec![
+    ///     sites: SiteOutcomes::from_outcomes(vec![
     ///         SiteOutcome { site: site(SiteKind::IndirectThunk(Reg::Rax)), outcome: Outcome::Inlined },
     ///         SiteOutcome {
     ///             site: site(SiteKind::IndirectThunk(Reg::R11)),
     ///             outcome: Outcome::Refused("no room"),
     ///         },
-    ///     ],
+    ///     ]),
     ///     thunks: 15,
     ///     compiled_thunks: vec![],
     ///     sites_applied: Default::default(),
@@ -102,7 +103,21 @@ impl Report {
     }
 }
 
-impl fmt::Display for Report {
+impl Report<'_> {
+    /// The same report, owning a copy of the site list.
+    pub fn into_owned(self) -> Report<'static> {
+        Report {
+            policy: self.policy,
+            sites: self.sites.into_owned(),
+            thunks: self.thunks,
+            compiled_thunks: self.compiled_thunks,
+            sites_applied: self.sites_applied,
+            thunks_applied: self.thunks_applied,
+        }
+    }
+}
+
+impl fmt::Display for Report<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,

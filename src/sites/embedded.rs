@@ -141,6 +141,50 @@ impl Header {
     }
 }
 
+/// The kind and form of an entry from its bytes 8 to 10 (kind, register,
+/// form), by table lookup: start-up decodes every entry of a program.
+#[inline(always)]
+fn entry_shape(kind: u8, reg: u8, form: u8) -> Option<(SiteKind, BranchKind)> {
+    // A register byte of 16 or more is refused for every kind (this crate
+    // writes 0 where a kind has none).
+    if (kind | reg) >= 16 {
+        return None;
+    }
+    Some((
+        KINDS[usize::from(kind << 4 | reg)]?,
+        FORMS[usize::from(form)]?,
+    ))
+}
+
+/// Entry bytes 8 and 9 (kind, register: `kind * 16 + register`, both below
+/// 16) to the site kind (`SiteKind::decode`).
+const KINDS: [Option<SiteKind>; 256] = {
+    let mut t = [None; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = SiteKind::decode((i >> 4) as u8, (i & 15) as u8);
+        i += 1;
+    }
+    t
+};
+
+/// Entry byte 10 to the branch form: the low nibble is the form (call,
+/// jmp, jcc), the high one a jcc's condition.
+const FORMS: [Option<BranchKind>; 256] = {
+    let mut t = [None; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = match b & 0xf {
+            0 => Some(BranchKind::Call),
+            1 => Some(BranchKind::Jmp),
+            2 => Some(BranchKind::Jcc(Cond::from_nibble((b >> 4) as u8))),
+            _ => None,
+        };
+        b += 1;
+    }
+    t
+};
+
 /// One entry, decoded from its bytes (addresses still relative).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EmbeddedEntry {
@@ -191,21 +235,21 @@ impl EmbeddedEntry {
         }
     }
 
+    /// Decodes an entry: its kind and form bytes by table lookup (start-up
+    /// decodes every entry of a program).
     #[inline]
     fn decode(b: &[u8]) -> Option<EmbeddedEntry> {
         let b: &[u8; ENTRY_LEN] = b.try_into().ok()?;
-        let form = match b[10] & 0xf {
-            0 => BranchKind::Call,
-            1 => BranchKind::Jmp,
-            2 => BranchKind::Jcc(Cond::from_nibble(b[10] >> 4)),
-            _ => return None,
-        };
+        // A register byte of 16 or more is refused for every kind (this
+        // crate writes 0 where a kind has none).
+        let (kind, form) = entry_shape(b[8], b[9], b[10])?;
+        let len = b[11];
         Some(EmbeddedEntry {
-            site_rel: i32::from_le_bytes(b[0..4].try_into().unwrap()),
-            target_rel: i32::from_le_bytes(b[4..8].try_into().unwrap()),
-            kind: SiteKind::decode(b[8], b[9])?,
+            site_rel: i32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            target_rel: i32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            kind,
             form,
-            len: b[11],
+            len,
         })
     }
 }
@@ -235,6 +279,29 @@ impl<'a> Image<'a> {
     }
 }
 
+/// The `count` entries of the table `bytes` (its header checked), decoded
+/// at the addresses the table's position implies; or the index of the
+/// first entry that is not one.
+fn decode_all(bytes: &[u8], count: usize) -> Result<alloc::vec::Vec<Site>, usize> {
+    // A plain loop over exact 12-byte chunks, written into the list's spare
+    // room: no bounds or capacity check per entry (start-up reads every
+    // site of a program).
+    let mut v = alloc::vec::Vec::with_capacity(count);
+    let base = bytes.as_ptr() as usize + HEADER_LEN;
+    let entries = &bytes[HEADER_LEN..HEADER_LEN + count * ENTRY_LEN];
+    let out: *mut Site = v.as_mut_ptr();
+    for (i, b) in entries.chunks_exact(ENTRY_LEN).enumerate() {
+        let e = EmbeddedEntry::decode(b).ok_or(i)?;
+        // SAFETY: there are exactly `count` entries, so `i < count`, the
+        // list's capacity.
+        unsafe { out.add(i).write(e.site_at(base + i * ENTRY_LEN)) };
+    }
+    // SAFETY: the loop wrote every one of the first `count` slots, or
+    // returned.
+    unsafe { v.set_len(count) };
+    Ok(v)
+}
+
 impl<'a> EmbeddedTable<'a> {
     /// Reads the section `bytes` in place. `Ok(None)` for an image without a
     /// reserved table, or with one not filled yet.
@@ -250,9 +317,15 @@ impl<'a> EmbeddedTable<'a> {
             bytes,
             count: h.count,
         };
-        for i in 0..t.count {
-            t.entry(i)
-                .ok_or(EmbeddedTableError::BadEntry { index: i })?;
+        // Every entry checked once, here: its kind, register and form
+        // bytes (the addresses are any offsets). `sites` and `iter` then
+        // decode entries known to be good.
+        let entries = &bytes[HEADER_LEN..HEADER_LEN + t.count * ENTRY_LEN];
+        if let Some(index) = entries
+            .chunks_exact(ENTRY_LEN)
+            .position(|b| entry_shape(b[8], b[9], b[10]).is_none())
+        {
+            return Err(EmbeddedTableError::BadEntry { index });
         }
         Ok(Some(t))
     }
@@ -298,17 +371,29 @@ impl<'a> EmbeddedTable<'a> {
     /// assert_eq!(table.sites(), [site]);
     /// ```
     pub fn sites(&self) -> alloc::vec::Vec<Site> {
-        // A plain loop over exact 12-byte chunks: no bounds check or
-        // capacity check per entry (start-up reads every site of a program).
-        let mut v = alloc::vec::Vec::with_capacity(self.count);
-        let base = self.bytes.as_ptr() as usize + HEADER_LEN;
-        let entries = &self.bytes[HEADER_LEN..HEADER_LEN + self.count * ENTRY_LEN];
-        for (i, b) in entries.chunks_exact(ENTRY_LEN).enumerate() {
-            if let Some(e) = EmbeddedEntry::decode(b) {
-                v.push(e.site_at(base + i * ENTRY_LEN));
-            }
+        // Every entry was checked by `parse`: none is refused here.
+        decode_all(self.bytes, self.count).unwrap_or_default()
+    }
+
+    /// [`parse`](Self::parse) and [`sites`](Self::sites) in one pass over
+    /// the entries (what start-up does: each is checked as it is decoded).
+    ///
+    /// ```
+    /// use altpatch::sites::EmbeddedTable;
+    /// // An empty section: no table.
+    /// assert!(EmbeddedTable::read_sites(&[]).unwrap().is_none());
+    /// ```
+    pub fn read_sites(bytes: &[u8]) -> Result<Option<alloc::vec::Vec<Site>>, EmbeddedTableError> {
+        if bytes.is_empty() {
+            return Ok(None);
         }
-        v
+        let h = Header::parse(bytes)?;
+        if !h.filled {
+            return Ok(None);
+        }
+        decode_all(bytes, h.count)
+            .map(Some)
+            .map_err(|index| EmbeddedTableError::BadEntry { index })
     }
 
     /// The sites, at the addresses the table's own position implies.

@@ -77,9 +77,9 @@ impl SiteKind {
         }
     }
 
-    pub(crate) fn decode(kind: u8, reg: u8) -> Option<SiteKind> {
+    pub(crate) const fn decode(kind: u8, reg: u8) -> Option<SiteKind> {
         Some(match kind {
-            1 => SiteKind::IndirectThunk(Reg::from_number(reg)?),
+            1 if reg < 16 => SiteKind::IndirectThunk(Reg::ALL[reg as usize]),
             2 => SiteKind::ReturnThunk,
             3 => SiteKind::StaticCall,
             4 => SiteKind::Ifunc,

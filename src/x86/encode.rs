@@ -299,7 +299,7 @@ pub enum Cond {
 
 impl Cond {
     /// The condition from the low nibble of a `jcc` opcode.
-    pub fn from_nibble(n: u8) -> Cond {
+    pub const fn from_nibble(n: u8) -> Cond {
         const ALL: [Cond; 16] = [
             Cond::O,
             Cond::No,

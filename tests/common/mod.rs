@@ -361,7 +361,7 @@ impl TextCopy {
     }
 
     /// Applies `mode` to every site of the copy (in place, nothing runs it).
-    pub fn apply(&self, mode: altpatch::retpoline::Mode) -> altpatch::retpoline::Report {
+    pub fn apply(&self, mode: altpatch::retpoline::Mode) -> altpatch::retpoline::Report<'_> {
         use altpatch::retpoline::{self, Policy};
         // SAFETY: writable private memory, never executed.
         let mut poke = unsafe { altpatch::DirectPoke::new(altpatch::SyncMethod::Cpuid) };

@@ -1,0 +1,382 @@
+//! Planning the thunk sites (batch 1): for each site, the bytes it holds
+//! now checked against the forms it may be in, and the policy's form for
+//! it.
+//!
+//! Start-up plans every site of a program (tens of thousands), and nearly
+//! all are in their original form with an outcome that depends only on
+//! their *shape* (kind and register, branch form and condition, length).
+//! Those take the shape path: the original branch is computed and the
+//! text read as integers, and nothing is built per site but the edit.
+//! Every other site (another state, a return site routed to a supplied
+//! thunk, a target that must be looked at) takes the general path, which
+//! decides the same way with every case spelled out. A test checks that
+//! the two agree on every shape, mode and state.
+
+use super::form::{edit_span, inline_form, original_form, routed_elsewhere, routed_form};
+use super::{Error, Mode, Outcome, ReturnSites, SiteOutcomes, local, thunks};
+use crate::image::Image;
+use crate::plan::CompactPlan;
+use crate::poke::{load_short, short_eq};
+use crate::sites::{Site, SiteKind};
+use crate::sync::UpdateGuard;
+use crate::x86::{BranchKind, Encoded, Reg};
+
+/// Why a site kept in generic mode on another object's thunk through this
+/// object's PLT is not counted as going through the retpoline.
+const PLT_KEPT: &str = "kept calling the program's thunk through this object's PLT stub, whose \
+                        `jmp *slot(%rip)` is an unprotected indirect branch (GNU ld makes no \
+                        retpoline PLT): inline it with lfence or plain where the CPU allows";
+
+/// Builds the plan for the sites (batch 1) and the report entries. The
+/// update lock, `held` until the plan is applied, keeps what the planning
+/// read of the text true (the shape path's edits are pushed observed).
+pub(super) fn plan_sites<'s>(
+    image: &Image<'_>,
+    sites: &'s [Site],
+    mode: Mode,
+    returns: ReturnSites,
+    held: &UpdateGuard<'_>,
+) -> Result<(CompactPlan, SiteOutcomes<'s>), Error> {
+    plan_sites_by(image, sites, mode, returns, Some(held))
+}
+
+/// [`plan_sites`], with the shape path (given the lock) or without it
+/// (for the test that compares them).
+fn plan_sites_by<'s>(
+    image: &Image<'_>,
+    sites: &'s [Site],
+    mode: Mode,
+    returns: ReturnSites,
+    shapes_under: Option<&UpdateGuard<'_>>,
+) -> Result<(CompactPlan, SiteOutcomes<'s>), Error> {
+    if let ReturnSites::Thunk(t) = returns
+        && !image.contains_text(t, 1)
+    {
+        return Err(Error::BadReturnThunk { addr: t });
+    }
+    // No reason: listings group the sites by shape (`call X -> ...`).
+    let mut plan = CompactPlan::for_image(image, "");
+    plan.reserve(sites.len());
+    let mut outcomes = SiteOutcomes::for_sites(sites);
+    let mut shapes = ShapeCache::new(mode, returns);
+    let own = thunks::own_thunks();
+    let mut text = TextRanges {
+        all: image.text(),
+        hit: 0..0,
+    };
+    for s in sites {
+        match s.kind {
+            SiteKind::IndirectThunk(Reg::Rsp) => return Err(Error::RspSite { site: s.addr }),
+            SiteKind::IndirectThunk(_) | SiteKind::ReturnThunk => {}
+            _ => {
+                outcomes.skip();
+                continue;
+            }
+        }
+        let Some(shape) = shapes.get(s) else {
+            // Not a branch of its canonical length (prefixed).
+            outcomes.push(Outcome::Refused("prefixed or unusual encoding: left as is"));
+            continue;
+        };
+        let foreign = || !own.contains(&s.target);
+        let taken = match shapes_under {
+            Some(held) => by_shape(&mut text, s, shape, foreign, &mut plan, &mut outcomes, held),
+            None => false,
+        };
+        if !taken {
+            let outcome = general(image, s, shape.inline, mode, returns, foreign(), &mut plan);
+            outcomes.push(outcome);
+        }
+    }
+    Ok((plan, outcomes))
+}
+
+/// The shape path: for a site in its original form whose shape decides
+/// it, its edit and outcome pushed (`true`); `false` sends the site to the
+/// general path (which may well agree).
+#[inline(always)]
+fn by_shape(
+    text: &mut TextRanges<'_>,
+    s: &Site,
+    shape: &Shape,
+    foreign: impl Fn() -> bool,
+    plan: &mut CompactPlan,
+    outcomes: &mut SiteOutcomes<'_>,
+    _held: &UpdateGuard<'_>,
+) -> bool {
+    if shape.own_only && foreign() {
+        return false;
+    }
+    let len = s.len as usize;
+    // The original branch: its opcode, then the rel32 to the thunk.
+    let rel = s.target.wrapping_sub(s.addr.wrapping_add(len)) as isize;
+    let Ok(rel32) = i32::try_from(rel) else {
+        return false;
+    };
+    let original = shape.op | u64::from(rel32 as u32) << (8 * shape.op_len);
+    if !text.contains(s.addr, len) {
+        return false;
+    }
+    // SAFETY: inside the image's text (checked above), which its
+    // constructor guarantees is readable; `len` is 5 or 6.
+    let now = unsafe { load_short(s.addr as *const u8, len) };
+    if now != original {
+        return false;
+    }
+    match shape.fast {
+        // The whole site: an original branch and an inline form never share
+        // a first byte (a `call`/`jmp`/`jcc rel32` opcode is no filler), so
+        // `edit_span` would cover every byte too.
+        Fast::Inline(new) => {
+            // SAFETY: `original` was read at the site just above, inside
+            // the plan's text (the image's), and the update lock is held
+            // until the plan is applied (`_held`).
+            unsafe { plan.push_observed(s.addr, original, new, len) };
+            outcomes.push(Outcome::Inlined);
+            true
+        }
+        Fast::Keep(outcome) => {
+            outcomes.push(outcome);
+            true
+        }
+        Fast::General => false,
+    }
+}
+
+/// An image's text ranges, with the one the last site was in tried first
+/// (sites come in address order, and an image has few ranges).
+struct TextRanges<'a> {
+    all: &'a [core::ops::Range<usize>],
+    hit: core::ops::Range<usize>,
+}
+
+impl TextRanges<'_> {
+    /// Whether `addr..addr+len` lies inside one range (as
+    /// [`Image::contains_text`]).
+    #[inline(always)]
+    fn contains(&mut self, addr: usize, len: usize) -> bool {
+        let Some(end) = addr.checked_add(len) else {
+            return false;
+        };
+        if self.hit.start <= addr && end <= self.hit.end {
+            return true;
+        }
+        match self.all.iter().find(|r| r.start <= addr && end <= r.end) {
+            Some(r) => {
+                self.hit = r.clone();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The general path: the site's outcome, and its edit (from whichever
+/// state it is in now) pushed. `inline` is the site's inline form in
+/// `mode`, or why there is none. Out of line: it keeps the shape path's
+/// loop small (at start-up nearly every site takes that path).
+#[inline(never)]
+fn general(
+    image: &Image<'_>,
+    s: &Site,
+    inline: Result<Encoded, &'static str>,
+    mode: Mode,
+    returns: ReturnSites,
+    foreign: bool,
+    plan: &mut CompactPlan,
+) -> Outcome {
+    let Some(original) = original_form(s) else {
+        return Outcome::Refused("prefixed or unusual encoding: left as is");
+    };
+    let routed = match (s.kind, returns) {
+        (SiteKind::ReturnThunk, ReturnSites::Thunk(t)) => Some(routed_form(s, t)),
+        _ => None,
+    };
+    let (new, outcome) = match routed {
+        Some(Ok(b)) => (b, Outcome::ViaThunk),
+        Some(Err(why)) => (original, Outcome::Refused(why)),
+        // A return thunk that is itself a return retpoline (GCC's local
+        // one, `-mfunction-return=thunk`) is a mitigation only `plain`
+        // may drop; this crate's (not `foreign`: no read needed) and the
+        // program's, reached through a PLT, are a bare `ret`.
+        None if s.kind == SiteKind::ReturnThunk
+            && mode != Mode::Plain
+            && foreign
+            && !local::returns_at_once(image, s.target) =>
+        {
+            (original, Outcome::ViaThunk)
+        }
+        None => match inline {
+            Ok(b) => (b, Outcome::Inlined),
+            // Kept on a PLT stub: its `jmp *slot(%rip)` is an indirect
+            // branch of its own, not a retpoline.
+            Err(_) if mode == Mode::Generic && foreign && local::plt_stub(image, s.target) => {
+                (original, Outcome::Refused(PLT_KEPT))
+            }
+            // Generic mode is not a refusal: calls belong in the retpoline.
+            Err(_) if mode == Mode::Generic => (original, Outcome::ViaThunk),
+            Err(why) => (original, Outcome::Refused(why)),
+        },
+    };
+    // SAFETY: the image's constructor guarantees its text is readable;
+    // sites outside it are refused by validation before any read.
+    let current = if image.contains_text(s.addr, s.len as usize) {
+        unsafe { core::slice::from_raw_parts(s.addr as *const u8, s.len as usize) }
+    } else {
+        &[]
+    };
+    // Whichever state the site is in now (original, or put in another
+    // form by an earlier policy) is the expected one; anything else is
+    // refused by validation, naming the site.
+    if short_eq(current, &original) {
+        push_site_edit(plan, s.addr, &original, &new);
+    } else if !short_eq(current, &new) {
+        match known_state(image, s, routed, current) {
+            Some(expected) => push_site_edit(plan, s.addr, &expected, &new),
+            // Bytes of no known state: validation refuses this edit,
+            // naming the site, and nothing is written.
+            None => plan.push(s.addr, &original, &new),
+        }
+    }
+    outcome
+}
+
+/// The edit taking a site from `expected` to `new`, pushed (nothing if
+/// they are equal): a compact edit (sites are a few bytes, and a program
+/// has tens of thousands).
+fn push_site_edit(plan: &mut CompactPlan, addr: usize, expected: &Encoded, new: &Encoded) {
+    if expected == new {
+        return;
+    }
+    plan.push_encoded(addr, expected, new, edit_span(expected, new));
+}
+
+/// The form `site` is in, if it is one this crate writes: plain, lfence,
+/// routed to the policy's return thunk, or routed to another return thunk
+/// by an earlier policy (the site's own branch, to a target in the text).
+fn known_state(
+    image: &Image<'_>,
+    site: &Site,
+    routed: Option<Result<Encoded, &'static str>>,
+    current: &[u8],
+) -> Option<Encoded> {
+    let forms = [Mode::Plain, Mode::Lfence]
+        .into_iter()
+        .filter_map(|m| inline_form(site, m).ok())
+        .chain(routed.and_then(Result::ok));
+    for f in forms {
+        if short_eq(&f, current) {
+            return Some(f);
+        }
+    }
+    (site.kind == SiteKind::ReturnThunk && routed_elsewhere(image, site, current))
+        .then(|| Encoded::from_slice(current))
+}
+
+/// What a site of one shape becomes, when it is in its original form.
+#[derive(Clone, Copy)]
+enum Fast {
+    /// The inline form, as a little-endian integer (zero-padded).
+    Inline(u64),
+    /// Left as it is, with this outcome.
+    Keep(Outcome),
+    /// Decided by the general path (a routed return site).
+    General,
+}
+
+/// A site shape's forms, computed once: a form depends on the site's kind
+/// and register, its branch form and condition, and its length, never on
+/// its address, and a program has a few dozen shapes.
+#[derive(Clone, Copy)]
+struct Shape {
+    /// The original branch's opcode bytes (little-endian) and their count;
+    /// the rel32 follows them. Its canonical length is `op_len + 4`.
+    op: u64,
+    op_len: u8,
+    /// The inline form in the mode, or why there is none.
+    inline: Result<Encoded, &'static str>,
+    /// The shape path's decision.
+    fast: Fast,
+    /// Whether that decision holds only for this crate's thunks (another
+    /// target must be looked at: a PLT stub, a return retpoline).
+    own_only: bool,
+}
+
+/// 16 thunk registers and the return thunk.
+const TARGETS: usize = 17;
+/// `call`, `jmp`, and `jcc` per condition.
+const FORMS: usize = 18;
+
+/// [`Shape`]s by (target, form), computed on first use.
+struct ShapeCache {
+    mode: Mode,
+    returns: ReturnSites,
+    slots: alloc::boxed::Box<[Option<Shape>; TARGETS * FORMS]>,
+}
+
+impl ShapeCache {
+    fn new(mode: Mode, returns: ReturnSites) -> ShapeCache {
+        let slots = alloc::boxed::Box::new([None; TARGETS * FORMS]);
+        ShapeCache {
+            mode,
+            returns,
+            slots,
+        }
+    }
+
+    /// The shape of `site`, a thunk or return-thunk site; `None` if the
+    /// site is not its branch's canonical length (a prefixed encoding).
+    #[inline]
+    fn get(&mut self, site: &Site) -> Option<&Shape> {
+        let target = match site.kind {
+            SiteKind::IndirectThunk(r) => r as usize,
+            _ => 16,
+        };
+        let (form, op_len) = match site.form {
+            BranchKind::Call => (0, 1),
+            BranchKind::Jmp => (1, 1),
+            BranchKind::Jcc(cc) => (2 + cc as usize, 2),
+        };
+        if site.len != op_len + 4 {
+            return None;
+        }
+        let (mode, returns) = (self.mode, self.returns);
+        let slot = &mut self.slots[target * FORMS + form];
+        Some(slot.get_or_insert_with(|| Shape::of(site, mode, returns)))
+    }
+}
+
+impl Shape {
+    /// The shape of `site` (of canonical length) in `mode`.
+    fn of(site: &Site, mode: Mode, returns: ReturnSites) -> Shape {
+        let (op, op_len) = match site.form {
+            BranchKind::Call => (0xe8, 1),
+            BranchKind::Jmp => (0xe9, 1),
+            BranchKind::Jcc(cc) => (0x0f | (0x80 + cc as u64) << 8, 2),
+        };
+        let inline = inline_form(site, mode);
+        let ret = site.kind == SiteKind::ReturnThunk;
+        let fast = match inline {
+            _ if ret && matches!(returns, ReturnSites::Thunk(_)) => Fast::General,
+            Ok(b) if b.len() <= 8 => Fast::Inline(u64::from_le_bytes(b.head8())),
+            Ok(_) => Fast::General,
+            Err(_) if mode == Mode::Generic => Fast::Keep(Outcome::ViaThunk),
+            Err(why) => Fast::Keep(Outcome::Refused(why)),
+        };
+        // Another object's return thunk may be a return retpoline, which
+        // only `plain` drops (only this crate's is known to be a bare
+        // `ret`); another object's thunk may be reached through a PLT stub
+        // (see `general`).
+        let own_only = (ret && mode != Mode::Plain) || (inline.is_err() && mode == Mode::Generic);
+        Shape {
+            op,
+            op_len,
+            inline,
+            fast,
+            own_only,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
