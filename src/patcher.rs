@@ -42,9 +42,8 @@ use crate::{alternative, ifunc, retpoline};
 ///
 /// Every batch is validated before the first write; if a later batch
 /// fails, the earlier ones are undone, so text is as it was. Each object's
-/// update lock (and, once retpolines are planned, the retpoline sites'
-/// lock: the site plan trusts what planning read) is held from planning
-/// until the patch is applied or the patcher dropped. Printing a patcher (`{}`) is the dry run.
+/// update lock is held from planning until the patch is applied or the
+/// patcher dropped. Printing a patcher (`{}`) is the dry run.
 ///
 /// In a process, every update lock is the one process-wide lock (see the
 /// lock's rules in `ARCHITECTURE.md`): a patcher holding it keeps other
@@ -120,7 +119,11 @@ impl<'a> Patcher<'a> {
         if self.retpoline.is_some() {
             return Err(Error::AddedTwice("retpolines"));
         }
-        self.retpoline = Some(retpoline::Planned::new(self.image, self.sites, policy)?);
+        // Applied later (anything may write text in between): every site is
+        // read again by validation.
+        self.retpoline = Some(retpoline::Planned::new(
+            self.image, self.sites, policy, false,
+        )?);
         Ok(self)
     }
 

@@ -153,18 +153,32 @@ impl CompactPlan {
     }
 
     /// [`push`](Self::push) of an edit given as little-endian integers,
-    /// zero above its `n` bytes (at most [`COMPACT_MAX`]), whose old bytes
-    /// the caller has just read: the start-up path, which reads and builds
-    /// site bytes as integers, and is not made to read them twice.
+    /// zero above its `n` bytes (at most [`COMPACT_MAX`]): the start-up
+    /// path, which reads and builds site bytes as integers.
     #[inline(always)]
+    pub(crate) fn push_short(&mut self, addr: usize, old: u64, new: u64, n: usize) {
+        self.push_int(addr, old, new, n, State::Unchecked);
+    }
+
+    /// [`push_short`](Self::push_short) of an edit whose old bytes the
+    /// caller has just read, pushed observed (see `State::Observed`):
+    /// validation takes that reading instead of reading them again.
     ///
     /// # Safety
     ///
-    /// The edit is pushed as observed (see `State::Observed`): `old` must
-    /// be the bytes at `addr..addr+n` now, read inside the plan's text, and
-    /// the caller must hold the update lock (the one every text change
-    /// takes) from that read until the plan is applied, so they stay there.
+    /// `old` must be the bytes at `addr..addr+n` now, read inside the
+    /// plan's text. The caller must hold the update lock from that read
+    /// until the plan is applied, and neither write text on its own thread
+    /// in between nor let another writer do so: every change through a
+    /// [`LinuxPoke`](crate::LinuxPoke) takes that lock; a `DirectPoke`'s
+    /// and a kernel's other writers are the caller's to exclude.
+    #[inline(always)]
     pub(crate) unsafe fn push_observed(&mut self, addr: usize, old: u64, new: u64, n: usize) {
+        self.push_int(addr, old, new, n, State::Observed);
+    }
+
+    #[inline(always)]
+    fn push_int(&mut self, addr: usize, old: u64, new: u64, n: usize, state: State) {
         debug_assert!(n == COMPACT_MAX || (old | new) >> (8 * n) == 0);
         self.edits.push(CompactEdit {
             addr,
@@ -175,7 +189,7 @@ impl CompactPlan {
             } else {
                 0
             },
-            state: State::Observed,
+            state,
         });
     }
 
@@ -272,8 +286,12 @@ impl CompactPlan {
         for e in &self.edits {
             let n = e.len as usize;
             let mut edit = Edit::replace(e.addr, &e.old[..n], &e.new[..n]);
-            // Listed as it stands (`[wrote]`, `[done]`, ...).
-            edit.state = e.state;
+            // Listed as it stands (`[wrote]`, `[done]`, ...); an
+            // observation stays with this plan (the copy is read again).
+            edit.state = match e.state {
+                State::Observed => State::Unchecked,
+                s => s,
+            };
             plan.push(if self.reason.is_empty() {
                 edit
             } else {
@@ -456,90 +474,4 @@ impl fmt::Display for CompactPlan {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{DirectPoke, SyncMethod};
-
-    fn poke() -> DirectPoke {
-        // SAFETY: the tests write only their own data buffers.
-        unsafe { DirectPoke::new(SyncMethod::Cpuid) }
-    }
-
-    #[test]
-    fn edit_is_32_bytes() {
-        assert_eq!(core::mem::size_of::<CompactEdit>(), 32);
-    }
-
-    #[test]
-    fn refuses_unexpected_bytes_and_writes_nothing() {
-        let mut text = alloc::vec![0x90u8; 32];
-        let base = text.as_mut_ptr() as usize;
-        // SAFETY: `text` outlives the plan.
-        let mut plan = unsafe { CompactPlan::with_text(base..base + 32, "") };
-        plan.push(base, &[0x90; 5], &[0xcc; 5]);
-        plan.push(base + 16, &[0x0f, 0x0b], &[0xcc; 2]); // not what is there
-        // SAFETY: plain data.
-        let err = unsafe { plan.apply(&mut poke()) }.unwrap_err();
-        assert!(matches!(err, PlanError::Unexpected { addr, .. } if addr == base + 16));
-        assert_eq!(text, [0x90; 32]);
-    }
-
-    #[test]
-    fn refuses_malformed_overlapping_and_outside_edits() {
-        let mut text = alloc::vec![0x90u8; 32];
-        let base = text.as_mut_ptr() as usize;
-        let cases: [&dyn Fn(&mut CompactPlan); 3] = [
-            &|p| p.push(base, &[0x90; 9], &[0xcc; 9]),
-            &|p| {
-                p.push(base, &[0x90; 5], &[0xcc; 5]);
-                p.push(base + 4, &[0x90; 2], &[0xcc; 2]);
-            },
-            &|p| p.push(base + 30, &[0x90; 5], &[0xcc; 5]),
-        ];
-        for case in cases {
-            // SAFETY: `text` outlives the plan.
-            let mut plan = unsafe { CompactPlan::with_text(base..base + 32, "") };
-            case(&mut plan);
-            // SAFETY: plain data.
-            assert!(unsafe { plan.apply(&mut poke()) }.is_err());
-            assert_eq!(text, [0x90; 32]);
-        }
-    }
-
-    #[test]
-    fn a_prefix_edit_of_two_encodings_checks_only_the_prefix() {
-        // lfence; call *%r11 -> nopl (%rax); call *%r11: only the filler.
-        let mut text = alloc::vec![0x0f, 0xae, 0xe8, 0x41, 0xff, 0xd3, 0xc3];
-        let base = text.as_mut_ptr() as usize;
-        let lfence = Encoded::from_slice(&text[..6]);
-        let nop = Encoded::from_slice(&[0x0f, 0x1f, 0x00, 0x41, 0xff, 0xd3]);
-        // SAFETY: `text` outlives the plan.
-        let mut plan = unsafe { CompactPlan::with_text(base..base + 7, "") };
-        plan.push_encoded(base, &lfence, &nop, 3);
-        // SAFETY: plain data.
-        let r = unsafe { plan.apply(&mut poke()) }.unwrap();
-        assert_eq!(r.written, 1);
-        assert_eq!(text, [0x0f, 0x1f, 0x00, 0x41, 0xff, 0xd3, 0xc3]);
-    }
-
-    #[test]
-    fn sorts_applies_once_and_undoes() {
-        let mut text = alloc::vec![0x90u8; 32];
-        let base = text.as_mut_ptr() as usize;
-        // SAFETY: `text` outlives the plan.
-        let mut plan = unsafe { CompactPlan::with_text(base..base + 32, "test") };
-        plan.push(base + 20, &[0x90; 3], &[1, 2, 3]);
-        plan.push(base, &[0x90; 2], &[4, 5]);
-        let mut p = poke();
-        // SAFETY: plain data.
-        let r = unsafe { plan.apply(&mut p) }.unwrap();
-        assert_eq!((r.written, r.already), (2, 0));
-        assert_eq!((&text[..2], &text[20..23]), (&[4, 5][..], &[1, 2, 3][..]));
-        // SAFETY: plain data.
-        assert_eq!(unsafe { plan.apply(&mut p) }.unwrap().already, 2);
-        assert!(alloc::format!("{}", plan.to_plan()).contains("test"));
-        // SAFETY: plain data.
-        unsafe { plan.undo(&mut p) }.unwrap();
-        assert_eq!(text, [0x90; 32]);
-    }
-}
+mod tests;

@@ -179,12 +179,13 @@ fn plan_thunks(image: &Image<'_>, mode: Mode) -> Result<(Plan, usize), Error> {
 /// image. Both batches are validated before either is written.
 ///
 /// Planning reads every site once, under the update lock (in a process,
-/// the one process-wide lock every text change takes; without `std`, a
-/// lock of the retpoline sites' own), which is held until the last write:
-/// the site batch's validation then takes planning's reading of a site in
-/// its original form instead of reading it again. Without `std`, do not
-/// call it while a [`Patcher`](crate::Patcher) with retpolines planned is
-/// alive on the same CPU (the lock is a spin flag, not recursive).
+/// the one process-wide lock every text change through a
+/// [`LinuxPoke`](crate::LinuxPoke) takes; elsewhere, a lock of the
+/// retpoline sites' own), held until the last write: the site batch's
+/// validation takes planning's reading of a site in its original form
+/// instead of reading it again. Where the lock is a spin flag (not a Linux
+/// process), do not call this from code that interrupted a call of it on
+/// the same CPU.
 ///
 /// ```
 /// use altpatch::retpoline::{self, Mode, Policy};
@@ -216,7 +217,7 @@ pub unsafe fn apply<'s, P: TextPoke + ?Sized>(
     policy: &Policy,
     poke: &mut P,
 ) -> Result<Report<'s>, Error> {
-    let mut planned = Planned::new(image, sites, policy)?;
+    let mut planned = Planned::new(image, sites, policy, true)?;
     // Both batches are checked before either writes, so a refusal (an
     // unexpected byte anywhere) leaves the text as it was: the thunks here,
     // the sites by `apply` itself before its first write (validating the

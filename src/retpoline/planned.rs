@@ -13,9 +13,10 @@ use crate::poke::TextPoke;
 use crate::sites::Site;
 use crate::sync::{UpdateGuard, UpdateLock};
 
-/// Taken from planning until the writes (in a process, the one process
-/// lock every text change takes): the site plan's observations of the
-/// text stay true until they are acted on.
+/// Taken from planning until the writes when they follow at once (in a
+/// process, the one process lock every text change through a `LinuxPoke`
+/// takes): the site plan's observations of the text stay true until they
+/// are acted on.
 static SITES_LOCK: UpdateLock = UpdateLock::new();
 
 /// A policy planned against an image and not yet written: the site batch
@@ -28,20 +29,27 @@ pub(crate) struct Planned<'s> {
     pub(crate) thunk_plan: Plan,
     thunks: usize,
     compiled_thunks: Vec<CompiledThunk>,
-    /// Held for as long as the plans are (see `SITES_LOCK`).
-    _lock: UpdateGuard<'static>,
+    /// Held for as long as the plans are, when written at once (see
+    /// `SITES_LOCK`).
+    _lock: Option<UpdateGuard<'static>>,
 }
 
 impl<'s> Planned<'s> {
-    /// Plans `policy` for `sites` and the thunks in `image`, holding the
-    /// update lock until the result is dropped.
+    /// Plans `policy` for `sites` and the thunks in `image`. `at_once`:
+    /// the caller writes the plans right after (no text written in between
+    /// on its thread): the update lock is then held until the result is
+    /// dropped, and the site batch's validation takes planning's reading of
+    /// each site. Otherwise (the patcher, which applies later) every site
+    /// is read again when the batch is validated.
     pub(crate) fn new(
         image: &Image<'_>,
         sites: &'s [Site],
         policy: &Policy,
+        at_once: bool,
     ) -> Result<Planned<'s>, Error> {
-        let lock = SITES_LOCK.lock();
-        let (site_plan, outcomes) = plan_sites(image, sites, policy.mode, policy.returns, &lock)?;
+        let lock = at_once.then(|| SITES_LOCK.lock());
+        let (site_plan, outcomes) =
+            plan_sites(image, sites, policy.mode, policy.returns, lock.as_ref())?;
         let (mut thunk_plan, thunks) = plan_thunks(image, policy.mode)?;
         let compiled_thunks = plan_compiled_thunks(image, sites, policy.mode, &mut thunk_plan);
         Ok(Planned {

@@ -27,27 +27,30 @@ const PLT_KEPT: &str = "kept calling the program's thunk through this object's P
                         `jmp *slot(%rip)` is an unprotected indirect branch (GNU ld makes no \
                         retpoline PLT): inline it with lfence or plain where the CPU allows";
 
-/// Builds the plan for the sites (batch 1) and the report entries. The
-/// update lock, `held` until the plan is applied, keeps what the planning
-/// read of the text true (the shape path's edits are pushed observed).
+/// Builds the plan for the sites (batch 1) and the report entries. With
+/// the update lock `held` until the plan is applied (and nothing else
+/// writing text on this thread before then), the shape path's edits are
+/// pushed observed: validation takes this planning's reading of them.
+/// Without, every edit is read again by validation.
 pub(super) fn plan_sites<'s>(
     image: &Image<'_>,
     sites: &'s [Site],
     mode: Mode,
     returns: ReturnSites,
-    held: &UpdateGuard<'_>,
+    held: Option<&UpdateGuard<'_>>,
 ) -> Result<(CompactPlan, SiteOutcomes<'s>), Error> {
-    plan_sites_by(image, sites, mode, returns, Some(held))
+    plan_sites_by(image, sites, mode, returns, true, held)
 }
 
-/// [`plan_sites`], with the shape path (given the lock) or without it
-/// (for the test that compares them).
+/// [`plan_sites`], with the shape path or without it (for the test that
+/// compares them).
 fn plan_sites_by<'s>(
     image: &Image<'_>,
     sites: &'s [Site],
     mode: Mode,
     returns: ReturnSites,
-    shapes_under: Option<&UpdateGuard<'_>>,
+    use_shapes: bool,
+    held: Option<&UpdateGuard<'_>>,
 ) -> Result<(CompactPlan, SiteOutcomes<'s>), Error> {
     if let ReturnSites::Thunk(t) = returns
         && !image.contains_text(t, 1)
@@ -79,10 +82,8 @@ fn plan_sites_by<'s>(
             continue;
         };
         let foreign = || !own.contains(&s.target);
-        let taken = match shapes_under {
-            Some(held) => by_shape(&mut text, s, shape, foreign, &mut plan, &mut outcomes, held),
-            None => false,
-        };
+        let taken =
+            use_shapes && by_shape(&mut text, s, shape, foreign, &mut plan, &mut outcomes, held);
         if !taken {
             let outcome = general(image, s, shape.inline, mode, returns, foreign(), &mut plan);
             outcomes.push(outcome);
@@ -102,7 +103,7 @@ fn by_shape(
     foreign: impl Fn() -> bool,
     plan: &mut CompactPlan,
     outcomes: &mut SiteOutcomes<'_>,
-    _held: &UpdateGuard<'_>,
+    held: Option<&UpdateGuard<'_>>,
 ) -> bool {
     if shape.own_only && foreign() {
         return false;
@@ -128,10 +129,13 @@ fn by_shape(
         // a first byte (a `call`/`jmp`/`jcc rel32` opcode is no filler), so
         // `edit_span` would cover every byte too.
         Fast::Inline(new) => {
-            // SAFETY: `original` was read at the site just above, inside
-            // the plan's text (the image's), and the update lock is held
-            // until the plan is applied (`_held`).
-            unsafe { plan.push_observed(s.addr, original, new, len) };
+            match held {
+                // SAFETY: `original` was read at the site just above, inside
+                // the plan's text (the image's), and the update lock is held
+                // until the plan is applied (`plan_sites`'s contract).
+                Some(_) => unsafe { plan.push_observed(s.addr, original, new, len) },
+                None => plan.push_short(s.addr, original, new, len),
+            }
             outcomes.push(Outcome::Inlined);
             true
         }

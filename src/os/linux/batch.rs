@@ -23,7 +23,7 @@ use super::state::Shared;
 use super::{Publish, sys, threads, trap};
 use crate::plan::Bytes;
 use crate::poke::live::{self, LiveSite, LiveSites, Step};
-use crate::poke::{PAGE_SIZE, PokeError, Strategy, copy_short, short_eq};
+use crate::poke::{PAGE_SIZE, PokeError, Strategy, copy_short, load_short, short_eq};
 
 /// One run of contiguous pages in the batch.
 struct Run {
@@ -68,6 +68,10 @@ pub(super) struct Batch {
     /// INT3 protocol: the writes, checked as live sites.
     pending: Vec<(LiveSite, Bytes)>,
     last_run: usize,
+    /// The last new bytes (at most 8, zero-padded; length) that passed the
+    /// page swap's check of new bytes, which does not depend on the
+    /// address: start-up writes the same few forms ten thousand times.
+    swap_ok: (u64, usize),
     /// A page being rebuilt by a repair.
     scratch: Vec<u8>,
 }
@@ -87,6 +91,7 @@ impl Batch {
             writes: Vec::new(),
             pending: Vec::new(),
             last_run: 0,
+            swap_ok: (0, 0),
             scratch: Vec::new(),
         }
     }
@@ -248,14 +253,33 @@ impl Batch {
             return Ok(());
         }
         if self.one_for_one && !short_eq(old, bytes) {
-            live::check_swap(addr, old, bytes).map_err(|_| PokeError::NotLiveSafe {
-                addr,
-                rule: "a page swap needs each edit to replace one instruction by whole \
-                       instructions",
-            })?;
+            self.check_swap(addr, old, bytes)
+                .map_err(|_| PokeError::NotLiveSafe {
+                    addr,
+                    rule: "a page swap needs each edit to replace one instruction by whole \
+                           instructions",
+                })?;
         }
         self.store(addr, bytes)?;
         self.writes.push((addr, bytes.len()));
+        Ok(())
+    }
+
+    /// [`live::check_swap`], with its verdict on `new` remembered for the
+    /// next edit writing the same bytes (it depends on them alone).
+    #[inline]
+    fn check_swap(&mut self, addr: usize, old: &[u8], new: &[u8]) -> Result<(), live::LiveError> {
+        live::check_old(addr, old)?;
+        let n = new.len();
+        if n == 0 || n > 8 {
+            return live::check_new_whole(addr, new);
+        }
+        // SAFETY: `new` is `n <= 8` readable bytes.
+        let key = (unsafe { load_short(new.as_ptr(), n) }, n);
+        if self.swap_ok != key {
+            live::check_new_whole(addr, new)?;
+            self.swap_ok = key;
+        }
         Ok(())
     }
 

@@ -258,7 +258,7 @@ fn quick_old(bytes: &[u8]) -> bool {
 
 /// Checks that `old` (at `addr`) is one instruction, so no running thread
 /// is inside it or holds a return address into its middle.
-fn check_old(addr: usize, old: &[u8]) -> Result<(), LiveError> {
+pub(crate) fn check_old(addr: usize, old: &[u8]) -> Result<(), LiveError> {
     if !quick_old(old) {
         // A `call` other than the whole site would leave return addresses
         // inside it.
@@ -287,6 +287,13 @@ fn check_old(addr: usize, old: &[u8]) -> Result<(), LiveError> {
 /// ```
 pub fn check_swap(addr: usize, old: &[u8], new: &[u8]) -> Result<(), LiveError> {
     check_old(addr, old)?;
+    check_new_whole(addr, new)
+}
+
+/// The half of [`check_swap`] about `new`: it decodes to whole
+/// instructions ending exactly at the end of the site. The verdict
+/// depends on the bytes alone, not on `addr` (which only names the site).
+pub(crate) fn check_new_whole(addr: usize, new: &[u8]) -> Result<(), LiveError> {
     if quick_new(new, addr).is_some() {
         return Ok(());
     }

@@ -128,13 +128,13 @@ fn the_shape_path_agrees_with_the_general_path() {
     let mut inlined = 0;
     for mode in [Mode::Generic, Mode::Lfence, Mode::Plain] {
         for returns in [ReturnSites::Ret, ReturnSites::Thunk(ret)] {
-            let by_shape = plan_sites_by(&image, &sites, mode, returns, Some(&held)).unwrap();
+            let by_shape = plan_sites_by(&image, &sites, mode, returns, true, Some(&held)).unwrap();
             inlined += by_shape
                 .1
                 .iter()
                 .filter(|o| o.outcome == Outcome::Inlined)
                 .count();
-            let general = plan_sites_by(&image, &sites, mode, returns, None).unwrap();
+            let general = plan_sites_by(&image, &sites, mode, returns, false, None).unwrap();
             let (a, b) = (listing(by_shape), listing(general));
             if a != b {
                 let first = a.lines().zip(b.lines()).position(|(x, y)| x != y);
