@@ -75,6 +75,49 @@ fn every_mode_gives_the_unpatched_result() {
 }
 
 #[test]
+fn the_embedded_table_gives_the_same_sites_and_result_without_the_file() {
+    // A copy with its reserved table filled (what `altpatch embed` does).
+    let dir = std::env::temp_dir().join(format!("altpatch-realprog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let embedded = dir.join("realprog-embedded");
+    let mut bytes = std::fs::read(fixture()).unwrap();
+    let filled = altpatch::elf::embed(&mut bytes).unwrap();
+    std::fs::write(&embedded, &bytes).unwrap();
+    let mut perms = std::fs::metadata(fixture()).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&embedded, perms).unwrap();
+    let from_relocs = run(&["plain"]);
+    let run_embedded = |steps: &[&str]| {
+        let out = Command::new(&embedded).args(steps).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let from_table = run_embedded(&["plain"]);
+    let sites = field(&from_relocs[0], "sites");
+    assert!(
+        matches!(filled, altpatch::elf::EmbedOutcome::Written { sites: n, .. } if n >= sites),
+        "{filled:?}"
+    );
+    // Read from the table, not the file: the same sites, inlined and
+    // written, and the same result.
+    assert!(from_relocs.iter().any(|l| l == "source relocations"));
+    assert!(
+        from_table.iter().any(|l| l == "source table"),
+        "{from_table:?}"
+    );
+    assert_eq!(reports(&from_table), reports(&from_relocs));
+    assert_eq!(result(&from_table), result(&run(&["none"])));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn live_patching_under_running_threads_keeps_every_result() {
     let reference = run(&["none"]);
     let lines = run(&["live"]);
