@@ -35,8 +35,7 @@ pub(crate) trait EditList {
     fn new_bytes(&self, i: usize) -> &[u8];
     /// The bytes rollback and undo restore for a pending edit `i`.
     fn original(&self, i: usize) -> &[u8];
-    /// Where edit `i` stands. An edit in [`State::Observed`] holds its
-    /// exact old bytes (it is validated without a read).
+    /// Where edit `i` stands.
     fn state(&self, i: usize) -> State;
     /// Moves edit `i` to `state`.
     fn set_state(&mut self, i: usize, state: State);
@@ -79,14 +78,15 @@ pub(crate) trait EditList {
         Ok(())
     }
 
-    /// Takes the run of [`State::Observed`] edits starting at `from` as
-    /// validation does: each must start at or after `*prev_end` (no
+    /// Takes the run of [`State::Observed`] edits starting at `from`
+    /// without reading them (their planner read them under the update
+    /// lock, held since): each must start at or after `*prev_end` (no
     /// overlap), moves to [`State::Pending`], extends `*prev_end` and, with
     /// `runs`, the page runs. Returns the index after the run (`from` if
     /// edit `from` is not observed), or the index of an overlapping edit.
-    /// The default takes none (the validation loop handles observed edits
-    /// one by one); a list may override it with a loop over its own
-    /// storage that does exactly this.
+    /// The default takes none: validation then reads observed edits like
+    /// any other (always safe; only lists that push observed edits
+    /// override it).
     fn take_observed(
         &mut self,
         from: usize,
@@ -147,25 +147,6 @@ pub(crate) fn validate<E: EditList + ?Sized, P: TextPoke + ?Sized>(
         }
         list.check_shape(i)?;
         let (addr, len) = (list.addr(i), list.len(i));
-        // Read already, inside the text, by a planner holding the update
-        // lock since (see `State::Observed`): its old bytes are there.
-        if list.state(i) == State::Observed {
-            if prev_end > addr {
-                return Err(PlanError::Overlap {
-                    site: list.who(i - 1),
-                    other: list.who(i),
-                    addr,
-                });
-            }
-            prev_end = addr + len;
-            list.set_state(i, State::Pending);
-            v.pending += 1;
-            if let Some(runs) = runs.as_deref_mut() {
-                add_page_run(runs, addr, addr + len);
-            }
-            i += 1;
-            continue;
-        }
         let inside = match (list.text(), addr.checked_add(len)) {
             (_, None) => false,
             (None, Some(_)) => true,

@@ -110,46 +110,31 @@ impl CompactPlan {
     /// there, naming its address, and nothing is written.
     #[inline]
     pub fn push(&mut self, addr: usize, old: &[u8], new: &[u8]) {
-        let mut e = CompactEdit {
-            addr,
-            old: [0; COMPACT_MAX],
-            new: [0; COMPACT_MAX],
-            len: 0,
-            state: State::Unchecked,
-        };
-        if old.len() == new.len() && new.len() <= COMPACT_MAX {
-            // SAFETY: both slices are `new.len() <= COMPACT_MAX` bytes long,
-            // the size of the arrays.
-            unsafe {
-                copy_short(old.as_ptr(), e.old.as_mut_ptr(), old.len());
-                copy_short(new.as_ptr(), e.new.as_mut_ptr(), new.len());
-            }
-            e.len = new.len() as u8;
+        let n = new.len();
+        if old.len() != n || n > COMPACT_MAX {
+            return self.push_int(addr, 0, 0, 0, State::Unchecked);
         }
-        self.edits.push(e);
+        // SAFETY: both slices are `n <= COMPACT_MAX` (8) readable bytes.
+        let (old, new) = unsafe { (load_short(old.as_ptr(), n), load_short(new.as_ptr(), n)) };
+        self.push_int(addr, old, new, n, State::Unchecked);
     }
 
     /// [`push`](Self::push) of the first `n` bytes of two encodings: the
     /// start-up path, with no length dispatch per copy.
     #[inline(always)]
     pub(crate) fn push_encoded(&mut self, addr: usize, old: &Encoded, new: &Encoded, n: usize) {
-        let ok = n <= COMPACT_MAX && n <= old.len() && n <= new.len();
-        // Only the first `n` bytes: the arrays stay zero past the edit's
-        // length (`observe` compares whole arrays), also when the edit
-        // covers just a prefix of the encodings (`lfence` against a NOP).
-        let mask = if n >= COMPACT_MAX {
+        if n > COMPACT_MAX || n > old.len() || n > new.len() {
+            return self.push_int(addr, 0, 0, 0, State::Unchecked);
+        }
+        // Only the first `n` bytes, also when the edit covers just a prefix
+        // of the encodings (`lfence` against a NOP).
+        let mask = if n == COMPACT_MAX {
             u64::MAX
         } else {
             (1u64 << (8 * n)) - 1
         };
-        let keep = |h: [u8; COMPACT_MAX]| (u64::from_le_bytes(h) & mask).to_le_bytes();
-        self.edits.push(CompactEdit {
-            addr,
-            old: keep(old.head8()),
-            new: keep(new.head8()),
-            len: if ok { n as u8 } else { 0 },
-            state: State::Unchecked,
-        });
+        let head = |e: &Encoded| u64::from_le_bytes(e.head8()) & mask;
+        self.push_int(addr, head(old), head(new), n, State::Unchecked);
     }
 
     /// [`push`](Self::push) of an edit given as little-endian integers,
@@ -177,9 +162,12 @@ impl CompactPlan {
         self.push_int(addr, old, new, n, State::Observed);
     }
 
+    /// The one constructor of an edit: `old` and `new` zero above their
+    /// `n` bytes (the arrays are compared whole, `observe`); `n` outside
+    /// 1..=8 makes an edit validation refuses by name (length 0).
     #[inline(always)]
     fn push_int(&mut self, addr: usize, old: u64, new: u64, n: usize, state: State) {
-        debug_assert!(n == COMPACT_MAX || (old | new) >> (8 * n) == 0);
+        debug_assert!(n >= COMPACT_MAX || (old | new) >> (8 * n) == 0);
         self.edits.push(CompactEdit {
             addr,
             old: old.to_le_bytes(),

@@ -112,15 +112,8 @@ unsafe impl TextPoke for DirectPoke {
 
     #[inline]
     unsafe fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
-        let end = addr + bytes.len();
-        // A batch's writes come in address order: most fall in the run of
-        // the one before.
-        let inside = |p: &Range<usize>| p.start <= addr && end <= p.end;
-        if !self.pages.get(self.hit).is_some_and(inside) {
-            match self.pages.iter().position(inside) {
-                Some(i) => self.hit = i,
-                None => return Err(PokeError::OutsideBatch { addr }),
-            }
+        if !super::in_ranges(&self.pages, &mut self.hit, addr, addr + bytes.len()) {
+            return Err(PokeError::OutsideBatch { addr });
         }
         // SAFETY: the caller guarantees the range is inside the batch's
         // pages, and the constructor's contract makes them writable.

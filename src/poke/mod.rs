@@ -60,7 +60,7 @@ pub use direct::{DirectPoke, SyncMethod};
 pub use fault::{FaultInjectingPoke, FaultPoint};
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub(crate) use short::unknown_pages;
-pub(crate) use short::{copy_short, load_short, page_span, short_eq};
+pub(crate) use short::{copy_short, in_ranges, load_short, page_span, short_eq};
 
 /// Size of the pages batches are grouped by.
 pub const PAGE_SIZE: usize = 4096;

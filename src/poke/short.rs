@@ -114,6 +114,29 @@ pub(crate) fn short_eq(a: &[u8], b: &[u8]) -> bool {
     }
 }
 
+/// Whether `addr..end` lies inside one of `ranges`, the one at `*hint`
+/// tried first and `*hint` moved to the one found: writes and sites come
+/// in address order, so most fall in the range of the one before.
+#[inline(always)]
+pub(crate) fn in_ranges(
+    ranges: &[Range<usize>],
+    hint: &mut usize,
+    addr: usize,
+    end: usize,
+) -> bool {
+    let inside = |r: &Range<usize>| r.start <= addr && end <= r.end;
+    if ranges.get(*hint).is_some_and(inside) {
+        return true;
+    }
+    match ranges.iter().position(inside) {
+        Some(i) => {
+            *hint = i;
+            true
+        }
+        None => false,
+    }
+}
+
 /// The page-aligned range covering `addr..end`.
 #[inline]
 pub(crate) fn page_span(addr: usize, end: usize) -> Range<usize> {

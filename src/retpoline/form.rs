@@ -41,6 +41,9 @@ impl Form {
     }
 }
 
+/// Why a site that is not its branch's canonical encoding is left alone.
+pub(super) const PREFIXED: &str = "prefixed or unusual encoding: left as is";
+
 /// `n` bytes of `int3`.
 fn int3s(out: &mut Form, n: usize) {
     for _ in 0..n {
@@ -159,7 +162,7 @@ pub(super) fn routed_form(site: &Site, thunk: usize) -> Result<Encoded, &'static
     }
     .map_err(|_| "the supplied return thunk is out of rel32 reach of the site")?;
     if e.len() != site.len as usize {
-        return Err("prefixed or unusual encoding: left as is");
+        return Err(PREFIXED);
     }
     Ok(e)
 }

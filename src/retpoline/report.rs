@@ -101,9 +101,7 @@ impl Report<'_> {
         }
         c
     }
-}
 
-impl Report<'_> {
     /// The same report, owning a copy of the site list.
     pub fn into_owned(self) -> Report<'static> {
         Report {

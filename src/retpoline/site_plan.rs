@@ -12,11 +12,11 @@
 //! decides the same way with every case spelled out. A test checks that
 //! the two agree on every shape, mode and state.
 
-use super::form::{edit_span, inline_form, original_form, routed_elsewhere, routed_form};
+use super::form::{PREFIXED, edit_span, inline_form, original_form, routed_elsewhere, routed_form};
 use super::{Error, Mode, Outcome, ReturnSites, SiteOutcomes, local, thunks};
 use crate::image::Image;
 use crate::plan::CompactPlan;
-use crate::poke::{load_short, short_eq};
+use crate::poke::{in_ranges, load_short, short_eq};
 use crate::sites::{Site, SiteKind};
 use crate::sync::UpdateGuard;
 use crate::x86::{BranchKind, Encoded, Reg};
@@ -63,10 +63,8 @@ fn plan_sites_by<'s>(
     let mut outcomes = SiteOutcomes::for_sites(sites);
     let mut shapes = ShapeCache::new(mode, returns);
     let own = thunks::own_thunks();
-    let mut text = TextRanges {
-        all: image.text(),
-        hit: 0..0,
-    };
+    // The text range the last site was in (tried first).
+    let mut hit = 0;
     for s in sites {
         match s.kind {
             SiteKind::IndirectThunk(Reg::Rsp) => return Err(Error::RspSite { site: s.addr }),
@@ -78,12 +76,21 @@ fn plan_sites_by<'s>(
         }
         let Some(shape) = shapes.get(s) else {
             // Not a branch of its canonical length (prefixed).
-            outcomes.push(Outcome::Refused("prefixed or unusual encoding: left as is"));
+            outcomes.push(Outcome::Refused(PREFIXED));
             continue;
         };
         let foreign = || !own.contains(&s.target);
-        let taken =
-            use_shapes && by_shape(&mut text, s, shape, foreign, &mut plan, &mut outcomes, held);
+        let taken = use_shapes
+            && by_shape(
+                image,
+                &mut hit,
+                s,
+                shape,
+                foreign,
+                &mut plan,
+                &mut outcomes,
+                held,
+            );
         if !taken {
             let outcome = general(image, s, shape.inline, mode, returns, foreign(), &mut plan);
             outcomes.push(outcome);
@@ -96,8 +103,10 @@ fn plan_sites_by<'s>(
 /// it, its edit and outcome pushed (`true`); `false` sends the site to the
 /// general path (which may well agree).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)] // the loop's state, inlined into it
 fn by_shape(
-    text: &mut TextRanges<'_>,
+    image: &Image<'_>,
+    hit: &mut usize,
     s: &Site,
     shape: &Shape,
     foreign: impl Fn() -> bool,
@@ -115,8 +124,9 @@ fn by_shape(
         return false;
     };
     let original = shape.op | u64::from(rel32 as u32) << (8 * shape.op_len);
-    if !text.contains(s.addr, len) {
-        return false;
+    match s.addr.checked_add(len) {
+        Some(end) if in_ranges(image.text(), hit, s.addr, end) => {}
+        _ => return false,
     }
     // SAFETY: inside the image's text (checked above), which its
     // constructor guarantees is readable; `len` is 5 or 6.
@@ -147,34 +157,6 @@ fn by_shape(
     }
 }
 
-/// An image's text ranges, with the one the last site was in tried first
-/// (sites come in address order, and an image has few ranges).
-struct TextRanges<'a> {
-    all: &'a [core::ops::Range<usize>],
-    hit: core::ops::Range<usize>,
-}
-
-impl TextRanges<'_> {
-    /// Whether `addr..addr+len` lies inside one range (as
-    /// [`Image::contains_text`]).
-    #[inline(always)]
-    fn contains(&mut self, addr: usize, len: usize) -> bool {
-        let Some(end) = addr.checked_add(len) else {
-            return false;
-        };
-        if self.hit.start <= addr && end <= self.hit.end {
-            return true;
-        }
-        match self.all.iter().find(|r| r.start <= addr && end <= r.end) {
-            Some(r) => {
-                self.hit = r.clone();
-                true
-            }
-            None => false,
-        }
-    }
-}
-
 /// The general path: the site's outcome, and its edit (from whichever
 /// state it is in now) pushed. `inline` is the site's inline form in
 /// `mode`, or why there is none. Out of line: it keeps the shape path's
@@ -190,7 +172,7 @@ fn general(
     plan: &mut CompactPlan,
 ) -> Outcome {
     let Some(original) = original_form(s) else {
-        return Outcome::Refused("prefixed or unusual encoding: left as is");
+        return Outcome::Refused(PREFIXED);
     };
     let routed = match (s.kind, returns) {
         (SiteKind::ReturnThunk, ReturnSites::Thunk(t)) => Some(routed_form(s, t)),

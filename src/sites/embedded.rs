@@ -145,28 +145,8 @@ impl Header {
 /// form), by table lookup: start-up decodes every entry of a program.
 #[inline(always)]
 fn entry_shape(kind: u8, reg: u8, form: u8) -> Option<(SiteKind, BranchKind)> {
-    // A register byte of 16 or more is refused for every kind (this crate
-    // writes 0 where a kind has none).
-    if (kind | reg) >= 16 {
-        return None;
-    }
-    Some((
-        KINDS[usize::from(kind << 4 | reg)]?,
-        FORMS[usize::from(form)]?,
-    ))
+    Some((SiteKind::decode(kind, reg)?, FORMS[usize::from(form)]?))
 }
-
-/// Entry bytes 8 and 9 (kind, register: `kind * 16 + register`, both below
-/// 16) to the site kind (`SiteKind::decode`).
-const KINDS: [Option<SiteKind>; 256] = {
-    let mut t = [None; 256];
-    let mut i = 0;
-    while i < 256 {
-        t[i] = SiteKind::decode((i >> 4) as u8, (i & 15) as u8);
-        i += 1;
-    }
-    t
-};
 
 /// Entry byte 10 to the branch form: the low nibble is the form (call,
 /// jmp, jcc), the high one a jcc's condition.
@@ -279,6 +259,16 @@ impl<'a> Image<'a> {
     }
 }
 
+/// The number of entries of a filled table `bytes`, its header checked;
+/// `None` for no table (an empty section) or one not filled yet.
+fn filled_count(bytes: &[u8]) -> Result<Option<usize>, EmbeddedTableError> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    let h = Header::parse(bytes)?;
+    Ok(h.filled.then_some(h.count))
+}
+
 /// The `count` entries of the table `bytes` (its header checked), decoded
 /// at the addresses the table's position implies; or the index of the
 /// first entry that is not one.
@@ -306,17 +296,10 @@ impl<'a> EmbeddedTable<'a> {
     /// Reads the section `bytes` in place. `Ok(None)` for an image without a
     /// reserved table, or with one not filled yet.
     pub fn parse(bytes: &'a [u8]) -> Result<Option<EmbeddedTable<'a>>, EmbeddedTableError> {
-        if bytes.is_empty() {
+        let Some(count) = filled_count(bytes)? else {
             return Ok(None);
-        }
-        let h = Header::parse(bytes)?;
-        if !h.filled {
-            return Ok(None);
-        }
-        let t = EmbeddedTable {
-            bytes,
-            count: h.count,
         };
+        let t = EmbeddedTable { bytes, count };
         // Every entry checked once, here: its kind, register and form
         // bytes (the addresses are any offsets). `sites` and `iter` then
         // decode entries known to be good.
@@ -384,14 +367,10 @@ impl<'a> EmbeddedTable<'a> {
     /// assert!(EmbeddedTable::read_sites(&[]).unwrap().is_none());
     /// ```
     pub fn read_sites(bytes: &[u8]) -> Result<Option<alloc::vec::Vec<Site>>, EmbeddedTableError> {
-        if bytes.is_empty() {
+        let Some(count) = filled_count(bytes)? else {
             return Ok(None);
-        }
-        let h = Header::parse(bytes)?;
-        if !h.filled {
-            return Ok(None);
-        }
-        decode_all(bytes, h.count)
+        };
+        decode_all(bytes, count)
             .map(Some)
             .map_err(|index| EmbeddedTableError::BadEntry { index })
     }

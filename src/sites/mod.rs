@@ -66,6 +66,24 @@ pub enum SiteKind {
     Ifunc,
 }
 
+/// [`SiteKind::decode`]'s table, by `kind * 16 + register`.
+const KINDS: [Option<SiteKind>; 256] = {
+    let mut t = [None; 256];
+    let mut i = 0;
+    while i < 256 {
+        let reg = Reg::ALL[i & 15];
+        t[i] = match i >> 4 {
+            1 => Some(SiteKind::IndirectThunk(reg)),
+            2 => Some(SiteKind::ReturnThunk),
+            3 => Some(SiteKind::StaticCall),
+            4 => Some(SiteKind::Ifunc),
+            _ => None,
+        };
+        i += 1;
+    }
+    t
+};
+
 impl SiteKind {
     /// The embedded-table encoding: (kind, register).
     pub(crate) fn encode(self) -> (u8, u8) {
@@ -77,14 +95,16 @@ impl SiteKind {
         }
     }
 
-    pub(crate) const fn decode(kind: u8, reg: u8) -> Option<SiteKind> {
-        Some(match kind {
-            1 if reg < 16 => SiteKind::IndirectThunk(Reg::ALL[reg as usize]),
-            2 => SiteKind::ReturnThunk,
-            3 => SiteKind::StaticCall,
-            4 => SiteKind::Ifunc,
-            _ => return None,
-        })
+    /// [`encode`](Self::encode) back, both numbers below 16 (a register
+    /// of 16 or more is refused for every kind: 0 is written where a kind
+    /// has none). One table load: discovery decodes a kind per relocation,
+    /// start-up one per embedded entry.
+    #[inline(always)]
+    pub(crate) fn decode(kind: u8, reg: u8) -> Option<SiteKind> {
+        if (kind | reg) >= 16 {
+            return None;
+        }
+        KINDS[usize::from(kind << 4 | reg)]
     }
 
     /// A short name for tables: `thunk`, `return_thunk`, `static_call`,
