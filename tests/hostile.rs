@@ -151,13 +151,6 @@ fn fork_during_updates_int3() {
 }
 
 #[test]
-fn fork_during_updates_memfd_arena() {
-    if support::usable("memfd") {
-        ok("fork_swap", &[("ALTPATCH_POKE", "memfd")]);
-    }
-}
-
-#[test]
 fn reloaded_object_is_patched_again() {
     let so = process::altso();
     for poke in support::usable_strategies() {
@@ -183,7 +176,7 @@ fn long_altpatch_value_agrees_everywhere() {
 }
 
 #[test]
-fn a_refused_executable_memfd_falls_back_to_the_file_alias() {
+fn a_refused_executable_memfd_falls_back_to_a_refusal_not_hidden_text() {
     if support::usable("file") {
         ok("fallback", &[("ALTPATCH_POKE", "memfd,file")]);
     }

@@ -119,6 +119,29 @@ pub enum PokeError {
         /// What each strategy's probe ran into.
         refusals: [Option<Refusal>; 3],
     },
+    /// The text at `addr` is a mapping of a file, and publishing this batch
+    /// would have turned it into memory the kernel and the tools outside
+    /// the process do not know as that file: a uprobe's breakpoint copied
+    /// into it would kill the process, and perf, gdb and `/proc/self/maps`
+    /// would lose the binary. Nothing was written.
+    LeavesFile {
+        /// A page of that text.
+        addr: usize,
+        /// Why the page could not stay the file's.
+        why: &'static str,
+        /// The error number behind `why` (0 if none).
+        errno: i32,
+    },
+    /// The text at `addr` is sealed (`mseal(2)`, or a loader honouring
+    /// `-z memory-seal`): it cannot be remapped, only changed in place, and
+    /// the in-place way that is safe while threads run was not possible.
+    /// Nothing was written.
+    Sealed {
+        /// A sealed page.
+        addr: usize,
+        /// Why no publication the seal allows could be used.
+        why: &'static str,
+    },
     /// The INT3 protocol was refused because a thread could not survive a
     /// trap: it blocks `SIGTRAP`, or the program replaced the crate's
     /// `SIGTRAP` handler.
@@ -137,13 +160,19 @@ pub enum PokeError {
 pub enum Strategy {
     /// `pwrite` to `/proc/self/mem`: the kernel writes the read-only text
     /// itself (breaking copy-on-write); no writable mapping ever exists.
+    /// The only strategy that keeps a file's text that file's (in place, or
+    /// page-swapped as a fresh private mapping of the same file): the one
+    /// uprobes, perf and debuggers survive.
     ProcMem,
     /// Text pages re-homed onto a memfd (`memfd_create(MFD_EXEC)`) mapped
     /// read+exec, written through a read+write alias that is open only
-    /// during a batch.
+    /// during a batch. Anonymous text only: a file's text re-homed would be
+    /// unknown to the kernel's uprobes and to every tool outside the
+    /// process, so such a batch is refused ([`PokeError::LeavesFile`]).
     Memfd,
     /// The same with an unlinked file in `/dev/shm`, `/tmp` or `/var/tmp`
-    /// (where `vm.memfd_noexec` refuses executable memfds).
+    /// (where `vm.memfd_noexec` refuses executable memfds). Anonymous text
+    /// only, as [`Memfd`](Self::Memfd).
     File,
 }
 
@@ -165,6 +194,21 @@ impl Strategy {
             Strategy::Memfd => "memfd",
             Strategy::File => "file",
         }
+    }
+
+    /// Whether text a file maps stays that file's text when this strategy
+    /// writes it, so that the kernel's uprobes, perf, gdb and
+    /// `/proc/self/maps` keep seeing the binary. Only
+    /// [`ProcMem`](Self::ProcMem) does; the alias strategies refuse such
+    /// text and serve anonymous text.
+    ///
+    /// ```
+    /// use altpatch::poke::Strategy;
+    /// assert!(Strategy::ProcMem.keeps_file_text());
+    /// assert!(!Strategy::Memfd.keeps_file_text());
+    /// ```
+    pub const fn keeps_file_text(self) -> bool {
+        matches!(self, Strategy::ProcMem)
     }
 
     /// The strategy called `name` (see [`name`](Self::name)).
@@ -280,6 +324,24 @@ impl fmt::Display for PokeError {
                 }
                 Ok(())
             }
+            PokeError::LeavesFile { addr, why, errno } => {
+                write!(f, "text at {addr:#x} maps a file, and {why}")?;
+                if *errno != 0 {
+                    f.write_str(" (")?;
+                    write_errno(f, *errno)?;
+                    f.write_str(")")?;
+                }
+                f.write_str(
+                    "; it would become memory the kernel and the tools outside the process \
+                     (uprobes, perf, debuggers) do not know as that file, where a uprobe's \
+                     breakpoint kills the process. Nothing written",
+                )
+            }
+            PokeError::Sealed { addr, why } => write!(
+                f,
+                "text at {addr:#x} is sealed (mseal): it cannot be remapped, and {why}. Nothing \
+                 written"
+            ),
             PokeError::SignalState { why, tid } => {
                 write!(f, "INT3 protocol refused: {why}")?;
                 if *tid != 0 {
@@ -299,7 +361,9 @@ impl PokeError {
             PokeError::NotText { addr, .. }
             | PokeError::OutsideBatch { addr }
             | PokeError::NotLiveSafe { addr, .. }
-            | PokeError::NotLanded { addr, .. } => Some(*addr),
+            | PokeError::NotLanded { addr, .. }
+            | PokeError::LeavesFile { addr, .. }
+            | PokeError::Sealed { addr, .. } => Some(*addr),
             _ => None,
         }
     }

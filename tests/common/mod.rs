@@ -124,11 +124,31 @@ pub fn read(addr: usize, len: usize) -> Vec<u8> {
     unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec()
 }
 
-/// The text-writing strategies this machine lets a process use (those
-/// refused here are skipped with a note on stderr).
+/// The text-writing strategies this machine lets a process use on the
+/// test binary's own text: those that keep a file's text the file's
+/// (`keeps_file_text`; the alias strategies serve anonymous text and are
+/// tested on it, see `alias_strategies`). Those refused here are skipped
+/// with a note on stderr.
 pub fn usable_strategies() -> Vec<altpatch::Strategy> {
     altpatch::Strategy::ALL
         .into_iter()
+        .filter(|&s| s.keeps_file_text())
+        .filter(|&s| {
+            let ok = altpatch::LinuxPoke::with_strategy(altpatch::Publish::InPlace, s).is_ok();
+            if !ok {
+                eprintln!("SKIPPED for {}: refused on this machine", s.name());
+            }
+            ok
+        })
+        .collect()
+}
+
+/// The alias strategies (memfd, file) this machine lets a process use:
+/// for anonymous text only.
+pub fn alias_strategies() -> Vec<altpatch::Strategy> {
+    altpatch::Strategy::ALL
+        .into_iter()
+        .filter(|&s| !s.keeps_file_text())
         .filter(|&s| {
             let ok = altpatch::LinuxPoke::with_strategy(altpatch::Publish::InPlace, s).is_ok();
             if !ok {

@@ -179,6 +179,10 @@ pub(super) struct Arena {
     open: Vec<u32>,
     /// Text page address -> its slots.
     pages: BTreeMap<usize, Slots>,
+    /// Device and inode of every backing file this process (or the one it
+    /// was forked from) made: text mapping one is re-homed anonymous text,
+    /// not a file's.
+    own: Vec<(u64, u64)>,
 }
 
 impl Arena {
@@ -192,7 +196,13 @@ impl Arena {
             regions: Vec::new(),
             open: Vec::new(),
             pages: BTreeMap::new(),
+            own: Vec::new(),
         }
+    }
+
+    /// Whether the file with `dev` and `ino` is one of the arena's.
+    pub(super) fn owns(&self, dev: u64, ino: u64) -> bool {
+        self.own.contains(&(dev, ino))
     }
 
     /// Starts a batch over `pages` with backing `kind`: drops the arena if
@@ -305,6 +315,12 @@ impl Arena {
         let fd = open_backing(kind).map_err(|(call, errno)| PokeError::Os { call, errno })?;
         // The probe left the file one page long; slots start at 0.
         self.fd = fd;
+        // SAFETY: `st` is written by fstat before it is read.
+        let mut st: libc::stat = unsafe { core::mem::zeroed() };
+        // SAFETY: fstat on our descriptor into our buffer.
+        if unsafe { libc::fstat(fd, &mut st) } == 0 {
+            self.own.push((st.st_dev, st.st_ino));
+        }
         self.generation = crate::sync::fork_generation();
         // SAFETY: getpid has no preconditions.
         self.pid = unsafe { libc::getpid() };

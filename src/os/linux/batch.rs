@@ -3,26 +3,31 @@
 //!
 //! The fixed order of a batch:
 //!
-//! 1. `begin`: check the pages are text (cached while the loader's object
-//!    list is unchanged); stage them — a copy of each page (ProcMem), or the
-//!    alias of its live or spare slot (arena, homing the page first);
+//! 1. `begin`: check the pages are text and learn where each comes from
+//!    (cached while the loader's object list is unchanged); choose how the
+//!    batch is published — text a file maps stays that file's text, sealed
+//!    text is changed in place, or the batch is refused before anything is
+//!    written; stage the pages — a copy of each (ProcMem), or the alias of
+//!    its live or spare slot (arena, anonymous text only); note which of
+//!    the earlier patches on the pages the text still holds;
 //! 2. `write`: check the edit (one instruction for one, or emulatable for
 //!    the INT3 protocol) and store it into the staging;
-//! 3. `commit`: publish (`pwrite` the changed spans, swap the pages, map the
-//!    spare slots, or run the INT3 protocol), then read every write back
+//! 3. `commit`: publish (see `publish.rs`), then read every write back
 //!    through the executable address; a page that does not hold it is built
-//!    afresh from what is mapped now plus the batch's writes and swapped in,
-//!    once; still wrong is [`PokeError::NotLanded`].
+//!    afresh and swapped in, once; still wrong is
+//!    [`PokeError::NotLanded`]. What landed is recorded, for the page swaps
+//!    of later batches to carry over, and logged where asked.
 
 use alloc::vec::Vec;
 use core::ops::Range;
 
+mod publish;
 mod verify;
 
 use super::state::Shared;
-use super::{Publish, sys, threads, trap};
+use super::{Publish, maps, threads, trap};
 use crate::plan::Bytes;
-use crate::poke::live::{self, LiveSite, LiveSites, Step};
+use crate::poke::live::{self, LiveSite};
 use crate::poke::{PAGE_SIZE, PokeError, Strategy, copy_short, load_short, short_eq};
 
 /// One run of contiguous pages in the batch.
@@ -42,6 +47,17 @@ impl Run {
     }
 }
 
+/// Pages of a run that one page swap publishes: contiguous, mapping the
+/// same file at consecutive offsets, or anonymous.
+struct Group {
+    text: Range<usize>,
+    /// Index of its first page among the batch's pages.
+    first: usize,
+    /// The file's descriptor and the offset the first page maps; `None`
+    /// for anonymous text.
+    file: Option<(libc::c_int, u64)>,
+}
+
 /// A clean page's dirty span.
 const CLEAN: (u32, u32) = (PAGE_SIZE as u32, 0);
 
@@ -49,6 +65,9 @@ pub(super) struct Batch {
     /// How this poke writes and publishes (fixed at construction).
     pub(super) strategy: Strategy,
     pub(super) publish: Publish,
+    /// How the batch in progress (or the last one) is published: `publish`,
+    /// or the INT3 protocol where the text is sealed.
+    pub(super) published: Publish,
     /// Every edit must replace one instruction by one
     /// ([`LinuxPoke::running`](super::LinuxPoke::running)).
     pub(super) one_for_one: bool,
@@ -57,6 +76,8 @@ pub(super) struct Batch {
     /// Pages found not holding their writes and rebuilt.
     pub(super) repairs: u64,
     runs: Vec<Run>,
+    /// ProcMem page swap: the runs cut where the file or offset changes.
+    groups: Vec<Group>,
     /// Per page of the batch: where writes to it go (staging copy or alias).
     targets: Vec<usize>,
     /// ProcMem: the batch's pages, run after run.
@@ -65,6 +86,9 @@ pub(super) struct Batch {
     dirty: Vec<(u32, u32)>,
     /// Every write (address, length), for the read-back.
     writes: Vec<(usize, usize)>,
+    /// Earlier patches on the pages of a file-backed swap that the text
+    /// still holds: what the swap carries over besides the writes.
+    carried: Vec<Range<usize>>,
     /// INT3 protocol: the writes, checked as live sites.
     pending: Vec<(LiveSite, Bytes)>,
     last_run: usize,
@@ -72,8 +96,11 @@ pub(super) struct Batch {
     /// page swap's check of new bytes, which does not depend on the
     /// address: start-up writes the same few forms ten thousand times.
     swap_ok: (u64, usize),
-    /// A page being rebuilt by a repair.
+    /// Scratch: a page being rebuilt by a repair; the bytes a swap owns;
+    /// the stores a publication makes.
     scratch: Vec<u8>,
+    owned: Vec<Range<usize>>,
+    stores: Vec<Range<usize>>,
 }
 
 impl Batch {
@@ -81,27 +108,34 @@ impl Batch {
         Batch {
             strategy,
             publish,
+            published: publish,
             one_for_one: false,
             remaps: 0,
             repairs: 0,
             runs: Vec::new(),
+            groups: Vec::new(),
             targets: Vec::new(),
             stage: Vec::new(),
             dirty: Vec::new(),
             writes: Vec::new(),
+            carried: Vec::new(),
             pending: Vec::new(),
             last_run: 0,
             swap_ok: (0, 0),
             scratch: Vec::new(),
+            owned: Vec::new(),
+            stores: Vec::new(),
         }
     }
 
     /// Forgets the batch (capacity is kept for the next one).
     pub(super) fn clear(&mut self) {
         self.runs.clear();
+        self.groups.clear();
         self.targets.clear();
         self.dirty.clear();
         self.writes.clear();
+        self.carried.clear();
         self.pending.clear();
         self.last_run = 0;
     }
@@ -111,7 +145,7 @@ impl Batch {
         shared: &mut Shared,
         pages: &[Range<usize>],
     ) -> Result<(), PokeError> {
-        let (strategy, publish) = (self.strategy, self.publish);
+        let strategy = self.strategy;
         self.clear();
         for r in pages {
             if r.start % PAGE_SIZE != 0 || r.end % PAGE_SIZE != 0 || r.end <= r.start {
@@ -136,48 +170,81 @@ impl Batch {
             n += (r.end - r.start) / PAGE_SIZE;
         }
         self.dirty.resize(n, CLEAN);
+        self.published = self.choose_publication(shared, pages)?;
         match strategy {
             Strategy::ProcMem => {
                 shared.procmem.open()?;
                 self.stage_copies(pages, n);
+                if self.published == Publish::Remap {
+                    self.make_groups(shared)?;
+                    self.note_carried(shared);
+                }
             }
-            Strategy::Memfd | Strategy::File => {
-                shared.arena.begin(strategy, pages)?;
-                for r in pages {
-                    if publish != Publish::Remap {
-                        self.remaps += home(shared, r.clone())?;
-                    }
-                    let mut p = r.start;
-                    while p < r.end {
-                        let s = shared.arena.slots(p).expect("slots were just made");
-                        let target = if publish == Publish::Remap {
-                            let (_, spare) = s.spare();
-                            // SAFETY: the text page is mapped readable; the
-                            // spare slot is ours, mapped executable nowhere.
-                            unsafe {
-                                core::ptr::copy_nonoverlapping(
-                                    p as *const u8,
-                                    spare as *mut u8,
-                                    PAGE_SIZE,
-                                )
-                            };
-                            spare
-                        } else {
-                            s.live_alias().expect("page was just homed")
-                        };
-                        self.targets.push(target);
-                        p += PAGE_SIZE;
+            Strategy::Memfd | Strategy::File => self.stage_in_arena(shared, pages)?,
+        }
+        Ok(())
+    }
+
+    /// How this batch can be published: the poke's publication, unless
+    /// sealed text forbids remapping (then the INT3 protocol, in place, if
+    /// every thread can take it) or the pages are a file's text that the
+    /// alias strategies would move off it.
+    fn choose_publication(
+        &self,
+        shared: &mut Shared,
+        pages: &[Range<usize>],
+    ) -> Result<Publish, PokeError> {
+        let alias = self.strategy != Strategy::ProcMem;
+        if alias {
+            for r in pages {
+                for p in r.clone().step_by(PAGE_SIZE) {
+                    if shared_file_of(shared, p).is_some() {
+                        return Err(PokeError::LeavesFile {
+                            addr: p,
+                            why: if self.strategy == Strategy::Memfd {
+                                "the memfd alias would re-home it onto a memfd (only pwrite to \
+                                 /proc/self/mem, procmem, keeps text the file's)"
+                            } else {
+                                "the file alias would re-home it onto a temporary file (only \
+                                 pwrite to /proc/self/mem, procmem, keeps text the file's)"
+                            },
+                            errno: 0,
+                        });
                     }
                 }
             }
         }
-        Ok(())
+        let remaps = alias || self.publish == Publish::Remap;
+        let Some(sealed) = remaps
+            .then(|| pages.iter().find(|r| maps::sealed(r)))
+            .flatten()
+        else {
+            return Ok(self.publish);
+        };
+        if alias {
+            return Err(PokeError::Sealed {
+                addr: sealed.start,
+                why: "the memfd and file aliases remap text",
+            });
+        }
+        // Sealed text changes only in place: the INT3 protocol is the
+        // in-place publication that is safe while threads run.
+        trap::install()
+            .and_then(|()| threads::check_can_trap())
+            .map_err(|e| PokeError::Sealed {
+                addr: sealed.start,
+                why: match e {
+                    PokeError::SignalState { why, .. } => why,
+                    _ => "the INT3 protocol, which it allows, could not install its handler",
+                },
+            })?;
+        Ok(Publish::Live)
     }
 
     /// ProcMem: a copy of every page to write into (none for the INT3
     /// protocol, which writes in place).
     fn stage_copies(&mut self, pages: &[Range<usize>], n: usize) {
-        if self.publish == Publish::Live {
+        if self.published == Publish::Live {
             self.targets.resize(n, 0);
             return;
         }
@@ -193,15 +260,104 @@ impl Batch {
             self.stage.extend_from_slice(text);
         }
         let base = self.stage.as_mut_ptr() as usize;
-        let mut i = 0;
-        for r in pages {
-            let mut p = r.start;
-            while p < r.end {
-                self.targets.push(base + i * PAGE_SIZE);
-                i += 1;
-                p += PAGE_SIZE;
+        self.targets.extend((0..n).map(|i| base + i * PAGE_SIZE));
+    }
+
+    /// ProcMem page swap: cuts the runs into groups of pages mapping one
+    /// file at consecutive offsets (or anonymous), each file opened.
+    fn make_groups(&mut self, shared: &mut Shared) -> Result<(), PokeError> {
+        for r in &self.runs {
+            for p in r.text.clone().step_by(PAGE_SIZE) {
+                let first = r.first + (p - r.text.start) / PAGE_SIZE;
+                let file = match shared_file_of(shared, p) {
+                    None => None,
+                    Some((i, offset)) => {
+                        let f = shared.text.file(i);
+                        let fd = f.fd().map_err(|(call, errno)| PokeError::LeavesFile {
+                            addr: p,
+                            why: if errno == 0 {
+                                "its file has been replaced, so no copy of it can be staged"
+                            } else {
+                                call
+                            },
+                            errno,
+                        })?;
+                        Some((fd, offset))
+                    }
+                };
+                let continues = self.groups.last().is_some_and(|g| {
+                    g.text.end == p
+                        && match (g.file, file) {
+                            (None, None) => true,
+                            (Some((fa, oa)), Some((fb, ob))) => {
+                                fa == fb && oa + (p - g.text.start) as u64 == ob
+                            }
+                            _ => false,
+                        }
+                });
+                match self.groups.last_mut() {
+                    Some(g) if continues => g.text.end += PAGE_SIZE,
+                    _ => self.groups.push(Group {
+                        text: p..p + PAGE_SIZE,
+                        first,
+                        file,
+                    }),
+                }
             }
         }
+        Ok(())
+    }
+
+    /// Notes the earlier patches on the file-backed groups' pages that the
+    /// text still holds (carried over by the swap); forgets those it does
+    /// not (an object loaded again, a byte someone else rewrote).
+    fn note_carried(&mut self, shared: &mut Shared) {
+        let mut stale: Vec<Range<usize>> = Vec::new();
+        for g in self.groups.iter().filter(|g| g.file.is_some()) {
+            shared.overlay.each_in(g.text.clone(), |a, ours| {
+                // SAFETY: inside the group's pages, mapped readable text.
+                let now = unsafe { core::slice::from_raw_parts(a as *const u8, ours.len()) };
+                if now == ours {
+                    self.carried.push(a..a + ours.len());
+                } else {
+                    stale.push(a..a + ours.len());
+                }
+            });
+        }
+        for r in stale {
+            shared.overlay.forget(r);
+        }
+    }
+
+    /// The alias strategies (anonymous text): the alias of each page's live
+    /// slot (in place, INT3), or of its spare slot holding a copy (swap).
+    fn stage_in_arena(
+        &mut self,
+        shared: &mut Shared,
+        pages: &[Range<usize>],
+    ) -> Result<(), PokeError> {
+        shared.arena.begin(self.strategy, pages)?;
+        for r in pages {
+            if self.published != Publish::Remap {
+                self.remaps += publish::home(shared, r.clone())?;
+            }
+            for p in r.clone().step_by(PAGE_SIZE) {
+                let s = shared.arena.slots(p).expect("slots were just made");
+                let target = if self.published == Publish::Remap {
+                    let (_, spare) = s.spare();
+                    // SAFETY: the text page is mapped readable; the spare
+                    // slot is ours, mapped executable nowhere.
+                    unsafe {
+                        core::ptr::copy_nonoverlapping(p as *const u8, spare as *mut u8, PAGE_SIZE)
+                    };
+                    spare
+                } else {
+                    s.live_alias().expect("page was just homed")
+                };
+                self.targets.push(target);
+            }
+        }
+        Ok(())
     }
 
     /// The batch's page index and offset of `addr`. Writes arrive in
@@ -235,7 +391,7 @@ impl Batch {
     pub(super) unsafe fn write(&mut self, addr: usize, bytes: &[u8]) -> Result<(), PokeError> {
         // SAFETY: the plan writes only inside its text, which is mapped.
         let old = unsafe { core::slice::from_raw_parts(addr as *const u8, bytes.len()) };
-        if self.publish == Publish::Live {
+        if self.published == Publish::Live {
             if short_eq(old, bytes) {
                 // Nothing to do (a rollback of a batch the protocol never
                 // ran): no trap, no sync.
@@ -245,8 +401,14 @@ impl Batch {
             // anything is written.
             let site = LiveSite::new(addr, old, bytes).map_err(|_| PokeError::NotLiveSafe {
                 addr,
-                rule: "the INT3 protocol needs one emulatable instruction (call, jmp, jcc, nop, \
-                       ret) replaced by one",
+                rule: if self.publish == Publish::Live {
+                    "the INT3 protocol needs one emulatable instruction (call, jmp, jcc, nop, \
+                     ret) replaced by one"
+                } else {
+                    "the text is sealed (mseal), so it changes only in place, by the INT3 \
+                     protocol, which needs one emulatable instruction (call, jmp, jcc, nop, ret) \
+                     replaced by one"
+                },
             })?;
             self.locate(addr).ok_or(PokeError::OutsideBatch { addr })?;
             self.pending.push((site, Bytes::new(bytes)));
@@ -313,143 +475,21 @@ impl Batch {
     }
 
     pub(super) fn commit(&mut self, shared: &mut Shared) -> Result<(), PokeError> {
-        match (self.strategy, self.publish) {
-            (_, Publish::Live) => self.commit_live(shared)?,
-            (Strategy::ProcMem, Publish::InPlace) => {
-                for (at, from, len) in self.spans() {
-                    // SAFETY: validated text of the batch; the staged bytes
-                    // are its current bytes plus the writes.
-                    unsafe { shared.procmem.write(at, &self.stage[from..from + len]) }?;
-                }
-            }
-            (Strategy::ProcMem, Publish::Remap) => {
-                for r in &self.runs {
-                    let from = r.first * PAGE_SIZE;
-                    let bytes = &self.stage[from..from + (r.text.end - r.text.start)];
-                    // SAFETY: as above, whole pages.
-                    unsafe { shared.procmem.swap(r.text.clone(), bytes) }?;
-                    self.remaps += 1;
-                }
-            }
-            (_, Publish::InPlace) => {} // stored through the live alias
-            (_, Publish::Remap) => {
-                for r in &self.runs {
-                    self.remaps += shared.arena.publish_spares(r.text.clone())?;
-                }
-            }
-        }
-        self.verify_and_repair(shared)
-    }
-
-    /// The written spans of the batch as (text address, stage offset,
-    /// length), neighbouring pages' spans joined across page boundaries when
-    /// the unchanged bytes between them are few: one `pwrite` per stretch of
-    /// edits instead of one per page. The bytes in between are written with
-    /// the values they have (the staging is a copy of the text).
-    fn spans(&self) -> Vec<(usize, usize, usize)> {
-        /// Unchanged bytes worth rewriting to save a system call.
-        const JOIN: usize = 512;
-        let mut out: Vec<(usize, usize, usize)> = Vec::new();
-        for r in &self.runs {
-            let pages = (r.text.end - r.text.start) / PAGE_SIZE;
-            let mut last_run_end: Option<usize> = None;
-            for k in 0..pages {
-                let (lo, hi) = self.dirty[r.first + k];
-                if lo >= hi {
-                    continue;
-                }
-                let at = r.text.start + k * PAGE_SIZE + lo as usize;
-                let end = at + (hi - lo) as usize;
-                match (out.last_mut(), last_run_end) {
-                    (Some(span), Some(prev)) if at - prev <= JOIN => span.2 = end - span.0,
-                    _ => out.push((at, (r.first + k) * PAGE_SIZE + lo as usize, end - at)),
-                }
-                last_run_end = Some(end);
-            }
-        }
-        out
-    }
-
-    /// Runs the INT3 protocol over the pending writes, with the process
-    /// lock held (so neither another patcher nor `fork` comes between
-    /// phases).
-    fn commit_live(&mut self, shared: &mut Shared) -> Result<(), PokeError> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        trap::install()?;
-        threads::check_can_trap()?;
-        let table = LiveSites::new(self.pending.iter().map(|(s, _)| *s).collect());
-        let pending = core::mem::take(&mut self.pending);
-        let writes: Vec<(usize, &[u8])> = pending.iter().map(|(s, b)| (s.addr, &b[..])).collect();
-        let mut first_error = Ok(());
-        // A failed sync does not stop the protocol: finishing it leaves no
-        // int3 behind, and the plan restores the old bytes.
-        let step = |step: Step<'_>| match step {
-            // SAFETY: a live site of the batch (checked in `write`); the
-            // protocol keeps every intermediate state safe.
-            Step::Write(addr, bytes) => unsafe { self.in_place(shared, addr, bytes) },
-            Step::Sync => {
-                if let Err(e) = sys::sync_all_threads()
-                    && first_error.is_ok()
-                {
-                    first_error = Err(e);
-                }
-                Ok(())
-            }
-        };
-        // SAFETY: `table` lives until after the call; the process lock is
-        // held, so this is the only patcher publishing to the slot.
-        let result = unsafe { live::run_published(trap::slot(), &table, &writes, step) };
-        let result = result.and(first_error);
-        drop(writes);
-        self.pending = pending;
-        result
-    }
-
-    /// Stores `bytes` at `addr` in the live text at once.
-    ///
-    /// # Safety
-    ///
-    /// `addr` is inside the batch; the bytes are a step of the protocol.
-    unsafe fn in_place(
-        &mut self,
-        shared: &mut Shared,
-        addr: usize,
-        bytes: &[u8],
-    ) -> Result<(), PokeError> {
-        if self.strategy == Strategy::ProcMem {
-            // SAFETY: forwarded.
-            return unsafe { shared.procmem.write(addr, bytes) };
-        }
-        // The arena's targets are the live slots' aliases: stores there are
-        // in place.
-        self.store(addr, bytes)
+        self.publish_batch(shared)?;
+        self.verify_and_repair(shared)?;
+        // What landed is ours now: later swaps of these pages carry it over.
+        let overlay = &mut shared.overlay;
+        self.each_piece(|at, bytes| overlay.record(at, bytes));
+        Ok(())
     }
 }
 
-/// Maps slots holding the current bytes over every page of `r` that is
-/// still its original mapping (the arena's in-place and INT3 publications
-/// write into the live slot).
-/// Returns the number of `mmap` calls.
-fn home(shared: &mut Shared, r: Range<usize>) -> Result<u64, PokeError> {
-    let arena = &mut shared.arena;
-    let mut calls = 0;
-    let mut p = r.start;
-    while p < r.end {
-        if arena.slots(p).and_then(|s| s.live_alias()).is_some() {
-            p += PAGE_SIZE;
-            continue;
-        }
-        let start = p;
-        while p < r.end && arena.slots(p).and_then(|s| s.live_alias()).is_none() {
-            let (_, spare) = arena.slots(p).expect("slots were just made").spare();
-            // SAFETY: the text page is readable; the slot is ours, open
-            // read+write, and not mapped executable anywhere yet.
-            unsafe { core::ptr::copy_nonoverlapping(p as *const u8, spare as *mut u8, PAGE_SIZE) };
-            p += PAGE_SIZE;
-        }
-        calls += arena.publish_spares(start..p)?;
-    }
-    Ok(calls)
+/// The file `page` maps and the offset it maps (checked pages only), unless
+/// the page is anonymous or maps a file of the arena's (re-homed anonymous
+/// text).
+fn shared_file_of(shared: &mut Shared, page: usize) -> Option<(usize, u64)> {
+    let o = shared.text.origin(page)?;
+    let i = o.file()?;
+    let (dev, ino) = shared.text.file(i).id();
+    (!shared.arena.owns(dev, ino)).then_some((i, o.offset))
 }

@@ -1,100 +1,118 @@
-//! What the process's address space holds: `/proc/self/maps` and the
-//! dynamic loader's list of loaded objects.
+//! What the process's address space holds where a batch writes:
+//! `/proc/self/maps`, read for pages not seen before. Each page is checked
+//! to be ordinary text, and remembered with where its bytes come from — the
+//! file and offset it maps (which the page swap stages its copy from, so the
+//! text stays that file's text for the kernel and for every tool), or
+//! anonymous memory.
 
+use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::ops::Range;
-use std::ffi::CStr;
 
-use crate::poke::PokeError;
+use super::files::MappedFile;
+use super::loader::loader_generation;
+use crate::poke::{PAGE_SIZE, PokeError};
 
-/// Checks that every range is covered by mappings that are readable,
-/// executable, private and not writable: ordinary text. Writable ones are JIT
-/// memory or data; a shared one would carry writes through to its file
-/// (`/proc/self/mem` writes even read-only shared mappings it may write).
-pub(crate) fn check_text_mappings(ranges: &[Range<usize>]) -> Result<(), PokeError> {
+/// One line of `/proc/self/maps`.
+pub(crate) struct Vma {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+    /// `rwxp` letters (`-` where a permission is absent).
+    pub(crate) perms: [u8; 4],
+    /// File offset of `start`.
+    pub(crate) offset: u64,
+    /// Device (as `st_dev`) and inode of the file; inode 0 when anonymous.
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+    /// The path the kernel shows (may end in ` (deleted)`); empty when
+    /// anonymous.
+    pub(crate) path: String,
+}
+
+impl Vma {
+    fn parse(line: &str) -> Option<Vma> {
+        let mut it = line.splitn(6, ' ');
+        let (a, b) = it.next()?.split_once('-')?;
+        let perms_s = it.next()?.as_bytes();
+        let offset = u64::from_str_radix(it.next()?, 16).ok()?;
+        let (maj, min) = it.next()?.split_once(':')?;
+        let ino = it.next()?.parse().ok()?;
+        let path = it.next().unwrap_or("").trim_start().into();
+        let mut perms = [b'-'; 4];
+        for (d, s) in perms.iter_mut().zip(perms_s) {
+            *d = *s;
+        }
+        let dev = libc::makedev(
+            u32::from_str_radix(maj, 16).ok()?,
+            u32::from_str_radix(min, 16).ok()?,
+        );
+        Some(Vma {
+            start: usize::from_str_radix(a, 16).ok()?,
+            end: usize::from_str_radix(b, 16).ok()?,
+            perms,
+            offset,
+            dev,
+            ino,
+            path,
+        })
+    }
+
+    /// Why this mapping is not ordinary text, if it is not: readable,
+    /// executable, private and not writable. Writable ones are JIT memory
+    /// or data; a shared one would carry writes through to its file
+    /// (`/proc/self/mem` writes even read-only shared mappings it may write).
+    fn not_text(&self) -> Option<&'static str> {
+        let p = self.perms;
+        if p[0] != b'r' || p[2] != b'x' {
+            Some("mapping is not readable and executable")
+        } else if p[1] == b'w' {
+            Some("mapping is writable and executable (JIT memory?)")
+        } else if p[3] != b'p' {
+            Some("mapping is shared, not private text")
+        } else {
+            None
+        }
+    }
+}
+
+/// Every mapping of the process, in address order.
+pub(crate) fn read_vmas() -> Result<Vec<Vma>, PokeError> {
     let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| PokeError::Os {
         call: "read /proc/self/maps",
         errno: e.raw_os_error().unwrap_or(0),
     })?;
-    let mut vmas: Vec<(usize, usize, [u8; 4])> = Vec::new();
-    for line in maps.lines() {
-        let mut it = line.split_ascii_whitespace();
-        let (Some(span), Some(perms)) = (it.next(), it.next()) else {
-            continue;
-        };
-        let Some((a, b)) = span.split_once('-') else {
-            continue;
-        };
-        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
-            continue;
-        };
-        let mut p = [b'-'; 4];
-        for (d, s) in p.iter_mut().zip(perms.bytes()) {
-            *d = s;
-        }
-        vmas.push((a, b, p));
-    }
-    for r in ranges {
-        let mut at = r.start;
-        while at < r.end {
-            let Some(&(_, end, perms)) = vmas.iter().find(|v| v.0 <= at && at < v.1) else {
-                return Err(PokeError::NotText {
-                    addr: at,
-                    why: "not mapped",
-                });
-            };
-            if perms[0] != b'r' || perms[2] != b'x' {
-                return Err(PokeError::NotText {
-                    addr: at,
-                    why: "mapping is not readable and executable",
-                });
-            }
-            if perms[1] == b'w' {
-                return Err(PokeError::NotText {
-                    addr: at,
-                    why: "mapping is writable and executable (JIT memory?)",
-                });
-            }
-            if perms[3] != b'p' {
-                return Err(PokeError::NotText {
-                    addr: at,
-                    why: "mapping is shared, not private text",
-                });
-            }
-            at = end;
-        }
-    }
-    Ok(())
+    Ok(maps.lines().filter_map(Vma::parse).collect())
 }
 
-/// The dynamic loader's count of objects loaded and unloaded so far
-/// (`dlpi_adds`, `dlpi_subs`): while it is unchanged, no object's text was
-/// unmapped or mapped, so pages once checked to be text still are.
-pub(crate) fn loader_generation() -> (u64, u64) {
-    unsafe extern "C" fn first(
-        info: *mut libc::dl_phdr_info,
-        _size: libc::size_t,
-        data: *mut libc::c_void,
-    ) -> libc::c_int {
-        // SAFETY: dl_iterate_phdr passes a valid info and our pointer.
-        let (info, out) = unsafe { (&*info, &mut *(data as *mut (u64, u64))) };
-        *out = (info.dlpi_adds, info.dlpi_subs);
-        1
-    }
-    let mut out = (0u64, 0u64);
-    // SAFETY: the callback matches the expected signature and writes only
-    // `out`, for the duration of the call.
-    unsafe { libc::dl_iterate_phdr(Some(first), (&raw mut out).cast()) };
-    out
+/// No file: the page is anonymous memory.
+const ANONYMOUS: u32 = u32::MAX;
+
+/// Where a text page's bytes come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Origin {
+    /// Index of the file among [`TextPages`]'s files, or [`ANONYMOUS`].
+    file: u32,
+    /// The file offset the page maps.
+    pub(crate) offset: u64,
 }
 
-/// Pages confirmed to be ordinary text, valid while the loader generation
-/// is unchanged (see [`loader_generation`]). Guarded by the process lock.
-#[derive(Default)]
+impl Origin {
+    /// The index of the file the page maps (`None`: anonymous memory).
+    pub(crate) fn file(&self) -> Option<usize> {
+        (self.file != ANONYMOUS).then_some(self.file as usize)
+    }
+}
+
+/// Pages confirmed to be ordinary text and where they come from, valid
+/// while the loader generation is unchanged (see [`loader_generation`]).
+/// Guarded by the process lock.
 pub(crate) struct TextPages {
     generation: (u64, u64),
-    checked: alloc::collections::BTreeSet<usize>,
+    checked: BTreeMap<usize, Origin>,
+    /// The files text pages map (kept across loader changes: a file's
+    /// descriptor stays valid, and a reloaded object finds its entry).
+    files: Vec<MappedFile>,
     /// Times `/proc/self/maps` was read.
     pub(crate) reads: u64,
 }
@@ -103,7 +121,8 @@ impl TextPages {
     pub(crate) const fn new() -> TextPages {
         TextPages {
             generation: (0, 0),
-            checked: alloc::collections::BTreeSet::new(),
+            checked: BTreeMap::new(),
+            files: Vec::new(),
             reads: 0,
         }
     }
@@ -121,18 +140,65 @@ impl TextPages {
     }
 
     /// Checks the page-aligned `pages` are text, reading `/proc/self/maps`
-    /// only for pages not confirmed before.
+    /// only for pages not confirmed before, and remembers their origins.
     pub(crate) fn check(&mut self, pages: &[Range<usize>]) -> Result<(), PokeError> {
-        let missing = crate::poke::unknown_pages(pages, |p| self.checked.contains(&p));
+        let missing = crate::poke::unknown_pages(pages, |p| self.checked.contains_key(&p));
         if missing.is_empty() {
             return Ok(());
         }
         self.reads += 1;
-        check_text_mappings(&missing)?;
-        for m in missing {
-            self.checked.extend(m.step_by(crate::poke::PAGE_SIZE));
+        let vmas = read_vmas()?;
+        // Checked in full before any page is remembered: a failed check
+        // leaves the cache as it was.
+        let mut found: Vec<(usize, Origin)> = Vec::new();
+        for r in &missing {
+            let mut at = r.start;
+            while at < r.end {
+                let i = vmas.partition_point(|v| v.end <= at);
+                let Some(v) = vmas.get(i).filter(|v| v.start <= at) else {
+                    return Err(PokeError::NotText {
+                        addr: at,
+                        why: "not mapped",
+                    });
+                };
+                if let Some(why) = v.not_text() {
+                    return Err(PokeError::NotText { addr: at, why });
+                }
+                let file = if v.ino == 0 {
+                    ANONYMOUS
+                } else {
+                    self.file_index(v)
+                };
+                let end = v.end.min(r.end);
+                while at < end {
+                    let offset = v.offset + (at - v.start) as u64;
+                    found.push((at, Origin { file, offset }));
+                    at += PAGE_SIZE;
+                }
+            }
         }
+        self.checked.extend(found);
         Ok(())
+    }
+
+    /// The index of `v`'s file among the files, added if new.
+    fn file_index(&mut self, v: &Vma) -> u32 {
+        if let Some(i) = self.files.iter().position(|f| f.is(v.dev, v.ino)) {
+            self.files[i].seen_at(v);
+            return i as u32;
+        }
+        self.files.push(MappedFile::new(v));
+        (self.files.len() - 1) as u32
+    }
+
+    /// Where `page` comes from (checked pages only).
+    pub(crate) fn origin(&self, page: usize) -> Option<Origin> {
+        self.checked.get(&page).copied()
+    }
+
+    /// The file at `index` (see [`Origin::file`]).
+    pub(crate) fn file(&mut self, index: usize) -> &mut MappedFile {
+        &mut self.files[index]
     }
 
     /// Forgets `page` (its mapping changed under us).
@@ -141,87 +207,44 @@ impl TextPages {
     }
 }
 
-/// A loaded object (the executable or a shared object) and its executable
-/// segments, as the dynamic loader reports them.
-pub(crate) struct LoadedObject {
-    /// Path as the loader knows it (empty for the main program).
-    pub name: String,
-    /// The load bias: runtime address minus link-time address.
-    pub bias: usize,
-    /// Every `PT_LOAD` segment, relocated.
-    pub loads: Vec<Range<usize>>,
-    /// The file offset (`p_offset`) of each segment of `loads`.
-    pub load_offsets: Vec<u64>,
-    /// Executable `PT_LOAD` segments, relocated.
-    pub text: Vec<Range<usize>>,
+/// Whether any page of `range` (mapped text) is sealed (`mseal(2)`): a
+/// sealed mapping cannot be remapped, unmapped or re-protected. Asked by
+/// re-protecting the range with the protection it has, which changes
+/// nothing where it is allowed and fails with `EPERM` only on a seal (a
+/// policy refusing executable protections answers otherwise, and means
+/// "not sealed" here: the publication then meets that policy itself).
+pub(crate) fn sealed(range: &Range<usize>) -> bool {
+    // SAFETY: the range is read+exec text (checked by the caller); asking
+    // for read+exec again leaves every mapping as it is.
+    let r = unsafe {
+        libc::mprotect(
+            range.start as *mut libc::c_void,
+            range.end - range.start,
+            libc::PROT_READ | libc::PROT_EXEC,
+        )
+    };
+    r != 0 && super::sys::errno() == libc::EPERM
 }
 
-/// The loaded object one of whose segments contains `addr`.
-pub(crate) fn loaded_object_containing(addr: usize) -> Option<LoadedObject> {
-    struct Search {
-        addr: usize,
-        found: Option<LoadedObject>,
+#[cfg(test)]
+mod tests {
+    use super::Vma;
+
+    #[test]
+    fn parses_maps_lines() {
+        let v = Vma::parse(
+            "55d0c1a00000-55d0c1a42000 r-xp 00003000 fd:01 1234567    /usr/bin/my prog (deleted)",
+        )
+        .unwrap();
+        assert_eq!((v.start, v.end), (0x55d0c1a00000, 0x55d0c1a42000));
+        assert_eq!(&v.perms, b"r-xp");
+        assert_eq!((v.offset, v.ino), (0x3000, 1234567));
+        assert_eq!(v.dev, libc::makedev(0xfd, 1));
+        assert_eq!(v.path, "/usr/bin/my prog (deleted)");
+        assert_eq!(v.not_text(), None);
+        let anon = Vma::parse("7f0000000000-7f0000001000 rwxp 00000000 00:00 0 ").unwrap();
+        assert_eq!((anon.ino, anon.path.as_str()), (0, ""));
+        assert!(anon.not_text().unwrap().contains("JIT"));
+        assert!(Vma::parse("garbage").is_none());
     }
-    unsafe extern "C" fn callback(
-        info: *mut libc::dl_phdr_info,
-        _size: libc::size_t,
-        data: *mut libc::c_void,
-    ) -> libc::c_int {
-        // SAFETY: dl_iterate_phdr passes a valid info for the duration of
-        // the call and our `data` pointer unchanged.
-        let (info, search) = unsafe { (&*info, &mut *(data as *mut Search)) };
-        if info.dlpi_phdr.is_null() {
-            return 0;
-        }
-        // SAFETY: the loader guarantees dlpi_phnum headers at dlpi_phdr.
-        let phdrs =
-            unsafe { core::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
-        let base = info.dlpi_addr as usize;
-        let seg = |p: &libc::Elf64_Phdr| {
-            let s = base.wrapping_add(p.p_vaddr as usize);
-            s..s.wrapping_add(p.p_memsz as usize)
-        };
-        let hit = phdrs
-            .iter()
-            .any(|p| p.p_type == libc::PT_LOAD && seg(p).contains(&search.addr));
-        if !hit {
-            return 0;
-        }
-        let text = phdrs
-            .iter()
-            .filter(|p| p.p_type == libc::PT_LOAD && p.p_flags & libc::PF_X != 0)
-            .map(seg)
-            .collect();
-        let loads = phdrs
-            .iter()
-            .filter(|p| p.p_type == libc::PT_LOAD)
-            .map(seg)
-            .collect();
-        let load_offsets = phdrs
-            .iter()
-            .filter(|p| p.p_type == libc::PT_LOAD)
-            .map(|p| p.p_offset)
-            .collect();
-        let name = if info.dlpi_name.is_null() {
-            String::new()
-        } else {
-            // SAFETY: the loader's name is a NUL-terminated string.
-            unsafe { CStr::from_ptr(info.dlpi_name) }
-                .to_string_lossy()
-                .into_owned()
-        };
-        search.found = Some(LoadedObject {
-            name,
-            bias: base,
-            loads,
-            load_offsets,
-            text,
-        });
-        1
-    }
-    let mut search = Search { addr, found: None };
-    // SAFETY: the callback matches the expected signature and only uses
-    // `search` for the duration of the call.
-    unsafe { libc::dl_iterate_phdr(Some(callback), (&raw mut search).cast()) };
-    search.found
 }

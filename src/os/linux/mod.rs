@@ -78,10 +78,14 @@
 
 mod arena;
 mod batch;
+mod files;
 mod fork;
 mod loaded;
+mod loader;
 pub(crate) mod maps;
+mod overlay;
 mod procmem;
+mod runs;
 mod state;
 mod strategy;
 mod sys;
@@ -97,7 +101,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::poke::{PokeError, Refusal, Strategy};
 pub(crate) use arena::open_exec_tmpfile;
-pub(crate) use maps::loaded_object_containing;
+pub(crate) use loader::loaded_object_containing;
 use state::Locked;
 pub(crate) use sys::{errno, memfd_exec};
 

@@ -11,22 +11,32 @@
 //!
 //! * **In place**: one `pwrite` per page of the batch, over the span the
 //!   batch changed. The mapping keeps its file name in `/proc/self/maps`.
-//! * **Page swap**: the new contents of a run of pages are written into a
-//!   fresh anonymous read+exec mapping (by `pwrite` too: it is never
-//!   writable), which `mremap` then moves over the text in one step. A thread
-//!   running there faults for an instant and continues in the new page, so it
-//!   runs all-old or all-new bytes. The swapped pages show as anonymous.
+//! * **Page swap** of text backed by a file (see [`ProcMem::swap_file`]):
+//!   a fresh private read+exec mapping of the same file at the same offset
+//!   is staged — the kernel places in it the breakpoints of the uprobes
+//!   registered now, and keeps them up to date while it exists — our bytes
+//!   (earlier patches and the batch's) are written into it, and `mremap`
+//!   moves it over the text in one step. A thread running there faults for
+//!   an instant and continues in the new page, so it runs all-old or all-new
+//!   bytes; and the page stays the file's text for the kernel (uprobes),
+//!   `/proc/self/maps`, perf and debuggers.
+//! * **Page swap** of anonymous text (no file, so no uprobe and no symbol to
+//!   keep): a fresh anonymous read+exec mapping holding the new contents.
 //!
 //! Refused where the kernel forbids forced writes (`proc_mem.force_override=
-//! never`, some LSMs), `/proc` is not mounted, or anonymous executable
-//! mappings are denied (SELinux `execmem`): the probe checks all three.
+//! never`, some LSMs) or `/proc` is not mounted: the probe checks both, on a
+//! private mapping of this program's own file (anonymous executable memory
+//! may be refused by policy, SELinux `execmem`, and the file-backed swap
+//! does not need it).
 //!
 //! [`Strategy::ProcMem`]: crate::poke::Strategy::ProcMem
 
 use core::ops::Range;
 
+use super::runs::write_runs;
 use super::sys::{errno, map_anon, os_err};
 use crate::poke::{PAGE_SIZE, PokeError, Refusal, Strategy};
+use alloc::vec::Vec;
 
 /// The open `/proc/self/mem`. Kept open; reopened in a forked child (found
 /// by its process id), whose inherited descriptor still names the parent's
@@ -170,6 +180,90 @@ impl ProcMem {
         }
         Ok(())
     }
+    /// Replaces the pages `text`, which map the file `fd` from `offset`,
+    /// with a fresh private mapping of the same file at the same offset
+    /// holding `want` at every position of `owned`, in one step. Every
+    /// other byte is the file's, plus the breakpoints the kernel keeps in
+    /// the mapping for the uprobes registered on it. `runs` is scratch.
+    ///
+    /// # Safety
+    ///
+    /// `text` is page-aligned validated text mapping `fd` at `offset`;
+    /// `want` (`text`'s length) holds its intended bytes at `owned` (sorted
+    /// offsets into `text`), which are earlier patches and validated edits.
+    pub(super) unsafe fn swap_file(
+        &mut self,
+        text: Range<usize>,
+        fd: libc::c_int,
+        offset: u64,
+        want: &[u8],
+        owned: &[Range<usize>],
+        runs: &mut Vec<Range<usize>>,
+    ) -> Result<(), PokeError> {
+        let len = text.end - text.start;
+        debug_assert!(want.len() == len && len.is_multiple_of(PAGE_SIZE));
+        // SAFETY: a new private read+exec mapping of the file at an address
+        // the kernel picks; nothing runs it until it is moved over `text`.
+        let stage = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE,
+                fd,
+                offset as libc::off_t,
+            )
+        };
+        if stage == libc::MAP_FAILED {
+            return Err(os_err("mmap of the text's file"));
+        }
+        let unmap = |e: PokeError| {
+            // SAFETY: our staging mapping, not moved.
+            unsafe { libc::munmap(stage, len) };
+            e
+        };
+        // SAFETY: the staging mapping is `len` readable bytes; the kernel
+        // may put or take a breakpoint byte in it meanwhile, which
+        // `write_runs` is written to expect (it never stores an `int3`
+        // that is not ours).
+        let live = unsafe { core::slice::from_raw_parts(stage as *const u8, len) };
+        runs.clear();
+        write_runs(
+            live,
+            want,
+            owned,
+            |p| file_byte(fd, offset + p as u64),
+            runs,
+        );
+        for r in runs.iter() {
+            // SAFETY: our staging mapping, which nothing runs yet.
+            unsafe { self.write(stage as usize + r.start, &want[r.clone()]) }.map_err(unmap)?;
+        }
+        // SAFETY: moves our staging pages over `text`, which the caller
+        // vouches for; MREMAP_FIXED replaces the old pages in one step under
+        // the address-space lock (a thread faulting there waits for it).
+        let moved = unsafe {
+            libc::mremap(
+                stage,
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                text.start as *mut libc::c_void,
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            return Err(unmap(os_err("mremap")));
+        }
+        Ok(())
+    }
+}
+
+/// The byte of file `fd` at `at`, if it can be read.
+fn file_byte(fd: libc::c_int, at: u64) -> Option<u8> {
+    let mut b = 0u8;
+    // SAFETY: reads one byte of our descriptor into `b`.
+    let n = unsafe { libc::pread(fd, (&raw mut b).cast(), 1, at as libc::off_t) };
+    (n == 1).then_some(b)
 }
 
 impl Drop for ProcMem {
@@ -181,18 +275,39 @@ impl Drop for ProcMem {
     }
 }
 
-/// Whether this process may use the strategy: opens `/proc/self/mem`, maps
-/// an anonymous read+exec page, writes it through the file and reads it
-/// back.
+/// Whether this process may use the strategy: opens `/proc/self/mem`,
+/// maps a page of this program's own file privately read+exec (as the page
+/// swap stages text), writes it through the file and reads it back.
 pub(super) fn probe(mem: &mut ProcMem) -> Result<(), Refusal> {
     let refuse =
         |call: &'static &'static str, errno: i32| Refusal::new(Strategy::ProcMem, call, errno);
     mem.open()
         .map_err(|_| refuse(&"open /proc/self/mem", errno()))?;
-    let page = map_anon(PAGE_SIZE, libc::PROT_READ | libc::PROT_EXEC)
-        .map_err(|_| refuse(&"mmap(PROT_READ|PROT_EXEC, MAP_ANONYMOUS)", errno()))?;
+    // SAFETY: open with a NUL-terminated path.
+    let fd = unsafe { libc::open(c"/proc/self/exe".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(refuse(&"open /proc/self/exe", errno()));
+    }
+    // SAFETY: a private read+exec mapping of the first page of our file,
+    // which nothing runs; unmapped below.
+    let page = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            PAGE_SIZE,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE,
+            fd,
+            0,
+        )
+    };
+    let e = errno();
+    // SAFETY: closing the descriptor we opened (the mapping keeps the file).
+    unsafe { libc::close(fd) };
+    if page == libc::MAP_FAILED {
+        return Err(refuse(&"mmap(PROT_READ|PROT_EXEC) of /proc/self/exe", e));
+    }
     let probe = [0xc3u8, 0xcc];
-    // SAFETY: our own page, which nothing runs.
+    // SAFETY: our own private page, which nothing runs.
     let wrote = unsafe { mem.write(page as usize, &probe) };
     // SAFETY: the page is mapped readable.
     let landed = unsafe { core::slice::from_raw_parts(page as *const u8, 2) } == probe;

@@ -5,6 +5,7 @@ use core::cell::{Cell, UnsafeCell};
 
 use super::arena::Arena;
 use super::maps::TextPages;
+use super::overlay::Overlay;
 use super::procmem::ProcMem;
 use crate::poke::{PokeError, Refusal, Strategy};
 use crate::sync::Held;
@@ -13,6 +14,9 @@ use crate::sync::Held;
 pub(super) struct Shared {
     /// Pages confirmed to be ordinary text.
     pub(super) text: TextPages,
+    /// The bytes this process's patches put in text (what a page swap
+    /// carries over to the file's fresh copy of a page).
+    pub(super) overlay: Overlay,
     /// The open `/proc/self/mem`.
     pub(super) procmem: ProcMem,
     /// The alias strategies' backing file and slots.
@@ -33,6 +37,7 @@ unsafe impl Sync for SharedCell {}
 
 static SHARED: SharedCell = SharedCell(UnsafeCell::new(Shared {
     text: TextPages::new(),
+    overlay: Overlay::new(),
     procmem: ProcMem::new(),
     arena: Arena::new(),
     probed: [None; 3],

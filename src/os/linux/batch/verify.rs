@@ -3,6 +3,7 @@
 //! private copy, a re-loaded object, someone's `mmap`).
 
 use alloc::vec::Vec;
+use core::ops::Range;
 
 use super::Batch;
 use crate::os::linux::state::Shared;
@@ -13,7 +14,7 @@ impl Batch {
     /// Calls `f(addr, intended bytes)` for every write of the batch, split
     /// at page boundaries. The intended bytes are the protocol's pending
     /// writes, or else what the staging (or alias) holds there.
-    fn each_piece(&self, mut f: impl FnMut(usize, &[u8])) {
+    pub(super) fn each_piece(&self, mut f: impl FnMut(usize, &[u8])) {
         for (addr, len, pending) in self.write_list() {
             let mut done = 0;
             while done < len {
@@ -39,7 +40,7 @@ impl Batch {
 
     /// Every write as (address, length, the bytes if the batch keeps them).
     fn write_list(&self) -> Vec<(usize, usize, Option<&[u8]>)> {
-        if self.publish == Publish::Live {
+        if self.published == Publish::Live {
             self.pending
                 .iter()
                 .map(|(s, b)| (s.addr, b.len(), Some(&b[..])))
@@ -50,12 +51,15 @@ impl Batch {
     }
 
     /// Pages (address, first wrong byte) whose text does not hold the
-    /// batch's writes. Outside the INT3 protocol each page's written span is
-    /// compared with its staging (one compare per page, whatever the number
-    /// of edits); the protocol's writes are compared one by one.
+    /// batch's writes. Outside the INT3 protocol each page's written span
+    /// is compared with its staging first (one compare per page, whatever
+    /// the number of edits); only where that differs — bytes between the
+    /// writes may differ legitimately: a breakpoint the kernel keeps, or
+    /// one a page swap did not carry — are the writes compared one by one.
     fn mismatches(&self) -> Vec<(usize, usize)> {
         let mut bad: Vec<(usize, usize)> = Vec::new();
-        if self.publish != Publish::Live {
+        let mut suspect: Vec<usize> = Vec::new();
+        if self.published != Publish::Live {
             for r in &self.runs {
                 let pages = (r.text.end - r.text.start) / PAGE_SIZE;
                 for k in 0..pages {
@@ -77,21 +81,25 @@ impl Batch {
                         )
                     };
                     if have != want {
-                        let i = have.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
-                        bad.push((page, page + lo as usize + i));
+                        suspect.push(page);
                     }
                 }
             }
-            return bad;
+            if suspect.is_empty() {
+                return bad;
+            }
         }
         self.each_piece(|at, want| {
+            let page = at - at % PAGE_SIZE;
+            if self.published != Publish::Live && suspect.binary_search(&page).is_err() {
+                return;
+            }
             // SAFETY: inside the batch's text, which is mapped readable.
             let have = unsafe { core::slice::from_raw_parts(at as *const u8, want.len()) };
-            if let Some(i) = have.iter().zip(want).position(|(a, b)| a != b) {
-                let page = at - at % PAGE_SIZE;
-                if bad.last().is_none_or(|&(p, _)| p != page) {
-                    bad.push((page, at + i));
-                }
+            if let Some(i) = have.iter().zip(want).position(|(a, b)| a != b)
+                && bad.last().is_none_or(|&(p, _)| p != page)
+            {
+                bad.push((page, at + i));
             }
         });
         bad
@@ -107,7 +115,7 @@ impl Batch {
             self.remaps += 1;
             self.repairs += 1;
         }
-        if self.publish == Publish::Live {
+        if self.published == Publish::Live {
             sys::sync_all_threads()?;
         }
         match self.mismatches().first() {
@@ -117,9 +125,10 @@ impl Batch {
     }
 
     /// Builds `page` afresh — the bytes mapped there now with the batch's
-    /// writes on top — and swaps it in.
+    /// writes on top — and swaps it in: for a file's text, as a fresh copy
+    /// of the file carrying the writes and the earlier patches the text
+    /// still holds.
     fn repair(&mut self, shared: &mut Shared, page: usize) -> Result<(), PokeError> {
-        let strategy = self.strategy;
         let range = page..page + PAGE_SIZE;
         shared.text.forget(page);
         shared.text.check(core::slice::from_ref(&range))?;
@@ -129,20 +138,53 @@ impl Batch {
         fresh.extend_from_slice(unsafe {
             core::slice::from_raw_parts(page as *const u8, PAGE_SIZE)
         });
+        let mut owned: Vec<Range<usize>> = Vec::new();
         self.each_piece(|at, want| {
             if range.contains(&at) {
                 let off = at - page;
                 fresh[off..off + want.len()].copy_from_slice(want);
+                owned.push(off..off + want.len());
             }
         });
-        let r = match strategy {
-            // SAFETY: validated text; its current bytes plus the writes.
-            Strategy::ProcMem => unsafe { shared.procmem.swap(range.clone(), &fresh) },
+        let r = match self.strategy {
+            Strategy::ProcMem => match super::shared_file_of(shared, page) {
+                Some((i, offset)) => {
+                    shared.overlay.each_in(range.clone(), |a, ours| {
+                        let off = a - page;
+                        if fresh[off..off + ours.len()] == *ours {
+                            owned.push(off..off + ours.len());
+                        }
+                    });
+                    owned.sort_unstable_by_key(|r| r.start);
+                    match shared.text.file(i).fd() {
+                        // SAFETY: validated text mapping the file at
+                        // `offset`; its current bytes plus the writes.
+                        Ok(fd) => unsafe {
+                            shared.procmem.swap_file(
+                                range.clone(),
+                                fd,
+                                offset,
+                                &fresh,
+                                &owned,
+                                &mut self.stores,
+                            )
+                        },
+                        Err((call, errno)) => Err(PokeError::LeavesFile {
+                            addr: page,
+                            why: call,
+                            errno,
+                        }),
+                    }
+                }
+                // SAFETY: anonymous validated text; its current bytes plus
+                // the writes.
+                None => unsafe { shared.procmem.swap(range.clone(), &fresh) },
+            },
             Strategy::Memfd | Strategy::File => {
                 shared.arena.forget(page);
                 shared
                     .arena
-                    .begin(strategy, core::slice::from_ref(&range))
+                    .begin(self.strategy, core::slice::from_ref(&range))
                     .and_then(|()| {
                         let (_, spare) = shared.arena.slots(page).expect("just made").spare();
                         // SAFETY: the new spare slot's alias, open read+write.

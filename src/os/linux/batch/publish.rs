@@ -1,0 +1,205 @@
+//! Publishing a batch: how its staged bytes reach the text.
+//!
+//! * ProcMem, in place: one `pwrite` per stretch of writes (see
+//!   [`write_runs`](super::super::runs::write_runs) for what a stretch may
+//!   span).
+//! * ProcMem, page swap: per group of pages, a fresh private mapping of the
+//!   file they map holding the earlier patches and the writes
+//!   ([`ProcMem::swap_file`](super::super::procmem::ProcMem::swap_file)),
+//!   or for anonymous text a fresh anonymous page holding the new contents.
+//! * The INT3 protocol, in place.
+//! * The alias strategies (anonymous text): stores already went to the
+//!   live slot (in place), or the spare slots are mapped over the text.
+
+use alloc::vec::Vec;
+use core::ops::Range;
+
+use super::super::runs::write_runs;
+use super::super::state::Shared;
+use super::super::{Publish, sys, threads, trap};
+use super::{Batch, Group};
+use crate::poke::live::{self, LiveSites, Step};
+use crate::poke::{PAGE_SIZE, PokeError, Strategy};
+
+impl Batch {
+    pub(super) fn publish_batch(&mut self, shared: &mut Shared) -> Result<(), PokeError> {
+        match (self.strategy, self.published) {
+            (_, Publish::Live) => self.commit_live(shared),
+            (Strategy::ProcMem, Publish::InPlace) => self.commit_in_place(shared),
+            (Strategy::ProcMem, Publish::Remap) => {
+                for k in 0..self.groups.len() {
+                    self.swap_group(shared, k)?;
+                    self.remaps += 1;
+                }
+                Ok(())
+            }
+            (_, Publish::InPlace) => Ok(()), // stored through the live alias
+            (_, Publish::Remap) => {
+                for r in &self.runs {
+                    self.remaps += shared.arena.publish_spares(r.text.clone())?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The writes inside `range`, as offsets from its start, sorted, with
+    /// the carried earlier patches (for a swap) merged in: into `owned`.
+    fn owned_in(&mut self, range: &Range<usize>, carried: bool) {
+        self.owned.clear();
+        let clip = |a: usize, n: usize| {
+            let lo = a.max(range.start);
+            let hi = (a + n).min(range.end);
+            (lo < hi).then(|| lo - range.start..hi - range.start)
+        };
+        self.owned
+            .extend(self.writes.iter().filter_map(|&(a, n)| clip(a, n)));
+        if carried {
+            let from = self.carried.partition_point(|c| c.end <= range.start);
+            for c in &self.carried[from..] {
+                if c.start >= range.end {
+                    break;
+                }
+                if let Some(r) = clip(c.start, c.len()) {
+                    self.owned.push(r);
+                }
+            }
+        }
+        // Writes arrive in address order; a rollback's or a merge may not.
+        if !self.owned.is_sorted_by_key(|r| r.start) {
+            self.owned.sort_unstable_by_key(|r| r.start);
+        }
+    }
+
+    /// ProcMem in place: `pwrite` the writes, joined where that is safe.
+    fn commit_in_place(&mut self, shared: &mut Shared) -> Result<(), PokeError> {
+        for i in 0..self.runs.len() {
+            let text = self.runs[i].text.clone();
+            let from = self.runs[i].first * PAGE_SIZE;
+            self.owned_in(&text, false);
+            // SAFETY: the run's pages are mapped readable text.
+            let live = unsafe {
+                core::slice::from_raw_parts(text.start as *const u8, text.end - text.start)
+            };
+            let want = &self.stage[from..from + (text.end - text.start)];
+            self.stores.clear();
+            write_runs(live, want, &self.owned, |_| None, &mut self.stores);
+            for s in &self.stores {
+                // SAFETY: validated text of the batch; the staged bytes are
+                // its current bytes plus the writes, and `write_runs` keeps
+                // every byte stored that is not a write a non-int3 byte as
+                // it is now.
+                unsafe { shared.procmem.write(text.start + s.start, &want[s.clone()]) }?;
+            }
+        }
+        Ok(())
+    }
+
+    /// ProcMem page swap of group `k`.
+    pub(super) fn swap_group(&mut self, shared: &mut Shared, k: usize) -> Result<(), PokeError> {
+        let Group { text, first, file } = &self.groups[k];
+        let (text, first, file) = (text.clone(), *first, *file);
+        let from = first * PAGE_SIZE;
+        let len = text.end - text.start;
+        match file {
+            Some((fd, offset)) => {
+                self.owned_in(&text, true);
+                let want = &self.stage[from..from + len];
+                // SAFETY: validated text mapping the file at `offset`; the
+                // staging holds the current bytes plus the writes, and the
+                // carried patches are what the text holds now.
+                unsafe {
+                    shared
+                        .procmem
+                        .swap_file(text, fd, offset, want, &self.owned, &mut self.stores)
+                }
+            }
+            // SAFETY: anonymous validated text (no file, so nothing but
+            // ours can be in it); its current bytes plus the writes.
+            None => unsafe { shared.procmem.swap(text, &self.stage[from..from + len]) },
+        }
+    }
+
+    /// Runs the INT3 protocol over the pending writes, with the process
+    /// lock held (so neither another patcher nor `fork` comes between
+    /// phases).
+    fn commit_live(&mut self, shared: &mut Shared) -> Result<(), PokeError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        trap::install()?;
+        threads::check_can_trap()?;
+        let table = LiveSites::new(self.pending.iter().map(|(s, _)| *s).collect());
+        let pending = core::mem::take(&mut self.pending);
+        let writes: Vec<(usize, &[u8])> = pending.iter().map(|(s, b)| (s.addr, &b[..])).collect();
+        let mut first_error = Ok(());
+        // A failed sync does not stop the protocol: finishing it leaves no
+        // int3 behind, and the plan restores the old bytes.
+        let step = |step: Step<'_>| match step {
+            // SAFETY: a live site of the batch (checked in `write`); the
+            // protocol keeps every intermediate state safe.
+            Step::Write(addr, bytes) => unsafe { self.in_place(shared, addr, bytes) },
+            Step::Sync => {
+                if let Err(e) = sys::sync_all_threads()
+                    && first_error.is_ok()
+                {
+                    first_error = Err(e);
+                }
+                Ok(())
+            }
+        };
+        // SAFETY: `table` lives until after the call; the process lock is
+        // held, so this is the only patcher publishing to the slot.
+        let result = unsafe { live::run_published(trap::slot(), &table, &writes, step) };
+        let result = result.and(first_error);
+        drop(writes);
+        self.pending = pending;
+        result
+    }
+
+    /// Stores `bytes` at `addr` in the live text at once.
+    ///
+    /// # Safety
+    ///
+    /// `addr` is inside the batch; the bytes are a step of the protocol.
+    unsafe fn in_place(
+        &mut self,
+        shared: &mut Shared,
+        addr: usize,
+        bytes: &[u8],
+    ) -> Result<(), PokeError> {
+        if self.strategy == Strategy::ProcMem {
+            // SAFETY: forwarded.
+            return unsafe { shared.procmem.write(addr, bytes) };
+        }
+        // The arena's targets are the live slots' aliases: stores there are
+        // in place.
+        self.store(addr, bytes)
+    }
+}
+
+/// Maps slots holding the current bytes over every page of `r` that is
+/// still its original mapping (the arena's in-place and INT3 publications
+/// write into the live slot). Anonymous text only: a file's text is never
+/// re-homed. Returns the number of `mmap` calls.
+pub(super) fn home(shared: &mut Shared, r: Range<usize>) -> Result<u64, PokeError> {
+    let arena = &mut shared.arena;
+    let mut calls = 0;
+    let mut p = r.start;
+    while p < r.end {
+        if arena.slots(p).and_then(|s| s.live_alias()).is_some() {
+            p += PAGE_SIZE;
+            continue;
+        }
+        let start = p;
+        while p < r.end && arena.slots(p).and_then(|s| s.live_alias()).is_none() {
+            let (_, spare) = arena.slots(p).expect("slots were just made").spare();
+            // SAFETY: the text page is readable; the slot is ours, open
+            // read+write, and not mapped executable anywhere yet.
+            unsafe { core::ptr::copy_nonoverlapping(p as *const u8, spare as *mut u8, PAGE_SIZE) };
+            p += PAGE_SIZE;
+        }
+        calls += arena.publish_spares(start..p)?;
+    }
+    Ok(calls)
+}

@@ -1,0 +1,264 @@
+//! The bytes this process's patches have put in text: every write that
+//! landed, by address, the last one winning.
+//!
+//! The page swap stages a fresh private mapping of the text's file, in
+//! which the kernel has placed the breakpoints of the uprobes registered
+//! now; it must then carry over what earlier patches wrote on the page, and
+//! nothing else. Copying the live page instead would carry the kernel's
+//! `int3`s into memory where the kernel will never remove them, and a
+//! breakpoint removed while the page is staged would come back as a stray
+//! `int3` that kills the process. Only this record says which bytes of a
+//! page are ours: an `int3` of our own filler and a uprobe's look alike.
+//!
+//! A span is carried only while the text still holds it (see
+//! [`Overlay::each_in`]'s callers): an object unloaded and loaded again, or
+//! a page someone else rewrote, is not patched behind anyone's back.
+
+use alloc::vec::Vec;
+use core::ops::Range;
+
+/// One recorded write: `len` bytes at `addr`, kept at `at` in the pool.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    addr: usize,
+    len: u32,
+    at: u32,
+}
+
+impl Span {
+    fn end(&self) -> usize {
+        self.addr + self.len as usize
+    }
+}
+
+/// The recorded writes: sorted, disjoint spans over a pool of bytes.
+pub(crate) struct Overlay {
+    spans: Vec<Span>,
+    pool: Vec<u8>,
+    /// Pool bytes no span refers to any more.
+    garbage: usize,
+}
+
+impl Overlay {
+    pub(crate) const fn new() -> Overlay {
+        Overlay {
+            spans: Vec::new(),
+            pool: Vec::new(),
+            garbage: 0,
+        }
+    }
+
+    /// Records that `bytes` are now at `addr`.
+    #[inline]
+    pub(crate) fn record(&mut self, addr: usize, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        // Start-up writes arrive in address order: append.
+        if self.spans.last().is_none_or(|s| s.end() <= addr) {
+            self.push_new(addr, bytes);
+            return;
+        }
+        let i = self.spans.partition_point(|s| s.end() <= addr);
+        let s = self.spans[i];
+        // A site rewritten again (a key flipped back and forth): in place.
+        if s.addr == addr && s.len as usize == bytes.len() {
+            let at = s.at as usize;
+            self.pool[at..at + bytes.len()].copy_from_slice(bytes);
+            return;
+        }
+        self.replace_range(i, addr, bytes);
+    }
+
+    fn push_new(&mut self, addr: usize, bytes: &[u8]) {
+        let at = self.pool.len() as u32;
+        self.pool.extend_from_slice(bytes);
+        self.spans.push(Span {
+            addr,
+            len: bytes.len() as u32,
+            at,
+        });
+    }
+
+    /// The general case: the spans from `i` on that overlap the new write
+    /// are cut back to what lies outside it.
+    fn replace_range(&mut self, i: usize, addr: usize, bytes: &[u8]) {
+        let end = addr + bytes.len();
+        let j = i + self.spans[i..].partition_point(|s| s.addr < end);
+        let mut keep: Vec<Span> = Vec::with_capacity(3);
+        if let Some(first) = self.spans.get(i).filter(|s| s.addr < addr && i < j) {
+            keep.push(Span {
+                len: (addr - first.addr) as u32,
+                ..*first
+            });
+        }
+        let at = self.pool.len() as u32;
+        self.pool.extend_from_slice(bytes);
+        keep.push(Span {
+            addr,
+            len: bytes.len() as u32,
+            at,
+        });
+        if j > i {
+            let last = self.spans[j - 1];
+            if last.end() > end {
+                let cut = (end - last.addr) as u32;
+                keep.push(Span {
+                    addr: end,
+                    len: last.len - cut,
+                    at: last.at + cut,
+                });
+            }
+        }
+        let before: usize = self.spans[i..j].iter().map(|s| s.len as usize).sum();
+        let kept: usize = keep.iter().map(|s| s.len as usize).sum::<usize>() - bytes.len();
+        self.garbage += before - kept;
+        self.spans.splice(i..j, keep);
+        self.compact_if_wasteful();
+    }
+
+    /// Forgets every recorded byte in `range` (text that no longer holds
+    /// them).
+    pub(crate) fn forget(&mut self, range: Range<usize>) {
+        let i = self.spans.partition_point(|s| s.end() <= range.start);
+        let j = i + self.spans[i..].partition_point(|s| s.addr < range.end);
+        if i == j {
+            return;
+        }
+        let mut keep: Vec<Span> = Vec::with_capacity(2);
+        let (first, last) = (self.spans[i], self.spans[j - 1]);
+        if first.addr < range.start {
+            keep.push(Span {
+                len: (range.start - first.addr) as u32,
+                ..first
+            });
+        }
+        if last.end() > range.end {
+            let cut = (range.end - last.addr) as u32;
+            keep.push(Span {
+                addr: range.end,
+                len: last.len - cut,
+                at: last.at + cut,
+            });
+        }
+        let before: usize = self.spans[i..j].iter().map(|s| s.len as usize).sum();
+        let kept: usize = keep.iter().map(|s| s.len as usize).sum();
+        self.garbage += before - kept;
+        self.spans.splice(i..j, keep);
+        self.compact_if_wasteful();
+    }
+
+    /// Calls `f(addr, bytes)` for every recorded run of bytes inside
+    /// `range`, in address order, clipped to it.
+    pub(crate) fn each_in(&self, range: Range<usize>, mut f: impl FnMut(usize, &[u8])) {
+        let i = self.spans.partition_point(|s| s.end() <= range.start);
+        for s in self.spans[i..].iter().take_while(|s| s.addr < range.end) {
+            let lo = s.addr.max(range.start);
+            let hi = s.end().min(range.end);
+            let at = s.at as usize + (lo - s.addr);
+            f(lo, &self.pool[at..at + (hi - lo)]);
+        }
+    }
+
+    /// Whether any byte in `range` is recorded.
+    #[cfg(test)]
+    fn any_in(&self, range: Range<usize>) -> bool {
+        let mut any = false;
+        self.each_in(range, |_, _| any = true);
+        any
+    }
+
+    /// Rewrites the pool without the bytes no span uses, once they are
+    /// most of it.
+    fn compact_if_wasteful(&mut self) {
+        if self.garbage < 4096 || self.garbage * 2 < self.pool.len() {
+            return;
+        }
+        let mut pool = Vec::with_capacity(self.pool.len() - self.garbage);
+        for s in &mut self.spans {
+            let at = s.at as usize;
+            let new_at = pool.len() as u32;
+            pool.extend_from_slice(&self.pool[at..at + s.len as usize]);
+            s.at = new_at;
+        }
+        self.pool = pool;
+        self.garbage = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Overlay;
+    use alloc::collections::BTreeMap;
+    use alloc::vec::Vec;
+
+    /// What the overlay holds, byte by byte.
+    fn bytes(o: &Overlay) -> BTreeMap<usize, u8> {
+        let mut m = BTreeMap::new();
+        o.each_in(0..usize::MAX, |a, b| {
+            for (k, v) in b.iter().enumerate() {
+                assert!(m.insert(a + k, *v).is_none(), "spans overlap at {}", a + k);
+            }
+        });
+        m
+    }
+
+    #[test]
+    fn agrees_with_a_byte_map_under_random_writes_and_forgets() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..40 {
+            let mut o = Overlay::new();
+            let mut model = BTreeMap::new();
+            for k in 0..400 {
+                let addr = 0x1000 + (next() % 300) as usize;
+                if next() % 7 == 0 {
+                    let len = (next() % 40) as usize;
+                    o.forget(addr..addr + len);
+                    for a in addr..addr + len {
+                        model.remove(&a);
+                    }
+                } else {
+                    let len = 1 + (next() % 12) as usize;
+                    let b: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                    o.record(addr, &b);
+                    for (i, v) in b.iter().enumerate() {
+                        model.insert(addr + i, *v);
+                    }
+                }
+                assert_eq!(bytes(&o), model, "round {round}, step {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn appends_and_rewrites_in_place_without_growing() {
+        let mut o = Overlay::new();
+        for i in 0..100 {
+            o.record(0x4000 + 16 * i, &[0x0f, 0x1f, 0x44, 0, 0]);
+        }
+        let pool = o.pool.len();
+        for _ in 0..50 {
+            o.record(0x4000 + 16 * 7, &[0xe9, 1, 2, 3, 4]);
+            o.record(0x4000 + 16 * 7, &[0x0f, 0x1f, 0x44, 0, 0]);
+        }
+        assert_eq!(o.pool.len(), pool);
+        assert_eq!(o.spans.len(), 100);
+        assert!(o.any_in(0x4000 + 16 * 7..0x4000 + 16 * 7 + 1));
+        assert!(!o.any_in(0x4005..0x4010));
+        let mut seen = Vec::new();
+        o.each_in(0x4003..0x4012, |a, b| seen.push((a, b.to_vec())));
+        assert_eq!(
+            seen,
+            [
+                (0x4003, alloc::vec![0, 0]),
+                (0x4010, alloc::vec![0x0f, 0x1f])
+            ]
+        );
+    }
+}

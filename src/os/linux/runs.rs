@@ -1,0 +1,173 @@
+//! Which bytes a batch stores, and in how few system calls, without ever
+//! storing an `int3` that is not ours.
+//!
+//! A batch's bytes reach text by `pwrite` to `/proc/self/mem`: into the
+//! live page (in place) or into a fresh private mapping of the text's file
+//! (the page swap). Either target may hold breakpoints the kernel placed
+//! for uprobes, and the kernel adds and removes them whenever a tracer
+//! attaches or detaches — also between our reading a byte and our writing
+//! it. So a run of bytes we store must consist of:
+//!
+//! * positions that are ours (recorded writes and the batch's writes), and
+//! * between two of ours, bytes we rewrite with the value they have, which
+//!   is safe only when that value is not `0xcc`: a breakpoint removed
+//!   before our store would come back, unknown to the kernel, and kill the
+//!   next thread to reach it. A gap holding `0xcc` splits the run.
+//!
+//! At a position of ours where the target holds `0xcc` and the file holds
+//! the byte we want, the `0xcc` is the kernel's breakpoint over an
+//! unpatched instruction: it is left alone.
+
+use alloc::vec::Vec;
+use core::ops::Range;
+
+use crate::poke::load_short;
+
+/// Unchanged bytes worth rewriting between two stores to save a call.
+pub(super) const JOIN: usize = 512;
+
+/// Whether `b` holds an `int3` byte.
+#[inline]
+pub(super) fn has_int3(b: &[u8]) -> bool {
+    if b.len() <= 8 {
+        // SAFETY: `b` is `b.len() <= 8` readable bytes.
+        let x = unsafe { load_short(b.as_ptr(), b.len()) } ^ 0xcccc_cccc_cccc_cccc;
+        // Zero-byte test (exact: a byte is zero iff it was 0xcc); the bytes
+        // above `b.len()` were zero before the xor and are masked off.
+        let mask = if b.len() == 8 {
+            u64::MAX
+        } else {
+            (1u64 << (8 * b.len())) - 1
+        };
+        let lows = 0x0101_0101_0101_0101u64;
+        let highs = 0x8080_8080_8080_8080u64;
+        return (x.wrapping_sub(lows) & !x & highs & mask) != 0;
+    }
+    memchr::memchr(0xcc, b).is_some()
+}
+
+/// Appends to `out` the ranges (offsets into `live` and `want`, which
+/// describe the same bytes) to store so that every position of `owned`
+/// holds `want`, joining stores across safe gaps of at most [`JOIN`]
+/// bytes. `owned` is sorted by start (ranges may touch or overlap).
+/// `file_byte(offset)` is the file's byte there where known.
+pub(super) fn write_runs(
+    live: &[u8],
+    want: &[u8],
+    owned: &[Range<usize>],
+    mut file_byte: impl FnMut(usize) -> Option<u8>,
+    out: &mut Vec<Range<usize>>,
+) {
+    let first = out.len();
+    let push = |r: Range<usize>, out: &mut Vec<Range<usize>>| {
+        if let Some(last) = out[first..].last_mut() {
+            if r.start <= last.end {
+                last.end = last.end.max(r.end);
+                return;
+            }
+            let gap = last.end..r.start;
+            if gap.len() <= JOIN && live[gap.clone()] == want[gap.clone()] && !has_int3(&live[gap])
+            {
+                last.end = r.end;
+                return;
+            }
+        }
+        out.push(r);
+    };
+    for r in owned {
+        let (l, w) = (&live[r.clone()], &want[r.clone()]);
+        if !has_int3(l) {
+            // Equal bytes in the range are rewritten as they are: harmless
+            // where none is an int3.
+            if l != w {
+                push(r.clone(), out);
+            }
+            continue;
+        }
+        // An int3 among them: byte by byte, leaving the kernel's.
+        let mut needed =
+            |p: usize| live[p] != want[p] && !(live[p] == 0xcc && file_byte(p) == Some(want[p]));
+        let mut run: Option<usize> = None;
+        for p in r.clone() {
+            match (needed(p), run) {
+                (true, None) => run = Some(p),
+                (false, Some(s)) => {
+                    push(s..p, out);
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = run {
+            push(s..r.end, out);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    #[test]
+    fn finds_int3_in_short_and_long_slices() {
+        for n in 0..20 {
+            let mut b = vec![0x90u8; n];
+            assert!(!has_int3(&b));
+            for i in 0..n {
+                b[i] = 0xcc;
+                assert!(has_int3(&b), "n={n} i={i}");
+                b[i] = 0xcd;
+                assert!(!has_int3(&b), "n={n} i={i}");
+                b[i] = 0x90;
+            }
+        }
+    }
+
+    #[test]
+    fn joins_across_plain_gaps_and_splits_at_int3() {
+        let live = vec![0x90u8; 64];
+        let mut want = live.clone();
+        want[4..9].copy_from_slice(&[0xe9, 1, 2, 3, 4]);
+        want[20..25].copy_from_slice(&[0xe9, 5, 6, 7, 8]);
+        let mut out = Vec::new();
+        write_runs(&live, &want, &[4..9, 20..25], |_| None, &mut out);
+        assert_eq!(out, [4..25]);
+        // A breakpoint in the gap (someone's, or the kernel's) splits it.
+        let mut live2 = live.clone();
+        live2[12] = 0xcc;
+        want[12] = 0xcc; // the staged copy saw it too
+        out.clear();
+        write_runs(&live2, &want, &[4..9, 20..25], |_| None, &mut out);
+        assert_eq!(out, [4..9, 20..25]);
+    }
+
+    #[test]
+    fn leaves_the_kernels_breakpoint_over_an_unpatched_byte() {
+        // The site is ours and we restore it to the file's bytes, but a
+        // uprobe sits on its first byte now: not ours to remove.
+        let file = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+        let live = [0xcc, 0x1f, 0x44, 0x00, 0x00];
+        let mut out = Vec::new();
+        write_runs(&live, &file, &[0..5], |p| Some(file[p]), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        // A patched byte under it is ours to write (the probe sat on a
+        // patched instruction, which the kernel would run from the file).
+        let want = [0xe9, 1, 2, 3, 4];
+        write_runs(&live, &want, &[0..5], |p| Some(file[p]), &mut out);
+        assert_eq!(out, [0..5]);
+        // Where the file is unknown (in place), a differing byte is written.
+        out.clear();
+        write_runs(&live, &file, &[0..5], |_| None, &mut out);
+        assert_eq!(out, [0..1]);
+    }
+
+    #[test]
+    fn writes_nothing_when_everything_is_in_place() {
+        let live = vec![1u8; 32];
+        let mut out = Vec::new();
+        write_runs(&live, &live, &[0..8, 8..16, 30..32], |_| None, &mut out);
+        assert!(out.is_empty());
+    }
+}
