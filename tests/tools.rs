@@ -10,6 +10,10 @@
 
 mod common;
 
+#[path = "tools/hardened.rs"]
+mod hardened;
+#[path = "tools/pokelog.rs"]
+mod pokelog;
 #[path = "tools/scenarios.rs"]
 mod scenarios;
 #[path = "tools/uprobe.rs"]
@@ -26,6 +30,9 @@ fn child() {
         "probes" => scenarios::probes(),
         "perf_target" => scenarios::perf_target(),
         "shared_object" => scenarios::shared_object(),
+        "sealed" => hardened::sealed(),
+        "poke_log" => pokelog::replay(),
+        "no_anon_exec" => hardened::no_anon_exec(),
         s => panic!("unknown scenario {s}"),
     }
     println!("TOOLS-OK {scenario}");
@@ -159,4 +166,31 @@ fn perf_record_after_an_update_names_the_function() {
         "samples perf could not name:\n{report}"
     );
     println!("perf: {}", hot.trim());
+}
+
+#[test]
+fn sealed_text_is_updated_in_place_or_refused_with_nothing_written() {
+    if !uprobes_usable() {
+        return;
+    }
+    let o = run("sealed", &[]);
+    assert!(o.ok("sealed"), "{:?}:\n{}", o.status, o.out);
+    if o.out.contains("SKIPPED") {
+        assert!(!required(), "mseal is required:\n{}", o.out);
+        eprintln!("SKIPPED: no mseal on this kernel");
+    }
+}
+
+#[test]
+fn every_api_works_without_anonymous_exec_memory() {
+    let o = run("no_anon_exec", &[]);
+    assert!(o.ok("no_anon_exec"), "{:?}:\n{}", o.status, o.out);
+}
+
+#[test]
+fn the_poke_log_replays_to_the_text() {
+    let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("tools-poke-log.jsonl");
+    let _ = std::fs::remove_file(&log);
+    let o = run("poke_log", &[("ALTPATCH_POKE_LOG", log.to_str().unwrap())]);
+    assert!(o.ok("poke_log"), "{:?}:\n{}", o.status, o.out);
 }

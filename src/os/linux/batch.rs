@@ -25,7 +25,7 @@ mod publish;
 mod verify;
 
 use super::state::Shared;
-use super::{Publish, maps, threads, trap};
+use super::{Publish, maps, poke_log, threads, trap};
 use crate::plan::Bytes;
 use crate::poke::live::{self, LiveSite};
 use crate::poke::{PAGE_SIZE, PokeError, Strategy, copy_short, load_short, short_eq};
@@ -101,6 +101,10 @@ pub(super) struct Batch {
     scratch: Vec<u8>,
     owned: Vec<Range<usize>>,
     stores: Vec<Range<usize>>,
+    /// Whether the batch is logged, and then the old bytes of its writes,
+    /// in order.
+    logging: bool,
+    old: Vec<u8>,
 }
 
 impl Batch {
@@ -125,6 +129,8 @@ impl Batch {
             scratch: Vec::new(),
             owned: Vec::new(),
             stores: Vec::new(),
+            logging: false,
+            old: Vec::new(),
         }
     }
 
@@ -137,6 +143,7 @@ impl Batch {
         self.writes.clear();
         self.carried.clear();
         self.pending.clear();
+        self.old.clear();
         self.last_run = 0;
     }
 
@@ -170,6 +177,7 @@ impl Batch {
             n += (r.end - r.start) / PAGE_SIZE;
         }
         self.dirty.resize(n, CLEAN);
+        self.logging = shared.log.enabled();
         self.published = self.choose_publication(shared, pages)?;
         match strategy {
             Strategy::ProcMem => {
@@ -234,8 +242,15 @@ impl Batch {
             .map_err(|e| PokeError::Sealed {
                 addr: sealed.start,
                 why: match e {
-                    PokeError::SignalState { why, .. } => why,
-                    _ => "the INT3 protocol, which it allows, could not install its handler",
+                    PokeError::SignalState { tid: 0, .. } => {
+                        "the in-place INT3 protocol it allows was refused: the program replaced \
+                         altpatch's SIGTRAP handler"
+                    }
+                    PokeError::SignalState { .. } => {
+                        "the in-place INT3 protocol it allows was refused: a thread blocks \
+                         SIGTRAP, so an int3 would kill it"
+                    }
+                    _ => "the in-place INT3 protocol it allows could not install its handler",
                 },
             })?;
         Ok(Publish::Live)
@@ -411,6 +426,9 @@ impl Batch {
                 },
             })?;
             self.locate(addr).ok_or(PokeError::OutsideBatch { addr })?;
+            if self.logging {
+                self.old.extend_from_slice(old);
+            }
             self.pending.push((site, Bytes::new(bytes)));
             return Ok(());
         }
@@ -421,6 +439,9 @@ impl Batch {
                     rule: "a page swap needs each edit to replace one instruction by whole \
                            instructions",
                 })?;
+        }
+        if self.logging {
+            self.old.extend_from_slice(old);
         }
         self.store(addr, bytes)?;
         self.writes.push((addr, bytes.len()));
@@ -480,7 +501,30 @@ impl Batch {
         // What landed is ours now: later swaps of these pages carry it over.
         let overlay = &mut shared.overlay;
         self.each_piece(|at, bytes| overlay.record(at, bytes));
+        if self.logging {
+            self.log(shared);
+        }
         Ok(())
+    }
+
+    /// Appends the batch's line to the text-poke log.
+    fn log(&self, shared: &mut Shared) {
+        let method = super::strategy::method(self.strategy, self.published);
+        let mut line = shared.log.begin_line(method);
+        let mut cursor = 0;
+        let mut first = true;
+        self.each_piece(|at, new| {
+            let old = self.old.get(cursor..cursor + new.len()).unwrap_or(&[]);
+            cursor += new.len();
+            let page = at - at % PAGE_SIZE;
+            let file = shared_file_of(shared, page).map(|(i, off)| {
+                let path = shared.text.file(i).path();
+                (path, off + (at - page) as u64)
+            });
+            poke_log::push_edit(&mut line, first, at, file, old, new);
+            first = false;
+        });
+        shared.log.finish_line(line);
     }
 }
 

@@ -69,6 +69,11 @@ impl MappedFile {
         }
     }
 
+    /// The path `/proc/self/maps` showed for the file.
+    pub(crate) fn path(&self) -> &str {
+        &self.path
+    }
+
     /// A read-only descriptor of the file (opened the first time).
     pub(crate) fn fd(&mut self) -> Result<libc::c_int, Unopenable> {
         if let Some(r) = self.fd {

@@ -84,6 +84,7 @@ mod loaded;
 mod loader;
 pub(crate) mod maps;
 mod overlay;
+mod poke_log;
 mod procmem;
 mod runs;
 mod state;
@@ -93,6 +94,7 @@ mod threads;
 mod trap;
 
 pub use loaded::LoadError;
+pub use poke_log::set_poke_log;
 pub use trap::emulated_traps;
 
 use alloc::vec::Vec;

@@ -6,6 +6,7 @@ use core::cell::{Cell, UnsafeCell};
 use super::arena::Arena;
 use super::maps::TextPages;
 use super::overlay::Overlay;
+use super::poke_log::PokeLog;
 use super::procmem::ProcMem;
 use crate::poke::{PokeError, Refusal, Strategy};
 use crate::sync::Held;
@@ -17,6 +18,8 @@ pub(super) struct Shared {
     /// The bytes this process's patches put in text (what a page swap
     /// carries over to the file's fresh copy of a page).
     pub(super) overlay: Overlay,
+    /// The text-poke log, if one is open.
+    pub(super) log: PokeLog,
     /// The open `/proc/self/mem`.
     pub(super) procmem: ProcMem,
     /// The alias strategies' backing file and slots.
@@ -38,6 +41,7 @@ unsafe impl Sync for SharedCell {}
 static SHARED: SharedCell = SharedCell(UnsafeCell::new(Shared {
     text: TextPages::new(),
     overlay: Overlay::new(),
+    log: PokeLog::new(),
     procmem: ProcMem::new(),
     arena: Arena::new(),
     probed: [None; 3],

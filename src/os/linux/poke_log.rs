@@ -1,0 +1,209 @@
+//! The text-poke log: one JSON line per committed batch, for trace
+//! decoders and profilers that must know what the code bytes were at a
+//! given time (the kernel tells them only about its own text, with
+//! `PERF_RECORD_TEXT_POKE`).
+//!
+//! Opt-in: [`set_poke_log`], or `ALTPATCH_POKE_LOG=<path>` in the
+//! environment (read when the first batch begins). Lines are appended with
+//! one `write(2)` each (`O_APPEND`), so a forked child logging to the same
+//! file never splits a parent's line.
+//!
+//! ```text
+//! {"v":1,"pid":4242,"seq":3,"monotonic_ns":"81234567890","realtime_ns":"1796012345678901234",
+//!  "method":"pwrite to /proc/self/mem, page swap",
+//!  "edits":[{"addr":"0x55d0c1a0312c","file":"/usr/bin/app","offset":"0x312c",
+//!            "old":"0f1f440000","new":"e9cf000000"}]}
+//! ```
+//!
+//! (one line in the file). Addresses, offsets and times are strings:
+//! JSON readers hold numbers as doubles, which cannot carry them. `file`
+//! and `offset` are absent for anonymous text.
+//!
+//! # Replaying it
+//!
+//! The bytes at a text address at time *t* are the file's bytes at
+//! `offset` (the binary as the process mapped it) with every logged edit
+//! covering the address whose time is at most *t* applied in `seq` order,
+//! per `pid`. `monotonic_ns` is `CLOCK_MONOTONIC`, the clock
+//! `perf record -k CLOCK_MONOTONIC` stamps samples with; the time is taken
+//! after the batch landed and before the patching call returns, so a
+//! sample stamped later ran the new bytes. Start the log before the first
+//! patch (the environment variable does): a log begun later lacks the
+//! earlier edits. Bytes the kernel's uprobes place are not logged (they
+//! are not in the text a decoder should decode).
+
+use alloc::string::String;
+use core::fmt::Write as _;
+
+use super::state::Locked;
+use super::sys::errno;
+
+/// The log's state, in the process-wide patching state.
+pub(super) struct PokeLog {
+    /// The open log, or -1.
+    fd: libc::c_int,
+    /// Whether `ALTPATCH_POKE_LOG` was read.
+    env_read: bool,
+    /// Batches logged by this process.
+    seq: u64,
+}
+
+impl PokeLog {
+    pub(super) const fn new() -> PokeLog {
+        PokeLog {
+            fd: -1,
+            env_read: false,
+            seq: 0,
+        }
+    }
+
+    /// Whether batches are logged (opening the file named by
+    /// `ALTPATCH_POKE_LOG` the first time).
+    pub(super) fn enabled(&mut self) -> bool {
+        if !self.env_read {
+            self.env_read = true;
+            if let Some(path) = std::env::var_os("ALTPATCH_POKE_LOG")
+                && self.fd < 0
+            {
+                // An unusable path leaves logging off: the variable must
+                // not break patching (its value is reported by no API).
+                self.fd = open(std::path::Path::new(&path)).unwrap_or(-1);
+            }
+        }
+        self.fd >= 0
+    }
+
+    /// Starts a batch's line.
+    pub(super) fn begin_line(&mut self, method: &str) -> String {
+        self.seq += 1;
+        let mut s = String::with_capacity(256);
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() };
+        let _ = write!(
+            s,
+            "{{\"v\":1,\"pid\":{pid},\"seq\":{},\"monotonic_ns\":\"{}\",\"realtime_ns\":\"{}\",\
+             \"method\":\"{method}\",\"edits\":[",
+            self.seq,
+            now(libc::CLOCK_MONOTONIC),
+            now(libc::CLOCK_REALTIME),
+        );
+        s
+    }
+
+    /// Finishes `line` and appends it to the log (a failed write is
+    /// dropped: the log must never fail a batch that landed).
+    pub(super) fn finish_line(&mut self, mut line: String) {
+        line.push_str("]}\n");
+        let mut done = 0;
+        while done < line.len() {
+            // SAFETY: writes our buffer to our descriptor.
+            let n =
+                unsafe { libc::write(self.fd, line[done..].as_ptr().cast(), line.len() - done) };
+            if n < 0 && errno() == libc::EINTR {
+                continue;
+            }
+            if n <= 0 {
+                return;
+            }
+            done += n as usize;
+        }
+    }
+}
+
+/// Appends one edit to a batch's line.
+pub(super) fn push_edit(
+    line: &mut String,
+    first: bool,
+    addr: usize,
+    file: Option<(&str, u64)>,
+    old: &[u8],
+    new: &[u8],
+) {
+    if !first {
+        line.push(',');
+    }
+    let _ = write!(line, "{{\"addr\":\"{addr:#x}\"");
+    if let Some((path, offset)) = file {
+        line.push_str(",\"file\":\"");
+        json_escape(line, path);
+        let _ = write!(line, "\",\"offset\":\"{offset:#x}\"");
+    }
+    line.push_str(",\"old\":\"");
+    hex(line, old);
+    line.push_str("\",\"new\":\"");
+    hex(line, new);
+    line.push_str("\"}");
+}
+
+fn hex(out: &mut String, b: &[u8]) {
+    for x in b {
+        let _ = write!(out, "{x:02x}");
+    }
+}
+
+fn json_escape(out: &mut String, s: &str) {
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+fn now(clock: libc::clockid_t) -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes `t`.
+    unsafe { libc::clock_gettime(clock, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+fn open(path: &std::path::Path) -> std::io::Result<libc::c_int> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: open with a NUL-terminated path.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_CLOEXEC,
+            0o600,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Starts logging every batch this process commits to `path` (appended;
+/// created if missing), or with `None` stops. Replaces an earlier log, and
+/// overrides `ALTPATCH_POKE_LOG`. See the [module documentation](self)
+/// for the format and how to replay it.
+///
+/// ```
+/// use altpatch::os::linux::set_poke_log;
+/// let path = std::env::temp_dir().join(format!("altpatch-doc-{}.jsonl", std::process::id()));
+/// set_poke_log(Some(&path)).unwrap();
+/// // ... updates here are logged, one line per batch ...
+/// set_poke_log(None).unwrap();
+/// # std::fs::remove_file(&path).ok();
+/// ```
+pub fn set_poke_log(path: Option<&std::path::Path>) -> std::io::Result<()> {
+    let mut lock = Locked::acquire().map_err(std::io::Error::other)?;
+    let fd = path.map(open).transpose()?.unwrap_or(-1);
+    let log = &mut lock.shared().log;
+    log.env_read = true;
+    if log.fd >= 0 {
+        // SAFETY: closing the log we opened.
+        unsafe { libc::close(log.fd) };
+    }
+    log.fd = fd;
+    Ok(())
+}
