@@ -10,6 +10,15 @@
 
 mod common;
 
+/// Ten copies of a statement.
+macro_rules! rep10 {
+    ($($t:tt)*) => {
+        $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*;
+    };
+}
+
+#[path = "hostile/probes.rs"]
+mod probes;
 #[path = "hostile/process.rs"]
 mod process;
 #[path = "hostile/support.rs"]
@@ -18,6 +27,8 @@ mod support;
 mod threads;
 #[path = "hostile/traps.rs"]
 mod traps;
+#[path = "tools/uprobe.rs"]
+mod uprobe;
 
 use support::{Outcome, run};
 
@@ -29,6 +40,7 @@ fn child() {
     match scenario.as_str() {
         s if s.starts_with("trap_") => traps::scenario(s),
         s if s.starts_with("threads_") => threads::scenario(s),
+        s if s.starts_with("probes_") => probes::scenario(s),
         s => process::scenario(s),
     }
     println!("HOSTILE-OK {scenario}");
@@ -136,6 +148,34 @@ fn handlers_on_an_alternate_stack_page_swap() {
 #[test]
 fn handlers_on_an_alternate_stack_int3() {
     ok("threads_altstack_int3", &[]);
+}
+
+// A tracer attaching and detaching a uprobe in the pages of 1000 sites
+// while four threads call through them and the sites are updated.
+
+fn uprobes_usable() -> bool {
+    match uprobe::unavailable() {
+        None => true,
+        Some(why) => {
+            assert!(!support::required(), "uprobes are required: {why}");
+            eprintln!("SKIPPED: {why}");
+            false
+        }
+    }
+}
+
+#[test]
+fn storm_with_a_uprobe_attached_and_detached_page_swap() {
+    if uprobes_usable() {
+        ok("probes_storm_swap", &[]);
+    }
+}
+
+#[test]
+fn storm_with_a_uprobe_attached_and_detached_int3() {
+    if uprobes_usable() {
+        ok("probes_storm_int3", &[]);
+    }
 }
 
 // The process: fork, reloaded objects, debuggers, hardened kernels.

@@ -55,12 +55,6 @@ static_call! {
 
 pub static HKEY: StaticFalseKey = StaticFalseKey::new();
 
-macro_rules! rep10 {
-    ($($t:tt)*) => {
-        $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*; $($t)*;
-    };
-}
-
 /// What callers saw: results from the new target (`x + 2`), from neither
 /// target, and key hits.
 #[derive(Clone, Copy, Debug, Default)]

@@ -25,7 +25,7 @@ mod publish;
 mod verify;
 
 use super::state::Shared;
-use super::{Publish, maps, poke_log, threads, trap};
+use super::{Publish, file_swap, maps, poke_log, threads, trap};
 use crate::plan::Bytes;
 use crate::poke::live::{self, LiveSite};
 use crate::poke::{PAGE_SIZE, PokeError, Strategy, copy_short, load_short, short_eq};
@@ -101,6 +101,7 @@ pub(super) struct Batch {
     scratch: Vec<u8>,
     owned: Vec<Range<usize>>,
     stores: Vec<Range<usize>>,
+    swap: file_swap::Scratch,
     /// Whether the batch is logged, and then the old bytes of its writes,
     /// in order.
     logging: bool,
@@ -129,6 +130,7 @@ impl Batch {
             scratch: Vec::new(),
             owned: Vec::new(),
             stores: Vec::new(),
+            swap: file_swap::Scratch::new(),
             logging: false,
             old: Vec::new(),
         }

@@ -78,6 +78,7 @@
 
 mod arena;
 mod batch;
+mod file_swap;
 mod files;
 mod fork;
 mod loaded;

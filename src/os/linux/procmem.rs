@@ -33,10 +33,8 @@
 
 use core::ops::Range;
 
-use super::runs::write_runs;
 use super::sys::{errno, map_anon, os_err};
 use crate::poke::{PAGE_SIZE, PokeError, Refusal, Strategy};
-use alloc::vec::Vec;
 
 /// The open `/proc/self/mem`. Kept open; reopened in a forked child (found
 /// by its process id), whose inherited descriptor still names the parent's
@@ -180,90 +178,6 @@ impl ProcMem {
         }
         Ok(())
     }
-    /// Replaces the pages `text`, which map the file `fd` from `offset`,
-    /// with a fresh private mapping of the same file at the same offset
-    /// holding `want` at every position of `owned`, in one step. Every
-    /// other byte is the file's, plus the breakpoints the kernel keeps in
-    /// the mapping for the uprobes registered on it. `runs` is scratch.
-    ///
-    /// # Safety
-    ///
-    /// `text` is page-aligned validated text mapping `fd` at `offset`;
-    /// `want` (`text`'s length) holds its intended bytes at `owned` (sorted
-    /// offsets into `text`), which are earlier patches and validated edits.
-    pub(super) unsafe fn swap_file(
-        &mut self,
-        text: Range<usize>,
-        fd: libc::c_int,
-        offset: u64,
-        want: &[u8],
-        owned: &[Range<usize>],
-        runs: &mut Vec<Range<usize>>,
-    ) -> Result<(), PokeError> {
-        let len = text.end - text.start;
-        debug_assert!(want.len() == len && len.is_multiple_of(PAGE_SIZE));
-        // SAFETY: a new private read+exec mapping of the file at an address
-        // the kernel picks; nothing runs it until it is moved over `text`.
-        let stage = unsafe {
-            libc::mmap(
-                core::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_EXEC,
-                libc::MAP_PRIVATE,
-                fd,
-                offset as libc::off_t,
-            )
-        };
-        if stage == libc::MAP_FAILED {
-            return Err(os_err("mmap of the text's file"));
-        }
-        let unmap = |e: PokeError| {
-            // SAFETY: our staging mapping, not moved.
-            unsafe { libc::munmap(stage, len) };
-            e
-        };
-        // SAFETY: the staging mapping is `len` readable bytes; the kernel
-        // may put or take a breakpoint byte in it meanwhile, which
-        // `write_runs` is written to expect (it never stores an `int3`
-        // that is not ours).
-        let live = unsafe { core::slice::from_raw_parts(stage as *const u8, len) };
-        runs.clear();
-        write_runs(
-            live,
-            want,
-            owned,
-            |p| file_byte(fd, offset + p as u64),
-            runs,
-        );
-        for r in runs.iter() {
-            // SAFETY: our staging mapping, which nothing runs yet.
-            unsafe { self.write(stage as usize + r.start, &want[r.clone()]) }.map_err(unmap)?;
-        }
-        // SAFETY: moves our staging pages over `text`, which the caller
-        // vouches for; MREMAP_FIXED replaces the old pages in one step under
-        // the address-space lock (a thread faulting there waits for it).
-        let moved = unsafe {
-            libc::mremap(
-                stage,
-                len,
-                len,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                text.start as *mut libc::c_void,
-            )
-        };
-        if moved == libc::MAP_FAILED {
-            return Err(unmap(os_err("mremap")));
-        }
-        Ok(())
-    }
-}
-
-/// The byte of file `fd` at `at`, if it can be read.
-fn file_byte(fd: libc::c_int, at: u64) -> Option<u8> {
-    let mut b = 0u8;
-    // SAFETY: reads one byte of our descriptor into `b`.
-    let n = unsafe { libc::pread(fd, (&raw mut b).cast(), 1, at as libc::off_t) };
-    (n == 1).then_some(b)
 }
 
 impl Drop for ProcMem {

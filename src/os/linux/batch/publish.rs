@@ -111,7 +111,7 @@ impl Batch {
                 unsafe {
                     shared
                         .procmem
-                        .swap_file(text, fd, offset, want, &self.owned, &mut self.stores)
+                        .swap_file(text, fd, offset, want, &self.owned, &mut self.swap)
                 }
             }
             // SAFETY: anonymous validated text (no file, so nothing but

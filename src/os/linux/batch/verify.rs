@@ -166,7 +166,7 @@ impl Batch {
                                 offset,
                                 &fresh,
                                 &owned,
-                                &mut self.stores,
+                                &mut self.swap,
                             )
                         },
                         Err((call, errno)) => Err(PokeError::LeavesFile {

@@ -1,0 +1,227 @@
+//! The page swap of text a file maps, so that it stays that file's text.
+//!
+//! 1. A fresh private read+exec mapping of the same file at the same offset
+//!    is staged. The kernel places in it the breakpoints of the uprobes
+//!    registered now, and while it exists keeps them as probes come and go.
+//! 2. The file's bytes are read (`pread`), and our bytes — earlier patches
+//!    and the batch's writes — are written into the staging through
+//!    `/proc/self/mem` (see [`write_runs`]: never an `int3` that is not
+//!    ours, never over the kernel's breakpoint at an unpatched byte).
+//! 3. `mremap` moves the staging over the text in one step: a thread runs
+//!    all-old or all-new bytes, and the page keeps the file's identity for
+//!    the kernel, `/proc/self/maps`, perf and debuggers.
+//! 4. Reconcile with a uprobe detached during the move. The kernel removes
+//!    a probe by walking the mappings of the file it listed when the
+//!    removal began, by address: a mapping moved after that is missed, and
+//!    the breakpoint it carried would stay, unknown to the kernel, and kill
+//!    the next thread to reach it. So where the moved page holds an `int3`
+//!    that is neither ours nor the file's, a fresh mapping of the file
+//!    (where the kernel places only the probes registered now) is asked,
+//!    and a breakpoint no probe stands behind any more is replaced by the
+//!    file's byte — what the kernel's removal would have written.
+//!
+//! A probe attached during the move may miss the page, as it may miss any
+//! mapping `mremap` moves; it is never left half-installed. It fires again
+//! once re-attached.
+
+use alloc::vec::Vec;
+use core::ops::Range;
+
+use super::procmem::ProcMem;
+use super::runs::write_runs;
+use super::sys::{errno, os_err};
+use crate::poke::{PAGE_SIZE, PokeError};
+
+/// Scratch reused across swaps.
+#[derive(Default)]
+pub(super) struct Scratch {
+    /// The file's bytes for the pages.
+    file: Vec<u8>,
+    /// The stores a swap makes.
+    stores: Vec<Range<usize>>,
+    /// Breakpoint-looking bytes after the move.
+    suspects: Vec<usize>,
+}
+
+impl Scratch {
+    pub(super) const fn new() -> Scratch {
+        Scratch {
+            file: Vec::new(),
+            stores: Vec::new(),
+            suspects: Vec::new(),
+        }
+    }
+}
+
+/// A private read+exec mapping of `len` bytes of `fd` from `offset`.
+fn map_file(fd: libc::c_int, offset: u64, len: usize) -> Result<*mut libc::c_void, PokeError> {
+    // SAFETY: a new private read+exec mapping of the file at an address the
+    // kernel picks; nothing runs it.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE,
+            fd,
+            offset as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(os_err("mmap of the text's file"));
+    }
+    Ok(p)
+}
+
+/// Reads `len` bytes of `fd` from `offset` into `out`.
+fn read_file(fd: libc::c_int, offset: u64, len: usize, out: &mut Vec<u8>) -> Result<(), PokeError> {
+    out.clear();
+    out.resize(len, 0);
+    let mut done = 0;
+    while done < len {
+        // SAFETY: reads into our buffer, within its length.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                out[done..].as_mut_ptr().cast(),
+                len - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 && errno() == libc::EINTR {
+            continue;
+        }
+        if n <= 0 {
+            return Err(os_err("pread of the text's file"));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+impl ProcMem {
+    /// Replaces the pages `text`, which map the file `fd` from `offset`,
+    /// with a fresh private mapping of the same file at the same offset
+    /// holding `want` at every position of `owned`, in one step (see the
+    /// [module documentation](self)).
+    ///
+    /// # Safety
+    ///
+    /// `text` is page-aligned validated text mapping `fd` at `offset`;
+    /// `want` (`text`'s length) holds its intended bytes at `owned` (sorted
+    /// offsets into `text`), which are earlier patches and validated edits.
+    pub(super) unsafe fn swap_file(
+        &mut self,
+        text: Range<usize>,
+        fd: libc::c_int,
+        offset: u64,
+        want: &[u8],
+        owned: &[Range<usize>],
+        scratch: &mut Scratch,
+    ) -> Result<(), PokeError> {
+        let len = text.end - text.start;
+        debug_assert!(want.len() == len && len.is_multiple_of(PAGE_SIZE));
+        let stage = map_file(fd, offset, len)?;
+        let unmap = |e: PokeError| {
+            // SAFETY: our staging mapping, not moved.
+            unsafe { libc::munmap(stage, len) };
+            e
+        };
+        read_file(fd, offset, len, &mut scratch.file).map_err(unmap)?;
+        // SAFETY: the staging mapping is `len` readable bytes; the kernel
+        // may put or take a breakpoint byte in it meanwhile, which
+        // `write_runs` is written to expect.
+        let live = unsafe { core::slice::from_raw_parts(stage as *const u8, len) };
+        scratch.stores.clear();
+        let file = &scratch.file;
+        write_runs(live, want, owned, |p| Some(file[p]), &mut scratch.stores);
+        for r in &scratch.stores {
+            // SAFETY: our staging mapping, which nothing runs yet.
+            unsafe { self.write(stage as usize + r.start, &want[r.clone()]) }.map_err(unmap)?;
+        }
+        // SAFETY: moves our staging pages over `text`, which the caller
+        // vouches for; MREMAP_FIXED replaces the old pages in one step under
+        // the address-space lock (a thread faulting there waits for it).
+        let moved = unsafe {
+            libc::mremap(
+                stage,
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                text.start as *mut libc::c_void,
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            return Err(unmap(os_err("mremap")));
+        }
+        // SAFETY: `text` is validated text, now the moved staging.
+        unsafe { self.reconcile(&text, fd, offset, want, owned, scratch) }
+    }
+
+    /// Step 4 of the [module documentation](self): removes a breakpoint
+    /// the moved page carries that no registered probe stands behind.
+    ///
+    /// # Safety
+    ///
+    /// `text` is validated text mapping `fd` from `offset`, just swapped.
+    unsafe fn reconcile(
+        &mut self,
+        text: &Range<usize>,
+        fd: libc::c_int,
+        offset: u64,
+        want: &[u8],
+        owned: &[Range<usize>],
+        scratch: &mut Scratch,
+    ) -> Result<(), PokeError> {
+        let len = text.end - text.start;
+        // SAFETY: `text` is mapped readable.
+        let now = unsafe { core::slice::from_raw_parts(text.start as *const u8, len) };
+        let file = &scratch.file;
+        scratch.suspects.clear();
+        // An int3 here that is not the file's and not one of ours: the
+        // moved page differs from the file there, so only differing chunks
+        // are looked at (start-up swaps hundreds of pages).
+        let mut k = 0; // owned ranges before this position
+        for chunk in (0..len).step_by(64) {
+            let end = (chunk + 64).min(len);
+            if now[chunk..end] == file[chunk..end] {
+                continue;
+            }
+            for p in chunk..end {
+                if now[p] != 0xcc || file[p] == 0xcc {
+                    continue;
+                }
+                while k < owned.len() && owned[k].end <= p {
+                    k += 1;
+                }
+                let ours = owned[k..]
+                    .iter()
+                    .take_while(|r| r.start <= p)
+                    .any(|r| r.contains(&p));
+                if !(ours && want[p] == 0xcc) {
+                    scratch.suspects.push(p);
+                }
+            }
+        }
+        if scratch.suspects.is_empty() {
+            return Ok(());
+        }
+        // Asked after the move: the kernel places in a new mapping only the
+        // probes that have a consumer now (a removal drops its consumer
+        // before it walks the mappings).
+        let probe = map_file(fd, offset, len)?;
+        // SAFETY: our fresh mapping of `len` readable bytes.
+        let registered = unsafe { core::slice::from_raw_parts(probe as *const u8, len) };
+        let mut result = Ok(());
+        for &p in &scratch.suspects {
+            if registered[p] != 0xcc {
+                // SAFETY: the first byte of the instruction the kernel's
+                // breakpoint covered, written back as the kernel would.
+                result = result.and(unsafe { self.write(text.start + p, &file[p..p + 1]) });
+            }
+        }
+        // SAFETY: unmapping our probe mapping.
+        unsafe { libc::munmap(probe, len) };
+        result
+    }
+}
