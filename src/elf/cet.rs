@@ -123,8 +123,11 @@ impl CetAudit {
 }
 
 /// Lists every indirect-branch target altpatch created in the linked image
-/// `data` (see the [module documentation](self)) with its first bytes.
-/// [`CetAudit::missing`] is empty when all start with `endbr64`.
+/// `data`, with its first bytes: static-call trampolines and `ifunc!` stubs
+/// (by the name marks of [`crate::sites::names`], in the symbol table) and
+/// each trampoline of the closure-trampoline table when the image links
+/// it. [`CetAudit::missing`] is empty when all start with `endbr64`; a
+/// stripped image is an error ([`ElfError::Stripped`]), never a pass.
 ///
 /// ```no_run
 /// let data = std::fs::read("target/release/myprog").unwrap();
