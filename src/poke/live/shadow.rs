@@ -22,6 +22,12 @@
 //! (`arch_prctl(ARCH_SHSTK_STATUS)`); a kernel with supervisor shadow
 //! stacks answers for its own contexts.
 
+use core::ptr;
+use core::sync::atomic::{AtomicU8, Ordering};
+
+use super::{LiveSites, TrapSlot};
+use crate::x86::INT3;
+
 /// What a trap handler needs to know about shadow stacks. Both methods run
 /// in the trap handler: they must be async-signal-safe, allocation-free
 /// and lock-free, and (inlined into the handler) make no indirect call.
@@ -76,5 +82,86 @@ impl ShadowStack for NoShadowStack {
     fn pause(&self) -> bool {
         core::hint::spin_loop();
         true
+    }
+}
+
+/// How a wait for a site's `int3` ended.
+pub(super) enum Waited {
+    /// The first byte is no longer `int3`: run the site again.
+    Gone,
+    /// Another table was published or this one retired: look again.
+    TableChanged,
+    /// This context must not wait ([`ShadowStack::pause`]).
+    MustNotWait,
+}
+
+/// The first byte at `addr`, read atomically (another CPU may be writing
+/// it).
+///
+/// # Safety
+///
+/// `addr` is mapped and readable.
+#[inline(always)]
+pub(super) unsafe fn first_byte(addr: usize) -> u8 {
+    // SAFETY: the caller's contract; a byte is always aligned.
+    unsafe { &*(addr as *const AtomicU8) }.load(Ordering::SeqCst)
+}
+
+impl TrapSlot {
+    /// Waits, outside the slot, until the `int3` at `addr` (a site of the
+    /// table `table` whose call or ret may not be emulated) is gone, or
+    /// `table` is no longer the one published.
+    ///
+    /// Why this always ends (and never deadlocks):
+    ///
+    /// * The patching thread writes the site's new first byte in phase 3
+    ///   of the protocol, or, if the batch fails, the plan's rollback
+    ///   writes the old one; either way before it publishes another table
+    ///   or retires this one. Then this loop sees a byte that is not
+    ///   `int3`, or a table that changed (and the caller looks again, as a
+    ///   late trap would: the byte is restarted, or an `int3` no batch in
+    ///   flight owns is not ours — the same verdict as without a shadow
+    ///   stack).
+    /// * Nothing the patching thread does between phase 1 and phase 3
+    ///   waits for this thread. It holds only the crate's process lock
+    ///   (which a trap handler never takes), stores bytes (memory stores or
+    ///   `pwrite` to `/proc/self/mem`, no allocation) and calls
+    ///   `membarrier`, which interrupts running threads but waits for none
+    ///   to reach any point. `retire` and `publish` wait for handlers
+    ///   counted inside the slot, and this one left it before waiting.
+    /// * The patching thread never runs a site of its own batch while it is
+    ///   in flight: its code between the phases calls no static call, ifunc
+    ///   or key site; and the retpoline sites a retpoline-built patcher
+    ///   runs cannot be call sites in flight under a shadow stack (a
+    ///   retpoline's own `ret` to a rewritten return address is what a
+    ///   shadow stack forbids, so such a process runs no generic thunk).
+    ///   Were it to, `shadow.pause()` says this context must not wait, and
+    ///   the trap goes to the previous disposition (a crash, never a hang).
+    /// * Waiting does not starve the patching thread: `shadow.pause()`
+    ///   yields the CPU (the Linux handler calls `sched_yield`).
+    ///
+    /// # Safety
+    ///
+    /// `addr` is mapped and readable (the CPU just executed it).
+    #[inline(always)]
+    pub(super) unsafe fn wait_for_site<S: ShadowStack + ?Sized>(
+        &self,
+        addr: usize,
+        table: *const LiveSites,
+        shadow: &S,
+    ) -> Waited {
+        loop {
+            // SAFETY: the caller's contract.
+            if unsafe { first_byte(addr) } != INT3 {
+                self.restarted.fetch_add(1, Ordering::Relaxed);
+                return Waited::Gone;
+            }
+            if !ptr::eq(self.table.load(Ordering::SeqCst), table) {
+                return Waited::TableChanged;
+            }
+            if !shadow.pause() {
+                return Waited::MustNotWait;
+            }
+        }
     }
 }
