@@ -3,10 +3,22 @@
 //! the `SIGTRAP` handler makes while it waits for a site (see
 //! [`ShadowStack`](crate::poke::live::ShadowStack)).
 //!
-//! Everything the handler calls here is a `syscall` instruction in
-//! assembly: async-signal-safe, allocation-free, and no compiler-emitted
-//! indirect call (in a retpoline-built program that would be a thunk site,
-//! see `trap.rs`).
+//! The handler makes no system call to decide: one inside it would be a
+//! point where the thread can be scheduled out with `SIGTRAP` blocked (the
+//! handler blocks every signal), where the next batch's check that every
+//! thread can take `SIGTRAP` would find it and, on a loaded machine,
+//! refuse the batch. It combines, syscall-free: the forced test mode; the patching
+//! thread's `arch_prctl(ARCH_SHSTK_STATUS)`, asked when each batch is
+//! published (glibc enables shadow stacks for the whole process at
+//! start-up, so that thread speaks for all); and the trapping thread's own
+//! shadow-stack pointer (`rdsspq`, a NOP leaving 0 where no shadow stack
+//! is on), which covers a thread whose state differs. Waiting is correct
+//! with or without a shadow stack, so any "yes" wins.
+//!
+//! Everything the handler calls here is an instruction in assembly:
+//! async-signal-safe, allocation-free, and no compiler-emitted indirect
+//! call (in a retpoline-built program that would be a thunk site, see
+//! `trap.rs`).
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -18,6 +30,14 @@ const ARCH_SHSTK_SHSTK: u64 = 1 << 0;
 
 /// Set by [`force_shadow_stack_for_tests`].
 static FORCED: AtomicBool = AtomicBool::new(false);
+/// The patching thread's answer, refreshed when a batch is published.
+static PATCHER_HAS_SHSTK: AtomicBool = AtomicBool::new(false);
+
+/// Asks the kernel for the calling thread's shadow stack, for the handler
+/// of the batch about to be published (called outside the handler).
+pub(super) fn refresh() {
+    PATCHER_HAS_SHSTK.store(in_handler::kernel_says_enabled(), Ordering::SeqCst);
+}
 
 /// Makes every thread of this process look as if it ran with a user
 /// shadow stack (`true`), or asks the kernel again (`false`). For tests of
@@ -51,12 +71,12 @@ pub fn force_shadow_stack_for_tests(on: bool) {
 /// println!("shadow stack: {on}");
 /// ```
 pub fn shadow_stack_enabled() -> bool {
-    in_handler::active()
+    FORCED.load(Ordering::SeqCst) || in_handler::kernel_says_enabled()
 }
 
 /// What the `SIGTRAP` handler calls (everything inlined, raw system calls).
 pub(super) mod in_handler {
-    use super::{ARCH_SHSTK_SHSTK, ARCH_SHSTK_STATUS, FORCED, Ordering};
+    use super::{ARCH_SHSTK_SHSTK, ARCH_SHSTK_STATUS, FORCED, Ordering, PATCHER_HAS_SHSTK};
 
     /// `syscall(n, a, b, c)`, returning the kernel's value (`-errno` on
     /// failure).
@@ -85,12 +105,35 @@ pub(super) mod in_handler {
         ret
     }
 
-    /// Whether this thread runs with a shadow stack (or one is forced).
+    /// Whether the interrupted thread may run with a shadow stack: forced,
+    /// or the patching thread has one, or this thread's shadow-stack
+    /// pointer is set. No system call (see the module documentation).
     #[inline(always)]
     pub(in crate::os::linux) fn active() -> bool {
-        if FORCED.load(Ordering::SeqCst) {
-            return true;
-        }
+        FORCED.load(Ordering::SeqCst) || PATCHER_HAS_SHSTK.load(Ordering::SeqCst) || ssp() != 0
+    }
+
+    /// The shadow-stack pointer, 0 when no shadow stack is on: `rdsspq`
+    /// (`f3 48 0f 1e c8`, in the hint-NOP space) leaves its register
+    /// unchanged then, and on CPUs without CET.
+    #[inline(always)]
+    fn ssp() -> u64 {
+        let ssp: u64;
+        // SAFETY: rdsspq reads the SSP into rax or does nothing; it touches
+        // no memory, stack or flags.
+        unsafe {
+            core::arch::asm!(
+                ".byte 0xf3, 0x48, 0x0f, 0x1e, 0xc8",
+                inlateout("rax") 0u64 => ssp,
+                options(nomem, nostack, preserves_flags),
+            )
+        };
+        ssp
+    }
+
+    /// `arch_prctl(ARCH_SHSTK_STATUS)` reports the calling thread's shadow
+    /// stack enabled (`false` where the kernel or CPU has none: EINVAL).
+    pub(in crate::os::linux) fn kernel_says_enabled() -> bool {
         let mut features: u64 = 0;
         // SAFETY: ARCH_SHSTK_STATUS writes one u64 through the pointer,
         // which is a local's; an unknown code fails with EINVAL, touching

@@ -342,6 +342,7 @@ pub(super) struct Slot;
 // thread id is stored before the table and cleared after it is retired.
 unsafe impl TrapTable for Slot {
     unsafe fn publish(&self, sites: &LiveSites) {
+        super::cet::refresh();
         PATCHER.store(in_handler::tid(), Ordering::SeqCst);
         // SAFETY: the caller's contract, forwarded.
         unsafe { ACTIVE.publish(sites) };

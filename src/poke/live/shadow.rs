@@ -18,9 +18,11 @@
 //! [`TrapSlot::emulate_with`](super::TrapSlot::emulate_with) takes a
 //! [`ShadowStack`] saying whether the interrupted context has one and how
 //! to wait; [`TrapSlot::emulate`](super::TrapSlot::emulate) assumes none.
-//! The Linux `SIGTRAP` handler asks the kernel per trap
-//! (`arch_prctl(ARCH_SHSTK_STATUS)`); a kernel with supervisor shadow
-//! stacks answers for its own contexts.
+//! The Linux `SIGTRAP` handler answers from the patching thread's
+//! `arch_prctl(ARCH_SHSTK_STATUS)` (asked when the batch is published) and
+//! the trapping thread's own shadow-stack pointer, with no system call in
+//! the handler; a kernel with supervisor shadow stacks answers for its own
+//! contexts.
 
 use core::ptr;
 use core::sync::atomic::{AtomicU8, Ordering};
