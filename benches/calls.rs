@@ -101,9 +101,18 @@ const CALLS: [(&str, Placement); 5] = [
 ];
 
 /// Checks results and loop shapes at every placement: after patching,
-/// the inline site *is* the direct loop's call.
+/// the inline site *is* the direct loop's call; and the trampoline the
+/// trampoline variant calls is `endbr64; jmp <target>` in one block.
 fn check() -> String {
-    shape::check_call_variants(&CALLS.map(|(n, _)| n), 1, prepare)
+    let line = shape::check_call_variants(&CALLS.map(|(n, _)| n), 1, prepare);
+    let mut tramp_line = String::new();
+    for off in aligned::OFFSETS {
+        prepare("static_call_trampoline", off);
+        let tramp = sc_tramp::static_call().trampoline();
+        tramp_line =
+            shape::check_trampoline("static_call_trampoline", tramp, Some(target(off) as usize));
+    }
+    format!("{line}\n{tramp_line} (jmp to each placement's target)")
 }
 
 static KEY: StaticFalseKey = StaticFalseKey::new();

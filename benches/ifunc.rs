@@ -148,8 +148,15 @@ const VARIANTS: [(&str, Placement); 5] = [
 /// Checks results and loop shapes at every placement: applied, the
 /// ifunc's call site *is* the direct loop's call.
 fn check() -> String {
-    let line = shape::check_call_variants(&VARIANTS.map(|(n, _)| n), 1, prepare);
+    let mut line = shape::check_call_variants(&VARIANTS.map(|(n, _)| n), 1, prepare);
     assert_eq!(lazy_0::ifunc().resolver_runs(), 1);
+    // The lazy path starts at the stub: `endbr64; jmp <lazy>`.
+    for stub in [lazy_0::ifunc(), lazy_16::ifunc(), lazy_32::ifunc()].map(|i| i.stub()) {
+        line = format!(
+            "{line}\n{}",
+            shape::check_trampoline("ifunc_lazy stub", stub, None)
+        );
+    }
     line
 }
 

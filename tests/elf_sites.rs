@@ -341,6 +341,7 @@ fn truncated_and_corrupt_images_never_panic() {
         let _ = elf::read_sites(&b);
         let _ = elf::scan_branches(&b);
         let _ = elf::audit(&b, &[]);
+        let _ = elf::audit_cet(&b);
     }
 }
 
@@ -408,6 +409,7 @@ fn fuzzer_findings_stay_fixed() {
         let _ = elf::read_sites(&data);
         let _ = elf::scan_branches(&data);
         let _ = elf::audit(&data, &[]);
+        let _ = elf::audit_cet(&data);
         let _ = elf::embed(&mut data.clone());
         n += 1;
     }

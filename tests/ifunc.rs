@@ -143,11 +143,14 @@ fn child_resolve_concurrently_then_init() {
     assert!(mine.was_resolved);
     assert_eq!(mine.chosen, chosen);
 
-    // The stub jumps to the implementation; every call site calls it.
-    let stub = common::read(sum::ifunc().stub(), 8);
-    assert_eq!(stub[0], 0xe9);
-    assert_eq!(rel_target(sum::ifunc().stub(), &stub[..5]), chosen);
-    assert_eq!(stub[5..], [0x0f, 0xb9, 0xcc]);
+    // The stub (endbr64 first) jumps to the implementation; every call
+    // site calls it.
+    let stub = common::read(sum::ifunc().stub(), 16);
+    assert_eq!(stub[..4], [0xf3, 0x0f, 0x1e, 0xfa]);
+    assert_eq!(stub[4], 0xe9);
+    assert_eq!(rel_target(sum::ifunc().stub() + 4, &stub[4..9]), chosen);
+    assert_eq!(stub[9..12], [0x0f, 0xb9, 0xcc]);
+    assert_eq!(stub[12..], [0xcc; 4]);
     let sites = ifunc::sites_of(altpatch::elf::current_sites().unwrap(), sum::ifunc());
     assert!(sites.len() >= 2, "{sites:?}");
     for s in &sites {
@@ -188,13 +191,14 @@ fn forced_snapshots_choose_each_implementation() {
 
 // ------------------------------------------- refusals of a single ifunc
 
-// A stub made by hand (the `ifunc!` layout): `jmp` to the lazy target,
-// then the trampoline signature.
+// A stub made by hand (the `ifunc!` layout): `endbr64`, `jmp` to the lazy
+// target, then the trampoline signature.
 core::arch::global_asm!(
     r#"
     .pushsection .text.ifunc_test_stub,"ax",@progbits
     .globl ifunc_test_stub
 ifunc_test_stub:
+    endbr64
     jmp {lazy}
     .byte 0x0f, 0xb9, 0xcc
     .popsection
@@ -227,7 +231,7 @@ static BAD: ifunc::Ifunc = ifunc::Ifunc::new("bad", stub_addr, lazy_addr, resolv
 #[test]
 fn a_resolver_choosing_data_writes_nothing() {
     let image = Image::current();
-    let before = common::read(stub_addr(), 8);
+    let before = common::read(stub_addr(), 12);
     let mut poke = LinuxPoke::new().unwrap();
     // SAFETY: in place; nothing else runs the stub.
     let err = unsafe { BAD.apply_with(&Features::detect(), &image, &[], &mut poke) }.unwrap_err();
@@ -239,7 +243,7 @@ fn a_resolver_choosing_data_writes_nothing() {
         err.to_string().contains("outside the image's text"),
         "{err}"
     );
-    assert_eq!(common::read(stub_addr(), 8), before, "nothing written");
+    assert_eq!(common::read(stub_addr(), 12), before, "nothing written");
     assert!(!BAD.is_applied());
     // SAFETY: the stub still jumps to the portable implementation.
     assert_eq!(unsafe { ifunc_test_stub(9) }, 9);
@@ -503,8 +507,11 @@ fn the_c_header_matches_the_feature_numbers() {
     }
 }
 
-/// Ifunc stubs are static-call trampolines: 8-byte aligned, like them.
+/// Ifunc stubs are static-call trampolines: 16-byte aligned like them,
+/// starting with `endbr64`.
 #[test]
-fn stubs_are_8_byte_aligned() {
-    assert_eq!(sum::ifunc().stub() % 8, 0, "{:#x}", sum::ifunc().stub());
+fn stubs_are_16_byte_aligned_and_start_with_endbr64() {
+    let stub = sum::ifunc().stub();
+    assert_eq!(stub % 16, 0, "{stub:#x}");
+    assert_eq!(common::read(stub, 4), altpatch::x86::ENDBR64);
 }

@@ -101,8 +101,8 @@ fn snapshot() -> Vec<Vec<u8>> {
     let alt = read(alt_value as fn() -> u32 as usize, 32);
     vec![
         read(r11, 8),
-        read(pc_call::static_call().trampoline(), 8),
-        read(pc_ifunc::ifunc().stub(), 8),
+        read(pc_call::static_call().trampoline(), 16),
+        read(pc_ifunc::ifunc().stub(), 16),
         alt,
     ]
 }

@@ -279,6 +279,15 @@ fn assert_ifuncs(b: &Boot, avx2: bool, movbe: bool) {
             r + 3
         )
     );
+    // The static call's trampoline and the ifunc's stub start with endbr64,
+    // and an indirect call through each reaches its target past it.
+    assert_eq!(
+        b.line("cet:"),
+        format!(
+            "cet: trampoline endbr64=true stub endbr64=true indirect: scale=21 ones={}",
+            r + 3
+        )
+    );
     // Two PLT-bound C calls, one through the GOT, one GCC-internal call,
     // all now direct; the Rust stub's four call sites too (two in main.rs,
     // two in smp.rs); one resolver run.

@@ -8,7 +8,10 @@ mod common;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use altpatch::sites::{Site, SiteKind};
-use altpatch::static_call::{StaticCallError, TRAMPOLINE_SIGNATURE};
+use altpatch::static_call::{
+    ENDBR64, StaticCallError, TRAMPOLINE_ALIGN, TRAMPOLINE_JMP, TRAMPOLINE_LEN,
+    TRAMPOLINE_SIGNATURE,
+};
 use altpatch::x86::{self, BranchKind};
 use altpatch::{Edit, Image, LinuxPoke, Plan, PlanError, static_call};
 use common::read;
@@ -90,13 +93,16 @@ fn sites_of(tramp: usize) -> Vec<Site> {
     altpatch::static_call::sites_of(all, tramp)
 }
 
-/// The trampoline's bytes: a jmp to `to` (or `ret` + int3) and the signature.
+/// The trampoline's bytes: `endbr64`, a jmp to `to` (or `ret` + int3),
+/// the signature and int3 padding to 16 bytes.
 fn assert_trampoline(tramp: usize, to: Option<usize>) {
-    let b = read(tramp, 8);
-    assert_eq!(b[5..], TRAMPOLINE_SIGNATURE);
+    let b = read(tramp, TRAMPOLINE_ALIGN);
+    assert_eq!(b[..4], ENDBR64);
+    assert_eq!(b[9..12], TRAMPOLINE_SIGNATURE);
+    assert_eq!(b[12..], [0xcc; 4]);
     match to {
-        Some(t) => assert_eq!(b[..5], *x86::jmp_rel32(tramp, t).unwrap()),
-        None => assert_eq!(b[..5], [0xc3, 0xcc, 0xcc, 0xcc, 0xcc]),
+        Some(t) => assert_eq!(b[4..9], *x86::jmp_rel32(tramp + 4, t).unwrap()),
+        None => assert_eq!(b[4..9], [0xc3, 0xcc, 0xcc, 0xcc, 0xcc]),
     }
 }
 
@@ -248,39 +254,51 @@ fn none_makes_calls_no_ops() {
     assert_sites(&sites, Some(bump as *const () as usize));
 }
 
+/// A trampoline without its signature, or without its `endbr64` (a NOP4
+/// in its place: still runs, but is no indirect-branch target under CET),
+/// is refused by name, and nothing is written.
 #[test]
-fn wrong_trampoline_signature_is_refused() {
+fn wrong_trampoline_layout_is_refused() {
     let tramp = sc_badsig::static_call().trampoline();
     let image = Image::current();
-    let before = read(tramp, 8);
-    let mut damaged = before.clone();
-    damaged[5..].copy_from_slice(&[0xcc, 0xcc, 0xcc]);
-    let mut plan = Plan::for_image(&image);
-    plan.push(Edit::replace(tramp, &before, &damaged));
-    let mut poke = LinuxPoke::new().unwrap();
-    // SAFETY: the signature bytes are never executed.
-    unsafe { plan.apply(&mut poke) }.unwrap();
+    let before = read(tramp, TRAMPOLINE_LEN);
     let sites = sites_of(tramp);
     let site_bytes: Vec<Vec<u8>> = sites.iter().map(|s| read(s.addr, 5)).collect();
+    let mut poke = LinuxPoke::new().unwrap();
+    for (at, bytes) in [
+        (TRAMPOLINE_JMP + 5, &[0xcc, 0xcc, 0xcc][..]),
+        (0, &[0x0f, 0x1f, 0x40, 0x00][..]),
+    ] {
+        let mut damaged = before.clone();
+        damaged[at..at + bytes.len()].copy_from_slice(bytes);
+        let mut plan = Plan::for_image(&image);
+        plan.push(Edit::replace(tramp, &before, &damaged));
+        // SAFETY: the signature is never executed, and a NOP4 does what the
+        // endbr64 did; no other thread calls sc_badsig.
+        unsafe { plan.apply(&mut poke) }.unwrap();
 
-    let e = sc_badsig::update(g).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            StaticCallError::BadTrampoline {
-                name: "sc_badsig",
-                ..
-            }
-        ),
-        "{e}"
-    );
-    assert!(e.to_string().contains("nothing written"), "{e}");
-    assert_eq!(read(tramp, 8), damaged);
-    let after: Vec<Vec<u8>> = sites.iter().map(|s| read(s.addr, 5)).collect();
-    assert_eq!(after, site_bytes);
-    assert_eq!(sc_badsig(1), 2);
-    // SAFETY: as above.
-    unsafe { plan.undo(&mut poke) }.unwrap();
+        let e = sc_badsig::update(g).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StaticCallError::BadTrampoline {
+                    name: "sc_badsig",
+                    addr,
+                    found,
+                } if addr == tramp && found[..] == damaged[..]
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("nothing written"), "{e}");
+        assert!(e.to_string().contains("endbr64"), "{e}");
+        assert_eq!(e.site(), Some(tramp));
+        assert_eq!(read(tramp, TRAMPOLINE_LEN), damaged);
+        let after: Vec<Vec<u8>> = sites.iter().map(|s| read(s.addr, 5)).collect();
+        assert_eq!(after, site_bytes);
+        assert_eq!(sc_badsig(1), 2);
+        // SAFETY: as above.
+        unsafe { plan.undo(&mut poke) }.unwrap();
+    }
     sc_badsig::update(g).unwrap();
     assert_eq!(sc_badsig(1), 3);
 }
@@ -301,14 +319,18 @@ fn unexpected_bytes_at_a_site_are_refused() {
     let mut poke = LinuxPoke::new().unwrap();
     // SAFETY: one call replaced by another; no other thread runs it.
     unsafe { other.apply(&mut poke) }.unwrap();
-    let tramp_before = read(tramp, 8);
+    let tramp_before = read(tramp, TRAMPOLINE_LEN);
 
     let e = sc_badsite::update(g).unwrap_err();
     match &e {
         StaticCallError::Plan(PlanError::Unexpected { addr, .. }) => assert_eq!(*addr, site),
         other => panic!("{other:?}"),
     }
-    assert_eq!(read(tramp, 8), tramp_before, "the trampoline changed");
+    assert_eq!(
+        read(tramp, TRAMPOLINE_LEN),
+        tramp_before,
+        "the trampoline changed"
+    );
     assert_eq!(read(site, 5), x86::NOP5);
     // SAFETY: as above.
     unsafe { other.undo(&mut poke) }.unwrap();
@@ -317,12 +339,12 @@ fn unexpected_bytes_at_a_site_are_refused() {
     assert!(sites.iter().all(|s| s.kind == SiteKind::StaticCall));
 }
 
-/// Every trampoline is 8-byte aligned, so its 8 bytes (`jmp rel32` and
-/// the signature) sit in one 64-byte fetch block and one aligned 8-byte
-/// word: one that straddled two blocks cost calls through it ~25 %
-/// (benches/calls.rs).
+/// Every trampoline is 16-byte aligned, so its 12 bytes (`endbr64`,
+/// `jmp rel32` and the signature) sit in one 64-byte fetch block: one
+/// whose `jmp` straddled two blocks cost calls through it ~25 %
+/// (benches/calls.rs). And it starts with `endbr64`, never rewritten.
 #[test]
-fn trampolines_are_8_byte_aligned() {
+fn trampolines_are_16_byte_aligned_and_start_with_endbr64() {
     for tramp in [
         sc_inline::static_call().trampoline(),
         sc_outline::static_call().trampoline(),
@@ -331,7 +353,8 @@ fn trampolines_are_8_byte_aligned() {
         sc_badsite::static_call().trampoline(),
     ] {
         // (Other tests rewrite these trampolines concurrently: only their
-        // place is checked here.)
-        assert_eq!(tramp % 8, 0, "{tramp:#x}");
+        // place and first instruction are checked here.)
+        assert_eq!(tramp % TRAMPOLINE_ALIGN, 0, "{tramp:#x}");
+        assert_eq!(read(tramp, 4), ENDBR64, "{tramp:#x}");
     }
 }

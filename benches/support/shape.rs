@@ -237,3 +237,36 @@ pub fn check_call_variants(
     }
     line
 }
+
+/// Checks a static-call trampoline (or ifunc stub) at `addr` as the
+/// crate lays it out — `endbr64`, then `jmp` (to `to`, when given), then
+/// the `ud1` signature — with its 12 bytes in one 64-byte fetch block, so
+/// a call through it measures the layout the crate ships. Returns a line
+/// for the bench's output.
+pub fn check_trampoline(name: &str, addr: usize, to: Option<usize>) -> String {
+    // SAFETY: a trampoline of this program: 16 bytes of mapped text.
+    let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, 16) };
+    let mut d = Decoder::with_ip(64, bytes, addr as u64, DecoderOptions::NONE);
+    let insns: Vec<Instruction> = (0..3).map(|_| d.decode()).collect();
+    let ok = insns[0].mnemonic() == Mnemonic::Endbr64
+        && insns[1].mnemonic() == Mnemonic::Jmp
+        && insns[1].ip() == addr as u64 + 4
+        && insns[1].len() == 5
+        && to.is_none_or(|t| insns[1].near_branch_target() == t as u64)
+        && insns[2].mnemonic() == Mnemonic::Ud1;
+    assert!(ok, "{name}: not endbr64; jmp; ud1 at {addr:#x}: {insns:?}");
+    assert_eq!(
+        addr % 64 / 16,
+        (addr + 11) % 64 / 16,
+        "{name}: straddles a 16-byte line"
+    );
+    assert_eq!(
+        addr / 64,
+        (addr + 11) / 64,
+        "{name}: straddles a 64-byte block"
+    );
+    format!(
+        "{name} checked: endbr64, jmp at +4, ud1; at +{} of its 64-byte block",
+        addr % 64
+    )
+}

@@ -68,10 +68,16 @@ enum Command {
     /// List every indirect call or jump that does not go through a
     /// retpoline thunk, with where its code came from (compiled, prebuilt,
     /// c, plt) and what it is for (call, jump-table, tail-jump); exit 1 if
-    /// any is not allowed.
+    /// any is not allowed. With --cet: list every indirect-branch target
+    /// altpatch created (static-call trampolines, ifunc stubs, closure
+    /// trampolines) that does not start with endbr64; exit 1 if any.
     Audit {
         /// A linked x86-64 ELF image (with its symbol table).
         image: PathBuf,
+        /// Audit for CET indirect-branch tracking instead: every entry
+        /// altpatch created must start with endbr64.
+        #[arg(long, conflicts_with_all = ["allow", "allow_origin", "thunk_prefix", "return_thunk"])]
+        cet: bool,
         /// Functions allowed to bypass the thunks: a symbol or demangled
         /// name, `*` matching any run of characters ('std::*',
         /// '*::dispatch'). Repeatable.
@@ -146,10 +152,30 @@ fn run(command: Command) -> Result<ExitCode, String> {
         }
         Command::Audit {
             image,
+            cet: true,
+            json,
+            ..
+        } => {
+            let data = read(&image)?;
+            let audit = elf::audit_cet(&data).map_err(|e| format!("{}: {e}", image.display()))?;
+            if json {
+                print_cet_json(&image, &audit);
+            } else {
+                print_cet(&image, &audit);
+            }
+            Ok(if audit.missing().next().is_none() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Audit {
+            image,
             allow,
             allow_origin,
             json,
             thunks,
+            ..
         } => {
             let data = read(&image)?;
             let mut rules = elf::AuditAllow::default().thunk_names(thunks.names());
@@ -176,6 +202,69 @@ fn run(command: Command) -> Result<ExitCode, String> {
             })
         }
     }
+}
+
+/// How many targets of each kind, for a summary line.
+fn cet_counts(audit: &elf::CetAudit) -> String {
+    elf::CetTargetKind::ALL
+        .iter()
+        .map(|&k| format!("{} {}", audit.count(k), k.name()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn print_cet(image: &Path, audit: &elf::CetAudit) {
+    let missing: Vec<&elf::CetTarget> = audit.missing().collect();
+    let counts = cet_counts(audit);
+    if missing.is_empty() {
+        println!(
+            "{}: all {} indirect-branch targets altpatch created start with endbr64 ({counts})",
+            image.display(),
+            audit.targets.len()
+        );
+        return;
+    }
+    println!(
+        "{}: {} of {} indirect-branch targets altpatch created lack endbr64 ({counts}):",
+        image.display(),
+        missing.len(),
+        audit.targets.len()
+    );
+    for t in missing {
+        println!("  {t}");
+    }
+}
+
+/// 64-bit addresses as hex strings ("0x401000"): JSON numbers lose
+/// precision above 2^53 in most readers.
+fn print_cet_json(image: &Path, audit: &elf::CetAudit) {
+    let missing: Vec<String> = audit
+        .missing()
+        .map(|t| {
+            format!(
+                "{{\"addr\":\"{:#x}\",\"kind\":\"{}\",\"name\":{},\"first_bytes\":\"{}\"}}",
+                t.addr,
+                t.kind.name(),
+                json_str(&t.name),
+                t.first
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )
+        })
+        .collect();
+    let counts: Vec<String> = elf::CetTargetKind::ALL
+        .iter()
+        .map(|&k| format!("\"{}\":{}", k.name(), audit.count(k)))
+        .collect();
+    println!(
+        "{{\"image\":{},\"targets\":{},\"counts\":{{{}}},\"missing_endbr64\":[{}]}}",
+        json_str(&image.display().to_string()),
+        audit.targets.len(),
+        counts.join(","),
+        missing.join(",")
+    );
 }
 
 fn print_audit(image: &std::path::Path, audit: &elf::Audit) {

@@ -1,6 +1,7 @@
 //! Reading linked x86-64 ELF images (`std`): compiler-generated sites from
-//! the relocations `--emit-relocs` keeps, the embedded site table, and an
-//! audit of indirect branches.
+//! the relocations `--emit-relocs` keeps, the embedded site table, an audit
+//! of indirect branches, and a CET audit of the entries altpatch created
+//! ([`audit_cet`]: every one must start with `endbr64`).
 //!
 //! ```no_run
 //! let data = std::fs::read("target/release/myprog").unwrap();
@@ -15,6 +16,7 @@
 
 mod audit;
 mod branch;
+mod cet;
 mod embed;
 mod origin;
 mod runtime;
@@ -34,6 +36,7 @@ use object::read::elf::{
 pub use audit::{Audit, AuditAllow, BranchUse, IndirectBranch, Origin, audit, audit_with};
 use branch::branch_at;
 pub use branch::scan_branches;
+pub use cet::{CetAudit, CetTarget, CetTargetKind, audit_cet};
 pub use embed::{EmbedError, EmbedOutcome, embed, embed_file};
 pub use runtime::{SitesError, current_sites, image_sites};
 use symbols::{Class, Marks, classify, memo};

@@ -348,7 +348,7 @@ fn plt_slot(image: &Image<'_>, stub: usize) -> Option<usize> {
     // SAFETY: inside the image's text, readable.
     let b = unsafe { core::slice::from_raw_parts(stub as *const u8, 11) };
     let mut at = 0;
-    if b[..4] == [0xf3, 0x0f, 0x1e, 0xfa] {
+    if b[..4] == crate::x86::ENDBR64 {
         at += 4;
     }
     if b[at] == 0xf2 {

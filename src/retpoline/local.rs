@@ -197,7 +197,7 @@ pub(super) fn plt_stub(image: &Image<'_>, addr: usize) -> bool {
     }
     // SAFETY: inside the image's text (checked above), readable.
     let b = unsafe { core::slice::from_raw_parts(addr as *const u8, 7) };
-    let b = b.strip_prefix(&[0xf3, 0x0f, 0x1e, 0xfa][..]).unwrap_or(b);
+    let b = b.strip_prefix(&x86::ENDBR64[..]).unwrap_or(b);
     let b = b.strip_prefix(&[0xf2][..]).unwrap_or(b);
     b.starts_with(&[0xff, 0x25])
 }

@@ -18,10 +18,19 @@
 //! ```
 //!
 //! [`static_call!`](macro@crate::static_call) declares a function and a
-//! *trampoline*: 8 bytes, `jmp rel32` to the current target followed by
-//! `0f b9 cc` (`ud1`), which marks it as a trampoline for validation and
-//! stops straight-line speculation past the `jmp`. Calling the function is
-//! an ordinary Rust call, so the compiler emits `call <trampoline>`.
+//! *trampoline*, 16 bytes, 16-byte aligned:
+//!
+//! ```text
+//! +0   f3 0f 1e fa      endbr64          a valid target for indirect calls under CET IBT
+//! +4   e9 <rel32>       jmp target       (ret; int3 x 4 for "none")
+//! +9   0f b9 cc         ud1              the signature; stops straight-line speculation
+//! +12  cc cc cc cc      int3 padding
+//! ```
+//!
+//! The signature marks it as a trampoline for validation. Calling the
+//! function is an ordinary Rust call, so the compiler emits
+//! `call <trampoline>`; an update rewrites the `jmp` at
+//! [`TRAMPOLINE_JMP`], never the `endbr64`.
 //!
 //! The trampoline is a naked `extern "C"` function (stable Rust has naked
 //! functions only for explicit ABIs, and the Rust ABI is not stable enough
@@ -34,7 +43,8 @@
 //!
 //! An update rewrites, in one batch:
 //!
-//! * **out of line**: the trampoline's `jmp` (or `ret` for "none");
+//! * **out of line**: the trampoline's `jmp` (or `ret` for "none"), after
+//!   its `endbr64`;
 //! * **inline**: every call site of the trampoline the image's relocations
 //!   (or embedded site table) list — `call target`, a tail site
 //!   `jmp target`; for none, a 5-byte NOP, or `ret` + `int3` at a tail site.
@@ -63,8 +73,43 @@ pub use typed::{conjure_fn as __conjure_fn, fn_at as __fn_at};
 #[cfg(all(feature = "std", target_os = "linux"))]
 mod process;
 
-/// The bytes that follow a trampoline's `jmp`: `ud1 %esp, %ecx`.
+pub use crate::x86::ENDBR64;
+
+/// The bytes that follow a trampoline's `jmp`: `ud1 %esp, %ecx`, at
+/// [`TRAMPOLINE_JMP`]` + 5`.
 pub const TRAMPOLINE_SIGNATURE: [u8; 3] = [0x0f, 0xb9, 0xcc];
+/// Where a trampoline's `jmp rel32` (or its "none" `ret`) starts: after
+/// the [`ENDBR64`] at its first byte.
+pub const TRAMPOLINE_JMP: usize = ENDBR64.len();
+/// The bytes of a trampoline an update checks: `endbr64`, `jmp rel32`
+/// and the signature.
+pub const TRAMPOLINE_LEN: usize = TRAMPOLINE_JMP + 5 + TRAMPOLINE_SIGNATURE.len();
+/// Every trampoline's alignment and padded size: 16, so its
+/// [`TRAMPOLINE_LEN`] bytes never straddle a 64-byte fetch block (8 would
+/// not do: a trampoline at 56 mod 64 has its `jmp` at 60..65).
+pub const TRAMPOLINE_ALIGN: usize = 16;
+
+/// Whether `bytes` (at least [`TRAMPOLINE_LEN`] of them) are a trampoline:
+/// `endbr64`, a `jmp rel32` or `ret` + `int3` filler, and the signature.
+///
+/// ```
+/// use altpatch::static_call::{is_trampoline, ENDBR64, TRAMPOLINE_SIGNATURE};
+/// let mut t = [0xccu8; 16];
+/// t[..4].copy_from_slice(&ENDBR64);
+/// t[4..9].copy_from_slice(&[0xe9, 0x10, 0, 0, 0]);
+/// t[9..12].copy_from_slice(&TRAMPOLINE_SIGNATURE);
+/// assert!(is_trampoline(&t));
+/// t[..4].copy_from_slice(&[0x0f, 0x1f, 0x40, 0x00]); // a NOP4, no endbr64
+/// assert!(!is_trampoline(&t));
+/// ```
+pub fn is_trampoline(bytes: &[u8]) -> bool {
+    let Some(b) = bytes.get(..TRAMPOLINE_LEN) else {
+        return false;
+    };
+    let (endbr, rest) = b.split_at(TRAMPOLINE_JMP);
+    let (branch, sig) = rest.split_at(5);
+    endbr == ENDBR64 && sig == TRAMPOLINE_SIGNATURE && (branch[0] == 0xe9 || branch == RET_FILL)
+}
 /// A trampoline's "none" form: `ret` and `int3` filler.
 const RET_FILL: [u8; 5] = [0xc3, 0xcc, 0xcc, 0xcc, 0xcc];
 
@@ -108,14 +153,15 @@ pub struct UpdateReport {
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum StaticCallError {
-    /// The trampoline does not end with the trampoline signature.
+    /// The trampoline is not `endbr64`, `jmp rel32` (or `ret`) and the
+    /// signature ([`is_trampoline`]).
     BadTrampoline {
         /// The static call's name.
         name: &'static str,
         /// Its address.
         addr: usize,
         /// The bytes found.
-        found: [u8; 8],
+        found: [u8; TRAMPOLINE_LEN],
     },
     /// "None" was asked for a static call that returns a value.
     NoneNotAllowed {
@@ -134,7 +180,7 @@ impl fmt::Display for StaticCallError {
         match self {
             StaticCallError::BadTrampoline { name, addr, found } => write!(
                 f,
-                "static call `{name}`: trampoline at {addr:#x} holds {} (no 0f b9 cc signature); nothing written",
+                "static call `{name}`: trampoline at {addr:#x} holds {}, not endbr64, jmp rel32 (or ret) and the 0f b9 cc signature; nothing written",
                 crate::HexBytes(found)
             ),
             StaticCallError::NoneNotAllowed { name } => write!(
@@ -275,13 +321,20 @@ impl RawStaticCall {
         }
         let tramp = self.trampoline();
 
-        // The trampoline: validated by its signature, then by its jmp.
-        let mut found = [0u8; 8];
-        if image.contains_text(tramp, 8) {
+        // The trampoline: validated by its layout, then by its jmp (after
+        // the endbr64, which is never written).
+        let mut found = [0u8; TRAMPOLINE_LEN];
+        if image.contains_text(tramp, TRAMPOLINE_LEN) {
             // SAFETY: inside the image's text, which is readable.
-            unsafe { core::ptr::copy_nonoverlapping(tramp as *const u8, found.as_mut_ptr(), 8) };
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    tramp as *const u8,
+                    found.as_mut_ptr(),
+                    TRAMPOLINE_LEN,
+                )
+            };
         }
-        if found[5..] != TRAMPOLINE_SIGNATURE {
+        if !is_trampoline(&found) {
             return Err(StaticCallError::BadTrampoline {
                 name: self.name,
                 addr: tramp,
@@ -293,11 +346,16 @@ impl RawStaticCall {
             Some(t) => Expect::Jmp(t),
             None => Expect::Bytes(Bytes::new(&RET_FILL)),
         };
+        let jmp_at = tramp + TRAMPOLINE_JMP;
         let tramp_edit = match target {
-            Some(t) => Edit::jmp(tramp, expect_tramp, t),
-            None => Edit::new(tramp, expect_tramp, RET_FILL),
+            Some(t) => Edit::jmp(jmp_at, expect_tramp, t),
+            None => Edit::new(jmp_at, expect_tramp, RET_FILL),
         };
-        plan.push(tramp_edit.site(self.name).reason("static call trampoline"));
+        plan.push(
+            tramp_edit
+                .site(self.name)
+                .reason("static call trampoline (its jmp, after endbr64)"),
+        );
 
         // Inline sites.
         let mut report = UpdateReport {

@@ -80,7 +80,9 @@ impl<F: Copy + 'static> StaticCall<F> {
         self.raw.name()
     }
 
-    /// The trampoline's address.
+    /// The trampoline's address: its `endbr64`, so the address may be
+    /// called indirectly under CET; the `jmp` an update rewrites is at
+    /// [`TRAMPOLINE_JMP`](super::TRAMPOLINE_JMP) past it.
     pub fn trampoline(&self) -> usize {
         self.raw.trampoline()
     }

@@ -22,6 +22,11 @@ pub const SERIALIZE: [u8; 3] = [0x0f, 0x01, 0xe8];
 /// The recommended 5-byte NOP (`nopl 0x0(%rax,%rax,1)`), used at static-key
 /// and static-call sites.
 pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+/// `endbr64`: the instruction an indirect `call`/`jmp` must land on when
+/// CET indirect-branch tracking (IBT) is on; a NOP on every other CPU. The
+/// first instruction of every code address this crate hands out (static-call
+/// trampolines, ifunc stubs, closure trampolines).
+pub const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 
 /// The recommended multi-byte NOPs, indexed by length (index 0 is empty).
 ///

@@ -8,6 +8,7 @@
 //! | what | bytes |
 //! |---|---|
 //! | NOP, 1..=11 bytes | [`nop`], [`fill_nops`] |
+//! | `endbr64` (a CET IBT landing pad) | `f3 0f 1e fa`, [`ENDBR64`] |
 //! | gap longer than 11 | `jmp` over `int3` filler, [`fill_gap`] |
 //! | `call rel32` / `jmp rel32` | `e8 d32` / `e9 d32`, [`call_rel32`], [`jmp_rel32`] |
 //! | `jmp rel8` | `eb d8`, [`jmp_rel8`] |
@@ -27,8 +28,8 @@ pub use decode::{
     rel_branch_of,
 };
 pub use encode::{
-    Cond, Encoded, INT3, LFENCE, NOP_MAX, NOP5, OutOfRange, RET, SERIALIZE, call_rel32, fill_gap,
-    fill_nops, jcc_rel8, jcc_rel32, jmp_rel8, jmp_rel32, nop, rel8, rel32,
+    Cond, ENDBR64, Encoded, INT3, LFENCE, NOP_MAX, NOP5, OutOfRange, RET, SERIALIZE, call_rel32,
+    fill_gap, fill_nops, jcc_rel8, jcc_rel32, jmp_rel8, jmp_rel32, nop, rel8, rel32,
 };
 pub use reg::{Reg, call_reg, jmp_reg};
 pub use reloc::{RelocError, relocate};

@@ -402,6 +402,30 @@ fn apply_alternatives(
     Ok(())
 }
 
+/// The entries the crate handed out start with `endbr64` (an IBT landing
+/// pad), and an indirect call through each reaches the current target
+/// past it: the static call's trampoline (now `jmp k_triple`) and the
+/// ifunc's stub.
+fn cet_entries() {
+    let tramp = kernel_scale::static_call().trampoline();
+    let stub = kernel_ones::ifunc().stub();
+    // SAFETY: both are code in the kernel's text, at least 16 bytes each.
+    let starts = |at: usize| unsafe { core::slice::from_raw_parts(at as *const u8, 4) };
+    let endbr = |at: usize| starts(at) == altpatch::x86::ENDBR64;
+    // SAFETY: each address is a C-ABI `fn(u64) -> u64` (the trampoline's
+    // and the stub's declared signature).
+    let call = |at: usize| unsafe { core::mem::transmute::<usize, extern "C" fn(u64) -> u64>(at) };
+    let (via_tramp, via_stub) = (
+        core::hint::black_box(call(tramp))(7),
+        core::hint::black_box(call(stub))(0b1011),
+    );
+    println!(
+        "cet: trampoline endbr64={} stub endbr64={} indirect: scale={via_tramp} ones={via_stub}",
+        endbr(tramp),
+        endbr(stub),
+    );
+}
+
 /// Re-targets a static call (trampoline and call sites, from the embedded
 /// site table) and flips a static key through the INT3 protocol.
 fn update_calls_and_keys(image: &Image<'_>, features: &Features) -> Result<(), &'static str> {
@@ -422,6 +446,7 @@ fn update_calls_and_keys(image: &Image<'_>, features: &Features) -> Result<(), &
         r.inlined,
         r.trampoline
     );
+    cet_entries();
 
     let index = KeyIndex::new(image);
     let key_before = boot_key();

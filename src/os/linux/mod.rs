@@ -78,6 +78,7 @@
 
 mod arena;
 mod batch;
+mod cet;
 mod file_swap;
 mod files;
 mod fork;
@@ -94,9 +95,12 @@ mod sys;
 mod threads;
 mod trap;
 
+#[doc(hidden)]
+pub use cet::force_shadow_stack_for_tests;
+pub use cet::shadow_stack_enabled;
 pub use loaded::LoadError;
 pub use poke_log::set_poke_log;
-pub use trap::emulated_traps;
+pub use trap::{emulated_traps, restarted_traps};
 
 use alloc::vec::Vec;
 use core::ops::Range;

@@ -18,6 +18,15 @@
 //!   site of some batch" is every site ever patched live, not only the
 //!   current batch's: the [`TrapSlot`] kernels use keeps both.
 //!
+//! Under a shadow stack (CET SHSTK, or [`force_shadow_stack_for_tests`]) a
+//! site whose new instruction is a `call` or `ret` is not emulated: the
+//! handler waits (yielding the CPU) until the patching thread has written
+//! the site, then resumes at it so the CPU runs the real instruction and
+//! keeps both stacks in step ([`ShadowStack`]; counted by
+//! [`restarted_traps`]). `jmp`, `jcc` and NOP sites are emulated as ever.
+//!
+//! [`force_shadow_stack_for_tests`]: super::force_shadow_stack_for_tests
+//!
 //! Everything else goes to the disposition installed before: its handler
 //! with the original `siginfo` and context (`SA_SIGINFO` or not), the
 //! default action (the process dies of `SIGTRAP`, as it would have), or
@@ -25,11 +34,13 @@
 //! program ignore). The handler runs with every signal blocked, so a signal
 //! storm cannot interrupt it.
 
+use core::cell::Cell;
 use core::ptr;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
+use super::cet::in_handler;
 use crate::poke::PokeError;
-use crate::poke::live::{TrapAction, TrapFrame, TrapSlot};
+use crate::poke::live::{LiveSites, ShadowStack, TrapAction, TrapFrame, TrapSlot, TrapTable};
 
 /// The table of the live batch being committed and every site ever
 /// patched live (published and retired by `live::run_published`, the
@@ -42,10 +53,68 @@ static INSTALLED: AtomicBool = AtomicBool::new(false);
 /// The previous handler had `SA_RESETHAND` and has run once: default now.
 static RESET: AtomicBool = AtomicBool::new(false);
 
+/// The thread id of the patcher whose batch is published (0: none). A
+/// trap on that thread must never wait for the batch to end.
+static PATCHER: AtomicI32 = AtomicI32::new(0);
+
 /// How many times a thread hit a site being patched live and had its new
 /// instruction emulated, since the process started.
+///
+/// ```
+/// use altpatch::os::linux::{emulated_traps, restarted_traps};
+/// // After a stress run with the INT3 protocol (see tests/live.rs):
+/// println!("{} traps emulated, {} restarted", emulated_traps(), restarted_traps());
+/// ```
 pub fn emulated_traps() -> usize {
     ACTIVE.emulated()
+}
+
+/// How many times a thread hit a site being patched live and was resumed
+/// at the site to run it as it is now, instead of having it emulated, since
+/// the process started: a `call` or `ret` site under a shadow stack (the
+/// handler waited for the patching thread to write it), or a trap that
+/// reached the handler after its batch had ended.
+///
+/// ```
+/// use altpatch::os::linux::{emulated_traps, restarted_traps};
+/// // Under a shadow stack a trap at a call site counts here, never in
+/// // `emulated_traps` (tests/cet.rs).
+/// println!("{} restarted, {} emulated", restarted_traps(), emulated_traps());
+/// ```
+pub fn restarted_traps() -> usize {
+    ACTIVE.restarted()
+}
+
+/// The shadow-stack answers of the `SIGTRAP` handler (see [`ShadowStack`]).
+struct Shadow {
+    /// Whether this thread was checked not to be the patcher.
+    not_patcher: Cell<bool>,
+}
+
+impl ShadowStack for Shadow {
+    #[inline(always)]
+    fn active(&self) -> bool {
+        in_handler::active()
+    }
+
+    #[inline(always)]
+    fn pause(&self) -> bool {
+        if !self.not_patcher.get() {
+            if in_handler::tid() == PATCHER.load(Ordering::SeqCst) {
+                // Waiting for our own batch would never end: refuse it
+                // loudly (the trap then goes to the previous disposition).
+                in_handler::say(
+                    b"altpatch: the patching thread ran a call or ret site of its own live batch \
+                      under a shadow stack: it can neither be emulated nor waited for\n",
+                );
+                return false;
+            }
+            self.not_patcher.set(true);
+        }
+        core::hint::spin_loop();
+        in_handler::yield_now();
+        true
+    }
 }
 
 struct OldAction(core::cell::UnsafeCell<libc::sigaction>);
@@ -87,10 +156,13 @@ fn claim(uc: &mut libc::ucontext_t) -> bool {
         rflags: gregs[libc::REG_EFL as usize] as u64,
         regs: GREG.map(|g| gregs[g as usize] as u64),
     };
+    let shadow = Shadow {
+        not_patcher: Cell::new(false),
+    };
     // SAFETY: the frame is the interrupted thread's, whose stack a real
     // call/ret would use the same way; the kernel raised the trap for an
     // int3 the thread just executed, so its byte is readable.
-    match unsafe { ACTIVE.emulate(&mut frame) } {
+    match unsafe { ACTIVE.emulate_with(&mut frame, &shadow) } {
         TrapAction::Emulated => {
             gregs[libc::REG_RIP as usize] = frame.rip as i64;
             gregs[libc::REG_RSP as usize] = frame.rsp as i64;
@@ -262,13 +334,35 @@ pub(super) fn install() -> Result<(), PokeError> {
     Ok(())
 }
 
+/// The slot the handler reads the batch in flight from, as the patcher
+/// publishes to it: [`ACTIVE`], and the patching thread's id.
+pub(super) struct Slot;
+
+// SAFETY: forwards to ACTIVE (a TrapSlot, which keeps the contract); the
+// thread id is stored before the table and cleared after it is retired.
+unsafe impl TrapTable for Slot {
+    unsafe fn publish(&self, sites: &LiveSites) {
+        super::cet::refresh();
+        PATCHER.store(in_handler::tid(), Ordering::SeqCst);
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { ACTIVE.publish(sites) };
+    }
+
+    unsafe fn retire(&self) {
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { ACTIVE.retire() };
+        PATCHER.store(0, Ordering::SeqCst);
+    }
+}
+
 /// The slot the handler reads the batch in flight from.
-pub(super) fn slot() -> &'static TrapSlot {
-    &ACTIVE
+pub(super) fn slot() -> &'static Slot {
+    &Slot
 }
 
 /// In a forked child: handlers that were running on other threads of the
-/// parent will never finish here.
+/// parent will never finish here, and no batch is in flight.
 pub(super) fn after_fork_in_child() {
     ACTIVE.reset_after_fork();
+    PATCHER.store(0, Ordering::SeqCst);
 }

@@ -128,8 +128,56 @@ impl LiveSites {
         let Some(site) = self.find(addr) else {
             return TrapAction::NotOurs;
         };
-        let next = (addr + site.len) as u64;
-        match site.op {
+        // SAFETY: forwarded.
+        unsafe { site.emulate(frame) };
+        TrapAction::Emulated
+    }
+}
+
+impl Emulation {
+    /// Whether running this instruction from `rflags` pushes or pops a
+    /// return address: a `call`, a `ret`, a conditional `ret` whose
+    /// condition holds. Under a shadow stack such an instruction is never
+    /// emulated: the emulated push or pop would not reach the shadow
+    /// stack, and the callee's `ret` (or the caller's next one) would
+    /// fault (`#CP`).
+    ///
+    /// ```
+    /// use altpatch::poke::live::Emulation;
+    /// use altpatch::x86::Cond;
+    /// assert!(Emulation::Call(0x2000).uses_stack(0));
+    /// assert!(Emulation::Ret.uses_stack(0));
+    /// assert!(!Emulation::Jmp(0x2000).uses_stack(0));
+    /// assert!(!Emulation::Nop.uses_stack(0));
+    /// let zf = 1 << 6;
+    /// assert!(Emulation::JccRet(Cond::E).uses_stack(zf)); // taken: returns
+    /// assert!(!Emulation::JccRet(Cond::E).uses_stack(0)); // falls through
+    /// ```
+    #[inline(always)]
+    pub fn uses_stack(&self, rflags: u64) -> bool {
+        match *self {
+            Emulation::Call(_) | Emulation::CallReg(_) | Emulation::Ret => true,
+            Emulation::JccRet(cc) => cond_holds(cc, rflags),
+            Emulation::Jmp(_)
+            | Emulation::Jcc(..)
+            | Emulation::Nop
+            | Emulation::JmpReg(_)
+            | Emulation::JccReg(..) => false,
+        }
+    }
+}
+
+impl LiveSite {
+    /// Applies this site's new instruction to `frame`, whose `rip` is the
+    /// byte after the site's `int3`.
+    ///
+    /// # Safety
+    ///
+    /// As for [`LiveSites::emulate`].
+    #[inline(always)]
+    pub(super) unsafe fn emulate(&self, frame: &mut TrapFrame) {
+        let next = (self.addr + self.len) as u64;
+        match self.op {
             Emulation::Nop => frame.rip = next,
             Emulation::Jmp(t) => frame.rip = t as u64,
             Emulation::Jcc(cc, t) => {
@@ -180,7 +228,6 @@ impl LiveSites {
                 }
             }
         }
-        TrapAction::Emulated
     }
 }
 

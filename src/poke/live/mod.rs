@@ -15,6 +15,12 @@
 //! and jump; jmp: jump; jcc: jump if taken; nop: skip; ret: pop), then
 //! resumes. Three syncs per batch, however many sites.
 //!
+//! Under a shadow stack (CET SHSTK) a `call` or `ret` is never emulated:
+//! the emulated push or pop would miss the shadow stack and the next `ret`
+//! would fault. The handler waits for the site's `int3` to go and resumes
+//! at the site, so the CPU runs the real instruction ([`ShadowStack`],
+//! [`TrapSlot::emulate_with`]).
+//!
 //! Each site must be exactly one instruction before and after (a NOP of any
 //! length, or `ret`/`jmp` followed by `int3` filler, counts as one), so no
 //! thread is ever inside a changed instruction.
@@ -31,6 +37,7 @@
 
 mod emulate;
 mod int3;
+mod shadow;
 mod table;
 
 use core::fmt;
@@ -39,6 +46,7 @@ pub use emulate::{LiveSites, TrapAction, TrapFrame};
 pub use int3::Int3Poke;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub(crate) use int3::Step;
+pub use shadow::{NoShadowStack, ShadowStack};
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub(crate) use table::run_published;
 pub use table::{SlotGuard, TrapSlot, TrapTable};

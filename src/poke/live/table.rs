@@ -28,10 +28,11 @@
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ptr;
-use core::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 use super::int3::{Step, run_protocol};
-use super::{LiveSites, TrapAction, TrapFrame};
+use super::shadow::{Waited, first_byte};
+use super::{LiveSites, NoShadowStack, ShadowStack, TrapAction, TrapFrame};
 use crate::poke::PokeError;
 use crate::x86::INT3;
 
@@ -104,7 +105,7 @@ pub unsafe trait TrapTable {
 /// assert_eq!(SLOT.emulated(), 1);
 /// ```
 pub struct TrapSlot {
-    table: AtomicPtr<LiveSites>,
+    pub(super) table: AtomicPtr<LiveSites>,
     /// Every site address ever published, sorted (a leaked-until-replaced
     /// `Vec`, freed once no handler is inside).
     history: AtomicPtr<Vec<usize>>,
@@ -113,6 +114,7 @@ pub struct TrapSlot {
     generation: AtomicUsize,
     inside: AtomicUsize,
     emulated: AtomicUsize,
+    pub(super) restarted: AtomicUsize,
 }
 
 impl Default for TrapSlot {
@@ -173,6 +175,7 @@ impl TrapSlot {
             generation: AtomicUsize::new(0),
             inside: AtomicUsize::new(0),
             emulated: AtomicUsize::new(0),
+            restarted: AtomicUsize::new(0),
         }
     }
 
@@ -196,6 +199,9 @@ impl TrapSlot {
     /// `frame.rip` points at it again. [`NotOurs`]: no batch put an `int3`
     /// there; `frame` is unchanged. Lock-free and allocation-free.
     ///
+    /// Assumes no shadow stack ([`NoShadowStack`]); see
+    /// [`emulate_with`](TrapSlot::emulate_with).
+    ///
     /// [`Emulated`]: TrapAction::Emulated
     /// [`Restarted`]: TrapAction::Restarted
     /// [`NotOurs`]: TrapAction::NotOurs
@@ -208,36 +214,115 @@ impl TrapSlot {
     /// and readable.
     #[inline(always)]
     pub unsafe fn emulate(&self, frame: &mut TrapFrame) -> TrapAction {
+        // SAFETY: forwarded.
+        unsafe { self.emulate_with(frame, &NoShadowStack) }
+    }
+
+    /// [`emulate`](TrapSlot::emulate) for a context that may run with a
+    /// shadow stack: when `shadow` says it does, a site whose new
+    /// instruction pushes or pops a return address is not emulated. The
+    /// handler waits until the site's `int3` is gone, then returns
+    /// [`Restarted`](TrapAction::Restarted) with `frame.rip` at the site
+    /// (see [`ShadowStack`]). Lock-free and allocation-free; waits only
+    /// for the patching thread's next store.
+    ///
+    /// ```
+    /// use altpatch::poke::live::{
+    ///     LiveSite, LiveSites, ShadowStack, TrapAction, TrapFrame, TrapSlot, TrapTable,
+    /// };
+    /// use std::sync::atomic::{AtomicU8, Ordering};
+    ///
+    /// static SLOT: TrapSlot = TrapSlot::new();
+    /// // A NOP5 becoming `call +0x100`, mid-batch: its first byte is the
+    /// // protocol's int3.
+    /// let text: Vec<AtomicU8> = [0xcc_u8, 0x1f, 0x44, 0, 0].map(AtomicU8::new).into();
+    /// let at = text.as_ptr() as usize;
+    /// let site = LiveSite::new(at, &[0x0f, 0x1f, 0x44, 0, 0], &[0xe8, 0xfb, 0, 0, 0]).unwrap();
+    /// let table = LiveSites::new(vec![site]);
+    /// // SAFETY: `table` outlives the batch; this is the only patcher.
+    /// unsafe { SLOT.publish(&table) };
+    ///
+    /// // A shadow stack is on; the "patching thread" finishes the site
+    /// // while the handler waits (here: on the handler's first pause).
+    /// struct Shadow<'a>(&'a [AtomicU8]);
+    /// impl ShadowStack for Shadow<'_> {
+    ///     fn active(&self) -> bool {
+    ///         true
+    ///     }
+    ///     fn pause(&self) -> bool {
+    ///         self.0[0].store(0xe8, Ordering::SeqCst);
+    ///         true
+    ///     }
+    /// }
+    /// let mut frame = TrapFrame { rip: at as u64 + 1, rsp: 0, rflags: 0, regs: [0; 16] };
+    /// // SAFETY: nothing is emulated (no stack is touched); the site is
+    /// // readable.
+    /// let action = unsafe { SLOT.emulate_with(&mut frame, &Shadow(&text)) };
+    /// assert_eq!(action, TrapAction::Restarted);
+    /// assert_eq!((frame.rip, frame.rsp), (at as u64, 0)); // runs the real call
+    /// assert_eq!((SLOT.emulated(), SLOT.restarted()), (0, 1));
+    /// // SAFETY: published above.
+    /// unsafe { SLOT.retire() };
+    /// ```
+    ///
+    /// # Safety
+    ///
+    /// As for [`emulate`](TrapSlot::emulate).
+    #[inline(always)]
+    pub unsafe fn emulate_with<S: ShadowStack + ?Sized>(
+        &self,
+        frame: &mut TrapFrame,
+        shadow: &S,
+    ) -> TrapAction {
         let addr = frame.rip.wrapping_sub(1) as usize;
-        let mut guard = self.enter();
-        loop {
-            let generation = self.generation.load(Ordering::SeqCst);
-            if let Some(sites) = guard.reload() {
-                // SAFETY: forwarded.
-                if unsafe { sites.emulate(frame) } == TrapAction::Emulated {
-                    self.emulated.fetch_add(1, Ordering::Relaxed);
-                    return TrapAction::Emulated;
+        'enter: loop {
+            let mut guard = self.enter();
+            loop {
+                let generation = self.generation.load(Ordering::SeqCst);
+                if let Some(site) = guard.reload().and_then(|sites| sites.find(addr)) {
+                    if !(site.op.uses_stack(frame.rflags) && shadow.active()) {
+                        // SAFETY: forwarded.
+                        unsafe { site.emulate(frame) };
+                        self.emulated.fetch_add(1, Ordering::Relaxed);
+                        return TrapAction::Emulated;
+                    }
+                    // A call or ret under a shadow stack: wait for the
+                    // int3 to go, then run the real instruction. Out of
+                    // the slot first (nothing of the table is used while
+                    // waiting), so `retire` never waits for this handler.
+                    let table = guard.table;
+                    drop(guard);
+                    // SAFETY: the caller's contract: this byte was just
+                    // executed, so it is mapped and readable.
+                    match unsafe { self.wait_for_site(addr, table, shadow) } {
+                        Waited::Gone => {
+                            frame.rip = addr as u64;
+                            return TrapAction::Restarted;
+                        }
+                        Waited::TableChanged => continue 'enter,
+                        Waited::MustNotWait => return TrapAction::NotOurs,
+                    }
                 }
-            }
-            if !guard.was_published(addr) {
-                return TrapAction::NotOurs;
-            }
-            // SAFETY: the CPU just executed this byte (the caller's
-            // contract); text other CPUs may be writing is read atomically.
-            let byte = unsafe { &*(addr as *const AtomicU8) }.load(Ordering::SeqCst);
-            if byte != INT3 {
-                frame.rip = addr as u64;
-                return TrapAction::Restarted;
-            }
-            // An int3 at one of our sites that the table loaded above
-            // lacks. If no batch was published since that load, no batch in
-            // flight put it there: not ours. Otherwise a newer batch did
-            // (its generation and table are stored before its first int3,
-            // so a load after reading that int3 sees them): look again —
-            // however many batches come and go meanwhile, each table loaded
-            // stays valid while this handler is counted inside.
-            if self.generation.load(Ordering::SeqCst) == generation {
-                return TrapAction::NotOurs;
+                if !guard.was_published(addr) {
+                    return TrapAction::NotOurs;
+                }
+                // SAFETY: the CPU just executed this byte (the caller's
+                // contract); text other CPUs may be writing is read atomically.
+                if unsafe { first_byte(addr) } != INT3 {
+                    frame.rip = addr as u64;
+                    self.restarted.fetch_add(1, Ordering::Relaxed);
+                    return TrapAction::Restarted;
+                }
+                // An int3 at one of our sites that the table loaded above
+                // lacks. If no batch was published since that load, no batch in
+                // flight put it there: not ours. Otherwise a newer batch did
+                // (its generation and table are stored before its first int3,
+                // so a load after reading that int3 sees them): look again —
+                // however many batches come and go meanwhile, each table loaded
+                // stays valid while this handler is counted inside.
+                if self.generation.load(Ordering::SeqCst) == generation {
+                    return TrapAction::NotOurs;
+                }
             }
         }
     }
@@ -245,6 +330,14 @@ impl TrapSlot {
     /// How many traps [`emulate`](TrapSlot::emulate) emulated.
     pub fn emulated(&self) -> usize {
         self.emulated.load(Ordering::Relaxed)
+    }
+
+    /// How many traps [`emulate`](TrapSlot::emulate) (or
+    /// [`emulate_with`](TrapSlot::emulate_with)) resumed at the site to run
+    /// it again, rather than emulated: a late trap whose `int3` was already
+    /// gone, or a call or ret under a shadow stack, waited for.
+    pub fn restarted(&self) -> usize {
+        self.restarted.load(Ordering::Relaxed)
     }
 
     /// Waits until no handler is inside (however the table changed).
