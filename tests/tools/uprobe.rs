@@ -1,6 +1,7 @@
 //! A uprobe attached the way `perf probe`, bpftrace and eBPF agents attach
 //! one: `perf_event_open` on the kernel's uprobe PMU, naming a file and an
 //! offset in it. Counting only; no external tool.
+#![allow(dead_code)] // shared by tests/tools.rs and tests/hostile.rs, which use parts
 
 /// An attached uprobe; detached when dropped.
 pub struct Uprobe {

@@ -46,15 +46,26 @@ fn blocker() -> Option<i32> {
 /// have it blocked for a moment — inside a signal handler, or on its way out
 /// of ours (which runs with every signal blocked), possibly preempted there
 /// on a loaded machine — so it is asked again, backing off for up to about
-/// a quarter of a second, before the batch is refused.
+/// a quarter of a second, before the batch is refused. A look that finds a
+/// thread blocking it while a thread runs our handler does not count
+/// towards that (under a storm of traps the handler is seldom empty), up to
+/// about two seconds in all.
 pub(super) fn check_can_trap() -> Result<(), PokeError> {
     let mut last = None;
-    for attempt in 0..8 {
+    let mut counted = 0;
+    for attempt in 0..64u32 {
         match blocker() {
             None => return Ok(()),
             Some(tid) => last = Some(tid),
         }
-        std::thread::sleep(std::time::Duration::from_millis(1 << attempt));
+        if !super::trap::handler_running() {
+            counted += 1;
+            if counted == 8 {
+                break;
+            }
+        }
+        let ms = if attempt < 8 { 1 << attempt } else { 30 };
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
     Err(PokeError::SignalState {
         why: "a thread blocks SIGTRAP, so an int3 would kill it; use the page-swap publication",

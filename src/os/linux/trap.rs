@@ -36,7 +36,7 @@
 
 use core::cell::Cell;
 use core::ptr;
-use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 
 use super::cet::in_handler;
 use crate::poke::PokeError;
@@ -179,16 +179,29 @@ fn claim(uc: &mut libc::ucontext_t) -> bool {
 // Must contain no indirect-thunk site (see `call3`): tests/retpoline.rs
 // checks the linked handler of a retpoline-built program.
 extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    IN_HANDLER.fetch_add(1, Ordering::Relaxed);
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let code = unsafe { (*info).si_code };
     if code == libc::SI_KERNEL {
         // SAFETY: the kernel passes a valid ucontext for SA_SIGINFO handlers.
         let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
         if claim(uc) {
+            IN_HANDLER.fetch_sub(1, Ordering::Relaxed);
             return;
         }
     }
+    IN_HANDLER.fetch_sub(1, Ordering::Relaxed);
     chain(sig, info, ctx, code);
+}
+
+/// Threads running this handler now. The handler runs with every signal
+/// blocked, so such a thread looks, to a check of the threads' masks, like
+/// one that blocks `SIGTRAP` (see `threads.rs`).
+static IN_HANDLER: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether a thread may be inside this handler now.
+pub(super) fn handler_running() -> bool {
+    IN_HANDLER.load(Ordering::Relaxed) != 0
 }
 
 /// Passes the trap to the previously installed disposition.
