@@ -25,7 +25,7 @@ mod publish;
 mod verify;
 
 use super::state::Shared;
-use super::{Publish, file_swap, maps, poke_log, threads, trap};
+use super::{Publish, maps, poke_log, threads, trap};
 use crate::plan::Bytes;
 use crate::poke::live::{self, LiveSite};
 use crate::poke::{PAGE_SIZE, PokeError, Strategy, copy_short, load_short, short_eq};
@@ -84,11 +84,12 @@ pub(super) struct Batch {
     stage: Vec<u8>,
     /// Per page: the span written (`lo > hi` when none).
     dirty: Vec<(u32, u32)>,
-    /// Every write (address, length), for the read-back.
+    /// Every write (address, length), for the read-back; and sorted by
+    /// address, for publication.
     writes: Vec<(usize, usize)>,
-    /// Earlier patches on the pages of a file-backed swap that the text
-    /// still holds: what the swap carries over besides the writes.
-    carried: Vec<Range<usize>>,
+    sorted: Vec<(usize, usize)>,
+    /// Earlier patches the text no longer holds (found by a swap).
+    stale: Vec<Range<usize>>,
     /// INT3 protocol: the writes, checked as live sites.
     pending: Vec<(LiveSite, Bytes)>,
     last_run: usize,
@@ -101,7 +102,6 @@ pub(super) struct Batch {
     scratch: Vec<u8>,
     owned: Vec<Range<usize>>,
     stores: Vec<Range<usize>>,
-    swap: file_swap::Scratch,
     /// Whether the batch is logged, and then the old bytes of its writes,
     /// in order.
     logging: bool,
@@ -123,14 +123,14 @@ impl Batch {
             stage: Vec::new(),
             dirty: Vec::new(),
             writes: Vec::new(),
-            carried: Vec::new(),
+            sorted: Vec::new(),
+            stale: Vec::new(),
             pending: Vec::new(),
             last_run: 0,
             swap_ok: (0, 0),
             scratch: Vec::new(),
             owned: Vec::new(),
             stores: Vec::new(),
-            swap: file_swap::Scratch::new(),
             logging: false,
             old: Vec::new(),
         }
@@ -143,7 +143,7 @@ impl Batch {
         self.targets.clear();
         self.dirty.clear();
         self.writes.clear();
-        self.carried.clear();
+        self.stale.clear();
         self.pending.clear();
         self.old.clear();
         self.last_run = 0;
@@ -187,7 +187,6 @@ impl Batch {
                 self.stage_copies(pages, n);
                 if self.published == Publish::Remap {
                     self.make_groups(shared)?;
-                    self.note_carried(shared);
                 }
             }
             Strategy::Memfd | Strategy::File => self.stage_in_arena(shared, pages)?,
@@ -286,7 +285,8 @@ impl Batch {
         for r in &self.runs {
             for p in r.text.clone().step_by(PAGE_SIZE) {
                 let first = r.first + (p - r.text.start) / PAGE_SIZE;
-                let file = match shared_file_of(shared, p) {
+                let anonymous = super::ANONYMOUS_SWAPS.load(core::sync::atomic::Ordering::Relaxed);
+                let file = match shared_file_of(shared, p).filter(|_| !anonymous) {
                     None => None,
                     Some((i, offset)) => {
                         let f = shared.text.file(i);
@@ -323,27 +323,6 @@ impl Batch {
             }
         }
         Ok(())
-    }
-
-    /// Notes the earlier patches on the file-backed groups' pages that the
-    /// text still holds (carried over by the swap); forgets those it does
-    /// not (an object loaded again, a byte someone else rewrote).
-    fn note_carried(&mut self, shared: &mut Shared) {
-        let mut stale: Vec<Range<usize>> = Vec::new();
-        for g in self.groups.iter().filter(|g| g.file.is_some()) {
-            shared.overlay.each_in(g.text.clone(), |a, ours| {
-                // SAFETY: inside the group's pages, mapped readable text.
-                let now = unsafe { core::slice::from_raw_parts(a as *const u8, ours.len()) };
-                if now == ours {
-                    self.carried.push(a..a + ours.len());
-                } else {
-                    stale.push(a..a + ours.len());
-                }
-            });
-        }
-        for r in stale {
-            shared.overlay.forget(r);
-        }
     }
 
     /// The alias strategies (anonymous text): the alias of each page's live

@@ -3,8 +3,9 @@
 //! 1. A fresh private read+exec mapping of the same file at the same offset
 //!    is staged. The kernel places in it the breakpoints of the uprobes
 //!    registered now, and while it exists keeps them as probes come and go.
-//! 2. The file's bytes are read (`pread`), and our bytes — earlier patches
-//!    and the batch's writes — are written into the staging through
+//! 2. The file's bytes are learnt (one `pread` the first time a page is
+//!    swapped), and our bytes — earlier patches and the batch's writes —
+//!    are written into the staging through
 //!    `/proc/self/mem` (see [`write_runs`]: never an `int3` that is not
 //!    ours, never over the kernel's breakpoint at an unpatched byte).
 //! 3. `mremap` moves the staging over the text in one step: a thread runs
@@ -24,6 +25,8 @@
 //! mapping `mremap` moves; it is never left half-installed. It fires again
 //! once re-attached.
 
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::ops::Range;
 
@@ -32,23 +35,78 @@ use super::runs::write_runs;
 use super::sys::{errno, os_err};
 use crate::poke::{PAGE_SIZE, PokeError};
 
-/// Scratch reused across swaps.
-#[derive(Default)]
+/// Pages whose file bytes are remembered (4 KiB each): live updates flip
+/// the same few pages, and need no read of the file after the first.
+const CACHED_PAGES: usize = 64;
+
+/// Scratch reused across swaps, and what the file holds.
 pub(super) struct Scratch {
-    /// The file's bytes for the pages.
+    /// The file's bytes for the pages being swapped.
     file: Vec<u8>,
-    /// The stores a swap makes.
+    /// What the staging holds before our writes, as far as the text now
+    /// tells: the file's bytes, and an `int3` where the text holds one the
+    /// file does not (a uprobe's; the kernel places the same in the
+    /// staging). Read from here, not from the staging, so the staging is
+    /// faulted once, by our first write, and not twice.
+    staged: Vec<u8>,
+    /// The stores a swap makes, and the pages they fall in.
     stores: Vec<Range<usize>>,
+    written: Vec<bool>,
     /// Breakpoint-looking bytes after the move.
     suspects: Vec<usize>,
+    /// Remembered pages: (descriptor, file offset) -> the file's bytes. A
+    /// descriptor stays open, and names one file, for the life of the
+    /// process.
+    cache: BTreeMap<(libc::c_int, u64), Box<[u8; PAGE_SIZE]>>,
 }
 
 impl Scratch {
     pub(super) const fn new() -> Scratch {
         Scratch {
             file: Vec::new(),
+            staged: Vec::new(),
             stores: Vec::new(),
+            written: Vec::new(),
             suspects: Vec::new(),
+            cache: BTreeMap::new(),
+        }
+    }
+
+    /// Fills `file` with the `len` bytes of `fd` from `offset`, reading the
+    /// file (one `pread`) only if a page is not remembered.
+    fn learn(&mut self, fd: libc::c_int, offset: u64, len: usize) -> Result<(), PokeError> {
+        let pages = len / PAGE_SIZE;
+        let off = |i: usize| offset + (i * PAGE_SIZE) as u64;
+        if (0..pages).all(|i| self.cache.contains_key(&(fd, off(i)))) {
+            self.file.clear();
+            for i in 0..pages {
+                self.file.extend_from_slice(&self.cache[&(fd, off(i))][..]);
+            }
+            return Ok(());
+        }
+        read_file(fd, offset, len, &mut self.file)?;
+        for (i, page) in self.file.chunks(PAGE_SIZE).enumerate() {
+            if self.cache.len() >= CACHED_PAGES {
+                break;
+            }
+            let page: Box<[u8; PAGE_SIZE]> = Box::new(page.try_into().expect("a whole page"));
+            self.cache.insert((fd, off(i)), page);
+        }
+        Ok(())
+    }
+
+    /// `staged`: the file's bytes, with an int3 where `text` (the live
+    /// pages) holds one that is neither the file's nor at a byte of ours
+    /// (`owned`: our bytes, earlier or new, are not in a fresh copy of the
+    /// file, whatever the text holds there).
+    fn predict(&mut self, text: &[u8], owned: &[Range<usize>]) {
+        self.staged.clear();
+        self.staged.extend_from_slice(&self.file);
+        for p in memchr::memchr_iter(0xcc, text) {
+            self.staged[p] = 0xcc;
+        }
+        for r in owned {
+            self.staged[r.clone()].copy_from_slice(&self.file[r.clone()]);
         }
     }
 }
@@ -127,17 +185,37 @@ impl ProcMem {
             unsafe { libc::munmap(stage, len) };
             e
         };
-        read_file(fd, offset, len, &mut scratch.file).map_err(unmap)?;
-        // SAFETY: the staging mapping is `len` readable bytes; the kernel
-        // may put or take a breakpoint byte in it meanwhile, which
-        // `write_runs` is written to expect.
-        let live = unsafe { core::slice::from_raw_parts(stage as *const u8, len) };
+        scratch.learn(fd, offset, len).map_err(unmap)?;
+        // SAFETY: `text` is mapped readable.
+        scratch.predict(
+            unsafe { core::slice::from_raw_parts(text.start as *const u8, len) },
+            owned,
+        );
         scratch.stores.clear();
         let file = &scratch.file;
-        write_runs(live, want, owned, |p| Some(file[p]), &mut scratch.stores);
+        write_runs(
+            &scratch.staged,
+            want,
+            owned,
+            |p| Some(file[p]),
+            &mut scratch.stores,
+        );
+        // Pages a store faults in (as a private copy).
+        scratch.written.clear();
+        scratch.written.resize(len / PAGE_SIZE, false);
         for r in &scratch.stores {
             // SAFETY: our staging mapping, which nothing runs yet.
             unsafe { self.write(stage as usize + r.start, &want[r.clone()]) }.map_err(unmap)?;
+            for p in r.start / PAGE_SIZE..=(r.end - 1) / PAGE_SIZE {
+                scratch.written[p] = true;
+            }
+        }
+        // Every page mapped before the move: moved over the text, a page not
+        // yet mapped would be faulted in by every thread running it, each
+        // contending for the address-space lock the next update needs.
+        for (page, _) in scratch.written.iter().enumerate().filter(|(_, w)| !**w) {
+            // SAFETY: a readable byte of our staging mapping.
+            unsafe { core::ptr::read_volatile((stage as *const u8).add(page * PAGE_SIZE)) };
         }
         // SAFETY: moves our staging pages over `text`, which the caller
         // vouches for; MREMAP_FIXED replaces the old pages in one step under
@@ -176,31 +254,23 @@ impl ProcMem {
         let len = text.end - text.start;
         // SAFETY: `text` is mapped readable.
         let now = unsafe { core::slice::from_raw_parts(text.start as *const u8, len) };
-        let file = &scratch.file;
         scratch.suspects.clear();
-        // An int3 here that is not the file's and not one of ours: the
-        // moved page differs from the file there, so only differing chunks
-        // are looked at (start-up swaps hundreds of pages).
+        // An int3 here that is neither the file's nor one of ours (the
+        // file's are most: padding between functions).
         let mut k = 0; // owned ranges before this position
-        for chunk in (0..len).step_by(64) {
-            let end = (chunk + 64).min(len);
-            if now[chunk..end] == file[chunk..end] {
+        for p in memchr::memchr_iter(0xcc, now) {
+            if scratch.file[p] == 0xcc {
                 continue;
             }
-            for p in chunk..end {
-                if now[p] != 0xcc || file[p] == 0xcc {
-                    continue;
-                }
-                while k < owned.len() && owned[k].end <= p {
-                    k += 1;
-                }
-                let ours = owned[k..]
-                    .iter()
-                    .take_while(|r| r.start <= p)
-                    .any(|r| r.contains(&p));
-                if !(ours && want[p] == 0xcc) {
-                    scratch.suspects.push(p);
-                }
+            while k < owned.len() && owned[k].end <= p {
+                k += 1;
+            }
+            let ours = owned[k..]
+                .iter()
+                .take_while(|r| r.start <= p)
+                .any(|r| r.contains(&p));
+            if !(ours && want[p] == 0xcc) {
+                scratch.suspects.push(p);
             }
         }
         if scratch.suspects.is_empty() {
@@ -215,13 +285,37 @@ impl ProcMem {
         let mut result = Ok(());
         for &p in &scratch.suspects {
             if registered[p] != 0xcc {
+                // The file's byte: the mapping just made shows it, no probe
+                // standing there.
+                let b = [registered[p]];
                 // SAFETY: the first byte of the instruction the kernel's
                 // breakpoint covered, written back as the kernel would.
-                result = result.and(unsafe { self.write(text.start + p, &file[p..p + 1]) });
+                result = result.and(unsafe { self.write(text.start + p, &b) });
             }
         }
         // SAFETY: unmapping our probe mapping.
         unsafe { libc::munmap(probe, len) };
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    #[test]
+    fn the_predicted_staging_keeps_foreign_int3s_and_not_ours() {
+        let mut s = Scratch::new();
+        s.file = vec![0x90; 32];
+        s.file[20] = 0xcc; // the file's own padding
+        let mut text = s.file.clone();
+        text[4] = 0xcc; // a uprobe's breakpoint
+        text[9] = 0xcc; // an earlier patch of ours (a call's displacement)
+        s.predict(&text, core::slice::from_ref(&(8..13)));
+        let mut want = vec![0x90; 32];
+        want[4] = 0xcc;
+        want[20] = 0xcc;
+        assert_eq!(s.staged, want);
     }
 }

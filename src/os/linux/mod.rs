@@ -196,6 +196,19 @@ pub fn strategies() -> Vec<(Strategy, Result<(), Refusal>)> {
         .collect()
 }
 
+/// Benchmarks only: from now on, stage the page swap of a file's text as
+/// anonymous memory, as altpatch did before it kept text the file's. That
+/// page is then unknown to the kernel's uprobes (one attached there kills
+/// the process) and to perf and debuggers: `benches/update.rs` measures what
+/// keeping it the file's costs against this.
+#[doc(hidden)]
+pub fn stage_swaps_anonymously_for_benchmarks(on: bool) {
+    ANONYMOUS_SWAPS.store(on, Ordering::Relaxed);
+}
+
+/// See [`stage_swaps_anonymously_for_benchmarks`].
+static ANONYMOUS_SWAPS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
 /// Makes `strategy` refused from now on, as if its probe had failed with
 /// `errno` at `call` (for tests of the fallback order; e.g. a kernel that
 /// refuses executable memfd mappings). Pokes already created keep theirs.

@@ -17,6 +17,14 @@
 use alloc::vec::Vec;
 use core::ops::Range;
 
+/// `dst.copy_from_slice(src)` for the few bytes of a site, without a call.
+#[inline]
+fn copy_short(src: &[u8], dst: &mut [u8]) {
+    debug_assert_eq!(src.len(), dst.len());
+    // SAFETY: both slices hold `src.len()` bytes.
+    unsafe { crate::poke::copy_short(src.as_ptr(), dst.as_mut_ptr(), src.len()) }
+}
+
 /// One recorded write: `len` bytes at `addr`, kept at `at` in the pool.
 #[derive(Clone, Copy, Debug)]
 struct Span {
@@ -37,6 +45,8 @@ pub(crate) struct Overlay {
     pool: Vec<u8>,
     /// Pool bytes no span refers to any more.
     garbage: usize,
+    /// The span the last in-place rewrite found.
+    hint: usize,
 }
 
 impl Overlay {
@@ -45,6 +55,7 @@ impl Overlay {
             spans: Vec::new(),
             pool: Vec::new(),
             garbage: 0,
+            hint: 0,
         }
     }
 
@@ -59,12 +70,18 @@ impl Overlay {
             self.push_new(addr, bytes);
             return;
         }
-        let i = self.spans.partition_point(|s| s.end() <= addr);
-        let s = self.spans[i];
         // A site rewritten again (a key flipped back and forth): in place.
+        // Writes come in address order, so the span after the last one
+        // found is tried before a search.
+        let i = match self.spans.get(self.hint + 1) {
+            Some(s) if s.addr == addr => self.hint + 1,
+            _ => self.spans.partition_point(|s| s.end() <= addr),
+        };
+        let s = self.spans[i];
         if s.addr == addr && s.len as usize == bytes.len() {
             let at = s.at as usize;
-            self.pool[at..at + bytes.len()].copy_from_slice(bytes);
+            copy_short(bytes, &mut self.pool[at..at + bytes.len()]);
+            self.hint = i;
             return;
         }
         self.replace_range(i, addr, bytes);
@@ -151,13 +168,24 @@ impl Overlay {
     /// Calls `f(addr, bytes)` for every recorded run of bytes inside
     /// `range`, in address order, clipped to it.
     pub(crate) fn each_in(&self, range: Range<usize>, mut f: impl FnMut(usize, &[u8])) {
-        let i = self.spans.partition_point(|s| s.end() <= range.start);
-        for s in self.spans[i..].iter().take_while(|s| s.addr < range.end) {
-            let lo = s.addr.max(range.start);
-            let hi = s.end().min(range.end);
-            let at = s.at as usize + (lo - s.addr);
-            f(lo, &self.pool[at..at + (hi - lo)]);
+        for (a, b) in self.spans_in(range) {
+            f(a, b);
         }
+    }
+
+    /// The recorded runs of bytes inside `range`, in address order, clipped
+    /// to it.
+    pub(crate) fn spans_in(&self, range: Range<usize>) -> impl Iterator<Item = (usize, &[u8])> {
+        let i = self.spans.partition_point(|s| s.end() <= range.start);
+        self.spans[i..]
+            .iter()
+            .take_while(move |s| s.addr < range.end)
+            .map(move |s| {
+                let lo = s.addr.max(range.start);
+                let hi = s.end().min(range.end);
+                let at = s.at as usize + (lo - s.addr);
+                (lo, &self.pool[at..at + (hi - lo)])
+            })
     }
 
     /// Whether any byte in `range` is recorded.

@@ -21,7 +21,7 @@
 use alloc::vec::Vec;
 use core::ops::Range;
 
-use crate::poke::load_short;
+use crate::poke::{load_short, short_eq};
 
 /// Unchanged bytes worth rewriting between two stores to save a call.
 pub(super) const JOIN: usize = 512;
@@ -76,12 +76,13 @@ pub(super) fn write_runs(
     };
     for r in owned {
         let (l, w) = (&live[r.clone()], &want[r.clone()]);
+        if short_eq(l, w) {
+            continue;
+        }
         if !has_int3(l) {
             // Equal bytes in the range are rewritten as they are: harmless
             // where none is an int3.
-            if l != w {
-                push(r.clone(), out);
-            }
+            push(r.clone(), out);
             continue;
         }
         // An int3 among them: byte by byte, leaving the kernel's.

@@ -4,6 +4,7 @@
 use core::cell::{Cell, UnsafeCell};
 
 use super::arena::Arena;
+use super::file_swap;
 use super::maps::TextPages;
 use super::overlay::Overlay;
 use super::poke_log::PokeLog;
@@ -20,6 +21,8 @@ pub(super) struct Shared {
     pub(super) overlay: Overlay,
     /// The text-poke log, if one is open.
     pub(super) log: PokeLog,
+    /// The file-backed page swap's scratch and what it knows of the files.
+    pub(super) swap: file_swap::Scratch,
     /// The open `/proc/self/mem`.
     pub(super) procmem: ProcMem,
     /// The alias strategies' backing file and slots.
@@ -42,6 +45,7 @@ static SHARED: SharedCell = SharedCell(UnsafeCell::new(Shared {
     text: TextPages::new(),
     overlay: Overlay::new(),
     log: PokeLog::new(),
+    swap: file_swap::Scratch::new(),
     procmem: ProcMem::new(),
     arena: Arena::new(),
     probed: [None; 3],

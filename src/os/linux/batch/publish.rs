@@ -14,15 +14,17 @@
 use alloc::vec::Vec;
 use core::ops::Range;
 
+use super::super::overlay::Overlay;
 use super::super::runs::write_runs;
 use super::super::state::Shared;
 use super::super::{Publish, sys, threads, trap};
 use super::{Batch, Group};
 use crate::poke::live::{self, LiveSites, Step};
-use crate::poke::{PAGE_SIZE, PokeError, Strategy};
+use crate::poke::{PAGE_SIZE, PokeError, Strategy, short_eq};
 
 impl Batch {
     pub(super) fn publish_batch(&mut self, shared: &mut Shared) -> Result<(), PokeError> {
+        self.sort_writes();
         match (self.strategy, self.published) {
             (_, Publish::Live) => self.commit_live(shared),
             (Strategy::ProcMem, Publish::InPlace) => self.commit_in_place(shared),
@@ -44,30 +46,67 @@ impl Batch {
     }
 
     /// The writes inside `range`, as offsets from its start, sorted, with
-    /// the carried earlier patches (for a swap) merged in: into `owned`.
-    fn owned_in(&mut self, range: &Range<usize>, carried: bool) {
+    /// (for a swap, given the record of earlier patches) those earlier
+    /// patches the text still holds merged in: into `owned`. A recorded
+    /// patch the text no longer holds (an object loaded again, a byte
+    /// someone else rewrote) is not carried, and noted in `stale`.
+    fn owned_in(&mut self, range: &Range<usize>, overlay: Option<&Overlay>) {
+        let (lo, hi) = (range.start, range.end);
+        let clip = |a: usize, b: usize| a.max(lo) - lo..b.min(hi) - lo;
+        // Both lists are sorted (see `sort_writes`; the overlay's spans
+        // are): a binary search finds where the range starts, a merge
+        // interleaves them.
+        let w = &self.sorted[self.sorted.partition_point(|&(a, n)| a + n <= lo)..];
+        let mut w = w
+            .iter()
+            .take_while(|&&(a, _)| a < hi)
+            .filter(|&&(a, n)| a + n > lo)
+            .peekable();
+        let mut c = overlay
+            .into_iter()
+            .flat_map(|o| o.spans_in(range.clone()))
+            .peekable();
         self.owned.clear();
-        let clip = |a: usize, n: usize| {
-            let lo = a.max(range.start);
-            let hi = (a + n).min(range.end);
-            (lo < hi).then(|| lo - range.start..hi - range.start)
-        };
-        self.owned
-            .extend(self.writes.iter().filter_map(|&(a, n)| clip(a, n)));
-        if carried {
-            let from = self.carried.partition_point(|c| c.end <= range.start);
-            for c in &self.carried[from..] {
-                if c.start >= range.end {
-                    break;
+        loop {
+            let r = match (w.peek(), c.peek()) {
+                (Some(&&(a, n)), Some(&(b, ours))) if a <= b => {
+                    w.next();
+                    // The earlier patch at the same place is superseded.
+                    if a == b && n == ours.len() {
+                        c.next();
+                    }
+                    clip(a, a + n)
                 }
-                if let Some(r) = clip(c.start, c.len()) {
-                    self.owned.push(r);
+                (_, Some(&(b, ours))) => {
+                    c.next();
+                    // SAFETY: inside the range's pages, mapped readable
+                    // text, not yet replaced.
+                    let now = unsafe { core::slice::from_raw_parts(b as *const u8, ours.len()) };
+                    if !short_eq(now, ours) {
+                        self.stale.push(b..b + ours.len());
+                        continue;
+                    }
+                    clip(b, b + ours.len())
                 }
+                (Some(&&(a, n)), None) => {
+                    w.next();
+                    clip(a, a + n)
+                }
+                (None, None) => break,
+            };
+            if self.owned.last() != Some(&r) {
+                self.owned.push(r);
             }
         }
-        // Writes arrive in address order; a rollback's or a merge may not.
-        if !self.owned.is_sorted_by_key(|r| r.start) {
-            self.owned.sort_unstable_by_key(|r| r.start);
+    }
+
+    /// The writes sorted by address into `sorted` (they arrive in address
+    /// order, so this is a copy; a rollback's may not be).
+    fn sort_writes(&mut self) {
+        self.sorted.clear();
+        self.sorted.extend_from_slice(&self.writes);
+        if !self.sorted.is_sorted_by_key(|&(a, _)| a) {
+            self.sorted.sort_unstable_by_key(|&(a, _)| a);
         }
     }
 
@@ -76,7 +115,7 @@ impl Batch {
         for i in 0..self.runs.len() {
             let text = self.runs[i].text.clone();
             let from = self.runs[i].first * PAGE_SIZE;
-            self.owned_in(&text, false);
+            self.owned_in(&text, None);
             // SAFETY: the run's pages are mapped readable text.
             let live = unsafe {
                 core::slice::from_raw_parts(text.start as *const u8, text.end - text.start)
@@ -103,7 +142,10 @@ impl Batch {
         let len = text.end - text.start;
         match file {
             Some((fd, offset)) => {
-                self.owned_in(&text, true);
+                self.owned_in(&text, Some(&shared.overlay));
+                for r in self.stale.drain(..) {
+                    shared.overlay.forget(r);
+                }
                 let want = &self.stage[from..from + len];
                 // SAFETY: validated text mapping the file at `offset`; the
                 // staging holds the current bytes plus the writes, and the
@@ -111,7 +153,7 @@ impl Batch {
                 unsafe {
                     shared
                         .procmem
-                        .swap_file(text, fd, offset, want, &self.owned, &mut self.swap)
+                        .swap_file(text, fd, offset, want, &self.owned, &mut shared.swap)
                 }
             }
             // SAFETY: anonymous validated text (no file, so nothing but

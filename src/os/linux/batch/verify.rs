@@ -166,7 +166,7 @@ impl Batch {
                                 offset,
                                 &fresh,
                                 &owned,
-                                &mut self.swap,
+                                &mut shared.swap,
                             )
                         },
                         Err((call, errno)) => Err(PokeError::LeavesFile {
