@@ -147,7 +147,7 @@ impl Batch {
             }
         });
         let r = match self.strategy {
-            Strategy::ProcMem => match super::shared_file_of(shared, page) {
+            Strategy::ProcMem => match super::stage::shared_file_of(shared, page) {
                 Some((i, offset)) => {
                     shared.overlay.each_in(range.clone(), |a, ours| {
                         let off = a - page;
