@@ -279,7 +279,11 @@ fn main() -> ExitCode {
 fn writing_text() {
     for (s, r) in altpatch::os::linux::strategies() {
         match r {
-            Ok(()) => println!("  {:<8} usable   ({s})", s.name()),
+            Ok(()) if s.keeps_file_text() => println!("  {:<8} usable   ({s})", s.name()),
+            Ok(()) => println!(
+                "  {:<8} usable   ({s}; anonymous text only: a file's text stays the file's)",
+                s.name()
+            ),
             Err(why) => println!("  {:<8} refused  ({why})", s.name()),
         }
     }
@@ -329,7 +333,38 @@ fn calls_and_keys() -> Result<(), Box<dyn std::error::Error>> {
          enabling rewrote {} sites in {:?} (live: {}); {} hits",
         off, on, r.written, took, r.via, hits
     );
+    // The swapped page is still the binary's, for the tools outside.
+    let image = Image::current();
+    if let Some(site) = image
+        .static_key_records()
+        .iter()
+        .find(|k| k.key() == TRACE.addr())
+        .map(|k| k.site())
+        && let Some(line) = std::fs::read_to_string("/proc/self/maps")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| maps_line_holds(l, site))
+                    .map(String::from)
+            })
+    {
+        println!(
+            "  its page in /proc/self/maps after the swap: {line}\n  (still the binary at its \
+             offset: a uprobe there keeps firing, perf and gdb name its symbols)"
+        );
+    }
     Ok(())
+}
+
+/// Whether the `/proc/self/maps` line `l` covers `addr`.
+fn maps_line_holds(l: &str, addr: usize) -> bool {
+    let Some((a, b)) = l.split_whitespace().next().and_then(|r| r.split_once('-')) else {
+        return false;
+    };
+    let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
+        return false;
+    };
+    (a..b).contains(&addr)
 }
 
 /// Resolves this program's ifuncs in place and measures a call before

@@ -31,7 +31,7 @@ use alloc::vec::Vec;
 use core::ops::Range;
 
 use super::procmem::ProcMem;
-use super::runs::write_runs;
+use super::runs::file_runs;
 use super::sys::{errno, os_err};
 use crate::poke::{PAGE_SIZE, PokeError};
 
@@ -43,12 +43,6 @@ const CACHED_PAGES: usize = 64;
 pub(super) struct Scratch {
     /// The file's bytes for the pages being swapped.
     file: Vec<u8>,
-    /// What the staging holds before our writes, as far as the text now
-    /// tells: the file's bytes, and an `int3` where the text holds one the
-    /// file does not (a uprobe's; the kernel places the same in the
-    /// staging). Read from here, not from the staging, so the staging is
-    /// faulted once, by our first write, and not twice.
-    staged: Vec<u8>,
     /// The stores a swap makes, and the pages they fall in.
     stores: Vec<Range<usize>>,
     written: Vec<bool>,
@@ -64,7 +58,6 @@ impl Scratch {
     pub(super) const fn new() -> Scratch {
         Scratch {
             file: Vec::new(),
-            staged: Vec::new(),
             stores: Vec::new(),
             written: Vec::new(),
             suspects: Vec::new(),
@@ -94,21 +87,6 @@ impl Scratch {
         }
         Ok(())
     }
-
-    /// `staged`: the file's bytes, with an int3 where `text` (the live
-    /// pages) holds one that is neither the file's nor at a byte of ours
-    /// (`owned`: our bytes, earlier or new, are not in a fresh copy of the
-    /// file, whatever the text holds there).
-    fn predict(&mut self, text: &[u8], owned: &[Range<usize>]) {
-        self.staged.clear();
-        self.staged.extend_from_slice(&self.file);
-        for p in memchr::memchr_iter(0xcc, text) {
-            self.staged[p] = 0xcc;
-        }
-        for r in owned {
-            self.staged[r.clone()].copy_from_slice(&self.file[r.clone()]);
-        }
-    }
 }
 
 /// A private read+exec mapping of `len` bytes of `fd` from `offset`.
@@ -131,17 +109,19 @@ fn map_file(fd: libc::c_int, offset: u64, len: usize) -> Result<*mut libc::c_voi
     Ok(p)
 }
 
-/// Reads `len` bytes of `fd` from `offset` into `out`.
+/// Reads `len` bytes of `fd` from `offset` into `out` (not zeroed first: a
+/// start-up swap reads megabytes).
 fn read_file(fd: libc::c_int, offset: u64, len: usize, out: &mut Vec<u8>) -> Result<(), PokeError> {
     out.clear();
-    out.resize(len, 0);
+    out.reserve(len);
+    let spare = out.spare_capacity_mut();
     let mut done = 0;
     while done < len {
-        // SAFETY: reads into our buffer, within its length.
+        // SAFETY: reads into the buffer's spare capacity, within `len`.
         let n = unsafe {
             libc::pread(
                 fd,
-                out[done..].as_mut_ptr().cast(),
+                spare[done..].as_mut_ptr().cast(),
                 len - done,
                 (offset + done as u64) as libc::off_t,
             )
@@ -154,6 +134,8 @@ fn read_file(fd: libc::c_int, offset: u64, len: usize, out: &mut Vec<u8>) -> Res
         }
         done += n as usize;
     }
+    // SAFETY: `pread` initialized the first `len` bytes.
+    unsafe { out.set_len(len) };
     Ok(())
 }
 
@@ -187,17 +169,15 @@ impl ProcMem {
         };
         scratch.learn(fd, offset, len).map_err(unmap)?;
         // SAFETY: `text` is mapped readable.
-        scratch.predict(
-            unsafe { core::slice::from_raw_parts(text.start as *const u8, len) },
-            owned,
-        );
+        // Decided from the file and the live text, not read from the
+        // staging: the staging is faulted once, by our first store.
         scratch.stores.clear();
-        let file = &scratch.file;
-        write_runs(
-            &scratch.staged,
+        file_runs(
+            // SAFETY: `text` is mapped readable.
+            unsafe { core::slice::from_raw_parts(text.start as *const u8, len) },
+            &scratch.file,
             want,
             owned,
-            |p| Some(file[p]),
             &mut scratch.stores,
         );
         // Pages a store faults in (as a private copy).
@@ -258,10 +238,19 @@ impl ProcMem {
         // An int3 here that is neither the file's nor one of ours (the
         // file's are most: padding between functions).
         let mut k = 0; // owned ranges before this position
-        for p in memchr::memchr_iter(0xcc, now) {
-            if scratch.file[p] == 0xcc {
+        let file = &scratch.file;
+        let mut from = 0;
+        while let Some(i) = memchr::memchr(0xcc, &now[from..]) {
+            let p = from + i;
+            if file[p] == 0xcc {
+                // The file's padding, in runs: skipped as a whole.
+                from = p + 1;
+                while from < len && now[from] == 0xcc && file[from] == 0xcc {
+                    from += 1;
+                }
                 continue;
             }
+            from = p + 1;
             while k < owned.len() && owned[k].end <= p {
                 k += 1;
             }
@@ -296,26 +285,5 @@ impl ProcMem {
         // SAFETY: unmapping our probe mapping.
         unsafe { libc::munmap(probe, len) };
         result
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use alloc::vec;
-
-    #[test]
-    fn the_predicted_staging_keeps_foreign_int3s_and_not_ours() {
-        let mut s = Scratch::new();
-        s.file = vec![0x90; 32];
-        s.file[20] = 0xcc; // the file's own padding
-        let mut text = s.file.clone();
-        text[4] = 0xcc; // a uprobe's breakpoint
-        text[9] = 0xcc; // an earlier patch of ours (a call's displacement)
-        s.predict(&text, core::slice::from_ref(&(8..13)));
-        let mut want = vec![0x90; 32];
-        want[4] = 0xcc;
-        want[20] = 0xcc;
-        assert_eq!(s.staged, want);
     }
 }

@@ -10,20 +10,22 @@
 //!
 //! 1. [`Strategy::ProcMem`] — `pwrite` to `/proc/self/mem` (see
 //!    `procmem.rs`): the kernel writes the page itself. First because it
-//!    needs *no* mapping: no writable view of code exists at any instant,
-//!    not even during a batch; nothing is shared with a forked child
-//!    (private pages are copy-on-write); a debugger's private copy of a page
-//!    or a re-loaded object is written where it is, not missed; and in-place
-//!    patches keep the file name in `/proc/self/maps` for profilers.
+//!    needs *no* writable mapping: no writable view of code exists at any
+//!    instant; nothing is shared with a forked child (private pages are
+//!    copy-on-write); a re-loaded object is written where it is, not
+//!    missed; and it is the one way a file's text stays that file's, in
+//!    place or by the file-backed page swap (`file_swap.rs`).
 //! 2. [`Strategy::Memfd`] — pages re-homed onto a memfd mapped read+exec
-//!    and written through a read+write alias (see `arena.rs`). For kernels
-//!    that refuse forced writes to `/proc/self/mem`.
+//!    and written through a read+write alias (see `arena.rs`).
 //! 3. [`Strategy::File`] — the same with an unlinked file in `/dev/shm`,
 //!    `/tmp` or `/var/tmp`, for `vm.memfd_noexec=2` (refused if those are
 //!    mounted `noexec`).
 //!
-//! The alias of 2 and 3 is `PROT_NONE` between batches: when any call
-//! returns, no writable mapping of any text page exists.
+//! The aliases of 2 and 3 serve anonymous text only: a file's text
+//! re-homed would be unknown to the kernel's uprobes and to every tool
+//! outside the process, so a batch over it is refused
+//! ([`PokeError::LeavesFile`]). They are `PROT_NONE` between batches: when
+//! any call returns, no writable mapping of any text page exists.
 //!
 //! # Publication: when threads see the bytes
 //!
@@ -32,11 +34,15 @@
 //!   since a thread could fetch a multi-byte instruction half written.
 //! * [`Publish::Remap`] ([`LinuxPoke::remapping`]), the *page swap*: each
 //!   page's new contents are built aside and mapped over the text in one
-//!   step (`mremap` of a read+exec staging mapping, or `mmap(MAP_FIXED)` of a
-//!   spare slot). A thread running through a page executes all-old or
-//!   all-new bytes, so one instruction can be replaced by one while other
-//!   threads run it, **with no trap**: nothing depends on any thread's signal
-//!   mask, handlers, alternate stack or state.
+//!   step: a fresh private mapping of the same file at the same offset
+//!   (`file_swap.rs`; the kernel keeps its uprobes in it, and perf, gdb and
+//!   `/proc/self/maps` keep seeing the binary), or for anonymous text an
+//!   anonymous page or an alias's spare slot. A thread running through a
+//!   page executes all-old or all-new bytes, so one instruction can be
+//!   replaced by one while other threads run it, **with no trap**: nothing
+//!   depends on any thread's signal mask, handlers, alternate stack or
+//!   state. Sealed text (`mseal`) cannot be remapped: there the batch is
+//!   published by the INT3 protocol, or refused ([`PokeError::Sealed`]).
 //! * [`Publish::Live`] ([`LinuxPoke::live`]), the INT3 protocol (see
 //!   [`live`](crate::poke::live)): in place, `int3` first, a `SIGTRAP`
 //!   handler emulating the new instruction for a thread that hits a site.
@@ -55,6 +61,8 @@
 //! and three stores per site (see `BENCHMARKS.md`). The INT3 protocol stays
 //! for kernels ([`Int3Poke`](crate::poke::live::Int3Poke)) and as an
 //! explicit choice ([`set_live_publication`]).
+//!
+//! Every batch that lands can be logged for trace decoders ([`poke_log`]).
 //!
 //! # Checked
 //!
@@ -86,7 +94,7 @@ mod loaded;
 mod loader;
 pub(crate) mod maps;
 mod overlay;
-mod poke_log;
+pub mod poke_log;
 mod procmem;
 mod runs;
 mod state;

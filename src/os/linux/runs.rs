@@ -105,6 +105,67 @@ pub(super) fn write_runs(
     }
 }
 
+/// Appends to `out` the stores (offsets into the pages) that make a fresh
+/// private mapping of a file — which holds the file's bytes `file`, and
+/// the kernel's breakpoints where the live text `text` holds them — hold
+/// `want` at every position of `owned` (sorted by start). An owned byte
+/// equal to the file's is not stored (the mapping has it, or a probe the
+/// kernel keeps there). Stores are joined across gaps of at most [`JOIN`]
+/// bytes where the text holds the file's bytes: the gap is rewritten with
+/// the file's own bytes, never over a breakpoint the text showed.
+pub(super) fn file_runs(
+    text: &[u8],
+    file: &[u8],
+    want: &[u8],
+    owned: &[Range<usize>],
+    out: &mut Vec<Range<usize>>,
+) {
+    let first = out.len();
+    let push = |r: Range<usize>, out: &mut Vec<Range<usize>>| {
+        if let Some(last) = out[first..].last_mut() {
+            if r.start <= last.end {
+                last.end = last.end.max(r.end);
+                return;
+            }
+            // Where the text holds the file's bytes there is no breakpoint
+            // of the kernel's (one makes them differ): the file's own
+            // `0xcc` padding may be rewritten as it is.
+            let gap = last.end..r.start;
+            if gap.len() <= JOIN && text[gap.clone()] == file[gap] {
+                last.end = r.end;
+                return;
+            }
+        }
+        out.push(r);
+    };
+    for r in owned {
+        let (f, w) = (&file[r.clone()], &want[r.clone()]);
+        if short_eq(f, w) {
+            continue;
+        }
+        if !has_int3(&text[r.clone()]) {
+            push(r.clone(), out);
+            continue;
+        }
+        // A breakpoint among them: only the bytes that differ from the
+        // file's, so one over a byte we leave as the file's stays.
+        let mut run: Option<usize> = None;
+        for p in r.clone() {
+            match (file[p] != want[p], run) {
+                (true, None) => run = Some(p),
+                (false, Some(s)) => {
+                    push(s..p, out);
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = run {
+            push(s..r.end, out);
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::single_range_in_vec_init)]
 mod tests {
@@ -162,6 +223,37 @@ mod tests {
         out.clear();
         write_runs(&live, &file, &[0..5], |_| None, &mut out);
         assert_eq!(out, [0..1]);
+    }
+
+    #[test]
+    fn a_files_copy_gets_our_bytes_and_keeps_the_kernels() {
+        let file = vec![0x90u8; 64];
+        let mut text = file.clone();
+        text[4] = 0xcc; // a uprobe's breakpoint, not ours
+        let mut want = text.clone();
+        want[10..15].copy_from_slice(&[0xe9, 1, 2, 3, 4]);
+        want[20..25].copy_from_slice(&[0xe9, 5, 6, 7, 8]);
+        let mut out = Vec::new();
+        // Our two sites, joined over a gap holding the file's bytes; the
+        // breakpoint at 4 is in no store.
+        file_runs(&text, &file, &want, &[10..15, 20..25], &mut out);
+        assert_eq!(out, [10..25]);
+        // A site of ours back to the file's bytes: nothing to store (the
+        // fresh copy has them).
+        out.clear();
+        file_runs(&text, &file, &file, &[10..15], &mut out);
+        assert!(out.is_empty());
+        // A gap over the breakpoint is not joined.
+        out.clear();
+        want[0..3].copy_from_slice(&[0xe8, 0xe8, 0xe8]);
+        file_runs(&text, &file, &want, &[0..3, 10..15], &mut out);
+        assert_eq!(out, [0..3, 10..15]);
+        // An int3 in an owned range (a probe on a byte we restore): only
+        // the bytes differing from the file are stored.
+        let mut want2 = file.clone();
+        want2[5] = 0x11;
+        file_runs(&text, &file, &want2, &[3..8], &mut out);
+        assert_eq!(out[2..], [5..6]);
     }
 
     #[test]

@@ -67,6 +67,16 @@ impl Batch {
             .flat_map(|o| o.spans_in(range.clone()))
             .peekable();
         self.owned.clear();
+        if c.peek().is_none() {
+            // No earlier patch here (start-up): the writes alone, in order.
+            for &(a, n) in w {
+                let r = clip(a, a + n);
+                if self.owned.last() != Some(&r) {
+                    self.owned.push(r);
+                }
+            }
+            return;
+        }
         loop {
             let r = match (w.peek(), c.peek()) {
                 (Some(&&(a, n)), Some(&(b, ours))) if a <= b => {
