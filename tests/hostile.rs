@@ -209,6 +209,11 @@ fn no_writable_view_of_code_after_any_call() {
 }
 
 #[test]
+fn descriptors_closed_and_reused_by_the_program_are_not_written() {
+    ok("closefrom", &[]);
+}
+
+#[test]
 fn long_altpatch_value_agrees_everywhere() {
     let long = format!("{}nomovbe", "+sse3, ".repeat(120));
     assert!(long.len() > 512);

@@ -72,6 +72,7 @@ pub fn scenario(s: &str) {
         "gdb_child" => gdb_child(),
         "hardened" => hardened(),
         "fallback" => fallback(),
+        "closefrom" => closefrom(),
         _ => panic!("unknown scenario {s}"),
     }
 }
@@ -384,6 +385,38 @@ fn fallback() {
         "{e}"
     );
     assert_eq!(hcall(1), 2, "a refused update changed the text");
+}
+
+/// The program closes every descriptor it did not open (as a daemon's
+/// `closefrom` does) and opens files of its own, which get the numbers
+/// altpatch's descriptors had: updates still land, and those files are
+/// never written.
+fn closefrom() {
+    updates(2);
+    for fd in 3..1024 {
+        // SAFETY: closing descriptors of this child process; the test
+        // harness's output goes to 1 and 2.
+        unsafe { libc::close(fd) };
+    }
+    let dir = std::env::temp_dir();
+    let files: Vec<_> = (0..4)
+        .map(|i| {
+            let p = dir.join(format!("altpatch-closefrom-{}-{i}", std::process::id()));
+            let mut f = std::fs::File::create(&p).unwrap();
+            std::io::Write::write_all(&mut f, b"the program's own data").unwrap();
+            (p, f)
+        })
+        .collect();
+    updates(4);
+    assert_eq!(hcall(1), 2);
+    HKEY.enable().unwrap();
+    HKEY.disable().unwrap();
+    for (p, f) in files {
+        drop(f);
+        let data = std::fs::read(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!(data, b"the program's own data", "{p:?} was written");
+    }
 }
 
 /// The parent side of `gdb_child`, for each strategy, in place and by page

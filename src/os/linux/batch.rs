@@ -54,9 +54,9 @@ struct Group {
     text: Range<usize>,
     /// Index of its first page among the batch's pages.
     first: usize,
-    /// The file's descriptor and the offset the first page maps; `None`
-    /// for anonymous text.
-    file: Option<(libc::c_int, u64)>,
+    /// The file and the offset the first page maps; `None` for anonymous
+    /// text.
+    file: Option<super::file_swap::FileAt>,
 }
 
 /// A clean page's dirty span.

@@ -35,6 +35,25 @@ use super::runs::file_runs;
 use super::sys::{errno, os_err};
 use crate::poke::{PAGE_SIZE, PokeError};
 
+/// Where a group of text pages comes from: a file (its descriptor and its
+/// device and inode) and the offset of the first page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct FileAt {
+    pub(super) fd: libc::c_int,
+    pub(super) id: (u64, u64),
+    pub(super) offset: u64,
+}
+
+impl FileAt {
+    /// The same file `by` bytes further.
+    pub(super) fn plus(self, by: usize) -> FileAt {
+        FileAt {
+            offset: self.offset + by as u64,
+            ..self
+        }
+    }
+}
+
 /// Pages whose file bytes are remembered (4 KiB each): live updates flip
 /// the same few pages, and need no read of the file after the first.
 const CACHED_PAGES: usize = 64;
@@ -48,10 +67,8 @@ pub(super) struct Scratch {
     written: Vec<bool>,
     /// Breakpoint-looking bytes after the move.
     suspects: Vec<usize>,
-    /// Remembered pages: (descriptor, file offset) -> the file's bytes. A
-    /// descriptor stays open, and names one file, for the life of the
-    /// process.
-    cache: BTreeMap<(libc::c_int, u64), Box<[u8; PAGE_SIZE]>>,
+    /// Remembered pages: (device, inode, file offset) -> the file's bytes.
+    cache: BTreeMap<(u64, u64, u64), Box<[u8; PAGE_SIZE]>>,
 }
 
 impl Scratch {
@@ -65,25 +82,25 @@ impl Scratch {
         }
     }
 
-    /// Fills `file` with the `len` bytes of `fd` from `offset`, reading the
+    /// Fills `file` with the `len` bytes of the file from `at`, reading the
     /// file (one `pread`) only if a page is not remembered.
-    fn learn(&mut self, fd: libc::c_int, offset: u64, len: usize) -> Result<(), PokeError> {
+    fn learn(&mut self, at: FileAt, len: usize) -> Result<(), PokeError> {
         let pages = len / PAGE_SIZE;
-        let off = |i: usize| offset + (i * PAGE_SIZE) as u64;
-        if (0..pages).all(|i| self.cache.contains_key(&(fd, off(i)))) {
+        let key = |i: usize| (at.id.0, at.id.1, at.offset + (i * PAGE_SIZE) as u64);
+        if (0..pages).all(|i| self.cache.contains_key(&key(i))) {
             self.file.clear();
             for i in 0..pages {
-                self.file.extend_from_slice(&self.cache[&(fd, off(i))][..]);
+                self.file.extend_from_slice(&self.cache[&key(i)][..]);
             }
             return Ok(());
         }
-        read_file(fd, offset, len, &mut self.file)?;
+        read_file(at.fd, at.offset, len, &mut self.file)?;
         for (i, page) in self.file.chunks(PAGE_SIZE).enumerate() {
             if self.cache.len() >= CACHED_PAGES {
                 break;
             }
             let page: Box<[u8; PAGE_SIZE]> = Box::new(page.try_into().expect("a whole page"));
-            self.cache.insert((fd, off(i)), page);
+            self.cache.insert(key(i), page);
         }
         Ok(())
     }
@@ -140,34 +157,33 @@ fn read_file(fd: libc::c_int, offset: u64, len: usize, out: &mut Vec<u8>) -> Res
 }
 
 impl ProcMem {
-    /// Replaces the pages `text`, which map the file `fd` from `offset`,
+    /// Replaces the pages `text`, which map the file `at`,
     /// with a fresh private mapping of the same file at the same offset
     /// holding `want` at every position of `owned`, in one step (see the
     /// [module documentation](self)).
     ///
     /// # Safety
     ///
-    /// `text` is page-aligned validated text mapping `fd` at `offset`;
-    /// `want` (`text`'s length) holds its intended bytes at `owned` (sorted
+    /// `text` is page-aligned validated text mapping the file `at`; `want`
+    /// (`text`'s length) holds its intended bytes at `owned` (sorted
     /// offsets into `text`), which are earlier patches and validated edits.
     pub(super) unsafe fn swap_file(
         &mut self,
         text: Range<usize>,
-        fd: libc::c_int,
-        offset: u64,
+        at: FileAt,
         want: &[u8],
         owned: &[Range<usize>],
         scratch: &mut Scratch,
     ) -> Result<(), PokeError> {
         let len = text.end - text.start;
         debug_assert!(want.len() == len && len.is_multiple_of(PAGE_SIZE));
-        let stage = map_file(fd, offset, len)?;
+        let stage = map_file(at.fd, at.offset, len)?;
         let unmap = |e: PokeError| {
             // SAFETY: our staging mapping, not moved.
             unsafe { libc::munmap(stage, len) };
             e
         };
-        scratch.learn(fd, offset, len).map_err(unmap)?;
+        scratch.learn(at, len).map_err(unmap)?;
         // SAFETY: `text` is mapped readable.
         // Decided from the file and the live text, not read from the
         // staging: the staging is faulted once, by our first store.
@@ -213,7 +229,7 @@ impl ProcMem {
             return Err(unmap(os_err("mremap")));
         }
         // SAFETY: `text` is validated text, now the moved staging.
-        unsafe { self.reconcile(&text, fd, offset, want, owned, scratch) }
+        unsafe { self.reconcile(&text, at, want, owned, scratch) }
     }
 
     /// Step 4 of the [module documentation](self): removes a breakpoint
@@ -221,12 +237,11 @@ impl ProcMem {
     ///
     /// # Safety
     ///
-    /// `text` is validated text mapping `fd` from `offset`, just swapped.
+    /// `text` is validated text mapping the file `at`, just swapped.
     unsafe fn reconcile(
         &mut self,
         text: &Range<usize>,
-        fd: libc::c_int,
-        offset: u64,
+        at: FileAt,
         want: &[u8],
         owned: &[Range<usize>],
         scratch: &mut Scratch,
@@ -268,7 +283,7 @@ impl ProcMem {
         // Asked after the move: the kernel places in a new mapping only the
         // probes that have a consumer now (a removal drops its consumer
         // before it walks the mappings).
-        let probe = map_file(fd, offset, len)?;
+        let probe = map_file(at.fd, at.offset, len)?;
         // SAFETY: our fresh mapping of `len` readable bytes.
         let registered = unsafe { core::slice::from_raw_parts(probe as *const u8, len) };
         let mut result = Ok(());

@@ -74,14 +74,30 @@ impl MappedFile {
         &self.path
     }
 
-    /// A read-only descriptor of the file (opened the first time).
+    /// A read-only descriptor of the file (opened the first time, and again
+    /// if the one kept no longer names it: a program may close descriptors
+    /// it did not open, `closefrom` in a forked child, and the number be
+    /// reused — that descriptor is then not ours to close).
     pub(crate) fn fd(&mut self) -> Result<libc::c_int, Unopenable> {
         if let Some(r) = self.fd {
-            return r;
+            match r {
+                Ok(fd) if self.names_it(fd) => return Ok(fd),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
         }
         let r = self.open();
         self.fd = Some(r);
         r
+    }
+
+    /// Whether `fd` is open on this file.
+    fn names_it(&self, fd: libc::c_int) -> bool {
+        // SAFETY: `st` is written by fstat before it is read.
+        let mut st: libc::stat = unsafe { core::mem::zeroed() };
+        // SAFETY: fstat into our buffer; a closed descriptor only fails.
+        let ok = unsafe { libc::fstat(fd, &mut st) } == 0;
+        ok && st.st_dev == self.dev && st.st_ino == self.ino
     }
 
     fn open(&self) -> Result<libc::c_int, Unopenable> {
@@ -119,13 +135,7 @@ impl MappedFile {
         if fd < 0 {
             return Err(errno());
         }
-        // SAFETY: `st` is written by fstat before it is read.
-        let mut st: libc::stat = unsafe { core::mem::zeroed() };
-        // SAFETY: fstat on our descriptor into our buffer.
-        let same = unsafe { libc::fstat(fd, &mut st) } == 0
-            && st.st_dev == self.dev
-            && st.st_ino == self.ino;
-        if same {
+        if self.names_it(fd) {
             return Ok(fd);
         }
         // SAFETY: closing the descriptor we opened.

@@ -42,6 +42,8 @@ use crate::poke::{PAGE_SIZE, PokeError, Refusal, Strategy};
 pub(super) struct ProcMem {
     fd: libc::c_int,
     pid: libc::pid_t,
+    /// Device and inode of `fd` when opened.
+    id: (u64, u64),
     /// Staging pages for swaps: an anonymous read+exec mapping, never
     /// touched, from whose end each swap takes the pages it moves over the
     /// text (one `mmap` per `POOL` pages instead of one per swap).
@@ -57,6 +59,7 @@ impl ProcMem {
         ProcMem {
             fd: -1,
             pid: 0,
+            id: (0, 0),
             pool: 0,
             pool_pages: 0,
         }
@@ -85,15 +88,23 @@ impl ProcMem {
     /// between this and the batch's writes) rather than reset by a fork
     /// handler: a raw `clone` runs no handler, and a write through the
     /// parent's descriptor would patch the parent.
+    ///
+    /// The descriptor kept is checked to still be ours (device and inode):
+    /// a program may close descriptors it did not open (`closefrom` in a
+    /// forked child) and the number be reused for a file of its own, which
+    /// a `pwrite` meant for text would corrupt.
     pub(super) fn open(&mut self) -> Result<libc::c_int, PokeError> {
         // SAFETY: getpid has no preconditions.
         let pid = unsafe { libc::getpid() };
-        if self.fd >= 0 && self.pid == pid {
-            return Ok(self.fd);
-        }
         if self.fd >= 0 {
-            // SAFETY: closing our own descriptor.
-            unsafe { libc::close(self.fd) };
+            let ours = identity(self.fd) == Some(self.id);
+            if ours && self.pid == pid {
+                return Ok(self.fd);
+            }
+            if ours {
+                // SAFETY: closing our own descriptor (the parent's memory).
+                unsafe { libc::close(self.fd) };
+            }
             self.fd = -1;
         }
         // SAFETY: open with a NUL-terminated path.
@@ -101,7 +112,13 @@ impl ProcMem {
         if fd < 0 {
             return Err(os_err("open /proc/self/mem"));
         }
-        (self.fd, self.pid) = (fd, pid);
+        let Some(id) = identity(fd) else {
+            let e = os_err("fstat /proc/self/mem");
+            // SAFETY: closing the descriptor we just opened.
+            unsafe { libc::close(fd) };
+            return Err(e);
+        };
+        (self.fd, self.pid, self.id) = (fd, pid, id);
         Ok(fd)
     }
 
@@ -178,6 +195,14 @@ impl ProcMem {
         }
         Ok(())
     }
+}
+
+/// The device and inode `fd` is open on, if it is open.
+fn identity(fd: libc::c_int) -> Option<(u64, u64)> {
+    // SAFETY: `st` is written by fstat before it is read.
+    let mut st: libc::stat = unsafe { core::mem::zeroed() };
+    // SAFETY: fstat into our buffer; a closed descriptor only fails.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
 }
 
 impl Drop for ProcMem {

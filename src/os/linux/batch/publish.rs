@@ -151,19 +151,19 @@ impl Batch {
         let from = first * PAGE_SIZE;
         let len = text.end - text.start;
         match file {
-            Some((fd, offset)) => {
+            Some(at) => {
                 self.owned_in(&text, Some(&shared.overlay));
                 for r in self.stale.drain(..) {
                     shared.overlay.forget(r);
                 }
                 let want = &self.stage[from..from + len];
-                // SAFETY: validated text mapping the file at `offset`; the
+                // SAFETY: validated text mapping the file `at`; the
                 // staging holds the current bytes plus the writes, and the
                 // carried patches are what the text holds now.
                 unsafe {
                     shared
                         .procmem
-                        .swap_file(text, fd, offset, want, &self.owned, &mut shared.swap)
+                        .swap_file(text, at, want, &self.owned, &mut shared.swap)
                 }
             }
             // SAFETY: anonymous validated text (no file, so nothing but

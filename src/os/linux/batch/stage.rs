@@ -4,6 +4,7 @@
 
 use core::ops::Range;
 
+use super::super::file_swap::FileAt;
 use super::super::state::Shared;
 use super::super::{Publish, maps, threads, trap};
 use super::{Batch, Group};
@@ -107,6 +108,7 @@ impl Batch {
                     None => None,
                     Some((i, offset)) => {
                         let f = shared.text.file(i);
+                        let id = f.id();
                         let fd = f.fd().map_err(|(call, errno)| PokeError::LeavesFile {
                             addr: p,
                             why: if errno == 0 {
@@ -116,16 +118,14 @@ impl Batch {
                             },
                             errno,
                         })?;
-                        Some((fd, offset))
+                        Some(FileAt { fd, id, offset })
                     }
                 };
                 let continues = self.groups.last().is_some_and(|g| {
                     g.text.end == p
                         && match (g.file, file) {
                             (None, None) => true,
-                            (Some((fa, oa)), Some((fb, ob))) => {
-                                fa == fb && oa + (p - g.text.start) as u64 == ob
-                            }
+                            (Some(a), Some(b)) => a.plus(p - g.text.start) == b,
                             _ => false,
                         }
                 });

@@ -6,6 +6,7 @@ use alloc::vec::Vec;
 use core::ops::Range;
 
 use super::Batch;
+use crate::os::linux::file_swap::FileAt;
 use crate::os::linux::state::Shared;
 use crate::os::linux::{Publish, sys};
 use crate::poke::{PAGE_SIZE, PokeError, Strategy};
@@ -156,14 +157,14 @@ impl Batch {
                         }
                     });
                     owned.sort_unstable_by_key(|r| r.start);
+                    let id = shared.text.file(i).id();
                     match shared.text.file(i).fd() {
                         // SAFETY: validated text mapping the file at
                         // `offset`; its current bytes plus the writes.
                         Ok(fd) => unsafe {
                             shared.procmem.swap_file(
                                 range.clone(),
-                                fd,
-                                offset,
+                                FileAt { fd, id, offset },
                                 &fresh,
                                 &owned,
                                 &mut shared.swap,
