@@ -62,12 +62,9 @@ impl Batch {
             .take_while(|&&(a, _)| a < hi)
             .filter(|&&(a, n)| a + n > lo)
             .peekable();
-        let mut c = overlay
-            .into_iter()
-            .flat_map(|o| o.spans_in(range.clone()))
-            .peekable();
         self.owned.clear();
-        if c.peek().is_none() {
+        let mut spans = overlay.map(|o| o.spans_in(range.clone()).peekable());
+        let Some(mut c) = spans.take_if(|c| c.peek().is_some()) else {
             // No earlier patch here (start-up): the writes alone, in order.
             for &(a, n) in w {
                 let r = clip(a, a + n);
@@ -76,7 +73,7 @@ impl Batch {
                 }
             }
             return;
-        }
+        };
         loop {
             let r = match (w.peek(), c.peek()) {
                 (Some(&&(a, n)), Some(&(b, ours))) if a <= b => {
