@@ -89,20 +89,8 @@ fn exec_mappable(fd: libc::c_int) -> Result<(), Failed> {
     if unsafe { libc::ftruncate(fd, PAGE_SIZE as libc::off_t) } != 0 {
         return Err((&"ftruncate", errno()));
     }
-    // SAFETY: a private read+exec mapping of our file, unmapped at once.
-    let p = unsafe {
-        libc::mmap(
-            core::ptr::null_mut(),
-            PAGE_SIZE,
-            libc::PROT_READ | libc::PROT_EXEC,
-            libc::MAP_PRIVATE,
-            fd,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err((&"mmap(PROT_EXEC)", errno()));
-    }
+    let p = super::file_swap::map_file(fd, 0, PAGE_SIZE)
+        .map_err(|_| -> Failed { (&"mmap(PROT_EXEC)", errno()) })?;
     // SAFETY: the probe mapping.
     unsafe { libc::munmap(p, PAGE_SIZE) };
     Ok(())

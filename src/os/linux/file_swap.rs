@@ -106,8 +106,14 @@ impl Scratch {
     }
 }
 
-/// A private read+exec mapping of `len` bytes of `fd` from `offset`.
-fn map_file(fd: libc::c_int, offset: u64, len: usize) -> Result<*mut libc::c_void, PokeError> {
+/// A private read+exec mapping of `len` bytes of `fd` from `offset`, at an
+/// address the kernel picks (the page swap's staging, the procmem and
+/// alias probes).
+pub(super) fn map_file(
+    fd: libc::c_int,
+    offset: u64,
+    len: usize,
+) -> Result<*mut libc::c_void, PokeError> {
     // SAFETY: a new private read+exec mapping of the file at an address the
     // kernel picks; nothing runs it.
     let p = unsafe {
@@ -213,21 +219,8 @@ impl ProcMem {
             // SAFETY: a readable byte of our staging mapping.
             unsafe { core::ptr::read_volatile((stage as *const u8).add(page * PAGE_SIZE)) };
         }
-        // SAFETY: moves our staging pages over `text`, which the caller
-        // vouches for; MREMAP_FIXED replaces the old pages in one step under
-        // the address-space lock (a thread faulting there waits for it).
-        let moved = unsafe {
-            libc::mremap(
-                stage,
-                len,
-                len,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                text.start as *mut libc::c_void,
-            )
-        };
-        if moved == libc::MAP_FAILED {
-            return Err(unmap(os_err("mremap")));
-        }
+        // SAFETY: forwarded; the staging holds the text's intended bytes.
+        unsafe { super::procmem::move_over(stage, &text) }.map_err(unmap)?;
         // SAFETY: `text` is validated text, now the moved staging.
         unsafe { self.reconcile(&text, at, want, owned, scratch) }
     }

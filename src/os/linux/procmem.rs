@@ -178,23 +178,45 @@ impl ProcMem {
         };
         // SAFETY: the staging mapping is ours and nothing runs it yet.
         unsafe { self.write(stage as usize, bytes) }.map_err(unmap)?;
-        // SAFETY: moves our staging pages over `text`, which the caller
-        // vouches for; MREMAP_FIXED replaces the old pages in one step under
-        // the address-space lock (a thread faulting there waits for it).
-        let moved = unsafe {
-            libc::mremap(
-                stage,
-                len,
-                len,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                text.start as *mut libc::c_void,
-            )
-        };
-        if moved == libc::MAP_FAILED {
-            return Err(unmap(os_err("mremap")));
-        }
-        Ok(())
+        // SAFETY: forwarded.
+        unsafe { move_over(stage, &text) }.map_err(unmap)
     }
+}
+
+/// Moves the staging mapping at `stage` over the pages `text` (the same
+/// length) in one step; on failure the staging is left where it is.
+///
+/// # Safety
+///
+/// `text` is page-aligned validated text, and the staging mapping holds its
+/// current bytes with validated edits applied.
+pub(super) unsafe fn move_over(
+    stage: *mut libc::c_void,
+    text: &Range<usize>,
+) -> Result<(), PokeError> {
+    let len = text.end - text.start;
+    // SAFETY: moves our staging pages over `text`, which the caller vouches
+    // for; MREMAP_FIXED replaces the old pages in one step under the
+    // address-space lock (a thread faulting there waits for it).
+    let moved = unsafe {
+        libc::mremap(
+            stage,
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            text.start as *mut libc::c_void,
+        )
+    };
+    if moved == libc::MAP_FAILED {
+        if super::sys::errno() == libc::EPERM && super::maps::sealed(text) {
+            return Err(PokeError::Sealed {
+                addr: text.start,
+                why: "it was sealed after the batch began (the next batch publishes it in place)",
+            });
+        }
+        return Err(os_err("mremap"));
+    }
+    Ok(())
 }
 
 /// The device and inode `fd` is open on, if it is open.
@@ -227,24 +249,12 @@ pub(super) fn probe(mem: &mut ProcMem) -> Result<(), Refusal> {
     if fd < 0 {
         return Err(refuse(&"open /proc/self/exe", errno()));
     }
-    // SAFETY: a private read+exec mapping of the first page of our file,
-    // which nothing runs; unmapped below.
-    let page = unsafe {
-        libc::mmap(
-            core::ptr::null_mut(),
-            PAGE_SIZE,
-            libc::PROT_READ | libc::PROT_EXEC,
-            libc::MAP_PRIVATE,
-            fd,
-            0,
-        )
-    };
+    // The first page of our file, which nothing runs; unmapped below.
+    let page = super::file_swap::map_file(fd, 0, PAGE_SIZE);
     let e = errno();
     // SAFETY: closing the descriptor we opened (the mapping keeps the file).
     unsafe { libc::close(fd) };
-    if page == libc::MAP_FAILED {
-        return Err(refuse(&"mmap(PROT_READ|PROT_EXEC) of /proc/self/exe", e));
-    }
+    let page = page.map_err(|_| refuse(&"mmap(PROT_READ|PROT_EXEC) of /proc/self/exe", e))?;
     let probe = [0xc3u8, 0xcc];
     // SAFETY: our own private page, which nothing runs.
     let wrote = unsafe { mem.write(page as usize, &probe) };

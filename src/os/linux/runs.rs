@@ -46,17 +46,18 @@ pub(super) fn has_int3(b: &[u8]) -> bool {
     memchr::memchr(0xcc, b).is_some()
 }
 
-/// Appends to `out` the ranges (offsets into `live` and `want`, which
-/// describe the same bytes) to store so that every position of `owned`
-/// holds `want`, joining stores across safe gaps of at most [`JOIN`]
-/// bytes. `owned` is sorted by start (ranges may touch or overlap).
-/// `file_byte(offset)` is the file's byte there where known.
-pub(super) fn write_runs(
-    live: &[u8],
-    want: &[u8],
+/// The stores that cover `owned` (sorted by start), appended to `out`: a
+/// range for which `same` holds needs none; one for which `whole` holds is
+/// stored as it is; any other only where `differs` (byte by byte). Two
+/// stores are joined across a gap of at most [`JOIN`] bytes when
+/// `joinable` says its bytes may be rewritten as they are.
+fn runs(
     owned: &[Range<usize>],
-    mut file_byte: impl FnMut(usize) -> Option<u8>,
     out: &mut Vec<Range<usize>>,
+    same: impl Fn(Range<usize>) -> bool,
+    whole: impl Fn(Range<usize>) -> bool,
+    differs: impl Fn(usize) -> bool,
+    joinable: impl Fn(Range<usize>) -> bool,
 ) {
     let first = out.len();
     let push = |r: Range<usize>, out: &mut Vec<Range<usize>>| {
@@ -66,8 +67,7 @@ pub(super) fn write_runs(
                 return;
             }
             let gap = last.end..r.start;
-            if gap.len() <= JOIN && live[gap.clone()] == want[gap.clone()] && !has_int3(&live[gap])
-            {
+            if gap.len() <= JOIN && joinable(gap) {
                 last.end = r.end;
                 return;
             }
@@ -75,22 +75,16 @@ pub(super) fn write_runs(
         out.push(r);
     };
     for r in owned {
-        let (l, w) = (&live[r.clone()], &want[r.clone()]);
-        if short_eq(l, w) {
+        if same(r.clone()) {
             continue;
         }
-        if !has_int3(l) {
-            // Equal bytes in the range are rewritten as they are: harmless
-            // where none is an int3.
+        if whole(r.clone()) {
             push(r.clone(), out);
             continue;
         }
-        // An int3 among them: byte by byte, leaving the kernel's.
-        let mut needed =
-            |p: usize| live[p] != want[p] && !(live[p] == 0xcc && file_byte(p) == Some(want[p]));
         let mut run: Option<usize> = None;
         for p in r.clone() {
-            match (needed(p), run) {
+            match (differs(p), run) {
                 (true, None) => run = Some(p),
                 (false, Some(s)) => {
                     push(s..p, out);
@@ -105,14 +99,39 @@ pub(super) fn write_runs(
     }
 }
 
+/// Appends to `out` the ranges (offsets into `live` and `want`, which
+/// describe the same bytes: the live text and its staged copy) to store in
+/// place so that every position of `owned` (sorted by start) holds `want`.
+/// A range without an `int3` is stored whole (its equal bytes rewritten as
+/// they are); one with an `int3` only where it differs. Stores are joined
+/// across gaps of at most [`JOIN`] bytes that hold what the copy holds and
+/// no `int3`.
+pub(super) fn write_runs(
+    live: &[u8],
+    want: &[u8],
+    owned: &[Range<usize>],
+    out: &mut Vec<Range<usize>>,
+) {
+    runs(
+        owned,
+        out,
+        |r| short_eq(&live[r.clone()], &want[r]),
+        |r| !has_int3(&live[r]),
+        |p| live[p] != want[p],
+        |gap| live[gap.clone()] == want[gap.clone()] && !has_int3(&live[gap]),
+    );
+}
+
 /// Appends to `out` the stores (offsets into the pages) that make a fresh
 /// private mapping of a file — which holds the file's bytes `file`, and
 /// the kernel's breakpoints where the live text `text` holds them — hold
 /// `want` at every position of `owned` (sorted by start). An owned byte
 /// equal to the file's is not stored (the mapping has it, or a probe the
-/// kernel keeps there). Stores are joined across gaps of at most [`JOIN`]
-/// bytes where the text holds the file's bytes: the gap is rewritten with
-/// the file's own bytes, never over a breakpoint the text showed.
+/// kernel keeps there: where the text shows one, only the differing bytes
+/// of a range are stored). Stores are joined across gaps of at most
+/// [`JOIN`] bytes where the text holds the file's bytes — no breakpoint of
+/// the kernel's is there (one makes them differ), and the file's own
+/// `0xcc` padding may be rewritten as it is.
 pub(super) fn file_runs(
     text: &[u8],
     file: &[u8],
@@ -120,50 +139,14 @@ pub(super) fn file_runs(
     owned: &[Range<usize>],
     out: &mut Vec<Range<usize>>,
 ) {
-    let first = out.len();
-    let push = |r: Range<usize>, out: &mut Vec<Range<usize>>| {
-        if let Some(last) = out[first..].last_mut() {
-            if r.start <= last.end {
-                last.end = last.end.max(r.end);
-                return;
-            }
-            // Where the text holds the file's bytes there is no breakpoint
-            // of the kernel's (one makes them differ): the file's own
-            // `0xcc` padding may be rewritten as it is.
-            let gap = last.end..r.start;
-            if gap.len() <= JOIN && text[gap.clone()] == file[gap] {
-                last.end = r.end;
-                return;
-            }
-        }
-        out.push(r);
-    };
-    for r in owned {
-        let (f, w) = (&file[r.clone()], &want[r.clone()]);
-        if short_eq(f, w) {
-            continue;
-        }
-        if !has_int3(&text[r.clone()]) {
-            push(r.clone(), out);
-            continue;
-        }
-        // A breakpoint among them: only the bytes that differ from the
-        // file's, so one over a byte we leave as the file's stays.
-        let mut run: Option<usize> = None;
-        for p in r.clone() {
-            match (file[p] != want[p], run) {
-                (true, None) => run = Some(p),
-                (false, Some(s)) => {
-                    push(s..p, out);
-                    run = None;
-                }
-                _ => {}
-            }
-        }
-        if let Some(s) = run {
-            push(s..r.end, out);
-        }
-    }
+    runs(
+        owned,
+        out,
+        |r| short_eq(&file[r.clone()], &want[r]),
+        |r| !has_int3(&text[r]),
+        |p| file[p] != want[p],
+        |gap| text[gap.clone()] == file[gap],
+    );
 }
 
 #[cfg(test)]
@@ -194,34 +177,35 @@ mod tests {
         want[4..9].copy_from_slice(&[0xe9, 1, 2, 3, 4]);
         want[20..25].copy_from_slice(&[0xe9, 5, 6, 7, 8]);
         let mut out = Vec::new();
-        write_runs(&live, &want, &[4..9, 20..25], |_| None, &mut out);
+        write_runs(&live, &want, &[4..9, 20..25], &mut out);
         assert_eq!(out, [4..25]);
         // A breakpoint in the gap (someone's, or the kernel's) splits it.
         let mut live2 = live.clone();
         live2[12] = 0xcc;
         want[12] = 0xcc; // the staged copy saw it too
         out.clear();
-        write_runs(&live2, &want, &[4..9, 20..25], |_| None, &mut out);
+        write_runs(&live2, &want, &[4..9, 20..25], &mut out);
         assert_eq!(out, [4..9, 20..25]);
     }
 
     #[test]
     fn leaves_the_kernels_breakpoint_over_an_unpatched_byte() {
         // The site is ours and we restore it to the file's bytes, but a
-        // uprobe sits on its first byte now: not ours to remove.
+        // uprobe sits on its first byte now: not ours to remove, and a
+        // fresh copy of the file has the bytes (and the probe) already.
         let file = [0x0f, 0x1f, 0x44, 0x00, 0x00];
-        let live = [0xcc, 0x1f, 0x44, 0x00, 0x00];
+        let text = [0xcc, 0x1f, 0x44, 0x00, 0x00];
         let mut out = Vec::new();
-        write_runs(&live, &file, &[0..5], |p| Some(file[p]), &mut out);
+        file_runs(&text, &file, &file, &[0..5], &mut out);
         assert!(out.is_empty(), "{out:?}");
         // A patched byte under it is ours to write (the probe sat on a
         // patched instruction, which the kernel would run from the file).
         let want = [0xe9, 1, 2, 3, 4];
-        write_runs(&live, &want, &[0..5], |p| Some(file[p]), &mut out);
+        file_runs(&text, &file, &want, &[0..5], &mut out);
         assert_eq!(out, [0..5]);
-        // Where the file is unknown (in place), a differing byte is written.
+        // In place the file is not known: a differing byte is written.
         out.clear();
-        write_runs(&live, &file, &[0..5], |_| None, &mut out);
+        write_runs(&text, &file, &[0..5], &mut out);
         assert_eq!(out, [0..1]);
     }
 
@@ -260,7 +244,7 @@ mod tests {
     fn writes_nothing_when_everything_is_in_place() {
         let live = vec![1u8; 32];
         let mut out = Vec::new();
-        write_runs(&live, &live, &[0..8, 8..16, 30..32], |_| None, &mut out);
+        write_runs(&live, &live, &[0..8, 8..16, 30..32], &mut out);
         assert!(out.is_empty());
     }
 }

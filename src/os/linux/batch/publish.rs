@@ -129,7 +129,7 @@ impl Batch {
             };
             let want = &self.stage[from..from + (text.end - text.start)];
             self.stores.clear();
-            write_runs(live, want, &self.owned, |_| None, &mut self.stores);
+            write_runs(live, want, &self.owned, &mut self.stores);
             for s in &self.stores {
                 // SAFETY: validated text of the batch; the staged bytes are
                 // its current bytes plus the writes, and `write_runs` keeps
