@@ -89,7 +89,7 @@ fn exec_mappable(fd: libc::c_int) -> Result<(), Failed> {
     if unsafe { libc::ftruncate(fd, PAGE_SIZE as libc::off_t) } != 0 {
         return Err((&"ftruncate", errno()));
     }
-    let p = super::file_swap::map_file(fd, 0, PAGE_SIZE)
+    let p = super::sys::map_file(fd, 0, PAGE_SIZE)
         .map_err(|_| -> Failed { (&"mmap(PROT_EXEC)", errno()) })?;
     // SAFETY: the probe mapping.
     unsafe { libc::munmap(p, PAGE_SIZE) };

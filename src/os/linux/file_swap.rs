@@ -32,7 +32,7 @@ use core::ops::Range;
 
 use super::procmem::ProcMem;
 use super::runs::file_runs;
-use super::sys::{errno, os_err};
+use super::sys::{errno, map_file, os_err};
 use crate::poke::{PAGE_SIZE, PokeError};
 
 /// Where a group of text pages comes from: a file (its descriptor and its
@@ -104,32 +104,6 @@ impl Scratch {
         }
         Ok(())
     }
-}
-
-/// A private read+exec mapping of `len` bytes of `fd` from `offset`, at an
-/// address the kernel picks (the page swap's staging, the procmem and
-/// alias probes).
-pub(super) fn map_file(
-    fd: libc::c_int,
-    offset: u64,
-    len: usize,
-) -> Result<*mut libc::c_void, PokeError> {
-    // SAFETY: a new private read+exec mapping of the file at an address the
-    // kernel picks; nothing runs it.
-    let p = unsafe {
-        libc::mmap(
-            core::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_EXEC,
-            libc::MAP_PRIVATE,
-            fd,
-            offset as libc::off_t,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(os_err("mmap of the text's file"));
-    }
-    Ok(p)
 }
 
 /// Reads `len` bytes of `fd` from `offset` into `out` (not zeroed first: a

@@ -21,7 +21,6 @@ use alloc::format;
 use alloc::string::String;
 use core::ops::Range;
 
-use super::maps::Vma;
 use super::sys::errno;
 
 /// Why a file cannot be opened: the last call tried and its error number.
@@ -40,12 +39,14 @@ pub(crate) struct MappedFile {
 }
 
 impl MappedFile {
-    pub(crate) fn new(v: &Vma) -> MappedFile {
+    /// The file with `dev` and `ino` that `/proc/self/maps` shows at
+    /// `path`, mapped (among others) at `vma`.
+    pub(crate) fn new(dev: u64, ino: u64, path: &str, vma: Range<usize>) -> MappedFile {
         MappedFile {
-            dev: v.dev,
-            ino: v.ino,
-            path: v.path.clone(),
-            vma: v.start..v.end,
+            dev,
+            ino,
+            path: path.into(),
+            vma,
             fd: None,
         }
     }
@@ -62,8 +63,8 @@ impl MappedFile {
 
     /// Notes a mapping of the file seen now (its bounds may have changed;
     /// a file that could not be opened is tried again).
-    pub(crate) fn seen_at(&mut self, v: &Vma) {
-        self.vma = v.start..v.end;
+    pub(crate) fn seen_at(&mut self, vma: Range<usize>) {
+        self.vma = vma;
         if matches!(self.fd, Some(Err(_))) {
             self.fd = None;
         }

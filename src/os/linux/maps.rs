@@ -184,10 +184,11 @@ impl TextPages {
     /// The index of `v`'s file among the files, added if new.
     fn file_index(&mut self, v: &Vma) -> u32 {
         if let Some(i) = self.files.iter().position(|f| f.is(v.dev, v.ino)) {
-            self.files[i].seen_at(v);
+            self.files[i].seen_at(v.start..v.end);
             return i as u32;
         }
-        self.files.push(MappedFile::new(v));
+        self.files
+            .push(MappedFile::new(v.dev, v.ino, &v.path, v.start..v.end));
         (self.files.len() - 1) as u32
     }
 

@@ -107,7 +107,6 @@ mod trap;
 pub use cet::force_shadow_stack_for_tests;
 pub use cet::shadow_stack_enabled;
 pub use loaded::LoadError;
-pub use poke_log::set_poke_log;
 pub use trap::{emulated_traps, restarted_traps};
 
 use alloc::vec::Vec;
@@ -202,6 +201,24 @@ pub fn strategies() -> Vec<(Strategy, Result<(), Refusal>)> {
         .iter()
         .map(|&s| (s, strategy::usable(lock.shared(), s)))
         .collect()
+}
+
+/// Starts logging every batch this process commits to `path` (appended;
+/// created if missing), or with `None` stops. Replaces an earlier log, and
+/// overrides `ALTPATCH_POKE_LOG`. See [`poke_log`] for the format and how to
+/// replay it.
+///
+/// ```
+/// use altpatch::os::linux::set_poke_log;
+/// let path = std::env::temp_dir().join(format!("altpatch-doc-{}.jsonl", std::process::id()));
+/// set_poke_log(Some(&path)).unwrap();
+/// // ... updates here are logged, one line per batch ...
+/// set_poke_log(None).unwrap();
+/// # std::fs::remove_file(&path).ok();
+/// ```
+pub fn set_poke_log(path: Option<&std::path::Path>) -> std::io::Result<()> {
+    let mut lock = Locked::acquire().map_err(std::io::Error::other)?;
+    lock.shared().log.set(path)
 }
 
 /// Benchmarks only: from now on, stage the page swap of a file's text as

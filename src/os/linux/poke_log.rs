@@ -3,7 +3,7 @@
 //! given time (the kernel tells them only about its own text, with
 //! `PERF_RECORD_TEXT_POKE`).
 //!
-//! Opt-in: [`set_poke_log`], or `ALTPATCH_POKE_LOG=<path>` in the
+//! Opt-in: [`set_poke_log`](super::set_poke_log), or `ALTPATCH_POKE_LOG=<path>` in the
 //! environment (read when the first batch begins). Lines are appended with
 //! one `write(2)` each (`O_APPEND`), so a forked child logging to the same
 //! file never splits a parent's line.
@@ -35,7 +35,6 @@
 use alloc::string::String;
 use core::fmt::Write as _;
 
-use super::state::Locked;
 use super::sys::errno;
 
 /// The log's state, in the process-wide patching state.
@@ -182,28 +181,17 @@ fn open(path: &std::path::Path) -> std::io::Result<libc::c_int> {
     Ok(fd)
 }
 
-/// Starts logging every batch this process commits to `path` (appended;
-/// created if missing), or with `None` stops. Replaces an earlier log, and
-/// overrides `ALTPATCH_POKE_LOG`. See the [module documentation](self)
-/// for the format and how to replay it.
-///
-/// ```
-/// use altpatch::os::linux::set_poke_log;
-/// let path = std::env::temp_dir().join(format!("altpatch-doc-{}.jsonl", std::process::id()));
-/// set_poke_log(Some(&path)).unwrap();
-/// // ... updates here are logged, one line per batch ...
-/// set_poke_log(None).unwrap();
-/// # std::fs::remove_file(&path).ok();
-/// ```
-pub fn set_poke_log(path: Option<&std::path::Path>) -> std::io::Result<()> {
-    let mut lock = Locked::acquire().map_err(std::io::Error::other)?;
-    let fd = path.map(open).transpose()?.unwrap_or(-1);
-    let log = &mut lock.shared().log;
-    log.env_read = true;
-    if log.fd >= 0 {
-        // SAFETY: closing the log we opened.
-        unsafe { libc::close(log.fd) };
+impl PokeLog {
+    /// Replaces the log with `path` (appended, created if missing), or with
+    /// `None` none; the environment is not read any more.
+    pub(super) fn set(&mut self, path: Option<&std::path::Path>) -> std::io::Result<()> {
+        let fd = path.map(open).transpose()?.unwrap_or(-1);
+        self.env_read = true;
+        if self.fd >= 0 {
+            // SAFETY: closing the log we opened.
+            unsafe { libc::close(self.fd) };
+        }
+        self.fd = fd;
+        Ok(())
     }
-    log.fd = fd;
-    Ok(())
 }

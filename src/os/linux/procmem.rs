@@ -250,7 +250,7 @@ pub(super) fn probe(mem: &mut ProcMem) -> Result<(), Refusal> {
         return Err(refuse(&"open /proc/self/exe", errno()));
     }
     // The first page of our file, which nothing runs; unmapped below.
-    let page = super::file_swap::map_file(fd, 0, PAGE_SIZE);
+    let page = super::sys::map_file(fd, 0, PAGE_SIZE);
     let e = errno();
     // SAFETY: closing the descriptor we opened (the mapping keeps the file).
     unsafe { libc::close(fd) };

@@ -12,6 +12,10 @@ use super::procmem::ProcMem;
 use crate::poke::{PokeError, Refusal, Strategy};
 use crate::sync::Held;
 
+/// The order strategies are tried in: `ALTPATCH_POKE` (comma-separated
+/// names, e.g. `memfd,file`) or [`Strategy::ALL`].
+pub(super) type Order = Result<([Option<Strategy>; 3], usize), PokeError>;
+
 /// Everything the pokes of a process share.
 pub(super) struct Shared {
     /// Pages confirmed to be ordinary text.
@@ -33,7 +37,7 @@ pub(super) struct Shared {
     /// Refusals injected for tests (see `refuse_for_tests`).
     pub(super) injected: [Option<Refusal>; 3],
     /// The order strategies are tried in, once read (`ALTPATCH_POKE`).
-    pub(super) order: Option<super::strategy::Order>,
+    pub(super) order: Option<Order>,
 }
 
 struct SharedCell(UnsafeCell<Shared>);

@@ -1,13 +1,9 @@
 //! Choosing how this process writes its text: the strategies in order, each
 //! probed once, the first that works used, every refusal kept for the error.
 
-use super::state::{Shared, slot};
+use super::state::{Order, Shared, slot};
 use super::{arena, procmem};
 use crate::poke::{PokeError, Refusal, Strategy};
-
-/// The order strategies are tried in: `ALTPATCH_POKE` (comma-separated
-/// names, e.g. `memfd,file`) or [`Strategy::ALL`].
-pub(super) type Order = Result<([Option<Strategy>; 3], usize), PokeError>;
 
 fn order() -> Order {
     let mut out = [None; 3];

@@ -66,6 +66,32 @@ pub(super) fn map_anon(len: usize, prot: libc::c_int) -> Result<*mut libc::c_voi
     Ok(p)
 }
 
+/// A private read+exec mapping of `len` bytes of `fd` from `offset`, at an
+/// address the kernel picks (the page swap's staging, the procmem and
+/// alias probes).
+pub(super) fn map_file(
+    fd: libc::c_int,
+    offset: u64,
+    len: usize,
+) -> Result<*mut libc::c_void, PokeError> {
+    // SAFETY: a new private read+exec mapping of the file at an address the
+    // kernel picks; nothing runs it.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE,
+            fd,
+            offset as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(os_err("mmap of the text's file"));
+    }
+    Ok(p)
+}
+
 /// Registers `membarrier(SYNC_CORE)` once per process.
 pub(super) fn init_sync_core() {
     REGISTER.call_once(|| {
