@@ -23,11 +23,11 @@ mod source;
 
 pub use features::{Feature, Features, Vendor};
 pub use overrides::{OverrideError, Overrides};
-#[cfg(all(feature = "std", target_os = "linux"))]
-pub(crate) use published::after_fork_in_child;
 pub use published::{
     AlreadyPublished, altpatch_cpu_features, altpatch_cpu_has, publish, published, try_published,
 };
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) use published::{after_fork_in_child, startup_allowed};
 pub use source::{CpuidSource, HostCpuid, RecordedCpuid, RecordedCpuidError, dump};
 
 /// The result of one `cpuid` query: `eax`, `ebx`, `ecx`, `edx`.

@@ -15,6 +15,7 @@ use super::features::{Feature, Features};
 /// | `noNAME` or `-NAME` | treat feature `NAME` (and everything that depends on it) as absent |
 /// | `+NAME` or `NAME` | treat `NAME` as present (a claim about the CPU: use with care) |
 /// | `retpoline=MODE` | retpoline mode: `auto`, `generic`, `lfence`, `plain` or `off` (see [`crate::retpoline`]) |
+/// | `startup=off` | nothing is patched when an object is loaded nor on an ifunc's first call: every site keeps its default, ifuncs take their lazy path (see [`crate::ifunc`]); `startup=on` is the default |
 ///
 /// Names are [`Feature::name`]s; `.` and `-` may stand for `_` (`nosse4.2`).
 /// The same string is accepted from a kernel command line
@@ -43,6 +44,7 @@ pub struct Overrides {
     set: u64,
     clear: u64,
     retpoline: Option<crate::cpu::mitigation::Setting>,
+    startup: Option<bool>,
 }
 
 /// Why an override string was rejected.
@@ -103,7 +105,7 @@ impl fmt::Display for OverrideError {
             OverrideError::UnknownOption { key } => {
                 write!(
                     f,
-                    "unknown override option `{key}=`; valid options: retpoline="
+                    "unknown override option `{key}=`; valid options: retpoline=, startup="
                 )
             }
             OverrideError::BadValue { key, value, valid } => {
@@ -141,7 +143,11 @@ impl ItemError<'_> {
             ItemError::BadValue { key, value } => OverrideError::BadValue {
                 key: key.into(),
                 value: value.into(),
-                valid: crate::cpu::mitigation::Setting::NAMES,
+                valid: if key.trim() == "startup" {
+                    "on, off"
+                } else {
+                    crate::cpu::mitigation::Setting::NAMES
+                },
             },
         }
     }
@@ -154,12 +160,25 @@ impl Overrides {
             set: 0,
             clear: 0,
             retpoline: None,
+            startup: None,
         }
     }
 
     /// The `retpoline=` setting, if one was given.
     pub fn retpoline(&self) -> Option<crate::cpu::mitigation::Setting> {
         self.retpoline
+    }
+
+    /// The `startup=` setting, if one was given: whether objects are
+    /// patched when loaded and ifuncs' stubs on their first call.
+    ///
+    /// ```
+    /// use altpatch::cpu::Overrides;
+    /// assert_eq!(Overrides::parse("startup=off").unwrap().startup(), Some(false));
+    /// assert_eq!(Overrides::parse("nomovbe").unwrap().startup(), None);
+    /// ```
+    pub fn startup(&self) -> Option<bool> {
+        self.startup
     }
 
     /// Parses an override string (syntax on the type). An empty string is
@@ -198,6 +217,14 @@ impl Overrides {
                     let setting = crate::cpu::mitigation::Setting::parse(value.trim())
                         .ok_or(ItemError::BadValue { key, value })?;
                     self.retpoline = Some(setting);
+                    Ok(())
+                }
+                "startup" => {
+                    self.startup = Some(match value.trim() {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(ItemError::BadValue { key, value }),
+                    });
                     Ok(())
                 }
                 _ => Err(ItemError::UnknownOption { key }),
@@ -278,12 +305,13 @@ impl Overrides {
             set: (self.set & !later.clear) | later.set,
             clear: (self.clear & !later.set) | later.clear,
             retpoline: later.retpoline.or(self.retpoline),
+            startup: later.startup.or(self.startup),
         }
     }
 
     /// Whether this changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.set == 0 && self.clear == 0 && self.retpoline.is_none()
+        self.set == 0 && self.clear == 0 && self.retpoline.is_none() && self.startup.is_none()
     }
 }
 
@@ -311,6 +339,13 @@ impl fmt::Display for Overrides {
                 f.write_str(",")?;
             }
             write!(f, "retpoline={}", r.name())?;
+            first = false;
+        }
+        if let Some(on) = self.startup {
+            if !first {
+                f.write_str(",")?;
+            }
+            f.write_str(if on { "startup=on" } else { "startup=off" })?;
         }
         Ok(())
     }

@@ -155,6 +155,16 @@ fn detect_default() -> Features {
     detected
 }
 
+/// Whether altpatch may patch by itself: when an object is loaded (the
+/// constructors `ifunc!` and `alternative!` register) and on an ifunc's
+/// first call. Not with the `no-startup` feature, nor with `startup=off`
+/// in `ALTPATCH` (an invalid `ALTPATCH` is ignored here, as for the
+/// published snapshot). Allocation-free: it runs in constructors.
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) fn startup_allowed() -> bool {
+    !cfg!(feature = "no-startup") && env::overrides().and_then(|o| o.startup()) != Some(false)
+}
+
 /// In a forked child: a thread of the parent that was writing the snapshot
 /// at the instant of `fork` will never finish here; start over (the value
 /// may be half written).

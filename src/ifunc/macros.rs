@@ -141,6 +141,14 @@ macro_rules! __ifunc {
             #[used]
             static __ALTPATCH_KEEP: extern "C" fn($($ty),*) -> $ret = <$name>::__altpatch_ifunc_stub;
 
+            // Patching at load (`ifunc::startup`): the loader runs the
+            // object's `.init_array` entries before `main`, or inside
+            // `dlopen`. Every ifunc registers one; the first does the work.
+            #[cfg(target_os = "linux")]
+            #[used]
+            #[unsafe(link_section = ".init_array")]
+            static __ALTPATCH_AT_LOAD: extern "C" fn() = $crate::ifunc::__at_load;
+
             static __ALTPATCH_STATE: $crate::ifunc::Ifunc = $crate::ifunc::Ifunc::new(
                 stringify!($name),
                 __altpatch_stub_addr,

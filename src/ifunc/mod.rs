@@ -63,6 +63,8 @@ mod error;
 mod macros;
 #[cfg(all(feature = "std", target_os = "linux"))]
 mod process;
+#[cfg(all(feature = "std", target_os = "linux"))]
+mod startup;
 
 use alloc::vec::Vec;
 use core::fmt;
@@ -75,6 +77,17 @@ pub use elf_ifunc::{
 pub use error::Error;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use process::{InitError, InitReport, init};
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub use startup::{Startup, startup};
+
+/// The constructor `ifunc!` registers in the object that holds it (see
+/// `startup`): resolves the object's ifuncs and makes their stubs direct,
+/// once. Does nothing without `std` on Linux.
+#[doc(hidden)]
+pub extern "C" fn __at_load() {
+    #[cfg(all(feature = "std", target_os = "linux"))]
+    startup::at_load();
+}
 
 use crate::cpu::{self, Features};
 use crate::image::Image;
@@ -213,7 +226,11 @@ impl Ifunc {
         if self.state.load(Ordering::Acquire) == RESOLVED {
             return self.chosen.load(Ordering::Acquire);
         }
-        self.resolve(&cpu::published())
+        let chosen = self.resolve(&cpu::published());
+        // The next call skips this path: the stub jumps straight there.
+        #[cfg(all(feature = "std", target_os = "linux"))]
+        startup::after_first_call(self, chosen);
+        chosen
     }
 
     /// Resolves this one ifunc (if not yet) with `features` and rewrites its
@@ -436,6 +453,26 @@ pub(crate) fn plan_all(
     plan: &mut Plan,
 ) -> Result<(Report, Vec<UpdateGuard<'static>>), Error> {
     cpu::publish(*features).map_err(Error::Snapshot)?;
+    plan_with_sites(image, features, sites, plan)
+}
+
+/// [`plan_all`] for the stubs alone, with the snapshot already published
+/// (patching at load).
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) fn plan_stubs(
+    image: &Image<'_>,
+    features: &Features,
+    plan: &mut Plan,
+) -> Result<(Report, Vec<UpdateGuard<'static>>), Error> {
+    plan_with_sites(image, features, &[], plan)
+}
+
+fn plan_with_sites(
+    image: &Image<'_>,
+    features: &Features,
+    sites: &[Site],
+    plan: &mut Plan,
+) -> Result<(Report, Vec<UpdateGuard<'static>>), Error> {
     let records = image.ifuncs();
     let ifuncs: Vec<&'static Ifunc> = records.iter().map(IfuncRecord::ifunc).collect();
     let locks: Vec<_> = ifuncs.iter().map(|i| i.call.lock()).collect();

@@ -25,6 +25,15 @@ static_call! {
 
 pub static TKEY: StaticFalseKey = StaticFalseKey::new();
 
+// The section the probed functions and the sites share starts a page (the
+// module's asm comes first in its object file), so that all of them, a few
+// hundred bytes, lie in one page whatever the layout of the rest.
+core::arch::global_asm!(
+    ".pushsection .text.tools_page,\"ax\",@progbits",
+    ".balign 4096",
+    ".popsection"
+);
+
 /// The probed function: in the page of `tools_sites`'s sites (one section,
 /// one codegen unit; checked at run time).
 #[unsafe(no_mangle)]

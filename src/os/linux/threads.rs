@@ -35,7 +35,11 @@ fn blocker() -> Option<i32> {
             .find_map(|l| l.strip_prefix("SigBlk:"))
             .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
             .unwrap_or(0);
-        if blocked & (1 << (libc::SIGTRAP - 1)) != 0 {
+        // Glibc's internal signals blocked too: the thread is inside
+        // altpatch's handler, which blocks them (see `trap::our_action`),
+        // not a thread the program made deaf to SIGTRAP.
+        let ours = blocked & super::trap::INTERNAL_SIGNALS == super::trap::INTERNAL_SIGNALS;
+        if blocked & (1 << (libc::SIGTRAP - 1)) != 0 && !ours {
             return Some(tid);
         }
     }
@@ -43,29 +47,20 @@ fn blocker() -> Option<i32> {
 }
 
 /// Refuses the INT3 protocol while a thread blocks `SIGTRAP`. A thread may
-/// have it blocked for a moment — inside a signal handler, or on its way out
-/// of ours (which runs with every signal blocked), possibly preempted there
-/// on a loaded machine — so it is asked again, backing off for up to about
-/// a quarter of a second, before the batch is refused. A look that finds a
-/// thread blocking it while a thread runs our handler does not count
-/// towards that (under a storm of traps the handler is seldom empty), up to
-/// about two seconds in all.
+/// have it blocked for a moment — inside a signal handler of the program's,
+/// possibly preempted there on a loaded machine — so it is asked again,
+/// backing off for up to about a quarter of a second, before the batch is
+/// refused. A thread inside altpatch's own handler (or on its way in or
+/// out, which under a storm of traps on a busy machine can last a while)
+/// is told apart by its mask (see [`blocker`]) and never counts.
 pub(super) fn check_can_trap() -> Result<(), PokeError> {
     let mut last = None;
-    let mut counted = 0;
-    for attempt in 0..64u32 {
+    for attempt in 0..8 {
         match blocker() {
             None => return Ok(()),
             Some(tid) => last = Some(tid),
         }
-        if !super::trap::handler_running() {
-            counted += 1;
-            if counted == 8 {
-                break;
-            }
-        }
-        let ms = if attempt < 8 { 1 << attempt } else { 30 };
-        std::thread::sleep(std::time::Duration::from_millis(ms));
+        std::thread::sleep(std::time::Duration::from_millis(1 << attempt));
     }
     Err(PokeError::SignalState {
         why: "a thread blocks SIGTRAP, so an int3 would kill it; use the page-swap publication",

@@ -36,7 +36,7 @@
 
 use core::cell::Cell;
 use core::ptr;
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use super::cet::in_handler;
 use crate::poke::PokeError;
@@ -179,29 +179,16 @@ fn claim(uc: &mut libc::ucontext_t) -> bool {
 // Must contain no indirect-thunk site (see `call3`): tests/retpoline.rs
 // checks the linked handler of a retpoline-built program.
 extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    IN_HANDLER.fetch_add(1, Ordering::Relaxed);
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let code = unsafe { (*info).si_code };
     if code == libc::SI_KERNEL {
         // SAFETY: the kernel passes a valid ucontext for SA_SIGINFO handlers.
         let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
         if claim(uc) {
-            IN_HANDLER.fetch_sub(1, Ordering::Relaxed);
             return;
         }
     }
-    IN_HANDLER.fetch_sub(1, Ordering::Relaxed);
     chain(sig, info, ctx, code);
-}
-
-/// Threads running this handler now. The handler runs with every signal
-/// blocked, so such a thread looks, to a check of the threads' masks, like
-/// one that blocks `SIGTRAP` (see `threads.rs`).
-static IN_HANDLER: AtomicUsize = AtomicUsize::new(0);
-
-/// Whether a thread may be inside this handler now.
-pub(super) fn handler_running() -> bool {
-    IN_HANDLER.load(Ordering::Relaxed) != 0
 }
 
 /// Passes the trap to the previously installed disposition.
@@ -299,8 +286,30 @@ fn our_action() -> libc::sigaction {
         // Nothing may interrupt the handler: a signal whose handler runs a
         // site would trap again while SIGTRAP is blocked, and die.
         libc::sigfillset(&mut sa.sa_mask);
+        // Also glibc's two internal signals (32 and 33), which `sigfillset`
+        // leaves out and no program can block through glibc: a thread whose
+        // mask holds them is in this handler, or on its way in or out — what
+        // `threads::check_can_trap` tells from a program's blocked thread.
+        // The kernel takes the mask as given.
+        sa.sa_mask = with_internal_signals(sa.sa_mask);
         sa
     }
+}
+
+/// The bits of glibc's internal signals 32 and 33 in a signal mask as
+/// `/proc` shows it.
+pub(super) const INTERNAL_SIGNALS: u64 = (1 << 31) | (1 << 32);
+
+/// `mask` with glibc's internal signals 32 and 33 added (bits 31 and 32 of
+/// its first word, as the kernel lays a mask out).
+fn with_internal_signals(mut mask: libc::sigset_t) -> libc::sigset_t {
+    // SAFETY: a `sigset_t` is plain bits, at least 8 bytes, whose first
+    // 64 bits are the kernel's signals 1..=64 in order.
+    unsafe {
+        let words = (&raw mut mask).cast::<u64>();
+        *words |= INTERNAL_SIGNALS;
+    }
+    mask
 }
 
 fn current_action() -> libc::sigaction {
