@@ -456,17 +456,6 @@ pub(crate) fn plan_all(
     plan_with_sites(image, features, sites, plan)
 }
 
-/// [`plan_all`] for the stubs alone, with the snapshot already published
-/// (patching at load).
-#[cfg(all(feature = "std", target_os = "linux"))]
-pub(crate) fn plan_stubs(
-    image: &Image<'_>,
-    features: &Features,
-    plan: &mut Plan,
-) -> Result<(Report, Vec<UpdateGuard<'static>>), Error> {
-    plan_with_sites(image, features, &[], plan)
-}
-
 fn plan_with_sites(
     image: &Image<'_>,
     features: &Features,

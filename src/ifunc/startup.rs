@@ -26,10 +26,13 @@
 use core::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
-use super::{Ifunc, Report, committed};
-use crate::LinuxPoke;
+use alloc::vec::Vec;
+
+use super::Ifunc;
 use crate::image::Image;
-use crate::plan::Plan;
+use crate::os::linux::JmpEdit;
+use crate::records::IfuncRecord;
+use crate::static_call::{TRAMPOLINE_JMP, TRAMPOLINE_LEN, is_trampoline};
 
 /// Whether this object's start-up ran: not yet, running or done.
 static STATE: AtomicU8 = AtomicU8::new(0);
@@ -100,24 +103,64 @@ pub extern "C" fn at_load() {
 }
 
 /// Resolves every ifunc of this object with the published snapshot and
-/// rewrites each stub to a direct `jmp`, in one batch.
+/// rewrites each stub to a direct `jmp`, in one publication.
 fn apply_stubs() -> Result<usize, std::string::String> {
     use std::string::ToString;
     let image = Image::current();
-    if image.ifuncs().is_empty() {
+    let records = image.ifuncs();
+    if records.is_empty() {
         return Ok(0);
     }
     let features = crate::cpu::published();
-    let mut plan = Plan::for_image(&image);
-    let (mut report, _locks): (Report, _) =
-        super::plan_stubs(&image, &features, &mut plan).map_err(|e| e.to_string())?;
-    let mut poke = LinuxPoke::running().map_err(|e| e.to_string())?;
-    // SAFETY: every edit is a stub's `jmp` replaced by a `jmp` (one
-    // instruction for one), published by the running poke, which other
-    // threads may be executing.
-    report.applied = unsafe { plan.apply(&mut poke) }.map_err(|e| e.to_string())?;
-    committed(&mut report);
-    Ok(report.ifuncs.len())
+    let ifuncs: Vec<&'static Ifunc> = records.iter().map(IfuncRecord::ifunc).collect();
+    let _locks: Vec<_> = ifuncs.iter().map(|i| i.call.lock()).collect();
+    let mut edits = Vec::with_capacity(ifuncs.len());
+    let mut chosen = Vec::with_capacity(ifuncs.len());
+    for &ifunc in &ifuncs {
+        let c = ifunc.resolve(&features);
+        edits.push(stub_edit(&image, ifunc, c)?);
+        chosen.push(c);
+    }
+    // SAFETY: each edit is a stub's `jmp` replaced by a `jmp` to the
+    // resolver's choice (its declared type, checked by the macro), which
+    // other threads may be running: published one page at a time.
+    unsafe { crate::os::linux::retarget_jmps(&edits) }.map_err(|e| e.to_string())?;
+    for (ifunc, c) in ifuncs.iter().zip(chosen) {
+        ifunc.call.committed(Some(c));
+    }
+    Ok(ifuncs.len())
+}
+
+/// The edit that makes `ifunc`'s stub jump to `chosen`: its layout and its
+/// current `jmp` checked as bytes (no decoding).
+fn stub_edit(
+    image: &Image<'_>,
+    ifunc: &Ifunc,
+    chosen: usize,
+) -> Result<JmpEdit, std::string::String> {
+    let stub = ifunc.stub();
+    let fail = |why: &str| std::format!("ifunc `{}` (stub {stub:#x}): {why}", ifunc.name());
+    if !image.contains_text(chosen, 1) || !image.contains_text(stub, TRAMPOLINE_LEN) {
+        return Err(fail(
+            "the stub or the implementation is outside this object's text",
+        ));
+    }
+    let mut bytes = [0u8; TRAMPOLINE_LEN];
+    // SAFETY: inside the image's text, readable.
+    unsafe {
+        core::ptr::copy_nonoverlapping(stub as *const u8, bytes.as_mut_ptr(), TRAMPOLINE_LEN)
+    };
+    if !is_trampoline(&bytes) {
+        return Err(fail("not a stub"));
+    }
+    let addr = stub + TRAMPOLINE_JMP;
+    let jmp =
+        crate::x86::jmp_rel32(addr, chosen).map_err(|_| fail("implementation out of reach"))?;
+    let mut new = [0u8; 5];
+    new.copy_from_slice(&jmp);
+    let mut old = [0u8; 5];
+    old.copy_from_slice(&bytes[TRAMPOLINE_JMP..TRAMPOLINE_JMP + 5]);
+    Ok(JmpEdit { addr, old, new })
 }
 
 /// After the lazy path resolved `ifunc` (its first call): its stub becomes a
@@ -129,28 +172,15 @@ pub(super) fn after_first_call(ifunc: &Ifunc, chosen: usize) {
     if !crate::cpu::startup_allowed() || ifunc.call.target() == Some(chosen) {
         return;
     }
-    let image = Image::current();
-    if !image.contains_text(chosen, 1) {
-        return;
-    }
-    let Ok(mut poke) = LinuxPoke::running() else {
-        return;
-    };
     let _lock = ifunc.call.lock();
     if ifunc.call.target() == Some(chosen) {
         return;
     }
-    let mut plan = Plan::for_image(&image);
-    if ifunc
-        .call
-        .plan_update(Some(chosen), &image, &[], &mut plan)
-        .is_err()
-    {
+    let Ok(edit) = stub_edit(&Image::current(), ifunc, chosen) else {
         return;
-    }
-    // SAFETY: the stub's `jmp` replaced by a `jmp`, published by the
-    // running poke.
-    if unsafe { plan.apply(&mut poke) }.is_ok() {
+    };
+    // SAFETY: as in `apply_stubs`.
+    if unsafe { crate::os::linux::retarget_jmps(&[edit]) }.is_ok() {
         ifunc.call.committed(Some(chosen));
     }
 }

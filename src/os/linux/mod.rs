@@ -90,6 +90,7 @@ mod cet;
 mod file_swap;
 mod files;
 mod fork;
+mod jmps;
 mod loaded;
 mod loader;
 pub(crate) mod maps;
@@ -115,6 +116,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::poke::{PokeError, Refusal, Strategy};
 pub(crate) use arena::open_exec_tmpfile;
+pub(crate) use jmps::{JmpEdit, retarget as retarget_jmps};
 pub(crate) use loader::loaded_object_containing;
 use state::Locked;
 pub(crate) use sys::{errno, memfd_exec};

@@ -1,0 +1,178 @@
+//! Retargeting the `jmp`s of stubs (static-call trampolines, ifunc stubs)
+//! in this process's text, live, without the plan machinery.
+//!
+//! What patching at load needs (see `ifunc::startup`): a library that only
+//! declares ifuncs must not carry a decoder, the listing code or the INT3
+//! protocol into every program that links it. Each edit here is exact — a
+//! 5-byte `jmp rel32` whose current bytes are given, replaced by another —
+//! so it needs none of them: the bytes are compared, not decoded. The
+//! pages are published as the page swap publishes them (`file_swap.rs`:
+//! a fresh mapping of the file, earlier patches carried over, the
+//! uprobe reconcile), read back, recorded, logged, and synced.
+
+use alloc::vec::Vec;
+use core::ops::Range;
+
+use super::file_swap::FileAt;
+use super::state::{Locked, Shared};
+use super::{maps, poke_log, sys};
+use crate::poke::{PAGE_SIZE, PokeError};
+
+/// One `jmp rel32` to rewrite: at `addr`, `old` now, `new` after.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct JmpEdit {
+    pub(crate) addr: usize,
+    pub(crate) old: [u8; 5],
+    pub(crate) new: [u8; 5],
+}
+
+/// Rewrites every edit's `jmp` in one publication (one page swap per page),
+/// after checking each holds its `old` bytes (an edit already holding `new`
+/// is left as it is). Nothing is written if a check fails, a page is not
+/// ordinary text of a file this process can open, or it is sealed.
+///
+/// # Safety
+///
+/// Each `new` is a `jmp` to a function the stub may reach (its declared
+/// type); the stubs may be running on other threads (each page changes
+/// atomically, one instruction for one).
+pub(crate) unsafe fn retarget(edits: &[JmpEdit]) -> Result<usize, PokeError> {
+    let mut lock = Locked::acquire()?;
+    let shared = lock.shared();
+    let mut todo: Vec<JmpEdit> = Vec::new();
+    for e in edits {
+        // SAFETY: the stubs are text of this process, readable.
+        let now = unsafe { core::ptr::read_unaligned(e.addr as *const [u8; 5]) };
+        if now == e.new {
+            continue;
+        }
+        if now != e.old {
+            return Err(PokeError::NotText {
+                addr: e.addr,
+                why: "the stub's jmp is not the one expected",
+            });
+        }
+        todo.push(*e);
+    }
+    if todo.is_empty() {
+        return Ok(0);
+    }
+    todo.sort_unstable_by_key(|e| e.addr);
+    let mut pages: Vec<Range<usize>> = Vec::new();
+    for e in &todo {
+        let span = crate::poke::page_span(e.addr, e.addr + 5);
+        match pages.last_mut() {
+            Some(last) if last.end >= span.start => last.end = last.end.max(span.end),
+            _ => pages.push(span),
+        }
+    }
+    shared.text.refresh();
+    shared.text.check(&pages)?;
+    shared.procmem.open()?;
+    for r in &pages {
+        if maps::sealed(r) {
+            return Err(PokeError::Sealed {
+                addr: r.start,
+                why: "patching at load only swaps pages",
+            });
+        }
+    }
+    for r in &pages {
+        publish_run(shared, r.clone(), &todo)?;
+    }
+    for e in &todo {
+        // SAFETY: readable text, just published.
+        let now = unsafe { core::ptr::read_unaligned(e.addr as *const [u8; 5]) };
+        if now != e.new {
+            return Err(PokeError::NotLanded { addr: e.addr });
+        }
+        shared.overlay.record(e.addr, &e.new);
+    }
+    if shared.log.enabled() {
+        log(shared, &todo);
+    }
+    sys::sync_all_threads()?;
+    Ok(todo.len())
+}
+
+/// Swaps the pages `run` in, page by page, with the edits falling in them.
+fn publish_run(shared: &mut Shared, run: Range<usize>, edits: &[JmpEdit]) -> Result<(), PokeError> {
+    for page in run.step_by(PAGE_SIZE) {
+        let range = page..page + PAGE_SIZE;
+        let mut want = Vec::with_capacity(PAGE_SIZE);
+        // SAFETY: the page is mapped readable text (checked).
+        want.extend_from_slice(unsafe {
+            core::slice::from_raw_parts(page as *const u8, PAGE_SIZE)
+        });
+        let mut owned: Vec<Range<usize>> = Vec::new();
+        let mut stale: Vec<Range<usize>> = Vec::new();
+        shared.overlay.each_in(range.clone(), |a, ours| {
+            let off = a - page;
+            if want[off..off + ours.len()] == *ours {
+                owned.push(off..off + ours.len());
+            } else {
+                stale.push(a..a + ours.len());
+            }
+        });
+        for r in stale {
+            shared.overlay.forget(r);
+        }
+        for e in edits.iter().filter(|e| range.contains(&e.addr)) {
+            let off = e.addr - page;
+            // A stub is 16-byte aligned: its jmp never crosses a page.
+            want[off..off + 5].copy_from_slice(&e.new);
+            owned.push(off..off + 5);
+        }
+        if owned.is_empty() {
+            continue;
+        }
+        owned.sort_unstable_by_key(|r| r.start);
+        let origin = shared.text.origin(page).ok_or(PokeError::NotText {
+            addr: page,
+            why: "not checked",
+        })?;
+        let Some(i) = origin.file() else {
+            return Err(PokeError::NotText {
+                addr: page,
+                why: "patching at load rewrites a file's text only",
+            });
+        };
+        let file = shared.text.file(i);
+        let id = file.id();
+        let fd = file.fd().map_err(|(call, errno)| PokeError::LeavesFile {
+            addr: page,
+            why: call,
+            errno,
+        })?;
+        let at = FileAt {
+            fd,
+            id,
+            offset: origin.offset,
+        };
+        // SAFETY: validated text mapping the file `at`; `want` is its
+        // current bytes with exact `jmp` edits over stub `jmp`s.
+        unsafe {
+            shared
+                .procmem
+                .swap_file(range, at, &want, &owned, &mut shared.swap)
+        }?;
+    }
+    Ok(())
+}
+
+/// The batch's line in the text-poke log.
+fn log(shared: &mut Shared, edits: &[JmpEdit]) {
+    let mut line = shared
+        .log
+        .begin_line("pwrite to /proc/self/mem, page swap (at load)");
+    for (k, e) in edits.iter().enumerate() {
+        let page = e.addr - e.addr % PAGE_SIZE;
+        let file = shared.text.origin(page).and_then(|o| {
+            let i = o.file()?;
+            Some((i, o.offset + (e.addr - page) as u64))
+        });
+        let file = file.map(|(i, off)| (shared.text.file(i).path(), off));
+        poke_log::push_edit(&mut line, k == 0, e.addr, file, &e.old, &e.new);
+    }
+    shared.log.finish_line(line);
+}

@@ -1,0 +1,142 @@
+//! Library mode (issue 26): a library's `ifunc!` resolved, and its stub
+//! made a direct `jmp`, when the object that holds it is loaded — with no
+//! help from the application. `tests/fixtures/libmode` holds the library
+//! (`fastlib`), an application that depends on it alone, built with a
+//! plain `cargo build --release`, and the library as a `cdylib`, which a C
+//! host loads with `dlopen`.
+
+mod common;
+
+use altpatch::cpu::{Feature, Features};
+
+/// `tests/fixtures/libmode` built (once) with `cargo_args`, into its own
+/// target directory: the release output folder.
+fn build(name: &str, cargo_args: &[&str]) -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join("tests/fixtures/libmode");
+    assert!(
+        !dir.join(".cargo").exists(),
+        "the application must build with no .cargo/config.toml"
+    );
+    let target = root.join("target/fixtures-libmode").join(name);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["build", "--release", "--quiet"])
+        .args(cargo_args)
+        .current_dir(&dir)
+        .env("CARGO_TARGET_DIR", &target)
+        // A plain build: none of the flags this crate's tests link with.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .output()
+        .expect("run cargo");
+    assert!(
+        out.status.success(),
+        "building tests/fixtures/libmode ({cargo_args:?}) failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target.join("release")
+}
+
+fn built() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| build("default", &[])).clone()
+}
+
+fn run(exe: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(args).env_remove("ALTPATCH");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{exe:?} {args:?} failed:\n{text}");
+    text
+}
+
+fn expected_implementation() -> &'static str {
+    if Features::detect().has(Feature::Popcnt) {
+        "popcnt"
+    } else {
+        "portable"
+    }
+}
+
+#[test]
+fn the_application_gets_the_cpus_implementation_with_the_stub_direct_from_the_start() {
+    let out = run(&built().join("app"), &[], &[]);
+    // The library's constructor ran before `main`: resolved, stub direct,
+    // before any call.
+    assert!(out.contains("startup Applied { ifuncs: 1 }"), "{out}");
+    assert!(out.contains("before-first-call direct true"), "{out}");
+    assert!(
+        out.contains(&format!("implementation {}", expected_implementation())),
+        "{out}"
+    );
+    assert!(
+        out.contains("direct true") && out.contains("APP-OK"),
+        "{out}"
+    );
+}
+
+#[test]
+fn startup_off_leaves_the_stub_and_the_program_correct() {
+    let out = run(&built().join("app"), &[], &[("ALTPATCH", "startup=off")]);
+    assert!(out.contains("startup Off"), "{out}");
+    assert!(out.contains("before-first-call direct false"), "{out}");
+    assert!(
+        out.contains("direct false") && out.contains("APP-OK"),
+        "{out}"
+    );
+}
+
+#[test]
+fn the_no_startup_feature_leaves_the_stub_and_the_program_correct() {
+    let dir = build("optout", &["--features", "app/optout"]);
+    let out = run(&dir.join("app"), &[], &[]);
+    assert!(out.contains("startup Off"), "{out}");
+    assert!(
+        out.contains("direct false") && out.contains("APP-OK"),
+        "{out}"
+    );
+}
+
+#[test]
+fn the_cdylib_patches_itself_at_each_load_and_nothing_of_the_host() {
+    let host = common::gcc(
+        "libmode_host",
+        include_str!("fixtures/libmode/host.c"),
+        &["-O1"],
+    );
+    let so = built().join("libfastlib.so");
+    let out = run(&host, &[so.to_str().unwrap()], &[]);
+    let want = if expected_implementation() == "popcnt" {
+        2
+    } else {
+        1
+    };
+    for round in 0..2 {
+        assert!(
+            out.contains(&format!(
+                "round {round}: direct-at-load 1 implementation {want}"
+            )),
+            "{out}"
+        );
+    }
+    assert!(out.contains("HOST-OK"), "{out}");
+    let off = run(
+        &host,
+        &[so.to_str().unwrap()],
+        &[("ALTPATCH", "startup=off")],
+    );
+    assert!(
+        off.contains("round 1: direct-at-load 0") && off.contains("HOST-OK"),
+        "{off}"
+    );
+}
