@@ -15,7 +15,7 @@ use super::features::{Feature, Features};
 /// | `noNAME` or `-NAME` | treat feature `NAME` (and everything that depends on it) as absent |
 /// | `+NAME` or `NAME` | treat `NAME` as present (a claim about the CPU: use with care) |
 /// | `retpoline=MODE` | retpoline mode: `auto`, `generic`, `lfence`, `plain` or `off` (see [`crate::retpoline`]) |
-/// | `startup=off` | nothing is patched when an object is loaded nor on an ifunc's first call: every site keeps its default, ifuncs take their lazy path (see [`crate::ifunc`]); `startup=on` is the default |
+/// | `startup=off` | nothing is patched when an object is loaded nor on an ifunc's first call: every site keeps its default, ifuncs take their lazy path (see [`mod@crate::ifunc`]); `startup=on` is the default |
 ///
 /// Names are [`Feature::name`]s; `.` and `-` may stand for `_` (`nosse4.2`).
 /// The same string is accepted from a kernel command line

@@ -42,7 +42,7 @@ const DONE: u8 = 2;
 static OUTCOME: OnceLock<Startup> = OnceLock::new();
 
 /// What patching at load did in the object this copy of altpatch is linked
-/// into (see the [module documentation](self)).
+/// into (see [`ifunc::startup`](crate::ifunc::startup)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Startup {
