@@ -83,6 +83,7 @@ macro_rules! ints {
         // perform).
         unsafe impl CallArg for $t {
             const WORDS: usize = 1;
+            #[inline(always)]
             fn into_words(self) -> [u64; 2] {
                 [self as $wide as u64, 0]
             }
@@ -90,6 +91,7 @@ macro_rules! ints {
         // SAFETY: the low bits of `rax` are the value; the rest are
         // truncated away.
         unsafe impl CallRet for $t {
+            #[inline(always)]
             unsafe fn from_words(words: [u64; 2]) -> Self {
                 words[0] as $t
             }
@@ -103,6 +105,7 @@ ints!(u8 => u64, u16 => u64, u32 => u64, u64 => u64, usize => u64,
 // SAFETY: `bool` is passed zero-extended, 0 or 1.
 unsafe impl CallArg for bool {
     const WORDS: usize = 1;
+    #[inline(always)]
     fn into_words(self) -> [u64; 2] {
         [self as u64, 0]
     }
@@ -110,6 +113,7 @@ unsafe impl CallArg for bool {
 
 // SAFETY: the ABI returns `bool` in `al` as 0 or 1.
 unsafe impl CallRet for bool {
+    #[inline(always)]
     unsafe fn from_words(words: [u64; 2]) -> Self {
         words[0] as u8 != 0
     }
@@ -118,6 +122,7 @@ unsafe impl CallRet for bool {
 // SAFETY: a `char` is passed as its `u32`, zero-extended.
 unsafe impl CallArg for char {
     const WORDS: usize = 1;
+    #[inline(always)]
     fn into_words(self) -> [u64; 2] {
         [self as u64, 0]
     }
@@ -125,6 +130,7 @@ unsafe impl CallArg for char {
 
 // SAFETY: `eax` holds a valid `char` (the function returned one).
 unsafe impl CallRet for char {
+    #[inline(always)]
     unsafe fn from_words(words: [u64; 2]) -> Self {
         // SAFETY: the caller's: these are a `char` function's registers.
         unsafe { char::from_u32_unchecked(words[0] as u32) }
@@ -137,12 +143,14 @@ macro_rules! int128 {
         // registers, low half first.
         unsafe impl CallArg for $t {
             const WORDS: usize = 2;
+            #[inline(always)]
             fn into_words(self) -> [u64; 2] {
                 [self as u64, (self >> 64) as u64]
             }
         }
         // SAFETY: as above, in `rax` (low) and `rdx` (high).
         unsafe impl CallRet for $t {
+            #[inline(always)]
             unsafe fn from_words(words: [u64; 2]) -> Self {
                 ((words[1] as u128) << 64 | words[0] as u128) as $t
             }
@@ -156,6 +164,7 @@ int128!(u128, i128);
 /// vtable): its bytes in order, which is how the ABI splits an aggregate
 /// of integer words into registers. Pointers have no padding, so every
 /// byte read is initialized.
+#[inline(always)]
 fn pointer_words<P>(p: P) -> [u64; 2] {
     const { assert!(size_of::<P>() == 8 || size_of::<P>() == 16) };
     let mut w = [0u64; 2];
@@ -176,6 +185,7 @@ fn pointer_words<P>(p: P) -> [u64; 2] {
 /// # Safety
 ///
 /// The words are those of a valid `P`.
+#[inline(always)]
 unsafe fn pointer_from<P>(w: [u64; 2]) -> P {
     const { assert!(size_of::<P>() == 8 || size_of::<P>() == 16) };
     // SAFETY: at least `size_of::<P>()` bytes, holding a `P` by the
@@ -190,12 +200,14 @@ macro_rules! pointers {
         // returned as its bytes in order (see `pointer_words`).
         unsafe impl<$($g)*> CallArg for $t {
             const WORDS: usize = size_of::<$t>() / 8;
+            #[inline(always)]
             fn into_words(self) -> [u64; 2] {
                 pointer_words(self)
             }
         }
         // SAFETY: as above, from `rax` (and `rdx`).
         unsafe impl<$($g)*> CallRet for $t {
+            #[inline(always)]
             unsafe fn from_words(words: [u64; 2]) -> Self {
                 // SAFETY: the caller's: the registers of a function
                 // returning this pointer type.
@@ -244,6 +256,7 @@ fn_pointers!(
 );
 
 /// The word of an 8-byte, one-register value of a pair.
+#[inline(always)]
 fn one_word<T: CallArg>(v: T) -> u64 {
     const {
         assert!(
@@ -258,6 +271,7 @@ fn one_word<T: CallArg>(v: T) -> u64 {
 // order: each field's word goes where its offset puts it.
 unsafe impl<A: CallArg, B: CallArg> CallArg for (A, B) {
     const WORDS: usize = 2;
+    #[inline(always)]
     fn into_words(self) -> [u64; 2] {
         let (a, b) = (one_word(self.0), one_word(self.1));
         if offset_of!((A, B), 0) == 0 {
@@ -271,6 +285,7 @@ unsafe impl<A: CallArg, B: CallArg> CallArg for (A, B) {
 // SAFETY: as above, from `rax` and `rdx`; each field is rebuilt from
 // its own word.
 unsafe impl<A: CallArg + CallRet, B: CallArg + CallRet> CallRet for (A, B) {
+    #[inline(always)]
     unsafe fn from_words(words: [u64; 2]) -> Self {
         const { assert!(A::WORDS == 1 && B::WORDS == 1 && size_of::<(A, B)>() == 16) };
         let (wa, wb) = if offset_of!((A, B), 0) == 0 {
@@ -299,6 +314,7 @@ macro_rules! arg_lists {
         impl<$($a: CallArg),*> CallArgs for ($($a,)*) {
             const WORDS: usize = 0 $(+ $a::WORDS)*;
             #[allow(non_snake_case, unused_mut, unused_variables, unused_assignments)]
+            #[inline(always)]
             fn into_registers(self) -> [u64; 6] {
                 const {
                     assert!(
@@ -340,6 +356,7 @@ arg_lists!(
 ///
 /// As for [`CallRet::from_words`].
 #[doc(hidden)]
+#[inline(always)]
 pub unsafe fn call_result<R: CallRet>(rax: u64, rdx: u64) -> R {
     // SAFETY: the caller's.
     unsafe { R::from_words([rax, rdx]) }
