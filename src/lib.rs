@@ -142,3 +142,9 @@ impl core::fmt::Display for HexBytes<'_> {
         Ok(())
     }
 }
+
+/// The README's examples, compiled and run as doctests (`cargo test
+/// --doc`), so each compiles as written.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeExamples;

@@ -418,3 +418,69 @@ fn sites_and_audit_of_loadable_objects() {
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// A call into another crate's ifunc, as rustc makes it (no PLT: `mov
+/// slot(%rip), %r13`, hoisted out of the loop, then `call *%r13`), in a
+/// program with no retpolines: the rejection says what the site is and
+/// why relocations alone cannot make it direct, and names no retpoline.
+#[test]
+fn a_got_indirect_call_is_rejected_for_what_it_is() {
+    // `-mrelax-relocations=no` and `--no-relax` keep the load a `mov` of
+    // the slot under a plain `R_X86_64_GOTPCREL`, as rustc's output linked
+    // by its `rust-lld` has it (GNU ld would make it a `lea` of the
+    // function).
+    let prog = common::gcc(
+        "cli_got_call",
+        r#"
+__asm__(".text\n"
+        ".globl __altpatch_ifunc_stub_demo\n"
+        ".type __altpatch_ifunc_stub_demo, @function\n"
+        "__altpatch_ifunc_stub_demo: lea 1(%rdi), %rax\n ret\n"
+        ".globl sum_through_got\n"
+        ".type sum_through_got, @function\n"
+        "sum_through_got:\n"
+        "  push %r13\n push %rbx\n push %r12\n"
+        "  mov %rdi, %rbx\n xor %r12d, %r12d\n"
+        "  mov __altpatch_ifunc_stub_demo@GOTPCREL(%rip), %r13\n"
+        "1: mov %rbx, %rdi\n call *%r13\n add %rax, %r12\n dec %rbx\n jnz 1b\n"
+        "  mov %r12, %rax\n pop %r12\n pop %rbx\n pop %r13\n ret\n");
+long sum_through_got(long n);
+int main(void) { return sum_through_got(3) == 9 ? 0 : 1; }
+"#,
+        &[
+            "-O2",
+            "-Wa,-mrelax-relocations=no",
+            "-Wl,--no-relax",
+            "-Wl,--emit-relocs",
+        ],
+    );
+    assert!(Command::new(&prog).status().unwrap().success());
+    let data = std::fs::read(&prog).unwrap();
+    let found = altpatch::elf::read_sites(&data).unwrap();
+    let got: Vec<_> = found
+        .rejected
+        .iter()
+        .filter(|r| r.symbol == "__altpatch_ifunc_stub_demo")
+        .collect();
+    assert_eq!(got.len(), 1, "{:?}", found.rejected);
+    let why = got[0].why;
+    for says in [
+        "mov slot(%rip), %reg",
+        "another crate",
+        "call *%reg",
+        "relocations alone cannot make the call direct",
+    ] {
+        assert!(why.contains(says), "{why}");
+    }
+    assert!(!why.contains("retpoline"), "{why}");
+
+    let o = altpatch(&["sites", prog.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("rejected (1), never patched:")
+            && t.contains(&format!("-> __altpatch_ifunc_stub_demo: {why}")),
+        "{t}"
+    );
+    assert!(!t.contains("retpoline"), "{t}");
+}

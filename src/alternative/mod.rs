@@ -16,9 +16,14 @@
 //! against them, `undo` restores them, and applying again with another
 //! feature snapshot moves a site from one alternative to another.
 
+mod call_abi;
+mod call_macros;
 mod condition;
 mod macros;
 
+pub use call_abi::{CallArg, CallRet};
+#[doc(hidden)]
+pub use call_abi::{CallArgs, call_result as __call_result};
 pub use condition::Condition;
 
 use alloc::borrow::Cow;

@@ -123,6 +123,21 @@ pub struct Rejected {
     pub why: &'static str,
 }
 
+/// Why a load of an ifunc's GOT slot is not a site (the `why` of its
+/// [`Rejected`] entry).
+///
+/// rustc calls a function of another crate through its GOT slot (it emits
+/// no PLT): `mov slot(%rip), %reg`, often hoisted out of a loop, then
+/// `call *%reg`. The relocation marks the load, and nothing ties it to the
+/// call (the register may be copied, spilled or used for several calls),
+/// so the call cannot be made direct from relocations alone: it reaches
+/// the stub through the register. The same load also takes an address.
+const GOT_LOAD: &str = "a load of the GOT slot into a register (mov slot(%rip), %reg): how \
+     rustc calls a function of another crate (then call *%reg, the load often hoisted out of \
+     a loop) or takes its address; the relocation names the load, not the call, so \
+     relocations alone cannot make the call direct and it reaches the stub through the \
+     register";
+
 impl fmt::Display for Rejected {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:#x} -> {}: {}", self.offset, self.symbol, self.why)
@@ -370,8 +385,12 @@ pub fn read_sites_with(data: &[u8], names: &ThunkNames) -> Result<FoundSites, El
                     Some([0xff, 0x25]) => x86::BranchKind::Jmp,
                     _ => {
                         // `mov slot(%rip), %reg` (REX.W 8b, ModRM mod 00 r/m
-                        // 101): how retpoline-built code calls through the
-                        // GOT, the call itself going through a thunk.
+                        // 101): how rustc calls a function of another crate
+                        // (no PLT, the load often hoisted out of a loop), or
+                        // takes its address. The call, if any, is a
+                        // `call *%reg` somewhere after (through a thunk in
+                        // retpoline-built code, whose own site is found
+                        // apart); the relocation names only the load.
                         let load =
                             off.checked_sub(3)
                                 .map(|o| &sec_data[o..o + 3])
@@ -379,9 +398,7 @@ pub fn read_sites_with(data: &[u8], names: &ThunkNames) -> Result<FoundSites, El
                                     b[0] & 0xf8 == 0x48 && b[1] == 0x8b && b[2] & 0xc7 == 0x05
                                 });
                         out.rejected.push(reject(if load {
-                            "a load of the GOT slot into a register (mov slot(%rip), %reg: \
-                             retpoline-built code then calls it through a thunk, whose site is \
-                             patched instead)"
+                            GOT_LOAD
                         } else {
                             "a GOT reference that is neither call/jmp *slot(%rip) nor a load of \
                              the slot (taking the address)"

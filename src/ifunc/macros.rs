@@ -11,12 +11,15 @@
 /// ```
 ///
 /// `RESOLVER` is a `fn(&altpatch::cpu::Features) -> extern "C" fn(TYPE, ...)
-/// -> RET` (type-checked); it returns Rust implementations through
-/// `NAME::c_fn(f)`, a C-ABI shim rustc compiles `f` into. Generates
+/// -> RET` (type-checked) or a closure of that signature written in place
+/// (`= |features| ...;`, capturing nothing). It returns Rust
+/// implementations through `NAME::c_fn(f)`, a C-ABI shim rustc compiles `f`
+/// into, and `#[target_feature]` ones as shown below. Generates
 /// `fn NAME(...)` (inlined into callers as a direct `call` to the stub)
 /// and a type `NAME` (type namespace only) with `NAME::ifunc()` (the
-/// [`Ifunc`](crate::ifunc::Ifunc)), `resolved()`, `resolve_with(&features)`
-/// and `c_fn(f)`. Works at module level and in a function body.
+/// [`Ifunc`](crate::ifunc::Ifunc)), `resolved()`, `resolve_with(&features)`,
+/// `c_fn(f)` and `c_fn_unchecked(f)`. Works at module level and in a
+/// function body.
 /// Call sites come from the program's relocations (link with
 /// `-Wl,--emit-relocs`) or its embedded site table: a relocation against a
 /// symbol whose name contains `__altpatch_ifunc` is an ifunc site. See the
@@ -36,63 +39,180 @@
 /// }
 /// ```
 ///
-/// Rust implementations, declared in a function body (a doctest's code is
-/// one):
+/// # Slices, `&str` and other arguments C has no type for
 ///
-/// ```
-/// use altpatch::cpu::{Feature, Features};
-/// fn sum_portable(v: &[u64]) -> u64 {
-///     v.iter().sum()
-/// }
-/// fn pick(f: &Features) -> extern "C" fn(&[u64]) -> u64 {
-///     // Both arms may be Rust functions: each gets its C-ABI shim.
-///     let _ = f.has(Feature::Avx2);
-///     sum::c_fn(sum_portable)
-/// }
-/// altpatch::ifunc! {
-///     fn sum(v: &[u64]) -> u64 = pick;
-/// }
-/// assert_eq!(sum(&[1, 2, 3]), 6);
-/// assert!(sum::ifunc().is_applied() || sum::resolved().is_some());
-/// ```
-///
-/// The generated stub and lazy path add no lint of their own to the
-/// user's code, whatever the argument types (the user's own `extern "C"`
-/// definitions and function-pointer types are the user's to allow):
+/// Any argument and result types work, two-register ones included
+/// (`&[T]`, `&str`, `&dyn Trait`, `(u64, u64)`): rustc compiles both the
+/// callers and the C-ABI shims, so both sides agree on how each is passed.
+/// Name no `extern "C" fn(&[T]) -> ...` type in your own signatures,
+/// though: rustc's `improper_ctypes_definitions` lint flags a function
+/// pointer type taking a slice. Write the resolver in place and let `c_fn`
+/// make the shims; nothing in this form warns:
 ///
 /// ```
 /// #![deny(warnings)]
-/// use altpatch::cpu::Features;
-/// #[allow(improper_ctypes_definitions)]
-/// extern "C" fn count(s: &str) -> usize {
-///     s.len()
+/// use altpatch::cpu::Feature;
+///
+/// fn sum_portable(v: &[u64]) -> u64 {
+///     v.iter().sum()
 /// }
-/// #[allow(improper_ctypes_definitions)]
-/// fn pick(_: &Features) -> extern "C" fn(&str) -> usize {
-///     count
+/// fn sum_unrolled(v: &[u64]) -> u64 {
+///     v.chunks(4).map(|c| c.iter().sum::<u64>()).sum()
 /// }
 /// altpatch::ifunc! {
-///     fn measure(s: &str) -> usize = pick;
+///     fn sum(v: &[u64]) -> u64 = |features| {
+///         if features.has(Feature::Avx2) {
+///             sum::c_fn(sum_unrolled)
+///         } else {
+///             sum::c_fn(sum_portable)
+///         }
+///     };
+/// }
+/// fn count(s: &str) -> usize {
+///     s.len()
+/// }
+/// altpatch::ifunc! {
+///     fn measure(s: &str) -> usize = |_| measure::c_fn(count);
 /// }
 /// fn main() {
+///     assert_eq!(sum(&[1, 2, 3, 4, 5]), 15);
 ///     assert_eq!(measure("four"), 4);
+/// }
+/// ```
+///
+/// # `#[target_feature]` implementations
+///
+/// The implementation an ifunc exists to pick is usually compiled for a
+/// feature the baseline lacks: `#[target_feature(enable = "avx2")]`.
+/// Calling one is safe only on a CPU with that feature, so rustc makes it
+/// `unsafe` to call from elsewhere and gives it no `Fn` trait (`c_fn`
+/// cannot take it as it is). **The safety argument is the resolver's:**
+/// it returns the implementation only when the snapshot it was given says
+/// the CPU has every feature the implementation enables, and says so in an
+/// `unsafe` block:
+///
+/// * a Rust function: wrap it in a closure, `NAME::c_fn(|v| unsafe {
+///   sum_avx2(v) })` (the shim ends in a `jmp` to it: rustc cannot inline
+///   code for other features into the shim);
+/// * an `extern "C"` function: `unsafe { NAME::c_fn_unchecked(f) }`
+///   returns it as the safe pointer the resolver returns, with no shim:
+///   call sites go straight to it.
+///
+/// The snapshot is trusted to describe the CPU. The crate's own
+/// snapshots never claim an instruction set the CPU lacks
+/// ([`Features::detect`](crate::cpu::Features::detect), `detect_with_env`
+/// and `ALTPATCH`, which refuses `+avx2` on a CPU without AVX2, the
+/// published snapshot the lazy path and `init` use). One you build by hand
+/// (`Features::none().with(Feature::Avx2)`) and pass to `resolve_with`,
+/// `ifunc::apply`, a `Patcher` or `cpu::publish` must not either, where a
+/// resolver relies on it. A resolver that wants no such trust checks the
+/// CPU itself too (`std::arch::is_x86_feature_detected!`).
+///
+/// ```
+/// #![deny(warnings)]
+/// use altpatch::cpu::Feature;
+/// use core::arch::x86_64::{__m256i, _mm256_add_epi64, _mm256_loadu_si256, _mm256_setzero_si256,
+///                          _mm256_storeu_si256};
+///
+/// fn sum_portable(v: &[u64]) -> u64 {
+///     v.iter().fold(0, |a, &x| a.wrapping_add(x))
+/// }
+///
+/// #[target_feature(enable = "avx2")]
+/// fn sum_avx2(v: &[u64]) -> u64 {
+///     let mut acc = _mm256_setzero_si256();
+///     let chunks = v.chunks_exact(4);
+///     let tail = sum_portable(chunks.remainder());
+///     for c in chunks {
+///         // SAFETY: `c` holds four `u64`s: 32 readable bytes (an
+///         // unaligned load).
+///         acc = _mm256_add_epi64(acc, unsafe { _mm256_loadu_si256(c.as_ptr().cast::<__m256i>()) });
+///     }
+///     let mut lanes = [0u64; 4];
+///     // SAFETY: `lanes` is 32 writable bytes.
+///     unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast::<__m256i>(), acc) };
+///     sum_portable(&lanes).wrapping_add(tail)
+/// }
+///
+/// altpatch::ifunc! {
+///     fn sum(v: &[u64]) -> u64 = |features| {
+///         if features.has(Feature::Avx2) {
+///             // SAFETY: chosen only where the CPU has AVX2, the one
+///             // feature `sum_avx2` enables.
+///             sum::c_fn(|v| unsafe { sum_avx2(v) })
+///         } else {
+///             sum::c_fn(sum_portable)
+///         }
+///     };
+/// }
+///
+/// #[target_feature(enable = "popcnt")]
+/// extern "C" fn ones_popcnt(x: u64) -> u64 {
+///     x.count_ones() as u64 // one `popcnt` instruction here
+/// }
+/// extern "C" fn ones_portable(x: u64) -> u64 {
+///     x.count_ones() as u64
+/// }
+/// altpatch::ifunc! {
+///     fn ones(x: u64) -> u64 = |features| {
+///         if features.has(Feature::Popcnt) {
+///             // SAFETY: chosen only where the CPU has POPCNT, the one
+///             // feature `ones_popcnt` enables.
+///             unsafe { ones::c_fn_unchecked(ones_popcnt) }
+///         } else {
+///             ones_portable
+///         }
+///     };
+/// }
+///
+/// fn main() {
+///     let v: Vec<u64> = (1..=100).collect();
+///     assert_eq!(sum(&v), 5050);
+///     assert_eq!(ones(0b1011), 3);
 /// }
 /// ```
 #[macro_export]
 macro_rules! ifunc {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $resolver:path;) => {
-        $crate::__ifunc!($(#[$m])* $vis fn $name($($arg: $ty),*) -> $ret = $resolver);
+        $crate::__ifunc!($(#[$m])* $vis fn $name($($arg: $ty),*) -> $ret = path $resolver);
     };
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) = $resolver:path;) => {
-        $crate::__ifunc!($(#[$m])* $vis fn $name($($arg: $ty),*) -> () = $resolver);
+        $crate::__ifunc!($(#[$m])* $vis fn $name($($arg: $ty),*) -> () = path $resolver);
     };
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $resolver:expr;) => {
+        $crate::__ifunc!($(#[$m])* $vis fn $name($($arg: $ty),*) -> $ret = closure $resolver);
+    };
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) = $resolver:expr;) => {
+        $crate::__ifunc!($(#[$m])* $vis fn $name($($arg: $ty),*) -> () = closure $resolver);
+    };
+}
+
+/// Internal: calls an `ifunc!` resolver. A path is called as it is (a
+/// wrong signature is a type mismatch at the macro); a closure is first
+/// given the resolver's signature, so its parameter and result need no
+/// annotation.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __ifunc_call_resolver {
+    (path $resolver:expr; $features:ident; $($ty:ty),* ; $ret:ty) => {
+        $resolver($features)
+    };
+    (closure $resolver:expr; $features:ident; $($ty:ty),* ; $ret:ty) => {{
+        fn __altpatch_resolver<__AltpatchR>(r: __AltpatchR) -> __AltpatchR
+        where
+            __AltpatchR: Fn(&$crate::cpu::Features) -> extern "C" fn($($ty),*) -> $ret,
+        {
+            r
+        }
+        __altpatch_resolver($resolver)($features)
+    }};
 }
 
 /// Internal: the body of [`ifunc!`](macro@crate::ifunc).
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __ifunc {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $resolver:path) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $kind:ident $resolver:expr) => {
         $(#[$m])*
         #[inline(always)]
         $vis fn $name($($arg: $ty),*) -> $ret {
@@ -122,7 +242,8 @@ macro_rules! __ifunc {
             }
 
             fn __altpatch_resolve(features: &$crate::cpu::Features) -> usize {
-                let f: extern "C" fn($($ty),*) -> $ret = $resolver(features);
+                let f: extern "C" fn($($ty),*) -> $ret =
+                    $crate::__ifunc_call_resolver!($kind $resolver; features; $($ty),* ; $ret);
                 f as *const () as usize
             }
 

@@ -26,6 +26,9 @@
 ///   - `NAME::update_fn(f)` (`std`) for a Rust function item or a
 ///     closure capturing nothing, and `NAME::c_fn(f)`, the C-ABI shim it
 ///     uses (rustc compiles `f` into it);
+///   - `NAME::c_fn_unchecked(f)` (`unsafe`), an `unsafe extern "C"`
+///     function (a `#[target_feature]` one) as the safe pointer `update`
+///     takes, with the caller vouching for the CPU (see below);
 ///   - `NAME::target()` (until the first update, the C-ABI shim of the
 ///     default, not the default's own address), and
 ///     `NAME::static_call()`: the typed
@@ -71,20 +74,70 @@
 /// assert_eq!(coord(&Point(3, 4)), 7);
 /// ```
 ///
-/// The generated trampoline adds no lint of its own to the user's code,
-/// whatever the argument types (the target's definition is the user's):
+/// Any argument and result types work, two-register ones included
+/// (`&[T]`, `&str`, `(u64, u64)`): rustc compiles the callers, the
+/// trampoline's signature and the shims alike. With Rust functions
+/// (`update_fn`, a Rust default) nothing in your code names an
+/// `extern "C"` type such arguments would make rustc warn about
+/// (`improper_ctypes_definitions`):
 ///
 /// ```
 /// #![deny(warnings)]
-/// #[allow(improper_ctypes_definitions)]
-/// extern "C" fn count(s: &str) -> usize {
+/// fn count(s: &str) -> usize {
 ///     s.len()
+/// }
+/// fn total(v: &[u64], range: (u64, u64)) -> u64 {
+///     v.iter().filter(|&&x| (range.0..range.1).contains(&x)).sum()
 /// }
 /// altpatch::static_call! {
 ///     fn measure(s: &str) -> usize = count;
 /// }
+/// altpatch::static_call! {
+///     fn sum_in(v: &[u64], range: (u64, u64)) -> u64 = total;
+/// }
 /// fn main() {
 ///     assert_eq!(measure("four"), 4);
+///     assert_eq!(sum_in(&[1, 5, 9], (2, 10)), 14);
+///     measure::update_fn(|s: &str| s.chars().count()).unwrap();
+///     assert_eq!(measure("héllo"), 5);
+/// }
+/// ```
+///
+/// A `#[target_feature]` target is the caller's to vouch for, as an
+/// ifunc's resolver does (see [`ifunc!`](macro@crate::ifunc),
+/// "`#[target_feature]` implementations"): update to it only where the
+/// CPU has its features, in an `unsafe` block that says how you know.
+///
+/// ```
+/// #![deny(warnings)]
+/// use altpatch::cpu::{Feature, Features};
+///
+/// extern "C" fn ones_portable(x: u64) -> u64 {
+///     x.count_ones() as u64
+/// }
+/// #[target_feature(enable = "popcnt")]
+/// extern "C" fn ones_popcnt(x: u64) -> u64 {
+///     x.count_ones() as u64
+/// }
+/// #[target_feature(enable = "popcnt")]
+/// fn ones_popcnt_rust(x: u64) -> u64 {
+///     x.count_ones() as u64
+/// }
+/// altpatch::static_call! {
+///     fn ones(x: u64) -> u64 = ones_portable;
+/// }
+/// fn main() {
+///     let cpu = Features::detect();
+///     if cpu.has(Feature::Popcnt) {
+///         // SAFETY: this CPU has POPCNT, the one feature `ones_popcnt`
+///         // enables.
+///         ones::update(unsafe { ones::c_fn_unchecked(ones_popcnt) }).unwrap();
+///         assert_eq!(ones(0b1011), 3);
+///         // A Rust function goes through a closure.
+///         // SAFETY: as above, for `ones_popcnt_rust`.
+///         ones::update_fn(|x| unsafe { ones_popcnt_rust(x) }).unwrap();
+///     }
+///     assert_eq!(ones(0b1011), 3);
 /// }
 /// ```
 #[macro_export]
@@ -322,7 +375,8 @@ macro_rules! __static_call_unit_std {
     () => {};
 }
 
-/// Internal: `NAME::c_fn`, shared by `static_call!` and `ifunc!`.
+/// Internal: `NAME::c_fn` and `NAME::c_fn_unchecked`, shared by
+/// `static_call!` and `ifunc!`.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __altpatch_c_fn {
@@ -333,6 +387,17 @@ macro_rules! __altpatch_c_fn {
         /// `update_fn` and for ifunc resolvers to return. rustc compiles
         /// `f` into it, so a call through it costs what a call to `f`
         /// does. A panic in `f` aborts: it cannot unwind through the C ABI.
+        ///
+        /// A `#[target_feature]` function implements no `Fn` trait: wrap
+        /// it in a closure whose `unsafe` block states why the CPU has
+        /// the feature wherever the result is called, e.g.
+        /// `c_fn(|v| unsafe { sum_avx2(v) })` in a resolver's
+        /// `features.has(Feature::Avx2)` branch (see
+        /// [`ifunc!`](macro@$crate::ifunc), "`#[target_feature]`
+        /// implementations"). rustc cannot inline
+        /// it into the shim (their features differ), so the shim ends in
+        /// a `jmp` to it; [`c_fn_unchecked`](Self::c_fn_unchecked) on an
+        /// `extern "C"` `#[target_feature]` function avoids that jump.
         pub fn c_fn<__AltpatchG>(f: __AltpatchG) -> extern "C" fn($($ty),*) -> $ret
         where
             __AltpatchG: Fn($($ty),*) -> $ret + Copy + 'static,
@@ -348,6 +413,43 @@ macro_rules! __altpatch_c_fn {
             }
             let _ = f;
             shim::<__AltpatchG>
+        }
+
+        /// `f`, an `unsafe extern "C"` function of the declared
+        /// signature, as the safe function pointer resolvers return and
+        /// `update` takes: calls then go straight to `f`, with no shim.
+        /// Made for `#[target_feature(enable = "...")] extern "C" fn`s,
+        /// which coerce only to `unsafe` function pointers, because
+        /// calling one is safe only on a CPU with those features.
+        ///
+        /// # Safety
+        ///
+        /// Every call through the result must be a sound call of `f`,
+        /// with any arguments of the declared types, for as long as `f`
+        /// may be called through it (for an ifunc, the whole run of the
+        /// program). For a `#[target_feature]` function: every CPU the
+        /// program runs it on has each feature it enables, which a
+        /// resolver knows by returning it only when
+        /// [`Features::has`]($crate::cpu::Features::has) says so for
+        /// each of them (the snapshot it is given is the CPU's, with
+        /// additions it lacks refused). Removing a feature with `ALTPATCH`
+        /// keeps a resolver from choosing it; adding one the CPU lacks is
+        /// refused by the safe entry points. A feature the resolver did
+        /// not check (`enable = "avx2,fma"` checked for AVX2 only) makes
+        /// the call undefined behaviour on a CPU without it.
+        #[allow(improper_ctypes_definitions)]
+        pub unsafe fn c_fn_unchecked(
+            f: unsafe extern "C" fn($($ty),*) -> $ret,
+        ) -> extern "C" fn($($ty),*) -> $ret {
+            // SAFETY: the two pointer types differ only in `unsafe`
+            // (same ABI, arguments and result); calling the result
+            // soundly is the caller's contract above.
+            unsafe {
+                ::core::mem::transmute::<
+                    unsafe extern "C" fn($($ty),*) -> $ret,
+                    extern "C" fn($($ty),*) -> $ret,
+                >(f)
+            }
         }
     };
 }
