@@ -13,46 +13,240 @@
 //!   load-time relocation and work in PIE executables, shared objects and
 //!   kernels linked at any address.
 //! * Records live in read-only sections with the `R` (retain) flag, so
-//!   `--gc-sections` keeps them, named `altpatch_v<N>_<kind>`: a C identifier,
-//!   so the linker defines `__start_<name>` and `__stop_<name>`, with a format
-//!   version so two incompatible versions of this crate in one binary never
-//!   share a table.
+//!   `--gc-sections` keeps them, named `altpatch_v1_<tag>_<kind>`
+//!   ([`SectionKind`]): a C identifier, so the linker defines
+//!   `__start_<name>` and `__stop_<name>`.
 //! * Records are 4-byte aligned and a multiple of 4 bytes long, so input
 //!   sections from different objects concatenate without padding.
 //! * Tables are never sorted or written in place; indexes are built in
 //!   separate memory.
+//!
+//! # Two copies of the crate in one binary
+//!
+//! A dependency graph can link two semver-incompatible copies of this
+//! crate into one program (two libraries on different versions). Each copy
+//! names its sections with its own [`TAG`]: the package name and its
+//! semver-compatible version (`altpatch_0_1` for every 0.1.x,
+//! `altpatch_2` for 2.x), after the format version `v1`. So each copy's
+//! `__start_`/`__stop_` bounds cover its own records only, and each copy
+//! patches exactly its own records: `altpatch_v1_altpatch_0_1_key` holds
+//! the static-branch sites of the keys of altpatch 0.1.x. Readers of files
+//! find a copy's sections by its tag ([`SectionKind::name`]) or every
+//! copy's by the prefix ([`parse_section_name`]). What the copies must
+//! share (the text they patch, one update lock, the retpoline thunks the
+//! compiler calls by fixed names) is described in `crate::sync` and the
+//! README ("Two copies in one program").
 //!
 //! # Kernel linker scripts
 //!
 //! A linker script that lists its output sections must keep these sections
 //! and define the bounds. Either leave them out of the script entirely
 //! (orphan sections with C-identifier names get `__start_`/`__stop_`
-//! automatically from both GNU ld and lld), or place them explicitly:
+//! automatically from both GNU ld and lld), or place them explicitly, by
+//! their full names (this version's: [`SECTIONS`]):
 //!
 //! ```text
 //! .rodata : { *(.rodata .rodata.*) }
-//! altpatch_v1_point : {
-//!     __start_altpatch_v1_point = .;
-//!     KEEP(*(altpatch_v1_point))
-//!     __stop_altpatch_v1_point = .;
+//! altpatch_v1_altpatch_0_1_point : {
+//!     __start_altpatch_v1_altpatch_0_1_point = .;
+//!     KEEP(*(altpatch_v1_altpatch_0_1_point))
+//!     __stop_altpatch_v1_altpatch_0_1_point = .;
 //! }
 //! ```
 //!
 //! with one such block per section name in [`SECTIONS`]. Keep them inside
 //! the loaded image (before the end of the load segment) so they are
-//! readable at run time.
+//! readable at run time. The names change with the crate's
+//! semver-incompatible versions (0.1 to 0.2, 1.x to 2.0): a script naming
+//! the old ones leaves the new ones as orphans.
 
 use core::ffi::CStr;
 use core::fmt;
 
-/// Every record section this version of the crate uses.
+include!(concat!(env!("OUT_DIR"), "/tag.rs"));
+
+/// This copy's tag: its package name and semver-compatible version as a C
+/// identifier (`altpatch_0_1` for altpatch 0.1.x), the middle of every
+/// section name it emits (see the [module docs](self)).
+///
+/// ```
+/// assert!(altpatch::records::SECTIONS.iter().all(|s| s.contains(altpatch::records::TAG)));
+/// ```
+pub const TAG: &str = env!("ALTPATCH_TAG");
+
+/// What every record section's name starts with: the crate and the record
+/// format's version. The copy's [`TAG`] and the [`SectionKind`] follow.
+pub const PREFIX: &str = "altpatch_v1_";
+
+/// This copy's section name for a record kind (inside the crate, where the
+/// tag is an environment variable; macros expanded in other crates use
+/// [`__altpatch_section!`](crate::__altpatch_section), which must give the
+/// same names: `tests/two_copies.rs` checks).
+macro_rules! section_name {
+    ($kind:ident) => {
+        concat!("altpatch_v1_", env!("ALTPATCH_TAG"), "_", stringify!($kind))
+    };
+}
+// Used by the `std` backends (the trap handler's `indirect_ok` records).
+#[cfg_attr(not(feature = "std"), allow(unused_imports))]
+pub(crate) use section_name;
+
+/// Defines the C symbol `$name` as a *weak* entry (`endbr64; jmp $f`) to
+/// the Rust `extern "C"` function `$f` of the same signature: the C
+/// interface (`include/altpatch.h`) under its fixed names. Weak, so a
+/// program linking two copies of the crate links, and the linker binds the
+/// name to one copy's function (a `#[no_mangle]` definition in each copy
+/// would be a duplicate symbol).
+macro_rules! c_entry {
+    ($name:literal, $f:path) => {
+        core::arch::global_asm!(
+            concat!(".pushsection .text.", $name, ",\"ax\",@progbits"),
+            concat!(".weak ", $name),
+            concat!(".type ", $name, ",@function"),
+            ".balign 16",
+            concat!($name, ":"),
+            "endbr64",
+            "jmp {f}",
+            concat!(".size ", $name, ", . - ", $name),
+            ".popsection",
+            f = sym $f,
+        );
+    };
+}
+pub(crate) use c_entry;
+
+/// Every record section this copy of the crate uses, with `__start_`/
+/// `__stop_` bounds: the names a kernel's linker script lists.
 pub const SECTIONS: &[&str] = &[
-    crate::__altpatch_section!(point),
-    crate::__altpatch_section!(alt),
-    crate::__altpatch_section!(sitetab),
-    crate::__altpatch_section!(key),
-    crate::__altpatch_section!(ifunc),
+    section_name!(point),
+    section_name!(alt),
+    section_name!(sitetab),
+    section_name!(key),
+    section_name!(ifunc),
 ];
+
+/// What a record section holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum SectionKind {
+    /// [`PatchPoint`]s.
+    Point,
+    /// [`AlternativeRecord`]s.
+    Alt,
+    /// The embedded site table (`reserve_site_table!`).
+    Sitetab,
+    /// [`StaticKeyRecord`]s.
+    Key,
+    /// [`IfuncRecord`]s.
+    Ifunc,
+    /// Self-relative offsets of the crate's own intended indirect branches
+    /// (`std`; read by `altpatch audit`, never at run time).
+    IndirectOk,
+}
+
+impl SectionKind {
+    /// Every kind, in [`SECTIONS`] order (then `IndirectOk`).
+    pub const ALL: [SectionKind; 6] = [
+        SectionKind::Point,
+        SectionKind::Alt,
+        SectionKind::Sitetab,
+        SectionKind::Key,
+        SectionKind::Ifunc,
+        SectionKind::IndirectOk,
+    ];
+
+    /// The last part of the section's name: `point`, `alt`, `sitetab`,
+    /// `key`, `ifunc` or `indirect_ok`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            SectionKind::Point => "point",
+            SectionKind::Alt => "alt",
+            SectionKind::Sitetab => "sitetab",
+            SectionKind::Key => "key",
+            SectionKind::Ifunc => "ifunc",
+            SectionKind::IndirectOk => "indirect_ok",
+        }
+    }
+
+    /// This copy's section of this kind.
+    ///
+    /// ```
+    /// use altpatch::records::{SectionKind, TAG};
+    /// let name = SectionKind::Key.name();
+    /// assert_eq!(name, format!("altpatch_v1_{TAG}_key"));
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            SectionKind::Point => section_name!(point),
+            SectionKind::Alt => section_name!(alt),
+            SectionKind::Sitetab => section_name!(sitetab),
+            SectionKind::Key => section_name!(key),
+            SectionKind::Ifunc => section_name!(ifunc),
+            SectionKind::IndirectOk => section_name!(indirect_ok),
+        }
+    }
+}
+
+/// A record section's name taken apart (see [`parse_section_name`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SectionName<'a> {
+    /// The tag of the copy that emitted it (empty for a binary built
+    /// before copies were tagged, whose sections are `altpatch_v1_<kind>`).
+    pub tag: &'a str,
+    /// What it holds.
+    pub kind: SectionKind,
+}
+
+impl SectionName<'_> {
+    /// Whether this copy of the crate emitted it.
+    pub fn is_own(&self) -> bool {
+        self.tag == TAG
+    }
+}
+
+/// The copy's tag in `name` = `altpatch_v1_<tag>_<suffix>` (or the empty
+/// tag of `altpatch_v1_<suffix>`), if `name` has that shape and the tag is
+/// a C identifier.
+///
+/// ```
+/// use altpatch::records::tag_in;
+/// assert_eq!(tag_in(b"altpatch_v1_altpatch_0_1_trampoline_table", "trampoline_table"), Some("altpatch_0_1"));
+/// assert_eq!(tag_in(b"altpatch_v1_key", "key"), Some(""));
+/// assert_eq!(tag_in(b"altpatch_v2_x_key", "key"), None);
+/// ```
+pub fn tag_in<'a>(name: &'a [u8], suffix: &str) -> Option<&'a str> {
+    let rest = name.strip_prefix(PREFIX.as_bytes())?;
+    let rest = rest.strip_suffix(suffix.as_bytes())?;
+    let tag = if rest.is_empty() {
+        rest
+    } else {
+        rest.strip_suffix(b"_").filter(|t| !t.is_empty())?
+    };
+    if !tag.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_') {
+        return None;
+    }
+    core::str::from_utf8(tag).ok()
+}
+
+/// `name` taken apart if it is a record section of any copy of the crate
+/// (format `v1`): which copy emitted it and what it holds.
+///
+/// ```
+/// use altpatch::records::{SectionKind, parse_section_name};
+/// let s = parse_section_name(b"altpatch_v1_altpatch_copy_0_1_ifunc").unwrap();
+/// assert_eq!((s.tag, s.kind), ("altpatch_copy_0_1", SectionKind::Ifunc));
+/// let own = parse_section_name(SectionKind::Alt.name().as_bytes()).unwrap();
+/// assert!(own.is_own());
+/// assert!(parse_section_name(b".text").is_none());
+/// ```
+pub fn parse_section_name(name: &[u8]) -> Option<SectionName<'_>> {
+    SectionKind::ALL.iter().find_map(|&kind| {
+        Some(SectionName {
+            tag: tag_in(name, kind.suffix())?,
+            kind,
+        })
+    })
+}
 
 /// A 32-bit offset from the field's own address to a target address.
 ///
@@ -79,24 +273,26 @@ impl fmt::Debug for RelPtr {
     }
 }
 
-/// The section name for a record kind, with the format version.
+/// The section name for a record kind: `altpatch_v1_<tag>_<kind>`, with
+/// the format version and the tag of the copy of the crate whose macro
+/// emitted the record (see [`records`](crate::records)).
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __altpatch_section {
     (point) => {
-        "altpatch_v1_point"
+        concat!("altpatch_v1_", $crate::__altpatch_tag!(), "_point")
     };
     (alt) => {
-        "altpatch_v1_alt"
+        concat!("altpatch_v1_", $crate::__altpatch_tag!(), "_alt")
     };
     (sitetab) => {
-        "altpatch_v1_sitetab"
+        concat!("altpatch_v1_", $crate::__altpatch_tag!(), "_sitetab")
     };
     (key) => {
-        "altpatch_v1_key"
+        concat!("altpatch_v1_", $crate::__altpatch_tag!(), "_key")
     };
     (ifunc) => {
-        "altpatch_v1_ifunc"
+        concat!("altpatch_v1_", $crate::__altpatch_tag!(), "_ifunc")
     };
 }
 
@@ -190,7 +386,7 @@ impl fmt::Debug for PatchPoint {
 }
 
 /// One alternative of one site, as emitted by the alternative macros into
-/// the `altpatch_v1_alt` section (20 bytes, 4-aligned). Interpreted by
+/// the `altpatch_v1_<tag>_alt` section (20 bytes, 4-aligned). Interpreted by
 /// [`alternative`](mod@crate::alternative).
 #[repr(C, align(4))]
 pub struct AlternativeRecord {
@@ -262,7 +458,7 @@ impl fmt::Debug for AlternativeRecord {
     }
 }
 
-/// One static-branch site, as emitted into `altpatch_v1_key` (12 bytes).
+/// One static-branch site, as emitted into `altpatch_v1_<tag>_key` (12 bytes).
 /// Interpreted by [`static_key`](mod@crate::static_key).
 #[repr(C, align(4))]
 pub struct StaticKeyRecord {
@@ -306,7 +502,7 @@ impl fmt::Debug for StaticKeyRecord {
     }
 }
 
-/// One ifunc record in an image's `altpatch_v1_ifunc` section: a
+/// One ifunc record in an image's `altpatch_v1_<tag>_ifunc` section: a
 /// self-relative pointer to its `Ifunc` static (4 bytes). Interpreted by
 /// [`ifunc`](mod@crate::ifunc), whose [`IfuncRecord::ifunc`] gives the static.
 #[repr(C)]
@@ -320,30 +516,34 @@ impl IfuncRecord {
     }
 }
 
-/// Declares an accessor for the current binary's table of one record kind.
+/// Declares an accessor for the current binary's table of one record kind
+/// (this copy's section, bounded by the linker's `__start_`/`__stop_`).
 macro_rules! section_table {
-    ($(#[$doc:meta])* $vis:vis fn $fn:ident() -> $ty:ty, $kind:ident, $start:ident, $stop:ident) => {
+    ($(#[$doc:meta])* $vis:vis fn $fn:ident() -> $ty:ty, $kind:ident) => {
         $(#[$doc])*
         $vis fn $fn() -> &'static [$ty] {
             unsafe extern "C" {
-                static $start: [$ty; 0];
-                static $stop: [$ty; 0];
+                #[link_name = concat!("__start_", section_name!($kind))]
+                static START: [$ty; 0];
+                #[link_name = concat!("__stop_", section_name!($kind))]
+                static STOP: [$ty; 0];
             }
             // SAFETY: the asm only opens and closes a section, emitting no
             // bytes; it guarantees the section (and so its start/stop
             // symbols) exists even in a binary with no records.
             unsafe {
                 core::arch::asm!(
-                    concat!(".pushsection ", $crate::__altpatch_section!($kind), ",\"aR\",@progbits\n.popsection"),
+                    concat!(".pushsection ", section_name!($kind), ",\"aR\",@progbits\n.popsection"),
                     options(nomem, nostack, preserves_flags)
                 );
             }
             // SAFETY: the linker defines the symbols at the bounds of the
-            // output section holding every record of this kind; records are
-            // 4-aligned, a multiple of their alignment long, and immutable.
+            // output section holding every record of this kind this copy
+            // emitted; records are 4-aligned, a multiple of their alignment
+            // long, and immutable.
             unsafe {
-                let start = (&raw const $start).cast::<$ty>();
-                let stop = (&raw const $stop).cast::<$ty>();
+                let start = (&raw const START).cast::<$ty>();
+                let stop = (&raw const STOP).cast::<$ty>();
                 let len = (stop as usize - start as usize) / core::mem::size_of::<$ty>();
                 core::slice::from_raw_parts(start, len)
             }
@@ -354,42 +554,32 @@ macro_rules! section_table {
 section_table!(
     /// The patch points of the binary this crate is linked into.
     pub(crate) fn current_patch_points() -> PatchPoint,
-    point,
-    __start_altpatch_v1_point,
-    __stop_altpatch_v1_point
+    point
 );
 
 section_table!(
     /// The alternative records of the binary this crate is linked into.
     pub(crate) fn current_alternatives() -> AlternativeRecord,
-    alt,
-    __start_altpatch_v1_alt,
-    __stop_altpatch_v1_alt
+    alt
 );
 
 section_table!(
     /// The static-branch records of the binary this crate is linked into.
     pub(crate) fn current_static_keys() -> StaticKeyRecord,
-    key,
-    __start_altpatch_v1_key,
-    __stop_altpatch_v1_key
+    key
 );
 
 section_table!(
     /// The ifunc records of the binary this crate is linked into.
     pub(crate) fn current_ifuncs() -> IfuncRecord,
-    ifunc,
-    __start_altpatch_v1_ifunc,
-    __stop_altpatch_v1_ifunc
+    ifunc
 );
 
 section_table!(
     /// The site-table section of the binary this crate is linked into
     /// (empty unless `reserve_site_table!` was used).
     pub(crate) fn current_site_table() -> u8,
-    sitetab,
-    __start_altpatch_v1_sitetab,
-    __stop_altpatch_v1_sitetab
+    sitetab
 );
 
 #[cfg(test)]
@@ -405,5 +595,33 @@ mod tests {
         assert_eq!(core::mem::size_of::<StaticKeyRecord>(), 12);
         assert_eq!(core::mem::align_of::<StaticKeyRecord>(), 4);
         assert_eq!(core::mem::size_of::<IfuncRecord>(), 4);
+    }
+
+    #[test]
+    fn names_carry_the_tag_and_parse_back() {
+        assert_eq!(SECTIONS.len(), 5);
+        for (i, kind) in SectionKind::ALL.iter().enumerate() {
+            let name = kind.name();
+            if i < SECTIONS.len() {
+                assert_eq!(SECTIONS[i], name);
+            }
+            assert_eq!(name, alloc::format!("{PREFIX}{TAG}_{}", kind.suffix()));
+            let parsed = parse_section_name(name.as_bytes()).expect(name);
+            assert_eq!((parsed.tag, parsed.kind), (TAG, *kind));
+            assert!(parsed.is_own());
+        }
+        // A C identifier, so the linker defines the bounds.
+        assert!(TAG.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+        let other = parse_section_name(b"altpatch_v1_other_2_key").unwrap();
+        assert_eq!((other.tag, other.kind), ("other_2", SectionKind::Key));
+        assert!(!other.is_own());
+        for bad in [
+            &b"altpatch_v1__key"[..],
+            b"altpatch_v1_a-b_key",
+            b"altpatch_v1_",
+            b"altpatch_v1_x_keys",
+        ] {
+            assert!(parse_section_name(bad).is_none(), "{bad:?}");
+        }
     }
 }

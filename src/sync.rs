@@ -24,6 +24,18 @@
 //!     staging half written). Synchronous signals (faults, `SIGTRAP`) stay
 //!     deliverable: the kernel kills a thread that faults with them blocked.
 //!   - updates serialize on the text anyway, so a finer lock buys nothing.
+//!   - **two copies of the crate** in one program (two libraries on
+//!     incompatible versions: see [`records`](crate::records)) patch the
+//!     same pages. Each patches only its own records, but a page swap
+//!     rebuilds whole pages, so two copies updating at once would lose one
+//!     another's bytes. The lock therefore lives in a symbol every copy
+//!     linked into an object shares, `altpatch_shared_v1` (weak, hidden, in
+//!     a COMDAT group: the linker keeps one): [`Rendezvous`], whose layout
+//!     and lock protocol are frozen for version 1 of that symbol. A copy
+//!     that needs another layout must use another name (and then shares
+//!     nothing with v1 copies). It also anchors the list of copies
+//!     (`os::linux::peers`), through which a page swap carries the other
+//!     copies' patches.
 
 use core::marker::PhantomData;
 #[cfg(not(all(feature = "std", target_os = "linux")))]
@@ -101,42 +113,102 @@ pub(crate) fn fork_generation() -> u64 {
 pub(crate) use process::{Held, fork_child_enter, fork_child_leave, fork_parent, fork_prepare};
 
 #[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) use process::peers;
+
+#[cfg(all(feature = "std", target_os = "linux"))]
 mod process {
     use core::cell::{Cell, UnsafeCell};
+    use core::ffi::c_void;
     use core::marker::PhantomData;
-    use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
-    /// Owner's thread id, with `WAITERS` set when someone sleeps on it; 0
-    /// when free. Taking the lock and recording the owner is one CAS, so a
-    /// handler interrupting the acquisition never sees a half-taken lock.
-    static STATE: AtomicU32 = AtomicU32::new(0);
+    /// What every copy of the crate linked into one object shares (the
+    /// symbol `altpatch_shared_v1`, see the module docs). Version 1: this
+    /// layout (152 bytes, zero-initialized) and the lock protocol of
+    /// `acquire`/`release` are frozen.
+    #[repr(C)]
+    pub(crate) struct Rendezvous {
+        /// Owner's thread id, with `WAITERS` set when someone sleeps on
+        /// it; 0 when free. Taking the lock and recording the owner is one
+        /// CAS, so a handler interrupting the acquisition never sees a
+        /// half-taken lock.
+        state: AtomicU32,
+        /// Recursion depth; only the owner touches it.
+        depth: UnsafeCell<u32>,
+        /// 1 when `mask` holds the owner's signal mask from before it took
+        /// the lock; only the owner touches it.
+        masked: UnsafeCell<u32>,
+        /// Bumped in a forked child before anything else: a thread id any
+        /// copy cached before it is stale (the child's thread has a new
+        /// one).
+        forks: AtomicU32,
+        /// That mask.
+        mask: UnsafeCell<libc::sigset_t>,
+        /// The copies of the crate linked into the object: a list of
+        /// `os::linux::peers` nodes, pushed to and never popped.
+        peers: AtomicPtr<c_void>,
+    }
+
+    /// Set in [`Rendezvous::state`] while someone sleeps on the lock.
     const WAITERS: u32 = 1 << 31;
-    /// Recursion depth; only the owner touches it.
-    static DEPTH: OwnerCell<u32> = OwnerCell(UnsafeCell::new(0));
-    /// The owner's signal mask from before it took the lock.
-    static SAVED_MASK: OwnerCell<Option<libc::sigset_t>> = OwnerCell(UnsafeCell::new(None));
+
+    const _: () = assert!(core::mem::size_of::<Rendezvous>() == 152);
+    const _: () = assert!(core::mem::align_of::<Rendezvous>() == 8);
+
+    // One definition per copy, all weak, hidden and in one COMDAT group:
+    // the linker keeps one, and every copy's references bind to it.
+    core::arch::global_asm!(
+        ".pushsection .bss.altpatch_shared_v1,\"awG\",@nobits,altpatch_shared_v1,comdat",
+        ".weak altpatch_shared_v1",
+        ".hidden altpatch_shared_v1",
+        ".type altpatch_shared_v1,@object",
+        ".balign 64",
+        "altpatch_shared_v1:",
+        ".zero {size}",
+        ".size altpatch_shared_v1, {size}",
+        ".popsection",
+        size = const core::mem::size_of::<Rendezvous>(),
+    );
+
+    unsafe extern "C" {
+        #[link_name = "altpatch_shared_v1"]
+        static SHARED: Rendezvous;
+    }
+
+    fn shared() -> &'static Rendezvous {
+        // SAFETY: the symbol is the zero-initialized `Rendezvous` above
+        // (or another copy's identical one), alive for the object's life;
+        // all-zero is a valid value of every field; its cells are only
+        // touched by the lock's owner.
+        unsafe { &SHARED }
+    }
+
+    /// The head of the list of copies linked into this object (see
+    /// `os::linux::peers`).
+    pub(crate) fn peers() -> &'static AtomicPtr<c_void> {
+        &shared().peers
+    }
 
     pub(super) static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
 
-    struct OwnerCell<T>(UnsafeCell<T>);
-    // SAFETY: only the thread whose id is in STATE reads or writes it.
-    unsafe impl<T> Sync for OwnerCell<T> {}
-
     std::thread_local! {
-        /// This thread's id, cached (0: not fetched yet). Const-initialized
-        /// and without a destructor, so reading it is a plain TLS load,
-        /// fine in signal handlers and during thread exit.
-        static TID: Cell<u32> = const { Cell::new(0) };
+        /// This thread's id, cached with the [`Rendezvous::forks`] count it
+        /// was read under (0: not fetched yet). Const-initialized and
+        /// without a destructor, so reading it is a plain TLS load, fine in
+        /// signal handlers and during thread exit.
+        static TID: Cell<u64> = const { Cell::new(0) };
     }
 
     fn me() -> u32 {
+        let forks = shared().forks.load(Ordering::Relaxed);
         TID.with(|t| {
-            let mut id = t.get();
-            if id == 0 {
-                // SAFETY: gettid has no preconditions.
-                id = unsafe { libc::gettid() } as u32;
-                t.set(id);
+            let c = t.get();
+            if c != 0 && (c >> 32) as u32 == forks {
+                return c as u32;
             }
+            // SAFETY: gettid has no preconditions.
+            let id = unsafe { libc::gettid() } as u32;
+            t.set(u64::from(forks) << 32 | u64::from(id));
             id
         })
     }
@@ -147,7 +219,7 @@ mod process {
         unsafe {
             libc::syscall(
                 libc::SYS_futex,
-                STATE.as_ptr(),
+                shared().state.as_ptr(),
                 op | libc::FUTEX_PRIVATE_FLAG,
                 val,
                 core::ptr::null::<libc::timespec>(),
@@ -178,9 +250,10 @@ mod process {
 
     pub(super) fn acquire() {
         let me = me();
-        if STATE.load(Ordering::Relaxed) & !WAITERS == me {
+        let r = shared();
+        if r.state.load(Ordering::Relaxed) & !WAITERS == me {
             // SAFETY: we are the owner.
-            unsafe { *DEPTH.0.get() += 1 };
+            unsafe { *r.depth.get() += 1 };
             return;
         }
         // SAFETY: an all-zero sigset_t is a valid (empty) set.
@@ -194,9 +267,9 @@ mod process {
         // the next one.
         let mut mine = me;
         loop {
-            let s = STATE.load(Ordering::Relaxed);
+            let s = r.state.load(Ordering::Relaxed);
             if s == 0 {
-                if STATE
+                if r.state
                     .compare_exchange_weak(0, mine, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
                 {
@@ -205,7 +278,7 @@ mod process {
                 continue;
             }
             if s & WAITERS == 0
-                && STATE
+                && r.state
                     .compare_exchange_weak(s, s | WAITERS, Ordering::Relaxed, Ordering::Relaxed)
                     .is_err()
             {
@@ -216,22 +289,28 @@ mod process {
         }
         // SAFETY: we are the owner now.
         unsafe {
-            *DEPTH.0.get() = 1;
-            *SAVED_MASK.0.get() = Some(old);
+            *r.depth.get() = 1;
+            *r.mask.get() = old;
+            *r.masked.get() = 1;
         }
     }
 
     pub(super) fn release() {
+        let r = shared();
         // SAFETY: only the owner releases (guards are not Send).
-        let depth = unsafe { &mut *DEPTH.0.get() };
-        debug_assert!(*depth > 0 && STATE.load(Ordering::Relaxed) & !WAITERS == me());
+        let depth = unsafe { &mut *r.depth.get() };
+        debug_assert!(*depth > 0 && r.state.load(Ordering::Relaxed) & !WAITERS == me());
         *depth -= 1;
         if *depth > 0 {
             return;
         }
-        // SAFETY: as above; read before the lock is given away.
-        let mask = unsafe { (*SAVED_MASK.0.get()).take() };
-        if STATE.swap(0, Ordering::Release) & WAITERS != 0 {
+        // SAFETY: as above (the owner's cells); read before the lock is
+        // given away.
+        let mask = unsafe {
+            let saved = core::mem::replace(&mut *r.masked.get(), 0) == 1;
+            saved.then(|| *r.mask.get())
+        };
+        if r.state.swap(0, Ordering::Release) & WAITERS != 0 {
             futex(libc::FUTEX_WAKE, 1);
         }
         if let Some(mask) = mask {
@@ -280,15 +359,20 @@ mod process {
     /// After `fork`, in the child, before any repair. The child's only
     /// thread is the one that forked; it holds the lock (from
     /// `fork_prepare`), so state other threads of the parent were in the
-    /// middle of can be repaired before anyone here can look at it.
+    /// middle of can be repaired before anyone here can look at it. The
+    /// thread has a new id here: the lock is made its own, and every
+    /// copy's cached id stale, before any copy's handler looks (each copy
+    /// linked in runs these steps; doing it twice changes nothing).
     pub(crate) fn fork_child_enter() {
         FORK_GENERATION.fetch_add(1, Ordering::AcqRel);
+        let r = shared();
+        r.forks.fetch_add(1, Ordering::AcqRel);
+        // No other thread exists to wait: the owner alone, no waiter flag.
+        r.state.store(me(), Ordering::Relaxed);
     }
 
     /// After `fork`, in the child, once every repair is done.
     pub(crate) fn fork_child_leave() {
         release();
-        // The thread has a new id in the child.
-        TID.with(|t| t.set(0));
     }
 }

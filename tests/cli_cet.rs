@@ -188,7 +188,7 @@ fn a_trampoline_without_endbr64_is_reported_by_name() {
 fn a_stub_and_a_closure_trampoline_without_endbr64_are_reported() {
     let image = copy_of_cet("no_endbr_stub_table");
     let stub = symbol(&image, &["ones", "__altpatch_ifunc_stub"]);
-    let table = symbol(&image, &["altpatch_v1_trampoline_table"]);
+    let table = symbol(&image, &["altpatch_v1_", "_trampoline_table"]);
     patch_file(&image, stub, NOP4);
     patch_file(&image, table + 5 * 32, NOP4);
     let o = altpatch(&["audit", "--cet", image.to_str().unwrap()]);
@@ -203,8 +203,9 @@ fn a_stub_and_a_closure_trampoline_without_endbr64_are_reported() {
     );
     assert!(
         t.contains(&format!(
-            "{:#x} closure_trampoline altpatch_v1_trampoline_table+0xa0: starts with 0f 1f 40 00",
-            table + 0xa0
+            "{:#x} closure_trampoline altpatch_v1_{}_trampoline_table+0xa0: starts with 0f 1f 40 00",
+            table + 0xa0,
+            altpatch::records::TAG
         )),
         "{t}"
     );

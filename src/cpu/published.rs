@@ -360,13 +360,16 @@ mod env {
 /// [`Feature`] discriminants, `ALTPATCH_CPU_*` in `include/altpatch.h`); 0
 /// for unknown numbers. Allocation-free and lock-free, for ifunc resolvers.
 ///
+/// The C name is a weak symbol: in a program linking two copies of the
+/// crate it reaches one copy's snapshot (see
+/// [`records`](crate::records)).
+///
 /// ```
 /// use altpatch::cpu::{self, Feature};
 /// let has = cpu::altpatch_cpu_has(Feature::Sse3 as u32) != 0;
 /// assert_eq!(has, cpu::published().has(Feature::Sse3));
 /// assert_eq!(cpu::altpatch_cpu_has(999), 0);
 /// ```
-#[unsafe(no_mangle)]
 pub extern "C" fn altpatch_cpu_has(feature: u32) -> core::ffi::c_int {
     let Some(&f) = Feature::ALL.iter().find(|f| **f as u32 == feature) else {
         return 0;
@@ -382,10 +385,12 @@ pub extern "C" fn altpatch_cpu_has(feature: u32) -> core::ffi::c_int {
 /// let bits = cpu::altpatch_cpu_features();
 /// assert_eq!(bits & (1 << Feature::Sse3 as u32) != 0, cpu::published().has(Feature::Sse3));
 /// ```
-#[unsafe(no_mangle)]
 pub extern "C" fn altpatch_cpu_features() -> u64 {
     published().bits()
 }
+
+crate::records::c_entry!("altpatch_cpu_has", altpatch_cpu_has);
+crate::records::c_entry!("altpatch_cpu_features", altpatch_cpu_features);
 
 #[cfg(all(test, feature = "std", target_os = "linux"))]
 mod tests {

@@ -138,8 +138,9 @@ pub struct Audit {
     pub bypasses: Vec<IndirectBranch>,
     /// Bypasses allowed by pattern or origin.
     pub allowed: usize,
-    /// Indirect branches the code marks as intended (this crate's own, in
-    /// section `altpatch_v1_indirect_ok`): never reported.
+    /// Indirect branches the code marks as intended (the crate's own, in
+    /// section `altpatch_v1_<tag>_indirect_ok` of each copy of the crate
+    /// linked in): never reported.
     pub intended: usize,
 }
 
@@ -200,13 +201,15 @@ fn thunk_addresses(p: &Parsed<'_>, thunks: &ThunkNames) -> Result<Vec<u64>, ElfE
     Ok(out)
 }
 
-/// The addresses recorded in `altpatch_v1_indirect_ok`: self-relative
-/// 32-bit offsets, each to an intended indirect branch.
+/// The addresses recorded in every copy's `altpatch_v1_<tag>_indirect_ok`:
+/// self-relative 32-bit offsets, each to an intended indirect branch.
 fn intended(p: &Parsed<'_>) -> Result<Vec<u64>, ElfError> {
     let mut out = Vec::new();
     for s in p.sections.iter() {
         let name = p.sections.section_name(LE, s).map_err(corrupt)?;
-        if name != b"altpatch_v1_indirect_ok" || s.sh_type(LE) == elf::SHT_NOBITS {
+        let intended = crate::records::parse_section_name(name)
+            .is_some_and(|n| n.kind == crate::records::SectionKind::IndirectOk);
+        if !intended || s.sh_type(LE) == elf::SHT_NOBITS {
             continue;
         }
         let data = s.data(LE, p.data).map_err(corrupt)?;

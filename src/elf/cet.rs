@@ -10,8 +10,9 @@
 //!   [`IFUNC_STUB_MARK`](crate::sites::names::IFUNC_STUB_MARK); C ifuncs,
 //!   `STT_GNU_IFUNC`, are the compiler's and the loader's, not ours);
 //! * every trampoline of the closure-trampoline table
-//!   (`altpatch_v1_trampoline_table`, 2048 entries of 32 bytes), when the
-//!   image links it.
+//!   (`altpatch_v1_<tag>_trampoline_table`, 2048 entries of 32 bytes; one
+//!   per copy of the crate linked in, see [`records`](crate::records)),
+//!   when the image links it.
 //!
 //! They are found by symbol, so the image needs its symbol table (the same
 //! names site discovery reads).
@@ -29,8 +30,9 @@ use super::{ElfError, corrupt, exec_bytes_at, parse};
 use crate::sites::names;
 use crate::x86::ENDBR64;
 
-/// The closure-trampoline table's symbol, and its layout.
-const TABLE: &[u8] = b"altpatch_v1_trampoline_table";
+/// The closure-trampoline table's symbol (after the copy's tag), and its
+/// layout.
+const TABLE: &str = "trampoline_table";
 const TABLE_STRIDE: u64 = 32;
 const TABLE_ENTRIES: u64 = 2048;
 
@@ -76,7 +78,7 @@ pub struct CetTarget {
     /// What it is.
     pub kind: CetTargetKind,
     /// Its symbol, demangled without the hash (for a closure trampoline,
-    /// `altpatch_v1_trampoline_table+OFFSET`).
+    /// `altpatch_v1_<tag>_trampoline_table+OFFSET`).
     pub name: String,
     /// Its first four bytes (`f3 0f 1e fa` when it is `endbr64`).
     pub first: [u8; 4],
@@ -145,8 +147,8 @@ pub fn audit_cet(data: &[u8]) -> Result<CetAudit, ElfError> {
         }
         let raw = p.symbols.symbol_name(LE, sym).map_err(corrupt)?;
         let addr = sym.st_value(LE);
-        if raw == TABLE {
-            table_entries(&p, addr, &mut out.targets);
+        if crate::records::tag_in(raw, TABLE).is_some() {
+            table_entries(&p, addr, &String::from_utf8_lossy(raw), &mut out.targets);
             continue;
         }
         let kind =
@@ -183,8 +185,8 @@ fn first_bytes(p: &super::Parsed<'_>, addr: u64) -> Option<[u8; 4]> {
     data.get(at..at + 4)?.try_into().ok()
 }
 
-/// Every trampoline of the closure table at `addr` (those in code).
-fn table_entries(p: &super::Parsed<'_>, addr: u64, out: &mut Vec<CetTarget>) {
+/// Every trampoline of the closure table `table` at `addr` (those in code).
+fn table_entries(p: &super::Parsed<'_>, addr: u64, table: &str, out: &mut Vec<CetTarget>) {
     for i in 0..TABLE_ENTRIES {
         let Some(at) = addr.checked_add(i * TABLE_STRIDE) else {
             return;
@@ -195,7 +197,7 @@ fn table_entries(p: &super::Parsed<'_>, addr: u64, out: &mut Vec<CetTarget>) {
         out.push(CetTarget {
             addr: at,
             kind: CetTargetKind::ClosureTrampoline,
-            name: alloc::format!("altpatch_v1_trampoline_table+{:#x}", i * TABLE_STRIDE),
+            name: alloc::format!("{table}+{:#x}", i * TABLE_STRIDE),
             first,
         });
     }

@@ -9,6 +9,7 @@ use object::endian::LittleEndian as LE;
 use object::read::elf::SectionHeader;
 
 use super::{ElfError, corrupt, parse, read_sites};
+use crate::records::SectionKind;
 use crate::sites::EmbeddedTableError;
 use crate::sites::{EmbeddedEntry, embedded};
 
@@ -37,7 +38,8 @@ pub enum EmbedOutcome {
 pub enum EmbedError {
     /// The image could not be read, or has no relocations.
     Elf(ElfError),
-    /// The image has no `altpatch_v1_sitetab` section.
+    /// The image has no site-table section (`altpatch_v1_<tag>_sitetab`
+    /// of any copy of the crate).
     NoTable,
     /// The reserved table is malformed.
     Table(EmbeddedTableError),
@@ -110,63 +112,93 @@ impl From<ElfError> for EmbedError {
 /// Fills the site table reserved in the linked image `data` (the file's
 /// bytes) with the sites its relocations describe. Deterministic: embedding
 /// an already-embedded image changes nothing.
+///
+/// A program linking two copies of the crate (see
+/// [`records`](crate::records)) may reserve a table in each copy's section;
+/// every one is filled with the same sites (each copy reads its own), and
+/// the outcome gives the smallest capacity. If one is too small, none is
+/// written.
 pub fn embed(data: &mut [u8]) -> Result<EmbedOutcome, EmbedError> {
     let found = read_sites(data)?;
-    let (file_off, addr, size) = {
+    let mut tables = Vec::new();
+    {
         let p = parse(data)?;
-        let mut table = None;
         for s in p.sections.iter() {
             let name = p.sections.section_name(LE, s).map_err(corrupt)?;
-            if name == crate::__altpatch_section!(sitetab).as_bytes() {
-                if s.sh_type(LE) == object::elf::SHT_NOBITS {
-                    return Err(EmbedError::Table(EmbeddedTableError::Truncated));
-                }
-                table = Some((
-                    s.sh_offset(LE) as usize,
-                    s.sh_addr(LE) as usize,
-                    s.sh_size(LE) as usize,
-                ));
+            let Some(n) = crate::records::parse_section_name(name) else {
+                continue;
+            };
+            if n.kind != SectionKind::Sitetab {
+                continue;
             }
+            if s.sh_type(LE) == object::elf::SHT_NOBITS {
+                return Err(EmbedError::Table(EmbeddedTableError::Truncated));
+            }
+            tables.push((
+                s.sh_offset(LE) as usize,
+                s.sh_addr(LE) as usize,
+                s.sh_size(LE) as usize,
+            ));
         }
-        table.ok_or(EmbedError::NoTable)?
-    };
-    let end = file_off
-        .checked_add(size)
-        .filter(|&e| e <= data.len())
-        .ok_or(EmbedError::Table(EmbeddedTableError::Truncated))?;
-    let section = &mut data[file_off..end];
+    }
+    if tables.is_empty() {
+        return Err(EmbedError::NoTable);
+    }
+    // Every table is checked and built before the first is written.
+    let mut filled = Vec::with_capacity(tables.len());
+    for &(file_off, addr, size) in &tables {
+        let end = file_off
+            .checked_add(size)
+            .filter(|&e| e <= data.len())
+            .ok_or(EmbedError::Table(EmbeddedTableError::Truncated))?;
+        let table = fill(&data[file_off..end], addr, &found.sites)?;
+        filled.push((file_off, table));
+    }
+    let capacity = filled
+        .iter()
+        .map(|(_, t)| (t.len() - embedded::HEADER_LEN) / embedded::ENTRY_LEN)
+        .min()
+        .unwrap_or(0);
+    let mut written = false;
+    for (file_off, table) in filled {
+        let dst = &mut data[file_off..file_off + table.len()];
+        if *dst != *table {
+            dst.copy_from_slice(&table);
+            written = true;
+        }
+    }
+    let sites = found.sites.len();
+    Ok(if written {
+        EmbedOutcome::Written { sites, capacity }
+    } else {
+        EmbedOutcome::Unchanged { sites, capacity }
+    })
+}
+
+/// The bytes of the table reserved in `section` (loaded at `addr`) filled
+/// with `sites`.
+fn fill(section: &[u8], addr: usize, sites: &[crate::sites::Site]) -> Result<Vec<u8>, EmbedError> {
     let header = embedded::Header::parse(section).map_err(EmbedError::Table)?;
     let capacity = header.capacity;
-    if found.sites.len() > capacity {
+    if sites.len() > capacity {
         return Err(EmbedError::TooSmall {
-            needed: found.sites.len(),
+            needed: sites.len(),
             capacity,
         });
     }
     let mut table = Vec::with_capacity(embedded::HEADER_LEN + capacity * embedded::ENTRY_LEN);
     table.extend_from_slice(&section[..12]);
     table.extend_from_slice(&(capacity as u32).to_le_bytes());
-    table.extend_from_slice(&(found.sites.len() as u32).to_le_bytes());
+    table.extend_from_slice(&(sites.len() as u32).to_le_bytes());
     table.extend_from_slice(&1u32.to_le_bytes());
-    for (i, site) in found.sites.iter().enumerate() {
+    for (i, site) in sites.iter().enumerate() {
         let at = addr + embedded::HEADER_LEN + i * embedded::ENTRY_LEN;
         let e =
             EmbeddedEntry::encode(site, at).ok_or(EmbedError::OutOfReach { site: site.addr })?;
         table.extend_from_slice(&e);
     }
     table.resize(embedded::HEADER_LEN + capacity * embedded::ENTRY_LEN, 0);
-    let dst = &mut section[..table.len()];
-    if *dst == *table {
-        return Ok(EmbedOutcome::Unchanged {
-            sites: found.sites.len(),
-            capacity,
-        });
-    }
-    dst.copy_from_slice(&table);
-    Ok(EmbedOutcome::Written {
-        sites: found.sites.len(),
-        capacity,
-    })
+    Ok(table)
 }
 
 /// [`embed`] on a file, replacing it atomically (a temporary file in the

@@ -1,5 +1,16 @@
 //! The thunk array: `__x86_indirect_thunk_<reg>` for every register but
 //! `%rsp`, and `__x86_return_thunk`.
+//!
+//! The compiler calls the thunks by these fixed names, so a program has one
+//! thunk per name, whatever links it. The names are therefore *weak*: a
+//! program linking two copies of this crate (two libraries on incompatible
+//! versions, see [`records`](crate::records)) links, and the linker binds
+//! every call to one copy's thunks. Each copy keeps its own array under its
+//! own name (`altpatch_v1_<tag>_thunk_array`, [`thunk_array`]); a copy
+//! whose thunks the linker did not choose finds the chosen ones through
+//! the sites that call them and rewrites them as another copy's slots
+//! (`local.rs`, by their exact bytes). Its own array stays in its text,
+//! reached by nothing.
 
 use super::Mode;
 use crate::x86::{self, Reg};
@@ -7,8 +18,8 @@ use crate::x86::{self, Reg};
 /// Bytes per thunk slot (see [`thunk_array`]).
 pub const THUNK_SLOT: usize = 32;
 
-/// The retpoline for one register, as a 32-byte slot. Protected, not
-/// hidden: a program may export its thunks to the shared objects it loads
+/// The retpoline for one register, as a 32-byte slot. Weak (see the
+/// module docs), and protected, not hidden: a program may export its thunks to the shared objects it loads
 /// (`-Wl,--export-dynamic-symbol=__x86_indirect_thunk_*`), while calls
 /// inside the object that defines them always bind to its own copy. The first instruction
 /// is a `cs`-prefixed 6-byte `call`, so `lfence; jmp *%r8..%r15` (6 bytes)
@@ -16,7 +27,7 @@ pub const THUNK_SLOT: usize = 32;
 macro_rules! slot {
     ($reg:literal) => {
         concat!(
-            ".globl __x86_indirect_thunk_",
+            ".weak __x86_indirect_thunk_",
             $reg,
             "\n",
             ".protected __x86_indirect_thunk_",
@@ -45,13 +56,24 @@ macro_rules! slot {
     };
 }
 
+/// The array's symbol, with this copy's tag.
+macro_rules! array_symbol {
+    () => {
+        concat!("altpatch_v1_", env!("ALTPATCH_TAG"), "_thunk_array")
+    };
+}
+
 core::arch::global_asm!(
     concat!(
         ".pushsection .text.altpatch_thunks,\"ax\",@progbits\n",
         ".balign 64, 0xcc\n",
-        ".globl __x86_indirect_thunk_array\n",
-        ".hidden __x86_indirect_thunk_array\n",
-        "__x86_indirect_thunk_array:\n",
+        ".globl ",
+        array_symbol!(),
+        "\n.hidden ",
+        array_symbol!(),
+        "\n",
+        array_symbol!(),
+        ":\n",
         slot!("rax"),
         slot!("rcx"),
         slot!("rdx"),
@@ -69,7 +91,7 @@ core::arch::global_asm!(
         slot!("r13"),
         slot!("r14"),
         slot!("r15"),
-        ".globl __x86_return_thunk\n",
+        ".weak __x86_return_thunk\n",
         ".protected __x86_return_thunk\n",
         ".type __x86_return_thunk, @function\n",
         "__x86_return_thunk:\n",
@@ -83,11 +105,13 @@ core::arch::global_asm!(
 );
 
 unsafe extern "C" {
-    static __x86_indirect_thunk_array: [u8; 0];
-    static __x86_return_thunk: [u8; 0];
+    #[link_name = array_symbol!()]
+    static THUNK_ARRAY: [u8; 0];
 }
 
-/// The address of the thunk array (slot `n` is register number `n`).
+/// The address of this copy's thunk array (slot `n` is register number
+/// `n`): the program's `__x86_indirect_thunk_<reg>` unless the linker
+/// chose another copy's (see the module docs).
 ///
 /// ```
 /// use altpatch::retpoline::{THUNK_SLOT, return_thunk, thunk, thunk_array};
@@ -99,11 +123,11 @@ unsafe extern "C" {
 /// assert_eq!(return_thunk(), thunk_array() + 16 * THUNK_SLOT);
 /// ```
 pub fn thunk_array() -> usize {
-    (&raw const __x86_indirect_thunk_array) as usize
+    (&raw const THUNK_ARRAY) as usize
 }
 
-/// The address of `__x86_indirect_thunk_<reg>`; `None` for `%rsp` (see
-/// [`thunk_array`] for an example).
+/// The address of this copy's `__x86_indirect_thunk_<reg>` slot; `None`
+/// for `%rsp` (see [`thunk_array`] for an example).
 pub fn thunk(reg: Reg) -> Option<usize> {
     (reg != Reg::Rsp).then(|| thunk_array() + reg as usize * THUNK_SLOT)
 }
@@ -114,9 +138,10 @@ pub(super) fn own_thunks() -> core::ops::Range<usize> {
     thunk_array()..return_thunk() + 1
 }
 
-/// The address of `__x86_return_thunk` (see [`thunk_array`]).
+/// The address of this copy's `__x86_return_thunk`, right after its
+/// array (see [`thunk_array`]).
 pub fn return_thunk() -> usize {
-    (&raw const __x86_return_thunk) as usize
+    thunk_array() + 16 * THUNK_SLOT
 }
 
 /// The first 6 bytes of `reg`'s slot in `mode`.

@@ -1,6 +1,8 @@
 //! The C interface to the global pool (`include/altpatch.h`): what a C FFI
 //! library calls instead of writing closure code into writable+executable
-//! memory.
+//! memory. The C names are weak symbols: in a program linking two copies
+//! of the crate both reach the same copy's pool (see
+//! [`records`](crate::records)).
 
 use core::ffi::c_void;
 
@@ -13,7 +15,6 @@ use super::{Pool, Trampoline, TrampolineError};
 ///
 /// `target` is a function that follows the trampoline contract (it finds
 /// its data word in `r10`), or null (refused with `EINVAL`).
-#[unsafe(no_mangle)]
 pub unsafe extern "C" fn altpatch_trampoline_alloc(
     target: Option<unsafe extern "C" fn()>,
     data: *mut c_void,
@@ -43,7 +44,6 @@ pub unsafe extern "C" fn altpatch_trampoline_alloc(
 ///
 /// `code` was returned by `altpatch_trampoline_alloc`, is not freed yet,
 /// and nobody calls it any more.
-#[unsafe(no_mangle)]
 pub unsafe extern "C" fn altpatch_trampoline_free(code: *mut c_void) -> libc::c_int {
     let pool = Pool::global();
     if !pool.state.contains(code as usize) {
@@ -59,6 +59,9 @@ pub unsafe extern "C" fn altpatch_trampoline_free(code: *mut c_void) -> libc::c_
         -1
     }
 }
+
+crate::records::c_entry!("altpatch_trampoline_alloc", altpatch_trampoline_alloc);
+crate::records::c_entry!("altpatch_trampoline_free", altpatch_trampoline_free);
 
 fn set_errno(e: libc::c_int) {
     // SAFETY: __errno_location returns this thread's errno.

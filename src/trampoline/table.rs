@@ -42,6 +42,15 @@ pub(crate) const TRAMPOLINE: [u8; STRIDE] = [
     0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc,
 ];
 
+/// The table's symbol: `altpatch_v1_<tag>_trampoline_table`, with the tag
+/// of this copy of the crate (see [`records`](crate::records)), so two
+/// copies in one binary each link their own table.
+macro_rules! table_symbol {
+    () => {
+        concat!("altpatch_v1_", env!("ALTPATCH_TAG"), "_trampoline_table")
+    };
+}
+
 // The table is page-aligned in its own section so its pages hold nothing
 // else and can be mapped again from the file by their offset. `.rept`
 // makes each copy byte-identical; the displacements are fixed numbers (not
@@ -49,29 +58,30 @@ pub(crate) const TRAMPOLINE: [u8; STRIDE] = [
 core::arch::global_asm!(
     ".pushsection .text.altpatch_v1_trampolines,\"ax\",@progbits",
     ".balign 4096",
-    ".globl altpatch_v1_trampoline_table",
-    ".hidden altpatch_v1_trampoline_table",
-    ".type altpatch_v1_trampoline_table,@object",
-    "altpatch_v1_trampoline_table:",
+    concat!(".globl ", table_symbol!()),
+    concat!(".hidden ", table_symbol!()),
+    concat!(".type ", table_symbol!(), ",@object"),
+    concat!(table_symbol!(), ":"),
     ".rept 2048",
     "endbr64",
     "mov r10, qword ptr [rip + 65525]",
     "jmp qword ptr [rip + 65527]",
     ".balign 32, 0xcc",
     ".endr",
-    ".size altpatch_v1_trampoline_table, 65536",
+    concat!(".size ", table_symbol!(), ", 65536"),
     ".popsection",
 );
 
 unsafe extern "C" {
-    static altpatch_v1_trampoline_table: [u8; SPAN];
+    #[link_name = table_symbol!()]
+    static TABLE: [u8; SPAN];
 }
 
 /// The table as linked into this object's text.
 pub(crate) fn table() -> &'static [u8; SPAN] {
     // SAFETY: the symbol is the 64 KiB table above, in read+exec text
     // that stays mapped for the life of the object containing this code.
-    unsafe { &altpatch_v1_trampoline_table }
+    unsafe { &TABLE }
 }
 
 /// Whether `bytes` hold exactly the trampoline table.

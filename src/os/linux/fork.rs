@@ -35,6 +35,9 @@ extern "C" fn register() {
     // SAFETY: the handlers are plain functions of this object; glibc
     // unregisters them if the object is unloaded.
     unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+    // Other copies of the crate linked in learn of this one before it can
+    // patch anything (see `peers.rs`).
+    super::peers::register();
 }
 
 #[used]
@@ -47,4 +50,5 @@ static REGISTER: extern "C" fn() = register;
 /// and with it the `.init_array` entry (rust-lang/rust#99721).
 pub(super) fn keep_linked() {
     core::hint::black_box(&REGISTER);
+    super::peers::register();
 }

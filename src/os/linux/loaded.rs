@@ -13,7 +13,9 @@ use core::fmt;
 use object::{Object, ObjectSection};
 
 use crate::image::Image;
-use crate::records::{AlternativeRecord, IfuncRecord, PatchPoint, StaticKeyRecord};
+use crate::records::{
+    self, AlternativeRecord, IfuncRecord, PatchPoint, SectionKind, StaticKeyRecord,
+};
 
 impl Image<'static> {
     /// The binary this crate is linked into: its tables from the
@@ -98,8 +100,11 @@ impl std::error::Error for LoadError {
 impl Image<'static> {
     /// The image of the loaded object (the executable or a shared object)
     /// that contains `addr`: its executable segments from the dynamic loader
-    /// and its record tables from the `altpatch_v1_*` sections named in its
-    /// file's section headers, at their run-time addresses.
+    /// and its record tables from the sections of *this copy* of the crate
+    /// (`altpatch_v1_<tag>_*`, see [`records`](crate::records)) named in its
+    /// file's section headers, at their run-time addresses. Records another
+    /// copy of the crate emitted (another version, linked into the same
+    /// object) are that copy's to patch: they are not read.
     ///
     /// This is the load-time path: after `dlopen`, pass the address of any
     /// symbol of the library, then apply its alternatives (or other
@@ -157,29 +162,35 @@ impl Image<'static> {
                 section: name.into(),
                 why,
             };
-            match name {
-                "altpatch_v1_point" => {
+            let Some(kind) = records::parse_section_name(name.as_bytes())
+                .filter(|n| n.is_own())
+                .map(|n| n.kind)
+            else {
+                continue;
+            };
+            match kind {
+                SectionKind::Point => {
                     // SAFETY: checked by `table` against the loaded segments;
                     // the caller keeps the object loaded.
                     image.points =
                         unsafe { table::<PatchPoint>(runtime, size, loaded) }.map_err(bad)?;
                 }
-                "altpatch_v1_key" => {
+                SectionKind::Key => {
                     // SAFETY: as above.
                     image.keys =
                         unsafe { table::<StaticKeyRecord>(runtime, size, loaded) }.map_err(bad)?;
                 }
-                "altpatch_v1_ifunc" => {
+                SectionKind::Ifunc => {
                     // SAFETY: as above.
                     image.ifuncs =
                         unsafe { table::<IfuncRecord>(runtime, size, loaded) }.map_err(bad)?;
                 }
-                "altpatch_v1_sitetab" => {
+                SectionKind::Sitetab => {
                     // SAFETY: as above.
                     image.site_table =
                         unsafe { table::<u8>(runtime, size, loaded) }.map_err(bad)?;
                 }
-                "altpatch_v1_alt" => {
+                SectionKind::Alt => {
                     // SAFETY: as above.
                     image.alternatives =
                         unsafe { table::<AlternativeRecord>(runtime, size, loaded) }

@@ -95,6 +95,7 @@ mod loaded;
 mod loader;
 pub(crate) mod maps;
 mod overlay;
+mod peers;
 pub mod poke_log;
 mod procmem;
 mod runs;

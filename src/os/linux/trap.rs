@@ -264,7 +264,11 @@ unsafe fn call3(f: usize, a: usize, b: usize, c: usize) {
             "call {f}",
             // An intended indirect call (it must not be a thunk site, see
             // above): recorded so `altpatch audit` does not report it.
-            ".pushsection altpatch_v1_indirect_ok,\"aR\",@progbits",
+            concat!(
+                ".pushsection ",
+                crate::records::section_name!(indirect_ok),
+                ",\"aR\",@progbits"
+            ),
             ".balign 4",
             ".long 2b - .",
             ".popsection",
@@ -324,8 +328,11 @@ fn current_action() -> libc::sigaction {
 /// Installs the handler (once per process), or checks it is still the
 /// installed one. The caller holds the process lock.
 pub(super) fn install() -> Result<(), PokeError> {
+    let ours = on_sigtrap as *const () as usize;
     if INSTALLED.load(Ordering::Acquire) {
-        if current_action().sa_sigaction != on_sigtrap as *const () as usize {
+        // Another copy of the crate installed after us passes our traps
+        // on to us: still ours, through it.
+        if !super::peers::sigtrap_reaches(current_action().sa_sigaction, ours) {
             return Err(PokeError::SignalState {
                 why: "the program replaced altpatch's SIGTRAP handler, so a thread \
                       hitting a site mid-update would not be emulated",
@@ -352,6 +359,8 @@ pub(super) fn install() -> Result<(), PokeError> {
         // trap that raced with its own installation.
         unsafe { *OLD.0.get() = prev };
     }
+    // SAFETY: OLD is final now; only the handler reads it hereafter.
+    super::peers::set_sigtrap(ours, unsafe { (*OLD.0.get()).sa_sigaction });
     INSTALLED.store(true, Ordering::Release);
     Ok(())
 }

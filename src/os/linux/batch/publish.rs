@@ -141,7 +141,9 @@ impl Batch {
         Ok(())
     }
 
-    /// ProcMem page swap of group `k`.
+    /// ProcMem page swap of group `k`: our patches and the batch's writes,
+    /// and those of the other copies of the crate linked in, carried onto
+    /// a fresh copy of the file.
     pub(super) fn swap_group(&mut self, shared: &mut Shared, k: usize) -> Result<(), PokeError> {
         let Group { text, first, file } = &self.groups[k];
         let (text, first, file) = (text.clone(), *first, *file);
@@ -153,6 +155,9 @@ impl Batch {
                 for r in self.stale.drain(..) {
                     shared.overlay.forget(r);
                 }
+                // Other copies of the crate linked in: their patches on
+                // these pages are carried too.
+                super::super::peers::add_foreign(&text, &mut self.owned, &mut Vec::new())?;
                 let want = &self.stage[from..from + len];
                 // SAFETY: validated text mapping the file `at`; the
                 // staging holds the current bytes plus the writes, and the

@@ -157,6 +157,13 @@ impl Batch {
                         }
                     });
                     owned.sort_unstable_by_key(|r| r.start);
+                    // The other copies' patches on the page, as in a swap.
+                    if let Err(e) =
+                        super::super::peers::add_foreign(&range, &mut owned, &mut Vec::new())
+                    {
+                        self.scratch = fresh;
+                        return Err(e);
+                    }
                     let id = shared.text.file(i).id();
                     match shared.text.file(i).fd() {
                         // SAFETY: validated text mapping the file at
