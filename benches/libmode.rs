@@ -13,7 +13,10 @@
 //!   every time (`mov slot(%rip), %rcx; call *%rcx`);
 //! * `multiversion`: the `multiversion` crate's dispatch;
 //! * `ifunc_init_relocs`: today's best with cooperation, `init()` with
-//!   `--emit-relocs`: the call site rewritten to `call <impl>`.
+//!   `--emit-relocs`: the call site rewritten to `call <impl>`;
+//! * `ifunc_recorded`: the call `ifunc!`'s function makes in any crate
+//!   where the C ABI passes its arguments in integer registers: `call
+//!   <stub>` with its record, rewritten to `call <impl>` at load.
 //!
 //! Every variant is a loop of the same shape in assembly
 //! (`support/aligned.rs`, checked before timing) calling the same target;
@@ -44,6 +47,11 @@ altpatch::ifunc! {
     fn lib_fn_relocs(x: u64) -> u64 = pick;
 }
 
+altpatch::ifunc! {
+    /// The same called from a recorded call, rewritten at load.
+    fn lib_fn_recorded(x: u64) -> u64 = pick;
+}
+
 /// The `AtomicPtr` of `memchr`'s method, set before the loops run.
 static mut ATOMIC_PTR: usize = 0;
 
@@ -52,6 +60,15 @@ core::arch::global_asm!(
     call_loop!("lib_atomic_ptr", "mov {slot}(%rip), %rcx\ncall *%rcx"),
     call_loop!("lib_init_relocs", "call {relocs}"),
     call_loop!("lib_multiversion", "call {mv}"),
+    // What `ifunc!`'s function assembles in the caller (`ifunc/call.rs`).
+    call_loop!(
+        "lib_recorded",
+        concat!(
+            "2: call {recorded}\n.pushsection ",
+            altpatch::__altpatch_section!(icall),
+            ",\"aR\",@progbits\n.balign 4\n.long 2b - .\n.long {recorded} - .\n.popsection"
+        )
+    ),
     // The other crate's shape: the stub's address in a callee-saved
     // register, loaded once before the loop.
     ".pushsection .text.bench_loops,\"ax\",@progbits",
@@ -75,8 +92,9 @@ core::arch::global_asm!(
     "ret",
     ".size lib_other_crate, . - lib_other_crate",
     ".popsection",
-    stub = sym lib_fn::__altpatch_ifunc_stub,
-    relocs = sym lib_fn_relocs::__altpatch_ifunc_stub,
+    stub = sym <lib_fn as altpatch::ifunc::__IfuncStub>::__altpatch_ifunc_stub,
+    relocs = sym <lib_fn_relocs as altpatch::ifunc::__IfuncStub>::__altpatch_ifunc_stub,
+    recorded = sym <lib_fn_recorded as altpatch::ifunc::__IfuncStub>::__altpatch_ifunc_stub,
     slot = sym ATOMIC_PTR,
     mv = sym aligned::multiversion_step,
     options(att_syntax)
@@ -88,15 +106,17 @@ unsafe extern "C" {
     fn lib_atomic_ptr(x: u64, n: u64) -> u64;
     fn lib_init_relocs(x: u64, n: u64) -> u64;
     fn lib_multiversion(x: u64, n: u64) -> u64;
+    fn lib_recorded(x: u64, n: u64) -> u64;
 }
 
-const VARIANTS: [(&str, Placement); 6] = [
+const VARIANTS: [(&str, Placement); 7] = [
     ("direct", Placement::Uncontrolled),
     ("ifunc_same_crate", Placement::Uncontrolled),
     ("ifunc_other_crate", Placement::Uncontrolled),
     ("atomic_ptr", Placement::Uncontrolled),
     ("multiversion", Placement::Uncontrolled),
     ("ifunc_init_relocs", Placement::Uncontrolled),
+    ("ifunc_recorded", Placement::Uncontrolled),
 ];
 
 fn prepare(name: &str, _off: usize) -> Loop {
@@ -110,6 +130,7 @@ fn prepare(name: &str, _off: usize) -> Loop {
             lib_atomic_ptr
         }
         "multiversion" => lib_multiversion,
+        "ifunc_recorded" => lib_recorded,
         "ifunc_init_relocs" => {
             let ifunc = lib_fn_relocs::ifunc();
             let image = Image::current();
@@ -130,12 +151,15 @@ fn prepare(name: &str, _off: usize) -> Loop {
 /// Whether every site in `sites` already calls the target directly.
 fn mine_direct(sites: &[altpatch::sites::Site]) -> bool {
     let to = target(0) as usize;
-    sites.iter().all(|s| {
-        // SAFETY: a call site of this program's text: 5 readable bytes.
-        let b = unsafe { std::slice::from_raw_parts(s.addr as *const u8, 5) };
-        let rel = i32::from_le_bytes(b[1..5].try_into().unwrap());
-        b[0] == 0xe8 && (s.addr + 5).wrapping_add(rel as isize as usize) == to
-    })
+    sites.iter().all(|s| call_target(s.addr) == Some(to))
+}
+
+/// The target of the `call rel32` at `at`, if it is one.
+fn call_target(at: usize) -> Option<usize> {
+    // SAFETY: a call site of this program's text: 5 readable bytes.
+    let b = unsafe { std::slice::from_raw_parts(at as *const u8, 5) };
+    let rel = i32::from_le_bytes(b[1..5].try_into().unwrap());
+    (b[0] == 0xe8).then(|| (at + 5).wrapping_add(rel as isize as usize))
 }
 
 /// The target of the `jmp` after the stub's `endbr64`.
@@ -171,10 +195,19 @@ fn check() -> String {
         mine_direct(&mine),
         "the relocated site is not a direct call"
     );
+    let recorded = lib_fn_recorded::ifunc().recorded_calls();
+    let recorded_direct = recorded
+        .iter()
+        .all(|&s| call_target(s) == Some(target(0) as usize));
+    assert!(
+        recorded_direct || !matches!(startup, altpatch::ifunc::Startup::Applied { .. }),
+        "patched at load, yet a recorded call does not call the target"
+    );
     format!(
         "startup: {startup:?}; the stub jumps straight to the target: {direct_stub}; {} \
-         relocated site(s) direct",
-        mine.len()
+         relocated site(s) direct; {} recorded call(s), direct: {recorded_direct}",
+        mine.len(),
+        recorded.len()
     )
 }
 

@@ -123,6 +123,7 @@ pub const SECTIONS: &[&str] = &[
     section_name!(sitetab),
     section_name!(key),
     section_name!(ifunc),
+    section_name!(icall),
 ];
 
 /// What a record section holds.
@@ -139,6 +140,8 @@ pub enum SectionKind {
     Key,
     /// [`IfuncRecord`]s.
     Ifunc,
+    /// [`IfuncCallRecord`]s.
+    IfuncCall,
     /// Self-relative offsets of the crate's own intended indirect branches
     /// (`std`; read by `altpatch audit`, never at run time).
     IndirectOk,
@@ -146,17 +149,18 @@ pub enum SectionKind {
 
 impl SectionKind {
     /// Every kind, in [`SECTIONS`] order (then `IndirectOk`).
-    pub const ALL: [SectionKind; 6] = [
+    pub const ALL: [SectionKind; 7] = [
         SectionKind::Point,
         SectionKind::Alt,
         SectionKind::Sitetab,
         SectionKind::Key,
         SectionKind::Ifunc,
+        SectionKind::IfuncCall,
         SectionKind::IndirectOk,
     ];
 
     /// The last part of the section's name: `point`, `alt`, `sitetab`,
-    /// `key`, `ifunc` or `indirect_ok`.
+    /// `key`, `ifunc`, `icall` or `indirect_ok`.
     pub fn suffix(self) -> &'static str {
         match self {
             SectionKind::Point => "point",
@@ -164,6 +168,7 @@ impl SectionKind {
             SectionKind::Sitetab => "sitetab",
             SectionKind::Key => "key",
             SectionKind::Ifunc => "ifunc",
+            SectionKind::IfuncCall => "icall",
             SectionKind::IndirectOk => "indirect_ok",
         }
     }
@@ -182,6 +187,7 @@ impl SectionKind {
             SectionKind::Sitetab => section_name!(sitetab),
             SectionKind::Key => section_name!(key),
             SectionKind::Ifunc => section_name!(ifunc),
+            SectionKind::IfuncCall => section_name!(icall),
             SectionKind::IndirectOk => section_name!(indirect_ok),
         }
     }
@@ -293,6 +299,9 @@ macro_rules! __altpatch_section {
     };
     (ifunc) => {
         concat!("altpatch_v1_", $crate::__altpatch_tag!(), "_ifunc")
+    };
+    (icall) => {
+        concat!("altpatch_v1_", $crate::__altpatch_tag!(), "_icall")
     };
 }
 
@@ -516,6 +525,31 @@ impl IfuncRecord {
     }
 }
 
+/// One recorded call of an ifunc in an image's `altpatch_v1_<tag>_icall`
+/// section: where a `call rel32` to an ifunc's stub was assembled, and
+/// that stub (8 bytes). Emitted by the call itself (`ifunc!`'s function,
+/// inlined into every caller, see `ifunc::call`), so it names an
+/// instruction boundary the assembler made, in whatever crate the caller
+/// is.
+#[repr(C)]
+#[derive(Debug)]
+pub struct IfuncCallRecord {
+    site: RelPtr,
+    stub: RelPtr,
+}
+
+impl IfuncCallRecord {
+    /// The address of the `call`.
+    pub fn site(&self) -> usize {
+        self.site.get()
+    }
+
+    /// The address of the stub it was assembled to call.
+    pub fn stub(&self) -> usize {
+        self.stub.get()
+    }
+}
+
 /// Declares an accessor for the current binary's table of one record kind
 /// (this copy's section, bounded by the linker's `__start_`/`__stop_`).
 macro_rules! section_table {
@@ -576,6 +610,12 @@ section_table!(
 );
 
 section_table!(
+    /// The recorded ifunc calls of the binary this crate is linked into.
+    pub(crate) fn current_ifunc_calls() -> IfuncCallRecord,
+    icall
+);
+
+section_table!(
     /// The site-table section of the binary this crate is linked into
     /// (empty unless `reserve_site_table!` was used).
     pub(crate) fn current_site_table() -> u8,
@@ -595,11 +635,12 @@ mod tests {
         assert_eq!(core::mem::size_of::<StaticKeyRecord>(), 12);
         assert_eq!(core::mem::align_of::<StaticKeyRecord>(), 4);
         assert_eq!(core::mem::size_of::<IfuncRecord>(), 4);
+        assert_eq!(core::mem::size_of::<IfuncCallRecord>(), 8);
     }
 
     #[test]
     fn names_carry_the_tag_and_parse_back() {
-        assert_eq!(SECTIONS.len(), 5);
+        assert_eq!(SECTIONS.len(), 6);
         for (i, kind) in SectionKind::ALL.iter().enumerate() {
             let name = kind.name();
             if i < SECTIONS.len() {

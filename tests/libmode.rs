@@ -60,6 +60,17 @@ fn run(exe: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> String {
     text
 }
 
+/// The numbers on the line starting with `key`.
+fn line_numbers(out: &str, key: &str) -> Vec<usize> {
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key:?} line:\n{out}"));
+    line.split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect()
+}
+
 fn expected_implementation() -> &'static str {
     if Features::detect().has(Feature::Popcnt) {
         "popcnt"
@@ -73,8 +84,21 @@ fn the_application_gets_the_cpus_implementation_with_the_stub_direct_from_the_st
     let out = run(&built().join("app"), &[], &[]);
     // The library's constructor ran before `main`: resolved, stub direct,
     // before any call.
-    assert!(out.contains("startup Applied { ifuncs: 1 }"), "{out}");
     assert!(out.contains("before-first-call direct true"), "{out}");
+    // The calls `count_raw` recorded (fastlib's own and the ones inlined
+    // into the application) call the implementation directly.
+    let calls = line_numbers(&out, "recorded calls");
+    let [n, to_impl, to_stub] = calls[..] else {
+        panic!("{out}")
+    };
+    assert!(n >= 2, "{out}");
+    assert_eq!((to_impl, to_stub), (n, 0), "{out}");
+    assert!(
+        out.contains(&format!(
+            "startup Applied {{ ifuncs: 1, calls: {n}, left: 0, took: "
+        )),
+        "{out}"
+    );
     assert!(
         out.contains(&format!("implementation {}", expected_implementation())),
         "{out}"
@@ -90,6 +114,8 @@ fn startup_off_leaves_the_stub_and_the_program_correct() {
     let out = run(&built().join("app"), &[], &[("ALTPATCH", "startup=off")]);
     assert!(out.contains("startup Off"), "{out}");
     assert!(out.contains("before-first-call direct false"), "{out}");
+    let calls = line_numbers(&out, "recorded calls");
+    assert!(calls[0] >= 2 && calls[1..] == [0, calls[0]], "{out}");
     assert!(
         out.contains("direct false") && out.contains("APP-OK"),
         "{out}"
@@ -124,7 +150,7 @@ fn the_cdylib_patches_itself_at_each_load_and_nothing_of_the_host() {
     for round in 0..2 {
         assert!(
             out.contains(&format!(
-                "round {round}: direct-at-load 1 implementation {want}"
+                "round {round}: direct-at-load 1 implementation {want} calls-direct 1 "
             )),
             "{out}"
         );
@@ -136,7 +162,10 @@ fn the_cdylib_patches_itself_at_each_load_and_nothing_of_the_host() {
         &[("ALTPATCH", "startup=off")],
     );
     assert!(
-        off.contains("round 1: direct-at-load 0") && off.contains("HOST-OK"),
+        off.contains("round 1: direct-at-load 0 implementation")
+            && off.contains("calls-direct 0 count")
+            && !off.contains("calls-direct 1")
+            && off.contains("HOST-OK"),
         "{off}"
     );
 }

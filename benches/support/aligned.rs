@@ -67,7 +67,7 @@ macro_rules! asm_fn_label {
 /// bytes into the head's block.
 #[macro_export]
 macro_rules! call_loop {
-    ($name:literal, $call:literal) => {
+    ($name:literal, $call:expr) => {
         concat!(
             ".pushsection .text.bench_loops,\"ax\",@progbits\n",
             ".balign 64\n",

@@ -316,13 +316,10 @@ macro_rules! arg_lists {
             #[allow(non_snake_case, unused_mut, unused_variables, unused_assignments)]
             #[inline(always)]
             fn into_registers(self) -> [u64; 6] {
-                const {
-                    assert!(
-                        <Self as CallArgs>::WORDS <= 6,
-                        "altpatch: alternative_call!'s arguments need more than the six \
-                         argument registers"
-                    )
-                };
+                // More than six words is refused where a call is made of
+                // them (`alternative_call!`'s own check; `ifunc!` calls
+                // such a function as rustc does), not here: a branch not
+                // taken may name this function.
                 let ($($a,)*) = self;
                 let mut regs = [0u64; 6];
                 let mut at = 0;
@@ -349,6 +346,12 @@ arg_lists!(
     (A, B, C, D, E),
     (A, B, C, D, E, F)
 );
+
+// SAFETY: a function returning nothing leaves nothing to read.
+unsafe impl CallRet for () {
+    #[inline(always)]
+    unsafe fn from_words(_: [u64; 2]) -> Self {}
+}
 
 /// The result of a call from `[rax, rdx]`. Used by `alternative_call!`.
 ///

@@ -106,6 +106,13 @@ impl Features {
 
     /// Reads the snapshot from `source`.
     pub fn from_source(source: &dyn CpuidSource) -> Features {
+        // Each `cpuid` is a VM exit under a hypervisor (microseconds): every
+        // leaf is asked once, however many features it holds.
+        let cached = Cached {
+            inner: source,
+            memo: core::cell::RefCell::new([None; 24]),
+        };
+        let source: &dyn CpuidSource = &cached;
         let cpuid = raw_cpuid::CpuId::with_cpuid_reader(Reader(source));
         let vendor = match cpuid.get_vendor_info() {
             Some(v) => match v.as_str() {
@@ -326,6 +333,39 @@ impl fmt::Display for Features {
 impl fmt::Debug for Features {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Features({self})")
+    }
+}
+
+/// A [`CpuidSource`] that asks its inner source each (leaf, subleaf) once
+/// (the first 24; later ones pass through).
+struct Cached<'a> {
+    inner: &'a dyn CpuidSource,
+    memo: core::cell::RefCell<[Option<(u32, u32, super::CpuidResult)>; 24]>,
+}
+
+impl CpuidSource for Cached<'_> {
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> super::CpuidResult {
+        let mut memo = self.memo.borrow_mut();
+        for slot in memo.iter_mut() {
+            match slot {
+                Some((l, s, r)) if *l == leaf && *s == subleaf => return *r,
+                Some(_) => {}
+                None => {
+                    let r = self.inner.cpuid(leaf, subleaf);
+                    *slot = Some((leaf, subleaf, r));
+                    return r;
+                }
+            }
+        }
+        self.inner.cpuid(leaf, subleaf)
+    }
+
+    fn xcr0(&self) -> Option<u64> {
+        self.inner.xcr0()
+    }
+
+    fn msr(&self, index: u32) -> Option<u64> {
+        self.inner.msr(index)
     }
 }
 

@@ -216,7 +216,16 @@ macro_rules! __ifunc {
         $(#[$m])*
         #[inline(always)]
         $vis fn $name($($arg: $ty),*) -> $ret {
-            <$name>::__altpatch_ifunc_stub($($arg),*)
+            #[allow(unused_imports)]
+            use $crate::ifunc::{__Plain as _, __Recorded as _};
+            // A recorded `call <stub>` where the C ABI passes everything
+            // in integer registers, rustc's own call otherwise (see
+            // `ifunc::call`).
+            (&&$crate::ifunc::__Probe::<$name, ($($ty,)*), $ret>::NEW).call(
+                ($($arg,)*),
+                #[inline(always)]
+                |($($arg,)*)| <$name>::__altpatch_ifunc_stub_typed()($($arg),*),
+            )
         }
 
         #[doc = concat!("Resolution and state of the ifunc [`", stringify!($name), "()`].")]
@@ -248,7 +257,7 @@ macro_rules! __ifunc {
             }
 
             fn __altpatch_stub_addr() -> usize {
-                <$name>::__altpatch_ifunc_stub as *const () as usize
+                <$name as $crate::ifunc::__IfuncStub>::__altpatch_ifunc_stub as *const () as usize
             }
 
             fn __altpatch_lazy_addr() -> usize {
@@ -260,7 +269,7 @@ macro_rules! __ifunc {
             // an unused ifunc was kept before (its resolver still runs at
             // `init`).
             #[used]
-            static __ALTPATCH_KEEP: extern "C" fn($($ty),*) -> $ret = <$name>::__altpatch_ifunc_stub;
+            static __ALTPATCH_KEEP: extern "C" fn() = <$name as $crate::ifunc::__IfuncStub>::__altpatch_ifunc_stub;
 
             // Patching at load (`ifunc::startup`): the loader runs the
             // object's `.init_array` entries before `main`, or inside
@@ -277,17 +286,17 @@ macro_rules! __ifunc {
                 __altpatch_resolve,
             );
 
-            #[allow(dead_code)]
-            impl $name {
+            // SAFETY: the stub below is a C-ABI function of the ifunc's
+            // signature (it jumps to the lazy path, then to resolver
+            // results, all of that type).
+            unsafe impl $crate::ifunc::__IfuncStub for $name {
                 /// The stub: a static-call trampoline to the lazy path,
                 /// then to the resolved implementation. It also emits the
                 /// record that lets `ifunc::apply` find the ifunc (`global_asm!`
                 /// is not allowed in a function body; a naked function is).
-                #[doc(hidden)]
-                #[allow(improper_ctypes_definitions)]
                 #[unsafe(naked)]
                 #[unsafe(link_section = ".text.altpatch_ifunc")]
-                pub extern "C" fn __altpatch_ifunc_stub($($arg: $ty),*) -> $ret {
+                extern "C" fn __altpatch_ifunc_stub() {
                     ::core::arch::naked_asm!(
                         $crate::__altpatch_trampoline_body!(),
                         $crate::__altpatch_push_section!(ifunc),
@@ -296,6 +305,21 @@ macro_rules! __ifunc {
                         target = sym __altpatch_lazy,
                         state = sym __ALTPATCH_STATE,
                     )
+                }
+            }
+
+            #[allow(dead_code)]
+            impl $name {
+                /// The stub, as a function of the ifunc's type.
+                #[doc(hidden)]
+                #[inline(always)]
+                #[allow(improper_ctypes_definitions)]
+                pub fn __altpatch_ifunc_stub_typed() -> extern "C" fn($($ty),*) -> $ret {
+                    let stub: extern "C" fn() = <$name as $crate::ifunc::__IfuncStub>::__altpatch_ifunc_stub;
+                    // SAFETY: the stub's real signature is the ifunc's
+                    // (see the impl above); a function pointer to a
+                    // function pointer of the same size.
+                    unsafe { ::core::mem::transmute::<extern "C" fn(), extern "C" fn($($ty),*) -> $ret>(stub) }
                 }
 
                 /// The ifunc's state.

@@ -28,16 +28,34 @@
 //!
 //! [`ifunc!`](macro@crate::ifunc) declares the function, a *stub* (a
 //! static-call trampoline, initially jumping to a lazy resolver) and a
-//! resolver that receives the feature snapshot as an argument. Callers
-//! emit `call <stub>`. Until the ifunc is applied, the first call resolves
-//! it — exactly once: concurrent first callers wait for the one running the
-//! resolver rather than racing — using the [published
-//! snapshot](crate::cpu::published); later calls take a short lazy path
-//! (stub, `jmp`, load, indirect jump). [`apply`] (or [`init`] with `std`)
-//! resolves every ifunc of an image with the snapshot you pass, publishes
-//! that snapshot, and in one batch rewrites the stubs to `jmp <impl>` and
-//! every call site from the image's relocations or embedded table to
-//! `call <impl>` (`jmp <impl>` at tail sites).
+//! resolver that receives the feature snapshot as an argument.
+//!
+//! # Without the application's help
+//!
+//! * **Recorded calls.** The function is `#[inline(always)]`; where the C
+//!   ABI passes its arguments and result in integer registers, its body is
+//!   a direct `call <stub>` that records its own address (`call.rs`), so
+//!   every caller, in any crate, is a call altpatch finds without
+//!   relocations ([`Ifunc::recorded_calls`]). Other signatures (floats,
+//!   more than six registers) are called as rustc calls any function.
+//! * **At load** (`std`, Linux): every `ifunc!` registers a constructor; the
+//!   first to run in an object resolves its ifuncs with the [published
+//!   snapshot](crate::cpu::published), makes each stub a direct `jmp` and
+//!   each recorded call a `call <impl>`, in one page-swap publication that
+//!   other threads may run through ([`startup`] says what it did). Opt out
+//!   with the `no-startup` feature or `ALTPATCH=startup=off`.
+//! * **Lazily**, with start-up off or before the constructor ran: the first
+//!   call resolves the ifunc — exactly once: concurrent first callers wait
+//!   for the one running the resolver rather than racing — and, unless
+//!   start-up is off, makes the stub a direct `jmp`. With start-up off,
+//!   later calls take the lazy path: the stub's `jmp`, a load, an indirect
+//!   jump (2.4× a direct call, `benches/ifunc.rs`).
+//!
+//! [`apply`] (or [`init`] with `std`) resolves every ifunc of an image with
+//! the snapshot you pass, publishes that snapshot, and in one batch
+//! rewrites the stubs to `jmp <impl>` and every call site — recorded, from
+//! the image's relocations or from its embedded table — to `call <impl>`
+//! (`jmp <impl>` at tail sites).
 //!
 //! Implementations are `extern "C"` functions of the declared type, like
 //! static-call targets. A resolver must not call its own ifunc.
@@ -58,6 +76,7 @@
 //! address is unchanged. The same works for a dynamically linked program,
 //! whose slots the dynamic loader filled.
 
+mod call;
 mod elf_ifunc;
 mod error;
 mod macros;
@@ -70,6 +89,10 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
+#[doc(hidden)]
+pub use call::{
+    IfuncStub as __IfuncStub, Plain as __Plain, Probe as __Probe, Recorded as __Recorded,
+};
 pub use elf_ifunc::{
     IrelativeEntry, IrelativeError, IrelativeReport, IrelativeTable, PltSitesReport,
     apply_plt_sites, process_irelative,

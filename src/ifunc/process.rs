@@ -121,10 +121,13 @@ pub fn init() -> Result<InitReport, InitError> {
         Ok(s) => (s, None),
         Err(e) => (&[][..], Some(e)),
     };
+    // The calls `ifunc!`'s functions recorded need no relocation.
+    let ifunc_sites = super::call::with_recorded(sites);
     let mut poke = LinuxPoke::running().map_err(InitError::Poke)?;
     // SAFETY: the running poke publishes pages atomically (or runs the INT3
     // protocol); every edit is one instruction for one.
-    let ifuncs = unsafe { apply(&image, &features, sites, &mut poke) }.map_err(InitError::Ifunc)?;
+    let ifuncs =
+        unsafe { apply(&image, &features, &ifunc_sites, &mut poke) }.map_err(InitError::Ifunc)?;
     // SAFETY: as above; the loader filled the GOT slots before main.
     let plt = unsafe { apply_plt_sites(&image, sites, None, &mut poke) }.map_err(InitError::Plt)?;
     Ok(InitReport {

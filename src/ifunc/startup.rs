@@ -12,10 +12,11 @@
 //! swap (safe if other threads exist already: another library's
 //! constructor may have started one). An ifunc first called before that
 //! (from an earlier constructor) makes its own stub direct on the way
-//! ([`after_first_call`]). Either way, from then on every caller — also a
-//! caller in another crate, which reaches the stub through a register the
-//! linker loaded with its address — pays one direct `jmp`, no load and no
-//! indirect branch.
+//! ([`after_first_call`]). The calls the ifunc's function recorded (see
+//! `call.rs`: every caller, in any crate, where the signature allows) are
+//! rewritten in the same publication to `call <impl>`, as direct as a
+//! call written to the implementation; any other caller pays one direct
+//! `jmp` at the stub, no load and no indirect branch.
 //!
 //! Opt-out: the `no-startup` cargo feature, or `startup=off` in `ALTPATCH`
 //! (see [`crate::cpu::Overrides`]); then nothing is patched until the
@@ -51,11 +52,20 @@ pub enum Startup {
     NotRun,
     /// Turned off: the `no-startup` feature or `ALTPATCH=startup=off`.
     Off,
-    /// Every ifunc of the object was resolved and its stub made a direct
-    /// `jmp`.
+    /// Every ifunc of the object was resolved, its stub made a direct
+    /// `jmp` and its recorded calls direct `call`s.
     Applied {
         /// How many ifuncs.
         ifuncs: usize,
+        /// How many recorded calls now call the implementation.
+        calls: usize,
+        /// Recorded calls left calling the stub (still correct, one `jmp`
+        /// longer): a call whose 5 bytes straddle two pages (no single
+        /// page swap changes it at once), or one that does not hold the
+        /// `call <stub>` its record promises (a breakpoint on it).
+        left: usize,
+        /// How long it took (resolvers included), by the monotonic clock.
+        took: core::time::Duration,
     },
     /// Nothing was written: why.
     Failed(std::string::String),
@@ -91,8 +101,14 @@ pub extern "C" fn at_load() {
         return;
     }
     let outcome = if crate::cpu::startup_allowed() {
+        let start = std::time::Instant::now();
         match apply_stubs() {
-            Ok(n) => Startup::Applied { ifuncs: n },
+            Ok((ifuncs, calls, left)) => Startup::Applied {
+                ifuncs,
+                calls,
+                left,
+                took: start.elapsed(),
+            },
             Err(e) => Startup::Failed(e),
         }
     } else {
@@ -103,13 +119,15 @@ pub extern "C" fn at_load() {
 }
 
 /// Resolves every ifunc of this object with the published snapshot and
-/// rewrites each stub to a direct `jmp`, in one publication.
-fn apply_stubs() -> Result<usize, std::string::String> {
+/// rewrites each stub to a direct `jmp` and each recorded call to a direct
+/// `call`, in one publication. Returns the ifuncs, the calls rewritten and
+/// the calls left.
+fn apply_stubs() -> Result<(usize, usize, usize), std::string::String> {
     use std::string::ToString;
     let image = Image::current();
     let records = image.ifuncs();
     if records.is_empty() {
-        return Ok(0);
+        return Ok((0, 0, 0));
     }
     let features = crate::cpu::published();
     let ifuncs: Vec<&'static Ifunc> = records.iter().map(IfuncRecord::ifunc).collect();
@@ -121,14 +139,22 @@ fn apply_stubs() -> Result<usize, std::string::String> {
         edits.push(stub_edit(&image, ifunc, c)?);
         chosen.push(c);
     }
-    // SAFETY: each edit is a stub's `jmp` replaced by a `jmp` to the
-    // resolver's choice (its declared type, checked by the macro), which
-    // other threads may be running: published one page at a time.
+    let mut targets: Vec<(usize, usize)> = ifuncs
+        .iter()
+        .zip(&chosen)
+        .map(|(i, &c)| (i.stub(), c))
+        .collect();
+    targets.sort_unstable();
+    let (calls, left) = super::call::call_edits(&image, &targets, &mut edits);
+    // SAFETY: each edit is a stub's `jmp`, or a recorded `call` of a stub,
+    // replaced by a `jmp` or `call` to the resolver's choice (its declared
+    // type, checked by the macro), which other threads may be running:
+    // published one page at a time, no edit straddling two.
     unsafe { crate::os::linux::retarget_jmps(&edits) }.map_err(|e| e.to_string())?;
     for (ifunc, c) in ifuncs.iter().zip(chosen) {
         ifunc.call.committed(Some(c));
     }
-    Ok(ifuncs.len())
+    Ok((ifuncs.len(), calls, left))
 }
 
 /// The edit that makes `ifunc`'s stub jump to `chosen`: its layout and its

@@ -1,10 +1,12 @@
 //! Retargeting the `jmp`s of stubs (static-call trampolines, ifunc stubs)
-//! in this process's text, live, without the plan machinery.
+//! and recorded `call`s of them in this process's text, live, without the
+//! plan machinery.
 //!
 //! What patching at load needs (see `ifunc::startup`): a library that only
 //! declares ifuncs must not carry a decoder, the listing code or the INT3
 //! protocol into every program that links it. Each edit here is exact — a
-//! 5-byte `jmp rel32` whose current bytes are given, replaced by another —
+//! 5-byte `jmp rel32` or `call rel32` whose current bytes are given,
+//! replaced by another, inside one page —
 //! so it needs none of them: the bytes are compared, not decoded. The
 //! pages are published as the page swap publishes them (`file_swap.rs`:
 //! a fresh mapping of the file, earlier patches carried over, the
@@ -18,7 +20,8 @@ use super::state::{Locked, Shared};
 use super::{maps, poke_log, sys};
 use crate::poke::{PAGE_SIZE, PokeError};
 
-/// One `jmp rel32` to rewrite: at `addr`, `old` now, `new` after.
+/// One `jmp rel32` or `call rel32` to rewrite: at `addr`, `old` now, `new`
+/// after.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct JmpEdit {
     pub(crate) addr: usize,
@@ -28,14 +31,15 @@ pub(crate) struct JmpEdit {
 
 /// Rewrites every edit's `jmp` in one publication (one page swap per page),
 /// after checking each holds its `old` bytes (an edit already holding `new`
-/// is left as it is). Nothing is written if a check fails, a page is not
-/// ordinary text of a file this process can open, or it is sealed.
+/// is left as it is) and lies inside one page. Nothing is written if a
+/// check fails, a page is not ordinary text of a file this process can
+/// open, or it is sealed.
 ///
 /// # Safety
 ///
-/// Each `new` is a `jmp` to a function the stub may reach (its declared
-/// type); the stubs may be running on other threads (each page changes
-/// atomically, one instruction for one).
+/// Each `new` is a `jmp` or `call` to a function the stub (or the call)
+/// may reach (its declared type); the code may be running on other threads
+/// (each page changes atomically, one instruction for one).
 pub(crate) unsafe fn retarget(edits: &[JmpEdit]) -> Result<usize, PokeError> {
     let mut lock = Locked::acquire()?;
     let shared = lock.shared();
@@ -49,7 +53,13 @@ pub(crate) unsafe fn retarget(edits: &[JmpEdit]) -> Result<usize, PokeError> {
         if now != e.old {
             return Err(PokeError::NotText {
                 addr: e.addr,
-                why: "the stub's jmp is not the one expected",
+                why: "the jmp or call is not the one expected",
+            });
+        }
+        if e.addr / PAGE_SIZE != (e.addr + 4) / PAGE_SIZE {
+            return Err(PokeError::NotText {
+                addr: e.addr,
+                why: "a jmp or call straddling two pages cannot change at once",
             });
         }
         todo.push(*e);
@@ -119,7 +129,7 @@ fn publish_run(shared: &mut Shared, run: Range<usize>, edits: &[JmpEdit]) -> Res
         }
         for e in edits.iter().filter(|e| range.contains(&e.addr)) {
             let off = e.addr - page;
-            // A stub is 16-byte aligned: its jmp never crosses a page.
+            // Inside the page (checked in `retarget`).
             want[off..off + 5].copy_from_slice(&e.new);
             owned.push(off..off + 5);
         }

@@ -78,11 +78,22 @@ impl Vma {
 
 /// Every mapping of the process, in address order.
 pub(crate) fn read_vmas() -> Result<Vec<Vma>, PokeError> {
-    let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| PokeError::Os {
+    use std::io::Read;
+    let fail = |e: std::io::Error| PokeError::Os {
         call: "read /proc/self/maps",
         errno: e.raw_os_error().unwrap_or(0),
-    })?;
-    Ok(maps.lines().filter_map(Vma::parse).collect())
+    };
+    // The file reports no size: read it in pages from the start (a
+    // growing buffer from 32 bytes would take a dozen reads).
+    let mut maps = Vec::with_capacity(16 * 1024);
+    std::fs::File::open("/proc/self/maps")
+        .and_then(|mut f| f.read_to_end(&mut maps))
+        .map_err(fail)?;
+    Ok(maps
+        .split(|&b| b == b'\n')
+        .filter_map(|l| core::str::from_utf8(l).ok())
+        .filter_map(Vma::parse)
+        .collect())
 }
 
 /// No file: the page is anonymous memory.
