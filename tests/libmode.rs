@@ -3,7 +3,8 @@
 //! help from the application. `tests/fixtures/libmode` holds the library
 //! (`fastlib`), an application that depends on it alone, built with a
 //! plain `cargo build --release`, and the library as a `cdylib`, which a C
-//! host loads with `dlopen`.
+//! host loads with `dlopen`; `altlib` and `altapp`, the same for an
+//! `alternative!`.
 
 mod common;
 
@@ -167,5 +168,36 @@ fn the_cdylib_patches_itself_at_each_load_and_nothing_of_the_host() {
             && !off.contains("calls-direct 1")
             && off.contains("HOST-OK"),
         "{off}"
+    );
+}
+
+#[test]
+fn a_librarys_alternatives_are_applied_at_load_when_no_other_thread_exists() {
+    let exe = built().join("altapp");
+    let popcnt = Features::detect().has(Feature::Popcnt);
+    let flag = if popcnt { "flag 1" } else { "flag 0" };
+    let out = run(&exe, &[], &[]);
+    let replaced = usize::from(popcnt);
+    assert!(
+        out.contains(&format!(
+            "alt-startup Applied {{ sites: 1, replaced: {replaced}, took: "
+        )),
+        "{out}"
+    );
+    assert!(out.contains(flag) && out.contains("ALTAPP-OK"), "{out}");
+    // Opted out: the default, correct.
+    let off = run(&exe, &[], &[("ALTPATCH", "startup=off")]);
+    assert!(
+        off.contains("alt-startup Off") && off.contains("flag 0") && off.contains("ALTAPP-OK"),
+        "{off}"
+    );
+    // A thread started before any constructor (as another library's
+    // constructor may): the sites keep their defaults, and say why.
+    let threaded = run(&exe, &[], &[("ALTAPP_THREAD", "1")]);
+    assert!(
+        threaded.contains("alt-startup OtherThreads")
+            && threaded.contains("flag 0")
+            && threaded.contains("ALTAPP-OK"),
+        "{threaded}"
     );
 }

@@ -187,7 +187,8 @@ macro_rules! __alternative_asm {
             default [$($d)*] alts [$($($more)*)?] rest [$($rest)*]
         )
     };
-    (idx [$($is:literal)*] pieces [$($p:tt)*] consts [$($c:tt)*] default [$($d:tt)*] alts [] rest [$($rest:tt)*]) => {
+    (idx [$($is:literal)*] pieces [$($p:tt)*] consts [$($c:tt)*] default [$($d:tt)*] alts [] rest [$($rest:tt)*]) => {{
+        $crate::__alternative_at_load!();
         ::core::arch::asm!(
             "8660:",
             $($d)*,
@@ -202,7 +203,28 @@ macro_rules! __alternative_asm {
             $($c)*
             $($rest)*
         )
+    }};
+}
+
+/// Internal: registers the constructor that applies the object's
+/// alternatives when it is loaded (`alternative::startup`).
+#[doc(hidden)]
+#[macro_export]
+#[cfg(all(feature = "std", target_os = "linux"))]
+macro_rules! __alternative_at_load {
+    () => {
+        #[used]
+        #[unsafe(link_section = ".init_array")]
+        static __ALTPATCH_ALT_AT_LOAD: extern "C" fn() = $crate::alternative::__at_load;
     };
+}
+
+/// Internal: nothing to register without `std` on Linux.
+#[doc(hidden)]
+#[macro_export]
+#[cfg(not(all(feature = "std", target_os = "linux")))]
+macro_rules! __alternative_at_load {
+    () => {};
 }
 
 /// Internal: the padding, replacement and record of alternative `$i`.

@@ -20,11 +20,18 @@ mod call_abi;
 mod call_macros;
 mod condition;
 mod macros;
+#[cfg(all(feature = "std", target_os = "linux"))]
+mod startup;
 
 pub use call_abi::{CallArg, CallRet};
 #[doc(hidden)]
 pub use call_abi::{CallArgs, call_result as __call_result};
 pub use condition::Condition;
+#[doc(hidden)]
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub use startup::at_load as __at_load;
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub use startup::{Startup, startup};
 
 use alloc::borrow::Cow;
 use alloc::format;

@@ -233,7 +233,7 @@ pub(super) fn with_recorded(sites: &[crate::sites::Site]) -> alloc::vec::Vec<cra
     use crate::x86::BranchKind;
     let mut all = sites.to_vec();
     let mut listed: alloc::vec::Vec<usize> = sites.iter().map(|s| s.addr).collect();
-    listed.sort_unstable();
+    crate::poke::sort_by_key(&mut listed, |&a| a);
     for r in crate::records::current_ifunc_calls() {
         if listed.binary_search(&r.site()).is_err() {
             all.push(Site {

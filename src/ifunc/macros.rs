@@ -274,10 +274,7 @@ macro_rules! __ifunc {
             // Patching at load (`ifunc::startup`): the loader runs the
             // object's `.init_array` entries before `main`, or inside
             // `dlopen`. Every ifunc registers one; the first does the work.
-            #[cfg(target_os = "linux")]
-            #[used]
-            #[unsafe(link_section = ".init_array")]
-            static __ALTPATCH_AT_LOAD: extern "C" fn() = $crate::ifunc::__at_load;
+            $crate::__ifunc_at_load!();
 
             static __ALTPATCH_STATE: $crate::ifunc::Ifunc = $crate::ifunc::Ifunc::new(
                 stringify!($name),
@@ -348,4 +345,25 @@ macro_rules! __ifunc {
             }
         };
     };
+}
+
+/// Internal: registers the constructor that patches the object's ifuncs
+/// when it is loaded (`ifunc::startup`).
+#[doc(hidden)]
+#[macro_export]
+#[cfg(all(feature = "std", target_os = "linux"))]
+macro_rules! __ifunc_at_load {
+    () => {
+        #[used]
+        #[unsafe(link_section = ".init_array")]
+        static __ALTPATCH_AT_LOAD: extern "C" fn() = $crate::ifunc::__at_load;
+    };
+}
+
+/// Internal: nothing to register without `std` on Linux.
+#[doc(hidden)]
+#[macro_export]
+#[cfg(not(all(feature = "std", target_os = "linux")))]
+macro_rules! __ifunc_at_load {
+    () => {};
 }

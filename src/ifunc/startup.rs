@@ -144,7 +144,7 @@ fn apply_stubs() -> Result<(usize, usize, usize), std::string::String> {
         .zip(&chosen)
         .map(|(i, &c)| (i.stub(), c))
         .collect();
-    targets.sort_unstable();
+    crate::poke::sort_by_key(&mut targets, |&t| t);
     let (calls, left) = super::call::call_edits(&image, &targets, &mut edits);
     // SAFETY: each edit is a stub's `jmp`, or a recorded `call` of a stub,
     // replaced by a `jmp` or `call` to the resolver's choice (its declared

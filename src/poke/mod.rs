@@ -54,10 +54,14 @@ use core::ops::Range;
 mod direct;
 mod fault;
 pub mod live;
+#[cfg(all(feature = "std", target_os = "linux"))]
+mod order;
 mod short;
 
 pub use direct::{DirectPoke, SyncMethod};
 pub use fault::{FaultInjectingPoke, FaultPoint};
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) use order::sort_by_key;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub(crate) use short::unknown_pages;
 pub(crate) use short::{copy_short, in_ranges, load_short, page_span, short_eq};

@@ -67,7 +67,7 @@ pub(crate) unsafe fn retarget(edits: &[JmpEdit]) -> Result<usize, PokeError> {
     if todo.is_empty() {
         return Ok(0);
     }
-    todo.sort_unstable_by_key(|e| e.addr);
+    crate::poke::sort_by_key(&mut todo, |e| e.addr);
     let mut pages: Vec<Range<usize>> = Vec::new();
     for e in &todo {
         let span = crate::poke::page_span(e.addr, e.addr + 5);
@@ -136,7 +136,7 @@ fn publish_run(shared: &mut Shared, run: Range<usize>, edits: &[JmpEdit]) -> Res
         if owned.is_empty() {
             continue;
         }
-        owned.sort_unstable_by_key(|r| r.start);
+        crate::poke::sort_by_key(&mut owned, |r| r.start);
         let origin = shared.text.origin(page).ok_or(PokeError::NotText {
             addr: page,
             why: "not checked",

@@ -103,6 +103,7 @@ mod state;
 mod strategy;
 mod sys;
 mod threads;
+pub(crate) use threads::only_thread;
 mod trap;
 
 #[doc(hidden)]

@@ -181,7 +181,7 @@ pub(super) fn add_foreign(
             owned.push(lo - range.start..hi - range.start);
         }
     }
-    owned.sort_unstable_by_key(|r| r.start);
+    crate::poke::sort_by_key(owned, |r| r.start);
     let mut merged: Vec<Range<usize>> = Vec::with_capacity(owned.len());
     for r in owned.drain(..) {
         match merged.last_mut() {

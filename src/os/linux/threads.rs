@@ -67,3 +67,23 @@ pub(super) fn check_can_trap() -> Result<(), PokeError> {
         tid: last.unwrap_or(0),
     })
 }
+
+/// Whether the calling thread is the process's only one (no other can
+/// appear while it is: only a thread of the process creates one). `false`
+/// when it cannot tell.
+pub(crate) fn only_thread() -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return false;
+    };
+    let mut n = 0;
+    for entry in dir {
+        if entry.is_err() {
+            return false;
+        }
+        n += 1;
+        if n > 1 {
+            return false;
+        }
+    }
+    n == 1
+}

@@ -156,7 +156,7 @@ impl Batch {
                             owned.push(off..off + ours.len());
                         }
                     });
-                    owned.sort_unstable_by_key(|r| r.start);
+                    crate::poke::sort_by_key(&mut owned, |r| r.start);
                     // The other copies' patches on the page, as in a swap.
                     if let Err(e) =
                         super::super::peers::add_foreign(&range, &mut owned, &mut Vec::new())

@@ -1,0 +1,115 @@
+//! Applying alternatives when their object is loaded, without the
+//! application's help (`alternative!` registers [`at_load`]).
+//!
+//! An alternative site may change from several instructions to others,
+//! so unlike an ifunc's one-instruction edits it cannot change under a
+//! thread that is inside it (preempted mid-sequence, it would resume in
+//! the middle of the new one). At load that is proven, not assumed: the
+//! constructor runs on the thread that loads the object, before anything
+//! of the object has run — except on other threads, which another
+//! library's constructor may have started and which may call into an
+//! executable's code (an interposed `malloc`, a callback). So the sites
+//! are applied only while the process has exactly one thread (no other
+//! can appear while it is the only one); otherwise they keep their
+//! defaults, which are correct, and [`startup`] says why, for the program
+//! to call [`apply`](super::apply) when its threads allow.
+
+use core::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+/// Whether this object's start-up ran: not yet, running or done.
+static STATE: AtomicU8 = AtomicU8::new(0);
+
+/// What the start-up of this object did.
+static OUTCOME: OnceLock<Startup> = OnceLock::new();
+
+/// What applying alternatives at load did in the object this copy of
+/// altpatch is linked into.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Startup {
+    /// Not run (yet): no `alternative!` in this object, or its
+    /// constructors have not run.
+    NotRun,
+    /// Turned off: the `no-startup` feature or `ALTPATCH=startup=off`.
+    Off,
+    /// Every site was put in the state the published CPU snapshot
+    /// selects.
+    Applied {
+        /// Sites in the object.
+        sites: usize,
+        /// Sites now running a replacement.
+        replaced: usize,
+        /// How long it took, by the monotonic clock.
+        took: core::time::Duration,
+    },
+    /// Left on their defaults: the process had other threads, which might
+    /// be inside a site.
+    OtherThreads,
+    /// Nothing was written: why.
+    Failed(std::string::String),
+}
+
+/// What applying alternatives at load did in this object.
+///
+/// ```
+/// #[inline(never)]
+/// fn one() -> u64 {
+///     let r: u64;
+///     // SAFETY: both sequences only set `r`.
+///     unsafe { altpatch::alternative!("mov {r}, 1", [never => "mov {r}, 2"], r = out(reg) r) };
+///     r
+/// }
+///
+/// fn main() {
+///     println!("{:?}", altpatch::alternative::startup());
+///     assert_eq!(one(), 1);
+/// }
+/// ```
+pub fn startup() -> Startup {
+    OUTCOME.get().cloned().unwrap_or(Startup::NotRun)
+}
+
+/// The constructor every `alternative!` registers; runs once per object.
+#[doc(hidden)]
+pub extern "C" fn at_load() {
+    if STATE
+        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return;
+    }
+    let outcome = if !crate::cpu::startup_allowed() {
+        Startup::Off
+    } else if !crate::os::linux::only_thread() {
+        Startup::OtherThreads
+    } else {
+        apply_now()
+    };
+    let _ = OUTCOME.set(outcome);
+    STATE.store(2, Ordering::Release);
+}
+
+fn apply_now() -> Startup {
+    use std::string::ToString;
+    let start = std::time::Instant::now();
+    let image = crate::image::Image::current();
+    let features = crate::cpu::published();
+    let mut poke = match crate::os::linux::LinuxPoke::running() {
+        Ok(p) => p,
+        Err(e) => return Startup::Failed(e.to_string()),
+    };
+    // SAFETY: this thread is the process's only one (checked just before;
+    // no other can appear meanwhile), and it is running this constructor,
+    // not a site of the object: the loader called it before any of the
+    // object's code ran. The snapshot is the published one, which never
+    // claims what the CPU lacks.
+    match unsafe { super::apply(&image, &features, &mut poke) } {
+        Ok(r) => Startup::Applied {
+            sites: r.sites.len(),
+            replaced: r.sites.iter().filter(|s| s.chosen.is_some()).count(),
+            took: start.elapsed(),
+        },
+        Err(e) => Startup::Failed(e.to_string()),
+    }
+}
