@@ -4,11 +4,12 @@
 //! today, side by side in one run:
 //!
 //! * `direct`: a direct call of the implementation (the baseline);
-//! * `ifunc_same_crate`: `call <stub>` from the library's own crate, the
-//!   stub made a direct `jmp` when the object was loaded;
-//! * `ifunc_other_crate`: what rustc emits in another crate (the
-//!   application): the stub's address loaded once, before the loop (the
-//!   linker relaxes the GOT load into a `lea`), then `call *%reg`;
+//! * `ifunc_same_crate`: a call nothing recorded (a float signature, C
+//!   code): `call <stub>`, the stub made a direct `jmp` when the object
+//!   was loaded;
+//! * `ifunc_other_crate`: what rustc emits for such a call in another
+//!   crate: the stub's address loaded once, before the loop (the linker
+//!   relaxes the GOT load into a `lea`), then `call *%reg`;
 //! * `atomic_ptr`: `memchr`'s method, an `AtomicPtr` loaded and called
 //!   every time (`mov slot(%rip), %rcx; call *%rcx`);
 //! * `multiversion`: the `multiversion` crate's dispatch;
