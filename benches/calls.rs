@@ -47,8 +47,8 @@ core::arch::global_asm!(
     call_loop!("calls_static_call_trampoline", "call {tramp}"),
     call_loop!("calls_fn_pointer", "call *{ptr}(%rip)"),
     call_loop!("calls_multiversion", "call {mv}"),
-    inline = sym sc_inline::__altpatch_sc_tramp,
-    tramp = sym sc_tramp::__altpatch_sc_tramp,
+    inline = sym <sc_inline as altpatch::static_call::__TrampolineStub>::__altpatch_sc_tramp,
+    tramp = sym <sc_tramp as altpatch::static_call::__TrampolineStub>::__altpatch_sc_tramp,
     ptr = sym PTR,
     mv = sym aligned::multiversion_step,
     options(att_syntax)

@@ -66,7 +66,7 @@ core::arch::global_asm!(
         "lib_recorded",
         concat!(
             "2: call {recorded}\n.pushsection ",
-            altpatch::__altpatch_section!(icall),
+            altpatch::__altpatch_section!(call),
             ",\"aR\",@progbits\n.balign 4\n.long 2b - .\n.long {recorded} - .\n.popsection"
         )
     ),

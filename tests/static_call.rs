@@ -79,8 +79,8 @@ core::arch::global_asm!(
     "tail_void:",
     "jmp {void}",
     ".popsection",
-    inline = sym sc_inline::__altpatch_sc_tramp,
-    void = sym sc_void::__altpatch_sc_tramp,
+    inline = sym <sc_inline as altpatch::static_call::__TrampolineStub>::__altpatch_sc_tramp,
+    void = sym <sc_void as altpatch::static_call::__TrampolineStub>::__altpatch_sc_tramp,
 );
 
 unsafe extern "C" {

@@ -233,7 +233,7 @@ fn section_names_differ_between_copies_and_agree_with_the_macros() {
             altpatch::__altpatch_section!(sitetab),
             altpatch::__altpatch_section!(key),
             altpatch::__altpatch_section!(ifunc),
-            altpatch::__altpatch_section!(icall),
+            altpatch::__altpatch_section!(call),
         ],
         SECTIONS
     );

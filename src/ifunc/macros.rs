@@ -224,7 +224,7 @@ macro_rules! __ifunc {
             (&&$crate::ifunc::__Probe::<$name, ($($ty,)*), $ret>::NEW).call(
                 ($($arg,)*),
                 #[inline(always)]
-                |($($arg,)*)| <$name>::__altpatch_ifunc_stub_typed()($($arg),*),
+                |($($arg,)*)| <$name>::__altpatch_typed_stub()($($arg),*),
             )
         }
 
@@ -311,7 +311,7 @@ macro_rules! __ifunc {
                 #[doc(hidden)]
                 #[inline(always)]
                 #[allow(improper_ctypes_definitions)]
-                pub fn __altpatch_ifunc_stub_typed() -> extern "C" fn($($ty),*) -> $ret {
+                pub fn __altpatch_typed_stub() -> extern "C" fn($($ty),*) -> $ret {
                     let stub: extern "C" fn() = <$name as $crate::ifunc::__IfuncStub>::__altpatch_ifunc_stub;
                     // SAFETY: the stub's real signature is the ifunc's
                     // (see the impl above); a function pointer to a

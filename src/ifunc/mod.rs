@@ -89,12 +89,12 @@ mod startup;
 use core::fmt;
 use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
+#[doc(hidden)]
+pub use crate::static_call::{__Plain, __Recorded};
 pub use apply::{Applied, Report, apply, sites_of};
 pub(crate) use apply::{committed, plan_all};
 #[doc(hidden)]
-pub use call::{
-    IfuncStub as __IfuncStub, Plain as __Plain, Probe as __Probe, Recorded as __Recorded,
-};
+pub use call::{IfuncStub as __IfuncStub, Probe as __Probe};
 pub use elf_ifunc::{
     IrelativeEntry, IrelativeError, IrelativeReport, IrelativeTable, PltSitesReport,
     apply_plt_sites, process_irelative,

@@ -122,7 +122,7 @@ pub fn init() -> Result<InitReport, InitError> {
         Err(e) => (&[][..], Some(e)),
     };
     // The calls `ifunc!`'s functions recorded need no relocation.
-    let ifunc_sites = super::call::with_recorded(sites);
+    let ifunc_sites = crate::static_call::with_recorded(sites, crate::sites::SiteKind::Ifunc);
     let mut poke = LinuxPoke::running().map_err(InitError::Poke)?;
     // SAFETY: the running poke publishes pages atomically (or runs the INT3
     // protocol); every edit is one instruction for one.

@@ -302,26 +302,26 @@ impl IfuncRecord {
     }
 }
 
-/// One recorded call of an ifunc in an image's `altpatch_v1_<tag>_icall`
-/// section: where a `call rel32` to an ifunc's stub was assembled, and
-/// that stub (8 bytes). Emitted by the call itself (`ifunc!`'s function,
-/// inlined into every caller, see `ifunc::call`), so it names an
-/// instruction boundary the assembler made, in whatever crate the caller
-/// is.
+/// One recorded call in an image's `altpatch_v1_<tag>_call` section: where
+/// a `call rel32` to an ifunc's stub or a static call's trampoline was
+/// assembled, and that stub (8 bytes). Emitted by the call itself (the
+/// function `ifunc!` or `static_call!` declares, inlined into every
+/// caller, see `static_call::recorded`), so it names an instruction
+/// boundary the assembler made, in whatever crate the caller is.
 #[repr(C)]
 #[derive(Debug)]
-pub struct IfuncCallRecord {
+pub struct CallRecord {
     site: RelPtr,
     stub: RelPtr,
 }
 
-impl IfuncCallRecord {
+impl CallRecord {
     /// The address of the `call`.
     pub fn site(&self) -> usize {
         self.site.get()
     }
 
-    /// The address of the stub it was assembled to call.
+    /// The address of the stub or trampoline it was assembled to call.
     pub fn stub(&self) -> usize {
         self.stub.get()
     }
@@ -387,9 +387,9 @@ section_table!(
 );
 
 section_table!(
-    /// The recorded ifunc calls of the binary this crate is linked into.
-    pub(crate) fn current_ifunc_calls() -> IfuncCallRecord,
-    icall
+    /// The recorded calls of the binary this crate is linked into.
+    pub(crate) fn current_calls() -> CallRecord,
+    call
 );
 
 section_table!(
@@ -412,7 +412,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<StaticKeyRecord>(), 12);
         assert_eq!(core::mem::align_of::<StaticKeyRecord>(), 4);
         assert_eq!(core::mem::size_of::<IfuncRecord>(), 4);
-        assert_eq!(core::mem::size_of::<IfuncCallRecord>(), 8);
+        assert_eq!(core::mem::size_of::<CallRecord>(), 8);
     }
 
     #[test]

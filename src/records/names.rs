@@ -62,7 +62,7 @@ pub const SECTIONS: &[&str] = &[
     section_name!(sitetab),
     section_name!(key),
     section_name!(ifunc),
-    section_name!(icall),
+    section_name!(call),
 ];
 
 /// What a record section holds.
@@ -79,8 +79,8 @@ pub enum SectionKind {
     Key,
     /// [`IfuncRecord`](super::IfuncRecord)s.
     Ifunc,
-    /// [`IfuncCallRecord`](super::IfuncCallRecord)s.
-    IfuncCall,
+    /// [`CallRecord`](super::CallRecord)s.
+    Call,
     /// Self-relative offsets of the crate's own intended indirect branches
     /// (`std`; read by `altpatch audit`, never at run time).
     IndirectOk,
@@ -94,12 +94,12 @@ impl SectionKind {
         SectionKind::Sitetab,
         SectionKind::Key,
         SectionKind::Ifunc,
-        SectionKind::IfuncCall,
+        SectionKind::Call,
         SectionKind::IndirectOk,
     ];
 
     /// The last part of the section's name: `point`, `alt`, `sitetab`,
-    /// `key`, `ifunc`, `icall` or `indirect_ok`.
+    /// `key`, `ifunc`, `call` or `indirect_ok`.
     pub fn suffix(self) -> &'static str {
         match self {
             SectionKind::Point => "point",
@@ -107,7 +107,7 @@ impl SectionKind {
             SectionKind::Sitetab => "sitetab",
             SectionKind::Key => "key",
             SectionKind::Ifunc => "ifunc",
-            SectionKind::IfuncCall => "icall",
+            SectionKind::Call => "call",
             SectionKind::IndirectOk => "indirect_ok",
         }
     }
@@ -126,7 +126,7 @@ impl SectionKind {
             SectionKind::Sitetab => section_name!(sitetab),
             SectionKind::Key => section_name!(key),
             SectionKind::Ifunc => section_name!(ifunc),
-            SectionKind::IfuncCall => section_name!(icall),
+            SectionKind::Call => section_name!(call),
             SectionKind::IndirectOk => section_name!(indirect_ok),
         }
     }
@@ -214,8 +214,8 @@ macro_rules! __altpatch_section {
     (ifunc) => {
         concat!("altpatch_v1_", $crate::__altpatch_tag!(), "_ifunc")
     };
-    (icall) => {
-        concat!("altpatch_v1_", $crate::__altpatch_tag!(), "_icall")
+    (call) => {
+        concat!("altpatch_v1_", $crate::__altpatch_tag!(), "_call")
     };
 }
 

@@ -196,7 +196,16 @@ macro_rules! __static_call {
         $(#[$m])*
         #[inline(always)]
         $vis fn $name($($arg: $ty),*) -> $ret {
-            <$name>::__altpatch_sc_tramp($($arg),*)
+            #[allow(unused_imports)]
+            use $crate::static_call::{__Plain as _, __Recorded as _};
+            // A recorded `call <trampoline>` where the C ABI passes
+            // everything in integer registers, rustc's own call otherwise
+            // (see `static_call::recorded`).
+            (&&$crate::static_call::__Probe::<$name, ($($ty,)*), $ret>::NEW).call(
+                ($($arg,)*),
+                #[inline(always)]
+                |($($arg,)*)| <$name>::__altpatch_typed_tramp()($($arg),*),
+            )
         }
 
         #[doc = concat!("Updates and inspects the static call [`", stringify!($name), "()`].")]
@@ -218,7 +227,7 @@ macro_rules! __static_call {
             }
 
             fn __altpatch_tramp_addr() -> usize {
-                <$name>::__altpatch_sc_tramp as *const () as usize
+                <$name as $crate::static_call::__TrampolineStub>::__altpatch_sc_tramp as *const () as usize
             }
 
             fn __altpatch_default_addr() -> usize {
@@ -238,21 +247,36 @@ macro_rules! __static_call {
                     )
                 };
 
-            #[allow(dead_code)]
-            impl $name {
+            // SAFETY: the trampoline below is a C-ABI function of the
+            // declared signature (it jumps to targets of that type only).
+            unsafe impl $crate::static_call::__TrampolineStub for $name {
                 /// The trampoline: `endbr64`, `jmp` to the current target,
                 /// then the `0f b9 cc` signature. A naked function, so callers in the
                 /// program reach it with a direct `call` (an `extern`
                 /// declaration would be called through the GOT).
-                #[doc(hidden)]
-                #[allow(improper_ctypes_definitions)]
                 #[unsafe(naked)]
                 #[unsafe(link_section = ".text.altpatch_sc_tramp")]
-                pub extern "C" fn __altpatch_sc_tramp($($arg: $ty),*) -> $ret {
+                extern "C" fn __altpatch_sc_tramp() {
                     ::core::arch::naked_asm!(
                         $crate::__altpatch_trampoline_body!(),
                         target = sym __altpatch_default,
                     )
+                }
+            }
+
+            #[allow(dead_code)]
+            impl $name {
+                /// The trampoline, as a function of the declared type.
+                #[doc(hidden)]
+                #[inline(always)]
+                #[allow(improper_ctypes_definitions)]
+                pub fn __altpatch_typed_tramp() -> extern "C" fn($($ty),*) -> $ret {
+                    let tramp: extern "C" fn() =
+                        <$name as $crate::static_call::__TrampolineStub>::__altpatch_sc_tramp;
+                    // SAFETY: the trampoline's real signature is the
+                    // declared one (see the impl above); a function pointer
+                    // to a function pointer of the same size.
+                    unsafe { ::core::mem::transmute::<extern "C" fn(), extern "C" fn($($ty),*) -> $ret>(tramp) }
                 }
 
                 /// The state of this static call.

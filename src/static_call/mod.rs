@@ -46,23 +46,24 @@
 //! A static call declared in a library works without the application's
 //! help: its trampoline holds the default from the start (nothing to
 //! resolve at load), and an update rewrites the trampoline whatever the
-//! application was linked with. What relocations add is the inline form:
-//! callers in the declaring crate's codegen unit emit `call <trampoline>`,
-//! which `--emit-relocs` lists; callers elsewhere (another crate, another
-//! codegen unit) reach the trampoline through a register rustc loaded with
-//! its address (`lea`, often hoisted out of a loop; `call *%reg`), which
-//! no relocation names, so they keep the trampoline's one direct `jmp`
-//! (1.20× a direct call, against 1.00× for `memchr`'s `AtomicPtr` load and
-//! call, `benches/libmode.rs`). An `ifunc!`, whose target is chosen once,
-//! records its callers' calls and rewrites them at load instead (see
-//! [`ifunc`](mod@crate::ifunc)).
+//! application was linked with. Its calls need no relocations either:
+//! where the C ABI passes the arguments and the result in integer
+//! registers, the function `static_call!` declares is a direct `call
+//! <trampoline>` that records itself (`recorded.rs`), in every caller, in
+//! any crate, and an update rewrites each recorded call to `call
+//! <target>` as it rewrites the sites relocations list
+//! ([`StaticCall::recorded_calls`]). Other signatures (floats, more than
+//! six registers) are called as rustc calls any function: from another
+//! crate or codegen unit through a register loaded with the trampoline's
+//! address, which no relocation names, so they keep the trampoline's one
+//! direct `jmp` (1.20× a direct call, `benches/libmode.rs`).
 //!
 //! An update rewrites, in one batch:
 //!
 //! * **out of line**: the trampoline's `jmp` (or `ret` for "none"), after
 //!   its `endbr64`;
-//! * **inline**: every call site of the trampoline the image's relocations
-//!   (or embedded site table) list — `call target`, a tail site
+//! * **inline**: every recorded call, and every call site of the
+//!   trampoline the image's relocations (or embedded site table) list — `call target`, a tail site
 //!   `jmp target`; for none, a 5-byte NOP, or `ret` + `int3` at a tail site.
 //!   A site the target is out of rel32 range from keeps calling the
 //!   trampoline; conditional tail calls (`jcc`) always do.
@@ -80,8 +81,17 @@ use crate::sync::{UpdateGuard, UpdateLock};
 use crate::x86::{self, BranchKind};
 
 mod macros;
+mod recorded;
 mod typed;
 
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) use recorded::with_recorded;
+#[doc(hidden)]
+pub use recorded::{
+    Plain as __Plain, Probe as __Probe, Recorded as __Recorded, Signature as __Signature,
+    TrampolineStub as __TrampolineStub,
+};
+pub(crate) use recorded::{calls_of, recorded_asm, recorded_probe};
 pub use typed::StaticCall;
 pub(crate) use typed::addr_of;
 #[doc(hidden)]

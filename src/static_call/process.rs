@@ -11,8 +11,8 @@ use crate::plan::PlanError;
 use crate::sites::{Site, SiteKind};
 
 /// The running program's image and its static-call sites by trampoline,
-/// found once. Without relocations or an embedded table the map is empty
-/// and updates go through the trampolines only.
+/// found once: the recorded calls, and the sites of the relocations or the
+/// embedded table.
 fn current() -> &'static (Image<'static>, BTreeMap<usize, Vec<Site>>) {
     static CURRENT: OnceLock<(Image<'static>, BTreeMap<usize, Vec<Site>>)> = OnceLock::new();
     if let Some(c) = CURRENT.get() {
@@ -28,9 +28,12 @@ fn current() -> &'static (Image<'static>, BTreeMap<usize, Vec<Site>>) {
         // The memoized site list every mechanism shares (one parse of the
         // executable per process). Held re-entrantly: the list's own
         // initialization takes the same process lock.
-        if let Ok(sites) = crate::elf::current_sites() {
-            for s in sites.iter().filter(|s| s.kind == SiteKind::StaticCall) {
-                by_tramp.entry(s.target).or_default().push(*s);
+        let sites = crate::elf::current_sites().unwrap_or(&[]);
+        // The calls `static_call!`'s functions recorded need no relocation
+        // (those of ifunc stubs land under keys no trampoline asks for).
+        for s in super::with_recorded(sites, SiteKind::StaticCall) {
+            if s.kind == SiteKind::StaticCall {
+                by_tramp.entry(s.target).or_default().push(s);
             }
         }
         (image, by_tramp)

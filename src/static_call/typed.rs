@@ -87,6 +87,26 @@ impl<F: Copy + 'static> StaticCall<F> {
         self.raw.trampoline()
     }
 
+    /// The calls of this static call its function recorded in the object
+    /// this copy of altpatch is linked into (every caller, in any crate,
+    /// whose arguments and result the C ABI passes in integer registers;
+    /// see [`static_call!`](macro@crate::static_call)). An update rewrites
+    /// each to `call <target>`, as it rewrites the sites relocations list.
+    ///
+    /// ```
+    /// altpatch::static_call! {
+    ///     fn twice(x: u64) -> u64 = double;
+    /// }
+    /// fn double(x: u64) -> u64 { 2 * x }
+    /// fn main() {
+    ///     assert_eq!(twice(21), 42);
+    ///     assert!(!twice::static_call().recorded_calls().is_empty());
+    /// }
+    /// ```
+    pub fn recorded_calls(&self) -> alloc::vec::Vec<usize> {
+        super::calls_of(self.trampoline())
+    }
+
     /// The function calls go to now; `None` after `set_none`.
     pub fn target(&self) -> Option<F> {
         // SAFETY: the raw state only ever holds the default's address (of

@@ -1,7 +1,9 @@
-//! The calls `ifunc!`'s function records in its callers (`ifunc/call.rs`):
-//! a direct `call <stub>` with a record wherever the C ABI passes the
-//! arguments and the result in integer registers, rewritten to `call
-//! <impl>` with no relocation; rustc's own call for other signatures.
+//! The calls `ifunc!`'s and `static_call!`'s functions record in their
+//! callers (`static_call/recorded.rs`): a direct `call <stub>` with a
+//! record wherever the C ABI passes the arguments and the result in
+//! integer registers, rewritten with no relocation (`call <impl>` by an
+//! ifunc's `init`, `call <target>` by a static call's update, live);
+//! rustc's own call for other signatures.
 
 use altpatch::cpu::Features;
 
@@ -87,4 +89,81 @@ fn other_signatures_keep_rustcs_call_and_work() {
     // (Unoptimized builds may keep the recorded forms in the branch not
     // taken: unreachable `call <stub>`s, rewritten harmlessly.)
     assert_eq!(wide(&x, &x, &x, 1), 7);
+}
+
+extern "C" fn add_one(a: u64, b: u64) -> u64 {
+    a + b + 1
+}
+extern "C" fn add_two(a: u64, b: u64) -> u64 {
+    a + b + 2
+}
+
+altpatch::static_call! {
+    fn total(a: u64, b: u64) -> u64 = add_one;
+}
+
+#[inline(never)]
+fn total_caller(v: &[u64]) -> u64 {
+    total(v[0] + v[1], v[2])
+}
+
+#[test]
+fn a_static_calls_recorded_calls_follow_its_updates_while_threads_call_them() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let v = [1u64, 2, 3];
+    assert_eq!(total_caller(&v), 7);
+    let sites = total::static_call().recorded_calls();
+    assert!(!sites.is_empty(), "no recorded call of total");
+    let tramp = total::static_call().trampoline();
+    for &s in &sites {
+        assert_eq!(call_target(s), Some(tramp), "before any update: {s:#x}");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen_two = Arc::new(AtomicU64::new(0));
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, seen_two) = (stop.clone(), seen_two.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = total_caller(&[1, 2, 3]);
+                    assert!(r == 7 || r == 8, "total = {r}");
+                    if r == 8 {
+                        seen_two.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let report = total::update(add_two).expect("update");
+    assert!(report.inlined >= sites.len(), "{report:?}");
+    for &s in &sites {
+        assert_eq!(
+            call_target(s),
+            Some(add_two as *const () as usize),
+            "after the update: {s:#x}"
+        );
+    }
+    let start = std::time::Instant::now();
+    while seen_two.load(Ordering::Relaxed) < 1000 && start.elapsed().as_secs() < 10 {
+        std::thread::yield_now();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        c.join().expect("a caller failed");
+    }
+    assert!(
+        seen_two.load(Ordering::Relaxed) >= 1000,
+        "the callers never saw the update"
+    );
+    assert_eq!(total_caller(&v), 8);
+    total::update(add_one).expect("update back");
+    for &s in &sites {
+        assert_eq!(
+            call_target(s),
+            Some(add_one as *const () as usize),
+            "back: {s:#x}"
+        );
+    }
+    assert_eq!(total_caller(&v), 7);
 }
