@@ -185,6 +185,7 @@ fn a_librarys_alternatives_are_applied_at_load_when_no_other_thread_exists() {
         "{out}"
     );
     assert!(out.contains(flag) && out.contains("ALTAPP-OK"), "{out}");
+    assert!(out.contains("double 42 direct true"), "{out}");
     // Opted out: the default, correct.
     let off = run(&exe, &[], &[("ALTPATCH", "startup=off")]);
     assert!(
@@ -192,12 +193,31 @@ fn a_librarys_alternatives_are_applied_at_load_when_no_other_thread_exists() {
         "{off}"
     );
     // A thread started before any constructor (as another library's
-    // constructor may): the sites keep their defaults, and say why.
-    let threaded = run(&exe, &[], &[("ALTAPP_THREAD", "1")]);
+    // constructor may): the alternative sites keep their defaults, and say
+    // why; the ifunc is patched all the same, by page swap (in place only
+    // while one thread exists), as the text-poke log shows.
+    let log = std::env::temp_dir().join(format!("altapp-{}.log", std::process::id()));
+    let log_s = log.to_str().unwrap();
+    let threaded = run(
+        &exe,
+        &[],
+        &[("ALTAPP_THREAD", "1"), ("ALTPATCH_POKE_LOG", log_s)],
+    );
     assert!(
         threaded.contains("alt-startup OtherThreads")
             && threaded.contains("flag 0")
+            && threaded.contains("double 42 direct true")
             && threaded.contains("ALTAPP-OK"),
         "{threaded}"
+    );
+    let lines = std::fs::read_to_string(&log).unwrap();
+    assert!(lines.contains("page swap (at load)"), "{lines}");
+    let single = run(&exe, &[], &[("ALTPATCH_POKE_LOG", log_s)]);
+    assert!(single.contains("double 42 direct true"), "{single}");
+    let lines = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(
+        lines.contains("in place (at load, the only thread)"),
+        "{lines}"
     );
 }

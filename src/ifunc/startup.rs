@@ -8,9 +8,11 @@
 //! `dlopen`), [`at_load`]: the first of them to run in an object resolves
 //! every ifunc of that object — the records between this copy of
 //! altpatch's `__start_`/`__stop_` bounds, which the linker makes per
-//! object — and rewrites each stub's `jmp` to the implementation, by page
-//! swap (safe if other threads exist already: another library's
-//! constructor may have started one). An ifunc first called before that
+//! object — and rewrites each stub's `jmp` to the implementation: in
+//! place through `/proc/self/mem` while the process has one thread (no
+//! other can run the text), by page swap otherwise (another library's
+//! constructor may have started a thread); either way the text stays the
+//! file's mapping, for uprobes and profilers. An ifunc first called before that
 //! (from an earlier constructor) makes its own stub direct on the way
 //! ([`after_first_call`]). The calls the ifunc's function recorded (see
 //! `call.rs`: every caller, in any crate, where the signature allows) are

@@ -76,20 +76,31 @@ pub(crate) unsafe fn retarget(edits: &[JmpEdit]) -> Result<usize, PokeError> {
             _ => pages.push(span),
         }
     }
-    shared.text.refresh();
-    shared.text.check(&pages)?;
-    shared.procmem.open()?;
-    for r in &pages {
-        if maps::sealed(r) {
-            return Err(PokeError::Sealed {
-                addr: r.start,
-                why: "patching at load only swaps pages",
-            });
+    let method = if super::only_thread() {
+        // No other thread can run the text (none exists, and only a thread
+        // of the process creates one): each 5-byte store may land as it
+        // comes, in place, where the page stays the file's mapping (tools
+        // see it as they do the page swap's). No maps, no file, no swap.
+        // SAFETY: forwarded; the process has this one thread.
+        unsafe { write_in_place(shared, &todo) }?;
+        "pwrite to /proc/self/mem, in place (at load, the only thread)"
+    } else {
+        shared.text.refresh();
+        shared.text.check(&pages)?;
+        shared.procmem.open()?;
+        for r in &pages {
+            if maps::sealed(r) {
+                return Err(PokeError::Sealed {
+                    addr: r.start,
+                    why: "patching at load only swaps pages",
+                });
+            }
         }
-    }
-    for r in &pages {
-        publish_run(shared, r.clone(), &todo)?;
-    }
+        for r in &pages {
+            publish_run(shared, r.clone(), &todo)?;
+        }
+        "pwrite to /proc/self/mem, page swap (at load)"
+    };
     for e in &todo {
         // SAFETY: readable text, just published.
         let now = unsafe { core::ptr::read_unaligned(e.addr as *const [u8; 5]) };
@@ -99,7 +110,7 @@ pub(crate) unsafe fn retarget(edits: &[JmpEdit]) -> Result<usize, PokeError> {
         shared.overlay.record(e.addr, &e.new);
     }
     if shared.log.enabled() {
-        log(shared, &todo);
+        log(shared, &todo, method);
     }
     sys::sync_all_threads()?;
     Ok(todo.len())
@@ -170,11 +181,31 @@ fn publish_run(shared: &mut Shared, run: Range<usize>, edits: &[JmpEdit]) -> Res
     Ok(())
 }
 
+/// Writes each edit in place through `/proc/self/mem`; if one fails, puts
+/// back the ones written and returns the error.
+///
+/// # Safety
+///
+/// As for [`retarget`], and no other thread runs the text.
+unsafe fn write_in_place(shared: &mut Shared, edits: &[JmpEdit]) -> Result<(), PokeError> {
+    shared.procmem.open()?;
+    for (k, e) in edits.iter().enumerate() {
+        // SAFETY: the caller's: validated text of this process that no
+        // other thread runs, `new` one instruction for the one there.
+        if let Err(err) = unsafe { shared.procmem.write(e.addr, &e.new) } {
+            for done in &edits[..k] {
+                // SAFETY: as above, the bytes that were there.
+                let _ = unsafe { shared.procmem.write(done.addr, &done.old) };
+            }
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
 /// The batch's line in the text-poke log.
-fn log(shared: &mut Shared, edits: &[JmpEdit]) {
-    let mut line = shared
-        .log
-        .begin_line("pwrite to /proc/self/mem, page swap (at load)");
+fn log(shared: &mut Shared, edits: &[JmpEdit], method: &'static str) {
+    let mut line = shared.log.begin_line(method);
     for (k, e) in edits.iter().enumerate() {
         let page = e.addr - e.addr % PAGE_SIZE;
         let file = shared.text.origin(page).and_then(|o| {

@@ -70,20 +70,68 @@ pub(super) fn check_can_trap() -> Result<(), PokeError> {
 
 /// Whether the calling thread is the process's only one (no other can
 /// appear while it is: only a thread of the process creates one). `false`
-/// when it cannot tell.
+/// when it cannot tell. Three system calls and no allocation: it runs in
+/// constructors, on every program's start.
 pub(crate) fn only_thread() -> bool {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return false;
+    // SAFETY: open with a NUL-terminated path.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/task".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
     };
-    let mut n = 0;
-    for entry in dir {
-        if entry.is_err() {
-            return false;
+    if fd < 0 {
+        return false;
+    }
+    // Entries are `.`, `..` and one per thread; the first buffer of a
+    // process with one thread holds all three.
+    let mut buf = [0u64; 128];
+    let mut threads = 0usize;
+    let mut ok = true;
+    loop {
+        // SAFETY: `buf` is writable for its length; `fd` is ours.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                fd,
+                buf.as_mut_ptr(),
+                core::mem::size_of_val(&buf),
+            )
+        };
+        if n < 0 {
+            ok = false;
+            break;
         }
-        n += 1;
-        if n > 1 {
-            return false;
+        if n == 0 {
+            break;
+        }
+        let bytes = buf.as_ptr().cast::<u8>();
+        let mut at = 0usize;
+        while at + 20 < n as usize {
+            // SAFETY: inside the `n` bytes the kernel wrote: a
+            // `linux_dirent64` (ino u64, off u64, reclen u16, type u8,
+            // name) at `at`, `reclen` long.
+            let (reclen, name0, name1) = unsafe {
+                (
+                    core::ptr::read_unaligned(bytes.add(at + 16).cast::<u16>()) as usize,
+                    *bytes.add(at + 19),
+                    *bytes.add(at + 20),
+                )
+            };
+            if reclen == 0 {
+                ok = false;
+                break;
+            }
+            // Thread entries are numbers; `.` and `..` are not threads.
+            let dots = name0 == b'.' && (name1 == 0 || name1 == b'.');
+            threads += usize::from(!dots);
+            at += reclen;
+        }
+        if !ok || threads > 1 {
+            break;
         }
     }
-    n == 1
+    // SAFETY: closing the descriptor we opened.
+    unsafe { libc::close(fd) };
+    ok && threads == 1
 }
