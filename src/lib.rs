@@ -87,7 +87,6 @@
 //!   only `core` and `alloc`.
 
 #![no_std]
-#![cfg(target_arch = "x86_64")]
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -95,42 +94,77 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+// Another architecture gets one error that says why, not a crate that
+// compiles to nothing and "unresolved import" at every use. (aarch64 comes
+// through the arch seam of the workspace issue.)
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!(
+    "altpatch supports target_arch = \"x86_64\" only (Linux processes, and \
+     freestanding kernels such as x86_64-unknown-none); aarch64 is planned"
+);
+
+#[cfg(target_arch = "x86_64")]
 pub mod alternative;
+#[cfg(target_arch = "x86_64")]
 pub mod cpu;
+#[cfg(target_arch = "x86_64")]
 #[cfg(feature = "std")]
 pub mod elf;
+#[cfg(target_arch = "x86_64")]
 mod error;
+#[cfg(target_arch = "x86_64")]
 pub mod ifunc;
+#[cfg(target_arch = "x86_64")]
 mod image;
+#[cfg(target_arch = "x86_64")]
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub mod os;
+#[cfg(target_arch = "x86_64")]
 mod patcher;
+#[cfg(target_arch = "x86_64")]
 pub mod plan;
+#[cfg(target_arch = "x86_64")]
 pub mod poke;
+#[cfg(target_arch = "x86_64")]
 pub mod records;
+#[cfg(target_arch = "x86_64")]
 pub mod retpoline;
+#[cfg(target_arch = "x86_64")]
 pub mod sites;
+#[cfg(target_arch = "x86_64")]
 pub mod static_call;
+#[cfg(target_arch = "x86_64")]
 pub mod static_key;
+#[cfg(target_arch = "x86_64")]
 mod sync;
+#[cfg(target_arch = "x86_64")]
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub mod trampoline;
+#[cfg(target_arch = "x86_64")]
 pub mod x86;
 
+#[cfg(target_arch = "x86_64")]
 pub use error::Error;
+#[cfg(target_arch = "x86_64")]
 pub use image::{Image, ImageBuilder};
+#[cfg(target_arch = "x86_64")]
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use os::linux::{LinuxPoke, LoadError, Publish};
+#[cfg(target_arch = "x86_64")]
 pub use patcher::{PatchReport, Patcher};
+#[cfg(target_arch = "x86_64")]
 pub use plan::{ApplyReport, CompactPlan, Edit, Expect, Plan, PlanError, Validation};
+#[cfg(target_arch = "x86_64")]
 pub use poke::{
     DirectPoke, FaultInjectingPoke, FaultPoint, PokeError, Refusal, Strategy, SyncMethod, TextPoke,
 };
 
 /// Formats bytes as space-separated hex pairs (`b8 01 00 00 00`).
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 pub struct HexBytes<'a>(pub &'a [u8]);
 
+#[cfg(target_arch = "x86_64")]
 impl core::fmt::Display for HexBytes<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         for (i, b) in self.0.iter().enumerate() {

@@ -4,10 +4,7 @@ use core::fmt;
 
 pub use super::feature::Feature;
 use super::feature::{EAX, EBX, EDX, Src};
-use super::source::{CpuidSource, Reader};
-
-/// `IA32_ARCH_CAPABILITIES`.
-pub(crate) const MSR_ARCH_CAPABILITIES: u32 = 0x10a;
+use super::source::{CpuidSource, MSR_ARCH_CAPABILITIES, Reader};
 
 /// XCR0 bits that must be enabled by the OS for AVX: SSE and YMM state.
 const XCR0_AVX: u64 = 0b110;

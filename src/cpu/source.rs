@@ -5,6 +5,9 @@ use core::fmt;
 
 use super::CpuidResult;
 
+/// `IA32_ARCH_CAPABILITIES`, the one MSR detection asks a source for.
+pub(crate) const MSR_ARCH_CAPABILITIES: u32 = 0x10a;
+
 /// A source of `cpuid` answers (and the few related registers feature
 /// detection needs), injectable so that tests can replay other CPUs.
 ///
@@ -307,12 +310,8 @@ pub fn dump(source: &dyn CpuidSource) -> impl fmt::Display + '_ {
             if let Some(x) = src.xcr0() {
                 writeln!(f, "xcr0 {x:016x}")?;
             }
-            if let Some(v) = src.msr(super::features::MSR_ARCH_CAPABILITIES) {
-                writeln!(
-                    f,
-                    "msr {:08x} {v:016x}",
-                    super::features::MSR_ARCH_CAPABILITIES
-                )?;
+            if let Some(v) = src.msr(MSR_ARCH_CAPABILITIES) {
+                writeln!(f, "msr {:08x} {v:016x}", MSR_ARCH_CAPABILITIES)?;
             }
             Ok(())
         }

@@ -37,6 +37,7 @@
 
 mod emulate;
 mod int3;
+mod protocol;
 mod shadow;
 mod table;
 
@@ -45,7 +46,7 @@ use core::fmt;
 pub use emulate::{LiveSites, TrapAction, TrapFrame};
 pub use int3::Int3Poke;
 #[cfg(all(feature = "std", target_os = "linux"))]
-pub(crate) use int3::Step;
+pub(crate) use protocol::Step;
 pub use shadow::{NoShadowStack, ShadowStack};
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub(crate) use table::run_published;

@@ -30,7 +30,7 @@ use alloc::vec::Vec;
 use core::ptr;
 use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
-use super::int3::{Step, run_protocol};
+use super::protocol::{Step, run_protocol};
 use super::shadow::{Waited, first_byte};
 use super::{LiveSites, NoShadowStack, ShadowStack, TrapAction, TrapFrame};
 use crate::poke::PokeError;
