@@ -110,6 +110,16 @@ fn the_application_gets_the_cpus_implementation_with_the_stub_direct_from_the_st
     );
 }
 
+/// The binary-size twins (BENCHMARKS.md measures their sizes; nothing here
+/// asserts one) are the same program and count the same, from 5 threads.
+#[test]
+fn the_size_twins_run_and_agree() {
+    let with_altpatch = run(&built().join("size_ifunc"), &[], &[]);
+    let with_atomic_ptr = run(&built().join("size_atomic"), &[], &[]);
+    assert!(with_altpatch.starts_with("SIZE-OK "), "{with_altpatch}");
+    assert_eq!(with_altpatch, with_atomic_ptr);
+}
+
 #[test]
 fn startup_off_leaves_the_stub_and_the_program_correct() {
     let out = run(&built().join("app"), &[], &[("ALTPATCH", "startup=off")]);

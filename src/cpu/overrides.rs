@@ -143,7 +143,7 @@ impl ItemError<'_> {
             ItemError::BadValue { key, value } => OverrideError::BadValue {
                 key: key.into(),
                 value: value.into(),
-                valid: if key.trim() == "startup" {
+                valid: if key.trim_ascii() == "startup" {
                     "on, off"
                 } else {
                     crate::cpu::mitigation::Setting::NAMES
@@ -185,7 +185,7 @@ impl Overrides {
     /// valid and changes nothing.
     pub fn parse(s: &str) -> Result<Overrides, OverrideError> {
         let mut o = Overrides::none();
-        for raw in s.split(',') {
+        for raw in split_at_ascii(s, b',') {
             o.apply_item(raw).map_err(ItemError::into_owned)?;
         }
         Ok(o)
@@ -197,30 +197,32 @@ impl Overrides {
     #[cfg(all(feature = "std", target_os = "linux"))]
     pub(crate) fn parse_quiet(s: &str) -> Option<Overrides> {
         let mut o = Overrides::none();
-        for raw in s.split(',') {
+        for raw in split_at_ascii(s, b',') {
             o.apply_item(raw).ok()?;
         }
         Some(o)
     }
 
-    /// Applies one comma-separated item (surrounding whitespace allowed;
-    /// empty items change nothing). Parsing item by item gives exactly what
+    /// Applies one comma-separated item (surrounding ASCII whitespace
+    /// allowed; empty items change nothing). Parsing item by item gives exactly what
     /// [`parse`](Self::parse) gives for the whole string.
     pub(crate) fn apply_item<'a>(&mut self, raw: &'a str) -> Result<(), ItemError<'a>> {
-        let item = raw.trim();
+        let item = raw.trim_ascii();
         if item.is_empty() {
             return Ok(());
         }
-        if let Some((key, value)) = item.split_once('=') {
-            return match key.trim() {
+        if let Some(eq) = item.bytes().position(|b| b == b'=') {
+            // An ASCII byte is a character boundary.
+            let (key, value) = (&item[..eq], &item[eq + 1..]);
+            return match key.trim_ascii() {
                 "retpoline" => {
-                    let setting = crate::cpu::mitigation::Setting::parse(value.trim())
+                    let setting = crate::cpu::mitigation::Setting::parse(value.trim_ascii())
                         .ok_or(ItemError::BadValue { key, value })?;
                     self.retpoline = Some(setting);
                     Ok(())
                 }
                 "startup" => {
-                    self.startup = Some(match value.trim() {
+                    self.startup = Some(match value.trim_ascii() {
                         "on" => true,
                         "off" => false,
                         _ => return Err(ItemError::BadValue { key, value }),
@@ -366,6 +368,18 @@ impl Features {
         f.set_bits(overrides.set & synthetic, overrides.clear & synthetic);
         f
     }
+}
+
+/// The pieces of `s` between the bytes `sep` (an ASCII character), as
+/// `str::split` gives them — without its searcher, which the parse of
+/// `ALTPATCH` would bring into every program that patches at load.
+fn split_at_ascii(s: &str, sep: u8) -> impl Iterator<Item = &str> {
+    debug_assert!(sep.is_ascii());
+    s.as_bytes().split(move |&b| b == sep).map(|piece| {
+        // SAFETY: `s` is UTF-8 and is cut only at an ASCII byte, which is
+        // never inside a multi-byte character, so each piece is UTF-8.
+        unsafe { core::str::from_utf8_unchecked(piece) }
+    })
 }
 
 #[cfg(test)]

@@ -103,7 +103,7 @@ pub use error::Error;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use process::{InitError, InitReport, init};
 #[cfg(all(feature = "std", target_os = "linux"))]
-pub use startup::{Startup, startup};
+pub use startup::{Startup, StartupError, startup};
 
 /// The constructor `ifunc!` registers in the object that holds it (see
 /// `startup`): resolves the object's ifuncs and makes their stubs direct,

@@ -70,8 +70,42 @@ pub enum Startup {
         took: core::time::Duration,
     },
     /// Nothing was written: why.
-    Failed(std::string::String),
+    Failed(StartupError),
 }
+
+/// Why patching at load wrote nothing (see [`Startup::Failed`]).
+///
+/// Kept as data, formatted only when printed: a library that only declares
+/// ifuncs does not carry the formatting of every error into its users'
+/// programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StartupError {
+    /// An ifunc's stub or choice cannot be patched.
+    Ifunc {
+        /// The ifunc's name.
+        name: &'static str,
+        /// Its stub's address.
+        stub: usize,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// The text could not be written.
+    Poke(crate::poke::PokeError),
+}
+
+impl core::fmt::Display for StartupError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            StartupError::Ifunc { name, stub, why } => {
+                write!(f, "ifunc `{name}` (stub {stub:#x}): {why}")
+            }
+            StartupError::Poke(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for StartupError {}
 
 /// What patching at load did in this object.
 ///
@@ -124,8 +158,7 @@ pub extern "C" fn at_load() {
 /// rewrites each stub to a direct `jmp` and each recorded call to a direct
 /// `call`, in one publication. Returns the ifuncs, the calls rewritten and
 /// the calls left.
-fn apply_stubs() -> Result<(usize, usize, usize), std::string::String> {
-    use std::string::ToString;
+fn apply_stubs() -> Result<(usize, usize, usize), StartupError> {
     let image = Image::current();
     let records = image.ifuncs();
     if records.is_empty() {
@@ -152,7 +185,7 @@ fn apply_stubs() -> Result<(usize, usize, usize), std::string::String> {
     // replaced by a `jmp` or `call` to the resolver's choice (its declared
     // type, checked by the macro), which other threads may be running:
     // published one page at a time, no edit straddling two.
-    unsafe { crate::os::linux::retarget_jmps(&edits) }.map_err(|e| e.to_string())?;
+    unsafe { crate::os::linux::retarget_jmps(&edits) }.map_err(StartupError::Poke)?;
     for (ifunc, c) in ifuncs.iter().zip(chosen) {
         ifunc.call.committed(Some(c));
     }
@@ -161,13 +194,13 @@ fn apply_stubs() -> Result<(usize, usize, usize), std::string::String> {
 
 /// The edit that makes `ifunc`'s stub jump to `chosen`: its layout and its
 /// current `jmp` checked as bytes (no decoding).
-fn stub_edit(
-    image: &Image<'_>,
-    ifunc: &Ifunc,
-    chosen: usize,
-) -> Result<JmpEdit, std::string::String> {
+fn stub_edit(image: &Image<'_>, ifunc: &Ifunc, chosen: usize) -> Result<JmpEdit, StartupError> {
     let stub = ifunc.stub();
-    let fail = |why: &str| std::format!("ifunc `{}` (stub {stub:#x}): {why}", ifunc.name());
+    let fail = |why: &'static str| StartupError::Ifunc {
+        name: ifunc.name(),
+        stub,
+        why,
+    };
     if !image.contains_text(chosen, 1) || !image.contains_text(stub, TRAMPOLINE_LEN) {
         return Err(fail(
             "the stub or the implementation is outside this object's text",

@@ -26,12 +26,12 @@
 //! once re-attached.
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::ops::Range;
 
 use super::procmem::ProcMem;
 use super::runs::file_runs;
+use super::sorted_map::SortedMap;
 use super::sys::{errno, map_file, os_err};
 use crate::poke::{PAGE_SIZE, PokeError};
 
@@ -68,7 +68,7 @@ pub(super) struct Scratch {
     /// Breakpoint-looking bytes after the move.
     suspects: Vec<usize>,
     /// Remembered pages: (device, inode, file offset) -> the file's bytes.
-    cache: BTreeMap<(u64, u64, u64), Box<[u8; PAGE_SIZE]>>,
+    cache: SortedMap<(u64, u64, u64), Box<[u8; PAGE_SIZE]>>,
 }
 
 impl Scratch {
@@ -78,7 +78,7 @@ impl Scratch {
             stores: Vec::new(),
             written: Vec::new(),
             suspects: Vec::new(),
-            cache: BTreeMap::new(),
+            cache: SortedMap::new(),
         }
     }
 
@@ -90,7 +90,9 @@ impl Scratch {
         if (0..pages).all(|i| self.cache.contains_key(&key(i))) {
             self.file.clear();
             for i in 0..pages {
-                self.file.extend_from_slice(&self.cache[&key(i)][..]);
+                if let Some(page) = self.cache.get(&key(i)) {
+                    self.file.extend_from_slice(&page[..]);
+                }
             }
             return Ok(());
         }

@@ -5,13 +5,14 @@
 //! text stays that file's text for the kernel and for every tool), or
 //! anonymous memory.
 
-use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::ops::Range;
 
 use super::files::MappedFile;
 use super::loader::loader_generation;
+use super::sorted_map::SortedMap;
+use super::sys::os_err;
 use crate::poke::{PAGE_SIZE, PokeError};
 
 /// One line of `/proc/self/maps`.
@@ -31,30 +32,29 @@ pub(crate) struct Vma {
 }
 
 impl Vma {
-    fn parse(line: &str) -> Option<Vma> {
-        let mut it = line.splitn(6, ' ');
-        let (a, b) = it.next()?.split_once('-')?;
-        let perms_s = it.next()?.as_bytes();
-        let offset = u64::from_str_radix(it.next()?, 16).ok()?;
-        let (maj, min) = it.next()?.split_once(':')?;
-        let ino = it.next()?.parse().ok()?;
-        let path = it.next().unwrap_or("").trim_start().into();
-        let mut perms = [b'-'; 4];
-        for (d, s) in perms.iter_mut().zip(perms_s) {
-            *d = *s;
-        }
-        let dev = libc::makedev(
-            u32::from_str_radix(maj, 16).ok()?,
-            u32::from_str_radix(min, 16).ok()?,
-        );
+    /// Parses `start-end perms offset major:minor inode   path` (numbers in
+    /// hex but the decimal inode), byte by byte: `str` splitting and
+    /// `from_str_radix` cost kilobytes of code in every program that
+    /// patches at load.
+    fn parse(line: &[u8]) -> Option<Vma> {
+        let mut f = Fields(line);
+        let start = f.hex(b'-')? as usize;
+        let end = f.hex(b' ')? as usize;
+        let perms: [u8; 4] = f.0.get(..4)?.try_into().ok()?;
+        f.0 = f.0.get(4..)?.strip_prefix(b" ")?;
+        let offset = f.hex(b' ')?;
+        let major = f.hex(b':')?;
+        let minor = f.hex(b' ')?;
+        let ino = f.decimal()?;
+        let path = f.0.trim_ascii_start();
         Some(Vma {
-            start: usize::from_str_radix(a, 16).ok()?,
-            end: usize::from_str_radix(b, 16).ok()?,
+            start,
+            end,
             perms,
             offset,
-            dev,
+            dev: libc::makedev(u32::try_from(major).ok()?, u32::try_from(minor).ok()?),
             ino,
-            path,
+            path: String::from_utf8_lossy(path).into_owned(),
         })
     }
 
@@ -76,24 +76,86 @@ impl Vma {
     }
 }
 
+/// The rest of a `/proc/self/maps` line.
+struct Fields<'a>(&'a [u8]);
+
+impl Fields<'_> {
+    /// A hex number ended by `end` (consumed); `None` for no digits, an
+    /// overflow or another byte.
+    fn hex(&mut self, end: u8) -> Option<u64> {
+        let mut v: u64 = 0;
+        let mut digits = 0;
+        while let Some((&b, rest)) = self.0.split_first() {
+            self.0 = rest;
+            if b == end && digits > 0 {
+                return Some(v);
+            }
+            let d = (b as char).to_digit(16)?;
+            v = v.checked_mul(16)?.checked_add(u64::from(d))?;
+            digits += 1;
+        }
+        None
+    }
+
+    /// A decimal number ended by a space (consumed) or the end of the line.
+    fn decimal(&mut self) -> Option<u64> {
+        let mut v: u64 = 0;
+        let mut digits = 0;
+        while let Some((&b, rest)) = self.0.split_first() {
+            self.0 = rest;
+            if b == b' ' {
+                break;
+            }
+            let d = (b as char).to_digit(10)?;
+            v = v.checked_mul(10)?.checked_add(u64::from(d))?;
+            digits += 1;
+        }
+        (digits > 0).then_some(v)
+    }
+}
+
 /// Every mapping of the process, in address order.
 pub(crate) fn read_vmas() -> Result<Vec<Vma>, PokeError> {
-    use std::io::Read;
-    let fail = |e: std::io::Error| PokeError::Os {
-        call: "read /proc/self/maps",
-        errno: e.raw_os_error().unwrap_or(0),
+    // The file reports no size: read it in large pieces from the start (a
+    // growing buffer from 32 bytes would take a dozen reads). By `open` and
+    // `read` themselves: `std::fs` brings path conversion and its error
+    // type into every program that patches at load.
+    // SAFETY: a constant NUL-terminated path; the flags ask for nothing
+    // but a read-only descriptor.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/maps".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
     };
-    // The file reports no size: read it in pages from the start (a
-    // growing buffer from 32 bytes would take a dozen reads).
-    let mut maps = Vec::with_capacity(16 * 1024);
-    std::fs::File::open("/proc/self/maps")
-        .and_then(|mut f| f.read_to_end(&mut maps))
-        .map_err(fail)?;
-    Ok(maps
-        .split(|&b| b == b'\n')
-        .filter_map(|l| core::str::from_utf8(l).ok())
-        .filter_map(Vma::parse)
-        .collect())
+    if fd < 0 {
+        return Err(os_err("open /proc/self/maps"));
+    }
+    let mut maps: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let read = loop {
+        if maps.capacity() - maps.len() < 4096 {
+            maps.reserve(maps.capacity());
+        }
+        let spare = maps.spare_capacity_mut();
+        // SAFETY: `spare` is writable memory of `spare.len()` bytes that
+        // `read` fills from its start.
+        let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+        if n < 0 && super::sys::errno() == libc::EINTR {
+            continue;
+        }
+        if n <= 0 {
+            break n;
+        }
+        // SAFETY: `read` initialized the `n` bytes after the length.
+        unsafe { maps.set_len(maps.len() + n as usize) };
+    };
+    let err = (read < 0).then(|| os_err("read /proc/self/maps"));
+    // SAFETY: our descriptor, closed once.
+    unsafe { libc::close(fd) };
+    if let Some(e) = err {
+        return Err(e);
+    }
+    Ok(maps.split(|&b| b == b'\n').filter_map(Vma::parse).collect())
 }
 
 /// No file: the page is anonymous memory.
@@ -120,7 +182,7 @@ impl Origin {
 /// Guarded by the process lock.
 pub(crate) struct TextPages {
     generation: (u64, u64),
-    checked: BTreeMap<usize, Origin>,
+    checked: SortedMap<usize, Origin>,
     /// The files text pages map (kept across loader changes: a file's
     /// descriptor stays valid, and a reloaded object finds its entry).
     files: Vec<MappedFile>,
@@ -132,7 +194,7 @@ impl TextPages {
     pub(crate) const fn new() -> TextPages {
         TextPages {
             generation: (0, 0),
-            checked: BTreeMap::new(),
+            checked: SortedMap::new(),
             files: Vec::new(),
             reads: 0,
         }
@@ -188,7 +250,7 @@ impl TextPages {
                 }
             }
         }
-        self.checked.extend(found);
+        self.checked.extend_new(found);
         Ok(())
     }
 
@@ -245,7 +307,7 @@ mod tests {
     #[test]
     fn parses_maps_lines() {
         let v = Vma::parse(
-            "55d0c1a00000-55d0c1a42000 r-xp 00003000 fd:01 1234567    /usr/bin/my prog (deleted)",
+            b"55d0c1a00000-55d0c1a42000 r-xp 00003000 fd:01 1234567    /usr/bin/my prog (deleted)",
         )
         .unwrap();
         assert_eq!((v.start, v.end), (0x55d0c1a00000, 0x55d0c1a42000));
@@ -254,9 +316,30 @@ mod tests {
         assert_eq!(v.dev, libc::makedev(0xfd, 1));
         assert_eq!(v.path, "/usr/bin/my prog (deleted)");
         assert_eq!(v.not_text(), None);
-        let anon = Vma::parse("7f0000000000-7f0000001000 rwxp 00000000 00:00 0 ").unwrap();
+        let anon = Vma::parse(b"7f0000000000-7f0000001000 rwxp 00000000 00:00 0 ").unwrap();
         assert_eq!((anon.ino, anon.path.as_str()), (0, ""));
         assert!(anon.not_text().unwrap().contains("JIT"));
-        assert!(Vma::parse("garbage").is_none());
+        let bare = Vma::parse(b"7f0000000000-7f0000001000 r-xp 00000000 00:00 0").unwrap();
+        assert_eq!((bare.ino, bare.path.as_str()), (0, ""));
+        let named = Vma::parse(
+            b"ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsyscall]",
+        )
+        .unwrap();
+        assert_eq!(
+            (named.start, named.path.as_str()),
+            (0xffff_ffff_ff60_0000, "[vsyscall]")
+        );
+        for bad in [
+            &b"garbage"[..],
+            b"",
+            b"-1000 r-xp 00000000 00:00 0",
+            b"1000-2000 r-xp 0000000g 00:00 0",
+            b"1000-2000 r-x 00000000 00:00 0",
+            b"1000-2000 r-xp 00000000 00:00 x",
+            b"1000-2000 r-xp 00000000 00:00 ",
+            b"11112222333344445-2000 r-xp 00000000 00:00 0",
+        ] {
+            assert!(Vma::parse(bad).is_none(), "{:?}", core::str::from_utf8(bad));
+        }
     }
 }

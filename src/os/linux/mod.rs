@@ -99,6 +99,7 @@ mod peers;
 pub mod poke_log;
 mod procmem;
 mod runs;
+mod sorted_map;
 mod state;
 mod strategy;
 mod sys;

@@ -26,7 +26,7 @@ fn copy_short(src: &[u8], dst: &mut [u8]) {
 }
 
 /// One recorded write: `len` bytes at `addr`, kept at `at` in the pool.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Span {
     addr: usize,
     len: u32,
@@ -37,6 +37,41 @@ impl Span {
     fn end(&self) -> usize {
         self.addr + self.len as usize
     }
+}
+
+/// The (at most three) spans that replace the ones a write or a forget
+/// touched: what is left before, the write, what is left after.
+#[derive(Default)]
+struct Keep {
+    spans: [Span; 3],
+    n: usize,
+}
+
+impl Keep {
+    fn push(&mut self, s: Span) {
+        self.spans[self.n] = s;
+        self.n += 1;
+    }
+
+    fn spans(&self) -> &[Span] {
+        &self.spans[..self.n]
+    }
+}
+
+/// `spans[range] = with`, moving the tail once (what `Vec::splice` does,
+/// without its generic machinery in every program that patches).
+fn replace_spans(spans: &mut Vec<Span>, range: Range<usize>, with: &[Span]) {
+    let len = spans.len();
+    let start = range.start;
+    if with.len() > range.len() {
+        let grow = with.len() - range.len();
+        spans.resize(len + grow, with[0]);
+        spans.copy_within(range.end..len, range.end + grow);
+    } else {
+        spans.copy_within(range.end..len, start + with.len());
+        spans.truncate(len - (range.len() - with.len()));
+    }
+    spans[start..start + with.len()].copy_from_slice(with);
 }
 
 /// The recorded writes: sorted, disjoint spans over a pool of bytes.
@@ -102,7 +137,7 @@ impl Overlay {
     fn replace_range(&mut self, i: usize, addr: usize, bytes: &[u8]) {
         let end = addr + bytes.len();
         let j = i + self.spans[i..].partition_point(|s| s.addr < end);
-        let mut keep: Vec<Span> = Vec::with_capacity(3);
+        let mut keep = Keep::default();
         if let Some(first) = self.spans.get(i).filter(|s| s.addr < addr && i < j) {
             keep.push(Span {
                 len: (addr - first.addr) as u32,
@@ -128,9 +163,9 @@ impl Overlay {
             }
         }
         let before: usize = self.spans[i..j].iter().map(|s| s.len as usize).sum();
-        let kept: usize = keep.iter().map(|s| s.len as usize).sum::<usize>() - bytes.len();
+        let kept: usize = keep.spans().iter().map(|s| s.len as usize).sum::<usize>() - bytes.len();
         self.garbage += before - kept;
-        self.spans.splice(i..j, keep);
+        replace_spans(&mut self.spans, i..j, keep.spans());
         self.compact_if_wasteful();
     }
 
@@ -142,7 +177,7 @@ impl Overlay {
         if i == j {
             return;
         }
-        let mut keep: Vec<Span> = Vec::with_capacity(2);
+        let mut keep = Keep::default();
         let (first, last) = (self.spans[i], self.spans[j - 1]);
         if first.addr < range.start {
             keep.push(Span {
@@ -159,9 +194,9 @@ impl Overlay {
             });
         }
         let before: usize = self.spans[i..j].iter().map(|s| s.len as usize).sum();
-        let kept: usize = keep.iter().map(|s| s.len as usize).sum();
+        let kept: usize = keep.spans().iter().map(|s| s.len as usize).sum();
         self.garbage += before - kept;
-        self.spans.splice(i..j, keep);
+        replace_spans(&mut self.spans, i..j, keep.spans());
         self.compact_if_wasteful();
     }
 

@@ -33,7 +33,6 @@
 //! are not in the text a decoder should decode).
 
 use alloc::string::String;
-use core::fmt::Write as _;
 
 use super::sys::errno;
 
@@ -78,14 +77,17 @@ impl PokeLog {
         let mut s = String::with_capacity(256);
         // SAFETY: getpid has no preconditions.
         let pid = unsafe { libc::getpid() };
-        let _ = write!(
-            s,
-            "{{\"v\":1,\"pid\":{pid},\"seq\":{},\"monotonic_ns\":\"{}\",\"realtime_ns\":\"{}\",\
-             \"method\":\"{method}\",\"edits\":[",
-            self.seq,
-            now(libc::CLOCK_MONOTONIC),
-            now(libc::CLOCK_REALTIME),
-        );
+        s.push_str("{\"v\":1,\"pid\":");
+        push_number(&mut s, pid as u64, 10, 1);
+        s.push_str(",\"seq\":");
+        push_number(&mut s, self.seq, 10, 1);
+        s.push_str(",\"monotonic_ns\":\"");
+        push_number(&mut s, now(libc::CLOCK_MONOTONIC), 10, 1);
+        s.push_str("\",\"realtime_ns\":\"");
+        push_number(&mut s, now(libc::CLOCK_REALTIME), 10, 1);
+        s.push_str("\",\"method\":\"");
+        json_escape(&mut s, method);
+        s.push_str("\",\"edits\":[");
         s
     }
 
@@ -121,11 +123,15 @@ pub(super) fn push_edit(
     if !first {
         line.push(',');
     }
-    let _ = write!(line, "{{\"addr\":\"{addr:#x}\"");
+    line.push_str("{\"addr\":\"0x");
+    push_number(line, addr as u64, 16, 1);
+    line.push('"');
     if let Some((path, offset)) = file {
         line.push_str(",\"file\":\"");
         json_escape(line, path);
-        let _ = write!(line, "\",\"offset\":\"{offset:#x}\"");
+        line.push_str("\",\"offset\":\"0x");
+        push_number(line, offset, 16, 1);
+        line.push('"');
     }
     line.push_str(",\"old\":\"");
     hex(line, old);
@@ -135,22 +141,47 @@ pub(super) fn push_edit(
 }
 
 fn hex(out: &mut String, b: &[u8]) {
-    for x in b {
-        let _ = write!(out, "{x:02x}");
+    for &x in b {
+        push_number(out, u64::from(x), 16, 2);
     }
 }
 
-fn json_escape(out: &mut String, s: &str) {
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
+/// Appends `v` in `base` (10 or 16, lower case), at least `width` digits.
+/// By hand: `write!` into a `String` brings its `fmt::Write` glue into
+/// every program that patches at load.
+#[inline(never)]
+fn push_number(out: &mut String, mut v: u64, base: u64, width: usize) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [b'0'; 20];
+    let mut i = buf.len();
+    while v != 0 || buf.len() - i < width {
+        i -= 1;
+        buf[i] = DIGITS[(v % base) as usize];
+        v /= base;
     }
+    // SAFETY: ASCII digits only.
+    out.push_str(unsafe { core::str::from_utf8_unchecked(&buf[i..]) });
+}
+
+#[inline(never)]
+fn json_escape(out: &mut String, s: &str) {
+    let mut from = 0;
+    for (i, b) in s.bytes().enumerate() {
+        if b != b'"' && b != b'\\' && b >= 0x20 {
+            continue;
+        }
+        // `i` holds an ASCII byte: a character boundary.
+        out.push_str(&s[from..i]);
+        out.push('\\');
+        if b < 0x20 {
+            out.push('u');
+            push_number(out, u64::from(b), 16, 4);
+        } else {
+            out.push(char::from(b));
+        }
+        from = i + 1;
+    }
+    out.push_str(&s[from..]);
 }
 
 fn now(clock: libc::clockid_t) -> u64 {
@@ -193,5 +224,43 @@ impl PokeLog {
         }
         self.fd = fd;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{hex, json_escape, push_number};
+    use alloc::string::String;
+
+    #[test]
+    fn numbers_and_escapes_read_as_format_writes_them() {
+        for v in [
+            0u64,
+            1,
+            9,
+            10,
+            15,
+            16,
+            255,
+            4096,
+            0xffff_ffff_8100_024c,
+            u64::MAX,
+        ] {
+            let mut s = String::new();
+            push_number(&mut s, v, 10, 1);
+            assert_eq!(s, alloc::format!("{v}"));
+            s.clear();
+            push_number(&mut s, v, 16, 1);
+            assert_eq!(s, alloc::format!("{v:x}"));
+            s.clear();
+            push_number(&mut s, v, 16, 4);
+            assert_eq!(s, alloc::format!("{v:04x}"));
+        }
+        let mut s = String::new();
+        hex(&mut s, &[0xe9, 0x00, 0x0a, 0xff]);
+        assert_eq!(s, "e9000aff");
+        s.clear();
+        json_escape(&mut s, "a\"b\\c\u{1}é");
+        assert_eq!(s, "a\\\"b\\\\c\\u0001é");
     }
 }

@@ -252,7 +252,8 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void, c
 /// # Safety
 ///
 /// `f` must be a function taking (up to) three integer arguments in the C
-/// calling convention that is safe to call with these values.
+/// calling convention that is safe to call with these values. Called only
+/// from [`on_sigtrap`] (the record names it).
 #[inline(always)]
 unsafe fn call3(f: usize, a: usize, b: usize, c: usize) {
     // SAFETY: the stack is aligned for a call at an asm block (no
@@ -263,16 +264,20 @@ unsafe fn call3(f: usize, a: usize, b: usize, c: usize) {
             "2:",
             "call {f}",
             // An intended indirect call (it must not be a thunk site, see
-            // above): recorded so `altpatch audit` does not report it.
+            // above): recorded so `altpatch audit` does not report it. The
+            // record is linked to the handler's section ("o"), not retained
+            // by itself: a program that never installs the handler (one
+            // that only patches at load) sheds handler and record together.
             concat!(
                 ".pushsection ",
                 crate::records::section_name!(indirect_ok),
-                ",\"aR\",@progbits"
+                ",\"ao\",@progbits,{handler}"
             ),
             ".balign 4",
             ".long 2b - .",
             ".popsection",
             f = in(reg) f,
+            handler = sym on_sigtrap,
             in("rdi") a,
             in("rsi") b,
             in("rdx") c,
