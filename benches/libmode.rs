@@ -4,8 +4,8 @@
 //! today, side by side in one run:
 //!
 //! * `direct`: a direct call of the implementation (the baseline);
-//! * `ifunc_same_crate`: a call nothing recorded (a float signature, C
-//!   code): `call <stub>`, the stub made a direct `jmp` when the object
+//! * `ifunc_same_crate`: a call nothing recorded (more than six
+//!   registers' worth, more than four floats, C code): `call <stub>`, the stub made a direct `jmp` when the object
 //!   was loaded;
 //! * `ifunc_other_crate`: what rustc emits for such a call in another
 //!   crate: the stub's address loaded once, before the loop (the linker

@@ -33,11 +33,13 @@
 //! # Without the application's help
 //!
 //! * **Recorded calls.** The function is `#[inline(always)]`; where the C
-//!   ABI passes its arguments and result in integer registers, its body is
-//!   a direct `call <stub>` that records its own address (`call.rs`), so
-//!   every caller, in any crate, is a call altpatch finds without
-//!   relocations ([`Ifunc::recorded_calls`]). Other signatures (floats,
-//!   more than six registers) are called as rustc calls any function.
+//!   ABI passes its arguments and result in registers (integers, pointers
+//!   and slices in at most six general-purpose ones, up to four `f32`/`f64`
+//!   in SSE ones), its body is a direct `call <stub>` that records its own
+//!   address (`call.rs`), so every caller, in any crate, is a call altpatch
+//!   finds without relocations ([`Ifunc::recorded_calls`]). Other
+//!   signatures (more registers' worth, aggregates in memory) are called
+//!   as rustc calls any function.
 //! * **At load** (`std`, Linux): every `ifunc!` registers a constructor; the
 //!   first to run in an object resolves its ifuncs with the [published
 //!   snapshot](crate::cpu::published), makes each stub a direct `jmp` and

@@ -47,13 +47,14 @@
 //! help: its trampoline holds the default from the start (nothing to
 //! resolve at load), and an update rewrites the trampoline whatever the
 //! application was linked with. Its calls need no relocations either:
-//! where the C ABI passes the arguments and the result in integer
-//! registers, the function `static_call!` declares is a direct `call
-//! <trampoline>` that records itself (`recorded.rs`), in every caller, in
-//! any crate, and an update rewrites each recorded call to `call
-//! <target>` as it rewrites the sites relocations list
-//! ([`StaticCall::recorded_calls`]). Other signatures (floats, more than
-//! six registers) are called as rustc calls any function: from another
+//! where the C ABI passes the arguments and the result in registers
+//! (integers, pointers and slices in at most six general-purpose ones, up
+//! to four `f32`/`f64` in SSE ones), the function `static_call!` declares
+//! is a direct `call <trampoline>` that records itself (`recorded.rs`), in
+//! every caller, in any crate, and an update rewrites each recorded call
+//! to `call <target>` as it rewrites the sites relocations list
+//! ([`StaticCall::recorded_calls`]). Other signatures (more registers'
+//! worth, aggregates in memory) are called as rustc calls any function: from another
 //! crate or codegen unit through a register loaded with the trampoline's
 //! address, which no relocation names, so they keep the trampoline's one
 //! direct `jmp` (1.20× a direct call, `benches/libmode.rs`).
@@ -82,6 +83,7 @@ use crate::x86::{self, BranchKind};
 
 mod macros;
 mod recorded;
+mod recorded_abi;
 mod typed;
 
 #[cfg(all(feature = "std", target_os = "linux"))]
@@ -91,7 +93,12 @@ pub use recorded::{
     Plain as __Plain, Probe as __Probe, Recorded as __Recorded, Signature as __Signature,
     TrampolineStub as __TrampolineStub,
 };
-pub(crate) use recorded::{calls_of, recorded_asm, recorded_probe};
+pub(crate) use recorded::{calls_of, recorded_asm, recorded_gp, recorded_probe, recorded_xmm};
+#[doc(hidden)]
+pub use recorded_abi::{
+    MAX_SSE as __MAX_SSE, RecordedArg as __RecordedArg, RecordedArgs as __RecordedArgs,
+    RecordedRet as __RecordedRet,
+};
 pub use typed::StaticCall;
 pub(crate) use typed::addr_of;
 #[doc(hidden)]

@@ -7,9 +7,10 @@
 //! another codegen unit) reaches the stub or trampoline through the GOT:
 //! the load hoisted out of a loop, then `call *%reg`, a site no relocation
 //! survives to name. So where the C ABI passes every argument and the
-//! result in the integer registers (`CallArgs`/`CallRet`: integers,
-//! pointers, references, slices, `&str`, `u128`, pairs), the body is an
-//! `asm!` block instead: `call <stub>`, assembled as a direct `call
+//! result in registers (`recorded_abi.rs`: integers, pointers, references,
+//! slices, `&str`, `u128` and pairs in at most six general-purpose
+//! registers; up to four `f32`/`f64` in `xmm0`–`xmm3`; a result in
+//! `rax`/`rdx` or `xmm0`), the body is an `asm!` block instead: `call <stub>`, assembled as a direct `call
 //! rel32`, and a [`CallRecord`](crate::records::CallRecord) of its address
 //! and the stub's in this copy's `call` section. Whoever rewrites the call
 //! (an ifunc at load, a static call's update) first compares its 5 bytes
@@ -17,9 +18,10 @@
 //! boundary the assembler made, so nothing is decoded and nothing is
 //! guessed.
 //!
-//! Other signatures (a float argument or result, more than six registers'
-//! worth) keep rustc's own call, chosen at compile time by autoref
-//! specialization ([`Recorded`] is tried before [`Plain`]).
+//! Other signatures (more than six general-purpose registers' worth, more
+//! than four floats, aggregates the ABI passes in memory) keep rustc's own
+//! call, chosen at compile time by autoref specialization ([`Recorded`] is
+//! tried before [`Plain`]).
 
 #[cfg(all(feature = "std", target_os = "linux"))]
 use {
@@ -48,23 +50,37 @@ pub trait Plain<A, R> {
 pub type Signature<T, A, R> = (fn(A) -> R, T);
 
 /// The `asm!` of a recorded call of `$stub` whose arguments take the
-/// registers listed (in order): `call <stub>`, then its record. `rdx`
-/// carries the third argument in, if there is one, and the result's
-/// second word out.
+/// general-purpose registers listed (in order) and the SSE registers
+/// listed: `call <stub>`, then its record. `rdx` carries the third
+/// integer argument in, if there is one, and the result's second word out;
+/// `xmm0` the first float argument in, if there is one, and a float
+/// result out.
 macro_rules! recorded_asm {
-    ([$($stub:tt)+] $regs:ident, [$($r:tt $i:tt),*]) => {
-        $crate::static_call::recorded_asm!(@asm [$($stub)+] rdx [$(inout($r) $regs[$i] => _,)* lateout("rdx") rdx,])
+    ([$($stub:tt)+] $regs:ident $sse:ident, [$($r:tt $i:tt),*], [$($x:tt $j:tt),*]) => {
+        $crate::static_call::recorded_asm!(@xmm [$($stub)+] $sse rdx [$($x $j),*]
+            [$(inout($r) $regs[$i] => _,)* lateout("rdx") rdx,])
     };
-    ([$($stub:tt)+] $regs:ident, [$($r:tt $i:tt),*], rdx $k:tt) => {
-        $crate::static_call::recorded_asm!(@asm [$($stub)+] rdx [$(inout($r) $regs[$i] => _,)* inout("rdx") $regs[$k] => rdx,])
+    ([$($stub:tt)+] $regs:ident $sse:ident, [$($r:tt $i:tt),*], rdx $k:tt, [$($x:tt $j:tt),*]) => {
+        $crate::static_call::recorded_asm!(@xmm [$($stub)+] $sse rdx [$($x $j),*]
+            [$(inout($r) $regs[$i] => _,)* inout("rdx") $regs[$k] => rdx,])
     };
+    (@xmm [$($stub:tt)+] $sse:ident $rdx:ident [] [$($operands:tt)*]) => {
+        $crate::static_call::recorded_xmm!(@none [$($stub)+] $rdx [$($operands)*])
+    };
+    (@xmm [$($stub:tt)+] $sse:ident $rdx:ident ["xmm0" 0 $(, $x:tt $j:tt)*] [$($operands:tt)*]) => {{
+        let xmm0: f64;
+        let (rax, rdx) = $crate::static_call::recorded_asm!(@asm [$($stub)+] $rdx
+            [$($operands)* inout("xmm0") f64::from_bits($sse[0]) => xmm0,
+             $(inout($x) f64::from_bits($sse[$j]) => _,)*]);
+        (rax, rdx, xmm0.to_bits())
+    }};
     (@asm [$($stub:tt)+] $rdx:ident [$($operands:tt)*]) => {{
         let rax: u64;
         let $rdx: u64;
         // SAFETY: the stub is a C-ABI function taking exactly these
-        // registers' worth of arguments (`CallArgs` put each in the
-        // registers the ABI gives it) and returning `R` in `rax`/`rdx`;
-        // every caller-saved register is declared clobbered
+        // registers' worth of arguments (`RecordedArgs` put each in the
+        // register the ABI gives it) and returning `R` in `rax`/`rdx` or
+        // `xmm0`; every caller-saved register is declared clobbered
         // (`clobber_abi`); without `nostack` the stack is aligned for a
         // call. The record only adds two offsets to a data section.
         unsafe {
@@ -88,7 +104,32 @@ macro_rules! recorded_asm {
         (rax, $rdx)
     }};
 }
+
+/// A recorded call with no float argument: `xmm0` is read back for a
+/// float result where the target has SSE registers...
+#[cfg(target_feature = "sse2")]
+macro_rules! recorded_xmm {
+    (@none [$($stub:tt)+] $rdx:ident [$($operands:tt)*]) => {{
+        let xmm0: f64;
+        let (rax, rdx) = $crate::static_call::recorded_asm!(@asm [$($stub)+] $rdx
+            [$($operands)* lateout("xmm0") xmm0,]);
+        (rax, rdx, xmm0.to_bits())
+    }};
+}
+
+/// ...and not named where it has none (`x86_64-unknown-none`: no float is
+/// a `RecordedArg` or `RecordedRet` there, and `asm!` may not name an SSE
+/// register).
+#[cfg(not(target_feature = "sse2"))]
+macro_rules! recorded_xmm {
+    (@none [$($stub:tt)+] $rdx:ident [$($operands:tt)*]) => {{
+        let (rax, rdx) =
+            $crate::static_call::recorded_asm!(@asm [$($stub)+] $rdx [$($operands)*]);
+        (rax, rdx, 0u64)
+    }};
+}
 pub(crate) use recorded_asm;
+pub(crate) use recorded_xmm;
 
 /// Defines the probe type `$probe<T, A, R>` of items implementing
 /// `$stub_trait` (whose `$method` is the stub) and its [`Recorded`] and
@@ -114,43 +155,76 @@ macro_rules! recorded_probe {
         impl<T, A, R> $crate::static_call::__Recorded<A, R> for &$probe<T, A, R>
         where
             T: $stub_trait,
-            A: $crate::alternative::CallArgs,
-            R: $crate::alternative::CallRet,
+            A: $crate::static_call::__RecordedArgs,
+            R: $crate::static_call::__RecordedRet,
         {
             #[inline(always)]
             fn call(&self, args: A, plain: impl FnOnce(A) -> R) -> R {
-                use $crate::alternative::CallArgs;
-                if <A as CallArgs>::WORDS > 6 {
+                use $crate::static_call::__RecordedArgs as Args;
+                if <A as Args>::WORDS > 6 || <A as Args>::SSE > $crate::static_call::__MAX_SSE {
                     return plain(args);
                 }
-                let regs = args.into_registers();
+                #[allow(unused_variables)] // `sse`, where no float is recorded
+                let (regs, sse) = args.into_registers();
                 // Exactly the registers the arguments take: no register
-                // set to a value nobody reads (a constant match, folded at
+                // set to a value nobody reads (constant matches, folded at
                 // compile time).
-                let (rax, rdx) = match <A as CallArgs>::WORDS {
-                    0 => $crate::static_call::recorded_asm!([<T as $stub_trait>::$method] regs, []),
-                    1 => $crate::static_call::recorded_asm!([<T as $stub_trait>::$method] regs, ["rdi" 0]),
-                    2 => $crate::static_call::recorded_asm!([<T as $stub_trait>::$method] regs, ["rdi" 0, "rsi" 1]),
-                    3 => $crate::static_call::recorded_asm!(
-                        [<T as $stub_trait>::$method] regs, ["rdi" 0, "rsi" 1], rdx 2
+                let (rax, rdx, xmm0) = match <A as Args>::SSE {
+                    // Without SSE registers no argument is a float (`f32`
+                    // and `f64` are no `RecordedArg`s there): every
+                    // recorded call is this one.
+                    #[cfg(not(target_feature = "sse2"))]
+                    _ => $crate::static_call::recorded_gp!([<T as $stub_trait>::$method] regs sse A, []),
+                    #[cfg(target_feature = "sse2")]
+                    0 => $crate::static_call::recorded_gp!([<T as $stub_trait>::$method] regs sse A, []),
+                    #[cfg(target_feature = "sse2")]
+                    1 => $crate::static_call::recorded_gp!([<T as $stub_trait>::$method] regs sse A, ["xmm0" 0]),
+                    #[cfg(target_feature = "sse2")]
+                    2 => $crate::static_call::recorded_gp!(
+                        [<T as $stub_trait>::$method] regs sse A, ["xmm0" 0, "xmm1" 1]
                     ),
-                    4 => $crate::static_call::recorded_asm!(
-                        [<T as $stub_trait>::$method] regs, ["rdi" 0, "rsi" 1, "rcx" 3], rdx 2
+                    #[cfg(target_feature = "sse2")]
+                    3 => $crate::static_call::recorded_gp!(
+                        [<T as $stub_trait>::$method] regs sse A, ["xmm0" 0, "xmm1" 1, "xmm2" 2]
                     ),
-                    5 => $crate::static_call::recorded_asm!(
-                        [<T as $stub_trait>::$method] regs, ["rdi" 0, "rsi" 1, "rcx" 3, "r8" 4], rdx 2
-                    ),
-                    _ => $crate::static_call::recorded_asm!(
-                        [<T as $stub_trait>::$method] regs,
-                        ["rdi" 0, "rsi" 1, "rcx" 3, "r8" 4, "r9" 5], rdx 2
+                    #[cfg(target_feature = "sse2")]
+                    _ => $crate::static_call::recorded_gp!(
+                        [<T as $stub_trait>::$method] regs sse A,
+                        ["xmm0" 0, "xmm1" 1, "xmm2" 2, "xmm3" 3]
                     ),
                 };
                 // SAFETY: the registers a function returning `R` left.
-                unsafe { $crate::alternative::__call_result::<R>(rax, rdx) }
+                unsafe { <R as $crate::static_call::__RecordedRet>::from_registers(rax, rdx, xmm0) }
             }
         }
     };
 }
+
+/// The recorded call of `$stub` for the SSE registers listed, by how many
+/// general-purpose registers the arguments `$args` take.
+macro_rules! recorded_gp {
+    ([$($stub:tt)+] $regs:ident $sse:ident $args:ident, [$($x:tt)*]) => {
+        match <$args as $crate::static_call::__RecordedArgs>::WORDS {
+            0 => $crate::static_call::recorded_asm!([$($stub)+] $regs $sse, [], [$($x)*]),
+            1 => $crate::static_call::recorded_asm!([$($stub)+] $regs $sse, ["rdi" 0], [$($x)*]),
+            2 => $crate::static_call::recorded_asm!([$($stub)+] $regs $sse, ["rdi" 0, "rsi" 1], [$($x)*]),
+            3 => $crate::static_call::recorded_asm!(
+                [$($stub)+] $regs $sse, ["rdi" 0, "rsi" 1], rdx 2, [$($x)*]
+            ),
+            4 => $crate::static_call::recorded_asm!(
+                [$($stub)+] $regs $sse, ["rdi" 0, "rsi" 1, "rcx" 3], rdx 2, [$($x)*]
+            ),
+            5 => $crate::static_call::recorded_asm!(
+                [$($stub)+] $regs $sse, ["rdi" 0, "rsi" 1, "rcx" 3, "r8" 4], rdx 2, [$($x)*]
+            ),
+            _ => $crate::static_call::recorded_asm!(
+                [$($stub)+] $regs $sse,
+                ["rdi" 0, "rsi" 1, "rcx" 3, "r8" 4, "r9" 5], rdx 2, [$($x)*]
+            ),
+        }
+    };
+}
+pub(crate) use recorded_gp;
 pub(crate) use recorded_probe;
 
 /// What `static_call!` implements for the type it declares (not a public
