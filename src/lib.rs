@@ -113,6 +113,8 @@ pub mod elf;
 #[cfg(target_arch = "x86_64")]
 mod error;
 #[cfg(target_arch = "x86_64")]
+mod hex;
+#[cfg(target_arch = "x86_64")]
 pub mod ifunc;
 #[cfg(target_arch = "x86_64")]
 mod image;
@@ -146,6 +148,8 @@ pub mod x86;
 #[cfg(target_arch = "x86_64")]
 pub use error::Error;
 #[cfg(target_arch = "x86_64")]
+pub use hex::HexBytes;
+#[cfg(target_arch = "x86_64")]
 pub use image::{Image, ImageBuilder};
 #[cfg(target_arch = "x86_64")]
 #[cfg(all(feature = "std", target_os = "linux"))]
@@ -158,24 +162,6 @@ pub use plan::{ApplyReport, CompactPlan, Edit, Expect, Plan, PlanError, Validati
 pub use poke::{
     DirectPoke, FaultInjectingPoke, FaultPoint, PokeError, Refusal, Strategy, SyncMethod, TextPoke,
 };
-
-/// Formats bytes as space-separated hex pairs (`b8 01 00 00 00`).
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-pub struct HexBytes<'a>(pub &'a [u8]);
-
-#[cfg(target_arch = "x86_64")]
-impl core::fmt::Display for HexBytes<'_> {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        for (i, b) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(" ")?;
-            }
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
 
 /// The README's examples, compiled and run as doctests (`cargo test
 /// --doc`), so each compiles as written.

@@ -7,8 +7,13 @@
 //!
 //! What counts as an import: any `crate::<module>` path (in a `use`, a
 //! type, an expression, a `crate::{a, b}` group) in code; comment lines are
-//! skipped, so doc links do not count. Macros' `$crate::` paths are the
-//! user's expansion, not a module's import, and are not counted.
+//! skipped, so doc links do not count. A root path (`crate::Error`,
+//! `crate::some_macro!`) counts as an import of the module that defines
+//! the item: `src/lib.rs`'s `pub use` re-exports and each file's
+//! `#[macro_export]` macros say which; a root path that resolves to no
+//! module (an item defined in `lib.rs` itself, the façade above every
+//! layer) is reported. Macros' `$crate::` paths are the user's expansion,
+//! not a module's import, and are not counted.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -16,7 +21,10 @@ use std::path::{Path, PathBuf};
 /// Bottom to top. A module may import modules of its own layer (no
 /// cycles) or of lower layers, never of a higher one.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("record layouts and section names", &["records"]),
+    (
+        "record layouts and section names, bytes as text",
+        &["records", "hex"],
+    ),
     ("CPU, encodings, the update lock", &["cpu", "x86", "sync"]),
     (
         "text poking: trait, direct, fault, INT3 protocol",
@@ -108,11 +116,108 @@ fn imports(code: &str) -> BTreeSet<String> {
     found
 }
 
-/// module -> (imported module -> files that import it).
+/// The names a `use` tree brings in, each with the first segment of its
+/// path: `a::b::{C, d::E as F}` gives `C` and `F`, both from `a`.
+fn use_tree_names(tree: &str) -> Vec<(String, String)> {
+    fn walk(tree: &str, first: Option<&str>, out: &mut Vec<(String, String)>) {
+        // Split at the top-level commas.
+        let (mut depth, mut start) = (0, 0);
+        let mut parts = Vec::new();
+        for (i, c) in tree.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => depth -= 1,
+                ',' if depth == 0 => {
+                    parts.push(&tree[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        parts.push(&tree[start..]);
+        for part in parts.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+            let head = part.split("::").next().unwrap().trim();
+            let first = first.unwrap_or(head).to_string();
+            if let Some(open) = part.find('{') {
+                let inner = &part[open + 1..part.rfind('}').unwrap()];
+                walk(inner, Some(&first), out);
+            } else {
+                let leaf = part.rsplit("::").next().unwrap();
+                let name = leaf.rsplit(" as ").next().unwrap().trim();
+                out.push((name.to_string(), first));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(tree, None, &mut out);
+    out
+}
+
+/// Root paths and the module that defines each: `lib.rs`'s `pub use`
+/// re-exports and every `#[macro_export]` macro.
+fn root_items(src: &Path, files: &[PathBuf]) -> BTreeMap<String, String> {
+    let mut items = BTreeMap::new();
+    let lib = code(&std::fs::read_to_string(src.join("lib.rs")).unwrap());
+    let mut rest = lib.as_str();
+    while let Some(i) = rest.find("pub use ") {
+        rest = &rest[i + "pub use ".len()..];
+        let end = rest.find(';').unwrap();
+        for (name, module) in use_tree_names(&rest[..end]) {
+            items.insert(name, module);
+        }
+        rest = &rest[end..];
+    }
+    for file in files {
+        let rel = file.strip_prefix(src).unwrap();
+        let module = rel
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_str()
+            .unwrap();
+        let module = module.trim_end_matches(".rs").to_string();
+        let text = code(&std::fs::read_to_string(file).unwrap());
+        let mut exported = false;
+        for line in text.lines().map(str::trim) {
+            if line.starts_with("#[macro_export]") {
+                exported = true;
+            } else if let Some(name) = line.strip_prefix("macro_rules! ") {
+                if exported {
+                    let name: String = name.chars().take_while(|&c| is_ident(c)).collect();
+                    items.insert(name, module.clone());
+                }
+                exported = false;
+            } else if !line.starts_with("#[") && !line.is_empty() {
+                exported = false;
+            }
+        }
+    }
+    items
+}
+
+/// module -> (imported module -> files that import it). Root paths are
+/// resolved to their modules; one that resolves to none is listed under
+/// the module `lib.rs`.
 fn graph() -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
     rust_files(&src, &mut files);
+    let roots = root_items(&src, &files);
+    let modules: BTreeSet<String> = files
+        .iter()
+        .map(|f| {
+            let rel = f.strip_prefix(&src).unwrap();
+            let first = rel
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_str()
+                .unwrap();
+            first.trim_end_matches(".rs").to_string()
+        })
+        .collect();
     let mut graph: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
     for file in files {
         let rel = file.strip_prefix(&src).unwrap();
@@ -131,6 +236,11 @@ fn graph() -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
         let text = std::fs::read_to_string(&file).unwrap();
         let entry = graph.entry(module.clone()).or_default();
         for used in imports(&code(&text)) {
+            let used = if modules.contains(&used) {
+                used
+            } else {
+                roots.get(&used).cloned().unwrap_or_else(|| "lib.rs".into())
+            };
             if used != module {
                 entry
                     .entry(used)
@@ -158,6 +268,42 @@ fn the_import_parser_reads_every_form() {
         code("// crate::hidden\nx(); // crate::also_hidden")
             .find("crate::")
             .is_none()
+    );
+}
+
+#[test]
+fn root_paths_resolve_to_the_module_that_defines_them() {
+    let names = use_tree_names("poke::{DirectPoke, live::{Step as S, run}}, Error");
+    let want = [
+        ("DirectPoke", "poke"),
+        ("S", "poke"),
+        ("run", "poke"),
+        ("Error", "Error"),
+    ];
+    assert_eq!(
+        names,
+        want.map(|(a, b)| (a.to_string(), b.to_string())).to_vec()
+    );
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let roots = root_items(&src, &files);
+    assert_eq!(roots.get("Error").map(String::as_str), Some("error"));
+    assert_eq!(roots.get("TextPoke").map(String::as_str), Some("poke"));
+    assert_eq!(
+        roots.get("alternative_call").map(String::as_str),
+        Some("alternative")
+    );
+    // An item `lib.rs` defines sits above every layer: no module may
+    // name it.
+    let upward: Vec<String> = graph()
+        .into_iter()
+        .filter_map(|(m, used)| used.get("lib.rs").map(|f| format!("{m} in {f:?}")))
+        .collect();
+    assert!(
+        upward.is_empty(),
+        "root paths to items lib.rs defines (move them into a layer):\n{}",
+        upward.join("\n")
     );
 }
 

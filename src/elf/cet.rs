@@ -99,7 +99,7 @@ impl fmt::Display for CetTarget {
             self.addr,
             self.kind.name(),
             self.name,
-            crate::HexBytes(&self.first)
+            crate::hex::HexBytes(&self.first)
         )
     }
 }

@@ -202,13 +202,13 @@ impl From<crate::x86::Encoded> for Bytes {
 
 impl fmt::Debug for Bytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "[{}]", crate::HexBytes(self))
+        write!(f, "[{}]", crate::hex::HexBytes(self))
     }
 }
 
 impl fmt::Display for Bytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&crate::HexBytes(self), f)
+        fmt::Display::fmt(&crate::hex::HexBytes(self), f)
     }
 }
 

@@ -134,10 +134,10 @@ fn fmt_edit(e: &Edit, f: &mut fmt::Formatter<'_>) -> fmt::Result {
     };
     write!(f, "  [{status:5}] {:#018x} {site}: ", e.addr)?;
     match e.old_bytes() {
-        Some(old) => write!(f, "{}", crate::HexBytes(old))?,
+        Some(old) => write!(f, "{}", crate::hex::HexBytes(old))?,
         None => write!(f, "{}", e.expect)?,
     }
-    write!(f, " -> {}", crate::HexBytes(&e.new))?;
+    write!(f, " -> {}", crate::hex::HexBytes(&e.new))?;
     if !e.reason_text().is_empty() {
         write!(f, "  ({})", e.reason_text())?;
     }

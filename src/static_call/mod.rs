@@ -214,7 +214,7 @@ impl fmt::Display for StaticCallError {
             StaticCallError::BadTrampoline { name, addr, found } => write!(
                 f,
                 "static call `{name}`: trampoline at {addr:#x} holds {}, not endbr64, jmp rel32 (or ret) and the 0f b9 cc signature; nothing written",
-                crate::HexBytes(found)
+                crate::hex::HexBytes(found)
             ),
             StaticCallError::NoneNotAllowed { name } => write!(
                 f,

@@ -196,7 +196,7 @@ impl AsRef<[u8]> for Encoded {
 
 impl fmt::Debug for Encoded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Encoded({})", crate::HexBytes(self.as_slice()))
+        write!(f, "Encoded({})", crate::hex::HexBytes(self.as_slice()))
     }
 }
 
