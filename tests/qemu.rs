@@ -59,7 +59,7 @@ fn kernel() -> &'static Path {
             String::from_utf8_lossy(&out.stderr)
         );
         // An explicit target (see the kernel's .cargo/config.toml).
-        let image = target.join("x86_64-unknown-linux-gnu/release/altpatch-kernel");
+        let image = target.join("x86_64-unknown-none/release/altpatch-kernel");
         // Fill the kernel's reserved site table from its relocations: the
         // kernel reads it at boot (no file system there).
         altpatch::elf::embed_file(&image).expect("embed the kernel's site table");

@@ -18,14 +18,13 @@ fn main() {
         .compile("kifunc");
     let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap();
     println!("cargo:rerun-if-changed=link.ld");
+    // rust-lld's own arguments (x86_64-unknown-none links with it).
     for arg in [
-        "-nostartfiles",
-        "-nostdlib",
         "-static",
-        "-Wl,--build-id=none",
+        "--build-id=none",
         // Keep relocations so `altpatch embed` can find the sites.
-        "-Wl,--emit-relocs",
-        &format!("-Wl,-T,{dir}/link.ld"),
+        "--emit-relocs",
+        &format!("-T{dir}/link.ld"),
     ] {
         println!("cargo:rustc-link-arg={arg}");
     }

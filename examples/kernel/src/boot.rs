@@ -10,8 +10,9 @@
 //! it, it says so on the serial port and leaves QEMU with status 37.
 //! Then it identity-maps the first GiB with 2 MiB pages (read, write,
 //! execute: the kernel patches its own text through its own addresses), turns
-//! on PAE, long mode and paging, loads a 64-bit GDT, enables SSE (Rust code
-//! for the host target uses it), and calls `kmain(multiboot_info)`.
+//! on PAE, long mode and paging, loads a 64-bit GDT, enables SSE (the C
+//! part and the alternatives' replacements use it; Rust code for
+//! x86_64-unknown-none does not), and calls `kmain(multiboot_info)`.
 
 core::arch::global_asm!(
     r#"
@@ -91,8 +92,8 @@ long_mode:
 
     /* What every CPU does first in long mode, with a stack (the APs call it
        too, cpus.rs): flat data segments, and SSE on (CR0.EM = 0, CR0.MP = 1;
-       CR4.OSFXSR | CR4.OSXMMEXCPT), which Rust code for the host target
-       uses. */
+       CR4.OSFXSR | CR4.OSXMMEXCPT), which the C part and the
+       alternatives' replacements use. */
     .globl cpu_long_mode_setup
 cpu_long_mode_setup:
     movw $0x10, %ax

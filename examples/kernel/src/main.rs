@@ -6,10 +6,10 @@
 //! ```text
 //! cd examples/kernel && cargo build --release
 //! cargo run --manifest-path ../../Cargo.toml --features cli --bin altpatch -- \
-//!     embed target/x86_64-unknown-linux-gnu/release/altpatch-kernel
+//!     embed target/x86_64-unknown-none/release/altpatch-kernel
 //! qemu-system-x86_64 -accel tcg -cpu Nehalem -display none -serial stdio \
 //!     -device isa-debug-exit,iobase=0xf4,iosize=0x04 -no-reboot \
-//!     -kernel target/x86_64-unknown-linux-gnu/release/altpatch-kernel -append "altpatch=nopopcnt"
+//!     -kernel target/x86_64-unknown-none/release/altpatch-kernel -append "altpatch=nopopcnt"
 //! ```
 //!
 //! The command line (`-append`) may hold `altpatch=<overrides>`,

@@ -1,6 +1,7 @@
-//! What a freestanding Rust image needs and the host target's libc would
-//! otherwise provide: memory routines, an allocator, a panic handler; plus
-//! the serial port and QEMU's debug-exit device.
+//! What a freestanding Rust image needs: memory routines (strong
+//! definitions over `compiler_builtins`' weak ones, callable from the C
+//! part), an allocator, a panic handler; plus the serial port and QEMU's
+//! debug-exit device.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::arch::asm;
@@ -295,20 +296,6 @@ pub unsafe extern "C" fn strlen(s: *const u8) -> usize {
         n += 1;
     }
     n
-}
-
-// The precompiled `alloc` for the host target is built with unwinding, so
-// its landing pads name these symbols. This kernel aborts on panic, so no
-// unwind ever starts and neither is reached.
-
-/// Never called: the kernel is built with `panic = "abort"`.
-#[unsafe(no_mangle)]
-pub extern "C" fn rust_eh_personality() {}
-
-/// Never called: the kernel is built with `panic = "abort"`.
-#[unsafe(no_mangle)]
-pub extern "C" fn _Unwind_Resume() -> ! {
-    exit(EXIT_FAILURE)
 }
 
 /// `altpatch.debug` (a summary per plan) or `altpatch.debug=all` (every
