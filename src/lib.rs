@@ -128,6 +128,9 @@ pub mod plan;
 #[cfg(target_arch = "x86_64")]
 pub mod poke;
 #[cfg(target_arch = "x86_64")]
+#[cfg(all(feature = "std", target_os = "linux"))]
+mod process;
+#[cfg(target_arch = "x86_64")]
 pub mod records;
 #[cfg(target_arch = "x86_64")]
 pub mod retpoline;

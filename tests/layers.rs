@@ -47,6 +47,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("one error type over every layer's", &["error"]),
     ("one patcher for every mechanism", &["patcher"]),
+    (
+        "the running program: one context, the std one-liners",
+        &["process"],
+    ),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

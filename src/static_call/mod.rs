@@ -103,8 +103,6 @@ pub use typed::StaticCall;
 pub(crate) use typed::addr_of;
 #[doc(hidden)]
 pub use typed::{conjure_fn as __conjure_fn, fn_at as __fn_at};
-#[cfg(all(feature = "std", target_os = "linux"))]
-mod process;
 
 pub use crate::x86::ENDBR64;
 

@@ -160,31 +160,6 @@ impl<F: Copy + 'static> StaticCall<F> {
         // caller's.
         unsafe { self.raw.update_with(None, image, sites, poke) }
     }
-
-    /// Points every call at `f` in the running program (`std`): the
-    /// trampoline and every call site its relocations (or embedded site
-    /// table) list, in one batch published by page swap, safe while other
-    /// threads make the call.
-    #[cfg(all(feature = "std", target_os = "linux"))]
-    pub fn update(&self, f: F) -> Result<UpdateReport, StaticCallError> {
-        // SAFETY: `f` has the declared type.
-        unsafe { self.raw.update_current(Some(addr_of(f))) }
-    }
-
-    /// Makes every call a no-op in the running program, live (`std`;
-    /// functions returning `()` only).
-    #[cfg(all(feature = "std", target_os = "linux"))]
-    pub fn set_none(&self) -> Result<UpdateReport, StaticCallError> {
-        // SAFETY: none is checked against the signature.
-        unsafe { self.raw.update_current(None) }
-    }
-
-    /// Number of call sites of this static call in the running program
-    /// (`std`).
-    #[cfg(all(feature = "std", target_os = "linux"))]
-    pub fn sites(&self) -> usize {
-        self.raw.sites()
-    }
 }
 
 impl<F: Copy + 'static> StaticCall<F> {

@@ -55,7 +55,7 @@ pub struct StaticKey<const INITIAL: bool> {
     /// The reference count, the key's only state: enabled while positive.
     /// Changed under `busy`, stored after the sites follow it.
     count: AtomicUsize,
-    busy: UpdateLock,
+    pub(crate) busy: UpdateLock,
 }
 
 /// A key that starts disabled.
@@ -214,7 +214,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     /// # Safety
     ///
     /// As for `set_with`; the caller holds `busy`.
-    unsafe fn set_locked<P: TextPoke + ?Sized>(
+    pub(crate) unsafe fn set_locked<P: TextPoke + ?Sized>(
         &self,
         enabled: bool,
         image: &Image<'_>,
@@ -227,7 +227,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     }
 
     /// The count `enabled` moves the key to (Linux's enable/disable rules).
-    fn count_for(&self, enabled: bool) -> Result<usize, KeyError> {
+    pub(crate) fn count_for(&self, enabled: bool) -> Result<usize, KeyError> {
         match (enabled, self.count.load(Ordering::Relaxed)) {
             (true, 0) => Ok(1),
             (true, n) => Ok(n),
@@ -243,7 +243,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     /// # Safety
     ///
     /// As for `set_with`; the caller holds `busy`.
-    unsafe fn move_locked<P: TextPoke + ?Sized>(
+    pub(crate) unsafe fn move_locked<P: TextPoke + ?Sized>(
         &self,
         count: usize,
         sync: bool,
@@ -400,9 +400,6 @@ impl<const INITIAL: bool> fmt::Debug for StaticKey<INITIAL> {
             .finish()
     }
 }
-
-#[cfg(all(feature = "std", target_os = "linux"))]
-mod process;
 
 /// Internal: the `asm!` goto of a branch site. `$likely` marks a
 /// `static_branch_likely!` site; `$fall` is the value falling through means.

@@ -1,33 +1,11 @@
-//! Changing keys in the running program (`std`): its sites rewritten live.
+//! Changing keys in the running program: their sites rewritten live.
 
-use std::sync::OnceLock;
+use crate::plan::{ApplyReport, PlanError};
+use crate::static_key::{KeyError, StaticKey};
 
-use super::{KeyError, KeyIndex, StaticKey};
-use crate::LinuxPoke;
-use crate::image::Image;
-use crate::plan::ApplyReport;
-use crate::plan::PlanError;
-
-/// The running program's image and key index, found once.
-pub(crate) fn current() -> &'static (Image<'static>, KeyIndex) {
-    static CURRENT: OnceLock<(Image<'static>, KeyIndex)> = OnceLock::new();
-    if let Some(c) = CURRENT.get() {
-        return c;
-    }
-    // Under the process lock, which `fork` waits for (see the static-call
-    // equivalent).
-    let _held = crate::sync::Held::acquire();
-    CURRENT.get_or_init(|| {
-        let image = Image::current();
-        let index = KeyIndex::new(&image);
-        (image, index)
-    })
-}
-
-/// A poke for code other threads run (the page swap by default: see
-/// [`crate::os::linux`]).
-fn poke() -> Result<LinuxPoke, KeyError> {
-    LinuxPoke::running().map_err(|error| KeyError::Plan(PlanError::Poke { site: None, error }))
+/// A poke for code other threads run, its failure as a key's.
+fn poke() -> Result<crate::LinuxPoke, KeyError> {
+    super::running_poke().map_err(|error| KeyError::Plan(PlanError::Poke { site: None, error }))
 }
 
 impl<const INITIAL: bool> StaticKey<INITIAL> {
@@ -47,7 +25,8 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     pub fn toggle(&self) -> Result<ApplyReport, KeyError> {
         let _busy = self.busy.lock();
         let now = self.is_enabled();
-        let (image, index) = current();
+        let running = super::running();
+        let (image, index) = (&running.image, running.keys());
         // SAFETY: the running poke publishes pages atomically (or runs the
         // INT3 protocol), safe for threads running the sites; each site is
         // one NOP or jmp.
@@ -64,27 +43,30 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         if count == self.count() {
             return Ok(ApplyReport::default());
         }
-        let (image, index) = current();
+        let running = super::running();
+        let (image, index) = (&running.image, running.keys());
         // SAFETY: as in `toggle`.
         unsafe { self.move_locked(count, true, image, index, &mut poke()?) }
     }
 
     /// Reference-counted enable in the running program.
     pub fn inc(&self) -> Result<ApplyReport, KeyError> {
-        let (image, index) = current();
+        let running = super::running();
+        let (image, index) = (&running.image, running.keys());
         // SAFETY: as in `toggle`.
         unsafe { self.inc_with(image, index, &mut poke()?) }
     }
 
     /// Reference-counted disable in the running program.
     pub fn dec(&self) -> Result<ApplyReport, KeyError> {
-        let (image, index) = current();
+        let running = super::running();
+        let (image, index) = (&running.image, running.keys());
         // SAFETY: as in `toggle`.
         unsafe { self.dec_with(image, index, &mut poke()?) }
     }
 
     /// Number of sites this key has in the running program.
     pub fn sites(&self) -> usize {
-        current().1.count(self.addr())
+        super::running().keys().count(self.addr())
     }
 }
