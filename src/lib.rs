@@ -129,7 +129,7 @@ pub mod plan;
 pub mod poke;
 #[cfg(target_arch = "x86_64")]
 #[cfg(all(feature = "std", target_os = "linux"))]
-mod process;
+pub mod process;
 #[cfg(target_arch = "x86_64")]
 pub mod records;
 #[cfg(target_arch = "x86_64")]

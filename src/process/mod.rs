@@ -12,13 +12,17 @@
 //! into, found once, and beside it what each mechanism indexes from it on
 //! first use (the keys' sites, the static calls' sites by trampoline) —
 //! each built under the process lock, which `fork` waits for, so a child
-//! never inherits a half-built index.
+//! never inherits a half-built index. [`patcher`] is the [`Patcher`] over
+//! it, and [`apply_alternatives`] the alternatives' one-liner through it.
 
 use std::sync::OnceLock;
 
-use crate::LinuxPoke;
+use crate::cpu::Features;
+use crate::error::Error;
 use crate::image::Image;
+use crate::patcher::{PatchReport, Patcher};
 use crate::poke::PokeError;
+use crate::{LinuxPoke, Publish};
 
 mod calls;
 mod keys;
@@ -68,4 +72,65 @@ fn initialized<T>(cell: &OnceLock<T>, init: impl FnOnce() -> T) -> &T {
 /// [`crate::os::linux`]).
 fn running_poke() -> Result<LinuxPoke, PokeError> {
     LinuxPoke::running()
+}
+
+/// The running program's [`Patcher`]: the image of the object this copy
+/// of altpatch is linked into (found once), the published feature snapshot
+/// ([`crate::cpu::published`]: what patching at load and C resolvers
+/// use), and the program's compiler-generated sites (its relocations or
+/// embedded table, parsed once per process; none where it has neither, so
+/// retpolines and relocated call sites are then not found).
+///
+/// ```
+/// use altpatch::retpoline::{Mode, Policy};
+///
+/// let mut patcher = altpatch::process::patcher();
+/// patcher.alternatives()?.ifuncs()?;
+/// print!("{patcher}"); // the dry run: nothing is written
+/// # let _ = Policy::new(Mode::Plain, "example");
+/// # Ok::<(), altpatch::Error>(())
+/// ```
+pub fn patcher() -> Patcher<'static> {
+    let features: Features = crate::cpu::published();
+    let sites = crate::elf::current_sites().unwrap_or(&[]);
+    Patcher::new(&running().image, &features, sites)
+}
+
+/// Applies every alternative of the running program for the published
+/// snapshot: [`patcher`]`().alternatives()`, validated, then written in
+/// place through `/proc/self/mem` (the text stays the file's). Patching at
+/// load does this by itself while the process has one thread
+/// ([`crate::alternative::startup`]); this is the call for a program that
+/// turned that off or started threads first, at a moment of its choosing.
+///
+/// # Safety
+///
+/// No thread may execute an alternative site of the program during the
+/// call (a site may change from several instructions to others): call it
+/// before starting threads, or with the others parked outside the sites.
+///
+/// ```
+/// fn answer() -> u64 {
+///     let r: u64;
+///     // SAFETY: both sequences only set `r`.
+///     unsafe { altpatch::alternative!("mov {r}, 1", [always => "mov {r}, 2"], r = out(reg) r) };
+///     r
+/// }
+///
+/// fn main() -> Result<(), altpatch::Error> {
+///     // SAFETY: this example runs no other thread.
+///     let report = unsafe { altpatch::process::apply_alternatives() }?;
+///     assert_eq!(answer(), 2);
+///     print!("{report}");
+///     Ok(())
+/// }
+/// ```
+pub unsafe fn apply_alternatives() -> Result<PatchReport<'static>, Error> {
+    let mut patcher = patcher();
+    patcher.alternatives()?;
+    let mut poke = LinuxPoke::with_publish(Publish::InPlace)?;
+    // SAFETY: the caller's: no thread runs an alternative site while the
+    // sites are written in place; the snapshot is the published one, which
+    // never claims what the CPU lacks.
+    unsafe { patcher.apply(&mut poke) }
 }
