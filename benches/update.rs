@@ -142,11 +142,11 @@ fn bench(c: &mut Criterion) {
     );
     // Warm up: check counts, touch every page once.
     for (k, n) in [(&K1, 1), (&K100, 100), (&K1000, 1000), (&K10000, 10_000)] {
-        assert_eq!(k.sites(), n);
+        assert_eq!(k.site_count(), n);
         k.enable().unwrap();
         k.disable().unwrap();
     }
-    assert!(sc_1000::static_call().sites() >= 1000);
+    assert!(sc_1000::static_call().site_count() >= 1000);
     sc_1000::update(two).unwrap();
     sc_1000::update(one).unwrap();
     let mut sink = 0;

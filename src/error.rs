@@ -9,8 +9,6 @@ use crate::plan::PlanError;
 use crate::poke::PokeError;
 use crate::poke::live::LiveError;
 use crate::sites::EmbeddedTableError;
-use crate::static_call::StaticCallError;
-use crate::static_key::KeyError;
 use crate::x86::{OutOfRange, RelocError};
 use crate::{alternative, ifunc, retpoline};
 
@@ -117,9 +115,9 @@ wrapping_errors! {
     /// Retpolines ([`retpoline`]).
     Retpoline(retpoline::Error),
     /// A static call ([`static_call`](mod@crate::static_call)).
-    StaticCall(StaticCallError),
+    StaticCall(crate::static_call::Error),
     /// A static key ([`static_key`](mod@crate::static_key)).
-    StaticKey(KeyError),
+    StaticKey(crate::static_key::Error),
     /// Ifuncs ([`ifunc`](mod@crate::ifunc)).
     Ifunc(ifunc::Error),
     /// ELF ifunc call sites and IRELATIVE slots.

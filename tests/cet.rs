@@ -197,12 +197,12 @@ fn branches(_: u64) -> (u64, u64) {
 /// protocol; returns (updates, emulated, restarted).
 fn call_storm() -> (usize, usize, usize) {
     set_live_publication(Publish::Live).unwrap();
-    assert!(sc_cet::static_call().sites() >= 1000);
+    assert!(sc_cet::static_call().site_count() >= 1000);
     // Inline the sites before any caller runs: from now on the callers run
     // only call sites (never the trampoline, whose `jmp` an update also
     // rewrites), so every trap below is at a `call`.
     let r = sc_cet::update(plus1).unwrap();
-    assert_eq!(r.inlined, sc_cet::static_call().sites());
+    assert_eq!(r.inlined, sc_cet::static_call().site_count());
     let out = storm(calls, |i| {
         let target = if i % 2 == 0 { plus2 } else { plus1 };
         retry_refusals(|| {

@@ -92,12 +92,12 @@ fn sampler(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Vec<String>, u64)>
 
 fn stress() {
     // The generated sites, plus the check at the end of this function.
-    let sites = sc_stress::static_call().sites();
+    let sites = sc_stress::static_call().site_count();
     assert!(sites >= 1000, "{sites} call sites");
     assert!(
-        K_STRESS.sites() >= 1000,
+        K_STRESS.site_count() >= 1000,
         "{} branch sites",
-        K_STRESS.sites()
+        K_STRESS.site_count()
     );
     let traps_before = altpatch::os::linux::emulated_traps();
     let stop = Arc::new(AtomicBool::new(false));

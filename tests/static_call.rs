@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use altpatch::sites::{Site, SiteKind};
 use altpatch::static_call::{
-    ENDBR64, StaticCallError, TRAMPOLINE_ALIGN, TRAMPOLINE_JMP, TRAMPOLINE_LEN,
-    TRAMPOLINE_SIGNATURE,
+    ENDBR64, TRAMPOLINE_ALIGN, TRAMPOLINE_JMP, TRAMPOLINE_LEN, TRAMPOLINE_SIGNATURE,
 };
 use altpatch::x86::{self, BranchKind};
 use altpatch::{Edit, Image, LinuxPoke, Plan, PlanError, static_call};
@@ -133,7 +132,7 @@ fn inline_self_test() {
         "{sites:?}"
     );
     assert!(sites.iter().any(|s| s.form == BranchKind::Jmp), "{sites:?}");
-    assert_eq!(sites.len(), sc_inline::static_call().sites());
+    assert_eq!(sites.len(), sc_inline::static_call().site_count());
     let call = std::hint::black_box(call_inline as fn(u64) -> u64);
     // SAFETY: jumps through the trampoline to a fn(u64) -> u64.
     let tail = |x| unsafe { tail_inline(x) };
@@ -281,7 +280,7 @@ fn wrong_trampoline_layout_is_refused() {
         assert!(
             matches!(
                 e,
-                StaticCallError::BadTrampoline {
+                static_call::Error::BadTrampoline {
                     name: "sc_badsig",
                     addr,
                     found,
@@ -323,7 +322,7 @@ fn unexpected_bytes_at_a_site_are_refused() {
 
     let e = sc_badsite::update(g).unwrap_err();
     match &e {
-        StaticCallError::Plan(PlanError::Unexpected { addr, .. }) => assert_eq!(*addr, site),
+        static_call::Error::Plan(PlanError::Unexpected { addr, .. }) => assert_eq!(*addr, site),
         other => panic!("{other:?}"),
     }
     assert_eq!(

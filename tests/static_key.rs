@@ -4,7 +4,7 @@
 
 mod common;
 
-use altpatch::static_key::{KeyError, KeyIndex, StaticFalseKey, StaticTrueKey};
+use altpatch::static_key::{self, KeyIndex, StaticFalseKey, StaticTrueKey};
 use altpatch::x86;
 use altpatch::{Edit, Expect, Image, LinuxPoke, Plan, PlanError};
 use altpatch::{static_branch_likely, static_branch_unlikely};
@@ -142,13 +142,13 @@ fn reference_counted_inc_and_dec() {
     assert!(f(), "still one user");
     K_COUNTED.dec().unwrap();
     assert!(!f() && K_COUNTED.count() == 0);
-    assert!(matches!(K_COUNTED.dec(), Err(KeyError::NotHeld)));
+    assert!(matches!(K_COUNTED.dec(), Err(static_key::Error::NotHeld)));
 }
 
 #[test]
 fn every_site_of_a_key_flips_in_one_batch() {
     let f = std::hint::black_box(many as fn() -> (bool, bool, bool));
-    assert_eq!(K_MANY.sites(), 3);
+    assert_eq!(K_MANY.site_count(), 3);
     assert_eq!(f(), (false, false, false));
     let r = K_MANY.enable().unwrap();
     assert_eq!((r.written, r.edits), (3, 3));
@@ -180,7 +180,7 @@ fn unexpected_bytes_at_a_site_are_refused() {
     unsafe { other.apply(&mut poke) }.unwrap();
     let e = K_BAD.enable().unwrap_err();
     assert!(
-        matches!(&e, KeyError::Plan(PlanError::Unexpected { addr, .. }) if *addr == site),
+        matches!(&e, static_key::Error::Plan(PlanError::Unexpected { addr, .. }) if *addr == site),
         "{e}"
     );
     assert!(!K_BAD.is_enabled());
@@ -230,7 +230,7 @@ fn enable_disable_inc_and_dec_share_one_count() {
     assert_eq!(K_MIXED.count(), 2);
     assert!(matches!(
         K_MIXED.disable(),
-        Err(KeyError::Held { count: 2 })
+        Err(static_key::Error::Held { count: 2 })
     ));
     assert!(f() && K_MIXED.is_enabled());
     assert_sites(K_MIXED.addr(), true);

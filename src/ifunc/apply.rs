@@ -11,7 +11,6 @@ use crate::plan::Plan;
 use crate::poke::TextPoke;
 use crate::records::IfuncRecord;
 use crate::sites::{Site, SiteKind};
-use crate::static_call::UpdateReport;
 use crate::sync::UpdateGuard;
 
 /// One ifunc as [`apply`] left it.
@@ -24,7 +23,7 @@ pub struct Applied {
     /// Whether it had been resolved before this apply (lazily, by a call).
     pub was_resolved: bool,
     /// The stub and call sites.
-    pub update: UpdateReport,
+    pub update: crate::static_call::Report,
 }
 
 /// What [`apply`] did.

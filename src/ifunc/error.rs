@@ -4,7 +4,6 @@ use core::fmt;
 
 use crate::cpu;
 use crate::plan::PlanError;
-use crate::static_call::StaticCallError;
 
 /// Why ifuncs could not be applied. Nothing was written.
 #[derive(Clone, Debug)]
@@ -20,7 +19,7 @@ pub enum Error {
         addr: usize,
     },
     /// The stub or a call site did not hold what was expected.
-    Stub(&'static str, StaticCallError),
+    Stub(&'static str, crate::static_call::Error),
     /// The batch was refused or the poke failed.
     Plan(PlanError),
 }

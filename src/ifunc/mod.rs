@@ -122,7 +122,7 @@ use crate::plan::Plan;
 use crate::poke::TextPoke;
 use crate::records::IfuncRecord;
 use crate::sites::{Site, SiteKind};
-use crate::static_call::{RawStaticCall, UpdateReport};
+use crate::static_call::{self, RawStaticCall};
 
 const UNRESOLVED: u8 = 0;
 const RESOLVING: u8 = 1;
@@ -331,7 +331,7 @@ impl Ifunc {
         image: &Image<'_>,
         sites: &[Site],
         plan: &mut Plan,
-    ) -> Result<(usize, UpdateReport), Error> {
+    ) -> Result<(usize, static_call::Report), Error> {
         let chosen = self.resolve(features);
         if !image.contains_text(chosen, 1) {
             return Err(Error::OutsideText {

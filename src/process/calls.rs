@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::plan::PlanError;
 use crate::sites::{Site, SiteKind};
-use crate::static_call::{RawStaticCall, StaticCall, StaticCallError, UpdateReport, addr_of};
+use crate::static_call::{self, RawStaticCall, StaticCall, addr_of};
 
 /// The running program's static-call sites by trampoline.
 pub(super) type ByTrampoline = BTreeMap<usize, Vec<Site>>;
@@ -34,22 +34,22 @@ impl<F: Copy + 'static> StaticCall<F> {
     /// trampoline and every call site its relocations (or embedded site
     /// table) list, in one batch published by page swap, safe while other
     /// threads make the call.
-    pub fn update(&self, f: F) -> Result<UpdateReport, StaticCallError> {
+    pub fn update(&self, f: F) -> Result<static_call::Report, static_call::Error> {
         // SAFETY: `f` has the declared type.
         unsafe { self.raw().update_current(Some(addr_of(f))) }
     }
 
     /// Makes every call a no-op in the running program, live (`std`;
     /// functions returning `()` only).
-    pub fn set_none(&self) -> Result<UpdateReport, StaticCallError> {
+    pub fn set_none(&self) -> Result<static_call::Report, static_call::Error> {
         // SAFETY: none is checked against the signature.
         unsafe { self.raw().update_current(None) }
     }
 
     /// Number of call sites of this static call in the running program
     /// (`std`).
-    pub fn sites(&self) -> usize {
-        self.raw().sites()
+    pub fn site_count(&self) -> usize {
+        self.raw().site_count()
     }
 }
 
@@ -64,7 +64,7 @@ impl RawStaticCall {
     unsafe fn update_current(
         &self,
         target: Option<usize>,
-    ) -> Result<UpdateReport, StaticCallError> {
+    ) -> Result<static_call::Report, static_call::Error> {
         let running = super::running();
         let sites = running
             .calls()
@@ -72,7 +72,7 @@ impl RawStaticCall {
             .map(Vec::as_slice)
             .unwrap_or(&[]);
         let mut poke = super::running_poke()
-            .map_err(|error| StaticCallError::Plan(PlanError::Poke { site: None, error }))?;
+            .map_err(|error| static_call::Error::Plan(PlanError::Poke { site: None, error }))?;
         // SAFETY: the caller passes only functions of the declared type; the
         // running poke publishes each page atomically (or runs the INT3
         // protocol) and every edit is one instruction for one.
@@ -80,7 +80,7 @@ impl RawStaticCall {
     }
 
     /// Number of call sites of this static call in the running program.
-    fn sites(&self) -> usize {
+    fn site_count(&self) -> usize {
         super::running()
             .calls()
             .get(&self.trampoline())

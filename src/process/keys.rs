@@ -1,28 +1,29 @@
 //! Changing keys in the running program: their sites rewritten live.
 
 use crate::plan::{ApplyReport, PlanError};
-use crate::static_key::{KeyError, StaticKey};
+use crate::static_key::{self, StaticKey};
 
 /// A poke for code other threads run, its failure as a key's.
-fn poke() -> Result<crate::LinuxPoke, KeyError> {
-    super::running_poke().map_err(|error| KeyError::Plan(PlanError::Poke { site: None, error }))
+fn poke() -> Result<crate::LinuxPoke, static_key::Error> {
+    super::running_poke()
+        .map_err(|error| static_key::Error::Plan(PlanError::Poke { site: None, error }))
 }
 
 impl<const INITIAL: bool> StaticKey<INITIAL> {
     /// Enables the key: every site in the running program changes in one
     /// batch published by page swap (see [`crate::os::linux`]), safe while
     /// other threads run them, whatever their signal state.
-    pub fn enable(&self) -> Result<ApplyReport, KeyError> {
+    pub fn enable(&self) -> Result<ApplyReport, static_key::Error> {
         self.set(true)
     }
 
     /// Disables the key (see [`enable`](Self::enable)).
-    pub fn disable(&self) -> Result<ApplyReport, KeyError> {
+    pub fn disable(&self) -> Result<ApplyReport, static_key::Error> {
         self.set(false)
     }
 
     /// Flips the key (see [`enable`](Self::enable)).
-    pub fn toggle(&self) -> Result<ApplyReport, KeyError> {
+    pub fn toggle(&self) -> Result<ApplyReport, static_key::Error> {
         let _busy = self.busy.lock();
         let now = self.is_enabled();
         let running = super::running();
@@ -37,7 +38,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     /// [`set_with`](Self::set_with) for the count). The program's own sites
     /// always follow the key, so an unchanged state writes nothing and
     /// makes no system call.
-    pub fn set(&self, enabled: bool) -> Result<ApplyReport, KeyError> {
+    pub fn set(&self, enabled: bool) -> Result<ApplyReport, static_key::Error> {
         let _busy = self.busy.lock();
         let count = self.count_for(enabled)?;
         if count == self.count() {
@@ -50,7 +51,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     }
 
     /// Reference-counted enable in the running program.
-    pub fn inc(&self) -> Result<ApplyReport, KeyError> {
+    pub fn inc(&self) -> Result<ApplyReport, static_key::Error> {
         let running = super::running();
         let (image, index) = (&running.image, running.keys());
         // SAFETY: as in `toggle`.
@@ -58,7 +59,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     }
 
     /// Reference-counted disable in the running program.
-    pub fn dec(&self) -> Result<ApplyReport, KeyError> {
+    pub fn dec(&self) -> Result<ApplyReport, static_key::Error> {
         let running = super::running();
         let (image, index) = (&running.image, running.keys());
         // SAFETY: as in `toggle`.
@@ -66,7 +67,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     }
 
     /// Number of sites this key has in the running program.
-    pub fn sites(&self) -> usize {
+    pub fn site_count(&self) -> usize {
         super::running().keys().count(self.addr())
     }
 }

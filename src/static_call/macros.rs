@@ -304,7 +304,7 @@ macro_rules! __static_call {
                     image: &$crate::Image<'_>,
                     sites: &[$crate::sites::Site],
                     poke: &mut __AltpatchP,
-                ) -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError> {
+                ) -> Result<$crate::static_call::Report, $crate::static_call::Error> {
                     // SAFETY: the caller's.
                     unsafe { __ALTPATCH_STATE.update_with(f, image, sites, poke) }
                 }
@@ -328,7 +328,7 @@ macro_rules! __static_call_std {
         /// threads call it. Calls then go straight to `f`.
         pub fn update(
             f: extern "C" fn($($ty),*) -> $ret,
-        ) -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError> {
+        ) -> Result<$crate::static_call::Report, $crate::static_call::Error> {
             __ALTPATCH_STATE.update(f)
         }
 
@@ -336,7 +336,7 @@ macro_rules! __static_call_std {
         /// closure capturing nothing (through [`c_fn`](Self::c_fn)).
         pub fn update_fn<__AltpatchG>(
             f: __AltpatchG,
-        ) -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError>
+        ) -> Result<$crate::static_call::Report, $crate::static_call::Error>
         where
             __AltpatchG: Fn($($ty),*) -> $ret + Copy + 'static,
         {
@@ -368,7 +368,7 @@ macro_rules! __static_call_unit {
             image: &$crate::Image<'_>,
             sites: &[$crate::sites::Site],
             poke: &mut __AltpatchP,
-        ) -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError> {
+        ) -> Result<$crate::static_call::Report, $crate::static_call::Error> {
             // SAFETY: the caller's.
             unsafe { __ALTPATCH_STATE.set_none_with(image, sites, poke) }
         }
@@ -384,8 +384,7 @@ macro_rules! __static_call_unit {
 macro_rules! __static_call_unit_std {
     () => {
         /// Makes every call a no-op in the running program, live.
-        pub fn set_none()
-        -> Result<$crate::static_call::UpdateReport, $crate::static_call::StaticCallError> {
+        pub fn set_none() -> Result<$crate::static_call::Report, $crate::static_call::Error> {
             __ALTPATCH_STATE.set_none()
         }
     };

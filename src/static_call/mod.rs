@@ -168,7 +168,7 @@ pub(crate) struct RawStaticCall {
 
 /// What an update did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct UpdateReport {
+pub struct Report {
     /// Whether the trampoline was rewritten.
     pub trampoline: bool,
     /// Call sites now calling (or jumping to) the target directly.
@@ -183,7 +183,7 @@ pub struct UpdateReport {
 /// Why a static call could not be updated. Nothing was written.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
-pub enum StaticCallError {
+pub enum Error {
     /// The trampoline is not `endbr64`, `jmp rel32` (or `ret`) and the
     /// signature ([`is_trampoline`]).
     BadTrampoline {
@@ -206,49 +206,49 @@ pub enum StaticCallError {
     Unavailable(&'static str),
 }
 
-impl fmt::Display for StaticCallError {
+impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StaticCallError::BadTrampoline { name, addr, found } => write!(
+            Error::BadTrampoline { name, addr, found } => write!(
                 f,
                 "static call `{name}`: trampoline at {addr:#x} holds {}, not endbr64, jmp rel32 (or ret) and the 0f b9 cc signature; nothing written",
                 crate::hex::HexBytes(found)
             ),
-            StaticCallError::NoneNotAllowed { name } => write!(
+            Error::NoneNotAllowed { name } => write!(
                 f,
                 "static call `{name}` returns a value, so it cannot be set to none"
             ),
-            StaticCallError::Plan(e) => fmt::Display::fmt(e, f),
-            StaticCallError::Unavailable(why) => f.write_str(why),
+            Error::Plan(e) => fmt::Display::fmt(e, f),
+            Error::Unavailable(why) => f.write_str(why),
         }
     }
 }
 
-impl StaticCallError {
+impl Error {
     /// The address of the site the error is about, where it names one
     /// (see [`crate::Error::site`]).
     pub fn site(&self) -> Option<usize> {
         match self {
-            StaticCallError::BadTrampoline { addr, .. } => Some(*addr),
-            StaticCallError::Plan(e) => e.site(),
+            Error::BadTrampoline { addr, .. } => Some(*addr),
+            Error::Plan(e) => e.site(),
             _ => None,
         }
     }
 }
 
-impl core::error::Error for StaticCallError {
+impl core::error::Error for Error {
     fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
         match self {
             // Transparent (its message is the plan error's): the cause below.
-            StaticCallError::Plan(e) => e.source(),
+            Error::Plan(e) => e.source(),
             _ => None,
         }
     }
 }
 
-impl From<PlanError> for StaticCallError {
-    fn from(e: PlanError) -> StaticCallError {
-        StaticCallError::Plan(e)
+impl From<PlanError> for Error {
+    fn from(e: PlanError) -> Error {
+        Error::Plan(e)
     }
 }
 
@@ -327,7 +327,7 @@ impl RawStaticCall {
         image: &Image<'_>,
         sites: &[Site],
         poke: &mut P,
-    ) -> Result<UpdateReport, StaticCallError> {
+    ) -> Result<Report, Error> {
         let _busy = self.lock();
         let mut plan = Plan::for_image(image);
         let mut report = self.plan_update(target, image, sites, &mut plan)?;
@@ -346,9 +346,9 @@ impl RawStaticCall {
         image: &Image<'_>,
         sites: &[Site],
         plan: &mut Plan,
-    ) -> Result<UpdateReport, StaticCallError> {
+    ) -> Result<Report, Error> {
         if target.is_none() && !self.returns_unit {
-            return Err(StaticCallError::NoneNotAllowed { name: self.name });
+            return Err(Error::NoneNotAllowed { name: self.name });
         }
         let tramp = self.trampoline();
 
@@ -366,7 +366,7 @@ impl RawStaticCall {
             };
         }
         if !is_trampoline(&found) {
-            return Err(StaticCallError::BadTrampoline {
+            return Err(Error::BadTrampoline {
                 name: self.name,
                 addr: tramp,
                 found,
@@ -389,9 +389,9 @@ impl RawStaticCall {
         );
 
         // Inline sites.
-        let mut report = UpdateReport {
+        let mut report = Report {
             trampoline: true,
-            ..UpdateReport::default()
+            ..Report::default()
         };
         let inline_now = self.inline.load(Ordering::Acquire);
         let inline_then = match target {

@@ -6,7 +6,7 @@ use core::fmt;
 use core::marker::PhantomData;
 use core::mem::{size_of, transmute_copy};
 
-use super::{RawStaticCall, StaticCallError, UpdateReport};
+use super::{Error, RawStaticCall, Report};
 use crate::image::Image;
 use crate::poke::TextPoke;
 use crate::sites::Site;
@@ -139,13 +139,13 @@ impl<F: Copy + 'static> StaticCall<F> {
         image: &Image<'_>,
         sites: &[Site],
         poke: &mut P,
-    ) -> Result<UpdateReport, StaticCallError> {
+    ) -> Result<Report, Error> {
         // SAFETY: `f` has the declared type; the rest is the caller's.
         unsafe { self.raw.update_with(Some(addr_of(f)), image, sites, poke) }
     }
 
     /// Makes every call a no-op, through `poke` (functions returning `()`
-    /// only: otherwise [`StaticCallError::NoneNotAllowed`]).
+    /// only: otherwise [`Error::NoneNotAllowed`]).
     ///
     /// # Safety
     ///
@@ -155,7 +155,7 @@ impl<F: Copy + 'static> StaticCall<F> {
         image: &Image<'_>,
         sites: &[Site],
         poke: &mut P,
-    ) -> Result<UpdateReport, StaticCallError> {
+    ) -> Result<Report, Error> {
         // SAFETY: none is checked against the signature; the rest is the
         // caller's.
         unsafe { self.raw.update_with(None, image, sites, poke) }

@@ -66,7 +66,7 @@ pub type StaticTrueKey = StaticKey<true>;
 /// Why a key could not be changed. Nothing was written.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
-pub enum KeyError {
+pub enum Error {
     /// A record's jump target is outside the image's text.
     BadRecord {
         /// The site.
@@ -86,54 +86,54 @@ pub enum KeyError {
     NotHeld,
 }
 
-impl fmt::Display for KeyError {
+impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            KeyError::BadRecord { site } => {
+            Error::BadRecord { site } => {
                 write!(
                     f,
                     "static key site {site:#x}: jump target outside the image's text; nothing written"
                 )
             }
-            KeyError::Plan(e) => fmt::Display::fmt(e, f),
-            KeyError::Unavailable(why) => f.write_str(why),
-            KeyError::Held { count } => write!(
+            Error::Plan(e) => fmt::Display::fmt(e, f),
+            Error::Unavailable(why) => f.write_str(why),
+            Error::Held { count } => write!(
                 f,
                 "static key held by {count} increments: disabling it would drop the others' \
                  holds; dec each instead (nothing written)"
             ),
-            KeyError::NotHeld => {
+            Error::NotHeld => {
                 f.write_str("static key dec while it is disabled (no inc or enable to undo)")
             }
         }
     }
 }
 
-impl KeyError {
+impl Error {
     /// The address of the site the error is about, where it names one
     /// (see [`crate::Error::site`]).
     pub fn site(&self) -> Option<usize> {
         match self {
-            KeyError::BadRecord { site } => Some(*site),
-            KeyError::Plan(e) => e.site(),
+            Error::BadRecord { site } => Some(*site),
+            Error::Plan(e) => e.site(),
             _ => None,
         }
     }
 }
 
-impl core::error::Error for KeyError {
+impl core::error::Error for Error {
     fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
         match self {
             // Transparent (its message is the plan error's): the cause below.
-            KeyError::Plan(e) => e.source(),
+            Error::Plan(e) => e.source(),
             _ => None,
         }
     }
 }
 
-impl From<PlanError> for KeyError {
-    fn from(e: PlanError) -> KeyError {
-        KeyError::Plan(e)
+impl From<PlanError> for Error {
+    fn from(e: PlanError) -> Error {
+        Error::Plan(e)
     }
 }
 
@@ -166,7 +166,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
     /// `index`, built once per image) to that state in one batch through
     /// `poke`. Linux's `static_key_enable`/`_disable` semantics: enabling
     /// an enabled key keeps its count; disabling sets the count to zero,
-    /// and is refused ([`KeyError::Held`]) while more than one
+    /// and is refused ([`Error::Held`]) while more than one
     /// [`inc_with`](Self::inc_with) holds it. Sites already in the state
     /// are left alone, so calling it for an image loaded after the key
     /// changed (a module: Linux's `jump_label_add_module`) brings that
@@ -205,7 +205,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         image: &Image<'_>,
         index: &KeyIndex,
         poke: &mut P,
-    ) -> Result<ApplyReport, KeyError> {
+    ) -> Result<ApplyReport, Error> {
         let _busy = self.busy.lock();
         // SAFETY: forwarded.
         unsafe { self.set_locked(enabled, image, index, poke) }
@@ -220,19 +220,19 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         image: &Image<'_>,
         index: &KeyIndex,
         poke: &mut P,
-    ) -> Result<ApplyReport, KeyError> {
+    ) -> Result<ApplyReport, Error> {
         let count = self.count_for(enabled)?;
         // SAFETY: forwarded.
         unsafe { self.move_locked(count, true, image, index, poke) }
     }
 
     /// The count `enabled` moves the key to (Linux's enable/disable rules).
-    pub(crate) fn count_for(&self, enabled: bool) -> Result<usize, KeyError> {
+    pub(crate) fn count_for(&self, enabled: bool) -> Result<usize, Error> {
         match (enabled, self.count.load(Ordering::Relaxed)) {
             (true, 0) => Ok(1),
             (true, n) => Ok(n),
             (false, 0 | 1) => Ok(0),
-            (false, count) => Err(KeyError::Held { count }),
+            (false, count) => Err(Error::Held { count }),
         }
     }
 
@@ -250,7 +250,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         image: &Image<'_>,
         index: &KeyIndex,
         poke: &mut P,
-    ) -> Result<ApplyReport, KeyError> {
+    ) -> Result<ApplyReport, Error> {
         let r = if sync {
             // SAFETY: forwarded.
             unsafe { self.sync_locked(count != 0, image, index, poke) }?
@@ -273,7 +273,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         image: &Image<'_>,
         index: &KeyIndex,
         poke: &mut P,
-    ) -> Result<ApplyReport, KeyError> {
+    ) -> Result<ApplyReport, Error> {
         let _busy = self.busy.lock();
         // SAFETY: forwarded.
         unsafe { self.sync_locked(self.is_enabled(), image, index, poke) }
@@ -291,7 +291,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         image: &Image<'_>,
         index: &KeyIndex,
         poke: &mut P,
-    ) -> Result<ApplyReport, KeyError> {
+    ) -> Result<ApplyReport, Error> {
         let mut plan = Plan::for_image(image);
         self.plan_sync(enabled, image, index, &mut plan)?;
         // SAFETY: forwarded from our caller.
@@ -307,14 +307,14 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         image: &Image<'_>,
         index: &KeyIndex,
         plan: &mut Plan,
-    ) -> Result<(), KeyError> {
+    ) -> Result<(), Error> {
         plan.reserve(index.count(self.addr()));
         for rec in index.records_of(image, self.addr()) {
             // Sites outside the text are refused by validation, by name; a
             // jump target outside it would send the branch anywhere.
             let (site, target) = (rec.site(), rec.target());
             if !image.contains_text(target, 0) {
-                return Err(KeyError::BadRecord { site });
+                return Err(Error::BadRecord { site });
             }
             // A site jumps when the key differs from what it falls through
             // to.
@@ -350,7 +350,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         image: &Image<'_>,
         index: &KeyIndex,
         poke: &mut P,
-    ) -> Result<ApplyReport, KeyError> {
+    ) -> Result<ApplyReport, Error> {
         let _busy = self.busy.lock();
         let n = self.count.load(Ordering::Relaxed);
         // SAFETY: forwarded.
@@ -359,7 +359,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
 
     /// Reference-counted disable (`static_key_slow_dec`): disables the key
     /// when the count drops to zero. A `dec` of a disabled key is refused
-    /// ([`KeyError::NotHeld`]).
+    /// ([`Error::NotHeld`]).
     ///
     /// # Safety
     ///
@@ -369,11 +369,11 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
         image: &Image<'_>,
         index: &KeyIndex,
         poke: &mut P,
-    ) -> Result<ApplyReport, KeyError> {
+    ) -> Result<ApplyReport, Error> {
         let _busy = self.busy.lock();
         let n = self.count.load(Ordering::Relaxed);
         if n == 0 {
-            return Err(KeyError::NotHeld);
+            return Err(Error::NotHeld);
         }
         // SAFETY: forwarded.
         unsafe { self.move_locked(n - 1, n == 1, image, index, poke) }
