@@ -215,7 +215,7 @@ macro_rules! __alternative_at_load {
     () => {
         #[used]
         #[unsafe(link_section = ".init_array")]
-        static __ALTPATCH_ALT_AT_LOAD: extern "C" fn() = $crate::alternative::__at_load;
+        static __ALTPATCH_ALT_AT_LOAD: extern "C" fn() = $crate::process::__alternative_at_load;
     };
 }
 

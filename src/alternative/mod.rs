@@ -29,9 +29,10 @@ pub use call_abi::{CallArgs, call_result as __call_result};
 pub use condition::Condition;
 #[doc(hidden)]
 #[cfg(all(feature = "std", target_os = "linux"))]
-pub use startup::at_load as __at_load;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use startup::{Startup, startup};
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) use startup::{begin as begin_startup, finish as finish_startup};
 
 use alloc::borrow::Cow;
 use alloc::format;

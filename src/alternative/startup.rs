@@ -1,5 +1,7 @@
 //! Applying alternatives when their object is loaded, without the
-//! application's help (`alternative!` registers [`at_load`]).
+//! application's help (`alternative!` registers
+//! `process::__alternative_at_load`, in `process/load_alternatives.rs`,
+//! which writes the text; this file keeps the outcome).
 //!
 //! An alternative site may change from several instructions to others,
 //! so unlike an ifunc's one-instruction edits it cannot change under a
@@ -70,46 +72,16 @@ pub fn startup() -> Startup {
     OUTCOME.get().cloned().unwrap_or(Startup::NotRun)
 }
 
-/// The constructor every `alternative!` registers; runs once per object.
-#[doc(hidden)]
-pub extern "C" fn at_load() {
-    if STATE
+/// Claims this object's start-up: true for the first caller only (the
+/// constructor that does the work; see `process/load_alternatives.rs`).
+pub(crate) fn begin() -> bool {
+    STATE
         .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
-        return;
-    }
-    let outcome = if !crate::cpu::startup_allowed() {
-        Startup::Off
-    } else if !crate::os::linux::only_thread() {
-        Startup::OtherThreads
-    } else {
-        apply_now()
-    };
-    let _ = OUTCOME.set(outcome);
-    STATE.store(2, Ordering::Release);
+        .is_ok()
 }
 
-fn apply_now() -> Startup {
-    use std::string::ToString;
-    let start = std::time::Instant::now();
-    let image = crate::image::Image::current();
-    let features = crate::cpu::published();
-    let mut poke = match crate::os::linux::LinuxPoke::running() {
-        Ok(p) => p,
-        Err(e) => return Startup::Failed(e.to_string()),
-    };
-    // SAFETY: this thread is the process's only one (checked just before;
-    // no other can appear meanwhile), and it is running this constructor,
-    // not a site of the object: the loader called it before any of the
-    // object's code ran. The snapshot is the published one, which never
-    // claims what the CPU lacks.
-    match unsafe { super::apply(&image, &features, &mut poke) } {
-        Ok(r) => Startup::Applied {
-            sites: r.sites.len(),
-            replaced: r.sites.iter().filter(|s| s.chosen.is_some()).count(),
-            took: start.elapsed(),
-        },
-        Err(e) => Startup::Failed(e.to_string()),
-    }
+/// Records what the start-up did, once, and marks it done.
+pub(crate) fn finish(outcome: Startup) {
+    let _ = OUTCOME.set(outcome);
+    STATE.store(2, Ordering::Release);
 }

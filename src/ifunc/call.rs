@@ -27,61 +27,6 @@ recorded_probe!(
     __altpatch_ifunc_stub
 );
 
-/// Adds to `edits` the rewrite of each recorded call of a stub in
-/// `targets` (`(stub, chosen)`, sorted by stub) into `call <chosen>`, each
-/// checked as bytes: the 5 bytes at the record's site must be the
-/// `call <stub>` it was assembled as. Returns how many calls were added
-/// and how many were left calling the stub: those straddling two pages
-/// (a page swap changes one page at a time) and those holding other
-/// bytes (a breakpoint, or a site some other tool rewrote). Calls of
-/// stubs not in `targets` (another object's, reached through its PLT) and
-/// calls already direct are skipped.
-#[cfg(all(feature = "std", target_os = "linux"))]
-pub(super) fn call_edits(
-    image: &crate::image::Image<'_>,
-    targets: &[(usize, usize)],
-    edits: &mut alloc::vec::Vec<crate::os::linux::JmpEdit>,
-) -> (usize, usize) {
-    use crate::poke::PAGE_SIZE;
-    let (mut added, mut left) = (0, 0);
-    for r in crate::records::current_calls() {
-        let (site, stub) = (r.site(), r.stub());
-        let Ok(i) = targets.binary_search_by_key(&stub, |t| t.0) else {
-            continue;
-        };
-        let chosen = targets[i].1;
-        if !image.contains_text(site, 5) {
-            continue;
-        }
-        let (Ok(old), Ok(new)) = (
-            crate::x86::call_rel32(site, stub),
-            crate::x86::call_rel32(site, chosen),
-        ) else {
-            left += 1;
-            continue;
-        };
-        // SAFETY: inside the image's text, readable.
-        let now = unsafe { core::ptr::read_unaligned(site as *const [u8; 5]) };
-        if now == new[..] {
-            continue;
-        }
-        if now != old[..] || site / PAGE_SIZE != (site + 4) / PAGE_SIZE {
-            left += 1;
-            continue;
-        }
-        let mut e = crate::os::linux::JmpEdit {
-            addr: site,
-            old: [0; 5],
-            new: [0; 5],
-        };
-        e.old.copy_from_slice(&old);
-        e.new.copy_from_slice(&new);
-        edits.push(e);
-        added += 1;
-    }
-    (added, left)
-}
-
 impl super::Ifunc {
     /// The calls of this ifunc its function recorded in the object this
     /// copy of altpatch is linked into (see the [`ifunc!`] docs: every

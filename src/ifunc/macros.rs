@@ -245,7 +245,7 @@ macro_rules! __ifunc {
                 // SAFETY: the lazy target is a resolver result, of exactly
                 // this type (type-checked in `__altpatch_resolve`).
                 let f = unsafe {
-                    $crate::static_call::__fn_at::<extern "C" fn($($ty),*) -> $ret>(__ALTPATCH_STATE.lazy_target())
+                    $crate::static_call::__fn_at::<extern "C" fn($($ty),*) -> $ret>($crate::__ifunc_lazy_target!(&__ALTPATCH_STATE))
                 };
                 f($($arg),*)
             }
@@ -347,6 +347,27 @@ macro_rules! __ifunc {
     };
 }
 
+/// Internal: the lazy path's target; in a process (`std` on Linux), the
+/// stub is then made direct (`process::__ifunc_lazy_target`).
+#[doc(hidden)]
+#[macro_export]
+#[cfg(all(feature = "std", target_os = "linux"))]
+macro_rules! __ifunc_lazy_target {
+    ($ifunc:expr) => {
+        $crate::process::__ifunc_lazy_target($ifunc)
+    };
+}
+
+/// Internal: the lazy path's target, resolved with the published snapshot.
+#[doc(hidden)]
+#[macro_export]
+#[cfg(not(all(feature = "std", target_os = "linux")))]
+macro_rules! __ifunc_lazy_target {
+    ($ifunc:expr) => {
+        $ifunc.lazy_target()
+    };
+}
+
 /// Internal: registers the constructor that patches the object's ifuncs
 /// when it is loaded (`ifunc::startup`).
 #[doc(hidden)]
@@ -356,7 +377,7 @@ macro_rules! __ifunc_at_load {
     () => {
         #[used]
         #[unsafe(link_section = ".init_array")]
-        static __ALTPATCH_AT_LOAD: extern "C" fn() = $crate::ifunc::__at_load;
+        static __ALTPATCH_AT_LOAD: extern "C" fn() = $crate::process::__ifunc_at_load;
     };
 }
 

@@ -106,15 +106,8 @@ pub use error::Error;
 pub use process::{InitError, InitReport, init};
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use startup::{Startup, StartupError, startup};
-
-/// The constructor `ifunc!` registers in the object that holds it (see
-/// `startup`): resolves the object's ifuncs and makes their stubs direct,
-/// once. Does nothing without `std` on Linux.
-#[doc(hidden)]
-pub extern "C" fn __at_load() {
-    #[cfg(all(feature = "std", target_os = "linux"))]
-    startup::at_load();
-}
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) use startup::{begin as begin_startup, finish as finish_startup};
 
 use crate::cpu::{self, Features};
 use crate::image::Image;
@@ -132,7 +125,7 @@ const RESOLVED: u8 = 2;
 /// static-call trampoline), resolver and resolution. The macro generates
 /// typed wrappers around it.
 pub struct Ifunc {
-    call: RawStaticCall,
+    pub(crate) call: RawStaticCall,
     resolver: fn(&Features) -> usize,
     state: AtomicU8,
     chosen: AtomicUsize,
@@ -252,11 +245,10 @@ impl Ifunc {
         if self.state.load(Ordering::Acquire) == RESOLVED {
             return self.chosen.load(Ordering::Acquire);
         }
-        let chosen = self.resolve(&cpu::published());
-        // The next call skips this path: the stub jumps straight there.
-        #[cfg(all(feature = "std", target_os = "linux"))]
-        startup::after_first_call(self, chosen);
-        chosen
+        // (In a process, `ifunc!`'s stub reaches this through
+        // `process::__ifunc_lazy_target`, which then makes the stub jump
+        // straight there, so the next call skips this path.)
+        self.resolve(&cpu::published())
     }
 
     /// Resolves this one ifunc (if not yet) with `features` and rewrites its

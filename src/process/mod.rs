@@ -26,6 +26,13 @@ use crate::{LinuxPoke, Publish};
 
 mod calls;
 mod keys;
+mod load_alternatives;
+mod load_ifuncs;
+
+#[doc(hidden)]
+pub use load_alternatives::__alternative_at_load;
+#[doc(hidden)]
+pub use load_ifuncs::{__ifunc_at_load, __ifunc_lazy_target};
 
 /// The running program: its image, and each mechanism's index of it.
 pub(crate) struct Running {

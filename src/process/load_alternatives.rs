@@ -1,0 +1,48 @@
+//! Applying an object's alternatives when it is loaded, without the
+//! application's help (see the `alternative` module's `startup.rs` for why
+//! only while the process has one thread, and for [`startup`], the
+//! outcome; this is the part that writes the running program's text).
+//!
+//! [`startup`]: crate::alternative::startup
+
+use crate::alternative::{Startup, begin_startup, finish_startup};
+
+/// The constructor every `alternative!` registers; runs once per object.
+#[doc(hidden)]
+pub extern "C" fn __alternative_at_load() {
+    if !begin_startup() {
+        return;
+    }
+    let outcome = if !crate::cpu::startup_allowed() {
+        Startup::Off
+    } else if !crate::os::linux::only_thread() {
+        Startup::OtherThreads
+    } else {
+        apply_now()
+    };
+    finish_startup(outcome);
+}
+
+fn apply_now() -> Startup {
+    use std::string::ToString;
+    let start = std::time::Instant::now();
+    let image = crate::image::Image::current();
+    let features = crate::cpu::published();
+    let mut poke = match crate::os::linux::LinuxPoke::running() {
+        Ok(p) => p,
+        Err(e) => return Startup::Failed(e.to_string()),
+    };
+    // SAFETY: this thread is the process's only one (checked just before;
+    // no other can appear meanwhile), and it is running this constructor,
+    // not a site of the object: the loader called it before any of the
+    // object's code ran. The snapshot is the published one, which never
+    // claims what the CPU lacks.
+    match unsafe { crate::alternative::apply(&image, &features, &mut poke) } {
+        Ok(r) => Startup::Applied {
+            sites: r.sites.len(),
+            replaced: r.sites.iter().filter(|s| s.chosen.is_some()).count(),
+            took: start.elapsed(),
+        },
+        Err(e) => Startup::Failed(e.to_string()),
+    }
+}
