@@ -26,7 +26,7 @@ pub extern "C" fn __alternative_at_load() {
 fn apply_now() -> Startup {
     use std::string::ToString;
     let start = std::time::Instant::now();
-    let image = crate::image::Image::current();
+    let image = &super::running().image;
     let features = crate::cpu::published();
     let mut poke = match crate::os::linux::LinuxPoke::running() {
         Ok(p) => p,
@@ -37,7 +37,7 @@ fn apply_now() -> Startup {
     // not a site of the object: the loader called it before any of the
     // object's code ran. The snapshot is the published one, which never
     // claims what the CPU lacks.
-    match unsafe { crate::alternative::apply(&image, &features, &mut poke) } {
+    match unsafe { crate::alternative::apply(image, &features, &mut poke) } {
         Ok(r) => Startup::Applied {
             sites: r.sites.len(),
             replaced: r.sites.iter().filter(|s| s.chosen.is_some()).count(),

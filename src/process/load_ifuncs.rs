@@ -65,7 +65,7 @@ pub extern "C" fn __ifunc_at_load() {
 /// `call`, in one publication. Returns the ifuncs, the calls rewritten and
 /// the calls left.
 fn apply_stubs() -> Result<(usize, usize, usize), StartupError> {
-    let image = Image::current();
+    let image = &super::running().image;
     let records = image.ifuncs();
     if records.is_empty() {
         return Ok((0, 0, 0));
@@ -77,7 +77,7 @@ fn apply_stubs() -> Result<(usize, usize, usize), StartupError> {
     let mut chosen = Vec::with_capacity(ifuncs.len());
     for &ifunc in &ifuncs {
         let c = ifunc.resolve(&features);
-        edits.push(stub_edit(&image, ifunc, c)?);
+        edits.push(stub_edit(image, ifunc, c)?);
         chosen.push(c);
     }
     let mut targets: Vec<(usize, usize)> = ifuncs
@@ -86,7 +86,7 @@ fn apply_stubs() -> Result<(usize, usize, usize), StartupError> {
         .map(|(i, &c)| (i.stub(), c))
         .collect();
     crate::poke::sort_by_key(&mut targets, |&t| t);
-    let (calls, left) = call_edits(&image, &targets, &mut edits);
+    let (calls, left) = call_edits(image, &targets, &mut edits);
     // SAFETY: each edit is a stub's `jmp`, or a recorded `call` of a stub,
     // replaced by a `jmp` or `call` to the resolver's choice (its declared
     // type, checked by the macro), which other threads may be running:
@@ -143,7 +143,7 @@ fn after_first_call(ifunc: &Ifunc, chosen: usize) {
     if ifunc.call.target() == Some(chosen) {
         return;
     }
-    let Ok(edit) = stub_edit(&Image::current(), ifunc, chosen) else {
+    let Ok(edit) = stub_edit(&super::running().image, ifunc, chosen) else {
         return;
     };
     // SAFETY: as in `apply_stubs`.
