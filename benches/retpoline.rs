@@ -56,8 +56,8 @@ fn set_modes(thunks: Mode, site: Mode) {
     let mut poke = LinuxPoke::new().expect("poke");
     // SAFETY: single-threaded benchmark; the site and thunks are idle.
     unsafe {
-        retpoline::apply(&image, &[inline_site()], &policy(site), &mut poke).expect("site");
-        retpoline::apply(&image, &[], &policy(thunks), &mut poke).expect("thunks");
+        retpoline::apply(&image, &policy(site), &[inline_site()], &mut poke).expect("site");
+        retpoline::apply(&image, &policy(thunks), &[], &mut poke).expect("thunks");
     }
 }
 

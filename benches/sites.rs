@@ -194,7 +194,7 @@ impl TextCopy {
         let mut poke = unsafe { altpatch::DirectPoke::new(altpatch::SyncMethod::Cpuid) };
         let policy = Policy::new(Mode::Plain, "bench");
         // SAFETY: as above: plain memory, no thread runs it.
-        let report = unsafe { retpoline::apply(&image, &self.sites, &policy, &mut poke) }.unwrap();
+        let report = unsafe { retpoline::apply(&image, &policy, &self.sites, &mut poke) }.unwrap();
         report.sites.len()
     }
 }

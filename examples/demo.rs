@@ -421,7 +421,7 @@ fn retpolines(
     let t = Instant::now();
     // SAFETY: a poke for running code (page swap); from the original sites
     // every mode is one instruction for one.
-    let report = unsafe { retpoline::apply(image, sites, &policy, &mut poke) }?;
+    let report = unsafe { retpoline::apply(image, &policy, sites, &mut poke) }?;
     let took = t.elapsed();
     print!("{report}");
     let after = ns_per_call(rp_loop_thunk, &idx);
@@ -438,11 +438,11 @@ fn retpolines(
     for mode in [Mode::Generic, Mode::Lfence, Mode::Plain] {
         let p = Policy::new(mode, "comparison");
         // SAFETY: in place, single-threaded, the loops idle.
-        unsafe { retpoline::apply(image, sites, &p, &mut poke) }?;
+        unsafe { retpoline::apply(image, &p, sites, &mut poke) }?;
         line += &format!(" {mode} {:.2} ns", ns_per_call(rp_loop_thunk, &idx));
     }
     // SAFETY: as above.
-    unsafe { retpoline::apply(image, sites, &policy, &mut poke) }?;
+    unsafe { retpoline::apply(image, &policy, sites, &mut poke) }?;
     println!("{line} (see the module docs of altpatch::retpoline for what each protects)");
     Ok(())
 }

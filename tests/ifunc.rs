@@ -284,7 +284,7 @@ fn irelative_entries_resolved_once() {
     let table = IrelativeTable::new(&entries, 0);
     let c0 = CALLS.load(Ordering::SeqCst);
     // SAFETY: the slots are ours; the resolvers follow the convention.
-    let r = unsafe { process_irelative(&image, &table, &cpu::published()) }.unwrap();
+    let r = unsafe { process_irelative(&image, &cpu::published(), &table) }.unwrap();
     assert_eq!(CALLS.load(Ordering::SeqCst) - c0, 2);
     assert!(!r.already);
     assert_eq!(s[0], sum_bmi2 as *const () as usize);
@@ -294,7 +294,7 @@ fn irelative_entries_resolved_once() {
     assert_eq!(f(1), 2001);
     // Again: no resolver runs.
     // SAFETY: as above.
-    let r = unsafe { process_irelative(&image, &table, &cpu::published()) }.unwrap();
+    let r = unsafe { process_irelative(&image, &cpu::published(), &table) }.unwrap();
     assert!(r.already);
     assert_eq!(r.resolved.len(), 2);
     assert_eq!(CALLS.load(Ordering::SeqCst) - c0, 2);
@@ -337,7 +337,7 @@ fn malformed_irelative_tables_write_nothing() {
         let table = IrelativeTable::new(&entries, 0);
         let c0 = CALLS.load(Ordering::SeqCst);
         // SAFETY: refused before any resolver runs or slot is written.
-        let err = unsafe { process_irelative(&image, &table, &cpu::published()) }.unwrap_err();
+        let err = unsafe { process_irelative(&image, &cpu::published(), &table) }.unwrap_err();
         assert!(
             matches!(err, IrelativeError::Malformed { index: 1, .. }),
             "{why}: {err:?}"
@@ -367,7 +367,7 @@ fn a_c_style_resolver_returning_data_writes_nothing() {
     ];
     let table = IrelativeTable::new(&entries, 0);
     // SAFETY: the slots are ours; nothing is written on this error.
-    let err = unsafe { process_irelative(&image, &table, &cpu::published()) }.unwrap_err();
+    let err = unsafe { process_irelative(&image, &cpu::published(), &table) }.unwrap_err();
     assert!(
         matches!(err, IrelativeError::OutsideText { index: 1, .. }),
         "{err:?}"

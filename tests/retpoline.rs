@@ -454,7 +454,7 @@ fn hand_written_sites_in_place_and_back() {
     let mut poke = LinuxPoke::new().unwrap();
     // SAFETY: the in-place poke; no other thread runs these functions.
     let report =
-        unsafe { retpoline::apply(&image, &sites, &policy(Mode::Plain), &mut poke) }.unwrap();
+        unsafe { retpoline::apply(&image, &policy(Mode::Plain), &sites, &mut poke) }.unwrap();
     assert_eq!(report.counts(|_| true), (2, 0, 0));
     assert_eq!(call_both(), (50, 27));
     let rax = (&raw const rp_call_rax_site) as usize;
@@ -462,12 +462,12 @@ fn hand_written_sites_in_place_and_back() {
     assert_eq!(common::read(rax, 5), [0x0f, 0x1f, 0x00, 0xff, 0xd0]);
     assert_eq!(common::read(r9, 5), [0x66, 0x90, 0x41, 0xff, 0xd1]);
     // SAFETY: as above.
-    unsafe { retpoline::apply(&image, &sites, &policy(Mode::Lfence), &mut poke) }.unwrap();
+    unsafe { retpoline::apply(&image, &policy(Mode::Lfence), &sites, &mut poke) }.unwrap();
     assert_eq!(common::read(rax, 5), [0x0f, 0xae, 0xe8, 0xff, 0xd0]);
     assert_eq!(common::read(r9, 5)[0], 0xe8, "r9: back through the thunk");
     assert_eq!(call_both(), (50, 27));
     // SAFETY: as above.
-    unsafe { retpoline::apply(&image, &sites, &policy(Mode::Generic), &mut poke) }.unwrap();
+    unsafe { retpoline::apply(&image, &policy(Mode::Generic), &sites, &mut poke) }.unwrap();
     assert_eq!(snapshot(&sites), original);
     assert_eq!(call_both(), (50, 27));
 }
@@ -487,7 +487,7 @@ fn unexpected_bytes_at_a_site_writes_nothing() {
     let mut poke = LinuxPoke::new().unwrap();
     // SAFETY: the in-place poke; no other thread runs these functions.
     let err =
-        unsafe { retpoline::apply(&image, &sites, &policy(Mode::Plain), &mut poke) }.unwrap_err();
+        unsafe { retpoline::apply(&image, &policy(Mode::Plain), &sites, &mut poke) }.unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Plan(_)), "{err:?}");
     assert!(msg.contains(&format!("{:x}", bogus.addr)), "{msg}");
@@ -510,7 +510,7 @@ fn a_site_for_rsp_writes_nothing() {
     let mut poke = LinuxPoke::new().unwrap();
     // SAFETY: as above.
     let err =
-        unsafe { retpoline::apply(&image, &sites, &policy(Mode::Plain), &mut poke) }.unwrap_err();
+        unsafe { retpoline::apply(&image, &policy(Mode::Plain), &sites, &mut poke) }.unwrap_err();
     assert!(
         matches!(err, Error::RspSite { site } if site == rsp.addr),
         "{err:?}"
@@ -535,7 +535,7 @@ fn a_thunk_with_unexpected_bytes_writes_no_site_either() {
     let before = snapshot(&sites);
     // SAFETY: the in-place poke; no other thread runs these functions.
     let err =
-        unsafe { retpoline::apply(&image, &sites, &policy(Mode::Plain), &mut poke) }.unwrap_err();
+        unsafe { retpoline::apply(&image, &policy(Mode::Plain), &sites, &mut poke) }.unwrap_err();
     assert!(
         matches!(err, Error::BadThunk { reg: Reg::R13, addr } if addr == r13),
         "{err:?}"

@@ -217,7 +217,7 @@ fn return_sites_route_to_a_supplied_thunk() {
 
     // SAFETY (every apply below): only this test runs these functions, and
     // each edit replaces one instruction by one.
-    let report = unsafe { retpoline::apply(&image, &sites, &routed, &mut poke) }.unwrap();
+    let report = unsafe { retpoline::apply(&image, &routed, &sites, &mut poke) }.unwrap();
     assert!(
         report.sites.iter().all(|s| s.outcome == Outcome::ViaThunk),
         "{report}"
@@ -238,7 +238,7 @@ fn return_sites_route_to_a_supplied_thunk() {
 
     // Back to `ret` (the default), then to the thunk again.
     let plain = Policy::new(Mode::Plain, "test");
-    unsafe { retpoline::apply(&image, &sites, &plain, &mut poke) }.unwrap();
+    unsafe { retpoline::apply(&image, &plain, &sites, &mut poke) }.unwrap();
     assert_eq!(bytes(jmp_at, 5), [0xc3, 0xcc, 0xcc, 0xcc, 0xcc]);
     assert_eq!(bytes(jcc_at, 6), [0x74, 4, 0xc3, 0xcc, 0xcc, 0xcc]);
     // SAFETY: as above.
@@ -246,23 +246,23 @@ fn return_sites_route_to_a_supplied_thunk() {
         assert_eq!(rt_ret_jmp(), 7);
         assert_eq!(rt_ret_jcc(1), 9);
     }
-    unsafe { retpoline::apply(&image, &sites, &routed, &mut poke) }.unwrap();
+    unsafe { retpoline::apply(&image, &routed, &sites, &mut poke) }.unwrap();
     assert_eq!(bytes(jmp_at, 5), want_jmp);
     // SAFETY: as above.
     assert_eq!(unsafe { rt_ret_jmp() }, 1007);
 
     // A thunk outside the text: refused, nothing written.
     let outside = Policy::new(Mode::Plain, "test").with_return_thunk(8);
-    let e = unsafe { retpoline::apply(&image, &sites, &outside, &mut poke) }.unwrap_err();
+    let e = unsafe { retpoline::apply(&image, &outside, &sites, &mut poke) }.unwrap_err();
     assert!(matches!(e, Error::BadReturnThunk { addr: 8 }), "{e}");
     assert_eq!(bytes(jmp_at, 5), want_jmp);
 
     // Routed, straight to another thunk (here: back to the original one)
     // works: a site's own branch to a target in the text is a known state.
     let back = Policy::new(Mode::Generic, "test").with_return_thunk(retpoline::return_thunk());
-    unsafe { retpoline::apply(&image, &sites, &back, &mut poke) }.unwrap();
+    unsafe { retpoline::apply(&image, &back, &sites, &mut poke) }.unwrap();
     assert_eq!((bytes(jmp_at, 5), bytes(jcc_at, 6)), original);
-    unsafe { retpoline::apply(&image, &sites, &routed, &mut poke) }.unwrap();
+    unsafe { retpoline::apply(&image, &routed, &sites, &mut poke) }.unwrap();
 
     // A site holding another branch (je for the jne site) is refused,
     // naming it, and nothing is written.
@@ -273,13 +273,13 @@ fn return_sites_route_to_a_supplied_thunk() {
     mangle.push(altpatch::Edit::replace(jcc_at, &now, &je));
     // SAFETY: rt_ret_jcc is not called until the edit is undone.
     unsafe { mangle.apply(&mut poke) }.unwrap();
-    let e = unsafe { retpoline::apply(&image, &sites, &plain, &mut poke) }.unwrap_err();
+    let e = unsafe { retpoline::apply(&image, &plain, &sites, &mut poke) }.unwrap_err();
     assert!(e.to_string().contains(&format!("{jcc_at:#x}")), "{e}");
     assert_eq!(bytes(jmp_at, 5), want_jmp, "the other site was written");
     // SAFETY: as above.
     unsafe { mangle.undo(&mut poke) }.unwrap();
 
     // Leave the sites as built.
-    unsafe { retpoline::apply(&image, &sites, &back, &mut poke) }.unwrap();
+    unsafe { retpoline::apply(&image, &back, &sites, &mut poke) }.unwrap();
     assert_eq!((bytes(jmp_at, 5), bytes(jcc_at, 6)), original);
 }

@@ -233,7 +233,7 @@ static BUSY: UpdateLock = UpdateLock::new();
 ///
 /// let entries = [IrelativeEntry::new(&raw mut SLOT as usize, resolver as usize)];
 /// let table = IrelativeTable::new(&entries, 0);
-/// let r = unsafe { process_irelative(&Image::current(), &table, &Features::detect()) }?;
+/// let r = unsafe { process_irelative(&Image::current(), &Features::detect(), &table) }?;
 /// assert_eq!(r.resolved[0].2, seven as usize);
 /// assert_eq!(unsafe { SLOT }, seven as usize);
 /// # Ok::<(), altpatch::ifunc::IrelativeError>(())
@@ -246,8 +246,8 @@ static BUSY: UpdateLock = UpdateLock::new();
 /// address (the glibc convention), safe to call now.
 pub unsafe fn process_irelative(
     image: &Image<'_>,
-    table: &IrelativeTable<'_>,
     features: &Features,
+    table: &IrelativeTable<'_>,
 ) -> Result<IrelativeReport, IrelativeError> {
     cpu::publish(*features).map_err(IrelativeError::Snapshot)?;
     let _lock = BUSY.lock();

@@ -196,7 +196,7 @@ fn plan_thunks(image: &Image<'_>, mode: Mode) -> Result<(Plan, usize), Error> {
 /// let mut poke = LinuxPoke::new()?;
 /// let plain = Policy::new(Mode::Plain, "example");
 /// // No sites here: only the thunks change. In place: nothing else runs.
-/// let report = unsafe { retpoline::apply(&image, &[], &plain, &mut poke) }?;
+/// let report = unsafe { retpoline::apply(&image, &plain, &[], &mut poke) }?;
 /// assert_eq!(report.thunks, 15);
 /// let r11 = retpoline::thunk(Reg::R11).unwrap();
 /// let head = unsafe { std::slice::from_raw_parts(r11 as *const u8, 6) };
@@ -213,8 +213,8 @@ fn plan_thunks(image: &Image<'_>, mode: Mode) -> Result<(Plan, usize), Error> {
 /// it.
 pub unsafe fn apply<'s, P: TextPoke + ?Sized>(
     image: &Image<'_>,
-    sites: &'s [Site],
     policy: &Policy,
+    sites: &'s [Site],
     poke: &mut P,
 ) -> Result<Report<'s>, Error> {
     let mut planned = Planned::new(image, sites, policy, true)?;
@@ -279,7 +279,7 @@ pub unsafe fn apply_loaded(addr: usize, policy: &Policy) -> Result<Report<'stati
     let mut poke = crate::LinuxPoke::running().map_err(Error::Poke)?;
     // SAFETY: as for `apply_current`: the running poke publishes pages
     // atomically and refuses edits that are not one instruction for one.
-    unsafe { apply(&image, &sites, policy, &mut poke) }.map(Report::into_owned)
+    unsafe { apply(&image, policy, &sites, &mut poke) }.map(Report::into_owned)
 }
 
 /// Applies `policy` to the running program, live (`std`): its sites from
@@ -304,5 +304,5 @@ pub fn apply_current(policy: &Policy) -> Result<Report<'static>, Error> {
     let mut poke = crate::LinuxPoke::running().map_err(Error::Poke)?;
     // SAFETY: the running poke publishes pages atomically (or runs the INT3
     // protocol); it refuses edits that are not one instruction for one.
-    unsafe { apply(&image, sites, policy, &mut poke) }
+    unsafe { apply(&image, policy, sites, &mut poke) }
 }

@@ -389,8 +389,8 @@ impl TextCopy {
         unsafe {
             retpoline::apply(
                 &self.image(),
-                &self.sites,
                 &Policy::new(mode, "test"),
+                &self.sites,
                 &mut poke,
             )
         }

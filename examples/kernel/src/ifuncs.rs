@@ -52,7 +52,7 @@ pub fn resolve(image: &Image<'_>, features: &Features) -> Result<(), &'static st
     // SAFETY: the GOT slots are in the kernel's writable data, nothing has
     // called the ifunc yet, and the resolvers follow the glibc convention.
     let t = support::rdtsc();
-    let irel = unsafe { altpatch::ifunc::process_irelative(image, &table, features) };
+    let irel = unsafe { altpatch::ifunc::process_irelative(image, features, &table) };
     let irel = irel.map_err(|e| {
         println!("ifunc: IRELATIVE: {e}");
         "IRELATIVE processing failed"

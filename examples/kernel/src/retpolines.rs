@@ -55,7 +55,7 @@ pub fn apply(
     let mut poke = unsafe { DirectPoke::for_features(features) };
     let t = support::rdtsc();
     // SAFETY: as above; the mode is the policy's for this CPU.
-    let report = unsafe { retpoline::apply(image, &sites, &policy, &mut poke) }?;
+    let report = unsafe { retpoline::apply(image, &policy, &sites, &mut poke) }?;
     support::report_cycles("retpolines", t, report.sites.len());
     print!("{report}");
     let here = call_via_thunk as fn(extern "C" fn() -> u64) -> u64 as usize;
