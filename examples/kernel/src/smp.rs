@@ -195,7 +195,7 @@ pub fn ap_run(cpu: usize) -> ! {
             }
         }
         if crate::kernel_ones(0b1011) != want_ones
-            || crate::load_be_marked(&0x1122_3344).0 as u64 != want_be
+            || crate::alternatives::load_be_marked(&0x1122_3344).0 as u64 != want_be
         {
             wrong += 1;
         }
@@ -252,7 +252,7 @@ pub fn run(image: &Image<'_>, features: &Features, sites: &[Site]) -> Result<(),
     apic::enable();
     WANT_ONES.store(crate::kernel_ones(0b1011), Ordering::Relaxed);
     WANT_BE.store(
-        crate::load_be_marked(&0x1122_3344).0 as u64,
+        crate::alternatives::load_be_marked(&0x1122_3344).0 as u64,
         Ordering::Relaxed,
     );
     let online = cpus::start_aps(&found.ids[..found.count]);
