@@ -376,3 +376,37 @@ mod process {
         release();
     }
 }
+
+/// Work done once per object by whoever claims it first (the first of the
+/// constructors every `ifunc!` or `alternative!` registers), and what it
+/// did, for anyone to read afterwards.
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) struct ClaimedOnce<T> {
+    claimed: core::sync::atomic::AtomicBool,
+    outcome: std::sync::OnceLock<T>,
+}
+
+#[cfg(all(feature = "std", target_os = "linux"))]
+impl<T> ClaimedOnce<T> {
+    pub(crate) const fn new() -> Self {
+        ClaimedOnce {
+            claimed: core::sync::atomic::AtomicBool::new(false),
+            outcome: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// True for the first caller only: the one that does the work.
+    pub(crate) fn claim(&self) -> bool {
+        !self.claimed.swap(true, Ordering::AcqRel)
+    }
+
+    /// Records what the work did (once; later records are dropped).
+    pub(crate) fn finish(&self, outcome: T) {
+        let _ = self.outcome.set(outcome);
+    }
+
+    /// What the work did, once it finished.
+    pub(crate) fn get(&self) -> Option<&T> {
+        self.outcome.get()
+    }
+}

@@ -120,6 +120,14 @@ fn imports(code: &str) -> BTreeSet<String> {
     found
 }
 
+/// The top-level module `file` (under `src`) belongs to: its first path
+/// component, without `.rs`.
+fn module_of(src: &Path, file: &Path) -> String {
+    let rel = file.strip_prefix(src).unwrap();
+    let first = rel.components().next().unwrap().as_os_str();
+    first.to_str().unwrap().trim_end_matches(".rs").to_string()
+}
+
 /// The names a `use` tree brings in, each with the first segment of its
 /// path: `a::b::{C, d::E as F}` gives `C` and `F`, both from `a`.
 fn use_tree_names(tree: &str) -> Vec<(String, String)> {
@@ -172,15 +180,7 @@ fn root_items(src: &Path, files: &[PathBuf]) -> BTreeMap<String, String> {
         rest = &rest[end..];
     }
     for file in files {
-        let rel = file.strip_prefix(src).unwrap();
-        let module = rel
-            .components()
-            .next()
-            .unwrap()
-            .as_os_str()
-            .to_str()
-            .unwrap();
-        let module = module.trim_end_matches(".rs").to_string();
+        let module = module_of(src, file);
         let text = code(&std::fs::read_to_string(file).unwrap());
         let mut exported = false;
         for line in text.lines().map(str::trim) {
@@ -208,35 +208,15 @@ fn graph() -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
     let mut files = Vec::new();
     rust_files(&src, &mut files);
     let roots = root_items(&src, &files);
-    let modules: BTreeSet<String> = files
-        .iter()
-        .map(|f| {
-            let rel = f.strip_prefix(&src).unwrap();
-            let first = rel
-                .components()
-                .next()
-                .unwrap()
-                .as_os_str()
-                .to_str()
-                .unwrap();
-            first.trim_end_matches(".rs").to_string()
-        })
-        .collect();
+    let modules: BTreeSet<String> = files.iter().map(|f| module_of(&src, f)).collect();
     let mut graph: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
     for file in files {
         let rel = file.strip_prefix(&src).unwrap();
-        let first = rel
-            .components()
-            .next()
-            .unwrap()
-            .as_os_str()
-            .to_str()
-            .unwrap();
+        let module = module_of(&src, &file);
         // The crate root re-exports and the CLI binary sit above every layer.
-        if first == "lib.rs" || first == "bin" {
+        if module == "lib" || module == "bin" {
             continue;
         }
-        let module = first.trim_end_matches(".rs").to_string();
         let text = std::fs::read_to_string(&file).unwrap();
         let entry = graph.entry(module.clone()).or_default();
         for used in imports(&code(&text)) {

@@ -27,12 +27,12 @@ pub use call_abi::{CallArg, CallRet};
 #[doc(hidden)]
 pub use call_abi::{CallArgs, call_result as __call_result};
 pub use condition::Condition;
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) use startup::STARTUP;
 #[doc(hidden)]
 #[cfg(all(feature = "std", target_os = "linux"))]
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use startup::{Startup, startup};
-#[cfg(all(feature = "std", target_os = "linux"))]
-pub(crate) use startup::{begin as begin_startup, finish as finish_startup};
 
 use alloc::borrow::Cow;
 use alloc::format;

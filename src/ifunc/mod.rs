@@ -105,9 +105,9 @@ pub use error::Error;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub use process::{InitError, InitReport, init};
 #[cfg(all(feature = "std", target_os = "linux"))]
-pub use startup::{Startup, StartupError, startup};
+pub(crate) use startup::STARTUP;
 #[cfg(all(feature = "std", target_os = "linux"))]
-pub(crate) use startup::{begin as begin_startup, finish as finish_startup};
+pub use startup::{Startup, StartupError, startup};
 
 use crate::cpu::{self, Features};
 use crate::image::Image;

@@ -28,15 +28,9 @@
 //!
 //! What happened is kept for [`startup`].
 
-use core::sync::atomic::{AtomicU8, Ordering};
-use std::sync::OnceLock;
-
-/// Whether this object's start-up ran: not yet, running or done.
-static STATE: AtomicU8 = AtomicU8::new(0);
-const DONE: u8 = 2;
-
-/// What the start-up of this object did.
-static OUTCOME: OnceLock<Startup> = OnceLock::new();
+/// Who runs this object's start-up (the first constructor to claim it),
+/// and what it did.
+pub(crate) static STARTUP: crate::sync::ClaimedOnce<Startup> = crate::sync::ClaimedOnce::new();
 
 /// What patching at load did in the object this copy of altpatch is linked
 /// into (see [`ifunc::startup`](crate::ifunc::startup)).
@@ -117,19 +111,5 @@ impl std::error::Error for StartupError {}
 /// }
 /// ```
 pub fn startup() -> Startup {
-    OUTCOME.get().cloned().unwrap_or(Startup::NotRun)
-}
-
-/// Claims this object's start-up: true for the first caller only (the
-/// constructor that does the work; see `process/load_ifuncs.rs`).
-pub(crate) fn begin() -> bool {
-    STATE
-        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
-        .is_ok()
-}
-
-/// Records what the start-up did, once, and marks it done.
-pub(crate) fn finish(outcome: Startup) {
-    let _ = OUTCOME.set(outcome);
-    STATE.store(DONE, Ordering::Release);
+    STARTUP.get().cloned().unwrap_or(Startup::NotRun)
 }

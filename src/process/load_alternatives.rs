@@ -5,12 +5,12 @@
 //!
 //! [`startup`]: crate::alternative::startup
 
-use crate::alternative::{Startup, begin_startup, finish_startup};
+use crate::alternative::{STARTUP, Startup};
 
 /// The constructor every `alternative!` registers; runs once per object.
 #[doc(hidden)]
 pub extern "C" fn __alternative_at_load() {
-    if !begin_startup() {
+    if !STARTUP.claim() {
         return;
     }
     let outcome = if !crate::cpu::startup_allowed() {
@@ -20,7 +20,7 @@ pub extern "C" fn __alternative_at_load() {
     } else {
         apply_now()
     };
-    finish_startup(outcome);
+    STARTUP.finish(outcome);
 }
 
 fn apply_now() -> Startup {

@@ -15,7 +15,7 @@
 
 use alloc::vec::Vec;
 
-use crate::ifunc::{Ifunc, Startup, StartupError, begin_startup, finish_startup};
+use crate::ifunc::{Ifunc, STARTUP, Startup, StartupError};
 use crate::image::Image;
 use crate::os::linux::JmpEdit;
 use crate::records::IfuncRecord;
@@ -40,7 +40,7 @@ pub fn __ifunc_lazy_target(ifunc: &Ifunc) -> usize {
 /// many entries point here (the first does the work).
 #[doc(hidden)]
 pub extern "C" fn __ifunc_at_load() {
-    if !begin_startup() {
+    if !STARTUP.claim() {
         return;
     }
     let outcome = if crate::cpu::startup_allowed() {
@@ -57,7 +57,7 @@ pub extern "C" fn __ifunc_at_load() {
     } else {
         Startup::Off
     };
-    finish_startup(outcome);
+    STARTUP.finish(outcome);
 }
 
 /// Resolves every ifunc of this object with the published snapshot and
