@@ -4,12 +4,12 @@
 
 use core::fmt;
 
+use crate::arch::{OutOfRange, RelocError};
 use crate::cpu::{AlreadyPublished, OverrideError, RecordedCpuidError};
 use crate::plan::PlanError;
 use crate::poke::PokeError;
 use crate::poke::live::LiveError;
 use crate::sites::EmbeddedTableError;
-use crate::x86::{OutOfRange, RelocError};
 use crate::{alternative, ifunc, retpoline};
 
 // Each layer's error, once: the variant, its conversion with `?` and its

@@ -106,6 +106,8 @@ compile_error!(
 #[cfg(target_arch = "x86_64")]
 pub mod alternative;
 #[cfg(target_arch = "x86_64")]
+pub mod arch;
+#[cfg(target_arch = "x86_64")]
 pub mod cpu;
 #[cfg(target_arch = "x86_64")]
 #[cfg(feature = "std")]
@@ -135,6 +137,8 @@ pub mod records;
 #[cfg(target_arch = "x86_64")]
 pub mod retpoline;
 #[cfg(target_arch = "x86_64")]
+mod short;
+#[cfg(target_arch = "x86_64")]
 pub mod sites;
 #[cfg(target_arch = "x86_64")]
 pub mod static_call;
@@ -145,8 +149,10 @@ mod sync;
 #[cfg(target_arch = "x86_64")]
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub mod trampoline;
+/// The x86-64 encodings, at the path they had before the arch seam
+/// ([`arch::x86_64`]).
 #[cfg(target_arch = "x86_64")]
-pub mod x86;
+pub use arch::x86_64 as x86;
 
 #[cfg(target_arch = "x86_64")]
 pub use error::Error;

@@ -22,10 +22,13 @@ use std::path::{Path, PathBuf};
 /// cycles) or of lower layers, never of a higher one.
 const LAYERS: &[(&str, &[&str])] = &[
     (
-        "record layouts and section names, bytes as text",
-        &["records", "hex"],
+        "record layouts and section names, bytes as text, few-byte compares",
+        &["records", "hex", "short"],
     ),
-    ("CPU, encodings, the update lock", &["cpu", "x86", "sync"]),
+    (
+        "CPU, the arch seam (encodings, live rules), the update lock",
+        &["cpu", "arch", "sync"],
+    ),
     (
         "text poking: trait, direct, fault, INT3 protocol",
         &["poke"],

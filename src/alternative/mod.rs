@@ -39,12 +39,12 @@ use alloc::format;
 use alloc::vec::Vec;
 use core::fmt;
 
+use crate::arch::{self, RelocError};
 use crate::cpu::Features;
 use crate::image::Image;
 use crate::plan::{ApplyReport, Bytes, Edit, Expect, Plan, PlanError};
 use crate::poke::TextPoke;
 use crate::records::AlternativeRecord;
-use crate::x86::{self, RelocError};
 
 // The record's layout is in `records` (a binary format belongs to no
 // mechanism); what its condition means is this module's.
@@ -330,7 +330,7 @@ fn plan_site(
     // one-byte NOP padding), default with merged padding, each alternative.
     let relocated = |code: &[u8], from: usize, condition: Option<Condition>, pad: fn(&mut [u8])| {
         let mut out = alloc::vec![0u8; site_len];
-        x86::relocate(code, from, site, &mut out).map_err(|error| Error::Relocation {
+        arch::relocate(code, from, site, &mut out).map_err(|error| Error::Relocation {
             site,
             condition,
             error,
@@ -339,12 +339,17 @@ fn plan_site(
         Ok::<_, Error>(out)
     };
     let original = relocated(orig, first.original(), None, |b| b.fill(0x90))?;
-    let default_merged = relocated(orig, first.original(), None, x86::fill_gap)?;
+    let default_merged = relocated(orig, first.original(), None, arch::fill_gap)?;
     let mut states = Vec::with_capacity(group.len());
     for (&k, &cond) in group.iter().zip(&conditions) {
         let r = &records[k];
         let code = text_bytes(image, r.replacement(), r.replacement_len()).unwrap_or(&[]);
-        states.push(relocated(code, r.replacement(), Some(cond), x86::fill_gap)?);
+        states.push(relocated(
+            code,
+            r.replacement(),
+            Some(cond),
+            arch::fill_gap,
+        )?);
     }
 
     let chosen = conditions.iter().rposition(|c| c.holds(features));

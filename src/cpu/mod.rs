@@ -14,21 +14,18 @@
 //! assert!(!without_movbe.has(Feature::Movbe));
 //! ```
 
-mod feature;
-mod features;
 pub(crate) mod mitigation;
 mod overrides;
 mod published;
-mod source;
 
-pub use features::{Feature, Features, Vendor};
+// What a CPU is and how its features are read is the architecture's.
+pub use crate::arch::x86_64::cpu::{
+    CpuidResult, CpuidSource, Feature, Features, HostCpuid, RecordedCpuid, RecordedCpuidError,
+    Vendor, dump,
+};
 pub use overrides::{OverrideError, Overrides};
 pub use published::{
     AlreadyPublished, altpatch_cpu_features, altpatch_cpu_has, publish, published, try_published,
 };
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub(crate) use published::{after_fork_in_child, startup_allowed};
-pub use source::{CpuidSource, HostCpuid, RecordedCpuid, RecordedCpuidError, dump};
-
-/// The result of one `cpuid` query: `eax`, `ebx`, `ecx`, `edx`.
-pub type CpuidResult = raw_cpuid::CpuIdResult;

@@ -3,7 +3,7 @@
 use alloc::string::String;
 use core::fmt;
 
-use super::features::{Feature, Features};
+use super::{Feature, Features};
 
 /// Adjustments to a [`Features`] snapshot, parsed from a string such as
 /// `"nomovbe,noavx2,+erms"`.
@@ -354,6 +354,25 @@ impl fmt::Display for Overrides {
 }
 
 impl Features {
+    /// [`Features::detect`], then the overrides in the `ALTPATCH` environment
+    /// variable (same syntax as [`Overrides::parse`](Overrides::parse)).
+    ///
+    /// An environment variable must not make safe code unsound: adding an
+    /// instruction-set feature the CPU lacks (`ALTPATCH=+avx2` without AVX2)
+    /// is refused with [`OverrideError::Unverified`](OverrideError::Unverified),
+    /// since code choosing an implementation from the snapshot would run
+    /// instructions the CPU does not have. Removals, and additions the CPU
+    /// already has, apply; so do the derived and synthetic facts.
+    #[cfg(feature = "std")]
+    pub fn detect_with_env() -> Result<Features, OverrideError> {
+        let detected = Features::detect();
+        let o = Overrides::from_env()?;
+        if let Some(f) = o.unverified(&detected) {
+            return Err(OverrideError::Unverified { name: f.name() });
+        }
+        Ok(detected.with_overrides(&o))
+    }
+
     /// This snapshot adjusted by `overrides`: removals first (with their
     /// dependents), then additions, then the synthetic bits are recomputed,
     /// then synthetic bits named in `overrides` are applied.

@@ -9,8 +9,8 @@ use object::endian::LittleEndian as LE;
 use object::read::elf::Sym as _;
 
 use super::{Class, ElfError, Marks, audit, classify, corrupt, parse};
+use crate::arch::x86_64 as x86;
 use crate::sites::{Site, SiteKind};
-use crate::x86;
 
 /// The `call`/`jmp`/`jcc rel32` whose 4-byte displacement is at `off` in
 /// `code` (located at `base`), allowing up to two prefix bytes: (start

@@ -27,8 +27,8 @@ use object::read::elf::Sym as _;
 
 use super::origin::demangle;
 use super::{ElfError, corrupt, exec_bytes_at, parse};
+use crate::arch::x86_64::ENDBR64;
 use crate::sites::names;
-use crate::x86::ENDBR64;
 
 /// The closure-trampoline table's symbol (after the copy's tag), and its
 /// layout.

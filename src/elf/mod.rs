@@ -41,8 +41,8 @@ pub use embed::{EmbedError, EmbedOutcome, embed, embed_file};
 pub use runtime::{SitesError, current_sites, image_sites};
 use symbols::{Class, Marks, classify, memo};
 
+use crate::arch::x86_64 as x86;
 use crate::sites::{Site, SiteKind, ThunkNames};
-use crate::x86;
 
 type Header = elf::FileHeader64<LE>;
 type Sections<'d> = SectionTable<'d, Header, &'d [u8]>;

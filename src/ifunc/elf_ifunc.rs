@@ -8,12 +8,12 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::sync::UpdateLock;
 
+use crate::arch::x86_64::{self as x86, BranchKind};
 use crate::cpu::{self, Features};
 use crate::image::Image;
 use crate::plan::{ApplyReport, Edit, Plan, PlanError};
 use crate::poke::TextPoke;
 use crate::sites::{Site, SiteKind};
-use crate::x86::{self, BranchKind};
 
 /// `R_X86_64_IRELATIVE`.
 const R_X86_64_IRELATIVE: u32 = 37;
@@ -348,7 +348,7 @@ fn plt_slot(image: &Image<'_>, stub: usize) -> Option<usize> {
     // SAFETY: inside the image's text, readable.
     let b = unsafe { core::slice::from_raw_parts(stub as *const u8, 11) };
     let mut at = 0;
-    if b[..4] == crate::x86::ENDBR64 {
+    if b[..4] == crate::arch::x86_64::ENDBR64 {
         at += 4;
     }
     if b[at] == 0xf2 {

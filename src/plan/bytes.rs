@@ -194,8 +194,8 @@ impl<const N: usize> From<&[u8; N]> for Bytes {
     }
 }
 
-impl From<crate::x86::Encoded> for Bytes {
-    fn from(e: crate::x86::Encoded) -> Bytes {
+impl From<crate::arch::Encoded> for Bytes {
+    fn from(e: crate::arch::Encoded) -> Bytes {
         Bytes::new(&e)
     }
 }

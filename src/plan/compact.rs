@@ -9,8 +9,8 @@ use core::ops::Range;
 use super::batch::{self, EditList};
 use super::edit::State;
 use super::{ApplyReport, Bytes, Edit, Expect, Label, Plan, PlanError, Validation};
+use crate::arch::Encoded;
 use crate::poke::{PokeError, TextPoke, copy_short, load_short};
-use crate::x86::Encoded;
 
 /// The longest edit a [`CompactPlan`] holds: every `call`/`jmp`/`jcc rel32`
 /// and each inline form that replaces one.

@@ -5,7 +5,7 @@ use alloc::boxed::Box;
 use core::fmt;
 
 use super::Bytes;
-use crate::x86::{self, BranchKind, OutOfRange};
+use crate::arch::{self, Encoded, OutOfRange};
 
 /// A short text naming a site or giving a reason: usually a `&'static str`,
 /// owned only where a mechanism formats one.
@@ -23,7 +23,7 @@ pub enum Expect {
     /// One NOP instruction spanning the whole edit.
     Nop,
     /// Padding that falls through: NOPs, or a `jmp` to the end over `int3`
-    /// filler (see [`x86::is_gap`]).
+    /// filler (see [`arch::is_padding`]).
     Gap,
     /// One `call rel32` to this absolute address, spanning the whole edit.
     Call(usize),
@@ -38,20 +38,12 @@ impl Expect {
     pub fn matches(&self, addr: usize, found: &[u8]) -> bool {
         match self {
             Expect::Bytes(b) => crate::poke::short_eq(b, found),
-            // The encodings this crate writes are checked without decoding;
-            // anything else goes to the decoder.
-            Expect::Nop => found == x86::NOP5 || x86::is_single_nop(found),
-            Expect::Gap => x86::is_gap(found),
-            Expect::Call(t) => match rel32_form(found, 0xe8, addr) {
-                Some(to) => to == *t,
-                None => x86::rel_branch(found, addr as u64)
-                    .is_some_and(|b| b.kind == BranchKind::Call && b.target == *t as u64),
-            },
-            Expect::Jmp(t) => match rel32_form(found, 0xe9, addr) {
-                Some(to) => to == *t,
-                None => x86::rel_branch(found, addr as u64)
-                    .is_some_and(|b| b.kind == BranchKind::Jmp && b.target == *t as u64),
-            },
+            // The architecture reads the forms this crate writes without
+            // decoding; anything else goes to its decoder.
+            Expect::Nop => arch::is_nop(found),
+            Expect::Gap => arch::is_padding(found),
+            Expect::Call(t) => arch::call_target(found, addr) == Some(*t),
+            Expect::Jmp(t) => arch::jump_target(found, addr) == Some(*t),
         }
     }
 
@@ -61,28 +53,16 @@ impl Expect {
     pub fn canonical(&self, addr: usize, len: usize) -> Option<Bytes> {
         match self {
             Expect::Bytes(b) => Some(b.clone()),
-            Expect::Nop => x86::nop(len).map(Bytes::new),
+            Expect::Nop => arch::nop_of_len(len).map(Bytes::new),
             Expect::Gap => {
                 let mut v = alloc::vec![0u8; len];
-                x86::fill_gap(&mut v);
+                arch::fill_gap(&mut v);
                 Some(Bytes::new(&v))
             }
-            Expect::Call(t) if len == 5 => x86::call_rel32(addr, *t).ok().map(Bytes::from),
-            Expect::Jmp(t) if len == 5 => x86::jmp_rel32(addr, *t).ok().map(Bytes::from),
-            Expect::Jmp(t) if len == 2 => x86::jmp_rel8(addr, *t).ok().map(Bytes::from),
-            _ => None,
+            Expect::Call(t) => arch::call_of_len(addr, *t, len).map(Bytes::from),
+            Expect::Jmp(t) => arch::jump_of_len(addr, *t, len).map(Bytes::from),
         }
     }
-}
-
-/// The target of `found` if it is exactly `opcode rel32` (5 bytes) at `addr`.
-#[inline]
-fn rel32_form(found: &[u8], opcode: u8, addr: usize) -> Option<usize> {
-    if found.len() != 5 || found[0] != opcode {
-        return None;
-    }
-    let d = i32::from_le_bytes([found[1], found[2], found[3], found[4]]);
-    Some((addr as i64 + 5 + d as i64) as usize)
 }
 
 impl fmt::Display for Expect {
@@ -180,27 +160,34 @@ impl Edit {
         Edit::new(addr, Expect::Bytes(Bytes::new(old)), Bytes::new(new))
     }
 
-    /// At `addr`, expect `expect` and write `call target` (`e8 rel32`).
-    /// A target out of rel32 range is reported by validation, naming the site.
+    /// At `addr`, expect `expect` and write `call target` (on x86-64
+    /// `e8 rel32`). A target out of range is reported by validation,
+    /// naming the site.
     pub fn call(addr: usize, expect: Expect, target: usize) -> Edit {
-        Edit::branch(addr, expect, target, 0xe8)
+        Edit::branch(addr, expect, target, arch::call_to)
     }
 
-    /// At `addr`, expect `expect` and write `jmp target` (`e9 rel32`).
+    /// At `addr`, expect `expect` and write `jmp target` (on x86-64
+    /// `e9 rel32`).
     pub fn jmp(addr: usize, expect: Expect, target: usize) -> Edit {
-        Edit::branch(addr, expect, target, 0xe9)
+        Edit::branch(addr, expect, target, arch::jump_to)
     }
 
-    fn branch(addr: usize, expect: Expect, target: usize, opcode: u8) -> Edit {
-        let enc = if opcode == 0xe8 {
-            x86::call_rel32(addr, target)
-        } else {
-            x86::jmp_rel32(addr, target)
-        };
-        match enc {
+    fn branch(
+        addr: usize,
+        expect: Expect,
+        target: usize,
+        encode: fn(usize, usize) -> Result<Encoded, OutOfRange>,
+    ) -> Edit {
+        match encode(addr, target) {
             Ok(b) => Edit::new(addr, expect, b),
             Err(e) => {
-                let mut edit = Edit::new(addr, expect, [opcode, 0, 0, 0, 0]);
+                // Never written (validation refuses the edit, naming the
+                // site); a branch to the next instruction keeps the edit's
+                // length and shows what kind of branch was asked for.
+                let next = encode(addr, addr + arch::BRANCH_LEN)
+                    .expect("a branch to the next instruction");
+                let mut edit = Edit::new(addr, expect, next);
                 edit.meta_mut().range_error = Some(e);
                 edit.out_of_range = true;
                 edit

@@ -3,8 +3,8 @@
 use core::fmt;
 
 use super::{Bytes, Expect, Label};
+use crate::arch::OutOfRange;
 use crate::poke::PokeError;
-use crate::x86::OutOfRange;
 
 /// A refused or failed plan. Every variant names the site; unless the
 /// variant says otherwise, no byte of text was changed.

@@ -1,21 +1,14 @@
-//! Freestanding poke: store directly into writable text, then serialize.
+//! Freestanding poke: store directly into writable text, then make this
+//! CPU execute it (the arch's `sync_core`).
 
 use alloc::vec::Vec;
 use core::ops::Range;
 use core::sync::atomic::{Ordering, compiler_fence};
 
 use super::{PokeError, TextPoke};
-use crate::cpu::{Feature, Features};
-
-/// How [`DirectPoke`] serializes the calling CPU after writing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SyncMethod {
-    /// The `serialize` instruction (where CPUID.7.0:EDX\[14\] says it exists).
-    Serialize,
-    /// `cpuid`, architecturally serializing everywhere (and a VM exit under
-    /// most hypervisors, so slower).
-    Cpuid,
-}
+pub use crate::arch::SyncMethod;
+use crate::arch::sync_core;
+use crate::cpu::Features;
 
 /// Writes directly to text that is writable at its own address, then
 /// serializes the calling CPU.
@@ -78,19 +71,15 @@ impl DirectPoke {
         }
     }
 
-    /// A poke using `serialize` where `features` has it, else `cpuid`.
+    /// A poke using the fastest [`SyncMethod`] `features` allow (on x86-64
+    /// `serialize` where the CPU has it, else `cpuid`).
     ///
     /// # Safety
     ///
     /// As for [`DirectPoke::new`].
     pub unsafe fn for_features(features: &Features) -> DirectPoke {
-        let sync = if features.has(Feature::Serialize) {
-            SyncMethod::Serialize
-        } else {
-            SyncMethod::Cpuid
-        };
         // SAFETY: forwarded to our caller.
-        unsafe { DirectPoke::new(sync) }
+        unsafe { DirectPoke::new(SyncMethod::for_features(features)) }
     }
 
     /// The serialization method in use.
@@ -130,17 +119,9 @@ unsafe impl TextPoke for DirectPoke {
 
     fn sync(&mut self) -> Result<(), PokeError> {
         compiler_fence(Ordering::SeqCst);
-        match self.sync {
-            // SAFETY: `serialize` (0f 01 e8) only serializes instruction
-            // execution; `for_features`/the caller chose it only where the CPU
-            // has it. Emitted as bytes so older assemblers accept it.
-            SyncMethod::Serialize => unsafe {
-                core::arch::asm!(".byte 0x0f, 0x01, 0xe8", options(nostack, preserves_flags))
-            },
-            SyncMethod::Cpuid => {
-                let _ = raw_cpuid::native_cpuid::cpuid_count(0, 0);
-            }
-        }
+        // SAFETY: `new`'s caller (or `for_features`) chose a method this
+        // CPU supports; the pages are the batch's, just written.
+        unsafe { sync_core(self.sync, &self.pages) };
         Ok(())
     }
 }

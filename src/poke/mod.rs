@@ -56,18 +56,22 @@ mod fault;
 pub mod live;
 #[cfg(all(feature = "std", target_os = "linux"))]
 mod order;
-mod short;
+mod pages;
 
 pub use direct::{DirectPoke, SyncMethod};
 pub use fault::{FaultInjectingPoke, FaultPoint};
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub(crate) use order::sort_by_key;
+pub(crate) use pages::page_span;
 #[cfg(all(feature = "std", target_os = "linux"))]
-pub(crate) use short::unknown_pages;
-pub(crate) use short::{copy_short, in_ranges, load_short, page_span, short_eq};
+pub(crate) use pages::unknown_pages;
+// The few-byte helpers live at the bottom layer; plans and pokes name them
+// through here as before.
+pub(crate) use crate::short::{copy_short, in_ranges, load_short, short_eq};
 
-/// Size of the pages batches are grouped by.
-pub const PAGE_SIZE: usize = 4096;
+/// Size of the pages batches are grouped by (the architecture's,
+/// [`crate::arch::PAGE_SIZE`]).
+pub const PAGE_SIZE: usize = crate::arch::PAGE_SIZE;
 
 /// Why a poke failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -122,7 +122,7 @@ fn stub_edit(image: &Image<'_>, ifunc: &Ifunc, chosen: usize) -> Result<JmpEdit,
     }
     let addr = stub + TRAMPOLINE_JMP;
     let jmp =
-        crate::x86::jmp_rel32(addr, chosen).map_err(|_| fail("implementation out of reach"))?;
+        crate::arch::jump_to(addr, chosen).map_err(|_| fail("implementation out of reach"))?;
     let mut new = [0u8; 5];
     new.copy_from_slice(&jmp);
     let mut old = [0u8; 5];
@@ -178,8 +178,8 @@ fn call_edits(
             continue;
         }
         let (Ok(old), Ok(new)) = (
-            crate::x86::call_rel32(site, stub),
-            crate::x86::call_rel32(site, chosen),
+            crate::arch::call_to(site, stub),
+            crate::arch::call_to(site, chosen),
         ) else {
             left += 1;
             continue;

@@ -4,9 +4,9 @@
 //! site of a program (tens of thousands).
 
 use super::Mode;
+use crate::arch::x86_64::{self as x86, BranchKind, Encoded};
 use crate::image::Image;
 use crate::sites::{Site, SiteKind};
-use crate::x86::{self, BranchKind, Encoded};
 
 /// A site's new bytes, built on the stack: start-up plans every site of a
 /// program (tens of thousands), so no allocation per form.

@@ -35,10 +35,10 @@
 use alloc::vec::Vec;
 
 use super::Mode;
+use crate::arch::x86_64::{self as x86, Reg};
 use crate::image::Image;
 use crate::poke::short_eq;
 use crate::sites::{Site, SiteKind};
-use crate::x86::{self, Reg};
 
 /// Which compiler's body a thunk is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

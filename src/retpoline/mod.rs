@@ -91,11 +91,11 @@ pub use verdict::{CpuinfoFlags, KernelMitigation, KernelVerdict, KernelView};
 use form::edit_span;
 use site_plan::plan_sites;
 
+use crate::arch::x86_64::Reg;
 use crate::image::Image;
 use crate::plan::{Edit, Plan};
 use crate::poke::{TextPoke, short_eq};
 use crate::sites::Site;
-use crate::x86::Reg;
 
 /// Pushes the edit taking the bytes at `addr` from `expected` to `new`
 /// (nothing if they are equal).

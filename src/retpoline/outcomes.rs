@@ -200,8 +200,8 @@ impl PartialEq for SiteOutcomes<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arch::x86_64::{BranchKind, Reg};
     use crate::sites::SiteKind;
-    use crate::x86::{BranchKind, Reg};
 
     #[test]
     fn records_and_lists_in_order_skipping_other_kinds() {

@@ -4,9 +4,9 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use super::{Policy, SiteOutcomes};
+use crate::arch::x86_64::Reg;
 use crate::plan::{ApplyReport, PlanError};
 use crate::sites::{Site, SiteKind};
-use crate::x86::Reg;
 
 /// What became of one site (see [`Report::counts`] for an example).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -14,12 +14,12 @@
 
 use super::form::{PREFIXED, edit_span, inline_form, original_form, routed_elsewhere, routed_form};
 use super::{Error, Mode, Outcome, ReturnSites, SiteOutcomes, local, thunks};
+use crate::arch::x86_64::{BranchKind, Encoded, Reg};
 use crate::image::Image;
 use crate::plan::CompactPlan;
 use crate::poke::{in_ranges, load_short, short_eq};
 use crate::sites::{Site, SiteKind};
 use crate::sync::UpdateGuard;
-use crate::x86::{BranchKind, Encoded, Reg};
 
 /// Why a site kept in generic mode on another object's thunk through this
 /// object's PLT is not counted as going through the retpoline.

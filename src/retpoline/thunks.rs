@@ -13,7 +13,7 @@
 //! reached by nothing.
 
 use super::Mode;
-use crate::x86::{self, Reg};
+use crate::arch::x86_64::{self as x86, Reg};
 
 /// Bytes per thunk slot (see [`thunk_array`]).
 pub const THUNK_SLOT: usize = 32;

@@ -16,8 +16,8 @@
 use core::fmt;
 
 use super::{Site, SiteKind};
+use crate::arch::x86_64::{BranchKind, Cond};
 use crate::image::Image;
-use crate::x86::{BranchKind, Cond};
 
 /// The table's magic bytes.
 pub const TABLE_MAGIC: [u8; 8] = *b"ALTPSITE";
@@ -393,7 +393,7 @@ impl fmt::Debug for EmbeddedTable<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::x86::Reg;
+    use crate::arch::x86_64::Reg;
     use alloc::vec;
 
     #[test]

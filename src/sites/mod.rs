@@ -27,7 +27,7 @@ use core::fmt;
 pub use embedded::{EmbeddedEntry, EmbeddedTable, EmbeddedTableError, TABLE_MAGIC};
 pub use thunk_names::{ThunkName, ThunkNames};
 
-use crate::x86::{BranchKind, Reg};
+use crate::arch::x86_64::{BranchKind, Reg};
 
 /// The symbol names that make a relocation a site.
 pub mod names {

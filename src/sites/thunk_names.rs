@@ -5,7 +5,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use super::names;
-use crate::x86::Reg;
+use crate::arch::x86_64::Reg;
 
 /// Which symbol names are retpoline thunks, for site discovery
 /// ([`read_sites_with`](crate::elf::read_sites_with)), the

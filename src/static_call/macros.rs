@@ -150,39 +150,6 @@ macro_rules! static_call {
     };
 }
 
-/// Internal: the code of a static-call trampoline, and of an ifunc's stub
-/// (which is one): `endbr64`, `jmp {target}`, the `0f b9 cc` signature
-/// ([`TRAMPOLINE_SIGNATURE`](crate::static_call::TRAMPOLINE_SIGNATURE)),
-/// then `int3` padding to 16 bytes (see
-/// [`TRAMPOLINE_ALIGN`](crate::static_call::TRAMPOLINE_ALIGN)).
-///
-/// `endbr64` first, because the trampoline's address is one the crate
-/// hands out (`NAME::static_call().trampoline()`, an ifunc's stub kept in
-/// a `#[used]` static) and may be called indirectly: under CET indirect
-/// branch tracking an indirect branch must land on `endbr64`. Elsewhere it
-/// is a 4-byte NOP. Direct call sites reach it too (they call the
-/// function's first byte, which is what their relocations say).
-///
-/// The padding makes the section's alignment 16, so every trampoline
-/// starts 16-byte aligned and its 12 bytes never straddle a 64-byte fetch
-/// block (16 divides 64; with 8-byte alignment a trampoline at 56 mod 64
-/// would put its `jmp` at 60..65, across two blocks). Packed at 4 bytes by
-/// the linker, a `jmp` split across two blocks cost a call through it
-/// ~25 % more (benches/calls.rs).
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __altpatch_trampoline_body {
-    () => {
-        concat!(
-            ".byte 0xf3, 0x0f, 0x1e, 0xfa\n",
-            ".byte 0xe9\n",
-            ".long {target} - 4 - .\n",
-            ".byte 0x0f, 0xb9, 0xcc\n",
-            ".balign 16, 0xcc",
-        )
-    };
-}
-
 /// Internal: the body of [`static_call!`](macro@crate::static_call).
 ///
 /// Everything but the function and its companion type lives in an

@@ -74,12 +74,12 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::arch::{self, BranchKind};
 use crate::image::Image;
 use crate::plan::{Bytes, Edit, Expect, Plan, PlanError};
 use crate::poke::TextPoke;
 use crate::sites::{Site, SiteKind};
 use crate::sync::{UpdateGuard, UpdateLock};
-use crate::x86::{self, BranchKind};
 
 mod macros;
 mod recorded;
@@ -104,45 +104,13 @@ pub(crate) use typed::addr_of;
 #[doc(hidden)]
 pub use typed::{conjure_fn as __conjure_fn, fn_at as __fn_at};
 
-pub use crate::x86::ENDBR64;
-
-/// The bytes that follow a trampoline's `jmp`: `ud1 %esp, %ecx`, at
-/// [`TRAMPOLINE_JMP`]` + 5`.
-pub const TRAMPOLINE_SIGNATURE: [u8; 3] = [0x0f, 0xb9, 0xcc];
-/// Where a trampoline's `jmp rel32` (or its "none" `ret`) starts: after
-/// the [`ENDBR64`] at its first byte.
-pub const TRAMPOLINE_JMP: usize = ENDBR64.len();
-/// The bytes of a trampoline an update checks: `endbr64`, `jmp rel32`
-/// and the signature.
-pub const TRAMPOLINE_LEN: usize = TRAMPOLINE_JMP + 5 + TRAMPOLINE_SIGNATURE.len();
-/// Every trampoline's alignment and padded size: 16, so its
-/// [`TRAMPOLINE_LEN`] bytes never straddle a 64-byte fetch block (8 would
-/// not do: a trampoline at 56 mod 64 has its `jmp` at 60..65).
-pub const TRAMPOLINE_ALIGN: usize = 16;
-
-/// Whether `bytes` (at least [`TRAMPOLINE_LEN`] of them) are a trampoline:
-/// `endbr64`, a `jmp rel32` or `ret` + `int3` filler, and the signature.
-///
-/// ```
-/// use altpatch::static_call::{is_trampoline, ENDBR64, TRAMPOLINE_SIGNATURE};
-/// let mut t = [0xccu8; 16];
-/// t[..4].copy_from_slice(&ENDBR64);
-/// t[4..9].copy_from_slice(&[0xe9, 0x10, 0, 0, 0]);
-/// t[9..12].copy_from_slice(&TRAMPOLINE_SIGNATURE);
-/// assert!(is_trampoline(&t));
-/// t[..4].copy_from_slice(&[0x0f, 0x1f, 0x40, 0x00]); // a NOP4, no endbr64
-/// assert!(!is_trampoline(&t));
-/// ```
-pub fn is_trampoline(bytes: &[u8]) -> bool {
-    let Some(b) = bytes.get(..TRAMPOLINE_LEN) else {
-        return false;
-    };
-    let (endbr, rest) = b.split_at(TRAMPOLINE_JMP);
-    let (branch, sig) = rest.split_at(5);
-    endbr == ENDBR64 && sig == TRAMPOLINE_SIGNATURE && (branch[0] == 0xe9 || branch == RET_FILL)
-}
-/// A trampoline's "none" form: `ret` and `int3` filler.
-const RET_FILL: [u8; 5] = [0xc3, 0xcc, 0xcc, 0xcc, 0xcc];
+#[cfg(target_arch = "x86_64")]
+pub use crate::arch::x86_64::ENDBR64;
+// A trampoline's layout is the architecture's (arch/x86_64/trampoline.rs).
+use crate::arch::BRANCH_RET as RET_FILL;
+pub use crate::arch::{
+    TRAMPOLINE_ALIGN, TRAMPOLINE_JMP, TRAMPOLINE_LEN, TRAMPOLINE_SIGNATURE, is_trampoline,
+};
 
 /// `target` values: "the declared default" (not yet updated) and "none".
 const DEFAULT: usize = 0;
@@ -407,7 +375,7 @@ impl RawStaticCall {
                 continue;
             }
             let tail = s.form == BranchKind::Jmp;
-            let reach = |t: usize| x86::rel32(s.addr, 5, t).is_ok();
+            let reach = |t: usize| arch::reaches(s.addr, t);
             // A site an earlier update did not list (`update_with` takes
             // any subset) still calls the trampoline; every other site is
             // in the state the last update left the sites in.
@@ -427,7 +395,7 @@ impl RawStaticCall {
             };
             let edit = match inline_then {
                 NONE if tail => Edit::new(s.addr, expect, RET_FILL),
-                NONE => Edit::new(s.addr, expect, x86::NOP5),
+                NONE => Edit::new(s.addr, expect, arch::BRANCH_NOP),
                 t => {
                     let to = if reach(t) {
                         report.inlined += 1;

@@ -25,8 +25,8 @@
 
 #[cfg(all(feature = "std", target_os = "linux"))]
 use {
+    crate::arch::BranchKind,
     crate::sites::{Site, SiteKind},
-    crate::x86::BranchKind,
     alloc::vec::Vec,
 };
 

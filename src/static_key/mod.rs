@@ -37,10 +37,10 @@ use crate::sync::UpdateLock;
 
 pub use index::KeyIndex;
 
+use crate::arch;
 use crate::image::Image;
 use crate::plan::{ApplyReport, Edit, Expect, Plan, PlanError};
 use crate::poke::TextPoke;
-use crate::x86;
 
 /// A static key, initially enabled if `INITIAL`.
 ///
@@ -319,7 +319,7 @@ impl<const INITIAL: bool> StaticKey<INITIAL> {
             // A site jumps when the key differs from what it falls through
             // to.
             let edit = if enabled == rec.likely() {
-                Edit::new(site, Expect::Jmp(target), x86::NOP5)
+                Edit::new(site, Expect::Jmp(target), arch::BRANCH_NOP)
             } else {
                 Edit::jmp(site, Expect::Nop, target)
             };
@@ -411,7 +411,7 @@ macro_rules! __static_branch {
     ($key:path, $likely:literal, $fall:literal) => {{
         #[inline(always)]
         fn __altpatch_static_branch() -> bool {
-            // SAFETY: the asm is a 5-byte NOP or a 5-byte jmp to the label
+            // SAFETY: the asm is a NOP or a jmp to the label (the arch's branch site)
             // plus a record in a data section; it touches no register,
             // memory or flag. The label block only returns. The first form
             // is chosen by the assembler from the key's type, so one site
@@ -419,12 +419,7 @@ macro_rules! __static_branch {
             unsafe {
                 ::core::arch::asm!(
                     "8720:",
-                    ".if {jump}",
-                    ".byte 0xe9",
-                    ".long {target} - 4 - .",
-                    ".else",
-                    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
-                    ".endif",
+                    $crate::__altpatch_branch_site!(),
                     $crate::__altpatch_push_section!(key),
                     ".long 8720b - .",
                     ".long {target} - .",

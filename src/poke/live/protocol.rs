@@ -2,8 +2,8 @@
 //! (`Int3Poke` over an in-place poke, `table.rs` with a trap table
 //! published), in one place both use.
 
+use crate::arch::TRAP as INT3;
 use crate::poke::PokeError;
-use crate::x86::INT3;
 
 /// One step of the protocol, for [`run_protocol`]'s callback.
 pub(crate) enum Step<'a> {

@@ -28,7 +28,7 @@ use core::ptr;
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use super::{LiveSites, TrapSlot};
-use crate::x86::INT3;
+use crate::arch::TRAP as INT3;
 
 /// What a trap handler needs to know about shadow stacks. Both methods run
 /// in the trap handler: they must be async-signal-safe, allocation-free

@@ -33,8 +33,8 @@ use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use super::protocol::{Step, run_protocol};
 use super::shadow::{Waited, first_byte};
 use super::{LiveSites, NoShadowStack, ShadowStack, TrapAction, TrapFrame};
+use crate::arch::TRAP as INT3;
 use crate::poke::PokeError;
-use crate::x86::INT3;
 
 /// Where the sites of a live batch are published to the trap handler.
 ///
@@ -448,7 +448,7 @@ mod tests {
         static SLOT: TrapSlot = TrapSlot::new();
         static LEFT: AtomicBool = AtomicBool::new(false);
         let table = LiveSites::new(alloc::vec![
-            LiveSite::new(0x1000, &crate::x86::NOP5, &[0xe9, 0xfb, 0x0f, 0, 0]).unwrap(),
+            LiveSite::new(0x1000, &crate::arch::BRANCH_NOP, &[0xe9, 0xfb, 0x0f, 0, 0]).unwrap(),
         ]);
         // SAFETY: `table` outlives the test's use of the slot.
         unsafe { SLOT.publish(&table) };

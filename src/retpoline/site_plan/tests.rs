@@ -7,8 +7,8 @@ use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 
 use super::*;
+use crate::arch::x86_64::{self as x86, Cond};
 use crate::retpoline::{return_thunk, thunk};
-use crate::x86::{self, Cond};
 
 /// Text near this crate's thunks (a static: within rel32 of them), one
 /// 16-byte slot per site, then targets that are not this crate's.

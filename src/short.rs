@@ -1,11 +1,12 @@
-//! Few-byte copies and compares, and page arithmetic, for the per-edit hot
-//! paths: a site is a handful of bytes, and a `memcpy`/`bcmp` call costs
-//! more than the work. Byte loops are no answer: the compiler turns them
-//! back into those calls.
+//! Few-byte copies and compares for the per-edit hot paths: a site is a
+//! handful of bytes, and a `memcpy`/`bcmp` call costs more than the work.
+//! Byte loops are no answer: the compiler turns them back into those calls.
+//!
+//! At the bottom of the layers (it imports nothing of the crate): the
+//! encodings' live rules (`arch`) compare sites with it as much as plans
+//! and pokes do.
 
 use core::ops::Range;
-
-use super::PAGE_SIZE;
 
 /// Copies `n` bytes: two overlapping unaligned word moves up to 16 bytes,
 /// `memcpy` beyond.
@@ -137,36 +138,6 @@ pub(crate) fn in_ranges(
     }
 }
 
-/// The page-aligned range covering `addr..end`.
-#[inline]
-pub(crate) fn page_span(addr: usize, end: usize) -> Range<usize> {
-    let start = addr & !(PAGE_SIZE - 1);
-    let end = (end + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
-    start..end
-}
-
-/// The pages of the page-aligned `pages` for which `known` is false, as
-/// runs of contiguous pages.
-#[cfg(all(feature = "std", target_os = "linux"))]
-pub(crate) fn unknown_pages(
-    pages: &[Range<usize>],
-    known: impl Fn(usize) -> bool,
-) -> alloc::vec::Vec<Range<usize>> {
-    let mut out: alloc::vec::Vec<Range<usize>> = alloc::vec::Vec::new();
-    for r in pages {
-        for p in r.clone().step_by(PAGE_SIZE) {
-            if known(p) {
-                continue;
-            }
-            match out.last_mut() {
-                Some(m) if m.end == p => m.end += PAGE_SIZE,
-                _ => out.push(p..p + PAGE_SIZE),
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,11 +164,5 @@ mod tests {
                 assert!(!short_eq(&src, &d), "n={n} i={i}");
             }
         }
-    }
-
-    #[test]
-    fn spans() {
-        assert_eq!(page_span(0x1000, 0x1001), 0x1000..0x2000);
-        assert_eq!(page_span(0x1fff, 0x2001), 0x1000..0x3000);
     }
 }

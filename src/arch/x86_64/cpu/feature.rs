@@ -48,7 +48,7 @@ macro_rules! features {
             }
 
             /// Features that cannot be usable unless this one is.
-            pub(super) const fn requires(self) -> &'static [Feature] {
+            pub(crate) const fn requires(self) -> &'static [Feature] {
                 match self { $( Feature::$variant => &[$(Feature::$dep),*], )* }
             }
         }
@@ -186,7 +186,7 @@ impl Feature {
         matches!(self.source(), Src::Cpuid(..))
     }
 
-    pub(super) const fn mask(self) -> u64 {
+    pub(crate) const fn mask(self) -> u64 {
         1u64 << self as u8
     }
 }

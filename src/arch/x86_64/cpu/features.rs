@@ -37,11 +37,11 @@ impl fmt::Display for Vendor {
 /// A snapshot of the CPU's features: cheap to copy, compare and pass around.
 ///
 /// Take it once ([`Features::detect`], or [`Features::from_source`] for a
-/// recorded CPU), adjust it with [`Overrides`](super::Overrides), and hand
+/// recorded CPU), adjust it with [`Overrides`](crate::cpu::Overrides), and hand
 /// it explicitly to every mechanism. Nothing in the crate reads a global
 /// snapshot behind your back, except where no argument can carry it —
 /// lazily resolved ifuncs and C ifunc resolvers — which read the one you
-/// [`publish`](super::publish).
+/// [`publish`](crate::cpu::publish).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Features {
     bits: u64,
@@ -80,25 +80,6 @@ impl Features {
             }
         }
         f
-    }
-
-    /// [`Features::detect`], then the overrides in the `ALTPATCH` environment
-    /// variable (same syntax as [`Overrides::parse`](super::Overrides::parse)).
-    ///
-    /// An environment variable must not make safe code unsound: adding an
-    /// instruction-set feature the CPU lacks (`ALTPATCH=+avx2` without AVX2)
-    /// is refused with [`OverrideError::Unverified`](super::OverrideError::Unverified),
-    /// since code choosing an implementation from the snapshot would run
-    /// instructions the CPU does not have. Removals, and additions the CPU
-    /// already has, apply; so do the derived and synthetic facts.
-    #[cfg(feature = "std")]
-    pub fn detect_with_env() -> Result<Features, super::OverrideError> {
-        let detected = Features::detect();
-        let o = super::Overrides::from_env()?;
-        if let Some(f) = o.unverified(&detected) {
-            return Err(super::OverrideError::Unverified { name: f.name() });
-        }
-        Ok(detected.with_overrides(&o))
     }
 
     /// Reads the snapshot from `source`.

@@ -1,7 +1,12 @@
-//! x86-64 encodings the patcher writes, and decoding of what it finds.
+//! x86-64: the encodings the patcher writes, decoding of what it finds,
+//! relocation of moved code, and the rules of patching instructions other
+//! threads run (which swaps are one instruction; what a trapped thread's
+//! registers become).
 //!
 //! [`encode`](self#encoders) never allocates and is usable before any
 //! allocator exists; the decoding helpers use iced-x86's decoder.
+//!
+//! Also reachable as `altpatch::x86` (the path before the arch seam).
 //!
 //! # Encoders
 //!
@@ -18,10 +23,16 @@
 //! Every rel32/rel8 encoder checks that the displacement fits and returns
 //! [`OutOfRange`] otherwise; nothing is ever truncated.
 
+pub mod cpu;
 mod decode;
+pub(crate) mod emulate;
 mod encode;
+pub(crate) mod live;
 mod reg;
 mod reloc;
+mod site;
+mod sync_core;
+mod trampoline;
 
 pub use decode::{
     BranchKind, RelBranch, decode_one, for_each_insn, is_gap, is_single_nop, rel_branch,
@@ -33,3 +44,19 @@ pub use encode::{
 };
 pub use reg::{Reg, call_reg, jmp_reg};
 pub use reloc::{RelocError, relocate};
+pub use site::{
+    BRANCH_LEN, BRANCH_NOP, BRANCH_RET, call_of_len, call_target, call_to, is_nop, is_padding,
+    jump_of_len, jump_target, jump_to, nop_of_len, reaches,
+};
+pub use sync_core::{SyncMethod, sync_core};
+pub use trampoline::{
+    TRAMPOLINE_ALIGN, TRAMPOLINE_JMP, TRAMPOLINE_LEN, TRAMPOLINE_SIGNATURE, is_trampoline,
+};
+
+/// The page size text is patched in: the unit of a page swap and of the
+/// page runs a batch is grouped by.
+pub const PAGE_SIZE: usize = 4096;
+
+/// The byte a trap-based live update writes over a site's first byte
+/// (`int3`), and the filler after an unconditional branch.
+pub const TRAP: u8 = INT3;

@@ -4,10 +4,10 @@
 
 use alloc::vec::Vec;
 
-use super::{Emulation, LiveSite};
-use crate::x86::Cond;
+use super::Cond;
 #[cfg(test)]
-use crate::x86::Reg;
+use super::Reg;
+use super::live::{Emulation, LiveSite};
 
 /// The registers an emulation reads and writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,7 +35,7 @@ pub enum TrapAction {
     /// now (its batch ended between the trap and the handler, or the CPU
     /// ran bytes it had fetched before the batch's last sync): `rip` now
     /// points at the site, to run it again as it is
-    /// ([`TrapSlot::emulate`](super::TrapSlot::emulate) only).
+    /// ([`TrapSlot::emulate`](crate::poke::live::TrapSlot::emulate) only).
     Restarted,
 }
 
@@ -175,7 +175,7 @@ impl LiveSite {
     ///
     /// As for [`LiveSites::emulate`].
     #[inline(always)]
-    pub(super) unsafe fn emulate(&self, frame: &mut TrapFrame) {
+    pub(crate) unsafe fn emulate(&self, frame: &mut TrapFrame) {
         let next = (self.addr + self.len) as u64;
         match self.op {
             Emulation::Nop => frame.rip = next,

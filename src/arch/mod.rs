@@ -1,0 +1,46 @@
+//! The architecture seam: everything the rest of the crate needs to know
+//! about an instruction set, named once.
+//!
+//! Each supported architecture is one module here (today [`x86_64`]). The
+//! `pub use` block below is the contract: the architecture-neutral layers
+//! (plans, pokes, images, static keys, static calls, ifuncs, the Linux
+//! backend's page handling) name only these items, through `crate::arch::`,
+//! so a second architecture adds its module and one such block and those
+//! layers compile unchanged. Code that is x86 by nature (retpolines, the
+//! INT3 protocol's instruction rules, CPUID, the compiler's thunk sites)
+//! names `crate::arch::x86_64::` explicitly; ARCHITECTURE.md ("Adding an
+//! architecture") lists every such file.
+//!
+//! | contract item | what it is | x86-64 |
+//! |---|---|---|
+//! | [`PAGE_SIZE`] | the unit text is swapped and grouped in | 4096 |
+//! | [`TRAP`] | the breakpoint a live update writes over a site | `int3` (`cc`) |
+//! | [`BRANCH_LEN`], [`BRANCH_NOP`], [`BRANCH_RET`] | a branch site's length, its NOP, its return | 5, `nopl 0(%rax,%rax)`, `ret; int3 x4` |
+//! | [`TRAMPOLINE_JMP`], [`TRAMPOLINE_LEN`], [`is_trampoline`], ... | a static call's trampoline (an ifunc's stub) | `endbr64; jmp rel32; ud1`, 16-aligned |
+//! | `__altpatch_trampoline_body!`, `__altpatch_branch_site!` | the assembly the macros place in users' code | |
+//! | [`call_to`], [`jump_to`], [`reaches`] | direct branches written at a site | `call`/`jmp rel32`, ±2 GiB |
+//! | [`call_target`], [`jump_target`] | a direct branch read back | rel32 read, else decoded |
+//! | [`call_of_len`], [`jump_of_len`], [`nop_of_len`] | the canonical form of a length (undo) | `e8`/`e9`/`eb`, SDM NOPs |
+//! | [`is_nop`], [`is_padding`], [`fill_gap`] | NOPs and fall-through padding | decoded |
+//! | [`SyncMethod`], [`sync_core`] | making this CPU run what was written | `serialize` or `cpuid` |
+//! | [`relocate`], [`RelocError`] | code moved to another address, re-based | rip-relative and rel branches |
+//! | [`Encoded`], [`OutOfRange`], [`BranchKind`] | instruction bytes inline; a branch that cannot reach; call/jump/conditional | |
+//!
+//! What the seam is designed for beyond x86 (the aarch64 issue): fixed
+//! 4-byte instructions make `BRANCH_LEN` 4 and every NOP one word; `B`,
+//! `BL` and `NOP` may be stored while other CPUs run them, so the trap-based
+//! protocol is needed only for other changes; publication is cache
+//! maintenance (`DC CVAU`, `IC IVAU`, `ISB`) where x86 serializes; pages
+//! may be 4, 16 or 64 KiB, so `PAGE_SIZE` becomes the kernel's at run time
+//! there.
+
+#[cfg(target_arch = "x86_64")]
+pub mod x86_64;
+
+#[cfg(target_arch = "x86_64")]
+pub use self::x86_64::{
+    BRANCH_LEN, BRANCH_NOP, BRANCH_RET, BranchKind, Encoded, OutOfRange, PAGE_SIZE, RelocError,
+    SyncMethod, TRAMPOLINE_ALIGN, TRAMPOLINE_JMP, TRAMPOLINE_LEN, TRAMPOLINE_SIGNATURE, TRAP,
+    call_of_len, call_target, call_to, fill_gap, is_nop, is_padding, is_trampoline, jump_of_len,
+    jump_target, jump_to, nop_of_len, reaches, relocate, sync_core,
+};
