@@ -230,98 +230,12 @@ macro_rules! __alternative_call_alts {
     ([$($np:tt)*] [$($t:ty),*] [$($ret:ty)?] $aid:ident idx [$($is:tt)*] alts [$(,)?]
      acc [pre [$($p:tt)*] alts [$($a:tt)*] syms [$($s:tt)*]]) => {{
         $($p)*
-        // Checked here too, not only where `into_registers` is compiled,
-        // so that `cargo check` reports it.
-        const {
-            ::core::assert!(
-                <($($t,)*) as $crate::alternative::CallArgs>::WORDS <= 6,
-                "altpatch: alternative_call!'s arguments need more than the six argument registers"
-            )
-        };
-        let __altpatch_regs: [u64; 6] = $crate::alternative::CallArgs::into_registers($aid);
-        $crate::__alternative_call_regs!(
-            regs [("rdi" 0) ("rsi" 1) ("rdx" 2) ("rcx" 3) ("r8" 4) ("r9" 5)]
+        // The arguments into the registers the C ABI gives them, and the
+        // `asm!`: the architecture's (arch/x86_64/call_asm.rs).
+        $crate::__alternative_call_abi!(
             types [$($t),*]
-            rid [__altpatch_regs]
-            acc []
+            aid [$aid]
             then [[$($np)*] [$($ret)?] [$($a)*] [$($s)*]]
         )
-    }};
-}
-
-/// Internal: the argument registers the `asm!` sets. Each argument may
-/// take two words, so `n` arguments set the first `min(2n, 6)` registers
-/// (those past the last word get 0; `CallArgs` refuses more than six
-/// words), then the `asm!`.
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __alternative_call_regs {
-    (regs [$r1:tt $r2:tt $($rs:tt)*] types [$t:ty $(, $ts:ty)*] rid [$rid:ident] acc [$($acc:tt)*] then $then:tt) => {
-        $crate::__alternative_call_regs!(
-            regs [$($rs)*] types [$($ts),*] rid [$rid] acc [$($acc)* $r1 $r2] then $then
-        )
-    };
-    (regs [$r:tt] types [$t:ty $(, $ts:ty)*] rid [$rid:ident] acc [$($acc:tt)*] then $then:tt) => {
-        $crate::__alternative_call_asm!(rid [$rid] regs [$($acc)* $r] then $then)
-    };
-    (regs [$($r:tt)*] types [$($ts:ty),*] rid [$rid:ident] acc [$($acc:tt)*] then $then:tt) => {
-        $crate::__alternative_call_asm!(rid [$rid] regs [$($acc)*] then $then)
-    };
-}
-
-/// Internal: the `asm!` of `alternative_call!`, with or without a result.
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __alternative_call_asm {
-    (rid [$rid:ident] regs [$(($reg:tt $k:tt))*] then [[$($np:tt)*] [] [$($a:tt)*] [$($s:tt)*]]) => {
-        // SAFETY: every function is an `extern "C"` function of exactly the
-        // declared type (checked above) or the C-ABI function of that type
-        // made above for a closure; each argument is in the registers the
-        // C ABI gives it (`CallArgs`), every caller-saved register is
-        // declared clobbered (`clobber_abi`), and without `nostack` the
-        // stack is aligned for a call.
-        unsafe {
-            $crate::__alternative_asm!(
-                idx [0 1 2 3 4 5 6 7]
-                pieces [$($np)*]
-                consts []
-                default ["call {__altpatch_fd}"]
-                alts [$($a)*]
-                rest [$($s)* $(inout($reg) $rid[$k] => _,)* clobber_abi("C")]
-            )
-        }
-    };
-    // Three argument registers or more: the third, `rdx`, also carries
-    // the result's second word back.
-    (rid [$rid:ident] regs [($r0:tt $k0:tt) ($r1:tt $k1:tt) ($r2:tt $k2:tt) $(($reg:tt $k:tt))*]
-     then [[$($np:tt)*] [$ret:ty] [$($a:tt)*] [$($s:tt)*]]) => {
-        $crate::__alternative_call_asm!(@ret [__altpatch_rax __altpatch_rdx] [$ret] [$($np)*] [$($a)*] [$($s)*
-            inout($r0) $rid[$k0] => _, inout($r1) $rid[$k1] => _,
-            inout($r2) $rid[$k2] => __altpatch_rdx, $(inout($reg) $rid[$k] => _,)*
-            lateout("rax") __altpatch_rax,
-        ])
-    };
-    (rid [$rid:ident] regs [$(($reg:tt $k:tt))*] then [[$($np:tt)*] [$ret:ty] [$($a:tt)*] [$($s:tt)*]]) => {
-        $crate::__alternative_call_asm!(@ret [__altpatch_rax __altpatch_rdx] [$ret] [$($np)*] [$($a)*] [$($s)*
-            $(inout($reg) $rid[$k] => _,)*
-            lateout("rax") __altpatch_rax, lateout("rdx") __altpatch_rdx,
-        ])
-    };
-    (@ret [$rax:ident $rdx:ident] [$ret:ty] [$($np:tt)*] [$($a:tt)*] [$($operands:tt)*]) => {{
-        let $rax: u64;
-        let $rdx: u64;
-        // SAFETY: as above; `rax` and `rdx` are declared outputs.
-        unsafe {
-            $crate::__alternative_asm!(
-                idx [0 1 2 3 4 5 6 7]
-                pieces [$($np)*]
-                consts []
-                default ["call {__altpatch_fd}"]
-                alts [$($a)*]
-                rest [$($operands)* clobber_abi("C")]
-            )
-        };
-        // SAFETY: the registers a function returning this type left.
-        unsafe { $crate::alternative::__call_result::<$ret>($rax, $rdx) }
     }};
 }

@@ -16,16 +16,15 @@
 //! against them, `undo` restores them, and applying again with another
 //! feature snapshot moves a site from one alternative to another.
 
-mod call_abi;
 mod call_macros;
 mod condition;
 mod macros;
 #[cfg(all(feature = "std", target_os = "linux"))]
 mod startup;
 
-pub use call_abi::{CallArg, CallRet};
 #[doc(hidden)]
-pub use call_abi::{CallArgs, call_result as __call_result};
+pub use crate::arch::{__call_result, CallArgs};
+pub use crate::arch::{CallArg, CallRet};
 pub use condition::Condition;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub(crate) use startup::STARTUP;

@@ -14,7 +14,7 @@
 //! | contract item | what it is | x86-64 |
 //! |---|---|---|
 //! | [`PAGE_SIZE`] | the unit text is swapped and grouped in | 4096 |
-//! | [`TRAP`] | the breakpoint a live update writes over a site | `int3` (`cc`) |
+//! | [`TRAP`], [`contains_trap`] | the breakpoint a live update (or a debugger, a uprobe) writes over a site | `int3` (`cc`) |
 //! | [`BRANCH_LEN`], [`BRANCH_NOP`], [`BRANCH_RET`] | a branch site's length, its NOP, its return | 5, `nopl 0(%rax,%rax)`, `ret; int3 x4` |
 //! | [`TRAMPOLINE_JMP`], [`TRAMPOLINE_LEN`], [`is_trampoline`], ... | a static call's trampoline (an ifunc's stub) | `endbr64; jmp rel32; ud1`, 16-aligned |
 //! | `__altpatch_trampoline_body!`, `__altpatch_branch_site!` | the assembly the macros place in users' code | |
@@ -22,7 +22,9 @@
 //! | [`call_target`], [`jump_target`] | a direct branch read back | rel32 read, else decoded |
 //! | [`call_of_len`], [`jump_of_len`], [`nop_of_len`] | the canonical form of a length (undo) | `e8`/`e9`/`eb`, SDM NOPs |
 //! | [`is_nop`], [`is_padding`], [`fill_gap`] | NOPs and fall-through padding | decoded |
+//! | [`cpu`]: `Feature`, `Features`, `Vendor`, sources | what the CPU has, and where that is read | CPUID, XCR0, `IA32_ARCH_CAPABILITIES` |
 //! | [`SyncMethod`], [`sync_core`] | making this CPU run what was written | `serialize` or `cpuid` |
+//! | [`LiveSite`], [`check_swap`], [`TrapFrame`], [`LiveSites`], ... | live rules: one instruction before and after; what a trapped thread runs instead | `int3` emulation of call/jmp/jcc/nop/ret and their register forms |
 //! | [`relocate`], [`RelocError`] | code moved to another address, re-based | rip-relative and rel branches |
 //! | [`Encoded`], [`OutOfRange`], [`BranchKind`] | instruction bytes inline; a branch that cannot reach; call/jump/conditional | |
 //!
@@ -37,10 +39,42 @@
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
+/// The CPU's identity and features (re-exported, with the neutral
+/// overrides and published snapshot, as [`crate::cpu`]).
+#[cfg(target_arch = "x86_64")]
+pub use self::x86_64::cpu;
+
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64::{
     BRANCH_LEN, BRANCH_NOP, BRANCH_RET, BranchKind, Encoded, OutOfRange, PAGE_SIZE, RelocError,
     SyncMethod, TRAMPOLINE_ALIGN, TRAMPOLINE_JMP, TRAMPOLINE_LEN, TRAMPOLINE_SIGNATURE, TRAP,
-    call_of_len, call_target, call_to, fill_gap, is_nop, is_padding, is_trampoline, jump_of_len,
-    jump_target, jump_to, nop_of_len, reaches, relocate, sync_core,
+    call_of_len, call_target, call_to, contains_trap, fill_gap, is_nop, is_padding, is_trampoline,
+    jump_of_len, jump_target, jump_to, nop_of_len, reaches, relocate, sync_core,
 };
+// The live rules: which swaps are one instruction, what a trapped thread's
+// registers become (the protocol itself is `poke::live`).
+/// `c_entry!("name", f)`: the C symbol `name`, weak, jumping to `f`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use self::x86_64::c_entry;
+/// Plan listings' disassembly.
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+pub use self::x86_64::disasm;
+#[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
+pub use self::x86_64::{__call_result, CallArgs};
+/// The C calling convention as registers: which argument types
+/// `alternative_call!` and recorded calls pass, and how.
+#[cfg(target_arch = "x86_64")]
+pub use self::x86_64::{CallArg, CallRet};
+#[cfg(target_arch = "x86_64")]
+pub use self::x86_64::{
+    Emulation, LiveError, LiveSite, LiveSites, TrapAction, TrapFrame, check_swap,
+};
+#[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
+pub use self::x86_64::{MAX_SSE, RecordedArg, RecordedArgs, RecordedRet};
+#[cfg(target_arch = "x86_64")]
+pub(crate) use self::x86_64::{check_new_whole, check_old};
+/// Recorded calls: `recorded_call!([stub] args A R, plain)`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use self::x86_64::{recorded_asm, recorded_call, recorded_gp, recorded_xmm};

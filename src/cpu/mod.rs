@@ -19,7 +19,7 @@ mod overrides;
 mod published;
 
 // What a CPU is and how its features are read is the architecture's.
-pub use crate::arch::x86_64::cpu::{
+pub use crate::arch::cpu::{
     CpuidResult, CpuidSource, Feature, Features, HostCpuid, RecordedCpuid, RecordedCpuidError,
     Vendor, dump,
 };

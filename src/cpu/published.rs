@@ -389,8 +389,8 @@ pub extern "C" fn altpatch_cpu_features() -> u64 {
     published().bits()
 }
 
-crate::records::c_entry!("altpatch_cpu_has", altpatch_cpu_has);
-crate::records::c_entry!("altpatch_cpu_features", altpatch_cpu_features);
+crate::arch::c_entry!("altpatch_cpu_has", altpatch_cpu_has);
+crate::arch::c_entry!("altpatch_cpu_features", altpatch_cpu_features);
 
 #[cfg(all(test, feature = "std", target_os = "linux"))]
 mod tests {

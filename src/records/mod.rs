@@ -65,7 +65,6 @@ use core::fmt;
 
 mod names;
 
-pub(crate) use names::c_entry;
 #[cfg_attr(not(feature = "std"), allow(unused_imports))]
 pub(crate) use names::section_name;
 pub use names::{PREFIX, SECTIONS, SectionKind, SectionName, TAG, parse_section_name, tag_in};

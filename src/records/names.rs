@@ -1,6 +1,6 @@
 //! Record section names: this copy's tag, the kinds, parsing a name back
 //! (see the [`records`](crate::records) docs, "Two copies of the crate in
-//! one binary"), and the weak C entries two copies share.
+//! one binary").
 
 include!(concat!(env!("OUT_DIR"), "/tag.rs"));
 
@@ -29,30 +29,6 @@ macro_rules! section_name {
 // Used by the `std` backends (the trap handler's `indirect_ok` records).
 #[cfg_attr(not(feature = "std"), allow(unused_imports))]
 pub(crate) use section_name;
-
-/// Defines the C symbol `$name` as a *weak* entry (`endbr64; jmp $f`) to
-/// the Rust `extern "C"` function `$f` of the same signature: the C
-/// interface (`include/altpatch.h`) under its fixed names. Weak, so a
-/// program linking two copies of the crate links, and the linker binds the
-/// name to one copy's function (a `#[no_mangle]` definition in each copy
-/// would be a duplicate symbol).
-macro_rules! c_entry {
-    ($name:literal, $f:path) => {
-        core::arch::global_asm!(
-            concat!(".pushsection .text.", $name, ",\"ax\",@progbits"),
-            concat!(".weak ", $name),
-            concat!(".type ", $name, ",@function"),
-            ".balign 16",
-            concat!($name, ":"),
-            "endbr64",
-            "jmp {f}",
-            concat!(".size ", $name, ", . - ", $name),
-            ".popsection",
-            f = sym $f,
-        );
-    };
-}
-pub(crate) use c_entry;
 
 /// Every record section this copy of the crate uses, with `__start_`/
 /// `__stop_` bounds: the names a kernel's linker script lists.

@@ -83,9 +83,13 @@ use crate::sync::{UpdateGuard, UpdateLock};
 
 mod macros;
 mod recorded;
-mod recorded_abi;
 mod typed;
 
+#[doc(hidden)]
+pub use crate::arch::{
+    MAX_SSE as __MAX_SSE, RecordedArg as __RecordedArg, RecordedArgs as __RecordedArgs,
+    RecordedRet as __RecordedRet,
+};
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub(crate) use recorded::with_recorded;
 #[doc(hidden)]
@@ -93,12 +97,7 @@ pub use recorded::{
     Plain as __Plain, Probe as __Probe, Recorded as __Recorded, Signature as __Signature,
     TrampolineStub as __TrampolineStub,
 };
-pub(crate) use recorded::{calls_of, recorded_asm, recorded_gp, recorded_probe, recorded_xmm};
-#[doc(hidden)]
-pub use recorded_abi::{
-    MAX_SSE as __MAX_SSE, RecordedArg as __RecordedArg, RecordedArgs as __RecordedArgs,
-    RecordedRet as __RecordedRet,
-};
+pub(crate) use recorded::{calls_of, recorded_probe};
 pub use typed::StaticCall;
 pub(crate) use typed::addr_of;
 #[doc(hidden)]

@@ -49,88 +49,6 @@ pub trait Plain<A, R> {
 #[doc(hidden)]
 pub type Signature<T, A, R> = (fn(A) -> R, T);
 
-/// The `asm!` of a recorded call of `$stub` whose arguments take the
-/// general-purpose registers listed (in order) and the SSE registers
-/// listed: `call <stub>`, then its record. `rdx` carries the third
-/// integer argument in, if there is one, and the result's second word out;
-/// `xmm0` the first float argument in, if there is one, and a float
-/// result out.
-macro_rules! recorded_asm {
-    ([$($stub:tt)+] $regs:ident $sse:ident, [$($r:tt $i:tt),*], [$($x:tt $j:tt),*]) => {
-        $crate::static_call::recorded_asm!(@xmm [$($stub)+] $sse rdx [$($x $j),*]
-            [$(inout($r) $regs[$i] => _,)* lateout("rdx") rdx,])
-    };
-    ([$($stub:tt)+] $regs:ident $sse:ident, [$($r:tt $i:tt),*], rdx $k:tt, [$($x:tt $j:tt),*]) => {
-        $crate::static_call::recorded_asm!(@xmm [$($stub)+] $sse rdx [$($x $j),*]
-            [$(inout($r) $regs[$i] => _,)* inout("rdx") $regs[$k] => rdx,])
-    };
-    (@xmm [$($stub:tt)+] $sse:ident $rdx:ident [] [$($operands:tt)*]) => {
-        $crate::static_call::recorded_xmm!(@none [$($stub)+] $rdx [$($operands)*])
-    };
-    (@xmm [$($stub:tt)+] $sse:ident $rdx:ident ["xmm0" 0 $(, $x:tt $j:tt)*] [$($operands:tt)*]) => {{
-        let xmm0: f64;
-        let (rax, rdx) = $crate::static_call::recorded_asm!(@asm [$($stub)+] $rdx
-            [$($operands)* inout("xmm0") f64::from_bits($sse[0]) => xmm0,
-             $(inout($x) f64::from_bits($sse[$j]) => _,)*]);
-        (rax, rdx, xmm0.to_bits())
-    }};
-    (@asm [$($stub:tt)+] $rdx:ident [$($operands:tt)*]) => {{
-        let rax: u64;
-        let $rdx: u64;
-        // SAFETY: the stub is a C-ABI function taking exactly these
-        // registers' worth of arguments (`RecordedArgs` put each in the
-        // register the ABI gives it) and returning `R` in `rax`/`rdx` or
-        // `xmm0`; every caller-saved register is declared clobbered
-        // (`clobber_abi`); without `nostack` the stack is aligned for a
-        // call. The record only adds two offsets to a data section.
-        unsafe {
-            core::arch::asm!(
-                "2:",
-                "call {stub}",
-                concat!(
-                    ".pushsection ",
-                    $crate::records::section_name!(call),
-                    ",\"aR\",@progbits\n.balign 4"
-                ),
-                ".long 2b - .",
-                ".long {stub} - .",
-                ".popsection",
-                stub = sym $($stub)+,
-                $($operands)*
-                lateout("rax") rax,
-                clobber_abi("C"),
-            )
-        };
-        (rax, $rdx)
-    }};
-}
-
-/// A recorded call with no float argument: `xmm0` is read back for a
-/// float result where the target has SSE registers...
-#[cfg(target_feature = "sse2")]
-macro_rules! recorded_xmm {
-    (@none [$($stub:tt)+] $rdx:ident [$($operands:tt)*]) => {{
-        let xmm0: f64;
-        let (rax, rdx) = $crate::static_call::recorded_asm!(@asm [$($stub)+] $rdx
-            [$($operands)* lateout("xmm0") xmm0,]);
-        (rax, rdx, xmm0.to_bits())
-    }};
-}
-
-/// ...and not named where it has none (`x86_64-unknown-none`: no float is
-/// a `RecordedArg` or `RecordedRet` there, and `asm!` may not name an SSE
-/// register).
-#[cfg(not(target_feature = "sse2"))]
-macro_rules! recorded_xmm {
-    (@none [$($stub:tt)+] $rdx:ident [$($operands:tt)*]) => {{
-        let (rax, rdx) =
-            $crate::static_call::recorded_asm!(@asm [$($stub)+] $rdx [$($operands)*]);
-        (rax, rdx, 0u64)
-    }};
-}
-pub(crate) use recorded_asm;
-pub(crate) use recorded_xmm;
-
 /// Defines the probe type `$probe<T, A, R>` of items implementing
 /// `$stub_trait` (whose `$method` is the stub) and its [`Recorded`] and
 /// [`Plain`] calls.
@@ -160,71 +78,14 @@ macro_rules! recorded_probe {
         {
             #[inline(always)]
             fn call(&self, args: A, plain: impl FnOnce(A) -> R) -> R {
-                use $crate::static_call::__RecordedArgs as Args;
-                if <A as Args>::WORDS > 6 || <A as Args>::SSE > $crate::static_call::__MAX_SSE {
-                    return plain(args);
-                }
-                #[allow(unused_variables)] // `sse`, where no float is recorded
-                let (regs, sse) = args.into_registers();
-                // Exactly the registers the arguments take: no register
-                // set to a value nobody reads (constant matches, folded at
-                // compile time).
-                let (rax, rdx, xmm0) = match <A as Args>::SSE {
-                    // Without SSE registers no argument is a float (`f32`
-                    // and `f64` are no `RecordedArg`s there): every
-                    // recorded call is this one.
-                    #[cfg(not(target_feature = "sse2"))]
-                    _ => $crate::static_call::recorded_gp!([<T as $stub_trait>::$method] regs sse A, []),
-                    #[cfg(target_feature = "sse2")]
-                    0 => $crate::static_call::recorded_gp!([<T as $stub_trait>::$method] regs sse A, []),
-                    #[cfg(target_feature = "sse2")]
-                    1 => $crate::static_call::recorded_gp!([<T as $stub_trait>::$method] regs sse A, ["xmm0" 0]),
-                    #[cfg(target_feature = "sse2")]
-                    2 => $crate::static_call::recorded_gp!(
-                        [<T as $stub_trait>::$method] regs sse A, ["xmm0" 0, "xmm1" 1]
-                    ),
-                    #[cfg(target_feature = "sse2")]
-                    3 => $crate::static_call::recorded_gp!(
-                        [<T as $stub_trait>::$method] regs sse A, ["xmm0" 0, "xmm1" 1, "xmm2" 2]
-                    ),
-                    #[cfg(target_feature = "sse2")]
-                    _ => $crate::static_call::recorded_gp!(
-                        [<T as $stub_trait>::$method] regs sse A,
-                        ["xmm0" 0, "xmm1" 1, "xmm2" 2, "xmm3" 3]
-                    ),
-                };
-                // SAFETY: the registers a function returning `R` left.
-                unsafe { <R as $crate::static_call::__RecordedRet>::from_registers(rax, rdx, xmm0) }
+                // In registers where the C ABI passes them all (the
+                // architecture's `recorded_call!`), else rustc's call.
+                $crate::arch::recorded_call!([<T as $stub_trait>::$method] args A R, plain)
             }
         }
     };
 }
 
-/// The recorded call of `$stub` for the SSE registers listed, by how many
-/// general-purpose registers the arguments `$args` take.
-macro_rules! recorded_gp {
-    ([$($stub:tt)+] $regs:ident $sse:ident $args:ident, [$($x:tt)*]) => {
-        match <$args as $crate::static_call::__RecordedArgs>::WORDS {
-            0 => $crate::static_call::recorded_asm!([$($stub)+] $regs $sse, [], [$($x)*]),
-            1 => $crate::static_call::recorded_asm!([$($stub)+] $regs $sse, ["rdi" 0], [$($x)*]),
-            2 => $crate::static_call::recorded_asm!([$($stub)+] $regs $sse, ["rdi" 0, "rsi" 1], [$($x)*]),
-            3 => $crate::static_call::recorded_asm!(
-                [$($stub)+] $regs $sse, ["rdi" 0, "rsi" 1], rdx 2, [$($x)*]
-            ),
-            4 => $crate::static_call::recorded_asm!(
-                [$($stub)+] $regs $sse, ["rdi" 0, "rsi" 1, "rcx" 3], rdx 2, [$($x)*]
-            ),
-            5 => $crate::static_call::recorded_asm!(
-                [$($stub)+] $regs $sse, ["rdi" 0, "rsi" 1, "rcx" 3, "r8" 4], rdx 2, [$($x)*]
-            ),
-            _ => $crate::static_call::recorded_asm!(
-                [$($stub)+] $regs $sse,
-                ["rdi" 0, "rsi" 1, "rcx" 3, "r8" 4, "r9" 5], rdx 2, [$($x)*]
-            ),
-        }
-    };
-}
-pub(crate) use recorded_gp;
 pub(crate) use recorded_probe;
 
 /// What `static_call!` implements for the type it declares (not a public

@@ -60,8 +60,8 @@ pub unsafe extern "C" fn altpatch_trampoline_free(code: *mut c_void) -> libc::c_
     }
 }
 
-crate::records::c_entry!("altpatch_trampoline_alloc", altpatch_trampoline_alloc);
-crate::records::c_entry!("altpatch_trampoline_free", altpatch_trampoline_free);
+crate::arch::c_entry!("altpatch_trampoline_alloc", altpatch_trampoline_alloc);
+crate::arch::c_entry!("altpatch_trampoline_free", altpatch_trampoline_free);
 
 fn set_errno(e: libc::c_int) {
     // SAFETY: __errno_location returns this thread's errno.

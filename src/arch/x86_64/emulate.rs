@@ -23,6 +23,21 @@ pub struct TrapFrame {
     pub regs: [u64; 16],
 }
 
+impl TrapFrame {
+    /// The address of the trap instruction the thread executed: on x86-64
+    /// `int3` leaves `rip` one byte past it.
+    #[inline(always)]
+    pub fn trap_site(&self) -> usize {
+        self.rip.wrapping_sub(1) as usize
+    }
+
+    /// Makes the thread resume at `addr`, to run what is there now.
+    #[inline(always)]
+    pub fn restart_at(&mut self, addr: usize) {
+        self.rip = addr as u64;
+    }
+}
+
 /// What a trap handler must do after [`LiveSites::emulate`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TrapAction {
@@ -168,6 +183,13 @@ impl Emulation {
 }
 
 impl LiveSite {
+    /// Whether running this site's new instruction from `frame` pushes or
+    /// pops a return address ([`Emulation::uses_stack`]).
+    #[inline(always)]
+    pub fn uses_stack(&self, frame: &TrapFrame) -> bool {
+        self.op.uses_stack(frame.rflags)
+    }
+
     /// Applies this site's new instruction to `frame`, whose `rip` is the
     /// byte after the site's `int3`.
     ///

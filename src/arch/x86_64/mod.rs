@@ -23,25 +23,45 @@
 //! Every rel32/rel8 encoder checks that the displacement fits and returns
 //! [`OutOfRange`] otherwise; nothing is ever truncated.
 
+mod breakpoint;
+mod c_entry;
+mod call_abi;
+mod call_asm;
 pub mod cpu;
 mod decode;
-pub(crate) mod emulate;
+#[cfg(feature = "std")]
+mod disasm;
+mod emulate;
 mod encode;
-pub(crate) mod live;
+mod live;
+mod recorded_abi;
+mod recorded_call;
 mod reg;
 mod reloc;
 mod site;
 mod sync_core;
 mod trampoline;
 
+pub use breakpoint::{TRAP, contains_trap};
+pub(crate) use c_entry::c_entry;
+pub use call_abi::{CallArg, CallRet};
+#[doc(hidden)]
+pub use call_abi::{CallArgs, call_result as __call_result};
 pub use decode::{
     BranchKind, RelBranch, decode_one, for_each_insn, is_gap, is_single_nop, rel_branch,
     rel_branch_of,
 };
+#[cfg(feature = "std")]
+pub use disasm::disasm;
+pub use emulate::{LiveSites, TrapAction, TrapFrame};
 pub use encode::{
     Cond, ENDBR64, Encoded, INT3, LFENCE, NOP_MAX, NOP5, OutOfRange, RET, SERIALIZE, call_rel32,
     fill_gap, fill_nops, jcc_rel8, jcc_rel32, jmp_rel8, jmp_rel32, nop, rel8, rel32,
 };
+pub use live::{Emulation, LiveError, LiveSite, check_swap};
+pub(crate) use live::{check_new_whole, check_old};
+pub use recorded_abi::{MAX_SSE, RecordedArg, RecordedArgs, RecordedRet};
+pub(crate) use recorded_call::{recorded_asm, recorded_call, recorded_gp, recorded_xmm};
 pub use reg::{Reg, call_reg, jmp_reg};
 pub use reloc::{RelocError, relocate};
 pub use site::{
@@ -56,7 +76,3 @@ pub use trampoline::{
 /// The page size text is patched in: the unit of a page swap and of the
 /// page runs a batch is grouped by.
 pub const PAGE_SIZE: usize = 4096;
-
-/// The byte a trap-based live update writes over a site's first byte
-/// (`int3`), and the filler after an unconditional branch.
-pub const TRAP: u8 = INT3;

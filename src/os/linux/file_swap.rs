@@ -25,6 +25,8 @@
 //! mapping `mremap` moves; it is never left half-installed. It fires again
 //! once re-attached.
 
+// Breakpoints are found byte by byte: x86's `int3` is one byte.
+use crate::arch::TRAP;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ops::Range;
@@ -224,12 +226,12 @@ impl ProcMem {
         let mut k = 0; // owned ranges before this position
         let file = &scratch.file;
         let mut from = 0;
-        while let Some(i) = memchr::memchr(0xcc, &now[from..]) {
+        while let Some(i) = memchr::memchr(TRAP, &now[from..]) {
             let p = from + i;
-            if file[p] == 0xcc {
+            if file[p] == TRAP {
                 // The file's padding, in runs: skipped as a whole.
                 from = p + 1;
-                while from < len && now[from] == 0xcc && file[from] == 0xcc {
+                while from < len && now[from] == TRAP && file[from] == TRAP {
                     from += 1;
                 }
                 continue;
@@ -242,7 +244,7 @@ impl ProcMem {
                 .iter()
                 .take_while(|r| r.start <= p)
                 .any(|r| r.contains(&p));
-            if !(ours && want[p] == 0xcc) {
+            if !(ours && want[p] == TRAP) {
                 scratch.suspects.push(p);
             }
         }
@@ -257,7 +259,7 @@ impl ProcMem {
         let registered = unsafe { core::slice::from_raw_parts(probe as *const u8, len) };
         let mut result = Ok(());
         for &p in &scratch.suspects {
-            if registered[p] != 0xcc {
+            if registered[p] != TRAP {
                 // The file's byte: the mapping just made shows it, no probe
                 // standing there.
                 let b = [registered[p]];

@@ -90,6 +90,8 @@ mod cet;
 mod file_swap;
 mod files;
 mod fork;
+#[cfg(target_arch = "x86_64")]
+mod frame_x86_64;
 mod jmps;
 mod loaded;
 mod loader;

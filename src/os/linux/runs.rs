@@ -21,30 +21,13 @@
 use alloc::vec::Vec;
 use core::ops::Range;
 
-use crate::poke::{load_short, short_eq};
+use crate::poke::short_eq;
 
 /// Unchanged bytes worth rewriting between two stores to save a call.
 pub(super) const JOIN: usize = 512;
 
-/// Whether `b` holds an `int3` byte.
-#[inline]
-pub(super) fn has_int3(b: &[u8]) -> bool {
-    if b.len() <= 8 {
-        // SAFETY: `b` is `b.len() <= 8` readable bytes.
-        let x = unsafe { load_short(b.as_ptr(), b.len()) } ^ 0xcccc_cccc_cccc_cccc;
-        // Zero-byte test (exact: a byte is zero iff it was 0xcc); the bytes
-        // above `b.len()` were zero before the xor and are masked off.
-        let mask = if b.len() == 8 {
-            u64::MAX
-        } else {
-            (1u64 << (8 * b.len())) - 1
-        };
-        let lows = 0x0101_0101_0101_0101u64;
-        let highs = 0x8080_8080_8080_8080u64;
-        return (x.wrapping_sub(lows) & !x & highs & mask) != 0;
-    }
-    memchr::memchr(0xcc, b).is_some()
-}
+// Whether bytes hold a breakpoint is the architecture's question.
+pub(super) use crate::arch::contains_trap as has_int3;
 
 /// The stores that cover `owned` (sorted by start), appended to `out`: a
 /// range for which `same` holds needs none; one for which `whole` holds is

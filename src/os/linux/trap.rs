@@ -39,8 +39,11 @@ use core::ptr;
 use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use super::cet::in_handler;
+// The signal frame's registers are the architecture's.
+#[cfg(target_arch = "x86_64")]
+use super::frame_x86_64 as frame;
 use crate::poke::PokeError;
-use crate::poke::live::{LiveSites, ShadowStack, TrapAction, TrapFrame, TrapSlot, TrapTable};
+use crate::poke::live::{LiveSites, ShadowStack, TrapAction, TrapSlot, TrapTable};
 
 /// The table of the live batch being committed and every site ever
 /// patched live (published and retired by `live::run_published`, the
@@ -125,37 +128,11 @@ unsafe impl Sync for OldAction {}
 // SAFETY: an all-zero sigaction is a valid (SIG_DFL) value.
 static OLD: OldAction = OldAction(core::cell::UnsafeCell::new(unsafe { core::mem::zeroed() }));
 
-/// gregs index of each register by encoding number.
-const GREG: [libc::c_int; 16] = [
-    libc::REG_RAX,
-    libc::REG_RCX,
-    libc::REG_RDX,
-    libc::REG_RBX,
-    libc::REG_RSP,
-    libc::REG_RBP,
-    libc::REG_RSI,
-    libc::REG_RDI,
-    libc::REG_R8,
-    libc::REG_R9,
-    libc::REG_R10,
-    libc::REG_R11,
-    libc::REG_R12,
-    libc::REG_R13,
-    libc::REG_R14,
-    libc::REG_R15,
-];
-
 /// Whether the handler claims the `int3` that trapped (and, if so, the
 /// context now resumes at the emulated or restarted instruction).
 #[inline(always)]
 fn claim(uc: &mut libc::ucontext_t) -> bool {
-    let gregs = &mut uc.uc_mcontext.gregs;
-    let mut frame = TrapFrame {
-        rip: gregs[libc::REG_RIP as usize] as u64,
-        rsp: gregs[libc::REG_RSP as usize] as u64,
-        rflags: gregs[libc::REG_EFL as usize] as u64,
-        regs: GREG.map(|g| gregs[g as usize] as u64),
-    };
+    let mut frame = frame::read(uc);
     let shadow = Shadow {
         not_patcher: Cell::new(false),
     };
@@ -164,12 +141,11 @@ fn claim(uc: &mut libc::ucontext_t) -> bool {
     // int3 the thread just executed, so its byte is readable.
     match unsafe { ACTIVE.emulate_with(&mut frame, &shadow) } {
         TrapAction::Emulated => {
-            gregs[libc::REG_RIP as usize] = frame.rip as i64;
-            gregs[libc::REG_RSP as usize] = frame.rsp as i64;
+            frame::write_emulated(uc, &frame);
             true
         }
         TrapAction::Restarted => {
-            gregs[libc::REG_RIP as usize] = frame.rip as i64;
+            frame::write_restarted(uc, &frame);
             true
         }
         TrapAction::NotOurs => false,

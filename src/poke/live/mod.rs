@@ -42,9 +42,10 @@ mod table;
 
 // What is x86 in the protocol (which swaps are one instruction, what each
 // new instruction does to a trapped thread) is the arch seam's.
-pub use crate::arch::x86_64::emulate::{LiveSites, TrapAction, TrapFrame};
-pub use crate::arch::x86_64::live::{Emulation, LiveError, LiveSite, check_swap};
-pub(crate) use crate::arch::x86_64::live::{check_new_whole, check_old};
+pub use crate::arch::{
+    Emulation, LiveError, LiveSite, LiveSites, TrapAction, TrapFrame, check_swap,
+};
+pub(crate) use crate::arch::{check_new_whole, check_old};
 pub use int3::Int3Poke;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub(crate) use protocol::Step;

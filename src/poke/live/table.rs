@@ -274,13 +274,13 @@ impl TrapSlot {
         frame: &mut TrapFrame,
         shadow: &S,
     ) -> TrapAction {
-        let addr = frame.rip.wrapping_sub(1) as usize;
+        let addr = frame.trap_site();
         'enter: loop {
             let mut guard = self.enter();
             loop {
                 let generation = self.generation.load(Ordering::SeqCst);
                 if let Some(site) = guard.reload().and_then(|sites| sites.find(addr)) {
-                    if !(site.op.uses_stack(frame.rflags) && shadow.active()) {
+                    if !(site.uses_stack(frame) && shadow.active()) {
                         // SAFETY: forwarded.
                         unsafe { site.emulate(frame) };
                         self.emulated.fetch_add(1, Ordering::Relaxed);
@@ -296,7 +296,7 @@ impl TrapSlot {
                     // executed, so it is mapped and readable.
                     match unsafe { self.wait_for_site(addr, table, shadow) } {
                         Waited::Gone => {
-                            frame.rip = addr as u64;
+                            frame.restart_at(addr);
                             return TrapAction::Restarted;
                         }
                         Waited::TableChanged => continue 'enter,
@@ -309,7 +309,7 @@ impl TrapSlot {
                 // SAFETY: the CPU just executed this byte (the caller's
                 // contract); text other CPUs may be writing is read atomically.
                 if unsafe { first_byte(addr) } != INT3 {
-                    frame.rip = addr as u64;
+                    frame.restart_at(addr);
                     self.restarted.fetch_add(1, Ordering::Relaxed);
                     return TrapAction::Restarted;
                 }

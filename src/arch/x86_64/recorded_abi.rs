@@ -11,7 +11,7 @@
 //! anything on the stack (more than six integer registers' worth, more
 //! than [`MAX_SSE`] floats) is not recorded: rustc makes that call.
 
-use crate::alternative::{CallArg, CallRet};
+use super::call_abi::{CallArg, CallRet};
 
 /// Floats a recorded call passes at most (`xmm0`–`xmm3`); more, and rustc
 /// makes the call.
