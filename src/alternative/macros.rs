@@ -233,7 +233,7 @@ macro_rules! __alternative_at_load {
 macro_rules! __alternative_piece {
     ($i:literal, $r:expr) => {
         concat!(
-            ".skip -((((8672f - 8671f) - (. - 8660b)) > 0) * ((8672f - 8671f) - (. - 8660b))), 0x90\n",
+            $crate::__altpatch_site_pad!(),
             ".pushsection .text.altpatch_replacement,\"ax\",@progbits\n",
             "8671:\n",
             $r,

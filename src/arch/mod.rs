@@ -56,6 +56,11 @@ pub use self::x86_64::{
 /// `c_entry!("name", f)`: the C symbol `name`, weak, jumping to `f`.
 #[cfg(target_arch = "x86_64")]
 pub(crate) use self::x86_64::c_entry;
+/// Closure trampolines' pre-assembled table (`std`, Linux).
+#[cfg(all(target_arch = "x86_64", feature = "std", target_os = "linux"))]
+pub(crate) use self::x86_64::closure_table;
+#[cfg(all(target_arch = "x86_64", feature = "std", target_os = "linux"))]
+pub(crate) use self::x86_64::closure_table::{closure_arg_reg, closure_entry};
 /// Plan listings' disassembly.
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
 pub use self::x86_64::disasm;
@@ -69,6 +74,11 @@ pub use self::x86_64::{CallArg, CallRet};
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64::{
     Emulation, LiveError, LiveSite, LiveSites, TrapAction, TrapFrame, check_swap,
+};
+/// ELF ifunc call sites: calls through the GOT and their direct forms.
+#[cfg(target_arch = "x86_64")]
+pub use self::x86_64::{
+    GotCall, NOT_IRELATIVE, PLT_STUB_LEN, R_IRELATIVE, direct_call, got_call, plt_slot,
 };
 #[cfg(target_arch = "x86_64")]
 #[doc(hidden)]

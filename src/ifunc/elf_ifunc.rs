@@ -8,15 +8,12 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::sync::UpdateLock;
 
-use crate::arch::x86_64::{self as x86, BranchKind};
+use crate::arch::{self, BranchKind};
 use crate::cpu::{self, Features};
 use crate::image::Image;
 use crate::plan::{ApplyReport, Edit, Plan, PlanError};
 use crate::poke::TextPoke;
 use crate::sites::{Site, SiteKind};
-
-/// `R_X86_64_IRELATIVE`.
-const R_X86_64_IRELATIVE: u32 = 37;
 
 /// One `Elf64_Rela` entry of an IRELATIVE table: the GOT slot to fill
 /// (`offset`), the relocation type in the low half of `info`, and the
@@ -33,12 +30,12 @@ pub struct IrelativeEntry {
 }
 
 impl IrelativeEntry {
-    /// An `R_X86_64_IRELATIVE` entry filling `slot` with what `resolver`
+    /// An IRELATIVE entry (`R_X86_64_IRELATIVE` on x86-64) filling `slot` with what `resolver`
     /// returns.
     pub const fn new(slot: usize, resolver: usize) -> IrelativeEntry {
         IrelativeEntry {
             offset: slot as u64,
-            info: R_X86_64_IRELATIVE as u64,
+            info: arch::R_IRELATIVE as u64,
             addend: resolver as i64,
         }
     }
@@ -274,8 +271,8 @@ pub unsafe fn process_irelative(
     // 1. The table, before any resolver runs.
     for (index, e) in table.entries.iter().enumerate() {
         let malformed = |why| IrelativeError::Malformed { index, why };
-        if e.info as u32 != R_X86_64_IRELATIVE {
-            return Err(malformed("not an R_X86_64_IRELATIVE relocation"));
+        if e.info as u32 != arch::R_IRELATIVE {
+            return Err(malformed(arch::NOT_IRELATIVE));
         }
         if e.info >> 32 != 0 {
             return Err(malformed("an IRELATIVE relocation names no symbol"));
@@ -338,27 +335,14 @@ pub struct PltSitesReport {
     pub applied: ApplyReport,
 }
 
-/// The GOT slot a PLT stub at `stub` jumps through: `[endbr64] [bnd] jmp
-/// *slot(%rip)`.
+/// The GOT slot the PLT stub at `stub` jumps through, if it is one.
 fn plt_slot(image: &Image<'_>, stub: usize) -> Option<usize> {
-    // endbr64 (4) + bnd (1) + jmp *disp32(%rip) (6).
-    if !image.contains_text(stub, 11) {
+    if !image.contains_text(stub, arch::PLT_STUB_LEN) {
         return None;
     }
     // SAFETY: inside the image's text, readable.
-    let b = unsafe { core::slice::from_raw_parts(stub as *const u8, 11) };
-    let mut at = 0;
-    if b[..4] == crate::arch::x86_64::ENDBR64 {
-        at += 4;
-    }
-    if b[at] == 0xf2 {
-        at += 1;
-    }
-    if b[at..at + 2] != [0xff, 0x25] {
-        return None;
-    }
-    let disp = i32::from_le_bytes(b[at + 2..at + 6].try_into().ok()?);
-    Some((stub + at + 6).wrapping_add(disp as isize as usize))
+    let b = unsafe { &*(stub as *const [u8; arch::PLT_STUB_LEN]) };
+    arch::plt_slot(stub, b)
 }
 
 /// Rewrites the call sites of ELF ifunc symbols in `sites` (those of kind
@@ -420,28 +404,21 @@ pub unsafe fn apply_plt_sites<P: TextPoke + ?Sized>(
         if matches!(s.form, BranchKind::Jcc(_)) {
             return Err(bad("a conditional branch to an ifunc"));
         }
-        let rel = |b: &[u8]| {
-            let d = i32::from_le_bytes(b.try_into().expect("4 bytes"));
-            (s.addr + len).wrapping_add(d as isize as usize)
-        };
-        let (slot, prefix) = match (len, cur[0], cur.get(1)) {
-            (5, 0xe8 | 0xe9, _) => {
-                let to = rel(&cur[1..5]);
-                match plt_slot(image, to) {
-                    Some(slot) => (slot, false),
-                    None => {
-                        // Already a direct call (rewritten before).
-                        report.already_direct += 1;
-                        continue;
-                    }
+        let slot = match arch::got_call(cur, s.addr) {
+            Some(arch::GotCall::To(to)) => match plt_slot(image, to) {
+                Some(slot) => slot,
+                None => {
+                    // Already a direct call (rewritten before).
+                    report.already_direct += 1;
+                    continue;
                 }
-            }
-            (6, 0xff, Some(0x15 | 0x25)) => (rel(&cur[2..6]), true),
-            (6, 0x2e, Some(0xe8 | 0xe9)) => {
+            },
+            Some(arch::GotCall::Through(slot)) => slot,
+            Some(arch::GotCall::Direct) => {
                 report.already_direct += 1;
                 continue;
             }
-            _ => {
+            None => {
                 return Err(bad(
                     "not call/jmp rel32 to a PLT stub or call/jmp *slot(%rip)",
                 ));
@@ -462,17 +439,8 @@ pub unsafe fn apply_plt_sites<P: TextPoke + ?Sized>(
         if !image.contains_text(chosen, 1) {
             return Err(bad("its GOT slot holds no address in the image's text"));
         }
-        let mut new = Vec::with_capacity(6);
-        if prefix {
-            new.push(0x2e);
-        }
-        let branch = if tail {
-            x86::jmp_rel32(s.addr + new.len(), chosen)
-        } else {
-            x86::call_rel32(s.addr + new.len(), chosen)
-        }
-        .map_err(|_| bad("the implementation is out of rel32 range"))?;
-        new.extend_from_slice(&branch);
+        let new = arch::direct_call(s.addr, len, tail, chosen)
+            .map_err(|_| bad("the implementation is out of rel32 range"))?;
         plan.push(
             Edit::replace(s.addr, cur, &new)
                 .site("ifunc call site")

@@ -2,7 +2,7 @@
 //!
 //! A closure's trampoline slot holds the boxed closure (data, so `r10` on
 //! entry) and an *entry* monomorphized for the closure type and signature:
-//! a naked function that moves `r10` into the integer register after the
+//! a naked function (the arch's `closure_entry!`; on x86-64) that moves `r10` into the integer register after the
 //! ones the arguments take (SysV passes integer arguments in rdi, rsi, rdx,
 //! rcx, r8, r9; floats take none) and jumps, directly, to the handler: an
 //! ordinary `extern "C"` function of `(arguments..., closure)`. Floating-point arguments (xmm0-7),
@@ -146,7 +146,7 @@ fn panicked() -> ! {
 /// handler, and its n + 1 entries (one per count of integer registers the
 /// arguments take, floats taking none).
 macro_rules! signature {
-    ($handler:ident; [$($entry:ident = $reg:literal),*]; $tys:tt; $($a:ident : $A:ident),*) => {
+    ($handler:ident; [$($entry:ident = $n:tt),*]; $tys:tt; $($a:ident : $A:ident),*) => {
         impl<R: Ret, $($A: Arg),*> sealed::Sealed for unsafe extern "C" fn($($A),*) -> R {}
 
         impl<R: Ret, $($A: Arg),*> Signature for unsafe extern "C" fn($($A),*) -> R {
@@ -169,7 +169,7 @@ macro_rules! signature {
             }
         }
 
-        $(naked_entry!($entry, $reg, $handler, $tys);)*
+        $(closure_entry!($entry, $n, $handler, $tys);)*
 
         /// Runs the closure; a panic ends the process (it may not unwind
         /// into the caller, which may be C).
@@ -196,45 +196,32 @@ macro_rules! entry_of {
     };
 }
 
-/// One entry: the trampoline's target for closures whose arguments take
-/// the integer registers before `$reg`. It moves the closure (`r10`) into
-/// `$reg`, where the handler expects its last argument, and jumps: the
-/// caller's arguments, the stack and the return address stay as they are,
-/// so the handler returns straight to the caller.
-macro_rules! naked_entry {
-    ($entry:ident, $reg:literal, $handler:ident, ($($A:ident),*)) => {
-        #[unsafe(naked)]
-        unsafe extern "C" fn $entry<F: Fn($($A),*) -> R, R, $($A),*>() {
-            core::arch::naked_asm!(
-                "endbr64",
-                concat!("mov ", $reg, ", r10"),
-                "jmp {handler}",
-                handler = sym $handler::<F, R, $($A),*>,
-            )
-        }
-    };
-}
+// One entry per register count: the architecture's `closure_entry!`
+// (arch/x86_64/closure_table.rs) moves the closure into the integer
+// argument register after the `$n` the arguments take, and jumps to the
+// handler.
+use crate::arch::closure_entry;
 
-signature!(handler0; [entry0_0 = "rdi"]; (); );
-signature!(handler1; [entry1_0 = "rdi", entry1_1 = "rsi"]; (A1); a1: A1);
+signature!(handler0; [entry0_0 = 0]; (); );
+signature!(handler1; [entry1_0 = 0, entry1_1 = 1]; (A1); a1: A1);
 signature!(
-    handler2; [entry2_0 = "rdi", entry2_1 = "rsi", entry2_2 = "rdx"]; (A1, A2);
+    handler2; [entry2_0 = 0, entry2_1 = 1, entry2_2 = 2]; (A1, A2);
     a1: A1, a2: A2
 );
 signature!(
-    handler3; [entry3_0 = "rdi", entry3_1 = "rsi", entry3_2 = "rdx", entry3_3 = "rcx"];
+    handler3; [entry3_0 = 0, entry3_1 = 1, entry3_2 = 2, entry3_3 = 3];
     (A1, A2, A3); a1: A1, a2: A2, a3: A3
 );
 signature!(
     handler4;
-    [entry4_0 = "rdi", entry4_1 = "rsi", entry4_2 = "rdx", entry4_3 = "rcx", entry4_4 = "r8"];
+    [entry4_0 = 0, entry4_1 = 1, entry4_2 = 2, entry4_3 = 3, entry4_4 = 4];
     (A1, A2, A3, A4); a1: A1, a2: A2, a3: A3, a4: A4
 );
 signature!(
     handler5;
     [
-        entry5_0 = "rdi", entry5_1 = "rsi", entry5_2 = "rdx", entry5_3 = "rcx",
-        entry5_4 = "r8", entry5_5 = "r9"
+        entry5_0 = 0, entry5_1 = 1, entry5_2 = 2, entry5_3 = 3,
+        entry5_4 = 4, entry5_5 = 5
     ];
     (A1, A2, A3, A4, A5); a1: A1, a2: A2, a3: A3, a4: A4, a5: A5
 );

@@ -25,7 +25,7 @@ use core::ptr;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use super::backing::Backing;
-use super::table::{SPAN, STRIDE, TABLE_PAGES, called_after_free};
+use super::table::{SPAN, STRIDE, TABLE_PAGES};
 use super::{Source, TrampolineError};
 
 /// The index bits of the free-list head (index + 1 of the trampoline in
@@ -432,4 +432,11 @@ impl Drop for PoolState {
 /// The target of every free trampoline.
 fn freed_target() -> u64 {
     called_after_free as *const () as usize as u64
+}
+
+/// Where a freed trampoline jumps: a call through a code address after its
+/// trampoline was freed (and before it is handed out again) ends the
+/// process with a message instead of running whatever the slot last held.
+pub(crate) extern "C" fn called_after_free() -> ! {
+    crate::trampoline::abort_with("a trampoline was called after it was freed");
 }

@@ -27,12 +27,15 @@ mod breakpoint;
 mod c_entry;
 mod call_abi;
 mod call_asm;
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) mod closure_table;
 pub mod cpu;
 mod decode;
 #[cfg(feature = "std")]
 mod disasm;
 mod emulate;
 mod encode;
+mod got_call;
 mod live;
 mod recorded_abi;
 mod recorded_call;
@@ -57,6 +60,9 @@ pub use emulate::{LiveSites, TrapAction, TrapFrame};
 pub use encode::{
     Cond, ENDBR64, Encoded, INT3, LFENCE, NOP_MAX, NOP5, OutOfRange, RET, SERIALIZE, call_rel32,
     fill_gap, fill_nops, jcc_rel8, jcc_rel32, jmp_rel8, jmp_rel32, nop, rel8, rel32,
+};
+pub use got_call::{
+    GotCall, NOT_IRELATIVE, PLT_STUB_LEN, R_IRELATIVE, direct_call, got_call, plt_slot,
 };
 pub use live::{Emulation, LiveError, LiveSite, check_swap};
 pub(crate) use live::{check_new_whole, check_old};

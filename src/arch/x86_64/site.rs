@@ -128,6 +128,18 @@ macro_rules! __altpatch_branch_site {
     };
 }
 
+/// Internal: the directive of `alternative!`'s template that grows the
+/// site (from label `8660`) to the length of the replacement between labels
+/// `8671` and `8672`, if that is longer: one-byte NOPs (`0x90`), which the
+/// replacement overwrites and the default's copy never runs.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __altpatch_site_pad {
+    () => {
+        ".skip -((((8672f - 8671f) - (. - 8660b)) > 0) * ((8672f - 8671f) - (. - 8660b))), 0x90\n"
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -86,12 +86,9 @@
 
 mod arena;
 mod batch;
-mod cet;
 mod file_swap;
 mod files;
 mod fork;
-#[cfg(target_arch = "x86_64")]
-mod frame_x86_64;
 mod jmps;
 mod loaded;
 mod loader;
@@ -108,6 +105,12 @@ mod sys;
 mod threads;
 pub(crate) use threads::only_thread;
 mod trap;
+// What this backend knows about the instruction set: the signal frame,
+// shadow stacks, raw system calls in a signal handler.
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+#[cfg(target_arch = "x86_64")]
+use x86_64::{cet, frame};
 
 #[doc(hidden)]
 pub use cet::force_shadow_stack_for_tests;

@@ -40,8 +40,7 @@ use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use super::cet::in_handler;
 // The signal frame's registers are the architecture's.
-#[cfg(target_arch = "x86_64")]
-use super::frame_x86_64 as frame;
+use super::frame::{self, call3};
 use crate::poke::PokeError;
 use crate::poke::live::{LiveSites, ShadowStack, TrapAction, TrapSlot, TrapTable};
 
@@ -154,7 +153,11 @@ fn claim(uc: &mut libc::ucontext_t) -> bool {
 
 // Must contain no indirect-thunk site (see `call3`): tests/retpoline.rs
 // checks the linked handler of a retpoline-built program.
-extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+pub(super) extern "C" fn on_sigtrap(
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    ctx: *mut libc::c_void,
+) {
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let code = unsafe { (*info).si_code };
     if code == libc::SI_KERNEL {
@@ -211,54 +214,6 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void, c
     } else {
         // SAFETY: a plain handler for this signal takes the signal number.
         unsafe { call3(h, sig as usize, 0, 0) };
-    }
-}
-
-/// Calls the C function at `f` with three integer arguments, with an
-/// indirect call written in assembly.
-///
-/// This handler runs while sites are being rewritten. In a program built
-/// with retpolines every indirect call the *compiler* emits (including calls
-/// to other crates' functions through the GOT) is a call to a thunk — a site
-/// that may hold an `int3` at this moment, and a trap inside the `SIGTRAP`
-/// handler kills the process. The handler's own path is therefore kept free
-/// of compiler-emitted indirect branches: the lookup is inlined, and calls
-/// out go through here.
-///
-/// # Safety
-///
-/// `f` must be a function taking (up to) three integer arguments in the C
-/// calling convention that is safe to call with these values. Called only
-/// from [`on_sigtrap`] (the record names it).
-#[inline(always)]
-unsafe fn call3(f: usize, a: usize, b: usize, c: usize) {
-    // SAFETY: the stack is aligned for a call at an asm block (no
-    // `nostack`, so the compiler keeps the red zone out of our way); the
-    // callee follows the C ABI, whose clobbers are declared.
-    unsafe {
-        core::arch::asm!(
-            "2:",
-            "call {f}",
-            // An intended indirect call (it must not be a thunk site, see
-            // above): recorded so `altpatch audit` does not report it. The
-            // record is linked to the handler's section ("o"), not retained
-            // by itself: a program that never installs the handler (one
-            // that only patches at load) sheds handler and record together.
-            concat!(
-                ".pushsection ",
-                crate::records::section_name!(indirect_ok),
-                ",\"ao\",@progbits,{handler}"
-            ),
-            ".balign 4",
-            ".long 2b - .",
-            ".popsection",
-            f = in(reg) f,
-            handler = sym on_sigtrap,
-            in("rdi") a,
-            in("rsi") b,
-            in("rdx") c,
-            clobber_abi("C"),
-        );
     }
 }
 

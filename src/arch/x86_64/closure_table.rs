@@ -1,4 +1,5 @@
-//! The pre-assembled code: 16 pages of identical trampolines in this
+//! Closure trampolines' pre-assembled code on x86-64 (the pools that map
+//! it are `trampoline/`): 16 pages of identical trampolines in this
 //! crate's text (64 KiB, linked only into programs that use trampolines:
 //! the section is garbage-collected otherwise).
 //!
@@ -19,7 +20,7 @@
 //! growing pool maps 2048 trampolines per `mmap` (and the kernel's
 //! fault-around maps them with one fault), not 128.
 
-use crate::poke::PAGE_SIZE;
+use super::PAGE_SIZE;
 
 /// Bytes from one trampoline to the next, and from one data slot to the next.
 pub(crate) const STRIDE: usize = 32;
@@ -89,12 +90,49 @@ pub(crate) fn is_table(bytes: &[u8]) -> bool {
     bytes.len() == SPAN && bytes.chunks_exact(STRIDE).all(|t| t == TRAMPOLINE)
 }
 
-/// Where a freed trampoline jumps: a call through a code address after its
-/// trampoline was freed (and before it is handed out again) ends the
-/// process with a message instead of running whatever the slot last held.
-pub(crate) extern "C" fn called_after_free() -> ! {
-    crate::trampoline::abort_with("a trampoline was called after it was freed");
+/// One entry of a closure trampoline: the target for closures whose
+/// arguments take `$n` integer registers. It moves the closure (`r10`, the
+/// table's load) into the integer argument register after them, where the
+/// handler expects its last argument, and jumps: the caller's arguments,
+/// the stack and the return address stay as they are, so the handler
+/// returns straight to the caller.
+macro_rules! closure_entry {
+    ($entry:ident, $n:tt, $handler:ident, ($($A:ident),*)) => {
+        #[unsafe(naked)]
+        unsafe extern "C" fn $entry<F: Fn($($A),*) -> R, R, $($A),*>() {
+            core::arch::naked_asm!(
+                "endbr64",
+                concat!("mov ", $crate::arch::closure_arg_reg!($n), ", r10"),
+                "jmp {handler}",
+                handler = sym $handler::<F, R, $($A),*>,
+            )
+        }
+    };
 }
+pub(crate) use closure_entry;
+
+/// The SysV integer argument register number `$n` (0-based).
+macro_rules! closure_arg_reg {
+    (0) => {
+        "rdi"
+    };
+    (1) => {
+        "rsi"
+    };
+    (2) => {
+        "rdx"
+    };
+    (3) => {
+        "rcx"
+    };
+    (4) => {
+        "r8"
+    };
+    (5) => {
+        "r9"
+    };
+}
+pub(crate) use closure_arg_reg;
 
 #[cfg(test)]
 mod tests {

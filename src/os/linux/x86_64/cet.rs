@@ -35,7 +35,7 @@ static PATCHER_HAS_SHSTK: AtomicBool = AtomicBool::new(false);
 
 /// Asks the kernel for the calling thread's shadow stack, for the handler
 /// of the batch about to be published (called outside the handler).
-pub(super) fn refresh() {
+pub(in crate::os::linux) fn refresh() {
     PATCHER_HAS_SHSTK.store(in_handler::kernel_says_enabled(), Ordering::SeqCst);
 }
 
@@ -75,7 +75,7 @@ pub fn shadow_stack_enabled() -> bool {
 }
 
 /// What the `SIGTRAP` handler calls (everything inlined, raw system calls).
-pub(super) mod in_handler {
+pub(in crate::os::linux) mod in_handler {
     use super::{ARCH_SHSTK_SHSTK, ARCH_SHSTK_STATUS, FORCED, Ordering, PATCHER_HAS_SHSTK};
 
     /// `syscall(n, a, b, c)`, returning the kernel's value (`-errno` on
