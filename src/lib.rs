@@ -105,7 +105,9 @@ compile_error!(
 
 #[cfg(target_arch = "x86_64")]
 pub mod alternative;
-#[cfg(target_arch = "x86_64")]
+// The arch seam compiles on every target: `arch::x86_64` is x86-64 as an
+// instruction set (tools read x86 binaries anywhere); only the host's
+// contract and the x86 host's own parts are gated inside it.
 pub mod arch;
 #[cfg(target_arch = "x86_64")]
 pub mod cpu;
@@ -114,7 +116,6 @@ pub mod cpu;
 pub mod elf;
 #[cfg(target_arch = "x86_64")]
 mod error;
-#[cfg(target_arch = "x86_64")]
 mod hex;
 #[cfg(target_arch = "x86_64")]
 pub mod ifunc;
@@ -136,7 +137,6 @@ pub mod process;
 pub mod records;
 #[cfg(target_arch = "x86_64")]
 pub mod retpoline;
-#[cfg(target_arch = "x86_64")]
 mod short;
 #[cfg(target_arch = "x86_64")]
 pub mod sites;
@@ -156,7 +156,6 @@ pub use arch::x86_64 as x86;
 
 #[cfg(target_arch = "x86_64")]
 pub use error::Error;
-#[cfg(target_arch = "x86_64")]
 pub use hex::HexBytes;
 #[cfg(target_arch = "x86_64")]
 pub use image::{Image, ImageBuilder};

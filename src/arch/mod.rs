@@ -36,7 +36,8 @@
 //! may be 4, 16 or 64 KiB, so `PAGE_SIZE` becomes the kernel's at run time
 //! there.
 
-#[cfg(target_arch = "x86_64")]
+// x86-64 as an instruction set: on every host (its host-only parts —
+// CPUID, serialization, the closure table's code — are gated inside).
 pub mod x86_64;
 
 /// The CPU's identity and features (re-exported, with the neutral
@@ -83,7 +84,10 @@ pub use self::x86_64::{
 #[cfg(target_arch = "x86_64")]
 #[doc(hidden)]
 pub use self::x86_64::{MAX_SSE, RecordedArg, RecordedArgs, RecordedRet};
+// Used by the Linux backend's page-swap publication (a kernel's protocol
+// goes through `LiveSite::new`).
 #[cfg(target_arch = "x86_64")]
+#[cfg_attr(not(all(feature = "std", target_os = "linux")), allow(unused_imports))]
 pub(crate) use self::x86_64::{check_new_whole, check_old};
 /// Recorded calls: `recorded_call!([stub] args A R, plain)`.
 #[cfg(target_arch = "x86_64")]

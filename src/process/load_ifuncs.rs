@@ -15,6 +15,7 @@
 
 use alloc::vec::Vec;
 
+use crate::arch::BRANCH_LEN;
 use crate::ifunc::{Ifunc, STARTUP, Startup, StartupError};
 use crate::image::Image;
 use crate::os::linux::JmpEdit;
@@ -123,10 +124,10 @@ fn stub_edit(image: &Image<'_>, ifunc: &Ifunc, chosen: usize) -> Result<JmpEdit,
     let addr = stub + TRAMPOLINE_JMP;
     let jmp =
         crate::arch::jump_to(addr, chosen).map_err(|_| fail("implementation out of reach"))?;
-    let mut new = [0u8; 5];
+    let mut new = [0u8; BRANCH_LEN];
     new.copy_from_slice(&jmp);
-    let mut old = [0u8; 5];
-    old.copy_from_slice(&bytes[TRAMPOLINE_JMP..TRAMPOLINE_JMP + 5]);
+    let mut old = [0u8; BRANCH_LEN];
+    old.copy_from_slice(&bytes[TRAMPOLINE_JMP..TRAMPOLINE_JMP + BRANCH_LEN]);
     Ok(JmpEdit { addr, old, new })
 }
 
@@ -174,7 +175,7 @@ fn call_edits(
             continue;
         };
         let chosen = targets[i].1;
-        if !image.contains_text(site, 5) {
+        if !image.contains_text(site, BRANCH_LEN) {
             continue;
         }
         let (Ok(old), Ok(new)) = (
@@ -185,18 +186,18 @@ fn call_edits(
             continue;
         };
         // SAFETY: inside the image's text, readable.
-        let now = unsafe { core::ptr::read_unaligned(site as *const [u8; 5]) };
+        let now = unsafe { core::ptr::read_unaligned(site as *const [u8; BRANCH_LEN]) };
         if now == new[..] {
             continue;
         }
-        if now != old[..] || site / PAGE_SIZE != (site + 4) / PAGE_SIZE {
+        if now != old[..] || site / PAGE_SIZE != (site + BRANCH_LEN - 1) / PAGE_SIZE {
             left += 1;
             continue;
         }
         let mut e = JmpEdit {
             addr: site,
-            old: [0; 5],
-            new: [0; 5],
+            old: [0; BRANCH_LEN],
+            new: [0; BRANCH_LEN],
         };
         e.old.copy_from_slice(&old);
         e.new.copy_from_slice(&new);

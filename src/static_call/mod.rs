@@ -369,7 +369,7 @@ impl RawStaticCall {
             if s.kind != self.site_kind || s.target != tramp {
                 continue;
             }
-            if s.len != 5 || matches!(s.form, BranchKind::Jcc(_)) {
+            if s.len as usize != arch::BRANCH_LEN || matches!(s.form, BranchKind::Jcc(_)) {
                 report.via_trampoline += 1;
                 continue;
             }
@@ -378,10 +378,16 @@ impl RawStaticCall {
             // A site an earlier update did not list (`update_with` takes
             // any subset) still calls the trampoline; every other site is
             // in the state the last update left the sites in.
-            let calls_tramp = image.contains_text(s.addr, 5) && {
-                let mut now = [0u8; 5];
+            let calls_tramp = image.contains_text(s.addr, arch::BRANCH_LEN) && {
+                let mut now = [0u8; arch::BRANCH_LEN];
                 // SAFETY: inside the image's text, which is readable.
-                unsafe { core::ptr::copy_nonoverlapping(s.addr as *const u8, now.as_mut_ptr(), 5) };
+                unsafe {
+                    core::ptr::copy_nonoverlapping(
+                        s.addr as *const u8,
+                        now.as_mut_ptr(),
+                        arch::BRANCH_LEN,
+                    )
+                };
                 branch_expect(tail, tramp).matches(s.addr, &now)
             };
             let expect = match inline_now {

@@ -8,6 +8,12 @@
 //!
 //! Also reachable as `altpatch::x86` (the path before the arch seam).
 //!
+//! Compiled on every host: it is the instruction set, which tools use on
+//! any machine (reading an x86-64 binary). What runs only on an x86-64
+//! host — CPUID ([`cpu::HostCpuid`]), serialization ([`sync_core`]), the
+//! assembly of recorded calls, weak C entries and the closure table — is
+//! `cfg(target_arch = "x86_64")`.
+//!
 //! # Encoders
 //!
 //! | what | bytes |
@@ -24,10 +30,11 @@
 //! [`OutOfRange`] otherwise; nothing is ever truncated.
 
 mod breakpoint;
+#[cfg(target_arch = "x86_64")]
 mod c_entry;
 mod call_abi;
 mod call_asm;
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(all(target_arch = "x86_64", feature = "std", target_os = "linux"))]
 pub(crate) mod closure_table;
 pub mod cpu;
 mod decode;
@@ -38,6 +45,7 @@ mod encode;
 mod got_call;
 mod live;
 mod recorded_abi;
+#[cfg(target_arch = "x86_64")]
 mod recorded_call;
 mod reg;
 mod reloc;
@@ -46,6 +54,7 @@ mod sync_core;
 mod trampoline;
 
 pub use breakpoint::{TRAP, contains_trap};
+#[cfg(target_arch = "x86_64")]
 pub(crate) use c_entry::c_entry;
 pub use call_abi::{CallArg, CallRet};
 #[doc(hidden)]
@@ -65,8 +74,10 @@ pub use got_call::{
     GotCall, NOT_IRELATIVE, PLT_STUB_LEN, R_IRELATIVE, direct_call, got_call, plt_slot,
 };
 pub use live::{Emulation, LiveError, LiveSite, check_swap};
+#[cfg(target_arch = "x86_64")]
 pub(crate) use live::{check_new_whole, check_old};
 pub use recorded_abi::{MAX_SSE, RecordedArg, RecordedArgs, RecordedRet};
+#[cfg(target_arch = "x86_64")]
 pub(crate) use recorded_call::{recorded_asm, recorded_call, recorded_gp, recorded_xmm};
 pub use reg::{Reg, call_reg, jmp_reg};
 pub use reloc::{RelocError, relocate};
@@ -74,7 +85,9 @@ pub use site::{
     BRANCH_LEN, BRANCH_NOP, BRANCH_RET, call_of_len, call_target, call_to, is_nop, is_padding,
     jump_of_len, jump_target, jump_to, nop_of_len, reaches,
 };
-pub use sync_core::{SyncMethod, sync_core};
+pub use sync_core::SyncMethod;
+#[cfg(target_arch = "x86_64")]
+pub use sync_core::sync_core;
 pub use trampoline::{
     TRAMPOLINE_ALIGN, TRAMPOLINE_JMP, TRAMPOLINE_LEN, TRAMPOLINE_SIGNATURE, is_trampoline,
 };

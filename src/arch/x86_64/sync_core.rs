@@ -2,6 +2,7 @@
 //! serializing instruction (caches are coherent with stores, so no cache
 //! maintenance is needed).
 
+#[cfg(target_arch = "x86_64")]
 use core::ops::Range;
 
 use super::cpu::{Feature, Features};
@@ -27,6 +28,7 @@ impl SyncMethod {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 /// Makes the calling CPU execute the current bytes of `written` (the
 /// ranges stored to; x86 needs no per-range work, only serialization).
 ///

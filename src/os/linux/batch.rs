@@ -272,15 +272,15 @@ impl Batch {
     /// next edit writing the same bytes (it depends on them alone).
     #[inline]
     fn check_swap(&mut self, addr: usize, old: &[u8], new: &[u8]) -> Result<(), live::LiveError> {
-        live::check_old(addr, old)?;
+        crate::arch::check_old(addr, old)?;
         let n = new.len();
         if n == 0 || n > 8 {
-            return live::check_new_whole(addr, new);
+            return crate::arch::check_new_whole(addr, new);
         }
         // SAFETY: `new` is `n <= 8` readable bytes.
         let key = (unsafe { load_short(new.as_ptr(), n) }, n);
         if self.swap_ok != key {
-            live::check_new_whole(addr, new)?;
+            crate::arch::check_new_whole(addr, new)?;
             self.swap_ok = key;
         }
         Ok(())

@@ -18,6 +18,7 @@ use core::ops::Range;
 use super::file_swap::FileAt;
 use super::state::{Locked, Shared};
 use super::{maps, poke_log, sys};
+use crate::arch::BRANCH_LEN;
 use crate::poke::{PAGE_SIZE, PokeError};
 
 /// One `jmp rel32` or `call rel32` to rewrite: at `addr`, `old` now, `new`
@@ -25,8 +26,8 @@ use crate::poke::{PAGE_SIZE, PokeError};
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct JmpEdit {
     pub(crate) addr: usize,
-    pub(crate) old: [u8; 5],
-    pub(crate) new: [u8; 5],
+    pub(crate) old: [u8; BRANCH_LEN],
+    pub(crate) new: [u8; BRANCH_LEN],
 }
 
 /// Rewrites every edit's `jmp` in one publication (one page swap per page),
@@ -46,7 +47,7 @@ pub(crate) unsafe fn retarget(edits: &[JmpEdit]) -> Result<usize, PokeError> {
     let mut todo: Vec<JmpEdit> = Vec::new();
     for e in edits {
         // SAFETY: the stubs are text of this process, readable.
-        let now = unsafe { core::ptr::read_unaligned(e.addr as *const [u8; 5]) };
+        let now = unsafe { core::ptr::read_unaligned(e.addr as *const [u8; BRANCH_LEN]) };
         if now == e.new {
             continue;
         }
@@ -70,7 +71,7 @@ pub(crate) unsafe fn retarget(edits: &[JmpEdit]) -> Result<usize, PokeError> {
     crate::poke::sort_by_key(&mut todo, |e| e.addr);
     let mut pages: Vec<Range<usize>> = Vec::new();
     for e in &todo {
-        let span = crate::poke::page_span(e.addr, e.addr + 5);
+        let span = crate::poke::page_span(e.addr, e.addr + BRANCH_LEN);
         match pages.last_mut() {
             Some(last) if last.end >= span.start => last.end = last.end.max(span.end),
             _ => pages.push(span),
@@ -103,7 +104,7 @@ pub(crate) unsafe fn retarget(edits: &[JmpEdit]) -> Result<usize, PokeError> {
     };
     for e in &todo {
         // SAFETY: readable text, just published.
-        let now = unsafe { core::ptr::read_unaligned(e.addr as *const [u8; 5]) };
+        let now = unsafe { core::ptr::read_unaligned(e.addr as *const [u8; BRANCH_LEN]) };
         if now != e.new {
             return Err(PokeError::NotLanded { addr: e.addr });
         }
@@ -141,8 +142,8 @@ fn publish_run(shared: &mut Shared, run: Range<usize>, edits: &[JmpEdit]) -> Res
         for e in edits.iter().filter(|e| range.contains(&e.addr)) {
             let off = e.addr - page;
             // Inside the page (checked in `retarget`).
-            want[off..off + 5].copy_from_slice(&e.new);
-            owned.push(off..off + 5);
+            want[off..off + BRANCH_LEN].copy_from_slice(&e.new);
+            owned.push(off..off + BRANCH_LEN);
         }
         if owned.is_empty() {
             continue;

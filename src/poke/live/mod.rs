@@ -45,7 +45,6 @@ mod table;
 pub use crate::arch::{
     Emulation, LiveError, LiveSite, LiveSites, TrapAction, TrapFrame, check_swap,
 };
-pub(crate) use crate::arch::{check_new_whole, check_old};
 pub use int3::Int3Poke;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub(crate) use protocol::Step;

@@ -64,6 +64,7 @@ impl Features {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
     /// The CPU this code runs on, with the OS facts a process can observe
     /// (XCR0; on Linux, that the kernel made `lfence` serializing on AMD).
     /// No overrides are applied; see [`Features::detect_with_env`].

@@ -11,7 +11,9 @@ mod source;
 
 pub use feature::Feature;
 pub use features::{Features, Vendor};
-pub use source::{CpuidSource, HostCpuid, RecordedCpuid, RecordedCpuidError, dump};
+#[cfg(target_arch = "x86_64")]
+pub use source::HostCpuid;
+pub use source::{CpuidSource, RecordedCpuid, RecordedCpuidError, dump};
 
 /// The result of one `cpuid` query: `eax`, `ebx`, `ecx`, `edx`.
 pub type CpuidResult = raw_cpuid::CpuIdResult;

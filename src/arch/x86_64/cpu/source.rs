@@ -49,6 +49,7 @@ pub trait CpuidSource {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 /// The CPU this code runs on: the `cpuid` and `xgetbv` instructions.
 ///
 /// Works in `no_std` too. [`HostCpuid::with_msr_reader`] lets a kernel that
@@ -58,6 +59,7 @@ pub struct HostCpuid {
     msr: Option<fn(u32) -> Option<u64>>,
 }
 
+#[cfg(target_arch = "x86_64")]
 impl HostCpuid {
     /// The host CPU, without MSR access.
     pub const fn new() -> Self {
@@ -71,6 +73,7 @@ impl HostCpuid {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 impl fmt::Debug for HostCpuid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HostCpuid")
@@ -79,6 +82,7 @@ impl fmt::Debug for HostCpuid {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 impl CpuidSource for HostCpuid {
     fn cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult {
         raw_cpuid::native_cpuid::cpuid_count(leaf, subleaf)
