@@ -18,11 +18,10 @@ pub(crate) mod mitigation;
 mod overrides;
 mod published;
 
-// What a CPU is and how its features are read is the architecture's.
-pub use crate::arch::cpu::{
-    CpuidResult, CpuidSource, Feature, Features, HostCpuid, RecordedCpuid, RecordedCpuidError,
-    Vendor, dump,
-};
+// What a CPU is and how its features are read is the architecture's:
+// everything its `cpu` module defines (on x86-64 the `Feature` table,
+// `Features`, `Vendor` and the CPUID sources).
+pub use crate::arch::cpu::*;
 pub use overrides::{OverrideError, Overrides};
 pub use published::{
     AlreadyPublished, altpatch_cpu_features, altpatch_cpu_has, publish, published, try_published,
