@@ -1,7 +1,7 @@
 /* altpatch.h: the C side of altpatch for programs and kernels linking the
  * crate: the published CPU feature snapshot, for ifunc resolvers (which
  * take no arguments), and JIT-free trampolines. The feature numbers are
- * generated from src/cpu/features.rs; tests/ifunc.rs checks that they
+ * generated from src/arch/x86_64/cpu/feature.rs; tests/ifunc.rs checks that they
  * match, tests/trampoline.rs that the trampoline functions exist. */
 #ifndef ALTPATCH_H
 #define ALTPATCH_H

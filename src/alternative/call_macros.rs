@@ -203,28 +203,28 @@ macro_rules! __alternative_call_alts {
      alts [! $c:ident => $f:path $(, $($more:tt)*)?] acc [pre [$($p:tt)*] alts [$($a:tt)*] syms [$($s:tt)*]]) => {
         $crate::__alternative_call_alts!(
             [$($np)*] [$($t),*] [$($ret)?] $aid idx [$($is)*] alts [$($($more)*)?]
-            acc [pre [$($p)* let _: extern "C" fn($($t),*) $(-> $ret)? = $f;] alts [$($a)* ! $c => concat!("call {__altpatch_f", $i, "}"),] syms [$($s)* $n = sym $f,]]
+            acc [pre [$($p)* let _: extern "C" fn($($t),*) $(-> $ret)? = $f;] alts [$($a)* ! $c => $crate::__alternative_call_insn!($i),] syms [$($s)* $n = sym $f,]]
         )
     };
     ([$($np:tt)*] [$($t:ty),*] [$($ret:ty)?] $aid:ident idx [($i:literal $n:ident) $($is:tt)*]
      alts [$c:ident => $f:path $(, $($more:tt)*)?] acc [pre [$($p:tt)*] alts [$($a:tt)*] syms [$($s:tt)*]]) => {
         $crate::__alternative_call_alts!(
             [$($np)*] [$($t),*] [$($ret)?] $aid idx [$($is)*] alts [$($($more)*)?]
-            acc [pre [$($p)* let _: extern "C" fn($($t),*) $(-> $ret)? = $f;] alts [$($a)* $c => concat!("call {__altpatch_f", $i, "}"),] syms [$($s)* $n = sym $f,]]
+            acc [pre [$($p)* let _: extern "C" fn($($t),*) $(-> $ret)? = $f;] alts [$($a)* $c => $crate::__alternative_call_insn!($i),] syms [$($s)* $n = sym $f,]]
         )
     };
     ([$($np:tt)*] [$($t:ty),*] [$($ret:ty)?] $aid:ident idx [($i:literal $n:ident) $($is:tt)*]
      alts [! $c:ident => $f:expr $(, $($more:tt)*)?] acc [pre [$($p:tt)*] alts [$($a:tt)*] syms [$($s:tt)*]]) => {
         $crate::__alternative_call_alts!(
             [$($np)*] [$($t),*] [$($ret)?] $aid idx [$($is)*] alts [$($($more)*)?]
-            acc [pre [$($p)* $crate::__alternative_call_shim!($n [$($t),*] [$($ret)?] $f);] alts [$($a)* ! $c => concat!("call {__altpatch_f", $i, "}"),] syms [$($s)* $n = sym $n,]]
+            acc [pre [$($p)* $crate::__alternative_call_shim!($n [$($t),*] [$($ret)?] $f);] alts [$($a)* ! $c => $crate::__alternative_call_insn!($i),] syms [$($s)* $n = sym $n,]]
         )
     };
     ([$($np:tt)*] [$($t:ty),*] [$($ret:ty)?] $aid:ident idx [($i:literal $n:ident) $($is:tt)*]
      alts [$c:ident => $f:expr $(, $($more:tt)*)?] acc [pre [$($p:tt)*] alts [$($a:tt)*] syms [$($s:tt)*]]) => {
         $crate::__alternative_call_alts!(
             [$($np)*] [$($t),*] [$($ret)?] $aid idx [$($is)*] alts [$($($more)*)?]
-            acc [pre [$($p)* $crate::__alternative_call_shim!($n [$($t),*] [$($ret)?] $f);] alts [$($a)* $c => concat!("call {__altpatch_f", $i, "}"),] syms [$($s)* $n = sym $n,]]
+            acc [pre [$($p)* $crate::__alternative_call_shim!($n [$($t),*] [$($ret)?] $f);] alts [$($a)* $c => $crate::__alternative_call_insn!($i),] syms [$($s)* $n = sym $n,]]
         )
     };
     ([$($np:tt)*] [$($t:ty),*] [$($ret:ty)?] $aid:ident idx [$($is:tt)*] alts [$(,)?]

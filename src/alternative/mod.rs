@@ -337,7 +337,7 @@ fn plan_site(
         pad(&mut out[code.len()..]);
         Ok::<_, Error>(out)
     };
-    let original = relocated(orig, first.original(), None, |b| b.fill(0x90))?;
+    let original = relocated(orig, first.original(), None, arch::fill_site_pad)?;
     let default_merged = relocated(orig, first.original(), None, arch::fill_gap)?;
     let mut states = Vec::with_capacity(group.len());
     for (&k, &cond) in group.iter().zip(&conditions) {

@@ -2,14 +2,16 @@
 //! about an instruction set, named once.
 //!
 //! Each supported architecture is one module here (today [`x86_64`]). The
-//! `pub use` block below is the contract: the architecture-neutral layers
-//! (plans, pokes, images, static keys, static calls, ifuncs, the Linux
-//! backend's page handling) name only these items, through `crate::arch::`,
-//! so a second architecture adds its module and one such block and those
-//! layers compile unchanged. Code that is x86 by nature (retpolines, the
-//! INT3 protocol's instruction rules, CPUID, the compiler's thunk sites)
-//! names `crate::arch::x86_64::` explicitly; ARCHITECTURE.md ("Adding an
-//! architecture") lists every such file.
+//! `pub use` blocks below are the contract: the architecture-neutral layers
+//! (plans, pokes, images, static keys, static calls, ifuncs, the patcher,
+//! the Linux backend's page handling) name only these items, through
+//! `crate::arch::`, so a second architecture adds its module and the same
+//! blocks for it, and those layers compile unchanged. Code that is about
+//! x86 itself (retpolines, the compiler's thunk sites, the ELF audits)
+//! names `crate::arch::x86_64::` explicitly: `tests/layers.rs`
+//! (`X86_OUTSIDE_ARCH`) lists every such file outside `arch/` with its
+//! reason, and ARCHITECTURE.md ("Adding an architecture") what a port
+//! touches.
 //!
 //! | contract item | what it is | x86-64 |
 //! |---|---|---|
@@ -25,7 +27,11 @@
 //! | [`cpu`]: `Feature`, `Features`, `Vendor`, sources | what the CPU has, and where that is read | CPUID, XCR0, `IA32_ARCH_CAPABILITIES` |
 //! | [`SyncMethod`], [`sync_core`] | making this CPU run what was written | `serialize` or `cpuid` |
 //! | [`LiveSite`], [`check_swap`], [`TrapFrame`], [`LiveSites`], ... | live rules: one instruction before and after; what a trapped thread runs instead | `int3` emulation of call/jmp/jcc/nop/ret and their register forms |
-//! | [`relocate`], [`RelocError`] | code moved to another address, re-based | rip-relative and rel branches |
+//! | [`relocate`], [`RelocError`], [`fill_site_pad`] | code moved to another address, re-based; a grown site's filler | rip-relative and rel branches; `0x90` |
+//! | [`CallArg`], [`CallRet`], `RecordedArgs`, `recorded_call!`, `__alternative_call_abi!` | the C ABI as registers, for `alternative_call!` and recorded calls | SysV: six integer, four SSE registers |
+//! | [`GotCall`], [`got_call`], [`direct_call`], [`R_IRELATIVE`] | ELF ifunc calls through the GOT | `call *slot(%rip)`, PLT stubs |
+//! | `c_entry!`, `closure_table`, `closure_entry!` | code at fixed names: weak C entries, closure trampolines | `endbr64; jmp` |
+//! | [`disasm`] (`std`) | plan listings | iced-x86, AT&T |
 //! | [`Encoded`], [`OutOfRange`], [`BranchKind`] | instruction bytes inline; a branch that cannot reach; call/jump/conditional | |
 //!
 //! What the seam is designed for beyond x86 (the aarch64 issue): fixed
@@ -37,7 +43,7 @@
 //! there.
 
 // x86-64 as an instruction set: on every host (its host-only parts —
-// CPUID, serialization, the closure table's code — are gated inside).
+// CPUID, serialization, the assembly that runs — are gated inside).
 pub mod x86_64;
 
 /// The CPU's identity and features (re-exported, with the neutral
@@ -45,50 +51,60 @@ pub mod x86_64;
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64::cpu;
 
+// Instruction bytes at a site: pages, the breakpoint, branch-site forms,
+// padding, relocation, the static-call trampoline's layout, serialization.
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64::{
     BRANCH_LEN, BRANCH_NOP, BRANCH_RET, BranchKind, Encoded, OutOfRange, PAGE_SIZE, RelocError,
     SyncMethod, TRAMPOLINE_ALIGN, TRAMPOLINE_JMP, TRAMPOLINE_LEN, TRAMPOLINE_SIGNATURE, TRAP,
-    call_of_len, call_target, call_to, contains_trap, fill_gap, is_nop, is_padding, is_trampoline,
-    jump_of_len, jump_target, jump_to, nop_of_len, reaches, relocate, sync_core,
+    call_of_len, call_target, call_to, contains_trap, fill_gap, fill_site_pad, is_nop, is_padding,
+    is_trampoline, jump_of_len, jump_target, jump_to, nop_of_len, reaches, relocate, sync_core,
 };
+
 // The live rules: which swaps are one instruction, what a trapped thread's
 // registers become (the protocol itself is `poke::live`).
-/// `c_entry!("name", f)`: the C symbol `name`, weak, jumping to `f`.
-#[cfg(target_arch = "x86_64")]
-pub(crate) use self::x86_64::c_entry;
-/// Closure trampolines' pre-assembled table (`std`, Linux).
-#[cfg(all(target_arch = "x86_64", feature = "std", target_os = "linux"))]
-pub(crate) use self::x86_64::closure_table;
-#[cfg(all(target_arch = "x86_64", feature = "std", target_os = "linux"))]
-pub(crate) use self::x86_64::closure_table::{closure_arg_reg, closure_entry};
-/// Plan listings' disassembly.
-#[cfg(all(target_arch = "x86_64", feature = "std"))]
-pub use self::x86_64::disasm;
-#[cfg(target_arch = "x86_64")]
-#[doc(hidden)]
-pub use self::x86_64::{__call_result, CallArgs};
-/// The C calling convention as registers: which argument types
-/// `alternative_call!` and recorded calls pass, and how.
-#[cfg(target_arch = "x86_64")]
-pub use self::x86_64::{CallArg, CallRet};
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64::{
     Emulation, LiveError, LiveSite, LiveSites, TrapAction, TrapFrame, check_swap,
 };
-/// ELF ifunc call sites: calls through the GOT and their direct forms.
-#[cfg(target_arch = "x86_64")]
-pub use self::x86_64::{
-    GotCall, NOT_IRELATIVE, PLT_STUB_LEN, R_IRELATIVE, direct_call, got_call, plt_slot,
-};
-#[cfg(target_arch = "x86_64")]
-#[doc(hidden)]
-pub use self::x86_64::{MAX_SSE, RecordedArg, RecordedArgs, RecordedRet};
 // Used by the Linux backend's page-swap publication (a kernel's protocol
 // goes through `LiveSite::new`).
 #[cfg(target_arch = "x86_64")]
 #[cfg_attr(not(all(feature = "std", target_os = "linux")), allow(unused_imports))]
 pub(crate) use self::x86_64::{check_new_whole, check_old};
+
+// The C calling convention as registers: which argument types
+// `alternative_call!` and recorded calls pass, and how (with the macros
+// `__alternative_call_abi!`, `__alternative_call_insn!`, exported at the
+// root).
+#[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
+pub use self::x86_64::{__call_result, CallArgs};
+#[cfg(target_arch = "x86_64")]
+pub use self::x86_64::{CallArg, CallRet};
+#[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
+pub use self::x86_64::{MAX_SSE, RecordedArg, RecordedArgs, RecordedRet};
 /// Recorded calls: `recorded_call!([stub] args A R, plain)`.
 #[cfg(target_arch = "x86_64")]
 pub(crate) use self::x86_64::{recorded_asm, recorded_call, recorded_gp, recorded_xmm};
+
+// ELF ifunc call sites: calls through the GOT and their direct forms.
+#[cfg(target_arch = "x86_64")]
+pub use self::x86_64::{
+    GotCall, NOT_GOT_CALL, NOT_IRELATIVE, PLT_STUB_LEN, R_IRELATIVE, direct_call, got_call,
+    plt_slot,
+};
+
+// Code the crate places at fixed names: weak C entries, closure
+// trampolines' table and entries.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use self::x86_64::c_entry;
+#[cfg(all(target_arch = "x86_64", feature = "std", target_os = "linux"))]
+pub(crate) use self::x86_64::closure_table;
+#[cfg(all(target_arch = "x86_64", feature = "std", target_os = "linux"))]
+pub(crate) use self::x86_64::closure_table::{closure_arg_reg, closure_entry};
+
+/// Plan listings' disassembly.
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+pub use self::x86_64::disasm;

@@ -355,11 +355,11 @@ impl fmt::Display for Overrides {
 
 impl Features {
     /// [`Features::detect`], then the overrides in the `ALTPATCH` environment
-    /// variable (same syntax as [`Overrides::parse`](Overrides::parse)).
+    /// variable (same syntax as [`Overrides::parse`]).
     ///
     /// An environment variable must not make safe code unsound: adding an
     /// instruction-set feature the CPU lacks (`ALTPATCH=+avx2` without AVX2)
-    /// is refused with [`OverrideError::Unverified`](OverrideError::Unverified),
+    /// is refused with [`OverrideError::Unverified`],
     /// since code choosing an implementation from the snapshot would run
     /// instructions the CPU does not have. Removals, and additions the CPU
     /// already has, apply; so do the derived and synthetic facts.

@@ -185,7 +185,7 @@ impl Edit {
                 // Never written (validation refuses the edit, naming the
                 // site); a branch to the next instruction keeps the edit's
                 // length and shows what kind of branch was asked for.
-                let next = encode(addr, addr + arch::BRANCH_LEN)
+                let next = encode(addr, addr.wrapping_add(arch::BRANCH_LEN))
                     .expect("a branch to the next instruction");
                 let mut edit = Edit::new(addr, expect, next);
                 edit.meta_mut().range_error = Some(e);

@@ -63,6 +63,9 @@ impl DirectPoke {
     /// Every text address a plan applied through this poke writes must be
     /// writable memory at that address, and no other CPU may execute the
     /// changed bytes until the caller has made it serialize.
+    /// `sync` must be a method this CPU supports (see
+    /// [`SyncMethod::for_features`]; on x86-64, `Serialize` only where
+    /// CPUID.7.0:EDX\[14\] says so).
     pub unsafe fn new(sync: SyncMethod) -> DirectPoke {
         DirectPoke {
             sync,

@@ -32,6 +32,12 @@ const PLT_KEPT: &str = "kept calling the program's thunk through this object's P
 /// writing text on this thread before then), the shape path's edits are
 /// pushed observed: validation takes this planning's reading of them.
 /// Without, every edit is read again by validation.
+// Inlined into its one caller (`Planned::new`) with the loop below: the
+// caller's constants (the lock held, the return-site form) then reach the
+// per-site loop. Left to the compiler, the module split of the arch seam
+// put the two in different codegen units and start-up paid 3 instructions
+// a site (BENCHMARKS.md, "Arch seam").
+#[inline(always)]
 pub(super) fn plan_sites<'s>(
     image: &Image<'_>,
     sites: &'s [Site],
@@ -44,6 +50,7 @@ pub(super) fn plan_sites<'s>(
 
 /// [`plan_sites`], with the shape path or without it (for the test that
 /// compares them).
+#[inline(always)]
 fn plan_sites_by<'s>(
     image: &Image<'_>,
     sites: &'s [Site],

@@ -120,7 +120,7 @@ recorded_probe!(
 fn recorded_sites(kind: SiteKind) -> impl Iterator<Item = Site> {
     crate::records::current_calls().iter().map(move |r| Site {
         addr: r.site(),
-        len: 5,
+        len: crate::arch::BRANCH_LEN as u8,
         form: BranchKind::Call,
         kind,
         target: r.stub(),

@@ -2,8 +2,8 @@
 //!
 //! A closure's trampoline slot holds the boxed closure (data, so `r10` on
 //! entry) and an *entry* monomorphized for the closure type and signature:
-//! a naked function (the arch's `closure_entry!`; on x86-64) that moves `r10` into the integer register after the
-//! ones the arguments take (SysV passes integer arguments in rdi, rsi, rdx,
+//! a naked function (the arch's `closure_entry!`) that moves `r10` into
+//! the integer register after the ones the arguments take (SysV passes integer arguments in rdi, rsi, rdx,
 //! rcx, r8, r9; floats take none) and jumps, directly, to the handler: an
 //! ordinary `extern "C"` function of `(arguments..., closure)`. Floating-point arguments (xmm0-7),
 //! the stack and the return address are untouched (the entry jumps, it

@@ -31,5 +31,8 @@ pub fn contains_trap(b: &[u8]) -> bool {
         let highs = 0x8080_8080_8080_8080u64;
         return (x.wrapping_sub(lows) & !x & highs & mask) != 0;
     }
+    #[cfg(feature = "std")]
+    return memchr::memchr(TRAP, b).is_some();
+    #[cfg(not(feature = "std"))]
     b.contains(&TRAP)
 }

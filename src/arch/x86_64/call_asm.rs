@@ -1,7 +1,21 @@
 //! The x86-64 half of `alternative_call!` (the macro and its shims are
 //! the mechanism's, `alternative/call_macros.rs`): which registers the
 //! arguments go in, and the `asm!` whose sites `alternative::apply`
-//! rewrites. A second architecture writes these three macros for its ABI.
+//! rewrites. A second architecture writes these macros for its ABI.
+
+/// Internal: the instruction at an `alternative_call!` site: a direct
+/// call to the asm operand `{__altpatch_f<i>}` (alternative `i`), or to
+/// `{__altpatch_fd}` (`d`: the default).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __alternative_call_insn {
+    (d) => {
+        "call {__altpatch_fd}"
+    };
+    ($i:literal) => {
+        concat!("call {__altpatch_f", $i, "}")
+    };
+}
 
 /// Internal: `alternative_call!`'s arguments put in the x86-64 System V
 /// argument registers (`rdi, rsi, rdx, rcx, r8, r9`), then its `asm!`.
@@ -64,7 +78,7 @@ macro_rules! __alternative_call_asm {
                 idx [0 1 2 3 4 5 6 7]
                 pieces [$($np)*]
                 consts []
-                default ["call {__altpatch_fd}"]
+                default [$crate::__alternative_call_insn!(d)]
                 alts [$($a)*]
                 rest [$($s)* $(inout($reg) $rid[$k] => _,)* clobber_abi("C")]
             )
@@ -95,7 +109,7 @@ macro_rules! __alternative_call_asm {
                 idx [0 1 2 3 4 5 6 7]
                 pieces [$($np)*]
                 consts []
-                default ["call {__altpatch_fd}"]
+                default [$crate::__alternative_call_insn!(d)]
                 alts [$($a)*]
                 rest [$($operands)* clobber_abi("C")]
             )

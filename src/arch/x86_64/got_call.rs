@@ -10,6 +10,9 @@ pub const R_IRELATIVE: u32 = 37;
 /// What a table entry of another type is called in errors.
 pub const NOT_IRELATIVE: &str = "not an R_X86_64_IRELATIVE relocation";
 
+/// What a site of another form is called in errors.
+pub const NOT_GOT_CALL: &str = "not call/jmp rel32 to a PLT stub or call/jmp *slot(%rip)";
+
 /// Bytes of a PLT stub read to find its slot: `[endbr64] [bnd] jmp
 /// *disp32(%rip)` (4 + 1 + 6).
 pub const PLT_STUB_LEN: usize = 11;

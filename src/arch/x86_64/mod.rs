@@ -10,7 +10,7 @@
 //!
 //! Compiled on every host: it is the instruction set, which tools use on
 //! any machine (reading an x86-64 binary). What runs only on an x86-64
-//! host — CPUID ([`cpu::HostCpuid`]), serialization ([`sync_core`]), the
+//! host — CPUID ([`cpu::HostCpuid`]), serialization (`sync_core()`), the
 //! assembly of recorded calls, weak C entries and the closure table — is
 //! `cfg(target_arch = "x86_64")`.
 //!
@@ -71,7 +71,8 @@ pub use encode::{
     fill_gap, fill_nops, jcc_rel8, jcc_rel32, jmp_rel8, jmp_rel32, nop, rel8, rel32,
 };
 pub use got_call::{
-    GotCall, NOT_IRELATIVE, PLT_STUB_LEN, R_IRELATIVE, direct_call, got_call, plt_slot,
+    GotCall, NOT_GOT_CALL, NOT_IRELATIVE, PLT_STUB_LEN, R_IRELATIVE, direct_call, got_call,
+    plt_slot,
 };
 pub use live::{Emulation, LiveError, LiveSite, check_swap};
 #[cfg(target_arch = "x86_64")]
@@ -82,8 +83,8 @@ pub(crate) use recorded_call::{recorded_asm, recorded_call, recorded_gp, recorde
 pub use reg::{Reg, call_reg, jmp_reg};
 pub use reloc::{RelocError, relocate};
 pub use site::{
-    BRANCH_LEN, BRANCH_NOP, BRANCH_RET, call_of_len, call_target, call_to, is_nop, is_padding,
-    jump_of_len, jump_target, jump_to, nop_of_len, reaches,
+    BRANCH_LEN, BRANCH_NOP, BRANCH_RET, call_of_len, call_target, call_to, fill_site_pad, is_nop,
+    is_padding, jump_of_len, jump_target, jump_to, nop_of_len, reaches,
 };
 pub use sync_core::SyncMethod;
 #[cfg(target_arch = "x86_64")]

@@ -128,6 +128,12 @@ macro_rules! __altpatch_branch_site {
     };
 }
 
+/// What `__altpatch_site_pad!` fills a grown `alternative!` site with
+/// (one-byte NOPs): the bytes of an unpatched site past its default.
+pub fn fill_site_pad(buf: &mut [u8]) {
+    buf.fill(0x90);
+}
+
 /// Internal: the directive of `alternative!`'s template that grows the
 /// site (from label `8660`) to the length of the replacement between labels
 /// `8671` and `8672`, if that is longer: one-byte NOPs (`0x90`), which the

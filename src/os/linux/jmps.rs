@@ -57,7 +57,7 @@ pub(crate) unsafe fn retarget(edits: &[JmpEdit]) -> Result<usize, PokeError> {
                 why: "the jmp or call is not the one expected",
             });
         }
-        if e.addr / PAGE_SIZE != (e.addr + 4) / PAGE_SIZE {
+        if e.addr / PAGE_SIZE != (e.addr + BRANCH_LEN - 1) / PAGE_SIZE {
             return Err(PokeError::NotText {
                 addr: e.addr,
                 why: "a jmp or call straddling two pages cannot change at once",

@@ -160,7 +160,7 @@ pub(super) extern "C" fn on_sigtrap(
 ) {
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let code = unsafe { (*info).si_code };
-    if code == libc::SI_KERNEL {
+    if frame::is_breakpoint(code) {
         // SAFETY: the kernel passes a valid ucontext for SA_SIGINFO handlers.
         let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
         if claim(uc) {

@@ -43,7 +43,7 @@ pub(in crate::os::linux) fn refresh() {
 /// shadow stack (`true`), or asks the kernel again (`false`). For tests of
 /// the INT3 protocol's shadow-stack path on machines without CET: the
 /// `SIGTRAP` handler then never emulates a `call` or `ret`, it waits and
-/// restarts the site ([`restarted_traps`](super::restarted_traps) counts
+/// restarts the site ([`restarted_traps`](crate::os::linux::restarted_traps) counts
 /// those). Harmless without a real shadow stack: waiting and restarting is
 /// correct everywhere, only slower than emulating.
 ///

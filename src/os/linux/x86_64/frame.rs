@@ -24,6 +24,13 @@ const GREG: [libc::c_int; 16] = [
     libc::REG_R15,
 ];
 
+/// Whether a `SIGTRAP` with this `si_code` is a breakpoint instruction's
+/// (`int3` raises it with `SI_KERNEL`), the only kind the handler claims.
+#[inline(always)]
+pub(in crate::os::linux) fn is_breakpoint(si_code: libc::c_int) -> bool {
+    si_code == libc::SI_KERNEL
+}
+
 /// The interrupted registers.
 #[inline(always)]
 pub(in crate::os::linux) fn read(uc: &libc::ucontext_t) -> TrapFrame {
