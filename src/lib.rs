@@ -107,8 +107,10 @@ compile_error!(
 pub mod alternative;
 // The arch seam compiles on every target: `arch::x86_64` is x86-64 as an
 // instruction set (tools read x86 binaries anywhere); only the host's
-// contract and the x86 host's own parts are gated inside it.
-pub mod arch;
+// contract and the x86 host's own parts are gated inside it. Private: its
+// public items are public at their own paths (`x86`, `cpu`, `poke::live`,
+// ...).
+mod arch;
 #[cfg(target_arch = "x86_64")]
 pub mod cpu;
 #[cfg(target_arch = "x86_64")]
@@ -149,8 +151,8 @@ mod sync;
 #[cfg(target_arch = "x86_64")]
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub mod trampoline;
-/// The x86-64 encodings, at the path they had before the arch seam
-/// ([`arch::x86_64`]).
+/// The x86-64 encodings and decoding (the arch seam's `arch::x86_64`, at
+/// the path they had before it).
 #[cfg(target_arch = "x86_64")]
 pub use arch::x86_64 as x86;
 

@@ -47,51 +47,62 @@
 pub mod x86_64;
 
 /// The CPU's identity and features (re-exported, with the neutral
-/// overrides and published snapshot, as [`crate::cpu`]).
+/// overrides and published snapshot, as `crate::cpu`).
 #[cfg(target_arch = "x86_64")]
-pub use self::x86_64::cpu;
+pub(crate) use self::x86_64::cpu;
 
 // Instruction bytes at a site: pages, the breakpoint, branch-site forms,
 // padding, relocation, the static-call trampoline's layout, serialization.
 #[cfg(target_arch = "x86_64")]
+pub(crate) use self::x86_64::PAGE_SIZE;
+#[cfg(target_arch = "x86_64")]
 pub use self::x86_64::{
-    BRANCH_LEN, BRANCH_NOP, BRANCH_RET, BranchKind, Encoded, OutOfRange, PAGE_SIZE, RelocError,
-    SyncMethod, TRAMPOLINE_ALIGN, TRAMPOLINE_JMP, TRAMPOLINE_LEN, TRAMPOLINE_SIGNATURE, TRAP,
-    call_of_len, call_target, call_to, contains_trap, fill_gap, fill_site_pad, is_nop, is_padding,
-    is_trampoline, jump_of_len, jump_target, jump_to, nop_of_len, reaches, relocate, sync_core,
+    BranchKind, Encoded, OutOfRange, RelocError,
+    breakpoint::TRAP,
+    fill_gap, relocate,
+    site::{
+        BRANCH_LEN, BRANCH_NOP, BRANCH_RET, call_of_len, call_target, call_to, fill_site_pad,
+        is_nop, is_padding, jump_of_len, jump_target, jump_to, nop_of_len, reaches,
+    },
+    sync_core::{SyncMethod, sync_core},
+    trampoline::{
+        TRAMPOLINE_ALIGN, TRAMPOLINE_JMP, TRAMPOLINE_LEN, TRAMPOLINE_SIGNATURE, is_trampoline,
+    },
 };
 
 // The live rules: which swaps are one instruction, what a trapped thread's
 // registers become (the protocol itself is `poke::live`).
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64::{
-    Emulation, LiveError, LiveSite, LiveSites, TrapAction, TrapFrame, check_swap,
+    emulate::{LiveSites, TrapAction, TrapFrame},
+    live::{Emulation, LiveError, LiveSite, check_swap},
 };
-// Used by the Linux backend's page-swap publication (a kernel's protocol
-// goes through `LiveSite::new`).
+// Used by the Linux backend's page-swap publication and its uprobe
+// reconcile (a kernel's protocol goes through `LiveSite::new`).
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+#[cfg_attr(not(target_os = "linux"), allow(unused_imports))]
+pub(crate) use self::x86_64::breakpoint::contains_trap;
 #[cfg(target_arch = "x86_64")]
 #[cfg_attr(not(all(feature = "std", target_os = "linux")), allow(unused_imports))]
-pub(crate) use self::x86_64::{check_new_whole, check_old};
+pub(crate) use self::x86_64::live::{check_new_whole, check_old};
 
 // The C calling convention as registers: which argument types
 // `alternative_call!` and recorded calls pass, and how (with the macros
 // `__alternative_call_abi!`, `__alternative_call_insn!`, exported at the
 // root).
 #[cfg(target_arch = "x86_64")]
-#[doc(hidden)]
-pub use self::x86_64::{__call_result, CallArgs};
+pub use self::x86_64::call_abi::{CallArg, CallArgs, CallRet, call_result as __call_result};
 #[cfg(target_arch = "x86_64")]
-pub use self::x86_64::{CallArg, CallRet};
-#[cfg(target_arch = "x86_64")]
-#[doc(hidden)]
-pub use self::x86_64::{MAX_SSE, RecordedArg, RecordedArgs, RecordedRet};
+pub use self::x86_64::recorded_abi::{MAX_SSE, RecordedArg, RecordedArgs, RecordedRet};
 /// Recorded calls: `recorded_call!([stub] args A R, plain)`.
 #[cfg(target_arch = "x86_64")]
-pub(crate) use self::x86_64::{recorded_asm, recorded_call, recorded_gp, recorded_xmm};
+pub(crate) use self::x86_64::recorded_call::{
+    recorded_asm, recorded_call, recorded_gp, recorded_xmm,
+};
 
 // ELF ifunc call sites: calls through the GOT and their direct forms.
 #[cfg(target_arch = "x86_64")]
-pub use self::x86_64::{
+pub use self::x86_64::got_call::{
     GotCall, NOT_GOT_CALL, NOT_IRELATIVE, PLT_STUB_LEN, R_IRELATIVE, direct_call, got_call,
     plt_slot,
 };
@@ -99,7 +110,7 @@ pub use self::x86_64::{
 // Code the crate places at fixed names: weak C entries, closure
 // trampolines' table and entries.
 #[cfg(target_arch = "x86_64")]
-pub(crate) use self::x86_64::c_entry;
+pub(crate) use self::x86_64::c_entry::c_entry;
 #[cfg(all(target_arch = "x86_64", feature = "std", target_os = "linux"))]
 pub(crate) use self::x86_64::closure_table;
 #[cfg(all(target_arch = "x86_64", feature = "std", target_os = "linux"))]
@@ -107,4 +118,4 @@ pub(crate) use self::x86_64::closure_table::{closure_arg_reg, closure_entry};
 
 /// Plan listings' disassembly.
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
-pub use self::x86_64::disasm;
+pub(crate) use self::x86_64::disasm::disasm;

@@ -23,7 +23,7 @@ pub enum Expect {
     /// One NOP instruction spanning the whole edit.
     Nop,
     /// Padding that falls through: NOPs, or a `jmp` to the end over `int3`
-    /// filler (see [`arch::is_padding`]).
+    /// filler (on x86-64, see [`x86::is_gap`](crate::x86::is_gap)).
     Gap,
     /// One `call rel32` to this absolute address, spanning the whole edit.
     Call(usize),

@@ -69,8 +69,8 @@ pub(crate) use pages::unknown_pages;
 // through here as before.
 pub(crate) use crate::short::{copy_short, in_ranges, load_short, short_eq};
 
-/// Size of the pages batches are grouped by (the architecture's,
-/// [`crate::arch::PAGE_SIZE`]).
+/// Size of the pages batches are grouped by: the architecture's (4096 on
+/// x86-64).
 pub const PAGE_SIZE: usize = crate::arch::PAGE_SIZE;
 
 /// Why a poke failed.

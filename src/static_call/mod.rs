@@ -104,7 +104,8 @@ pub(crate) use typed::addr_of;
 pub use typed::{conjure_fn as __conjure_fn, fn_at as __fn_at};
 
 #[cfg(target_arch = "x86_64")]
-pub use crate::arch::x86_64::ENDBR64;
+#[doc(no_inline)]
+pub use crate::x86::ENDBR64;
 // A trampoline's layout is the architecture's (arch/x86_64/trampoline.rs).
 use crate::arch::BRANCH_RET as RET_FILL;
 pub use crate::arch::{

@@ -2,6 +2,7 @@
 //! and what debuggers and the kernel's uprobes write too.
 
 use super::encode::INT3;
+#[cfg(feature = "std")]
 use crate::short::load_short;
 
 /// The byte a trap-based live update writes over a site's first byte
@@ -10,11 +11,7 @@ pub const TRAP: u8 = INT3;
 
 /// Whether `b` holds a [`TRAP`] byte (`int3`: ours mid-update, or a
 /// debugger's or uprobe's breakpoint).
-///
-/// ```
-/// assert!(altpatch::x86::contains_trap(&[0x90, 0xcc]));
-/// assert!(!altpatch::x86::contains_trap(&[0x0f, 0x1f, 0x44, 0x00, 0x00]));
-/// ```
+#[cfg(feature = "std")]
 #[inline]
 pub fn contains_trap(b: &[u8]) -> bool {
     if b.len() <= 8 {
@@ -31,8 +28,23 @@ pub fn contains_trap(b: &[u8]) -> bool {
         let highs = 0x8080_8080_8080_8080u64;
         return (x.wrapping_sub(lows) & !x & highs & mask) != 0;
     }
-    #[cfg(feature = "std")]
-    return memchr::memchr(TRAP, b).is_some();
-    #[cfg(not(feature = "std"))]
-    b.contains(&TRAP)
+    memchr::memchr(TRAP, b).is_some()
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_trap_in_short_and_long_slices() {
+        for n in 1..40usize {
+            let mut b = alloc::vec![0x90u8; n];
+            assert!(!contains_trap(&b));
+            for i in 0..n {
+                b[i] = TRAP;
+                assert!(contains_trap(&b), "n={n} i={i}");
+                b[i] = 0x90;
+            }
+        }
+    }
 }

@@ -27,11 +27,11 @@ macro_rules! __alternative_call_abi {
         // so that `cargo check` reports it.
         const {
             ::core::assert!(
-                <($($t,)*) as $crate::arch::CallArgs>::WORDS <= 6,
+                <($($t,)*) as $crate::alternative::CallArgs>::WORDS <= 6,
                 "altpatch: alternative_call!'s arguments need more than the six argument registers"
             )
         };
-        let __altpatch_regs: [u64; 6] = $crate::arch::CallArgs::into_registers($aid);
+        let __altpatch_regs: [u64; 6] = $crate::alternative::CallArgs::into_registers($aid);
         $crate::__alternative_call_regs!(
             regs [("rdi" 0) ("rsi" 1) ("rdx" 2) ("rcx" 3) ("r8" 4) ("r9" 5)]
             types [$($t),*]
@@ -115,6 +115,6 @@ macro_rules! __alternative_call_asm {
             )
         };
         // SAFETY: the registers a function returning this type left.
-        unsafe { $crate::arch::__call_result::<$ret>($rax, $rdx) }
+        unsafe { $crate::alternative::__call_result::<$ret>($rax, $rdx) }
     }};
 }

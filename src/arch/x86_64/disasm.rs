@@ -2,10 +2,6 @@
 
 /// AT&T disassembly of `bytes` at `ip`, instructions separated by `; `
 /// (`int3` filler collapsed: `int3 x7`), as plan listings show it.
-///
-/// ```
-/// assert_eq!(altpatch::x86::disasm(&[0xe8, 0, 0, 0, 0, 0xcc, 0xcc], 0x1000), "call 0x0000000000001005; int3 x2");
-/// ```
 pub fn disasm(bytes: &[u8], ip: usize) -> std::string::String {
     use iced_x86::{Decoder, DecoderOptions, Formatter, GasFormatter, Instruction};
     use std::string::String;
@@ -45,4 +41,15 @@ pub fn disasm(bytes: &[u8], ip: usize) -> std::string::String {
         fmt.format(&insn, &mut out);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn collapses_int3_filler() {
+        assert_eq!(
+            super::disasm(&[0xe8, 0, 0, 0, 0, 0xcc, 0xcc], 0x1000),
+            "call 0x0000000000001005; int3 x2"
+        );
+    }
 }

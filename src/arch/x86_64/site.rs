@@ -22,12 +22,7 @@ pub const BRANCH_NOP: [u8; BRANCH_LEN] = NOP5;
 /// straight-line speculation.
 pub const BRANCH_RET: [u8; BRANCH_LEN] = [0xc3, 0xcc, 0xcc, 0xcc, 0xcc];
 
-/// `call target` written at `at`.
-///
-/// ```
-/// use altpatch::arch::call_to;
-/// assert_eq!(call_to(0x1000, 0x1010).unwrap()[..], [0xe8, 0x0b, 0, 0, 0]);
-/// ```
+/// `call target` written at `at` (`e8 rel32`).
 #[inline]
 pub fn call_to(at: usize, target: usize) -> Result<Encoded, OutOfRange> {
     call_rel32(at, target)
