@@ -32,7 +32,7 @@
 //! | [`GotCall`], [`got_call`], [`direct_call`], [`R_IRELATIVE`] | ELF ifunc calls through the GOT | `call *slot(%rip)`, PLT stubs |
 //! | `c_entry!`, `closure_table`, `closure_entry!` | code at fixed names: weak C entries, closure trampolines | `endbr64; jmp` |
 //! | [`disasm`] (`std`) | plan listings | iced-x86, AT&T |
-//! | [`Encoded`], [`OutOfRange`], [`BranchKind`] | instruction bytes inline; a branch that cannot reach; call/jump/conditional | |
+//! | [`Encoded`], [`OutOfRange`], [`BranchKind`] | instruction bytes inline; a branch that cannot reach; what a direct branch does — the neutral layers match `Call`, `Jmp` and `Jcc(_)`, so every arch's `BranchKind` has those three | `call`, `jmp`, `jcc` (aarch64: `BL`, `B`, `B.cond`) |
 //!
 //! What the seam is designed for beyond x86 (the aarch64 issue): fixed
 //! 4-byte instructions make `BRANCH_LEN` 4 and every NOP one word; `B`,
