@@ -56,9 +56,24 @@ fn sites_tables_and_json() {
     );
     assert!(j.contains("\"register\":\"r9\""), "{j}");
     assert!(j.contains("\"why\":\"a call to the return thunk\""), "{j}");
-    // As many site objects as the library finds.
+    // As many site objects as the library finds, each address a hex
+    // string that reads back exactly (a JSON number would be a double to
+    // jq and JavaScript, rounding a kernel's 64-bit addresses).
     let found = altpatch::elf::read_sites(&std::fs::read(&image).unwrap()).unwrap();
     assert_eq!(j.matches("\"addr\":").count(), found.sites.len());
+    let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+    let hex = |v: &serde_json::Value| {
+        let s = v
+            .as_str()
+            .unwrap_or_else(|| panic!("not a hex string: {v}"));
+        u64::from_str_radix(s.strip_prefix("0x").unwrap(), 16).unwrap() as usize
+    };
+    let sites = v["sites"].as_array().unwrap();
+    for (s, site) in sites.iter().zip(&found.sites) {
+        assert_eq!(hex(&s["addr"]), site.addr, "{s}");
+        assert_eq!(hex(&s["target"]), site.target, "{s}");
+        assert_eq!(s["len"].as_u64(), Some(site.len as u64), "{s}");
+    }
 }
 
 #[test]
@@ -318,6 +333,16 @@ fn audit_gates_on_the_recipe() {
         t.starts_with("{\"bypasses\":[{") && t.contains("\"kind\":\"jump-table\""),
         "{t}"
     );
+    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+    for b in v["bypasses"].as_array().unwrap() {
+        let a = b["addr"]
+            .as_str()
+            .unwrap_or_else(|| panic!("addr not a string: {b}"));
+        assert!(
+            a.starts_with("0x") && u64::from_str_radix(&a[2..], 16).is_ok(),
+            "{b}"
+        );
+    }
     let o = altpatch(&["audit", "--allow-origin", "nonsense", path]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(

@@ -52,7 +52,7 @@ enum Command {
     Sites {
         /// A linked x86-64 ELF image, built with -Wl,--emit-relocs.
         image: PathBuf,
-        /// Print JSON instead of tables.
+        /// Print JSON instead of tables (addresses as hex strings).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -88,7 +88,7 @@ enum Command {
         /// comma-separated.
         #[arg(long = "allow-origin", value_name = "ORIGIN", value_delimiter = ',')]
         allow_origin: Vec<String>,
-        /// Print the bypasses as JSON.
+        /// Print the bypasses as JSON (addresses as hex strings).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -299,13 +299,14 @@ fn print_audit(image: &std::path::Path, audit: &elf::Audit) {
     }
 }
 
+/// Addresses as hex strings, as in every JSON output of the tool.
 fn print_audit_json(audit: &elf::Audit) {
     let items: Vec<String> = audit
         .bypasses
         .iter()
         .map(|b| {
             format!(
-                "{{\"addr\":{},\"function\":{},\"offset\":{},\"text\":{},\"origin\":\"{}\",\"kind\":\"{}\"}}",
+                "{{\"addr\":\"{:#x}\",\"function\":{},\"offset\":{},\"text\":{},\"origin\":\"{}\",\"kind\":\"{}\"}}",
                 b.addr,
                 json_str(&b.function),
                 b.offset,
@@ -380,6 +381,9 @@ fn json_str(s: &str) -> String {
     out
 }
 
+/// Addresses (`addr`, `target`) as hex strings ("0xffffffff8100024c"):
+/// JSON numbers are doubles to jq and JavaScript, which round 64-bit
+/// kernel addresses. Lengths, counts and offsets stay numbers.
 fn print_json(image: &Path, found: &FoundSites) {
     let sites: Vec<String> = found
         .sites
@@ -390,7 +394,7 @@ fn print_json(image: &Path, found: &FoundSites) {
                 _ => "null".into(),
             };
             format!(
-                "{{\"addr\":{},\"kind\":\"{}\",\"register\":{reg},\"form\":\"{}\",\"len\":{},\"target\":{},\"symbol\":{}}}",
+                "{{\"addr\":\"{:#x}\",\"kind\":\"{}\",\"register\":{reg},\"form\":\"{}\",\"len\":{},\"target\":\"{:#x}\",\"symbol\":{}}}",
                 s.addr,
                 s.kind.name(),
                 form(s),
