@@ -97,6 +97,7 @@ mod overlay;
 mod peers;
 pub mod poke_log;
 mod procmem;
+mod publish;
 mod runs;
 mod sorted_map;
 mod state;
@@ -116,11 +117,12 @@ use x86_64::{cet, frame};
 pub use cet::force_shadow_stack_for_tests;
 pub use cet::shadow_stack_enabled;
 pub use loaded::LoadError;
+pub use publish::{Publish, live_publication, set_live_publication};
 pub use trap::{emulated_traps, restarted_traps};
 
 use alloc::vec::Vec;
 use core::ops::Range;
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::Ordering;
 
 use crate::poke::{PokeError, Refusal, Strategy};
 pub(crate) use arena::open_exec_tmpfile;
@@ -128,57 +130,6 @@ pub(crate) use jmps::{JmpEdit, retarget as retarget_jmps};
 pub(crate) use loader::loaded_object_containing;
 use state::Locked;
 pub(crate) use sys::{errno, memfd_exec};
-
-/// How a [`LinuxPoke`] publishes a batch (see the [module documentation](self)).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Publish {
-    /// Stores into the live pages.
-    InPlace,
-    /// The page swap: builds each page's new contents aside and maps them
-    /// over the text at commit, so every page changes atomically.
-    Remap,
-    /// Writes in place with the INT3 protocol (see [`live`](crate::poke::live)):
-    /// three `membarrier`s per batch and a `SIGTRAP` handler. Every edit
-    /// must replace one instruction (call, jmp, jcc, nop, ret) by one such
-    /// instruction.
-    Live,
-}
-
-/// The publication [`LinuxPoke::running`] uses: `Remap` (0) or `Live` (1).
-static LIVE_PUBLICATION: AtomicU8 = AtomicU8::new(0);
-
-/// Chooses how the high-level APIs publish updates while other threads run
-/// ([`LinuxPoke::running`]): [`Publish::Remap`] (the default, no trap) or
-/// [`Publish::Live`] (the INT3 protocol). `InPlace` is refused: it is not
-/// safe for running threads.
-///
-/// ```
-/// use altpatch::os::linux::{live_publication, set_live_publication};
-/// use altpatch::Publish;
-/// assert_eq!(live_publication(), Publish::Remap);
-/// assert!(set_live_publication(Publish::InPlace).is_err());
-/// ```
-pub fn set_live_publication(publish: Publish) -> Result<(), PokeError> {
-    let v = match publish {
-        Publish::Remap => 0,
-        Publish::Live => 1,
-        Publish::InPlace => {
-            return Err(PokeError::Unsupported(
-                "in-place publication is not safe while other threads run the text",
-            ));
-        }
-    };
-    LIVE_PUBLICATION.store(v, Ordering::Relaxed);
-    Ok(())
-}
-
-/// The publication [`LinuxPoke::running`] uses (see [`set_live_publication`]).
-pub fn live_publication() -> Publish {
-    match LIVE_PUBLICATION.load(Ordering::Relaxed) {
-        1 => Publish::Live,
-        _ => Publish::Remap,
-    }
-}
 
 /// The strategy this process writes text with (probing them in order the
 /// first time), or why none can be used.
