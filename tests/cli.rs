@@ -2,22 +2,13 @@
 
 mod common;
 
+#[path = "common/cli.rs"]
+mod cli;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_altpatch");
-
-fn altpatch(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("run altpatch")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use cli::{altpatch, hex_addr, text};
 
 /// A private copy of a fixture binary, so tests can modify it.
 fn copy_of(name: &str, tag: &str) -> PathBuf {
@@ -62,16 +53,10 @@ fn sites_tables_and_json() {
     let found = altpatch::elf::read_sites(&std::fs::read(&image).unwrap()).unwrap();
     assert_eq!(j.matches("\"addr\":").count(), found.sites.len());
     let v: serde_json::Value = serde_json::from_str(&j).unwrap();
-    let hex = |v: &serde_json::Value| {
-        let s = v
-            .as_str()
-            .unwrap_or_else(|| panic!("not a hex string: {v}"));
-        u64::from_str_radix(s.strip_prefix("0x").unwrap(), 16).unwrap() as usize
-    };
     let sites = v["sites"].as_array().unwrap();
     for (s, site) in sites.iter().zip(&found.sites) {
-        assert_eq!(hex(&s["addr"]), site.addr, "{s}");
-        assert_eq!(hex(&s["target"]), site.target, "{s}");
+        assert_eq!(hex_addr(&s["addr"]), site.addr as u64, "{s}");
+        assert_eq!(hex_addr(&s["target"]), site.target as u64, "{s}");
         assert_eq!(s["len"].as_u64(), Some(site.len as u64), "{s}");
     }
 }
@@ -335,13 +320,7 @@ fn audit_gates_on_the_recipe() {
     );
     let v: serde_json::Value = serde_json::from_str(&t).unwrap();
     for b in v["bypasses"].as_array().unwrap() {
-        let a = b["addr"]
-            .as_str()
-            .unwrap_or_else(|| panic!("addr not a string: {b}"));
-        assert!(
-            a.starts_with("0x") && u64::from_str_radix(&a[2..], 16).is_ok(),
-            "{b}"
-        );
+        hex_addr(&b["addr"]);
     }
     let o = altpatch(&["audit", "--allow-origin", "nonsense", path]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));

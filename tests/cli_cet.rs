@@ -3,29 +3,20 @@
 //! must start with `endbr64`. A fixture built today passes; a copy whose
 //! file bytes lose one trampoline's `endbr64` fails, naming it.
 
+#[path = "common/cli.rs"]
+mod cli;
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+
+use cli::{altpatch, text};
 
 use altpatch::elf::{CetTargetKind, audit_cet};
 
-const BIN: &str = env!("CARGO_BIN_EXE_altpatch");
 /// A 4-byte NOP: what a trampoline without its landing pad would start
 /// with (it still runs; only an indirect call to it faults under IBT).
 const NOP4: [u8; 4] = [0x0f, 0x1f, 0x40, 0x00];
-
-fn altpatch(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("run altpatch")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// A private copy of the fixture's `cet` program.
 fn copy_of_cet(tag: &str) -> PathBuf {
