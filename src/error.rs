@@ -123,22 +123,22 @@ wrapping_errors! {
     /// ELF ifunc call sites and IRELATIVE slots.
     Irelative(ifunc::IrelativeError),
     /// `ifunc::init` (`std`).
-    #[cfg(all(feature = "std", target_os = "linux"))]
+    #[cfg(feature = "std")]
     IfuncInit(ifunc::InitError),
     /// A loaded object could not be described (`std`).
-    #[cfg(all(feature = "std", target_os = "linux"))]
+    #[cfg(feature = "std")]
     Load(crate::LoadError),
     /// A linked file could not be read (`std`).
-    #[cfg(all(feature = "std", target_os = "linux"))]
+    #[cfg(feature = "std")]
     Elf(crate::elf::ElfError),
     /// The running program's sites could not be found (`std`).
-    #[cfg(all(feature = "std", target_os = "linux"))]
+    #[cfg(feature = "std")]
     Sites(crate::elf::SitesError),
     /// `altpatch embed` could not fill a table (`std`).
-    #[cfg(all(feature = "std", target_os = "linux"))]
+    #[cfg(feature = "std")]
     Embed(crate::elf::EmbedError),
     /// A trampoline could not be made (`std`).
-    #[cfg(all(feature = "std", target_os = "linux"))]
+    #[cfg(feature = "std")]
     Trampoline(crate::trampoline::TrampolineError),
     }
     own {
@@ -183,9 +183,9 @@ impl Error {
             Error::StaticKey(e) => e.site(),
             Error::Ifunc(e) => e.site(),
             Error::Irelative(e) => e.site(),
-            #[cfg(all(feature = "std", target_os = "linux"))]
+            #[cfg(feature = "std")]
             Error::IfuncInit(e) => e.site(),
-            #[cfg(all(feature = "std", target_os = "linux"))]
+            #[cfg(feature = "std")]
             Error::Embed(e) => e.site(),
             _ => None,
         }

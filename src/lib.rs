@@ -123,9 +123,12 @@ mod hex;
 pub mod ifunc;
 #[cfg(target_arch = "x86_64")]
 mod image;
-#[cfg(target_arch = "x86_64")]
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
 pub mod os;
+// Without `std` only the OS contract's lower half is here (the freestanding
+// update lock): nothing public.
+#[cfg(all(target_arch = "x86_64", not(feature = "std")))]
+mod os;
 #[cfg(target_arch = "x86_64")]
 mod patcher;
 #[cfg(target_arch = "x86_64")]
@@ -133,7 +136,7 @@ pub mod plan;
 #[cfg(target_arch = "x86_64")]
 pub mod poke;
 #[cfg(target_arch = "x86_64")]
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub mod process;
 #[cfg(target_arch = "x86_64")]
 pub mod records;
@@ -149,7 +152,7 @@ pub mod static_key;
 #[cfg(target_arch = "x86_64")]
 mod sync;
 #[cfg(target_arch = "x86_64")]
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub mod trampoline;
 /// The x86-64 encodings and decoding (the arch seam's `arch::x86_64`, at
 /// the path they had before it).
@@ -162,7 +165,7 @@ pub use hex::HexBytes;
 #[cfg(target_arch = "x86_64")]
 pub use image::{Image, ImageBuilder};
 #[cfg(target_arch = "x86_64")]
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub use os::linux::{LinuxPoke, LoadError, Publish};
 #[cfg(target_arch = "x86_64")]
 pub use patcher::{PatchReport, Patcher};

@@ -26,8 +26,17 @@ const LAYERS: &[(&str, &[&str])] = &[
         &["records", "hex", "short"],
     ),
     (
-        "CPU, the arch seam (encodings, live rules), the update lock",
-        &["cpu", "arch", "sync"],
+        "CPU, the arch seam (encodings, live rules), the update lock, the \
+         OS contract's lower half (its trait, each backend's host folder, the \
+         build's choice)",
+        &[
+            "cpu",
+            "arch",
+            "sync",
+            "os::host",
+            "os::linux::host",
+            "os::current",
+        ],
     ),
     (
         "text poking: trait, direct, fault, INT3 protocol",
@@ -81,7 +90,8 @@ fn is_ident(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_'
 }
 
-/// The top-level modules a piece of code names through `crate::`.
+/// The module paths a piece of code names through `crate::` (`a::b::C`
+/// for `crate::a::b::C`; the first names of a `crate::{a, b::c}` group).
 fn imports(code: &str) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
     let mut rest = code;
@@ -116,19 +126,45 @@ fn imports(code: &str) -> BTreeSet<String> {
             }
             found.insert(name);
         } else {
-            found.insert(rest.chars().take_while(|&c| is_ident(c)).collect());
+            let path: String = rest
+                .chars()
+                .take_while(|&c| is_ident(c) || c == ':')
+                .collect();
+            found.insert(path.trim_end_matches(':').to_string());
         }
     }
     found.retain(|n| !n.is_empty() && n != "self");
     found
 }
 
-/// The top-level module `file` (under `src`) belongs to: its first path
-/// component, without `.rs`.
+/// The layer map's unit a module path belongs to: the longest unit of
+/// `LAYERS` it starts with (`os::linux::host::lock` is in
+/// `os::linux::host`), else its top-level module.
+fn unit_of(path: &str) -> String {
+    let listed = LAYERS
+        .iter()
+        .flat_map(|(_, ms)| ms.iter())
+        .filter(|u| path == **u || path.starts_with(&format!("{u}::")))
+        .max_by_key(|u| u.len());
+    match listed {
+        Some(u) => u.to_string(),
+        None => path.split("::").next().unwrap().to_string(),
+    }
+}
+
+/// The unit `file` (under `src`) belongs to: its module path (`os/host.rs`
+/// is `os::host`, `os/linux/host/mod.rs` is `os::linux::host`), mapped by
+/// [`unit_of`].
 fn module_of(src: &Path, file: &Path) -> String {
     let rel = file.strip_prefix(src).unwrap();
-    let first = rel.components().next().unwrap().as_os_str();
-    first.to_str().unwrap().trim_end_matches(".rs").to_string()
+    let mut parts: Vec<&str> = rel
+        .components()
+        .map(|c| c.as_os_str().to_str().unwrap().trim_end_matches(".rs"))
+        .collect();
+    if parts.len() > 1 && parts.last() == Some(&"mod") {
+        parts.pop();
+    }
+    unit_of(&parts.join("::"))
 }
 
 /// The names a `use` tree brings in, each with the first segment of its
@@ -222,11 +258,13 @@ fn graph() -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
         }
         let text = std::fs::read_to_string(&file).unwrap();
         let entry = graph.entry(module.clone()).or_default();
-        for used in imports(&code(&text)) {
+        for path in imports(&code(&text)) {
+            let used = unit_of(&path);
+            let first = path.split("::").next().unwrap();
             let used = if modules.contains(&used) {
                 used
             } else {
-                roots.get(&used).cloned().unwrap_or_else(|| "lib.rs".into())
+                roots.get(first).cloned().unwrap_or_else(|| "lib.rs".into())
             };
             if used != module {
                 entry
@@ -250,7 +288,14 @@ fn the_import_parser_reads_every_form() {
          $crate::macro_only!();\nmy_crate::not_ours();",
     );
     let want: BTreeSet<String> = ["a", "b", "c", "d", "e"].map(String::from).into();
-    assert_eq!(got, want);
+    let firsts: BTreeSet<String> = got
+        .iter()
+        .map(|p| p.split("::").next().unwrap().to_string())
+        .collect();
+    assert_eq!(firsts, want);
+    // Whole paths are kept, for the units below the top level
+    // (`os::linux::host`).
+    assert!(got.contains("a::B") && got.contains("b::f"), "{got:?}");
     assert!(
         code("// crate::hidden\nx(); // crate::also_hidden")
             .find("crate::")
@@ -441,5 +486,39 @@ fn only_listed_files_name_x86_outside_the_arch_seam() {
     assert!(
         stale.is_empty(),
         "listed but no longer naming x86: {stale:?}"
+    );
+}
+
+/// The files that may ask which OS the crate is built for: the OS seam's
+/// declaration of its backends and its choice of the build's `Host`
+/// (issue 27: "no `target_os` cfg outside the OS backend").
+const TARGET_OS_FILES: &[&str] = &["os/mod.rs", "os/current.rs"];
+
+#[test]
+fn only_the_os_seam_asks_which_os() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut asking = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+    for file in &files {
+        let rel = file.strip_prefix(&src).unwrap().display().to_string();
+        if code(&std::fs::read_to_string(file).unwrap()).contains("target_os") {
+            if TARGET_OS_FILES.contains(&rel.as_str()) {
+                seen.insert(rel);
+            } else {
+                asking.insert(rel);
+            }
+        }
+    }
+    assert!(
+        asking.is_empty(),
+        "files outside the OS seam testing target_os (go through os::host::Host, \
+         or a backend's own folder chosen in os/mod.rs): {asking:?}"
+    );
+    assert_eq!(
+        seen.len(),
+        TARGET_OS_FILES.len(),
+        "the OS seam's own files should be where the choice is made: {seen:?}"
     );
 }

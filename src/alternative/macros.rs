@@ -210,7 +210,7 @@ macro_rules! __alternative_asm {
 /// alternatives when it is loaded (`alternative::startup`).
 #[doc(hidden)]
 #[macro_export]
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 macro_rules! __alternative_at_load {
     () => {
         #[used]
@@ -222,7 +222,7 @@ macro_rules! __alternative_at_load {
 /// Internal: nothing to register without `std` on Linux.
 #[doc(hidden)]
 #[macro_export]
-#[cfg(not(all(feature = "std", target_os = "linux")))]
+#[cfg(not(feature = "std"))]
 macro_rules! __alternative_at_load {
     () => {};
 }

@@ -19,18 +19,18 @@
 mod call_macros;
 mod condition;
 mod macros;
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 mod startup;
 
 #[doc(hidden)]
 pub use crate::arch::{__call_result, CallArgs};
 pub use crate::arch::{CallArg, CallRet};
 pub use condition::Condition;
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub(crate) use startup::STARTUP;
 #[doc(hidden)]
-#[cfg(all(feature = "std", target_os = "linux"))]
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
+#[cfg(feature = "std")]
 pub use startup::{Startup, startup};
 
 use alloc::borrow::Cow;

@@ -80,10 +80,9 @@ pub use self::x86_64::{
 // Used by the Linux backend's page-swap publication and its uprobe
 // reconcile (a kernel's protocol goes through `LiveSite::new`).
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
-#[cfg_attr(not(target_os = "linux"), allow(unused_imports))]
 pub(crate) use self::x86_64::breakpoint::contains_trap;
 #[cfg(target_arch = "x86_64")]
-#[cfg_attr(not(all(feature = "std", target_os = "linux")), allow(unused_imports))]
+#[cfg_attr(not(feature = "std"), allow(unused_imports))]
 pub(crate) use self::x86_64::live::{check_new_whole, check_old};
 
 // The C calling convention as registers: which argument types
@@ -111,9 +110,9 @@ pub use self::x86_64::got_call::{
 // trampolines' table and entries.
 #[cfg(target_arch = "x86_64")]
 pub(crate) use self::x86_64::c_entry::c_entry;
-#[cfg(all(target_arch = "x86_64", feature = "std", target_os = "linux"))]
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
 pub(crate) use self::x86_64::closure_table;
-#[cfg(all(target_arch = "x86_64", feature = "std", target_os = "linux"))]
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
 pub(crate) use self::x86_64::closure_table::{closure_arg_reg, closure_entry};
 
 /// Plan listings' disassembly.

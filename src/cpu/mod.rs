@@ -26,5 +26,5 @@ pub use overrides::{OverrideError, Overrides};
 pub use published::{
     AlreadyPublished, altpatch_cpu_features, altpatch_cpu_has, publish, published, try_published,
 };
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub(crate) use published::{after_fork_in_child, startup_allowed};

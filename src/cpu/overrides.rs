@@ -194,7 +194,6 @@ impl Overrides {
     /// [`parse`](Self::parse) without building an error: `None` if the
     /// string is invalid. Allocation-free, for code that runs before the
     /// allocator may be used (C ifunc resolvers inside the dynamic loader).
-    #[cfg(all(feature = "std", target_os = "linux"))]
     pub(crate) fn parse_quiet(s: &str) -> Option<Overrides> {
         let mut o = Overrides::none();
         for raw in split_at_ascii(s, b',') {

@@ -146,8 +146,7 @@ pub fn published() -> Features {
 /// whole, as an invalid string is).
 fn detect_default() -> Features {
     let detected = Features::detect();
-    #[cfg(all(feature = "std", target_os = "linux"))]
-    if let Some(o) = env::overrides()
+    if let Some(o) = environment::overrides()
         && o.unverified(&detected).is_none()
     {
         return detected.with_overrides(&o);
@@ -160,58 +159,50 @@ fn detect_default() -> Features {
 /// first call. Not with the `no-startup` feature, nor with `startup=off`
 /// in `ALTPATCH` (an invalid `ALTPATCH` is ignored here, as for the
 /// published snapshot). Allocation-free: it runs in constructors.
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub(crate) fn startup_allowed() -> bool {
-    !cfg!(feature = "no-startup") && env::overrides().and_then(|o| o.startup()) != Some(false)
+    !cfg!(feature = "no-startup")
+        && environment::overrides().and_then(|o| o.startup()) != Some(false)
 }
 
 /// In a forked child: a thread of the parent that was writing the snapshot
 /// at the instant of `fork` will never finish here; start over (the value
 /// may be half written).
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub(crate) fn after_fork_in_child() {
     let _ = SNAPSHOT
         .state
         .compare_exchange(WRITING, EMPTY, Ordering::AcqRel, Ordering::Acquire);
 }
 
-/// `ALTPATCH` without Rust's runtime: C ifunc resolvers of the executable
-/// run inside the dynamic loader, before libc has set `environ` (`getenv`
-/// then finds nothing), so the variable is then read from
-/// `/proc/self/environ`, item by item through a small buffer. Nothing is
-/// allocated, and a value of any length parses exactly as
-/// `Overrides::parse` parses it (items are independent).
-#[cfg(all(feature = "std", target_os = "linux"))]
-mod env {
+/// `ALTPATCH` without Rust's runtime, through the OS contract
+/// (`os::host::Host`): from the C runtime's environment once it is set up,
+/// before that (C ifunc resolvers of the executable run inside the dynamic
+/// loader) from the environment the process started with, item by item
+/// through a small buffer. Nothing is allocated, and a value of any length
+/// parses exactly as `Overrides::parse` parses it (items are independent).
+/// Freestanding there is no environment: no overrides.
+mod environment {
     use crate::cpu::Overrides;
-
-    unsafe extern "C" {
-        static environ: *const *const core::ffi::c_char;
-    }
+    use crate::os::current::Current;
+    use crate::os::host::Host;
 
     pub(super) fn overrides() -> Option<Overrides> {
         match from_environ() {
             Some(o) => o,
-            None => from_proc(),
+            None => from_start(),
         }
     }
 
     /// The parsed value (`Some(None)` if invalid; no overrides if unset);
-    /// `None` if `environ` is not set up yet.
+    /// `None` if the environment is not set up yet.
     fn from_environ() -> Option<Option<Overrides>> {
-        // SAFETY: reading libc's `environ` pointer; null until libc's
-        // start-up code sets it.
-        if unsafe { environ }.is_null() {
-            return None;
-        }
-        // SAFETY: environ is set: getenv with a NUL-terminated name.
-        let v = unsafe { libc::getenv(c"ALTPATCH".as_ptr()) };
-        if v.is_null() {
-            return Some(Some(Overrides::none()));
-        }
-        // SAFETY: a NUL-terminated string from getenv, parsed in place.
-        let v = unsafe { core::ffi::CStr::from_ptr(v) }.to_str().ok();
-        Some(v.and_then(Overrides::parse_quiet))
+        Current::with_env(c"ALTPATCH", |v| match v {
+            None => Some(Overrides::none()),
+            Some(v) => core::str::from_utf8(v)
+                .ok()
+                .and_then(Overrides::parse_quiet),
+        })
     }
 
     /// Items longer than this are not valid anyway (the longest valid one,
@@ -328,29 +319,13 @@ mod env {
         }
     }
 
-    /// The value of `ALTPATCH` from `/proc/self/environ`, parsed.
-    fn from_proc() -> Option<Overrides> {
-        // SAFETY: open/read/close on a path and stack buffers we own.
-        let fd = unsafe {
-            libc::open(
-                c"/proc/self/environ".as_ptr(),
-                libc::O_RDONLY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
+    /// The value of `ALTPATCH` in the environment the process started
+    /// with, parsed; `None` if that cannot be read.
+    fn from_start() -> Option<Overrides> {
+        let mut scan = EnvironScan::new();
+        if !Current::read_environment(|chunk| scan.feed(chunk)) {
             return None;
         }
-        let mut scan = EnvironScan::new();
-        let mut chunk = [0u8; 1024];
-        loop {
-            // SAFETY: reading into our buffer, at most its length.
-            let n = unsafe { libc::read(fd, chunk.as_mut_ptr().cast(), chunk.len()) };
-            if n <= 0 || scan.feed(&chunk[..n as usize]) {
-                break;
-            }
-        }
-        // SAFETY: closing the descriptor we opened.
-        unsafe { libc::close(fd) };
         scan.finish()
     }
 }
@@ -392,9 +367,9 @@ pub extern "C" fn altpatch_cpu_features() -> u64 {
 crate::arch::c_entry!("altpatch_cpu_has", altpatch_cpu_has);
 crate::arch::c_entry!("altpatch_cpu_features", altpatch_cpu_features);
 
-#[cfg(all(test, feature = "std", target_os = "linux"))]
+#[cfg(all(test, feature = "std"))]
 mod tests {
-    use super::env::EnvironScan;
+    use super::environment::EnvironScan;
     use crate::cpu::Overrides;
 
     fn scan(environ: &[u8], chunk: usize) -> Option<Overrides> {

@@ -90,7 +90,6 @@ pub fn current_sites() -> Result<&'static [Site], SitesError> {
         None => {
             // Under the process lock, which `fork` waits for: a child never
             // inherits a half-done initialization it would wait on forever.
-            #[cfg(target_os = "linux")]
             let _held = crate::sync::Held::acquire();
             SITES.get_or_init(|| image_sites(&Image::current()))
         }

@@ -351,7 +351,7 @@ macro_rules! __ifunc {
 /// stub is then made direct (`process::__ifunc_lazy_target`).
 #[doc(hidden)]
 #[macro_export]
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 macro_rules! __ifunc_lazy_target {
     ($ifunc:expr) => {
         $crate::process::__ifunc_lazy_target($ifunc)
@@ -361,7 +361,7 @@ macro_rules! __ifunc_lazy_target {
 /// Internal: the lazy path's target, resolved with the published snapshot.
 #[doc(hidden)]
 #[macro_export]
-#[cfg(not(all(feature = "std", target_os = "linux")))]
+#[cfg(not(feature = "std"))]
 macro_rules! __ifunc_lazy_target {
     ($ifunc:expr) => {
         $ifunc.lazy_target()
@@ -372,7 +372,7 @@ macro_rules! __ifunc_lazy_target {
 /// when it is loaded (`ifunc::startup`).
 #[doc(hidden)]
 #[macro_export]
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 macro_rules! __ifunc_at_load {
     () => {
         #[used]
@@ -384,7 +384,7 @@ macro_rules! __ifunc_at_load {
 /// Internal: nothing to register without `std` on Linux.
 #[doc(hidden)]
 #[macro_export]
-#[cfg(not(all(feature = "std", target_os = "linux")))]
+#[cfg(not(feature = "std"))]
 macro_rules! __ifunc_at_load {
     () => {};
 }

@@ -19,7 +19,7 @@
 //! fn main() {
 //!     assert_eq!(ones(0b1011), 3);  // resolved lazily on first call
 //!     assert_eq!(ones::ifunc().resolver_runs(), 1);
-//!     # #[cfg(all(feature = "std", target_os = "linux"))]
+//!     # #[cfg(feature = "std")]
 //!     altpatch::ifunc::init().unwrap(); // stub and call sites -> `call <impl>`
 //!     assert_eq!(ones(0b1011), 3);
 //!     assert_eq!(ones::ifunc().resolver_runs(), 1);
@@ -83,9 +83,9 @@ mod call;
 mod elf_ifunc;
 mod error;
 mod macros;
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 mod process;
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 mod startup;
 
 use core::fmt;
@@ -102,11 +102,11 @@ pub use elf_ifunc::{
     apply_plt_sites, process_irelative,
 };
 pub use error::Error;
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub use process::{InitError, InitReport, init};
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub(crate) use startup::STARTUP;
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub use startup::{Startup, StartupError, startup};
 
 use crate::cpu::{self, Features};
@@ -194,7 +194,7 @@ impl Ifunc {
         if self.state.load(Ordering::Acquire) == RESOLVED {
             return self.chosen.load(Ordering::Acquire);
         }
-        #[cfg(all(feature = "std", target_os = "linux"))]
+        #[cfg(feature = "std")]
         {
             // Under the process lock (see `crate::sync`): waiters sleep, and
             // `fork` waits for the resolver, so a child never inherits a
@@ -211,7 +211,7 @@ impl Ifunc {
             self.state.store(RESOLVING, Ordering::Release);
             self.run_resolver(features)
         }
-        #[cfg(not(all(feature = "std", target_os = "linux")))]
+        #[cfg(not(feature = "std"))]
         loop {
             match self.state.compare_exchange(
                 UNRESOLVED,

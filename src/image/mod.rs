@@ -71,7 +71,7 @@ impl Image<'static> {
     /// // The tables are this binary's, whatever the world.
     /// assert_eq!(image.alternatives().len(), Image::current().alternatives().len());
     /// ```
-    #[cfg(not(all(feature = "std", target_os = "linux")))]
+    #[cfg(not(feature = "std"))]
     pub fn current() -> Image<'static> {
         Image::linked()
     }

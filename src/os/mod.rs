@@ -1,10 +1,42 @@
-//! Operating-system backends: how a process finds its loaded objects,
-//! writes its own text with W^X kept, publishes it to running threads, and
-//! survives `fork`.
+//! The OS seam: what altpatch needs from the system it runs on, and the
+//! backends that provide it.
 //!
-//! Only Linux today ([`linux`]). This layer sits above the plan and image
-//! layers and below site discovery and the mechanisms (`ARCHITECTURE.md`):
-//! a poke strategy is an implementation of [`TextPoke`](crate::TextPoke),
-//! which knows nothing of an operating system.
+//! The contract has two halves, each at the layer that needs it
+//! (`ARCHITECTURE.md`, "Adding an OS"):
+//!
+//! * **below the backends** (`os::host`, crate-private): the update lock,
+//!   the environment (`ALTPATCH=`), the kernel's published facts (its
+//!   spectre_v2 verdict, the CPUs it describes, that it makes `LFENCE`
+//!   serializing). One trait, `Host`, implemented by each backend's `host`
+//!   folder and by the freestanding build (a spin flag per object, no
+//!   environment, no verdict).
+//! * **above images and plans** (this module's backends): the running
+//!   program's images and loader events (`Image::current`,
+//!   `Image::from_loaded`, the loader generation), text writing with W^X
+//!   kept and its publication to running threads (a
+//!   [`TextPoke`](crate::TextPoke): [`LinuxPoke`](crate::LinuxPoke)), trap
+//!   delivery for the INT3 protocol (a
+//!   [`TrapTable`](crate::poke::live::TrapTable) fed by a `SIGTRAP`
+//!   handler), and the repair of every layer's state in a forked child.
+//!   A kernel provides the same through the public traits: a
+//!   [`DirectPoke`](crate::DirectPoke) or
+//!   [`Int3Poke`](crate::poke::live::Int3Poke) over its own trap handler,
+//!   an [`Image`](crate::Image) from its linker script, its command line
+//!   for overrides (`examples/kernel` does all of it).
+//!
+//! Only Linux today ([`linux`]). The `std` feature means "a process, on an
+//! OS with a backend": built for another OS it stops with an error naming
+//! the supported ones. The `target_os` tests live here and in
+//! `os/current.rs` (which backend's `Host` this build uses), nowhere else
+//! in the crate.
 
+pub(crate) mod current;
+pub(crate) mod host;
+#[cfg(all(feature = "std", target_os = "linux"))]
 pub mod linux;
+
+#[cfg(all(feature = "std", not(target_os = "linux")))]
+compile_error!(
+    "altpatch's `std` feature (a process patching itself) has an OS backend for target_os = \"linux\" only; \
+     on another OS build with `default-features = false` (the freestanding API: your own Image and TextPoke)"
+);

@@ -54,16 +54,16 @@ use core::ops::Range;
 mod direct;
 mod fault;
 pub mod live;
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 mod order;
 mod pages;
 
 pub use direct::{DirectPoke, SyncMethod};
 pub use fault::{FaultInjectingPoke, FaultPoint};
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub(crate) use order::sort_by_key;
 pub(crate) use pages::page_span;
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub(crate) use pages::unknown_pages;
 // The few-byte helpers live at the bottom layer; plans and pokes name them
 // through here as before.

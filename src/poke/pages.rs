@@ -15,7 +15,7 @@ pub(crate) fn page_span(addr: usize, end: usize) -> Range<usize> {
 
 /// The pages of the page-aligned `pages` for which `known` is false, as
 /// runs of contiguous pages.
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub(crate) fn unknown_pages(
     pages: &[Range<usize>],
     known: impl Fn(usize) -> bool,

@@ -271,7 +271,7 @@ pub unsafe fn apply<'s, P: TextPoke + ?Sized>(
 ///
 /// The object must stay loaded, and its file be the one loaded, for the
 /// duration of the call (no concurrent `dlclose`).
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub unsafe fn apply_loaded(addr: usize, policy: &Policy) -> Result<Report<'static>, Error> {
     // SAFETY: forwarded from our caller.
     let image = unsafe { Image::from_loaded(addr) }.map_err(Error::Load)?;
@@ -296,7 +296,7 @@ pub unsafe fn apply_loaded(addr: usize, policy: &Policy) -> Result<Report<'stati
 /// print!("{report}");
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub fn apply_current(policy: &Policy) -> Result<Report<'static>, Error> {
     let image = Image::current();
     // The memoized list every mechanism shares: one parse per process.

@@ -209,11 +209,11 @@ pub enum Error {
     /// The running program's sites could not be found
     /// ([`apply_current`](super::apply_current), `std`): not linked with
     /// `--emit-relocs` and no embedded table, or its file unreadable.
-    #[cfg(all(feature = "std", target_os = "linux"))]
+    #[cfg(feature = "std")]
     Sites(crate::elf::SitesError),
     /// The loaded object could not be described
     /// ([`apply_loaded`](super::apply_loaded), `std`).
-    #[cfg(all(feature = "std", target_os = "linux"))]
+    #[cfg(feature = "std")]
     Load(crate::LoadError),
     /// No live poke could be set up (`std`).
     Poke(crate::poke::PokeError),
@@ -236,9 +236,9 @@ impl fmt::Display for Error {
                 "thunk for {reg} at {addr:#x} holds none of the expected forms; nothing written"
             ),
             Error::Plan(e) => fmt::Display::fmt(e, f),
-            #[cfg(all(feature = "std", target_os = "linux"))]
+            #[cfg(feature = "std")]
             Error::Sites(e) => write!(f, "finding the program's sites: {e}"),
-            #[cfg(all(feature = "std", target_os = "linux"))]
+            #[cfg(feature = "std")]
             Error::Load(e) => write!(f, "describing the loaded object: {e}"),
             Error::Poke(e) => write!(f, "setting up the live poke: {e}"),
             Error::Thunks {
@@ -277,9 +277,9 @@ impl core::error::Error for Error {
             // Transparent: it displays as the plan error.
             Error::Plan(e) => core::error::Error::source(e),
             Error::Thunks { error, .. } => Some(error),
-            #[cfg(all(feature = "std", target_os = "linux"))]
+            #[cfg(feature = "std")]
             Error::Sites(e) => Some(e),
-            #[cfg(all(feature = "std", target_os = "linux"))]
+            #[cfg(feature = "std")]
             Error::Load(e) => Some(e),
             Error::Poke(e) => Some(e),
             _ => None,

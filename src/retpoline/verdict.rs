@@ -191,11 +191,13 @@ impl KernelView {
     /// ```
     #[cfg(feature = "std")]
     pub fn read() -> KernelView {
-        let read = |p: &str| std::fs::read_to_string(p).ok();
+        // What the kernel publishes, through the OS contract (Linux: sysfs
+        // and /proc/cpuinfo).
+        use crate::os::current::Current;
+        use crate::os::host::Host;
         KernelView {
-            spectre_v2: read("/sys/devices/system/cpu/vulnerabilities/spectre_v2")
-                .map(|s| KernelVerdict::parse(&s)),
-            cpuinfo: read("/proc/cpuinfo").map(|s| CpuinfoFlags::parse(&s)),
+            spectre_v2: Current::vulnerability("spectre_v2").map(|s| KernelVerdict::parse(&s)),
+            cpuinfo: Current::cpu_info().map(|s| CpuinfoFlags::parse(&s)),
         }
     }
 }

@@ -286,7 +286,7 @@ macro_rules! __static_call {
 /// Internal: the `std` update of the running program.
 #[doc(hidden)]
 #[macro_export]
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 macro_rules! __static_call_std {
     ($($ty:ty),* ; $ret:ty) => {
         /// Points every call at `f` in the running program: the trampoline
@@ -315,7 +315,7 @@ macro_rules! __static_call_std {
 /// Internal: nothing without `std`.
 #[doc(hidden)]
 #[macro_export]
-#[cfg(not(all(feature = "std", target_os = "linux")))]
+#[cfg(not(feature = "std"))]
 macro_rules! __static_call_std {
     ($($ty:ty),* ; $ret:ty) => {};
 }
@@ -347,7 +347,7 @@ macro_rules! __static_call_unit {
 /// Internal.
 #[doc(hidden)]
 #[macro_export]
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 macro_rules! __static_call_unit_std {
     () => {
         /// Makes every call a no-op in the running program, live.
@@ -360,7 +360,7 @@ macro_rules! __static_call_unit_std {
 /// Internal.
 #[doc(hidden)]
 #[macro_export]
-#[cfg(not(all(feature = "std", target_os = "linux")))]
+#[cfg(not(feature = "std"))]
 macro_rules! __static_call_unit_std {
     () => {};
 }

@@ -90,7 +90,7 @@ pub use crate::arch::{
     MAX_SSE as __MAX_SSE, RecordedArg as __RecordedArg, RecordedArgs as __RecordedArgs,
     RecordedRet as __RecordedRet,
 };
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub(crate) use recorded::with_recorded;
 #[doc(hidden)]
 pub use recorded::{

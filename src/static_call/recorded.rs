@@ -23,7 +23,7 @@
 //! call, chosen at compile time by autoref specialization ([`Recorded`] is
 //! tried before [`Plain`]).
 
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 use {
     crate::arch::BranchKind,
     crate::sites::{Site, SiteKind},
@@ -116,7 +116,7 @@ recorded_probe!(
 /// into, as a 5-byte `call` site of `kind` whose target is the stub or
 /// trampoline it was assembled to call (a caller keeps those of its
 /// mechanism's stubs).
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 fn recorded_sites(kind: SiteKind) -> impl Iterator<Item = Site> {
     crate::records::current_calls().iter().map(move |r| Site {
         addr: r.site(),
@@ -130,7 +130,7 @@ fn recorded_sites(kind: SiteKind) -> impl Iterator<Item = Site> {
 /// `sites` and, after them, every recorded call (as [`recorded_sites`])
 /// that `sites` does not list: the sites an update rewrites, in a program
 /// linked with relocations or without.
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub(crate) fn with_recorded(sites: &[Site], kind: SiteKind) -> Vec<Site> {
     let mut all = sites.to_vec();
     let mut listed: Vec<usize> = sites.iter().map(|s| s.addr).collect();

@@ -60,7 +60,7 @@ pub(crate) mod breakpoint;
 pub(crate) mod c_entry;
 pub(crate) mod call_abi;
 mod call_asm;
-#[cfg(all(target_arch = "x86_64", feature = "std", target_os = "linux"))]
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
 pub(crate) mod closure_table;
 pub(crate) mod cpu;
 #[cfg(feature = "std")]

@@ -253,7 +253,7 @@ impl Arena {
     /// arena (unmapping our aliases only if they are ours: a child never
     /// inherited them) and start afresh.
     fn leave_if_forked(&mut self) {
-        if crate::sync::fork_generation() != self.generation {
+        if super::host::fork_generation() != self.generation {
             // SAFETY: getpid has no preconditions.
             let ours = self.pid == unsafe { libc::getpid() };
             self.reset(ours);
@@ -280,7 +280,7 @@ impl Arena {
         self.regions.clear();
         self.open.clear();
         self.pages.clear();
-        self.generation = crate::sync::fork_generation();
+        self.generation = super::host::fork_generation();
         // SAFETY: getpid has no preconditions.
         self.pid = unsafe { libc::getpid() };
     }
@@ -309,7 +309,7 @@ impl Arena {
         if unsafe { libc::fstat(fd, &mut st) } == 0 {
             self.own.push((st.st_dev, st.st_ino));
         }
-        self.generation = crate::sync::fork_generation();
+        self.generation = super::host::fork_generation();
         // SAFETY: getpid has no preconditions.
         self.pid = unsafe { libc::getpid() };
         Ok(fd)

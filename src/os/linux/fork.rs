@@ -6,18 +6,18 @@
 //! snapshot, the trap table) while the update lock is still held: the lock
 //! module itself is below them all and calls none of them.
 
-use crate::sync;
+use super::host;
 
 extern "C" fn prepare() {
-    sync::fork_prepare();
+    host::fork_prepare();
 }
 
 extern "C" fn parent() {
-    sync::fork_parent();
+    host::fork_parent();
 }
 
 extern "C" fn child() {
-    sync::fork_child_enter();
+    host::fork_child_enter();
     // The child's only thread is the one that forked, and it holds the
     // lock (from `prepare`): what other threads of the parent were in the
     // middle of is repaired before anyone here can look at it. The order
@@ -25,7 +25,7 @@ extern "C" fn child() {
     // the lock must come after all of them.
     crate::cpu::after_fork_in_child();
     super::trap::after_fork_in_child();
-    sync::fork_child_leave();
+    host::fork_child_leave();
 }
 
 /// Registers the fork handlers at load time (`.init_array`), before any

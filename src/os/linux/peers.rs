@@ -79,7 +79,7 @@ pub(super) fn register() {
     if REGISTERED.swap(true, Ordering::AcqRel) {
         return;
     }
-    let head = crate::sync::peers();
+    let head = super::host::peers();
     let me = (&raw const SELF).cast_mut();
     let mut now = head.load(Ordering::Acquire);
     loop {
@@ -93,7 +93,7 @@ pub(super) fn register() {
 
 /// The other copies' nodes.
 fn others() -> impl Iterator<Item = &'static Peer> {
-    let mut p: *const Peer = crate::sync::peers().load(Ordering::Acquire).cast();
+    let mut p: *const Peer = super::host::peers().load(Ordering::Acquire).cast();
     let mut left = MAX_PEERS;
     core::iter::from_fn(move || {
         loop {

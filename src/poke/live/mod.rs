@@ -46,9 +46,9 @@ pub use crate::arch::{
     Emulation, LiveError, LiveSite, LiveSites, TrapAction, TrapFrame, check_swap,
 };
 pub use int3::Int3Poke;
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub(crate) use protocol::Step;
 pub use shadow::{NoShadowStack, ShadowStack};
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(feature = "std")]
 pub(crate) use table::run_published;
 pub use table::{SlotGuard, TrapSlot, TrapTable};

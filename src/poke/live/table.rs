@@ -352,7 +352,7 @@ impl TrapSlot {
 
     /// Forgets handlers counted inside: for a forked child, where the
     /// parent's other threads (and their handlers) do not exist.
-    #[cfg(all(feature = "std", target_os = "linux"))]
+    #[cfg(feature = "std")]
     pub(crate) fn reset_after_fork(&self) {
         self.inside.store(0, Ordering::SeqCst);
     }

@@ -69,16 +69,14 @@ impl Features {
     /// (XCR0; on Linux, that the kernel made `lfence` serializing on AMD).
     /// No overrides are applied; see [`Features::detect_with_env`].
     pub fn detect() -> Features {
-        #[allow(unused_mut)]
+        use crate::os::current::Current;
+        use crate::os::host::Host;
         let mut f = Features::from_source(&super::HostCpuid::new());
-        #[cfg(all(feature = "std", target_os = "linux"))]
-        {
-            // Linux sets DE_CFG[1] ("LFENCE is dispatch serializing") at boot
-            // on every AMD family from 10h on (arch/x86/kernel/cpu/amd.c), so
-            // a process may rely on it even where CPUID does not advertise it.
-            if f.vendor == Vendor::Amd && f.family >= 0x10 {
-                f.bits |= Feature::LfenceSerializing.mask();
-            }
+        // A kernel that makes LFENCE dispatch-serializing on AMD (Linux
+        // does, from family 10h on) lets the code it runs rely on it even
+        // where CPUID does not advertise it: the OS contract says.
+        if Current::AMD_LFENCE_SERIALIZING && f.vendor == Vendor::Amd && f.family >= 0x10 {
+            f.bits |= Feature::LfenceSerializing.mask();
         }
         f
     }

@@ -1,0 +1,10 @@
+//! Which [`Host`](crate::os::host::Host) this build uses: the one place
+//! (with `os/mod.rs`, which declares the backends) where the crate asks
+//! which OS it is built for.
+
+/// The implementation of this build: a Linux process.
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) type Current = crate::os::linux::host::Linux;
+/// The implementation of this build: no OS.
+#[cfg(not(feature = "std"))]
+pub(crate) type Current = crate::os::host::Freestanding;

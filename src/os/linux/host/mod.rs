@@ -1,0 +1,56 @@
+//! The Linux backend's half of the OS contract below the backends
+//! ([`Host`]): the process lock (`lock.rs`), the environment
+//! (`environ.rs`), and what the kernel publishes in `/proc` and `/sys`.
+//! Nothing here imports a layer above the bottom ones: the update lock and
+//! the CPU snapshot call it.
+
+mod environ;
+mod lock;
+
+pub(crate) use lock::{
+    fork_child_enter, fork_child_leave, fork_generation, fork_parent, fork_prepare, peers,
+};
+
+use alloc::string::String;
+
+use crate::os::host::Host;
+
+/// Linux, to the bottom layers.
+pub(crate) struct Linux;
+
+impl Host for Linux {
+    /// Every update lock is the process's one lock: no per-object word.
+    type LockWord = ();
+    const UNLOCKED: () = ();
+
+    #[inline]
+    fn lock(_: &()) {
+        lock::acquire();
+    }
+
+    #[inline]
+    fn unlock(_: &()) {
+        lock::release();
+    }
+
+    fn with_env<R>(name: &core::ffi::CStr, f: impl FnOnce(Option<&[u8]>) -> R) -> Option<R> {
+        environ::with_env(name, f)
+    }
+
+    fn read_environment(feed: impl FnMut(&[u8]) -> bool) -> bool {
+        environ::read_initial(feed)
+    }
+
+    // Linux sets DE_CFG[1] ("LFENCE is dispatch serializing") at boot on
+    // every AMD family from 10h on (arch/x86/kernel/cpu/amd.c).
+    const AMD_LFENCE_SERIALIZING: bool = true;
+
+    fn vulnerability(name: &str) -> Option<String> {
+        let path = std::format!("/sys/devices/system/cpu/vulnerabilities/{name}");
+        std::fs::read_to_string(path).ok()
+    }
+
+    fn cpu_info() -> Option<String> {
+        std::fs::read_to_string("/proc/cpuinfo").ok()
+    }
+}
