@@ -172,9 +172,9 @@ pub use patcher::{PatchReport, Patcher};
 #[cfg(target_arch = "x86_64")]
 pub use plan::{ApplyReport, CompactPlan, Edit, Expect, Plan, PlanError, Validation};
 #[cfg(target_arch = "x86_64")]
-pub use poke::{
-    DirectPoke, FaultInjectingPoke, FaultPoint, PokeError, Refusal, Strategy, SyncMethod, TextPoke,
-};
+pub use poke::{DirectPoke, FaultInjectingPoke, FaultPoint, PokeError, SyncMethod, TextPoke};
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+pub use poke::{Refusal, Strategy};
 
 /// The README's examples, compiled and run as doctests (`cargo test
 /// --doc`), so each compiles as written.

@@ -8,3 +8,8 @@ pub(crate) type Current = crate::os::linux::host::Linux;
 /// The implementation of this build: no OS.
 #[cfg(not(feature = "std"))]
 pub(crate) type Current = crate::os::host::Freestanding;
+
+/// The ways this build's backend writes text, and why one was refused
+/// (what [`PokeError::NoStrategy`](crate::PokeError::NoStrategy) lists).
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub use crate::os::linux::host::{Refusal, Strategy};

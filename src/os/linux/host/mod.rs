@@ -6,10 +6,12 @@
 
 mod environ;
 mod lock;
+mod strategy;
 
 pub(crate) use lock::{
     fork_child_enter, fork_child_leave, fork_generation, fork_parent, fork_prepare, peers,
 };
+pub use strategy::{Refusal, Strategy};
 
 use alloc::string::String;
 
