@@ -12,11 +12,11 @@
 //!   process-wide lock, the one [`LinuxPoke`](crate::LinuxPoke) holds from
 //!   `begin` to `commit`: recursive, signal-masking, held across `fork` and
 //!   shared by every copy of the crate in the object (why, in
-//!   `os/linux/host/lock.rs`).
+//!   `crates/altpatch-host/src/linux/lock.rs`).
 
 use core::marker::PhantomData;
 
-use crate::os::current::Current;
+use crate::os::host::Current;
 use crate::os::host::Host;
 
 /// Serializes the updates of one object (see the [module docs](self)).

@@ -27,8 +27,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "CPU, the arch seam (encodings, live rules), the update lock, the \
-         OS contract's lower half (its trait, each backend's host folder, the \
-         build's choice)",
+         OS contract's lower half (its names for the altpatch-host crate)",
         &[
             "cpu",
             "arch",
@@ -138,8 +137,8 @@ fn imports(code: &str) -> BTreeSet<String> {
 }
 
 /// The layer map's unit a module path belongs to: the longest unit of
-/// `LAYERS` it starts with (`os::linux::host::lock` is in
-/// `os::linux::host`), else its top-level module.
+/// `LAYERS` it starts with (`os::host` is a unit of its own, below the
+/// rest of `os`), else its top-level module.
 fn unit_of(path: &str) -> String {
     let listed = LAYERS
         .iter()
@@ -153,7 +152,7 @@ fn unit_of(path: &str) -> String {
 }
 
 /// The unit `file` (under `src`) belongs to: its module path (`os/host.rs`
-/// is `os::host`, `os/linux/host/mod.rs` is `os::linux::host`), mapped by
+/// is `os::host`, `os/linux/mod.rs` is `os::linux`), mapped by
 /// [`unit_of`].
 fn module_of(src: &Path, file: &Path) -> String {
     let rel = file.strip_prefix(src).unwrap();
@@ -294,7 +293,7 @@ fn the_import_parser_reads_every_form() {
         .collect();
     assert_eq!(firsts, want);
     // Whole paths are kept, for the units below the top level
-    // (`os::linux::host`).
+    // (`os::host`).
     assert!(got.contains("a::B") && got.contains("b::f"), "{got:?}");
     assert!(
         code("// crate::hidden\nx(); // crate::also_hidden")
@@ -490,9 +489,10 @@ fn only_listed_files_name_x86_outside_the_arch_seam() {
 }
 
 /// The files that may ask which OS the crate is built for: the OS seam's
-/// declaration of its backends and its choice of the build's `Host`
-/// (issue 27: "no `target_os` cfg outside the OS backend").
-const TARGET_OS_FILES: &[&str] = &["os/mod.rs", "os/current.rs"];
+/// declaration of its backends (issue 27: "no `target_os` cfg outside the
+/// OS backend"). The build's `Host` is chosen in the `altpatch-host`
+/// crate, outside `src/`.
+const TARGET_OS_FILES: &[&str] = &["os/mod.rs"];
 
 #[test]
 fn only_the_os_seam_asks_which_os() {

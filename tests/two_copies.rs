@@ -44,7 +44,8 @@ fn copy_manifest() -> String {
          [lib]\npath = \"../../../../src/lib.rs\"\n\n\
          [features]\n{}\n\n[dependencies]\n{}\n",
         table("features"),
-        table("dependencies")
+        // The workspace's own crates, from the copy's directory.
+        table("dependencies").replace("path = \"crates/", "path = \"../../../../crates/")
     )
 }
 

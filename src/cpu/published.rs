@@ -184,7 +184,7 @@ pub(crate) fn after_fork_in_child() {
 /// Freestanding there is no environment: no overrides.
 mod environment {
     use crate::cpu::Overrides;
-    use crate::os::current::Current;
+    use crate::os::host::Current;
     use crate::os::host::Host;
 
     pub(super) fn overrides() -> Option<Overrides> {

@@ -4,7 +4,7 @@
 //! The contract has two halves, each at the layer that needs it
 //! (`ARCHITECTURE.md`, "Adding an OS"):
 //!
-//! * **below the backends** (`os::host`, crate-private): the update lock,
+//! * **below the backends** (`os::host`: the `altpatch-host` crate): the update lock,
 //!   the environment (`ALTPATCH=`), the kernel's published facts (its
 //!   spectre_v2 verdict, the CPUs it describes, that it makes `LFENCE`
 //!   serializing). One trait, `Host`, implemented by each backend's `host`
@@ -26,17 +26,12 @@
 //!
 //! Only Linux today ([`linux`]). The `std` feature means "a process, on an
 //! OS with a backend": built for another OS it stops with an error naming
-//! the supported ones. The `target_os` tests live here and in
-//! `os/current.rs` (which backend's `Host` this build uses), nowhere else
-//! in the crate.
+//! the supported ones (`altpatch-host` says so). The `target_os` tests
+//! live here (which backends exist) and in the `altpatch-host` crate
+//! (which `Host` the build uses), nowhere else.
 
-pub(crate) mod current;
 pub(crate) mod host;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub mod linux;
-
-#[cfg(all(feature = "std", not(target_os = "linux")))]
-compile_error!(
-    "altpatch's `std` feature (a process patching itself) has an OS backend for target_os = \"linux\" only; \
-     on another OS build with `default-features = false` (the freestanding API: your own Image and TextPoke)"
-);
+// `std` on an OS without a backend stops in `altpatch-host`, with one
+// error naming the supported ones.

@@ -193,7 +193,7 @@ impl KernelView {
     pub fn read() -> KernelView {
         // What the kernel publishes, through the OS contract (Linux: sysfs
         // and /proc/cpuinfo).
-        use crate::os::current::Current;
+        use crate::os::host::Current;
         use crate::os::host::Host;
         KernelView {
             spectre_v2: Current::vulnerability("spectre_v2").map(|s| KernelVerdict::parse(&s)),

@@ -108,7 +108,7 @@ pub(crate) use threads::only_thread;
 mod trap;
 // What this backend knows about the instruction set: the signal frame,
 // shadow stacks, raw system calls in a signal handler.
-pub(crate) mod host;
+pub(crate) use altpatch_host::linux as host;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 #[cfg(target_arch = "x86_64")]

@@ -69,7 +69,7 @@ impl Features {
     /// (XCR0; on Linux, that the kernel made `lfence` serializing on AMD).
     /// No overrides are applied; see [`Features::detect_with_env`].
     pub fn detect() -> Features {
-        use crate::os::current::Current;
+        use crate::os::host::Current;
         use crate::os::host::Host;
         let mut f = Features::from_source(&super::HostCpuid::new());
         // A kernel that makes LFENCE dispatch-serializing on AMD (Linux

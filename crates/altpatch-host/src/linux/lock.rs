@@ -2,8 +2,9 @@
 //! lock shared by every copy of the crate linked into an object, and the
 //! three steps of its fork protocol.
 //!
-//! Every [`UpdateLock`](crate::sync::UpdateLock) of the process is this one
-//! lock (the contract's `Host::lock` ignores the per-object word). One lock
+//! Every altpatch `UpdateLock` of the process is this one lock (the
+//! contract's [`Host::lock`](crate::Host::lock) ignores the per-object
+//! word). One lock
 //! rather than one per object, because:
 //!
 //! - **fork**: `pthread_atfork` handlers (registered by `os::linux::fork`)
@@ -21,7 +22,7 @@
 //!   a static key), and a futex lock, so waiters sleep.
 //! - updates serialize on the text anyway, so a finer lock buys nothing.
 //! - **two copies of the crate** in one program (two libraries on
-//!   incompatible versions: see [`records`](crate::records)) patch the same
+//!   incompatible versions: see altpatch's `records`) patch the same
 //!   pages. Each patches only its own records, but a page swap rebuilds
 //!   whole pages, so two copies updating at once would lose one another's
 //!   bytes. The lock therefore lives in a symbol every copy linked into an
@@ -41,7 +42,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 /// layout (152 bytes, zero-initialized) and the lock protocol of
 /// `acquire`/`release` are frozen.
 #[repr(C)]
-pub(crate) struct Rendezvous {
+struct Rendezvous {
     /// Owner's thread id, with `WAITERS` set when someone sleeps on
     /// it; 0 when free. Taking the lock and recording the owner is one
     /// CAS, so a handler interrupting the acquisition never sees a
@@ -99,7 +100,7 @@ fn shared() -> &'static Rendezvous {
 
 /// The head of the list of copies linked into this object (see
 /// `os::linux::peers`).
-pub(crate) fn peers() -> &'static AtomicPtr<c_void> {
+pub fn peers() -> &'static AtomicPtr<c_void> {
     &shared().peers
 }
 
@@ -162,7 +163,7 @@ fn async_signals() -> libc::sigset_t {
     }
 }
 
-pub(crate) fn acquire() {
+pub fn acquire() {
     let me = me();
     let r = shared();
     if r.state.load(Ordering::Relaxed) & !WAITERS == me {
@@ -209,7 +210,7 @@ pub(crate) fn acquire() {
     }
 }
 
-pub(crate) fn release() {
+pub fn release() {
     let r = shared();
     // SAFETY: only the owner releases (guards are not Send).
     let depth = unsafe { &mut *r.depth.get() };
@@ -239,12 +240,12 @@ pub(crate) fn release() {
 // below those layers and calls none of them.
 
 /// Before `fork`: take the lock, so no update is half done in the child.
-pub(crate) fn fork_prepare() {
+pub fn fork_prepare() {
     acquire();
 }
 
 /// After `fork`, in the parent.
-pub(crate) fn fork_parent() {
+pub fn fork_parent() {
     FORK_GENERATION.fetch_add(1, Ordering::AcqRel);
     release();
 }
@@ -256,7 +257,7 @@ pub(crate) fn fork_parent() {
 /// thread has a new id here: the lock is made its own, and every
 /// copy's cached id stale, before any copy's handler looks (each copy
 /// linked in runs these steps; doing it twice changes nothing).
-pub(crate) fn fork_child_enter() {
+pub fn fork_child_enter() {
     FORK_GENERATION.fetch_add(1, Ordering::AcqRel);
     let r = shared();
     r.forks.fetch_add(1, Ordering::AcqRel);
@@ -265,13 +266,13 @@ pub(crate) fn fork_child_enter() {
 }
 
 /// After `fork`, in the child, once every repair is done.
-pub(crate) fn fork_child_leave() {
+pub fn fork_child_leave() {
     release();
 }
 
 /// Incremented in parent and child after every `fork`: state derived from
 /// the address space's sharing (the memfd arena, the `/proc/self/mem`
 /// descriptor) compares it to know it must start afresh.
-pub(crate) fn fork_generation() -> u64 {
+pub fn fork_generation() -> u64 {
     FORK_GENERATION.load(Ordering::Acquire)
 }

@@ -1,24 +1,24 @@
-//! The Linux backend's half of the OS contract below the backends
-//! ([`Host`]): the process lock (`lock.rs`), the environment
-//! (`environ.rs`), and what the kernel publishes in `/proc` and `/sys`.
-//! Nothing here imports a layer above the bottom ones: the update lock and
-//! the CPU snapshot call it.
+//! Linux's implementation of [`Host`]: the process lock (`lock.rs`), the
+//! environment (`environ.rs`), and what the kernel publishes in `/proc` and
+//! `/sys`; and the ways a process writes its text (`strategy.rs`). Items
+//! here that are not re-exported at the crate root are altpatch's Linux
+//! backend's own (its fork handlers, its list of copies), not an API.
 
 mod environ;
 mod lock;
 mod strategy;
 
-pub(crate) use lock::{
+pub use lock::{
     fork_child_enter, fork_child_leave, fork_generation, fork_parent, fork_prepare, peers,
 };
 pub use strategy::{Refusal, Strategy};
 
 use alloc::string::String;
 
-use crate::os::host::Host;
+use crate::Host;
 
-/// Linux, to the bottom layers.
-pub(crate) struct Linux;
+/// A Linux process, to altpatch's bottom layers.
+pub struct Linux;
 
 impl Host for Linux {
     /// Every update lock is the process's one lock: no per-object word.

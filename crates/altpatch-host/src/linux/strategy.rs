@@ -1,12 +1,12 @@
 //! The ways a Linux process writes its own text ([`Strategy`]) and why one
-//! was refused ([`Refusal`]): plain data, below every layer, because the
-//! OS-neutral [`PokeError::NoStrategy`](crate::PokeError::NoStrategy)
-//! carries them (the choice and the probes are `os/linux/strategy.rs`).
+//! was refused ([`Refusal`]): plain data, below every layer of altpatch,
+//! because its OS-neutral `PokeError::NoStrategy` carries them (the choice
+//! and the probes are altpatch's `os/linux/strategy.rs`).
 
 use core::fmt;
 
 /// A way a Linux process writes its own text without a writable and
-/// executable mapping (see [`LinuxPoke`](crate::LinuxPoke) for the order
+/// executable mapping (see altpatch's `LinuxPoke` for the order
 /// they are tried in and why).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Strategy {
@@ -20,7 +20,7 @@ pub enum Strategy {
     /// read+exec, written through a read+write alias that is open only
     /// during a batch. Anonymous text only: a file's text re-homed would be
     /// unknown to the kernel's uprobes and to every tool outside the
-    /// process, so such a batch is refused ([`PokeError::LeavesFile`](crate::PokeError::LeavesFile)).
+    /// process, so such a batch is refused (`PokeError::LeavesFile`).
     Memfd,
     /// The same with an unlinked file in `/dev/shm`, `/tmp` or `/var/tmp`
     /// (where `vm.memfd_noexec` refuses executable memfds). Anonymous text

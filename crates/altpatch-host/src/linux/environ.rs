@@ -13,7 +13,7 @@ unsafe extern "C" {
 
 /// `f` applied to the value of `name` (`None` if unset); `None` if libc has
 /// not set `environ` up yet.
-pub(super) fn with_env<R>(name: &CStr, f: impl FnOnce(Option<&[u8]>) -> R) -> Option<R> {
+pub(crate) fn with_env<R>(name: &CStr, f: impl FnOnce(Option<&[u8]>) -> R) -> Option<R> {
     // SAFETY: reading libc's `environ` pointer; null until libc's start-up
     // code sets it.
     if unsafe { environ }.is_null() {
@@ -31,7 +31,7 @@ pub(super) fn with_env<R>(name: &CStr, f: impl FnOnce(Option<&[u8]>) -> R) -> Op
 
 /// Feeds `/proc/self/environ` to `feed` in chunks until it returns true or
 /// the file ends; false if it cannot be opened.
-pub(super) fn read_initial(mut feed: impl FnMut(&[u8]) -> bool) -> bool {
+pub(crate) fn read_initial(mut feed: impl FnMut(&[u8]) -> bool) -> bool {
     // SAFETY: open on a NUL-terminated path.
     let fd = unsafe {
         libc::open(

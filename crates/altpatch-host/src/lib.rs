@@ -1,0 +1,142 @@
+//! The OS contract's lower half for [altpatch](https://docs.rs/altpatch):
+//! what its bottom layers (the update lock, the CPU snapshot's overrides,
+//! the retpoline policy's inputs) need from the system they run on, and
+//! which implementation this build uses.
+//!
+//! A crate of its own so that the compiler, not a test, keeps it below
+//! everything else: it depends on nothing of altpatch (and on `libc` only
+//! with `std`). It is altpatch's internal seam, not an API of its own:
+//! altpatch re-exports what users see (`altpatch::Strategy`,
+//! `altpatch::Refusal`), and the rest may change with any altpatch release.
+//!
+//! * [`Host`]: the contract (the update lock, the environment, what the
+//!   kernel publishes about the CPUs);
+//! * [`Freestanding`]: no OS (a kernel, a bootloader): a spin flag per
+//!   lock, no environment, no verdict;
+//! * `linux` (`std`): a Linux process — one futex lock shared by every
+//!   copy of altpatch in the object, `environ` and `/proc/self/environ`,
+//!   sysfs — and the ways it writes text ([`Strategy`], [`Refusal`]);
+//! * [`Current`]: the build's. This crate is the one place that asks
+//!   which OS it is built for (with altpatch's `os/mod.rs`, which declares
+//!   its backends).
+//!
+//! The contract's upper half (images and loader events, text writing and
+//! its publication, trap delivery, fork repair) is altpatch's `TextPoke`,
+//! `TrapTable` and loader, which need its plans and images: it stays in
+//! altpatch (`src/os/`).
+
+#![no_std]
+#![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
+
+#[cfg(all(feature = "std", target_os = "linux"))]
+#[doc(hidden)]
+pub mod linux;
+
+#[cfg(all(feature = "std", not(target_os = "linux")))]
+compile_error!(
+    "altpatch's `std` feature (a process patching itself) has an OS backend for target_os = \"linux\" only; \
+     on another OS build with `default-features = false` (the freestanding API: your own Image and TextPoke)"
+);
+
+/// The implementation of this build: a Linux process.
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub type Current = linux::Linux;
+/// The implementation of this build: no OS.
+#[cfg(not(feature = "std"))]
+pub type Current = Freestanding;
+
+/// The ways this build's backend writes text, and why one was refused
+/// (what altpatch's `PokeError::NoStrategy` lists).
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub use linux::{Refusal, Strategy};
+
+use alloc::string::String;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+/// What a system provides to altpatch's bottom layers. Every item is an
+/// associated function or constant: the build's one implementation is
+/// [`Current`], called without indirection (a lock taken per update, a
+/// string read once per process).
+pub trait Host {
+    /// What each of altpatch's update locks holds: its own
+    /// spin flag, or nothing where one lock serves the whole process.
+    type LockWord: Sync + core::fmt::Debug;
+    /// A free lock word.
+    const UNLOCKED: Self::LockWord;
+    /// Waits for and takes the update lock `word` belongs to.
+    fn lock(word: &Self::LockWord);
+    /// Releases what [`lock`](Host::lock) took, on the same thread.
+    fn unlock(word: &Self::LockWord);
+
+    /// Calls `f` with the value of the environment variable `name` (`None`
+    /// if unset) once the C runtime has set the environment up; `None`
+    /// before that (a resolver running inside the dynamic loader).
+    fn with_env<R>(name: &core::ffi::CStr, f: impl FnOnce(Option<&[u8]>) -> R) -> Option<R>;
+    /// Feeds the environment the process started with, as NUL-separated
+    /// `NAME=value` entries in chunks of any size, until `feed` returns
+    /// true; readable before the C runtime has set it up, without
+    /// allocating. False if it cannot be read.
+    fn read_environment(feed: impl FnMut(&[u8]) -> bool) -> bool;
+
+    /// Whether the kernel makes `LFENCE` dispatch-serializing on every AMD
+    /// CPU from family 10h on (Linux sets `DE_CFG[1]` at boot), so code it
+    /// runs may rely on it where CPUID does not say so.
+    const AMD_LFENCE_SERIALIZING: bool;
+    /// The kernel's one-line verdict on the CPU vulnerability `name`
+    /// (`"spectre_v2"`), if it publishes one. (Read by
+    /// `retpoline::KernelView::read`, a process's API: a kernel knows its
+    /// own verdict.)
+    fn vulnerability(name: &str) -> Option<String>;
+    /// The kernel's description of the CPUs (Linux: `/proc/cpuinfo`), if it
+    /// publishes one.
+    fn cpu_info() -> Option<String>;
+}
+
+/// No OS: a kernel, a bootloader. The lock is a spin flag per object, and
+/// there is no environment and no verdict (a kernel passes its command
+/// line and its own decisions explicitly).
+pub struct Freestanding;
+
+impl Host for Freestanding {
+    type LockWord = AtomicBool;
+    #[allow(clippy::declare_interior_mutable_const)] // a fresh flag per lock, by design
+    const UNLOCKED: AtomicBool = AtomicBool::new(false);
+
+    #[inline]
+    fn lock(busy: &AtomicBool) {
+        while busy
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+    }
+
+    #[inline]
+    fn unlock(busy: &AtomicBool) {
+        busy.store(false, Ordering::Release);
+    }
+
+    fn with_env<R>(_: &core::ffi::CStr, _: impl FnOnce(Option<&[u8]>) -> R) -> Option<R> {
+        None
+    }
+
+    fn read_environment(_: impl FnMut(&[u8]) -> bool) -> bool {
+        false
+    }
+
+    const AMD_LFENCE_SERIALIZING: bool = false;
+
+    fn vulnerability(_: &str) -> Option<String> {
+        None
+    }
+
+    fn cpu_info() -> Option<String> {
+        None
+    }
+}
