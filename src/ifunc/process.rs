@@ -3,9 +3,9 @@
 use core::fmt;
 
 use super::{IrelativeError, PltSitesReport, Report, apply, apply_plt_sites};
-use crate::LinuxPoke;
 use crate::cpu::{Features, OverrideError};
 use crate::image::Image;
+use crate::os::{Process, ProcessBackend};
 use crate::poke::PokeError;
 
 /// What [`init`] did.
@@ -123,7 +123,7 @@ pub fn init() -> Result<InitReport, InitError> {
     };
     // The calls `ifunc!`'s functions recorded need no relocation.
     let ifunc_sites = crate::static_call::with_recorded(sites, crate::sites::SiteKind::Ifunc);
-    let mut poke = LinuxPoke::running().map_err(InitError::Poke)?;
+    let mut poke = Process::running_poke().map_err(InitError::Poke)?;
     // SAFETY: the running poke publishes pages atomically (or runs the INT3
     // protocol); every edit is one instruction for one.
     let ifuncs =

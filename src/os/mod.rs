@@ -33,5 +33,60 @@
 pub(crate) mod host;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub mod linux;
+
+/// The backend of this build's process (the contract's upper half, as the
+/// `process` layer and the mechanisms' std entry points use it).
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub(crate) type Process = altpatch_host::linux::Linux;
+
+#[cfg(feature = "std")]
+pub(crate) use backend::{JmpEdit, ProcessBackend};
+
+#[cfg(feature = "std")]
+mod backend {
+    use crate::arch::BRANCH_LEN;
+    use crate::poke::{PokeError, TextPoke};
+
+    /// What a process backend gives the layers above it (the `process`
+    /// layer's one-liners and constructors, `ifunc::init`,
+    /// `retpoline::apply_current`): the running program's pokes, whether
+    /// it has other threads, and the exact branch rewrites patching at load
+    /// uses. Its images are `Image::current` and `Image::from_loaded`,
+    /// which the backend defines; its trap delivery and fork repair are
+    /// its own (behind its pokes and its `pthread_atfork` handlers).
+    pub(crate) trait ProcessBackend {
+        /// The poke the running program's text is written with.
+        type Poke: TextPoke;
+        /// A poke for code other threads run: every edit replaces one
+        /// instruction by one and is published so that no thread sees it
+        /// half done (Linux: the page swap, or the INT3 protocol if the
+        /// program chose it).
+        fn running_poke() -> Result<Self::Poke, PokeError>;
+        /// A poke that stores in place, for sites no thread runs during
+        /// the batch (start-up, or other threads parked).
+        fn in_place_poke() -> Result<Self::Poke, PokeError>;
+        /// Whether the calling thread is the process's only one (`false`
+        /// when it cannot tell). No allocation: it runs in constructors.
+        fn only_thread() -> bool;
+        /// Rewrites every edit's `jmp`/`call` in one publication, each
+        /// checked against its `old` bytes (one already holding `new` is
+        /// left), without the plan or the decoder; the number rewritten.
+        ///
+        /// # Safety
+        ///
+        /// Each `new` is a branch to a function its site may reach (its
+        /// declared type); other threads may run the sites.
+        unsafe fn retarget_branches(edits: &[JmpEdit]) -> Result<usize, PokeError>;
+    }
+
+    /// One `jmp rel32` or `call rel32` to rewrite: at `addr`, `old` now,
+    /// `new` after.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct JmpEdit {
+        pub(crate) addr: usize,
+        pub(crate) old: [u8; BRANCH_LEN],
+        pub(crate) new: [u8; BRANCH_LEN],
+    }
+}
 // `std` on an OS without a backend stops in `altpatch-host`, with one
 // error naming the supported ones.

@@ -1,10 +1,11 @@
 //! Changing keys in the running program: their sites rewritten live.
 
+use crate::os::{Process, ProcessBackend};
 use crate::plan::{ApplyReport, PlanError};
 use crate::static_key::{self, StaticKey};
 
 /// A poke for code other threads run, its failure as a key's.
-fn poke() -> Result<crate::LinuxPoke, static_key::Error> {
+fn poke() -> Result<<Process as ProcessBackend>::Poke, static_key::Error> {
     super::running_poke()
         .map_err(|error| static_key::Error::Plan(PlanError::Poke { site: None, error }))
 }

@@ -6,6 +6,7 @@
 //! [`startup`]: crate::alternative::startup
 
 use crate::alternative::{STARTUP, Startup};
+use crate::os::{Process, ProcessBackend};
 
 /// The constructor every `alternative!` registers; runs once per object.
 #[doc(hidden)]
@@ -15,7 +16,7 @@ pub extern "C" fn __alternative_at_load() {
     }
     let outcome = if !crate::cpu::startup_allowed() {
         Startup::Off
-    } else if !crate::os::linux::only_thread() {
+    } else if !Process::only_thread() {
         Startup::OtherThreads
     } else {
         apply_now()
@@ -28,7 +29,7 @@ fn apply_now() -> Startup {
     let start = std::time::Instant::now();
     let image = &super::running().image;
     let features = crate::cpu::published();
-    let mut poke = match crate::os::linux::LinuxPoke::running() {
+    let mut poke = match Process::running_poke() {
         Ok(p) => p,
         Err(e) => return Startup::Failed(e.to_string()),
     };

@@ -18,7 +18,7 @@ use alloc::vec::Vec;
 use crate::arch::BRANCH_LEN;
 use crate::ifunc::{Ifunc, STARTUP, Startup, StartupError};
 use crate::image::Image;
-use crate::os::linux::JmpEdit;
+use crate::os::{JmpEdit, Process, ProcessBackend};
 use crate::records::IfuncRecord;
 use crate::static_call::{TRAMPOLINE_JMP, TRAMPOLINE_LEN, is_trampoline};
 
@@ -92,7 +92,7 @@ fn apply_stubs() -> Result<(usize, usize, usize), StartupError> {
     // replaced by a `jmp` or `call` to the resolver's choice (its declared
     // type, checked by the macro), which other threads may be running:
     // published one page at a time, no edit straddling two.
-    unsafe { crate::os::linux::retarget_jmps(&edits) }.map_err(StartupError::Poke)?;
+    unsafe { Process::retarget_branches(&edits) }.map_err(StartupError::Poke)?;
     for (ifunc, c) in ifuncs.iter().zip(chosen) {
         ifunc.call.committed(Some(c));
     }
@@ -148,7 +148,7 @@ fn after_first_call(ifunc: &Ifunc, chosen: usize) {
         return;
     };
     // SAFETY: as in `apply_stubs`.
-    if unsafe { crate::os::linux::retarget_jmps(&[edit]) }.is_ok() {
+    if unsafe { Process::retarget_branches(&[edit]) }.is_ok() {
         ifunc.call.committed(Some(chosen));
     }
 }

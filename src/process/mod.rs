@@ -20,9 +20,9 @@ use std::sync::OnceLock;
 use crate::cpu::Features;
 use crate::error::Error;
 use crate::image::Image;
+use crate::os::{Process, ProcessBackend};
 use crate::patcher::{PatchReport, Patcher};
 use crate::poke::PokeError;
-use crate::{LinuxPoke, Publish};
 
 mod calls;
 mod keys;
@@ -77,8 +77,8 @@ fn initialized<T>(cell: &OnceLock<T>, init: impl FnOnce() -> T) -> &T {
 
 /// A poke for code other threads run (the page swap by default: see
 /// [`crate::os::linux`]).
-fn running_poke() -> Result<LinuxPoke, PokeError> {
-    LinuxPoke::running()
+fn running_poke() -> Result<<Process as ProcessBackend>::Poke, PokeError> {
+    Process::running_poke()
 }
 
 /// The running program's [`Patcher`]: the image of the object this copy
@@ -135,7 +135,7 @@ pub fn patcher() -> Patcher<'static> {
 pub unsafe fn apply_alternatives() -> Result<PatchReport<'static>, Error> {
     let mut patcher = patcher();
     patcher.alternatives()?;
-    let mut poke = LinuxPoke::with_publish(Publish::InPlace)?;
+    let mut poke = Process::in_place_poke()?;
     // SAFETY: the caller's: no thread runs an alternative site while the
     // sites are written in place; the snapshot is the published one, which
     // never claims what the CPU lacks.

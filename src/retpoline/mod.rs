@@ -276,7 +276,8 @@ pub unsafe fn apply_loaded(addr: usize, policy: &Policy) -> Result<Report<'stati
     // SAFETY: forwarded from our caller.
     let image = unsafe { Image::from_loaded(addr) }.map_err(Error::Load)?;
     let sites = crate::elf::image_sites(&image).map_err(Error::Sites)?;
-    let mut poke = crate::LinuxPoke::running().map_err(Error::Poke)?;
+    let mut poke =
+        <crate::os::Process as crate::os::ProcessBackend>::running_poke().map_err(Error::Poke)?;
     // SAFETY: as for `apply_current`: the running poke publishes pages
     // atomically and refuses edits that are not one instruction for one.
     unsafe { apply(&image, policy, &sites, &mut poke) }.map(Report::into_owned)
@@ -301,7 +302,8 @@ pub fn apply_current(policy: &Policy) -> Result<Report<'static>, Error> {
     let image = Image::current();
     // The memoized list every mechanism shares: one parse per process.
     let sites = crate::elf::current_sites().map_err(Error::Sites)?;
-    let mut poke = crate::LinuxPoke::running().map_err(Error::Poke)?;
+    let mut poke =
+        <crate::os::Process as crate::os::ProcessBackend>::running_poke().map_err(Error::Poke)?;
     // SAFETY: the running poke publishes pages atomically (or runs the INT3
     // protocol); it refuses edits that are not one instruction for one.
     unsafe { apply(&image, policy, sites, &mut poke) }

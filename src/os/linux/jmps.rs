@@ -21,14 +21,7 @@ use super::{maps, poke_log, sys};
 use crate::arch::BRANCH_LEN;
 use crate::poke::{PAGE_SIZE, PokeError};
 
-/// One `jmp rel32` or `call rel32` to rewrite: at `addr`, `old` now, `new`
-/// after.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct JmpEdit {
-    pub(crate) addr: usize,
-    pub(crate) old: [u8; BRANCH_LEN],
-    pub(crate) new: [u8; BRANCH_LEN],
-}
+pub(crate) use crate::os::JmpEdit;
 
 /// Rewrites every edit's `jmp` in one publication (one page swap per page),
 /// after checking each holds its `old` bytes (an edit already holding `new`
@@ -77,7 +70,7 @@ pub(crate) unsafe fn retarget(edits: &[JmpEdit]) -> Result<usize, PokeError> {
             _ => pages.push(span),
         }
     }
-    let method = if super::only_thread() {
+    let method = if super::threads::only_thread() {
         // No other thread can run the text (none exists, and only a thread
         // of the process creates one): each 5-byte store may land as it
         // comes, in place, where the page stays the file's mapping (tools

@@ -85,6 +85,7 @@
 //! [`retpoline::apply_current`]: crate::retpoline::apply_current
 
 mod arena;
+mod backend;
 mod batch;
 mod file_swap;
 mod files;
@@ -104,7 +105,6 @@ mod state;
 mod strategy;
 mod sys;
 mod threads;
-pub(crate) use threads::only_thread;
 mod trap;
 // What this backend knows about the instruction set: the signal frame,
 // shadow stacks, raw system calls in a signal handler.
@@ -127,7 +127,6 @@ use core::sync::atomic::Ordering;
 
 use crate::poke::{PokeError, Refusal, Strategy};
 pub(crate) use arena::open_exec_tmpfile;
-pub(crate) use jmps::{JmpEdit, retarget as retarget_jmps};
 pub(crate) use loader::loaded_object_containing;
 use state::Locked;
 pub(crate) use sys::{errno, memfd_exec};
