@@ -23,6 +23,22 @@
 //! through a static call, a static key, an ifunc and an alternative,
 //! re-targets the call and flips the key 10 000 times with the INT3
 //! protocol over IPI syncs (`smp.rs`).
+//!
+//! # What this kernel provides in place of an OS backend
+//!
+//! altpatch's OS contract (`ARCHITECTURE.md`, "Adding an OS") has a lower
+//! half a freestanding build fills by itself (`altpatch-host`'s
+//! `Freestanding`: a spin flag per update lock, no environment, no kernel
+//! verdict) and an upper half a kernel provides through public types:
+//!
+//! | the contract asks for | a Linux process has | this kernel gives |
+//! |---|---|---|
+//! | the running program's image | `Image::current` from the loader | `Image::current().with_text(__text_start..__text_end)` (below) |
+//! | the environment (`ALTPATCH=`) | `environ`, `/proc/self/environ` | its command line: `Overrides::from_cmdline` (below) |
+//! | the kernel's verdict | sysfs | its own decision: `Policy::choose(features, overrides)` (`retpolines.rs`) |
+//! | writing text, published | `LinuxPoke` | `DirectPoke` at boot; `Int3Poke` over an IPI-syncing poke on four CPUs (`smp.rs`) |
+//! | trap delivery | a `SIGTRAP` handler | its `#BP` handler feeding the `TrapSlot` (`traps.rs`) |
+//! | fork repair | `pthread_atfork` | — (no fork) |
 
 #![no_std]
 #![no_main]
