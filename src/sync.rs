@@ -56,7 +56,9 @@ impl UpdateLock {
 impl Drop for UpdateGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        Current::unlock(&self.lock.word);
+        // SAFETY: a guard is made only by `lock` on this lock, is not
+        // `Send` (so this is the thread that took it) and drops once.
+        unsafe { Current::unlock(&self.lock.word) };
     }
 }
 

@@ -7,9 +7,9 @@
 //! * **below the backends** (`os::host`: the `altpatch-host` crate): the update lock,
 //!   the environment (`ALTPATCH=`), the kernel's published facts (its
 //!   spectre_v2 verdict, the CPUs it describes, that it makes `LFENCE`
-//!   serializing). One trait, `Host`, implemented by each backend's `host`
-//!   folder and by the freestanding build (a spin flag per object, no
-//!   environment, no verdict).
+//!   serializing). One trait, `Host`, implemented in `altpatch-host` for each
+//!   OS (`linux/`) and for the freestanding build (a spin flag per object,
+//!   no environment, no verdict); `os/host.rs` picks the build's.
 //! * **above images and plans** (this module's backends): the running
 //!   program's images and loader events (`Image::current`,
 //!   `Image::from_loaded`, the loader generation), text writing with W^X

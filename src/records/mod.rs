@@ -34,8 +34,9 @@
 //! find a copy's sections by its tag ([`SectionKind::name`]) or every
 //! copy's by the prefix ([`parse_section_name`]). What the copies must
 //! share (the text they patch, one update lock, the retpoline thunks the
-//! compiler calls by fixed names) is described in `crate::sync` and the
-//! README ("Two copies in one program").
+//! compiler calls by fixed names) is described in `crate::sync`, the lock's
+//! own file (`crates/altpatch-host/src/linux/lock.rs`) and the README
+//! ("Using altpatch in a library").
 //!
 //! # Kernel linker scripts
 //!

@@ -16,9 +16,9 @@
 //! * `linux` (`std`): a Linux process — one futex lock shared by every
 //!   copy of altpatch in the object, `environ` and `/proc/self/environ`,
 //!   sysfs — and the ways it writes text ([`Strategy`], [`Refusal`]);
-//! * [`Current`]: the build's. This crate is the one place that asks
-//!   which OS it is built for (with altpatch's `os/mod.rs`, which declares
-//!   its backends).
+//! * which one a build uses is altpatch's choice (`os/host.rs`, by its own
+//!   `std` feature). This crate and altpatch's `src/os/` are the only
+//!   places that ask which OS the build is for.
 //!
 //! The contract's upper half (images and loader events, text writing and
 //! its publication, trap delivery, fork repair) is altpatch's `TextPoke`,
@@ -43,13 +43,6 @@ compile_error!(
      on another OS build with `default-features = false` (the freestanding API: your own Image and TextPoke)"
 );
 
-/// The implementation of this build: a Linux process.
-#[cfg(all(feature = "std", target_os = "linux"))]
-pub type Current = linux::Linux;
-/// The implementation of this build: no OS.
-#[cfg(not(feature = "std"))]
-pub type Current = Freestanding;
-
 /// The ways this build's backend writes text, and why one was refused
 /// (what altpatch's `PokeError::NoStrategy` lists).
 #[cfg(all(feature = "std", target_os = "linux"))]
@@ -60,8 +53,11 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 /// What a system provides to altpatch's bottom layers. Every item is an
 /// associated function or constant: the build's one implementation is
-/// [`Current`], called without indirection (a lock taken per update, a
-/// string read once per process).
+/// chosen by altpatch at build time (its `os/host.rs`, by *its* `std`
+/// feature, so that a copy of altpatch without `std` in a program whose
+/// other copy enabled this crate's `std` still gets `Freestanding`) and
+/// called without indirection (a lock taken per update, a string read once
+/// per process).
 pub trait Host {
     /// What each of altpatch's update locks holds: its own
     /// spin flag, or nothing where one lock serves the whole process.
@@ -70,8 +66,13 @@ pub trait Host {
     const UNLOCKED: Self::LockWord;
     /// Waits for and takes the update lock `word` belongs to.
     fn lock(word: &Self::LockWord);
-    /// Releases what [`lock`](Host::lock) took, on the same thread.
-    fn unlock(word: &Self::LockWord);
+    /// Releases what [`lock`](Host::lock) took.
+    ///
+    /// # Safety
+    ///
+    /// The calling thread took this lock with `lock(word)` and has not
+    /// released that acquisition yet.
+    unsafe fn unlock(word: &Self::LockWord);
 
     /// Calls `f` with the value of the environment variable `name` (`None`
     /// if unset) once the C runtime has set the environment up; `None`
@@ -118,7 +119,7 @@ impl Host for Freestanding {
     }
 
     #[inline]
-    fn unlock(busy: &AtomicBool) {
+    unsafe fn unlock(busy: &AtomicBool) {
         busy.store(false, Ordering::Release);
     }
 

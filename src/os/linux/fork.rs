@@ -13,11 +13,15 @@ extern "C" fn prepare() {
 }
 
 extern "C" fn parent() {
-    host::fork_parent();
+    // SAFETY: registered as the parent handler with `prepare`, which took
+    // the lock on this thread before the fork.
+    unsafe { host::fork_parent() };
 }
 
 extern "C" fn child() {
-    host::fork_child_enter();
+    // SAFETY: registered as the child handler with `prepare`: this is the
+    // child of a fork whose parent thread took the lock.
+    unsafe { host::fork_child_enter() };
     // The child's only thread is the one that forked, and it holds the
     // lock (from `prepare`): what other threads of the parent were in the
     // middle of is repaired before anyone here can look at it. The order
@@ -25,7 +29,8 @@ extern "C" fn child() {
     // the lock must come after all of them.
     crate::cpu::after_fork_in_child();
     super::trap::after_fork_in_child();
-    host::fork_child_leave();
+    // SAFETY: after `fork_child_enter` on this thread, above.
+    unsafe { host::fork_child_leave() };
 }
 
 /// Registers the fork handlers at load time (`.init_array`), before any

@@ -79,7 +79,9 @@ pub(super) fn register() {
     if REGISTERED.swap(true, Ordering::AcqRel) {
         return;
     }
-    let head = super::host::peers();
+    // SAFETY: the list holds only copies' `Peer` nodes; we push `SELF`, a
+    // static node of that layout, and never pop.
+    let head = unsafe { super::host::peers() };
     let me = (&raw const SELF).cast_mut();
     let mut now = head.load(Ordering::Acquire);
     loop {
@@ -93,7 +95,10 @@ pub(super) fn register() {
 
 /// The other copies' nodes.
 fn others() -> impl Iterator<Item = &'static Peer> {
-    let mut p: *const Peer = super::host::peers().load(Ordering::Acquire).cast();
+    // SAFETY: we only read the list here.
+    let mut p: *const Peer = unsafe { super::host::peers() }
+        .load(Ordering::Acquire)
+        .cast();
     let mut left = MAX_PEERS;
     core::iter::from_fn(move || {
         loop {

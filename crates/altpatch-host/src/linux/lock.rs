@@ -98,9 +98,15 @@ fn shared() -> &'static Rendezvous {
     unsafe { &SHARED }
 }
 
-/// The head of the list of copies linked into this object (see
+/// The head of the list of copies linked into this object (see altpatch's
 /// `os::linux::peers`).
-pub fn peers() -> &'static AtomicPtr<c_void> {
+///
+/// # Safety
+///
+/// Every copy of altpatch dereferences what the list holds: callers store
+/// only pointers to altpatch's own `Peer` nodes (of the layout that module
+/// freezes), which live as long as the object, and never remove one.
+pub unsafe fn peers() -> &'static AtomicPtr<c_void> {
     &shared().peers
 }
 
@@ -163,6 +169,8 @@ fn async_signals() -> libc::sigset_t {
     }
 }
 
+/// Waits for and takes the process's update lock (recursive for the thread
+/// holding it; asynchronous signals blocked on this thread while held).
 pub fn acquire() {
     let me = me();
     let r = shared();
@@ -210,7 +218,14 @@ pub fn acquire() {
     }
 }
 
-pub fn release() {
+/// Releases the lock once (the last release of a recursive hold gives it
+/// away and restores the signal mask saved by the first acquisition).
+///
+/// # Safety
+///
+/// The calling thread holds the lock (an [`acquire`] on this thread not yet
+/// released): its recursion depth and saved mask are owner-only cells.
+pub unsafe fn release() {
     let r = shared();
     // SAFETY: only the owner releases (guards are not Send).
     let depth = unsafe { &mut *r.depth.get() };
@@ -245,9 +260,15 @@ pub fn fork_prepare() {
 }
 
 /// After `fork`, in the parent.
-pub fn fork_parent() {
+///
+/// # Safety
+///
+/// This thread ran [`fork_prepare`] before the `fork` (a `pthread_atfork`
+/// parent handler).
+pub unsafe fn fork_parent() {
     FORK_GENERATION.fetch_add(1, Ordering::AcqRel);
-    release();
+    // SAFETY: the caller's: `fork_prepare` took the lock on this thread.
+    unsafe { release() };
 }
 
 /// After `fork`, in the child, before any repair. The child's only
@@ -257,7 +278,12 @@ pub fn fork_parent() {
 /// thread has a new id here: the lock is made its own, and every
 /// copy's cached id stale, before any copy's handler looks (each copy
 /// linked in runs these steps; doing it twice changes nothing).
-pub fn fork_child_enter() {
+///
+/// # Safety
+///
+/// Only in the child of a `fork` whose parent thread ran [`fork_prepare`]
+/// (a `pthread_atfork` child handler): it makes the lock this thread's.
+pub unsafe fn fork_child_enter() {
     FORK_GENERATION.fetch_add(1, Ordering::AcqRel);
     let r = shared();
     r.forks.fetch_add(1, Ordering::AcqRel);
@@ -266,8 +292,13 @@ pub fn fork_child_enter() {
 }
 
 /// After `fork`, in the child, once every repair is done.
-pub fn fork_child_leave() {
-    release();
+///
+/// # Safety
+///
+/// After [`fork_child_enter`] on this thread.
+pub unsafe fn fork_child_leave() {
+    // SAFETY: the caller's: `fork_child_enter` made the lock this thread's.
+    unsafe { release() };
 }
 
 /// Incremented in parent and child after every `fork`: state derived from
@@ -275,4 +306,56 @@ pub fn fork_child_leave() {
 /// descriptor) compares it to know it must start afresh.
 pub fn fork_generation() -> u64 {
     FORK_GENERATION.load(Ordering::Acquire)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blocked(sig: libc::c_int) -> bool {
+        // SAFETY: reads this thread's mask into a local set.
+        unsafe {
+            let mut set: libc::sigset_t = core::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, core::ptr::null(), &mut set);
+            libc::sigismember(&set, sig) == 1
+        }
+    }
+
+    /// Recursive for the holder; asynchronous signals blocked while held
+    /// (synchronous ones not), the mask restored by the last release.
+    #[test]
+    fn recursive_and_masking() {
+        assert!(!blocked(libc::SIGUSR1));
+        acquire();
+        assert!(blocked(libc::SIGUSR1) && !blocked(libc::SIGTRAP) && !blocked(libc::SIGSEGV));
+        acquire();
+        // SAFETY: held twice by this thread.
+        unsafe { release() };
+        assert!(blocked(libc::SIGUSR1), "still held once");
+        // SAFETY: held once by this thread.
+        unsafe { release() };
+        assert!(!blocked(libc::SIGUSR1));
+    }
+
+    /// Another thread waits (sleeps on the futex) until the holder
+    /// releases.
+    #[test]
+    fn excludes_other_threads() {
+        use std::sync::atomic::AtomicBool;
+        static INSIDE: AtomicBool = AtomicBool::new(false);
+        acquire();
+        INSIDE.store(true, Ordering::SeqCst);
+        let t = std::thread::spawn(|| {
+            acquire();
+            let saw = INSIDE.load(Ordering::SeqCst);
+            // SAFETY: taken just above on this thread.
+            unsafe { release() };
+            saw
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        INSIDE.store(false, Ordering::SeqCst);
+        // SAFETY: taken above on this thread.
+        unsafe { release() };
+        assert!(!t.join().unwrap(), "the other thread got in while held");
+    }
 }

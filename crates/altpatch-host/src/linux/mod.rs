@@ -31,8 +31,9 @@ impl Host for Linux {
     }
 
     #[inline]
-    fn unlock(_: &()) {
-        lock::release();
+    unsafe fn unlock(_: &()) {
+        // SAFETY: the caller's: this thread holds the lock.
+        unsafe { lock::release() };
     }
 
     fn with_env<R>(name: &core::ffi::CStr, f: impl FnOnce(Option<&[u8]>) -> R) -> Option<R> {

@@ -36,7 +36,7 @@ impl Strategy {
     /// `file`.
     ///
     /// ```
-    /// use altpatch::poke::Strategy;
+    /// use altpatch_host::Strategy;
     /// assert_eq!(Strategy::from_name("memfd"), Some(Strategy::Memfd));
     /// assert_eq!(Strategy::Memfd.name(), "memfd");
     /// ```
@@ -55,7 +55,7 @@ impl Strategy {
     /// text and serve anonymous text.
     ///
     /// ```
-    /// use altpatch::poke::Strategy;
+    /// use altpatch_host::Strategy;
     /// assert!(Strategy::ProcMem.keeps_file_text());
     /// assert!(!Strategy::Memfd.keeps_file_text());
     /// ```
@@ -82,7 +82,7 @@ impl fmt::Display for Strategy {
 /// Why one [`Strategy`] was refused.
 ///
 /// ```
-/// use altpatch::poke::{Refusal, Strategy};
+/// use altpatch_host::{Refusal, Strategy};
 /// let r = Refusal::new(Strategy::Memfd, &"memfd_create(MFD_EXEC)", 13);
 /// assert_eq!((r.strategy(), r.call(), r.errno()), (Strategy::Memfd, "memfd_create(MFD_EXEC)", 13));
 /// assert!(r.to_string().starts_with("memfd: memfd_create(MFD_EXEC): "));
