@@ -154,6 +154,10 @@ mod sync;
 #[cfg(target_arch = "x86_64")]
 #[cfg(feature = "std")]
 pub mod trampoline;
+/// AArch64's encodings and the re-basing of moved code (the arch seam's
+/// `arch::aarch64`; the first part of the aarch64 port), on every host.
+#[cfg(target_arch = "x86_64")]
+pub use arch::aarch64;
 /// The x86-64 encodings and decoding (the arch seam's `arch::x86_64`, at
 /// the path they had before it).
 #[cfg(target_arch = "x86_64")]

@@ -45,6 +45,9 @@
 // x86-64 as an instruction set: on every host (its host-only parts —
 // CPUID, serialization, the assembly that runs — are gated inside).
 pub mod x86_64;
+// AArch64's encodings and re-basing, on every host: the first part of its
+// port (issue 29); nothing of the contract below names it yet.
+pub mod aarch64;
 
 /// The CPU's identity and features (re-exported, with the neutral
 /// overrides and published snapshot, as `crate::cpu`).
