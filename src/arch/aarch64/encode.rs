@@ -229,14 +229,24 @@ pub fn tbz(from: usize, to: usize, rt: Reg, bit: u8, nonzero: bool) -> Result<u3
         | rt.0 as u32)
 }
 
+/// An instruction's address must be a word's.
+fn aligned(from: usize) -> Result<(), EncodeError> {
+    if from % 4 != 0 {
+        return Err(EncodeError::Misaligned { addr: from });
+    }
+    Ok(())
+}
+
 /// `ADR rd, to` at `from` (±1 MiB, any byte).
 pub fn adr(from: usize, to: usize, rd: Reg) -> Result<u32, EncodeError> {
+    aligned(from)?;
     let imm = field(from, to, 21, 0)?;
     Ok(0x1000_0000 | (imm & 3) << 29 | (imm >> 2) << 5 | rd.0 as u32)
 }
 
 /// `ADRP rd, to` at `from`: the 4 KiB page of `to` (±4 GiB of pages).
 pub fn adrp(from: usize, to: usize, rd: Reg) -> Result<u32, EncodeError> {
+    aligned(from)?;
     let imm = field(from & !0xfff, to & !0xfff, 21, 12)?;
     Ok(0x9000_0000 | (imm & 3) << 29 | (imm >> 2) << 5 | rd.0 as u32)
 }

@@ -118,6 +118,11 @@ fn each_form_reaches_exactly_its_range() {
     }
     assert!(encode::adr(from, from + (1 << 20) - 1, X3).is_ok());
     assert!(encode::adr(from, from + (1 << 20), X3).is_err());
+    assert_eq!(
+        encode::adr(from + 1, from, X3),
+        Err(EncodeError::Misaligned { addr: from + 1 })
+    );
+    assert!(encode::adrp(from + 2, from, X3).is_err());
     assert!(encode::adrp(from, from + (4 << 30) - 4096, X3).is_ok());
     assert!(encode::adrp(from, from + (4 << 30), X3).is_err());
     assert_eq!(
