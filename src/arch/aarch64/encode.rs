@@ -170,7 +170,7 @@ pub(super) fn field(from: usize, to: usize, bits: u32, shift: u32) -> Result<u32
     let delta = (to as i64).wrapping_sub(from as i64);
     if shift == 2 {
         for addr in [from, to] {
-            if addr % 4 != 0 {
+            if !addr.is_multiple_of(4) {
                 return Err(EncodeError::Misaligned { addr });
             }
         }
@@ -231,7 +231,7 @@ pub fn tbz(from: usize, to: usize, rt: Reg, bit: u8, nonzero: bool) -> Result<u3
 
 /// An instruction's address must be a word's.
 fn aligned(from: usize) -> Result<(), EncodeError> {
-    if from % 4 != 0 {
+    if !from.is_multiple_of(4) {
         return Err(EncodeError::Misaligned { addr: from });
     }
     Ok(())
