@@ -27,8 +27,9 @@
 //! Only Linux today ([`linux`]). The `std` feature means "a process, on an
 //! OS with a backend": built for another OS it stops with an error naming
 //! the supported ones (`altpatch-host` says so). The `target_os` tests
-//! live here (which backends exist) and in the `altpatch-host` crate
-//! (which `Host` the build uses), nowhere else.
+//! live here (which backends exist, and the build's process backend), in
+//! `os/host.rs` (the build's `Host`) and in the `altpatch-host` crate (its
+//! OS modules), nowhere else.
 
 pub(crate) mod host;
 #[cfg(all(feature = "std", target_os = "linux"))]
