@@ -1,7 +1,7 @@
 //! The OS contract's lower half for [altpatch](https://docs.rs/altpatch):
 //! what its bottom layers (the update lock, the CPU snapshot's overrides,
-//! the retpoline policy's inputs) need from the system they run on, and
-//! which implementation this build uses.
+//! the retpoline policy's inputs) need from the system they run on: the
+//! contract and its implementations.
 //!
 //! A crate of its own so that the compiler, not a test, keeps it below
 //! everything else: it depends on nothing of altpatch (and on `libc` only
