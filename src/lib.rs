@@ -119,16 +119,16 @@ pub mod elf;
 #[cfg(target_arch = "x86_64")]
 mod error;
 mod hex;
+// The OS contract's lower half: the `altpatch-host` crate, and the build's
+// `Host` (`Current`).
+#[cfg(target_arch = "x86_64")]
+mod host;
 #[cfg(target_arch = "x86_64")]
 pub mod ifunc;
 #[cfg(target_arch = "x86_64")]
 mod image;
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
 pub mod os;
-// Without `std` only the OS contract's lower half is here (the freestanding
-// update lock): nothing public.
-#[cfg(all(target_arch = "x86_64", not(feature = "std")))]
-mod os;
 #[cfg(target_arch = "x86_64")]
 mod patcher;
 #[cfg(target_arch = "x86_64")]

@@ -4,7 +4,7 @@
 //! state, an ifunc's resolution, the IRELATIVE tables) holds an
 //! [`UpdateLock`] from the moment it reads its own state until that state
 //! matches the text again. What the lock *is* is the OS contract's
-//! (`os::host::Host::lock`):
+//! (`host::Host::lock`):
 //!
 //! * **freestanding** (`no_std`): each `UpdateLock` is its own spin flag. A
 //!   kernel decides how its CPUs may contend; nothing here can sleep.
@@ -16,8 +16,8 @@
 
 use core::marker::PhantomData;
 
-use crate::os::host::Current;
-use crate::os::host::Host;
+use crate::host::Current;
+use crate::host::Host;
 
 /// Serializes the updates of one object (see the [module docs](self)).
 #[derive(Debug)]

@@ -28,7 +28,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "CPU, the arch seam (encodings, live rules), the update lock, the \
          OS contract's lower half (its names for the altpatch-host crate)",
-        &["cpu", "arch", "sync", "os::host"],
+        &["cpu", "arch", "sync", "host"],
     ),
     (
         "text poking: trait, direct, fault, INT3 protocol",
@@ -130,8 +130,8 @@ fn imports(code: &str) -> BTreeSet<String> {
 }
 
 /// The layer map's unit a module path belongs to: the longest unit of
-/// `LAYERS` it starts with (`os::host` is a unit of its own, below the
-/// rest of `os`), else its top-level module.
+/// `LAYERS` it starts with (a listed `a::b` is a unit of its own, apart
+/// from the rest of `a`), else its top-level module.
 fn unit_of(path: &str) -> String {
     let listed = LAYERS
         .iter()
@@ -144,8 +144,8 @@ fn unit_of(path: &str) -> String {
     }
 }
 
-/// The unit `file` (under `src`) belongs to: its module path (`os/host.rs`
-/// is `os::host`, `os/linux/mod.rs` is `os::linux`), mapped by
+/// The unit `file` (under `src`) belongs to: its module path (`os/linux/mod.rs`
+/// is `os::linux`, `os/linux/trap.rs` is `os::linux::trap`), mapped by
 /// [`unit_of`].
 fn module_of(src: &Path, file: &Path) -> String {
     let rel = file.strip_prefix(src).unwrap();
@@ -285,8 +285,7 @@ fn the_import_parser_reads_every_form() {
         .map(|p| p.split("::").next().unwrap().to_string())
         .collect();
     assert_eq!(firsts, want);
-    // Whole paths are kept, for the units below the top level
-    // (`os::host`).
+    // Whole paths are kept, for units below the top level.
     assert!(got.contains("a::B") && got.contains("b::f"), "{got:?}");
     assert!(
         code("// crate::hidden\nx(); // crate::also_hidden")
@@ -484,7 +483,7 @@ fn only_listed_files_name_x86_outside_the_arch_seam() {
 /// The files that may ask which OS the crate is built for: the OS seam's
 /// declaration of its backends and its choice of the build's `Host`
 /// (issue 27: "no `target_os` cfg outside the OS backend").
-const TARGET_OS_FILES: &[&str] = &["os/mod.rs", "os/host.rs"];
+const TARGET_OS_FILES: &[&str] = &["os/mod.rs", "host.rs"];
 
 #[test]
 fn only_the_os_seam_asks_which_os() {
@@ -505,7 +504,7 @@ fn only_the_os_seam_asks_which_os() {
     }
     assert!(
         asking.is_empty(),
-        "files outside the OS seam testing target_os (go through os::host::Host, \
+        "files outside the OS seam testing target_os (go through host::Host, \
          or a backend's own folder chosen in os/mod.rs): {asking:?}"
     );
     assert_eq!(

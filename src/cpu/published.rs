@@ -176,7 +176,7 @@ pub(crate) fn after_fork_in_child() {
 }
 
 /// `ALTPATCH` without Rust's runtime, through the OS contract
-/// (`os::host::Host`): from the C runtime's environment once it is set up,
+/// (`host::Host`): from the C runtime's environment once it is set up,
 /// before that (C ifunc resolvers of the executable run inside the dynamic
 /// loader) from the environment the process started with, item by item
 /// through a small buffer. Nothing is allocated, and a value of any length
@@ -184,8 +184,8 @@ pub(crate) fn after_fork_in_child() {
 /// Freestanding there is no environment: no overrides.
 mod environment {
     use crate::cpu::Overrides;
-    use crate::os::host::Current;
-    use crate::os::host::Host;
+    use crate::host::Current;
+    use crate::host::Host;
 
     pub(super) fn overrides() -> Option<Overrides> {
         match from_environ() {

@@ -4,12 +4,12 @@
 //! The contract has two halves, each at the layer that needs it
 //! (`ARCHITECTURE.md`, "Adding an OS"):
 //!
-//! * **below the backends** (`os::host`: the `altpatch-host` crate): the update lock,
+//! * **below the backends** (`crate::host`: the `altpatch-host` crate): the update lock,
 //!   the environment (`ALTPATCH=`), the kernel's published facts (its
 //!   spectre_v2 verdict, the CPUs it describes, that it makes `LFENCE`
 //!   serializing). One trait, `Host`, implemented in `altpatch-host` for each
 //!   OS (`linux/`) and for the freestanding build (a spin flag per object,
-//!   no environment, no verdict); `os/host.rs` picks the build's.
+//!   no environment, no verdict); `src/host.rs` picks the build's.
 //! * **above images and plans** (this module's backends): the running
 //!   program's images and loader events (`Image::current`,
 //!   `Image::from_loaded`, the loader generation), text writing with W^X
@@ -28,10 +28,9 @@
 //! OS with a backend": built for another OS it stops with an error naming
 //! the supported ones (`altpatch-host` says so). The `target_os` tests
 //! live here (which backends exist, and the build's process backend), in
-//! `os/host.rs` (the build's `Host`) and in the `altpatch-host` crate (its
+//! `src/host.rs` (the build's `Host`) and in the `altpatch-host` crate (its
 //! OS modules), nowhere else.
 
-pub(crate) mod host;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub mod linux;
 

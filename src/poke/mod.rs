@@ -68,7 +68,7 @@ pub(crate) use pages::unknown_pages;
 // The OS backend's ways of writing text, which `PokeError::NoStrategy`
 // lists (a process's: without `std` there are none).
 #[cfg(feature = "std")]
-pub use crate::os::host::{Refusal, Strategy};
+pub use crate::host::{Refusal, Strategy};
 // The few-byte helpers live at the bottom layer; plans and pokes name them
 // through here as before.
 pub(crate) use crate::short::{copy_short, in_ranges, load_short, short_eq};

@@ -193,8 +193,8 @@ impl KernelView {
     pub fn read() -> KernelView {
         // What the kernel publishes, through the OS contract (Linux: sysfs
         // and /proc/cpuinfo).
-        use crate::os::host::Current;
-        use crate::os::host::Host;
+        use crate::host::Current;
+        use crate::host::Host;
         KernelView {
             spectre_v2: Current::vulnerability("spectre_v2").map(|s| KernelVerdict::parse(&s)),
             cpuinfo: Current::cpu_info().map(|s| CpuinfoFlags::parse(&s)),

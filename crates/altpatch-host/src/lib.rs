@@ -16,7 +16,7 @@
 //! * `linux` (`std`): a Linux process — one futex lock shared by every
 //!   copy of altpatch in the object, `environ` and `/proc/self/environ`,
 //!   sysfs — and the ways it writes text ([`Strategy`], [`Refusal`]);
-//! * which one a build uses is altpatch's choice (`os/host.rs`, by its own
+//! * which one a build uses is altpatch's choice (`src/host.rs`, by its own
 //!   `std` feature). This crate and altpatch's `src/os/` are the only
 //!   places that ask which OS the build is for.
 //!
@@ -53,7 +53,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 /// What a system provides to altpatch's bottom layers. Every item is an
 /// associated function or constant: the build's one implementation is
-/// chosen by altpatch at build time (its `os/host.rs`, by *its* `std`
+/// chosen by altpatch at build time (its `src/host.rs`, by *its* `std`
 /// feature, so that a copy of altpatch without `std` in a program whose
 /// other copy enabled this crate's `std` still gets `Freestanding`) and
 /// called without indirection (a lock taken per update, a string read once

@@ -69,8 +69,8 @@ impl Features {
     /// (XCR0; on Linux, that the kernel made `lfence` serializing on AMD).
     /// No overrides are applied; see [`Features::detect_with_env`].
     pub fn detect() -> Features {
-        use crate::os::host::Current;
-        use crate::os::host::Host;
+        use crate::host::Current;
+        use crate::host::Host;
         let mut f = Features::from_source(&super::HostCpuid::new());
         // A kernel that makes LFENCE dispatch-serializing on AMD (Linux
         // does, from family 10h on) lets the code it runs rely on it even
