@@ -141,8 +141,8 @@ pub enum EncodeError {
         /// The offending address.
         addr: usize,
     },
-    /// An operand the form does not take (a bit number above 63, a 32-bit
-    /// `TBZ` testing bit 32 or more, ...).
+    /// An operand the form does not take (`TBZ` of a bit above 63; the
+    /// bit number also picks the `W` or `X` form).
     Operand(&'static str),
 }
 
@@ -230,7 +230,7 @@ pub fn tbz(from: usize, to: usize, rt: Reg, bit: u8, nonzero: bool) -> Result<u3
 }
 
 /// An instruction's address must be a word's.
-fn aligned(from: usize) -> Result<(), EncodeError> {
+pub(super) fn aligned(from: usize) -> Result<(), EncodeError> {
     if !from.is_multiple_of(4) {
         return Err(EncodeError::Misaligned { addr: from });
     }
@@ -247,7 +247,11 @@ pub fn adr(from: usize, to: usize, rd: Reg) -> Result<u32, EncodeError> {
 /// `ADRP rd, to` at `from`: the 4 KiB page of `to` (±4 GiB of pages).
 pub fn adrp(from: usize, to: usize, rd: Reg) -> Result<u32, EncodeError> {
     aligned(from)?;
-    let imm = field(from & !0xfff, to & !0xfff, 21, 12)?;
+    // The reach is in pages; an error names the caller's addresses.
+    let imm = field(from & !0xfff, to & !0xfff, 21, 12).map_err(|e| match e {
+        EncodeError::OutOfRange { reach, .. } => EncodeError::OutOfRange { from, to, reach },
+        e => e,
+    })?;
     Ok(0x9000_0000 | (imm & 3) << 29 | (imm >> 2) << 5 | rd.0 as u32)
 }
 

@@ -6,7 +6,9 @@
 //! all, and whether it refers to the PC in a way this module does not
 //! re-base, is the decoder's (`yaxpeax-arm`) answer, so a word the
 //! classification would copy unchanged while it is PC-relative (a newer
-//! extension's form) is refused, never moved wrongly.
+//! extension's form) is refused, never moved wrongly. The decoder knows no
+//! SVE or SME instruction yet, so code with those is refused too (safe,
+//! not yet movable).
 
 use core::fmt;
 
@@ -154,6 +156,9 @@ fn decoded_pc_relative(word: u32) -> Result<bool, RebaseError> {
 /// assert!(rebase(bl, 0x1000, 0x1000_0000).is_err()); // out of BL's reach
 /// ```
 pub fn rebase(word: u32, from: usize, to: usize) -> Result<u32, RebaseError> {
+    // An instruction lives at a word's address, before and after.
+    encode::aligned(from).map_err(RebaseError::Encode)?;
+    encode::aligned(to).map_err(RebaseError::Encode)?;
     let pc_relative = decoded_pc_relative(word)?;
     let Some(form) = pc_form(word) else {
         return if pc_relative {

@@ -7,7 +7,7 @@
 use std::string::{String, ToString};
 
 use yaxpeax_arch::{Decoder, U8Reader};
-use yaxpeax_arm::armv8::a64::{InstDecoder, Instruction, Operand};
+use yaxpeax_arm::armv8::a64::{InstDecoder, Instruction, Opcode, Operand};
 
 use super::encode::{self, Bti, Cond, EncodeError, Literal, Reg};
 use super::{PcForm, RebaseError, branch_target, pc_form, pc_target, rebase};
@@ -49,8 +49,14 @@ fn fixed_words_decode_as_meant() {
     assert_eq!(text(encode::brk(0)), "brk #0x0");
     assert_eq!(encode::BRK_ALTPATCH, 0xd434_3740);
     // BTI is HINT #32/#34/#36/#38 (the decoder prints the hint number).
-    for (kind, hint) in [(Bti::None, 32), (Bti::C, 34), (Bti::J, 36), (Bti::Jc, 38)] {
+    for (kind, hint) in [
+        (Bti::None, 32u32),
+        (Bti::C, 34),
+        (Bti::J, 36),
+        (Bti::Jc, 38),
+    ] {
         assert_eq!(encode::bti(kind), 0xd503_201f | hint << 5);
+        assert_eq!(text(encode::bti(kind)), std::format!("hint #0x{hint:x}"));
     }
     assert_eq!(encode::bti(Bti::C), 0xd503_245f);
 }
@@ -72,10 +78,14 @@ fn branches_reach_their_targets() {
             assert_eq!(decoded_offset(w), d);
             assert_eq!(branch_target(w, from), Some(to));
             assert_eq!(Cond::from_bits(w as u8), cond);
+            // The decoder reads the same condition.
+            let name = std::format!("b.{cond:?}").to_lowercase();
+            assert!(text(w).starts_with(&name), "{} for {name}", text(w));
         }
         for (wide, nonzero, name) in [(true, false, "cbz x3"), (false, true, "cbnz w3")] {
             let w = encode::cbz(from, to, X3, wide, nonzero).unwrap();
             assert!(text(w).starts_with(name), "{}", text(w));
+            assert_eq!(decoded_offset(w), d);
             assert_eq!(branch_target(w, from), Some(to));
         }
         for bit in [0u8, 5, 31, 32, 63] {
@@ -101,8 +111,12 @@ fn each_form_reaches_exactly_its_range() {
         (&|to| encode::ldr_literal(from, to, X3, Literal::X), 1 << 20),
     ];
     for (enc, reach) in forms {
-        assert!(enc(from + reach - 4).is_ok());
-        assert!(enc(from - reach).is_ok());
+        // The words at both ends say exactly those offsets.
+        assert_eq!(
+            decoded_offset(enc(from + reach - 4).unwrap()),
+            reach as i64 - 4
+        );
+        assert_eq!(decoded_offset(enc(from - reach).unwrap()), -(reach as i64));
         assert!(matches!(
             enc(from + reach),
             Err(EncodeError::OutOfRange { .. })
@@ -116,15 +130,39 @@ fn each_form_reaches_exactly_its_range() {
             Err(EncodeError::Misaligned { addr: from + 2 })
         );
     }
-    assert!(encode::adr(from, from + (1 << 20) - 1, X3).is_ok());
+    assert_eq!(
+        decoded_offset(encode::adr(from, from + (1 << 20) - 1, X3).unwrap()),
+        (1 << 20) - 1
+    );
+    assert_eq!(
+        decoded_offset(encode::adr(from, from - (1 << 20), X3).unwrap()),
+        -(1 << 20)
+    );
     assert!(encode::adr(from, from + (1 << 20), X3).is_err());
+    assert!(encode::adr(from, from - (1 << 20) - 1, X3).is_err());
     assert_eq!(
         encode::adr(from + 1, from, X3),
         Err(EncodeError::Misaligned { addr: from + 1 })
     );
     assert!(encode::adrp(from + 2, from, X3).is_err());
-    assert!(encode::adrp(from, from + (4 << 30) - 4096, X3).is_ok());
-    assert!(encode::adrp(from, from + (4 << 30), X3).is_err());
+    let high = 0x7f00_0000_0000usize;
+    assert_eq!(
+        decoded_offset(encode::adrp(high, high + (4 << 30) - 4096, X3).unwrap()),
+        (4 << 30) - 4096
+    );
+    assert_eq!(
+        decoded_offset(encode::adrp(high, high - (4 << 30), X3).unwrap()),
+        -(4 << 30)
+    );
+    assert_eq!(
+        encode::adrp(high, high + (4 << 30), X3),
+        Err(EncodeError::OutOfRange {
+            from: high,
+            to: high + (4 << 30),
+            reach: 4 << 30
+        })
+    );
+    assert!(encode::adrp(high, high - (4 << 30) - 4096, X3).is_err());
     assert_eq!(
         encode::tbz(from, from, X3, 64, false),
         Err(EncodeError::Operand("TBZ tests bits 0..=63"))
@@ -183,16 +221,33 @@ fn rebasing_keeps_every_target() {
         let moved = rebase(w, from, to).unwrap();
         assert_eq!(pc_form(moved), pc_form(w));
         assert_eq!(pc_target(moved, to), pc_target(w, from), "{w:#010x}");
-        // Every field but the offset is kept: the same text with another
-        // offset.
-        let name = |w: u32| text(w).split(' ').next().unwrap().to_string();
-        assert_eq!(name(moved), name(w));
-        assert_eq!(moved & 0x1f, w & 0x1f);
+        // Every bit but the offset's is kept (condition, register, size,
+        // sf/V/opc, the op bit).
+        let offset_bits: u32 = match pc_form(w).unwrap() {
+            PcForm::B | PcForm::Bl => 0x03ff_ffff,
+            PcForm::BCond | PcForm::Cbz | PcForm::Literal => 0x7ffff << 5,
+            PcForm::Tbz => 0x3fff << 5,
+            PcForm::Adr | PcForm::Adrp => 3 << 29 | 0x7ffff << 5,
+        };
+        assert_eq!(moved & !offset_bits, w & !offset_bits, "{w:#010x}");
+        assert_ne!(moved, w, "the offset changed");
     }
     // TBZ reaches ±32 KiB: near moves re-base, far ones are refused.
     let tbz = encode::tbz(from, from + 0x100, X3, 40, true).unwrap();
     let near = rebase(tbz, from, from + 0x1000).unwrap();
     assert_eq!(pc_target(near, from + 0x1000), Some(from + 0x100));
+    assert_eq!(
+        near & !(0x3fff << 5),
+        tbz & !(0x3fff << 5),
+        "b5, b40, op, Rt kept"
+    );
+    // Misaligned addresses are refused, not re-based.
+    assert_eq!(
+        rebase(tbz, from + 2, to),
+        Err(RebaseError::Encode(EncodeError::Misaligned {
+            addr: from + 2
+        }))
+    );
     assert!(matches!(
         rebase(tbz, from, to),
         Err(RebaseError::Encode(EncodeError::OutOfRange { .. }))
@@ -266,11 +321,23 @@ fn classification_agrees_with_the_decoder() {
                     "{w:#010x} {inst}"
                 );
             }
-            (Some(_), None) => {
-                assert!(rebase(w, 0x1000, 0x2000).is_err(), "{w:#010x} {inst}");
+            // A mask too broad would show here: never.
+            (Some(form), None) => {
+                panic!("{w:#010x} ({inst}) classified {form:?} without a PC offset")
             }
+            // The only PC-relative forms not re-based: FEAT_PAuth_LR's.
             (None, Some(_)) => {
                 unknown_pc += 1;
+                assert!(
+                    matches!(
+                        inst.opcode,
+                        Opcode::AUTIASPPC
+                            | Opcode::AUTIBSPPC
+                            | Opcode::RETAASPPC
+                            | Opcode::RETABSPPC
+                    ),
+                    "{w:#010x} {inst}: PC-relative and not classified"
+                );
                 assert_eq!(
                     rebase(w, 0x1000, 0x2000),
                     Err(RebaseError::UnknownPcRelative { word: w }),
