@@ -8,7 +8,7 @@
 //! `crate::arch::`, so a second architecture adds its module and the same
 //! blocks for it, and those layers compile unchanged. Code that is about
 //! x86 itself (retpolines, the compiler's thunk sites, the ELF audits)
-//! names `crate::arch::x86_64::` explicitly: `tests/layers.rs`
+//! names `crate::arch::x86_64::` explicitly: `tests/seams.rs`
 //! (`X86_OUTSIDE_ARCH`) lists every such file outside `arch/` with its
 //! reason, and ARCHITECTURE.md ("Adding an architecture") what a port
 //! touches.
