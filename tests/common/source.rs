@@ -24,4 +24,3 @@ pub fn code(text: &str) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
-
