@@ -15,7 +15,7 @@
 //! [`TrapTable`](crate::poke::live::TrapTable), an [`Image`](crate::Image)
 //! from its linker script).
 
-pub(crate) use altpatch_host::Host;
+pub(crate) use altpatch_host::{Host, write_errno};
 
 /// The implementation of this build: a Linux process.
 #[cfg(all(feature = "std", target_os = "linux"))]

@@ -3,11 +3,10 @@
 //! (ARCHITECTURE.md, "Adding an architecture" and "Adding an OS").
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
 #[path = "common/source.rs"]
 mod source;
-use source::{code, rust_files};
+use source::crate_sources;
 
 /// Files outside the arch seam that may name x86-64 directly
 /// (`arch::x86_64`, the `x86` alias, iced-x86, raw-cpuid), each with why.
@@ -45,13 +44,9 @@ const X86_OUTSIDE_ARCH: &[(&str, &str)] = &[
 
 #[test]
 fn only_listed_files_name_x86_outside_the_arch_seam() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
     let mut leaks = BTreeSet::new();
     let mut seen = BTreeSet::new();
-    for file in &files {
-        let rel = file.strip_prefix(&src).unwrap().display().to_string();
+    for (rel, text) in crate_sources() {
         // The seam, and the Linux backend's per-architecture folder.
         if rel.starts_with("arch/") || rel.starts_with("os/linux/x86_64/") {
             continue;
@@ -61,7 +56,6 @@ fn only_listed_files_name_x86_outside_the_arch_seam() {
         if rel.starts_with("retpoline/") {
             continue;
         }
-        let text = code(&std::fs::read_to_string(file).unwrap());
         let names_x86 = ["arch::x86_64", "x86::", "iced_x86", "raw_cpuid", " as x86"]
             .iter()
             .any(|p| text.contains(p));
@@ -96,14 +90,10 @@ const TARGET_OS_FILES: &[&str] = &["os/mod.rs", "host.rs"];
 
 #[test]
 fn only_the_os_seam_asks_which_os() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
     let mut asking = BTreeSet::new();
     let mut seen = BTreeSet::new();
-    for file in &files {
-        let rel = file.strip_prefix(&src).unwrap().display().to_string();
-        if code(&std::fs::read_to_string(file).unwrap()).contains("target_os") {
+    for (rel, text) in crate_sources() {
+        if text.contains("target_os") {
             if TARGET_OS_FILES.contains(&rel.as_str()) {
                 seen.insert(rel);
             } else {

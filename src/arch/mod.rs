@@ -48,6 +48,8 @@ pub mod x86_64;
 // AArch64's encodings and re-basing, on every host: the first part of its
 // port (issue 29); nothing of the contract below names it yet.
 pub mod aarch64;
+// The text form of recorded CPU dumps, every architecture's.
+mod dump;
 
 /// The CPU's identity and features (re-exported, with the neutral
 /// overrides and published snapshot, as `crate::cpu`).

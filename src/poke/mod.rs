@@ -51,6 +51,8 @@
 use core::fmt;
 use core::ops::Range;
 
+use crate::host::write_errno;
+
 mod direct;
 mod fault;
 pub mod live;
@@ -165,20 +167,6 @@ pub enum PokeError {
         /// The thread concerned (0 if not one thread).
         tid: i32,
     },
-}
-
-fn write_errno(f: &mut fmt::Formatter<'_>, errno: i32) -> fmt::Result {
-    if errno == 0 {
-        return f.write_str("no effect");
-    }
-    #[cfg(feature = "std")]
-    {
-        write!(f, "{}", std::io::Error::from_raw_os_error(errno))
-    }
-    #[cfg(not(feature = "std"))]
-    {
-        write!(f, "errno {errno}")
-    }
 }
 
 impl fmt::Display for PokeError {

@@ -5,6 +5,7 @@
 use alloc::vec::Vec;
 use std::collections::BTreeMap;
 
+use crate::os::{Process, ProcessBackend};
 use crate::plan::PlanError;
 use crate::sites::{Site, SiteKind};
 use crate::static_call::{self, RawStaticCall, StaticCall, addr_of};
@@ -71,7 +72,7 @@ impl RawStaticCall {
             .get(&self.trampoline())
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        let mut poke = super::running_poke()
+        let mut poke = Process::running_poke()
             .map_err(|error| static_call::Error::Plan(PlanError::Poke { site: None, error }))?;
         // SAFETY: the caller passes only functions of the declared type; the
         // running poke publishes each page atomically (or runs the INT3

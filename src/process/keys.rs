@@ -6,7 +6,7 @@ use crate::static_key::{self, StaticKey};
 
 /// A poke for code other threads run, its failure as a key's.
 fn poke() -> Result<<Process as ProcessBackend>::Poke, static_key::Error> {
-    super::running_poke()
+    Process::running_poke()
         .map_err(|error| static_key::Error::Plan(PlanError::Poke { site: None, error }))
 }
 

@@ -22,7 +22,6 @@ use crate::error::Error;
 use crate::image::Image;
 use crate::os::{Process, ProcessBackend};
 use crate::patcher::{PatchReport, Patcher};
-use crate::poke::PokeError;
 
 mod calls;
 mod keys;
@@ -73,12 +72,6 @@ fn initialized<T>(cell: &OnceLock<T>, init: impl FnOnce() -> T) -> &T {
     }
     let _held = crate::sync::Held::acquire();
     cell.get_or_init(init)
-}
-
-/// A poke for code other threads run (the page swap by default: see
-/// [`crate::os::linux`]).
-fn running_poke() -> Result<<Process as ProcessBackend>::Poke, PokeError> {
-    Process::running_poke()
 }
 
 /// The running program's [`Patcher`]: the image of the object this copy

@@ -24,3 +24,19 @@ pub fn code(text: &str) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// Every `.rs` file under the crate's `src/`: its path there (`os/mod.rs`)
+/// and its code without comments.
+#[allow(dead_code)] // tests/layers.rs reads files its own way
+pub fn crate_sources() -> Vec<(String, String)> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files
+        .iter()
+        .map(|f| {
+            let rel = f.strip_prefix(&src).unwrap().display().to_string();
+            (rel, code(&std::fs::read_to_string(f).unwrap()))
+        })
+        .collect()
+}

@@ -49,7 +49,25 @@ compile_error!(
 pub use linux::{Refusal, Strategy};
 
 use alloc::string::String;
+use core::fmt;
 use core::sync::atomic::{AtomicBool, Ordering};
+
+/// An error number as altpatch's messages show it: "no effect" for 0, the
+/// system's text with `std`, else the number.
+#[doc(hidden)]
+pub fn write_errno(f: &mut fmt::Formatter<'_>, errno: i32) -> fmt::Result {
+    if errno == 0 {
+        return f.write_str("no effect");
+    }
+    #[cfg(feature = "std")]
+    {
+        write!(f, "{}", std::io::Error::from_raw_os_error(errno))
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        write!(f, "errno {errno}")
+    }
+}
 
 /// What a system provides to altpatch's bottom layers. Every item is an
 /// associated function or constant: the build's one implementation is

@@ -388,12 +388,8 @@ impl IdRegisters {
     /// ```
     pub fn parse(text: &str) -> Result<IdRegisters, DumpError> {
         let mut r = IdRegisters::default();
-        for (i, raw) in text.lines().enumerate() {
-            let line = raw.split('#').next().unwrap_or("").trim();
-            if line.is_empty() {
-                continue;
-            }
-            let bad = DumpError::Line { line: i + 1 };
+        for (number, line) in crate::arch::dump::dump_lines(text) {
+            let bad = DumpError::Line { line: number };
             let (name, value) = line.split_once('=').ok_or(bad)?;
             let hex = value.trim().strip_prefix("0x").ok_or(bad)?;
             let value = u64::from_str_radix(&hex.replace('_', ""), 16).map_err(|_| bad)?;

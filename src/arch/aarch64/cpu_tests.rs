@@ -87,58 +87,85 @@ fn recorded_cores() {
 /// at `0xf`.
 #[test]
 fn field_levels() {
-    let f = |r: IdRegisters| Features::from_id_registers(&r);
     let none = IdRegisters::default();
-    assert!(
-        !f(IdRegisters {
-            isar0: 1 << 20,
-            ..none
-        })
-        .has(F::Lse)
-    );
-    assert!(
-        f(IdRegisters {
-            isar0: 2 << 20,
-            ..none
-        })
-        .has(F::Lse)
-    );
-    assert!(!f(IdRegisters { zfr0: 1, ..none }).has(F::Sve2));
-    assert!(
-        f(IdRegisters {
-            zfr0: 1,
-            pfr0: 1 << 32,
-            ..none
-        })
-        .has(F::Sve2)
-    );
-    assert!(
-        !f(IdRegisters {
-            pfr1: 1 << 4,
-            ..none
-        })
-        .has(F::Ssbs)
-    );
-    assert!(
-        !f(IdRegisters {
-            pfr1: 1 << 8,
-            ..none
-        })
-        .has(F::Mte)
-    );
-    assert!(
-        f(IdRegisters {
-            pfr1: 2 << 8 | 1,
-            ..none
-        })
-        .has(F::Mte)
-    );
-    let no_fp = f(IdRegisters {
-        pfr0: 0xff << 16,
-        ..none
-    });
-    assert!(!no_fp.has(F::Fp) && !no_fp.has(F::Asimd));
-    assert!(f(none).has(F::Fp) && !f(none).has(F::Fp16));
+    // (registers, feature, expected)
+    let cases = [
+        (
+            IdRegisters {
+                isar0: 1 << 20,
+                ..none
+            },
+            F::Lse,
+            false,
+        ),
+        (
+            IdRegisters {
+                isar0: 2 << 20,
+                ..none
+            },
+            F::Lse,
+            true,
+        ),
+        (IdRegisters { zfr0: 1, ..none }, F::Sve2, false),
+        (
+            IdRegisters {
+                zfr0: 1,
+                pfr0: 1 << 32,
+                ..none
+            },
+            F::Sve2,
+            true,
+        ),
+        (
+            IdRegisters {
+                pfr1: 1 << 4,
+                ..none
+            },
+            F::Ssbs,
+            false,
+        ),
+        (
+            IdRegisters {
+                pfr1: 1 << 8,
+                ..none
+            },
+            F::Mte,
+            false,
+        ),
+        (
+            IdRegisters {
+                pfr1: 2 << 8 | 1,
+                ..none
+            },
+            F::Mte,
+            true,
+        ),
+        (
+            IdRegisters {
+                pfr0: 0xff << 16,
+                ..none
+            },
+            F::Fp,
+            false,
+        ),
+        (
+            IdRegisters {
+                pfr0: 0xff << 16,
+                ..none
+            },
+            F::Asimd,
+            false,
+        ),
+        (none, F::Fp, true),
+        (none, F::Fp16, false),
+    ];
+    for (regs, feat, want) in cases {
+        assert_eq!(
+            Features::from_id_registers(&regs).has(feat),
+            want,
+            "{feat:?} in {regs:?}"
+        );
+    }
 }
 
 /// Each feature's `HWCAP` bit alone gives that feature alone; the bits are

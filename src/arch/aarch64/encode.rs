@@ -169,11 +169,8 @@ pub(super) fn field(from: usize, to: usize, bits: u32, shift: u32) -> Result<u32
     let unit = 1u64 << shift;
     let delta = (to as i64).wrapping_sub(from as i64);
     if shift == 2 {
-        for addr in [from, to] {
-            if !addr.is_multiple_of(4) {
-                return Err(EncodeError::Misaligned { addr });
-            }
-        }
+        aligned(from)?;
+        aligned(to)?;
     }
     let reach = unit << (bits - 1);
     if delta < -(reach as i64) || delta > reach as i64 - unit as i64 {

@@ -127,13 +127,10 @@ fn quick_new(bytes: &[u8], addr: usize) -> Option<Emulation> {
     if short_eq(bytes, &x86::NOP5) {
         return Some(Emulation::Nop);
     }
-    if bytes.len() == 5 && (bytes[0] == 0xe8 || bytes[0] == 0xe9) {
-        let d = i32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
-        let t = (addr as i64 + 5 + d as i64) as usize;
-        return Some(if bytes[0] == 0xe8 {
-            Emulation::Call(t)
-        } else {
-            Emulation::Jmp(t)
+    if let Some((kind, t)) = super::site::rel32_branch(bytes, addr) {
+        return Some(match kind {
+            BranchKind::Call => Emulation::Call(t),
+            _ => Emulation::Jmp(t),
         });
     }
     let filler = |rest: &[u8]| rest.iter().all(|&b| b == INT3);

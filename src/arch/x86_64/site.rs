@@ -89,15 +89,33 @@ pub fn jump_target(found: &[u8], at: usize) -> Option<usize> {
     branch_target(found, at, 0xe9, BranchKind::Jmp)
 }
 
-/// The forms this crate writes (`opcode rel32`) are read without
-/// decoding; anything else goes to the decoder.
+/// `found` at `at` if it is exactly `call rel32` or `jmp rel32`, the forms
+/// this crate writes, read by hand: what it does and its target.
+#[inline]
+pub(crate) fn rel32_branch(found: &[u8], at: usize) -> Option<(BranchKind, usize)> {
+    let [op @ (0xe8 | 0xe9), d @ ..] = found else {
+        return None;
+    };
+    let d = <[u8; 4]>::try_from(d).ok()?;
+    let kind = if *op == 0xe8 {
+        BranchKind::Call
+    } else {
+        BranchKind::Jmp
+    };
+    Some((
+        kind,
+        (at as i64 + 5 + i32::from_le_bytes(d) as i64) as usize,
+    ))
+}
+
+/// The forms this crate writes are read without decoding
+/// ([`rel32_branch`]); anything else goes to the decoder.
 #[inline]
 fn branch_target(found: &[u8], at: usize, opcode: u8, kind: BranchKind) -> Option<usize> {
-    if let [op, d @ ..] = found
-        && *op == opcode
-        && let Ok(d) = <[u8; 4]>::try_from(d)
+    if found.first() == Some(&opcode)
+        && let Some((_, target)) = rel32_branch(found, at)
     {
-        return Some((at as i64 + 5 + i32::from_le_bytes(d) as i64) as usize);
+        return Some(target);
     }
     rel_branch(found, at as u64)
         .filter(|b| b.kind == kind)

@@ -125,9 +125,6 @@ impl Refusal {
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}: ", self.strategy.name(), self.call)?;
-        if self.errno == 0 {
-            return f.write_str("no effect");
-        }
-        write!(f, "{}", std::io::Error::from_raw_os_error(self.errno))
+        crate::write_errno(f, self.errno)
     }
 }

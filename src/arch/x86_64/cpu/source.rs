@@ -182,13 +182,9 @@ impl RecordedCpuid {
     /// Parses a dump in the format described on the type.
     pub fn parse(text: &str) -> Result<Self, RecordedCpuidError> {
         let mut rec = RecordedCpuid::default();
-        for (i, raw) in text.lines().enumerate() {
-            let line = raw.split('#').next().unwrap_or("").trim();
-            if line.is_empty() {
-                continue;
-            }
+        for (number, line) in crate::arch::dump::dump_lines(text) {
             let err = |reason| RecordedCpuidError {
-                line: i + 1,
+                line: number,
                 reason,
             };
             let mut fields = line.split_whitespace();
@@ -212,10 +208,7 @@ impl RecordedCpuid {
                 _ => return Err(err("expected `cpuid`, `xcr0` or `msr`")),
             }
             if fields.next().is_some() {
-                return Err(RecordedCpuidError {
-                    line: i + 1,
-                    reason: "too many fields",
-                });
+                return Err(err("too many fields"));
             }
         }
         if !rec.leaves.iter().any(|&(l, s, _)| l == 0 && s == 0) {
