@@ -1,8 +1,11 @@
 //! Cost of an indirect call, side by side in one run: a direct call, a
 //! plain `call *%r11` (code built without retpolines: the baseline), the
 //! generic retpoline thunk, the thunk patched to `jmp *%r11`, the thunk
-//! patched to `lfence; jmp *%r11`, and the call site inlined to
-//! `call *%r11`. Each with one target every time (predictable) and with one
+//! patched to `lfence; jmp *%r11`, the call site inlined to
+//! `call *%r11`, and a `cs`-prefixed 6-byte site (GCC's and rustc's
+//! `-mindirect-branch-cs-prefix`) inlined to `lfence; call *%r11`, which a
+//! 5-byte site through `%r8`..`%r15` has no room for (it calls the thunk
+//! patched to `lfence; jmp *%r11` instead). Each with one target every time (predictable) and with one
 //! of four targets drawn at random (unpredictable: 64 000 random draws,
 //! 1000 per iteration).
 //!
@@ -38,25 +41,27 @@ const N: usize = 1000;
 /// Windows of `N` indices the iterations cycle through.
 const WINDOWS: usize = 64;
 
-/// The inline loop's site, from this program's relocations.
-fn inline_site() -> Site {
-    let at = loops::inline_site();
-    *altpatch::elf::current_sites()
-        .expect("benches link with --emit-relocs")
-        .iter()
-        .find(|s| s.addr == at)
-        .expect("the inline loop's call is a site")
+/// The inline loops' sites (5 bytes, and 6 with a `cs` prefix), from this
+/// program's relocations.
+fn inline_sites() -> [Site; 2] {
+    let all = altpatch::elf::current_sites().expect("benches link with --emit-relocs");
+    let at = |a: usize, len: u8| {
+        *all.iter()
+            .find(|s| s.addr == a && s.len == len)
+            .expect("each inline loop's call is a site, prefix included")
+    };
+    [at(loops::inline_site(), 5), at(loops::cs_site(), 6)]
 }
 
-/// Puts the thunks in `thunks` mode and the inline loop's site in `site`
+/// Puts the thunks in `thunks` mode and the inline loops' sites in `site`
 /// mode (in place: nothing else runs the loops).
 fn set_modes(thunks: Mode, site: Mode) {
     let image = Image::current();
     let policy = |mode| Policy::new(mode, "benchmark");
     let mut poke = LinuxPoke::new().expect("poke");
-    // SAFETY: single-threaded benchmark; the site and thunks are idle.
+    // SAFETY: single-threaded benchmark; the sites and thunks are idle.
     unsafe {
-        retpoline::apply(&image, &policy(site), &[inline_site()], &mut poke).expect("site");
+        retpoline::apply(&image, &policy(site), &inline_sites(), &mut poke).expect("site");
         retpoline::apply(&image, &policy(thunks), &[], &mut poke).expect("thunks");
     }
 }
@@ -65,7 +70,7 @@ fn set_modes(thunks: Mode, site: Mode) {
 /// mode, inline-site mode.
 type Variant = (&'static str, Option<loops::Loop>, Mode, Mode);
 
-const VARIANTS: [Variant; 6] = [
+const VARIANTS: [Variant; 7] = [
     ("direct", None, Mode::Generic, Mode::Generic),
     (
         "plain_indirect",
@@ -97,6 +102,12 @@ const VARIANTS: [Variant; 6] = [
         Mode::Generic,
         Mode::Plain,
     ),
+    (
+        "cs_site_lfence_call_r11",
+        Some(loops::rp_loop_cs),
+        Mode::Generic,
+        Mode::Lfence,
+    ),
 ];
 
 /// Sets the modes of `v` and returns its loop at placement `off`.
@@ -117,6 +128,7 @@ fn check() -> String {
         shape("direct_32", loops::direct(32)),
         shape("thunk", loops::rp_loop_thunk),
         shape("inline", loops::rp_loop_inline),
+        shape("cs", loops::rp_loop_cs),
     ];
     let line = shape::check_loops(&base, &others.iter().collect::<Vec<_>>());
     for predictable in [true, false] {

@@ -13,7 +13,11 @@
 //! measured too: reading the table in place (no file, no relocations)
 //! then the same plan, validation and writes.
 //!
-//! `SITES_COUNT=read|apply|embedded` runs one phase once and exits: a driver for
+//! A second image has a `cs` prefix on every call through `%r8`..`%r15`
+//! (GCC's `-mindirect-branch-cs-prefix`): discovery proves each by decoding
+//! its function from the start, and the plan uses all six bytes.
+//!
+//! `SITES_COUNT=read|apply|embedded|read_cs|apply_cs` runs one phase once and exits: a driver for
 //! `valgrind --tool=callgrind --toggle-collect=...`, which counts the
 //! instructions per site exactly (see BENCHMARKS.md).
 
@@ -53,11 +57,17 @@ static ALLOC: Counting = Counting;
 /// 160 000 relocations in all.
 const SITES: usize = 120_000;
 
-/// Generates the image once.
-fn image() -> PathBuf {
+/// Generates the image once; with `cs`, every call and jmp through
+/// `%r8`..`%r15` has a `cs` prefix (GCC's `-mindirect-branch-cs-prefix`,
+/// what the kernel builds with): 6-byte sites, each proven by decoding.
+fn image(cs: bool) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data");
     std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join("many-relocs-table");
+    let out = dir.join(if cs {
+        "many-relocs-cs"
+    } else {
+        "many-relocs-table"
+    });
     if out.exists() {
         return out;
     }
@@ -82,6 +92,10 @@ fn image() -> PathBuf {
     s.push_str(".globl _start\n.type _start,@function\n_start:\n");
     for i in 0..SITES {
         let r = regs[i % regs.len()];
+        // r8..r15 are the last eight; calls are `i % 4` 0 and 1.
+        if cs && i % 4 < 2 && i % regs.len() >= 7 {
+            s.push_str(".byte 0x2e\n");
+        }
         match i % 4 {
             0 | 1 => {
                 let _ = writeln!(s, "call __x86_indirect_thunk_{r}");
@@ -102,7 +116,11 @@ fn image() -> PathBuf {
         ".section altpatch_v1_sitetab,\"a\",@progbits\n.balign 8\n.ascii \"ALTPSITE\"\n\
          .short 1, 12\n.long {SITES}, 0, 0\n.zero 12 * {SITES}"
     );
-    let src = dir.join("many-relocs.s");
+    let src = dir.join(if cs {
+        "many-relocs-cs.s"
+    } else {
+        "many-relocs.s"
+    });
     std::fs::write(&src, s).unwrap();
     let ok = std::process::Command::new("gcc")
         .args(["-nostdlib", "-static", "-no-pie", "-Wl,--emit-relocs", "-o"])
@@ -200,7 +218,8 @@ impl TextCopy {
 }
 
 fn bench(c: &mut Criterion) {
-    let data = std::fs::read(image()).unwrap();
+    let data = std::fs::read(image(false)).unwrap();
+    let with_cs = std::fs::read(image(true)).unwrap();
     let mut embedded = data.clone();
     altpatch::elf::embed(&mut embedded).unwrap();
     if let Ok(phase) = std::env::var("SITES_COUNT") {
@@ -209,9 +228,14 @@ fn bench(c: &mut Criterion) {
             assert_eq!(count_apply(&mut copy), SITES);
             return;
         }
-        let found = count_read(&data);
-        if phase == "apply" {
-            let mut copy = TextCopy::new(&data, &found);
+        let image = if phase.ends_with("_cs") {
+            &with_cs
+        } else {
+            &data
+        };
+        let found = count_read(image);
+        if phase.starts_with("apply") {
+            let mut copy = TextCopy::new(image, &found);
             assert_eq!(count_apply(&mut copy), SITES);
         }
         return;
@@ -220,6 +244,15 @@ fn bench(c: &mut Criterion) {
     assert_eq!(found.sites.len(), SITES);
     assert!(found.relocations >= 100_000);
     let relocs = found.relocations;
+    // The prefixed image: the same sites, those with `cs` one byte earlier
+    // and one longer.
+    let found_cs = altpatch::elf::read_sites(&with_cs).unwrap();
+    let six = found_cs
+        .sites
+        .iter()
+        .filter(|s| s.len == 6 && s.form == altpatch::x86::BranchKind::Call)
+        .count();
+    assert_eq!((found_cs.sites.len(), six), (SITES, SITES / 2 * 8 / 15));
 
     let mut g = c.benchmark_group("sites");
     g.sample_size(20);
@@ -227,6 +260,11 @@ fn bench(c: &mut Criterion) {
     g.bench_function("read_sites", |b| {
         b.iter(|| altpatch::elf::read_sites(black_box(&data)).unwrap())
     });
+    g.bench_function("read_sites_cs", |b| {
+        b.iter(|| altpatch::elf::read_sites(black_box(&with_cs)).unwrap())
+    });
+    let mut copy_cs = TextCopy::new(&with_cs, &found_cs.sites);
+    g.bench_function("plan_validate_write_cs", |b| b.iter(|| copy_cs.apply()));
     g.throughput(criterion::Throughput::Elements(SITES as u64));
     let mut copy = TextCopy::new(&data, &found.sites);
     g.bench_function("plan_validate_write", |b| b.iter(|| copy.apply()));
@@ -279,7 +317,15 @@ fn bench(c: &mut Criterion) {
         );
     }
     for (name, what) in [
+        (
+            "read_sites_cs",
+            "discovery, a third of the sites cs-prefixed",
+        ),
         ("plan_validate_write", "plan + validate + write"),
+        (
+            "plan_validate_write_cs",
+            "plan + validate + write, a third cs-prefixed",
+        ),
         ("embedded_table_read", "embedded table read"),
         (
             "embedded_total",

@@ -31,7 +31,7 @@ fn sites_tables_and_json() {
         "return_thunk (",
         "static_call (2):",
         "ifunc (1):",
-        "rejected (4), never patched:",
+        "rejected (5), never patched:",
     ] {
         assert!(t.contains(header), "missing {header}:\n{t}");
     }

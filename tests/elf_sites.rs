@@ -71,12 +71,11 @@ fn hand_written_sites_exact() {
             IndirectThunk(Reg::Rdx),
             thunk("rdx"),
         ),
-        // The cs prefix is left out: instruction boundaries before the
-        // opcode are not known from the relocation, and a stray 2e byte
-        // in front of the patched instruction is harmless.
+        // The cs prefix is the site's, as objtool records it: decoding
+        // from `asm_sites` proves the 2e byte starts the instruction.
         t(
-            at("site_cs_call_r11") + 1,
-            5,
+            at("site_cs_call_r11"),
+            6,
             Call,
             IndirectThunk(Reg::R11),
             thunk("r11"),
@@ -93,9 +92,28 @@ fn hand_written_sites_exact() {
         t(at("site_static_call"), 5, Call, StaticCall, tramp),
         t(at("site_static_tail"), 5, Jmp, StaticCall, tramp),
         t(at("site_ifunc"), 5, Call, Ifunc, ifunc),
+        // After `mov $0x2e, %al`: the 2e is mov's, decoding says so.
+        t(
+            at("site_after_imm_2e"),
+            5,
+            Call,
+            IndirectThunk(Reg::Rsi),
+            thunk("rsi"),
+        ),
     ];
     let got = within(&found.sites, sym(&syms, "asm_sites"));
     assert_eq!(got, expected);
+    // Outside any function symbol, after a 2e byte nothing proves to be a
+    // prefix: the site is the call alone (a cs prefix before what is
+    // written there changes nothing).
+    let nosym = at("site_nosym_2e");
+    assert_eq!(
+        found
+            .sites
+            .iter()
+            .find(|s| s.addr + s.len as usize == nosym + 5),
+        Some(&t(nosym, 5, Call, IndirectThunk(Reg::Rbp), thunk("rbp")))
+    );
 
     let mut rejected: Vec<(u64, &str, &str)> = found
         .rejected
@@ -126,6 +144,12 @@ fn hand_written_sites_exact() {
                 r("bad_into_thunk", 1),
                 "__x86_indirect_thunk_rax",
                 "branch does not reach the symbol's first byte"
+            ),
+            (
+                r("bad_66_cs_call", 3),
+                "__x86_indirect_thunk_rdi",
+                "a branch with a prefix other than cs (decoded from its function's start): \
+                 not a form compilers emit, left alone"
             ),
         ]
     );
@@ -195,13 +219,16 @@ fn independent_decode_finds_the_same_sites() {
     let data = std::fs::read(fixture()).unwrap();
     let found = elf::read_sites(&data).unwrap();
     let scanned = elf::scan_branches(&data).unwrap();
-    // Compare by where each instruction ends (its displacement's end): the
-    // decoder sees prefixes the relocation cannot vouch for.
-    let key = |s: &Site| (s.addr + s.len as usize, s.form, s.kind, s.target);
+    // The same instructions, prefixes included (only decoding a function
+    // from its start proves them, which both do; outside any function the
+    // decoder sees nothing).
+    let syms = common::symbols(&fixture());
+    let (nosym, _) = sym(&syms, "nosym_after_2e");
+    let key = |s: &Site| (s.addr, s.len, s.form, s.kind, s.target);
     let from_relocs: BTreeSet<_> = found
         .sites
         .iter()
-        .filter(|s| s.kind != SiteKind::Ifunc)
+        .filter(|s| s.kind != SiteKind::Ifunc && !(nosym..nosym + 16).contains(&s.addr))
         .map(key)
         .collect();
     let from_decode: BTreeSet<_> = scanned.iter().map(key).collect();
@@ -215,10 +242,15 @@ fn independent_decode_finds_the_same_sites() {
         only_relocs.is_empty() && only_decode.is_empty(),
         "only from relocations: {only_relocs:x?}\nonly from decoding: {only_decode:x?}"
     );
-    // The one prefixed site: the decoder includes the cs prefix.
-    let syms = common::symbols(&fixture());
+    // Prefixed sites: the hand-written one and GCC's.
     let cs = sym(&syms, "site_cs_call_r11").0;
-    assert!(scanned.iter().any(|s| s.addr == cs && s.len == 6));
+    assert!(found.sites.iter().any(|s| s.addr == cs && s.len == 6));
+    let six = found
+        .sites
+        .iter()
+        .filter(|s| s.len == 6 && s.form != BranchKind::Jcc(Cond::Ne))
+        .count();
+    assert!(six >= 13, "{six} prefixed call/jmp sites");
 }
 
 #[test]
@@ -230,6 +262,7 @@ fn the_running_program_finds_its_own_sites() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("results 13 42 80 11"), "{text}");
+    assert!(text.contains("cs [63935, 15, 3005, 15, 4005]"), "{text}");
     assert!(text.contains("embedded none"), "{text}");
     let bias = text
         .lines()

@@ -22,7 +22,7 @@ use altpatch::retpoline::{self, Error, Mode, Policy};
 use altpatch::sites::{Site, SiteKind};
 use altpatch::x86::Reg;
 
-const RESULTS: &str = "13 42 80 11 jcc [15, 1005, 2005, 15, 9, 7]";
+const RESULTS: &str = "13 42 80 11 jcc [15, 1005, 2005, 15, 9, 7] cs [63935, 15, 3005, 15, 4005]";
 
 fn fixture() -> PathBuf {
     common::build_fixture("sites", true).join("retpoline")
@@ -139,13 +139,16 @@ fn reg_branch(call: bool, r: u8) -> Vec<u8> {
 
 const LFENCE: [u8; 3] = [0x0f, 0xae, 0xe8];
 
-/// `call`/`jmp`/`jcc rel32` from `s` to `target`.
+/// `call`/`jmp`/`jcc rel32` from `s` to `target`, after `cs` prefixes
+/// filling the site's length.
 fn rel32_form(s: &SiteLine, target: usize) -> Vec<u8> {
-    let mut b = match s.form.as_str() {
+    let op = match s.form.as_str() {
         "call" => vec![0xe8],
         "jmp" => vec![0xe9],
         f => vec![0x0f, 0x80 + f["jcc".len()..].parse::<u8>().unwrap()],
     };
+    let mut b = vec![0x2e; s.len - op.len() - 4];
+    b.extend(op);
     let rel = (target as i64 - (s.addr + s.len) as i64) as i32;
     b.extend_from_slice(&rel.to_le_bytes());
     b
@@ -167,23 +170,34 @@ fn expected(s: &SiteLine, mode: &str, step: &StepOut) -> (&'static str, Vec<u8>)
     let r = s.reg.expect("a thunk register");
     let thunk = step.thunks[&r].0;
     let original = rel32_form(s, thunk);
+    // Filler first (lfence, or a NOP of the same length wherever lfence
+    // fits), then the branch; bytes beyond both (a `cs`-prefixed site) are
+    // `cs` prefixes on a call and `int3`s after a jmp.
+    let call = s.form == "call";
+    let br = reg_branch(call, r);
+    let excess = s.len - br.len();
+    let filler = excess.min(3);
+    let tail = || {
+        let pad = excess - filler;
+        let mut b = if call { vec![0x2e; pad] } else { vec![] };
+        b.extend(&br);
+        b.resize(b.len() + if call { 0 } else { pad }, 0xcc);
+        b
+    };
+    let jcc_lfence_fits = 2 + 3 + reg_branch(false, r).len() <= s.len;
     match (mode, cc) {
         ("generic", _) => ("via-thunk", original),
-        ("lfence", Some(_)) => ("refused:jcc;", original),
-        ("lfence", None) if r >= 8 => ("refused:lfence;", original),
-        ("lfence", None) => {
-            let mut b = LFENCE.to_vec();
-            b.extend(reg_branch(s.form == "call", r));
-            ("inlined", b)
-        }
-        ("plain", None) => {
-            let br = reg_branch(s.form == "call", r);
-            let mut b = nop(s.len - br.len());
-            b.extend(br);
-            ("inlined", b)
-        }
-        ("plain", Some(cc)) => {
+        ("lfence", Some(_)) if !jcc_lfence_fits => ("refused:jcc;", original),
+        ("lfence", None) if filler < 3 => ("refused:lfence;", original),
+        ("lfence", None) => ("inlined", [LFENCE.to_vec(), tail()].concat()),
+        ("plain", None) => ("inlined", [nop(filler), tail()].concat()),
+        (_, Some(cc)) => {
             let mut b = vec![0x70 + (cc ^ 1), (s.len - 2) as u8];
+            if mode == "lfence" {
+                b.extend(LFENCE);
+            } else if jcc_lfence_fits {
+                b.extend(nop(3));
+            }
             b.extend(reg_branch(false, r));
             int3s(&mut b);
             ("inlined", b)
@@ -304,6 +318,55 @@ fn every_mode_patches_rust_and_gcc_sites_live() {
             assert_eq!(tail_je.bytes, [0x75, 4, 0x41, 0xff, 0xe2, 0xcc]);
         }
         assert_eq!(ret_jne.bytes, [0x74, 4, 0xc3, 0xcc, 0xcc, 0xcc]);
+
+        // GCC's cs-prefixed sites (-mindirect-branch-cs-prefix): 6 bytes
+        // from the cs byte, every byte used; none refused in any mode.
+        let sym = |n: &str| (syms[n].0 as usize, syms[n].1 as usize);
+        for reg in 8..=15u8 {
+            let name = format!("r{reg}");
+            let calls = within(step, r.bias, sym(&format!("cs_call_{name}")));
+            let call = calls.iter().find(|s| s.kind == "thunk").unwrap();
+            assert_eq!(
+                (call.len, call.reg, call.form.as_str()),
+                (6, Some(reg), "call")
+            );
+            assert!(!call.outcome.starts_with("refused"), "{call:?}");
+            let (b, modrm) = (&call.bytes, 0xd0 + reg - 8);
+            match mode {
+                "lfence" => assert_eq!(b, &[0x0f, 0xae, 0xe8, 0x41, 0xff, modrm]),
+                "plain" => assert_eq!(b, &[0x0f, 0x1f, 0x00, 0x41, 0xff, modrm]),
+                _ => assert_eq!(b[..2], [0x2e, 0xe8]),
+            }
+            if reg <= 11 {
+                let tails = within(step, r.bias, sym(&format!("cs_tail_{name}")));
+                let jmp = tails.iter().find(|s| s.kind == "thunk").unwrap();
+                assert_eq!((jmp.len, jmp.reg, jmp.form.as_str()), (6, Some(reg), "jmp"));
+                assert!(!jmp.outcome.starts_with("refused"), "{jmp:?}");
+            }
+        }
+        // Hand-written `cs jne`/`cs je` (7 bytes) and `cs jmp` to the
+        // return thunk (6): jne over lfence; jmp *%rax fits in 7 bytes,
+        // with %r9's REX it does not.
+        let cs_rax = within(step, r.bias, sym("jcc_cs_rax"));
+        let (jne, ret) = (&cs_rax[0], &cs_rax[1]);
+        assert_eq!(
+            (jne.len, jne.form.as_str(), ret.len, ret.kind.as_str()),
+            (7, "jcc5", 6, "return_thunk")
+        );
+        let cs_r9 = within(step, r.bias, sym("jcc_cs_r9"));
+        assert_eq!((cs_r9[0].len, cs_r9[0].form.as_str()), (7, "jcc4"));
+        match mode {
+            "lfence" => {
+                assert_eq!(jne.bytes, [0x74, 5, 0x0f, 0xae, 0xe8, 0xff, 0xe0]);
+                assert!(cs_r9[0].outcome.starts_with("refused:jcc;"));
+            }
+            "plain" => {
+                assert_eq!(jne.bytes, [0x74, 5, 0x0f, 0x1f, 0x00, 0xff, 0xe0]);
+                assert_eq!(cs_r9[0].bytes, [0x75, 5, 0x41, 0xff, 0xe1, 0xcc, 0xcc]);
+            }
+            _ => assert_eq!(jne.bytes[..3], [0x2e, 0x0f, 0x85]),
+        }
+        assert_eq!(ret.bytes, [0xc3, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc]);
     }
 }
 

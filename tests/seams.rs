@@ -38,6 +38,10 @@ const X86_OUTSIDE_ARCH: &[(&str, &str)] = &[
     ("sites/thunk_names.rs", "x86 thunk names (retpolines only)"),
     ("elf/mod.rs", "GOT-call forms at relocations"),
     ("elf/branch.rs", "the rel32 branch a relocation names"),
+    (
+        "elf/prefix.rs",
+        "x86 prefixes before a branch, proven by decoding",
+    ),
     ("elf/audit.rs", "the retpoline audit (x86 only)"),
     ("elf/cet.rs", "the CET audit (x86 only)"),
 ];

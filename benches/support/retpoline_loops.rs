@@ -13,6 +13,7 @@
 //! | `rp_loop_plain` | `call *%r11` |
 //! | `rp_loop_thunk` | `call __x86_indirect_thunk_r11` (label `rp_loop_thunk_site`) |
 //! | `rp_loop_inline` | `call __x86_indirect_thunk_r11` (label `rp_loop_inline_site`), to be inlined |
+//! | `rp_loop_cs` | `cs call __x86_indirect_thunk_r11` (label `rp_loop_cs_site`: 6 bytes, as `-mindirect-branch-cs-prefix` emits it), to be inlined |
 //!
 //! Each loop and its head start a 64-byte block, and the call is at the
 //! same offset in every loop. The four targets exist in three
@@ -72,6 +73,10 @@ core::arch::global_asm!(
         "rp_loop_inline",
         ".globl rp_loop_inline_site\nrp_loop_inline_site: call __x86_indirect_thunk_r11"
     ),
+    rp_loop!(
+        "rp_loop_cs",
+        ".globl rp_loop_cs_site\nrp_loop_cs_site: .byte 0x2e\n call __x86_indirect_thunk_r11"
+    ),
     ".popsection",
     options(att_syntax)
 );
@@ -88,8 +93,10 @@ unsafe extern "C" {
     pub fn rp_loop_plain(fns: *const Target, idx: *const u32, n: u64, x: u64) -> u64;
     pub fn rp_loop_thunk(fns: *const Target, idx: *const u32, n: u64, x: u64) -> u64;
     pub fn rp_loop_inline(fns: *const Target, idx: *const u32, n: u64, x: u64) -> u64;
+    pub fn rp_loop_cs(fns: *const Target, idx: *const u32, n: u64, x: u64) -> u64;
     static rp_loop_thunk_site: [u8; 0];
     static rp_loop_inline_site: [u8; 0];
+    static rp_loop_cs_site: [u8; 0];
 }
 
 /// The four targets' bodies, in table order: `3x + 1`, `5x + 2`,
@@ -229,6 +236,11 @@ pub fn thunk_site() -> usize {
 /// Address of `rp_loop_inline`'s call.
 pub fn inline_site() -> usize {
     (&raw const rp_loop_inline_site) as usize
+}
+
+/// Address of `rp_loop_cs`'s call (its `cs` prefix).
+pub fn cs_site() -> usize {
+    (&raw const rp_loop_cs_site) as usize
 }
 
 /// Runs `f` over `idx` (all of it) from `x`, the targets at the start of

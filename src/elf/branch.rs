@@ -83,6 +83,7 @@ pub fn scan_branches(data: &[u8]) -> Result<Vec<Site>, ElfError> {
                 && let Some(&kind) = targets.get(&b.target)
                 && b.disp_size == 4
                 && !(kind == SiteKind::ReturnThunk && b.kind == x86::BranchKind::Call)
+                && only_cs_prefixes(code, addr, insn, b.kind)
             {
                 found.push(Site {
                     addr: insn.ip() as usize,
@@ -97,4 +98,24 @@ pub fn scan_branches(data: &[u8]) -> Result<Vec<Site>, ElfError> {
     found.sort_by_key(|s| s.addr);
     found.dedup();
     Ok(found)
+}
+
+/// Whether the prefixes of `insn` (a rel32 branch in `code`, located at
+/// `base`) are all `cs`, the one prefix [`read_sites`](super::read_sites)
+/// keeps in a site.
+fn only_cs_prefixes(
+    code: &[u8],
+    base: u64,
+    insn: &iced_x86::Instruction,
+    kind: x86::BranchKind,
+) -> bool {
+    let canonical = if matches!(kind, x86::BranchKind::Jcc(_)) {
+        6
+    } else {
+        5
+    };
+    let at = (insn.ip() - base) as usize;
+    let n = insn.len().saturating_sub(canonical);
+    code.get(at..at + n)
+        .is_some_and(|p| p.iter().all(|&b| b == 0x2e))
 }

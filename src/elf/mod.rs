@@ -19,6 +19,7 @@ mod branch;
 mod cet;
 mod embed;
 mod origin;
+mod prefix;
 mod runtime;
 mod symbols;
 
@@ -38,6 +39,7 @@ use branch::branch_at;
 pub use branch::scan_branches;
 pub use cet::{CetAudit, CetTarget, CetTargetKind, audit_cet};
 pub use embed::{EmbedError, EmbedOutcome, embed, embed_file};
+use prefix::{Boundaries, PREFIX_NOT_CS, Prefixes};
 pub use runtime::{SitesError, current_sites, image_sites};
 use symbols::{Class, Marks, classify, memo};
 
@@ -290,6 +292,7 @@ pub fn read_sites_with(data: &[u8], names: &ThunkNames) -> Result<FoundSites, El
     let mut class_of = alloc::vec![memo::UNSEEN; p.symbols.len()];
     let marks = Marks::new(names);
     let mut plt = None;
+    let mut bounds = Boundaries::new();
     let mut any_exec_relocs = false;
     for section in p.sections.iter() {
         if section.sh_type(LE) != elf::SHT_RELA {
@@ -462,6 +465,15 @@ pub fn read_sites_with(data: &[u8], names: &ThunkNames) -> Result<FoundSites, El
                 out.rejected.push(reject("a call to the return thunk"));
                 continue;
             }
+            let (start, len) = match bounds.prefixes(&p, sec_data, sec_addr, start, len, &out.sites)
+            {
+                Prefixes::None | Prefixes::Unproven => (start, len),
+                Prefixes::Cs(n) => (start - n, len + n),
+                Prefixes::Other(_) => {
+                    out.rejected.push(reject(PREFIX_NOT_CS));
+                    continue;
+                }
+            };
             out.push_site((sec_addr as usize) + start, len, form, kind, sym_value);
             memo::name_once(memo, &mut out.names, sym_value, name);
         }

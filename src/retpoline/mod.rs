@@ -22,11 +22,18 @@
 //!
 //! # Modes and what they cost you
 //!
-//! | mode | thunk becomes | call sites (5-byte `call`/`jmp`, 6-byte `jcc`) | protects against Spectre v2 (BTI) |
+//! | mode | thunk becomes | call sites (5-byte `call`/`jmp`, 6-byte `jcc`, one more per `cs` prefix) | protects against Spectre v2 (BTI) |
 //! |---|---|---|---|
 //! | `generic` | the retpoline (unchanged) | keep calling the thunk | yes, on every CPU: the indirect branch is never predicted from the BTB; costs a mispredicted `ret` per call |
-//! | `lfence` | `lfence; jmp *%reg` | `lfence; call/jmp *%reg` where it fits (rax..rdi); r8..r15 and `jcc` keep calling the (patched) thunk | vulnerable: Linux reports this mitigation as "Vulnerable: LFENCE" (AMD's 2022 guidance, CVE-2021-26401: not sufficient on AMD; never sufficient on Intel); never chosen by `auto` |
-//! | `plain` (alias `off`) | `nop; jmp *%reg` | `nop; call/jmp *%reg`; `jcc` → inverted short `jcc` over `jmp *%reg` + `int3` | only if the hardware does it: enhanced IBRS (Intel) or Automatic IBRS (AMD) must be enabled by the OS; otherwise no protection |
+//! | `lfence` | `lfence; jmp *%reg` | `lfence; call/jmp *%reg` where it fits (rax..rdi in 5 bytes, r8..r15 in a `cs`-prefixed 6), inverted short `jcc` over `lfence; jmp *%reg` where that fits (a `cs jcc` through rax..rdi); the rest keep calling the (patched) thunk | vulnerable: Linux reports this mitigation as "Vulnerable: LFENCE" (AMD's 2022 guidance, CVE-2021-26401: not sufficient on AMD; never sufficient on Intel); never chosen by `auto` |
+//! | `plain` (alias `off`) | `nop; jmp *%reg` | `nop; call/jmp *%reg`; `jcc` → inverted short `jcc` over `[nop;] jmp *%reg` + `int3` | only if the hardware does it: enhanced IBRS (Intel) or Automatic IBRS (AMD) must be enabled by the OS; otherwise no protection |
+//!
+//! A site with `cs` prefixes (GCC's and rustc's `-mindirect-branch-cs-prefix`,
+//! what the kernel is built with) is found at its first prefix with its
+//! full length, where decoding proves the prefix (`crate::elf`), and every
+//! byte of it is used: the filler (`lfence` or a NOP of its length) first,
+//! then `cs` prefixes on a `call` or `int3` after a `jmp` (Linux's padding;
+//! the branch still ends at the site's end).
 //!
 //! `auto` picks `plain` when the snapshot shows enhanced IBRS or Automatic
 //! IBRS, else `generic`, and says why (`lfence` is never chosen
@@ -103,8 +110,9 @@ fn push_edit(plan: &mut Plan, addr: usize, expected: &[u8], new: &[u8], reason: 
     if short_eq(expected, new) {
         return;
     }
-    let n = edit_span(expected, new);
-    plan.push(Edit::replace(addr, &expected[..n], &new[..n]).reason(reason));
+    let (at, n) = edit_span(expected, new);
+    let span = at..at + n;
+    plan.push(Edit::replace(addr + at, &expected[span.clone()], &new[span]).reason(reason));
 }
 
 /// Puts the retpoline thunks compiled into the program that `sites`

@@ -68,7 +68,9 @@ fn plan_sites_by<'s>(
     let mut plan = CompactPlan::for_image(image, "");
     plan.reserve(sites.len());
     let mut outcomes = SiteOutcomes::for_sites(sites);
-    let mut shapes = ShapeCache::new(mode, returns);
+    let mut shapes = ShapeCache::<0>::new(mode, returns);
+    // Sites with one `cs` prefix, on the first.
+    let mut with_cs: Option<ShapeCache<1>> = None;
     let own = thunks::own_thunks();
     // The text range the last site was in (tried first).
     let mut hit = 0;
@@ -82,8 +84,16 @@ fn plan_sites_by<'s>(
             }
         }
         let Some(shape) = shapes.get(s) else {
-            // Not a branch of its canonical length (prefixed).
-            outcomes.push(Outcome::Refused(PREFIXED));
+            let ctx = (image, mode, returns, use_shapes, held);
+            prefixed(
+                ctx,
+                s,
+                &own,
+                &mut with_cs,
+                &mut hit,
+                &mut plan,
+                &mut outcomes,
+            );
             continue;
         };
         let foreign = || !own.contains(&s.target);
@@ -164,6 +174,66 @@ fn by_shape(
     }
 }
 
+/// What planning a site needs besides the site: the image, the mode, the
+/// return-site policy, whether the shape path is taken, the lock held.
+type Ctx<'a, 'i, 'g> = (
+    &'a Image<'i>,
+    Mode,
+    ReturnSites,
+    bool,
+    Option<&'a UpdateGuard<'g>>,
+);
+
+/// A prefixed site (`cs call`, 6 bytes; rare but in code built with `cs`
+/// prefixes): its edit and outcome pushed, through the shape path of its
+/// own shapes (one `cs` prefix) or the general path. Out of line: it keeps
+/// the loop as it is for unprefixed code. One longer than 8 bytes (an
+/// assembler's branch padding: up to five `cs` prefixes) is planned in its
+/// last 8, which hold every form: the `cs` prefixes before them stay, and a
+/// `cs` changes nothing of what is written after it.
+#[inline(never)]
+fn prefixed(
+    (image, mode, returns, use_shapes, held): Ctx<'_, '_, '_>,
+    s: &Site,
+    own: &core::ops::Range<usize>,
+    with_cs: &mut Option<ShapeCache<1>>,
+    hit: &mut usize,
+    plan: &mut CompactPlan,
+    outcomes: &mut SiteOutcomes<'_>,
+) {
+    let foreign = || !own.contains(&s.target);
+    let shapes = with_cs.get_or_insert_with(|| ShapeCache::new(mode, returns));
+    if let Some(shape) = shapes.get(s) {
+        if !(use_shapes && by_shape(image, hit, s, shape, foreign, plan, outcomes, held)) {
+            outcomes.push(general(
+                image,
+                s,
+                shape.inline,
+                mode,
+                returns,
+                foreign(),
+                plan,
+            ));
+        }
+        return;
+    }
+    let last8 = Site {
+        addr: s.addr + (s.len as usize).saturating_sub(8),
+        len: s.len.min(8),
+        ..*s
+    };
+    let inline = inline_form(&last8, mode);
+    outcomes.push(general(
+        image,
+        &last8,
+        inline,
+        mode,
+        returns,
+        foreign(),
+        plan,
+    ));
+}
+
 /// The general path: the site's outcome, and its edit (from whichever
 /// state it is in now) pushed. `inline` is the site's inline form in
 /// `mode`, or why there is none. Out of line: it keeps the shape path's
@@ -241,7 +311,11 @@ fn push_site_edit(plan: &mut CompactPlan, addr: usize, expected: &Encoded, new: 
     if expected == new {
         return;
     }
-    plan.push_encoded(addr, expected, new, edit_span(expected, new));
+    match edit_span(expected, new) {
+        (0, n) => plan.push_encoded(addr, expected, new, n),
+        // The filler after a short jcc, alone (rare: a mode switch).
+        (at, n) => plan.push(addr + at, &expected[at..at + n], &new[at..at + n]),
+    }
 }
 
 /// The form `site` is in, if it is one this crate writes: plain, lfence,
@@ -300,15 +374,16 @@ const TARGETS: usize = 17;
 /// `call`, `jmp`, and `jcc` per condition.
 const FORMS: usize = 18;
 
-/// [`Shape`]s by (target, form), computed on first use.
-struct ShapeCache {
+/// [`Shape`]s by (target, form), computed on first use, for sites with
+/// `PREFIXES` `cs` prefixes (0, or 1 as compilers emit them).
+struct ShapeCache<const PREFIXES: u8> {
     mode: Mode,
     returns: ReturnSites,
     slots: alloc::boxed::Box<[Option<Shape>; TARGETS * FORMS]>,
 }
 
-impl ShapeCache {
-    fn new(mode: Mode, returns: ReturnSites) -> ShapeCache {
+impl<const PREFIXES: u8> ShapeCache<PREFIXES> {
+    fn new(mode: Mode, returns: ReturnSites) -> ShapeCache<PREFIXES> {
         let slots = alloc::boxed::Box::new([None; TARGETS * FORMS]);
         ShapeCache {
             mode,
@@ -317,8 +392,8 @@ impl ShapeCache {
         }
     }
 
-    /// The shape of `site`, a thunk or return-thunk site; `None` if the
-    /// site is not its branch's canonical length (a prefixed encoding).
+    /// The shape of `site`, a thunk or return-thunk site; `None` unless the
+    /// site is its branch after `PREFIXES` `cs` prefixes.
     #[inline]
     fn get(&mut self, site: &Site) -> Option<&Shape> {
         let target = match site.kind {
@@ -330,7 +405,7 @@ impl ShapeCache {
             BranchKind::Jmp => (1, 1),
             BranchKind::Jcc(cc) => (2 + cc as usize, 2),
         };
-        if site.len != op_len + 4 {
+        if site.len != op_len + 4 + PREFIXES {
             return None;
         }
         let (mode, returns) = (self.mode, self.returns);
@@ -340,13 +415,17 @@ impl ShapeCache {
 }
 
 impl Shape {
-    /// The shape of `site` (of canonical length) in `mode`.
+    /// The shape of `site` (its branch after at most one `cs` prefix) in
+    /// `mode`.
     fn of(site: &Site, mode: Mode, returns: ReturnSites) -> Shape {
-        let (op, op_len) = match site.form {
+        let (opcode, opcode_len) = match site.form {
             BranchKind::Call => (0xe8, 1),
             BranchKind::Jmp => (0xe9, 1),
             BranchKind::Jcc(cc) => (0x0f | (0x80 + cc as u64) << 8, 2),
         };
+        let prefixes = site.len - opcode_len - 4;
+        let cs = if prefixes == 1 { 0x2e } else { 0 };
+        let (op, op_len) = (cs | opcode << (8 * prefixes), prefixes + opcode_len);
         let inline = inline_form(site, mode);
         let ret = site.kind == SiteKind::ReturnThunk;
         let fast = match inline {

@@ -7,6 +7,9 @@
 use core::fmt;
 
 use super::{self as x86, BranchKind, Cond, INT3, Reg};
+
+/// The `cs` segment override prefix.
+const CS: u8 = 0x2e;
 use crate::short::short_eq;
 
 /// What a site's new instruction does, precomputed so a trap handler only
@@ -104,14 +107,22 @@ fn single(bytes: &[u8], addr: usize) -> Option<iced_x86::Instruction> {
     (ends_flow && bytes[insn.len()..].iter().all(|&b| b == INT3)).then_some(insn)
 }
 
-/// `call *%reg` / `jmp *%reg` at the start of `b`: (is_call, reg, length).
+/// The number of `cs` prefixes (`2e`) `b` starts with.
+fn cs_prefixes(b: &[u8]) -> usize {
+    b.iter().take_while(|&&x| x == CS).count()
+}
+
+/// `call *%reg` / `jmp *%reg` at the start of `b`, after any `cs`
+/// prefixes (a prefixed site's `call` is padded with them): (is_call, reg,
+/// length).
 fn reg_branch(b: &[u8]) -> Option<(bool, Reg, usize)> {
-    let (rex, op) = match b {
+    let cs = cs_prefixes(b);
+    let (rex, op) = match &b[cs..] {
         [0x41, 0xff, op, ..] => (8, *op),
         [0xff, op, ..] => (0, *op),
         _ => return None,
     };
-    let len = if rex == 8 { 3 } else { 2 };
+    let len = cs + if rex == 8 { 3 } else { 2 };
     match op {
         0xd0..=0xd7 => Some((true, Reg::from_number(rex + op - 0xd0)?, len)),
         0xe0..=0xe7 => Some((false, Reg::from_number(rex + op - 0xe0)?, len)),
@@ -121,8 +132,9 @@ fn reg_branch(b: &[u8]) -> Option<(bool, Reg, usize)> {
 
 /// What `bytes` at `addr` does, for the forms this crate writes, without
 /// decoding: NOP5; `call`/`jmp rel32`; `ret` + `int3` filler; `[lfence or
-/// NOP;] call *%reg [NOP]`; `[lfence or NOP;] jmp *%reg [int3s]`; inverted
-/// `jcc rel8` to the end over `jmp *%reg` or `ret`.
+/// NOP;] [cs...] call *%reg [NOP]`; `[lfence or NOP;] jmp *%reg [int3s]`;
+/// inverted `jcc rel8` to the end over `[lfence or NOP3;] jmp *%reg` or
+/// `ret`.
 fn quick_new(bytes: &[u8], addr: usize) -> Option<Emulation> {
     if short_eq(bytes, &x86::NOP5) {
         return Some(Emulation::Nop);
@@ -144,6 +156,11 @@ fn quick_new(bytes: &[u8], addr: usize) -> Option<Emulation> {
             if rest.first() == Some(&x86::RET) && filler(&rest[1..]) {
                 return Some(Emulation::JccRet(cond));
             }
+            // `[lfence or NOP3;] jmp *%reg` (the filler where lfence fits).
+            let rest = match rest {
+                [0x0f, 0xae, 0xe8, tail @ ..] | [0x0f, 0x1f, 0x00, tail @ ..] => tail,
+                _ => rest,
+            };
             if let Some((false, r, n)) = reg_branch(rest)
                 && filler(&rest[n..])
             {
@@ -179,12 +196,13 @@ fn quick_new(bytes: &[u8], addr: usize) -> Option<Emulation> {
 /// Whether `bytes` is one instruction no thread can be inside or return
 /// into the middle of (recognised without decoding for the common forms).
 fn quick_old(bytes: &[u8]) -> bool {
+    // `cs` prefixes first: `cs call rel32` is the generic thunk head, the
+    // first edit of every start-up (recognised here, start-up builds no
+    // decoder at all), and a prefixed site's original branch.
+    let branch = &bytes[cs_prefixes(bytes)..];
     short_eq(bytes, &x86::NOP5)
-        || (bytes.len() == 5 && (bytes[0] == 0xe8 || bytes[0] == 0xe9))
-        || (bytes.len() == 6 && bytes[0] == 0x0f && (0x80..=0x8f).contains(&bytes[1]))
-        // `cs call rel32`: the generic thunk head, the first edit of every
-        // start-up (recognised here, start-up builds no decoder at all).
-        || (bytes.len() == 6 && bytes[0] == 0x2e && bytes[1] == 0xe8)
+        || (branch.len() == 5 && (branch[0] == 0xe8 || branch[0] == 0xe9))
+        || (branch.len() == 6 && branch[0] == 0x0f && (0x80..=0x8f).contains(&branch[1]))
         || (bytes.first() == Some(&x86::RET) && bytes[1..].iter().all(|&b| b == INT3))
         || matches!(reg_branch(bytes), Some((false, _, n)) if bytes[n..].iter().all(|&b| b == INT3))
 }
@@ -344,5 +362,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn prefixed_sites_and_their_forms() {
+        let a = 0x1000;
+        // The original `cs call`/`cs jmp`/`cs jcc` is one instruction.
+        let cs_call = [&[CS][..], &x86::call_rel32(a + 1, 0x2000).unwrap()].concat();
+        let cs_jne = [&[CS][..], &x86::jcc_rel32(Cond::Ne, a + 1, 0x2000).unwrap()].concat();
+        // lfence; call *%r8, and its plain form NOP3; call *%r8.
+        let s = LiveSite::new(a, &cs_call, &[0x0f, 0xae, 0xe8, 0x41, 0xff, 0xd0]).unwrap();
+        assert_eq!(s.op, Emulation::CallReg(Reg::R8));
+        let s = LiveSite::new(a, &cs_call, &[0x0f, 0x1f, 0x00, 0x41, 0xff, 0xd0]).unwrap();
+        assert_eq!(s.op, Emulation::CallReg(Reg::R8));
+        // Beyond the filler: `cs` on a call, `int3` after a jmp.
+        let s = LiveSite::new(a, &cs_call, &[0x0f, 0x1f, 0x00, CS, 0xff, 0xd0]).unwrap();
+        assert_eq!(s.op, Emulation::CallReg(Reg::Rax));
+        let s = LiveSite::new(a, &cs_call, &[0x0f, 0xae, 0xe8, 0xff, 0xe0, 0xcc]).unwrap();
+        assert_eq!(s.op, Emulation::JmpReg(Reg::Rax));
+        // jcc over lfence; jmp *%rax, in 7 bytes.
+        let s = LiveSite::new(a, &cs_jne, &[0x74, 5, 0x0f, 0xae, 0xe8, 0xff, 0xe0]).unwrap();
+        assert_eq!(s.op, Emulation::JccReg(Cond::Ne, Reg::Rax));
+        // A routed return site keeps its prefix: `cs jmp rel32`.
+        let cs_jmp = [&[CS][..], &x86::jmp_rel32(a + 1, 0x3000).unwrap()].concat();
+        let s = LiveSite::new(a, &cs_call, &cs_jmp).unwrap();
+        assert_eq!(s.op, Emulation::Jmp(0x3000));
+        // A prefix other than `cs` before the register branch is not ours.
+        assert_eq!(quick_new(&[0x0f, 0x1f, 0x00, 0x3e, 0xff, 0xd0], a), None);
     }
 }
