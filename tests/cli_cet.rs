@@ -164,11 +164,13 @@ fn a_trampoline_without_endbr64_is_reported_by_name() {
         "{j}"
     );
     assert!(j.contains(r#""first_bytes":"0f 1f 40 00""#), "{j}");
-    // Addresses are strings, never JSON numbers.
+    // Addresses are strings, never JSON numbers: Python reads the one
+    // missing target's back exactly.
     assert!(
         !j.contains(r#""addr":0"#) && !j.contains(r#""addr":1"#),
         "{j}"
     );
+    assert_eq!(cli::python_reads(&j), 1);
 
     let audit = audit_cet(&std::fs::read(&image).unwrap()).unwrap();
     let missing: Vec<_> = audit.missing().map(|t| (t.addr, t.kind)).collect();

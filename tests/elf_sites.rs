@@ -518,3 +518,65 @@ fn debug_output_is_a_summary_unless_all() {
         "all:\n{all}\nsummary:\n{summary}"
     );
 }
+
+/// The thunk names newer kernels branch to are sites like the classic
+/// ones (prefixed or not), and the arrays holding them are not.
+#[test]
+fn newer_kernel_thunk_names_are_sites() {
+    let src = r#"
+__asm__(".section .text.thunks,\"ax\",@progbits\n"
+        ".irp kind, call_thunk, jump_thunk, its_thunk\n"
+        ".globl __x86_indirect_\\kind\\()_array\n__x86_indirect_\\kind\\()_array:\n"
+        ".irp reg, rax, r11\n"
+        ".globl __x86_indirect_\\kind\\()_\\reg\n__x86_indirect_\\kind\\()_\\reg: jmp *%\\reg\n"
+        ".endr\n.endr\n"
+        ".text\n.globl _start\n.type _start, @function\n_start:\n"
+        "call __x86_indirect_call_thunk_rax\n"
+        "jmp __x86_indirect_jump_thunk_r11\n"
+        ".byte 0x2e\ncall __x86_indirect_its_thunk_r11\n"
+        "lea __x86_indirect_its_thunk_array(%rip), %rax\n"
+        "ret\n.size _start, . - _start\n");
+"#;
+    let image = common::gcc(
+        "newer_thunk_names",
+        src,
+        &["-nostdlib", "-static", "-no-pie", "-Wl,--emit-relocs"],
+    );
+    let found = elf::read_sites(&std::fs::read(&image).unwrap()).unwrap();
+    let syms = common::symbols(&image);
+    let at = |n: &str| syms[n].0 as usize;
+    let got: Vec<(usize, u8, BranchKind, SiteKind, usize)> = found
+        .sites
+        .iter()
+        .map(|s| (s.addr, s.len, s.form, s.kind, s.target))
+        .collect();
+    let start = at("_start");
+    assert_eq!(
+        got,
+        vec![
+            (
+                start,
+                5,
+                BranchKind::Call,
+                SiteKind::IndirectThunk(Reg::Rax),
+                at("__x86_indirect_call_thunk_rax")
+            ),
+            (
+                start + 5,
+                5,
+                BranchKind::Jmp,
+                SiteKind::IndirectThunk(Reg::R11),
+                at("__x86_indirect_jump_thunk_r11")
+            ),
+            (
+                start + 10,
+                6,
+                BranchKind::Call,
+                SiteKind::IndirectThunk(Reg::R11),
+                at("__x86_indirect_its_thunk_r11")
+            ),
+        ]
+    );
+    // The array's address taken is neither a site nor a bad thunk.
+    assert!(found.rejected.is_empty(), "{:?}", found.rejected);
+}

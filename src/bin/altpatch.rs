@@ -76,7 +76,10 @@ enum Command {
         image: PathBuf,
         /// Audit for CET indirect-branch tracking instead: every entry
         /// altpatch created must start with endbr64.
-        #[arg(long, conflicts_with_all = ["allow", "allow_origin", "thunk_prefix", "return_thunk"])]
+        #[arg(long, conflicts_with_all = [
+            "allow", "allow_origin", "allow_section", "allow_target", "allow_list",
+            "thunk_prefix", "return_thunk",
+        ])]
         cet: bool,
         /// Functions allowed to bypass the thunks: a symbol or demangled
         /// name, `*` matching any run of characters ('std::*',
@@ -88,6 +91,21 @@ enum Command {
         /// comma-separated.
         #[arg(long = "allow-origin", value_name = "ORIGIN", value_delimiter = ',')]
         allow_origin: Vec<String>,
+        /// Sections whose code may bypass the thunks, `*` matching any run
+        /// of characters ('.init.text', '.init.*'): a kernel's init code,
+        /// built without retpolines on purpose. Repeatable.
+        #[arg(long = "allow-section", value_name = "PATTERN")]
+        allow_section: Vec<String>,
+        /// Branches through memory into a data symbol matching PATTERN
+        /// ('pv_ops*' for `call *pv_ops+N(%rip)`): a table the kernel
+        /// patches into direct calls itself. Repeatable.
+        #[arg(long = "allow-target", value_name = "PATTERN")]
+        allow_target: Vec<String>,
+        /// A file of link-time addresses of branches annotated as safe (hex,
+        /// one per line, '#' comments), for images that do not keep
+        /// objtool's annotation sections. Repeatable.
+        #[arg(long = "allow-list", value_name = "FILE")]
+        allow_list: Vec<PathBuf>,
         /// Print the bypasses as JSON (addresses as hex strings).
         #[arg(long)]
         json: bool,
@@ -173,6 +191,9 @@ fn run(command: Command) -> Result<ExitCode, String> {
             image,
             allow,
             allow_origin,
+            allow_section,
+            allow_target,
+            allow_list,
             json,
             thunks,
             ..
@@ -187,6 +208,19 @@ fn run(command: Command) -> Result<ExitCode, String> {
                     format!("--allow-origin {o}: expected compiled, prebuilt, c or plt")
                 })?;
                 rules = rules.origin(origin);
+            }
+            for p in &allow_section {
+                rules = rules.section(p);
+            }
+            for p in &allow_target {
+                rules = rules.target(p);
+            }
+            for f in &allow_list {
+                let text =
+                    std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+                rules = rules
+                    .address_list(&text)
+                    .map_err(|e| format!("{}: {e}", f.display()))?;
             }
             let audit =
                 elf::audit_with(&data, &rules).map_err(|e| format!("{}: {e}", image.display()))?;
@@ -259,7 +293,7 @@ fn print_cet_json(image: &Path, audit: &elf::CetAudit) {
         .map(|&k| format!("\"{}\":{}", k.name(), audit.count(k)))
         .collect();
     println!(
-        "{{\"image\":{},\"targets\":{},\"counts\":{{{}}},\"missing_endbr64\":[{}]}}",
+        "{{\"format\":{JSON_FORMAT},\"image\":{},\"targets\":{},\"counts\":{{{}}},\"missing_endbr64\":[{}]}}",
         json_str(&image.display().to_string()),
         audit.targets.len(),
         counts.join(","),
@@ -299,6 +333,11 @@ fn print_audit(image: &std::path::Path, audit: &elf::Audit) {
     }
 }
 
+/// The version of every JSON output's layout, its `"format"` field: 2 since
+/// addresses and offsets became hex strings (`"0xffffffff8100024c"`): as
+/// JSON numbers, jq and JavaScript read them as doubles and round them.
+const JSON_FORMAT: u32 = 2;
+
 /// Addresses as hex strings, as in every JSON output of the tool.
 fn print_audit_json(audit: &elf::Audit) {
     let items: Vec<String> = audit
@@ -306,18 +345,21 @@ fn print_audit_json(audit: &elf::Audit) {
         .iter()
         .map(|b| {
             format!(
-                "{{\"addr\":\"{:#x}\",\"function\":{},\"offset\":{},\"text\":{},\"origin\":\"{}\",\"kind\":\"{}\"}}",
+                "{{\"addr\":\"{:#x}\",\"function\":{},\"offset\":\"{:#x}\",\"text\":{},\"origin\":\"{}\",\"kind\":\"{}\",\"section\":{},\"target\":{},\"outside_function\":{}}}",
                 b.addr,
                 json_str(&b.function),
                 b.offset,
                 json_str(&b.text),
                 b.origin.name(),
-                b.kind.name()
+                b.kind.name(),
+                json_str(&b.section),
+                b.target.as_deref().map_or("null".into(), json_str),
+                b.outside_function
             )
         })
         .collect();
     println!(
-        "{{\"bypasses\":[{}],\"allowed\":{},\"intended\":{}}}",
+        "{{\"format\":{JSON_FORMAT},\"bypasses\":[{}],\"allowed\":{},\"intended\":{}}}",
         items.join(","),
         audit.allowed,
         audit.intended
@@ -409,7 +451,7 @@ fn print_json(image: &Path, found: &FoundSites) {
         .iter()
         .map(|r| {
             format!(
-                "{{\"offset\":{},\"symbol\":{},\"why\":{}}}",
+                "{{\"offset\":\"{:#x}\",\"symbol\":{},\"why\":{}}}",
                 r.offset,
                 json_str(&r.symbol),
                 json_str(r.why)
@@ -417,7 +459,7 @@ fn print_json(image: &Path, found: &FoundSites) {
         })
         .collect();
     println!(
-        "{{\"image\":{},\"relocations\":{},\"sites\":[{}],\"rejected\":[{}]}}",
+        "{{\"format\":{JSON_FORMAT},\"image\":{},\"relocations\":{},\"sites\":[{}],\"rejected\":[{}]}}",
         json_str(&image.display().to_string()),
         found.relocations,
         sites.join(","),

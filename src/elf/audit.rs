@@ -5,13 +5,15 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 use object::elf;
 use object::endian::LittleEndian as LE;
 use object::read::elf::{SectionHeader as _, Sym as _};
 
+pub use super::audit_allow::AuditAllow;
+use super::audit_symbols::{Annotations, SymbolMap};
 pub use super::origin::Origin;
-use super::origin::{demangle, glob, origin_of};
+use super::origin::{demangle, origin_of};
 use super::{ElfError, Parsed, corrupt, exec_bytes_at, parse};
 use crate::sites::ThunkNames;
 
@@ -55,79 +57,40 @@ pub struct IndirectBranch {
     pub origin: Origin,
     /// What the branch is for.
     pub kind: BranchUse,
+    /// The section holding it (`.text`, `.init.text`, `.plt`).
+    pub section: String,
+    /// For a branch through memory at a fixed address (`call
+    /// *pv_ops+0x18(%rip)`, a jump table's base): the data symbol that
+    /// address is in.
+    pub target: Option<String>,
+    /// Whether no function symbol covers it (hand-written code between
+    /// functions; `function` is then the nearest symbol before it, or the
+    /// section): decoded from the start of the uncovered bytes, and
+    /// reported like any other.
+    pub outside_function: bool,
 }
 
 impl fmt::Display for IndirectBranch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{:#x} <{}+{:#x}>: {} [{} {}]",
-            self.addr,
-            self.function,
-            self.offset,
-            self.text,
+            "{:#x} <{}+{:#x}>: {}",
+            self.addr, self.function, self.offset, self.text
+        )?;
+        if let Some(t) = &self.target {
+            write!(f, " (into {t})")?;
+        }
+        write!(
+            f,
+            " [{} {} in {}",
             self.origin.name(),
-            self.kind.name()
-        )
-    }
-}
-
-/// What may bypass the thunks without failing the audit.
-///
-/// ```
-/// use altpatch::elf::{AuditAllow, Origin};
-/// let allow = AuditAllow::default().pattern("std::*").origin(Origin::Plt);
-/// assert!(allow.matches_name("std::io::stdio::_print"));
-/// assert!(!allow.matches_name("my_crate::dispatch"));
-/// ```
-#[derive(Clone, Debug, Default)]
-pub struct AuditAllow {
-    patterns: Vec<String>,
-    origins: Vec<Origin>,
-    thunks: ThunkNames,
-}
-
-impl AuditAllow {
-    /// Also allows functions whose name — demangled without its hash, or
-    /// as in the symbol table — matches `pattern`, where `*` matches any run
-    /// of characters (`std::*`, `*::dispatch`, an exact C name).
-    pub fn pattern(mut self, pattern: &str) -> AuditAllow {
-        self.patterns.push(pattern.into());
-        self
-    }
-
-    /// Recognises these thunk names (aliases beyond the built-in ones): the
-    /// thunks' own bodies are never reported, and branches to them are
-    /// the routed kind.
-    ///
-    /// ```
-    /// use altpatch::elf::AuditAllow;
-    /// use altpatch::sites::ThunkNames;
-    /// let rules = AuditAllow::default()
-    ///     .thunk_names(ThunkNames::new().indirect_prefix("__x86_retpoline_"));
-    /// # let _ = rules;
-    /// ```
-    pub fn thunk_names(mut self, names: ThunkNames) -> AuditAllow {
-        self.thunks = names;
-        self
-    }
-
-    /// Also allows everything of `origin`.
-    pub fn origin(mut self, origin: Origin) -> AuditAllow {
-        self.origins.push(origin);
-        self
-    }
-
-    /// Whether a function called `name` (demangled, or raw) is allowed by
-    /// pattern.
-    pub fn matches_name(&self, name: &str) -> bool {
-        self.patterns.iter().any(|p| glob(p, name))
-    }
-
-    fn allows(&self, b: &IndirectBranch, demangled: &str) -> bool {
-        self.origins.contains(&b.origin)
-            || self.matches_name(demangled)
-            || self.matches_name(&b.function)
+            self.kind.name(),
+            self.section
+        )?;
+        if self.outside_function {
+            f.write_str(", outside any function symbol")?;
+        }
+        f.write_str("]")
     }
 }
 
@@ -138,9 +101,11 @@ pub struct Audit {
     pub bypasses: Vec<IndirectBranch>,
     /// Bypasses allowed by pattern or origin.
     pub allowed: usize,
-    /// Indirect branches the code marks as intended (the crate's own, in
+    /// Indirect branches the code marks as intended — the crate's own, in
     /// section `altpatch_v1_<tag>_indirect_ok` of each copy of the crate
-    /// linked in): never reported.
+    /// linked in, and a kernel's `ANNOTATE_RETPOLINE_SAFE` where the image
+    /// keeps `.discard.retpoline_safe` or `.discard.annotate_insn`: never
+    /// reported.
     pub intended: usize,
 }
 
@@ -201,46 +166,74 @@ fn thunk_addresses(p: &Parsed<'_>, thunks: &ThunkNames) -> Result<Vec<u64>, ElfE
     Ok(out)
 }
 
-/// The addresses recorded in every copy's `altpatch_v1_<tag>_indirect_ok`:
-/// self-relative 32-bit offsets, each to an intended indirect branch.
-fn intended(p: &Parsed<'_>) -> Result<Vec<u64>, ElfError> {
-    let mut out = Vec::new();
-    for s in p.sections.iter() {
-        let name = p.sections.section_name(LE, s).map_err(corrupt)?;
-        let intended = crate::records::parse_section_name(name)
-            .is_some_and(|n| n.kind == crate::records::SectionKind::IndirectOk);
-        if !intended || s.sh_type(LE) == elf::SHT_NOBITS {
-            continue;
-        }
-        let data = s.data(LE, p.data).map_err(corrupt)?;
-        let base = s.sh_addr(LE);
-        for (i, w) in data.chunks_exact(4).enumerate() {
-            let rel = i32::from_le_bytes([w[0], w[1], w[2], w[3]]) as i64;
-            out.push((base + 4 * i as u64).wrapping_add_signed(rel));
-        }
+/// What an indirect branch is for: a call, a jump through a table (an
+/// indexed memory operand, or a register loaded from a table of 32-bit
+/// offsets in the same function: `table_load`), or another jump.
+fn branch_use(insn: &Instruction, table_load: bool) -> BranchUse {
+    if insn.mnemonic() == Mnemonic::Call {
+        BranchUse::Call
+    } else if (insn.op0_kind() == OpKind::Memory && insn.memory_index() != Register::None)
+        || (insn.op0_kind() == OpKind::Register && table_load)
+    {
+        BranchUse::JumpTable
+    } else {
+        BranchUse::TailJump
     }
-    out.sort_unstable();
-    Ok(out)
+}
+
+/// The fixed address a branch through memory reads (`call *sym(%rip)`,
+/// `call *sym+8`, `jmp *table(,%rax,8)`): where its operand points before
+/// any register is added.
+fn memory_target(insn: &Instruction) -> Option<u64> {
+    (insn.op0_kind() == OpKind::Memory
+        && matches!(insn.memory_base(), Register::RIP | Register::None))
+    .then(|| insn.memory_displacement64())
 }
 
 /// Every indirect `call`/`jmp` of the linked image `data` that does not go
 /// through a retpoline thunk — what objtool's retpoline validation reports —
 /// with its origin and use, minus what `allow` allows and what the code
-/// marks as intended. The thunks themselves are never reported.
+/// marks as intended. The thunks themselves are never reported. Code no
+/// function symbol covers (hand-written asm between functions) is decoded
+/// too and its branches reported, marked
+/// [`outside_function`](IndirectBranch::outside_function), never dropped.
 ///
 /// An empty [`Audit::bypasses`] means every indirect branch that is not
 /// allowed goes through `__x86_indirect_thunk_<reg>`.
 pub fn audit_with(data: &[u8], allow: &AuditAllow) -> Result<Audit, ElfError> {
     let p = parse(data)?;
-    let ok = intended(&p)?;
+    let ok = Annotations::read(&p)?;
     let thunks = thunk_addresses(&p, &allow.thunks)?;
+    let map = SymbolMap::new(&p)?;
     let mut out = Audit::default();
     let mut fmt = iced_x86::GasFormatter::new();
-    let mut text = |insn: &Instruction| {
-        let mut t = String::new();
-        iced_x86::Formatter::format(&mut fmt, insn, &mut t);
-        t
-    };
+    // One branch of `function` (its demangled name too), which starts at
+    // `start`: intended, allowed, or a bypass.
+    let mut report =
+        |insn: &Instruction, function: &str, demangled: &str, start: u64, origin, kind, outside| {
+            if ok.binary_search(&insn.ip()).is_ok() {
+                out.intended += 1;
+                return;
+            }
+            let mut text = String::new();
+            iced_x86::Formatter::format(&mut fmt, insn, &mut text);
+            let b = IndirectBranch {
+                addr: insn.ip(),
+                function: function.into(),
+                offset: insn.ip() - start,
+                text,
+                origin,
+                kind,
+                section: map.section_of(insn.ip()),
+                target: memory_target(insn).and_then(|a| map.holding(a)),
+                outside_function: outside,
+            };
+            if allow.allows(&b, demangled) {
+                out.allowed += 1;
+            } else {
+                out.bypasses.push(b);
+            }
+        };
     // Reused for every function: its indirect branches, found in one pass.
     let mut indirect: Vec<Instruction> = Vec::new();
     for_each_function(&p, |raw, addr, code| {
@@ -262,7 +255,7 @@ pub fn audit_with(data: &[u8], allow: &AuditAllow) -> Result<Audit, ElfError> {
                 calls_thunks = true;
             } else if insn.mnemonic() == Mnemonic::Movsxd
                 && insn.op1_kind() == OpKind::Memory
-                && insn.memory_index() != iced_x86::Register::None
+                && insn.memory_index() != Register::None
                 && insn.memory_index_scale() == 4
             {
                 table_load = true;
@@ -276,33 +269,8 @@ pub fn audit_with(data: &[u8], allow: &AuditAllow) -> Result<Audit, ElfError> {
         let (demangled, krate) = demangle(&raw);
         let origin = origin_of(&raw, krate.as_deref(), calls_thunks);
         for insn in &indirect {
-            if ok.binary_search(&insn.ip()).is_ok() {
-                out.intended += 1;
-                continue;
-            }
-            let kind = if insn.mnemonic() == Mnemonic::Call {
-                BranchUse::Call
-            } else if (insn.op0_kind() == OpKind::Memory
-                && insn.memory_index() != iced_x86::Register::None)
-                || (insn.op0_kind() == OpKind::Register && table_load)
-            {
-                BranchUse::JumpTable
-            } else {
-                BranchUse::TailJump
-            };
-            let b = IndirectBranch {
-                addr: insn.ip(),
-                function: raw.clone().into_owned(),
-                offset: insn.ip() - addr,
-                text: text(insn),
-                origin,
-                kind,
-            };
-            if allow.allows(&b, &demangled) {
-                out.allowed += 1;
-            } else {
-                out.bypasses.push(b);
-            }
+            let kind = branch_use(insn, table_load);
+            report(insn, &raw, &demangled, addr, origin, kind, false);
         }
     })?;
     // PLT stubs have no function symbols: scan their sections whole.
@@ -315,22 +283,33 @@ pub fn audit_with(data: &[u8], allow: &AuditAllow) -> Result<Audit, ElfError> {
         let section = String::from_utf8_lossy(name).into_owned();
         let (base, data) = (s.sh_addr(LE), s.data(LE, p.data).map_err(corrupt)?);
         decode_all(data, base, |insn| {
+            if is_indirect(insn) {
+                let kind = BranchUse::TailJump;
+                report(insn, &section, &section, base, Origin::Plt, kind, false);
+            }
+        });
+    }
+    // Code between function symbols (padding, hand-written asm): each run
+    // decoded from its start, its branches named by the nearest symbol.
+    for (section, range) in map.uncovered() {
+        let Some((base, data)) = exec_bytes_at(&p, range.start, range.end - range.start) else {
+            continue;
+        };
+        let bytes = &data[(range.start - base) as usize..(range.end - base) as usize];
+        let section = String::from_utf8_lossy(section).into_owned();
+        decode_all(bytes, range.start, |insn| {
             if !is_indirect(insn) {
                 return;
             }
-            let b = IndirectBranch {
-                addr: insn.ip(),
-                function: section.clone(),
-                offset: insn.ip() - base,
-                text: text(insn),
-                origin: Origin::Plt,
-                kind: BranchUse::TailJump,
+            let (name, start) = match map.nearest(insn.ip(), &(base..base + data.len() as u64)) {
+                Some((n, _)) if allow.thunks.is_thunk(n) => return,
+                Some((n, a)) => (String::from_utf8_lossy(n).into_owned(), a),
+                None => (section.clone(), base),
             };
-            if allow.allows(&b, &section) {
-                out.allowed += 1;
-            } else {
-                out.bypasses.push(b);
-            }
+            let (demangled, krate) = demangle(&name);
+            let origin = origin_of(&name, krate.as_deref(), false);
+            let kind = branch_use(insn, false);
+            report(insn, &name, &demangled, start, origin, kind, true);
         });
     }
     out.bypasses.sort_by_key(|b| b.addr);

@@ -15,6 +15,8 @@
 //! ```
 
 mod audit;
+mod audit_allow;
+mod audit_symbols;
 mod branch;
 mod cet;
 mod embed;
@@ -35,6 +37,7 @@ use object::read::elf::{
 };
 
 pub use audit::{Audit, AuditAllow, BranchUse, IndirectBranch, Origin, audit, audit_with};
+pub use audit_allow::AddressListError;
 use branch::branch_at;
 pub use branch::scan_branches;
 pub use cet::{CetAudit, CetTarget, CetTargetKind, audit_cet};

@@ -13,8 +13,12 @@ use crate::arch::x86_64::Reg;
 /// (`--thunk-prefix`, `--return-thunk`).
 ///
 /// Always included: `__x86_indirect_thunk_<reg>` (GCC's and rustc's
-/// external thunks), `__llvm_retpoline_<reg>` (LLVM's local thunks) and
-/// `__x86_return_thunk`. Projects that alias the thunks under other names
+/// external thunks), `__llvm_retpoline_<reg>` (LLVM's local thunks), the
+/// names newer Linux kernels branch to (`__x86_indirect_call_thunk_<reg>`
+/// and `__x86_indirect_jump_thunk_<reg>` with call-depth tracking,
+/// `__x86_indirect_its_thunk_<reg>` for Indirect Target Selection) and
+/// `__x86_return_thunk`. A name ending in `_array` (the array holding a
+/// set of thunks, whose address is taken, never called) is no thunk. Projects that alias the thunks under other names
 /// add them: a prefix followed by a register name (`rax` ... `r15`) is an
 /// indirect thunk through that register.
 ///
@@ -31,6 +35,9 @@ use crate::arch::x86_64::Reg;
 /// assert_eq!(names.classify(b"__x86_indirect_thunk_rsp"), Some(ThunkName::BadRegister));
 /// assert_eq!(names.classify(b"my_return_thunk"), Some(ThunkName::Return));
 /// assert_eq!(names.classify(b"memcpy"), None);
+/// assert_eq!(names.classify(b"__x86_indirect_its_thunk_r11"), Some(ThunkName::Indirect(Reg::R11)));
+/// assert_eq!(names.classify(b"__x86_indirect_call_thunk_rdx"), Some(ThunkName::Indirect(Reg::Rdx)));
+/// assert_eq!(names.classify(b"__x86_indirect_jump_thunk_array"), None);
 /// assert!(!ThunkNames::new().is_thunk(b"__x86_retpoline_rax"));
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -40,7 +47,13 @@ pub struct ThunkNames {
 }
 
 /// The built-in indirect-thunk prefixes.
-const BUILT_IN: [&str; 2] = [names::INDIRECT_THUNK_PREFIX, names::LLVM_RETPOLINE_PREFIX];
+const BUILT_IN: [&str; 5] = [
+    names::INDIRECT_THUNK_PREFIX,
+    names::LLVM_RETPOLINE_PREFIX,
+    "__x86_indirect_call_thunk_",
+    "__x86_indirect_jump_thunk_",
+    "__x86_indirect_its_thunk_",
+];
 
 impl ThunkNames {
     /// The built-in names only.
@@ -70,9 +83,9 @@ impl ThunkNames {
             .copied()
             .chain(self.prefixes.iter().map(String::as_str))
             .find_map(|p| name.strip_prefix(p.as_bytes()))?;
-        // The array holding this crate's thunks is not a thunk: its address
-        // is taken, never called.
-        if name == b"__x86_indirect_thunk_array" {
+        // An array of thunks (this crate's, Linux's) is not a thunk: its
+        // address is taken, never called.
+        if rest == b"array" {
             return None;
         }
         Some(

@@ -30,3 +30,50 @@ pub fn hex_addr(v: &serde_json::Value) -> u64 {
     let digits = s.strip_prefix("0x").unwrap_or_else(|| panic!("no 0x: {s}"));
     u64::from_str_radix(digits, 16).unwrap_or_else(|e| panic!("{s}: {e}"))
 }
+
+/// Reads `json` as a script does: Python's `json` module parses it, its
+/// `"format"` is 2, every hex string in it (`"0x..."`) reads back exactly
+/// (`hex(int(s, 16)) == s`), and no number in it is one a double would
+/// round. Returns how many hex strings it checked; panics otherwise.
+pub fn python_reads(json: &str) -> usize {
+    const SCRIPT: &str = r#"
+import json, sys
+d = json.load(sys.stdin)
+assert d["format"] == 2, d.get("format")
+n = 0
+def walk(v):
+    global n
+    if isinstance(v, dict):
+        for x in v.values(): walk(x)
+    elif isinstance(v, list):
+        for x in v: walk(x)
+    elif isinstance(v, str) and v.startswith("0x"):
+        assert hex(int(v, 16)) == v, v
+        n += 1
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        assert abs(v) < 2**53, v
+walk(d)
+print(n)
+"#;
+    use std::io::Write as _;
+    let mut child = Command::new("python3")
+        .args(["-c", SCRIPT])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (CI installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(json.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "python3 could not read the JSON: {}\n{json}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
