@@ -17,7 +17,7 @@
 //! (GCC's `-mindirect-branch-cs-prefix`): discovery proves each by decoding
 //! its function from the start, and the plan uses all six bytes.
 //!
-//! `SITES_COUNT=read|apply|embedded|read_cs|apply_cs` runs one phase once and exits: a driver for
+//! `SITES_COUNT=read|apply|embedded|read_cs|apply_cs|apply_its` runs one phase once and exits: a driver for
 //! `valgrind --tool=callgrind --toggle-collect=...`, which counts the
 //! instructions per site exactly (see BENCHMARKS.md).
 
@@ -210,7 +210,10 @@ impl TextCopy {
         // SAFETY: the memory is writable at its own address; serializing
         // after the writes is harmless (nothing runs it).
         let mut poke = unsafe { altpatch::DirectPoke::new(altpatch::SyncMethod::Cpuid) };
-        let policy = Policy::new(Mode::Plain, "bench");
+        // `SITES_COUNT=apply_its`: as on a CPU Indirect Target Selection
+        // affects (every thunk site's address decides: the general path).
+        let its = std::env::var("SITES_COUNT").is_ok_and(|p| p == "apply_its");
+        let policy = Policy::new(Mode::Plain, "bench").with_its(its, "bench");
         // SAFETY: as above: plain memory, no thread runs it.
         let report = unsafe { retpoline::apply(&image, &policy, &self.sites, &mut poke) }.unwrap();
         report.sites.len()

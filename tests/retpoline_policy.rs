@@ -38,7 +38,80 @@ fn view(verdict: Option<&str>, cpuinfo: Option<&str>) -> KernelView {
     KernelView {
         spectre_v2: verdict.map(KernelVerdict::parse),
         cpuinfo: cpuinfo.map(CpuinfoFlags::parse),
+        its: None,
     }
+}
+
+/// The recorded Cascade Lake (family 6, model 0x55, stepping 6), its dump
+/// text edited by `edit` (line by line) and extended by `extra`.
+fn cascade_lake(edit: impl Fn(&str) -> String, extra: &str) -> Features {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/cpuid/qemu-tcg-cascadelake.txt"
+    );
+    let text: String = std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| edit(l) + "\n")
+        .collect::<String>()
+        + extra;
+    Features::from_source(&RecordedCpuid::parse(&text).unwrap())
+}
+
+/// `line` with register `reg` (3 = eax .. 6 = edx) of CPUID `leaf`.0
+/// or-ed with `bits`.
+fn set_bits(line: &str, leaf: &str, reg: usize, bits: u32) -> String {
+    let mut f: Vec<String> = line.split_whitespace().map(String::from).collect();
+    if f.len() == 7 && f[0] == "cpuid" && f[1] == leaf && f[2] == "00000000" {
+        f[reg] = format!("{:08x}", u32::from_str_radix(&f[reg], 16).unwrap() | bits);
+    }
+    f.join(" ")
+}
+
+#[test]
+fn indirect_target_selection_follows_linux_rule_and_the_kernel() {
+    // The replayed Cascade Lake is on Linux's list: plain (forced, or
+    // from the kernel's verdict) routes lower-half branches, and says so.
+    let cpu = cascade_lake(|l| l.to_string(), "");
+    assert_eq!((cpu.family(), cpu.model(), cpu.stepping()), (6, 0x55, 6));
+    let why = altpatch::retpoline::its_affected(&cpu).expect("on the list");
+    assert!(why.contains("Linux lists"), "{why}");
+    let forced = Policy::choose(&cpu, &Overrides::parse("retpoline=plain").unwrap());
+    assert!(forced.its && forced.mode == Mode::Plain, "{forced}");
+    assert!(
+        forced.reason.contains("Indirect Target Selection"),
+        "{forced}"
+    );
+
+    // Skylake-SP (stepping 4) is not; nor is a CPU whose
+    // IA32_ARCH_CAPABILITIES says ITS_NO, or that has bus lock detection.
+    let skylake = cascade_lake(|l| l.replace("00050656", "00050654"), "");
+    assert!(altpatch::retpoline::its_affected(&skylake).is_none());
+    let its_no = cascade_lake(
+        |l| set_bits(l, "00000007", 6, 1 << 29),
+        "msr 0000010a 4000000000000000\n",
+    );
+    assert!(its_no.has(Feature::ItsNo), "{its_no}");
+    assert!(!Policy::choose(&its_no, &Overrides::parse("retpoline=plain").unwrap()).its);
+    let bus_lock = cascade_lake(|l| set_bits(l, "00000007", 5, 1 << 24), "");
+    assert!(bus_lock.has(Feature::BusLockDetect), "{bus_lock}");
+    assert!(altpatch::retpoline::its_affected(&bus_lock).is_none());
+    // Under a hypervisor that does not say ITS_NO, any Intel model is.
+    let guest = skylake.with(Feature::Hypervisor);
+    assert!(altpatch::retpoline::its_affected(&guest).is_some());
+
+    // A process asks the kernel first, and quotes it.
+    let eibrs = "Mitigation: Enhanced / Automatic IBRS; IBPB: conditional";
+    let mut kernel = view(Some(eibrs), None);
+    kernel.its = Some("Mitigation: Aligned branch/return thunks".into());
+    let p = Policy::decide(&skylake, &kernel);
+    assert!(p.its && p.mode == Mode::Plain, "{p}");
+    assert!(p.reason.contains("Aligned branch/return thunks"), "{p}");
+    kernel.its = Some("Not affected".into());
+    assert!(!Policy::decide(&cpu, &kernel).its);
+    // No verdict: the CPU's rule.
+    kernel.its = None;
+    assert!(Policy::decide(&cpu, &kernel).its);
 }
 
 #[test]

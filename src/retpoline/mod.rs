@@ -76,6 +76,7 @@
 //! checks the linked handler.
 
 mod form;
+mod its;
 mod local;
 mod outcomes;
 mod planned;
@@ -88,6 +89,7 @@ mod verdict;
 use alloc::vec::Vec;
 
 pub use crate::cpu::mitigation::{Mode, Setting};
+pub use its::{ITS_SLOT, its_affected, its_thunk};
 pub use outcomes::{SiteOutcomeIter, SiteOutcomes};
 pub(crate) use planned::Planned;
 pub use policy::{Policy, ReturnSites};

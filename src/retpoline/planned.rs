@@ -48,8 +48,14 @@ impl<'s> Planned<'s> {
         at_once: bool,
     ) -> Result<Planned<'s>, Error> {
         let lock = at_once.then(|| SITES_LOCK.lock());
-        let (site_plan, outcomes) =
-            plan_sites(image, sites, policy.mode, policy.returns, lock.as_ref())?;
+        let (site_plan, outcomes) = plan_sites(
+            image,
+            sites,
+            policy.mode,
+            policy.returns,
+            policy.its,
+            lock.as_ref(),
+        )?;
         let (mut thunk_plan, thunks) = plan_thunks(image, policy.mode)?;
         let compiled_thunks = plan_compiled_thunks(image, sites, policy.mode, &mut thunk_plan);
         Ok(Planned {

@@ -47,6 +47,16 @@ pub struct Policy {
     /// What return-thunk sites become ([`ReturnSites::Ret`] unless set with
     /// [`Policy::with_return_thunk`]).
     pub returns: ReturnSites,
+    /// Whether the CPU is affected by Indirect Target Selection: in `plain`
+    /// (and `lfence`) mode, a site whose `call/jmp *%reg` would end in the
+    /// lower half of a cache line keeps a direct branch to an aligned thunk
+    /// instead
+    /// ([`its_thunk`](super::its_thunk)). Set by [`Policy::auto`],
+    /// [`Policy::decide`] and [`Policy::choose`] from the CPU (Linux's rule,
+    /// [`its_affected`](super::its_affected)) or the kernel's verdict; a
+    /// kernel that read `IA32_ARCH_CAPABILITIES` itself may set it with
+    /// [`Policy::with_its`].
+    pub its: bool,
 }
 
 impl Policy {
@@ -62,6 +72,7 @@ impl Policy {
             mode,
             reason: reason.into(),
             returns: ReturnSites::Ret,
+            its: false,
         }
     }
 
@@ -78,6 +89,35 @@ impl Policy {
         self
     }
 
+    /// The same policy, routing (or not) inlined sites whose branch would
+    /// end in the lower half of a cache line through aligned thunks,
+    /// because the CPU is (or is not) affected by Indirect Target
+    /// Selection; `why` is added to the reason when `affected`.
+    ///
+    /// ```
+    /// use altpatch::retpoline::{Mode, Policy};
+    /// let p = Policy::new(Mode::Plain, "example").with_its(true, "ITS_NO clear");
+    /// assert!(p.its && p.reason.contains("ITS_NO clear"));
+    /// ```
+    pub fn with_its(mut self, affected: bool, why: &str) -> Policy {
+        self.its = affected;
+        if affected {
+            self.reason.to_mut().push_str(&alloc::format!(
+                "; Indirect Target Selection: {why}: an inlined site whose branch would end in \
+                 the lower half of a cache line calls an aligned thunk instead"
+            ));
+        }
+        self
+    }
+
+    /// [`Policy::with_its`] from `features` alone (Linux's rule).
+    fn with_its_of(self, features: &Features) -> Policy {
+        match super::its_affected(features) {
+            Some(why) => self.with_its(true, why),
+            None => self,
+        }
+    }
+
     /// The mode `features` call for, from CPUID (and the MSR a kernel
     /// reads) alone: `plain` when the CPU restricts indirect branch
     /// prediction itself (enhanced IBRS, AMD Automatic IBRS), else the full
@@ -86,6 +126,12 @@ impl Policy {
     /// enhanced IBRS. `lfence` is never chosen automatically: it is
     /// not sufficient on AMD since 2022 and never was on Intel.
     pub fn auto(features: &Features) -> Policy {
+        Policy::cpu_only(features).with_its_of(features)
+    }
+
+    /// [`Policy::auto`]'s mode and reason, before Indirect Target
+    /// Selection.
+    fn cpu_only(features: &Features) -> Policy {
         let (mode, reason) = if features.has(Feature::Eibrs) {
             (
                 Mode::Plain,
@@ -130,6 +176,7 @@ impl Policy {
             mode,
             reason,
             returns: ReturnSites::Ret,
+            its: false,
         }
     }
 
@@ -167,6 +214,7 @@ impl Policy {
     /// let kernel = KernelView {
     ///     spectre_v2: Some(KernelVerdict::parse("Mitigation: Enhanced / Automatic IBRS; IBPB: conditional")),
     ///     cpuinfo: None,
+    ///     its: None,
     /// };
     /// let p = Policy::decide(&cpu, &kernel);
     /// assert_eq!(p.mode, Mode::Plain);
@@ -241,14 +289,14 @@ impl Policy {
                     ),
                 )
             } else {
-                let mut p = Policy::auto(features);
+                let mut p = Policy::cpu_only(features);
                 p.reason
                     .to_mut()
                     .push_str(" (spectre_v2 verdict unreadable)");
                 p
             }
         } else {
-            let mut p = Policy::auto(features);
+            let mut p = Policy::cpu_only(features);
             p.reason.to_mut().push_str(
                 " (the kernel's spectre_v2 verdict and /proc/cpuinfo are unreadable: CPUID only)",
             );
@@ -260,7 +308,15 @@ impl Policy {
                  return-based attacks (return thunks are the kernel's business)",
             );
         }
-        policy
+        // Indirect Target Selection: the kernel's verdict, else the CPU's.
+        match &kernel.its {
+            Some(v) if v.starts_with("Not affected") => policy,
+            Some(v) => {
+                let why = alloc::format!("the kernel reports \"{v}\"");
+                policy.with_its(true, &why)
+            }
+            None => policy.with_its_of(features),
+        }
     }
 
     /// [`Policy::choose`] for a process on Linux (`std`): `retpoline=` from
@@ -286,6 +342,7 @@ impl Policy {
         match overrides.retpoline() {
             Some(Setting::Mode(m)) => {
                 Policy::new(m, alloc::format!("forced by retpoline={}", m.name()))
+                    .with_its_of(features)
             }
             Some(Setting::Auto) | None => Policy::auto(features),
         }

@@ -13,8 +13,8 @@
 //! the two agree on every shape, mode and state.
 
 use super::form::{PREFIXED, edit_span, inline_form, original_form, routed_elsewhere, routed_form};
-use super::{Error, Mode, Outcome, ReturnSites, SiteOutcomes, local, thunks};
-use crate::arch::x86_64::{BranchKind, Encoded, Reg};
+use super::{Error, Mode, Outcome, ReturnSites, SiteOutcomes, its, local, thunks};
+use crate::arch::x86_64::{Encoded, Reg};
 use crate::image::Image;
 use crate::plan::CompactPlan;
 use crate::poke::{in_ranges, load_short, short_eq};
@@ -43,9 +43,20 @@ pub(super) fn plan_sites<'s>(
     sites: &'s [Site],
     mode: Mode,
     returns: ReturnSites,
+    its: bool,
     held: Option<&UpdateGuard<'_>>,
 ) -> Result<(CompactPlan, SiteOutcomes<'s>), Error> {
-    plan_sites_by(image, sites, mode, returns, true, held)
+    let routes = Routes { returns, its };
+    plan_sites_by(image, sites, mode, routes, true, held)
+}
+
+/// Where a site goes when it is not inlined: the return-site policy, and
+/// whether a `plain` site whose branch would end in the lower half of a
+/// cache line goes to an ITS thunk instead ([`super::its`]).
+#[derive(Clone, Copy, Debug)]
+struct Routes {
+    returns: ReturnSites,
+    its: bool,
 }
 
 /// [`plan_sites`], with the shape path or without it (for the test that
@@ -55,11 +66,11 @@ fn plan_sites_by<'s>(
     image: &Image<'_>,
     sites: &'s [Site],
     mode: Mode,
-    returns: ReturnSites,
+    routes: Routes,
     use_shapes: bool,
     held: Option<&UpdateGuard<'_>>,
 ) -> Result<(CompactPlan, SiteOutcomes<'s>), Error> {
-    if let ReturnSites::Thunk(t) = returns
+    if let ReturnSites::Thunk(t) = routes.returns
         && !image.contains_text(t, 1)
     {
         return Err(Error::BadReturnThunk { addr: t });
@@ -68,7 +79,7 @@ fn plan_sites_by<'s>(
     let mut plan = CompactPlan::for_image(image, "");
     plan.reserve(sites.len());
     let mut outcomes = SiteOutcomes::for_sites(sites);
-    let mut shapes = ShapeCache::<0>::new(mode, returns);
+    let mut shapes = ShapeCache::<0>::new(mode, routes);
     // Sites with one `cs` prefix, on the first.
     let mut with_cs: Option<ShapeCache<1>> = None;
     let own = thunks::own_thunks();
@@ -84,7 +95,7 @@ fn plan_sites_by<'s>(
             }
         }
         let Some(shape) = shapes.get(s) else {
-            let ctx = (image, mode, returns, use_shapes, held);
+            let ctx = (image, mode, routes, use_shapes, held);
             prefixed(
                 ctx,
                 s,
@@ -109,7 +120,7 @@ fn plan_sites_by<'s>(
                 held,
             );
         if !taken {
-            let outcome = general(image, s, shape.inline, mode, returns, foreign(), &mut plan);
+            let outcome = general(image, s, shape.inline, mode, routes, foreign(), &mut plan);
             outcomes.push(outcome);
         }
     }
@@ -166,6 +177,28 @@ fn by_shape(
             outcomes.push(Outcome::Inlined);
             true
         }
+        // Indirect Target Selection: the inline form where its branch ends
+        // in an upper half, else the original's opcode with the ITS thunk
+        // as its target.
+        Fast::InlineOrIts { new, end, thunk } => {
+            let (new, outcome) = if (s.addr + end as usize) & 0x20 != 0 {
+                (new, Outcome::Inlined)
+            } else {
+                let rel = thunk.wrapping_sub(s.addr.wrapping_add(len)) as isize;
+                let Ok(rel32) = i32::try_from(rel) else {
+                    return false;
+                };
+                let its = shape.op | u64::from(rel32 as u32) << (8 * shape.op_len);
+                (its, Outcome::ViaThunk)
+            };
+            match held {
+                // SAFETY: as for `Fast::Inline` above.
+                Some(_) => unsafe { plan.push_observed(s.addr, original, new, len) },
+                None => plan.push_short(s.addr, original, new, len),
+            }
+            outcomes.push(outcome);
+            true
+        }
         Fast::Keep(outcome) => {
             outcomes.push(outcome);
             true
@@ -179,7 +212,7 @@ fn by_shape(
 type Ctx<'a, 'i, 'g> = (
     &'a Image<'i>,
     Mode,
-    ReturnSites,
+    Routes,
     bool,
     Option<&'a UpdateGuard<'g>>,
 );
@@ -193,7 +226,7 @@ type Ctx<'a, 'i, 'g> = (
 /// `cs` changes nothing of what is written after it.
 #[inline(never)]
 fn prefixed(
-    (image, mode, returns, use_shapes, held): Ctx<'_, '_, '_>,
+    (image, mode, routes, use_shapes, held): Ctx<'_, '_, '_>,
     s: &Site,
     own: &core::ops::Range<usize>,
     with_cs: &mut Option<ShapeCache<1>>,
@@ -202,7 +235,7 @@ fn prefixed(
     outcomes: &mut SiteOutcomes<'_>,
 ) {
     let foreign = || !own.contains(&s.target);
-    let shapes = with_cs.get_or_insert_with(|| ShapeCache::new(mode, returns));
+    let shapes = with_cs.get_or_insert_with(|| ShapeCache::new(mode, routes));
     if let Some(shape) = shapes.get(s) {
         if !(use_shapes && by_shape(image, hit, s, shape, foreign, plan, outcomes, held)) {
             outcomes.push(general(
@@ -210,7 +243,7 @@ fn prefixed(
                 s,
                 shape.inline,
                 mode,
-                returns,
+                routes,
                 foreign(),
                 plan,
             ));
@@ -228,7 +261,7 @@ fn prefixed(
         &last8,
         inline,
         mode,
-        returns,
+        routes,
         foreign(),
         plan,
     ));
@@ -244,14 +277,15 @@ fn general(
     s: &Site,
     inline: Result<Encoded, &'static str>,
     mode: Mode,
-    returns: ReturnSites,
+    routes: Routes,
     foreign: bool,
     plan: &mut CompactPlan,
 ) -> Outcome {
     let Some(original) = original_form(s) else {
         return Outcome::Refused(PREFIXED);
     };
-    let routed = match (s.kind, returns) {
+    let its = its::its_form(s, &inline, mode, routes.its);
+    let routed = match (s.kind, routes.returns) {
         (SiteKind::ReturnThunk, ReturnSites::Thunk(t)) => Some(routed_form(s, t)),
         _ => None,
     };
@@ -270,6 +304,9 @@ fn general(
             (original, Outcome::ViaThunk)
         }
         None => match inline {
+            // Indirect Target Selection: the branch would end in the lower
+            // half of a cache line; an aligned thunk's does not.
+            Ok(_) if its.is_some() => (its.unwrap_or(original), Outcome::ViaThunk),
             Ok(b) => (b, Outcome::Inlined),
             // Kept on a PLT stub: its `jmp *slot(%rip)` is an indirect
             // branch of its own, not a retpoline.
@@ -319,18 +356,26 @@ fn push_site_edit(plan: &mut CompactPlan, addr: usize, expected: &Encoded, new: 
 }
 
 /// The form `site` is in, if it is one this crate writes: plain, lfence,
-/// routed to the policy's return thunk, or routed to another return thunk
-/// by an earlier policy (the site's own branch, to a target in the text).
+/// routed to the policy's return thunk, routed to another return thunk by
+/// an earlier policy (the site's own branch, to a target in the text), or
+/// sent to an ITS thunk by an earlier `plain` on an affected CPU.
 fn known_state(
     image: &Image<'_>,
     site: &Site,
     routed: Option<Result<Encoded, &'static str>>,
     current: &[u8],
 ) -> Option<Encoded> {
+    let its = match site.kind {
+        SiteKind::IndirectThunk(r) => {
+            its::its_thunk(r).and_then(|target| original_form(&Site { target, ..*site }))
+        }
+        _ => None,
+    };
     let forms = [Mode::Plain, Mode::Lfence]
         .into_iter()
         .filter_map(|m| inline_form(site, m).ok())
-        .chain(routed.and_then(Result::ok));
+        .chain(routed.and_then(Result::ok))
+        .chain(its);
     for f in forms {
         if short_eq(&f, current) {
             return Some(f);
@@ -340,115 +385,9 @@ fn known_state(
         .then(|| Encoded::from_slice(current))
 }
 
-/// What a site of one shape becomes, when it is in its original form.
-#[derive(Clone, Copy)]
-enum Fast {
-    /// The inline form, as a little-endian integer (zero-padded).
-    Inline(u64),
-    /// Left as it is, with this outcome.
-    Keep(Outcome),
-    /// Decided by the general path (a routed return site).
-    General,
-}
+mod shape;
 
-/// A site shape's forms, computed once: a form depends on the site's kind
-/// and register, its branch form and condition, and its length, never on
-/// its address, and a program has a few dozen shapes.
-#[derive(Clone, Copy)]
-struct Shape {
-    /// The original branch's opcode bytes (little-endian) and their count;
-    /// the rel32 follows them. Its canonical length is `op_len + 4`.
-    op: u64,
-    op_len: u8,
-    /// The inline form in the mode, or why there is none.
-    inline: Result<Encoded, &'static str>,
-    /// The shape path's decision.
-    fast: Fast,
-    /// Whether that decision holds only for this crate's thunks (another
-    /// target must be looked at: a PLT stub, a return retpoline).
-    own_only: bool,
-}
-
-/// 16 thunk registers and the return thunk.
-const TARGETS: usize = 17;
-/// `call`, `jmp`, and `jcc` per condition.
-const FORMS: usize = 18;
-
-/// [`Shape`]s by (target, form), computed on first use, for sites with
-/// `PREFIXES` `cs` prefixes (0, or 1 as compilers emit them).
-struct ShapeCache<const PREFIXES: u8> {
-    mode: Mode,
-    returns: ReturnSites,
-    slots: alloc::boxed::Box<[Option<Shape>; TARGETS * FORMS]>,
-}
-
-impl<const PREFIXES: u8> ShapeCache<PREFIXES> {
-    fn new(mode: Mode, returns: ReturnSites) -> ShapeCache<PREFIXES> {
-        let slots = alloc::boxed::Box::new([None; TARGETS * FORMS]);
-        ShapeCache {
-            mode,
-            returns,
-            slots,
-        }
-    }
-
-    /// The shape of `site`, a thunk or return-thunk site; `None` unless the
-    /// site is its branch after `PREFIXES` `cs` prefixes.
-    #[inline]
-    fn get(&mut self, site: &Site) -> Option<&Shape> {
-        let target = match site.kind {
-            SiteKind::IndirectThunk(r) => r as usize,
-            _ => 16,
-        };
-        let (form, op_len) = match site.form {
-            BranchKind::Call => (0, 1),
-            BranchKind::Jmp => (1, 1),
-            BranchKind::Jcc(cc) => (2 + cc as usize, 2),
-        };
-        if site.len != op_len + 4 + PREFIXES {
-            return None;
-        }
-        let (mode, returns) = (self.mode, self.returns);
-        let slot = &mut self.slots[target * FORMS + form];
-        Some(slot.get_or_insert_with(|| Shape::of(site, mode, returns)))
-    }
-}
-
-impl Shape {
-    /// The shape of `site` (its branch after at most one `cs` prefix) in
-    /// `mode`.
-    fn of(site: &Site, mode: Mode, returns: ReturnSites) -> Shape {
-        let (opcode, opcode_len) = match site.form {
-            BranchKind::Call => (0xe8, 1),
-            BranchKind::Jmp => (0xe9, 1),
-            BranchKind::Jcc(cc) => (0x0f | (0x80 + cc as u64) << 8, 2),
-        };
-        let prefixes = site.len - opcode_len - 4;
-        let cs = if prefixes == 1 { 0x2e } else { 0 };
-        let (op, op_len) = (cs | opcode << (8 * prefixes), prefixes + opcode_len);
-        let inline = inline_form(site, mode);
-        let ret = site.kind == SiteKind::ReturnThunk;
-        let fast = match inline {
-            _ if ret && matches!(returns, ReturnSites::Thunk(_)) => Fast::General,
-            Ok(b) if b.len() <= 8 => Fast::Inline(u64::from_le_bytes(b.head8())),
-            Ok(_) => Fast::General,
-            Err(_) if mode == Mode::Generic => Fast::Keep(Outcome::ViaThunk),
-            Err(why) => Fast::Keep(Outcome::Refused(why)),
-        };
-        // Another object's return thunk may be a return retpoline, which
-        // only `plain` drops (only this crate's is known to be a bare
-        // `ret`); another object's thunk may be reached through a PLT stub
-        // (see `general`).
-        let own_only = (ret && mode != Mode::Plain) || (inline.is_err() && mode == Mode::Generic);
-        Shape {
-            op,
-            op_len,
-            inline,
-            fast,
-            own_only,
-        }
-    }
-}
+use shape::{Fast, Shape, ShapeCache};
 
 #[cfg(test)]
 mod tests;

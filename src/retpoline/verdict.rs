@@ -172,6 +172,12 @@ pub struct KernelView {
     pub spectre_v2: Option<KernelVerdict>,
     /// The `/proc/cpuinfo` flags.
     pub cpuinfo: Option<CpuinfoFlags>,
+    /// The Indirect Target Selection verdict
+    /// (`/sys/devices/system/cpu/vulnerabilities/indirect_target_selection`,
+    /// Linux 6.15 and the stable kernels it was backported to), its first
+    /// line: "Not affected", "Vulnerable", "Mitigation: Aligned
+    /// branch/return thunks", ...
+    pub its: Option<String>,
 }
 
 impl KernelView {
@@ -179,6 +185,7 @@ impl KernelView {
     pub const NONE: KernelView = KernelView {
         spectre_v2: None,
         cpuinfo: None,
+        its: None,
     };
 
     /// What this machine's kernel says (`std`).
@@ -198,6 +205,8 @@ impl KernelView {
         KernelView {
             spectre_v2: Current::vulnerability("spectre_v2").map(|s| KernelVerdict::parse(&s)),
             cpuinfo: Current::cpu_info().map(|s| CpuinfoFlags::parse(&s)),
+            its: Current::vulnerability("indirect_target_selection")
+                .map(|s| s.lines().next().unwrap_or("").trim().into()),
         }
     }
 }

@@ -209,7 +209,16 @@ extern "C" fn kmain(multiboot_info: u32) -> ! {
     support::debug_listing(cmdline);
 
     if cmdline.split_ascii_whitespace().any(|w| w == "dump-cpuid") {
-        println!("{}", cpu::dump(&HostCpuid::new()));
+        // With IA32_ARCH_CAPABILITIES where CPUID says it exists (reading
+        // it otherwise faults): the dump then carries what the MSR says
+        // (enhanced IBRS, ITS_NO).
+        let arch_capabilities = raw_cpuid_leaf(7, 0).3 & (1 << 29) != 0;
+        let source = if arch_capabilities {
+            HostCpuid::with_msr_reader(read_msr)
+        } else {
+            HostCpuid::new()
+        };
+        println!("{}", cpu::dump(&source));
         println!("altpatch kernel: dump done");
         exit(EXIT_SUCCESS);
     }

@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 
 use super::*;
-use crate::arch::x86_64::{self as x86, Cond};
+use crate::arch::x86_64::{self as x86, BranchKind, Cond};
 use crate::retpoline::{return_thunk, thunk};
 
 /// Text near this crate's thunks (a static: within rel32 of them), one
@@ -113,8 +113,11 @@ fn the_shape_path_agrees_with_the_general_path() {
     let lock = crate::sync::UpdateLock::new();
     let held = lock.lock();
     let mut inlined = 0;
+    let routes = [ReturnSites::Ret, ReturnSites::Thunk(ret)]
+        .into_iter()
+        .flat_map(|returns| [false, true].map(|its| Routes { returns, its }));
     for mode in [Mode::Generic, Mode::Lfence, Mode::Plain] {
-        for returns in [ReturnSites::Ret, ReturnSites::Thunk(ret)] {
+        for returns in routes.clone() {
             let by_shape = plan_sites_by(&image, &sites, mode, returns, true, Some(&held)).unwrap();
             inlined += by_shape
                 .1
@@ -142,5 +145,98 @@ fn the_shape_path_agrees_with_the_general_path() {
     assert!(
         inlined > 1000,
         "the cases reach the inline forms ({inlined})"
+    );
+}
+
+/// Text for the ITS test: sites at every offset of a cache line.
+struct ItsText(UnsafeCell<[u8; 64 * 16 + 64]>);
+// SAFETY: only the one test below touches it.
+unsafe impl Sync for ItsText {}
+static ITS_TEXT: ItsText = ItsText(UnsafeCell::new([0; 64 * 16 + 64]));
+
+/// On a CPU affected by Indirect Target Selection, `plain` inlines exactly
+/// the sites whose `call/jmp *%reg` ends in the upper half of a cache line
+/// and sends the others to the ITS thunk for their register, whose own
+/// `jmp *%reg` ends in an upper half; written and read back.
+#[test]
+fn its_routes_exactly_the_lower_half_branches() {
+    let text = ITS_TEXT.0.get() as *mut u8;
+    // A 64-byte aligned window of the static.
+    let base = (text as usize).next_multiple_of(64);
+    let mut sites = Vec::new();
+    // 5- and 6-byte calls and jmps through rax and r11 at offsets 0..58 of
+    // consecutive lines, then a jne through rdx.
+    let mut at = base;
+    for (i, (form, reg, len)) in [
+        (BranchKind::Call, Reg::Rax, 5u8),
+        (BranchKind::Call, Reg::R11, 5),
+        (BranchKind::Jmp, Reg::Rax, 5),
+        (BranchKind::Call, Reg::R11, 6),
+        (BranchKind::Jcc(Cond::Ne), Reg::Rdx, 6),
+    ]
+    .into_iter()
+    .cycle()
+    .take(60)
+    .enumerate()
+    {
+        let site = Site {
+            addr: at,
+            len,
+            form,
+            kind: SiteKind::IndirectThunk(reg),
+            target: thunk(reg).unwrap(),
+        };
+        let bytes = original_form(&site).unwrap();
+        // SAFETY: inside the static, which nothing else touches.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), at as *mut u8, bytes.len()) };
+        sites.push(site);
+        // Next offset: step by 13 bytes, so every offset of a line comes up.
+        at += len as usize + 8 + (i % 3);
+    }
+    assert!(at < base + 64 * 16);
+    // SAFETY: the static is mapped and readable for the whole test.
+    let image = unsafe { Image::builder("its").text(base..base + 64 * 16) }.build();
+    let routes = Routes {
+        returns: ReturnSites::Ret,
+        its: true,
+    };
+    let (mut plan, outcomes) =
+        plan_sites_by(&image, &sites, Mode::Plain, routes, true, None).unwrap();
+    // SAFETY: `cpuid` serializes on every x86-64 CPU.
+    let mut poke = unsafe { crate::poke::DirectPoke::new(crate::poke::SyncMethod::Cpuid) };
+    // SAFETY: the "text" is this test's static, run by no one.
+    unsafe { plan.apply(&mut poke) }.unwrap();
+    let (mut inlined, mut routed) = (0, 0);
+    for (s, o) in sites.iter().zip(&outcomes) {
+        // SAFETY: inside the static.
+        let now = unsafe { core::slice::from_raw_parts(s.addr as *const u8, s.len as usize) };
+        let SiteKind::IndirectThunk(r) = s.kind else {
+            unreachable!()
+        };
+        match o.outcome {
+            Outcome::Inlined => {
+                let k = now.iter().position(|&b| b == 0xff).unwrap();
+                assert_ne!(
+                    (s.addr + k + 1) & 0x20,
+                    0,
+                    "{s:x?}: {now:x?} ends in a lower half"
+                );
+                inlined += 1;
+            }
+            Outcome::ViaThunk => {
+                let its = crate::retpoline::its_thunk(r).unwrap();
+                let want = original_form(&Site { target: its, ..*s }).unwrap();
+                assert_eq!(now, &want[..], "{s:x?}");
+                // What plain would have written ends in a lower half.
+                let inline = inline_form(s, Mode::Plain).unwrap();
+                assert!(its::branch_in_lower_half(s.addr, &inline), "{s:x?}");
+                routed += 1;
+            }
+            other => panic!("{s:x?}: {other:?}"),
+        }
+    }
+    assert!(
+        inlined > 10 && routed > 10,
+        "{inlined} inlined, {routed} routed"
     );
 }

@@ -137,6 +137,14 @@ features! {
     /// Intel enhanced IBRS (`IA32_ARCH_CAPABILITIES.IBRS_ALL`); only known when
     /// the [`CpuidSource`](super::CpuidSource) can read that MSR.
     Eibrs = 39, "eibrs", Src::Derived, [];
+    /// Bus lock detection (CPUID.7.0:ECX\[24\]): no CPU affected by
+    /// Indirect Target Selection has it (Linux uses it to tell a guest on
+    /// unaffected hardware).
+    BusLockDetect = 40, "bus_lock_detect", Src::Cpuid(7, 0, ECX, 24), [];
+    /// `IA32_ARCH_CAPABILITIES.ITS_NO` (bit 62): the CPU is not affected by
+    /// Indirect Target Selection; only known when the
+    /// [`CpuidSource`](super::CpuidSource) can read that MSR.
+    ItsNo = 41, "its_no", Src::Derived, [];
     /// Synthetic: `lfence` is dispatch-serializing (always on Intel; on AMD
     /// when CPUID.80000021:EAX\[2\] says so, or when the OS set `DE_CFG\[1\]`, as
     /// Linux does on family 10h and later).

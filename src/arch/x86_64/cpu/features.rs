@@ -170,8 +170,13 @@ impl Features {
 
         if bits & Feature::ArchCapabilities.mask() != 0 {
             const IBRS_ALL: u64 = 1 << 1;
-            if source.msr(MSR_ARCH_CAPABILITIES).unwrap_or(0) & IBRS_ALL != 0 {
+            const ITS_NO: u64 = 1 << 62;
+            let caps = source.msr(MSR_ARCH_CAPABILITIES).unwrap_or(0);
+            if caps & IBRS_ALL != 0 {
                 bits |= Feature::Eibrs.mask();
+            }
+            if caps & ITS_NO != 0 {
+                bits |= Feature::ItsNo.mask();
             }
         }
 
