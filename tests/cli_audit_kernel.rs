@@ -1,9 +1,10 @@
-//! `altpatch audit` as a kernel gates on it: a `-nostdlib` image shaped
-//! like a kernel — init code built without retpolines, a `pv_ops`-style
-//! table called through memory, objtool-style annotations in both of
-//! Linux's formats, and hand-written code no function symbol covers —
-//! fails without rules, naming each kind, and passes with the rules a
-//! kernel would give.
+//! The CLI on kernel-like images. `altpatch audit` as a kernel gates on
+//! it: a `-nostdlib` image shaped like a kernel — init code built without
+//! retpolines, a `pv_ops`-style table called through memory, objtool-style
+//! annotations in both of Linux's formats, and hand-written code no
+//! function symbol covers — fails without rules, naming each kind, and
+//! passes with the rules a kernel would give. `altpatch sites` on an image
+//! keeping objtool's tables compares them with what it finds.
 
 #[path = "common/cli.rs"]
 mod cli;
@@ -188,4 +189,81 @@ fn a_kernel_gates_on_its_rules() {
         "{}",
         text(&o)
     );
+}
+
+/// `altpatch sites` on an image that keeps objtool's tables (as a
+/// `vmlinux` does) says which sites the tables lack and which entries no
+/// site matches.
+#[test]
+fn sites_compares_with_objtools_tables() {
+    let src = r#"
+__asm__(".irp reg, rax, r11\n"
+        ".weak __x86_indirect_thunk_\\reg\n__x86_indirect_thunk_\\reg: jmp *%\\reg\n"
+        ".endr\n"
+        ".weak __x86_return_thunk\n__x86_return_thunk: ret\n"
+        ".text\n.globl _start\n.type _start, @function\n_start:\n"
+        "listed_call: call __x86_indirect_thunk_rax\n"
+        "listed_cs: .byte 0x2e\n call __x86_indirect_thunk_r11\n"
+        "listed_ret: jmp __x86_return_thunk\n"
+        ".globl skipped_ret\nskipped_ret: jmp __x86_return_thunk\n"
+        ".globl not_a_site\nnot_a_site: jmp *%rax\n"
+        ".size _start, . - _start\n"
+        ".section .retpoline_sites,\"a\"\n"
+        ".long listed_call - .\n.long listed_cs - .\n"
+        ".section .return_sites,\"a\"\n"
+        ".long listed_ret - .\n.long not_a_site - .\n");
+"#;
+    let image = common::asm_image("objtool_tables", src);
+    let syms = common::symbols(&image);
+    let path = image.to_str().unwrap();
+    let o = altpatch(&["sites", path]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    // Both thunk sites listed, the cs-prefixed one at its cs byte.
+    assert!(
+        t.contains("objtool's .retpoline_sites (2 entries): 2 found here too, 0 found here only, 0 listed only"),
+        "{t}"
+    );
+    assert!(
+        t.contains("objtool's .return_sites (2 entries): 1 found here too, 1 found here only, 1 listed only"),
+        "{t}"
+    );
+    let skipped = syms["skipped_ret"].0;
+    let not_a_site = syms["not_a_site"].0;
+    assert!(
+        t.contains(&format!(
+            "{skipped:#012x}  found here, not in .return_sites"
+        )),
+        "{t}"
+    );
+    assert!(
+        t.contains(&format!(
+            "{not_a_site:#012x}  in .return_sites, no site found here"
+        )),
+        "{t}"
+    );
+
+    let o = altpatch(&["sites", "--json", path]);
+    let j = text(&o);
+    cli::python_reads(&j);
+    let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+    let ret = &v["objtool"]["return_sites"];
+    assert_eq!(
+        (
+            cli::hex_addr(&ret["only_found"][0]),
+            cli::hex_addr(&ret["only_listed"][0])
+        ),
+        (skipped, not_a_site)
+    );
+    // An image without the tables: null, and no such lines.
+    let without = src
+        .split(".section .retpoline_sites")
+        .next()
+        .unwrap()
+        .to_string()
+        + "\");\n";
+    let plain = common::asm_image("objtool_none", &without);
+    let o = altpatch(&["sites", "--json", plain.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&text(&o)).unwrap();
+    assert!(v["objtool"]["retpoline_sites"].is_null(), "{v}");
 }

@@ -537,11 +537,7 @@ __asm__(".section .text.thunks,\"ax\",@progbits\n"
         "lea __x86_indirect_its_thunk_array(%rip), %rax\n"
         "ret\n.size _start, . - _start\n");
 "#;
-    let image = common::gcc(
-        "newer_thunk_names",
-        src,
-        &["-nostdlib", "-static", "-no-pie", "-Wl,--emit-relocs"],
-    );
+    let image = common::asm_image("newer_thunk_names", src);
     let found = elf::read_sites(&std::fs::read(&image).unwrap()).unwrap();
     let syms = common::symbols(&image);
     let at = |n: &str| syms[n].0 as usize;

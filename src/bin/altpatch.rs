@@ -1,6 +1,10 @@
 //! `altpatch`: list, embed and audit the compiler-generated sites of a
 //! linked x86-64 ELF image.
 
+#[path = "cli/objtool.rs"]
+mod objtool;
+use objtool::{objtool_json, print_objtool};
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -144,10 +148,13 @@ fn run(command: Command) -> Result<ExitCode, String> {
             let data = read(&image)?;
             let found = elf::read_sites_with(&data, &thunks.names())
                 .map_err(|e| format!("{}: {e}", image.display()))?;
+            let objtool = elf::compare_with_objtool(&data, &found)
+                .map_err(|e| format!("{}: {e}", image.display()))?;
             if json {
-                print_json(&image, &found);
+                print_json(&image, &found, &objtool);
             } else {
                 print_tables(&image, &found);
+                print_objtool(&objtool);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -426,7 +433,7 @@ fn json_str(s: &str) -> String {
 /// Addresses (`addr`, `target`) as hex strings ("0xffffffff8100024c"):
 /// JSON numbers are doubles to jq and JavaScript, which round 64-bit
 /// kernel addresses. Lengths, counts and offsets stay numbers.
-fn print_json(image: &Path, found: &FoundSites) {
+fn print_json(image: &Path, found: &FoundSites, objtool: &elf::ObjtoolComparison) {
     let sites: Vec<String> = found
         .sites
         .iter()
@@ -459,10 +466,11 @@ fn print_json(image: &Path, found: &FoundSites) {
         })
         .collect();
     println!(
-        "{{\"format\":{JSON_FORMAT},\"image\":{},\"relocations\":{},\"sites\":[{}],\"rejected\":[{}]}}",
+        "{{\"format\":{JSON_FORMAT},\"image\":{},\"relocations\":{},\"sites\":[{}],\"rejected\":[{}],\"objtool\":{}}}",
         json_str(&image.display().to_string()),
         found.relocations,
         sites.join(","),
-        rejected.join(",")
+        rejected.join(","),
+        objtool_json(objtool)
     );
 }

@@ -244,6 +244,16 @@ pub fn gcc(out_name: &str, source: &str, args: &[&str]) -> std::path::PathBuf {
     out
 }
 
+/// A freestanding static image of `source` (C, usually top-level asm
+/// only), linked with `--emit-relocs`: for site and table tests.
+pub fn asm_image(out_name: &str, source: &str) -> std::path::PathBuf {
+    gcc(
+        out_name,
+        source,
+        &["-nostdlib", "-static", "-no-pie", "-Wl,--emit-relocs"],
+    )
+}
+
 /// Symbol name -> (address, size) of a linked image.
 pub fn symbols(path: &std::path::Path) -> std::collections::HashMap<String, (u64, u64)> {
     use object::{Object, ObjectSymbol};
