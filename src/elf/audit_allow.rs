@@ -5,7 +5,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-use super::audit::IndirectBranch;
+use super::audit_branch::IndirectBranch;
 use super::origin::{Origin, glob};
 use crate::sites::ThunkNames;
 

@@ -16,6 +16,7 @@
 
 mod audit;
 mod audit_allow;
+mod audit_branch;
 mod audit_symbols;
 mod branch;
 mod cet;
