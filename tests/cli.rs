@@ -151,25 +151,10 @@ fn embed_without_a_reserved_table_or_relocations() {
 
 /// A freestanding program built with external thunks: every indirect branch
 /// goes through a thunk, except in `planted`, when present.
-/// GCC flags for the small freestanding images the audit tests link.
-const FREESTANDING: [&str; 7] = [
-    "-O2",
-    "-ffreestanding",
-    "-nostdlib",
-    "-static",
-    "-fno-pic",
-    "-no-pie",
-    "-fcf-protection=none",
-];
-
 fn audit_image(name: &str, planted: bool) -> PathBuf {
     let mut src = String::from(
         r#"
 typedef long (*fn_t)(long);
-__asm__(".irp reg, rax, rcx, rdx, rbx, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15\n"
-        ".weak __x86_indirect_thunk_\\reg\n__x86_indirect_thunk_\\reg: jmp *%\\reg\n"
-        ".endr\n"
-        ".weak __x86_return_thunk\n__x86_return_thunk: ret\n");
 long twice(fn_t f, long x) { return f(f(x)); }
 long inc(long x) { return x + 1; }
 "#,
@@ -180,13 +165,7 @@ long inc(long x) { return x + 1; }
         );
     }
     src.push_str("void _start(void) { twice(inc, 1); for (;;) {} }\n");
-    let mut args = FREESTANDING.to_vec();
-    args.extend([
-        "-mindirect-branch=thunk-extern",
-        "-mfunction-return=thunk-extern",
-        "-Wl,--emit-relocs",
-    ]);
-    common::gcc(name, &src, &args)
+    cli::thunk_extern_image(name, &src)
 }
 
 #[test]
@@ -282,16 +261,15 @@ pub extern "C" fn dense_switch(op: u32, x: u64) -> u64 {
         .output()
         .unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let c = r#"
-__asm__(".irp reg, rax, rcx, rdx, rbx, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15\n"
-        ".weak __x86_indirect_thunk_\\reg\n__x86_indirect_thunk_\\reg: jmp *%\\reg\n"
-        ".endr\n");
-unsigned long dense_switch(unsigned, unsigned long);
-void _start(void) { dense_switch(3, 9); for (;;) {} }
-"#;
-    let mut args = FREESTANDING.to_vec();
+    let c = format!(
+        "{}{}",
+        cli::WEAK_THUNKS_C,
+        "unsigned long dense_switch(unsigned, unsigned long);\n\
+         void _start(void) { dense_switch(3, 9); for (;;) {} }\n"
+    );
+    let mut args = cli::FREESTANDING.to_vec();
     args.push(obj.to_str().unwrap());
-    common::gcc(name, c, &args)
+    common::gcc(name, &c, &args)
 }
 
 /// The audit gate: the recipe's flags audit clean; without

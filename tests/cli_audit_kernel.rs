@@ -19,10 +19,6 @@ use cli::{altpatch, text};
 fn kernel_like() -> PathBuf {
     let src = r#"
 typedef long (*fn_t)(long);
-__asm__(".irp reg, rax, rcx, rdx, rbx, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15\n"
-        ".weak __x86_indirect_thunk_\\reg\n__x86_indirect_thunk_\\reg: jmp *%\\reg\n"
-        ".endr\n"
-        ".weak __x86_return_thunk\n__x86_return_thunk: ret\n");
 
 long inc(long x) { return x + 1; }
 
@@ -79,19 +75,7 @@ void _start(void)
     for (;;) {}
 }
 "#;
-    let args = [
-        "-O2",
-        "-ffreestanding",
-        "-nostdlib",
-        "-static",
-        "-fno-pic",
-        "-no-pie",
-        "-fcf-protection=none",
-        "-mindirect-branch=thunk-extern",
-        "-mfunction-return=thunk-extern",
-        "-Wl,--emit-relocs",
-    ];
-    common::gcc("audit_kernel_like", src, &args)
+    cli::thunk_extern_image("audit_kernel_like", src)
 }
 
 #[test]
@@ -196,12 +180,8 @@ fn a_kernel_gates_on_its_rules() {
 /// site matches.
 #[test]
 fn sites_compares_with_objtools_tables() {
-    let src = r#"
-__asm__(".irp reg, rax, r11\n"
-        ".weak __x86_indirect_thunk_\\reg\n__x86_indirect_thunk_\\reg: jmp *%\\reg\n"
-        ".endr\n"
-        ".weak __x86_return_thunk\n__x86_return_thunk: ret\n"
-        ".text\n.globl _start\n.type _start, @function\n_start:\n"
+    let body = r#"
+__asm__(".text\n.globl _start\n.type _start, @function\n_start:\n"
         "listed_call: call __x86_indirect_thunk_rax\n"
         "listed_cs: .byte 0x2e\n call __x86_indirect_thunk_r11\n"
         "listed_ret: jmp __x86_return_thunk\n"
@@ -213,7 +193,7 @@ __asm__(".irp reg, rax, r11\n"
         ".section .return_sites,\"a\"\n"
         ".long listed_ret - .\n.long not_a_site - .\n");
 "#;
-    let image = common::asm_image("objtool_tables", src);
+    let image = common::asm_image("objtool_tables", &format!("{}{body}", cli::WEAK_THUNKS_C));
     let syms = common::symbols(&image);
     let path = image.to_str().unwrap();
     let o = altpatch(&["sites", path]);
@@ -256,12 +236,11 @@ __asm__(".irp reg, rax, r11\n"
         (skipped, not_a_site)
     );
     // An image without the tables: null, and no such lines.
-    let without = src
-        .split(".section .retpoline_sites")
-        .next()
-        .unwrap()
-        .to_string()
-        + "\");\n";
+    let without = format!(
+        "{}{}\");\n",
+        cli::WEAK_THUNKS_C,
+        body.split(".section .retpoline_sites").next().unwrap()
+    );
     let plain = common::asm_image("objtool_none", &without);
     let o = altpatch(&["sites", "--json", plain.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_str(&text(&o)).unwrap();

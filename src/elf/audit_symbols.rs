@@ -1,6 +1,6 @@
-//! What the audit looks up besides the code: the branches annotated as
-//! intended, the symbol an address falls in, and the code no function
-//! symbol covers.
+//! What the audit looks up besides the code — the branches annotated as
+//! intended, the symbol an address falls in, the code no function symbol
+//! covers — and discovery too (the function a prefixed branch is in).
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -37,29 +37,37 @@ impl Annotations {
             let ours = crate::records::parse_section_name(name)
                 .is_some_and(|n| n.kind == crate::records::SectionKind::IndirectOk);
             let (base, data) = (s.sh_addr(LE), s.data(LE, p.data).map_err(corrupt)?);
-            let rel = |at: u64, w: &[u8]| {
-                at.wrapping_add_signed(i32::from_le_bytes([w[0], w[1], w[2], w[3]]) as i64)
-            };
             if ours {
-                for (i, w) in data.chunks_exact(4).enumerate() {
-                    out.push(rel(base + 4 * i as u64, w));
-                }
+                out.extend(self_relative(base, data, 4).map(|(target, _)| target));
             } else if name == b".discard.retpoline_safe" {
                 for w in data.chunks_exact(8) {
                     out.push(u64::from_le_bytes(w.try_into().unwrap_or_default()));
                 }
             } else if name == b".discard.annotate_insn" {
-                for (i, e) in data.chunks_exact(8).enumerate() {
+                out.extend(self_relative(base, data, 8).filter_map(|(target, e)| {
                     let kind = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
-                    if kind == ANNOTYPE_RETPOLINE_SAFE {
-                        out.push(rel(base + 8 * i as u64, e));
-                    }
-                }
+                    (kind == ANNOTYPE_RETPOLINE_SAFE).then_some(target)
+                }));
             }
         }
         out.sort_unstable();
         Ok(out)
     }
+}
+
+/// The entries of a table of `stride`-byte entries at link-time address
+/// `base`, each starting with a 32-bit offset from itself to an address (the
+/// form of this crate's `indirect_ok` records, of objtool's site tables
+/// and annotations): (that address, the whole entry).
+pub(super) fn self_relative(
+    base: u64,
+    data: &[u8],
+    stride: usize,
+) -> impl Iterator<Item = (u64, &[u8])> {
+    data.chunks_exact(stride).enumerate().map(move |(i, e)| {
+        let rel = i32::from_le_bytes([e[0], e[1], e[2], e[3]]) as i64;
+        ((base + (stride * i) as u64).wrapping_add_signed(rel), e)
+    })
 }
 
 /// One defined symbol: where it is, how long, its name.
@@ -123,15 +131,30 @@ impl<'d> SymbolMap<'d> {
             .unwrap_or_default()
     }
 
-    /// The sized data or function symbol whose bytes hold `addr`.
-    pub(super) fn holding(&self, addr: u64) -> Option<String> {
+    /// The nearest symbol at or before `addr` that `want` accepts and
+    /// whose bytes hold `addr`. Symbols may overlap (aliases, nested
+    /// symbols): the few accepted ones before `addr` are looked at, however
+    /// many labels lie between.
+    fn holding_where(&self, addr: u64, want: impl Fn(&Symbol<'d>) -> bool) -> Option<&Symbol<'d>> {
         let after = self.symbols.partition_point(|s| s.addr <= addr);
         self.symbols[..after]
             .iter()
             .rev()
+            .filter(|s| want(s))
             .take(16)
             .find(|s| addr < s.addr.saturating_add(s.size))
+    }
+
+    /// The sized data or function symbol whose bytes hold `addr`.
+    pub(super) fn holding(&self, addr: u64) -> Option<String> {
+        self.holding_where(addr, |_| true)
             .map(|s| String::from_utf8_lossy(s.name).into_owned())
+    }
+
+    /// The function symbol holding `addr`: (start, end).
+    pub(super) fn function_at(&self, addr: u64) -> Option<(u64, u64)> {
+        self.holding_where(addr, |s| s.function)
+            .map(|s| (s.addr, s.addr + s.size))
     }
 
     /// The nearest symbol at or before `addr` in `section` (a label, a

@@ -12,7 +12,8 @@ use object::elf;
 use object::endian::LittleEndian as LE;
 use object::read::elf::SectionHeader as _;
 
-use super::{ElfError, FoundSites, corrupt, parse};
+use super::audit_symbols::self_relative;
+use super::{ElfError, FoundSites, Parsed, corrupt, parse};
 use crate::sites::SiteKind;
 
 /// One objtool table compared with the sites found.
@@ -38,9 +39,9 @@ pub struct ObjtoolComparison {
     pub return_sites: Option<TableComparison>,
 }
 
-/// The addresses a table of self-relative 32-bit offsets points to.
-fn table(data: &[u8], name: &[u8]) -> Result<Option<Vec<u64>>, ElfError> {
-    let p = parse(data)?;
+/// The addresses the table `name` of `p` points to (self-relative 32-bit
+/// offsets), sorted; `None` without that section.
+fn table(p: &Parsed<'_>, name: &[u8]) -> Result<Option<Vec<u64>>, ElfError> {
     for s in p.sections.iter() {
         if p.sections.section_name(LE, s).map_err(corrupt)? != name
             || s.sh_type(LE) == elf::SHT_NOBITS
@@ -48,14 +49,7 @@ fn table(data: &[u8], name: &[u8]) -> Result<Option<Vec<u64>>, ElfError> {
             continue;
         }
         let (base, bytes) = (s.sh_addr(LE), s.data(LE, p.data).map_err(corrupt)?);
-        let mut out: Vec<u64> = bytes
-            .chunks_exact(4)
-            .enumerate()
-            .map(|(i, w)| {
-                let rel = i32::from_le_bytes([w[0], w[1], w[2], w[3]]) as i64;
-                (base + 4 * i as u64).wrapping_add_signed(rel)
-            })
-            .collect();
+        let mut out: Vec<u64> = self_relative(base, bytes, 4).map(|(a, _)| a).collect();
         out.sort_unstable();
         return Ok(Some(out));
     }
@@ -99,10 +93,11 @@ pub fn compare_with_objtool(
     data: &[u8],
     found: &FoundSites,
 ) -> Result<ObjtoolComparison, ElfError> {
+    let p = parse(data)?;
     let thunk = |k| matches!(k, SiteKind::IndirectThunk(_));
     let ret = |k| k == SiteKind::ReturnThunk;
     Ok(ObjtoolComparison {
-        retpoline_sites: table(data, b".retpoline_sites")?.map(|t| compare(t, found, thunk)),
-        return_sites: table(data, b".return_sites")?.map(|t| compare(t, found, ret)),
+        retpoline_sites: table(&p, b".retpoline_sites")?.map(|t| compare(t, found, thunk)),
+        return_sites: table(&p, b".return_sites")?.map(|t| compare(t, found, ret)),
     })
 }

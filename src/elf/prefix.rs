@@ -24,15 +24,10 @@
 //! program (`89 f3`, `mov %esi,%ebx`, ends in a `rep` byte) and cost more
 //! than discovery itself.
 
-use alloc::vec::Vec;
-
-use object::elf;
-use object::endian::LittleEndian as LE;
-use object::read::elf::Sym as _;
-
 use iced_x86::{Decoder, DecoderOptions, Instruction};
 
 use super::Parsed;
+use super::audit_symbols::SymbolMap;
 use crate::arch::x86_64 as x86;
 use crate::sites::Site;
 
@@ -66,8 +61,9 @@ pub(super) enum Prefixes {
 /// boundaries known: how far decoding got in the last function, and where
 /// the last site found ends.
 pub(super) struct Boundaries<'d> {
-    /// Built on the first site that needs them.
-    functions: Option<Vec<(u64, u64)>>,
+    /// The image's symbols by address, read on the first site that needs
+    /// them (`None` inside if they cannot be read: nothing is proven then).
+    symbols: Option<Option<SymbolMap<'d>>>,
     /// (function start, a proven instruction boundary in it).
     cursor: (u64, u64),
     /// One decoder per section, moved to each place decoding starts
@@ -78,7 +74,7 @@ pub(super) struct Boundaries<'d> {
 impl<'d> Boundaries<'d> {
     pub(super) fn new() -> Boundaries<'d> {
         Boundaries {
-            functions: None,
+            symbols: None,
             cursor: (u64::MAX, 0),
             decoder: None,
         }
@@ -92,7 +88,7 @@ impl<'d> Boundaries<'d> {
     #[inline(always)]
     pub(super) fn prefixes(
         &mut self,
-        p: &Parsed<'_>,
+        p: &Parsed<'d>,
         code: &'d [u8],
         base: u64,
         start: usize,
@@ -114,7 +110,7 @@ impl<'d> Boundaries<'d> {
     #[inline(never)]
     fn decide(
         &mut self,
-        p: &Parsed<'_>,
+        p: &Parsed<'d>,
         code: &'d [u8],
         base: u64,
         start: usize,
@@ -131,7 +127,8 @@ impl<'d> Boundaries<'d> {
             .count();
         let unproven = Prefixes::Unproven;
         let site = base + start as u64;
-        let Some((f_start, f_end)) = self.function_at(p, site) else {
+        let symbols = self.symbols.get_or_insert_with(|| SymbolMap::new(p).ok());
+        let Some((f_start, f_end)) = symbols.as_ref().and_then(|m| m.function_at(site)) else {
             return unproven;
         };
         if f_start < base || f_end > base + code.len() as u64 {
@@ -212,20 +209,6 @@ impl<'d> Boundaries<'d> {
         }
         (boundary == site).then_some(Prefixes::None)
     }
-
-    /// The function symbol holding `addr`: (start, end).
-    fn function_at(&mut self, p: &Parsed<'_>, addr: u64) -> Option<(u64, u64)> {
-        let functions = self.functions.get_or_insert_with(|| function_ranges(p));
-        let after = functions.partition_point(|f| f.0 <= addr);
-        // Symbols may overlap (aliases, nested local symbols): the nearest
-        // start whose range holds `addr`, among the few before it.
-        functions[..after]
-            .iter()
-            .rev()
-            .take(8)
-            .find(|f| addr < f.1)
-            .copied()
-    }
 }
 
 /// A byte that may be a prefix of the instruction after it: the legacy
@@ -235,16 +218,4 @@ fn may_be_prefix(b: u8) -> bool {
         b,
         0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0x66 | 0x67 | 0xf0 | 0xf2 | 0xf3 | 0x40..=0x4f
     )
-}
-
-/// Every defined function symbol of non-zero size: (start, end), sorted.
-fn function_ranges(p: &Parsed<'_>) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = p
-        .symbols
-        .iter()
-        .filter(|s| s.st_type() == elf::STT_FUNC && !s.is_undefined(LE) && s.st_size(LE) > 0)
-        .map(|s| (s.st_value(LE), s.st_value(LE).saturating_add(s.st_size(LE))))
-        .collect();
-    out.sort_unstable();
-    out
 }

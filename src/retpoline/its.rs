@@ -159,39 +159,52 @@ pub fn its_thunk(reg: Reg) -> Option<usize> {
     (reg != Reg::Rsp).then(|| array + reg as usize * ITS_SLOT + ITS_ENTRY)
 }
 
-/// Whether the `call/jmp *%reg` in `form` (a site's inline form at
-/// `addr`) ends in the lower half of its cache line: where an affected CPU
-/// may mispredict it (Linux: `cpu_wants_indirect_its_thunk_at`). The
-/// branch is the form's one `ff` byte (its fillers, `cs` prefixes, short
-/// `jcc` and `int3`s have none), its last byte the ModRM after it.
+/// Where the `call/jmp *%reg` in `form` (a site's inline form) ends: the
+/// offset of its last byte, the ModRM after the form's one `ff` byte (its
+/// fillers, `cs` prefixes, short `jcc` and `int3`s have none).
+pub(super) fn branch_end(form: &[u8]) -> Option<usize> {
+    form.iter().position(|&b| b == 0xff).map(|k| k + 1)
+}
+
+/// Whether the `call/jmp *%reg` in `form`, a site's inline form at `addr`,
+/// ends in the lower half of its cache line: where an affected CPU may
+/// mispredict it (Linux: `cpu_wants_indirect_its_thunk_at`).
 pub(super) fn branch_in_lower_half(addr: usize, form: &[u8]) -> bool {
-    match form.iter().position(|&b| b == 0xff) {
-        Some(k) => (addr + k + 1) & 0x20 == 0,
-        None => false,
+    branch_end(form).is_some_and(|end| (addr + end) & 0x20 == 0)
+}
+
+/// The ITS thunk for a thunk site's register (`None` for other sites).
+pub(super) fn thunk_for(s: &Site) -> Option<usize> {
+    match s.kind {
+        SiteKind::IndirectThunk(r) => its_thunk(r),
+        _ => None,
     }
+}
+
+/// `s`'s own branch (opcode and `cs` prefixes) to the ITS thunk for its
+/// register: what a site routed for Indirect Target Selection holds.
+pub(super) fn routed_form(s: &Site) -> Option<Encoded> {
+    original_form(&Site {
+        target: thunk_for(s)?,
+        ..*s
+    })
 }
 
 /// For a site inlined (`plain` or `lfence`) on a CPU affected by Indirect
 /// Target Selection (`its`) whose inline branch would end in the lower half
-/// of a cache line: its branch to the ITS thunk for its register, with its
-/// `cs` prefixes (one instruction for one, as the original is). As in
-/// Linux, `lfence` mode is routed too (the thunk has no `lfence`): both
-/// modes put the branch at the same place in a site, so they route the
-/// same sites and switching between them stays one instruction for one.
+/// of a cache line: its [`routed_form`] (one instruction for one, as the
+/// original is). As in Linux, `lfence` mode is routed too (the thunk has no
+/// `lfence`): both modes put the branch at the same place in a site, so
+/// they route the same sites and switching between them stays one
+/// instruction for one.
 pub(super) fn its_form(
     s: &Site,
     inline: &Result<Encoded, &'static str>,
     mode: Mode,
     its: bool,
 ) -> Option<Encoded> {
-    let (SiteKind::IndirectThunk(r), Ok(b), true) = (s.kind, inline, its) else {
-        return None;
-    };
-    if mode == Mode::Generic || !branch_in_lower_half(s.addr, b) {
-        return None;
+    match inline {
+        Ok(b) if its && mode != Mode::Generic && branch_in_lower_half(s.addr, b) => routed_form(s),
+        _ => None,
     }
-    original_form(&Site {
-        target: its_thunk(r)?,
-        ..*s
-    })
 }

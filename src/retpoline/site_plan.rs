@@ -365,12 +365,7 @@ fn known_state(
     routed: Option<Result<Encoded, &'static str>>,
     current: &[u8],
 ) -> Option<Encoded> {
-    let its = match site.kind {
-        SiteKind::IndirectThunk(r) => {
-            its::its_thunk(r).and_then(|target| original_form(&Site { target, ..*site }))
-        }
-        _ => None,
-    };
+    let its = its::routed_form(site);
     let forms = [Mode::Plain, Mode::Lfence]
         .into_iter()
         .filter_map(|m| inline_form(site, m).ok())

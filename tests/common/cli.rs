@@ -77,3 +77,37 @@ print(n)
     );
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
+
+/// C source defining every indirect thunk as a weak `jmp *%reg` and the
+/// return thunk as `ret`: what the small freestanding images of the CLI
+/// tests link their thunk sites against.
+pub const WEAK_THUNKS_C: &str = r#"
+__asm__(".irp reg, rax, rcx, rdx, rbx, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15\n"
+        ".weak __x86_indirect_thunk_\\reg\n__x86_indirect_thunk_\\reg: jmp *%\\reg\n"
+        ".endr\n"
+        ".weak __x86_return_thunk\n__x86_return_thunk: ret\n");
+"#;
+
+/// GCC flags for the small freestanding images the CLI tests link.
+pub const FREESTANDING: [&str; 7] = [
+    "-O2",
+    "-ffreestanding",
+    "-nostdlib",
+    "-static",
+    "-fno-pic",
+    "-no-pie",
+    "-fcf-protection=none",
+];
+
+/// A freestanding image of `body` (C) after [`WEAK_THUNKS_C`], built with
+/// external thunks (every indirect branch and return through them, unless
+/// the code says otherwise) and its relocations kept.
+pub fn thunk_extern_image(name: &str, body: &str) -> std::path::PathBuf {
+    let mut args = FREESTANDING.to_vec();
+    args.extend([
+        "-mindirect-branch=thunk-extern",
+        "-mfunction-return=thunk-extern",
+        "-Wl,--emit-relocs",
+    ]);
+    crate::common::gcc(name, &format!("{WEAK_THUNKS_C}{body}"), &args)
+}

@@ -109,12 +109,7 @@ impl Shape {
             // Whether an ITS thunk is needed depends on the address: where
             // in the form the branch ends, and which thunk, decide it.
             Ok(b) if routes.its && !ret && mode != Mode::Generic && b.len() <= 8 => {
-                let end = b.iter().position(|&x| x == 0xff).map(|k| k + 1);
-                let thunk = match site.kind {
-                    SiteKind::IndirectThunk(r) => its::its_thunk(r),
-                    _ => None,
-                };
-                match (end, thunk) {
+                match (its::branch_end(&b), its::thunk_for(site)) {
                     (Some(end), Some(thunk)) => Fast::InlineOrIts {
                         new: u64::from_le_bytes(b.head8()),
                         end: end as u8,
