@@ -190,21 +190,70 @@ pub(super) fn routed_form(s: &Site) -> Option<Encoded> {
     })
 }
 
+/// Why a site that Indirect Target Selection keeps off its inline form is
+/// left on its thunk: the aligned thunk is this copy's, and a site in
+/// another object (a library mapped far from it) may not reach it.
+pub(super) const ITS_OUT_OF_REACH: &str = "Indirect Target Selection: the inline branch would end \
+     in the lower half of a cache line, and this copy's aligned thunk is out of rel32 reach \
+     of the site: left on its thunk";
+
 /// For a site inlined (`plain` or `lfence`) on a CPU affected by Indirect
 /// Target Selection (`its`) whose inline branch would end in the lower half
 /// of a cache line: its [`routed_form`] (one instruction for one, as the
-/// original is). As in Linux, `lfence` mode is routed too (the thunk has no
-/// `lfence`): both modes put the branch at the same place in a site, so
-/// they route the same sites and switching between them stays one
+/// original is), or why there is none ([`ITS_OUT_OF_REACH`]); `None` where
+/// the inline form may stay. As in Linux, `lfence` mode is routed too (the
+/// thunk has no `lfence`): both modes put the branch at the same place in a
+/// site, so they route the same sites and switching between them stays one
 /// instruction for one.
 pub(super) fn its_form(
     s: &Site,
     inline: &Result<Encoded, &'static str>,
     mode: Mode,
     its: bool,
-) -> Option<Encoded> {
+) -> Option<Result<Encoded, &'static str>> {
     match inline {
-        Ok(b) if its && mode != Mode::Generic && branch_in_lower_half(s.addr, b) => routed_form(s),
+        Ok(b) if its && mode != Mode::Generic && branch_in_lower_half(s.addr, b) => {
+            Some(routed_form(s).ok_or(ITS_OUT_OF_REACH))
+        }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::x86_64::BranchKind;
+
+    /// A site whose inline branch ends in a lower half goes to the ITS
+    /// thunk where it reaches it, and stays on its thunk where it does not
+    /// (a library mapped far from this copy); an upper-half one is inlined.
+    #[test]
+    fn routes_within_reach_and_refuses_beyond() {
+        let thunk = its_thunk(Reg::Rax).unwrap();
+        let site = |addr: usize| Site {
+            addr,
+            len: 5,
+            form: BranchKind::Call,
+            kind: SiteKind::IndirectThunk(Reg::Rax),
+            target: thunk,
+        };
+        // `nopl (%rax); call *%rax`: the branch ends 4 bytes in.
+        let lower = (thunk & !63) + 0x1000;
+        let form = |s: &Site| super::super::form::inline_form(s, Mode::Plain);
+        let near = site(lower);
+        assert!(branch_in_lower_half(near.addr, &form(&near).unwrap()));
+        let routed = its_form(&near, &form(&near), Mode::Plain, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(routed, routed_form(&near).unwrap());
+        let far = site(lower.wrapping_add(3 << 30));
+        assert_eq!(
+            its_form(&far, &form(&far), Mode::Plain, true),
+            Some(Err(ITS_OUT_OF_REACH))
+        );
+        let upper = site(lower + 32);
+        assert_eq!(its_form(&upper, &form(&upper), Mode::Plain, true), None);
+        assert_eq!(its_form(&near, &form(&near), Mode::Plain, false), None);
+        assert_eq!(its_form(&near, &form(&near), Mode::Generic, true), None);
     }
 }

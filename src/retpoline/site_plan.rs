@@ -303,10 +303,13 @@ fn general(
         {
             (original, Outcome::ViaThunk)
         }
+        // Indirect Target Selection: the branch would end in the lower half
+        // of a cache line; an aligned thunk's does not (if in reach).
+        None if let Some(its) = its => match its {
+            Ok(b) => (b, Outcome::ViaThunk),
+            Err(why) => (original, Outcome::Refused(why)),
+        },
         None => match inline {
-            // Indirect Target Selection: the branch would end in the lower
-            // half of a cache line; an aligned thunk's does not.
-            Ok(_) if its.is_some() => (its.unwrap_or(original), Outcome::ViaThunk),
             Ok(b) => (b, Outcome::Inlined),
             // Kept on a PLT stub: its `jmp *slot(%rip)` is an indirect
             // branch of its own, not a retpoline.
