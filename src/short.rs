@@ -81,6 +81,21 @@ pub(crate) unsafe fn load_short(p: *const u8, n: usize) -> u64 {
     }
 }
 
+/// Appends `bytes` to `v` with [`copy_short`] (no `memcpy` call for a
+/// site's few bytes).
+#[cfg(feature = "std")]
+#[inline]
+pub(crate) fn extend_short(v: &mut alloc::vec::Vec<u8>, bytes: &[u8]) {
+    let (len, n) = (v.len(), bytes.len());
+    v.reserve(n);
+    // SAFETY: `n` bytes of reserved room after `len` are written before the
+    // length covers them; `bytes` is another object.
+    unsafe {
+        copy_short(bytes.as_ptr(), v.as_mut_ptr().add(len), n);
+        v.set_len(len + n);
+    }
+}
+
 /// Whether two byte strings are equal, with word compares up to 16 bytes.
 #[inline]
 pub(crate) fn short_eq(a: &[u8], b: &[u8]) -> bool {

@@ -2,12 +2,20 @@
 //! (tests/fixtures/realprog: regex + serde_json + trait objects, every
 //! indirect branch through a thunk, `--emit-relocs`): patched in each mode
 //! at start-up and live under running threads, its results identical to
-//! the unpatched run.
+//! the unpatched run; its start-up stores in place while it has one thread,
+//! under a uprobe attached before and after, and under signal handlers
+//! that run its sites and start a thread meanwhile.
 
 mod common;
+#[path = "tools/uprobe.rs"]
+mod uprobe;
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
+
+/// How start-up publishes while the program has one thread.
+const IN_PLACE: &str = "via pwrite to /proc/self/mem, in place (start-up: the only thread)";
 
 fn fixture() -> PathBuf {
     common::build_fixture("realprog", true).join("realprog-fixture")
@@ -20,7 +28,16 @@ fn reports(lines: &[String]) -> Vec<&String> {
 
 /// Runs the fixture with `steps`; its stdout lines.
 fn run(steps: &[&str]) -> Vec<String> {
-    let out = Command::new(fixture()).args(steps).output().unwrap();
+    run_with(steps, &[])
+}
+
+/// [`run`] with environment variables set for the fixture.
+fn run_with(steps: &[&str], env: &[(&str, &str)]) -> Vec<String> {
+    let out = Command::new(fixture())
+        .args(steps)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -59,6 +76,8 @@ fn every_mode_gives_the_unpatched_result() {
     assert!(sites > 5000, "{}", plain[0]);
     assert_eq!(field(&plain[0], "inlined"), sites, "{}", plain[0]);
     assert_eq!(field(&plain[0], "written"), sites, "{}", plain[0]);
+    // Alone at start-up: stored in place, no page swapped.
+    assert!(plain.iter().any(|l| l == IN_PLACE), "{plain:?}");
     // Generic keeps every site on the thunks; lfence cannot fit `call
     // *%r11` (the register Rust uses) with an lfence in 5 bytes.
     let generic = run(&["generic"]);
@@ -133,5 +152,109 @@ fn live_patching_under_running_threads_keeps_every_result() {
     let plain = reports(&lines)[1];
     assert_eq!(field(plain, "inlined"), field(plain, "sites"), "{plain}");
     assert!(field(plain, "written") > 5000, "{plain}");
+    // With threads running, the same start-up call swaps pages.
+    let via = lines
+        .iter()
+        .find(|l| l.starts_with("via "))
+        .expect("a via line");
+    assert_eq!(via, "via pwrite to /proc/self/mem, page swap", "{lines:?}");
     assert_eq!(result(&lines), result(&reference));
+}
+
+/// A uprobe on a function whose page the start-up rewrites in place:
+/// attached before it, it counts every call after it; detached, it leaves
+/// the file's byte (no stray `int3` to kill the process); attached again,
+/// it counts every call. The program stays the file's text throughout.
+#[test]
+fn a_uprobe_around_the_in_place_start_up_counts_every_call_and_leaves_nothing() {
+    if let Some(why) = uprobe::unavailable() {
+        assert!(!common::child::required(), "uprobes are required: {why}");
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let reference = run(&["none"]);
+    let steps = [
+        "probe", "plain", "page", "work", "wait", "work", "byte", "wait", "work", "wait",
+    ];
+    let mut child = Command::new(fixture())
+        .args(steps)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = || lines.next().expect("a line").unwrap();
+    let mut go = || writeln!(stdin, "go").unwrap();
+    let probe = next();
+    let mut words = probe.split_whitespace().skip(1);
+    let at = (
+        words.next().unwrap().to_owned(),
+        words.next().unwrap().parse::<u64>().unwrap(),
+    );
+    let pid = child.id() as libc::pid_t;
+    assert_eq!(next(), "wait");
+    // Attached before the start-up (the child has one thread: its pid).
+    let before = uprobe::Uprobe::attach_threads(&at, &[pid]).unwrap();
+    go();
+    let mut seen = Vec::new();
+    let work = loop {
+        let l = next();
+        if l.starts_with("work ") {
+            break l;
+        }
+        seen.push(l);
+    };
+    assert!(seen.iter().any(|l| l == IN_PLACE), "{seen:?}");
+    assert!(seen.iter().any(|l| l == "page patched"), "{seen:?}");
+    let expected = result(&reference);
+    assert_eq!(work, format!("work {expected}"));
+    assert_eq!(next(), "wait");
+    // 200 records, one call each.
+    assert_eq!(before.count(), 200);
+    drop(before);
+    go();
+    assert_eq!(next(), format!("work {expected}"));
+    assert_eq!(next(), "byte same");
+    assert_eq!(next(), "wait");
+    let after = uprobe::Uprobe::attach_threads(&at, &[pid]).unwrap();
+    go();
+    assert_eq!(next(), format!("work {expected}"));
+    assert_eq!(next(), "wait");
+    assert_eq!(after.count(), 200);
+    drop(after);
+    go();
+    assert_eq!(next(), format!("result {expected}"));
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// Signal handlers run a site and, the first time, start a thread (from the
+/// handler) that runs it in a loop, while the program applies `plain` at
+/// start-up. A thread that exists when the batch commits makes it a page
+/// swap; one started later finds the sites whole — with every signal
+/// blocked while the start-up stores in place, no handler can start one
+/// between two stores.
+#[test]
+fn handlers_that_run_sites_and_start_a_thread_during_start_up_see_whole_sites() {
+    // The first alarm 0.2 ms in (the thread exists before the commit),
+    // during the start-up, and long after it.
+    for (delay, via) in [
+        ("200", Some("page swap")),
+        ("2000", None),
+        ("6000", None),
+        ("300000", Some("in place (start-up: the only thread)")),
+    ] {
+        let lines = run_with(&["storm"], &[("STORM_DELAY_US", delay)]);
+        let storm = lines
+            .iter()
+            .find(|l| l.starts_with("storm "))
+            .expect("a storm line");
+        assert_eq!(field(storm, "wrong"), 0, "delay {delay}: {storm}");
+        assert!(field(storm, "handled") > 0, "{storm}");
+        assert!(field(storm, "runs") > 100_000, "{storm}");
+        if let Some(via) = via {
+            assert!(storm.ends_with(via), "delay {delay}: {storm}");
+        }
+    }
 }

@@ -123,9 +123,10 @@ pub fn init() -> Result<InitReport, InitError> {
     };
     // The calls `ifunc!`'s functions recorded need no relocation.
     let ifunc_sites = crate::static_call::with_recorded(sites, crate::sites::SiteKind::Ifunc);
-    let mut poke = Process::running_poke().map_err(InitError::Poke)?;
-    // SAFETY: the running poke publishes pages atomically (or runs the INT3
-    // protocol); every edit is one instruction for one.
+    let mut poke = Process::start_up_poke().map_err(InitError::Poke)?;
+    // SAFETY: the start-up poke stores in place only while no other thread
+    // exists, else publishes pages atomically (or runs the INT3 protocol);
+    // every edit is one instruction for one.
     let ifuncs =
         unsafe { apply(&image, &features, &ifunc_sites, &mut poke) }.map_err(InitError::Ifunc)?;
     // SAFETY: as above; the loader filled the GOT slots before main.

@@ -62,6 +62,12 @@ mod backend {
         /// half done (Linux: the page swap, or the INT3 protocol if the
         /// program chose it).
         fn running_poke() -> Result<Self::Poke, PokeError>;
+        /// A poke for start-up code that may still be the process's only
+        /// thread: it stores in place when, at commit, no other thread can
+        /// run the sites (Linux: this thread alone, its signals blocked
+        /// until the stores landed), and publishes as `running_poke` does
+        /// otherwise. Edits as for `running_poke`.
+        fn start_up_poke() -> Result<Self::Poke, PokeError>;
         /// A poke that stores in place, for sites no thread runs during
         /// the batch (start-up, or other threads parked).
         fn in_place_poke() -> Result<Self::Poke, PokeError>;

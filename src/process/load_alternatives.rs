@@ -29,12 +29,13 @@ fn apply_now() -> Startup {
     let start = std::time::Instant::now();
     let image = &super::running().image;
     let features = crate::cpu::published();
-    let mut poke = match Process::running_poke() {
+    let mut poke = match Process::start_up_poke() {
         Ok(p) => p,
         Err(e) => return Startup::Failed(e.to_string()),
     };
-    // SAFETY: this thread is the process's only one (checked just before;
-    // no other can appear meanwhile), and it is running this constructor,
+    // SAFETY: this thread is the process's only one (checked just before,
+    // and again by the start-up poke under a full signal mask before it
+    // stores in place; else it swaps pages), and it is running this constructor,
     // not a site of the object: the loader called it before any of the
     // object's code ran. The snapshot is the published one, which never
     // claims what the CPU lacks.

@@ -287,16 +287,19 @@ pub unsafe fn apply_loaded(addr: usize, policy: &Policy) -> Result<Report<'stati
     let image = unsafe { Image::from_loaded(addr) }.map_err(Error::Load)?;
     let sites = crate::elf::image_sites(&image).map_err(Error::Sites)?;
     let mut poke =
-        <crate::os::Process as crate::os::ProcessBackend>::running_poke().map_err(Error::Poke)?;
-    // SAFETY: as for `apply_current`: the running poke publishes pages
-    // atomically and refuses edits that are not one instruction for one.
+        <crate::os::Process as crate::os::ProcessBackend>::start_up_poke().map_err(Error::Poke)?;
+    // SAFETY: as for `apply_current`: the start-up poke stores in place only
+    // while no other thread exists, else publishes pages atomically; it
+    // refuses edits that are not one instruction for one.
     unsafe { apply(&image, policy, &sites, &mut poke) }.map(Report::into_owned)
 }
 
 /// Applies `policy` to the running program, live (`std`): its sites from
 /// its relocations (link with `-Wl,--emit-relocs`) or embedded table, then
-/// the thunks, published by page swap so other threads may keep running.
-/// The error says which step failed.
+/// the thunks. While the program has one thread (start-up) the sites are
+/// stored in place; once other threads run, each page is published by a
+/// page swap so they may keep running (the report's `sites_applied.via`
+/// says which). The error says which step failed.
 ///
 /// ```no_run
 /// use altpatch::cpu::{Features, Overrides};
@@ -313,8 +316,10 @@ pub fn apply_current(policy: &Policy) -> Result<Report<'static>, Error> {
     // The memoized list every mechanism shares: one parse per process.
     let sites = crate::elf::current_sites().map_err(Error::Sites)?;
     let mut poke =
-        <crate::os::Process as crate::os::ProcessBackend>::running_poke().map_err(Error::Poke)?;
-    // SAFETY: the running poke publishes pages atomically (or runs the INT3
-    // protocol); it refuses edits that are not one instruction for one.
+        <crate::os::Process as crate::os::ProcessBackend>::start_up_poke().map_err(Error::Poke)?;
+    // SAFETY: the start-up poke stores in place only while no other thread
+    // exists (none can appear meanwhile), else publishes pages atomically
+    // (or runs the INT3 protocol); it refuses edits that are not one
+    // instruction for one.
     unsafe { apply(&image, policy, sites, &mut poke) }
 }

@@ -195,6 +195,7 @@ fn quick_new(bytes: &[u8], addr: usize) -> Option<Emulation> {
 
 /// Whether `bytes` is one instruction no thread can be inside or return
 /// into the middle of (recognised without decoding for the common forms).
+#[inline]
 fn quick_old(bytes: &[u8]) -> bool {
     // `cs` prefixes first: `cs call rel32` is the generic thunk head, the
     // first edit of every start-up (recognised here, start-up builds no
@@ -209,14 +210,23 @@ fn quick_old(bytes: &[u8]) -> bool {
 
 /// Checks that `old` (at `addr`) is one instruction, so no running thread
 /// is inside it or holds a return address into its middle.
+#[inline]
 pub(crate) fn check_old(addr: usize, old: &[u8]) -> Result<(), LiveError> {
-    if !quick_old(old) {
-        // A `call` other than the whole site would leave return addresses
-        // inside it.
-        let insn = single(old, addr).ok_or(LiveError::NotOneInstruction { addr })?;
-        if insn.mnemonic() == iced_x86::Mnemonic::Call && insn.len() != old.len() {
-            return Err(LiveError::NotOneInstruction { addr });
-        }
+    if quick_old(old) {
+        Ok(())
+    } else {
+        check_old_decoded(addr, old)
+    }
+}
+
+/// [`check_old`] for the forms `quick_old` does not know: decoded.
+#[inline(never)]
+fn check_old_decoded(addr: usize, old: &[u8]) -> Result<(), LiveError> {
+    // A `call` other than the whole site would leave return addresses
+    // inside it.
+    let insn = single(old, addr).ok_or(LiveError::NotOneInstruction { addr })?;
+    if insn.mnemonic() == iced_x86::Mnemonic::Call && insn.len() != old.len() {
+        return Err(LiveError::NotOneInstruction { addr });
     }
     Ok(())
 }

@@ -14,6 +14,10 @@ impl ProcessBackend for Linux {
         LinuxPoke::running()
     }
 
+    fn start_up_poke() -> Result<LinuxPoke, PokeError> {
+        LinuxPoke::start_up()
+    }
+
     fn in_place_poke() -> Result<LinuxPoke, PokeError> {
         LinuxPoke::with_publish(Publish::InPlace)
     }

@@ -72,6 +72,14 @@ pub(super) struct Batch {
     /// Every edit must replace one instruction by one
     /// ([`LinuxPoke::running`](super::LinuxPoke::running)).
     pub(super) one_for_one: bool,
+    /// A start-up poke: in place only if, at commit, the calling thread is
+    /// the process's only one; otherwise the batch is published as
+    /// [`LinuxPoke::running`](super::LinuxPoke::running) would (see
+    /// `publish.rs`).
+    pub(super) start_up: bool,
+    /// Whether the last batch was published in place because its thread
+    /// was alone (for the report's method).
+    pub(super) was_alone: bool,
     /// Mapping publications made (swaps, homing, repairs), for reports.
     pub(super) remaps: u64,
     /// Pages found not holding their writes and rebuilt.
@@ -88,6 +96,9 @@ pub(super) struct Batch {
     /// Every write (address, length), for the read-back; and sorted by
     /// address, for publication.
     writes: Vec<(usize, usize)>,
+    /// ProcMem in place: the bytes of every write, in order (no page is
+    /// staged: the stores are built from these and the live text).
+    kept: Vec<u8>,
     sorted: Vec<(usize, usize)>,
     /// Earlier patches the text no longer holds (found by a swap).
     stale: Vec<Range<usize>>,
@@ -102,7 +113,7 @@ pub(super) struct Batch {
     /// the stores a publication makes.
     scratch: Vec<u8>,
     owned: Vec<Range<usize>>,
-    stores: Vec<Range<usize>>,
+    stores: Vec<(usize, Range<usize>)>,
     /// Whether the batch is logged, and then the old bytes of its writes,
     /// in order.
     logging: bool,
@@ -116,6 +127,8 @@ impl Batch {
             publish,
             published: publish,
             one_for_one: false,
+            start_up: false,
+            was_alone: false,
             remaps: 0,
             repairs: 0,
             runs: Vec::new(),
@@ -124,6 +137,7 @@ impl Batch {
             stage: Vec::new(),
             dirty: Vec::new(),
             writes: Vec::new(),
+            kept: Vec::new(),
             sorted: Vec::new(),
             stale: Vec::new(),
             pending: Vec::new(),
@@ -144,6 +158,7 @@ impl Batch {
         self.targets.clear();
         self.dirty.clear();
         self.writes.clear();
+        self.kept.clear();
         self.stale.clear();
         self.pending.clear();
         self.old.clear();
@@ -155,7 +170,6 @@ impl Batch {
         shared: &mut Shared,
         pages: &[Range<usize>],
     ) -> Result<(), PokeError> {
-        let strategy = self.strategy;
         self.clear();
         for r in pages {
             if r.start % PAGE_SIZE != 0 || r.end % PAGE_SIZE != 0 || r.end <= r.start {
@@ -181,8 +195,23 @@ impl Batch {
         }
         self.dirty.resize(n, CLEAN);
         self.logging = shared.log.enabled();
-        self.published = self.choose_publication(shared, pages)?;
-        match strategy {
+        self.was_alone = false;
+        self.published = self.choose_publication(shared, pages, self.publish)?;
+        if self.keeps_bytes() {
+            // Room for a write every 64 bytes of the batch's pages (start-up
+            // writes thousands; growing would copy them again and again).
+            self.writes.reserve(n * PAGE_SIZE / 64);
+            self.kept.reserve(n * PAGE_SIZE / 8);
+        }
+        self.stage(shared, pages)
+    }
+
+    /// Prepares the batch's pages for its publication: ProcMem opens
+    /// `/proc/self/mem` and copies the pages it swaps; the alias strategies
+    /// take their slots.
+    fn stage(&mut self, shared: &mut Shared, pages: &[Range<usize>]) -> Result<(), PokeError> {
+        let n = self.dirty.len();
+        match self.strategy {
             Strategy::ProcMem => {
                 shared.procmem.open()?;
                 self.stage_copies(pages, n);
@@ -193,6 +222,14 @@ impl Batch {
             Strategy::Memfd | Strategy::File => self.stage_in_arena(shared, pages)?,
         }
         Ok(())
+    }
+
+    /// Whether the batch keeps its writes' bytes (`kept`) instead of
+    /// staging pages: ProcMem in place, which stores them over the live
+    /// text at commit.
+    #[inline]
+    fn keeps_bytes(&self) -> bool {
+        self.strategy == Strategy::ProcMem && self.published == Publish::InPlace
     }
 
     /// The batch's page index and offset of `addr`. Writes arrive in
@@ -263,7 +300,18 @@ impl Batch {
         if self.logging {
             self.old.extend_from_slice(old);
         }
-        self.store(addr, bytes)?;
+        if self.keeps_bytes() {
+            // Inside one run of the batch's pages from its first byte to its
+            // last.
+            self.locate(addr).ok_or(PokeError::OutsideBatch { addr })?;
+            let end = addr + bytes.len();
+            if end > self.runs[self.last_run].text.end {
+                return Err(PokeError::OutsideBatch { addr: end - 1 });
+            }
+            crate::short::extend_short(&mut self.kept, bytes);
+        } else {
+            self.store(addr, bytes)?;
+        }
         self.writes.push((addr, bytes.len()));
         Ok(())
     }
@@ -320,16 +368,28 @@ impl Batch {
         self.verify_and_repair(shared)?;
         // What landed is ours now: later swaps of these pages carry it over.
         let overlay = &mut shared.overlay;
-        self.each_piece(|at, bytes| overlay.record(at, bytes));
+        if self.keeps_bytes() {
+            overlay.record_all(&self.writes, &self.kept);
+        } else {
+            self.each_piece(|at, bytes| overlay.record(at, bytes));
+        }
         if self.logging {
             self.log(shared);
         }
         Ok(())
     }
 
+    /// The batch's publication method, for reports.
+    pub(super) fn method(&self) -> &'static str {
+        if self.was_alone {
+            return "pwrite to /proc/self/mem, in place (start-up: the only thread)";
+        }
+        super::strategy::method(self.strategy, self.published)
+    }
+
     /// Appends the batch's line to the text-poke log.
     fn log(&self, shared: &mut Shared) {
-        let method = super::strategy::method(self.strategy, self.published);
+        let method = self.method();
         let mut line = shared.log.begin_line(method);
         let mut cursor = 0;
         let mut first = true;

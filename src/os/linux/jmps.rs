@@ -70,13 +70,16 @@ pub(crate) unsafe fn retarget(edits: &[JmpEdit]) -> Result<usize, PokeError> {
             _ => pages.push(span),
         }
     }
-    let method = if super::threads::only_thread() {
-        // No other thread can run the text (none exists, and only a thread
-        // of the process creates one): each 5-byte store may land as it
-        // comes, in place, where the page stays the file's mapping (tools
-        // see it as they do the page swap's). No maps, no file, no swap.
+    let alone = super::threads::Alone::claim();
+    let method = if alone.is_some() {
+        // No other thread can run the text (none exists, and with every
+        // signal blocked no handler of this thread's can start one): each
+        // 5-byte store may land as it comes, in place, where the page stays
+        // the file's mapping (tools see it as they do the page swap's). No
+        // maps, no file, no swap.
         // SAFETY: forwarded; the process has this one thread.
         unsafe { write_in_place(shared, &todo) }?;
+        drop(alone);
         "pwrite to /proc/self/mem, in place (at load, the only thread)"
     } else {
         shared.text.refresh();

@@ -88,6 +88,7 @@ mod arena;
 mod backend;
 mod batch;
 mod file_swap;
+mod file_view;
 mod files;
 mod fork;
 mod jmps;
@@ -291,6 +292,29 @@ impl LinuxPoke {
         Ok(p)
     }
 
+    /// A poke for start-up, while the program may still have one thread:
+    /// each batch is stored in place if, when it commits, the calling
+    /// thread is the process's only one — checked with every signal blocked
+    /// until the stores have landed, so no handler starts a thread or runs
+    /// a site between two stores — and published as [`running`] publishes
+    /// otherwise. In place means no page is copied, staged or swapped: the
+    /// pages stay the file's mapping with their uprobes, as a page swap
+    /// keeps them. Edits must replace one instruction by one, as for
+    /// [`running`], whichever way the batch goes. The alias strategies
+    /// (anonymous text) store as they write, so with them this is
+    /// [`running`].
+    ///
+    /// [`running`]: LinuxPoke::running
+    pub(crate) fn start_up() -> Result<LinuxPoke, PokeError> {
+        let mut p = LinuxPoke::running()?;
+        if p.batch.strategy == Strategy::ProcMem {
+            p.batch.publish = Publish::InPlace;
+            p.batch.published = Publish::InPlace;
+            p.batch.start_up = true;
+        }
+        Ok(p)
+    }
+
     /// A poke with the given publication and the process's strategy
     /// ([`strategy`]).
     pub fn with_publish(publish: Publish) -> Result<LinuxPoke, PokeError> {
@@ -448,6 +472,6 @@ unsafe impl crate::poke::TextPoke for LinuxPoke {
     }
 
     fn method(&self) -> &'static str {
-        strategy::method(self.batch.strategy, self.batch.publish)
+        self.batch.method()
     }
 }

@@ -94,6 +94,54 @@ impl Overlay {
         }
     }
 
+    /// Records a batch's writes: (address, length) each, their bytes one
+    /// after the other in `bytes`. Many writes in address order, none over
+    /// a recorded span (start-up), are merged with the spans in one pass;
+    /// others are recorded one by one.
+    pub(crate) fn record_all(&mut self, writes: &[(usize, usize)], bytes: &[u8]) {
+        let sorted = writes.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0);
+        if !(sorted && writes.len() * 8 >= self.spans.len() && self.merge(writes)) {
+            let mut from = 0;
+            for &(addr, n) in writes {
+                self.record(addr, &bytes[from..from + n]);
+                from += n;
+            }
+            return;
+        }
+        self.pool.extend_from_slice(bytes);
+    }
+
+    /// Merges sorted, disjoint writes whose bytes will be appended to the
+    /// pool into the spans; `false` (nothing changed) if one overlaps a
+    /// recorded span.
+    fn merge(&mut self, writes: &[(usize, usize)]) -> bool {
+        let mut at = self.pool.len();
+        let mut merged = Vec::with_capacity(self.spans.len() + writes.len());
+        let mut old = self.spans.iter().copied().peekable();
+        for &(addr, len) in writes {
+            while let Some(s) = old.next_if(|s| s.addr < addr) {
+                if s.end() > addr {
+                    return false;
+                }
+                merged.push(s);
+            }
+            if old.peek().is_some_and(|s| s.addr < addr + len) {
+                return false;
+            }
+            if len > 0 {
+                merged.push(Span {
+                    addr,
+                    len: len as u32,
+                    at: at as u32,
+                });
+            }
+            at += len;
+        }
+        merged.extend(old);
+        self.spans = merged;
+        true
+    }
+
     /// Records that `bytes` are now at `addr`.
     #[inline]
     pub(crate) fn record(&mut self, addr: usize, bytes: &[u8]) {
@@ -253,6 +301,7 @@ impl Overlay {
 mod tests {
     use super::Overlay;
     use alloc::collections::BTreeMap;
+    use alloc::vec;
     use alloc::vec::Vec;
 
     /// What the overlay holds, byte by byte.
@@ -264,6 +313,40 @@ mod tests {
             }
         });
         m
+    }
+
+    #[test]
+    fn a_batch_recorded_at_once_is_recorded_as_one_by_one() {
+        let earlier = [
+            (0x1000, vec![1u8; 5]),
+            (0x1100, vec![2; 6]),
+            (0x2000, vec![3; 5]),
+        ];
+        let cases: [&[(usize, usize)]; 4] = [
+            // between, before and after the earlier spans: merged
+            &[(0x0f00, 5), (0x1010, 5), (0x1106, 5), (0x3000, 6)],
+            // one over an earlier span: one by one
+            &[(0x0f00, 5), (0x1102, 5)],
+            // out of order: one by one
+            &[(0x3000, 5), (0x1010, 5)],
+            &[],
+        ];
+        for writes in cases {
+            let total: usize = writes.iter().map(|w| w.1).sum();
+            let new: Vec<u8> = (0..total).map(|k| 0x40 + k as u8).collect();
+            let (mut at_once, mut one_by_one) = (Overlay::new(), Overlay::new());
+            for (a, b) in &earlier {
+                at_once.record(*a, b);
+                one_by_one.record(*a, b);
+            }
+            at_once.record_all(writes, &new);
+            let mut from = 0;
+            for &(a, n) in writes {
+                one_by_one.record(a, &new[from..from + n]);
+                from += n;
+            }
+            assert_eq!(bytes(&at_once), bytes(&one_by_one), "{writes:x?}");
+        }
     }
 
     #[test]

@@ -69,8 +69,11 @@ pub(super) fn check_can_trap() -> Result<(), PokeError> {
 }
 
 /// Whether the calling thread is the process's only one (no other can
-/// appear while it is: only a thread of the process creates one). `false`
-/// when it cannot tell. Three system calls and no allocation: it runs in
+/// appear while it is, except from a signal handler of this thread's: only
+/// a thread of the process creates one; [`Alone`] closes that door too).
+/// `false` when it cannot tell. A task sharing the address space without
+/// being a thread of the process (`clone(CLONE_VM)` without
+/// `CLONE_THREAD`) is not listed in `/proc/self/task` and not seen. Three system calls and no allocation: it runs in
 /// constructors, on every program's start.
 pub(crate) fn only_thread() -> bool {
     // SAFETY: open with a NUL-terminated path.
@@ -134,4 +137,42 @@ pub(crate) fn only_thread() -> bool {
     // SAFETY: closing the descriptor we opened.
     unsafe { libc::close(fd) };
     ok && threads == 1
+}
+
+/// Proof that the calling thread is the process's only one, kept true
+/// while it lives: every signal is blocked, so no handler runs on this
+/// thread — none can start a thread, nor run code between two stores of a
+/// batch. Dropping it restores the signal mask (signals that arrived
+/// meanwhile are delivered then, none lost).
+pub(super) struct Alone {
+    old: libc::sigset_t,
+}
+
+impl Alone {
+    /// Blocks every signal and checks the thread is alone; `None` (the mask
+    /// restored) if it is not, or if that cannot be told. Four system calls
+    /// when alone (mask, open, getdents, close), and no allocation.
+    pub(super) fn claim() -> Option<Alone> {
+        // SAFETY: sigset_t is plain data, valid all zero; both sets are
+        // filled by the calls below before anything reads them.
+        let (mut all, mut old): (libc::sigset_t, libc::sigset_t) =
+            unsafe { (core::mem::zeroed(), core::mem::zeroed()) };
+        // SAFETY: valid pointers to sets we own.
+        let blocked = unsafe {
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old)
+        };
+        if blocked != 0 {
+            return None;
+        }
+        let alone = Alone { old };
+        only_thread().then_some(alone)
+    }
+}
+
+impl Drop for Alone {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask `claim` saved.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, core::ptr::null_mut()) };
+    }
 }

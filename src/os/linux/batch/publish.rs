@@ -1,8 +1,11 @@
 //! Publishing a batch: how its staged bytes reach the text.
 //!
 //! * ProcMem, in place: one `pwrite` per stretch of writes (see
-//!   [`write_runs`](super::super::runs::write_runs) for what a stretch may
-//!   span).
+//!   [`in_place_stores`] for what a stretch may span). A start-up poke
+//!   stores in place only if the calling thread is the process's only one,
+//!   checked with every signal blocked until the stores have landed (so no
+//!   handler starts a thread or runs code between two stores); otherwise
+//!   its writes are staged again and published as a running poke's.
 //! * ProcMem, page swap: per group of pages, a fresh private mapping of the
 //!   file they map holding the earlier patches and the writes
 //!   ([`ProcMem::swap_file`](super::super::procmem::ProcMem::swap_file)),
@@ -14,8 +17,9 @@
 use alloc::vec::Vec;
 use core::ops::Range;
 
+use super::super::file_view::FileViews;
 use super::super::overlay::Overlay;
-use super::super::runs::write_runs;
+use super::super::runs::in_place_stores;
 use super::super::state::Shared;
 use super::super::{Publish, sys, threads, trap};
 use super::{Batch, Group};
@@ -24,11 +28,21 @@ use crate::poke::{PAGE_SIZE, PokeError, Strategy, short_eq};
 
 impl Batch {
     pub(super) fn publish_batch(&mut self, shared: &mut Shared) -> Result<(), PokeError> {
-        self.sort_writes();
         match (self.strategy, self.published) {
             (_, Publish::Live) => self.commit_live(shared),
+            (Strategy::ProcMem, Publish::InPlace) if self.start_up => {
+                match threads::Alone::claim() {
+                    // Every signal stays blocked until the stores landed.
+                    Some(_alone) => {
+                        self.was_alone = true;
+                        self.commit_in_place(shared)
+                    }
+                    None => self.publish_as_running(shared),
+                }
+            }
             (Strategy::ProcMem, Publish::InPlace) => self.commit_in_place(shared),
             (Strategy::ProcMem, Publish::Remap) => {
+                self.sort_writes();
                 for k in 0..self.groups.len() {
                     self.swap_group(shared, k)?;
                     self.remaps += 1;
@@ -117,28 +131,83 @@ impl Batch {
         }
     }
 
-    /// ProcMem in place: `pwrite` the writes, joined where that is safe.
+    /// ProcMem in place: the kept writes stored over the live text, joined
+    /// where that is safe.
     fn commit_in_place(&mut self, shared: &mut Shared) -> Result<(), PokeError> {
-        for i in 0..self.runs.len() {
-            let text = self.runs[i].text.clone();
-            let from = self.runs[i].first * PAGE_SIZE;
-            self.owned_in(&text, None);
-            // SAFETY: the run's pages are mapped readable text.
-            let live = unsafe {
-                core::slice::from_raw_parts(text.start as *const u8, text.end - text.start)
+        let mut buf = core::mem::take(&mut self.scratch);
+        let mut stores = core::mem::take(&mut self.stores);
+        buf.clear();
+        stores.clear();
+        // Every store lies in the batch's pages: room for all of them at
+        // once (untouched room costs no memory).
+        buf.reserve(self.dirty.len() * PAGE_SIZE);
+        // A gap is read only inside one run of the batch's pages (the
+        // run of the gap before tried first: writes come in address order).
+        let last = core::cell::Cell::new(0);
+        let joinable = |gap: Range<usize>| {
+            let inside = |i: usize| {
+                self.runs
+                    .get(i)
+                    .is_some_and(|r| r.text.start <= gap.start && gap.end <= r.text.end)
             };
-            let want = &self.stage[from..from + (text.end - text.start)];
-            self.stores.clear();
-            write_runs(live, want, &self.owned, &mut self.stores);
-            for s in &self.stores {
-                // SAFETY: validated text of the batch; the staged bytes are
-                // its current bytes plus the writes, and `write_runs` keeps
-                // every byte stored that is not a write a non-int3 byte as
-                // it is now.
-                unsafe { shared.procmem.write(text.start + s.start, &want[s.clone()]) }?;
+            gap.is_empty()
+                || inside(last.get())
+                || self.run_of(gap.start).is_some_and(|i| {
+                    last.set(i);
+                    inside(i)
+                })
+        };
+        // SAFETY: `in_place_stores` reads only the writes' bytes and
+        // joinable gaps, all inside the batch's pages: mapped readable text.
+        let live = |r: Range<usize>| unsafe {
+            core::slice::from_raw_parts(r.start as *const u8, r.end - r.start)
+        };
+        let views = FileViews::new(shared, self.runs.iter().map(|r| r.text.clone()));
+        let file = |r: Range<usize>| views.bytes(r);
+        in_place_stores(
+            &self.writes,
+            &self.kept,
+            live,
+            file,
+            joinable,
+            &mut buf,
+            &mut stores,
+        );
+        drop(views);
+        let mut result = Ok(());
+        for (addr, r) in &stores {
+            // SAFETY: validated text of the batch; every byte stored is a
+            // write's, or between two of them a non-int3 byte as it is now.
+            result = unsafe { shared.procmem.write(*addr, &buf[r.clone()]) };
+            if result.is_err() {
+                break;
             }
         }
-        Ok(())
+        self.scratch = buf;
+        self.stores = stores;
+        result
+    }
+
+    /// A start-up batch whose thread is not alone at commit: staged again as
+    /// a [`LinuxPoke::running`](super::super::LinuxPoke::running) batch is
+    /// (the process's live publication; sealed text by the INT3 protocol),
+    /// its writes replayed through the same checks, and published so.
+    /// Nothing has been written yet.
+    fn publish_as_running(&mut self, shared: &mut Shared) -> Result<(), PokeError> {
+        let pages: Vec<Range<usize>> = self.runs.iter().map(|r| r.text.clone()).collect();
+        let publish = super::super::live_publication();
+        self.published = self.choose_publication(shared, &pages, publish)?;
+        self.stage(shared, &pages)?;
+        let writes = core::mem::take(&mut self.writes);
+        let kept = core::mem::take(&mut self.kept);
+        self.old.clear();
+        let mut from = 0;
+        for &(addr, n) in &writes {
+            // SAFETY: `write` accepted these bytes for this batch already.
+            unsafe { self.write(addr, &kept[from..from + n]) }?;
+            from += n;
+        }
+        self.publish_batch(shared)
     }
 
     /// ProcMem page swap of group `k`: our patches and the batch's writes,

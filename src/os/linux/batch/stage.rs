@@ -11,14 +11,15 @@ use super::{Batch, Group};
 use crate::poke::{PAGE_SIZE, PokeError, Strategy};
 
 impl Batch {
-    /// How this batch can be published: the poke's publication, unless
-    /// sealed text forbids remapping (then the INT3 protocol, in place, if
-    /// every thread can take it) or the pages are a file's text that the
-    /// alias strategies would move off it.
+    /// How this batch can be published: `publish`, unless sealed text
+    /// forbids remapping (then the INT3 protocol, in place, if every thread
+    /// can take it) or the pages are a file's text that the alias
+    /// strategies would move off it.
     pub(super) fn choose_publication(
         &self,
         shared: &mut Shared,
         pages: &[Range<usize>],
+        publish: Publish,
     ) -> Result<Publish, PokeError> {
         let alias = self.strategy != Strategy::ProcMem;
         if alias {
@@ -40,12 +41,12 @@ impl Batch {
                 }
             }
         }
-        let remaps = alias || self.publish == Publish::Remap;
+        let remaps = alias || publish == Publish::Remap;
         let Some(sealed) = remaps
             .then(|| pages.iter().find(|r| maps::sealed(r)))
             .flatten()
         else {
-            return Ok(self.publish);
+            return Ok(publish);
         };
         if alias {
             return Err(PokeError::Sealed {
@@ -74,10 +75,12 @@ impl Batch {
         Ok(Publish::Live)
     }
 
-    /// ProcMem: a copy of every page to write into (none for the INT3
-    /// protocol, which writes in place).
+    /// ProcMem: a copy of every page to write into (none in place: the INT3
+    /// protocol keeps its edits, the plain in-place store their bytes).
     pub(super) fn stage_copies(&mut self, pages: &[Range<usize>], n: usize) {
-        if self.published == Publish::Live {
+        // A start-up batch staged again as a running one starts afresh.
+        self.targets.clear();
+        if self.published != Publish::Remap {
             self.targets.resize(n, 0);
             return;
         }

@@ -9,19 +9,20 @@ use super::Batch;
 use crate::os::linux::file_swap::FileAt;
 use crate::os::linux::state::Shared;
 use crate::os::linux::{Publish, sys};
-use crate::poke::{PAGE_SIZE, PokeError, Strategy};
+use crate::poke::{PAGE_SIZE, PokeError, Strategy, short_eq};
 
 impl Batch {
     /// Calls `f(addr, intended bytes)` for every write of the batch, split
     /// at page boundaries. The intended bytes are the protocol's pending
-    /// writes, or else what the staging (or alias) holds there.
+    /// writes or the kept ones, or else what the staging (or alias) holds
+    /// there.
     pub(super) fn each_piece(&self, mut f: impl FnMut(usize, &[u8])) {
-        for (addr, len, pending) in self.write_list() {
+        let mut write = |addr: usize, len: usize, kept: Option<&[u8]>| {
             let mut done = 0;
             while done < len {
                 let at = addr + done;
                 let n = (PAGE_SIZE - at % PAGE_SIZE).min(len - done);
-                let want = match pending {
+                let want = match kept {
                     Some(b) => &b[done..done + n],
                     None => {
                         let Some(i) = self.run_of(at) else { break };
@@ -36,31 +37,60 @@ impl Batch {
                 f(at, want);
                 done += n;
             }
+        };
+        if self.published == Publish::Live {
+            for (s, b) in &self.pending {
+                write(s.addr, b.len(), Some(&b[..]));
+            }
+        } else if self.keeps_bytes() {
+            let mut from = 0;
+            for &(a, n) in &self.writes {
+                write(a, n, Some(&self.kept[from..from + n]));
+                from += n;
+            }
+        } else {
+            for &(a, n) in &self.writes {
+                write(a, n, None);
+            }
         }
     }
 
-    /// Every write as (address, length, the bytes if the batch keeps them).
-    fn write_list(&self) -> Vec<(usize, usize, Option<&[u8]>)> {
-        if self.published == Publish::Live {
-            self.pending
-                .iter()
-                .map(|(s, b)| (s.addr, b.len(), Some(&b[..])))
-                .collect()
-        } else {
-            self.writes.iter().map(|&(a, n)| (a, n, None)).collect()
-        }
+    /// Whether the read-back compares each write (the INT3 protocol keeps
+    /// its edits) rather than each page's written span with its staging.
+    fn compares_writes(&self) -> bool {
+        self.published == Publish::Live
     }
 
     /// Pages (address, first wrong byte) whose text does not hold the
-    /// batch's writes. Outside the INT3 protocol each page's written span
-    /// is compared with its staging first (one compare per page, whatever
-    /// the number of edits); only where that differs — bytes between the
+    /// batch's writes. Where pages were staged each page's written span is
+    /// compared with its staging first (one compare per page, whatever the
+    /// number of edits); only where that differs — bytes between the
     /// writes may differ legitimately: a breakpoint the kernel keeps, or
     /// one a page swap did not carry — are the writes compared one by one.
     fn mismatches(&self) -> Vec<(usize, usize)> {
         let mut bad: Vec<(usize, usize)> = Vec::new();
+        if self.keeps_bytes() {
+            // Each write against its kept bytes, whole (no page split: a
+            // wrong byte names its own page).
+            let mut from = 0;
+            for &(at, n) in &self.writes {
+                let want = &self.kept[from..from + n];
+                from += n;
+                // SAFETY: inside the batch's text, which is mapped readable.
+                let have = unsafe { core::slice::from_raw_parts(at as *const u8, n) };
+                if !short_eq(have, want) {
+                    let i = have.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+                    let page = (at + i) - (at + i) % PAGE_SIZE;
+                    if bad.last().is_none_or(|&(p, _)| p != page) {
+                        bad.push((page, at + i));
+                    }
+                }
+            }
+            return bad;
+        }
         let mut suspect: Vec<usize> = Vec::new();
-        if self.published != Publish::Live {
+        let each_write = self.compares_writes();
+        if !each_write {
             for r in &self.runs {
                 let pages = (r.text.end - r.text.start) / PAGE_SIZE;
                 for k in 0..pages {
@@ -92,11 +122,14 @@ impl Batch {
         }
         self.each_piece(|at, want| {
             let page = at - at % PAGE_SIZE;
-            if self.published != Publish::Live && suspect.binary_search(&page).is_err() {
+            if !each_write && suspect.binary_search(&page).is_err() {
                 return;
             }
             // SAFETY: inside the batch's text, which is mapped readable.
             let have = unsafe { core::slice::from_raw_parts(at as *const u8, want.len()) };
+            if short_eq(have, want) {
+                return;
+            }
             if let Some(i) = have.iter().zip(want).position(|(a, b)| a != b)
                 && bad.last().is_none_or(|&(p, _)| p != page)
             {
