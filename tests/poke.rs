@@ -350,6 +350,31 @@ fn fork_does_not_share_patches() {
     }
 }
 
+/// An in-place store that fails halfway (a partial `pwrite`, injected)
+/// leaves no site half written: the batch puts back every byte it changed
+/// before it returns, and the plan reports the error with the text as it
+/// was. Without the fault, the same plan applies.
+#[test]
+fn a_failed_in_place_store_puts_back_every_byte() {
+    let pad = PAD_D;
+    let before = pad.snapshot();
+    let mut plan = flip_plan(pad, 1);
+    let mut poke = LinuxPoke::new().unwrap();
+    altpatch::os::linux::fail_in_place_store_for_tests(Some(pad.site(UNITS / 2)));
+    // SAFETY: NOP5 and `jmp` to the next instruction behave alike; no other
+    // test runs this pad.
+    let err = unsafe { plan.apply(&mut poke) };
+    altpatch::os::linux::fail_in_place_store_for_tests(None);
+    let err = err.unwrap_err();
+    assert!(err.to_string().contains("injected for tests"), "{err}");
+    assert_eq!(pad.snapshot(), before, "text is as it was");
+    assert_eq!(pad.call(), 42);
+    // SAFETY: as above.
+    unsafe { plan.apply(&mut poke) }.unwrap();
+    assert!((0..UNITS).all(|i| read(pad.site(i), 5) == JMP0));
+    assert_eq!(pad.call(), 42);
+}
+
 #[test]
 fn non_text_is_refused_by_the_poke() {
     use altpatch::{PokeError, TextPoke};

@@ -161,6 +161,23 @@ fn live_patching_under_running_threads_keeps_every_result() {
     assert_eq!(result(&lines), result(&reference));
 }
 
+/// A start-up whose in-place store fails halfway (a partial `pwrite`,
+/// injected) leaves the program's text its file's bytes — no site half
+/// written, which the plan's own rollback could not put back, since a
+/// half-written site is no instruction to replace — and runs right; the
+/// next start-up applies.
+#[test]
+fn a_start_up_whose_store_fails_halfway_leaves_the_text_as_it_was() {
+    let reference = run(&["none"]);
+    let lines = run(&["fail", "page", "work", "plain", "page"]);
+    assert!(lines[0].contains("injected for tests"), "{lines:?}");
+    assert_eq!(lines[1], "page same", "{lines:?}");
+    assert_eq!(lines[2], format!("work {}", result(&reference)));
+    assert!(lines.iter().any(|l| l == IN_PLACE), "{lines:?}");
+    assert!(lines.iter().any(|l| l == "page patched"), "{lines:?}");
+    assert_eq!(result(&lines), result(&reference));
+}
+
 /// A uprobe on a function whose page the start-up rewrites in place:
 /// attached before it, it counts every call after it; detached, it leaves
 /// the file's byte (no stray `int3` to kill the process); attached again,

@@ -21,6 +21,7 @@
 use alloc::vec::Vec;
 use core::ops::Range;
 
+mod kept;
 mod publish;
 mod stage;
 mod verify;
@@ -80,6 +81,9 @@ pub(super) struct Batch {
     /// Whether the last batch was published in place because its thread
     /// was alone (for the report's method).
     pub(super) was_alone: bool,
+    /// Whether the batch runs the INT3 protocol because the program chose
+    /// it (not because its text is sealed), for the refusal's words.
+    live_chosen: bool,
     /// Mapping publications made (swaps, homing, repairs), for reports.
     pub(super) remaps: u64,
     /// Pages found not holding their writes and rebuilt.
@@ -129,6 +133,7 @@ impl Batch {
             one_for_one: false,
             start_up: false,
             was_alone: false,
+            live_chosen: false,
             remaps: 0,
             repairs: 0,
             runs: Vec::new(),
@@ -197,11 +202,13 @@ impl Batch {
         self.logging = shared.log.enabled();
         self.was_alone = false;
         self.published = self.choose_publication(shared, pages, self.publish)?;
+        self.live_chosen = self.publish == Publish::Live;
         if self.keeps_bytes() {
             // Room for a write every 64 bytes of the batch's pages (start-up
             // writes thousands; growing would copy them again and again).
             self.writes.reserve(n * PAGE_SIZE / 64);
             self.kept.reserve(n * PAGE_SIZE / 8);
+            self.old.reserve(n * PAGE_SIZE / 8);
         }
         self.stage(shared, pages)
     }
@@ -273,7 +280,7 @@ impl Batch {
             // anything is written.
             let site = LiveSite::new(addr, old, bytes).map_err(|_| PokeError::NotLiveSafe {
                 addr,
-                rule: if self.publish == Publish::Live {
+                rule: if self.live_chosen {
                     "the INT3 protocol needs one emulatable instruction (call, jmp, jcc, nop, \
                      ret) replaced by one"
                 } else {
@@ -297,9 +304,6 @@ impl Batch {
                            instructions",
                 })?;
         }
-        if self.logging {
-            self.old.extend_from_slice(old);
-        }
         if self.keeps_bytes() {
             // Inside one run of the batch's pages from its first byte to its
             // last.
@@ -309,7 +313,13 @@ impl Batch {
                 return Err(PokeError::OutsideBatch { addr: end - 1 });
             }
             crate::short::extend_short(&mut self.kept, bytes);
+            // The bytes replaced are kept too: a failed store is put back,
+            // and a breakpoint over a byte the write keeps is left.
+            crate::short::extend_short(&mut self.old, old);
         } else {
+            if self.logging {
+                self.old.extend_from_slice(old);
+            }
             self.store(addr, bytes)?;
         }
         self.writes.push((addr, bytes.len()));

@@ -196,6 +196,19 @@ pub fn stage_swaps_anonymously_for_benchmarks(on: bool) {
 /// See [`stage_swaps_anonymously_for_benchmarks`].
 static ANONYMOUS_SWAPS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
+/// Makes the first in-place store of a batch that reaches past `addr` fail
+/// from now on, as a partial `pwrite` does: its first half lands, then an
+/// error (`None`: no more). For tests that a failed in-place batch puts
+/// back every byte.
+#[doc(hidden)]
+pub fn fail_in_place_store_for_tests(addr: Option<usize>) {
+    FAIL_IN_PLACE_STORE.store(addr.unwrap_or(0), Ordering::Relaxed);
+}
+
+/// See [`fail_in_place_store_for_tests`].
+static FAIL_IN_PLACE_STORE: core::sync::atomic::AtomicUsize =
+    core::sync::atomic::AtomicUsize::new(0);
+
 /// Makes `strategy` refused from now on, as if its probe had failed with
 /// `errno` at `call` (for tests of the fallback order; e.g. a kernel that
 /// refuses executable memfd mappings). Pokes already created keep theirs.

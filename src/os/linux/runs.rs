@@ -10,9 +10,14 @@
 //!
 //! * positions that are ours (recorded writes and the batch's writes), and
 //! * between two of ours, bytes we rewrite with the value they have, which
-//!   is safe only when that value is not `0xcc`: a breakpoint removed
-//!   before our store would come back, unknown to the kernel, and kill the
-//!   next thread to reach it. A gap holding `0xcc` splits the run.
+//!   is safe only where nothing of the kernel's can be: a breakpoint
+//!   removed before our store would come back, unknown to the kernel, and
+//!   kill the next thread to reach it (an optimized probe, a `nop5` the
+//!   kernel made a `call` to its uprobe trampoline, would come back too).
+//!   The page swap joins across text that is its file's bytes; the
+//!   in-place stores across text that is its file's bytes (read through
+//!   `file_view.rs`), or in anonymous text, which no probe reaches, holds
+//!   no `0xcc`.
 //!
 //! At a position of ours where the target holds `0xcc` and the file holds
 //! the byte we want, the `0xcc` is the kernel's breakpoint over an
@@ -26,13 +31,13 @@ use crate::short::extend_short;
 
 /// Unchanged bytes worth rewriting between two stores to save a call: a
 /// page. A `pwrite` to `/proc/self/mem` costs microseconds; copying a page
-/// of gap costs about 1 400 instructions. On `tests/fixtures/realprog`'s
-/// start-up, 512 made 498 calls and 4096 makes 147, 1.3 ms less, for 4 %
-/// more instructions.
+/// costs a few hundred instructions. On `tests/fixtures/realprog`'s
+/// start-up (embedded table), 512 made 521 calls and 4096 makes 164, for
+/// 1 % more instructions and 0.2 ms less.
 pub(super) const JOIN: usize = 4096;
 
 // Whether bytes hold a breakpoint is the architecture's question.
-use crate::arch::append_unless_trap;
+use crate::arch::TRAP;
 pub(super) use crate::arch::contains_trap as has_int3;
 
 /// The stores that cover `owned` (sorted by start), appended to `out`: a
@@ -88,25 +93,38 @@ fn runs(
     }
 }
 
+/// A batch's writes as the in-place publication keeps them: (address,
+/// length) each, sorted and disjoint; their bytes one after the other in
+/// `new`, and the bytes they replace (as validation read them) in `old`.
+#[derive(Clone, Copy)]
+pub(super) struct Kept<'a> {
+    pub(super) writes: &'a [(usize, usize)],
+    pub(super) new: &'a [u8],
+    pub(super) old: &'a [u8],
+}
+
 /// Stores that put every write in place (`pwrite` to the live text):
 /// appended to `out` as (text address, range of `buf` holding the bytes).
 ///
-/// `writes` are (address, length) in address order, their bytes one after
-/// the other in `kept`; `live(r)` reads the text's bytes `r`, `file(r)`
-/// the file's bytes under them where known, and `joinable(gap)` says
-/// whether the gap lies in the batch's text (so may be read). A write whose
-/// bytes are there already needs no store. Two stores are joined across a
-/// gap of at most [`JOIN`] bytes, its bytes rewritten as they are, so one
-/// `pwrite` covers many sites, if the gap holds no `int3` or is exactly
-/// the file's bytes (see `file_view.rs`: then none of its `int3`s is the
-/// kernel's). A write over text holding an `int3` (a breakpoint the kernel
-/// placed after validation) stores only the bytes that differ, each run of
-/// them on its own. A write starting before the previous store's end
-/// (a batch writing the same bytes twice) starts a store of its own, after
-/// it: the last write wins.
+/// `live(r)` reads the text's bytes `r`, `file(r)` the
+/// file's bytes under them where the text maps a file, and `joinable(gap)`
+/// says whether a gap lies in the batch's text (so may be read).
+///
+/// * A write whose bytes are there already needs no store.
+/// * Two stores are joined across a gap of at most [`JOIN`] bytes, its
+///   bytes rewritten as they are, so one `pwrite` covers many sites — only
+///   if nothing of the kernel's can be in the gap, since a breakpoint or
+///   an optimized probe (a probed `nop5` becomes a `call` to the kernel's
+///   uprobe trampoline) removed between our read and our store would come
+///   back. Where the text maps a file the gap must be exactly the file's
+///   bytes (an `int3` of the file's is padding: the kernel never probes
+///   one); in anonymous text, which no probe reaches, hold no `int3`.
+/// * A write over text holding an `int3` now (the kernel placed it after
+///   validation) stores only the bytes that change, each run of them on
+///   its own, and leaves a breakpoint over a byte the write does not
+///   change (the uprobe stays; the read-back accepts it).
 pub(super) fn in_place_stores<'t>(
-    writes: &[(usize, usize)],
-    kept: &[u8],
+    kept: Kept<'_>,
     live: impl Fn(Range<usize>) -> &'t [u8],
     file: impl Fn(Range<usize>) -> Option<&'t [u8]>,
     joinable: impl Fn(Range<usize>) -> bool,
@@ -122,8 +140,8 @@ pub(super) fn in_place_stores<'t>(
         }
     };
     let mut from = 0;
-    for &(addr, len) in writes {
-        let bytes = &kept[from..from + len];
+    for &(addr, len) in kept.writes {
+        let (bytes, was) = (&kept.new[from..from + len], &kept.old[from..from + len]);
         from += len;
         let now = live(addr..addr + len);
         if short_eq(now, bytes) {
@@ -131,13 +149,14 @@ pub(super) fn in_place_stores<'t>(
         }
         if has_int3(now) {
             close(&mut open, buf, out);
+            let store = |q: usize| now[q] != bytes[q] && !(now[q] == TRAP && bytes[q] == was[q]);
             let mut p = 0;
             while p < len {
-                if now[p] == bytes[p] {
+                if !store(p) {
                     p += 1;
                     continue;
                 }
-                let q = (p..len).find(|&q| now[q] == bytes[q]).unwrap_or(len);
+                let q = (p..len).find(|&q| !store(q)).unwrap_or(len);
                 let at = buf.len();
                 buf.extend_from_slice(&bytes[p..q]);
                 out.push((addr + p, at..buf.len()));
@@ -145,20 +164,18 @@ pub(super) fn in_place_stores<'t>(
             }
             continue;
         }
-        // The gap is copied as it is, unless it holds an `int3` that may
-        // not be the file's.
-        let joined = open.is_some()
-            && addr >= end
-            && addr - end <= JOIN
-            && joinable(end..addr)
-            && (append_unless_trap(buf, live(end..addr)) || {
+        let joined =
+            open.is_some() && addr >= end && addr - end <= JOIN && joinable(end..addr) && {
                 let gap = live(end..addr);
-                let files = file(end..addr).is_some_and(|f| f == gap);
-                if files {
+                let quiet = match file(end..addr) {
+                    Some(f) => f == gap,
+                    None => !has_int3(gap),
+                };
+                if quiet {
                     buf.extend_from_slice(gap);
                 }
-                files
-            });
+                quiet
+            };
         if !joined {
             close(&mut open, buf, out);
             open = Some((addr, buf.len()));
@@ -219,12 +236,13 @@ mod tests {
 
     /// The stores `in_place_stores` makes over `live` (addresses are
     /// offsets into it; every gap is joinable unless it reaches `fence`),
-    /// each as (offset, the bytes stored).
+    /// each as (offset, the bytes stored); the text maps no file.
     fn stores(live: &[u8], writes: &[(usize, &[u8])], fence: usize) -> Vec<(usize, Vec<u8>)> {
         stores_over(live, None, writes, fence)
     }
 
-    /// As [`stores`], the file's bytes known to be `file`.
+    /// As [`stores`], the text mapping a file holding `file`. Each write
+    /// replaces what `file` (else `live`) holds there.
     fn stores_over(
         live: &[u8],
         file: Option<&[u8]>,
@@ -236,10 +254,19 @@ mod tests {
             .iter()
             .flat_map(|&(_, b)| b.iter().copied())
             .collect();
+        let was = file.unwrap_or(live);
+        let old: Vec<u8> = list
+            .iter()
+            .flat_map(|&(a, n)| was[a..a + n].iter().copied())
+            .collect();
         let (mut buf, mut out) = (Vec::new(), Vec::new());
+        let kept = Kept {
+            writes: &list,
+            new: &kept,
+            old: &old,
+        };
         in_place_stores(
-            &list,
-            &kept,
+            kept,
             |r| &live[r],
             |r| file.map(|f| &f[r]),
             |gap| gap.end <= fence || gap.start > fence,
@@ -250,29 +277,38 @@ mod tests {
     }
 
     #[test]
-    fn joins_across_plain_gaps_and_splits_at_int3() {
+    fn joins_across_gaps_nothing_of_the_kernels_can_be_in() {
         let mut live = vec![0x90u8; 64];
         let (a, b) = ([0xe9, 1, 2, 3, 4], [0xe9, 5, 6, 7, 8]);
+        let split = [(4, a.to_vec()), (20, b.to_vec())];
         let mut joined = a.to_vec();
         joined.extend_from_slice(&live[9..20]);
         joined.extend_from_slice(&b);
-        assert_eq!(stores(&live, &[(4, &a), (20, &b)], 64), [(4, joined)]);
-        // A gap outside the batch's text is not read.
         assert_eq!(
-            stores(&live, &[(4, &a), (20, &b)], 12),
-            [(4, a.to_vec()), (20, b.to_vec())]
+            stores(&live, &[(4, &a), (20, &b)], 64),
+            [(4, joined.clone())]
         );
+        assert_eq!(
+            stores_over(&live, Some(&live.clone()), &[(4, &a), (20, &b)], 64),
+            [(4, joined)]
+        );
+        // A gap outside the batch's text is not read.
+        assert_eq!(stores(&live, &[(4, &a), (20, &b)], 12), split);
         // A breakpoint in the gap (someone's, or the kernel's) splits it:
         // rewritten as it is, it could outlive its probe.
         let file = live.clone();
         live[12] = 0xcc;
-        assert_eq!(
-            stores(&live, &[(4, &a), (20, &b)], 64),
-            [(4, a.to_vec()), (20, b.to_vec())]
-        );
+        assert_eq!(stores(&live, &[(4, &a), (20, &b)], 64), split);
         assert_eq!(
             stores_over(&live, Some(&file), &[(4, &a), (20, &b)], 64),
-            [(4, a.to_vec()), (20, b.to_vec())]
+            split
+        );
+        // So does an optimized probe: a `nop5` the kernel made a `call`.
+        let mut optimized = file.clone();
+        optimized[10..15].copy_from_slice(&[0xe8, 0x10, 0x20, 0x30, 0x40]);
+        assert_eq!(
+            stores_over(&optimized, Some(&file), &[(4, &a), (20, &b)], 64),
+            split
         );
         // The file's own `int3` (padding) is no probe: joined.
         let mut joined = a.to_vec();
@@ -285,29 +321,30 @@ mod tests {
     }
 
     #[test]
-    fn stores_nothing_already_there_and_lets_a_repeated_write_win() {
+    fn stores_nothing_already_there() {
         let live = vec![0x90u8; 64];
         let nop5 = [0x90; 5];
         assert!(stores(&live, &[(4, &nop5), (30, &nop5)], 64).is_empty());
-        let (a, b) = ([0xe8, 1, 2, 3, 4], [0xe8, 9, 9, 9, 9]);
-        assert_eq!(
-            stores(&live, &[(4, &a), (4, &b)], 64),
-            [(4, a.to_vec()), (4, b.to_vec())]
-        );
     }
 
     #[test]
-    fn over_a_breakpoint_only_the_differing_bytes_are_stored() {
-        // A uprobe's `int3` on the site's first byte, which we do not
-        // change: left for the kernel to remove.
+    fn over_a_breakpoint_only_the_changed_bytes_are_stored() {
+        // A uprobe's `int3` on the site's first byte (placed after
+        // validation read `0f`), which the write does not change: left for
+        // the kernel to remove.
+        let file = [0x0f, 0x1f, 0x44, 0x00, 0x00, 0x90];
         let live = [0xcc, 0x1f, 0x44, 0x00, 0x00, 0x90];
         let want = [0x0f, 0x1f, 0x44, 0x11, 0x22];
         assert_eq!(
-            stores(&live, &[(0, &want)], 64),
-            [(0, vec![0x0f]), (3, vec![0x11, 0x22])]
+            stores_over(&live, Some(&file), &[(0, &want)], 64),
+            [(3, vec![0x11, 0x22])]
         );
-        let keep = [0xcc, 0x1f, 0x44, 0x11, 0x00];
-        assert_eq!(stores(&live, &[(0, &keep)], 64), [(3, vec![0x11])]);
+        // A byte the write changes is ours, breakpoint or not.
+        let call = [0xe8, 0x1f, 0x44, 0x00, 0x01];
+        assert_eq!(
+            stores_over(&live, Some(&file), &[(0, &call)], 64),
+            [(0, vec![0xe8]), (4, vec![0x01])]
+        );
     }
 
     #[test]

@@ -17,9 +17,7 @@
 use alloc::vec::Vec;
 use core::ops::Range;
 
-use super::super::file_view::FileViews;
 use super::super::overlay::Overlay;
-use super::super::runs::in_place_stores;
 use super::super::state::Shared;
 use super::super::{Publish, sys, threads, trap};
 use super::{Batch, Group};
@@ -131,63 +129,6 @@ impl Batch {
         }
     }
 
-    /// ProcMem in place: the kept writes stored over the live text, joined
-    /// where that is safe.
-    fn commit_in_place(&mut self, shared: &mut Shared) -> Result<(), PokeError> {
-        let mut buf = core::mem::take(&mut self.scratch);
-        let mut stores = core::mem::take(&mut self.stores);
-        buf.clear();
-        stores.clear();
-        // Every store lies in the batch's pages: room for all of them at
-        // once (untouched room costs no memory).
-        buf.reserve(self.dirty.len() * PAGE_SIZE);
-        // A gap is read only inside one run of the batch's pages (the
-        // run of the gap before tried first: writes come in address order).
-        let last = core::cell::Cell::new(0);
-        let joinable = |gap: Range<usize>| {
-            let inside = |i: usize| {
-                self.runs
-                    .get(i)
-                    .is_some_and(|r| r.text.start <= gap.start && gap.end <= r.text.end)
-            };
-            gap.is_empty()
-                || inside(last.get())
-                || self.run_of(gap.start).is_some_and(|i| {
-                    last.set(i);
-                    inside(i)
-                })
-        };
-        // SAFETY: `in_place_stores` reads only the writes' bytes and
-        // joinable gaps, all inside the batch's pages: mapped readable text.
-        let live = |r: Range<usize>| unsafe {
-            core::slice::from_raw_parts(r.start as *const u8, r.end - r.start)
-        };
-        let views = FileViews::new(shared, self.runs.iter().map(|r| r.text.clone()));
-        let file = |r: Range<usize>| views.bytes(r);
-        in_place_stores(
-            &self.writes,
-            &self.kept,
-            live,
-            file,
-            joinable,
-            &mut buf,
-            &mut stores,
-        );
-        drop(views);
-        let mut result = Ok(());
-        for (addr, r) in &stores {
-            // SAFETY: validated text of the batch; every byte stored is a
-            // write's, or between two of them a non-int3 byte as it is now.
-            result = unsafe { shared.procmem.write(*addr, &buf[r.clone()]) };
-            if result.is_err() {
-                break;
-            }
-        }
-        self.scratch = buf;
-        self.stores = stores;
-        result
-    }
-
     /// A start-up batch whose thread is not alone at commit: staged again as
     /// a [`LinuxPoke::running`](super::super::LinuxPoke::running) batch is
     /// (the process's live publication; sealed text by the INT3 protocol),
@@ -197,6 +138,7 @@ impl Batch {
         let pages: Vec<Range<usize>> = self.runs.iter().map(|r| r.text.clone()).collect();
         let publish = super::super::live_publication();
         self.published = self.choose_publication(shared, &pages, publish)?;
+        self.live_chosen = publish == Publish::Live;
         self.stage(shared, &pages)?;
         let writes = core::mem::take(&mut self.writes);
         let kept = core::mem::take(&mut self.kept);

@@ -68,26 +68,10 @@ impl Batch {
     /// writes may differ legitimately: a breakpoint the kernel keeps, or
     /// one a page swap did not carry — are the writes compared one by one.
     fn mismatches(&self) -> Vec<(usize, usize)> {
-        let mut bad: Vec<(usize, usize)> = Vec::new();
         if self.keeps_bytes() {
-            // Each write against its kept bytes, whole (no page split: a
-            // wrong byte names its own page).
-            let mut from = 0;
-            for &(at, n) in &self.writes {
-                let want = &self.kept[from..from + n];
-                from += n;
-                // SAFETY: inside the batch's text, which is mapped readable.
-                let have = unsafe { core::slice::from_raw_parts(at as *const u8, n) };
-                if !short_eq(have, want) {
-                    let i = have.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
-                    let page = (at + i) - (at + i) % PAGE_SIZE;
-                    if bad.last().is_none_or(|&(p, _)| p != page) {
-                        bad.push((page, at + i));
-                    }
-                }
-            }
-            return bad;
+            return self.kept_mismatches();
         }
+        let mut bad: Vec<(usize, usize)> = Vec::new();
         let mut suspect: Vec<usize> = Vec::new();
         let each_write = self.compares_writes();
         if !each_write {
