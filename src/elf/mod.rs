@@ -346,14 +346,17 @@ pub fn read_sites_with(data: &[u8], names: &ThunkNames) -> Result<FoundSites, El
                     p.symbols.len()
                 )));
             };
-            let sym = p.symbols.symbol(sym_index).map_err(corrupt)?;
             if *memo == memo::UNSEEN {
+                let sym = p.symbols.symbol(sym_index).map_err(corrupt)?;
                 let name = p.symbols.symbol_name(LE, sym).map_err(corrupt)?;
                 *memo = memo::encode(classify(name, sym.st_type().0, &marks));
             }
+            // Most relocations name a symbol already seen to be none of
+            // ours: nothing more is read for them.
             let Some(class) = memo::decode(*memo) else {
                 continue;
             };
+            let sym = p.symbols.symbol(sym_index).map_err(corrupt)?;
             let name = || p.symbols.symbol_name(LE, sym).unwrap_or_default();
             let offset = rela.r_offset(LE);
             let reject = |why| Rejected {

@@ -145,3 +145,25 @@ impl Drop for FileViews {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::holds;
+    use alloc::{format, vec};
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_view_is_clipped_to_the_pages_the_file_has() {
+        let path = std::env::temp_dir().join(format!("altpatch-view-{}", std::process::id()));
+        std::fs::write(&path, vec![0x90u8; 5000]).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        // 5000 bytes: the second page holds the end (its tail reads as
+        // zeros); a third would raise SIGBUS.
+        assert!(holds(f.as_raw_fd(), 4096));
+        assert!(holds(f.as_raw_fd(), 8192));
+        assert!(!holds(f.as_raw_fd(), 8193));
+        assert!(!holds(f.as_raw_fd(), 12288));
+        drop(f);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
