@@ -117,7 +117,8 @@ pub(super) struct Batch {
     /// the stores a publication makes.
     scratch: Vec<u8>,
     owned: Vec<Range<usize>>,
-    stores: Vec<(usize, Range<usize>)>,
+    /// ProcMem in place: the stores of the batch (see `kept.rs`).
+    in_place: super::runs::Stores,
     /// Whether the batch is logged, and then the old bytes of its writes,
     /// in order.
     logging: bool,
@@ -150,7 +151,11 @@ impl Batch {
             swap_ok: (0, 0),
             scratch: Vec::new(),
             owned: Vec::new(),
-            stores: Vec::new(),
+            in_place: super::runs::Stores {
+                buf: Vec::new(),
+                list: Vec::new(),
+                left: Vec::new(),
+            },
             logging: false,
             old: Vec::new(),
         }

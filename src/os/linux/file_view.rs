@@ -9,7 +9,7 @@
 //! holds neither: a probe makes the text differ from the file, and the
 //! kernel never probes an `int3` (it refuses to), so the `int3`s compilers
 //! pad functions with (LLVM on x86-64) are the file's. Splitting at every
-//! `int3` instead cost 2 561 `pwrite`s instead of 164 on
+//! `int3` instead cost 2 561 `pwrite`s instead of about 160 on
 //! `tests/fixtures/realprog`, slower than the page swap.
 //!
 //! A view is a shared read-only mapping: the page cache's pages, no copy,
@@ -20,6 +20,7 @@
 use core::cell::Cell;
 use core::ops::Range;
 
+use super::runs::Backing;
 use super::state::Shared;
 use crate::poke::PAGE_SIZE;
 
@@ -32,37 +33,23 @@ pub(super) struct FileViews {
 
 struct View {
     text: Range<usize>,
-    /// The descriptor and offset of the file the run maps (contiguously),
-    /// if it maps one.
-    file: Option<(libc::c_int, u64)>,
+    /// `Some(None)`: the run maps no file; `Some(Some(..))`: the
+    /// descriptor and offset of the one file it maps at consecutive
+    /// offsets; `None`: neither (or the file cannot be opened).
+    file: Option<Option<(libc::c_int, u64)>>,
     /// Where the view is mapped: 0 not yet, `usize::MAX` could not be.
     at: Cell<usize>,
 }
 
 impl FileViews {
     /// The views of `runs` (page-aligned text ranges the batch checked),
-    /// none mapped yet. A run not mapping one file at consecutive offsets,
-    /// or whose file cannot be opened, has none.
+    /// none mapped yet.
     pub(super) fn new(shared: &mut Shared, runs: impl Iterator<Item = Range<usize>>) -> FileViews {
         let runs = runs
-            .map(|text| {
-                let file = (|| {
-                    let first = shared.text.origin(text.start)?;
-                    let i = first.file()?;
-                    for p in text.clone().step_by(PAGE_SIZE) {
-                        let o = shared.text.origin(p)?;
-                        if o.file() != Some(i) || o.offset != first.offset + (p - text.start) as u64
-                        {
-                            return None;
-                        }
-                    }
-                    Some((shared.text.file(i).fd().ok()?, first.offset))
-                })();
-                View {
-                    text,
-                    file,
-                    at: Cell::new(0),
-                }
+            .map(|text| View {
+                file: run_file(shared, &text),
+                text,
+                at: Cell::new(0),
             })
             .collect();
         FileViews {
@@ -71,23 +58,51 @@ impl FileViews {
         }
     }
 
-    /// The file's bytes under `r` (inside one run), if it has a view.
-    pub(super) fn bytes(&self, r: Range<usize>) -> Option<&[u8]> {
+    /// What the text `r` (inside one run) is: anonymous, a file's with the
+    /// file's bytes under it, or a file's that cannot be read.
+    #[inline]
+    pub(super) fn bytes(&self, r: Range<usize>) -> Backing<'_> {
+        // Most questions fall in the run of the one before, already mapped.
+        if let Some(v) = self.runs.get(self.last.get())
+            && v.text.start <= r.start
+            && r.end <= v.text.end
+            && v.at.get().wrapping_add(1) > 1
+        {
+            // SAFETY: as in `bytes_slow`: inside the mapped view.
+            return Backing::File(unsafe {
+                core::slice::from_raw_parts(
+                    (v.at.get() + (r.start - v.text.start)) as *const u8,
+                    r.end - r.start,
+                )
+            });
+        }
+        self.bytes_slow(r)
+    }
+
+    /// [`bytes`](Self::bytes) when the run is another's or not mapped yet.
+    #[inline(never)]
+    fn bytes_slow(&self, r: Range<usize>) -> Backing<'_> {
         let inside = |v: &View| v.text.start <= r.start && r.end <= v.text.end;
         let v = match self.runs.get(self.last.get()) {
             Some(v) if inside(v) => v,
-            _ => {
-                let i = self.runs.iter().position(inside)?;
-                self.last.set(i);
-                &self.runs[i]
-            }
+            _ => match self.runs.iter().position(inside) {
+                Some(i) => {
+                    self.last.set(i);
+                    &self.runs[i]
+                }
+                None => return Backing::Unknown,
+            },
         };
-        let (fd, offset) = v.file?;
+        let (fd, offset) = match v.file {
+            Some(None) => return Backing::Anonymous,
+            None => return Backing::Unknown,
+            Some(Some(f)) => f,
+        };
         let len = v.text.end - v.text.start;
         if v.at.get() == 0 && !holds(fd, offset + len as u64) {
             // Shorter than the text it is mapped as (truncated since): a
             // page past its end would raise SIGBUS, which with every signal
-            // blocked kills the process. No view; gaps with `int3` split.
+            // blocked kills the process.
             v.at.set(usize::MAX);
         }
         if v.at.get() == 0 {
@@ -111,16 +126,45 @@ impl FileViews {
         }
         let at = v.at.get();
         if at == usize::MAX {
-            return None;
+            return Backing::Unknown;
         }
         // SAFETY: inside the view, mapped readable for `len` bytes until
         // the views are dropped, which the returned borrow outlives not.
-        Some(unsafe {
+        Backing::File(unsafe {
             core::slice::from_raw_parts(
                 (at + (r.start - v.text.start)) as *const u8,
                 r.end - r.start,
             )
         })
+    }
+}
+
+/// The file `text` maps at consecutive offsets (descriptor, first offset),
+/// `Some(None)` if it maps none (anonymous, or altpatch's own re-homed
+/// text), `None` if it maps several or its file cannot be opened.
+fn run_file(shared: &mut Shared, text: &Range<usize>) -> Option<Option<(libc::c_int, u64)>> {
+    let mut first: Option<Option<(usize, u64)>> = None;
+    for p in text.clone().step_by(PAGE_SIZE) {
+        let o = shared.text.origin(p)?;
+        let file = o.file().filter(|&i| {
+            let (dev, ino) = shared.text.file(i).id();
+            !shared.arena.owns(dev, ino)
+        });
+        // The offset the run's first page would map: the same for every
+        // page of a file mapped at consecutive offsets.
+        let this = match file {
+            None => None,
+            Some(i) => Some((i, o.offset.checked_sub((p - text.start) as u64)?)),
+        };
+        match first {
+            None => first = Some(this),
+            Some(f) if f == this => {}
+            Some(_) => return None,
+        }
+    }
+    match first? {
+        None => Some(None),
+        Some((i, offset)) => Some(Some((shared.text.file(i).fd().ok()?, offset))),
     }
 }
 

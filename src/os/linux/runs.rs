@@ -32,7 +32,7 @@ use crate::short::extend_short;
 /// Unchanged bytes worth rewriting between two stores to save a call: a
 /// page. A `pwrite` to `/proc/self/mem` costs microseconds; copying a page
 /// costs a few hundred instructions. On `tests/fixtures/realprog`'s
-/// start-up (embedded table), 512 made 521 calls and 4096 makes 164, for
+/// start-up (embedded table), 512 made 521 calls and 4096 makes about 160, for
 /// 1 % more instructions and 0.2 ms less.
 pub(super) const JOIN: usize = 4096;
 
@@ -93,6 +93,19 @@ fn runs(
     }
 }
 
+/// What text between sites is, for the question whether it may be
+/// rewritten as it is.
+pub(super) enum Backing<'v> {
+    /// Anonymous memory (or altpatch's own re-homed text): no probe reaches
+    /// it, and only an `int3` could be someone's breakpoint.
+    Anonymous,
+    /// A file's text, and the file's bytes under it.
+    File(&'v [u8]),
+    /// A file's text whose file cannot be read (replaced, truncated, not
+    /// mappable): nothing proves what is the kernel's.
+    Unknown,
+}
+
 /// A batch's writes as the in-place publication keeps them: (address,
 /// length) each, sorted and disjoint; their bytes one after the other in
 /// `new`, and the bytes they replace (as validation read them) in `old`.
@@ -103,12 +116,32 @@ pub(super) struct Kept<'a> {
     pub(super) old: &'a [u8],
 }
 
-/// Stores that put every write in place (`pwrite` to the live text):
-/// appended to `out` as (text address, range of `buf` holding the bytes).
+/// The stores the in-place publication makes.
+#[derive(Default)]
+pub(super) struct Stores {
+    /// The bytes of every store, one after the other.
+    pub(super) buf: Vec<u8>,
+    /// Each store: its text address and its bytes' range in `buf`.
+    pub(super) list: Vec<(usize, Range<usize>)>,
+    /// Addresses left holding a breakpoint of the kernel's, over a byte
+    /// its write does not change (the read-back accepts them).
+    pub(super) left: Vec<usize>,
+}
+
+impl Stores {
+    pub(super) fn clear(&mut self) {
+        self.buf.clear();
+        self.list.clear();
+        self.left.clear();
+    }
+}
+
+/// Stores that put every write in place (`pwrite` to the live text),
+/// appended to `out`.
 ///
-/// `live(r)` reads the text's bytes `r`, `file(r)` the
-/// file's bytes under them where the text maps a file, and `joinable(gap)`
-/// says whether a gap lies in the batch's text (so may be read).
+/// `live(r)` reads the text's bytes `r`, `backing(r)` says what the text
+/// `r` is (see [`Backing`]), and `joinable(gap)` whether a gap lies in the
+/// batch's text (so may be read).
 ///
 /// * A write whose bytes are there already needs no store.
 /// * Two stores are joined across a gap of at most [`JOIN`] bytes, its
@@ -116,27 +149,29 @@ pub(super) struct Kept<'a> {
 ///   if nothing of the kernel's can be in the gap, since a breakpoint or
 ///   an optimized probe (a probed `nop5` becomes a `call` to the kernel's
 ///   uprobe trampoline) removed between our read and our store would come
-///   back. Where the text maps a file the gap must be exactly the file's
-///   bytes (an `int3` of the file's is padding: the kernel never probes
-///   one); in anonymous text, which no probe reaches, hold no `int3`.
+///   back. A file's text must be exactly the file's bytes (an `int3` of the
+///   file's is padding: the kernel never probes one); anonymous text,
+///   which no probe reaches, must hold no `int3`; a file's text whose file
+///   cannot be read is never joined.
 /// * A write over text holding an `int3` now (the kernel placed it after
 ///   validation) stores only the bytes that change, each run of them on
-///   its own, and leaves a breakpoint over a byte the write does not
-///   change (the uprobe stays; the read-back accepts it).
+///   its own, and leaves a breakpoint placed since validation over a byte
+///   the write does not change or sets to the file's byte (the uprobe
+///   stays; noted in `left`). An `int3` validation read is an earlier
+///   form's filler, ours, and is written over like any byte.
 pub(super) fn in_place_stores<'t>(
     kept: Kept<'_>,
     live: impl Fn(Range<usize>) -> &'t [u8],
-    file: impl Fn(Range<usize>) -> Option<&'t [u8]>,
+    backing: impl Fn(Range<usize>) -> Backing<'t>,
     joinable: impl Fn(Range<usize>) -> bool,
-    buf: &mut Vec<u8>,
-    out: &mut Vec<(usize, Range<usize>)>,
+    out: &mut Stores,
 ) {
     // The store being built: its text address and where it starts in `buf`.
     let mut open: Option<(usize, usize)> = None;
     let mut end = 0;
-    let close = |open: &mut Option<(usize, usize)>, buf: &Vec<u8>, out: &mut Vec<_>| {
+    let close = |open: &mut Option<(usize, usize)>, out: &mut Stores| {
         if let Some((at, from)) = open.take() {
-            out.push((at, from..buf.len()));
+            out.list.push((at, from..out.buf.len()));
         }
     };
     let mut from = 0;
@@ -148,18 +183,35 @@ pub(super) fn in_place_stores<'t>(
             continue;
         }
         if has_int3(now) {
-            close(&mut open, buf, out);
-            let store = |q: usize| now[q] != bytes[q] && !(now[q] == TRAP && bytes[q] == was[q]);
+            close(&mut open, out);
+            let file = match backing(addr..addr + len) {
+                Backing::File(f) => Some(f),
+                _ => None,
+            };
+            // The kernel's breakpoint, placed since validation read the
+            // byte (an `int3` validation read is ours: an earlier form's
+            // filler), over a byte that ends as it was or as the file has
+            // it (the instruction the kernel runs for it).
+            let kernels = |q: usize| {
+                now[q] == TRAP
+                    && was[q] != TRAP
+                    && (bytes[q] == was[q] || file.is_some_and(|f| f[q] == bytes[q]))
+            };
             let mut p = 0;
             while p < len {
-                if !store(p) {
+                if kernels(p) {
+                    out.left.push(addr + p);
+                }
+                if now[p] == bytes[p] || kernels(p) {
                     p += 1;
                     continue;
                 }
-                let q = (p..len).find(|&q| !store(q)).unwrap_or(len);
-                let at = buf.len();
-                buf.extend_from_slice(&bytes[p..q]);
-                out.push((addr + p, at..buf.len()));
+                let q = (p..len)
+                    .find(|&q| now[q] == bytes[q] || kernels(q))
+                    .unwrap_or(len);
+                let at = out.buf.len();
+                out.buf.extend_from_slice(&bytes[p..q]);
+                out.list.push((addr + p, at..out.buf.len()));
                 p = q;
             }
             continue;
@@ -167,23 +219,24 @@ pub(super) fn in_place_stores<'t>(
         let joined =
             open.is_some() && addr >= end && addr - end <= JOIN && joinable(end..addr) && {
                 let gap = live(end..addr);
-                let quiet = match file(end..addr) {
-                    Some(f) => f == gap,
-                    None => !has_int3(gap),
+                let quiet = match backing(end..addr) {
+                    Backing::File(f) => f == gap,
+                    Backing::Anonymous => !has_int3(gap),
+                    Backing::Unknown => gap.is_empty(),
                 };
                 if quiet {
-                    buf.extend_from_slice(gap);
+                    out.buf.extend_from_slice(gap);
                 }
                 quiet
             };
         if !joined {
-            close(&mut open, buf, out);
-            open = Some((addr, buf.len()));
+            close(&mut open, out);
+            open = Some((addr, out.buf.len()));
         }
-        extend_short(buf, bytes);
+        extend_short(&mut out.buf, bytes);
         end = addr + len;
     }
-    close(&mut open, buf, out);
+    close(&mut open, out);
 }
 
 /// Appends to `out` the stores (offsets into the pages) that make a fresh
@@ -259,7 +312,7 @@ mod tests {
             .iter()
             .flat_map(|&(a, n)| was[a..a + n].iter().copied())
             .collect();
-        let (mut buf, mut out) = (Vec::new(), Vec::new());
+        let mut out = Stores::default();
         let kept = Kept {
             writes: &list,
             new: &kept,
@@ -268,12 +321,17 @@ mod tests {
         in_place_stores(
             kept,
             |r| &live[r],
-            |r| file.map(|f| &f[r]),
+            |r| match file {
+                Some(f) => Backing::File(&f[r]),
+                None => Backing::Anonymous,
+            },
             |gap| gap.end <= fence || gap.start > fence,
-            &mut buf,
             &mut out,
         );
-        out.into_iter().map(|(a, r)| (a, buf[r].to_vec())).collect()
+        let Stores { buf, list, .. } = out;
+        list.into_iter()
+            .map(|(a, r)| (a, buf[r].to_vec()))
+            .collect()
     }
 
     #[test]
@@ -345,6 +403,76 @@ mod tests {
             stores_over(&live, Some(&file), &[(0, &call)], 64),
             [(0, vec![0xe8]), (4, vec![0x01])]
         );
+    }
+
+    /// `in_place_stores` over one write of `new` replacing `old`, the text
+    /// `live` and its backing as given; the stores and the breakpoints left.
+    #[allow(clippy::type_complexity)]
+    fn one_write<'t>(
+        live: &'t [u8],
+        backing: impl Fn(Range<usize>) -> Backing<'t>,
+        writes: &[(usize, usize)],
+        new: &[u8],
+        old: &[u8],
+    ) -> (Vec<(usize, Vec<u8>)>, Vec<usize>) {
+        let mut out = Stores::default();
+        let kept = Kept { writes, new, old };
+        in_place_stores(kept, |r| &live[r], backing, |_| true, &mut out);
+        let Stores { buf, list, left } = out;
+        let list = list
+            .into_iter()
+            .map(|(a, r)| (a, buf[r].to_vec()))
+            .collect();
+        (list, left)
+    }
+
+    #[test]
+    fn a_rollback_leaves_the_kernels_breakpoint_over_the_files_byte() {
+        // We patched `e8 ..` into a site whose file bytes are a NOP5; a
+        // uprobe attached since sits on our patched first byte. Putting the
+        // file's bytes back leaves it: the kernel runs the file's
+        // instruction for it.
+        static FILE: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+        let live = [0xcc, 1, 2, 3, 4];
+        let patched = [0xe8, 1, 2, 3, 4];
+        let (stores, left) = one_write(
+            &live,
+            |r| Backing::File(&FILE[r]),
+            &[(0, 5)],
+            &FILE,
+            &patched,
+        );
+        assert_eq!(stores, [(1, vec![0x1f, 0x44, 0x00, 0x00])]);
+        assert_eq!(left, [0]);
+        // Without the file, that byte is stored.
+        let (stores, left) = one_write(&live, |_| Backing::Anonymous, &[(0, 5)], &FILE, &patched);
+        assert_eq!(stores, [(0, FILE.to_vec())]);
+        assert!(left.is_empty());
+    }
+
+    #[test]
+    fn our_own_filler_is_written_over() {
+        // `cs jmp *%rax; int3`-like: an earlier form ended with our `int3`
+        // filler (validation read it); going back to the file's `cs jmp
+        // rel32` writes over it, though the file has its byte there.
+        static FILE: [u8; 6] = [0x2e, 0xe9, 1, 2, 3, 4];
+        let ours = [0x0f, 0x1f, 0x00, 0xff, 0xe0, 0xcc];
+        let (stores, left) = one_write(&ours, |r| Backing::File(&FILE[r]), &[(0, 6)], &FILE, &ours);
+        assert_eq!(stores, [(0, FILE.to_vec())]);
+        assert!(left.is_empty());
+    }
+
+    #[test]
+    fn text_of_a_file_that_cannot_be_read_is_never_joined() {
+        let live = [0x90u8; 32];
+        let (a, b) = ([0xe9, 1, 2, 3, 4], [0xe9, 5, 6, 7, 8]);
+        let new: Vec<u8> = a.iter().chain(&b).copied().collect();
+        let old = [0x90u8; 10];
+        let (stores, _) = one_write(&live, |_| Backing::Unknown, &[(4, 5), (20, 5)], &new, &old);
+        assert_eq!(stores, [(4, a.to_vec()), (20, b.to_vec())]);
+        // Adjacent writes have no gap to read: joined.
+        let (stores, _) = one_write(&live, |_| Backing::Unknown, &[(4, 5), (9, 5)], &new, &old);
+        assert_eq!(stores, [(4, new.clone())]);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 use core::ops::Range;
 
 use super::super::file_view::FileViews;
-use super::super::runs::{Kept, in_place_stores};
+use super::super::runs::{Backing, Kept, in_place_stores};
 use super::super::state::Shared;
 use super::Batch;
 use crate::arch::TRAP;
@@ -23,13 +23,11 @@ impl Batch {
     /// and handler out.
     pub(super) fn commit_in_place(&mut self, shared: &mut Shared) -> Result<(), PokeError> {
         self.normalize_kept();
-        let mut buf = core::mem::take(&mut self.scratch);
-        let mut stores = core::mem::take(&mut self.stores);
-        buf.clear();
-        stores.clear();
+        let mut out = core::mem::take(&mut self.in_place);
+        out.clear();
         // Every store lies in the batch's pages: room for all of them at
         // once (untouched room costs no memory).
-        buf.reserve(self.dirty.len() * PAGE_SIZE);
+        out.buf.reserve(self.dirty.len() * PAGE_SIZE);
         // A gap is read only inside one run of the batch's pages (the
         // run of the gap before tried first: writes come in address order).
         let last = core::cell::Cell::new(0);
@@ -59,14 +57,12 @@ impl Batch {
             |r| unsafe { live(r) },
             |r| views.bytes(r),
             joinable,
-            &mut buf,
-            &mut stores,
+            &mut out,
         );
-        drop(views);
         let mut result = Ok(());
         let fail = super::super::FAIL_IN_PLACE_STORE.load(core::sync::atomic::Ordering::Relaxed);
-        for (addr, r) in &stores {
-            let bytes = &buf[r.clone()];
+        for (addr, r) in &out.list {
+            let bytes = &out.buf[r.clone()];
             let injected = fail != 0 && *addr + bytes.len() > fail;
             let bytes = if injected {
                 &bytes[..bytes.len() / 2]
@@ -87,13 +83,14 @@ impl Batch {
                 break;
             }
         }
-        self.scratch = buf;
-        self.stores = stores;
         if result.is_err() {
-            // What is left is the first error; the plan's rollback finds
-            // every edit's old bytes in place again.
-            let _ = self.restore_kept(shared);
+            // What is returned is the first error. If putting back fails
+            // too, the plan's own rollback finds a site that is no
+            // instruction and says the text may be inconsistent.
+            let _ = self.restore_kept(shared, &views);
         }
+        drop(views);
+        self.in_place = out;
         result
     }
 
@@ -127,10 +124,13 @@ impl Batch {
         }
     }
 
-    /// Puts back the bytes the kept writes changed, where the text no
-    /// longer holds them (a breakpoint over a byte no write changes is not
-    /// ours, and stays).
-    fn restore_kept(&self, shared: &mut Shared) -> Result<(), PokeError> {
+    /// Puts back the bytes this batch's stores put there: where the text
+    /// holds a write's new byte and it differs from the old one. Nothing
+    /// else is touched: a breakpoint the kernel placed since (over one of
+    /// ours or not) stays, and an old byte that was a breakpoint the file
+    /// does not have (the kernel's, read by validation, maybe removed since)
+    /// is not written back.
+    fn restore_kept(&self, shared: &mut Shared, views: &FileViews) -> Result<(), PokeError> {
         let mut from = 0;
         let mut result = Ok(());
         for &(addr, n) in &self.writes {
@@ -138,17 +138,32 @@ impl Batch {
             from += n;
             // SAFETY: a write of the batch, inside its pages.
             let now = unsafe { live(addr..addr + n) };
+            let file = match views.bytes(addr..addr + n) {
+                Backing::File(f) => Some(f),
+                _ => None,
+            };
+            // An old `int3` is put back only if it is the file's or one of
+            // our own fillers (the overlay's): one of the kernel's, read by
+            // validation and maybe removed since, must not come back.
+            let overlay = &shared.overlay;
+            let ours = |p: usize| {
+                now[p] == new[p]
+                    && new[p] != old[p]
+                    && (old[p] != TRAP
+                        || file.is_some_and(|f| f[p] == TRAP)
+                        || overlay
+                            .spans_in(addr + p..addr + p + 1)
+                            .any(|(_, b)| b[0] == TRAP))
+            };
             let mut p = 0;
             while p < n {
-                if new[p] == old[p] || now[p] == old[p] {
+                if !ours(p) {
                     p += 1;
                     continue;
                 }
-                let q = (p..n)
-                    .find(|&q| new[q] == old[q] || now[q] == old[q])
-                    .unwrap_or(n);
+                let q = (p..n).find(|&q| !ours(q)).unwrap_or(n);
                 // SAFETY: validated text of the batch; the bytes it held
-                // before this batch.
+                // before this batch stored over them.
                 let r = unsafe { shared.procmem.write(addr + p, &old[p..q]) };
                 result = result.and(r);
                 p = q;
@@ -158,9 +173,9 @@ impl Batch {
     }
 
     /// The read-back of the kept writes: pages (address, first wrong byte)
-    /// whose text does not hold them. A breakpoint over a byte its write
-    /// does not change is the kernel's (a uprobe attached meanwhile), left
-    /// in place by the stores: not wrong.
+    /// whose text does not hold them. A breakpoint the stores left in place
+    /// (the kernel's, over a byte its write keeps or sets to the file's) is
+    /// not wrong.
     pub(super) fn kept_mismatches(&self) -> Vec<(usize, usize)> {
         let mut bad: Vec<(usize, usize)> = Vec::new();
         let mut from = 0;
