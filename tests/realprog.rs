@@ -33,17 +33,7 @@ fn run(steps: &[&str]) -> Vec<String> {
 
 /// [`run`] with environment variables set for the fixture.
 fn run_with(steps: &[&str], env: &[(&str, &str)]) -> Vec<String> {
-    let out = Command::new(fixture())
-        .args(steps)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "fixture {steps:?} failed: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::run_program(&fixture(), steps, env);
     text.lines().map(str::to_owned).collect()
 }
 

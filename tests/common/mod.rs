@@ -111,6 +111,26 @@ pub const PAD_F: Pad = Pad {
     entry: altpatch_pad_f,
 };
 
+/// Runs `program` with `steps` as its arguments and `env` set; its
+/// standard output. A failure (any exit but 0) fails the test, with what
+/// the program printed on standard error.
+pub fn run_program(program: &std::path::Path, steps: &[&str], env: &[(&str, &str)]) -> String {
+    let out = std::process::Command::new(program)
+        .args(steps)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} {steps:?} failed: {}\n{}\n{}",
+        program.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The test binary's image; its text covers every pad.
 pub fn image() -> Image<'static> {
     let image = Image::current();

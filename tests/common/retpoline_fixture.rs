@@ -58,18 +58,7 @@ pub fn run(steps: &[&str]) -> Run {
 
 /// [`run`] with environment variables set for the program.
 pub fn run_with(steps: &[&str], env: &[(&str, &str)]) -> Run {
-    let out = std::process::Command::new(fixture())
-        .args(steps)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "fixture {steps:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::run_program(&fixture(), steps, env);
     let mut r = Run {
         before: String::new(),
         bias: 0,

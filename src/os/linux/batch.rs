@@ -118,7 +118,7 @@ pub(super) struct Batch {
     scratch: Vec<u8>,
     owned: Vec<Range<usize>>,
     /// ProcMem in place: the stores of the batch (see `kept.rs`).
-    in_place: super::runs::Stores,
+    in_place: super::in_place::Stores,
     /// Whether the batch is logged, and then the old bytes of its writes,
     /// in order.
     logging: bool,
@@ -151,11 +151,7 @@ impl Batch {
             swap_ok: (0, 0),
             scratch: Vec::new(),
             owned: Vec::new(),
-            in_place: super::runs::Stores {
-                buf: Vec::new(),
-                list: Vec::new(),
-                left: Vec::new(),
-            },
+            in_place: super::in_place::Stores::new(),
             logging: false,
             old: Vec::new(),
         }

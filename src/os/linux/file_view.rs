@@ -20,7 +20,7 @@
 use core::cell::Cell;
 use core::ops::Range;
 
-use super::runs::Backing;
+use super::in_place::Backing;
 use super::state::Shared;
 use crate::poke::PAGE_SIZE;
 

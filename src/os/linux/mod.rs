@@ -91,6 +91,7 @@ mod file_swap;
 mod file_view;
 mod files;
 mod fork;
+mod in_place;
 mod jmps;
 mod loaded;
 mod loader;

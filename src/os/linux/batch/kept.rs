@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 use core::ops::Range;
 
 use super::super::file_view::FileViews;
-use super::super::runs::{Backing, Kept, in_place_stores};
+use super::super::in_place::{Backing, Kept, in_place_stores};
 use super::super::state::Shared;
 use super::Batch;
 use crate::arch::TRAP;
