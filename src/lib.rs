@@ -94,66 +94,62 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
-// Another architecture gets one error that says why, not a crate that
-// compiles to nothing and "unresolved import" at every use. (aarch64 comes
-// through the arch seam of the workspace issue.)
-#[cfg(not(target_arch = "x86_64"))]
-compile_error!(
-    "altpatch supports target_arch = \"x86_64\" only (Linux processes, and \
-     freestanding kernels such as x86_64-unknown-none); aarch64 is planned"
-);
-
+// Another architecture gets one error that says why (from
+// `altpatch-core`, below this crate, which names the supported targets);
+// the modules here are gated so that nothing else is reported.
 #[cfg(target_arch = "x86_64")]
 pub mod alternative;
-// The arch seam compiles on every target: `arch::x86_64` is x86-64 as an
-// instruction set (tools read x86 binaries anywhere); only the host's
-// contract and the x86 host's own parts are gated inside it. Private: its
-// public items are public at their own paths (`x86`, `cpu`, `poke::live`,
-// ...).
-mod arch;
-#[cfg(target_arch = "x86_64")]
-pub mod cpu;
-#[cfg(target_arch = "x86_64")]
-#[cfg(feature = "std")]
-pub mod elf;
 #[cfg(target_arch = "x86_64")]
 mod error;
-mod hex;
-// The OS contract's lower half: the `altpatch-host` crate, and the build's
-// `Host` (`Current`).
-#[cfg(target_arch = "x86_64")]
-mod host;
 #[cfg(target_arch = "x86_64")]
 pub mod ifunc;
 #[cfg(target_arch = "x86_64")]
-mod image;
-#[cfg(all(target_arch = "x86_64", feature = "std"))]
-pub mod os;
-#[cfg(target_arch = "x86_64")]
 mod patcher;
-#[cfg(target_arch = "x86_64")]
-pub mod plan;
-#[cfg(target_arch = "x86_64")]
-pub mod poke;
 #[cfg(target_arch = "x86_64")]
 #[cfg(feature = "std")]
 pub mod process;
 #[cfg(target_arch = "x86_64")]
-pub mod records;
-#[cfg(target_arch = "x86_64")]
 pub mod retpoline;
-mod short;
-#[cfg(target_arch = "x86_64")]
-pub mod sites;
 #[cfg(target_arch = "x86_64")]
 pub mod static_call;
 #[cfg(target_arch = "x86_64")]
 pub mod static_key;
+
+// The layers below the mechanisms are the `altpatch-core` crate
+// (ARCHITECTURE.md, "Crates"): its public modules at the paths they have
+// always had, the rest under the names this crate's modules use
+// (`crate::arch`, `crate::image`, ...), private here.
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+use altpatch_core::host;
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+#[doc(inline)]
+pub use altpatch_core::os;
+use altpatch_core::{arch, hex};
 #[cfg(target_arch = "x86_64")]
-mod sync;
+#[doc(inline)]
+pub use altpatch_core::{cpu, plan, poke, records, sites};
 #[cfg(target_arch = "x86_64")]
-#[cfg(feature = "std")]
-pub mod trampoline;
+use altpatch_core::{image, sync};
+/// Reading linked ELF images: the `altpatch-elf` crate.
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+#[doc(inline)]
+pub use altpatch_elf as elf;
+/// JIT-free closure trampolines: the `altpatch-trampoline` crate.
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+#[doc(inline)]
+pub use altpatch_trampoline as trampoline;
+// The macros the crate's own macros expand to, and the two public ones
+// defined below the mechanisms, at the root where `$crate::` names them.
+#[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
+pub use altpatch_core::{
+    __alternative_call_abi, __alternative_call_asm, __alternative_call_insn,
+    __alternative_call_regs, __altpatch_branch_site, __altpatch_push_section, __altpatch_section,
+    __altpatch_site_pad, __altpatch_tag, __altpatch_trampoline_body,
+};
+#[cfg(target_arch = "x86_64")]
+pub use altpatch_core::{patch_point, reserve_site_table};
+
 /// AArch64's encodings and the re-basing of moved code (the arch seam's
 /// `arch::aarch64`; the first part of the aarch64 port), on every host.
 #[cfg(target_arch = "x86_64")]

@@ -1,6 +1,10 @@
 //! The layer map of `ARCHITECTURE.md`, checked: every top-level module of
-//! `src/` imports only modules of its own layer or the layers below, and no
-//! two modules import each other, directly or through others.
+//! `src/` and of `crates/altpatch-core/src/` imports only modules of its
+//! own layer or the layers below, and no two modules import each other,
+//! directly or through others. The two crates are read as one tree:
+//! `altpatch` names the core's modules at the same paths (`crate::plan`
+//! is `altpatch_core::plan` re-exported), and the compiler already keeps
+//! the core from naming anything of `altpatch`'s.
 //!
 //! Run it alone with `cargo test --test layers`; on failure it names each
 //! offending import and the file it is in.
@@ -20,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 #[path = "common/source.rs"]
 mod source;
-use source::{code, rust_files};
+use source::{SOURCE_ROOTS, code, rust_files, tree_path};
 
 /// Bottom to top. A module may import modules of its own layer (no
 /// cycles) or of lower layers, never of a higher one.
@@ -127,15 +131,15 @@ fn unit_of(path: &str) -> String {
     }
 }
 
-/// The unit `file` (under `src`) belongs to: its module path (`os/linux/mod.rs`
-/// is `os::linux`, `os/linux/trap.rs` is `os::linux::trap`), mapped by
-/// [`unit_of`].
-fn module_of(src: &Path, file: &Path) -> String {
-    let rel = file.strip_prefix(src).unwrap();
-    let mut parts: Vec<&str> = rel
-        .components()
-        .map(|c| c.as_os_str().to_str().unwrap().trim_end_matches(".rs"))
-        .collect();
+/// The unit a file belongs to, from its path in the module tree
+/// ([`tree_path`]): its module path (`os/linux/mod.rs` is `os::linux`,
+/// `os/linux/trap.rs` is `os::linux::trap`), mapped by [`unit_of`]; a
+/// crate root (`lib.rs`, `crates/altpatch-core/src/lib.rs`) is `lib`.
+fn module_of(tree: &str) -> String {
+    if tree == "lib.rs" || tree.starts_with("crates/") {
+        return "lib".to_string();
+    }
+    let mut parts: Vec<&str> = tree.split('/').map(|c| c.trim_end_matches(".rs")).collect();
     if parts.len() > 1 && parts.last() == Some(&"mod") {
         parts.pop();
     }
@@ -179,23 +183,36 @@ fn use_tree_names(tree: &str) -> Vec<(String, String)> {
     out
 }
 
-/// Root paths and the module that defines each: `lib.rs`'s `pub use`
-/// re-exports and every `#[macro_export]` macro.
-fn root_items(src: &Path, files: &[PathBuf]) -> BTreeMap<String, String> {
+/// One source file: where it is, its path in the module tree, and the
+/// module its crate is in `altpatch` (`""` for `altpatch` and the core).
+struct SourceFile {
+    file: PathBuf,
+    tree: String,
+    prefix: &'static str,
+}
+
+/// Root paths and the module that defines each: the `pub use` re-exports
+/// of `altpatch`'s and the core's `lib.rs` and every `#[macro_export]`
+/// macro (the core's macros, which `altpatch` re-exports, resolve to the
+/// core module defining them).
+fn root_items(files: &[SourceFile]) -> BTreeMap<String, String> {
     let mut items = BTreeMap::new();
-    let lib = code(&std::fs::read_to_string(src.join("lib.rs")).unwrap());
-    let mut rest = lib.as_str();
-    while let Some(i) = rest.find("pub use ") {
-        rest = &rest[i + "pub use ".len()..];
-        let end = rest.find(';').unwrap();
-        for (name, module) in use_tree_names(&rest[..end]) {
-            items.insert(name, module);
+    for (root, _) in SOURCE_ROOTS.iter().filter(|(_, prefix)| prefix.is_empty()) {
+        let lib = std::fs::read_to_string(root_dir(root).join("lib.rs")).unwrap();
+        let lib = code(&lib);
+        let mut rest = lib.as_str();
+        while let Some(i) = rest.find("pub use ") {
+            rest = &rest[i + "pub use ".len()..];
+            let end = rest.find(';').unwrap();
+            for (name, module) in use_tree_names(&rest[..end]) {
+                items.insert(name, module);
+            }
+            rest = &rest[end..];
         }
-        rest = &rest[end..];
     }
-    for file in files {
-        let module = module_of(src, file);
-        let text = code(&std::fs::read_to_string(file).unwrap());
+    for f in files {
+        let module = module_of(&f.tree);
+        let text = code(&std::fs::read_to_string(&f.file).unwrap());
         let mut exported = false;
         for line in text.lines().map(str::trim) {
             if line.starts_with("#[macro_export]") {
@@ -214,38 +231,56 @@ fn root_items(src: &Path, files: &[PathBuf]) -> BTreeMap<String, String> {
     items
 }
 
+/// A source root's directory.
+fn root_dir(root: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(root)
+}
+
+/// Every `.rs` file of the crates whose modules are the layers.
+fn all_files() -> Vec<SourceFile> {
+    let mut all = Vec::new();
+    for &(root, prefix) in SOURCE_ROOTS {
+        let mut files = Vec::new();
+        rust_files(&root_dir(root), &mut files);
+        all.extend(files.into_iter().map(|file| SourceFile {
+            tree: tree_path(root, prefix, &file),
+            file,
+            prefix,
+        }));
+    }
+    all
+}
+
 /// module -> (imported module -> files that import it). Root paths are
 /// resolved to their modules; one that resolves to none is listed under
 /// the module `lib.rs`.
 fn graph() -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
-    let roots = root_items(&src, &files);
-    let modules: BTreeSet<String> = files.iter().map(|f| module_of(&src, f)).collect();
+    let files = all_files();
+    let roots = root_items(&files);
+    let modules: BTreeSet<String> = files.iter().map(|f| module_of(&f.tree)).collect();
     let mut graph: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
-    for file in files {
-        let rel = file.strip_prefix(&src).unwrap();
-        let module = module_of(&src, &file);
+    for f in files {
+        let module = module_of(&f.tree);
         // The crate root re-exports and the CLI binary sit above every layer.
         if module == "lib" || module == "bin" {
             continue;
         }
-        let text = std::fs::read_to_string(&file).unwrap();
+        let text = std::fs::read_to_string(&f.file).unwrap();
         let entry = graph.entry(module.clone()).or_default();
         for path in imports(&code(&text)) {
             let used = unit_of(&path);
             let first = path.split("::").next().unwrap();
             let used = if modules.contains(&used) {
                 used
+            } else if !f.prefix.is_empty() {
+                // A crate that is one module of `altpatch` (`altpatch-elf`
+                // is `elf`) names the core's modules or its own items.
+                f.prefix.to_string()
             } else {
                 roots.get(first).cloned().unwrap_or_else(|| "lib.rs".into())
             };
             if used != module {
-                entry
-                    .entry(used)
-                    .or_default()
-                    .insert(rel.display().to_string());
+                entry.entry(used).or_default().insert(f.tree.clone());
             }
         }
     }
@@ -290,10 +325,7 @@ fn root_paths_resolve_to_the_module_that_defines_them() {
         names,
         want.map(|(a, b)| (a.to_string(), b.to_string())).to_vec()
     );
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
-    let roots = root_items(&src, &files);
+    let roots = root_items(&all_files());
     assert_eq!(roots.get("Error").map(String::as_str), Some("error"));
     assert_eq!(roots.get("TextPoke").map(String::as_str), Some("poke"));
     assert_eq!(

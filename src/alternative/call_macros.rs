@@ -235,7 +235,7 @@ macro_rules! __alternative_call_alts {
         $crate::__alternative_call_abi!(
             types [$($t),*]
             aid [$aid]
-            then [[$($np)*] [$($ret)?] [$($a)*] [$($s)*]]
+            then [$crate [$($np)*] [$($ret)?] [$($a)*] [$($s)*]]
         )
     }};
 }

@@ -17,7 +17,6 @@
 //! feature snapshot moves a site from one alternative to another.
 
 mod call_macros;
-mod condition;
 mod macros;
 #[cfg(feature = "std")]
 mod startup;
@@ -25,7 +24,8 @@ mod startup;
 #[doc(hidden)]
 pub use crate::arch::{__call_result, CallArgs};
 pub use crate::arch::{CallArg, CallRet};
-pub use condition::Condition;
+#[doc(inline)]
+pub use crate::cpu::Condition;
 #[cfg(feature = "std")]
 pub(crate) use startup::STARTUP;
 #[doc(hidden)]
@@ -44,15 +44,6 @@ use crate::image::Image;
 use crate::plan::{ApplyReport, Bytes, Edit, Expect, Plan, PlanError};
 use crate::poke::TextPoke;
 use crate::records::AlternativeRecord;
-
-// The record's layout is in `records` (a binary format belongs to no
-// mechanism); what its condition means is this module's.
-impl AlternativeRecord {
-    /// The condition, if the record's encoding is valid.
-    pub fn condition(&self) -> Option<Condition> {
-        Condition::from_bits(self.condition_bits())
-    }
-}
 
 /// Why alternatives could not be planned or applied. Nothing was written.
 #[derive(Clone, Debug)]

@@ -9,7 +9,6 @@ use crate::cpu::{self, Features};
 use crate::image::Image;
 use crate::plan::Plan;
 use crate::poke::TextPoke;
-use crate::records::IfuncRecord;
 use crate::sites::{Site, SiteKind};
 use crate::sync::UpdateGuard;
 
@@ -130,7 +129,7 @@ fn plan_with_sites(
     plan: &mut Plan,
 ) -> Result<(Report, Vec<UpdateGuard<'static>>), Error> {
     let records = image.ifuncs();
-    let ifuncs: Vec<&'static Ifunc> = records.iter().map(IfuncRecord::ifunc).collect();
+    let ifuncs: Vec<&'static Ifunc> = records.iter().map(Ifunc::of_record).collect();
     let locks: Vec<_> = ifuncs.iter().map(|i| i.call.lock()).collect();
     let mut out = Report::default();
     for &ifunc in &ifuncs {

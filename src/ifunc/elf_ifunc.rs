@@ -386,7 +386,11 @@ pub unsafe fn apply_plt_sites<P: TextPoke + ?Sized>(
     irelative: Option<&IrelativeTable<'_>>,
     poke: &mut P,
 ) -> Result<PltSitesReport, IrelativeError> {
-    let stubs: Vec<usize> = image.ifuncs().iter().map(|r| r.ifunc().stub()).collect();
+    let stubs: Vec<usize> = image
+        .ifuncs()
+        .iter()
+        .map(|r| super::Ifunc::of_record(r).stub())
+        .collect();
     let mut plan = Plan::for_image(image);
     let mut report = PltSitesReport::default();
     for s in sites {

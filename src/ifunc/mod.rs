@@ -353,13 +353,21 @@ impl fmt::Debug for Ifunc {
     }
 }
 
-// The record's layout is in `records`; that it points at an `Ifunc` is
-// this module's knowledge.
-impl IfuncRecord {
-    /// The ifunc.
-    pub fn ifunc(&self) -> &'static Ifunc {
+// The record's layout is in `records` (in `altpatch-core`, below this
+// module); that it points at an `Ifunc` is this module's knowledge.
+impl Ifunc {
+    /// The ifunc an ifunc record (from [`Image::ifuncs`](crate::Image::ifuncs)) names.
+    ///
+    /// ```
+    /// use altpatch::ifunc::Ifunc;
+    /// for record in altpatch::Image::current().ifuncs() {
+    ///     let ifunc = Ifunc::of_record(record);
+    ///     assert!(!ifunc.name().is_empty());
+    /// }
+    /// ```
+    pub fn of_record(record: &IfuncRecord) -> &'static Ifunc {
         // SAFETY: the macro emits a record only for an `Ifunc` static of
         // the same image, which lives as long as the program.
-        unsafe { &*(self.ifunc_address() as *const Ifunc) }
+        unsafe { &*(record.ifunc_address() as *const Ifunc) }
     }
 }

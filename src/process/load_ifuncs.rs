@@ -19,7 +19,6 @@ use crate::arch::BRANCH_LEN;
 use crate::ifunc::{Ifunc, STARTUP, Startup, StartupError};
 use crate::image::Image;
 use crate::os::{JmpEdit, Process, ProcessBackend};
-use crate::records::IfuncRecord;
 use crate::static_call::{TRAMPOLINE_JMP, TRAMPOLINE_LEN, is_trampoline};
 
 /// The lazy path's target (what `ifunc!`'s stub calls before its `jmp` is
@@ -72,7 +71,7 @@ fn apply_stubs() -> Result<(usize, usize, usize), StartupError> {
         return Ok((0, 0, 0));
     }
     let features = crate::cpu::published();
-    let ifuncs: Vec<&'static Ifunc> = records.iter().map(IfuncRecord::ifunc).collect();
+    let ifuncs: Vec<&'static Ifunc> = records.iter().map(Ifunc::of_record).collect();
     let _locks: Vec<_> = ifuncs.iter().map(|i| i.call.lock()).collect();
     let mut edits = Vec::with_capacity(ifuncs.len());
     let mut chosen = Vec::with_capacity(ifuncs.len());

@@ -3,6 +3,36 @@
 
 use std::path::{Path, PathBuf};
 
+/// The source roots of the crates whose modules are the layers, relative
+/// to the workspace root, each with the module its files are in `altpatch`
+/// (`altpatch-elf`'s `src/` is `altpatch::elf`; `""`: the crate's modules
+/// are the root's, as `altpatch` names the core's at the same paths).
+/// Together they form one module tree, and a file's path is given in it
+/// (`os/mod.rs`, `elf/mod.rs` for `altpatch-elf`'s `lib.rs`).
+#[allow(dead_code)] // not every includer reads every root
+pub const SOURCE_ROOTS: &[(&str, &str)] = &[
+    ("src", ""),
+    ("crates/altpatch-core/src", ""),
+    ("crates/altpatch-elf/src", "elf"),
+    ("crates/altpatch-trampoline/src", "trampoline"),
+];
+
+/// `file`'s path in the module tree: relative to its source root
+/// (`root`, under the workspace), under the root's module `prefix` (a
+/// prefixed crate's `lib.rs` is its `mod.rs`); a crate root that is not
+/// `altpatch`'s keeps its own path (`crates/altpatch-core/src/lib.rs`).
+#[allow(dead_code)]
+pub fn tree_path(root: &str, prefix: &str, file: &Path) -> String {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(root);
+    let rel = file.strip_prefix(&src).unwrap().display().to_string();
+    match (prefix, rel.as_str()) {
+        ("", "lib.rs") if root != "src" => format!("{root}/lib.rs"),
+        ("", _) => rel,
+        (p, "lib.rs") => format!("{p}/mod.rs"),
+        (p, r) => format!("{p}/{r}"),
+    }
+}
+
 /// Every `.rs` file under `dir`.
 pub fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -25,18 +55,19 @@ pub fn code(text: &str) -> String {
         .join("\n")
 }
 
-/// Every `.rs` file under the crate's `src/`: its path there (`os/mod.rs`)
-/// and its code without comments.
+/// Every `.rs` file under the crates' source roots ([`SOURCE_ROOTS`]): its
+/// path in the module tree ([`tree_path`]) and its code without comments.
 #[allow(dead_code)] // tests/layers.rs reads files its own way
 pub fn crate_sources() -> Vec<(String, String)> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
-    files
-        .iter()
-        .map(|f| {
-            let rel = f.strip_prefix(&src).unwrap().display().to_string();
-            (rel, code(&std::fs::read_to_string(f).unwrap()))
-        })
-        .collect()
+    let mut out = Vec::new();
+    for (root, prefix) in SOURCE_ROOTS {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(root);
+        let mut files = Vec::new();
+        rust_files(&src, &mut files);
+        for f in files {
+            let path = tree_path(root, prefix, &f);
+            out.push((path, code(&std::fs::read_to_string(f).unwrap())));
+        }
+    }
+    out
 }
