@@ -121,9 +121,6 @@ pub mod static_key;
 // (`crate::arch`, `crate::image`, ...), private here.
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
 use altpatch_core::host;
-#[cfg(all(target_arch = "x86_64", feature = "std"))]
-#[doc(inline)]
-pub use altpatch_core::os;
 use altpatch_core::{arch, hex};
 #[cfg(target_arch = "x86_64")]
 #[doc(inline)]
@@ -134,6 +131,10 @@ use altpatch_core::{image, sync};
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
 #[doc(inline)]
 pub use altpatch_elf as elf;
+/// The OS seam's upper half and its Linux backend: the `altpatch-os` crate.
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+#[doc(inline)]
+pub use altpatch_os as os;
 /// JIT-free closure trampolines: the `altpatch-trampoline` crate.
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
 #[doc(inline)]

@@ -75,7 +75,7 @@ fn only_listed_files_name_x86_outside_the_arch_seam() {
     }
     assert!(
         leaks.is_empty(),
-        "files outside src/arch/ naming x86-64 directly (use the crate::arch contract, \
+        "files outside the arch seam (crates/altpatch-core/src/arch/) naming x86-64 directly (use the crate::arch contract, \
          or list them in X86_OUTSIDE_ARCH with the reason): {leaks:?}"
     );
     let stale: Vec<_> = X86_OUTSIDE_ARCH

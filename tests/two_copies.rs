@@ -7,7 +7,7 @@
 //! source under the package name `altpatch-copy` (its manifest, `copy/`,
 //! is generated here from this crate's, and so are those of its own
 //! copies of the workspace's crates below it: `core-copy/`, `elf-copy/`,
-//! `host-copy/`, `trampoline-copy/`), and checks the sites of both,
+//! `host-copy/`, `os-copy/`, `trampoline-copy/`), and checks the sites of both,
 //! byte for byte, after start-up and after each live phase: one copy
 //! updated alone, then both at once from two threads (page swap, with
 //! forks), then both by the INT3 protocol — four threads calling both all
@@ -29,6 +29,7 @@ const INTERNAL: &[&str] = &[
     "altpatch-core",
     "altpatch-elf",
     "altpatch-host",
+    "altpatch-os",
     "altpatch-trampoline",
 ];
 

@@ -46,7 +46,8 @@ pub(crate) fn tag(name: &str, version: &str) -> String {
 fn main() {
     let name = env::var("CARGO_PKG_NAME").expect("cargo sets CARGO_PKG_NAME");
     let version = env::var("CARGO_PKG_VERSION").expect("cargo sets CARGO_PKG_VERSION");
-    // The core of copy `X` is package `X-core`: both carry `X`'s tag.
+    // The core of copy `X` is package `X-core`: it carries `X`'s tag, which
+    // every crate above it names through `__altpatch_tag!`.
     let tag = tag(name.strip_suffix("-core").unwrap_or(&name), &version);
     println!("cargo:rustc-env=ALTPATCH_TAG={tag}");
     let out = env::var("OUT_DIR").expect("cargo sets OUT_DIR");

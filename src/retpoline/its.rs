@@ -85,7 +85,7 @@ macro_rules! its_slot {
             $reg,
             "\n",
             ".pushsection ",
-            crate::records::section_name!(indirect_ok),
+            altpatch_core::__altpatch_section_of!(indirect_ok),
             ",\"ao\",@progbits,",
             its_array_symbol!(),
             "\n.balign 4\n.long 2b - .\n.popsection\n",
@@ -98,7 +98,7 @@ macro_rules! its_slot {
 /// record sections are: `altpatch_v1_<tag>_its_thunk_array`).
 macro_rules! its_array_symbol {
     () => {
-        crate::records::section_name!(its_thunk_array)
+        altpatch_core::__altpatch_section_of!(its_thunk_array)
     };
 }
 

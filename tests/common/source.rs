@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 pub const SOURCE_ROOTS: &[(&str, &str)] = &[
     ("src", ""),
     ("crates/altpatch-core/src", ""),
+    ("crates/altpatch-os/src", "os"),
     ("crates/altpatch-elf/src", "elf"),
     ("crates/altpatch-trampoline/src", "trampoline"),
 ];

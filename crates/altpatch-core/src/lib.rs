@@ -3,10 +3,11 @@
 //! layouts (`records`), the architecture seam (`arch`), the CPU snapshot
 //! (`cpu`), the update lock (`sync`, over `altpatch-host`), text pokes
 //! (`poke`), plans and their one driver (`plan`), images (`image`),
-//! compiler-generated sites and the embedded table (`sites`), and, with
-//! `std`, the Linux backend (`os::linux`: text writing with W^X kept, the
-//! loader, the trap handler). Nothing here can name a mechanism, the
-//! patcher or the process layer: they are `altpatch`'s.
+//! compiler-generated sites and the embedded table (`sites`). With `std`,
+//! images of the running program's objects (`Image::current`,
+//! `Image::from_loaded`, from the loader through `altpatch-host`). Nothing
+//! here can name the Linux backend, a mechanism, the patcher or the
+//! process layer: they are `altpatch-os`'s and `altpatch`'s.
 //!
 //! Internal: depend on `altpatch`, which re-exports these modules at the
 //! paths users name (`altpatch::plan`, `altpatch::poke`, `altpatch::cpu`,
@@ -46,8 +47,6 @@ pub mod hex;
 pub mod host;
 #[cfg(target_arch = "x86_64")]
 pub mod image;
-#[cfg(all(target_arch = "x86_64", feature = "std"))]
-pub mod os;
 #[cfg(target_arch = "x86_64")]
 pub mod plan;
 #[cfg(target_arch = "x86_64")]

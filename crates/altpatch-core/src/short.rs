@@ -87,7 +87,8 @@ pub unsafe fn load_short(p: *const u8, n: usize) -> u64 {
 /// site's few bytes).
 #[cfg(feature = "std")]
 #[inline]
-pub(crate) fn extend_short(v: &mut alloc::vec::Vec<u8>, bytes: &[u8]) {
+#[doc(hidden)]
+pub fn extend_short(v: &mut alloc::vec::Vec<u8>, bytes: &[u8]) {
     let (len, n) = (v.len(), bytes.len());
     v.reserve(n);
     // SAFETY: `n` bytes of reserved room after `len` are written before the

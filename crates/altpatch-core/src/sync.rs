@@ -9,7 +9,7 @@
 //! * **freestanding** (`no_std`): each `UpdateLock` is its own spin flag. A
 //!   kernel decides how its CPUs may contend; nothing here can sleep.
 //! * **a Linux process** (`std`): every `UpdateLock` is the same
-//!   process-wide lock, the one [`LinuxPoke`](crate::os::linux::LinuxPoke) holds from
+//!   process-wide lock, the one `altpatch::os::linux::LinuxPoke` holds from
 //!   `begin` to `commit`: recursive, signal-masking, held across `fork` and
 //!   shared by every copy of the crate in the object (why, in
 //!   `crates/altpatch-host/src/linux/lock.rs`).

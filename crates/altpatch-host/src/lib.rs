@@ -15,15 +15,17 @@
 //!   lock, no environment, no verdict;
 //! * `linux` (`std`): a Linux process — one futex lock shared by every
 //!   copy of altpatch in the object, `environ` and `/proc/self/environ`,
-//!   sysfs — and the ways it writes text ([`Strategy`], [`Refusal`]);
-//! * which one a build uses is altpatch's choice (`src/host.rs`, by its own
-//!   `std` feature). This crate and altpatch's `src/os/` are the only
-//!   places that ask which OS the build is for.
+//!   sysfs, the object the dynamic loader mapped at an address — and the
+//!   ways it writes text ([`Strategy`], [`Refusal`]);
+//! * which one a build uses is altpatch's choice (`altpatch-core`'s
+//!   `host.rs`, by the core's own `std` feature). This crate, that file and
+//!   `altpatch-os`'s `lib.rs` are the only places that ask which OS the
+//!   build is for.
 //!
-//! The contract's upper half (images and loader events, text writing and
-//! its publication, trap delivery, fork repair) is altpatch's `TextPoke`,
-//! `TrapTable` and loader, which need its plans and images: it stays in
-//! altpatch (`src/os/`).
+//! The contract's upper half (text writing and its publication, trap
+//! delivery, fork repair, the loader's generation) is `altpatch-os`'s: its
+//! `TextPoke`, `TrapTable` and `SIGTRAP` handler need altpatch's plans and
+//! images.
 
 #![no_std]
 #![warn(missing_docs)]
@@ -49,7 +51,9 @@ compile_error!(
 pub use linux::{Refusal, Strategy};
 
 use alloc::string::String;
+use alloc::vec::Vec;
 use core::fmt;
+use core::ops::Range;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 /// An error number as altpatch's messages show it: "no effect" for 0, the
@@ -71,7 +75,7 @@ pub fn write_errno(f: &mut fmt::Formatter<'_>, errno: i32) -> fmt::Result {
 
 /// What a system provides to altpatch's bottom layers. Every item is an
 /// associated function or constant: the build's one implementation is
-/// chosen by altpatch at build time (its `src/host.rs`, by *its* `std`
+/// chosen by altpatch at build time (the core's `host.rs`, by *its* `std`
 /// feature, so that a copy of altpatch without `std` in a program whose
 /// other copy enabled this crate's `std` still gets `Freestanding`) and
 /// called without indirection (a lock taken per update, a string read once
@@ -114,6 +118,12 @@ pub trait Host {
     /// The kernel's description of the CPUs (Linux: `/proc/cpuinfo`), if it
     /// publishes one.
     fn cpu_info() -> Option<String>;
+    /// The loaded object (the executable or a shared object) one of whose
+    /// segments holds `addr`, as the system's dynamic loader reports it
+    /// (Linux: `dl_iterate_phdr`); `None` where there is no loader (a
+    /// kernel describes its images from its linker script). What the core's
+    /// `Image::current` and `Image::from_loaded` are built from.
+    fn loaded_object(addr: usize) -> Option<LoadedObject>;
 }
 
 /// No OS: a kernel, a bootloader. The lock is a spin flag per object, and
@@ -158,4 +168,24 @@ impl Host for Freestanding {
     fn cpu_info() -> Option<String> {
         None
     }
+
+    fn loaded_object(_: usize) -> Option<LoadedObject> {
+        None
+    }
+}
+
+/// A loaded object (the executable or a shared object) and its segments,
+/// as a dynamic loader reports them ([`Host::loaded_object`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadedObject {
+    /// Path as the loader knows it (empty for the main program).
+    pub name: String,
+    /// The load bias: run-time address minus link-time address.
+    pub bias: usize,
+    /// Every loaded segment (`PT_LOAD`), at its run-time addresses.
+    pub loads: Vec<Range<usize>>,
+    /// The file offset (`p_offset`) of each segment of `loads`.
+    pub load_offsets: Vec<u64>,
+    /// The executable segments among them.
+    pub text: Vec<Range<usize>>,
 }

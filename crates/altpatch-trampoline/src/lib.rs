@@ -66,7 +66,8 @@ extern crate alloc;
 // The core's modules under the names this crate's files use (`crate::os`,
 // ...), as `altpatch` names them: the table and entries are the arch
 // seam's, the executable pages the Linux backend's.
-use altpatch_core::{arch, os, poke};
+use altpatch_core::{arch, poke};
+use altpatch_os as os;
 
 mod backing;
 mod capi;

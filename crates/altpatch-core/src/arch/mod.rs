@@ -90,10 +90,12 @@ pub use self::x86_64::{
 // Used by the Linux backend's page-swap publication and its uprobe
 // reconcile (a kernel's protocol goes through `LiveSite::new`).
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
-pub(crate) use self::x86_64::breakpoint::contains_trap;
+#[doc(hidden)]
+pub use self::x86_64::breakpoint::contains_trap;
 #[cfg(target_arch = "x86_64")]
 #[cfg_attr(not(feature = "std"), allow(unused_imports))]
-pub(crate) use self::x86_64::live::{check_new_whole, check_old};
+#[doc(hidden)]
+pub use self::x86_64::live::{check_new_whole, check_old};
 
 // The C calling convention as registers: which argument types
 // `alternative_call!` and recorded calls pass, and how (with the macros

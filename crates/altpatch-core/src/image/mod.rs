@@ -11,7 +11,14 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::ops::Range;
 
+// The running program's objects, described by the loader through the
+// host contract (`Image::current`, `Image::from_loaded`), with `std`.
+#[cfg(feature = "std")]
+mod loaded;
 mod plans;
+
+#[cfg(feature = "std")]
+pub use loaded::LoadError;
 
 use crate::records::{self, AlternativeRecord, IfuncRecord, PatchPoint, StaticKeyRecord};
 
@@ -26,8 +33,8 @@ use crate::records::{self, AlternativeRecord, IfuncRecord, PatchPoint, StaticKey
 /// ```
 #[derive(Clone)]
 pub struct Image<'a> {
-    // Crate-visible so the OS layer can describe loaded objects
-    // (`os::linux::loaded`) without this module knowing any loader; the
+    // Crate-visible so `loaded.rs` can describe loaded objects from what
+    // the loader reports (the host contract) and their files; the
     // invariants are the builder's (every range and table as its unsafe
     // setter promises).
     pub(crate) name: Cow<'a, str>,

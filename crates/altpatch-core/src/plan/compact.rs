@@ -158,7 +158,7 @@ impl CompactPlan {
     /// plan's text. The caller must hold the update lock from that read
     /// until the plan is applied, and neither write text on its own thread
     /// in between nor let another writer do so: every change through a
-    /// [`LinuxPoke`](crate::os::linux::LinuxPoke) takes that lock; a `DirectPoke`'s
+    /// `altpatch::os::linux::LinuxPoke` takes that lock; a `DirectPoke`'s
     /// and a kernel's other writers are the caller's to exclude.
     #[inline(always)]
     #[doc(hidden)]

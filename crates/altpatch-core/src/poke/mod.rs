@@ -14,7 +14,7 @@
 //! * [`DirectPoke`]: stores straight into text that is writable (early boot,
 //!   a kernel's own RWX identity map, or memory that is not text at all), then
 //!   serializes the calling CPU. `no_std`.
-//! * [`LinuxPoke`](crate::os::linux::LinuxPoke) (feature `std`): a Linux process patching its own text
+//! * `altpatch::os::linux::LinuxPoke` (feature `std`): a Linux process patching its own text
 //!   without ever creating a writable and executable mapping; works under
 //!   `PR_SET_MDWE`.
 //! * [`FaultInjectingPoke`]: wraps another poke and fails on the k-th write,
@@ -65,9 +65,11 @@ pub use fault::{FaultInjectingPoke, FaultPoint};
 #[cfg(feature = "std")]
 #[doc(hidden)]
 pub use order::sort_by_key;
-pub(crate) use pages::page_span;
+#[doc(hidden)]
+pub use pages::page_span;
 #[cfg(feature = "std")]
-pub(crate) use pages::unknown_pages;
+#[doc(hidden)]
+pub use pages::unknown_pages;
 // The OS backend's ways of writing text, which `PokeError::NoStrategy`
 // lists (a process's: without `std` there are none).
 #[cfg(feature = "std")]

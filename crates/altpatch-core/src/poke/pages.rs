@@ -7,7 +7,8 @@ use super::PAGE_SIZE;
 
 /// The page-aligned range covering `addr..end`.
 #[inline]
-pub(crate) fn page_span(addr: usize, end: usize) -> Range<usize> {
+#[doc(hidden)]
+pub fn page_span(addr: usize, end: usize) -> Range<usize> {
     let start = addr & !(PAGE_SIZE - 1);
     let end = (end + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
     start..end
@@ -16,7 +17,8 @@ pub(crate) fn page_span(addr: usize, end: usize) -> Range<usize> {
 /// The pages of the page-aligned `pages` for which `known` is false, as
 /// runs of contiguous pages.
 #[cfg(feature = "std")]
-pub(crate) fn unknown_pages(
+#[doc(hidden)]
+pub fn unknown_pages(
     pages: &[Range<usize>],
     known: impl Fn(usize) -> bool,
 ) -> alloc::vec::Vec<Range<usize>> {

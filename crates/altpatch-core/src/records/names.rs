@@ -29,6 +29,24 @@ macro_rules! __altpatch_section_name {
         concat!("altpatch_v1_", env!("ALTPATCH_TAG"), "_", stringify!($kind))
     };
 }
+/// This copy's section name for a record kind, for the crates above this
+/// one (`altpatch`, `altpatch-os`) and the macros they expand: the tag
+/// through `__altpatch_tag!`, so the name is this copy's core's wherever it
+/// expands (this crate itself uses `section_name!`, since a crate cannot
+/// name its own macro-made macros by path).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __altpatch_section_of {
+    ($kind:ident) => {
+        concat!(
+            "altpatch_v1_",
+            $crate::__altpatch_tag!(),
+            "_",
+            stringify!($kind)
+        )
+    };
+}
+
 // Used by the `std` backends (the trap handler's `indirect_ok` records).
 #[cfg_attr(not(feature = "std"), allow(unused_imports))]
 #[doc(hidden)]

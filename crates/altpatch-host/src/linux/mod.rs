@@ -5,6 +5,7 @@
 //! backend's own (its fork handlers, its list of copies), not an API.
 
 mod environ;
+mod loader;
 mod lock;
 mod strategy;
 
@@ -15,7 +16,7 @@ pub use strategy::{Refusal, Strategy};
 
 use alloc::string::String;
 
-use crate::Host;
+use crate::{Host, LoadedObject};
 
 /// A Linux process, to altpatch's bottom layers.
 pub struct Linux;
@@ -55,5 +56,9 @@ impl Host for Linux {
 
     fn cpu_info() -> Option<String> {
         std::fs::read_to_string("/proc/cpuinfo").ok()
+    }
+
+    fn loaded_object(addr: usize) -> Option<LoadedObject> {
+        loader::loaded_object_containing(addr)
     }
 }

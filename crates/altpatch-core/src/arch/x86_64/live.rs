@@ -211,7 +211,8 @@ fn quick_old(bytes: &[u8]) -> bool {
 /// Checks that `old` (at `addr`) is one instruction, so no running thread
 /// is inside it or holds a return address into its middle.
 #[inline]
-pub(crate) fn check_old(addr: usize, old: &[u8]) -> Result<(), LiveError> {
+#[doc(hidden)]
+pub fn check_old(addr: usize, old: &[u8]) -> Result<(), LiveError> {
     if quick_old(old) {
         Ok(())
     } else {
@@ -254,7 +255,8 @@ pub fn check_swap(addr: usize, old: &[u8], new: &[u8]) -> Result<(), LiveError> 
 /// The half of [`check_swap`] about `new`: it decodes to whole
 /// instructions ending exactly at the end of the site. The verdict
 /// depends on the bytes alone, not on `addr` (which only names the site).
-pub(crate) fn check_new_whole(addr: usize, new: &[u8]) -> Result<(), LiveError> {
+#[doc(hidden)]
+pub fn check_new_whole(addr: usize, new: &[u8]) -> Result<(), LiveError> {
     if quick_new(new, addr).is_some() {
         return Ok(());
     }

@@ -30,8 +30,8 @@
 //!   [`TrapSlot::emulate`] with the trapping context: the batch's
 //!   [`LiveSites`] are published there ([`TrapTable`]) for exactly as long
 //!   as a handler may read them.
-//! * In a Linux process, [`LinuxPoke`](crate::os::linux::LinuxPoke) with
-//!   [`Publish::Live`](crate::os::linux::Publish::Live) runs it with
+//! * In a Linux process, `altpatch::os::linux::LinuxPoke` with
+//!   `altpatch::os::linux::Publish::Live` runs it with
 //!   `membarrier(SYNC_CORE)` and a `SIGTRAP` handler that emulates sites
 //!   and passes any other trap to the previously installed handler.
 
@@ -47,8 +47,10 @@ pub use crate::arch::{
 };
 pub use int3::Int3Poke;
 #[cfg(feature = "std")]
-pub(crate) use protocol::Step;
+#[doc(hidden)]
+pub use protocol::Step;
 pub use shadow::{NoShadowStack, ShadowStack};
 #[cfg(feature = "std")]
-pub(crate) use table::run_published;
+#[doc(hidden)]
+pub use table::run_published;
 pub use table::{SlotGuard, TrapSlot, TrapTable};

@@ -6,7 +6,8 @@ use crate::arch::TRAP as INT3;
 use crate::poke::PokeError;
 
 /// One step of the protocol, for [`run_protocol`]'s callback.
-pub(crate) enum Step<'a> {
+#[doc(hidden)]
+pub enum Step<'a> {
     /// Store these bytes at this address (in place).
     Write(usize, &'a [u8]),
     /// Make every CPU/thread observe the stores so far.

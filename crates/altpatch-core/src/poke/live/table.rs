@@ -353,7 +353,8 @@ impl TrapSlot {
     /// Forgets handlers counted inside: for a forked child, where the
     /// parent's other threads (and their handlers) do not exist.
     #[cfg(feature = "std")]
-    pub(crate) fn reset_after_fork(&self) {
+    #[doc(hidden)]
+    pub fn reset_after_fork(&self) {
         self.inside.store(0, Ordering::SeqCst);
     }
 
@@ -423,7 +424,8 @@ unsafe impl TrapTable for TrapSlot {
 ///
 /// As for [`TrapTable::publish`]: `table` outlives the call, and this is
 /// the only patcher publishing to `slot`.
-pub(crate) unsafe fn run_published(
+#[doc(hidden)]
+pub unsafe fn run_published(
     slot: &dyn TrapTable,
     table: &LiveSites,
     writes: &[(usize, &[u8])],

@@ -1,52 +1,13 @@
-//! What the dynamic loader has loaded: its generation counter (whether any
-//! object was mapped or unmapped since a check) and the object holding an
-//! address, with its segments and file offsets.
+//! The object the dynamic loader mapped at an address (`dl_iterate_phdr`):
+//! its name, load bias, segments and their file offsets.
 
 use alloc::string::String;
-use alloc::vec::Vec;
-use core::ops::Range;
 use std::ffi::CStr;
 
-/// The dynamic loader's count of objects loaded and unloaded so far
-/// (`dlpi_adds`, `dlpi_subs`): while it is unchanged, no object's text was
-/// unmapped or mapped, so pages once checked to be text still are.
-pub(crate) fn loader_generation() -> (u64, u64) {
-    unsafe extern "C" fn first(
-        info: *mut libc::dl_phdr_info,
-        _size: libc::size_t,
-        data: *mut libc::c_void,
-    ) -> libc::c_int {
-        // SAFETY: dl_iterate_phdr passes a valid info and our pointer.
-        let (info, out) = unsafe { (&*info, &mut *(data as *mut (u64, u64))) };
-        *out = (info.dlpi_adds, info.dlpi_subs);
-        1
-    }
-    let mut out = (0u64, 0u64);
-    // SAFETY: the callback matches the expected signature and writes only
-    // `out`, for the duration of the call.
-    unsafe { libc::dl_iterate_phdr(Some(first), (&raw mut out).cast()) };
-    out
-}
-
-/// A loaded object (the executable or a shared object) and its executable
-/// segments, as the dynamic loader reports them.
-#[doc(hidden)]
-pub struct LoadedObject {
-    /// Path as the loader knows it (empty for the main program).
-    pub name: String,
-    /// The load bias: runtime address minus link-time address.
-    pub bias: usize,
-    /// Every `PT_LOAD` segment, relocated.
-    pub loads: Vec<Range<usize>>,
-    /// The file offset (`p_offset`) of each segment of `loads`.
-    pub load_offsets: Vec<u64>,
-    /// Executable `PT_LOAD` segments, relocated.
-    pub text: Vec<Range<usize>>,
-}
+use crate::LoadedObject;
 
 /// The loaded object one of whose segments contains `addr`.
-#[doc(hidden)]
-pub fn loaded_object_containing(addr: usize) -> Option<LoadedObject> {
+pub(crate) fn loaded_object_containing(addr: usize) -> Option<LoadedObject> {
     struct Search {
         addr: usize,
         found: Option<LoadedObject>,

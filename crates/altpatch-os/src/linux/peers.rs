@@ -62,7 +62,9 @@ unsafe impl Sync for Peer {}
 static SELF: Peer = Peer {
     next: AtomicPtr::new(core::ptr::null_mut()),
     size: core::mem::size_of::<Peer>(),
-    tag: concat!(env!("ALTPATCH_TAG"), "\0").as_ptr().cast(),
+    tag: concat!(altpatch_core::__altpatch_tag!(), "\0")
+        .as_ptr()
+        .cast(),
     owned,
     sigtrap: AtomicUsize::new(0),
     sigtrap_next: AtomicUsize::new(0),

@@ -35,7 +35,7 @@ static PATCHER_HAS_SHSTK: AtomicBool = AtomicBool::new(false);
 
 /// Asks the kernel for the calling thread's shadow stack, for the handler
 /// of the batch about to be published (called outside the handler).
-pub(in crate::os::linux) fn refresh() {
+pub(in crate::linux) fn refresh() {
     PATCHER_HAS_SHSTK.store(in_handler::kernel_says_enabled(), Ordering::SeqCst);
 }
 
@@ -43,7 +43,7 @@ pub(in crate::os::linux) fn refresh() {
 /// shadow stack (`true`), or asks the kernel again (`false`). For tests of
 /// the INT3 protocol's shadow-stack path on machines without CET: the
 /// `SIGTRAP` handler then never emulates a `call` or `ret`, it waits and
-/// restarts the site ([`restarted_traps`](crate::os::linux::restarted_traps) counts
+/// restarts the site ([`restarted_traps`](crate::linux::restarted_traps) counts
 /// those). Harmless without a real shadow stack: waiting and restarting is
 /// correct everywhere, only slower than emulating.
 ///
@@ -75,7 +75,7 @@ pub fn shadow_stack_enabled() -> bool {
 }
 
 /// What the `SIGTRAP` handler calls (everything inlined, raw system calls).
-pub(in crate::os::linux) mod in_handler {
+pub(in crate::linux) mod in_handler {
     use super::{ARCH_SHSTK_SHSTK, ARCH_SHSTK_STATUS, FORCED, Ordering, PATCHER_HAS_SHSTK};
 
     /// `syscall(n, a, b, c)`, returning the kernel's value (`-errno` on
@@ -109,7 +109,7 @@ pub(in crate::os::linux) mod in_handler {
     /// or the patching thread has one, or this thread's shadow-stack
     /// pointer is set. No system call (see the module documentation).
     #[inline(always)]
-    pub(in crate::os::linux) fn active() -> bool {
+    pub(in crate::linux) fn active() -> bool {
         FORCED.load(Ordering::SeqCst) || PATCHER_HAS_SHSTK.load(Ordering::SeqCst) || ssp() != 0
     }
 
@@ -133,7 +133,7 @@ pub(in crate::os::linux) mod in_handler {
 
     /// `arch_prctl(ARCH_SHSTK_STATUS)` reports the calling thread's shadow
     /// stack enabled (`false` where the kernel or CPU has none: EINVAL).
-    pub(in crate::os::linux) fn kernel_says_enabled() -> bool {
+    pub(in crate::linux) fn kernel_says_enabled() -> bool {
         let mut features: u64 = 0;
         // SAFETY: ARCH_SHSTK_STATUS writes one u64 through the pointer,
         // which is a local's; an unknown code fails with EINVAL, touching
@@ -151,21 +151,21 @@ pub(in crate::os::linux) mod in_handler {
 
     /// Gives the CPU to another thread (the patching one, on a busy core).
     #[inline(always)]
-    pub(in crate::os::linux) fn yield_now() {
+    pub(in crate::linux) fn yield_now() {
         // SAFETY: sched_yield takes no argument and cannot fail.
         unsafe { syscall3(libc::SYS_sched_yield as usize, 0, 0, 0) };
     }
 
     /// The calling thread's id.
     #[inline(always)]
-    pub(in crate::os::linux) fn tid() -> i32 {
+    pub(in crate::linux) fn tid() -> i32 {
         // SAFETY: gettid takes no argument and cannot fail.
         unsafe { syscall3(libc::SYS_gettid as usize, 0, 0, 0) as i32 }
     }
 
     /// Writes `msg` to standard error (best effort).
     #[inline(always)]
-    pub(in crate::os::linux) fn say(msg: &[u8]) {
+    pub(in crate::linux) fn say(msg: &[u8]) {
         // SAFETY: write reads `msg.len()` bytes of `msg`.
         unsafe {
             syscall3(

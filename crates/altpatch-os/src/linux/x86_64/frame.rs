@@ -27,13 +27,13 @@ const GREG: [libc::c_int; 16] = [
 /// Whether a `SIGTRAP` with this `si_code` is a breakpoint instruction's
 /// (`int3` raises it with `SI_KERNEL`), the only kind the handler claims.
 #[inline(always)]
-pub(in crate::os::linux) fn is_breakpoint(si_code: libc::c_int) -> bool {
+pub(in crate::linux) fn is_breakpoint(si_code: libc::c_int) -> bool {
     si_code == libc::SI_KERNEL
 }
 
 /// The interrupted registers.
 #[inline(always)]
-pub(in crate::os::linux) fn read(uc: &libc::ucontext_t) -> TrapFrame {
+pub(in crate::linux) fn read(uc: &libc::ucontext_t) -> TrapFrame {
     let gregs = &uc.uc_mcontext.gregs;
     TrapFrame {
         rip: gregs[libc::REG_RIP as usize] as u64,
@@ -47,7 +47,7 @@ pub(in crate::os::linux) fn read(uc: &libc::ucontext_t) -> TrapFrame {
 /// call or ret) `rsp`; the return address a call pushed is already in the
 /// thread's stack memory.
 #[inline(always)]
-pub(in crate::os::linux) fn write_emulated(uc: &mut libc::ucontext_t, frame: &TrapFrame) {
+pub(in crate::linux) fn write_emulated(uc: &mut libc::ucontext_t, frame: &TrapFrame) {
     let gregs = &mut uc.uc_mcontext.gregs;
     gregs[libc::REG_RIP as usize] = frame.rip as i64;
     gregs[libc::REG_RSP as usize] = frame.rsp as i64;
@@ -55,7 +55,7 @@ pub(in crate::os::linux) fn write_emulated(uc: &mut libc::ucontext_t, frame: &Tr
 
 /// Resumes at the site, to run it again as it is now.
 #[inline(always)]
-pub(in crate::os::linux) fn write_restarted(uc: &mut libc::ucontext_t, frame: &TrapFrame) {
+pub(in crate::linux) fn write_restarted(uc: &mut libc::ucontext_t, frame: &TrapFrame) {
     uc.uc_mcontext.gregs[libc::REG_RIP as usize] = frame.rip as i64;
 }
 
@@ -76,7 +76,7 @@ pub(in crate::os::linux) fn write_restarted(uc: &mut libc::ucontext_t, frame: &T
 /// calling convention that is safe to call with these values. Called only
 /// from the `SIGTRAP` handler (the record names it).
 #[inline(always)]
-pub(in crate::os::linux) unsafe fn call3(f: usize, a: usize, b: usize, c: usize) {
+pub(in crate::linux) unsafe fn call3(f: usize, a: usize, b: usize, c: usize) {
     // SAFETY: the stack is aligned for a call at an asm block (no
     // `nostack`, so the compiler keeps the red zone out of our way); the
     // callee follows the C ABI, whose clobbers are declared.
@@ -91,7 +91,7 @@ pub(in crate::os::linux) unsafe fn call3(f: usize, a: usize, b: usize, c: usize)
             // that only patches at load) sheds handler and record together.
             concat!(
                 ".pushsection ",
-                crate::records::section_name!(indirect_ok),
+                altpatch_core::__altpatch_section_of!(indirect_ok),
                 ",\"ao\",@progbits,{handler}"
             ),
             ".balign 4",

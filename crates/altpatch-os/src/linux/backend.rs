@@ -4,8 +4,8 @@
 use altpatch_host::linux::Linux;
 
 use super::{LinuxPoke, Publish};
-use crate::os::{JmpEdit, ProcessBackend};
 use crate::poke::PokeError;
+use crate::{JmpEdit, ProcessBackend};
 
 impl ProcessBackend for Linux {
     type Poke = LinuxPoke;

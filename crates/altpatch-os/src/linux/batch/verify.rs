@@ -6,9 +6,9 @@ use alloc::vec::Vec;
 use core::ops::Range;
 
 use super::Batch;
-use crate::os::linux::file_swap::FileAt;
-use crate::os::linux::state::Shared;
-use crate::os::linux::{Publish, sys};
+use crate::linux::file_swap::FileAt;
+use crate::linux::state::Shared;
+use crate::linux::{Publish, sys};
 use crate::poke::{PAGE_SIZE, PokeError, Strategy, short_eq};
 
 impl Batch {

@@ -2,9 +2,10 @@
 //! text from the loader, and any loaded object's tables found from its
 //! file's section headers.
 //!
-//! This is the OS half of [`Image`]: the image module describes a binary
-//! and knows no loader; this one asks the loader (`dl_iterate_phdr`, the
-//! files it mapped).
+//! The loader's facts come through the host contract
+//! (`Host::loaded_object`: on Linux `dl_iterate_phdr`), the tables from the
+//! object's file (its section headers); the rest of the image module knows
+//! no loader.
 
 use alloc::borrow::Cow;
 use alloc::string::{String, ToString};
@@ -12,6 +13,7 @@ use core::fmt;
 
 use object::{Object, ObjectSection};
 
+use crate::host::{Current, Host};
 use crate::image::Image;
 use crate::records::{
     self, AlternativeRecord, IfuncRecord, PatchPoint, SectionKind, StaticKeyRecord,
@@ -33,7 +35,7 @@ impl Image<'static> {
     pub fn current() -> Image<'static> {
         let mut image = Image::linked();
         let here = Image::current as fn() -> Image<'static> as usize;
-        if let Some(obj) = super::loaded_object_containing(here) {
+        if let Some(obj) = Current::loaded_object(here) {
             image.text = obj.text;
             image.file = Some((Cow::Borrowed("/proc/self/exe"), obj.bias));
             if !obj.name.is_empty() {
@@ -125,7 +127,7 @@ impl Image<'static> {
     /// or any plan built from it, is used; its file must be the one that
     /// was loaded (not replaced on disk since).
     pub unsafe fn from_loaded(addr: usize) -> Result<Image<'static>, LoadError> {
-        let obj = super::loaded_object_containing(addr).ok_or(LoadError::NotLoaded { addr })?;
+        let obj = Current::loaded_object(addr).ok_or(LoadError::NotLoaded { addr })?;
         let path = if obj.name.is_empty() {
             String::from("/proc/self/exe")
         } else {

@@ -89,7 +89,6 @@ mod files;
 mod fork;
 mod in_place;
 mod jmps;
-mod loaded;
 mod loader;
 pub(crate) mod maps;
 mod overlay;
@@ -112,10 +111,10 @@ mod x86_64;
 #[cfg(target_arch = "x86_64")]
 use x86_64::{cet, frame};
 
+pub use crate::image::LoadError;
 #[doc(hidden)]
 pub use cet::force_shadow_stack_for_tests;
 pub use cet::shadow_stack_enabled;
-pub use loaded::LoadError;
 pub use publish::{Publish, live_publication, set_live_publication};
 pub use trap::{emulated_traps, restarted_traps};
 
@@ -126,8 +125,13 @@ use core::sync::atomic::Ordering;
 use crate::poke::{PokeError, Refusal, Strategy};
 #[doc(hidden)]
 pub use arena::open_exec_tmpfile;
+/// The loaded object holding `addr`, as the dynamic loader reports it (the
+/// host contract's `loaded_object`).
 #[doc(hidden)]
-pub use loader::loaded_object_containing;
+pub fn loaded_object_containing(addr: usize) -> Option<altpatch_host::LoadedObject> {
+    use crate::host::{Current, Host};
+    Current::loaded_object(addr)
+}
 use state::Locked;
 #[doc(hidden)]
 pub use sys::{errno, memfd_exec};

@@ -9,12 +9,12 @@
 //!   spectre_v2 verdict, the CPUs it describes, that it makes `LFENCE`
 //!   serializing). One trait, `Host`, implemented in `altpatch-host` for each
 //!   OS (`linux/`) and for the freestanding build (a spin flag per object,
-//!   no environment, no verdict); `src/host.rs` picks the build's.
+//!   no environment, no verdict); the core's `host.rs` picks the build's.
 //! * **above images and plans** (this module's backends): the running
 //!   program's images and loader events (`Image::current`,
 //!   `Image::from_loaded`, the loader generation), text writing with W^X
 //!   kept and its publication to running threads (a
-//!   [`TextPoke`](crate::poke::TextPoke): [`LinuxPoke`](crate::os::linux::LinuxPoke)), trap
+//!   [`TextPoke`](crate::poke::TextPoke): [`LinuxPoke`](crate::linux::LinuxPoke)), trap
 //!   delivery for the INT3 protocol (a
 //!   [`TrapTable`](crate::poke::live::TrapTable) fed by a `SIGTRAP`
 //!   handler), and the repair of every layer's state in a forked child.
@@ -24,27 +24,34 @@
 //!   an [`Image`](crate::image::Image) from its linker script, its command line
 //!   for overrides (`examples/kernel` does all of it).
 //!
-//! Only Linux today ([`linux`]). The `std` feature means "a process, on an
-//! OS with a backend": built for another OS it stops with an error naming
-//! the supported ones (`altpatch-host` says so). The `target_os` tests
+//! Only Linux today ([`linux`]). This crate is `altpatch`'s with `std` ("a
+//! process, on an OS with a backend"): built for another OS it stops with
+//! an error naming the supported ones (`altpatch-host` says so). The `target_os` tests
 //! live here (which backends exist, and the build's process backend), in
-//! `src/host.rs` (the build's `Host`) and in the `altpatch-host` crate (its
-//! OS modules), nowhere else.
+//! the core's `host.rs` (the build's `Host`) and in the `altpatch-host`
+//! crate (its OS modules), nowhere else.
 
-#[cfg(all(feature = "std", target_os = "linux"))]
+#![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+extern crate alloc;
+
+// The core's modules under the names this crate's files use
+// (`crate::poke`, ...), as `altpatch` names them.
+use altpatch_core::{arch, cpu, host, image, plan, poke, short, sync};
+
+#[cfg(target_os = "linux")]
 pub mod linux;
 
 /// The backend of this build's process (the contract's upper half, as the
 /// `process` layer and the mechanisms' std entry points use it).
-#[cfg(all(feature = "std", target_os = "linux"))]
+#[cfg(target_os = "linux")]
 #[doc(hidden)]
 pub type Process = altpatch_host::linux::Linux;
 
-#[cfg(feature = "std")]
 #[doc(hidden)]
 pub use backend::{JmpEdit, ProcessBackend};
 
-#[cfg(feature = "std")]
 mod backend {
     use crate::arch::BRANCH_LEN;
     use crate::poke::{PokeError, TextPoke};

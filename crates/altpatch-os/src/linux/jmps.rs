@@ -21,7 +21,7 @@ use super::{maps, poke_log, sys};
 use crate::arch::BRANCH_LEN;
 use crate::poke::{PAGE_SIZE, PokeError};
 
-pub(crate) use crate::os::JmpEdit;
+pub(crate) use crate::JmpEdit;
 
 /// Rewrites every edit's `jmp` in one publication (one page swap per page),
 /// after checking each holds its `old` bytes (an edit already holding `new`
