@@ -1,10 +1,13 @@
 //! The layer map of `ARCHITECTURE.md`, checked: every top-level module of
-//! `src/` and of `crates/altpatch-core/src/` imports only modules of its
-//! own layer or the layers below, and no two modules import each other,
-//! directly or through others. The two crates are read as one tree:
-//! `altpatch` names the core's modules at the same paths (`crate::plan`
-//! is `altpatch_core::plan` re-exported), and the compiler already keeps
-//! the core from naming anything of `altpatch`'s.
+//! every crate of the workspace ([`SOURCE_ROOTS`]: `altpatch`'s `src/`,
+//! the core, and the crates that are one module of `altpatch`, `os`,
+//! `elf`, `trampoline`) imports only modules of its own layer or the
+//! layers below, and no two modules import each other, directly or
+//! through others. The crates are read as one tree: `altpatch` names the
+//! core's modules at the same paths (`crate::plan` is `altpatch_core::plan`
+//! re-exported), and a path through `altpatch_core::` counts as one
+//! through `crate::`. The compiler already keeps each crate from naming
+//! the crates above it; this test keeps the layers inside them.
 //!
 //! Run it alone with `cargo test --test layers`; on failure it names each
 //! offending import and the file it is in.
@@ -73,7 +76,10 @@ fn is_ident(c: char) -> bool {
 /// for `crate::a::b::C`; the first names of a `crate::{a, b::c}` group).
 fn imports(code: &str) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
-    let mut rest = code;
+    // `altpatch_core::x` is the core's module `x`, as `crate::x` is in
+    // `altpatch` and in the crates above the core.
+    let code = code.replace("altpatch_core::", " crate::");
+    let mut rest = code.as_str();
     while let Some(i) = rest.find("crate::") {
         let before = rest[..i].chars().next_back();
         rest = &rest[i + "crate::".len()..];
@@ -343,6 +349,32 @@ fn root_paths_resolve_to_the_module_that_defines_them() {
         "root paths to items lib.rs defines (move them into a layer):\n{}",
         upward.join("\n")
     );
+}
+
+#[test]
+fn every_crate_of_the_workspace_is_read() {
+    // A crate left out of SOURCE_ROOTS would be checked by nothing; the
+    // host crate is below every layer and names none of them.
+    let manifest = std::fs::read_to_string(root_dir("Cargo.toml")).unwrap();
+    let members = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("members = "))
+        .expect("Cargo.toml lists its members");
+    for member in members.trim_matches(|c| c == '[' || c == ']').split(',') {
+        let member = member.trim().trim_matches('"');
+        let root = if member == "." {
+            "src".to_string()
+        } else {
+            format!("{member}/src")
+        };
+        if member == "crates/altpatch-host" {
+            continue;
+        }
+        assert!(
+            SOURCE_ROOTS.iter().any(|(r, _)| *r == root),
+            "{member} is a member of the workspace but not in SOURCE_ROOTS (tests/common/source.rs)"
+        );
+    }
 }
 
 #[test]

@@ -1,15 +1,16 @@
 //! The OS contract's lower half, as this crate names it: the `altpatch-host`
 //! crate (`crates/altpatch-host`) — the trait `Host` (the update lock, the
-//! environment, what the kernel publishes), `Freestanding` (no OS) and
+//! environment, what the kernel publishes, the object the loader mapped at
+//! an address, which `Image::current` is built from), `Freestanding` (no OS) and
 //! Linux's implementation — and `Current`, this build's, chosen here by
 //! this crate's own `std` feature (a copy of altpatch without `std` stays
 //! freestanding even where another copy in the program enabled the host
 //! crate's `std`). A crate of its own so that the compiler keeps it below
 //! every layer here.
 //!
-//! The upper half — images and loader events, text-writing strategies and
-//! their publication, trap delivery, fork repair — is what a backend's
-//! [`TextPoke`](crate::poke::TextPoke) and loader provide (`os/mod.rs` lists it);
+//! The upper half — loader events, text-writing strategies and their
+//! publication, trap delivery, fork repair — is what a backend's
+//! [`TextPoke`](crate::poke::TextPoke) provides (`altpatch-os`'s `lib.rs` lists it);
 //! a kernel provides its own ([`DirectPoke`](crate::poke::DirectPoke) or
 //! [`Int3Poke`](crate::poke::live::Int3Poke) over its
 //! [`TrapTable`](crate::poke::live::TrapTable), an [`Image`](crate::image::Image)

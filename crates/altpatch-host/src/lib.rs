@@ -122,7 +122,9 @@ pub trait Host {
     /// segments holds `addr`, as the system's dynamic loader reports it
     /// (Linux: `dl_iterate_phdr`); `None` where there is no loader (a
     /// kernel describes its images from its linker script). What the core's
-    /// `Image::current` and `Image::from_loaded` are built from.
+    /// `Image::current` and `Image::from_loaded` are built from, so an
+    /// implementation promises what a loader knows: every range it returns
+    /// is mapped as that object's segment while the object stays loaded.
     fn loaded_object(addr: usize) -> Option<LoadedObject>;
 }
 

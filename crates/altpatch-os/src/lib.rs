@@ -7,12 +7,12 @@
 //! * **below the backends** (`crate::host`: the `altpatch-host` crate): the update lock,
 //!   the environment (`ALTPATCH=`), the kernel's published facts (its
 //!   spectre_v2 verdict, the CPUs it describes, that it makes `LFENCE`
-//!   serializing). One trait, `Host`, implemented in `altpatch-host` for each
+//!   serializing), the object the loader mapped at an address (what the
+//!   core's `Image::current` and `Image::from_loaded` are built from). One trait, `Host`, implemented in `altpatch-host` for each
 //!   OS (`linux/`) and for the freestanding build (a spin flag per object,
 //!   no environment, no verdict); the core's `host.rs` picks the build's.
-//! * **above images and plans** (this module's backends): the running
-//!   program's images and loader events (`Image::current`,
-//!   `Image::from_loaded`, the loader generation), text writing with W^X
+//! * **above images and plans** (this crate's backends): loader events
+//!   (the loader generation, where each text page comes from), text writing with W^X
 //!   kept and its publication to running threads (a
 //!   [`TextPoke`](crate::poke::TextPoke): [`LinuxPoke`](crate::linux::LinuxPoke)), trap
 //!   delivery for the INT3 protocol (a

@@ -63,9 +63,9 @@
 
 extern crate alloc;
 
-// The core's modules under the names this crate's files use (`crate::os`,
-// ...), as `altpatch` names them: the table and entries are the arch
-// seam's, the executable pages the Linux backend's.
+// The modules this crate's files name (`crate::arch`, `crate::os`, ...),
+// as `altpatch` names them: the table and entries are the core's arch
+// seam's, the executable pages `altpatch-os`'s Linux backend's.
 use altpatch_core::{arch, poke};
 use altpatch_os as os;
 

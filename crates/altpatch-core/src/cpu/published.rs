@@ -169,9 +169,14 @@ pub fn startup_allowed() -> bool {
 /// In a forked child: a thread of the parent that was writing the snapshot
 /// at the instant of `fork` will never finish here; start over (the value
 /// may be half written).
+///
+/// # Safety
+///
+/// Only in a forked child, before any other thread exists there: a thread
+/// writing the snapshot would race with the next writer.
 #[cfg(feature = "std")]
 #[doc(hidden)]
-pub fn after_fork_in_child() {
+pub unsafe fn after_fork_in_child() {
     let _ = SNAPSHOT
         .state
         .compare_exchange(WRITING, EMPTY, Ordering::AcqRel, Ordering::Acquire);

@@ -66,9 +66,7 @@ use core::fmt;
 
 mod names;
 
-#[cfg_attr(not(feature = "std"), allow(unused_imports))]
-#[doc(hidden)]
-pub use names::section_name;
+pub(crate) use names::section_name;
 pub use names::{PREFIX, SECTIONS, SectionKind, SectionName, TAG, parse_section_name, tag_in};
 
 /// A 32-bit offset from the field's own address to a target address.

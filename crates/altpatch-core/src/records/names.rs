@@ -17,14 +17,14 @@ pub const TAG: &str = env!("ALTPATCH_TAG");
 /// format's version. The copy's [`TAG`] and the [`SectionKind`] follow.
 pub const PREFIX: &str = "altpatch_v1_";
 
-/// This copy's section name for a record kind, for this crate and
-/// `altpatch` (both build scripts set the tag as an environment variable,
-/// `ALTPATCH_TAG`, the same for both; the macros expanded in users' crates use
+/// This copy's section name for a record kind, inside this crate (where
+/// the tag is the build script's environment variable, `ALTPATCH_TAG`, and
+/// a literal attributes accept; the crates above use
+/// [`__altpatch_section_of!`](crate::__altpatch_section_of), the macros
+/// expanded in users' crates
 /// [`__altpatch_section!`](crate::__altpatch_section), which must give the
 /// same names: `tests/two_copies.rs` checks).
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __altpatch_section_name {
+macro_rules! section_name {
     ($kind:ident) => {
         concat!("altpatch_v1_", env!("ALTPATCH_TAG"), "_", stringify!($kind))
     };
@@ -47,10 +47,7 @@ macro_rules! __altpatch_section_of {
     };
 }
 
-// Used by the `std` backends (the trap handler's `indirect_ok` records).
-#[cfg_attr(not(feature = "std"), allow(unused_imports))]
-#[doc(hidden)]
-pub use crate::__altpatch_section_name as section_name;
+pub(crate) use section_name;
 
 /// Every record section this copy of the crate uses, with `__start_`/
 /// `__stop_` bounds: the names a kernel's linker script lists.

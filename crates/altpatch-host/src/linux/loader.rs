@@ -12,6 +12,12 @@ pub(crate) fn loaded_object_containing(addr: usize) -> Option<LoadedObject> {
         addr: usize,
         found: Option<LoadedObject>,
     }
+    /// `dl_iterate_phdr`'s callback.
+    ///
+    /// # Safety
+    ///
+    /// `info` is the loader's valid entry and `data` points to a `Search`,
+    /// both for the duration of the call.
     unsafe extern "C" fn callback(
         info: *mut libc::dl_phdr_info,
         _size: libc::size_t,

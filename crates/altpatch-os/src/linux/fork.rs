@@ -27,7 +27,8 @@ extern "C" fn child() {
     // middle of is repaired before anyone here can look at it. The order
     // among the repairs does not matter (they share no state); releasing
     // the lock must come after all of them.
-    crate::cpu::after_fork_in_child();
+    // SAFETY: this is the forked child's only thread (above).
+    unsafe { crate::cpu::after_fork_in_child() };
     super::trap::after_fork_in_child();
     // SAFETY: after `fork_child_enter` on this thread, above.
     unsafe { host::fork_child_leave() };

@@ -6,6 +6,12 @@
 /// (`dlpi_adds`, `dlpi_subs`): while it is unchanged, no object's text was
 /// unmapped or mapped, so pages once checked to be text still are.
 pub(crate) fn loader_generation() -> (u64, u64) {
+    /// `dl_iterate_phdr`'s callback.
+    ///
+    /// # Safety
+    ///
+    /// `info` is the loader's valid entry and `data` points to a
+    /// `(u64, u64)`, both for the duration of the call.
     unsafe extern "C" fn first(
         info: *mut libc::dl_phdr_info,
         _size: libc::size_t,

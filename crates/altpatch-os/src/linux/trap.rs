@@ -330,6 +330,8 @@ pub(super) fn slot() -> &'static Slot {
 /// In a forked child: handlers that were running on other threads of the
 /// parent will never finish here, and no batch is in flight.
 pub(super) fn after_fork_in_child() {
-    ACTIVE.reset_after_fork();
+    // SAFETY: called by the fork handler in the child (fork.rs), which has
+    // one thread: no handler can be inside the table.
+    unsafe { ACTIVE.reset_after_fork() };
     PATCHER.store(0, Ordering::SeqCst);
 }

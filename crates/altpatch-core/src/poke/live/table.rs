@@ -352,9 +352,15 @@ impl TrapSlot {
 
     /// Forgets handlers counted inside: for a forked child, where the
     /// parent's other threads (and their handlers) do not exist.
+    ///
+    /// # Safety
+    ///
+    /// Only in a forked child, before any other thread exists there: a
+    /// handler still inside the table would have its table or history
+    /// freed under it by the next batch.
     #[cfg(feature = "std")]
     #[doc(hidden)]
-    pub fn reset_after_fork(&self) {
+    pub unsafe fn reset_after_fork(&self) {
         self.inside.store(0, Ordering::SeqCst);
     }
 
