@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 #[path = "common/source.rs"]
 mod source;
-use source::{SOURCE_ROOTS, code, rust_files, tree_path};
+use source::{SOURCE_ROOTS, SourceFile, code, source_files};
 
 /// Bottom to top. A module may import modules of its own layer (no
 /// cycles) or of lower layers, never of a higher one.
@@ -138,7 +138,7 @@ fn unit_of(path: &str) -> String {
 }
 
 /// The unit a file belongs to, from its path in the module tree
-/// ([`tree_path`]): its module path (`os/linux/mod.rs` is `os::linux`,
+/// ([`SourceFile::tree`]): its module path (`os/linux/mod.rs` is `os::linux`,
 /// `os/linux/trap.rs` is `os::linux::trap`), mapped by [`unit_of`]; a
 /// crate root (`lib.rs`, `crates/altpatch-core/src/lib.rs`) is `lib`.
 fn module_of(tree: &str) -> String {
@@ -189,14 +189,6 @@ fn use_tree_names(tree: &str) -> Vec<(String, String)> {
     out
 }
 
-/// One source file: where it is, its path in the module tree, and the
-/// module its crate is in `altpatch` (`""` for `altpatch` and the core).
-struct SourceFile {
-    file: PathBuf,
-    tree: String,
-    prefix: &'static str,
-}
-
 /// Root paths and the module that defines each: the `pub use` re-exports
 /// of `altpatch`'s and the core's `lib.rs` and every `#[macro_export]`
 /// macro (the core's macros, which `altpatch` re-exports, resolve to the
@@ -242,26 +234,11 @@ fn root_dir(root: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(root)
 }
 
-/// Every `.rs` file of the crates whose modules are the layers.
-fn all_files() -> Vec<SourceFile> {
-    let mut all = Vec::new();
-    for &(root, prefix) in SOURCE_ROOTS {
-        let mut files = Vec::new();
-        rust_files(&root_dir(root), &mut files);
-        all.extend(files.into_iter().map(|file| SourceFile {
-            tree: tree_path(root, prefix, &file),
-            file,
-            prefix,
-        }));
-    }
-    all
-}
-
 /// module -> (imported module -> files that import it). Root paths are
 /// resolved to their modules; one that resolves to none is listed under
 /// the module `lib.rs`.
 fn graph() -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
-    let files = all_files();
+    let files = source_files();
     let roots = root_items(&files);
     let modules: BTreeSet<String> = files.iter().map(|f| module_of(&f.tree)).collect();
     let mut graph: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
@@ -331,7 +308,7 @@ fn root_paths_resolve_to_the_module_that_defines_them() {
         names,
         want.map(|(a, b)| (a.to_string(), b.to_string())).to_vec()
     );
-    let roots = root_items(&all_files());
+    let roots = root_items(&source_files());
     assert_eq!(roots.get("Error").map(String::as_str), Some("error"));
     assert_eq!(roots.get("TextPoke").map(String::as_str), Some("poke"));
     assert_eq!(

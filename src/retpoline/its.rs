@@ -85,7 +85,7 @@ macro_rules! its_slot {
             $reg,
             "\n",
             ".pushsection ",
-            altpatch_core::__altpatch_section_of!(indirect_ok),
+            altpatch_core::__altpatch_section!(indirect_ok),
             ",\"ao\",@progbits,",
             its_array_symbol!(),
             "\n.balign 4\n.long 2b - .\n.popsection\n",
@@ -98,7 +98,7 @@ macro_rules! its_slot {
 /// record sections are: `altpatch_v1_<tag>_its_thunk_array`).
 macro_rules! its_array_symbol {
     () => {
-        altpatch_core::__altpatch_section_of!(its_thunk_array)
+        altpatch_core::__altpatch_section!(its_thunk_array)
     };
 }
 

@@ -59,7 +59,7 @@ macro_rules! slot {
 /// The array's symbol, with this copy's tag.
 macro_rules! array_symbol {
     () => {
-        altpatch_core::__altpatch_section_of!(thunk_array)
+        altpatch_core::__altpatch_section!(thunk_array)
     };
 }
 

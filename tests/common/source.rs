@@ -18,20 +18,37 @@ pub const SOURCE_ROOTS: &[(&str, &str)] = &[
     ("crates/altpatch-trampoline/src", "trampoline"),
 ];
 
-/// `file`'s path in the module tree: relative to its source root
-/// (`root`, under the workspace), under the root's module `prefix` (a
-/// prefixed crate's `lib.rs` is its `mod.rs`); a crate root that is not
-/// `altpatch`'s keeps its own path (`crates/altpatch-core/src/lib.rs`).
-#[allow(dead_code)]
-pub fn tree_path(root: &str, prefix: &str, file: &Path) -> String {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(root);
-    let rel = file.strip_prefix(&src).unwrap().display().to_string();
-    match (prefix, rel.as_str()) {
-        ("", "lib.rs") if root != "src" => format!("{root}/lib.rs"),
-        ("", _) => rel,
-        (p, "lib.rs") => format!("{p}/mod.rs"),
-        (p, r) => format!("{p}/{r}"),
+/// A source file of the crates: where it is, its path in the module tree
+/// (relative to its source root, under the root's module prefix: a
+/// prefixed crate's `lib.rs` is its `mod.rs`; a crate root that is not
+/// `altpatch`'s keeps its own path, `crates/altpatch-core/src/lib.rs`), and
+/// the prefix of its crate.
+#[allow(dead_code)] // tests/seams.rs reads only the tree path
+pub struct SourceFile {
+    pub file: PathBuf,
+    pub tree: String,
+    pub prefix: &'static str,
+}
+
+/// Every `.rs` file under the crates' source roots ([`SOURCE_ROOTS`]).
+pub fn source_files() -> Vec<SourceFile> {
+    let mut out = Vec::new();
+    for &(root, prefix) in SOURCE_ROOTS {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(root);
+        let mut files = Vec::new();
+        rust_files(&src, &mut files);
+        for file in files {
+            let rel = file.strip_prefix(&src).unwrap().display().to_string();
+            let tree = match (prefix, rel.as_str()) {
+                ("", "lib.rs") if root != "src" => format!("{root}/lib.rs"),
+                ("", _) => rel,
+                (p, "lib.rs") => format!("{p}/mod.rs"),
+                (p, r) => format!("{p}/{r}"),
+            };
+            out.push(SourceFile { file, tree, prefix });
+        }
     }
+    out
 }
 
 /// Every `.rs` file under `dir`.
@@ -56,19 +73,12 @@ pub fn code(text: &str) -> String {
         .join("\n")
 }
 
-/// Every `.rs` file under the crates' source roots ([`SOURCE_ROOTS`]): its
-/// path in the module tree ([`tree_path`]) and its code without comments.
+/// Every source file of the crates ([`source_files`]): its path in the
+/// module tree and its code without comments.
 #[allow(dead_code)] // tests/layers.rs reads files its own way
 pub fn crate_sources() -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for (root, prefix) in SOURCE_ROOTS {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(root);
-        let mut files = Vec::new();
-        rust_files(&src, &mut files);
-        for f in files {
-            let path = tree_path(root, prefix, &f);
-            out.push((path, code(&std::fs::read_to_string(f).unwrap())));
-        }
-    }
-    out
+    source_files()
+        .into_iter()
+        .map(|f| (f.tree, code(&std::fs::read_to_string(&f.file).unwrap())))
+        .collect()
 }

@@ -38,7 +38,7 @@ extern crate alloc;
 
 // The core's modules under the names this crate's files use
 // (`crate::poke`, ...), as `altpatch` names them.
-use altpatch_core::{arch, cpu, host, image, plan, poke, short, sync};
+use altpatch_core::{arch, cpu, image, plan, poke, short, sync};
 
 #[cfg(target_os = "linux")]
 pub mod linux;

@@ -29,6 +29,7 @@ use alloc::vec::Vec;
 
 use super::table::{self, SPAN};
 use super::{Source, SourceRefusal, TrampolineError};
+use crate::host::{Current, Host};
 use crate::os::linux::errno;
 use crate::poke::PAGE_SIZE;
 
@@ -132,7 +133,7 @@ impl Backing {
     /// The object containing this crate, at the table's file offset.
     fn own_file() -> Result<Backing, (&'static str, i32)> {
         let at = table::table().as_ptr() as usize;
-        let obj = crate::os::linux::loaded_object_containing(at)
+        let obj = Current::loaded_object(at)
             .ok_or(("dl_iterate_phdr (no object contains the table)", 0))?;
         let (seg, off) = obj
             .loads
@@ -340,7 +341,7 @@ impl Backing {
 
 /// The lowest address of the object containing this crate, or 0.
 fn object_start() -> usize {
-    crate::os::linux::loaded_object_containing(table::table().as_ptr() as usize)
+    Current::loaded_object(table::table().as_ptr() as usize)
         .and_then(|o| o.loads.iter().map(|r| r.start).min())
         .unwrap_or(0)
 }

@@ -65,8 +65,9 @@ extern crate alloc;
 
 // The modules this crate's files name (`crate::arch`, `crate::os`, ...),
 // as `altpatch` names them: the table and entries are the core's arch
-// seam's, the executable pages `altpatch-os`'s Linux backend's.
-use altpatch_core::{arch, poke};
+// seam's, the loaded object the host contract's, the executable pages
+// `altpatch-os`'s Linux backend's.
+use altpatch_core::{arch, host, poke};
 use altpatch_os as os;
 
 mod backing;

@@ -17,36 +17,16 @@ pub const TAG: &str = env!("ALTPATCH_TAG");
 /// format's version. The copy's [`TAG`] and the [`SectionKind`] follow.
 pub const PREFIX: &str = "altpatch_v1_";
 
-/// This copy's section name for a record kind, inside this crate (where
-/// the tag is the build script's environment variable, `ALTPATCH_TAG`, and
-/// a literal attributes accept; the crates above use
-/// [`__altpatch_section_of!`](crate::__altpatch_section_of), the macros
-/// expanded in users' crates
+/// This copy's section name for a record kind, inside this crate (the tag
+/// is the build script's environment variable, `ALTPATCH_TAG`); the crates
+/// above and the macros expanded in users' crates use
 /// [`__altpatch_section!`](crate::__altpatch_section), which must give the
-/// same names: `tests/two_copies.rs` checks).
+/// same names (`tests/two_copies.rs` checks).
 macro_rules! section_name {
     ($kind:ident) => {
         concat!("altpatch_v1_", env!("ALTPATCH_TAG"), "_", stringify!($kind))
     };
 }
-/// This copy's section name for a record kind, for the crates above this
-/// one (`altpatch`, `altpatch-os`) and the macros they expand: the tag
-/// through `__altpatch_tag!`, so the name is this copy's core's wherever it
-/// expands (this crate itself uses `section_name!`, since a crate cannot
-/// name its own macro-made macros by path).
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __altpatch_section_of {
-    ($kind:ident) => {
-        concat!(
-            "altpatch_v1_",
-            $crate::__altpatch_tag!(),
-            "_",
-            stringify!($kind)
-        )
-    };
-}
-
 pub(crate) use section_name;
 
 /// Every record section this copy of the crate uses, with `__start_`/
@@ -188,29 +168,22 @@ pub fn parse_section_name(name: &[u8]) -> Option<SectionName<'_>> {
     })
 }
 
-/// The section name for a record kind: `altpatch_v1_<tag>_<kind>`, with
-/// the format version and the tag of the copy of the crate whose macro
-/// emitted the record (see [`records`](mod@crate::records)).
+/// The section name for a record kind (or a symbol of this copy's, such as
+/// `thunk_array`): `altpatch_v1_<tag>_<kind>`, with the format version and
+/// the tag of the copy of the crate whose macro emitted the record (see
+/// [`records`](mod@crate::records)). For every crate above this one and the
+/// macros expanded in users' crates (this crate cannot name its own
+/// macro-made `__altpatch_tag!` by path: it uses `section_name!`).
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __altpatch_section {
-    (point) => {
-        concat!("altpatch_v1_", $crate::__altpatch_tag!(), "_point")
-    };
-    (alt) => {
-        concat!("altpatch_v1_", $crate::__altpatch_tag!(), "_alt")
-    };
-    (sitetab) => {
-        concat!("altpatch_v1_", $crate::__altpatch_tag!(), "_sitetab")
-    };
-    (key) => {
-        concat!("altpatch_v1_", $crate::__altpatch_tag!(), "_key")
-    };
-    (ifunc) => {
-        concat!("altpatch_v1_", $crate::__altpatch_tag!(), "_ifunc")
-    };
-    (call) => {
-        concat!("altpatch_v1_", $crate::__altpatch_tag!(), "_call")
+    ($kind:ident) => {
+        concat!(
+            "altpatch_v1_",
+            $crate::__altpatch_tag!(),
+            "_",
+            stringify!($kind)
+        )
     };
 }
 

@@ -125,13 +125,6 @@ use core::sync::atomic::Ordering;
 use crate::poke::{PokeError, Refusal, Strategy};
 #[doc(hidden)]
 pub use arena::open_exec_tmpfile;
-/// The loaded object holding `addr`, as the dynamic loader reports it (the
-/// host contract's `loaded_object`).
-#[doc(hidden)]
-pub fn loaded_object_containing(addr: usize) -> Option<altpatch_host::LoadedObject> {
-    use crate::host::{Current, Host};
-    Current::loaded_object(addr)
-}
 use state::Locked;
 #[doc(hidden)]
 pub use sys::{errno, memfd_exec};

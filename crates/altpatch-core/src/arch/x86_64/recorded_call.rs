@@ -123,7 +123,7 @@ macro_rules! __altpatch_recorded_asm {
                 "call {stub}",
                 concat!(
                     ".pushsection ",
-                    $crate::__altpatch_section_of!(call),
+                    $crate::__altpatch_section!(call),
                     ",\"aR\",@progbits\n.balign 4"
                 ),
                 ".long 2b - .",

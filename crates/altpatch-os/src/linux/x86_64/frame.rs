@@ -91,7 +91,7 @@ pub(in crate::linux) unsafe fn call3(f: usize, a: usize, b: usize, c: usize) {
             // that only patches at load) sheds handler and record together.
             concat!(
                 ".pushsection ",
-                altpatch_core::__altpatch_section_of!(indirect_ok),
+                altpatch_core::__altpatch_section!(indirect_ok),
                 ",\"ao\",@progbits,{handler}"
             ),
             ".balign 4",
